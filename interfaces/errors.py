@@ -1,0 +1,17 @@
+"""The one error type for bad input: it always names the file and the problem."""
+
+from __future__ import annotations
+
+import os
+
+
+class InputError(ValueError):
+    """Invalid input data. ``str(err)`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self):  # keep path/problem through pickling (pydra crash files)
+        return (type(self), (self.path, self.problem))

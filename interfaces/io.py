@@ -1,0 +1,276 @@
+"""Validated NIfTI/bval/bvec loading, atomic writes and JSON sidecars.
+
+Every check raises :class:`~dmriflow.interfaces.errors.InputError` whose
+message starts with the offending file. Nothing here keeps float64 copies of
+a whole 4D series: data are read once as float32 and checked volume by volume.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import tempfile
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from . import __version__
+from .errors import InputError
+from .gradients import B0_THRESHOLD, GradientTable, gradient_policy, read_gradients
+
+#: Voxel grids match when their affines agree to this (mm).
+AFFINE_TOLERANCE = 1e-3
+#: Dependencies whose versions go into every sidecar.
+TRACKED_PACKAGES = ("numpy", "scipy", "nibabel", "dipy", "torch", "pydra", "pandas")
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, gzip.BadGzipFile,
+                nib.filebasedimages.ImageFileError)
+
+
+# ----------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------
+def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
+    """Load a NIfTI header (data stay on disk), with a readable error."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(path, f"{what} file does not exist")
+    try:
+        img = nib.load(path)
+    except _READ_ERRORS as exc:
+        raise InputError(path, f"cannot read {what} as NIfTI ({exc})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(path, f"{what} is not a NIfTI image ({type(img).__name__})")
+    return img
+
+
+def read_array(img: nib.Nifti1Image, what: str = "image") -> np.ndarray:
+    """All voxels as float32 (native order), reporting truncated files."""
+    try:
+        return np.asanyarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
+    except _READ_ERRORS as exc:
+        raise InputError(img.get_filename(), f"cannot read {what} data, the file is truncated "
+                                             f"or corrupt ({exc})") from None
+
+
+def _check_finite(data: np.ndarray, path: str, what: str) -> None:
+    for k in range(data.shape[-1] if data.ndim == 4 else 1):
+        vol = data[..., k] if data.ndim == 4 else data
+        finite = np.isfinite(vol)
+        if not finite.all():
+            bad = np.argwhere(~finite)
+            raise InputError(path, f"{what} has {bad.shape[0]} NaN/Inf voxel(s)"
+                                   + (f" in volume {k}" if data.ndim == 4 else "")
+                                   + f", first at {tuple(int(i) for i in bad[0])}")
+
+
+def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image) -> bool:
+    return (a.shape[:3] == b.shape[:3]
+            and np.allclose(a.affine, b.affine, atol=AFFINE_TOLERANCE))
+
+
+@dataclass
+class DWI:
+    """A validated diffusion series: float32 data, its gradients, its mask."""
+
+    data: np.ndarray            # (X, Y, Z, N) float32
+    gtab: GradientTable
+    mask: np.ndarray            # (X, Y, Z) bool
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    paths: dict
+
+    @property
+    def zooms(self) -> tuple[float, float, float]:
+        return tuple(float(z) for z in self.header.get_zooms()[:3])
+
+    def masked(self, chunk: int | None = None):
+        """(n_vox, N) float32 rows of the mask voxels, optionally in chunks.
+
+        Uses a view of the 4D array in its storage order, so a chunk costs
+        only its own rows.
+        """
+        flat, order = _flat_view(self.data)
+        idx = np.flatnonzero(self.mask.ravel(order=order))
+        if chunk is None:
+            return flat[idx]
+        return (flat[idx[i:i + chunk]] for i in range(0, idx.size, chunk))
+
+
+def _flat_view(data: np.ndarray) -> tuple[np.ndarray, str]:
+    """(X*Y*Z, N) view of a 4D array without copying, and the voxel order."""
+    order = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
+    if order == "C":
+        return data.reshape(-1, data.shape[-1]), "C"
+    # F-order: the last axis is slowest, so transpose to make voxels rows.
+    return data.reshape(-1, data.shape[-1], order="F"), "F"
+
+
+def load_mask(path, ref: nib.Nifti1Image) -> np.ndarray:
+    img = load_image(path, "mask")
+    if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
+        raise InputError(path, f"mask must be 3D, found shape {img.shape}")
+    if img.shape[:3] != ref.shape[:3]:
+        raise InputError(path, f"mask grid {img.shape[:3]} does not match the DWI grid "
+                               f"{ref.shape[:3]} of {ref.get_filename()}")
+    if not np.allclose(img.affine, ref.affine, atol=AFFINE_TOLERANCE):
+        raise InputError(path, f"mask affine differs from the DWI affine of "
+                               f"{ref.get_filename()} (not the same voxel grid)")
+    arr = read_array(img, "mask").reshape(img.shape[:3])
+    if not np.all(np.isfinite(arr)):
+        raise InputError(path, "mask holds NaN/Inf values")
+    mask = arr > 0
+    if not mask.any():
+        raise InputError(path, "mask is empty (no voxel > 0)")
+    return mask
+
+
+def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
+    """Load and validate one subject's diffusion data.
+
+    Checks, each naming the file: the image exists, is readable NIfTI and 4D
+    with at least 2 volumes; bvals/bvecs readable, counts equal to the volume
+    count, bvecs 3xN or Nx3 and unit on DW volumes; all values finite; the
+    mask (if any) on the same grid and affine and non-empty; the mean b0 is
+    positive somewhere in the mask. Without a mask, voxels with a positive
+    mean b0 are used.
+    """
+    img = load_image(dwi_path, "DWI")
+    dwi_path = os.fspath(dwi_path)
+    if len(img.shape) != 4:
+        raise InputError(dwi_path, f"DWI must be a 4D image, found {len(img.shape)}D "
+                                   f"shape {img.shape}")
+    if img.shape[3] < 2:
+        raise InputError(dwi_path, f"DWI has only {img.shape[3]} volume")
+    gtab = read_gradients(bval_path, bvec_path, n_volumes=img.shape[3])
+    data = read_array(img, "DWI")
+    _check_finite(data, dwi_path, "DWI")
+    mean_b0 = data[..., gtab.b0s_mask].mean(axis=-1, dtype=np.float64)
+    if mask_path is not None:
+        mask = load_mask(mask_path, img)
+    else:
+        mask = mean_b0 > 0
+    if not np.any(mean_b0[mask] > 0):
+        raise InputError(dwi_path, f"b0 volumes (b <= {B0_THRESHOLD:g}) are zero everywhere "
+                                   f"in the mask")
+    paths = {"dwi": dwi_path, "bval": os.fspath(bval_path), "bvec": os.fspath(bvec_path)}
+    if mask_path is not None:
+        paths["mask"] = os.fspath(mask_path)
+    return DWI(data=data, gtab=gtab, mask=mask, affine=img.affine.copy(),
+               header=img.header.copy(), paths=paths)
+
+
+# ----------------------------------------------------------------------------
+# Writing: temporary name, then rename
+# ----------------------------------------------------------------------------
+def _atomic(path: str | os.PathLike, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_nifti(data: np.ndarray, affine: np.ndarray, path, header=None) -> Path:
+    """Write a float32 (or given dtype) NIfTI atomically."""
+    hdr = None
+    if header is not None:
+        hdr = header.copy()
+        hdr.set_data_dtype(data.dtype)
+    img = nib.Nifti1Image(data, affine, hdr)
+    img.header.set_data_dtype(data.dtype)
+    img.header["descrip"] = f"dmriflow {__version__}".encode()
+    return _atomic(path, lambda tmp: nib.save(img, tmp))
+
+
+def write_text(text: str, path) -> Path:
+    def w(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    return _atomic(path, w)
+
+
+def write_json(obj, path) -> Path:
+    return write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n",
+                      path)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ----------------------------------------------------------------------------
+# Provenance
+# ----------------------------------------------------------------------------
+def file_sha256(path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict:
+    versions = {"python": platform.python_version(), "dmriflow": __version__}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@lru_cache(maxsize=1)
+def source_hash() -> str:
+    """sha256 over the source of all dmriflow layers (code edits -> new hash)."""
+    h = hashlib.sha256()
+    for layer in ("interfaces", "pipelines", "models"):
+        spec = importlib.util.find_spec(f"dmriflow.{layer}")
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        pkg_dir = Path(list(spec.submodule_search_locations)[0])
+        for f in sorted(pkg_dir.rglob("*.py")):
+            h.update(f"{layer}/{f.relative_to(pkg_dir)}".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def pipeline_version() -> str:
+    """Package version plus a hash of its source: the cache-busting key."""
+    return f"{__version__}+{source_hash()}"
+
+
+def sidecar(inputs: dict, parameters: dict, step: str, extra: dict | None = None) -> dict:
+    """Provenance for one derivative: inputs' hashes, parameters, versions."""
+    return {
+        "GeneratedBy": [{"Name": "dmriflow", "Version": __version__,
+                         "PipelineVersion": pipeline_version(), "Step": step}],
+        "Inputs": {k: {"path": os.fspath(p), "sha256": file_sha256(p)}
+                   for k, p in inputs.items() if p is not None},
+        "Parameters": {**parameters, "gradient_policy": gradient_policy()},
+        "Versions": package_versions(),
+        **(extra or {}),
+    }

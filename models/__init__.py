@@ -1,0 +1,1 @@
+"""dmriflow.models: PyTorch networks, training, checkpoints and model cards."""

@@ -1,0 +1,1 @@
+"""dmriflow.pipelines: how steps are wired, mapped over subjects and run."""
