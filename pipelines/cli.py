@@ -1,0 +1,144 @@
+"""The ``dmriflow`` command (BIDS-App style).
+
+dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
+                          [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
+dmriflow status OUTPUT
+dmriflow simulate OUT --subjects N --layout hcp|bids --shape X Y Z --seed S
+dmriflow demo OUT
+
+Exit status of ``run``/``demo``: 0 all subjects done, 2 some subjects failed
+(listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from dmriflow.interfaces import __version__
+from dmriflow.interfaces.errors import InputError
+
+EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED = 0, 1, 2
+#: Demo cohort: a few small phantom subjects, two workers.
+DEMO_SUBJECTS = 4
+DEMO_SHAPE = (36, 44, 36)
+
+
+def _default_procs() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--worker", choices=("cf", "debug", "slurm"), default="cf",
+                   help="engine worker: cf (local processes, default), debug (serial, "
+                        "in-process), slurm (one SLURM job per node)")
+    p.add_argument("--n-procs", type=int, default=_default_procs(),
+                   help="processes for the cf worker (default: %(default)s)")
+    p.add_argument("--cache-dir", help="Pydra cache root (default: OUTPUT/.dmriflow-cache); "
+                                       "must be on a path every SLURM node sees")
+    p.add_argument("--sbatch-args", default="", help="extra sbatch arguments (slurm worker)")
+    p.add_argument("--fit-method", choices=("WLS", "OLS"), default="WLS",
+                   help="tensor fit (default: %(default)s)")
+    p.add_argument("--lmax", type=int, default=0,
+                   help="maximum SH order per shell (0: as the directions allow, up to 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmriflow", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"dmriflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the pipeline on a cohort")
+    p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
+    p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
+    p.add_argument("--layout", choices=("hcp", "bids", "auto"), default="auto")
+    p.add_argument("--participant-label", nargs="+", metavar="LABEL",
+                   help="only these subjects (with or without 'sub-')")
+    _add_run_options(p)
+
+    p = sub.add_parser("status", help="done/failed/missing per subject, with reasons")
+    p.add_argument("output")
+
+    p = sub.add_parser("simulate", help="write a synthetic phantom cohort with ground truth")
+    p.add_argument("output")
+    p.add_argument("--subjects", type=int, default=4)
+    p.add_argument("--layout", choices=("hcp", "bids"), default="hcp")
+    p.add_argument("--shape", type=int, nargs=3, default=list(DEMO_SHAPE), metavar=("X", "Y", "Z"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--snr", type=float, default=None, help="b0 SNR in white matter")
+
+    p = sub.add_parser("demo", help="simulate the built-in cohort and run the pipeline on it")
+    p.add_argument("output", nargs="?", default="demo-output")
+    p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS)
+    _add_run_options(p)
+    return parser
+
+
+def _config(args):
+    from dmriflow.pipelines.execution import RunConfig
+    return RunConfig(worker=args.worker, n_procs=args.n_procs, cache_dir=args.cache_dir,
+                     sbatch_args=args.sbatch_args, fit_method=args.fit_method,
+                     lmax=args.lmax, quiet=args.quiet)
+
+
+def _run(input_dir, output, layout, labels, args) -> int:
+    from dmriflow.pipelines.execution import run_cohort
+    from dmriflow.pipelines.inputs import discover
+    subjects = discover(input_dir, layout=layout, participant_labels=labels)
+    result = run_cohort(subjects, output, _config(args))
+    print(f"derivatives: {result.output_dir / 'dmriflow'}")
+    print(f"summary table: {result.table}")
+    for row in result.failed:
+        print(f"FAILED {row['subject']} [{row.get('failed_step', '')}]: {row.get('error', '')}")
+    for err in result.engine_errors:
+        print(f"ENGINE ERROR: {err}")
+    return EXIT_SUBJECTS_FAILED if result.failed or result.engine_errors else EXIT_OK
+
+
+def cmd_status(args) -> int:
+    from dmriflow.pipelines.execution import status_table
+    table = status_table(args.output)
+    counts = table["status"].value_counts().to_dict()
+    print(f"{args.output}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for row in table.itertuples():
+        reason = f"  [{row.failed_step}] {row.error}" if row.status != "done" else ""
+        print(f"{row.subject:<24} {row.status:<8}{reason}")
+    return EXIT_OK if set(counts) <= {"done"} else EXIT_SUBJECTS_FAILED
+
+
+def cmd_simulate(args) -> int:
+    from dmriflow.interfaces.phantom import write_cohort
+    kwargs = {} if args.snr is None else {"snr": args.snr}
+    labels = write_cohort(args.output, args.subjects, layout=args.layout,
+                          shape=tuple(args.shape), seed=args.seed, **kwargs)
+    print(f"wrote {len(labels)} {args.layout} subject(s) to {args.output}: {' '.join(labels)}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from dmriflow.interfaces.phantom import write_cohort
+    out = Path(args.output)
+    cohort = out / "input"
+    if not cohort.is_dir():
+        write_cohort(cohort, args.subjects, layout="hcp", shape=DEMO_SHAPE, seed=0)
+    status = _run(cohort, out, "hcp", None, args)
+    print(f"ground truth: {cohort / 'derivatives' / 'truth'}")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args.input, args.output, args.layout, args.participant_label, args)
+        return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo}[args.command](args)
+    except (InputError, FileNotFoundError, ValueError) as exc:
+        print(f"dmriflow: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

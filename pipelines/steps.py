@@ -1,0 +1,217 @@
+"""Per-subject Pydra tasks: validate, tensor, RISH, export; and the group table.
+
+Each task runs in its own node folder (the cwd) and returns a small dict
+record. Tasks are *guarded*: an exception inside one subject's task becomes a
+``{"status": "failed", ...}`` record (and a marker file in the node folder so
+the execution layer can discard it before the next run); a task whose
+upstream record failed passes that failure on without computing. Thus one
+bad subject never stops the cohort, and its reason reaches the group table.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import traceback
+from pathlib import Path
+
+import numpy as np
+from fileformats.generic import File
+from pydra.compose import python
+
+from dmriflow.interfaces import io
+from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.preprocess import brain_mask
+
+#: Written into a node folder whose record is a failure (see execution.clean_cache).
+FAILED_MARKER = "_dmriflow_failed"
+#: Written into every node folder: the step's name, so folders can be found by step.
+STEP_MARKER = "_dmriflow_step"
+#: Tensor maps written per subject.
+TENSOR_PARAMS = ("fa", "md", "ad", "rd", "s0", "v1")
+#: Columns of group/subjects.tsv, in order (census fields follow "status").
+STATUS_COLUMNS = ("subject", "status", "failed_step", "error")
+
+
+def _failure(step: str, subject: str, exc: BaseException | None = None, upstream=None) -> dict:
+    Path(FAILED_MARKER).write_text(step)
+    if upstream is not None:
+        return dict(upstream)
+    return {"subject": subject, "status": "failed", "failed_step": step,
+            "error": str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc()}
+
+
+def guarded(step: str):
+    """Turn exceptions into failure records and pass upstream failures on."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            Path(STEP_MARKER).write_text(step)
+            subject = kwargs.get("subject", "")
+            for value in kwargs.values():
+                if isinstance(value, dict) and value.get("status") == "failed":
+                    return _failure(step, subject, upstream=value)
+            try:
+                return fn(**kwargs)
+            except Exception as exc:  # noqa: BLE001 - any subject-level error is reported
+                return _failure(step, subject, exc)
+        return wrapper
+    return deco
+
+
+def _load(dwi, bval, bvec, mask):
+    """Validated DWI; a median-Otsu mask from the mean b0 when none is given."""
+    data = io.load_dwi(dwi, bval, bvec, mask)
+    if mask is None:
+        mean_b0 = data.data[..., data.gtab.b0s_mask].mean(axis=-1)
+        data.mask = brain_mask(mean_b0) & (mean_b0 > 0)
+        if not data.mask.any():
+            raise InputError(dwi, "automatic brain mask is empty")
+    return data
+
+
+def _opt(path) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
+@python.define(outputs=["record"])
+@guarded("validate")
+def Validate(subject: str, dwi: File, bval: File, bvec: File, mask: File | None = None,
+             sidecar: File | None = None, pipeline_version: str = "") -> dict:
+    """Load and check every input; record the census row and input hashes."""
+    from dmriflow.pipelines.inputs import SubjectInputs, census_row
+    data = _load(dwi, bval, bvec, _opt(mask))
+    inputs = SubjectInputs(label=subject, dwi=os.fspath(dwi), bval=os.fspath(bval),
+                           bvec=os.fspath(bvec), mask=_opt(mask), sidecar=_opt(sidecar))
+    census = census_row(inputs, gtab=data.gtab, shape=data.data.shape,
+                        zooms=data.header.get_zooms())
+    hashes = {k: {"path": p, "sha256": io.file_sha256(p)}
+              for k, p in {**data.paths, "sidecar": _opt(sidecar)}.items() if p}
+    return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
+            "mask_source": "given" if mask is not None else "median_otsu",
+            "mask_voxels": int(data.mask.sum())}
+
+
+@python.define(outputs=["tensor"])
+@guarded("tensor")
+def FitTensor(subject: str, record: dict, dwi: File, bval: File, bvec: File,
+              mask: File | None = None, fit_method: str = "WLS",
+              pipeline_version: str = "") -> dict:
+    """DTI maps (FA, MD, AD, RD, S0, V1) as NIfTI files in the node folder."""
+    from dmriflow.interfaces.dti import fit_dwi
+    data = _load(dwi, bval, bvec, _opt(mask))
+    fit = fit_dwi(data, fit_method=fit_method)
+    maps = {}
+    for name in TENSOR_PARAMS:
+        arr = np.asarray(getattr(fit, name), dtype=np.float32)
+        maps[name] = str(io.save_nifti(arr, data.affine, Path.cwd() / f"{name}.nii.gz",
+                                       data.header).resolve())
+    fa = np.asarray(fit.fa)[data.mask]
+    return {"subject": subject, "status": "ok", "maps": maps,
+            "median_fa": float(np.median(fa)),
+            "failed_voxels": int(np.count_nonzero(np.asarray(fit.failed)[data.mask])),
+            "parameters": {"fit_method": fit_method}}
+
+
+@python.define(outputs=["rish"])
+@guarded("rish")
+def FitRish(subject: str, record: dict, dwi: File, bval: File, bvec: File,
+            mask: File | None = None, lmax: int = 0, pipeline_version: str = "") -> dict:
+    """Per-shell SH fit of the b0-normalised signal and RISH maps l = 0..L."""
+    from dmriflow.interfaces.sh import fit_shells
+    data = _load(dwi, bval, bvec, _opt(mask))
+    fits = fit_shells(data, lmax=lmax or None)
+    maps, orders = {}, {}
+    for shell, fit in fits.items():
+        rish = np.asarray(fit.rish(), dtype=np.float32)
+        key = f"{shell:g}"
+        orders[key] = int(fit.lmax)
+        maps[key] = {}
+        for i, order in enumerate(range(0, fit.lmax + 1, 2)):
+            path = Path.cwd() / f"rish_b{key}_l{order}.nii.gz"
+            maps[key][str(order)] = str(io.save_nifti(rish[..., i], data.affine, path,
+                                                      data.header).resolve())
+    return {"subject": subject, "status": "ok", "maps": maps,
+            "parameters": {"lmax": orders, "normalisation": "mean b0"}}
+
+
+def derivative_name(key: str, entities: str) -> str:
+    return f"{key}_{entities}_dwimap.nii.gz"
+
+
+def _copy_atomic(src: str, dst: Path) -> Path:
+    return io._atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def status_path(output_dir, out_parts, key) -> Path:
+    return Path(output_dir, "dmriflow", *out_parts, f"{key}_desc-dmriflow_status.json")
+
+
+@python.define(outputs=["row"])
+def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict,
+           output_dir: str, pipeline_version: str = "") -> dict:
+    """Copy a subject's maps into the derivatives tree, each with a sidecar.
+
+    Writes the subject's status file last (done, or failed with the reason),
+    so a killed run never shows a subject as done with missing files.
+    """
+    Path(STEP_MARKER).write_text("export")
+    key = subject
+    dwi_dir = Path(output_dir, "dmriflow", *out_parts, "dwi")
+    row = {"subject": key, "status": "done", "failed_step": "", "error": ""}
+    failed = next((r for r in (record, tensor, rish) if r.get("status") == "failed"), None)
+    written = []
+    try:
+        if failed is not None:
+            Path(FAILED_MARKER).write_text("export")
+            row.update(status="failed", failed_step=failed["failed_step"], error=failed["error"])
+        else:
+            inputs = {k: v["path"] for k, v in record["inputs"].items()}
+            provenance = {"InputHashes": {k: v["sha256"] for k, v in record["inputs"].items()}}
+            jobs = [(f"model-tensor_param-{p}", path, "tensor", tensor["parameters"])
+                    for p, path in tensor["maps"].items()]
+            jobs += [(f"model-rish_shell-{shell}_param-l{order}", path, "rish",
+                      {**rish["parameters"], "shell": float(shell), "order": int(order)})
+                     for shell, by_order in rish["maps"].items()
+                     for order, path in by_order.items()]
+            for entities, src, step, params in jobs:
+                dst = dwi_dir / derivative_name(key, entities)
+                _copy_atomic(src, dst)
+                meta = io.sidecar(inputs, params, step, extra=provenance)
+                meta["Sources"] = sorted(inputs.values())
+                io.write_json(meta, dst.with_name(dst.name.replace(".nii.gz", ".json")))
+                written.append(str(dst))
+            row.update(median_fa=tensor["median_fa"], failed_fit_voxels=tensor["failed_voxels"],
+                       mask_source=record["mask_source"], mask_voxels=record["mask_voxels"])
+        if record.get("status") == "ok":
+            row.update(record["census"])
+    except Exception as exc:  # noqa: BLE001 - an export problem fails this subject only
+        Path(FAILED_MARKER).write_text("export")
+        row.update(status="failed", failed_step="export", error=f"{type(exc).__name__}: {exc}")
+    row["derivatives"] = written
+    row["pipeline_version"] = pipeline_version
+    io.write_json(row, status_path(output_dir, out_parts, key))
+    return row
+
+
+@python.define(outputs=["table"])
+def GroupTable(rows: list[dict], output_dir: str, pipeline_version: str = "") -> str:
+    """Write OUTPUT/dmriflow/group/subjects.tsv, one row per subject."""
+    Path(STEP_MARKER).write_text("group")
+    if any(r.get("status") != "done" for r in rows):
+        Path(FAILED_MARKER).write_text("group")
+    return str(write_subjects_table(rows, output_dir))
+
+
+def write_subjects_table(rows: list[dict], output_dir) -> Path:
+    import pandas as pd
+
+    from dmriflow.pipelines.inputs import assign_protocols
+    df = assign_protocols(pd.DataFrame([{k: v for k, v in r.items() if k != "derivatives"}
+                                        for r in rows]))
+    first = [c for c in STATUS_COLUMNS if c in df.columns]
+    df = df[first + [c for c in df.columns if c not in first]].sort_values("subject")
+    path = Path(output_dir, "dmriflow", "group", "subjects.tsv")
+    return io.write_text(df.to_csv(sep="\t", index=False, na_rep="n/a"), path)
