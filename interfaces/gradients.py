@@ -16,6 +16,7 @@ are used everywhere and written into every sidecar.
 
 from __future__ import annotations
 
+import codecs
 import os
 from dataclasses import dataclass, field
 
@@ -52,12 +53,25 @@ def gradient_policy() -> dict:
     }
 
 
-def _read_numeric_table(path: str | os.PathLike, what: str) -> np.ndarray:
+def check_readable_file(path: str | os.PathLike, what: str) -> None:
+    """InputError unless ``path`` is an existing, readable regular file."""
     if not os.path.exists(path):
         raise InputError(path, f"{what} file does not exist")
+    if os.path.isdir(path):
+        raise InputError(path, f"is a directory, not a {what} file")
+    if not os.path.isfile(path):
+        raise InputError(path, f"is not a regular file (expected a {what} file)")
+    if not os.access(path, os.R_OK):
+        raise InputError(path, f"{what} file is not readable (permission denied)")
+
+
+def _read_numeric_table(path: str | os.PathLike, what: str) -> np.ndarray:
+    check_readable_file(path, what)
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
+        if raw.startswith(codecs.BOM_UTF8):  # files saved by some Windows editors
+            raw = raw[len(codecs.BOM_UTF8):]
         text = raw.decode("ascii")
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(path, f"cannot read {what} file as text ({exc})") from None
@@ -70,7 +84,7 @@ def _read_numeric_table(path: str | os.PathLike, what: str) -> np.ndarray:
     try:
         arr = np.array(rows, dtype=np.float64)
     except ValueError:
-        bad = next(t for r in rows for t in r if not _is_float(t))
+        bad = next((t for r in rows for t in r if not _is_float(t)), "?")
         raise InputError(path, f"{what} file holds a non-numeric value {bad!r}") from None
     if not np.all(np.isfinite(arr)):
         raise InputError(path, f"{what} file holds NaN or Inf values")
@@ -92,8 +106,10 @@ def read_bvals(path: str | os.PathLike) -> np.ndarray:
         raise InputError(path, f"bval file must hold one row of values, found a "
                                f"{arr.shape[0]}x{arr.shape[1]} table")
     bvals = arr.ravel()
-    if np.any(bvals < 0):
-        raise InputError(path, "bval file holds negative b-values")
+    negative = np.flatnonzero(bvals < 0)
+    if negative.size:
+        raise InputError(path, f"bval file holds negative b-values (volume(s) "
+                               f"{_list(negative)})")
     return bvals
 
 
@@ -218,16 +234,17 @@ def _orientation(affine: np.ndarray) -> np.ndarray:
 
 def fsl_to_world(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """FSL image-frame vectors (N, 3) -> world-frame unit vectors (N, 3)."""
-    v = np.array(bvecs, dtype=np.float64)
-    if np.linalg.det(affine[:3, :3]) > 0:
+    v = np.array(bvecs, dtype=np.float64).reshape(-1, 3)
+    if np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]) > 0:
         v[:, 0] = -v[:, 0]
     return v @ _orientation(affine).T
 
 
 def world_to_fsl(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Inverse of :func:`fsl_to_world`."""
-    v = np.asarray(bvecs, dtype=np.float64) @ np.linalg.inv(_orientation(affine)).T
-    if np.linalg.det(affine[:3, :3]) > 0:
+    v = np.asarray(bvecs, dtype=np.float64).reshape(-1, 3)
+    v = v @ np.linalg.inv(_orientation(affine)).T
+    if np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]) > 0:
         v[:, 0] = -v[:, 0]
     return v
 

@@ -25,14 +25,18 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError
-from .gradients import B0_THRESHOLD, GradientTable, gradient_policy, read_gradients
+from .gradients import (B0_THRESHOLD, GradientTable, check_readable_file, gradient_policy,
+                        read_bvals, read_gradients)
 
 #: Voxel grids match when their affines agree to this (mm).
 AFFINE_TOLERANCE = 1e-3
 #: Dependencies whose versions go into every sidecar.
 TRACKED_PACKAGES = ("numpy", "scipy", "nibabel", "dipy", "torch", "pydra", "pandas")
-_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, gzip.BadGzipFile,
-                nib.filebasedimages.ImageFileError)
+#: What nibabel raises on unreadable, truncated or corrupt files (a header with an
+#: unknown datatype code raises HeaderDataError, a negative dimension
+#: OverflowError when the data are mapped).
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, OverflowError, gzip.BadGzipFile,
+                nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError)
 
 
 # ----------------------------------------------------------------------------
@@ -41,15 +45,34 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError, gzip.BadGzipFile,
 def load_image(path: str | os.PathLike, what: str = "image") -> nib.Nifti1Image:
     """Load a NIfTI header (data stay on disk), with a readable error."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(path, f"{what} file does not exist")
+    check_readable_file(path, what)
     try:
         img = nib.load(path)
     except _READ_ERRORS as exc:
         raise InputError(path, f"cannot read {what} as NIfTI ({exc})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"{what} is not a NIfTI image ({type(img).__name__})")
+    if any(int(n) <= 0 for n in img.shape):
+        raise InputError(path, f"{what} header has an invalid shape {img.shape} "
+                               f"(every dimension must be positive)")
+    _check_size(img, path, what)
     return img
+
+
+def _check_size(img: nib.Nifti1Image, path: str, what: str) -> None:
+    """An uncompressed NIfTI must hold all the bytes its header promises."""
+    if path.lower().endswith((".gz", ".bz2", ".zst")):
+        return  # compressed: only decompressing tells; read_array reports it
+    proxy = img.dataobj  # (img.header is a copy whose vox_offset is reset to 0)
+    offset = getattr(proxy, "offset", None)
+    if offset is None:
+        return
+    needed = int(offset) + int(np.prod(img.shape, dtype=np.int64)) * \
+        img.get_data_dtype().itemsize
+    size = os.path.getsize(path)
+    if size < needed:
+        raise InputError(path, f"{what} file is truncated: its header needs {needed} bytes, "
+                               f"the file has {size}")
 
 
 def read_array(img: nib.Nifti1Image, what: str = "image") -> np.ndarray:
@@ -95,11 +118,16 @@ class DWI:
     def masked(self, chunk: int | None = None):
         """(n_vox, N) float32 rows of the mask voxels, optionally in chunks.
 
-        Uses a view of the 4D array in its storage order, so a chunk costs
-        only its own rows.
+        Rows come in the order of ``data[mask]`` (C order of the voxels,
+        whatever the storage order of ``data``), so ``out[mask] = rows`` puts
+        results back in place. Uses a view of the 4D array in its storage
+        order, so a chunk costs only its own rows.
         """
         flat, order = _flat_view(self.data)
-        idx = np.flatnonzero(self.mask.ravel(order=order))
+        if order == "C":
+            idx = np.flatnonzero(self.mask.ravel())
+        else:  # voxels of the F-ordered view, listed in C order
+            idx = np.ravel_multi_index(np.nonzero(self.mask), self.mask.shape, order="F")
         if chunk is None:
             return flat[idx]
         return (flat[idx[i:i + chunk]] for i in range(0, idx.size, chunk))
@@ -150,6 +178,10 @@ def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
                                    f"shape {img.shape}")
     if img.shape[3] < 2:
         raise InputError(dwi_path, f"DWI has only {img.shape[3]} volume")
+    n_bvals = read_bvals(bval_path).size
+    if n_bvals != img.shape[3]:
+        raise InputError(bval_path, f"bval file has {n_bvals} values but the image "
+                                    f"{dwi_path} has {img.shape[3]} volumes")
     gtab = read_gradients(bval_path, bvec_path, n_volumes=img.shape[3])
     data = read_array(img, "DWI")
     _check_finite(data, dwi_path, "DWI")
@@ -179,6 +211,8 @@ def _atomic(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates 0600; give the result the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -187,8 +221,24 @@ def _atomic(path: str | os.PathLike, write) -> Path:
     return path
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide)
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_nifti(data: np.ndarray, affine: np.ndarray, path, header=None) -> Path:
-    """Write a float32 (or given dtype) NIfTI atomically."""
+    """Write a float32 (or given dtype) NIfTI atomically (bool is stored as uint8)."""
+    data = np.asanyarray(data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
     hdr = None
     if header is not None:
         hdr = header.copy()
@@ -201,7 +251,7 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path, header=None) -> Path:
 
 def write_text(text: str, path) -> Path:
     def w(tmp):
-        with open(tmp, "w") as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
     return _atomic(path, w)
 
@@ -243,19 +293,44 @@ def package_versions() -> dict:
     return versions
 
 
-@lru_cache(maxsize=1)
-def source_hash() -> str:
-    """sha256 over the source of all dmriflow layers (code edits -> new hash)."""
-    h = hashlib.sha256()
+def _source_dirs() -> dict[str, Path]:
+    """The folder of each installed dmriflow layer (the source that is run)."""
+    dirs = {}
     for layer in ("interfaces", "pipelines", "models"):
         spec = importlib.util.find_spec(f"dmriflow.{layer}")
         if spec is None or not spec.submodule_search_locations:
             continue
-        pkg_dir = Path(list(spec.submodule_search_locations)[0])
+        dirs[layer] = Path(list(spec.submodule_search_locations)[0])
+    return dirs
+
+
+def _hash_sources(dirs: dict[str, Path]) -> str:
+    """sha256 over names and bytes of the ``*.py`` files under each folder.
+
+    Hidden files (editor lock files such as emacs' dangling ``.#x.py`` links)
+    and anything that is not a regular file are skipped.
+    """
+    h = hashlib.sha256()
+    for layer in sorted(dirs):
+        pkg_dir = dirs[layer]
         for f in sorted(pkg_dir.rglob("*.py")):
-            h.update(f"{layer}/{f.relative_to(pkg_dir)}".encode())
-            h.update(f.read_bytes())
+            rel = f.relative_to(pkg_dir)
+            if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+                continue
+            content = f.read_bytes()
+            h.update(f"{layer}/{rel.as_posix()}\0{len(content)}\0".encode())
+            h.update(content)
     return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def source_hash() -> str:
+    """sha256 over the source of all dmriflow layers (code edits -> new hash).
+
+    Computed once per process: a process that edits its own source must call
+    ``source_hash.cache_clear()``.
+    """
+    return _hash_sources(_source_dirs())
 
 
 def pipeline_version() -> str:
