@@ -128,9 +128,14 @@ class DWI:
             idx = np.flatnonzero(self.mask.ravel())
         else:  # voxels of the F-ordered view, listed in C order
             idx = np.ravel_multi_index(np.nonzero(self.mask), self.mask.shape, order="F")
+        if order == "C":
+            take = flat.__getitem__
+        else:  # gather volume by volume (contiguous reads), then make rows contiguous
+            cols = flat.T
+            take = lambda rows: np.ascontiguousarray(cols[:, rows].T)  # noqa: E731
         if chunk is None:
-            return flat[idx]
-        return (flat[idx[i:i + chunk]] for i in range(0, idx.size, chunk))
+            return take(idx)
+        return (take(idx[i:i + chunk]) for i in range(0, idx.size, chunk))
 
 
 def _flat_view(data: np.ndarray) -> tuple[np.ndarray, str]:

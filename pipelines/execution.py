@@ -18,8 +18,9 @@ import pandas as pd
 
 from dmriflow.interfaces import io
 from dmriflow.pipelines.inputs import SubjectInputs, census
-from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, status_path,
-                                      write_subjects_table)
+from dmriflow.interfaces.errors import InputError
+from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, failed_row, status_path,
+                                      write_status, write_subjects_table)
 
 #: Engine workers dmriflow supports; there is no silent default.
 WORKERS = ("cf", "debug", "slurm")
@@ -99,6 +100,39 @@ def _log(config: RunConfig, msg: str) -> None:
         print(f"[dmriflow] {msg}", file=sys.stderr, flush=True)
 
 
+def preflight(subjects: list[SubjectInputs], output_dir, version: str):
+    """Split subjects into runnable ones and rows for those with missing files."""
+    runnable, failed = [], []
+    for s in subjects:
+        try:
+            s.check_files()
+            runnable.append(s)
+        except InputError as exc:
+            failed.append(write_status(failed_row(s.key, "validate", str(exc), version),
+                                       output_dir, s.out_parts))
+    return runnable, failed
+
+
+def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, version: str):
+    from dmriflow.pipelines.workflows import CohortWorkflow
+    task = CohortWorkflow(
+        subject=[s.key for s in subjects], out_parts=[list(s.out_parts) for s in subjects],
+        dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
+        bvec=[s.bvec for s in subjects], mask=[s.mask for s in subjects],
+        sidecar=[s.sidecar for s in subjects], output_dir=str(output_dir),
+        extra_rows=prefailed, fit_method=config.fit_method, lmax=config.lmax,
+        pipeline_version=version)
+    with _submitter(config, root) as sub:
+        return sub(task, raise_errors=False)
+
+
+def _engine_errors(res, root: Path) -> list[str]:
+    """The engine's own error text (crashes, not subject-level failures)."""
+    errors = res.errors or {}
+    text = "".join(str(e) for e in errors.get("error message", [])).strip()
+    return [text or f"engine error: see {ERROR_FILE} files under {root}"]
+
+
 def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> CohortResult:
     """Run the cohort workflow; return per-subject rows and the table path.
 
@@ -106,8 +140,6 @@ def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> 
     can tell missing subjects after a crash. Subject-level errors never
     raise: they become rows with status "failed" and a reason.
     """
-    from dmriflow.pipelines.workflows import CohortWorkflow
-
     start = time.perf_counter()
     output_dir = Path(output_dir).resolve()
     group = output_dir / "dmriflow" / "group"
@@ -123,27 +155,25 @@ def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> 
                  f"{dict(cen['protocol'].value_counts())}; worker={config.worker} "
                  f"cache={root}" + (f"; cleared {removed} failed node folder(s)" if removed else ""))
 
-    task = CohortWorkflow(
-        subject=[s.key for s in subjects], out_parts=[list(s.out_parts) for s in subjects],
-        dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
-        bvec=[s.bvec for s in subjects], mask=[s.mask for s in subjects],
-        sidecar=[s.sidecar for s in subjects], output_dir=str(output_dir),
-        fit_method=config.fit_method, lmax=config.lmax, pipeline_version=version)
+    runnable, prefailed = preflight(subjects, output_dir, version)
+    for row in prefailed:
+        _log(config, f"{row['subject']}: failed before submission: {row['error']}")
     engine_errors: list[str] = []
-    with _submitter(config, root) as sub:
-        res = sub(task, raise_errors=False)
-    if res.errored:
-        engine_errors = [str(e) for e in (res.errors or {}).get("error message", [])] or \
-            [f"engine error: see {ERROR_FILE} files under {root}"]
-        rows = collect_status(output_dir, subjects)
-        table = write_subjects_table(rows, output_dir)
+    if not runnable:
+        rows, table = prefailed, write_subjects_table(prefailed, output_dir)
     else:
-        rows, table = list(res.outputs.rows), Path(res.outputs.table)
-        missing = [d for r in rows for d in r.get("derivatives", []) if not Path(d).exists()]
-        if missing:
-            # derivatives deleted after a cached run: redo the cheap export steps
-            _log(config, f"{len(missing)} derivative(s) missing; re-exporting")
-            return _rerun_export(subjects, output_dir, config, root)
+        res = _submit(runnable, prefailed, output_dir, config, root, version)
+        if res.errored:
+            engine_errors = _engine_errors(res, root)
+            rows = collect_status(output_dir, subjects)
+            table = write_subjects_table(rows, output_dir)
+        else:
+            rows, table = list(res.outputs.rows) + prefailed, Path(res.outputs.table)
+            missing = [d for r in rows for d in r.get("derivatives", []) if not Path(d).exists()]
+            if missing:
+                # derivatives deleted after a cached run: redo the cheap export steps
+                _log(config, f"{len(missing)} derivative(s) missing; re-exporting")
+                return _rerun_export(subjects, output_dir, config, root)
     result = CohortResult(output_dir=output_dir, table=table, rows=rows,
                           engine_errors=engine_errors, seconds=time.perf_counter() - start)
     n_done = sum(r.get("status") == "done" for r in rows)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dmriflow.interfaces.errors import InputError
-from dmriflow.interfaces.gradients import read_gradients
+from dmriflow.interfaces.gradients import check_readable_file, read_gradients
 
 #: HCP per-subject files, relative to the subject folder.
 HCP_DIFFUSION_DIR = Path("T1w", "Diffusion")
@@ -51,6 +51,17 @@ class SubjectInputs:
         """Folder parts under OUTPUT/dmriflow/ for this subject's derivatives."""
         return (f"sub-{self.label}",) + ((f"ses-{self.session}",) if self.session else ())
 
+    def check_files(self) -> None:
+        """InputError naming the first required file that is missing or unreadable.
+
+        Run before submission: the engine cannot even hash a missing file, so
+        such a subject is reported without entering the task graph.
+        """
+        for what in ("dwi", "bval", "bvec", "mask", "sidecar"):
+            path = getattr(self, what)
+            if path is not None or what in ("dwi", "bval", "bvec"):
+                check_readable_file(path, {"dwi": "DWI"}.get(what, what))
+
 
 def detect_layout(input_dir) -> str:
     root = Path(input_dir)
@@ -69,7 +80,7 @@ def _optional(path: Path) -> str | None:
 
 
 def discover_hcp(input_dir) -> list[SubjectInputs]:
-    root = Path(input_dir)
+    root = Path(input_dir).resolve()
     subjects = []
     for d in sorted(p for p in root.iterdir() if (p / HCP_DIFFUSION_DIR).is_dir()):
         diff = d / HCP_DIFFUSION_DIR
@@ -102,7 +113,7 @@ def discover_bids(input_dir) -> list[SubjectInputs]:
     A brain mask is taken from ``derivatives/*/sub-*/[ses-*/]dwi/
     *_desc-brain_mask.nii.gz`` when present.
     """
-    root = Path(input_dir)
+    root = Path(input_dir).resolve()
     subjects = []
     for dwi in sorted(root.glob("sub-*/**/dwi/*_dwi.nii*")):
         if "derivatives" in dwi.relative_to(root).parts:

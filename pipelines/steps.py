@@ -149,6 +149,17 @@ def status_path(output_dir, out_parts, key) -> Path:
     return Path(output_dir, "dmriflow", *out_parts, f"{key}_desc-dmriflow_status.json")
 
 
+def write_status(row: dict, output_dir, out_parts) -> dict:
+    """Write a subject's status file (the last thing written for a subject)."""
+    io.write_json(row, status_path(output_dir, out_parts, row["subject"]))
+    return row
+
+
+def failed_row(subject: str, step: str, error: str, pipeline_version: str) -> dict:
+    return {"subject": subject, "status": "failed", "failed_step": step, "error": error,
+            "derivatives": [], "pipeline_version": pipeline_version}
+
+
 @python.define(outputs=["row"])
 def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict,
            output_dir: str, pipeline_version: str = "") -> dict:
@@ -192,14 +203,18 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
         row.update(status="failed", failed_step="export", error=f"{type(exc).__name__}: {exc}")
     row["derivatives"] = written
     row["pipeline_version"] = pipeline_version
-    io.write_json(row, status_path(output_dir, out_parts, key))
-    return row
+    return write_status(row, output_dir, out_parts)
 
 
 @python.define(outputs=["table"])
-def GroupTable(rows: list[dict], output_dir: str, pipeline_version: str = "") -> str:
-    """Write OUTPUT/dmriflow/group/subjects.tsv, one row per subject."""
+def GroupTable(rows: list[dict], output_dir: str, extra_rows: list[dict] | None = None,
+               pipeline_version: str = "") -> str:
+    """Write OUTPUT/dmriflow/group/subjects.tsv, one row per subject.
+
+    ``extra_rows`` are subjects that failed before entering the graph.
+    """
     Path(STEP_MARKER).write_text("group")
+    rows = list(rows) + list(extra_rows or [])
     if any(r.get("status") != "done" for r in rows):
         Path(FAILED_MARKER).write_text("group")
     return str(write_subjects_table(rows, output_dir))

@@ -36,13 +36,15 @@ def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: 
 @workflow.define(outputs=["table", "rows"])
 def CohortWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
                    bval: list[File], bvec: list[File], mask: list, sidecar: list,
-                   output_dir: str, fit_method: str = "WLS", lmax: int = 0,
+                   output_dir: str, extra_rows: list[dict] | None = None,
+                   fit_method: str = "WLS", lmax: int = 0,
                    pipeline_version: str = "") -> tuple[str, list]:
     per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method, lmax=lmax,
                                   pipeline_version=pipeline_version)
     split = per_subject.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi,
                               bval=bval, bvec=bvec, mask=mask, sidecar=sidecar)
     subjects = workflow.add(split.combine("subject"), name="subjects")
-    table = workflow.add(GroupTable(rows=subjects.row, output_dir=output_dir,
-                                    pipeline_version=pipeline_version), hooks=PROGRESS)
+    table = workflow.add(GroupTable(rows=subjects.row, extra_rows=extra_rows,
+                                    output_dir=output_dir, pipeline_version=pipeline_version),
+                         hooks=PROGRESS)
     return table.table, subjects.row
