@@ -8,6 +8,7 @@ cohort-level status files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -18,6 +19,7 @@ import pandas as pd
 
 from dmriflow.interfaces import io
 from dmriflow.pipelines.inputs import SubjectInputs, census
+from dmriflow.pipelines.progress import PROGRESS_ENV
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, failed_row, status_path,
                                       write_status, write_subjects_table)
@@ -87,6 +89,7 @@ def clean_cache(root: Path) -> int:
 
 def _submitter(config: RunConfig, root: Path):
     from pydra.engine.submitter import Submitter  # before pydra.workers (OPERATIONS.md)
+    os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"
     kwargs = {}
     if config.worker == "cf":
         kwargs["n_procs"] = config.n_procs

@@ -6,13 +6,21 @@ so it writes one self-contained line to stderr per finished node.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 from pydra.engine.hooks import TaskHooks
 
 
+#: Set to "0" (by execution, for quiet runs) to silence node progress lines;
+#: an environment variable so that worker processes see it too.
+PROGRESS_ENV = "DMRIFLOW_PROGRESS"
+
+
 def _report(job, result) -> None:
+    if os.environ.get(PROGRESS_ENV, "1") == "0":
+        return
     subject = getattr(job.task, "subject", None)
     status = "error" if getattr(result, "errored", False) else "done"
     outputs = getattr(result, "outputs", None)
