@@ -15,7 +15,7 @@ import os
 import platform
 import tempfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -114,6 +114,14 @@ class DWI:
     @property
     def zooms(self) -> tuple[float, float, float]:
         return tuple(float(z) for z in self.header.get_zooms()[:3])
+
+    def select_volumes(self, indices) -> "DWI":
+        """The same subject restricted to some volumes (a copy, unless all are kept)."""
+        indices = np.asarray(indices)
+        if indices.size == len(self.gtab) and np.array_equal(indices, np.arange(len(self.gtab))):
+            return self
+        return replace(self, data=np.asfortranarray(self.data[..., indices]),
+                       gtab=self.gtab.select(indices))
 
     def masked(self, chunk: int | None = None):
         """(n_vox, N) float32 rows of the mask voxels, optionally in chunks.

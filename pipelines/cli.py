@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dmriflow.interfaces import __version__
 from dmriflow.interfaces.errors import InputError
+from dmriflow.pipelines.steps import DTI_MAX_BVAL
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED = 0, 1, 2
 #: Demo cohort: a few small phantom subjects, two workers.
@@ -41,6 +42,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sbatch-args", default="", help="extra sbatch arguments (slurm worker)")
     p.add_argument("--fit-method", choices=("WLS", "OLS"), default="WLS",
                    help="tensor fit (default: %(default)s)")
+    p.add_argument("--dti-max-b", type=float, default=DTI_MAX_BVAL,
+                   help="fit the tensor to b0s and shells up to this b-value "
+                        "(default: %(default)g s/mm^2)")
     p.add_argument("--lmax", type=int, default=0,
                    help="maximum SH order per shell (0: as the directions allow, up to 8)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -81,6 +85,7 @@ def _config(args):
     from dmriflow.pipelines.execution import RunConfig
     return RunConfig(worker=args.worker, n_procs=args.n_procs, cache_dir=args.cache_dir,
                      sbatch_args=args.sbatch_args, fit_method=args.fit_method,
+                     dti_max_bval=args.dti_max_b,
                      lmax=args.lmax, quiet=args.quiet)
 
 

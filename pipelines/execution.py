@@ -18,11 +18,11 @@ from pathlib import Path
 import pandas as pd
 
 from dmriflow.interfaces import io
+from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.inputs import SubjectInputs, census
 from dmriflow.pipelines.progress import PROGRESS_ENV
-from dmriflow.interfaces.errors import InputError
-from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, failed_row, status_path,
-                                      write_status, write_subjects_table)
+from dmriflow.pipelines.steps import (DTI_MAX_BVAL, FAILED_MARKER, STEP_MARKER, failed_row,
+                                      status_path, write_status, write_subjects_table)
 
 #: Engine workers dmriflow supports; there is no silent default.
 WORKERS = ("cf", "debug", "slurm")
@@ -39,6 +39,7 @@ class RunConfig:
     cache_dir: str | None = None
     sbatch_args: str = ""
     fit_method: str = "WLS"
+    dti_max_bval: float = DTI_MAX_BVAL
     lmax: int = 0                  # 0: as many orders as each shell's directions allow (<= 8)
     quiet: bool = False
 
@@ -123,7 +124,8 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
         bvec=[s.bvec for s in subjects], mask=[s.mask for s in subjects],
         sidecar=[s.sidecar for s in subjects], output_dir=str(output_dir),
-        extra_rows=prefailed, fit_method=config.fit_method, lmax=config.lmax,
+        extra_rows=prefailed, fit_method=config.fit_method,
+        dti_max_bval=config.dti_max_bval, lmax=config.lmax,
         pipeline_version=version)
     with _submitter(config, root) as sub:
         return sub(task, raise_errors=False)

@@ -28,6 +28,10 @@ from dmriflow.interfaces.preprocess import brain_mask
 FAILED_MARKER = "_dmriflow_failed"
 #: Written into every node folder: the step's name, so folders can be found by step.
 STEP_MARKER = "_dmriflow_step"
+#: The tensor is fitted to b0s and shells up to this b (s/mm^2): above it the
+#: signal's kurtosis biases DTI (HCP b=3000 inflates FA). If no shell is that
+#: low, the lowest shell is used.
+DTI_MAX_BVAL = 1500.0
 #: Tensor maps written per subject.
 TENSOR_PARAMS = ("fa", "md", "ad", "rd", "s0", "v1")
 #: Columns of group/subjects.tsv, in order (census fields follow "status").
@@ -98,10 +102,12 @@ def Validate(subject: str, dwi: File, bval: File, bvec: File, mask: File | None 
 @guarded("tensor")
 def FitTensor(subject: str, record: dict, dwi: File, bval: File, bvec: File,
               mask: File | None = None, fit_method: str = "WLS",
-              pipeline_version: str = "") -> dict:
+              max_bval: float = DTI_MAX_BVAL, pipeline_version: str = "") -> dict:
     """DTI maps (FA, MD, AD, RD, S0, V1) as NIfTI files in the node folder."""
     from dmriflow.interfaces.dti import fit_dwi
     data = _load(dwi, bval, bvec, _opt(mask))
+    shells = [b for b in data.gtab.shells if b <= max_bval] or data.gtab.shells[:1]
+    data = data.select_volumes(data.gtab.select_shells(shells))
     fit = fit_dwi(data, fit_method=fit_method)
     maps = {}
     for name in TENSOR_PARAMS:
@@ -112,7 +118,8 @@ def FitTensor(subject: str, record: dict, dwi: File, bval: File, bvec: File,
     return {"subject": subject, "status": "ok", "maps": maps,
             "median_fa": float(np.median(fa)),
             "failed_voxels": int(np.count_nonzero(np.asarray(fit.failed)[data.mask])),
-            "parameters": {"fit_method": fit_method}}
+            "parameters": {"fit_method": fit_method, "max_bval": max_bval,
+                           "shells_used": shells}}
 
 
 @python.define(outputs=["rish"])

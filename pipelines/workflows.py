@@ -12,7 +12,8 @@ from fileformats.generic import File
 from pydra.compose import workflow
 
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import Export, FitRish, FitTensor, GroupTable, Validate
+from dmriflow.pipelines.steps import (DTI_MAX_BVAL, Export, FitRish, FitTensor, GroupTable,
+                                      Validate)
 
 #: The per-subject inputs that are split together over the cohort.
 SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sidecar")
@@ -21,12 +22,13 @@ SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sideca
 @workflow.define(outputs=["row"])
 def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
                     output_dir: str, mask: File | None = None, sidecar: File | None = None,
-                    fit_method: str = "WLS", lmax: int = 0,
-                    pipeline_version: str = "") -> dict:
+                    fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL,
+                    lmax: int = 0, pipeline_version: str = "") -> dict:
     files = dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask)
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = workflow.add(Validate(sidecar=sidecar, **files, **pv), hooks=PROGRESS).record
-    tensor = workflow.add(FitTensor(record=record, fit_method=fit_method, **files, **pv),
+    tensor = workflow.add(FitTensor(record=record, fit_method=fit_method,
+                                    max_bval=dti_max_bval, **files, **pv),
                           hooks=PROGRESS).tensor
     rish = workflow.add(FitRish(record=record, lmax=lmax, **files, **pv), hooks=PROGRESS).rish
     return workflow.add(Export(out_parts=out_parts, record=record, tensor=tensor, rish=rish,
@@ -37,9 +39,10 @@ def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: 
 def CohortWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
                    bval: list[File], bvec: list[File], mask: list, sidecar: list,
                    output_dir: str, extra_rows: list[dict] | None = None,
-                   fit_method: str = "WLS", lmax: int = 0,
+                   fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL, lmax: int = 0,
                    pipeline_version: str = "") -> tuple[str, list]:
-    per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method, lmax=lmax,
+    per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
+                                  dti_max_bval=dti_max_bval, lmax=lmax,
                                   pipeline_version=pipeline_version)
     split = per_subject.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi,
                               bval=bval, bvec=bvec, mask=mask, sidecar=sidecar)
