@@ -354,7 +354,9 @@ class _Kernel:
         self.ops = ops
         self.block = block
         f32 = lambda a: ops.asarray(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-        self.Z = f32(Q)                                              # (N, 7)
+        # Z zero-padded to 8 columns for the two (rows, N) @ (N, 7) products:
+        # OpenBLAS runs (2048 x 288) @ (288 x 8) ~20 % faster than @ (288 x 7).
+        self.Z8 = f32(np.pad(Q, ((0, 0), (0, 1))))                   # (N, 8)
         self.ZT = f32(Q.T)                                           # (7, N)
         self.O = f32(np.stack([Q[:, i] * Q[:, j] for i, j in _TRIU], axis=1))  # (N, 28)
         Rinv = np.linalg.inv(R)
@@ -367,8 +369,8 @@ class _Kernel:
         """Work buffers of one worker for chunks of up to ``rows`` voxels."""
         ops, N = self.ops, self.n_vol
         return {"L": ops.empty((rows, N)), "W": ops.empty((min(rows, self.block), N)),
-                "A": ops.empty((rows, 28)), "R": ops.empty((rows, 7)),
-                "G": ops.empty((rows, 7))}
+                "A": ops.empty((rows, 28)), "R": ops.empty((rows, 8)),
+                "G": ops.empty((rows, 8))}
 
     def _weights_block(self, gamma_b, Lb, W, A_b, R_b):
         """Normal equations of one block: A_b = sum_i w_i z_i z_i^T (packed),
@@ -381,7 +383,7 @@ class _Kernel:
         ops.exp_capped_(W)
         ops.matmul(W, self.O, A_b)
         W *= Lb
-        ops.matmul(W, self.Z, R_b)
+        ops.matmul(W, self.Z8, R_b)                                 # (nb, 8), last col 0
 
     def fit(self, rows, buf, method: str, n_iter: int):
         """rows (n, N) -> parameters (7, n): Dxx Dyy Dzz Dxy Dxz Dyz [um^2/ms], ln S0.
@@ -394,23 +396,22 @@ class _Kernel:
         n, B = rows.shape[0], self.block
         L, G, A, R = buf["L"][:n], buf["G"][:n], buf["A"][:n], buf["R"][:n]
         blocks = [(s, min(s + B, n)) for s in range(0, n, B)]
-        gamma = G                                                   # (n, 7) OLS
+        gamma = G[:, :7]                                            # (n, 7) OLS
         for s, e in blocks:
             Lb = L[s:e]
             ops.log_clipped(rows[s:e], Lb)
-            ops.matmul(Lb, self.Z, G[s:e])
+            ops.matmul(Lb, self.Z8, G[s:e])
             if method == "WLS":
-                self._weights_block(G[s:e], Lb, buf["W"][:e - s], A[s:e], R[s:e])
-        if method == "WLS":
-            for it in range(n_iter):
-                if it > 0:
-                    for s, e in blocks:
-                        self._weights_block(gamma[s:e], L[s:e], buf["W"][:e - s],
-                                            A[s:e], R[s:e])
-                gamma_soa = _cholesky_solve(ops.contiguous(A.T), ops.contiguous(R.T), ops)
-                gamma = gamma_soa.T
-            return ops.matmul(self.Rinv, gamma_soa, None)
-        return ops.matmul(self.Rinv, G.T, None)
+                self._weights_block(gamma[s:e], Lb, buf["W"][:e - s], A[s:e], R[s:e])
+        if method == "OLS":
+            return ops.matmul(self.Rinv, gamma.T, None)
+        for it in range(n_iter):
+            if it > 0:
+                for s, e in blocks:
+                    self._weights_block(gamma[s:e], L[s:e], buf["W"][:e - s], A[s:e], R[s:e])
+            gamma_soa = _cholesky_solve(ops.contiguous(A.T), ops.contiguous(R[:, :7].T), ops)
+            gamma = gamma_soa.T
+        return ops.matmul(self.Rinv, gamma_soa, None)
 
 
 # ----------------------------------------------------------------------------
@@ -505,11 +506,13 @@ def _eig_sym3(a00, a11, a22, a01, a02, a12):
     e3 = [np.where(top, bi, ui) for bi, ui in zip(xb, u)]
     vals, vecs = [l1, l2, l3], [e1, e2, e3]
     # rounding can swap near-equal eigenvalues: a 3-element sorting network
-    for i, j in ((0, 1), (1, 2), (0, 1)):
-        swap = vals[j] > vals[i]
-        vals[i], vals[j] = np.where(swap, vals[j], vals[i]), np.where(swap, vals[i], vals[j])
-        vecs[i], vecs[j] = ([np.where(swap, b, a) for a, b in zip(vecs[i], vecs[j])],
-                            [np.where(swap, a, b) for a, b in zip(vecs[i], vecs[j])])
+    # (skipped when nothing is out of order, the usual case)
+    if np.any(l2 > l1) or np.any(l3 > l2):
+        for i, j in ((0, 1), (1, 2), (0, 1)):
+            swap = vals[j] > vals[i]
+            vals[i], vals[j] = np.where(swap, vals[j], vals[i]), np.where(swap, vals[i], vals[j])
+            vecs[i], vecs[j] = ([np.where(swap, b, a) for a, b in zip(vecs[i], vecs[j])],
+                                [np.where(swap, a, b) for a, b in zip(vecs[i], vecs[j])])
     evals = np.stack(vals, axis=-1)
     # evecs[n, component, k]: column k is the k-th eigenvector
     evecs = np.stack([np.stack(v, axis=-1) for v in vecs], axis=-1)

@@ -271,20 +271,24 @@ def test_iterated_wls_converges(gtab, noisy):
 def test_failed_voxels_are_reported_and_zeroed(gtab, noise_free):
     _, _, _, S = noise_free
     good = S[:5].copy()
-    bad = np.empty((4, len(gtab)), np.float32)
+    bad = np.empty((5, len(gtab)), np.float32)
     bad[0] = 0                                           # no signal at all
     bad[1] = S0 * np.exp(+gtab.bvals / 1000)             # signal grows with b: D < 0
     X = gtab.bmatrix_design()                            # one negative eigenvalue
     bad[2] = S0 * np.exp(X[:, :6] @ tensor_params(np.diag([1e-3, 1e-3, -0.5e-3])))
     bad[3] = S[7]
     bad[3][20:] = 1e30                                   # absurd values: overflow
-    data = np.concatenate([good, bad])
+    bad[4] = S[8]
+    bad[4][30] = np.nan                                  # a NaN (io rejects these)
+    data = np.concatenate([good[:2], bad, good[2:]])     # failures amid good voxels
     fit = dti.TensorModel(gtab).fit(data)
-    assert fit.failed.tolist() == [False] * 5 + [True] * 4
+    assert fit.failed.tolist() == [False] * 2 + [True] * 5 + [False] * 3
+    assert fit.n_failed == 5
     for arr in (fit.evals, fit.evecs, fit.s0, fit.fa, fit.md, fit.v1, fit.color_fa):
         assert np.all(arr[fit.failed] == 0) and np.all(np.isfinite(arr))
     ref = dti.TensorModel(gtab).fit(good)               # neighbours unaffected
-    assert np.allclose(ref.evals, fit.evals[:5], rtol=1e-5, atol=0)
+    assert np.allclose(ref.evals, fit.evals[~fit.failed], rtol=1e-5, atol=0)
+    assert np.all(fit.predict(gtab)[fit.failed] == 0)
 
 
 def test_grid_mask_layouts_and_code_paths(gtab, noisy):
@@ -316,6 +320,11 @@ def test_grid_mask_layouts_and_code_paths(gtab, noisy):
         assert np.allclose(fit.evals, ref.evals, rtol=2e-5, atol=1e-9), kw
         aniso = mask & (ref.fa > 0.2)             # V1 is defined
         assert np.all(angle_deg(fit.v1[aniso], ref.v1[aniso]) < 0.05), kw
+    # raw parameters (solver units: um^2/ms, ln S0) agree with the maps
+    params = dti.TensorModel(gtab).fit_params(vol[mask])
+    D = ref.quadratic_form[mask] * 1e3
+    assert np.allclose(params[:6].T, tensor_params(D), atol=1e-5)
+    assert np.allclose(np.exp(params[6]), ref.s0[mask], rtol=1e-5)
     # a single voxel
     one = dti.TensorModel(gtab).fit(vol[1, 0, 10])
     assert one.evals.shape == (3,) and np.allclose(one.evals, ref.evals[1, 0, 10], rtol=1e-5)
@@ -431,6 +440,7 @@ def test_real_data_matches_dipy(real):
     assert np.median(ang) < 0.05 and np.percentile(ang, 99) < 1.0
 
 
+@pytest.mark.mrtrix
 def test_real_data_matches_mrtrix(real):
     _require_mrtrix()
     dwi, fit, m = real["dwi"], real["fit"], real["dwi"].mask
