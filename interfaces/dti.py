@@ -652,22 +652,20 @@ class TensorModel:
             if setter is not None:
                 setter(prev)
 
+    @contextmanager
     def _threads_context(self):
-        model = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.prev = None
-                if model.backend == "torch" and str(model.device) == "cpu":
-                    import torch
-                    self.prev = torch.get_num_threads()
-                    torch.set_num_threads(available_threads())
-
-            def __exit__(self, *exc):
-                if self.prev is not None:
-                    import torch
-                    torch.set_num_threads(self.prev)
-        return _Ctx()
+        """torch on the CPU: intra-op threads = the cores this process may use."""
+        prev = None
+        if self.backend == "torch" and str(self.device) == "cpu":
+            import torch
+            prev = torch.get_num_threads()
+            torch.set_num_threads(available_threads())
+        try:
+            yield
+        finally:
+            if prev is not None:
+                import torch
+                torch.set_num_threads(prev)
 
     def _fit_chunks(self, chunks, cidx: np.ndarray, grid: tuple, mask,
                     check_first=None) -> "TensorFit":
@@ -679,10 +677,9 @@ class TensorModel:
         failed = np.zeros(grid, bool)
         out = (evals.reshape(-1, 3), evecs.reshape(-1, 3, 3), s0.reshape(-1), failed.reshape(-1))
         ops, kernel = self._ops, self._kernel
-        N = len(self.gtab)
         lock = threading.Lock()
         it = iter(chunks)
-        state = {"offset": 0}
+        state = {"offset": 0, "stop": False}
         n_workers = self.n_threads if ops.name == "numpy" else 1
         n_workers = min(n_workers, max(1, -(-cidx.size // self.chunk_size)))
         if ops.name == "numpy" and _blas_local_setter() is None:
@@ -693,19 +690,24 @@ class TensorModel:
                 buf, cap = None, 0
                 while True:
                     with lock:
-                        rows = next(it, None)
+                        rows = None if state["stop"] else next(it, None)
                         if rows is None:
                             return
                         start = state["offset"]
                         state["offset"] += rows.shape[0]
-                    if start == 0 and check_first is not None:
-                        check_first(rows)
-                    n = rows.shape[0]
-                    if n > cap:
-                        buf, cap = kernel.buffers(n), n
-                    src = ops.asarray(rows) if ops.name == "torch" else rows
-                    params = ops.to_numpy(kernel.fit(src, buf, self.fit_method, self.n_iter))
-                    _store(params, cidx[start:start + n], out)
+                    try:
+                        if start == 0 and check_first is not None:
+                            check_first(rows)
+                        n = rows.shape[0]
+                        if n > cap:
+                            buf, cap = kernel.buffers(n), n
+                        src = ops.asarray(rows) if ops.name == "torch" else rows
+                        params = ops.to_numpy(kernel.fit(src, buf, self.fit_method,
+                                                         self.n_iter))
+                        _store(params, cidx[start:start + n], out)
+                    except BaseException:
+                        state["stop"] = True        # the other workers stop too
+                        raise
 
         with self._threads_context():
             if n_workers == 1:

@@ -350,6 +350,14 @@ def test_fit_dwi_on_a_memory_mapped_nifti(tmp_path, gtab, noisy):
     assert set(fit.maps()) == {"fa", "md", "ad", "rd", "v1", "s0"}
     assert all(m.shape[:3] == mask.shape and m.dtype == np.float32 for m in fit.maps().values())
 
+    class Reordered(type(dwi)):         # rows not in data[mask] order: caught, not misplaced
+        def masked(self, chunk=None):
+            rows = super().masked()[::-1]
+            return (rows[i:i + chunk] for i in range(0, len(rows), chunk))
+    bad = Reordered(**{f: getattr(dwi, f) for f in dwi.__dataclass_fields__})
+    with pytest.raises(RuntimeError, match="unexpected order"):
+        dti.fit_dwi(bad)
+
 
 def test_bad_arguments(gtab):
     with pytest.raises(ValueError, match="fit_method"):
