@@ -846,8 +846,7 @@ def fit_dwi(dwi, **model_kw) -> TensorFit:
     model = TensorModel(dwi.gtab, **model_kw)
     grid = tuple(dwi.mask.shape)
     data = dwi.data
-    # DWI.masked yields the rows in data[mask] order (C order of the voxels).
-    cidx = np.flatnonzero(dwi.mask.ravel())
+    cidx = dwi.masked_index()  # the voxel of each row DWI.masked yields
 
     def check_first(rows):
         # guard the ordering contract above (io.DWI.masked) at the cost of one voxel

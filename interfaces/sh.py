@@ -500,8 +500,7 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
 
     vshape = dwi.mask.shape
     n_vox = int(np.prod(vshape))
-    # dwi.masked() yields the mask voxels in the order of data[mask] (C order)
-    c_idx = np.flatnonzero(dwi.mask.ravel())
+    c_idx = dwi.masked_index()  # the voxel of each row dwi.masked() yields
     coeffs = {b: np.zeros((n_vox, m.n_coef), dtype=np.float32) for b, m in models.items()}
     rishes = {b: np.zeros((n_vox, s.size), dtype=np.float32) for b, s in starts.items()}
     s0 = np.zeros(n_vox, dtype=np.float32) if normalise else None

@@ -94,16 +94,18 @@ def test_masked_rows_equal_fancy_indexing(order):
     mask = rng.random(data.shape[:3]) > 0.4
     dwi = _dwi(data, mask)
     rows = dwi.masked()
+    idx = dwi.masked_index()
     assert rows.dtype == np.float32
-    assert_array_equal(rows, data[mask])
+    assert_array_equal(rows, data.reshape(-1, data.shape[-1])[idx])
+    assert_array_equal(np.sort(idx), np.flatnonzero(mask.ravel()))
     chunks = list(dwi.masked(chunk=7))
     assert [c.shape[0] for c in chunks[:-1]] == [7] * (len(chunks) - 1)
     assert 0 < chunks[-1].shape[0] <= 7
     assert len(chunks) == -(-int(mask.sum()) // 7)
-    assert_array_equal(np.concatenate(chunks), data[mask])
-    # results scattered back with out[mask] = rows land on their own voxels
-    out = np.zeros_like(data)
-    out[mask] = np.concatenate(chunks)
+    assert_array_equal(np.concatenate(chunks), rows)
+    # results scattered back through masked_index land on their own voxels
+    out = np.zeros(data.shape, np.float32)   # C order: reshape is a view
+    out.reshape(-1, data.shape[-1])[idx] = np.concatenate(chunks)
     assert_array_equal(out[mask], data[mask])
     assert_array_equal(out[~mask], 0)
     if order != "strided":  # contiguous data are read through a view, not a copy
@@ -111,9 +113,12 @@ def test_masked_rows_equal_fancy_indexing(order):
 
 
 def test_masked_real_data(mdt_dwi):
-    assert_array_equal(mdt_dwi.masked(), mdt_dwi.data[mdt_dwi.mask])
-    assert_array_equal(np.concatenate(list(mdt_dwi.masked(chunk=1000))),
-                       mdt_dwi.data[mdt_dwi.mask])
+    """NIfTI data are F-ordered: rows come in storage order, named by masked_index."""
+    data, idx = mdt_dwi.data, mdt_dwi.masked_index()
+    assert data.flags.f_contiguous
+    rows = mdt_dwi.masked()
+    assert_array_equal(rows, data.reshape(-1, data.shape[-1])[idx])
+    assert_array_equal(np.concatenate(list(mdt_dwi.masked(chunk=1000))), rows)
 
 
 # ----------------------------------------------------------------------------
