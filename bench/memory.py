@@ -31,6 +31,8 @@ import time
 import nibabel as nib
 import numpy as np
 
+from dmriflow.interfaces.phantom import spiral_directions as directions
+
 HCP_SHAPE = (145, 174, 145, 288)
 N_B0 = 18
 SHELLS = (1000.0, 2000.0, 3000.0)
@@ -80,15 +82,6 @@ rep["after_fit"] = status()
 rep["ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print("REPORT " + json.dumps(rep))
 """
-
-
-def directions(n: int) -> np.ndarray:
-    """Golden-spiral hemisphere: n well-spread unit vectors."""
-    i = np.arange(n) + 0.5
-    z = 1.0 - i / n
-    r = np.sqrt(1.0 - z * z)
-    phi = np.pi * (1.0 + np.sqrt(5.0)) * i
-    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
 
 
 def gradients(n_vol: int):

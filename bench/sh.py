@@ -38,6 +38,7 @@ import numpy as np
 from dmriflow.interfaces import sh
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI
+from dmriflow.interfaces.phantom import spiral_directions as directions
 
 N_DIRS = 90
 N_B0 = 6
@@ -47,13 +48,6 @@ SNR = 30.0
 REPEATS = 5
 
 
-def directions(n: int) -> np.ndarray:
-    """Golden-spiral hemisphere: n well-spread unit vectors."""
-    i = np.arange(n) + 0.5
-    z = 1.0 - i / n
-    r = np.sqrt(1.0 - z * z)
-    phi = np.pi * (1.0 + np.sqrt(5.0)) * i
-    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
 
 
 def synthetic_block(shape, g, rng) -> tuple[np.ndarray, GradientTable]:

@@ -154,6 +154,19 @@ VENTRICLE_SCALE_RANGE = (0.85, 1.25)
 # ----------------------------------------------------------------------------
 # Gradient scheme
 # ----------------------------------------------------------------------------
+def spiral_directions(n: int) -> np.ndarray:
+    """``n`` well-spread unit vectors on the z >= 0 hemisphere (golden spiral).
+
+    Deterministic and instant: for benchmarks and tests that need a fixed,
+    reasonably uniform set without the electrostatic optimisation.
+    """
+    i = np.arange(n) + 0.5
+    z = 1.0 - i / n
+    r = np.sqrt(1.0 - z * z)
+    phi = math.pi * (1.0 + math.sqrt(5.0)) * i
+    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
+
+
 def electrostatic_directions(n: int, seed: int | np.random.Generator = 0,
                              iterations: int = 200) -> np.ndarray:
     """``n`` unit vectors spread evenly as antipodal pairs (N, 3).

@@ -8,13 +8,10 @@ with a clear reason. The census reads headers, b-values and sidecars only.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 
 from dmriflow.interfaces.errors import InputError

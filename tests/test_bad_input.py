@@ -8,6 +8,10 @@ positive determinant, a mask) and breaks one thing.
 import gzip
 import os
 import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,11 +176,32 @@ def test_directory_instead_of_dwi(subject, tmp_path):
                        "is a directory, not a DWI file")
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root reads files whatever their mode")
 def test_unreadable_dwi(subject):
-    subject.dwi.chmod(0)
-    assert_input_error(subject.load, subject.dwi, "not readable (permission denied)")
+    """A file without read permission. Root reads any file, so as root the load
+    runs in a child process as user nobody (setpriv), on a world-traversable copy."""
+    if os.geteuid() != 0:
+        subject.dwi.chmod(0)
+        assert_input_error(subject.load, subject.dwi, "not readable (permission denied)")
+        return
+    folder = Path(tempfile.mkdtemp(prefix="dmriflow-perm-"))
+    try:
+        folder.chmod(0o755)
+        for name in ("dwi", "bval", "bvec"):
+            shutil.copy(getattr(subject, name), folder / getattr(subject, name).name)
+            (folder / getattr(subject, name).name).chmod(0o644)
+        dwi = folder / subject.dwi.name
+        dwi.chmod(0)
+        code = ("import sys; from dmriflow.interfaces.io import load_dwi\n"
+                "from dmriflow.interfaces.errors import InputError\n"
+                "try:\n    load_dwi(*sys.argv[1:4])\n"
+                "except InputError as e:\n    print(e)")
+        args = [str(dwi), str(folder / subject.bval.name), str(folder / subject.bvec.name)]
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              sys.executable, "-c", code, *args],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        assert out == f"{dwi}: DWI file is not readable (permission denied)"
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_truncated_nii_gz_data(subject):

@@ -22,6 +22,7 @@ from scipy.spatial.transform import Rotation
 from dmriflow.interfaces import sh
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI, load_dwi
+from dmriflow.interfaces.phantom import spiral_directions as fibonacci_hemisphere
 
 MDT = "mdt_te60_b1k_b2k"
 
@@ -29,13 +30,6 @@ MDT = "mdt_te60_b1k_b2k"
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-def fibonacci_hemisphere(n: int) -> np.ndarray:
-    """n well-spread unit vectors on the z >= 0 hemisphere (golden spiral)."""
-    i = np.arange(n) + 0.5
-    z = 1.0 - i / n
-    r = np.sqrt(1.0 - z * z)
-    phi = math.pi * (1.0 + math.sqrt(5.0)) * i
-    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
 
 
 def gauss_sphere(n_theta: int = 24, n_phi: int = 48):
