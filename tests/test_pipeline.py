@@ -234,3 +234,22 @@ def test_gzip_truncation_helper_really_truncates(tmp_path):
         with gzip.open(path) as fh:
             while fh.read(1 << 20):
                 pass
+
+
+def test_simulate_command_writes_a_cohort(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert cli.main(["simulate", str(out), "--subjects", "2", "--layout", "bids",
+                     "--shape", "12", "14", "10", "--seed", "3"]) == cli.EXIT_OK
+    assert "wrote 2 bids subject(s)" in capsys.readouterr().out
+    subjects = discover(out)
+    assert [s.key for s in subjects] == ["sub-01", "sub-02"]
+    dwi = io.load_dwi(subjects[0].dwi, subjects[0].bval, subjects[0].bvec)
+    assert dwi.data.shape == (12, 14, 10, 288)
+    assert dwi.gtab.shells == [1000.0, 2000.0, 3000.0]
+    assert (out / "derivatives" / "truth" / "sub-01" / "sub-01_param-fa.nii.gz").exists()
+
+
+def test_unknown_input_folder_is_a_clear_cli_error(tmp_path, capsys):
+    code = cli.main(["run", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--quiet"])
+    assert code == cli.EXIT_INPUT
+    assert f"{tmp_path / 'nowhere'}: input folder does not exist" in capsys.readouterr().err
