@@ -8,6 +8,7 @@ with a clear reason. The census reads headers, b-values and sidecars only.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -239,3 +240,28 @@ def census(subjects: list[SubjectInputs]) -> pd.DataFrame:
 
 def subjects_to_json(subjects: list[SubjectInputs]) -> list[dict]:
     return [asdict(s) | {"key": s.key} for s in subjects]
+
+
+def site_labels(subjects: list[SubjectInputs], by: str = "protocol",
+                table: str | os.PathLike | None = None) -> dict[str, str]:
+    """Site (group) of each subject: its census protocol group, or a TSV column.
+
+    ``by="protocol"`` uses :func:`census`; any other value names a column of
+    ``table`` (a participants.tsv-style file with a ``participant_id`` column,
+    with or without the ``sub-`` prefix). Every subject must have a value.
+    """
+    if by == "protocol":
+        df = census(subjects)
+        return dict(zip(df["subject"], df["protocol"]))
+    if table is None or not Path(table).is_file():
+        raise InputError(table, f"a subject table with a {by!r} column is needed "
+                                f"to group subjects by {by!r}")
+    df = pd.read_csv(table, sep="\t", dtype=str)
+    if "participant_id" not in df.columns or by not in df.columns:
+        raise InputError(table, f"needs columns 'participant_id' and {by!r}; has "
+                                f"{list(df.columns)}")
+    sites = {"sub-" + str(p).removeprefix("sub-"): v for p, v in zip(df["participant_id"], df[by])}
+    missing = [s.key for s in subjects if not isinstance(sites.get(f"sub-{s.label}"), str)]
+    if missing:
+        raise InputError(table, f"no {by!r} value for {missing}")
+    return {s.key: sites[f"sub-{s.label}"] for s in subjects}

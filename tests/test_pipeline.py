@@ -253,3 +253,18 @@ def test_unknown_input_folder_is_a_clear_cli_error(tmp_path, capsys):
     code = cli.main(["run", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--quiet"])
     assert code == cli.EXIT_INPUT
     assert f"{tmp_path / 'nowhere'}: input folder does not exist" in capsys.readouterr().err
+
+
+def test_site_labels_from_protocols_and_tables(tmp_path):
+    from dmriflow.pipelines.inputs import site_labels
+    cohort = make_cohort(tmp_path / "in", 2, layout="bids")
+    subjects = discover(cohort)
+    assert site_labels(subjects) == {"sub-01": "P1", "sub-02": "P1"}
+    table = tmp_path / "sites.tsv"
+    table.write_text("participant_id\tscanner\n01\tprisma\nsub-02\tskyra\n")
+    assert site_labels(subjects, "scanner", table) == {"sub-01": "prisma", "sub-02": "skyra"}
+    table.write_text("participant_id\tscanner\n01\tprisma\n")
+    with pytest.raises(Exception, match=r"sites.tsv: no 'scanner' value for \['sub-02'\]"):
+        site_labels(subjects, "scanner", table)
+    with pytest.raises(Exception, match="needs columns"):
+        site_labels(subjects, "site", table)
