@@ -80,6 +80,10 @@ PIVOT_TOLERANCE = 1e-7
 ISOTROPY_TOLERANCE = 1e-7
 
 FIT_METHODS = ("WLS", "OLS")
+#: Tensors are fitted to the b0s and the shells up to this b (s/mm^2) by
+#: default: above it the signal's kurtosis biases DTI (HCP's b=3000 shell
+#: inflates white-matter FA). If no shell is that low, the lowest is used.
+DTI_MAX_BVAL = 1500.0
 #: (i, j) of the upper triangle of the 7x7 normal matrix, row-major packed.
 _TRIU = tuple(zip(*np.triu_indices(7)))
 _PACK = {**{(i, j): k for k, (i, j) in enumerate(_TRIU)},
@@ -835,6 +839,11 @@ class TensorFit:
             np.exp(blk, out=blk)
             blk *= s0[i:i + chunk, None]
         return out.reshape(self.shape + (X.shape[0],))
+
+
+def dti_shells(gtab, max_bval: float = DTI_MAX_BVAL) -> list[float]:
+    """The shells a tensor is fitted to: those up to ``max_bval``, else the lowest."""
+    return [b for b in gtab.shells if b <= max_bval] or gtab.shells[:1]
 
 
 def fit_dwi(dwi, **model_kw) -> TensorFit:

@@ -21,6 +21,7 @@ from fileformats.generic import File
 from pydra.compose import python
 
 from dmriflow.interfaces import io
+from dmriflow.interfaces.dti import DTI_MAX_BVAL, dti_shells, fit_dwi
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.preprocess import brain_mask
 
@@ -28,10 +29,6 @@ from dmriflow.interfaces.preprocess import brain_mask
 FAILED_MARKER = "_dmriflow_failed"
 #: Written into every node folder: the step's name, so folders can be found by step.
 STEP_MARKER = "_dmriflow_step"
-#: The tensor is fitted to b0s and shells up to this b (s/mm^2): above it the
-#: signal's kurtosis biases DTI (HCP b=3000 inflates FA). If no shell is that
-#: low, the lowest shell is used.
-DTI_MAX_BVAL = 1500.0
 #: Tensor maps written per subject.
 TENSOR_PARAMS = ("fa", "md", "ad", "rd", "s0", "v1")
 #: Columns of group/subjects.tsv, in order (census fields follow "status").
@@ -104,9 +101,8 @@ def FitTensor(subject: str, record: dict, dwi: File, bval: File, bvec: File,
               mask: File | None = None, fit_method: str = "WLS",
               max_bval: float = DTI_MAX_BVAL, pipeline_version: str = "") -> dict:
     """DTI maps (FA, MD, AD, RD, S0, V1) as NIfTI files in the node folder."""
-    from dmriflow.interfaces.dti import fit_dwi
     data = _load(dwi, bval, bvec, _opt(mask))
-    shells = [b for b in data.gtab.shells if b <= max_bval] or data.gtab.shells[:1]
+    shells = dti_shells(data.gtab, max_bval)
     data = data.select_volumes(data.gtab.select_shells(shells))
     fit = fit_dwi(data, fit_method=fit_method)
     maps = {}
