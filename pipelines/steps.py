@@ -73,6 +73,32 @@ def _load(dwi, bval, bvec, mask):
     return data
 
 
+def load_series(record: dict):
+    """The DWI a step works on: the current series of the subject's record.
+
+    Validate, Preprocess and Harmonize each hand on ``record["series"]``
+    (paths of dwi, bval, bvec, mask), so later steps need not know which of
+    them ran.
+    """
+    series = record["series"]
+    return io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"])
+
+
+def save_series(data, record: dict, step: str, extra: dict | None = None) -> dict:
+    """Write a DWI (data, gradients, mask) into the node folder as the new series."""
+    cwd = Path.cwd()
+    series = {"dwi": str(io.save_nifti(data.data, data.affine, cwd / "dwi.nii.gz",
+                                       data.header).resolve()),
+              "bval": str(io.write_text(" ".join(f"{b:g}" for b in data.gtab.bvals) + "\n",
+                                        cwd / "dwi.bval").resolve()),
+              "bvec": str(io.write_text("\n".join(" ".join(f"{v:.8f}" for v in row)
+                                                  for row in data.gtab.bvecs.T) + "\n",
+                                        cwd / "dwi.bvec").resolve()),
+              "mask": record["series"]["mask"]}
+    history = list(record.get("history", [])) + [{"step": step, **(extra or {})}]
+    return {**record, "series": series, "history": history}
+
+
 def _opt(path) -> str | None:
     return None if path is None else os.fspath(path)
 
@@ -90,18 +116,22 @@ def Validate(subject: str, dwi: File, bval: File, bvec: File, mask: File | None 
                         zooms=data.header.get_zooms())
     hashes = {k: {"path": p, "sha256": io.file_sha256(p)}
               for k, p in {**data.paths, "sidecar": _opt(sidecar)}.items() if p}
+    mask_path = _opt(mask) or str(io.save_nifti(data.mask.astype(np.uint8), data.affine,
+                                                Path.cwd() / "mask.nii.gz").resolve())
+    series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
+              "mask": mask_path}
     return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
+            "series": series, "sidecar": _opt(sidecar), "history": [],
             "mask_source": "given" if mask is not None else "median_otsu",
             "mask_voxels": int(data.mask.sum())}
 
 
 @python.define(outputs=["tensor"])
 @guarded("tensor")
-def FitTensor(subject: str, record: dict, dwi: File, bval: File, bvec: File,
-              mask: File | None = None, fit_method: str = "WLS",
+def FitTensor(subject: str, record: dict, fit_method: str = "WLS",
               max_bval: float = DTI_MAX_BVAL, pipeline_version: str = "") -> dict:
     """DTI maps (FA, MD, AD, RD, S0, V1) as NIfTI files in the node folder."""
-    data = _load(dwi, bval, bvec, _opt(mask))
+    data = load_series(record)
     shells = dti_shells(data.gtab, max_bval)
     data = data.select_volumes(data.gtab.select_shells(shells))
     fit = fit_dwi(data, fit_method=fit_method)
@@ -120,11 +150,10 @@ def FitTensor(subject: str, record: dict, dwi: File, bval: File, bvec: File,
 
 @python.define(outputs=["rish"])
 @guarded("rish")
-def FitRish(subject: str, record: dict, dwi: File, bval: File, bvec: File,
-            mask: File | None = None, lmax: int = 0, pipeline_version: str = "") -> dict:
+def FitRish(subject: str, record: dict, lmax: int = 0, pipeline_version: str = "") -> dict:
     """Per-shell SH fit of the b0-normalised signal and RISH maps l = 0..L."""
     from dmriflow.interfaces.sh import fit_shells
-    data = _load(dwi, bval, bvec, _opt(mask))
+    data = load_series(record)
     fits = fit_shells(data, lmax=lmax or None)
     maps, orders = {}, {}
     for shell, fit in fits.items():

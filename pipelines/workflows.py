@@ -28,9 +28,8 @@ def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: 
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = workflow.add(Validate(sidecar=sidecar, **files, **pv), hooks=PROGRESS).record
     tensor = workflow.add(FitTensor(record=record, fit_method=fit_method,
-                                    max_bval=dti_max_bval, **files, **pv),
-                          hooks=PROGRESS).tensor
-    rish = workflow.add(FitRish(record=record, lmax=lmax, **files, **pv), hooks=PROGRESS).rish
+                                    max_bval=dti_max_bval, **pv), hooks=PROGRESS).tensor
+    rish = workflow.add(FitRish(record=record, lmax=lmax, **pv), hooks=PROGRESS).rish
     return workflow.add(Export(out_parts=out_parts, record=record, tensor=tensor, rish=rish,
                                output_dir=output_dir, **pv), hooks=PROGRESS).row
 
