@@ -2,6 +2,9 @@
 
 dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
+dmriflow run ... --harmonization ARTEFACT
+dmriflow harmonize fit INPUT OUTPUT --reference SITE --target SITE [--site-column COL]
+dmriflow harmonize apply ARTEFACT INPUT OUTPUT
 dmriflow status OUTPUT
 dmriflow simulate OUT --subjects N --layout hcp|bids --shape X Y Z --seed S
 dmriflow demo OUT
@@ -50,6 +53,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=("hcp", "bids", "auto"), default="auto")
+    p.add_argument("--participant-label", nargs="+", metavar="LABEL",
+                   help="only these subjects (with or without 'sub-')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmriflow", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"dmriflow {__version__}")
@@ -58,9 +67,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline on a cohort")
     p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
     p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
-    p.add_argument("--layout", choices=("hcp", "bids", "auto"), default="auto")
-    p.add_argument("--participant-label", nargs="+", metavar="LABEL",
-                   help="only these subjects (with or without 'sub-')")
+    _add_selection(p)
+    p.add_argument("--harmonization", metavar="ARTEFACT",
+                   help="apply a stored harmonization artefact (folder) before the fits")
+    _add_run_options(p)
+
+    p = sub.add_parser("harmonize", help="fit or apply RISH harmonization")
+    hsub = p.add_subparsers(dest="harmonize_command", required=True)
+    p = hsub.add_parser("fit", help="fit an artefact mapping a target site onto a reference")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--reference", required=True, help="reference site (group) name")
+    p.add_argument("--target", required=True, help="target site (group) name")
+    p.add_argument("--site-column", default="protocol",
+                   help="'protocol' (census protocol groups, default) or a column of "
+                        "--site-table")
+    p.add_argument("--site-table", help="participants-style TSV with participant_id and the "
+                                        "site column (default: INPUT/participants.tsv)")
+    p.add_argument("--shells", type=float, nargs="+", help="shells to harmonise (default: all "
+                                                           "shells every subject has)")
+    p.add_argument("--harmonization-lmax", type=int, default=None,
+                   help="highest SH order harmonised (default: as the directions allow, <= 8)")
+    p.add_argument("--registration", choices=("syn", "affine", "identity"), default="syn")
+    p.add_argument("--smoothing-fwhm", type=float, default=0.0, help="scale-map smoothing (mm)")
+    _add_selection(p)
+    _add_run_options(p)
+    p = hsub.add_parser("apply", help="apply an artefact to a cohort, then fit DTI and RISH")
+    p.add_argument("artefact", help="artefact folder written by 'harmonize fit'")
+    p.add_argument("input")
+    p.add_argument("output")
+    _add_selection(p)
     _add_run_options(p)
 
     p = sub.add_parser("status", help="done/failed/missing per subject, with reasons")
@@ -85,8 +121,8 @@ def _config(args):
     from dmriflow.pipelines.execution import RunConfig
     return RunConfig(worker=args.worker, n_procs=args.n_procs, cache_dir=args.cache_dir,
                      sbatch_args=args.sbatch_args, fit_method=args.fit_method,
-                     dti_max_bval=args.dti_max_b,
-                     lmax=args.lmax, quiet=args.quiet)
+                     dti_max_bval=args.dti_max_b, lmax=args.lmax, quiet=args.quiet,
+                     harmonization=getattr(args, "harmonization", None) or "")
 
 
 def _run(input_dir, output, layout, labels, args) -> int:
@@ -101,6 +137,33 @@ def _run(input_dir, output, layout, labels, args) -> int:
     for err in result.engine_errors:
         print(f"ENGINE ERROR: {err}")
     return EXIT_SUBJECTS_FAILED if result.failed or result.engine_errors else EXIT_OK
+
+
+def cmd_harmonize(args) -> int:
+    from dmriflow.pipelines.inputs import discover, site_labels
+    if args.harmonize_command == "apply":
+        args.harmonization = args.artefact
+        return _run(args.input, args.output, args.layout, args.participant_label, args)
+    from dmriflow.pipelines.execution import run_harmonization_fit
+    subjects = discover(args.input, layout=args.layout, participant_labels=args.participant_label)
+    table = args.site_table or (Path(args.input) / "participants.tsv")
+    sites = site_labels(subjects, args.site_column,
+                        None if args.site_column == "protocol" else table)
+    try:
+        result = run_harmonization_fit(subjects, args.output, _config(args), sites,
+                                       args.reference, args.target, shells=args.shells,
+                                       lmax=args.harmonization_lmax,
+                                       registration=args.registration,
+                                       smoothing_fwhm_mm=args.smoothing_fwhm)
+    except RuntimeError as exc:   # the fit node failed: its error text, no traceback
+        print(f"dmriflow: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"artefact: {result['artefact']}")
+    print(f"site effect before/after: {result['site_effect']}")
+    print(f"anatomy preservation: {result['preservation']}")
+    for row in result["excluded"]:
+        print(f"EXCLUDED {row['subject']}: {row['error']}")
+    return EXIT_SUBJECTS_FAILED if result["excluded"] else EXIT_OK
 
 
 def cmd_status(args) -> int:
@@ -139,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args.input, args.output, args.layout, args.participant_label, args)
-        return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo}[args.command](args)
+        return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
+                "harmonize": cmd_harmonize}[args.command](args)
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

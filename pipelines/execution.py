@@ -41,6 +41,7 @@ class RunConfig:
     fit_method: str = "WLS"
     dti_max_bval: float = DTI_MAX_BVAL
     lmax: int = 0                  # 0: as many orders as each shell's directions allow (<= 8)
+    harmonization: str = ""        # folder of a stored harmonization artefact to apply
     quiet: bool = False
 
     def __post_init__(self):
@@ -126,6 +127,7 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         sidecar=[s.sidecar for s in subjects], output_dir=str(output_dir),
         extra_rows=prefailed, fit_method=config.fit_method,
         dti_max_bval=config.dti_max_bval, lmax=config.lmax,
+        harmonization=str(Path(config.harmonization).resolve()) if config.harmonization else "",
         pipeline_version=version)
     with _submitter(config, root) as sub:
         return sub(task, raise_errors=False)
@@ -239,3 +241,62 @@ def status_table(output_dir) -> pd.DataFrame:
     rows = collect_status(output_dir, read_plan(output_dir))
     cols = ["subject", "status", "failed_step", "error"]
     return pd.DataFrame([{c: r.get(c, "") for c in cols} for r in rows], columns=cols)
+
+
+def run_harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunConfig,
+                          sites: dict[str, str], reference_site: str, target_site: str,
+                          shells: list[float] | None = None, lmax: int | None = None,
+                          registration: str = "syn", smoothing_fwhm_mm: float = 0.0) -> dict:
+    """Fit a harmonization artefact on a cohort; store it under OUTPUT/dmriflow.
+
+    The artefact goes to ``OUTPUT/dmriflow/harmonization/<content id>/`` and
+    the evaluation tables to ``OUTPUT/dmriflow/group/harmonization_*.tsv``.
+    Only subjects of the two named sites are used.
+    """
+    from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
+    from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
+
+    output_dir = Path(output_dir).resolve()
+    chosen = [s for s in subjects if sites.get(s.key) in (reference_site, target_site)]
+    for site in (reference_site, target_site):
+        n = sum(sites.get(s.key) == site for s in chosen)
+        if n < MIN_SUBJECTS_PER_SITE:
+            known = sorted(set(sites.values()))
+            raise ValueError(f"site {site!r} has {n} subject(s); at least "
+                             f"{MIN_SUBJECTS_PER_SITE} are needed (sites: {known})")
+    version = io.pipeline_version()
+    runnable, prefailed = preflight(chosen, output_dir, version)
+    shells, lmax = common_shells_and_lmax(runnable, lmax) if shells is None else \
+        (shells, lmax or common_shells_and_lmax(runnable)[1])
+    root = cache_root(output_dir, config)
+    clean_cache(root)
+    _log(config, f"harmonization fit: {reference_site} (reference) vs {target_site} (target), "
+                 f"shells {shells}, lmax {lmax}, registration {registration}")
+    task = HarmonizationFitWorkflow(
+        subject=[s.key for s in runnable], out_parts=[list(s.out_parts) for s in runnable],
+        dwi=[s.dwi for s in runnable], bval=[s.bval for s in runnable],
+        bvec=[s.bvec for s in runnable], mask=[s.mask for s in runnable],
+        sidecar=[s.sidecar for s in runnable], sites={s.key: sites[s.key] for s in runnable},
+        reference_site=reference_site, target_site=target_site, shells=list(shells),
+        lmax=lmax, registration=registration, smoothing_fwhm_mm=smoothing_fwhm_mm,
+        pipeline_version=version)
+    with _submitter(config, root) as sub:
+        res = sub(task, raise_errors=False)
+    if res.errored:
+        raise RuntimeError("harmonization fit failed: " + "\n".join(_engine_errors(res, root)))
+    result = dict(res.outputs.result)
+    dest = output_dir / "dmriflow" / "harmonization" / result["content_id"][:12]
+    if not dest.exists():
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(result["artefact"], tmp)
+        os.replace(tmp, dest)
+    group = output_dir / "dmriflow" / "group"
+    for key in ("site_effect", "preservation"):
+        io.write_text(Path(result[key]).read_text(), group / f"harmonization_{key}.tsv")
+        result[key] = str(group / f"harmonization_{key}.tsv")
+    result["artefact"] = str(dest)
+    result["excluded"] = result["excluded"] + [
+        {"subject": r["subject"], "error": r["error"]} for r in prefailed]
+    _log(config, f"artefact {dest}; site effect table {result['site_effect']}")
+    return result

@@ -29,6 +29,8 @@ from dmriflow.interfaces.preprocess import brain_mask
 FAILED_MARKER = "_dmriflow_failed"
 #: Written into every node folder: the step's name, so folders can be found by step.
 STEP_MARKER = "_dmriflow_step"
+#: BIDS ``desc`` label of a DWI series changed by each step (joined in order).
+SERIES_DESC = {"preprocess": "preproc", "harmonize": "harmonized"}
 #: Tensor maps written per subject.
 TENSOR_PARAMS = ("fa", "md", "ad", "rd", "s0", "v1")
 #: Columns of group/subjects.tsv, in order (census fields follow "status").
@@ -169,6 +171,26 @@ def FitRish(subject: str, record: dict, lmax: int = 0, pipeline_version: str = "
             "parameters": {"lmax": orders, "normalisation": "mean b0"}}
 
 
+def _export_series(record: dict, dwi_dir: Path, key: str, inputs: dict,
+                   provenance: dict) -> list[str]:
+    """Export the DWI series when a step changed it (e.g. harmonization)."""
+    if not record.get("history"):
+        return []
+    from dmriflow.interfaces.harmonize import SIDECAR_KEY
+    desc = "".join(SERIES_DESC[h["step"]] for h in record["history"])
+    base = dwi_dir / f"{key}_desc-{desc}_dwi"
+    series = record["series"]
+    written = [str(_copy_atomic(series[k], Path(f"{base}{ext}")))
+               for k, ext in (("dwi", ".nii.gz"), ("bval", ".bval"), ("bvec", ".bvec"))]
+    meta = io.sidecar(inputs, {"history": record["history"]}, desc, extra=provenance)
+    applied = [h for h in record["history"] if h["step"] == "harmonize"]
+    if applied:
+        meta[SIDECAR_KEY] = applied[-1]["applied"]
+        meta["HarmonizationArtefact"] = applied[-1]["artefact"]
+    io.write_json(meta, Path(f"{base}.json"))
+    return written + [f"{base}.json"]
+
+
 def derivative_name(key: str, entities: str) -> str:
     return f"{key}_{entities}_dwimap.nii.gz"
 
@@ -226,6 +248,7 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
                 meta["Sources"] = sorted(inputs.values())
                 io.write_json(meta, dst.with_name(dst.name.replace(".nii.gz", ".json")))
                 written.append(str(dst))
+            written += _export_series(record, dwi_dir, key, inputs, provenance)
             row.update(median_fa=tensor["median_fa"], failed_fit_voxels=tensor["failed_voxels"],
                        mask_source=record["mask_source"], mask_voxels=record["mask_voxels"])
         if record.get("status") == "ok":

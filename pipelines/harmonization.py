@@ -1,0 +1,182 @@
+"""RISH harmonization in the engine: per-subject features, the fit, and apply.
+
+``harmonize fit`` maps a features node (FA + per-shell RISH) over subjects in
+parallel, then one node registers them to a template, fits the scale maps,
+stores the artefact and evaluates it (site effect before/after on the fitting
+cohort). ``Harmonize`` is the per-subject apply step used by ``dmriflow run
+--harmonization`` and ``dmriflow harmonize apply``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from fileformats.generic import File
+from pydra.compose import python, workflow
+
+from dmriflow.interfaces import io
+from dmriflow.pipelines.progress import PROGRESS
+from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, Validate, guarded,
+                                      load_series, save_series)
+
+#: Default highest SH order harmonised (as the shells' directions allow).
+DEFAULT_HARMONIZATION_LMAX = 8
+
+
+def _save(arr, affine, name: str) -> str:
+    return str(io.save_nifti(np.asarray(arr), affine, Path.cwd() / name).resolve())
+
+
+@python.define(outputs=["features"])
+@guarded("features")
+def HarmonizationFeatures(subject: str, record: dict, shells: list, lmax: int,
+                          pipeline_version: str = "") -> dict:
+    """FA and per-shell RISH maps of one subject, as files, for the fit."""
+    from dmriflow.interfaces.harmonize import subject_features
+    data = load_series(record)
+    hashes = {k: v["sha256"] for k, v in record["inputs"].items()}
+    f = subject_features(data, subject, lmax, shells=shells, sha256=hashes)
+    return {"subject": subject, "status": "ok", "sha256": hashes, "record": record,
+            "fa": _save(f.fa, f.affine, "fa.nii.gz"),
+            "mask": _save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
+            "rish": {f"{b:g}": _save(r, f.affine, f"rish_b{b:g}.nii.gz")
+                     for b, r in f.rish.items()}}
+
+
+def _loader(entry: dict):
+    """A callable returning the SubjectFeatures of a features record (lazy load)."""
+    def load():
+        from dmriflow.interfaces.harmonize import SubjectFeatures
+        fa = nib.load(entry["fa"])
+        return SubjectFeatures(
+            subject=entry["subject"], fa=np.asarray(fa.dataobj, dtype=np.float32),
+            affine=fa.affine, mask=np.asarray(nib.load(entry["mask"]).dataobj) > 0,
+            rish={float(b): np.asarray(nib.load(p).dataobj, dtype=np.float32)
+                  for b, p in entry["rish"].items()},
+            sha256=entry["sha256"])
+    return load
+
+
+@python.define(outputs=["result"])
+def FitHarmonization(features: list[dict], sites: dict, reference_site: str, target_site: str,
+                     shells: list, lmax: int, registration: str = "syn",
+                     smoothing_fwhm_mm: float = 0.0, pipeline_version: str = "") -> dict:
+    """Fit the artefact on the subjects whose features succeeded; evaluate it.
+
+    The evaluation applies the artefact to every target subject and compares
+    white-matter FA, MD and RISH between sites before and after.
+    """
+    from dmriflow.interfaces.harmonize import (apply_harmonization, evaluate,
+                                               fit_harmonization, summarise)
+    Path(STEP_MARKER).write_text("harmonize-fit")
+    ok = [f for f in features if f.get("status") == "ok"]
+    excluded = [{"subject": f["subject"], "error": f.get("error", "")}
+                for f in features if f.get("status") != "ok"]
+    if excluded:
+        Path(FAILED_MARKER).write_text("harmonize-fit")
+    ref = [f for f in ok if sites.get(f["subject"]) == reference_site]
+    tar = [f for f in ok if sites.get(f["subject"]) == target_site]
+    artefact = fit_harmonization([_loader(f) for f in ref], [_loader(f) for f in tar],
+                                 shells, lmax, reference_site=reference_site,
+                                 target_site=target_site, registration=registration,
+                                 smoothing_fwhm_mm=smoothing_fwhm_mm)
+    folder = artefact.save(Path.cwd() / "artefact")
+
+    ref_summaries = [summarise(load_series(f["record"]), lmax, subject=f["subject"])
+                     for f in ref]
+    before, after = [], []
+    for f in tar:
+        dwi = load_series(f["record"])
+        before.append(summarise(dwi, lmax, subject=f["subject"]))
+        dwi.data, _ = apply_harmonization(dwi, None, artefact, subject=f["subject"],
+                                          inplace=True)
+        after.append(summarise(dwi, lmax, subject=f["subject"], wm_mask=before[-1].wm_mask))
+    site_table, preservation = evaluate(ref_summaries, before, after, lmax)
+    site_tsv = Path.cwd() / "harmonization_site_effect.tsv"
+    pres_tsv = Path.cwd() / "harmonization_preservation.tsv"
+    io.write_text(site_table.to_csv(sep="\t", index=False, na_rep="n/a"), site_tsv)
+    io.write_text(preservation.to_csv(sep="\t", index=False, na_rep="n/a"), pres_tsv)
+    return {"artefact": str(folder.resolve()), "content_id": artefact.content_id,
+            "site_effect": str(site_tsv), "preservation": str(pres_tsv),
+            "n_reference": len(ref), "n_target": len(tar), "excluded": excluded}
+
+
+@python.define(outputs=["record"])
+@guarded("harmonize")
+def Harmonize(subject: str, record: dict, artefact: str = "", pipeline_version: str = "") -> dict:
+    """Apply a stored artefact to the subject's series (pass-through when none).
+
+    Refuses data whose sidecar says this artefact was already applied.
+    """
+    if not artefact:
+        return record
+    from dmriflow.interfaces.harmonize import (HarmonizationArtefact, applied_artefacts,
+                                               apply_harmonization)
+    art = HarmonizationArtefact.load(artefact)
+    sidecar = json.loads(Path(record["sidecar"]).read_text()) if record.get("sidecar") else None
+    data = load_series(record)
+    data.data, info = apply_harmonization(data, None, art, applied=applied_artefacts(sidecar),
+                                          subject=subject, inplace=True)
+    applied = applied_artefacts(sidecar) + [art.content_id]
+    return save_series(data, record, "harmonize",
+                       {"artefact": str(Path(artefact).resolve()), "content_id": art.content_id,
+                        "applied": applied, "info": _jsonable(info)})
+
+
+def _jsonable(obj):
+    """Plain JSON types only (numpy scalars and arrays become lists/numbers)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                                 else str(o)))
+
+
+@workflow.define(outputs=["features"])
+def FeaturesWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
+                     mask: File | None = None, sidecar: File | None = None,
+                     shells: list | None = None, lmax: int = DEFAULT_HARMONIZATION_LMAX,
+                     pipeline_version: str = "") -> dict:
+    pv = dict(subject=subject, pipeline_version=pipeline_version)
+    record = workflow.add(Validate(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar,
+                                   **pv), hooks=PROGRESS).record
+    return workflow.add(HarmonizationFeatures(record=record, shells=shells, lmax=lmax, **pv),
+                        hooks=PROGRESS).features
+
+
+@workflow.define(outputs=["result"])
+def HarmonizationFitWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
+                             bval: list[File], bvec: list[File], mask: list, sidecar: list,
+                             sites: dict, reference_site: str, target_site: str, shells: list,
+                             lmax: int = DEFAULT_HARMONIZATION_LMAX, registration: str = "syn",
+                             smoothing_fwhm_mm: float = 0.0, pipeline_version: str = "") -> dict:
+    from dmriflow.pipelines.workflows import SUBJECT_FIELDS
+    per = FeaturesWorkflow(shells=shells, lmax=lmax, pipeline_version=pipeline_version)
+    split = per.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi, bval=bval,
+                      bvec=bvec, mask=mask, sidecar=sidecar)
+    feats = workflow.add(split.combine("subject"), name="features")
+    fit = workflow.add(FitHarmonization(features=feats.features, sites=sites,
+                                        reference_site=reference_site, target_site=target_site,
+                                        shells=shells, lmax=lmax, registration=registration,
+                                        smoothing_fwhm_mm=smoothing_fwhm_mm,
+                                        pipeline_version=pipeline_version), hooks=PROGRESS)
+    return fit.result
+
+
+def common_shells_and_lmax(subjects, lmax: int | None = None) -> tuple[list[float], int]:
+    """Shells every subject has, and the highest even order all of them support."""
+    from dmriflow.interfaces.gradients import read_gradients
+    from dmriflow.interfaces.sh import max_order_for
+    shells, orders = None, []
+    for s in subjects:
+        gtab = read_gradients(s.bval, s.bvec)
+        shells = set(gtab.shells) if shells is None else shells & set(gtab.shells)
+        orders += [max_order_for(n) for n in gtab.directions_per_shell().values()]
+    if not shells:
+        raise ValueError("the subjects share no diffusion-weighted shell")
+    supported = min(min(orders), DEFAULT_HARMONIZATION_LMAX)
+    if lmax is not None and lmax > supported:
+        raise ValueError(f"lmax {lmax} needs more directions than the shells have "
+                         f"(they support lmax {supported})")
+    return sorted(shells), lmax or supported
+
