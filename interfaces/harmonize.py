@@ -1,0 +1,1278 @@
+"""RISH harmonization across sites: registration, fit, artefact, apply, evaluation.
+
+Numerics and artefact file I/O only (no pydra). Method (SCIENCE.md section 3,
+Mirzaalian 2016, Cetin Karayumak 2019):
+
+1. Every subject's FA map is registered to an FA template (dipy: centre of
+   mass -> translation -> rigid -> affine with mutual information, then SyN
+   with a cross-correlation metric). The template is the mean of the
+   reference site's FA maps (see :func:`build_template`) or a given FA map.
+2. Per-shell RISH maps (orders 0..L, :mod:`dmriflow.interfaces.sh`) are
+   warped to the template and averaged per site: ``E_ref[R_l]``,
+   ``E_tar[R_l]``.
+3. Scale maps ``lambda_l = sqrt(E_ref / (E_tar + tau_l))`` (clipped,
+   optionally smoothed) form a :class:`HarmonizationArtefact`, stored as
+   NIfTI + JSON with the content hashes of every input.
+4. :func:`apply_harmonization` warps the scale maps into a target subject,
+   scales its SH coefficients per order (``c'_lm = lambda_l c_lm``) and
+   rebuilds the DWIs; b0 volumes and voxels outside the mask are untouched.
+5. :func:`evaluate` measures the site effect (Welch t-test, Cohen's d) on
+   white-matter means of FA, MD and RISH before vs after, and how well each
+   subject's anatomy is preserved.
+
+Space conventions: a :class:`Transform` maps subject <-> template in world
+(scanner mm) coordinates, so subjects may have other grids and voxel sizes
+than the template. ``registration="identity"`` skips registration for data
+already on the template grid (the same subject scanned twice, tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from . import sh
+from .errors import InputError
+from .gradients import SHELL_GAP, GradientTable
+from .io import DWI, _umask, file_sha256, pipeline_version, save_nifti, write_json
+
+# ----------------------------------------------------------------------------
+# Named constants
+# ----------------------------------------------------------------------------
+#: Fewest subjects per site for a fit: a site mean of fewer subjects is
+#: dominated by one subject's anatomy and noise (the literature uses >= 10-20
+#: matched pairs; 3 is the floor below which we refuse).
+MIN_SUBJECTS_PER_SITE = 3
+#: ``tau_l = TAU_FRACTION * median(E_tar[R_l])`` over the template mask, per
+#: shell and order: keeps lambda finite where the target's RISH vanishes
+#: (isotropic voxels at high orders) and biases lambda^2 by at most 1 % where
+#: E_tar is at least its median (most white matter).
+TAU_FRACTION = 0.001
+#: Scale maps are clipped to this range: a site effect beyond a factor 4 in
+#: SH amplitude is not a site effect but a failure (empty target voxel, bad
+#: registration). The clipped share is reported.
+SCALE_RANGE = (0.25, 4.0)
+#: Default Gaussian smoothing of the scale maps (FWHM, mm). 0 = none; the
+#: site means are already smoothed by the inter-subject misregistration.
+DEFAULT_SMOOTHING_FWHM_MM = 0.0
+#: A template voxel is in the template mask when at least this share of each
+#: site's warped brain masks covers it (site means elsewhere are unreliable).
+MASK_COVERAGE = 0.5
+#: Template = mean of the reference site's FA after this many rounds of
+#: registration: round 1 registers everyone to the first reference subject,
+#: round 2 (one rebuild) to the round-1 mean, which removes most of the first
+#: subject's intensity bias (its shape stays the template's shape).
+TEMPLATE_ITERATIONS = 2
+#: Registration kinds: full (affine + SyN), affine only, or none (subjects
+#: already on the template grid).
+REGISTRATIONS = ("syn", "affine", "identity")
+#: Affine stages (dipy ``AffineRegistration``): iterations per pyramid level
+#: (coarse -> fine), smoothing sigmas (voxels) and shrink factors. Small
+#: counts suffice: the stages refine each other from a centre-of-mass start;
+#: measured to converge on 24^3 phantoms and HCP-size (145x174x145) FA maps.
+AFFINE_LEVEL_ITERS = (100, 50, 10)
+AFFINE_SIGMAS = (3.0, 1.0, 0.0)
+AFFINE_FACTORS = (4, 2, 1)
+#: Mutual-information histogram bins; share of voxels sampled (None = all).
+MI_BINS = 32
+MI_SAMPLING = None
+#: SyN iterations per level (coarse -> fine) and the cross-correlation
+#: metric's window radius (voxels) and smoothing of its gradient. Levels whose
+#: grid is smaller than the CC window are dropped (small phantoms).
+SYN_LEVEL_ITERS = (10, 10, 5)
+CC_RADIUS = 4
+CC_SIGMA_DIFF = 2.0
+#: Shells of an artefact and a subject match when their nominal b-values are
+#: closer than the gradient module's shell gap.
+SHELL_TOLERANCE = SHELL_GAP
+#: FA for templates and evaluation is fitted on shells up to this b (s/mm^2),
+#: the tensor step's default (pipelines.steps.DTI_MAX_BVAL).
+DTI_MAX_BVAL = 1500.0
+#: White matter for the evaluation: FA at or above this (in the brain mask,
+#: measured before harmonization).
+WM_FA_THRESHOLD = 0.3
+#: RISH orders reported by :func:`evaluate`.
+EVAL_ORDERS = (0, 2, 4)
+#: Artefact folder layout and format.
+ARTEFACT_FORMAT = "dmriflow-rish-harmonization"
+ARTEFACT_FORMAT_VERSION = 1
+ARTEFACT_JSON = "artefact.json"
+#: Sidecar key under which applied artefact content ids are listed (oldest first).
+SIDECAR_KEY = "RISHHarmonizationApplied"
+
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+class HarmonizationError(ValueError):
+    """A harmonization cannot be fitted or applied; the message names the site,
+    subject or artefact and the problem."""
+
+
+# ----------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------
+def _as_affine(a) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {a.shape}")
+    return a
+
+
+def _same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-3) -> bool:
+    return (tuple(shape_a) == tuple(shape_b)
+            and np.allclose(affine_a, affine_b, atol=atol))
+
+
+#: Geometry of a dipy ``DiffeomorphicMap`` kept with a SyN transform (with its
+#: two fields this rebuilds the map exactly; dipy returns SyN results as an
+#: inverted map, so ``is_inverse`` and its own ``prealign`` must be kept).
+_SYN_GEOMETRY = ("disp_shape", "disp_grid2world", "domain_shape", "domain_grid2world",
+                 "codomain_shape", "codomain_grid2world", "prealign", "is_inverse")
+
+
+@dataclass
+class Transform:
+    """Subject <-> template mapping: the affine stage's matrix plus, for SyN,
+    dipy's forward/backward displacement fields (float32, ``(X, Y, Z, 3)``,
+    mm, on the template grid) and map geometry. All parts are plain arrays:
+    :meth:`save` writes NIfTI + JSON, never a pickle.
+
+    ``prealign`` maps template world points to subject world points (dipy's
+    ``AffineMap`` convention). :meth:`to_template` resamples a subject-grid
+    image on the template grid, :meth:`to_subject` a template-grid image on
+    the subject grid.
+    """
+
+    kind: str
+    prealign: np.ndarray
+    template_shape: tuple
+    template_affine: np.ndarray
+    subject_shape: tuple
+    subject_affine: np.ndarray
+    forward: np.ndarray | None = None
+    backward: np.ndarray | None = None
+    syn_geometry: dict | None = None
+    _cache: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.kind not in REGISTRATIONS:
+            raise ValueError(f"unknown transform kind {self.kind!r} ({', '.join(REGISTRATIONS)})")
+        self.prealign = _as_affine(self.prealign)
+        self.template_affine = _as_affine(self.template_affine)
+        self.subject_affine = _as_affine(self.subject_affine)
+        self.template_shape = tuple(int(n) for n in self.template_shape)
+        self.subject_shape = tuple(int(n) for n in self.subject_shape)
+        if self.kind == "syn":
+            if self.forward is None or self.backward is None or not self.syn_geometry:
+                raise ValueError("a SyN transform needs forward and backward fields and the "
+                                 "map geometry")
+            for name in ("forward", "backward"):
+                f = np.asarray(getattr(self, name), dtype=np.float32)
+                if f.ndim != 4 or f.shape[3] != 3:
+                    raise ValueError(f"{name} field must be (X, Y, Z, 3), got {f.shape}")
+                setattr(self, name, np.ascontiguousarray(f))
+            if self.forward.shape != self.backward.shape:
+                raise ValueError(f"forward {self.forward.shape} and backward "
+                                 f"{self.backward.shape} fields differ in shape")
+            g = dict(self.syn_geometry)
+            missing = [k for k in _SYN_GEOMETRY if k not in g]
+            if missing:
+                raise ValueError(f"SyN geometry lacks {', '.join(missing)}")
+            for k in ("disp_grid2world", "domain_grid2world", "codomain_grid2world",
+                      "prealign"):
+                g[k] = None if g[k] is None else _as_affine(g[k])
+            for k in ("disp_shape", "domain_shape", "codomain_shape"):
+                g[k] = None if g[k] is None else tuple(int(n) for n in g[k])
+            g["is_inverse"] = bool(g["is_inverse"])
+            if g["disp_shape"] != self.forward.shape[:3]:
+                raise ValueError(f"fields of shape {self.forward.shape[:3]} but displacement "
+                                 f"grid {g['disp_shape']}")
+            self.syn_geometry = g
+        if self.kind == "identity" and not _same_grid(self.template_shape, self.template_affine,
+                                                      self.subject_shape, self.subject_affine):
+            raise HarmonizationError(
+                f"registration 'identity' needs the subject on the template grid: subject "
+                f"grid {self.subject_shape} differs from template grid {self.template_shape} "
+                f"or their affines differ; register instead (registration='syn')")
+
+    @classmethod
+    def identity(cls, shape, affine) -> "Transform":
+        return cls("identity", np.eye(4), shape, affine, shape, affine)
+
+    def _map(self):
+        if self._cache is None:
+            if self.kind == "syn":
+                from dipy.align.imwarp import DiffeomorphicMap
+                g = self.syn_geometry
+                m = DiffeomorphicMap(3, g["disp_shape"], disp_grid2world=g["disp_grid2world"],
+                                     domain_shape=g["domain_shape"],
+                                     domain_grid2world=g["domain_grid2world"],
+                                     codomain_shape=g["codomain_shape"],
+                                     codomain_grid2world=g["codomain_grid2world"],
+                                     prealign=g["prealign"])
+                m.forward, m.backward, m.is_inverse = self.forward, self.backward, g["is_inverse"]
+            elif self.kind == "affine":
+                from dipy.align.imaffine import AffineMap
+                m = AffineMap(self.prealign, domain_grid_shape=self.template_shape,
+                              domain_grid2world=self.template_affine,
+                              codomain_grid_shape=self.subject_shape,
+                              codomain_grid2world=self.subject_affine)
+            else:
+                m = None
+            self._cache = m
+        return self._cache
+
+    def to_template(self, image: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+        """A subject-grid 3D image resampled on the template grid (float32)."""
+        image = np.asarray(image)
+        if image.shape != self.subject_shape:
+            raise ValueError(f"image shape {image.shape} != subject grid {self.subject_shape}")
+        if self.kind == "identity":
+            return image.astype(np.float32, copy=True)
+        kw = {}
+        if self.kind == "syn":   # sample explicitly: subject image -> template grid
+            kw = dict(image_world2grid=np.linalg.inv(self.subject_affine),
+                      out_shape=self.template_shape, out_grid2world=self.template_affine)
+        return np.asarray(self._map().transform(image.astype(np.float32, copy=False),
+                                                interpolation=interpolation, **kw),
+                          dtype=np.float32)
+
+    def to_subject(self, image: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+        """A template-grid 3D image resampled on the subject grid (float32);
+        samples outside the template's field of view are 0."""
+        image = np.asarray(image)
+        if image.shape != self.template_shape:
+            raise ValueError(f"image shape {image.shape} != template grid {self.template_shape}")
+        if self.kind == "identity":
+            return image.astype(np.float32, copy=True)
+        kw = {}
+        if self.kind == "syn":
+            kw = dict(image_world2grid=np.linalg.inv(self.template_affine),
+                      out_shape=self.subject_shape, out_grid2world=self.subject_affine)
+        return np.asarray(self._map().transform_inverse(image.astype(np.float32, copy=False),
+                                                        interpolation=interpolation, **kw),
+                          dtype=np.float32)
+
+    def describe(self) -> dict:
+        """JSON-ready parameters (the fields are referenced, not included)."""
+        g = None
+        if self.syn_geometry is not None:
+            g = {k: (v.tolist() if isinstance(v, np.ndarray) else
+                     list(v) if isinstance(v, tuple) else v)
+                 for k, v in self.syn_geometry.items()}
+        return {"kind": self.kind, "prealign": self.prealign.tolist(),
+                "template_shape": list(self.template_shape),
+                "template_affine": self.template_affine.tolist(),
+                "subject_shape": list(self.subject_shape),
+                "subject_affine": self.subject_affine.tolist(), "syn_geometry": g}
+
+    def save(self, prefix) -> list[Path]:
+        """Write ``<prefix>.json`` (+ ``_forward``/``_backward.nii.gz`` for SyN),
+        each atomically; the JSON lists the fields' sha256."""
+        prefix = Path(prefix)
+        meta = self.describe()
+        written = []
+        if self.kind == "syn":
+            meta["fields"] = {}
+            aff = self.syn_geometry["disp_grid2world"]
+            for name in ("forward", "backward"):
+                p = save_nifti(getattr(self, name), np.eye(4) if aff is None else aff,
+                               prefix.parent / f"{prefix.name}_{name}.nii.gz")
+                meta["fields"][name] = {"file": p.name, "sha256": file_sha256(p)}
+                written.append(p)
+        written.append(write_json(meta, prefix.parent / f"{prefix.name}.json"))
+        return written
+
+    @classmethod
+    def load(cls, prefix) -> "Transform":
+        """Read a transform written by :meth:`save`, checking the fields' hashes."""
+        prefix = Path(prefix)
+        meta_path = prefix.parent / f"{prefix.name}.json"
+        meta = _read_json(meta_path, "transform")
+        try:
+            kw = {k: meta[k] for k in ("kind", "prealign", "template_shape", "template_affine",
+                                       "subject_shape", "subject_affine", "syn_geometry")}
+        except KeyError as exc:
+            raise InputError(meta_path, f"transform JSON lacks the key {exc}") from None
+        if meta["kind"] == "syn":
+            for name in ("forward", "backward"):
+                entry = (meta.get("fields") or {}).get(name)
+                if not entry:
+                    raise InputError(meta_path, f"SyN transform lists no {name} field")
+                kw[name] = _read_checked_nifti(prefix.parent / entry["file"], entry["sha256"],
+                                               f"{name} displacement field")
+        try:
+            return cls(**kw)
+        except (ValueError, TypeError) as exc:
+            raise InputError(meta_path, f"invalid transform ({exc})") from None
+
+
+def _syn_levels(shape, level_iters: Sequence[int], radius: int) -> list[int]:
+    """Drop the coarsest SyN levels whose grid is smaller than the CC window."""
+    iters = [int(i) for i in level_iters]
+    while len(iters) > 1 and min(shape) // 2 ** (len(iters) - 1) < 2 * radius + 1:
+        iters = iters[1:]
+    return iters
+
+
+def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, static_affine,
+                kind: str = "syn", *, affine_level_iters: Sequence[int] = AFFINE_LEVEL_ITERS,
+                syn_level_iters: Sequence[int] = SYN_LEVEL_ITERS,
+                cc_radius: int = CC_RADIUS, cc_sigma_diff: float = CC_SIGMA_DIFF) -> Transform:
+    """Register a subject FA map (moving) to the template FA (static).
+
+    ``kind="syn"``: centre of mass -> translation -> rigid -> affine (mutual
+    information, ``AFFINE_*`` pyramid), then symmetric diffeomorphic (SyN,
+    cross-correlation) from that prealignment. ``"affine"`` stops after the
+    affine stage; ``"identity"`` checks that both are on one grid.
+    """
+    if kind not in REGISTRATIONS:
+        raise ValueError(f"unknown registration {kind!r} ({', '.join(REGISTRATIONS)})")
+    moving_affine, static_affine = _as_affine(moving_affine), _as_affine(static_affine)
+    moving = np.asarray(moving_fa, dtype=np.float32)
+    static = np.asarray(static_fa, dtype=np.float32)
+    if moving.ndim != 3 or static.ndim != 3:
+        raise ValueError(f"FA maps must be 3D, got {moving.shape} and {static.shape}")
+    if kind == "identity":
+        return Transform("identity", np.eye(4), static.shape, static_affine, moving.shape,
+                         moving_affine)
+    from dipy.align.imaffine import (AffineRegistration, MutualInformationMetric,
+                                     transform_centers_of_mass)
+    from dipy.align.transforms import (AffineTransform3D, RigidTransform3D,
+                                       TranslationTransform3D)
+    prealign = transform_centers_of_mass(static, static_affine, moving, moving_affine).affine
+    n = len(affine_level_iters)
+    reg = AffineRegistration(metric=MutualInformationMetric(nbins=MI_BINS,
+                                                            sampling_proportion=MI_SAMPLING),
+                             level_iters=list(affine_level_iters),
+                             sigmas=list(AFFINE_SIGMAS[-n:]), factors=list(AFFINE_FACTORS[-n:]),
+                             verbosity=0)
+    for stage in (TranslationTransform3D(), RigidTransform3D(), AffineTransform3D()):
+        prealign = reg.optimize(static, moving, stage, None, static_grid2world=static_affine,
+                                moving_grid2world=moving_affine,
+                                starting_affine=prealign).affine
+    if kind == "affine":
+        return Transform("affine", prealign, static.shape, static_affine, moving.shape,
+                         moving_affine)
+    from dipy.align.imwarp import SymmetricDiffeomorphicRegistration
+    from dipy.align.metrics import CCMetric
+    radius = int(cc_radius)
+    iters = _syn_levels(static.shape, syn_level_iters, radius)
+    radius = min(radius, max(1, (min(static.shape) // 2 ** (len(iters) - 1) - 1) // 2))
+    sdr = SymmetricDiffeomorphicRegistration(CCMetric(3, sigma_diff=cc_sigma_diff, radius=radius),
+                                             level_iters=iters)
+    logger = logging.getLogger("dipy")
+    level = logger.level
+    logger.setLevel(logging.WARNING)      # dipy logs every pyramid level at INFO
+    try:
+        mapping = sdr.optimize(static, moving, static_grid2world=static_affine,
+                               moving_grid2world=moving_affine, prealign=prealign)
+    finally:
+        logger.setLevel(level)
+    geometry = {k: getattr(mapping, k) for k in _SYN_GEOMETRY}
+    return Transform("syn", prealign, static.shape, static_affine, moving.shape, moving_affine,
+                     forward=np.asarray(mapping.forward, dtype=np.float32),
+                     backward=np.asarray(mapping.backward, dtype=np.float32),
+                     syn_geometry=geometry)
+
+
+# ----------------------------------------------------------------------------
+# Subject inputs
+# ----------------------------------------------------------------------------
+@dataclass
+class SubjectFeatures:
+    """What the fit needs of one subject: FA (3D) and its affine, the brain
+    mask, per-shell RISH maps ``{shell: (X, Y, Z, lmax/2 + 1)}`` float32, an
+    id, and the content hash(es) of the files they came from (``sha256``: a
+    string or ``{name: sha256}``; None = a hash of the arrays themselves)."""
+
+    subject: str
+    fa: np.ndarray
+    affine: np.ndarray
+    mask: np.ndarray
+    rish: dict
+    sha256: str | dict | None = None
+
+    def content_hash(self):
+        """The given ``sha256``, else sha256 over the arrays (FA, mask, affine, RISH)."""
+        if self.sha256:
+            return self.sha256
+        h = hashlib.sha256()
+        for a in (self.fa, self.mask, self.affine):
+            h.update(np.ascontiguousarray(a).tobytes())
+        for b in sorted(self.rish):
+            h.update(f"{float(b):g}".encode())
+            h.update(np.ascontiguousarray(self.rish[b], dtype=np.float32).tobytes())
+        return h.hexdigest()
+
+
+#: A subject input: the features, or a zero-argument callable returning them
+#: (loaded when needed and released after, so a cohort is never all in memory).
+SubjectInput = SubjectFeatures | Callable[[], SubjectFeatures]
+
+
+def dti_fa(dwi: DWI, max_bval: float = DTI_MAX_BVAL) -> np.ndarray:
+    """FA (float32, 0 outside the mask) from the b0s and shells up to ``max_bval``."""
+    from . import dti
+    shells = [b for b in dwi.gtab.shells if b <= max_bval] or dwi.gtab.shells[:1]
+    sub = dwi.select_volumes(dwi.gtab.select_shells(shells))
+    return dti.fit_dwi(sub).fa
+
+
+def subject_features(dwi: DWI, subject: str, lmax: int, *, shells: Sequence[float] | None = None,
+                     fa: np.ndarray | None = None, sha256=None) -> SubjectFeatures:
+    """FA (DTI on b <= DTI_MAX_BVAL unless given) and per-shell RISH of one DWI.
+
+    ``sha256`` defaults to the hashes of the DWI's files when it was loaded
+    from disk (``dwi.paths``).
+    """
+    fits = sh.fit_shells(_select_shells(dwi, shells) if shells else dwi, lmax)
+    if fa is None:
+        fa = dti_fa(dwi)
+    if sha256 is None and dwi.paths:
+        sha256 = {k: file_sha256(p) for k, p in sorted(dwi.paths.items())
+                  if p and os.path.isfile(p)} or None
+    return SubjectFeatures(subject, np.asarray(fa, dtype=np.float32), dwi.affine, dwi.mask,
+                           {b: f.rish() for b, f in fits.items()}, sha256)
+
+
+def _select_shells(dwi: DWI, shells: Sequence[float]) -> DWI:
+    names = [_match_shell(b, dwi.gtab.shells) for b in shells]
+    missing = [b for b, n in zip(shells, names) if n is None]
+    if missing:
+        raise HarmonizationError(f"{dwi.paths.get('dwi', 'DWI')}: no shell near b="
+                                 f"{', '.join(f'{b:g}' for b in missing)} (shells "
+                                 f"{dwi.gtab.shells})")
+    return dwi.select_volumes(dwi.gtab.select_shells(names))
+
+
+def _match_shell(b: float, candidates: Iterable[float]) -> float | None:
+    best = None
+    for c in candidates:
+        if abs(float(c) - float(b)) < SHELL_TOLERANCE and (
+                best is None or abs(c - b) < abs(best - b)):
+            best = float(c)
+    return best
+
+
+def _load(item: SubjectInput) -> SubjectFeatures:
+    out = item() if callable(item) and not isinstance(item, SubjectFeatures) else item
+    if not isinstance(out, SubjectFeatures):
+        raise TypeError(f"a subject input must be SubjectFeatures or a callable returning "
+                        f"them, got {type(out).__name__}")
+    return out
+
+
+def _check_subject(f: SubjectFeatures, site: str, shells: Sequence[float], lmax: int) -> dict:
+    """Validate one subject; return {artefact shell: RISH array} (float32)."""
+    who = f"site {site!r}, subject {f.subject!r}"
+    fa = np.asarray(f.fa)
+    if fa.ndim != 3:
+        raise HarmonizationError(f"{who}: FA must be 3D, got shape {fa.shape}")
+    if np.asarray(f.mask).shape != fa.shape:
+        raise HarmonizationError(f"{who}: mask shape {np.asarray(f.mask).shape} != FA shape "
+                                 f"{fa.shape}")
+    n_orders = lmax // 2 + 1
+    out = {}
+    by_b = {float(b): v for b, v in f.rish.items()}
+    for b in shells:
+        key = _match_shell(b, by_b)
+        if key is None:
+            raise HarmonizationError(f"{who}: no RISH maps for shell b={b:g} (has shells "
+                                     f"{sorted(by_b)}); shells must match between sites")
+        r = np.asarray(by_b[key])
+        if r.shape[:3] != fa.shape or r.ndim != 4:
+            raise HarmonizationError(f"{who}: RISH maps of shell b={b:g} have shape {r.shape}, "
+                                     f"expected {fa.shape} + (orders,)")
+        if r.shape[3] != n_orders:
+            raise HarmonizationError(f"{who}: RISH maps of shell b={b:g} hold orders "
+                                     f"0..{2 * (r.shape[3] - 1)} (lmax {2 * (r.shape[3] - 1)}), "
+                                     f"the harmonization uses lmax {lmax}; fit all subjects "
+                                     f"with the same lmax")
+        out[b] = r.astype(np.float32, copy=False)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Template
+# ----------------------------------------------------------------------------
+def build_template(reference: Sequence[SubjectInput], *, iterations: int = TEMPLATE_ITERATIONS,
+                   registration: str = "syn", registration_options: dict | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """FA template from the reference site: (FA float32, affine, info).
+
+    Round 1 registers every reference subject to the first one and averages
+    the warped FA maps; each further round registers all of them to the
+    previous mean. The template keeps the first subject's grid and space (its
+    shape: no shape averaging of the deformations), so the first reference
+    subject should be a typical one.
+    """
+    opts = dict(registration_options or {})
+    if iterations < 1:
+        raise ValueError(f"template iterations must be >= 1, got {iterations}")
+    first = _load(reference[0])
+    tpl = np.where(first.mask, first.fa, 0).astype(np.float32)
+    tpl_affine, first_id = _as_affine(first.affine), first.subject
+    del first
+    for it in range(iterations):
+        total = np.zeros(tpl.shape, dtype=np.float32)
+        for k, item in enumerate(reference):
+            f = _load(item)
+            fa = np.where(f.mask, f.fa, 0).astype(np.float32)
+            if it == 0 and k == 0:
+                total += fa
+                continue
+            t = register_fa(fa, f.affine, tpl, tpl_affine, registration, **opts)
+            total += t.to_template(fa)
+        tpl = total / np.float32(len(reference))
+    info = {"source": "reference-site mean", "iterations": int(iterations),
+            "first_subject": first_id, "registration": registration}
+    return tpl, tpl_affine, info
+
+
+# ----------------------------------------------------------------------------
+# Scale maps
+# ----------------------------------------------------------------------------
+def _nearest_fill_index(mask: np.ndarray) -> tuple:
+    """Index arrays that map every voxel to its nearest mask voxel."""
+    from scipy import ndimage
+    idx = ndimage.distance_transform_edt(~mask, return_distances=False, return_indices=True)
+    return tuple(idx.astype(np.int32))
+
+
+def _smooth_in_mask(vol: np.ndarray, mask: np.ndarray, sigma_vox) -> np.ndarray:
+    """Normalised Gaussian smoothing inside ``mask`` (no leakage from outside)."""
+    from scipy import ndimage
+    w = mask.astype(np.float32)
+    num = ndimage.gaussian_filter(np.where(mask, vol, 0).astype(np.float32), sigma_vox)
+    den = ndimage.gaussian_filter(w, sigma_vox)
+    out = vol.copy()
+    ok = mask & (den > 1e-6)
+    out[ok] = num[ok] / den[ok]
+    return out
+
+
+def scale_maps(e_ref: np.ndarray, e_tar: np.ndarray, mask: np.ndarray, affine, *,
+               tau: float = TAU_FRACTION, smoothing_fwhm_mm: float = DEFAULT_SMOOTHING_FWHM_MM,
+               scale_range: tuple[float, float] = SCALE_RANGE, fill_index=None
+               ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``lambda_l = sqrt(E_ref / (E_tar + tau_l))`` for one shell.
+
+    ``e_ref``/``e_tar``: (X, Y, Z, n_orders) site means; ``tau_l = tau *
+    median(E_tar[..., l] in mask)``. Values are clipped to ``scale_range``,
+    smoothed in the mask (Gaussian, ``smoothing_fwhm_mm``), clipped again, and
+    outside the mask copied from the nearest mask voxel (so a subject whose
+    brain reaches slightly past the template mask gets its neighbours'
+    scales). Returns (lambda float32, tau_l per order, stats).
+    """
+    lo, hi = float(scale_range[0]), float(scale_range[1])
+    if not 0 < lo <= 1 <= hi:
+        raise ValueError(f"scale_range must satisfy 0 < low <= 1 <= high, got {scale_range}")
+    if tau < 0:
+        raise ValueError(f"tau must be >= 0, got {tau}")
+    if not mask.any():
+        raise HarmonizationError("the template mask is empty: the sites' brain masks do not "
+                                 "overlap in template space (registration failed?)")
+    if fill_index is None:
+        fill_index = _nearest_fill_index(mask)
+    zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    lam = np.ones(e_ref.shape, dtype=np.float32)
+    taus, clipped = [], 0
+    for k in range(e_ref.shape[3]):
+        r, t = e_ref[..., k][mask], e_tar[..., k][mask]
+        tau_k = float(tau * np.median(t))
+        taus.append(tau_k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = np.sqrt(np.maximum(r, 0) / (np.maximum(t, 0) + tau_k))
+        v = np.where(np.isfinite(v), v, hi)       # E_tar + tau == 0: as large as allowed
+        clipped += int(np.count_nonzero((v < lo) | (v > hi)))
+        vol = np.ones(mask.shape, dtype=np.float32)
+        vol[mask] = np.clip(v, lo, hi)
+        if smoothing_fwhm_mm and smoothing_fwhm_mm > 0:
+            vol = np.clip(_smooth_in_mask(vol, mask, smoothing_fwhm_mm * FWHM_TO_SIGMA / zooms),
+                          lo, hi)
+        lam[..., k] = vol[fill_index]
+    stats = {"clipped_fraction": clipped / (mask.sum() * e_ref.shape[3])}
+    return lam, np.array(taus), stats
+
+
+# ----------------------------------------------------------------------------
+# Artefact
+# ----------------------------------------------------------------------------
+def _shell_key(b: float) -> str:
+    return f"{float(b):g}"
+
+
+def _content_id(template_affine, template_shape, shells, lmax, maps: dict) -> str:
+    """sha256 of the scale maps and the grid/shell/order layout they live on."""
+    h = hashlib.sha256()
+    head = {"format": ARTEFACT_FORMAT, "version": ARTEFACT_FORMAT_VERSION,
+            "shells": [_shell_key(b) for b in shells], "lmax": int(lmax),
+            "shape": [int(n) for n in template_shape],
+            "affine": np.round(np.asarray(template_affine, np.float64), 6).tolist()}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for b in shells:
+        m = np.ascontiguousarray(maps[b], dtype=np.float32)
+        h.update(f"{_shell_key(b)}:{m.shape}".encode())
+        h.update(m.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class HarmonizationArtefact:
+    """A fitted RISH harmonization: template, scale maps and provenance.
+
+    ``scale_maps[shell]``: (X, Y, Z, lmax/2 + 1) float32 on the template grid
+    (order l at index l/2). ``tau``: the relative tau, ``tau_values[shell]``
+    the absolute tau per order. ``subjects``: one dict per input (site,
+    subject, sha256, transform parameters). ``transforms``: the subjects'
+    :class:`Transform` keyed by (site, subject), when kept. ``content_id``
+    (sha256 of the scale maps and their layout) is computed when empty.
+    """
+
+    template_fa: np.ndarray
+    template_affine: np.ndarray
+    template_mask: np.ndarray
+    scale_maps: dict
+    shells: list
+    lmax: int
+    tau: float
+    tau_values: dict
+    smoothing_fwhm_mm: float
+    scale_range: tuple
+    registration: str
+    reference_site: str
+    target_site: str
+    subjects: list
+    pipeline_version: str
+    parameters: dict = field(default_factory=dict)
+    transforms: dict = field(default_factory=dict, repr=False)
+    content_id: str = ""
+
+    def __post_init__(self):
+        self.shells = [float(b) for b in self.shells]
+        self.scale_maps = {float(b): np.asarray(m, dtype=np.float32)
+                           for b, m in self.scale_maps.items()}
+        self.template_fa = np.asarray(self.template_fa, dtype=np.float32)
+        self.template_mask = np.asarray(self.template_mask, dtype=bool)
+        self.template_affine = _as_affine(self.template_affine)
+        if sorted(self.scale_maps) != sorted(self.shells):
+            raise ValueError(f"scale maps for shells {sorted(self.scale_maps)} but shells "
+                             f"{self.shells}")
+        want = self.template_fa.shape + (self.lmax // 2 + 1,)
+        for b, m in self.scale_maps.items():
+            if m.shape != want:
+                raise ValueError(f"scale map of shell b={b:g} has shape {m.shape}, "
+                                 f"expected {want}")
+        if self.template_mask.shape != self.template_fa.shape:
+            raise ValueError("template mask and FA differ in shape")
+        cid = self.compute_content_id()
+        if not self.content_id:
+            self.content_id = cid
+        elif self.content_id != cid:
+            raise ValueError(f"content id {self.content_id[:12]}... does not match the scale "
+                             f"maps ({cid[:12]}...)")
+
+    def compute_content_id(self) -> str:
+        return _content_id(self.template_affine, self.template_fa.shape, self.shells,
+                           self.lmax, self.scale_maps)
+
+    def scale_map(self, shell: float, order: int) -> np.ndarray:
+        """lambda_l of one shell and order (3D view)."""
+        key = _match_shell(shell, self.shells)
+        if key is None:
+            raise KeyError(f"no shell near b={shell:g} in the artefact (shells {self.shells})")
+        if order % 2 or not 0 <= order <= self.lmax:
+            raise KeyError(f"order {order} not in the even orders 0..{self.lmax}")
+        return self.scale_maps[key][..., order // 2]
+
+    # -- files ---------------------------------------------------------------
+    def _describe(self, files: dict) -> dict:
+        return {
+            "format": ARTEFACT_FORMAT, "format_version": ARTEFACT_FORMAT_VERSION,
+            "content_id": self.content_id, "pipeline_version": self.pipeline_version,
+            "reference_site": self.reference_site, "target_site": self.target_site,
+            "shells": self.shells, "lmax": int(self.lmax), "tau": float(self.tau),
+            "tau_values": {_shell_key(b): [float(v) for v in t]
+                           for b, t in self.tau_values.items()},
+            "smoothing_fwhm_mm": float(self.smoothing_fwhm_mm),
+            "scale_range": [float(v) for v in self.scale_range],
+            "registration": self.registration,
+            "template_affine": self.template_affine.tolist(),
+            "template_shape": list(self.template_fa.shape),
+            "subjects": self.subjects, "parameters": self.parameters, "files": files,
+        }
+
+    def save(self, directory, overwrite: bool = False) -> Path:
+        """Write the artefact folder (NIfTI + JSON) atomically and return it.
+
+        Files go to a temporary sibling folder that is renamed into place
+        when complete; ``artefact.json`` lists every file with its sha256.
+        An existing folder is replaced only with ``overwrite``.
+        """
+        directory = Path(directory)
+        if directory.exists() and not overwrite:
+            raise FileExistsError(f"{directory}: exists (pass overwrite=True to replace it)")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp",
+                                    dir=directory.parent))
+        try:
+            files = {}
+
+            def put(name, data, what):
+                p = save_nifti(data, self.template_affine, tmp / name)
+                files[what] = {"file": name, "sha256": file_sha256(p)}
+
+            put("template_fa.nii.gz", self.template_fa, "template_fa")
+            put("template_mask.nii.gz", self.template_mask.astype(np.uint8), "template_mask")
+            for b in self.shells:
+                put(f"scale_b{_shell_key(b)}.nii.gz", self.scale_maps[b], f"scale_{_shell_key(b)}")
+            subjects = []
+            for s in self.subjects:
+                s = dict(s)
+                t = self.transforms.get((s["site"], s["subject"]))
+                if t is not None:
+                    prefix = f"transforms/{s['site_index']}-{s['index']:04d}"
+                    (tmp / "transforms").mkdir(exist_ok=True)
+                    written = t.save(tmp / prefix)
+                    s["transform_file"] = f"{prefix}.json"
+                    s["transform_files_sha256"] = {p.name: file_sha256(p) for p in written}
+                subjects.append(s)
+            meta = self._describe(files)
+            meta["subjects"] = subjects
+            write_json(meta, tmp / ARTEFACT_JSON)
+            os.chmod(tmp, 0o777 & ~_umask())
+            if directory.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old",
+                                            dir=directory.parent))
+                os.replace(directory, old / "artefact")
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory, transforms: bool = False) -> "HarmonizationArtefact":
+        """Read and validate an artefact folder (never unpickles anything).
+
+        Checks the format, every file's sha256, data types and shapes, and
+        recomputes the content id from the scale maps. ``transforms`` also
+        loads the fit subjects' transforms.
+        """
+        directory = Path(directory)
+        meta_path = directory / ARTEFACT_JSON
+        meta = _read_json(meta_path, "artefact")
+        if meta.get("format") != ARTEFACT_FORMAT:
+            raise InputError(meta_path, f"not a {ARTEFACT_FORMAT} artefact "
+                                        f"(format {meta.get('format')!r})")
+        if meta.get("format_version") != ARTEFACT_FORMAT_VERSION:
+            raise InputError(meta_path, f"artefact format version {meta.get('format_version')}"
+                                        f" is not supported (expected {ARTEFACT_FORMAT_VERSION})")
+        need = ("content_id", "shells", "lmax", "files", "template_affine", "subjects",
+                "reference_site", "target_site", "tau", "tau_values", "registration")
+        missing = [k for k in need if k not in meta]
+        if missing:
+            raise InputError(meta_path, f"artefact JSON lacks {', '.join(missing)}")
+        files = meta["files"]
+
+        def get(what, dtype):
+            entry = files.get(what)
+            if not entry:
+                raise InputError(meta_path, f"artefact lists no {what} file")
+            return _read_checked_nifti(directory / entry["file"], entry["sha256"], what, dtype)
+
+        shells = [float(b) for b in meta["shells"]]
+        maps = {b: get(f"scale_{_shell_key(b)}", np.float32) for b in shells}
+        fa = get("template_fa", np.float32)
+        mask = get("template_mask", np.uint8).astype(bool)
+        trans = {}
+        if transforms:
+            for s in meta["subjects"]:
+                if s.get("transform_file"):
+                    trans[(s["site"], s["subject"])] = Transform.load(
+                        directory / s["transform_file"][:-len(".json")])
+        try:
+            return cls(template_fa=fa, template_affine=np.asarray(meta["template_affine"]),
+                       template_mask=mask, scale_maps=maps, shells=shells,
+                       lmax=int(meta["lmax"]), tau=float(meta["tau"]),
+                       tau_values={float(b): np.asarray(v) for b, v in
+                                   meta["tau_values"].items()},
+                       smoothing_fwhm_mm=float(meta.get("smoothing_fwhm_mm", 0.0)),
+                       scale_range=tuple(meta.get("scale_range", SCALE_RANGE)),
+                       registration=meta["registration"],
+                       reference_site=meta["reference_site"], target_site=meta["target_site"],
+                       subjects=meta["subjects"], pipeline_version=meta.get("pipeline_version", ""),
+                       parameters=meta.get("parameters", {}), transforms=trans,
+                       content_id=meta["content_id"])
+        except ValueError as exc:
+            raise InputError(meta_path, f"invalid artefact ({exc})") from None
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(path, f"{what} JSON not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"cannot read the {what} JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise InputError(path, f"{what} JSON is not an object")
+    return meta
+
+
+def _read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) -> np.ndarray:
+    """A NIfTI's stored array (exact dtype, no scaling) after checking its sha256."""
+    import nibabel as nib
+    if not path.is_file():
+        raise InputError(path, f"{what} file is missing")
+    if file_sha256(path) != sha256:
+        raise InputError(path, f"{what} file changed since it was written (sha256 mismatch)")
+    img = nib.load(path)
+    arr = np.asanyarray(img.dataobj)
+    if arr.dtype != np.dtype(dtype):
+        raise InputError(path, f"{what} is stored as {arr.dtype}, expected {np.dtype(dtype)}")
+    return np.asarray(arr)
+
+
+# ----------------------------------------------------------------------------
+# Fit
+# ----------------------------------------------------------------------------
+def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[SubjectInput],
+                      shells: Sequence[float], lmax: int, *, tau: float = TAU_FRACTION,
+                      smoothing_fwhm_mm: float = DEFAULT_SMOOTHING_FWHM_MM,
+                      scale_range: tuple[float, float] = SCALE_RANGE,
+                      reference_site: str = "reference", target_site: str = "target",
+                      registration: str = "syn", template=None,
+                      template_iterations: int = TEMPLATE_ITERATIONS,
+                      min_subjects: int = MIN_SUBJECTS_PER_SITE, keep_transforms: bool = True,
+                      registration_options: dict | None = None) -> HarmonizationArtefact:
+    """Fit scale maps that map the target site's RISH onto the reference's.
+
+    ``reference``/``target``: per-subject :class:`SubjectFeatures` (or
+    callables returning them, loaded one at a time). ``shells``: nominal
+    b-values to harmonise (matched within ``SHELL_TOLERANCE``); ``lmax``: the
+    order every subject's RISH maps were fitted with. ``tau``: relative (see
+    ``TAU_FRACTION``). ``template``: ``(fa, affine)`` to use instead of
+    building one from the reference site. ``registration``: "syn",
+    "affine" or "identity" (all subjects already on one grid).
+    ``keep_transforms``: keep each subject's transform in the artefact
+    (2 x 3 float32 fields on the template grid: ~90 MB per HCP-size subject;
+    turn off for large cohorts, the affine parameters are always kept).
+
+    Memory: one subject at a time plus float32 sums on the template grid.
+    """
+    lmax = sh._check_lmax(lmax)
+    if registration not in REGISTRATIONS:
+        raise ValueError(f"unknown registration {registration!r} ({', '.join(REGISTRATIONS)})")
+    shells = [float(b) for b in shells]
+    if not shells:
+        raise HarmonizationError("no shell to harmonise")
+    if reference_site == target_site:
+        raise HarmonizationError(f"reference and target site are both named {reference_site!r}")
+    for site, items in ((reference_site, reference), (target_site, target)):
+        if len(items) < min_subjects:
+            raise HarmonizationError(f"site {site!r} has {len(items)} subject(s); at least "
+                                     f"{min_subjects} per site are needed to estimate its "
+                                     f"mean RISH maps")
+    opts = dict(registration_options or {})
+    if template is None:
+        tpl_fa, tpl_affine, tpl_info = build_template(
+            reference, iterations=template_iterations, registration=registration,
+            registration_options=opts)
+    else:
+        tpl_fa, tpl_affine = np.asarray(template[0], dtype=np.float32), _as_affine(template[1])
+        if tpl_fa.ndim != 3:
+            raise ValueError(f"template FA must be 3D, got {tpl_fa.shape}")
+        tpl_info = {"source": "given"}
+    grid = tpl_fa.shape
+    n_orders = lmax // 2 + 1
+    sums, counts, subjects, transforms = {}, {}, [], {}
+    for s_idx, (site, items) in enumerate(((reference_site, reference), (target_site, target))):
+        sums[site] = {b: np.zeros(grid + (n_orders,), dtype=np.float32) for b in shells}
+        counts[site] = np.zeros(grid, dtype=np.float32)
+        seen = set()
+        for i, item in enumerate(items):
+            f = _load(item)
+            if f.subject in seen:
+                raise HarmonizationError(f"site {site!r}: subject {f.subject!r} is listed twice")
+            seen.add(f.subject)
+            rish = _check_subject(f, site, shells, lmax)
+            mask = np.asarray(f.mask, dtype=bool)
+            fa = np.where(mask, f.fa, 0).astype(np.float32)
+            t = register_fa(fa, f.affine, tpl_fa, tpl_affine, registration, **opts)
+            counts[site] += np.clip(t.to_template(mask.astype(np.float32)), 0, 1)
+            for b in shells:
+                for k in range(n_orders):
+                    # RISH is 0 outside the subject mask: sum/count is the
+                    # mask-normalised interpolation of the site mean.
+                    sums[site][b][..., k] += t.to_template(np.where(mask, rish[b][..., k], 0))
+            subjects.append({"site": site, "site_index": "ref" if s_idx == 0 else "tar",
+                             "index": i, "subject": f.subject, "sha256": f.content_hash(),
+                             "grid": list(fa.shape), "affine": np.asarray(f.affine).tolist(),
+                             "prealign": t.prealign.tolist(), "registration": t.kind})
+            if keep_transforms and t.kind != "identity":
+                transforms[(site, f.subject)] = t
+            del f, rish, t
+    n_ref, n_tar = len(reference), len(target)
+    tpl_mask = ((counts[reference_site] >= MASK_COVERAGE * n_ref)
+                & (counts[target_site] >= MASK_COVERAGE * n_tar))
+    if not tpl_mask.any():
+        raise HarmonizationError("the template mask is empty: the two sites' warped brain "
+                                 "masks do not overlap (registration failed?)")
+    fill = _nearest_fill_index(tpl_mask)
+    maps, taus, stats = {}, {}, {}
+    for b in shells:
+        means = []
+        for site in (reference_site, target_site):
+            c = counts[site]
+            m = np.zeros_like(sums[site][b])
+            np.divide(sums[site][b], c[..., None], out=m, where=c[..., None] > 1e-3)
+            means.append(m)
+            sums[site][b] = None                      # free as we go
+        maps[b], taus[b], stats[_shell_key(b)] = scale_maps(
+            means[0], means[1], tpl_mask, tpl_affine, tau=tau,
+            smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, fill_index=fill)
+        del means
+    params = {"template": tpl_info, "mask_coverage": MASK_COVERAGE,
+              "min_subjects": int(min_subjects),
+              "registration_options": {
+                  "affine_level_iters": list(opts.get("affine_level_iters", AFFINE_LEVEL_ITERS)),
+                  "syn_level_iters": list(opts.get("syn_level_iters", SYN_LEVEL_ITERS)),
+                  "cc_radius": int(opts.get("cc_radius", CC_RADIUS)),
+                  "mi_bins": MI_BINS, "mi_sampling": MI_SAMPLING},
+              "n_subjects": {reference_site: n_ref, target_site: n_tar},
+              "stats": stats, "template_mask_voxels": int(tpl_mask.sum())}
+    return HarmonizationArtefact(
+        template_fa=tpl_fa, template_affine=tpl_affine, template_mask=tpl_mask,
+        scale_maps=maps, shells=shells, lmax=lmax, tau=float(tau), tau_values=taus,
+        smoothing_fwhm_mm=float(smoothing_fwhm_mm), scale_range=tuple(scale_range),
+        registration=registration, reference_site=reference_site, target_site=target_site,
+        subjects=subjects, pipeline_version=pipeline_version(), parameters=params,
+        transforms=transforms)
+
+
+# ----------------------------------------------------------------------------
+# Apply
+# ----------------------------------------------------------------------------
+def applied_artefacts(sidecar: Mapping | None) -> list[str]:
+    """Content ids of the artefacts already applied to a derivative (its sidecar)."""
+    if not sidecar:
+        return []
+    return [str(x) for x in sidecar.get(SIDECAR_KEY, [])]
+
+
+def check_acquisition(gtab: GradientTable, artefact: HarmonizationArtefact,
+                      source: str = "subject") -> dict[float, float]:
+    """{artefact shell: subject shell}; HarmonizationError on a mismatch.
+
+    Every artefact shell needs a subject shell within ``SHELL_TOLERANCE``,
+    every subject shell an artefact shell, and each shell enough directions
+    for the artefact's lmax.
+    """
+    subj = gtab.shells
+    pairs = {b: _match_shell(b, subj) for b in artefact.shells}
+    missing = [b for b, s in pairs.items() if s is None]
+    extra = [s for s in subj if _match_shell(s, artefact.shells) is None]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no shell near b={', '.join(f'{b:g}' for b in missing)} "
+                         f"(tolerance {SHELL_TOLERANCE:g} s/mm^2)")
+        if extra:
+            parts.append(f"shell(s) b={', '.join(f'{b:g}' for b in extra)} not harmonised by "
+                         f"the artefact (select the artefact's shells first)")
+        raise HarmonizationError(f"{source}: acquisition does not match artefact "
+                                 f"{artefact.content_id[:12]} (shells {artefact.shells}): "
+                                 + "; ".join(parts))
+    need = sh.n_coeffs(artefact.lmax)
+    for b, s in pairs.items():
+        n = int(np.sum(gtab.shell_of == s))
+        if n < need:
+            raise HarmonizationError(
+                f"{source}: shell b={s:g} has {n} directions, too few for the artefact's lmax "
+                f"{artefact.lmax} ({need} coefficients; these directions support lmax "
+                f"{sh.max_order_for(n)})")
+    return pairs
+
+
+def warp_scale_maps(artefact: HarmonizationArtefact, transform: Transform) -> dict:
+    """The artefact's scale maps on a subject's grid: {shell: (X, Y, Z, n_orders)}
+    float32 (linear interpolation; 1 outside the template's field of view)."""
+    out = {}
+    for b in artefact.shells:
+        maps = artefact.scale_maps[b]
+        vol = np.empty(transform.subject_shape + (maps.shape[3],), dtype=np.float32)
+        for k in range(maps.shape[3]):
+            # warp (lambda - 1): outside the template's field of view that is 0,
+            # i.e. lambda = 1 (no change) rather than 0.
+            vol[..., k] = transform.to_subject(maps[..., k] - np.float32(1.0))
+        vol += np.float32(1.0)
+        out[b] = vol
+    return out
+
+
+def _storage_rows(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(n_vox, N) view of a 4D array in its storage order, the mask voxels'
+    rows in that order, and the order ('C' or 'F')."""
+    if data.flags.f_contiguous and not data.flags.c_contiguous:
+        return data.reshape(-1, data.shape[-1], order="F"), \
+            np.flatnonzero(mask.ravel(order="F")), "F"
+    if not data.flags.c_contiguous:
+        raise ValueError("data must be C- or F-contiguous")
+    return data.reshape(-1, data.shape[-1]), np.flatnonzero(mask.ravel()), "C"
+
+
+def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: HarmonizationArtefact, *,
+                        applied: Iterable[str] = (), force: bool = False,
+                        transform: Transform | None = None, registration: str | None = None,
+                        keep_residual: bool = True, inplace: bool = False,
+                        chunk_size: int | None = None, subject: str = "subject",
+                        registration_options: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Harmonise one subject's DWIs with ``artefact``: (float32 4D data, info).
+
+    Per shell and mask voxel: SH coefficients of the b0-normalised signal are
+    scaled per order by the subject-space lambda maps and the DWIs rebuilt
+    (times the mean b0). The fit is linear, so this equals
+    ``S + B diag(lambda - 1) B^+ S``, computed without dividing by b0.
+    ``keep_residual`` (default) keeps the part of the signal the SH do not
+    represent (noise above lmax), so lambda = 1 returns the input exactly;
+    False rebuilds from the scaled SH alone (as in the papers, which also
+    removes that noise). Negative results are set to 0 (share reported).
+    b0 volumes, voxels outside the mask and voxels with mean b0 <= 0 are
+    unchanged.
+
+    ``fa``: the subject's FA (None: fitted here) to register to the template,
+    unless a ``transform`` is given. ``applied``: content ids of artefacts
+    already applied to this input (:func:`applied_artefacts` of its
+    sidecar); applying the same artefact again is refused unless ``force``.
+    ``inplace`` overwrites ``dwi.data`` (halves peak memory).
+    """
+    cid = artefact.content_id
+    history = [str(x) for x in applied]
+    if cid in history and not force:
+        raise HarmonizationError(f"{subject}: artefact {cid[:12]} was already applied to this "
+                                 f"input (history {', '.join(h[:12] for h in history)}); "
+                                 f"applying it twice scales the SH twice (force=True to do it "
+                                 f"anyway)")
+    source = dwi.paths.get("dwi", subject) if dwi.paths else subject
+    pairs = check_acquisition(dwi.gtab, artefact, source)
+    grid = dwi.mask.shape
+    if transform is None:
+        kind = registration or artefact.registration
+        if kind == "identity":
+            transform = Transform("identity", np.eye(4), artefact.template_fa.shape,
+                                  artefact.template_affine, grid, dwi.affine)
+        else:
+            if fa is None:
+                fa = dti_fa(dwi)
+            fa = np.asarray(fa, dtype=np.float32)
+            if fa.shape != grid:
+                raise HarmonizationError(f"{source}: FA shape {fa.shape} != DWI grid {grid}")
+            transform = register_fa(np.where(dwi.mask, fa, 0), dwi.affine, artefact.template_fa,
+                                    artefact.template_affine, kind,
+                                    **dict(registration_options or {}))
+    elif transform.subject_shape != tuple(grid) or transform.template_shape != \
+            artefact.template_fa.shape:
+        raise HarmonizationError(f"{source}: the given transform maps grid "
+                                 f"{transform.subject_shape} to {transform.template_shape}, "
+                                 f"the data/artefact are {grid} and "
+                                 f"{artefact.template_fa.shape}")
+    out = dwi.data if inplace else dwi.data.copy(order="K")
+    flat, rows_idx, order = _storage_rows(out, dwi.mask)
+    gtab = dwi.gtab
+    b0 = np.flatnonzero(gtab.b0s_mask)
+    if b0.size == 0:
+        raise HarmonizationError(f"{source}: no b0 volume to normalise the signal")
+    n_orders = artefact.lmax // 2 + 1
+    # scale maps at the mask voxels (storage order): (n_vox, n_orders) per shell
+    lam_rows, lam_median = {}, {}
+    for b, vol in warp_scale_maps(artefact, transform).items():
+        lr = np.stack([vol[..., k].ravel(order=order)[rows_idx] for k in range(n_orders)],
+                      axis=1)
+        del vol
+        lam_rows[b] = lr
+        lam_median[_shell_key(b)] = {f"l{2 * k}": float(np.median(lr[:, k])) if lr.size else None
+                                     for k in range(n_orders)}
+    ops = []
+    for b, s in pairs.items():
+        idx = np.flatnonzero(gtab.shell_of == s)
+        basis = sh.sh_basis(gtab.bvecs[idx], artefact.lmax)
+        pinv = sh.sh_pinv(basis, artefact.lmax)
+        per_coeff = sh.order_of_coeff(artefact.lmax) // 2
+        ops.append((b, idx, pinv.T.astype(np.float32), basis.T.astype(np.float32), per_coeff))
+    chunk = sh._chunk_voxels(out.shape[-1], chunk_size)
+    n_clipped = n_values = 0
+    for i in range(0, rows_idx.size, chunk):
+        where = rows_idx[i:i + chunk]
+        rows = flat[where]
+        s0 = rows[:, b0].mean(axis=1)
+        ok = s0 > 0
+        for b, idx, pinv_t, basis_t, per_coeff in ops:
+            sig = rows[:, idx]
+            c = sig @ pinv_t                                   # (n, n_coef), unnormalised
+            lam = lam_rows[b][i:i + chunk][:, per_coeff]
+            if keep_residual:
+                new = sig + (c * (lam - np.float32(1.0))) @ basis_t
+            else:
+                new = (c * lam) @ basis_t
+            neg = new < 0
+            n_clipped += int(np.count_nonzero(neg[ok]))
+            n_values += int(ok.sum()) * idx.size
+            new[neg] = 0
+            new[~ok] = sig[~ok]
+            rows[:, idx] = new
+        flat[where] = rows
+    info = {
+        "artefact_content_id": cid, "applied": history + [cid],
+        "reference_site": artefact.reference_site, "target_site": artefact.target_site,
+        "shells": {_shell_key(b): float(s) for b, s in pairs.items()},
+        "lmax": artefact.lmax, "registration": transform.kind,
+        "prealign": transform.prealign.tolist(), "keep_residual": bool(keep_residual),
+        "negative_clipped_fraction": n_clipped / max(n_values, 1),
+        "scale_median_in_mask": lam_median, "forced": bool(force and cid in history),
+        "pipeline_version": pipeline_version(), "artefact_pipeline_version":
+            artefact.pipeline_version,
+    }
+    return out, info
+
+
+# ----------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------
+def site_effect(values_ref, values_tar) -> dict:
+    """Site effect on one metric: Cohen's d (target - reference, pooled SD),
+    Welch's t and two-sided p, and both means."""
+    from scipy import stats
+    a = np.asarray(values_ref, dtype=np.float64).ravel()
+    b = np.asarray(values_tar, dtype=np.float64).ravel()
+    if a.size < 2 or b.size < 2:
+        raise ValueError(f"need >= 2 values per site, got {a.size} and {b.size}")
+    va, vb = a.var(ddof=1), b.var(ddof=1)
+    pooled = math.sqrt(((a.size - 1) * va + (b.size - 1) * vb) / (a.size + b.size - 2))
+    diff = b.mean() - a.mean()
+    d = diff / pooled if pooled > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    if va == 0 and vb == 0:
+        t, p = (0.0, 1.0) if diff == 0 else (math.copysign(math.inf, diff), 0.0)
+    else:
+        res = stats.ttest_ind(b, a, equal_var=False)
+        t, p = float(res.statistic), float(res.pvalue)
+    return {"cohen_d": float(d), "t": float(t), "p": float(p),
+            "mean_ref": float(a.mean()), "mean_tar": float(b.mean())}
+
+
+@dataclass
+class SubjectSummary:
+    """Maps and white-matter means of one subject for :func:`evaluate`.
+    ``values``: {(metric, shell): mean}, metric in fa, md, rish_l0, ...
+    (shell NaN for the tensor metrics)."""
+
+    subject: str
+    fa: np.ndarray
+    mask: np.ndarray
+    wm_mask: np.ndarray
+    values: dict
+
+
+def summarise(dwi: DWI, lmax: int, *, subject: str = "", wm_mask: np.ndarray | None = None,
+              orders: Sequence[int] = EVAL_ORDERS) -> SubjectSummary:
+    """White-matter means of FA, MD (DTI on b <= DTI_MAX_BVAL) and RISH per
+    shell and order; WM = FA >= WM_FA_THRESHOLD in the mask unless given
+    (pass the pre-harmonization WM mask when summarising harmonised data)."""
+    from . import dti
+    shells = [b for b in dwi.gtab.shells if b <= DTI_MAX_BVAL] or dwi.gtab.shells[:1]
+    tf = dti.fit_dwi(dwi.select_volumes(dwi.gtab.select_shells(shells)))
+    fa, md = tf.fa, tf.md
+    if wm_mask is None:
+        wm_mask = dwi.mask & (fa >= WM_FA_THRESHOLD)
+    wm_mask = np.asarray(wm_mask, dtype=bool)
+    if not wm_mask.any():
+        raise HarmonizationError(f"{subject or 'subject'}: empty white-matter mask")
+    values = {("fa", math.nan): float(fa[wm_mask].mean()),
+              ("md", math.nan): float(md[wm_mask].mean())}
+    for b, fit in sh.fit_shells(dwi, lmax).items():
+        r = fit.rish()
+        for o in orders:
+            if o <= fit.lmax:
+                values[(f"rish_l{o}", float(b))] = float(r[..., o // 2][wm_mask].mean())
+    return SubjectSummary(subject, fa, dwi.mask.copy(), wm_mask, values)
+
+
+def evaluate(reference: Sequence, target_before: Sequence, target_after: Sequence, lmax: int,
+             *, reference_after: Sequence | None = None):
+    """Site effect before vs after harmonization, and anatomy preservation.
+
+    Each list holds DWIs or :class:`SubjectSummary` (the same subjects, in the
+    same order, in ``target_before`` and ``target_after``; harmonised data are
+    summarised in the WM mask of their pre-harmonization data).
+    ``reference_after`` (when the reference site was harmonised too) defaults
+    to ``reference``.
+
+    Returns (site table: metric, shell, n_ref, n_tar, d_before, p_before,
+    d_after, p_after, mean_ref_before/after, mean_tar_before/after;
+    preservation table: site, subject, fa_corr = Pearson correlation of the
+    subject's FA maps before/after in its brain mask).
+    """
+    import pandas as pd
+
+    def summ(items, wms=None):
+        out = []
+        for i, x in enumerate(items):
+            if isinstance(x, SubjectSummary):
+                out.append(x)
+            else:
+                out.append(summarise(x, lmax, subject=_name(x, i),
+                                     wm_mask=None if wms is None else wms[i].wm_mask))
+        return out
+
+    if len(target_before) != len(target_after):
+        raise ValueError(f"{len(target_before)} target subjects before but "
+                         f"{len(target_after)} after harmonization")
+    ref_b = summ(reference)
+    tar_b = summ(target_before)
+    tar_a = summ(target_after, tar_b)
+    if reference_after is None:
+        ref_a = ref_b
+    else:
+        if len(reference_after) != len(reference):
+            raise ValueError("reference_after must list the reference subjects")
+        ref_a = summ(reference_after, ref_b)
+    rows = []
+    keys = [k for k in ref_b[0].values if all(k in s.values for s in ref_b + tar_b + tar_a)]
+    for metric, shell in keys:
+        before = site_effect([s.values[(metric, shell)] for s in ref_b],
+                             [s.values[(metric, shell)] for s in tar_b])
+        after = site_effect([s.values[(metric, shell)] for s in ref_a],
+                            [s.values[(metric, shell)] for s in tar_a])
+        rows.append({"metric": metric, "shell": shell, "n_ref": len(ref_b), "n_tar": len(tar_b),
+                     "d_before": before["cohen_d"], "p_before": before["p"],
+                     "d_after": after["cohen_d"], "p_after": after["p"],
+                     "mean_ref_before": before["mean_ref"], "mean_tar_before": before["mean_tar"],
+                     "mean_ref_after": after["mean_ref"], "mean_tar_after": after["mean_tar"]})
+    pres = []
+    for site, bef, aft in (("target", tar_b, tar_a),) + (
+            (("reference", ref_b, ref_a),) if reference_after is not None else ()):
+        for sb, sa in zip(bef, aft):
+            m = sb.mask
+            pres.append({"site": site, "subject": sb.subject,
+                         "fa_corr": float(np.corrcoef(sb.fa[m], sa.fa[m])[0, 1])})
+    return pd.DataFrame(rows), pd.DataFrame(pres)
+
+
+def _name(x, i: int) -> str:
+    paths = getattr(x, "paths", None) or {}
+    return str(paths.get("dwi", f"subject-{i + 1}"))
