@@ -50,6 +50,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)g s/mm^2)")
     p.add_argument("--lmax", type=int, default=0,
                    help="maximum SH order per shell (0: as the directions allow, up to 8)")
+    p.add_argument("--denoise", action="store_true",
+                   help="MP-PCA denoising (raw data only: not for HCP minimally preprocessed "
+                        "series)")
+    p.add_argument("--degibbs", action="store_true",
+                   help="Gibbs-ringing removal (raw data only)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -122,6 +127,7 @@ def _config(args):
     return RunConfig(worker=args.worker, n_procs=args.n_procs, cache_dir=args.cache_dir,
                      sbatch_args=args.sbatch_args, fit_method=args.fit_method,
                      dti_max_bval=args.dti_max_b, lmax=args.lmax, quiet=args.quiet,
+                     denoise=args.denoise, degibbs=args.degibbs,
                      harmonization=getattr(args, "harmonization", None) or "")
 
 

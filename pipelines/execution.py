@@ -42,6 +42,8 @@ class RunConfig:
     dti_max_bval: float = DTI_MAX_BVAL
     lmax: int = 0                  # 0: as many orders as each shell's directions allow (<= 8)
     harmonization: str = ""        # folder of a stored harmonization artefact to apply
+    denoise: bool = False          # MP-PCA (raw data only; not for HCP minimal preprocessing)
+    degibbs: bool = False          # Gibbs-ringing removal (raw data only)
     quiet: bool = False
 
     def __post_init__(self):
@@ -128,6 +130,7 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         extra_rows=prefailed, fit_method=config.fit_method,
         dti_max_bval=config.dti_max_bval, lmax=config.lmax,
         harmonization=str(Path(config.harmonization).resolve()) if config.harmonization else "",
+        denoise=config.denoise, degibbs=config.degibbs,
         pipeline_version=version)
     with _submitter(config, root) as sub:
         return sub(task, raise_errors=False)
@@ -279,7 +282,7 @@ def run_harmonization_fit(subjects: list[SubjectInputs], output_dir, config: Run
         sidecar=[s.sidecar for s in runnable], sites={s.key: sites[s.key] for s in runnable},
         reference_site=reference_site, target_site=target_site, shells=list(shells),
         lmax=lmax, registration=registration, smoothing_fwhm_mm=smoothing_fwhm_mm,
-        pipeline_version=version)
+        denoise=config.denoise, degibbs=config.degibbs, pipeline_version=version)
     with _submitter(config, root) as sub:
         res = sub(task, raise_errors=False)
     if res.errored:

@@ -19,8 +19,8 @@ from pydra.compose import python, workflow
 
 from dmriflow.interfaces import io
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, Validate, guarded,
-                                      load_series, save_series)
+from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, Preprocess, Validate,
+                                      guarded, load_series, save_series)
 
 #: Default highest SH order harmonised (as the shells' directions allow).
 DEFAULT_HARMONIZATION_LMAX = 8
@@ -136,10 +136,14 @@ def _jsonable(obj):
 def FeaturesWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
                      mask: File | None = None, sidecar: File | None = None,
                      shells: list | None = None, lmax: int = DEFAULT_HARMONIZATION_LMAX,
+                     denoise: bool = False, degibbs: bool = False,
                      pipeline_version: str = "") -> dict:
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = workflow.add(Validate(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar,
                                    **pv), hooks=PROGRESS).record
+    if denoise or degibbs:
+        record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
+                              hooks=PROGRESS).record
     return workflow.add(HarmonizationFeatures(record=record, shells=shells, lmax=lmax, **pv),
                         hooks=PROGRESS).features
 
@@ -149,9 +153,11 @@ def HarmonizationFitWorkflow(subject: list[str], out_parts: list[list], dwi: lis
                              bval: list[File], bvec: list[File], mask: list, sidecar: list,
                              sites: dict, reference_site: str, target_site: str, shells: list,
                              lmax: int = DEFAULT_HARMONIZATION_LMAX, registration: str = "syn",
-                             smoothing_fwhm_mm: float = 0.0, pipeline_version: str = "") -> dict:
+                             smoothing_fwhm_mm: float = 0.0, denoise: bool = False,
+                             degibbs: bool = False, pipeline_version: str = "") -> dict:
     from dmriflow.pipelines.workflows import SUBJECT_FIELDS
-    per = FeaturesWorkflow(shells=shells, lmax=lmax, pipeline_version=pipeline_version)
+    per = FeaturesWorkflow(shells=shells, lmax=lmax, denoise=denoise, degibbs=degibbs,
+                           pipeline_version=pipeline_version)
     split = per.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi, bval=bval,
                       bvec=bvec, mask=mask, sidecar=sidecar)
     feats = workflow.add(split.combine("subject"), name="features")

@@ -128,6 +128,27 @@ def Validate(subject: str, dwi: File, bval: File, bvec: File, mask: File | None 
             "mask_voxels": int(data.mask.sum())}
 
 
+@python.define(outputs=["record"])
+@guarded("preprocess")
+def Preprocess(subject: str, record: dict, denoise: bool = False, degibbs: bool = False,
+               pipeline_version: str = "") -> dict:
+    """MP-PCA denoising and/or Gibbs-ringing removal (pass-through when both off).
+
+    Both assume raw, uninterpolated data: leave them off for HCP's minimally
+    preprocessed series (already eddy-corrected and resampled).
+    """
+    if not (denoise or degibbs):
+        return record
+    from dmriflow.interfaces.preprocess import preprocess_dwi, report_for_sidecar
+    out, report = preprocess_dwi(load_series(record), denoise=denoise, degibbs=degibbs)
+    new = save_series(out, record, "preprocess", {"report": report_for_sidecar(report)})
+    if "noise_sigma" in report["maps"]:
+        new["maps"] = {**record.get("maps", {}), "model-mppca_param-sigma": str(
+            io.save_nifti(report["maps"]["noise_sigma"], out.affine,
+                          Path.cwd() / "noise_sigma.nii.gz", out.header).resolve())}
+    return new
+
+
 @python.define(outputs=["tensor"])
 @guarded("tensor")
 def FitTensor(subject: str, record: dict, fit_method: str = "WLS",
@@ -241,6 +262,8 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
                       {**rish["parameters"], "shell": float(shell), "order": int(order)})
                      for shell, by_order in rish["maps"].items()
                      for order, path in by_order.items()]
+            jobs += [(entities, path, "preprocess", {"history": record["history"]})
+                     for entities, path in record.get("maps", {}).items()]
             for entities, src, step, params in jobs:
                 dst = dwi_dir / derivative_name(key, entities)
                 _copy_atomic(src, dst)

@@ -14,7 +14,7 @@ from pydra.compose import workflow
 from dmriflow.pipelines.harmonization import Harmonize
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import (DTI_MAX_BVAL, Export, FitRish, FitTensor, GroupTable,
-                                      Validate)
+                                      Preprocess, Validate)
 
 #: The per-subject inputs that are split together over the cohort.
 SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sidecar")
@@ -24,10 +24,14 @@ SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sideca
 def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
                     output_dir: str, mask: File | None = None, sidecar: File | None = None,
                     fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL,
-                    lmax: int = 0, harmonization: str = "", pipeline_version: str = "") -> dict:
+                    lmax: int = 0, harmonization: str = "", denoise: bool = False,
+                    degibbs: bool = False, pipeline_version: str = "") -> dict:
     files = dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask)
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = workflow.add(Validate(sidecar=sidecar, **files, **pv), hooks=PROGRESS).record
+    if denoise or degibbs:
+        record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
+                              hooks=PROGRESS).record
     if harmonization:
         record = workflow.add(Harmonize(record=record, artefact=harmonization, **pv),
                               hooks=PROGRESS).record
@@ -43,11 +47,12 @@ def CohortWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
                    bval: list[File], bvec: list[File], mask: list, sidecar: list,
                    output_dir: str, extra_rows: list[dict] | None = None,
                    fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL, lmax: int = 0,
-                   harmonization: str = "", pipeline_version: str = "") -> tuple[str, list]:
+                   harmonization: str = "", denoise: bool = False, degibbs: bool = False,
+                   pipeline_version: str = "") -> tuple[str, list]:
     per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
                                   dti_max_bval=dti_max_bval, lmax=lmax,
-                                  harmonization=harmonization,
-                                  pipeline_version=pipeline_version)
+                                  harmonization=harmonization, denoise=denoise,
+                                  degibbs=degibbs, pipeline_version=pipeline_version)
     split = per_subject.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi,
                               bval=bval, bvec=bvec, mask=mask, sidecar=sidecar)
     subjects = workflow.add(split.combine("subject"), name="subjects")
