@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import warnings
-from contextlib import contextmanager
 
 import nibabel as nib
 import numpy as np
@@ -71,17 +70,10 @@ def phantom():
             "affine": clean.affine, "truth": clean.truth}
 
 
-@contextmanager
 def single_threaded_blas():
     """dipy's per-patch numpy/scipy calls with 2 OpenBLAS threads ran 40x
     slower than with one on the (shared) 2-core test machine."""
-    setter = dti._blas_local_setter()
-    prev = setter(1) if setter is not None else None
-    try:
-        yield
-    finally:
-        if setter is not None:
-            setter(prev)
+    return dti.single_threaded_blas()
 
 
 def _rmse(a, b, m):
