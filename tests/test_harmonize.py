@@ -144,6 +144,28 @@ def test_registration_recovers_a_known_affine(tmp_path):
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".gz", ".gz", ".json", ".json"]
 
 
+def test_rish_maps_equal_the_sh_fit():
+    """harmonize.rish_maps (no coefficients kept) = sh.fit_shells(...).rish(),
+    two shells, F-ordered data, a voxel with mean b0 0 (RISH 0 there)."""
+    s = phantom.simulate_subject((14, 16, 12), seed=2, snr=30,
+                                 scheme=scheme(shells=(1000, 2000), n_dirs=(30, 45)))
+    data = np.asfortranarray(s.dwi)
+    i = tuple(np.argwhere(s.mask)[0])
+    data[i + (s.gtab.b0s_mask,)] = 0
+    dwi = as_dwi(data, s)
+    fast = H.rish_maps(dwi, LMAX, chunk_size=100)
+    fits = sh.fit_shells(dwi, LMAX)
+    assert sorted(fast) == [1000.0, 2000.0]
+    for b, f in fits.items():
+        np.testing.assert_allclose(fast[b], f.rish(), rtol=1e-5, atol=1e-7)
+        assert fast[b].dtype == np.float32 and not fast[b][i].any()
+    only = H.rish_maps(dwi, 2, shells=[1990.0])
+    np.testing.assert_allclose(only[2000.0], sh.fit_shells(dwi, 2)[2000.0].rish(), rtol=1e-5,
+                               atol=1e-7)
+    with pytest.raises(H.HarmonizationError, match="no shell near b=3000"):
+        H.rish_maps(dwi, LMAX, shells=[3000.0])
+
+
 def test_identity_registration_needs_one_grid():
     with pytest.raises(H.HarmonizationError, match="identity.*grid"):
         H.Transform("identity", np.eye(4), (4, 4, 4), np.eye(4), (4, 4, 5), np.eye(4))
@@ -160,8 +182,11 @@ def test_syn_levels_follow_the_grid():
 # ----------------------------------------------------------------------------
 def test_noise_free_scale_maps_are_inverse_site_scaling(cohort):
     """Noise-free paired sites: lambda_l = 1/s_l exactly up to registration and
-    interpolation differences between the two sites' subjects (measured 0.3 %;
-    bound 1.5 %) and the tau bias (<= 0.05 % where E_tar >= its median)."""
+    interpolation differences between the two sites' subjects and the tau
+    bias (<= 0.05 % where E_tar >= its median). Measured in the template's
+    white matter: medians within 0.02 / 0.3 / 0.4 % (l = 0 / 2 / 4), 90 % of
+    voxels within 0.7 / 5.6 / 5.4 %. Bounds: medians 1 %, 90th percentile
+    2 / 10 / 10 % (a wrong sqrt, order or warp direction is off by > 10 %)."""
     ref, tar = cohort
     art = H.fit_harmonization(features(ref, "r", True), features(tar, "t", True), [BVAL], LMAX,
                               template_iterations=1)
@@ -169,9 +194,9 @@ def test_noise_free_scale_maps_are_inverse_site_scaling(cohort):
     assert region.sum() > 500
     lam = art.scale_maps[BVAL][region]
     for k, l in enumerate((0, 2, 4)):
-        assert np.median(lam[:, k]) == pytest.approx(1 / SCALE[l], rel=0.015), l
+        assert np.median(lam[:, k]) == pytest.approx(1 / SCALE[l], rel=0.01), l
         # and voxel by voxel, not only on average
-        assert np.percentile(np.abs(lam[:, k] * SCALE[l] - 1), 90) < 0.06, l
+        assert np.percentile(np.abs(lam[:, k] * SCALE[l] - 1), 90) < [0.02, 0.1, 0.1][k], l
 
 
 def test_noisy_scale_maps_match_noise_floor_prediction(cohort, fitted):
@@ -207,13 +232,14 @@ def test_noisy_scale_maps_match_noise_floor_prediction(cohort, fitted):
 # ----------------------------------------------------------------------------
 def test_harmonised_target_matches_reference(cohort, fitted):
     """Target-site white-matter means after harmonization vs the reference
-    (paired subjects, per subject). Before: RISH differs by s_l^2 (-19 %,
-    +56 %, +29 % incl. noise) and FA by +0.06. After (measured mean / worst):
-    l0 0.5 / 1 %, l2 2 / 4 %, l4 4 / 8 % (the l=4 RISH is ~40 % noise floor,
-    whose per-subject realisation varies), FA 0.01 / 0.02. Bounds: 2, 6, 12 %
-    and 0.03 FA; the site-level means must agree twice as tightly."""
+    (paired subjects, per subject). Before: RISH differs by s_l^2 plus the
+    noise floor (-18.5 %, +55 %, +27..40 %) and FA by +0.074. After, measured
+    worst (mean): l0 0.3 % (0.1), l2 1.3 % (0.8), l4 5.7 % (-1.3; the l=4
+    RISH is ~40 % noise floor, whose realisation varies per subject), FA
+    0.0014 (0.0006). Bounds per subject 1 / 4 / 12 % and 0.01 FA; over the
+    5 subjects half of that."""
     ref, tar = cohort
-    bounds = {0: 0.02, 2: 0.06, 4: 0.12}
+    bounds = {0: 0.01, 2: 0.04, 4: 0.12}
     rel = {0: [], 2: [], 4: []}
     d_fa = []
     for s_ref, s_tar, out in zip(ref, tar, fitted["after"]):
@@ -228,12 +254,12 @@ def test_harmonised_target_matches_reference(cohort, fitted):
         fa_ref = H.dti_fa(as_dwi(s_ref.dwi, s_ref))[m].mean()
         fa_bef = H.dti_fa(as_dwi(s_tar.dwi, s_tar))[m].mean()
         fa_aft = H.dti_fa(as_dwi(out, s_tar))[m].mean()
-        assert fa_bef - fa_ref > 0.04
-        assert abs(fa_aft - fa_ref) < 0.03
+        assert fa_bef - fa_ref > 0.05
+        assert abs(fa_aft - fa_ref) < 0.01
         d_fa.append(fa_aft - fa_ref)
     for l in rel:
         assert abs(np.mean(rel[l])) < bounds[l] / 2, l
-    assert abs(np.mean(d_fa)) < 0.015
+    assert abs(np.mean(d_fa)) < 0.005
 
 
 def test_apply_leaves_b0_and_outside_mask_untouched(cohort, fitted):
@@ -263,10 +289,10 @@ def test_site_effect_disappears(evaluation):
 
 def test_anatomy_preserved(evaluation):
     """Each target subject's FA map before vs after harmonization: the scaling
-    changes contrast, not anatomy (measured r >= 0.99)."""
+    changes contrast, not anatomy (measured r >= 0.998; bound 0.98)."""
     _, preservation = evaluation
     assert len(preservation) == len(SEEDS)
-    assert (preservation.fa_corr > 0.95).all(), preservation
+    assert (preservation.fa_corr > 0.98).all(), preservation
 
 
 def test_applying_twice_is_refused_and_differs(cohort, fitted):
@@ -557,8 +583,9 @@ def test_real_data_fake_second_site(shared_data):
     included, so E_tar = s_l^2 E_ref in expectation and lambda_l = 1/s_l. Same
     subject and grid, so registration is bypassed (registration='identity').
     The median lambda over the mask recovers 1/s_l within 2 % (measured
-    <= 0.5 %: the realisations differ only in resampled noise), and applying
-    the artefact to a target subject brings its RISH back to the reference's."""
+    <= 0.2 %: the realisations differ only in resampled noise), and applying
+    the artefact to a target subject brings its mask-mean RISH back to the
+    reference's within 3 % (measured <= 1.3 %; before: -15, +44, -29 %)."""
     d = shared_data / MDT
     full = load_dwi(d / "b1k_b2k_example_slices_24_38.nii.gz", d / "b1k_b2k.bval",
                     d / "b1k_b2k.bvec", d / "b1k_b2k_example_slices_24_38_mask.nii.gz")
