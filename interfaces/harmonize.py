@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import sh
+from .dti import DTI_MAX_BVAL, dti_shells
 from .errors import InputError
 from .gradients import SHELL_GAP, GradientTable
 from .io import DWI, _umask, file_sha256, pipeline_version, save_nifti, write_json
@@ -103,9 +104,6 @@ CC_SIGMA_DIFF = 2.0
 #: Shells of an artefact and a subject match when their nominal b-values are
 #: closer than the gradient module's shell gap.
 SHELL_TOLERANCE = SHELL_GAP
-#: FA for templates and evaluation is fitted on shells up to this b (s/mm^2),
-#: the tensor step's default (pipelines.steps.DTI_MAX_BVAL).
-DTI_MAX_BVAL = 1500.0
 #: White matter for the evaluation: FA at or above this (in the brain mask,
 #: measured before harmonization).
 WM_FA_THRESHOLD = 0.3
@@ -433,7 +431,7 @@ SubjectInput = SubjectFeatures | Callable[[], SubjectFeatures]
 def dti_fa(dwi: DWI, max_bval: float = DTI_MAX_BVAL) -> np.ndarray:
     """FA (float32, 0 outside the mask) from the b0s and shells up to ``max_bval``."""
     from . import dti
-    shells = [b for b in dwi.gtab.shells if b <= max_bval] or dwi.gtab.shells[:1]
+    shells = dti_shells(dwi.gtab, max_bval)
     sub = dwi.select_volumes(dwi.gtab.select_shells(shells))
     return dti.fit_dwi(sub).fa
 
@@ -1249,7 +1247,7 @@ def summarise(dwi: DWI, lmax: int, *, subject: str = "", wm_mask: np.ndarray | N
     shell and order; WM = FA >= WM_FA_THRESHOLD in the mask unless given
     (pass the pre-harmonization WM mask when summarising harmonised data)."""
     from . import dti
-    shells = [b for b in dwi.gtab.shells if b <= DTI_MAX_BVAL] or dwi.gtab.shells[:1]
+    shells = dti_shells(dwi.gtab)
     tf = dti.fit_dwi(dwi.select_volumes(dwi.gtab.select_shells(shells)))
     fa, md = tf.fa, tf.md
     if wm_mask is None:
