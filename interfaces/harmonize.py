@@ -46,7 +46,8 @@ from . import sh
 from .dti import DTI_MAX_BVAL, dti_shells
 from .errors import InputError
 from .gradients import SHELL_GAP, GradientTable
-from .io import DWI, _umask, file_sha256, pipeline_version, save_nifti, write_json
+from .io import (DWI, _umask, file_sha256, pipeline_version, save_nifti, storage_rows,
+                 write_json)
 
 # ----------------------------------------------------------------------------
 # Named constants
@@ -1075,17 +1076,6 @@ def warp_scale_maps(artefact: HarmonizationArtefact, transform: Transform) -> di
     return out
 
 
-def _storage_rows(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """(n_vox, N) view of a 4D array in its storage order, the mask voxels'
-    rows in that order, and the order ('C' or 'F')."""
-    if data.flags.f_contiguous and not data.flags.c_contiguous:
-        return data.reshape(-1, data.shape[-1], order="F"), \
-            np.flatnonzero(mask.ravel(order="F")), "F"
-    if not data.flags.c_contiguous:
-        raise ValueError("data must be C- or F-contiguous")
-    return data.reshape(-1, data.shape[-1]), np.flatnonzero(mask.ravel()), "C"
-
-
 def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: HarmonizationArtefact, *,
                         applied: Iterable[str] = (), force: bool = False,
                         transform: Transform | None = None, registration: str | None = None,
@@ -1144,7 +1134,9 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                                  f"{artefact.template_fa.shape}")
     t_registered = time.perf_counter()
     out = dwi.data if inplace else dwi.data.copy(order="K")
-    flat, rows_idx, order = _storage_rows(out, dwi.mask)
+    flat, rows_idx, order = storage_rows(out, dwi.mask)
+    if not np.shares_memory(flat, out):   # results are written through the view
+        raise ValueError("data must be C- or F-contiguous")
     gtab = dwi.gtab
     b0 = np.flatnonzero(gtab.b0s_mask)
     if b0.size == 0:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass, replace
@@ -143,11 +144,17 @@ class DWI:
         of the 4D array: about 3x faster than ``data[mask]`` order on an HCP
         subject. :meth:`masked_index` says which voxel each row is.
         """
-        flat, order = _flat_view(self.data)
-        idx = np.flatnonzero(self.mask.ravel(order=order))
+        flat, idx, _ = storage_rows(self.data, self.mask)
         if chunk is None:
             return flat[idx]
         return (flat[idx[i:i + chunk]] for i in range(0, idx.size, chunk))
+
+
+def storage_rows(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(X*Y*Z, N) view of a 4D array in its storage order, the row index of each
+    mask voxel in it (storage order), and that order ('C' or 'F')."""
+    flat, order = _flat_view(data)
+    return flat, np.flatnonzero(mask.ravel(order=order)), order
 
 
 def _flat_view(data: np.ndarray) -> tuple[np.ndarray, str]:
@@ -178,6 +185,18 @@ def load_mask(path, ref: nib.Nifti1Image) -> np.ndarray:
     return mask
 
 
+def mean_b0_map(data: np.ndarray, gtab) -> np.ndarray:
+    """Voxel mean of the b0 volumes, float32 (accumulated in float64 one volume
+    at a time: no copy of the b0 volumes, ~0.3 GB for an HCP subject)."""
+    idx = np.flatnonzero(gtab.b0s_mask)
+    if idx.size == 0:
+        raise ValueError("no b0 volume in the gradient table")
+    acc = np.zeros(data.shape[:3], dtype=np.float64)
+    for k in idx:
+        acc += data[..., k]
+    return (acc / idx.size).astype(np.float32)
+
+
 def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
     """Load and validate one subject's diffusion data.
 
@@ -202,7 +221,7 @@ def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
     gtab = read_gradients(bval_path, bvec_path, n_volumes=img.shape[3])
     data = read_array(img, "DWI")
     _check_finite(data, dwi_path, "DWI")
-    mean_b0 = data[..., gtab.b0s_mask].mean(axis=-1, dtype=np.float64)
+    mean_b0 = mean_b0_map(data, gtab)
     if mask_path is not None:
         mask = load_mask(mask_path, img)
     else:
@@ -264,6 +283,11 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path, header=None) -> Path:
     img.header.set_data_dtype(data.dtype)
     img.header["descrip"] = f"dmriflow {__version__}".encode()
     return _atomic(path, lambda tmp: nib.save(img, tmp))
+
+
+def copy_file(src, dst) -> Path:
+    """Copy a file atomically (temporary name, then rename)."""
+    return _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def write_text(text: str, path) -> Path:

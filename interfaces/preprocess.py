@@ -18,6 +18,7 @@ from dataclasses import replace
 import numpy as np
 
 from .dti import available_threads
+from .io import mean_b0_map
 
 #: median_otsu settings on the mean b0: median filter radius and passes.
 MEDIAN_RADIUS = 2
@@ -576,17 +577,6 @@ WM_FA_THRESHOLD = 0.35
 #: That FA comes from the b0s and shells up to this b (s/mm^2), as the
 #: pipeline's tensor step does (higher shells bias DTI).
 WM_FA_MAX_BVAL = 1500.0
-
-
-def mean_b0_map(data: np.ndarray, gtab) -> np.ndarray:
-    """Voxel mean of the b0 volumes, float32 (accumulated in float64 per volume)."""
-    idx = np.flatnonzero(gtab.b0s_mask)
-    if idx.size == 0:
-        raise ValueError("no b0 volume in the gradient table")
-    acc = np.zeros(data.shape[:3], dtype=np.float64)
-    for k in idx:
-        acc += data[..., k]
-    return (acc / idx.size).astype(np.float32)
 
 
 def normalise_by_b0(data: np.ndarray, gtab, mask: np.ndarray | None = None,

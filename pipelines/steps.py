@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import traceback
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def _load(dwi, bval, bvec, mask):
     """Validated DWI; a median-Otsu mask from the mean b0 when none is given."""
     data = io.load_dwi(dwi, bval, bvec, mask)
     if mask is None:
-        mean_b0 = data.data[..., data.gtab.b0s_mask].mean(axis=-1)
+        mean_b0 = io.mean_b0_map(data.data, data.gtab)
         data.mask = brain_mask(mean_b0) & (mean_b0 > 0)
         if not data.mask.any():
             raise InputError(dwi, "automatic brain mask is empty")
@@ -201,7 +200,7 @@ def _export_series(record: dict, dwi_dir: Path, key: str, inputs: dict,
     desc = "".join(SERIES_DESC[h["step"]] for h in record["history"])
     base = dwi_dir / f"{key}_desc-{desc}_dwi"
     series = record["series"]
-    written = [str(_copy_atomic(series[k], Path(f"{base}{ext}")))
+    written = [str(io.copy_file(series[k], Path(f"{base}{ext}")))
                for k, ext in (("dwi", ".nii.gz"), ("bval", ".bval"), ("bvec", ".bvec"))]
     meta = io.sidecar(inputs, {"history": record["history"]}, desc, extra=provenance)
     applied = [h for h in record["history"] if h["step"] == "harmonize"]
@@ -214,10 +213,6 @@ def _export_series(record: dict, dwi_dir: Path, key: str, inputs: dict,
 
 def derivative_name(key: str, entities: str) -> str:
     return f"{key}_{entities}_dwimap.nii.gz"
-
-
-def _copy_atomic(src: str, dst: Path) -> Path:
-    return io._atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def status_path(output_dir, out_parts, key) -> Path:
@@ -266,7 +261,7 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
                      for entities, path in record.get("maps", {}).items()]
             for entities, src, step, params in jobs:
                 dst = dwi_dir / derivative_name(key, entities)
-                _copy_atomic(src, dst)
+                io.copy_file(src, dst)
                 meta = io.sidecar(inputs, params, step, extra=provenance)
                 meta["Sources"] = sorted(inputs.values())
                 io.write_json(meta, dst.with_name(dst.name.replace(".nii.gz", ".json")))
