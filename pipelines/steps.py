@@ -215,6 +215,35 @@ def derivative_name(key: str, entities: str) -> str:
     return f"{key}_{entities}_dwimap.nii.gz"
 
 
+def _export_file(src, dst: Path, inputs: dict, params: dict, step: str,
+                 provenance: dict) -> str:
+    """Copy one derivative into place (atomically) beside its JSON sidecar."""
+    io.copy_file(src, dst)
+    meta = io.sidecar(inputs, params, step, extra=provenance)
+    meta["Sources"] = sorted(inputs.values())
+    stem = dst.name.removesuffix(".nii.gz").removesuffix(dst.suffix)
+    io.write_json(meta, dst.with_name(f"{stem}.json"))
+    return str(dst)
+
+
+def export_product(product: dict, dwi_dir: Path, key: str, inputs: dict,
+                   provenance: dict) -> list[str]:
+    """Export the files of an optional step's *product record*.
+
+    A product record is ``{"subject", "status": "ok", "step", "maps":
+    {entities: nii}, "tables": {entities: tsv}, "parameters", "row"}``:
+    maps become ``<key>_<entities>_dwimap.nii.gz``, tables
+    ``<key>_<entities>.tsv``, each with a sidecar carrying ``parameters``;
+    the caller merges ``row`` into the subject's row.
+    """
+    step, params = product["step"], product.get("parameters", {})
+    jobs = [(path, dwi_dir / derivative_name(key, entities))
+            for entities, path in product.get("maps", {}).items()]
+    jobs += [(path, dwi_dir / f"{key}_{entities}.tsv")
+             for entities, path in product.get("tables", {}).items()]
+    return [_export_file(src, dst, inputs, params, step, provenance) for src, dst in jobs]
+
+
 def status_path(output_dir, out_parts, key) -> Path:
     return Path(output_dir, "dmriflow", *out_parts, f"{key}_desc-dmriflow_status.json")
 
@@ -232,17 +261,22 @@ def failed_row(subject: str, step: str, error: str, pipeline_version: str) -> di
 
 @python.define(outputs=["row"])
 def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict,
-           output_dir: str, pipeline_version: str = "") -> dict:
+           output_dir: str, image_gradient: dict | None = None, inference: dict | None = None,
+           pipeline_version: str = "") -> dict:
     """Copy a subject's maps into the derivatives tree, each with a sidecar.
 
-    Writes the subject's status file last (done, or failed with the reason),
-    so a killed run never shows a subject as done with missing files.
+    ``image_gradient`` and ``inference`` are product records of optional
+    steps (see :func:`export_product`). Writes the subject's status file
+    last (done, or failed with the reason), so a killed run never shows a
+    subject as done with missing files.
     """
     Path(STEP_MARKER).write_text("export")
     key = subject
     dwi_dir = Path(output_dir, "dmriflow", *out_parts, "dwi")
     row = {"subject": key, "status": "done", "failed_step": "", "error": ""}
-    failed = next((r for r in (record, tensor, rish) if r.get("status") == "failed"), None)
+    products = [p for p in (image_gradient, inference) if p is not None]
+    failed = next((r for r in (record, tensor, rish, *products) if r.get("status") == "failed"),
+                  None)
     written = []
     try:
         if failed is not None:
@@ -259,16 +293,15 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
                      for order, path in by_order.items()]
             jobs += [(entities, path, "preprocess", {"history": record["history"]})
                      for entities, path in record.get("maps", {}).items()]
-            for entities, src, step, params in jobs:
-                dst = dwi_dir / derivative_name(key, entities)
-                io.copy_file(src, dst)
-                meta = io.sidecar(inputs, params, step, extra=provenance)
-                meta["Sources"] = sorted(inputs.values())
-                io.write_json(meta, dst.with_name(dst.name.replace(".nii.gz", ".json")))
-                written.append(str(dst))
+            written += [_export_file(src, dwi_dir / derivative_name(key, entities), inputs,
+                                     params, step, provenance)
+                        for entities, src, step, params in jobs]
             written += _export_series(record, dwi_dir, key, inputs, provenance)
             row.update(median_fa=tensor["median_fa"], failed_fit_voxels=tensor["failed_voxels"],
                        mask_source=record["mask_source"], mask_voxels=record["mask_voxels"])
+            for product in products:
+                written += export_product(product, dwi_dir, key, inputs, provenance)
+                row.update(product.get("row", {}))
         if record.get("status") == "ok":
             row.update(record["census"])
     except Exception as exc:  # noqa: BLE001 - an export problem fails this subject only

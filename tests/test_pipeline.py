@@ -292,3 +292,29 @@ def test_preprocessing_steps_run_and_are_recorded(tmp_path):
     raw = nib.load(cohort / "sub-01" / "dwi" / "sub-01_dwi.nii.gz").get_fdata()
     pre = nib.load(dwi_dir / "sub-01_desc-preproc_dwi.nii.gz").get_fdata()
     assert pre.shape == raw.shape and not np.allclose(pre[brain], raw[brain])
+
+
+def test_export_product_writes_maps_tables_and_sidecars(tmp_path):
+    from dmriflow.pipelines.steps import export_product
+    src = tmp_path / "node"
+    src.mkdir()
+    angle = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    nii = io.save_nifti(angle, np.eye(4), src / "angle.nii.gz")
+    tsv = io.write_text("estimator\tmean\nB\t51.0\n", src / "rows.tsv")
+    product = {"subject": "s1", "status": "ok", "step": "image_gradient",
+               "maps": {"model-imagegradient_est-B_param-angle": str(nii)},
+               "tables": {"desc-imagegradient_angles": str(tsv)},
+               "parameters": {"estimators": ["B"]}, "row": {"ig_B_mean": 51.0}}
+    inputs = {"dwi": str(nii)}
+    written = export_product(product, tmp_path / "out", "s1", inputs, {"InputHashes": {}})
+    names = sorted(Path(w).name for w in written)
+    assert names == ["s1_desc-imagegradient_angles.tsv",
+                     "s1_model-imagegradient_est-B_param-angle_dwimap.nii.gz"]
+    out = tmp_path / "out"
+    assert np.array_equal(nib.load(out / names[1]).get_fdata(), angle)
+    assert (out / names[0]).read_text() == tsv.read_text()
+    for stem in ("s1_desc-imagegradient_angles", "s1_model-imagegradient_est-B_param-angle_dwimap"):
+        meta = json.loads((out / f"{stem}.json").read_text())
+        assert meta["Parameters"]["estimators"] == ["B"]
+        assert meta["GeneratedBy"][0]["Step"] == "image_gradient"
+        assert meta["Inputs"]["dwi"]["sha256"] == io.file_sha256(nii)
