@@ -32,7 +32,8 @@ from .gradients import (B0_THRESHOLD, GradientTable, check_readable_file, gradie
 #: Voxel grids match when their affines agree to this (mm).
 AFFINE_TOLERANCE = 1e-3
 #: Dependencies whose versions go into every sidecar.
-TRACKED_PACKAGES = ("numpy", "scipy", "nibabel", "dipy", "torch", "pydra", "pandas")
+TRACKED_PACKAGES = ("numpy", "scipy", "nibabel", "dipy", "torch", "monai", "pydra",
+                    "fileformats", "pandas")
 #: What nibabel raises on unreadable, truncated or corrupt files (a header with an
 #: unknown datatype code raises HeaderDataError, a negative dimension
 #: OverflowError when the data are mapped).
@@ -379,12 +380,22 @@ def pipeline_version() -> str:
     return f"{__version__}+{source_hash()}"
 
 
-def sidecar(inputs: dict, parameters: dict, step: str, extra: dict | None = None) -> dict:
-    """Provenance for one derivative: inputs' hashes, parameters, versions."""
+def sidecar(inputs: dict, parameters: dict, step: str, extra: dict | None = None,
+            hashes: dict | None = None, version: str | None = None) -> dict:
+    """Provenance for one derivative: inputs' hashes, parameters, versions.
+
+    ``hashes`` (sha256 by input key) are the hashes recorded when the inputs
+    were validated: they name the content that was processed, and spare
+    re-reading a 4 GB series for every derivative; inputs without one are
+    hashed here. ``version`` is the pipeline version of the run (default:
+    this process's :func:`pipeline_version`), so every file of one run
+    carries the same one.
+    """
+    hashes = hashes or {}
     return {
         "GeneratedBy": [{"Name": "dmriflow", "Version": __version__,
-                         "PipelineVersion": pipeline_version(), "Step": step}],
-        "Inputs": {k: {"path": os.fspath(p), "sha256": file_sha256(p)}
+                         "PipelineVersion": version or pipeline_version(), "Step": step}],
+        "Inputs": {k: {"path": os.fspath(p), "sha256": hashes.get(k) or file_sha256(p)}
                    for k, p in inputs.items() if p is not None},
         "Parameters": {**parameters, "gradient_policy": gradient_policy()},
         "Versions": package_versions(),
