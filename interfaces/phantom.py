@@ -61,6 +61,12 @@ Ground truth (``PhantomSubject.truth``)
   ``peak_fractions`` (X, Y, Z, 3) of the three largest populations,
   ``bundle`` (index into ``BUNDLES`` + 1 of the largest population, 0 none).
 
+Fibre-continuity phantom
+------------------------
+:func:`simulate_continuity_subject` is a white-matter slab with no gradient
+physics in the signal whose b0 gradient is perpendicular to the fibre in a
+chosen share of the voxels: the confound control of the image-gradient study.
+
 Frames: the affine is diagonal with a positive determinant (RAS+, as
 written by dcm2niix/BIDS tools), centred on the head. b-vectors, ``v1`` and
 ``peaks`` are in the FSL image frame of :mod:`dmriflow.interfaces.gradients`
@@ -768,6 +774,162 @@ def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
         voxel_size=tuple(float(v) for v in voxel), site=site.name if site else None,
         params=params,
         noise_free=None if clean is None else clean.reshape(grid + (n_vol,)))
+
+
+# ----------------------------------------------------------------------------
+# Fibre-continuity phantom: image gradient vs fibre, no gradient physics
+# ----------------------------------------------------------------------------
+#: Share of voxels whose b0 gradient is perpendicular to the local fibre.
+CONTINUITY_FRACTION = 0.5
+#: SNR of the fibre-continuity study (Aganj et al. simulate at SNR 20).
+CONTINUITY_SNR = 20.0
+#: Default grid (voxels) and voxel size (mm) of a continuity subject.
+CONTINUITY_SHAPE = (24, 24, 16)
+CONTINUITY_VOXEL_MM = 2.0
+#: RMS of |grad ln b0| (1/mm) over the grid: smooth relaxation contrast.
+CONTINUITY_LOG_GRADIENT = 0.04
+#: Share of the ln b0 field carried by relaxation (R2); the rest is proton density.
+CONTINUITY_R2_SHARE = 0.5
+#: Wavelength ranges (mm) of the random smooth fields: the image (ln b0), the
+#: helper field orienting fibres within the plane perpendicular to the image
+#: gradient, and the fibre field of the random half.
+CONTINUITY_IMAGE_WAVELENGTH = (20.0, 40.0)
+CONTINUITY_FIBRE_WAVELENGTH = (15.0, 30.0)
+#: Sinusoidal modes per random field.
+CONTINUITY_MODES = 6
+#: Share of the voxel signal in a coherent bundle (rest: background white
+#: matter, same axis): a smooth field in this range, so FA varies ~0.45-0.8.
+CONTINUITY_BUNDLE_SHARE = (0.2, 1.0)
+
+
+def _smooth_field(rng: np.random.Generator, x: np.ndarray, wavelengths, n_modes: int,
+                  dim: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Sum of random plane waves at points ``x`` (n, 3 mm): values (n, dim) and
+    their spatial gradients (n, dim, 3), each component of unit RMS amplitude."""
+    k_dir = rng.standard_normal((n_modes, 3))
+    k_dir /= np.linalg.norm(k_dir, axis=1, keepdims=True)
+    k = k_dir * (2.0 * math.pi / rng.uniform(*wavelengths, size=n_modes))[:, None]
+    phase = rng.uniform(0.0, 2.0 * math.pi, size=n_modes)
+    amp = rng.standard_normal((n_modes, dim)) * math.sqrt(2.0 / n_modes)
+    arg = x @ k.T + phase                                    # (n, modes)
+    values = np.sin(arg) @ amp
+    grads = np.einsum("nm,md,mj->ndj", np.cos(arg), amp, k)
+    return values, grads
+
+
+def simulate_continuity_subject(shape: Sequence[int] = CONTINUITY_SHAPE, seed: int = 0,
+                                snr: float | None = CONTINUITY_SNR,
+                                scheme: GradientTable | None = None, te: float = HCP_TE_MS,
+                                voxel_size: float = CONTINUITY_VOXEL_MM,
+                                fraction: float = CONTINUITY_FRACTION,
+                                log_gradient: float = CONTINUITY_LOG_GRADIENT) -> PhantomSubject:
+    """White-matter slab whose b0 gradient is perpendicular to the fibre in
+    ``fraction`` of the voxels and unrelated to it in the others.
+
+    The confound control of Aganj et al.'s image-gradient claim: fibre
+    bundles vary little along themselves, so the image gradient tends to be
+    perpendicular to the fibre. Here the diffusion signal carries **no**
+    gradient physics at all: each voxel is ``b0(x) * E(fibre(x), b, g)`` with
+    the head phantom's stick+zeppelin populations (:func:`_signal`), so any
+    estimator that finds the image gradient better than chance does so
+    through the fibre orientation only.
+
+    * ``ln b0 = ln PD(x) - TE / T2(x)``: one smooth random field, shared
+      between R2 (``CONTINUITY_R2_SHARE``) and ln PD; RMS ``|grad ln b0|`` =
+      ``log_gradient`` (1/mm).
+    * ``continuity`` half (voxels with the smallest world x, ``fraction`` of
+      the grid): fibre = unit ``grad ln b0 x h(x)`` (``h`` a smooth random
+      field), exactly perpendicular to the image gradient and smooth.
+    * other voxels: fibre = an independent smooth random field.
+    * bundle share of the signal: a smooth field in ``CONTINUITY_BUNDLE_SHARE``
+      (the rest is background white matter along the same axis).
+
+    Truth adds ``grad`` (analytic ``grad ln b0``, 1/mm, FSL image frame like
+    ``v1``; the affine is diagonal so covector and vector frames agree),
+    ``fibre`` (FSL frame) and ``continuity`` (bool). The mask leaves a one-voxel
+    border so finite differences at its edge see real neighbours.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    grid = tuple(int(n) for n in shape)
+    if len(grid) != 3 or min(grid) < 3:
+        raise ValueError(f"shape must be 3 sizes >= 3, got {shape}")
+    voxel = _as3(voxel_size)
+    affine = _grid_affine(grid, voxel)
+    gtab = scheme if scheme is not None else hcp_scheme()
+    prm = subject_parameters(seed)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 3]))
+    ijk = np.indices(grid, dtype=np.float64).reshape(3, -1).T
+    xyz = ijk * voxel + affine[:3, 3]
+    n_vox = xyz.shape[0]
+
+    # image: ln b0 = ln PD - TE R2(x), the smooth field scaled to the target gradient
+    field_, grad = _smooth_field(rng, xyz, CONTINUITY_IMAGE_WAVELENGTH, CONTINUITY_MODES)
+    scale = log_gradient / np.sqrt(np.mean(np.sum(grad[:, 0] ** 2, axis=1)))
+    log_b0_var, grad_log = field_[:, 0] * scale, grad[:, 0] * scale
+    pd = prm["pd"]["wm"] * SIGNAL_SCALE * np.exp((1.0 - CONTINUITY_R2_SHARE) * log_b0_var)
+    r2 = 1.0 / prm["t2"]["wm"] - CONTINUITY_R2_SHARE * log_b0_var / te   # 1/ms
+    if np.any(r2 <= 0):
+        raise ValueError(f"log_gradient {log_gradient} too large: T2 would turn negative")
+    s0 = pd * np.exp(-te * r2)
+
+    # fibres: perpendicular to the image gradient in the continuity part
+    order = np.argsort(xyz[:, 0], kind="stable")
+    continuity = np.zeros(n_vox, dtype=bool)
+    continuity[order[:int(round(fraction * n_vox))]] = True
+    h, _ = _smooth_field(rng, xyz, CONTINUITY_FIBRE_WAVELENGTH, CONTINUITY_MODES, dim=3)
+    h += rng.standard_normal(3)                                   # a mean direction
+    perp = np.cross(grad_log, h)
+    weak = np.linalg.norm(perp, axis=1) < 1e-9 * np.linalg.norm(grad_log, axis=1).max()
+    perp[weak] = np.cross(grad_log[weak], rng.standard_normal(3))
+    other, _ = _smooth_field(rng, xyz, CONTINUITY_FIBRE_WAVELENGTH, CONTINUITY_MODES, dim=3)
+    other += rng.standard_normal(3)
+    fibre = np.where(continuity[:, None], perp, other)
+    fibre /= np.linalg.norm(fibre, axis=1, keepdims=True)
+
+    # signal: the head phantom's bundle and background populations, one axis
+    share, _ = _smooth_field(rng, xyz, CONTINUITY_IMAGE_WAVELENGTH, CONTINUITY_MODES)
+    lo, hi = CONTINUITY_BUNDLE_SHARE
+    share = lo + (hi - lo) * 0.5 * (1.0 + np.tanh(share[:, 0]))
+    weights = np.zeros((n_vox, len(POPULATIONS)))
+    weights[:, 0], weights[:, -1] = share, 1.0 - share
+    dirs = np.repeat(fibre[:, None, :], len(POPULATIONS), axis=1)
+    amp = np.zeros((n_vox, 3))
+    amp[:, 2] = s0
+    g = gtab.to_world(affine)
+    clean = np.empty((n_vox, len(gtab)), dtype=np.float32)
+    for start in range(0, n_vox, CHUNK_VOXELS):
+        sl = slice(start, start + CHUNK_VOXELS)
+        clean[sl] = _signal(amp[sl], weights[sl], dirs[sl], g, gtab.bvals, prm)
+    sigma = 0.0 if snr is None or not np.isfinite(snr) else float(s0.mean() / snr)
+    if snr is not None and np.isfinite(snr) and snr <= 0:
+        raise ValueError(f"SNR must be positive, got {snr}")
+    dwi = clean
+    if sigma > 0:
+        noise = np.random.default_rng(np.random.SeedSequence([int(seed), 4]))
+        dwi = np.hypot(clean + sigma * noise.standard_normal(clean.shape, dtype=np.float32),
+                       sigma * noise.standard_normal(clean.shape, dtype=np.float32))
+
+    fa, md, v1 = tensor_maps(_mean_tensor(amp, weights, dirs, prm))
+    mask = np.zeros(grid, dtype=bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    to_grid = lambda a, dtype=np.float32: np.asarray(a, dtype=dtype).reshape(grid + a.shape[1:])  # noqa: E731
+    truth = {
+        "fa": to_grid(fa), "md": to_grid(md), "v1": to_grid(world_to_fsl(v1, affine)),
+        "s0": to_grid(s0), "pd": to_grid(pd), "t2": to_grid(1.0 / r2),
+        "label": np.where(mask, LABELS["wm"], 0).astype(np.uint8),
+        "mask": mask, "nfib": mask.astype(np.uint8),
+        "grad": to_grid(world_to_fsl(grad_log, affine)),
+        "fibre": to_grid(world_to_fsl(fibre, affine)),
+        "continuity": continuity.reshape(grid),
+    }
+    params = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in prm.items()}
+    params.update(continuity_fraction=fraction, log_gradient=log_gradient, physics="none")
+    return PhantomSubject(
+        dwi=dwi.reshape(grid + (len(gtab),)), gtab=gtab, affine=affine, mask=mask,
+        truth=truth, seed=int(seed), snr=None if sigma == 0 else float(snr), sigma=sigma,
+        te=float(te), field_strength=HCP_FIELD_T, voxel_size=tuple(float(v) for v in voxel),
+        site="continuity", params=params, noise_free=clean.reshape(grid + (len(gtab),)))
 
 
 # ----------------------------------------------------------------------------
