@@ -222,23 +222,29 @@ def _weights_path(folder: Path, card: ModelCard) -> Path:
 
 
 def read_weights(folder, card: ModelCard, device="cpu") -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, after checking the file's sha256 against the card.
+    """The checkpoint's tensors, after checking the file's sha256 against the card."""
+    return read_verified(_weights_path(Path(folder), card), card.weights_sha256, device)
+
+
+def read_verified(path, sha256: str, device="cpu") -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file whose sha256 must equal ``sha256``.
 
     The file is read once into memory, hashed, and parsed from those same
     bytes by safetensors (so what was checked is what is loaded).
     """
     from safetensors.torch import load as st_load
-    path = _weights_path(Path(folder), card)
+    path = Path(path)
+    if path.suffix != WEIGHTS_SUFFIX:
+        raise InputError(path, f"only {WEIGHTS_SUFFIX} files are loaded")
     if not path.is_file():
         raise InputError(path, "weights file not found")
+    if not sha256:
+        raise InputError(path, "no sha256 is recorded for the weights")
     data = path.read_bytes()
     digest = sha256_bytes(data)
-    if not card.weights_sha256:
-        raise InputError(path, "the model card records no sha256 for the weights")
-    if digest != card.weights_sha256:
+    if digest != sha256:
         raise InputError(path, f"weights sha256 {digest[:12]}... does not match the model "
-                               f"card ({card.weights_sha256[:12]}...): file changed or "
-                               f"tampered with")
+                               f"card ({sha256[:12]}...): file changed or tampered with")
     try:
         tensors = st_load(data)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types

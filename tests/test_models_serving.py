@@ -181,3 +181,72 @@ def test_broken_cards_are_input_errors(tmp_path):
             mc.load_checkpoint(folder)
     with pytest.raises(InputError, match="model card not found"):
         mc.load_checkpoint(tmp_path / "empty" / mc.CARD_FILE)
+
+
+# ----------------------------------------------------------------------------
+# Resumable training (models.train)
+# ----------------------------------------------------------------------------
+from dmriflow.models import train as mt  # noqa: E402
+
+
+def _regression():
+    """y = sin(x0) + x1 * x2: a small model learns it; batches from (step, rng)."""
+    def batch(step, rng):
+        x = torch.from_numpy(rng.uniform(-1, 1, (32, 4)).astype(np.float32))
+        y = torch.sin(x[:, :1]) + x[:, 1:2] * x[:, 2:3]
+        return x, y
+
+    def loss(model, b):
+        x, y = b
+        return torch.nn.functional.mse_loss(torch.nn.functional.dropout(model(x), 0.1,
+                                                                        model.training), y)
+
+    def validate(model):
+        x, y = batch(-1, np.random.default_rng(123))
+        return float(torch.nn.functional.mse_loss(model(x), y))
+    return batch, loss, validate
+
+
+def test_training_loss_decreases_and_resume_equals_uninterrupted_run(tmp_path):
+    batch, loss, validate = _regression()
+    cfg = mt.TrainConfig(steps=60, lr=1e-2, warmup=5, seed=3, checkpoint_every=7,
+                         validate_every=20, log_every=10, threads=1)
+    torch.manual_seed(0)
+    full = mt.train(TinyNet(width=16), loss, batch, cfg, state_dir=tmp_path / "a",
+                    validate=validate)
+    assert full.history[-1]["loss"] < 0.5 * full.history[0]["loss"]
+    assert full.best_step in (20, 40, 60) and len(full.validation) == 3
+
+    torch.manual_seed(0)
+    part = mt.train(TinyNet(width=16), loss, batch, cfg, state_dir=tmp_path / "b",
+                    validate=validate, stop_after=25)
+    assert part.step == 25
+    torch.manual_seed(99)                  # a different init: resume must overwrite it
+    rest = mt.train(TinyNet(width=16), loss, batch, cfg, state_dir=tmp_path / "b",
+                    validate=validate, resume=True)
+    assert rest.resumed_from == 25 and rest.step == 60
+    assert rest.history == full.history and rest.validation == full.validation
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, rest.model.state_dict()[k]), k
+
+    # a changed config cannot resume; a tampered state is refused
+    with pytest.raises(ValueError, match="config changed"):
+        mt.train(TinyNet(width=16), loss, batch, mt.TrainConfig(**{**cfg.__dict__, "lr": 0.1}),
+                 state_dir=tmp_path / "b", resume=True)
+    tensors = tmp_path / "b" / mt.STATE_TENSORS
+    data = bytearray(tensors.read_bytes())
+    data[-1] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="does not match"):
+        mt.train(TinyNet(width=16), loss, batch, cfg, state_dir=tmp_path / "b", resume=True)
+
+
+def test_training_is_deterministic_for_a_seed_and_differs_across_seeds():
+    batch, loss, _ = _regression()
+    results = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(0)
+        cfg = mt.TrainConfig(steps=15, lr=1e-2, warmup=3, seed=seed, threads=1, log_every=5)
+        results.append(mt.train(TinyNet(width=8), loss, batch, cfg).model.state_dict())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert not torch.equal(results[0]["a.weight"], results[2]["a.weight"])
