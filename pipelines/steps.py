@@ -11,18 +11,15 @@ bad subject never stops the cohort, and its reason reaches the group table.
 from __future__ import annotations
 
 import functools
-import os
 import traceback
 from pathlib import Path
 
-import numpy as np
 from fileformats.generic import File
 from pydra.compose import python
 
-from dmriflow.interfaces import io
-from dmriflow.interfaces.dti import DTI_MAX_BVAL, dti_shells, fit_dwi
+from dmriflow.interfaces import io, stepfiles
+from dmriflow.interfaces.dti import DTI_MAX_BVAL
 from dmriflow.interfaces.errors import InputError
-from dmriflow.interfaces.preprocess import brain_mask
 
 #: Written into a node folder whose record is a failure (see execution.clean_cache).
 FAILED_MARKER = "_dmriflow_failed"
@@ -30,8 +27,6 @@ FAILED_MARKER = "_dmriflow_failed"
 STEP_MARKER = "_dmriflow_step"
 #: BIDS ``desc`` label of a DWI series changed by each step (joined in order).
 SERIES_DESC = {"preprocess": "preproc", "harmonize": "harmonized"}
-#: Tensor maps written per subject.
-TENSOR_PARAMS = ("fa", "md", "ad", "rd", "s0", "v1")
 #: Columns of group/subjects.tsv, in order (census fields follow "status").
 STATUS_COLUMNS = ("subject", "status", "failed_step", "error")
 
@@ -63,17 +58,6 @@ def guarded(step: str):
     return deco
 
 
-def _load(dwi, bval, bvec, mask):
-    """Validated DWI; a median-Otsu mask from the mean b0 when none is given."""
-    data = io.load_dwi(dwi, bval, bvec, mask)
-    if mask is None:
-        mean_b0 = io.mean_b0_map(data.data, data.gtab)
-        data.mask = brain_mask(mean_b0) & (mean_b0 > 0)
-        if not data.mask.any():
-            raise InputError(dwi, "automatic brain mask is empty")
-    return data
-
-
 def load_series(record: dict):
     """The DWI a step works on: the current series of the subject's record.
 
@@ -81,50 +65,22 @@ def load_series(record: dict):
     (paths of dwi, bval, bvec, mask), so later steps need not know which of
     them ran.
     """
-    series = record["series"]
-    return io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"])
+    return stepfiles.read_series(record["series"])
 
 
 def save_series(data, record: dict, step: str, extra: dict | None = None) -> dict:
     """Write a DWI (data, gradients, mask) into the node folder as the new series."""
-    cwd = Path.cwd()
-    series = {"dwi": str(io.save_nifti(data.data, data.affine, cwd / "dwi.nii.gz",
-                                       data.header).resolve()),
-              "bval": str(io.write_text(" ".join(f"{b:g}" for b in data.gtab.bvals) + "\n",
-                                        cwd / "dwi.bval").resolve()),
-              "bvec": str(io.write_text("\n".join(" ".join(f"{v:.8f}" for v in row)
-                                                  for row in data.gtab.bvecs.T) + "\n",
-                                        cwd / "dwi.bvec").resolve()),
-              "mask": record["series"]["mask"]}
+    series = stepfiles.write_series(data, Path.cwd(), record["series"]["mask"])
     history = list(record.get("history", [])) + [{"step": step, **(extra or {})}]
     return {**record, "series": series, "history": history}
-
-
-def _opt(path) -> str | None:
-    return None if path is None else os.fspath(path)
 
 
 @python.define(outputs=["record"])
 @guarded("validate")
 def Validate(subject: str, dwi: File, bval: File, bvec: File, mask: File | None = None,
              sidecar: File | None = None, pipeline_version: str = "") -> dict:
-    """Load and check every input; record the census row and input hashes."""
-    from dmriflow.pipelines.inputs import SubjectInputs, census_row
-    data = _load(dwi, bval, bvec, _opt(mask))
-    inputs = SubjectInputs(label=subject, dwi=os.fspath(dwi), bval=os.fspath(bval),
-                           bvec=os.fspath(bvec), mask=_opt(mask), sidecar=_opt(sidecar))
-    census = census_row(inputs, gtab=data.gtab, shape=data.data.shape,
-                        zooms=data.header.get_zooms())
-    hashes = {k: {"path": p, "sha256": io.file_sha256(p)}
-              for k, p in {**data.paths, "sidecar": _opt(sidecar)}.items() if p}
-    mask_path = _opt(mask) or str(io.save_nifti(data.mask.astype(np.uint8), data.affine,
-                                                Path.cwd() / "mask.nii.gz").resolve())
-    series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
-              "mask": mask_path}
-    return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
-            "series": series, "sidecar": _opt(sidecar), "history": [],
-            "mask_source": "given" if mask is not None else "median_otsu",
-            "mask_voxels": int(data.mask.sum())}
+    """Load and check every input; record the census row, input hashes and QC."""
+    return stepfiles.validate_subject(subject, dwi, bval, bvec, mask, sidecar, Path.cwd())
 
 
 @python.define(outputs=["record"])
@@ -153,42 +109,16 @@ def Preprocess(subject: str, record: dict, denoise: bool = False, degibbs: bool 
 def FitTensor(subject: str, record: dict, fit_method: str = "WLS",
               max_bval: float = DTI_MAX_BVAL, pipeline_version: str = "") -> dict:
     """DTI maps (FA, MD, AD, RD, S0, V1) as NIfTI files in the node folder."""
-    data = load_series(record)
-    shells = dti_shells(data.gtab, max_bval)
-    data = data.select_volumes(data.gtab.select_shells(shells))
-    fit = fit_dwi(data, fit_method=fit_method)
-    maps = {}
-    for name in TENSOR_PARAMS:
-        arr = np.asarray(getattr(fit, name), dtype=np.float32)
-        maps[name] = str(io.save_nifti(arr, data.affine, Path.cwd() / f"{name}.nii.gz",
-                                       data.header).resolve())
-    fa = np.asarray(fit.fa)[data.mask]
-    return {"subject": subject, "status": "ok", "maps": maps,
-            "median_fa": float(np.median(fa)),
-            "failed_voxels": int(np.count_nonzero(np.asarray(fit.failed)[data.mask])),
-            "parameters": {"fit_method": fit_method, "max_bval": max_bval,
-                           "shells_used": shells}}
+    return {"subject": subject, "status": "ok",
+            **stepfiles.write_tensor_maps(record["series"], Path.cwd(), fit_method, max_bval)}
 
 
 @python.define(outputs=["rish"])
 @guarded("rish")
 def FitRish(subject: str, record: dict, lmax: int = 0, pipeline_version: str = "") -> dict:
     """Per-shell SH fit of the b0-normalised signal and RISH maps l = 0..L."""
-    from dmriflow.interfaces.sh import fit_shells
-    data = load_series(record)
-    fits = fit_shells(data, lmax=lmax or None)
-    maps, orders = {}, {}
-    for shell, fit in fits.items():
-        rish = np.asarray(fit.rish(), dtype=np.float32)
-        key = f"{shell:g}"
-        orders[key] = int(fit.lmax)
-        maps[key] = {}
-        for i, order in enumerate(range(0, fit.lmax + 1, 2)):
-            path = Path.cwd() / f"rish_b{key}_l{order}.nii.gz"
-            maps[key][str(order)] = str(io.save_nifti(rish[..., i], data.affine, path,
-                                                      data.header).resolve())
-    return {"subject": subject, "status": "ok", "maps": maps,
-            "parameters": {"lmax": orders, "normalisation": "mean b0"}}
+    return {"subject": subject, "status": "ok",
+            **stepfiles.write_rish_maps(record["series"], Path.cwd(), lmax)}
 
 
 def _export_series(record: dict, dwi_dir: Path, key: str, inputs: dict,
@@ -298,7 +228,8 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
                         for entities, src, step, params in jobs]
             written += _export_series(record, dwi_dir, key, inputs, provenance)
             row.update(median_fa=tensor["median_fa"], failed_fit_voxels=tensor["failed_voxels"],
-                       mask_source=record["mask_source"], mask_voxels=record["mask_voxels"])
+                       mask_source=record["mask_source"], mask_voxels=record["mask_voxels"],
+                       **record.get("qc", {}))
             for product in products:
                 written += export_product(product, dwi_dir, key, inputs, provenance)
                 row.update(product.get("row", {}))

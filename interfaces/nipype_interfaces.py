@@ -1,0 +1,206 @@
+"""dmriflow's per-subject steps as Nipype interfaces.
+
+Each interface is a thin wrapper around the same function the Pydra step
+calls (:mod:`dmriflow.interfaces.stepfiles`), so a Nipype workflow and a
+``dmriflow run`` write the same maps from the same code. Outputs go to the
+interface's working directory (a Nipype node's folder). Bad input raises
+:class:`~dmriflow.interfaces.errors.InputError` naming the file.
+
+    from nipype import Node, Workflow
+    from dmriflow.interfaces.nipype_interfaces import Validate, DTIFit
+    wf = Workflow("dwi", base_dir="work")
+    val = Node(Validate(subject="sub-01", dwi=..., bval=..., bvec=...), "validate")
+    dti = Node(DTIFit(), "dti")
+    wf.connect(val, "dwi", dti, "dwi")   # likewise bval, bvec, mask
+    wf.run("MultiProc", plugin_args={"n_procs": 2})
+"""
+
+from __future__ import annotations
+
+import os
+
+# Nipype phones home for a version check when an interface is created; a
+# pipeline for medical images must not (and the network may be closed).
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+from nipype.interfaces.base import (BaseInterface, BaseInterfaceInputSpec,  # noqa: E402
+                                    Directory, File, OutputMultiObject,
+                                    TraitedSpec, isdefined, traits)
+
+from . import io, stepfiles  # noqa: E402
+from .dti import DTI_MAX_BVAL, FIT_METHODS  # noqa: E402
+
+#: The JSON record Validate writes beside its outputs.
+RECORD_FILE = "record.json"
+#: The JSON Harmonize writes: what was applied (the Pydra step's history entry).
+INFO_FILE = "harmonization.json"
+
+
+def _defined(value):
+    return value if isdefined(value) else None
+
+
+class _SeriesInputSpec(BaseInterfaceInputSpec):
+    dwi = File(exists=True, mandatory=True, desc="4D DWI series (NIfTI)")
+    bval = File(exists=True, mandatory=True, desc="b-values (FSL text)")
+    bvec = File(exists=True, mandatory=True, desc="gradient directions (FSL text)")
+    mask = File(exists=True, mandatory=True, desc="brain mask on the DWI grid")
+
+
+class _SeriesOutputSpec(TraitedSpec):
+    dwi = File(exists=True, desc="4D DWI series")
+    bval = File(exists=True, desc="b-values")
+    bvec = File(exists=True, desc="gradient directions")
+    mask = File(exists=True, desc="brain mask")
+
+
+def _series(inputs) -> dict:
+    return {k: os.path.abspath(getattr(inputs, k)) for k in stepfiles.SERIES_KEYS}
+
+
+class _StepInterface(BaseInterface):
+    """Runs ``_step()`` in the working directory and keeps its result for outputs."""
+
+    def _run_interface(self, runtime):
+        self._result = self._step(runtime.cwd)
+        return runtime
+
+    def _step(self, out_dir) -> dict:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------
+class ValidateInputSpec(BaseInterfaceInputSpec):
+    subject = traits.Str(mandatory=True, desc="subject key, e.g. sub-01")
+    dwi = File(exists=True, mandatory=True, desc="4D DWI series (NIfTI)")
+    bval = File(exists=True, mandatory=True, desc="b-values (FSL text)")
+    bvec = File(exists=True, mandatory=True, desc="gradient directions (FSL text)")
+    mask = File(exists=True, desc="brain mask (default: median Otsu of the mean b0)")
+    sidecar = File(exists=True, desc="BIDS JSON sidecar of the DWI")
+
+
+class ValidateOutputSpec(_SeriesOutputSpec):
+    record = File(exists=True, desc="JSON record: census, input sha256, QC, series")
+    census = traits.Dict(desc="acquisition census row (shells, directions, voxel size, ...)")
+    mask_volume_ml = traits.Float(desc="brain mask volume (ml)")
+    b0_snr = traits.Float(desc="mean b0 in the mask / noise sigma from b0 differences")
+
+
+class Validate(_StepInterface):
+    """Load and check a subject's DWI, gradients, mask and sidecar; census and QC."""
+
+    input_spec = ValidateInputSpec
+    output_spec = ValidateOutputSpec
+
+    def _step(self, out_dir):
+        i = self.inputs
+        record = stepfiles.validate_subject(i.subject, os.path.abspath(i.dwi),
+                                            os.path.abspath(i.bval), os.path.abspath(i.bvec),
+                                            _abs(i.mask), _abs(i.sidecar), out_dir=out_dir)
+        path = io.write_json(record, os.path.join(out_dir, RECORD_FILE))
+        return {**record, "record": str(path)}
+
+    def _list_outputs(self):
+        r = self._result
+        return {**r["series"], "record": r["record"], "census": r["census"],
+                "mask_volume_ml": r["qc"]["mask_volume_ml"], "b0_snr": r["qc"]["b0_snr"]}
+
+
+def _abs(path):
+    return None if _defined(path) is None else os.path.abspath(path)
+
+
+# ----------------------------------------------------------------------------
+class DTIFitInputSpec(_SeriesInputSpec):
+    fit_method = traits.Enum(*FIT_METHODS, usedefault=True, desc="tensor fit")
+    max_bval = traits.Float(DTI_MAX_BVAL, usedefault=True,
+                            desc="fit the b0s and shells up to this b-value (s/mm^2)")
+
+
+class DTIFitOutputSpec(TraitedSpec):
+    fa = File(exists=True, desc="fractional anisotropy")
+    md = File(exists=True, desc="mean diffusivity (mm^2/s)")
+    ad = File(exists=True, desc="axial diffusivity (mm^2/s)")
+    rd = File(exists=True, desc="radial diffusivity (mm^2/s)")
+    v1 = File(exists=True, desc="principal eigenvector (X, Y, Z, 3)")
+    s0 = File(exists=True, desc="fitted non-weighted signal")
+    median_fa = traits.Float(desc="median FA in the mask")
+    failed_voxels = traits.Int(desc="mask voxels whose fit failed")
+
+
+class DTIFit(_StepInterface):
+    """Diffusion tensor fit (dmriflow.interfaces.dti): FA, MD, AD, RD, V1, S0 maps."""
+
+    input_spec = DTIFitInputSpec
+    output_spec = DTIFitOutputSpec
+
+    def _step(self, out_dir):
+        return stepfiles.write_tensor_maps(_series(self.inputs), out_dir,
+                                           self.inputs.fit_method, self.inputs.max_bval)
+
+    def _list_outputs(self):
+        r = self._result
+        return {**r["maps"], "median_fa": r["median_fa"], "failed_voxels": r["failed_voxels"]}
+
+
+# ----------------------------------------------------------------------------
+class RISHInputSpec(_SeriesInputSpec):
+    lmax = traits.Int(0, usedefault=True,
+                      desc="highest SH order (0: as each shell's directions allow, <= 8)")
+
+
+class RISHOutputSpec(TraitedSpec):
+    rish_maps = OutputMultiObject(File(exists=True),
+                                  desc="RISH maps, shell by shell, orders 0, 2, ... within")
+    shells = traits.List(traits.Float, desc="shell of each map")
+    orders = traits.List(traits.Int, desc="SH order of each map")
+
+
+class RISH(_StepInterface):
+    """Per-shell SH fit of the b0-normalised signal and its RISH maps."""
+
+    input_spec = RISHInputSpec
+    output_spec = RISHOutputSpec
+
+    def _step(self, out_dir):
+        return stepfiles.write_rish_maps(_series(self.inputs), out_dir, self.inputs.lmax)
+
+    def _list_outputs(self):
+        flat = [(float(b), int(o), p) for b, by in self._result["maps"].items()
+                for o, p in by.items()]
+        return {"rish_maps": [p for _, _, p in flat], "shells": [b for b, _, _ in flat],
+                "orders": [o for _, o, _ in flat]}
+
+
+# ----------------------------------------------------------------------------
+class HarmonizeInputSpec(_SeriesInputSpec):
+    subject = traits.Str("subject", usedefault=True, desc="subject key (for messages)")
+    artefact = Directory(exists=True, mandatory=True,
+                         desc="artefact folder written by 'dmriflow harmonize fit'")
+    sidecar = File(exists=True, desc="JSON sidecar of the input (refuses a second application)")
+
+
+class HarmonizeOutputSpec(_SeriesOutputSpec):
+    content_id = traits.Str(desc="content id of the applied artefact")
+    info = File(exists=True, desc="JSON: what was applied (history, shells, registration)")
+
+
+class Harmonize(_StepInterface):
+    """Apply a stored RISH harmonization artefact to a DWI series."""
+
+    input_spec = HarmonizeInputSpec
+    output_spec = HarmonizeOutputSpec
+
+    def _step(self, out_dir):
+        i = self.inputs
+        series, entry = stepfiles.harmonize_series(_series(i), os.path.abspath(i.artefact),
+                                                   out_dir, i.subject, _abs(i.sidecar))
+        info = io.write_json(entry, os.path.join(out_dir, INFO_FILE))
+        return {"series": series, "content_id": entry["content_id"], "info": str(info)}
+
+    def _list_outputs(self):
+        r = self._result
+        return {**r["series"], "content_id": r["content_id"], "info": r["info"]}
+
+
+__all__ = ["Validate", "DTIFit", "RISH", "Harmonize"]

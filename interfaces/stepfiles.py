@@ -1,0 +1,189 @@
+"""Each per-subject step as a plain function from files to files (no engine).
+
+The Pydra tasks (``pipelines/steps.py``, ``pipelines/harmonization.py``) and
+the Nipype interfaces (``interfaces/nipype_interfaces.py``) are thin wrappers
+around these functions, so both engines run the same code and write the same
+files. A *series* is the dict ``{"dwi", "bval", "bvec", "mask"}`` of paths a
+step works on; every function writes into ``out_dir`` and returns plain JSON
+types (paths as strings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+from .dti import DTI_MAX_BVAL, dti_shells, fit_dwi
+from .errors import InputError
+
+#: The files of a DWI series, as a step hands them on.
+SERIES_KEYS = ("dwi", "bval", "bvec", "mask")
+#: Tensor maps written per subject.
+TENSOR_PARAMS = ("fa", "md", "ad", "rd", "s0", "v1")
+#: MAD -> standard deviation for Gaussian noise.
+MAD_TO_SD = 1.4826
+#: b0 volumes needed to estimate the noise from their differences.
+MIN_B0_FOR_NOISE = 2
+
+
+# ----------------------------------------------------------------------------
+# Numerics: a b0 noise / SNR estimate
+# ----------------------------------------------------------------------------
+def b0_noise(data: np.ndarray, gtab, mask: np.ndarray) -> dict:
+    """Noise sigma and b0 SNR of a series, from differences of its b0 volumes.
+
+    ``noise_sigma`` = 1.4826 * MAD(b0[k+1] - b0[k]) / sqrt(2), pooled over
+    consecutive b0 pairs and the mask voxels (the difference of two noisy
+    copies of the same signal has variance 2 sigma^2; the MAD keeps edges and
+    the odd motion outlier from inflating it). ``b0_snr`` = mean b0 in the
+    mask / ``noise_sigma``. Motion between b0s, or preprocessing that
+    correlates them, biases sigma up (SNR down). Both are NaN with fewer than
+    two b0 volumes.
+    """
+    idx = np.flatnonzero(gtab.b0s_mask)
+    if idx.size < MIN_B0_FOR_NOISE or not mask.any():
+        return {"noise_sigma": float("nan"), "b0_snr": float("nan"), "n_b0_pairs": 0}
+    diffs = np.concatenate([data[..., b][mask] - data[..., a][mask]
+                            for a, b in zip(idx[:-1], idx[1:])])
+    sigma = MAD_TO_SD * float(np.median(np.abs(diffs - np.median(diffs)))) / float(np.sqrt(2.0))
+    mean_b0 = float(io.mean_b0_map(data, gtab)[mask].mean())
+    return {"noise_sigma": sigma, "b0_snr": mean_b0 / sigma if sigma > 0 else float("inf"),
+            "n_b0_pairs": int(idx.size - 1)}
+
+
+# ----------------------------------------------------------------------------
+# Series in and out
+# ----------------------------------------------------------------------------
+def _opt(path) -> str | None:
+    return None if path is None else os.fspath(path)
+
+
+def load_subject(dwi, bval, bvec, mask=None) -> io.DWI:
+    """Validated DWI; a median-Otsu mask from the mean b0 when none is given."""
+    from .preprocess import brain_mask
+    data = io.load_dwi(dwi, bval, bvec, mask)
+    if mask is None:
+        mean_b0 = io.mean_b0_map(data.data, data.gtab)
+        data.mask = brain_mask(mean_b0) & (mean_b0 > 0)
+        if not data.mask.any():
+            raise InputError(dwi, "automatic brain mask is empty")
+    return data
+
+
+def read_series(series: dict) -> io.DWI:
+    """Load the DWI of a series dict (all four files are required)."""
+    return io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"])
+
+
+def write_series(data: io.DWI, out_dir, mask: str) -> dict:
+    """Write a DWI's data and gradients (FSL text files) as a new series in ``out_dir``."""
+    out_dir = Path(out_dir)
+    bval = " ".join(f"{b:g}" for b in data.gtab.bvals) + "\n"
+    bvec = "\n".join(" ".join(f"{v:.8f}" for v in row) for row in data.gtab.bvecs.T) + "\n"
+    return {"dwi": str(io.save_nifti(data.data, data.affine, out_dir / "dwi.nii.gz",
+                                     data.header).resolve()),
+            "bval": str(io.write_text(bval, out_dir / "dwi.bval").resolve()),
+            "bvec": str(io.write_text(bvec, out_dir / "dwi.bvec").resolve()),
+            "mask": mask}
+
+
+# ----------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------
+def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
+                     out_dir=".") -> dict:
+    """Load and check every input; the subject's record.
+
+    The record holds the census row, the inputs' sha256, QC figures (mask
+    volume, b0 noise and SNR, see :func:`b0_noise`) and the series later
+    steps work on; a mask computed here is written to ``out_dir/mask.nii.gz``.
+    """
+    from dmriflow.pipelines.inputs import SubjectInputs, census_row
+    mask, sidecar = _opt(mask), _opt(sidecar)
+    data = load_subject(dwi, bval, bvec, mask)
+    inputs = SubjectInputs(label=subject, dwi=os.fspath(dwi), bval=os.fspath(bval),
+                           bvec=os.fspath(bvec), mask=mask, sidecar=sidecar)
+    census = census_row(inputs, gtab=data.gtab, shape=data.data.shape,
+                        zooms=data.header.get_zooms())
+    hashes = {k: {"path": p, "sha256": io.file_sha256(p)}
+              for k, p in {**data.paths, "sidecar": sidecar}.items() if p}
+    mask_path = mask or str(io.save_nifti(data.mask.astype(np.uint8), data.affine,
+                                          Path(out_dir) / "mask.nii.gz").resolve())
+    n_vox = int(data.mask.sum())
+    qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0,
+          **b0_noise(data.data, data.gtab, data.mask)}
+    series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
+              "mask": mask_path}
+    return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
+            "series": series, "sidecar": sidecar, "history": [], "qc": qc,
+            "mask_source": "given" if mask is not None else "median_otsu",
+            "mask_voxels": n_vox}
+
+
+def write_tensor_maps(series: dict, out_dir, fit_method: str = "WLS",
+                      max_bval: float = DTI_MAX_BVAL) -> dict:
+    """DTI maps (FA, MD, AD, RD, S0, V1) of the b0s and shells up to ``max_bval``."""
+    data = read_series(series)
+    shells = dti_shells(data.gtab, max_bval)
+    data = data.select_volumes(data.gtab.select_shells(shells))
+    fit = fit_dwi(data, fit_method=fit_method)
+    maps = {}
+    for name in TENSOR_PARAMS:
+        arr = np.asarray(getattr(fit, name), dtype=np.float32)
+        maps[name] = str(io.save_nifti(arr, data.affine, Path(out_dir) / f"{name}.nii.gz",
+                                       data.header).resolve())
+    fa = np.asarray(fit.fa)[data.mask]
+    return {"maps": maps, "median_fa": float(np.median(fa)),
+            "failed_voxels": int(np.count_nonzero(np.asarray(fit.failed)[data.mask])),
+            "parameters": {"fit_method": fit_method, "max_bval": max_bval,
+                           "shells_used": shells}}
+
+
+def write_rish_maps(series: dict, out_dir, lmax: int = 0) -> dict:
+    """Per-shell SH fit of the b0-normalised signal; RISH maps l = 0..L as files.
+
+    ``maps[shell][order]`` is a path (shell as ``"1000"``, order as ``"2"``);
+    ``lmax`` 0 fits as many orders as each shell's directions allow.
+    """
+    from .sh import fit_shells
+    data = read_series(series)
+    fits = fit_shells(data, lmax=lmax or None)
+    maps, orders = {}, {}
+    for shell, fit in fits.items():
+        rish = np.asarray(fit.rish(), dtype=np.float32)
+        key = f"{shell:g}"
+        orders[key] = int(fit.lmax)
+        maps[key] = {}
+        for i, order in enumerate(range(0, fit.lmax + 1, 2)):
+            path = Path(out_dir) / f"rish_b{key}_l{order}.nii.gz"
+            maps[key][str(order)] = str(io.save_nifti(rish[..., i], data.affine, path,
+                                                      data.header).resolve())
+    return {"maps": maps, "parameters": {"lmax": orders, "normalisation": "mean b0"}}
+
+
+def harmonize_series(series: dict, artefact, out_dir, subject: str,
+                     sidecar=None) -> tuple[dict, dict]:
+    """Apply a stored harmonization artefact to a series: (new series, history entry).
+
+    Refuses data whose JSON ``sidecar`` says this artefact was already
+    applied. The harmonised series is written to ``out_dir`` (same mask).
+    """
+    from .harmonize import HarmonizationArtefact, applied_artefacts, apply_harmonization
+    art = HarmonizationArtefact.load(artefact)
+    meta = json.loads(Path(sidecar).read_text()) if sidecar else None
+    data = read_series(series)
+    data.data, info = apply_harmonization(data, None, art, applied=applied_artefacts(meta),
+                                          subject=subject, inplace=True)
+    entry = {"artefact": str(Path(artefact).resolve()), "content_id": art.content_id,
+             "applied": applied_artefacts(meta) + [art.content_id], "info": jsonable(info)}
+    return write_series(data, out_dir, series["mask"]), entry
+
+
+def jsonable(obj):
+    """Plain JSON types only (numpy scalars and arrays become lists/numbers)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                                 else str(o)))
