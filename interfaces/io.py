@@ -240,11 +240,23 @@ def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
 # ----------------------------------------------------------------------------
 # Writing: temporary name, then rename
 # ----------------------------------------------------------------------------
+#: In the temporary name of an atomic write: ``.<name>.<random>.tmp<ext>``.
+TEMP_TAG = ".tmp"
+
+
+def temporary_files(folder) -> list[Path]:
+    """Temporary names of atomic writes under a folder: a killed writer's leftovers
+    (never valid results; only safe to delete when no writer is running)."""
+    folder = Path(folder)
+    return sorted(folder.rglob(f".*{TEMP_TAG}*")) if folder.is_dir() else []
+
+
 def _atomic(path: str | os.PathLike, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TEMP_TAG}{suffix}",
+                               dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
