@@ -9,7 +9,6 @@ cohort). ``Harmonize`` is the per-subject apply step used by ``dmriflow run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import nibabel as nib
@@ -18,9 +17,10 @@ from fileformats.generic import File
 from pydra.compose import python, workflow
 
 from dmriflow.interfaces import io
+from dmriflow.interfaces.stepfiles import harmonize_series
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, Preprocess, Validate,
-                                      guarded, load_series, save_series)
+                                      guarded, load_series, with_series)
 
 #: Default highest SH order harmonised (as the shells' directions allow).
 DEFAULT_HARMONIZATION_LMAX = 8
@@ -113,23 +113,9 @@ def Harmonize(subject: str, record: dict, artefact: str = "", pipeline_version: 
     """
     if not artefact:
         return record
-    from dmriflow.interfaces.harmonize import (HarmonizationArtefact, applied_artefacts,
-                                               apply_harmonization)
-    art = HarmonizationArtefact.load(artefact)
-    sidecar = json.loads(Path(record["sidecar"]).read_text()) if record.get("sidecar") else None
-    data = load_series(record)
-    data.data, info = apply_harmonization(data, None, art, applied=applied_artefacts(sidecar),
-                                          subject=subject, inplace=True)
-    applied = applied_artefacts(sidecar) + [art.content_id]
-    return save_series(data, record, "harmonize",
-                       {"artefact": str(Path(artefact).resolve()), "content_id": art.content_id,
-                        "applied": applied, "info": _jsonable(info)})
-
-
-def _jsonable(obj):
-    """Plain JSON types only (numpy scalars and arrays become lists/numbers)."""
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist")
-                                 else str(o)))
+    series, entry = harmonize_series(record["series"], artefact, Path.cwd(), subject,
+                                     record.get("sidecar"))
+    return with_series(record, series, "harmonize", entry)
 
 
 @workflow.define(outputs=["features"])

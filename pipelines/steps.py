@@ -70,7 +70,12 @@ def load_series(record: dict):
 
 def save_series(data, record: dict, step: str, extra: dict | None = None) -> dict:
     """Write a DWI (data, gradients, mask) into the node folder as the new series."""
-    series = stepfiles.write_series(data, Path.cwd(), record["series"]["mask"])
+    return with_series(record, stepfiles.write_series(data, Path.cwd(), record["series"]["mask"]),
+                       step, extra)
+
+
+def with_series(record: dict, series: dict, step: str, extra: dict | None = None) -> dict:
+    """The record with a new current series, written by ``step`` (added to its history)."""
     history = list(record.get("history", [])) + [{"step": step, **(extra or {})}]
     return {**record, "series": series, "history": history}
 
