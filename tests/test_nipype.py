@@ -119,3 +119,45 @@ def test_bad_bvec_raises_naming_the_file(subject, tmp_path):
         wf.run("MultiProc", plugin_args={"n_procs": 2})
     crash = "".join(p.read_text() for p in (tmp_path / "work" / "crash").glob("crash-*"))
     assert "InputError" in crash and str(bad) in crash
+
+
+def test_harmonize_applies_a_stored_artefact(subject, tmp_path):
+    """An identity-registered artefact scaling RISH l0 of b=1000 by 1.2: the
+    shell's direction-mean signal grows by 1.2, b=2000 (scale 1) and b0s are untouched,
+    and a second application (recorded in the sidecar) is refused."""
+    import json
+
+    from dmriflow.interfaces import harmonize as H
+    from dmriflow.interfaces.nipype_interfaces import Harmonize
+    _, s = subject
+    data = io.load_dwi(s.dwi, s.bval, s.bvec, s.mask)
+    lmax, gain = 4, 1.2
+    scale = np.ones(data.mask.shape + (lmax // 2 + 1,), np.float32)
+    scale[..., 0] = gain
+    art = H.HarmonizationArtefact(
+        template_fa=np.zeros(data.mask.shape, np.float32), template_affine=data.affine,
+        template_mask=data.mask, scale_maps={1000.0: scale, 2000.0: np.ones_like(scale)},
+        shells=[1000.0, 2000.0], lmax=lmax, tau=H.TAU_FRACTION,
+        tau_values={b: np.zeros(lmax // 2 + 1) for b in (1000.0, 2000.0)},
+        smoothing_fwhm_mm=0.0, scale_range=H.SCALE_RANGE, registration="identity",
+        reference_site="a", target_site="b", subjects=[], pipeline_version="test")
+    folder = art.save(tmp_path / "artefact")
+    res = Harmonize(subject=s.key, dwi=s.dwi, bval=s.bval, bvec=s.bvec, mask=s.mask,
+                    artefact=str(folder)).run(cwd=str(tmp_path))
+    assert res.outputs.content_id == art.content_id
+    out = nib.load(res.outputs.dwi).get_fdata(dtype=np.float32)
+    gtab, m = data.gtab, data.mask
+    b1000, b2000 = (np.flatnonzero(gtab.shell_of == b) for b in (1000.0, 2000.0))
+    ratio = out[m][:, b1000].mean(axis=1) / data.data[m][:, b1000].mean(axis=1)
+    assert np.median(ratio) == pytest.approx(gain, abs=0.01)
+    np.testing.assert_array_equal(out[..., b2000], data.data[..., b2000])
+    np.testing.assert_array_equal(out[..., gtab.b0s_mask], data.data[..., gtab.b0s_mask])
+    info = json.loads(Path(res.outputs.info).read_text())
+    assert info["applied"] == [art.content_id]
+    sidecar = tmp_path / "harmonised.json"
+    sidecar.write_text(json.dumps({H.SIDECAR_KEY: info["applied"]}))
+    (tmp_path / "again").mkdir()
+    with pytest.raises(H.HarmonizationError, match="already applied"):
+        Harmonize(subject=s.key, dwi=res.outputs.dwi, bval=res.outputs.bval,
+                  bvec=res.outputs.bvec, mask=s.mask, artefact=str(folder),
+                  sidecar=str(sidecar)).run(cwd=str(tmp_path / "again"))
