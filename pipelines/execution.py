@@ -2,17 +2,22 @@
 
 Worker choice (always explicit), cache root, the pipeline-version input,
 clean-up of failed nodes before a rerun, failure isolation, progress and the
-cohort-level status files.
+cohort-level status files. A run holds an exclusive lock on its output and
+cache folders, which makes it safe to clear what a killed run left behind
+(engine lock files, temporary files) before resuming.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +35,11 @@ WORKERS = ("cf", "debug", "slurm")
 ERROR_FILE = "_error.pklz"
 #: Cache location under OUTPUT when --cache-dir is not given.
 DEFAULT_CACHE = ".dmriflow-cache"
+#: Lock file held (flock) in the output and cache folders for a whole run.
+RUN_LOCK = ".dmriflow-run.lock"
+#: What a killed engine leaves in the cache root: Pydra's soft lock files
+#: (``<node>.lock``, ``<node>_save.lock``) and job info files.
+ENGINE_LEFTOVERS = ("*.lock", "*_info.json")
 
 
 @dataclass
@@ -45,6 +55,7 @@ class RunConfig:
     denoise: bool = False          # MP-PCA (raw data only; not for HCP minimal preprocessing)
     degibbs: bool = False          # Gibbs-ringing removal (raw data only)
     quiet: bool = False
+    rerun_failed: bool = False     # run only the failed/missing subjects of the stored plan
 
     def __post_init__(self):
         if self.worker not in WORKERS:
@@ -89,6 +100,57 @@ def clean_cache(root: Path) -> int:
     for d in failed:
         shutil.rmtree(d, ignore_errors=True)
     return len(failed)
+
+
+class RunInProgress(RuntimeError):
+    """Another dmriflow run holds the output or cache folder."""
+
+
+@contextmanager
+def exclusive_run(*folders: Path):
+    """Hold an exclusive lock on each folder for the duration of a run.
+
+    The kernel releases the lock when the holder dies (even by SIGKILL), so
+    a lock that can be taken proves that no other run is using the folder:
+    leftovers of a killed run can then be removed safely.
+    """
+    with ExitStack() as stack:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            fh = stack.enter_context(open(folder / RUN_LOCK, "a+"))
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown process"
+                raise RunInProgress(f"{folder}: another dmriflow run is using this folder "
+                                    f"({holder}); wait for it or stop it first") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            fh.flush()
+        yield
+
+
+def clear_interrupted(root: Path, output_dir: Path) -> int:
+    """Remove what a killed run left behind; call only under :func:`exclusive_run`.
+
+    Pydra's soft lock files of a dead run make the next run wait for ever
+    when their owner cannot be checked (another host, a reused process id);
+    temporary files of atomic writes are never valid results. Node folders
+    without a result are recomputed by the engine itself. Returns the number
+    of paths removed.
+    """
+    stale = [p for pattern in ENGINE_LEFTOVERS for p in root.glob(pattern)
+             if p.name != RUN_LOCK] if root.is_dir() else []
+    stale += io.temporary_files(output_dir / "dmriflow")
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _submitter(config: RunConfig, root: Path):
@@ -148,24 +210,64 @@ def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> 
 
     The cohort plan is written first (group/cohort.json) so ``dmriflow status``
     can tell missing subjects after a crash. Subject-level errors never
-    raise: they become rows with status "failed" and a reason.
+    raise: they become rows with status "failed" and a reason. The run holds
+    :func:`exclusive_run` on OUTPUT/dmriflow and the cache, and first clears
+    what an interrupted run left there. With ``config.rerun_failed`` only the
+    failed and missing subjects of the stored plan are run; the group table
+    is then rebuilt from every planned subject's status file.
     """
-    start = time.perf_counter()
     output_dir = Path(output_dir).resolve()
-    group = output_dir / "dmriflow" / "group"
     root = cache_root(output_dir, config)
+    with exclusive_run(output_dir / "dmriflow", root):
+        cleared = clear_interrupted(root, output_dir)
+        if cleared:
+            _log(config, f"removed {cleared} leftover(s) of an interrupted run")
+        return _run_locked(subjects, output_dir, config, root)
+
+
+def rerun_selection(subjects: list[SubjectInputs], output_dir) -> tuple[list, list]:
+    """(planned subjects, those to rerun) for ``--rerun-failed``.
+
+    The plan is OUTPUT's cohort.json; the subjects to rerun are those not
+    "done" with the current pipeline version (failed, never finished,
+    derivatives gone, or done by other code). Planned subjects must still be
+    found in INPUT.
+    """
+    planned = [e.key for e in read_plan(output_dir)]
+    found = {s.key: s for s in subjects}
+    lost = [k for k in planned if k not in found]
+    if lost:
+        raise InputError(output_dir, f"--rerun-failed: planned subject(s) {lost} not found in "
+                                     f"the input folder")
+    cohort = [found[k] for k in planned]
+    todo = {r["subject"] for r in collect_status(output_dir, cohort, io.pipeline_version())
+            if r["status"] != "done"}
+    return cohort, [s for s in cohort if s.key in todo]
+
+
+def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> CohortResult:
+    start = time.perf_counter()
+    group = output_dir / "dmriflow" / "group"
     version = io.pipeline_version()
+    if config.rerun_failed:
+        subjects, selected = rerun_selection(subjects, output_dir)
+        _log(config, f"--rerun-failed: {len(selected)} of {len(subjects)} planned subject(s) "
+                     f"to rerun: {' '.join(s.key for s in selected) or 'none'}")
+    else:
+        selected = subjects
     cen = census(subjects)
     io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"), group / "census.tsv")
     io.write_json({"pipeline_version": version, "worker": config.worker,
-                   "subjects": [{"key": s.key, "out_parts": list(s.out_parts)} for s in subjects],
+                   "steps": list(planned_steps(config)),
+                   "subjects": [{**asdict(s), "key": s.key, "out_parts": list(s.out_parts)}
+                                for s in subjects],
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, group / "cohort.json")
     removed = clean_cache(root)
     _log(config, f"{len(subjects)} subject(s), protocol groups "
                  f"{dict(cen['protocol'].value_counts())}; worker={config.worker} "
                  f"cache={root}" + (f"; cleared {removed} failed node folder(s)" if removed else ""))
 
-    runnable, prefailed = preflight(subjects, output_dir, version)
+    runnable, prefailed = preflight(selected, output_dir, version)
     for row in prefailed:
         _log(config, f"{row['subject']}: failed before submission: {row['error']}")
     engine_errors: list[str] = []
@@ -175,7 +277,7 @@ def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> 
         res = _submit(runnable, prefailed, output_dir, config, root, version)
         if res.errored:
             engine_errors = _engine_errors(res, root)
-            rows = collect_status(output_dir, subjects)
+            rows = collect_status(output_dir, selected)
             table = write_subjects_table(rows, output_dir)
         else:
             rows, table = list(res.outputs.rows) + prefailed, Path(res.outputs.table)
@@ -183,20 +285,20 @@ def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> 
             if missing:
                 # derivatives deleted after a cached run: redo the cheap export steps
                 _log(config, f"{len(missing)} derivative(s) missing; re-exporting")
-                return _rerun_export(subjects, output_dir, config, root)
+                remove_steps(root, ("export", "group"))
+                for d in root.glob("workflow-*"):
+                    shutil.rmtree(d, ignore_errors=True)
+                return _run_locked(subjects, output_dir, config, root)
+    if len(selected) < len(subjects):
+        # a partial run: the table covers the whole plan, from the status files
+        rows = collect_status(output_dir, subjects)
+        table = write_subjects_table(rows, output_dir)
     result = CohortResult(output_dir=output_dir, table=table, rows=rows,
                           engine_errors=engine_errors, seconds=time.perf_counter() - start)
     n_done = sum(r.get("status") == "done" for r in rows)
     _log(config, f"finished in {result.seconds:.1f} s: {n_done} done, "
-                 f"{len(rows) - n_done} failed; table {table}")
+                 f"{len(rows) - n_done} not done; table {table}")
     return result
-
-
-def _rerun_export(subjects, output_dir, config, root) -> CohortResult:
-    remove_steps(root, ("export", "group"))
-    for d in root.glob("workflow-*"):
-        shutil.rmtree(d, ignore_errors=True)
-    return run_cohort(subjects, output_dir, config)
 
 
 def remove_steps(root: Path, steps: tuple[str, ...]) -> int:
@@ -207,31 +309,78 @@ def remove_steps(root: Path, steps: tuple[str, ...]) -> int:
     return len(found)
 
 
-def collect_status(output_dir, subjects: list[SubjectInputs]) -> list[dict]:
-    """Per-subject rows from the status files; subjects without one are missing."""
+#: Per-step outcome words of ``dmriflow status``.
+STEP_DONE, STEP_FAILED, STEP_SKIPPED, STEP_MISSING = "done", "failed", "skipped", "missing"
+
+
+def planned_steps(config: RunConfig) -> tuple[str, ...]:
+    """The per-subject steps a run with this configuration goes through, in order."""
+    optional = {"preprocess": config.denoise or config.degibbs,
+                "harmonize": bool(config.harmonization)}
+    return tuple(s for s in ("validate", "preprocess", "harmonize", "tensor", "rish", "export")
+                 if optional.get(s, True))
+
+
+def collect_status(output_dir, subjects: list[SubjectInputs],
+                   pipeline_version: str | None = None) -> list[dict]:
+    """Per-subject rows from the status files.
+
+    A subject is "missing" when it has no status file (not run, still
+    running, or interrupted), when derivatives its status file lists are
+    gone, or, given ``pipeline_version``, when its result came from another
+    pipeline version than the plan's (an interrupted run of new code).
+    """
     rows = []
     for s in subjects:
         path = status_path(output_dir, s.out_parts, s.key)
         if path.exists():
             row = json.loads(path.read_text())
             gone = [d for d in row.get("derivatives", []) if not Path(d).exists()]
+            old = row.get("pipeline_version")
             if row.get("status") == "done" and gone:
-                row.update(status="missing", error=f"{len(gone)} derivative(s) missing, "
-                                                    f"e.g. {gone[0]}")
+                row.update(status=STEP_MISSING, error=f"{len(gone)} derivative(s) missing, "
+                                                      f"e.g. {gone[0]}")
+            elif pipeline_version and old and old != pipeline_version:
+                row.update(status=STEP_MISSING, failed_step="",
+                           error=f"result of pipeline {old} ({row.get('status')}); the last run "
+                                 f"planned {pipeline_version}")
         else:
-            row = {"subject": s.key, "status": "missing", "failed_step": "",
+            row = {"subject": s.key, "status": STEP_MISSING, "failed_step": "",
                    "error": "no result yet (not run, still running, or interrupted)"}
         rows.append(row)
     return rows
 
 
+def step_outcomes(row: dict, steps: tuple[str, ...]) -> dict[str, str]:
+    """done/failed/skipped/missing for each planned step of one status row.
+
+    Steps before the failed one are done, the steps after it skipped (a
+    failed subject exports nothing). A missing subject whose derivatives
+    are gone was computed but not (or no longer) exported.
+    """
+    status, failed = row.get("status"), row.get("failed_step", "")
+    if status == "done":
+        return dict.fromkeys(steps, STEP_DONE)
+    if status == "failed" and failed in steps:
+        k = steps.index(failed)
+        return {s: STEP_DONE if i < k else STEP_FAILED if i == k else STEP_SKIPPED
+                for i, s in enumerate(steps)}
+    if row.get("derivatives"):      # computed once, derivatives since deleted
+        return {s: STEP_MISSING if s == "export" else STEP_DONE for s in steps}
+    return dict.fromkeys(steps, STEP_MISSING)
+
+
 def read_plan(output_dir) -> list[SubjectInputs]:
     """Subjects of the last run started on OUTPUT (from group/cohort.json)."""
+    entries = _plan(output_dir)["subjects"]
+    return [_PlannedSubject(e["key"], tuple(e["out_parts"])) for e in entries]
+
+
+def _plan(output_dir) -> dict:
     plan = Path(output_dir, "dmriflow", "group", "cohort.json")
     if not plan.exists():
         raise FileNotFoundError(f"{plan}: no dmriflow run found in {output_dir}")
-    entries = json.loads(plan.read_text())["subjects"]
-    return [_PlannedSubject(e["key"], tuple(e["out_parts"])) for e in entries]
+    return json.loads(plan.read_text())
 
 
 @dataclass(frozen=True)
@@ -241,21 +390,37 @@ class _PlannedSubject:
 
 
 def status_table(output_dir) -> pd.DataFrame:
-    rows = collect_status(output_dir, read_plan(output_dir))
+    """One row per planned subject: status, failed step, reason, then one column
+    per planned step (done/failed/skipped/missing)."""
+    plan = _plan(output_dir)
+    steps = tuple(plan.get("steps") or planned_steps(RunConfig(worker="debug")))
+    rows = collect_status(output_dir, read_plan(output_dir), plan.get("pipeline_version"))
     cols = ["subject", "status", "failed_step", "error"]
-    return pd.DataFrame([{c: r.get(c, "") for c in cols} for r in rows], columns=cols)
+    return pd.DataFrame([{**{c: r.get(c, "") for c in cols}, **step_outcomes(r, steps)}
+                         for r in rows], columns=cols + list(steps))
 
 
 def run_harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunConfig,
-                          sites: dict[str, str], reference_site: str, target_site: str,
-                          shells: list[float] | None = None, lmax: int | None = None,
-                          registration: str = "syn", smoothing_fwhm_mm: float = 0.0) -> dict:
+                          *args, **kwargs) -> dict:
     """Fit a harmonization artefact on a cohort; store it under OUTPUT/dmriflow.
 
     The artefact goes to ``OUTPUT/dmriflow/harmonization/<content id>/`` and
     the evaluation tables to ``OUTPUT/dmriflow/group/harmonization_*.tsv``.
-    Only subjects of the two named sites are used.
+    Only subjects of the two named sites are used. Arguments after
+    ``config``: see :func:`_harmonization_fit`. Runs under
+    :func:`exclusive_run`, like :func:`run_cohort`.
     """
+    output_dir = Path(output_dir).resolve()
+    root = cache_root(output_dir, config)
+    with exclusive_run(output_dir / "dmriflow", root):
+        clear_interrupted(root, output_dir)
+        return _harmonization_fit(subjects, output_dir, config, *args, **kwargs)
+
+
+def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunConfig,
+                       sites: dict[str, str], reference_site: str, target_site: str,
+                       shells: list[float] | None = None, lmax: int | None = None,
+                       registration: str = "syn", smoothing_fwhm_mm: float = 0.0) -> dict:
     from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
     from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
 
@@ -290,7 +455,7 @@ def run_harmonization_fit(subjects: list[SubjectInputs], output_dir, config: Run
     result = dict(res.outputs.result)
     dest = output_dir / "dmriflow" / "harmonization" / result["content_id"][:12]
     if not dest.exists():
-        tmp = dest.with_name(f".{dest.name}.tmp")
+        tmp = dest.with_name(f".{dest.name}{io.TEMP_TAG}")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(result["artefact"], tmp)
         os.replace(tmp, dest)
