@@ -71,6 +71,7 @@ class CohortResult:
     rows: list[dict] = field(default_factory=list)
     engine_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    report: Path | None = None     # OUTPUT/dmriflow/report.html
 
     @property
     def failed(self) -> list[dict]:
@@ -294,11 +295,22 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
         rows = collect_status(output_dir, subjects)
         table = write_subjects_table(rows, output_dir)
     result = CohortResult(output_dir=output_dir, table=table, rows=rows,
-                          engine_errors=engine_errors, seconds=time.perf_counter() - start)
+                          engine_errors=engine_errors, seconds=time.perf_counter() - start,
+                          report=_write_report(output_dir, config))
     n_done = sum(r.get("status") == "done" for r in rows)
     _log(config, f"finished in {result.seconds:.1f} s: {n_done} done, "
-                 f"{len(rows) - n_done} not done; table {table}")
+                 f"{len(rows) - n_done} not done; table {table}; report {result.report}")
     return result
+
+
+def _write_report(output_dir: Path, config: RunConfig) -> Path | None:
+    """The cohort HTML report; a report problem is logged, never fails the run."""
+    from dmriflow.pipelines.report import write_report
+    try:
+        return write_report(output_dir)
+    except Exception as exc:  # noqa: BLE001 - the derivatives are done; say what failed
+        _log(config, f"report not written: {type(exc).__name__}: {exc}")
+        return None
 
 
 def remove_steps(root: Path, steps: tuple[str, ...]) -> int:
