@@ -1,0 +1,1321 @@
+"""Spatial image gradient from the diffusion signal (SCIENCE.md section 7).
+
+Numerics only (numpy/scipy/pandas; no pydra). Every equation is written out
+in ``docs/image_gradient_methods.md``.
+
+API
+---
+Acquisition timing
+    ``SequenceTiming(Delta, delta, TE)`` in ms (``.diffusion_time`` in s =
+    Delta - delta/3), ``HCP_TIMING``, ``SequenceTiming.from_prtcl(path)``.
+Gold standard
+    ``gold_standard(image, affine, mask, frame="fsl", log=False, md=None,
+    csf_md_threshold=None, min_relative_gradient=None) -> GoldStandard``:
+    central differences of the mean b0 in index space over the voxel size,
+    in the b-vector (FSL image) frame or the world frame (inverse transpose
+    of the affine: the gradient is a covector); evaluated in the mask eroded
+    so that all 6 neighbours are inside. ``evaluation_mask``,
+    ``central_differences``, ``index_to_frame``.
+Estimators (DIPY reconst style, all vectorised over voxels, chunked)
+    ``PublishedModel`` (B), ``NonlinearModel`` (A), ``PhaseModel`` (P):
+    ``Model(gtab, timing).fit(data, mask) -> GradientFit`` with ``.axis``
+    (..., 3 unit, NaN outside/failed), ``.gradient`` (1/mm), ``.quality``;
+    ``TwoTimeModel`` (C): ``Model(gtab1, timing1, gtab2, timing2)
+    .fit(data1, data2, mask)``. ``make_model(name, ...)``; forward models
+    ``published_signal``, ``nonlinear_log_signal``, ``phase_signal``,
+    ``two_time_tensors`` generate synthetic data for tests and studies.
+Controls
+    ``fibre_axis`` (DTI third eigenvector), ``perpendicular_random_axis``
+    (random axis perpendicular to V1, seeded), ``shuffle_axes`` (voxel-
+    shuffle null), ``Model.fit_surrogate`` (each voxel simulated from its
+    fitted gradient-free tensor with Rician noise of ``estimate_sigma``),
+    ``fa_strata`` (``FA_STRATA_EDGES``).
+Angles and statistics
+    ``acute_angle`` (deg, sign-free), ``plane_angle`` (2D, in the plane
+    perpendicular to V1), chance values ``CHANCE_MEAN_DEG``,
+    ``CHANCE_MEDIAN_DEG``, ``CHANCE_2D_DEG``; ``one_sample_test``,
+    ``paired_test``; ``summarise_angles``.
+Subject and cohort
+    ``evaluate_subject(dwi, timing, estimators=("B",), ...) ->
+    SubjectEvaluation`` (angle maps, 2D angle maps, axes, tidy ``rows``
+    DataFrame); ``cohort_tests(rows) -> DataFrame`` (one-sample tests
+    against chance and paired tests against the fibre-only controls).
+
+Units: b in s/mm^2, D in mm^2/s, times in s inside the formulas, q in 1/mm
+(|q| = sqrt(b / t_d)), g = grad ln I in 1/mm. Vectors are in the frame of
+the b-vectors (FSL image frame) unless a function says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+
+from .dti import DTI_MAX_BVAL, MIN_SIGNAL, TensorModel, design_matrix, dti_shells
+from .errors import InputError
+from .gradients import GradientTable, check_readable_file
+from .io import mean_b0_map, storage_rows
+
+# ----------------------------------------------------------------------------
+# Named constants
+# ----------------------------------------------------------------------------
+#: Chance values of the acute angle between a fixed axis and a uniformly
+#: random one: density sin(theta) on [0, 90 deg], mean 1 rad, median 60 deg
+#: (cos 60 = 1/2); 2D angle in a plane: uniform on [0, 90], mean 45.
+CHANCE_MEAN_DEG = 180.0 / math.pi
+CHANCE_MEDIAN_DEG = 60.0
+CHANCE_2D_DEG = 45.0
+#: Chance value of each per-subject statistic.
+CHANCE = {"mean": CHANCE_MEAN_DEG, "median": CHANCE_MEDIAN_DEG,
+          "mean_2d": CHANCE_2D_DEG, "median_2d": CHANCE_2D_DEG}
+#: FA strata (bin edges; the last bin includes FA = 1).
+FA_STRATA_EDGES = (0.0, 0.2, 0.4, 0.6, 1.0)
+#: Mean diffusivity (mm^2/s) above which a voxel counts as CSF-dominated
+#: (CSF ~3e-3, grey and white matter 0.7-0.9e-3); optional exclusion.
+CSF_MD_THRESHOLD = 1.5e-3
+#: Suggested floor for |grad I| / I (1/mm): below it the gold-standard
+#: direction is dominated by noise (b0 SNR ~30 over 2 voxels of 1.25 mm gives
+#: a noise gradient of ~1e-2 /mm); optional exclusion.
+MIN_RELATIVE_GRADIENT = 0.02
+#: Coupling a in phi(q) = -a q^T (2 t_d D) g: 1/2 for a relaxation (R2)
+#: gradient in a symmetric spin echo (our derivation, reproduced by the Monte
+#: Carlo simulator); the published magnitude relation
+#: |S|^2 = E^2 (I^2 + (grad I^T 2 t_d D q)^2) corresponds to a = 1.
+SPIN_ECHO_COUPLING = 0.5
+PUBLISHED_COUPLING = 1.0
+#: HCP 3T diffusion timing (ms): Delta, delta, TE.
+HCP_DELTA_MS, HCP_SMALL_DELTA_MS, HCP_TE_MS = 43.1, 10.6, 89.5
+#: Voxels per chunk of the batched estimators: (chunk, N, 6) float64 design
+#: blocks for N = 288 stay around 50 MB.
+CHUNK_VOXELS = 4096
+#: Nonlinear fit (A): Levenberg-Marquardt iterations per start, initial
+#: damping, and the gradient magnitude (1/mm) of the fixed starts when the
+#: published estimate gives none.
+LM_ITERATIONS = 60
+LM_DAMPING = 1e-3
+START_GRADIENT = 1.0
+#: A voxel's LM run has settled when its damping exceeds LM_MAX_DAMPING or an
+#: accepted step lowers the cost by less than LM_TOLERANCE (relative); the
+#: iterations stop early when every voxel of the chunk has settled.
+LM_MAX_DAMPING = 1e10
+LM_TOLERANCE = 1e-10
+#: Fixed start axes of A besides the published estimate: the 6 axes of an
+#: icosahedron (directions through opposite vertices), orientation-neutral.
+_PHI = (1 + 5 ** 0.5) / 2
+START_AXES = np.array([[0, 1, _PHI], [0, -1, _PHI], [1, _PHI, 0], [-1, _PHI, 0],
+                       [_PHI, 0, 1], [-_PHI, 0, 1]], dtype=np.float64) / math.sqrt(1 + _PHI ** 2)
+#: Relative ridge added to the batched normal equations so that a degenerate
+#: voxel yields a (flagged) answer instead of stopping the batch.
+RIDGE = 1e-10
+#: Estimator names (SCIENCE.md): B published, A nonlinear, C two diffusion
+#: times, P phase.
+ESTIMATORS = ("B", "A", "C", "P")
+#: Control names in the subject tables.
+FIBRE_E3, FIBRE_PERP = "fibre_e3", "fibre_perp"
+SHUFFLE_SUFFIX, SURROGATE_SUFFIX = "_shuffle", "_surrogate"
+
+
+# ----------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SequenceTiming:
+    """Pulsed-gradient spin-echo timing in ms: separation Delta, duration
+    delta, echo time TE. ``diffusion_time`` (s) = Delta - delta/3, so that
+    b = |q|^2 t_d and the displacement covariance is 2 t_d D."""
+
+    Delta: float
+    delta: float
+    TE: float = float("nan")
+
+    def __post_init__(self):
+        if not (self.Delta > 0 and self.delta >= 0 and self.Delta > self.delta / 3):
+            raise ValueError(f"invalid timing Delta={self.Delta} ms, delta={self.delta} ms")
+
+    @property
+    def diffusion_time(self) -> float:
+        """Effective diffusion time t_d = Delta - delta/3, in seconds."""
+        return (self.Delta - self.delta / 3.0) / 1000.0
+
+    @classmethod
+    def from_prtcl(cls, path) -> "SequenceTiming":
+        """Timing from an MDT ``.prtcl`` protocol (columns gx gy gz Delta delta
+        TE b TR, SI units); all volumes must share Delta, delta and TE."""
+        check_readable_file(path, "protocol")
+        try:
+            with open(path, encoding="ascii") as fh:
+                header = fh.readline().lstrip("#").strip().split(",")
+            table = np.loadtxt(path, comments="#", ndmin=2)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise InputError(path, f"cannot read protocol table ({exc})") from None
+        cols = {name.strip(): i for i, name in enumerate(header)}
+        missing = [c for c in ("Delta", "delta", "TE") if c not in cols]
+        if missing or table.shape[1] != len(header):
+            raise InputError(path, f"protocol header must name Delta, delta and TE columns "
+                                   f"(found {header})")
+        values = {}
+        for c in ("Delta", "delta", "TE"):
+            col = table[:, cols[c]]
+            if not np.allclose(col, col[0], rtol=1e-6, atol=1e-9):
+                raise InputError(path, f"protocol column {c} varies across volumes "
+                                       f"({col.min():g}..{col.max():g} s); one timing is expected")
+            values[c] = float(col[0]) * 1000.0
+        try:
+            return cls(values["Delta"], values["delta"], values["TE"])
+        except ValueError as exc:
+            raise InputError(path, str(exc)) from None
+
+
+HCP_TIMING = SequenceTiming(HCP_DELTA_MS, HCP_SMALL_DELTA_MS, HCP_TE_MS)
+
+
+# ----------------------------------------------------------------------------
+# Gold standard: finite differences of the b0 image
+# ----------------------------------------------------------------------------
+def evaluation_mask(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` whose 6 face neighbours are all inside ``mask`` (and
+    inside the array), so every central difference uses brain voxels only."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be 3D, got shape {mask.shape}")
+    out = np.zeros_like(mask)
+    core = mask[1:-1, 1:-1, 1:-1].copy()
+    for axis in range(3):
+        for shift in (0, 2):
+            sl = [slice(1, -1)] * 3
+            sl[axis] = slice(shift, mask.shape[axis] - 2 + shift)
+            core &= mask[tuple(sl)]
+    out[1:-1, 1:-1, 1:-1] = core
+    return out
+
+
+def central_differences(image: np.ndarray) -> np.ndarray:
+    """dI/di_k (X, Y, Z, 3) float64 per voxel index: (I[i+1] - I[i-1]) / 2 along
+    each axis; NaN on the outermost slices where a neighbour is missing."""
+    img = np.asarray(image, dtype=np.float64)
+    if img.ndim != 3:
+        raise ValueError(f"image must be 3D, got shape {img.shape}")
+    grad = np.full(img.shape + (3,), np.nan)
+    for k in range(3):
+        if img.shape[k] < 3:
+            continue
+        hi = [slice(None)] * 3
+        lo = [slice(None)] * 3
+        mid = [slice(None)] * 3
+        hi[k], lo[k], mid[k] = slice(2, None), slice(None, -2), slice(1, -1)
+        grad[tuple(mid) + (k,)] = 0.5 * (img[tuple(hi)] - img[tuple(lo)])
+    return grad
+
+
+def voxel_sizes(affine: np.ndarray) -> np.ndarray:
+    """Voxel edge lengths (mm): the column norms of the affine's 3x3 part."""
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+
+
+def index_to_frame(grad_index: np.ndarray, affine: np.ndarray, frame: str = "fsl") -> np.ndarray:
+    """Index-space gradient (..., 3) -> spatial gradient (1/mm) in ``frame``.
+
+    ``"fsl"``: the b-vector frame: divide by the voxel size per axis and flip
+    x when det(affine) > 0 (FSL convention). ``"world"``: scanner frame,
+    A^-T (dI/di) with A the affine's 3x3 part (a gradient is a covector: the
+    inverse transpose, not the affine itself, maps it). For an affine without
+    shear the two agree through :func:`gradients.fsl_to_world`.
+    """
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if frame == "fsl":
+        scale = 1.0 / voxel_sizes(affine)
+        if np.linalg.det(a) > 0:
+            scale[0] = -scale[0]
+        return grad_index * scale
+    if frame == "world":
+        return grad_index @ np.linalg.inv(a)        # row-vector form of A^-T v
+    raise ValueError(f"frame must be 'fsl' or 'world', not {frame!r}")
+
+
+@dataclass
+class GoldStandard:
+    """Finite-difference image gradient and the voxels where it is evaluated.
+
+    ``gradient`` (X, Y, Z, 3) float32 is g = grad ln I (1/mm) in ``frame``
+    (NaN where undefined), ``image`` the image it came from, ``mask`` the
+    evaluation mask (eroded brain mask minus exclusions), ``relative`` =
+    |grad I| / I = |g| (1/mm), ``excluded`` counts of voxels removed by each rule.
+    """
+
+    gradient: np.ndarray
+    image: np.ndarray
+    mask: np.ndarray
+    frame: str
+    log: bool
+    excluded: dict = field(default_factory=dict)
+
+    @cached_property
+    def relative(self) -> np.ndarray:
+        return np.linalg.norm(self.gradient, axis=-1).astype(np.float32)
+
+    @cached_property
+    def axis(self) -> np.ndarray:
+        """Unit gradient axis (X, Y, Z, 3); NaN where |g| = 0 or undefined."""
+        return unit(self.gradient)
+
+
+def gold_standard(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, *, frame: str = "fsl",
+                  log: bool = False, md: np.ndarray | None = None,
+                  csf_md_threshold: float | None = None,
+                  min_relative_gradient: float | None = None) -> GoldStandard:
+    """Gold-standard gradient g = grad ln I of the (mean b0) ``image``.
+
+    ``log=False``: central differences of I divided by I (exact for an image
+    linear in space); ``log=True``: central differences of ln I (exact for an
+    image exponential in space). Both give the same axis up to O(h^2).
+    Evaluation mask: ``evaluation_mask(mask)`` and I > 0 at the voxel and its
+    neighbours; optionally minus voxels with ``md > csf_md_threshold`` and
+    with |g| < ``min_relative_gradient`` (1/mm).
+    """
+    img = np.asarray(image, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    if img.shape != mask.shape:
+        raise ValueError(f"image {img.shape} and mask {mask.shape} differ")
+    positive = mask & (img > 0)
+    evaluate = evaluation_mask(positive)
+    excluded = {"border_or_nonpositive": int(mask.sum() - evaluate.sum())}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if log:
+            lnI = np.where(positive, np.log(np.where(positive, img, 1.0)), np.nan)
+            grad = index_to_frame(central_differences(lnI), affine, frame)
+        else:
+            grad = index_to_frame(central_differences(img), affine, frame) / img[..., None]
+    grad[~evaluate] = np.nan
+    if csf_md_threshold is not None:
+        if md is None:
+            raise ValueError("csf_md_threshold needs the mean-diffusivity map md")
+        csf = evaluate & ~(np.asarray(md) <= csf_md_threshold)
+        excluded["csf"] = int(csf.sum())
+        evaluate &= ~csf
+    if min_relative_gradient is not None:
+        small = evaluate & ~(np.linalg.norm(grad, axis=-1) >= min_relative_gradient)
+        excluded["small_gradient"] = int(small.sum())
+        evaluate &= ~small
+    return GoldStandard(gradient=grad.astype(np.float32), image=img.astype(np.float32),
+                        mask=evaluate, frame=frame, log=log, excluded=excluded)
+
+
+# ----------------------------------------------------------------------------
+# Small vector helpers
+# ----------------------------------------------------------------------------
+def unit(v: np.ndarray) -> np.ndarray:
+    """v / |v| along the last axis (float32); NaN where |v| is 0 or not finite."""
+    v = np.asarray(v, dtype=np.float64)
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where((n > 0) & np.isfinite(n), v / n, np.nan)
+    return out.astype(np.float32)
+
+
+def _sym(p6: np.ndarray) -> np.ndarray:
+    """(n, 6) [xx yy zz xy xz yz] -> (n, 3, 3) symmetric."""
+    xx, yy, zz, xy, xz, yz = (p6[:, k] for k in range(6))
+    return np.stack([np.stack([xx, xy, xz], -1), np.stack([xy, yy, yz], -1),
+                     np.stack([xz, yz, zz], -1)], -2)
+
+
+def _solve_multi(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Batched A^-1 B for (n, k, k) A and (n, k, m) B, exact (no ridge: used
+    for projections whose residuals must vanish to round-off); NaN where a
+    system is not finite or singular."""
+    out = np.full(B.shape, np.nan)
+    ok = np.isfinite(A).all(axis=(1, 2)) & np.isfinite(B).all(axis=(1, 2))
+    ok[ok] = np.linalg.cond(A[ok]) < 1e12
+    if ok.any():
+        out[ok] = np.linalg.solve(A[ok], B[ok])
+    return out
+
+
+def _quadratic(D: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """u_m^T D_n u_m (n, M) for tensors (n, 3, 3) and unit vectors (M, 3)."""
+    p = np.stack([D[:, 0, 0], D[:, 1, 1], D[:, 2, 2], 2 * D[:, 0, 1], 2 * D[:, 0, 2],
+                  2 * D[:, 1, 2]], axis=1)
+    uu = np.stack([U[:, 0] ** 2, U[:, 1] ** 2, U[:, 2] ** 2, U[:, 0] * U[:, 1],
+                   U[:, 0] * U[:, 2], U[:, 1] * U[:, 2]], axis=1)
+    return p @ uu.T
+
+
+def _bilinear(D: np.ndarray, g: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """u_m^T D_n g_n (n, M): (D g) . u, one small matmul."""
+    return np.matmul(D, g[:, :, None])[..., 0] @ U.T
+
+
+def _principal(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (n, 3) descending and the eigenvector of the largest (n, 3)
+    of symmetric (n, 3, 3); NaN rows where M is not finite."""
+    ok = np.isfinite(M).all(axis=(1, 2))
+    vals = np.full(M.shape[:1] + (3,), np.nan)
+    vec = np.full(M.shape[:1] + (3,), np.nan)
+    if ok.any():
+        w, v = np.linalg.eigh(M[ok])
+        vals[ok] = w[:, ::-1]
+        vec[ok] = v[:, :, -1]
+    return vals, vec
+
+
+def _rank_one_fraction(vals: np.ndarray) -> np.ndarray:
+    """lambda_1 / sum |lambda|: 1 for a positive rank-1 matrix (the models'
+    prediction), about 1/3 or less for a noise-dominated one."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return vals[:, 0] / np.abs(vals).sum(axis=1)
+
+
+def _solve_ridge(A: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Batched solve of (n, k, k) systems with a relative ridge (see RIDGE);
+    non-finite systems give NaN."""
+    n, k = A.shape[:2]
+    out = np.full((n, k), np.nan)
+    ok = np.isfinite(A).all(axis=(1, 2)) & np.isfinite(rhs).all(axis=1)
+    if ok.any():
+        Ak = A[ok]
+        tr = np.trace(Ak, axis1=1, axis2=2) / k
+        Ak = Ak + (RIDGE * np.where(tr > 0, tr, 1.0))[:, None, None] * np.eye(k)
+        out[ok] = np.linalg.solve(Ak, rhs[ok][..., None])[..., 0]
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Chunked access to voxels
+# ----------------------------------------------------------------------------
+def _voxel_index(data: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(flat view (V, N) of ``data`` in storage order, row of each mask voxel
+    in that view, the same voxels as C-order flat indices, grid)."""
+    data = np.asanyarray(data)
+    grid = data.shape[:-1]
+    if mask is None:
+        mask = np.ones(grid, dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != grid:
+        raise ValueError(f"mask shape {mask.shape} differs from the data grid {grid}")
+    flat, rows, order = storage_rows(data, mask)
+    if order == "C":
+        cidx = rows
+    else:
+        cidx = np.ravel_multi_index(np.unravel_index(rows, grid, order="F"), grid)
+    return flat, rows, cidx, grid
+
+
+def _rows_of(data: np.ndarray, cidx: np.ndarray) -> np.ndarray:
+    """Rows (n, N) of ``data`` for C-order flat voxel indices (any storage)."""
+    grid = data.shape[:-1]
+    flat, order = (data.reshape(-1, data.shape[-1]), "C") if (
+        data.flags.c_contiguous or not data.flags.f_contiguous) else (
+        data.reshape(-1, data.shape[-1], order="F"), "F")
+    if order == "C":
+        return flat[cidx]
+    return flat[np.ravel_multi_index(np.unravel_index(cidx, grid), grid, order="F")]
+
+
+# ----------------------------------------------------------------------------
+# Estimator results
+# ----------------------------------------------------------------------------
+@dataclass
+class GradientFit:
+    """Per-voxel estimate on the data grid.
+
+    ``axis`` (..., 3) float32 unit axis (NaN outside the mask and where the
+    fit failed; sign meaningful only for P), ``gradient`` (..., 3) the
+    estimated g (1/mm) where the model gives a magnitude, ``quality`` (...)
+    the estimator's quality figure (``quality_name`` says which), ``failed``.
+    """
+
+    axis: np.ndarray
+    gradient: np.ndarray
+    quality: np.ndarray
+    failed: np.ndarray
+    mask: np.ndarray
+    estimator: str
+    quality_name: str
+
+    @property
+    def n_failed(self) -> int:
+        return int(np.count_nonzero(self.failed & self.mask))
+
+
+def _empty_fit(grid, mask, name, qname) -> GradientFit:
+    return GradientFit(axis=np.full(grid + (3,), np.nan, np.float32),
+                       gradient=np.full(grid + (3,), np.nan, np.float32),
+                       quality=np.full(grid, np.nan, np.float32),
+                       failed=np.zeros(grid, bool), mask=mask, estimator=name,
+                       quality_name=qname)
+
+
+def _store(fit: GradientFit, cidx: np.ndarray, axis: np.ndarray, grad: np.ndarray,
+           quality: np.ndarray) -> None:
+    ax = unit(axis)
+    bad = ~np.isfinite(ax).all(axis=1)
+    fit.axis.reshape(-1, 3)[cidx] = ax
+    fit.gradient.reshape(-1, 3)[cidx] = grad
+    fit.quality.reshape(-1)[cidx] = quality
+    fit.failed.reshape(-1)[cidx] = bad
+
+
+class _TensorPart:
+    """The gradient-free tensor fit an estimator builds on (dti.TensorModel
+    on the chosen volumes), with S0 and D per row in float64, mm^2/s."""
+
+    def __init__(self, gtab: GradientTable, max_bval: float | None):
+        self.gtab = gtab
+        if max_bval is None:
+            self.volumes = np.arange(len(gtab))
+        else:
+            self.volumes = gtab.select_shells(dti_shells(gtab, max_bval), keep_b0=True)
+        self.model = TensorModel(gtab.select(self.volumes), fit_method="WLS", n_threads=1)
+        self.max_bval = max_bval
+
+    def fit_rows(self, mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        params = self.model.fit_params(np.ascontiguousarray(mag[:, self.volumes],
+                                                            dtype=np.float32))
+        p = params.astype(np.float64)
+        D = _sym(p[:6].T) * 1e-3                       # um^2/ms -> mm^2/s
+        return np.exp(p[6]), D
+
+    def predict(self, s0: np.ndarray, D: np.ndarray, gtab: GradientTable | None = None):
+        """Noise-free S0 exp(-b u^T D u) (n, N) for ``gtab`` (default: own)."""
+        g = self.gtab if gtab is None else gtab
+        return s0[:, None] * np.exp(-g.bvals[None, :] * _quadratic(D, g.bvecs))
+
+
+def rician(signal: np.ndarray, sigma: float, rng: np.random.Generator,
+           complex_output: bool = False) -> np.ndarray:
+    """Signal plus complex Gaussian noise of SD ``sigma`` per channel: the
+    magnitude (Rician) or, with ``complex_output``, the complex value."""
+    noisy = signal + sigma * (rng.standard_normal(signal.shape)
+                              + 1j * rng.standard_normal(signal.shape))
+    return noisy if complex_output else np.abs(noisy)
+
+
+class _Model:
+    """Common part of the one-series estimators: chunked fit and surrogate."""
+
+    name = ""
+    quality_name = ""
+    complex_input = False
+
+    def __init__(self, gtab: GradientTable, timing: SequenceTiming, coupling: float,
+                 max_bval: float | None, chunk_size: int):
+        if not isinstance(timing, SequenceTiming):
+            raise TypeError("timing must be a SequenceTiming")
+        self.gtab = gtab
+        self.timing = timing
+        self.coupling = float(coupling)
+        self.chunk_size = int(chunk_size)
+        self.tensor = _TensorPart(gtab, max_bval)
+        dw = ~gtab.b0s_mask
+        if dw.sum() < 6:
+            raise ValueError("the gradient table needs >= 6 diffusion-weighted volumes")
+        self.dw = np.flatnonzero(dw)
+        t = timing.diffusion_time
+        #: c_q = 2 a sqrt(b t_d) (mm/mm^2 s ... ) so that q^T (2 t_d D) g a = c_q u^T D g
+        self.c = 2.0 * self.coupling * np.sqrt(gtab.bvals * t)
+
+    @property
+    def parameters(self) -> dict:
+        return {"estimator": self.name, "coupling": self.coupling,
+                "Delta_ms": self.timing.Delta, "delta_ms": self.timing.delta,
+                "TE_ms": self.timing.TE, "diffusion_time_s": self.timing.diffusion_time,
+                "tensor_max_bval": self.tensor.max_bval, "quality": self.quality_name}
+
+    def _check(self, data):
+        data = np.asanyarray(data)
+        if data.shape[-1] != len(self.gtab):
+            raise ValueError(f"data has {data.shape[-1]} volumes, the gradient table "
+                             f"{len(self.gtab)}")
+        if np.iscomplexobj(data) and not self.complex_input:
+            raise ValueError(f"estimator {self.name} works on magnitude data")
+        if self.complex_input and not np.iscomplexobj(data):
+            raise ValueError(f"estimator {self.name} needs complex data (magnitude and phase)")
+        return data
+
+    def fit(self, data, mask=None) -> GradientFit:
+        """Fit every voxel of ``data`` (..., N) where ``mask`` is True."""
+        data = self._check(data)
+        flat, rows, cidx, grid = _voxel_index(data, mask)
+        out = _empty_fit(grid, np.asarray(mask, bool) if mask is not None
+                         else np.ones(grid, bool), self.name, self.quality_name)
+        for i in range(0, rows.size, self.chunk_size):
+            sel = slice(i, i + self.chunk_size)
+            _store(out, cidx[sel], *self.fit_rows(flat[rows[sel]]))
+        return out
+
+    def fit_surrogate(self, data, mask, sigma: float, rng: np.random.Generator) -> GradientFit:
+        """The surrogate null: each voxel's signal is replaced by its fitted
+        gradient-free tensor prediction plus noise of SD ``sigma`` (Rician
+        magnitude; complex Gaussian for complex data), then re-fitted."""
+        data = self._check(data)
+        flat, rows, cidx, grid = _voxel_index(data, mask)
+        out = _empty_fit(grid, np.asarray(mask, bool) if mask is not None
+                         else np.ones(grid, bool), self.name + SURROGATE_SUFFIX,
+                         self.quality_name)
+        for i in range(0, rows.size, self.chunk_size):
+            chunk = flat[rows[i:i + self.chunk_size]]
+            s0, D = self.tensor.fit_rows(np.abs(chunk))
+            sim = rician(self.tensor.predict(s0, D), sigma, rng, self.complex_input)
+            _store(out, cidx[i:i + self.chunk_size],
+                   *self.fit_rows(sim if self.complex_input else sim.astype(np.float32)))
+        return out
+
+    def fit_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(axis (n, 3), gradient (n, 3) in 1/mm, quality (n,)) of rows (n, N)."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------
+# B: published, linearised
+# ----------------------------------------------------------------------------
+def published_signal(s0, D, g, gtab: GradientTable, timing: SequenceTiming,
+                     coupling: float = PUBLISHED_COUPLING) -> np.ndarray:
+    """Forward model of B (the published relation), magnitude (n, N):
+    |S_q| = S0 E_q sqrt(1 + (a v_q . g)^2), E_q = exp(-b u^T D u),
+    v_q = 2 t_d D q (q = sqrt(b / t_d) u), with ``s0`` (n,), ``D`` (n, 3, 3)
+    mm^2/s, ``g`` (n, 3) 1/mm."""
+    s0, D, g = _as_batch(s0, D, g)
+    E = np.exp(-gtab.bvals * _quadratic(D, gtab.bvecs))
+    x = 2.0 * coupling * np.sqrt(gtab.bvals * timing.diffusion_time) * _bilinear(D, g, gtab.bvecs)
+    return s0[:, None] * E * np.sqrt(1.0 + x * x)
+
+
+def _as_batch(s0, D, g):
+    D = np.asarray(D, dtype=np.float64).reshape(-1, 3, 3)
+    g = np.asarray(g, dtype=np.float64).reshape(-1, 3)
+    s0 = np.broadcast_to(np.asarray(s0, dtype=np.float64).reshape(-1), (D.shape[0],))
+    return s0, D, g
+
+
+class PublishedModel(_Model):
+    """Estimator B, the published linearised relation.
+
+    A tensor (S0, D) is fitted (WLS, all shells by default, as published);
+    per voxel r_q = |S_q|^2 / S0^2 - E_q^2 is regressed on v_q v_q^T with
+    v_q = a 2 t_d D q E_q (diffusion-weighted volumes; 6 unknowns of a
+    symmetric M, ordinary least squares). Model: M = g g^T; the axis is the
+    eigenvector of the largest eigenvalue, |g| = sqrt(lambda_1).
+    ``quality`` = lambda_1 / sum|lambda| (1 for an exactly rank-1 positive M).
+    ``fit_rows(rows, tensor=(s0, D))`` uses a given tensor instead.
+    """
+
+    name = "B"
+    quality_name = "rank1_fraction"
+
+    def __init__(self, gtab: GradientTable, timing: SequenceTiming,
+                 coupling: float = PUBLISHED_COUPLING, max_bval: float | None = None,
+                 chunk_size: int = CHUNK_VOXELS):
+        super().__init__(gtab, timing, coupling, max_bval, chunk_size)
+
+    def fit_rows(self, rows, tensor=None):
+        mag = np.abs(rows)
+        if tensor is None:
+            s0, D = self.tensor.fit_rows(mag)
+        else:
+            s0, D, _ = _as_batch(tensor[0], tensor[1], np.zeros(3))
+        dw = self.dw
+        u, b = self.gtab.bvecs[dw], self.gtab.bvals[dw]
+        Du = np.matmul(u[None], D)                              # (n, M, 3): (D u_q)^T
+        E = np.exp(-b * np.sum(Du * u, axis=-1))
+        # v scaled by s = c_max * 1e-3 so the design is O(1); M scales back by s^2
+        scale = self.c[dw].max() * 1e-3
+        v = Du * ((self.c[dw] / scale)[None, :] * E)[..., None]
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            r = (mag[:, dw].astype(np.float64) / s0[:, None]) ** 2 - E * E
+            X = np.stack([v[..., 0] ** 2, v[..., 1] ** 2, v[..., 2] ** 2,
+                          2 * v[..., 0] * v[..., 1], 2 * v[..., 0] * v[..., 2],
+                          2 * v[..., 1] * v[..., 2]], axis=-1)   # (n, M, 6)
+            XtX = np.matmul(X.transpose(0, 2, 1), X)
+            Xtr = np.matmul(X.transpose(0, 2, 1), r[..., None])[..., 0]
+        m = _solve_ridge(XtX, Xtr) / scale ** 2
+        vals, vec = _principal(_sym(m))
+        mag_g = np.sqrt(np.clip(vals[:, 0], 0.0, None))
+        return vec, vec * mag_g[:, None], _rank_one_fraction(vals)
+
+
+# ----------------------------------------------------------------------------
+# A: nonlinear least squares on ln|S|
+# ----------------------------------------------------------------------------
+def nonlinear_log_signal(s0, D, g, gtab: GradientTable, timing: SequenceTiming,
+                         coupling: float = PUBLISHED_COUPLING) -> np.ndarray:
+    """Forward model of A, ln|S| (n, N): ln S0 - b u^T D u
+    + 1/2 ln(1 + (2 a sqrt(b t_d) u^T D g)^2) (the log of the published
+    relation; 2 a sqrt(b t_d) u^T D g = a q^T (2 t_d D) g)."""
+    return np.log(published_signal(s0, D, g, gtab, timing, coupling))
+
+
+class NonlinearModel(_Model):
+    """Estimator A: ln|S_q| = ln S0 - b u^T D u + 1/2 ln(1 + x_q^2),
+    x_q = 2 a sqrt(b t_d) u_q^T D g, all 10 parameters (ln S0, D, g) by
+    weighted nonlinear least squares (weights = squared gradient-free tensor
+    prediction relative to S0, as WLS DTI), from several starts.
+
+    Solved by variable projection: with w = D g the model is linear in
+    (D, ln S0) for fixed w, so those are eliminated in closed form (per-voxel
+    weighted projection onto the tensor design) and damped Gauss-Newton
+    (Levenberg-Marquardt, batched over voxels) runs on w alone (3 unknowns);
+    then g = D^-1 w. Starts: B's estimate on the same tensor (w = D g_B) and
+    the 6 icosahedral axes ``START_AXES`` at the same |w| (from
+    ``START_GRADIENT`` where B gives none); the lowest cost wins.
+    ``quality`` = 1 - RSS_A / RSS_tensor (weighted; 0 = g explains nothing).
+    """
+
+    name = "A"
+    quality_name = "rss_reduction"
+
+    def __init__(self, gtab: GradientTable, timing: SequenceTiming,
+                 coupling: float = PUBLISHED_COUPLING, max_bval: float | None = None,
+                 n_iter: int = LM_ITERATIONS, start_axes: np.ndarray = START_AXES,
+                 chunk_size: int = 1024):
+        super().__init__(gtab, timing, coupling, max_bval, chunk_size)
+        self.n_iter = int(n_iter)
+        self.start_axes = np.asarray(start_axes, dtype=np.float64).reshape(-1, 3)
+        self._X = design_matrix(gtab)                    # (N, 7): d6 (um^2/ms), ln S0
+        self._cu = (self.c * 1e-3)[:, None] * gtab.bvecs  # x = cu . w, w in um^2/ms/mm
+        self._published = PublishedModel(gtab, timing, coupling, max_bval, chunk_size)
+
+    def _h(self, w):
+        """1/2 ln(1 + x^2) (n, N) and its derivative in w (n, N, 3)."""
+        x = w @ self._cu.T
+        return 0.5 * np.log1p(x * x), (x / (1.0 + x * x))[..., None] * self._cu[None]
+
+    def _project(self, H, v):
+        """Residual of the weighted fit of v (n, N[, k]) by the tensor design."""
+        if v.ndim == 2:
+            return v - (H @ v[..., None])[..., 0] @ self._X.T
+        return v - np.matmul(self._X[None], H @ v)
+
+    def _levenberg_marquardt(self, w, yp, H, wt):
+        """Per-voxel damped Gauss-Newton on w; returns (w, cost). Each
+        iteration works on the voxels that have not settled yet."""
+        def cost_of(w_, yp_, H_, wt_):
+            r = yp_ - self._project(H_, self._h(w_)[0])
+            return np.sum(wt_ * r * r, axis=1)
+        w = w.copy()
+        lam = np.full(w.shape[0], LM_DAMPING)
+        cost = cost_of(w, yp, H, wt)
+        act = np.flatnonzero(cost > 0)
+        for _ in range(self.n_iter):
+            if act.size == 0:
+                break
+            wa, ypa, Ha, wta, la, ca = w[act], yp[act], H[act], wt[act], lam[act], cost[act]
+            h, dh = self._h(wa)
+            r = ypa - self._project(Ha, h)
+            J = self._project(Ha, dh)                      # d(model)/dw, projected
+            Jw = J * wta[..., None]
+            A = np.matmul(Jw.transpose(0, 2, 1), J)
+            rhs = np.matmul(Jw.transpose(0, 2, 1), r[..., None])[..., 0]
+            diag = np.diagonal(A, axis1=1, axis2=2)
+            step = _solve_ridge(A + la[:, None, None] * np.eye(3) * diag[:, None, :], rhs)
+            trial = wa + np.nan_to_num(step)
+            new = cost_of(trial, ypa, Ha, wta)
+            better = np.isfinite(new) & (new < ca)
+            settled = (la > LM_MAX_DAMPING) | (better & (ca - new <= LM_TOLERANCE * ca))
+            w[act] = np.where(better[:, None], trial, wa)
+            cost[act] = np.where(better, new, ca)
+            lam[act] = np.where(better, la * 0.3, la * 10.0)
+            act = act[~settled & (cost[act] > 0)]
+        return w, cost
+
+    def fit_rows(self, rows):
+        mag = np.abs(rows).astype(np.float64)
+        y = np.log(np.maximum(mag, MIN_SIGNAL))
+        s0, D = self.tensor.fit_rows(mag)
+        n = mag.shape[0]
+        X = self._X
+        with np.errstate(all="ignore"):
+            wt = (self.tensor.predict(s0, D) / s0[:, None]) ** 2
+            ok = np.isfinite(wt).all(axis=1)
+            wt = np.where(ok[:, None], wt, 1.0)
+            XtW = X.T[None] * wt[:, None, :]                          # (n, 7, N)
+            H = _solve_multi(XtW @ X, XtW)                      # (n, 7, N)
+            yp = self._project(H, y)
+            cost_tensor = np.sum(wt * yp * yp, axis=1)
+            _, gB, _ = self._published.fit_rows(mag, tensor=(s0, D))
+            wB = np.einsum("nij,nj->ni", D * 1e3, gB)
+            size = np.linalg.norm(wB, axis=1)
+            fallback = np.linalg.norm(D * 1e3, axis=(1, 2)) / math.sqrt(3) * START_GRADIENT
+            size = np.where(np.isfinite(size) & (size > 0), size, fallback)
+            axB = unit(wB).astype(np.float64)
+            axB = np.where(np.isfinite(axB).all(axis=1, keepdims=True), axB, self.start_axes[0])
+            best = np.full(n, np.inf)
+            best_w = np.full((n, 3), np.nan)
+            for axis in [axB] + [np.broadcast_to(a, (n, 3)) for a in self.start_axes]:
+                w, cost = self._levenberg_marquardt(np.nan_to_num(axis * size[:, None]),
+                                                    yp, H, wt)
+                pick = ok & (cost < best)
+                best = np.where(pick, cost, best)
+                best_w[pick] = w[pick]
+            # the eliminated linear part at the optimum: D, then g = D^-1 w
+            p = (H @ (y - self._h(np.nan_to_num(best_w))[0])[..., None])[..., 0]
+            Dfit = _sym(p[:, :6])
+            g = np.full((n, 3), np.nan)
+            good = ok & np.isfinite(Dfit).all(axis=(1, 2)) & np.isfinite(best_w).all(axis=1)
+            if good.any():
+                g[good] = np.linalg.solve(Dfit[good], best_w[good][..., None])[..., 0]
+            quality = 1.0 - best / cost_tensor
+        return g, g, quality
+
+
+# ----------------------------------------------------------------------------
+# P: phase of complex data
+# ----------------------------------------------------------------------------
+def phase_signal(s0, D, g, gtab: GradientTable, timing: SequenceTiming,
+                 coupling: float = SPIN_ECHO_COUPLING, phase0=0.0) -> np.ndarray:
+    """Forward model of P, complex (n, N): S0 E_q exp(i (phase0 + phi_q)),
+    phi_q = -a q^T (2 t_d D) g = -2 a sqrt(b t_d) u^T D g (exact for Gaussian
+    diffusion and ln I affine in space; SCIENCE.md section 7)."""
+    s0, D, g = _as_batch(s0, D, g)
+    uDu = _quadratic(D, gtab.bvecs)
+    c = 2.0 * coupling * np.sqrt(gtab.bvals * timing.diffusion_time)
+    phi = -c * _bilinear(D, g, gtab.bvecs)
+    phase0 = np.broadcast_to(np.asarray(phase0, dtype=np.float64).reshape(-1, 1), phi.shape)
+    return s0[:, None] * np.exp(-gtab.bvals * uDu) * np.exp(1j * (phase0 + phi))
+
+
+class PhaseModel(_Model):
+    """Estimator P for complex data: phi_q = arg(S_q conj(S_b0)) (phase
+    relative to the complex mean of the b0 volumes, which removes the
+    background phase) is fitted by weighted least squares as
+    phi_q = X_q g, X_q = -2 a sqrt(b t_d) (D u_q)^T, weights = predicted
+    |S_q|^2 (phase variance ~ sigma^2 / |S|^2); D from a tensor fit of |S|.
+    First order and sign-resolved: ``gradient`` is g itself (1/mm).
+    ``quality`` = weighted R^2 = 1 - RSS / sum w phi^2.
+    """
+
+    name = "P"
+    quality_name = "weighted_r2"
+    complex_input = True
+
+    def __init__(self, gtab: GradientTable, timing: SequenceTiming,
+                 coupling: float = SPIN_ECHO_COUPLING, max_bval: float | None = None,
+                 chunk_size: int = CHUNK_VOXELS):
+        super().__init__(gtab, timing, coupling, max_bval, chunk_size)
+        self.b0 = np.flatnonzero(gtab.b0s_mask)
+        if self.b0.size == 0:
+            raise ValueError("estimator P needs b0 volumes (phase reference)")
+
+    def fit_rows(self, rows):
+        rows = np.asarray(rows)
+        mag = np.abs(rows).astype(np.float64)
+        s0, D = self.tensor.fit_rows(mag)
+        dw = self.dw
+        ref = rows[:, self.b0].astype(np.complex128).mean(axis=1)
+        phi = np.angle(rows[:, dw] * np.conj(ref)[:, None])
+        u = self.gtab.bvecs[dw]
+        X = -self.c[dw][None, :, None] * np.matmul(u[None], D)   # (n, M, 3)
+        with np.errstate(all="ignore"):
+            w = self.tensor.predict(s0, D)[:, dw] ** 2
+            w = np.where(np.isfinite(w), w, 0.0)
+            Xw = X * w[..., None]
+            A = np.matmul(Xw.transpose(0, 2, 1), X)
+            rhs = np.matmul(Xw.transpose(0, 2, 1), phi[..., None])[..., 0]
+            g = _solve_ridge(A, rhs)
+            res = phi - np.matmul(X, g[..., None])[..., 0]
+            quality = 1.0 - np.sum(w * res ** 2, axis=1) / np.sum(w * phi ** 2, axis=1)
+        return g, g, quality
+
+
+# ----------------------------------------------------------------------------
+# C: two diffusion times
+# ----------------------------------------------------------------------------
+def two_time_tensors(D, g, times: Sequence[float],
+                     coupling: float = SPIN_ECHO_COUPLING) -> list[np.ndarray]:
+    """Forward model of C: the apparent tensor at diffusion time t (s),
+    D(t) = D - 2 a^2 t (D g)(D g)^T (second-order expansion of the published
+    relation: ln|S| ~ -b u^T D u + 2 a^2 b t (u^T D g)^2), for each t."""
+    D = np.asarray(D, dtype=np.float64).reshape(-1, 3, 3)
+    g = np.asarray(g, dtype=np.float64).reshape(-1, 3)
+    w = np.einsum("nij,nj->ni", D, g)
+    ww = w[:, :, None] * w[:, None, :]
+    return [D - 2.0 * coupling ** 2 * t * ww for t in times]
+
+
+class TwoTimeModel:
+    """Estimator C from two series of the same voxels at diffusion times
+    t1 != t2: D(t_short) - D(t_long) = 2 a^2 (t_long - t_short) w w^T with
+    w = D g; v = eigenvector of the largest eigenvalue of that difference,
+    and g = D(t_short)^-1 w / (1 + 2 a^2 t_short w^T D(t_short)^-1 w)
+    (Sherman-Morrison: exactly D^-1 w), |w| = sqrt(lambda_1 / (2 a^2 dt)).
+    Tensors: WLS on the b0s and shells up to ``max_bval`` of each series.
+    ``quality`` = lambda_1 / sum|lambda| of the difference.
+    """
+
+    name = "C"
+    quality_name = "rank1_fraction"
+
+    def __init__(self, gtab1: GradientTable, timing1: SequenceTiming, gtab2: GradientTable,
+                 timing2: SequenceTiming, coupling: float = SPIN_ECHO_COUPLING,
+                 max_bval: float | None = DTI_MAX_BVAL, chunk_size: int = CHUNK_VOXELS):
+        t1, t2 = timing1.diffusion_time, timing2.diffusion_time
+        if not abs(t1 - t2) > 1e-6:
+            raise ValueError(f"estimator C needs two different diffusion times (got {t1:g} "
+                             f"and {t2:g} s)")
+        self.gtabs = (gtab1, gtab2)
+        self.timings = (timing1, timing2)
+        self.coupling = float(coupling)
+        self.chunk_size = int(chunk_size)
+        self.tensors = (_TensorPart(gtab1, max_bval), _TensorPart(gtab2, max_bval))
+        self.max_bval = max_bval
+
+    @property
+    def parameters(self) -> dict:
+        return {"estimator": self.name, "coupling": self.coupling,
+                "diffusion_times_s": [t.diffusion_time for t in self.timings],
+                "tensor_max_bval": self.max_bval, "quality": self.quality_name}
+
+    def _check(self, data1, data2, mask):
+        data1, data2 = np.asanyarray(data1), np.asanyarray(data2)
+        for d, gt, k in ((data1, self.gtabs[0], 1), (data2, self.gtabs[1], 2)):
+            if d.shape[-1] != len(gt):
+                raise ValueError(f"series {k} has {d.shape[-1]} volumes, its gradient table "
+                                 f"{len(gt)}")
+        if data1.shape[:-1] != data2.shape[:-1]:
+            raise ValueError(f"the two series are on different grids {data1.shape[:-1]} "
+                             f"and {data2.shape[:-1]}")
+        return data1, data2
+
+    def fit_tensors(self, D1, D2):
+        """(axis, gradient, quality) from the two fitted tensors (n, 3, 3)."""
+        t1, t2 = (t.diffusion_time for t in self.timings)
+        short, long_ = (D1, D2) if t1 < t2 else (D2, D1)
+        ts, dt = min(t1, t2), abs(t2 - t1)
+        c = 2.0 * self.coupling ** 2
+        vals, v = _principal(short - long_)
+        with np.errstate(all="ignore"):
+            w = v * np.sqrt(np.clip(vals[:, 0], 0.0, None) / (c * dt))[:, None]
+            ok = np.isfinite(short).all(axis=(1, 2)) & np.isfinite(w).all(axis=1)
+            y = np.full_like(w, np.nan)
+            if ok.any():
+                y[ok] = np.linalg.solve(short[ok], w[ok][..., None])[..., 0]
+            g = y / (1.0 + c * ts * np.sum(w * y, axis=1))[:, None]
+            # the axis D^-1 v also where lambda_1 <= 0 (then |g| = 0)
+            axis = np.full_like(w, np.nan)
+            if ok.any():
+                axis[ok] = np.linalg.solve(short[ok], v[ok][..., None])[..., 0]
+        return axis, g, _rank_one_fraction(vals)
+
+    def fit_rows(self, rows1, rows2):
+        _, D1 = self.tensors[0].fit_rows(np.abs(rows1))
+        _, D2 = self.tensors[1].fit_rows(np.abs(rows2))
+        return self.fit_tensors(D1, D2)
+
+    def _run(self, data1, data2, mask, name, per_chunk):
+        data1, data2 = self._check(data1, data2, mask)
+        flat, rows, cidx, grid = _voxel_index(data1, mask)
+        out = _empty_fit(grid, np.asarray(mask, bool) if mask is not None
+                         else np.ones(grid, bool), name, self.quality_name)
+        for i in range(0, rows.size, self.chunk_size):
+            c = cidx[i:i + self.chunk_size]
+            _store(out, c, *per_chunk(flat[rows[i:i + self.chunk_size]], _rows_of(data2, c)))
+        return out
+
+    def fit(self, data1, data2, mask=None) -> GradientFit:
+        """Fit the voxels of ``mask`` in the series ``data1`` (gtab1, timing1)
+        and ``data2`` (gtab2, timing2), both (..., N_k) on one grid."""
+        return self._run(data1, data2, mask, self.name, self.fit_rows)
+
+    def fit_surrogate(self, data1, data2, mask, sigma: Sequence[float],
+                      rng: np.random.Generator) -> GradientFit:
+        """Surrogate null: both series simulated from ONE gradient-free tensor
+        per voxel (the mean of the two fits; each series keeps its own S0)
+        with Rician noise ``sigma[k]``, then re-fitted."""
+        def per_chunk(r1, r2):
+            s01, D1 = self.tensors[0].fit_rows(np.abs(r1))
+            s02, D2 = self.tensors[1].fit_rows(np.abs(r2))
+            D = 0.5 * (D1 + D2)
+            sim1 = rician(self.tensors[0].predict(s01, D), sigma[0], rng)
+            sim2 = rician(self.tensors[1].predict(s02, D), sigma[1], rng)
+            return self.fit_rows(sim1, sim2)
+        return self._run(data1, data2, mask, self.name + SURROGATE_SUFFIX, per_chunk)
+
+
+def make_model(name: str, gtab: GradientTable, timing: SequenceTiming, *,
+               second: tuple[GradientTable, SequenceTiming] | None = None, **kw):
+    """The estimator ``name`` (one of ``ESTIMATORS``) for an acquisition; C
+    needs ``second`` = (gtab, timing) of the series at the other Delta."""
+    if name == "B":
+        return PublishedModel(gtab, timing, **kw)
+    if name == "A":
+        return NonlinearModel(gtab, timing, **kw)
+    if name == "P":
+        return PhaseModel(gtab, timing, **kw)
+    if name == "C":
+        if second is None:
+            raise ValueError("estimator C needs a second series (gtab, timing) at another Delta")
+        return TwoTimeModel(gtab, timing, second[0], second[1], **kw)
+    raise ValueError(f"unknown estimator {name!r}; choose from {ESTIMATORS}")
+
+
+# ----------------------------------------------------------------------------
+# Noise
+# ----------------------------------------------------------------------------
+def estimate_sigma(data, gtab: GradientTable, mask=None, chunk: int = 65536) -> float:
+    """Noise SD per real channel, pooled over ``mask``.
+
+    With >= 2 b0 volumes: sqrt of the mean over voxels of the sample variance
+    of the b0 repeats (complex data: half the variance of the complex values);
+    at b0 SNR the Rician bias is negligible, physiological fluctuation
+    inflates it slightly. Otherwise: the residual SD of a WLS tensor fit to
+    all volumes (RSS / (N - 7)).
+    """
+    data = np.asanyarray(data)
+    flat, rows, _, _ = _voxel_index(data, mask)
+    b0 = np.flatnonzero(gtab.b0s_mask)
+    acc, n = 0.0, 0
+    tensor = None if b0.size >= 2 else _TensorPart(gtab, None)
+    for i in range(0, rows.size, chunk):
+        r = flat[rows[i:i + chunk]]
+        if tensor is None:
+            x = r[:, b0].astype(np.complex128 if np.iscomplexobj(r) else np.float64)
+            var = np.var(x, axis=1, ddof=1) if not np.iscomplexobj(x) else \
+                0.5 * (np.var(x.real, axis=1, ddof=1) + np.var(x.imag, axis=1, ddof=1))
+        else:
+            mag = np.abs(r).astype(np.float64)
+            s0, D = tensor.fit_rows(mag)
+            var = np.sum((mag - tensor.predict(s0, D)) ** 2, axis=1) / (mag.shape[1] - 7)
+        var = var[np.isfinite(var)]
+        acc += float(var.sum())
+        n += var.size
+    if n == 0:
+        raise ValueError("no voxel to estimate the noise from")
+    return math.sqrt(acc / n)
+
+
+# ----------------------------------------------------------------------------
+# Controls
+# ----------------------------------------------------------------------------
+def perpendicular_random_axis(v1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random unit axis (..., 3) in the plane perpendicular to each V1
+    (uniform in that plane: an isotropic Gaussian vector minus its V1 part)."""
+    n = unit(v1).astype(np.float64)
+    r = rng.standard_normal(n.shape)
+    r -= np.sum(r * n, axis=-1, keepdims=True) * n
+    return unit(r)
+
+
+def shuffle_axes(axes: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Voxel-shuffle null: the finite axes inside ``mask`` permuted across
+    those voxels (NaN elsewhere), breaking any voxel-wise correspondence."""
+    axes = np.asarray(axes)
+    out = np.full(axes.shape, np.nan, np.float32)
+    idx = np.flatnonzero(np.asarray(mask, bool).ravel() & np.isfinite(axes.reshape(-1, 3)).all(1))
+    out.reshape(-1, 3)[idx] = axes.reshape(-1, 3)[idx[rng.permutation(idx.size)]]
+    return out
+
+
+def fa_strata(fa: np.ndarray, mask: np.ndarray,
+              edges: Sequence[float] = FA_STRATA_EDGES) -> dict[str, np.ndarray]:
+    """``{"all": mask, "fa0.0-0.2": ..., ...}`` bin masks (the last bin
+    includes its upper edge)."""
+    fa = np.asarray(fa)
+    mask = np.asarray(mask, bool)
+    out = {"all": mask.copy()}
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        last = k == len(edges) - 2
+        sel = mask & (fa >= lo) & ((fa <= hi) if last else (fa < hi))
+        out[f"fa{lo:.1f}-{hi:.1f}"] = sel
+    return out
+
+
+@dataclass
+class TensorMaps:
+    """Gradient-free tensor maps used by the controls and strata (mask only):
+    FA, MD (mm^2/s), V1 and E3 (first and third eigenvectors, b-vector frame)."""
+
+    fa: np.ndarray
+    md: np.ndarray
+    v1: np.ndarray
+    e3: np.ndarray
+
+
+def tensor_maps(data, gtab: GradientTable, mask, max_bval: float | None = DTI_MAX_BVAL,
+                chunk: int = 65536) -> TensorMaps:
+    """WLS tensor on the b0s and shells up to ``max_bval``, chunk by chunk
+    (no copy of the selected volumes of the 4D array)."""
+    data = np.asanyarray(data)
+    flat, rows, cidx, grid = _voxel_index(data, mask)
+    tensor = _TensorPart(gtab, max_bval)
+    fa = np.full(grid, np.nan, np.float32)
+    md = np.full(grid, np.nan, np.float32)
+    v1 = np.full(grid + (3,), np.nan, np.float32)
+    e3 = np.full(grid + (3,), np.nan, np.float32)
+    for i in range(0, rows.size, chunk):
+        c = cidx[i:i + chunk]
+        _, D = tensor.fit_rows(np.abs(flat[rows[i:i + chunk]]))
+        ok = np.isfinite(D).all(axis=(1, 2))
+        vals = np.full((D.shape[0], 3), np.nan)
+        vecs = np.full((D.shape[0], 3, 3), np.nan)
+        if ok.any():
+            w, v = np.linalg.eigh(D[ok])
+            vals[ok], vecs[ok] = w[:, ::-1], v[:, :, ::-1]
+        with np.errstate(all="ignore"):
+            m = vals.mean(axis=1)
+            f = np.sqrt(1.5 * np.sum((vals - m[:, None]) ** 2, axis=1) / np.sum(vals ** 2, axis=1))
+        fa.reshape(-1)[c] = f
+        md.reshape(-1)[c] = m
+        v1.reshape(-1, 3)[c] = vecs[:, :, 0]
+        e3.reshape(-1, 3)[c] = vecs[:, :, 2]
+    return TensorMaps(fa=fa, md=md, v1=v1, e3=e3)
+
+
+# ----------------------------------------------------------------------------
+# Angles and statistics
+# ----------------------------------------------------------------------------
+def acute_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Acute angle (deg, 0..90) between the axes a and b (..., 3), sign-free;
+    NaN where either is zero or not finite."""
+    a = unit(a).astype(np.float64)
+    b = unit(b).astype(np.float64)
+    c = np.abs(np.sum(a * b, axis=-1))
+    with np.errstate(invalid="ignore"):
+        return np.degrees(np.arccos(np.clip(c, 0.0, 1.0))).astype(np.float32)
+
+
+def plane_angle(a: np.ndarray, b: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Acute angle (deg, 0..90) between a and b projected onto the plane
+    perpendicular to ``normal`` (V1): the 2D angle, chance 45 deg."""
+    n = unit(normal).astype(np.float64)
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    pa = a - np.sum(a * n, axis=-1, keepdims=True) * n
+    pb = b - np.sum(b * n, axis=-1, keepdims=True) * n
+    return acute_angle(pa, pb)
+
+
+def _masked_map(fn, mask, *maps) -> np.ndarray:
+    """fn applied to the mask voxels of (X, Y, Z, 3) maps, NaN elsewhere."""
+    out = np.full(mask.shape, np.nan, np.float32)
+    out[mask] = fn(*(m[mask] for m in maps))
+    return out
+
+
+def one_sample_test(values, chance: float) -> dict:
+    """Two-tailed one-sample t-test of ``values`` (finite ones) against
+    ``chance`` (scipy.stats.ttest_1samp)."""
+    from scipy import stats
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    res = stats.ttest_1samp(v, chance) if v.size >= 2 else None
+    return {"n": int(v.size), "mean": float(v.mean()) if v.size else np.nan,
+            "sd": float(v.std(ddof=1)) if v.size >= 2 else np.nan,
+            "t": float(res.statistic) if res is not None else np.nan,
+            "p": float(res.pvalue) if res is not None else np.nan}
+
+
+def paired_test(a, b) -> dict:
+    """Two-tailed paired t-test of a - b over pairs where both are finite
+    (scipy.stats.ttest_rel)."""
+    from scipy import stats
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    res = stats.ttest_rel(a, b) if a.size >= 2 else None
+    d = a - b
+    return {"n": int(a.size), "mean": float(d.mean()) if d.size else np.nan,
+            "sd": float(d.std(ddof=1)) if d.size >= 2 else np.nan,
+            "t": float(res.statistic) if res is not None else np.nan,
+            "p": float(res.pvalue) if res is not None else np.nan}
+
+
+#: Columns of the per-subject table.
+ROW_COLUMNS = ("subject", "method", "kind", "stratum", "n_voxels", "mean", "median",
+               "mean_2d", "median_2d")
+
+
+def summarise_angles(angles: dict, angles_2d: dict, strata: dict, kinds: dict,
+                     subject: str = ""):
+    """Tidy per-subject rows (pandas): one per method x stratum with the
+    voxel count and the mean and median of the acute and of the 2D angle."""
+    import pandas as pd
+    rows = []
+    for method, amap in angles.items():
+        a2 = angles_2d.get(method)
+        for stratum, sel in strata.items():
+            v = amap[sel]
+            keep = np.isfinite(v)
+            v = v[keep].astype(np.float64)
+            w = a2[sel][keep].astype(np.float64) if a2 is not None else np.empty(0)
+            w = w[np.isfinite(w)]
+            rows.append({"subject": subject, "method": method, "kind": kinds.get(method, ""),
+                         "stratum": stratum, "n_voxels": int(v.size),
+                         "mean": float(v.mean()) if v.size else np.nan,
+                         "median": float(np.median(v)) if v.size else np.nan,
+                         "mean_2d": float(w.mean()) if w.size else np.nan,
+                         "median_2d": float(np.median(w)) if w.size else np.nan})
+    return pd.DataFrame(rows, columns=list(ROW_COLUMNS))
+
+
+def cohort_tests(rows, statistics: Sequence[str] = ("mean", "median", "mean_2d"),
+                 controls: Sequence[str] = (FIBRE_E3, FIBRE_PERP)):
+    """Group table from per-subject rows (``summarise_angles`` of many subjects).
+
+    For every method (estimators, nulls and controls side by side) x stratum
+    x statistic: a two-tailed one-sample t-test across subjects against the
+    chance value (``CHANCE``), and for every non-control method a paired
+    t-test against each fibre-only control (same subjects). Columns: method,
+    kind, stratum, statistic, test ("chance" or "vs_<control>"), reference
+    (chance value or control name), n_subjects, mean (of the statistic, or of
+    the paired difference), sd, t, p.
+    """
+    import pandas as pd
+    out = []
+    key = ["method", "stratum"]
+    for (method, stratum), grp in rows.groupby(key, sort=False):
+        kind = grp["kind"].iloc[0]
+        for stat in statistics:
+            r = one_sample_test(grp[stat].to_numpy(), CHANCE[stat])
+            out.append({"method": method, "kind": kind, "stratum": stratum, "statistic": stat,
+                        "test": "chance", "reference": f"{CHANCE[stat]:.4f}",
+                        "n_subjects": r["n"], "mean": r["mean"], "sd": r["sd"],
+                        "t": r["t"], "p": r["p"]})
+            if method in controls:
+                continue
+            for ctrl in controls:
+                cg = rows[(rows["method"] == ctrl) & (rows["stratum"] == stratum)]
+                if cg.empty:
+                    continue
+                both = grp.merge(cg, on="subject", suffixes=("", "_ctrl"))
+                r = paired_test(both[stat].to_numpy(), both[stat + "_ctrl"].to_numpy())
+                out.append({"method": method, "kind": kind, "stratum": stratum,
+                            "statistic": stat, "test": f"vs_{ctrl}", "reference": ctrl,
+                            "n_subjects": r["n"], "mean": r["mean"], "sd": r["sd"],
+                            "t": r["t"], "p": r["p"]})
+    return pd.DataFrame(out, columns=["method", "kind", "stratum", "statistic", "test",
+                                      "reference", "n_subjects", "mean", "sd", "t", "p"])
+
+
+# ----------------------------------------------------------------------------
+# One subject
+# ----------------------------------------------------------------------------
+@dataclass
+class SubjectEvaluation:
+    """Everything :func:`evaluate_subject` computed for one subject.
+
+    ``angles`` / ``angles_2d``: method -> (X, Y, Z) float32 acute / 2D angle
+    maps in degrees (NaN outside ``mask``); ``axes``: method -> (X, Y, Z, 3)
+    axes compared with the gold standard; ``fits``: estimator -> GradientFit
+    (surrogates under ``<name>_surrogate``); ``rows``: the tidy table
+    (``ROW_COLUMNS``); ``strata``: stratum -> mask; ``kinds``: method ->
+    "estimator" / "null" / "control".
+    """
+
+    subject: str
+    gold: GoldStandard
+    tensor: TensorMaps
+    mask: np.ndarray
+    angles: dict
+    angles_2d: dict
+    axes: dict
+    fits: dict
+    strata: dict
+    kinds: dict
+    rows: object
+    sigma: float
+    parameters: dict
+
+
+def evaluate_subject(dwi, timing: SequenceTiming, estimators: Sequence[str] = ("B",), *,
+                     subject: str = "", rng: int | np.random.Generator | None = 0,
+                     phase: np.ndarray | None = None, second=None,
+                     second_timing: SequenceTiming | None = None,
+                     log_gold: bool = False, exclude_csf: bool = False,
+                     min_relative_gradient: float | None = None,
+                     shuffle: bool = True, surrogate: bool = True,
+                     max_voxels: int | None = None, sigma: float | None = None,
+                     fa_edges: Sequence[float] = FA_STRATA_EDGES,
+                     model_kw: dict | None = None) -> SubjectEvaluation:
+    """Gold standard, estimators, controls and strata for one subject.
+
+    ``dwi``: an :class:`io.DWI` (magnitude, FSL-frame b-vectors, brain mask).
+    ``phase`` (radians, the shape of ``dwi.data``) enables P; ``second`` (a
+    DWI of the same grid at another Delta, ``second_timing``) enables C.
+    Evaluation voxels: the gold-standard mask (eroded brain mask, optional
+    CSF (MD > ``CSF_MD_THRESHOLD``) and small-|g| exclusions) where the
+    tensor fit succeeded; ``max_voxels`` draws a seeded random subset (for
+    the slow A). Every estimator gets its voxel-shuffle and surrogate nulls;
+    the fibre-only controls are the DTI third eigenvector and a seeded random
+    axis perpendicular to V1. ``model_kw``: estimator name -> keyword args.
+    """
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown estimator(s) {unknown}; choose from {ESTIMATORS}")
+    if "P" in estimators and phase is None:
+        raise ValueError("estimator P needs the phase of the series (phase=...)")
+    if "C" in estimators and (second is None or second_timing is None):
+        raise ValueError("estimator C needs second=DWI and second_timing=SequenceTiming")
+    if phase is not None and np.shape(phase) != dwi.data.shape:
+        raise ValueError(f"phase shape {np.shape(phase)} differs from the DWI {dwi.data.shape}")
+    if second is not None and second.data.shape[:3] != dwi.data.shape[:3]:
+        raise ValueError(f"second series grid {second.data.shape[:3]} differs from "
+                         f"{dwi.data.shape[:3]}")
+    model_kw = dict(model_kw or {})
+    tmaps = tensor_maps(dwi.data, dwi.gtab, dwi.mask)
+    gold = gold_standard(mean_b0_map(dwi.data, dwi.gtab), dwi.affine, dwi.mask, frame="fsl",
+                         log=log_gold, md=tmaps.md,
+                         csf_md_threshold=CSF_MD_THRESHOLD if exclude_csf else None,
+                         min_relative_gradient=min_relative_gradient)
+    mask = gold.mask & np.isfinite(tmaps.fa) & np.isfinite(tmaps.v1).all(-1)
+    if max_voxels is not None and mask.sum() > max_voxels:
+        idx = np.flatnonzero(mask.ravel())
+        keep = np.sort(rng.choice(idx, size=int(max_voxels), replace=False))
+        mask = np.zeros_like(mask)
+        mask.ravel()[keep] = True
+    if not mask.any():
+        raise InputError(dwi.paths.get("dwi"), "no voxel left to evaluate (mask eroded to "
+                                               "nothing or all voxels excluded)")
+    if sigma is None:
+        sigma = estimate_sigma(dwi.data, dwi.gtab, dwi.mask)
+    axes, fits, kinds = {}, {}, {}
+    for name in estimators:
+        kw = model_kw.get(name, {})
+        if name == "C":
+            model = make_model("C", dwi.gtab, timing, second=(second.gtab, second_timing), **kw)
+            fit = model.fit(dwi.data, second.data, mask)
+        elif name == "P":
+            model = make_model("P", dwi.gtab, timing, **kw)
+            cdata = (dwi.data * np.exp(1j * np.asarray(phase, np.float32))).astype(np.complex64)
+            fit = model.fit(cdata, mask)
+        else:
+            model = make_model(name, dwi.gtab, timing, **kw)
+            fit = model.fit(dwi.data, mask)
+        fits[name] = fit
+        axes[name], kinds[name] = fit.axis, "estimator"
+        if shuffle:
+            axes[name + SHUFFLE_SUFFIX] = shuffle_axes(fit.axis, mask, rng)
+            kinds[name + SHUFFLE_SUFFIX] = "null"
+        if surrogate:
+            if name == "C":
+                s2 = estimate_sigma(second.data, second.gtab, second.mask)
+                sfit = model.fit_surrogate(dwi.data, second.data, mask, (sigma, s2), rng)
+            elif name == "P":
+                sfit = model.fit_surrogate(cdata, mask, sigma, rng)
+            else:
+                sfit = model.fit_surrogate(dwi.data, mask, sigma, rng)
+            fits[sfit.estimator] = sfit
+            axes[sfit.estimator], kinds[sfit.estimator] = sfit.axis, "null"
+    axes[FIBRE_E3], kinds[FIBRE_E3] = tmaps.e3, "control"
+    perp = np.full(mask.shape + (3,), np.nan, np.float32)
+    perp[mask] = perpendicular_random_axis(tmaps.v1[mask], rng)
+    axes[FIBRE_PERP], kinds[FIBRE_PERP] = perp, "control"
+    angles = {k: _masked_map(acute_angle, mask, a, gold.gradient) for k, a in axes.items()}
+    angles_2d = {k: _masked_map(plane_angle, mask, a, gold.gradient, tmaps.v1)
+                 for k, a in axes.items()}
+    strata = fa_strata(tmaps.fa, mask, fa_edges)
+    rows = summarise_angles(angles, angles_2d, strata, kinds, subject)
+    params = {"estimators": list(estimators), "sigma": sigma, "log_gold": log_gold,
+              "exclude_csf": exclude_csf, "csf_md_threshold": CSF_MD_THRESHOLD,
+              "min_relative_gradient": min_relative_gradient, "max_voxels": max_voxels,
+              "fa_edges": list(fa_edges), "gold_excluded": gold.excluded,
+              "n_voxels": int(mask.sum()), "frame": "fsl-image",
+              "timing": {"Delta_ms": timing.Delta, "delta_ms": timing.delta, "TE_ms": timing.TE}}
+    return SubjectEvaluation(subject=subject, gold=gold, tensor=tmaps, mask=mask,
+                             angles=angles, angles_2d=angles_2d, axes=axes, fits=fits,
+                             strata=strata, kinds=kinds, rows=rows, sigma=float(sigma),
+                             parameters=params)
