@@ -11,6 +11,8 @@ bad subject never stops the cohort, and its reason reaches the group table.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import traceback
 from pathlib import Path
 
@@ -27,6 +29,8 @@ FAILED_MARKER = "_dmriflow_failed"
 STEP_MARKER = "_dmriflow_step"
 #: BIDS ``desc`` label of a DWI series changed by each step (joined in order).
 SERIES_DESC = {"preprocess": "preproc", "harmonize": "harmonized"}
+#: Keys of a status row that are not columns of group/subjects.tsv.
+ROW_ONLY = ("derivatives", "export_id")
 #: Columns of group/subjects.tsv, in order (census fields follow "status").
 STATUS_COLUMNS = ("subject", "status", "failed_step", "error")
 
@@ -137,13 +141,43 @@ def _export_series(record: dict, dwi_dir: Path, key: str, inputs: dict,
     series = record["series"]
     written = [str(io.copy_file(series[k], Path(f"{base}{ext}")))
                for k, ext in (("dwi", ".nii.gz"), ("bval", ".bval"), ("bvec", ".bvec"))]
-    meta = io.sidecar(inputs, {"history": record["history"]}, desc, extra=provenance)
+    meta = _sidecar(inputs, {"history": record["history"]}, desc, provenance)
     applied = [h for h in record["history"] if h["step"] == "harmonize"]
     if applied:
         meta[SIDECAR_KEY] = applied[-1]["applied"]
         meta["HarmonizationArtefact"] = applied[-1]["artefact"]
     io.write_json(meta, Path(f"{base}.json"))
     return written + [f"{base}.json"]
+
+
+def _sidecar(inputs: dict, params: dict, step: str, provenance: dict) -> dict:
+    """A derivative's sidecar: the input hashes recorded by Validate (the content
+    that was processed, not re-read) and the run's pipeline version."""
+    extra = {k: v for k, v in provenance.items() if k != "PipelineVersion"}
+    return io.sidecar(inputs, params, step, extra=extra, hashes=provenance.get("InputHashes"),
+                      version=provenance.get("PipelineVersion") or None)
+
+
+def export_id(*records, **fields) -> str:
+    """Content id of an export: sha256 of everything Export writes from."""
+    text = json.dumps([records, fields], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _previous_export(path: Path, eid: str) -> dict | None:
+    """The status row of an identical, complete earlier export, if there is one.
+
+    The engine can lose an Export node's result when a run is killed right
+    after the status file was written; the rerun then finds the derivatives
+    already in place and must not rewrite them.
+    """
+    try:
+        row = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if row.get("export_id") != eid:
+        return None
+    return row if all(Path(d).exists() for d in row.get("derivatives", [])) else None
 
 
 def derivative_name(key: str, entities: str) -> str:
@@ -154,7 +188,7 @@ def _export_file(src, dst: Path, inputs: dict, params: dict, step: str,
                  provenance: dict) -> str:
     """Copy one derivative into place (atomically) beside its JSON sidecar."""
     io.copy_file(src, dst)
-    meta = io.sidecar(inputs, params, step, extra=provenance)
+    meta = _sidecar(inputs, params, step, provenance)
     meta["Sources"] = sorted(inputs.values())
     stem = dst.name.removesuffix(".nii.gz").removesuffix(dst.suffix)
     io.write_json(meta, dst.with_name(f"{stem}.json"))
@@ -201,15 +235,25 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
     """Copy a subject's maps into the derivatives tree, each with a sidecar.
 
     ``image_gradient`` and ``inference`` are product records of optional
-    steps (see :func:`export_product`). Writes the subject's status file
-    last (done, or failed with the reason), so a killed run never shows a
-    subject as done with missing files.
+    steps (see :func:`export_product`). A previous status file is removed
+    first and the new one written last (done, or failed with the reason), so
+    a killed run never shows a subject as done with missing or mixed files.
+    An identical complete export (same ``export_id``) is not redone.
     """
     Path(STEP_MARKER).write_text("export")
     key = subject
     dwi_dir = Path(output_dir, "dmriflow", *out_parts, "dwi")
-    row = {"subject": key, "status": "done", "failed_step": "", "error": ""}
     products = [p for p in (image_gradient, inference) if p is not None]
+    eid = export_id(record, tensor, rish, *products, out_parts=out_parts,
+                    output_dir=output_dir, pipeline_version=pipeline_version)
+    status_file = status_path(output_dir, out_parts, key)
+    previous = _previous_export(status_file, eid)
+    if previous is not None:
+        if previous.get("status") != "done":
+            Path(FAILED_MARKER).write_text("export")
+        return previous
+    status_file.unlink(missing_ok=True)
+    row = {"subject": key, "status": "done", "failed_step": "", "error": ""}
     failed = next((r for r in (record, tensor, rish, *products) if r.get("status") == "failed"),
                   None)
     written = []
@@ -219,7 +263,8 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
             row.update(status="failed", failed_step=failed["failed_step"], error=failed["error"])
         else:
             inputs = {k: v["path"] for k, v in record["inputs"].items()}
-            provenance = {"InputHashes": {k: v["sha256"] for k, v in record["inputs"].items()}}
+            provenance = {"InputHashes": {k: v["sha256"] for k, v in record["inputs"].items()},
+                          "PipelineVersion": pipeline_version}
             jobs = [(f"model-tensor_param-{p}", path, "tensor", tensor["parameters"])
                     for p, path in tensor["maps"].items()]
             jobs += [(f"model-rish_shell-{shell}_param-l{order}", path, "rish",
@@ -245,6 +290,7 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
         row.update(status="failed", failed_step="export", error=f"{type(exc).__name__}: {exc}")
     row["derivatives"] = written
     row["pipeline_version"] = pipeline_version
+    row["export_id"] = eid
     return write_status(row, output_dir, out_parts)
 
 
@@ -266,9 +312,11 @@ def write_subjects_table(rows: list[dict], output_dir) -> Path:
     import pandas as pd
 
     from dmriflow.pipelines.inputs import assign_protocols
-    df = assign_protocols(pd.DataFrame([{k: v for k, v in r.items() if k != "derivatives"}
+    df = assign_protocols(pd.DataFrame([{k: v for k, v in r.items() if k not in ROW_ONLY}
                                         for r in rows]))
+    # the same columns in the same order whether rows come from the engine or
+    # from status files (JSON with sorted keys): status columns, then by name
     first = [c for c in STATUS_COLUMNS if c in df.columns]
-    df = df[first + [c for c in df.columns if c not in first]].sort_values("subject")
+    df = df[first + sorted(c for c in df.columns if c not in first)].sort_values("subject")
     path = Path(output_dir, "dmriflow", "group", "subjects.tsv")
     return io.write_text(df.to_csv(sep="\t", index=False, na_rep="n/a"), path)
