@@ -1,0 +1,180 @@
+"""A cohort run killed with SIGKILL mid-run, then resumed.
+
+``dmriflow run`` (cf worker, 2 processes) runs as a subprocess in its own
+process group; the whole group is killed as soon as the first subject's
+status file exists. Then: nothing half-written is visible under OUTPUT, a
+status file exists only for complete subjects, and a rerun finishes the
+cohort without recomputing finished subjects and gives the same group table
+as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+
+#: Small subjects; the last one is larger, so it is still running when the
+#: first subjects have finished (the kill then lands mid-run every time).
+SMALL_SHAPE = (18, 22, 16)
+LARGE_SHAPE = (44, 52, 40)
+N_SMALL = 5
+#: The source hash is pinned in the child processes: other work in the same
+#: checkout (editor saves, new files) must not change the pipeline version
+#: between the killed run and the resume.
+PINNED_SOURCE_HASH = "resume-test"
+RUNNER = ("import sys\n"
+          "from dmriflow.interfaces import io\n"
+          f"io.source_hash = lambda: {PINNED_SOURCE_HASH!r}\n"
+          "from dmriflow.pipelines.cli import main\n"
+          "sys.exit(main(sys.argv[1:]))\n")
+KILL_TIMEOUT_S = 120
+#: Temporary names of io's atomic writes: ".<name>.<random>.tmp<ext>".
+TEMP_MARK = ".tmp"
+
+
+def scheme():
+    return hcp_scheme(n_b0=4, shells=(1000, 2000), n_dirs=30, seed=1)
+
+
+def make_cohort(root: Path) -> Path:
+    write_cohort(root, N_SMALL, shape=SMALL_SHAPE, seed=0, scheme=scheme())
+    write_cohort(root, 1, shape=LARGE_SHAPE, seed=9, scheme=scheme(), subject_prefix="99")
+    return root
+
+
+def start(*args, log: Path) -> subprocess.Popen:
+    """``dmriflow ARGS`` in a new session (its own process group)."""
+    return subprocess.Popen([sys.executable, "-c", RUNNER, *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                            start_new_session=True)
+
+
+def run(*args, log: Path) -> int:
+    proc = start(*args, log=log)
+    try:
+        return proc.wait(timeout=KILL_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def status_files(out: Path) -> dict[str, Path]:
+    return {p.name.split("_desc-")[0]: p for p in (out / "dmriflow").glob("sub-*/*_status.json")}
+
+
+def kill_mid_run(cohort: Path, out: Path, log: Path) -> set[str]:
+    """Start a run, SIGKILL its process group once a status file exists."""
+    proc = start("run", cohort, out, "--worker", "cf", "--n-procs", "2", log=log)
+    deadline = time.monotonic() + KILL_TIMEOUT_S
+    try:
+        while not status_files(out):
+            assert proc.poll() is None, f"run ended before the kill:\n{log.read_text()}"
+            assert time.monotonic() < deadline, "no subject finished in time"
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _wait_group_gone(proc.pid)
+    return set(status_files(out))
+
+
+def _wait_group_gone(pgid: int, timeout: float = 10.0) -> None:
+    """Workers of the killed group are gone (no process left writing)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process group {pgid} still alive after SIGKILL")
+
+
+def snapshot(out: Path, subject: str) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of every file of a subject: an atomic rewrite gets a new inode."""
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (out / "dmriflow" / subject).rglob("*") if p.is_file()}
+
+
+def visible_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+
+
+def assert_nothing_half_written(out: Path) -> None:
+    root = out / "dmriflow"
+    for p in visible_files(root):
+        assert TEMP_MARK not in p.name, p
+        if p.name.endswith(".nii.gz"):
+            img = nib.load(p)
+            data = np.asanyarray(img.dataobj)     # decompresses every byte
+            assert data.shape == img.shape, p
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".tsv":
+            lines = p.read_text().splitlines()
+            assert lines and all(line.count("\t") == lines[0].count("\t") for line in lines), p
+    for subject, path in status_files(out).items():
+        row = json.loads(path.read_text())
+        assert row["status"] == "done", (subject, row)
+        names = {Path(d).name for d in row["derivatives"]}
+        present = {p.name for p in (root / subject / "dwi").glob("*.nii.gz")}
+        assert names and names == present, subject
+        for d in row["derivatives"]:
+            assert Path(d.replace(".nii.gz", ".json")).exists(), d
+
+
+def progress_subjects(log: Path, task: str) -> set[str]:
+    """Subjects for which the run's progress lines report ``task`` as run."""
+    return {line.split(f"{task} ", 1)[1].split(":")[0] for line in log.read_text().splitlines()
+            if f"] {task} sub-" in line}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same cohort run once without interruption."""
+    tmp = tmp_path_factory.mktemp("resume")
+    cohort = make_cohort(tmp / "in")
+    code = run("run", cohort, tmp / "clean", "--worker", "cf", "--n-procs", "2",
+               log=tmp / "clean.log")
+    assert code == 0, (tmp / "clean.log").read_text()
+    return tmp, cohort
+
+
+def test_killed_run_resumes_without_recomputing_finished_subjects(reference):
+    tmp, cohort = reference
+    out = tmp / "killed"
+    finished = kill_mid_run(cohort, out, tmp / "killed.log")
+    planned = {f"sub-{d.name}" for d in cohort.iterdir() if d.name.isdigit()}
+    assert finished and finished < planned, "the kill must land mid-run"
+    assert_nothing_half_written(out)
+    before = {s: snapshot(out, s) for s in finished}
+
+    code = run("run", cohort, out, "--worker", "cf", "--n-procs", "2", log=tmp / "resume.log")
+    assert code == 0, (tmp / "resume.log").read_text()
+    assert set(status_files(out)) == planned
+    assert_nothing_half_written(out)
+    assert not [p for p in (out / "dmriflow").rglob("*") if TEMP_MARK in p.name]
+    # finished subjects: not one file rewritten, no fit run again (the engine
+    # may run Export again when the kill lost its result record: it finds the
+    # identical export in place and leaves it) ...
+    assert {s: snapshot(out, s) for s in finished} == before
+    for task in ("Validate", "FitTensor", "FitRish"):
+        ran = progress_subjects(tmp / "resume.log", task)
+        assert not ran & finished, (task, ran & finished)
+    # ... and the rest were run by the resume (the progress lines are not silent)
+    assert progress_subjects(tmp / "resume.log", "Export") >= planned - finished
+    clean = (tmp / "clean" / "dmriflow" / "group" / "subjects.tsv").read_text()
+    assert (out / "dmriflow" / "group" / "subjects.tsv").read_text() == clean
