@@ -49,13 +49,15 @@ the b-vectors (FSL image frame) unless a function says otherwise.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
 import numpy as np
 
-from .dti import DTI_MAX_BVAL, MIN_SIGNAL, TensorModel, design_matrix, dti_shells
+from .dti import (DTI_MAX_BVAL, MIN_SIGNAL, TensorModel, available_threads, design_matrix,
+                  dti_shells, single_threaded_blas)
 from .errors import InputError
 from .gradients import GradientTable, check_readable_file
 from .io import mean_b0_map, storage_rows
@@ -335,6 +337,39 @@ def _solve_multi(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return out
 
 
+def _outer6(U: np.ndarray) -> np.ndarray:
+    """(M, 6) rows [ux^2, uy^2, uz^2, 2 ux uy, 2 ux uz, 2 uy uz]: u^T N u = row . N6
+    for N6 = [Nxx Nyy Nzz Nxy Nxz Nyz]."""
+    return np.stack([U[:, 0] ** 2, U[:, 1] ** 2, U[:, 2] ** 2, 2 * U[:, 0] * U[:, 1],
+                     2 * U[:, 0] * U[:, 2], 2 * U[:, 1] * U[:, 2]], axis=1)
+
+
+#: (k, l) of the packed upper triangle of a 6x6 normal matrix.
+_TRIU6 = tuple(zip(*np.triu_indices(6)))
+
+
+def _unpack21(p: np.ndarray) -> np.ndarray:
+    """(n, 21) packed upper triangles -> (n, 6, 6) symmetric."""
+    out = np.empty(p.shape[:1] + (6, 6))
+    for m, (k, l) in enumerate(_TRIU6):
+        out[:, k, l] = out[:, l, k] = p[:, m]
+    return out
+
+
+def _inv_sym3(D: np.ndarray) -> np.ndarray:
+    """Inverse of symmetric (n, 3, 3) matrices by the adjugate (vectorised);
+    NaN/inf rows where singular."""
+    a, b, c = D[:, 0, 0], D[:, 1, 1], D[:, 2, 2]
+    d, e, f = D[:, 0, 1], D[:, 0, 2], D[:, 1, 2]
+    A00, A11, A22 = b * c - f * f, a * c - e * e, a * b - d * d
+    A01, A02, A12 = e * f - d * c, d * f - e * b, d * e - a * f
+    det = a * A00 + d * A01 + e * A02
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv = 1.0 / det
+    return np.stack([np.stack([A00, A01, A02], -1), np.stack([A01, A11, A12], -1),
+                     np.stack([A02, A12, A22], -1)], -2) * inv[:, None, None]
+
+
 def _quadratic(D: np.ndarray, U: np.ndarray) -> np.ndarray:
     """u_m^T D_n u_m (n, M) for tensors (n, 3, 3) and unit vectors (M, 3)."""
     p = np.stack([D[:, 0, 0], D[:, 1, 1], D[:, 2, 2], 2 * D[:, 0, 1], 2 * D[:, 0, 2],
@@ -459,6 +494,37 @@ def _store(fit: GradientFit, cidx: np.ndarray, axis: np.ndarray, grad: np.ndarra
     fit.failed.reshape(-1)[cidx] = bad
 
 
+def _run_chunks(data, data2, mask, name: str, quality_name: str, chunk: int, n_threads: int,
+                per_chunk, rng: np.random.Generator | None = None) -> GradientFit:
+    """Apply ``per_chunk(rows, rows2, chunk_rng) -> (axis, gradient, quality)``
+    to the mask voxels of ``data`` (and the same voxels of ``data2``) chunk
+    by chunk, on ``n_threads`` worker threads (single-threaded BLAS each;
+    chunks write disjoint voxels), and collect a :class:`GradientFit`.
+    Each chunk gets its own generator seeded from ``rng`` in chunk order,
+    so results do not depend on the thread schedule."""
+    flat, rows, cidx, grid = _voxel_index(data, mask)
+    out = _empty_fit(grid, np.asarray(mask, bool) if mask is not None
+                     else np.ones(grid, bool), name, quality_name)
+    starts = list(range(0, rows.size, chunk))
+    seeds = rng.integers(0, 2 ** 63, size=len(starts)) if rng is not None else [None] * len(starts)
+
+    def work(k):
+        sel = slice(starts[k], starts[k] + chunk)
+        r2 = None if data2 is None else _rows_of(data2, cidx[sel])
+        chunk_rng = None if seeds[k] is None else np.random.default_rng(int(seeds[k]))
+        with single_threaded_blas(), np.errstate(all="ignore"):
+            _store(out, cidx[sel], *per_chunk(flat[rows[sel]], r2, chunk_rng))
+
+    n_workers = min(n_threads, len(starts))
+    if n_workers <= 1:
+        for k in range(len(starts)):
+            work(k)
+    else:
+        with ThreadPoolExecutor(n_workers) as ex:
+            list(ex.map(work, range(len(starts))))
+    return out
+
+
 class _TensorPart:
     """The gradient-free tensor fit an estimator builds on (dti.TensorModel
     on the chosen volumes), with S0 and D per row in float64, mm^2/s."""
@@ -502,9 +568,10 @@ class _Model:
     complex_input = False
 
     def __init__(self, gtab: GradientTable, timing: SequenceTiming, coupling: float,
-                 max_bval: float | None, chunk_size: int):
+                 max_bval: float | None, chunk_size: int, n_threads: int | None = None):
         if not isinstance(timing, SequenceTiming):
             raise TypeError("timing must be a SequenceTiming")
+        self.n_threads = available_threads() if n_threads is None else max(1, int(n_threads))
         self.gtab = gtab
         self.timing = timing
         self.coupling = float(coupling)
@@ -539,30 +606,21 @@ class _Model:
     def fit(self, data, mask=None) -> GradientFit:
         """Fit every voxel of ``data`` (..., N) where ``mask`` is True."""
         data = self._check(data)
-        flat, rows, cidx, grid = _voxel_index(data, mask)
-        out = _empty_fit(grid, np.asarray(mask, bool) if mask is not None
-                         else np.ones(grid, bool), self.name, self.quality_name)
-        for i in range(0, rows.size, self.chunk_size):
-            sel = slice(i, i + self.chunk_size)
-            _store(out, cidx[sel], *self.fit_rows(flat[rows[sel]]))
-        return out
+        return _run_chunks(data, None, mask, self.name, self.quality_name, self.chunk_size,
+                           self.n_threads, lambda r, _, __: self.fit_rows(r))
 
     def fit_surrogate(self, data, mask, sigma: float, rng: np.random.Generator) -> GradientFit:
         """The surrogate null: each voxel's signal is replaced by its fitted
         gradient-free tensor prediction plus noise of SD ``sigma`` (Rician
         magnitude; complex Gaussian for complex data), then re-fitted."""
         data = self._check(data)
-        flat, rows, cidx, grid = _voxel_index(data, mask)
-        out = _empty_fit(grid, np.asarray(mask, bool) if mask is not None
-                         else np.ones(grid, bool), self.name + SURROGATE_SUFFIX,
-                         self.quality_name)
-        for i in range(0, rows.size, self.chunk_size):
-            chunk = flat[rows[i:i + self.chunk_size]]
-            s0, D = self.tensor.fit_rows(np.abs(chunk))
-            sim = rician(self.tensor.predict(s0, D), sigma, rng, self.complex_input)
-            _store(out, cidx[i:i + self.chunk_size],
-                   *self.fit_rows(sim if self.complex_input else sim.astype(np.float32)))
-        return out
+
+        def per_chunk(rows, _, chunk_rng):
+            s0, D = self.tensor.fit_rows(np.abs(rows))
+            sim = rician(self.tensor.predict(s0, D), sigma, chunk_rng, self.complex_input)
+            return self.fit_rows(sim if self.complex_input else sim.astype(np.float32))
+        return _run_chunks(data, None, mask, self.name + SURROGATE_SUFFIX, self.quality_name,
+                           self.chunk_size, self.n_threads, per_chunk, rng)
 
     def fit_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(axis (n, 3), gradient (n, 3) in 1/mm, quality (n,)) of rows (n, N)."""
@@ -608,31 +666,40 @@ class PublishedModel(_Model):
 
     def __init__(self, gtab: GradientTable, timing: SequenceTiming,
                  coupling: float = PUBLISHED_COUPLING, max_bval: float | None = None,
-                 chunk_size: int = CHUNK_VOXELS):
-        super().__init__(gtab, timing, coupling, max_bval, chunk_size)
+                 chunk_size: int = CHUNK_VOXELS, n_threads: int | None = None):
+        super().__init__(gtab, timing, coupling, max_bval, chunk_size, n_threads)
+        dw = self.dw
+        u = gtab.bvecs[dw]
+        self._u6 = _outer6(u)                               # (M, 6): u^T N u = u6 . N6
+        self._p21 = np.stack([self._u6[:, k] * self._u6[:, l] for k, l in _TRIU6], axis=1)
+        self._scale = self.c[dw].max()
+        self._alpha = self.c[dw] / self._scale              # (M,) in [0, 1]
 
     def fit_rows(self, rows, tensor=None):
+        """(axis, gradient, quality) of rows (n, N); ``tensor`` = (s0, D in
+        mm^2/s) replaces the fitted gradient-free tensor.
+
+        Computed through N = D M D (an invertible linear map of the 6
+        unknowns, so the least-squares solution is the same): then
+        r_q = (c_q E_q)^2 u_q^T N u_q has a fixed basis u_q u_q^T, and the
+        normal equations of all voxels come from two matrix products."""
         mag = np.abs(rows)
         if tensor is None:
             s0, D = self.tensor.fit_rows(mag)
         else:
             s0, D, _ = _as_batch(tensor[0], tensor[1], np.zeros(3))
         dw = self.dw
-        u, b = self.gtab.bvecs[dw], self.gtab.bvals[dw]
-        Du = np.matmul(u[None], D)                              # (n, M, 3): (D u_q)^T
-        E = np.exp(-b * np.sum(Du * u, axis=-1))
-        # v scaled by s = c_max * 1e-3 so the design is O(1); M scales back by s^2
-        scale = self.c[dw].max() * 1e-3
-        v = Du * ((self.c[dw] / scale)[None, :] * E)[..., None]
+        Dp = D * 1e3                                            # um^2/ms: O(1)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            E = np.exp(-self.gtab.bvals[dw] * _quadratic(D, self.gtab.bvecs[dw]))
             r = (mag[:, dw].astype(np.float64) / s0[:, None]) ** 2 - E * E
-            X = np.stack([v[..., 0] ** 2, v[..., 1] ** 2, v[..., 2] ** 2,
-                          2 * v[..., 0] * v[..., 1], 2 * v[..., 0] * v[..., 2],
-                          2 * v[..., 1] * v[..., 2]], axis=-1)   # (n, M, 6)
-            XtX = np.matmul(X.transpose(0, 2, 1), X)
-            Xtr = np.matmul(X.transpose(0, 2, 1), r[..., None])[..., 0]
-        m = _solve_ridge(XtX, Xtr) / scale ** 2
-        vals, vec = _principal(_sym(m))
+            a2 = (self._alpha * E) ** 2                          # (n, M)
+            XtX = _unpack21(a2 * a2 @ self._p21)                 # (n, 6, 6)
+            Xtr = (a2 * r) @ self._u6                            # (n, 6)
+            n6 = _solve_ridge(XtX, Xtr) / (self._scale * 1e-3) ** 2
+            Dinv = _inv_sym3(Dp)
+            M = Dinv @ _sym(n6) @ Dinv
+        vals, vec = _principal(M)
         mag_g = np.sqrt(np.clip(vals[:, 0], 0.0, None))
         return vec, vec * mag_g[:, None], _rank_one_fraction(vals)
 
@@ -670,13 +737,13 @@ class NonlinearModel(_Model):
     def __init__(self, gtab: GradientTable, timing: SequenceTiming,
                  coupling: float = PUBLISHED_COUPLING, max_bval: float | None = None,
                  n_iter: int = LM_ITERATIONS, start_axes: np.ndarray = START_AXES,
-                 chunk_size: int = 1024):
-        super().__init__(gtab, timing, coupling, max_bval, chunk_size)
+                 chunk_size: int = 256, n_threads: int | None = None):
+        super().__init__(gtab, timing, coupling, max_bval, chunk_size, n_threads)
         self.n_iter = int(n_iter)
         self.start_axes = np.asarray(start_axes, dtype=np.float64).reshape(-1, 3)
         self._X = design_matrix(gtab)                    # (N, 7): d6 (um^2/ms), ln S0
         self._cu = (self.c * 1e-3)[:, None] * gtab.bvecs  # x = cu . w, w in um^2/ms/mm
-        self._published = PublishedModel(gtab, timing, coupling, max_bval, chunk_size)
+        self._published = PublishedModel(gtab, timing, coupling, max_bval, chunk_size, 1)
 
     def _h(self, w):
         """1/2 ln(1 + x^2) (n, N) and its derivative in w (n, N, 3)."""
@@ -793,30 +860,38 @@ class PhaseModel(_Model):
 
     def __init__(self, gtab: GradientTable, timing: SequenceTiming,
                  coupling: float = SPIN_ECHO_COUPLING, max_bval: float | None = None,
-                 chunk_size: int = CHUNK_VOXELS):
-        super().__init__(gtab, timing, coupling, max_bval, chunk_size)
+                 chunk_size: int = CHUNK_VOXELS, n_threads: int | None = None):
+        super().__init__(gtab, timing, coupling, max_bval, chunk_size, n_threads)
         self.b0 = np.flatnonzero(gtab.b0s_mask)
         if self.b0.size == 0:
             raise ValueError("estimator P needs b0 volumes (phase reference)")
+        u, c2 = gtab.bvecs[self.dw], self.c[self.dw] ** 2
+        # c^2 u_i u_j as [xx yy zz xy xz yz] (the order of _sym)
+        self._uu = np.stack([u[:, 0] ** 2, u[:, 1] ** 2, u[:, 2] ** 2, u[:, 0] * u[:, 1],
+                             u[:, 0] * u[:, 2], u[:, 1] * u[:, 2]], axis=1) * c2[:, None]
 
     def fit_rows(self, rows):
+        """(axis, gradient, quality) of complex rows (n, N). Solved for
+        w = D g (phi_q = -c_q u_q . w: a fixed design, normal equations of all
+        voxels from two matrix products), then g = D^-1 w (the same weighted
+        least-squares solution)."""
         rows = np.asarray(rows)
-        mag = np.abs(rows).astype(np.float64)
-        s0, D = self.tensor.fit_rows(mag)
+        s0, D = self.tensor.fit_rows(np.abs(rows))
         dw = self.dw
         ref = rows[:, self.b0].astype(np.complex128).mean(axis=1)
         phi = np.angle(rows[:, dw] * np.conj(ref)[:, None])
-        u = self.gtab.bvecs[dw]
-        X = -self.c[dw][None, :, None] * np.matmul(u[None], D)   # (n, M, 3)
+        c = self.c[dw]
         with np.errstate(all="ignore"):
-            w = self.tensor.predict(s0, D)[:, dw] ** 2
-            w = np.where(np.isfinite(w), w, 0.0)
-            Xw = X * w[..., None]
-            A = np.matmul(Xw.transpose(0, 2, 1), X)
-            rhs = np.matmul(Xw.transpose(0, 2, 1), phi[..., None])[..., 0]
-            g = _solve_ridge(A, rhs)
-            res = phi - np.matmul(X, g[..., None])[..., 0]
-            quality = 1.0 - np.sum(w * res ** 2, axis=1) / np.sum(w * phi ** 2, axis=1)
+            E = np.exp(-self.gtab.bvals[dw] * _quadratic(D, self.gtab.bvecs[dw]))
+            wt = np.where(np.isfinite(E), E * E, 0.0)              # |S|^2 / S0^2
+            A = _sym(wt @ self._uu)
+            wc = wt * c
+            rhs = -(wc * phi) @ self.gtab.bvecs[dw]
+            w = _solve_ridge(A, rhs)
+            rss0 = np.sum(wt * phi * phi, axis=1)
+            rss = rss0 - 2 * np.sum(w * rhs, axis=1) + np.einsum("ni,nij,nj->n", w, A, w)
+            g = (_inv_sym3(D) @ w[..., None])[..., 0]
+            quality = 1.0 - rss / rss0
         return g, g, quality
 
 
@@ -850,7 +925,8 @@ class TwoTimeModel:
 
     def __init__(self, gtab1: GradientTable, timing1: SequenceTiming, gtab2: GradientTable,
                  timing2: SequenceTiming, coupling: float = SPIN_ECHO_COUPLING,
-                 max_bval: float | None = DTI_MAX_BVAL, chunk_size: int = CHUNK_VOXELS):
+                 max_bval: float | None = DTI_MAX_BVAL, chunk_size: int = CHUNK_VOXELS,
+                 n_threads: int | None = None):
         t1, t2 = timing1.diffusion_time, timing2.diffusion_time
         if not abs(t1 - t2) > 1e-6:
             raise ValueError(f"estimator C needs two different diffusion times (got {t1:g} "
@@ -859,6 +935,7 @@ class TwoTimeModel:
         self.timings = (timing1, timing2)
         self.coupling = float(coupling)
         self.chunk_size = int(chunk_size)
+        self.n_threads = available_threads() if n_threads is None else max(1, int(n_threads))
         self.tensors = (_TensorPart(gtab1, max_bval), _TensorPart(gtab2, max_bval))
         self.max_bval = max_bval
 
@@ -904,34 +981,29 @@ class TwoTimeModel:
         _, D2 = self.tensors[1].fit_rows(np.abs(rows2))
         return self.fit_tensors(D1, D2)
 
-    def _run(self, data1, data2, mask, name, per_chunk):
+    def _run(self, data1, data2, mask, name, per_chunk, rng=None):
         data1, data2 = self._check(data1, data2, mask)
-        flat, rows, cidx, grid = _voxel_index(data1, mask)
-        out = _empty_fit(grid, np.asarray(mask, bool) if mask is not None
-                         else np.ones(grid, bool), name, self.quality_name)
-        for i in range(0, rows.size, self.chunk_size):
-            c = cidx[i:i + self.chunk_size]
-            _store(out, c, *per_chunk(flat[rows[i:i + self.chunk_size]], _rows_of(data2, c)))
-        return out
+        return _run_chunks(data1, data2, mask, name, self.quality_name, self.chunk_size,
+                           self.n_threads, per_chunk, rng)
 
     def fit(self, data1, data2, mask=None) -> GradientFit:
         """Fit the voxels of ``mask`` in the series ``data1`` (gtab1, timing1)
         and ``data2`` (gtab2, timing2), both (..., N_k) on one grid."""
-        return self._run(data1, data2, mask, self.name, self.fit_rows)
+        return self._run(data1, data2, mask, self.name, lambda r1, r2, _: self.fit_rows(r1, r2))
 
     def fit_surrogate(self, data1, data2, mask, sigma: Sequence[float],
                       rng: np.random.Generator) -> GradientFit:
         """Surrogate null: both series simulated from ONE gradient-free tensor
         per voxel (the mean of the two fits; each series keeps its own S0)
         with Rician noise ``sigma[k]``, then re-fitted."""
-        def per_chunk(r1, r2):
+        def per_chunk(r1, r2, chunk_rng):
             s01, D1 = self.tensors[0].fit_rows(np.abs(r1))
             s02, D2 = self.tensors[1].fit_rows(np.abs(r2))
             D = 0.5 * (D1 + D2)
-            sim1 = rician(self.tensors[0].predict(s01, D), sigma[0], rng)
-            sim2 = rician(self.tensors[1].predict(s02, D), sigma[1], rng)
+            sim1 = rician(self.tensors[0].predict(s01, D), sigma[0], chunk_rng)
+            sim2 = rician(self.tensors[1].predict(s02, D), sigma[1], chunk_rng)
             return self.fit_rows(sim1, sim2)
-        return self._run(data1, data2, mask, self.name + SURROGATE_SUFFIX, per_chunk)
+        return self._run(data1, data2, mask, self.name + SURROGATE_SUFFIX, per_chunk, rng)
 
 
 def make_model(name: str, gtab: GradientTable, timing: SequenceTiming, *,
