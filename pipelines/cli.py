@@ -6,6 +6,7 @@ dmriflow run ... --harmonization ARTEFACT
 dmriflow harmonize fit INPUT OUTPUT --reference SITE --target SITE [--site-column COL]
 dmriflow harmonize apply ARTEFACT INPUT OUTPUT
 dmriflow status OUTPUT
+dmriflow report OUTPUT
 dmriflow simulate OUT --subjects N --layout hcp|bids --shape X Y Z --seed S
 dmriflow demo OUT
 
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="done/failed/missing per subject, with reasons")
     p.add_argument("output")
 
+    p = sub.add_parser("report", help="(re)write the cohort HTML report "
+                                      "OUTPUT/dmriflow/report.html")
+    p.add_argument("output")
+
     p = sub.add_parser("simulate", help="write a synthetic phantom cohort with ground truth")
     p.add_argument("output")
     p.add_argument("--subjects", type=int, default=4)
@@ -138,6 +143,7 @@ def _run(input_dir, output, layout, labels, args) -> int:
     result = run_cohort(subjects, output, _config(args))
     print(f"derivatives: {result.output_dir / 'dmriflow'}")
     print(f"summary table: {result.table}")
+    print(f"report: {result.report}")
     for row in result.failed:
         print(f"FAILED {row['subject']} [{row.get('failed_step', '')}]: {row.get('error', '')}")
     for err in result.engine_errors:
@@ -167,6 +173,7 @@ def cmd_harmonize(args) -> int:
     print(f"artefact: {result['artefact']}")
     print(f"site effect before/after: {result['site_effect']}")
     print(f"anatomy preservation: {result['preservation']}")
+    print(f"report: {result['report']}")
     for row in result["excluded"]:
         print(f"EXCLUDED {row['subject']}: {row['error']}")
     return EXIT_SUBJECTS_FAILED if result["excluded"] else EXIT_OK
@@ -181,6 +188,12 @@ def cmd_status(args) -> int:
         reason = f"  [{row.failed_step}] {row.error}" if row.status != "done" else ""
         print(f"{row.subject:<24} {row.status:<8}{reason}")
     return EXIT_OK if set(counts) <= {"done"} else EXIT_SUBJECTS_FAILED
+
+
+def cmd_report(args) -> int:
+    from dmriflow.pipelines.report import write_report
+    print(f"report: {write_report(args.output)}")
+    return EXIT_OK
 
 
 def cmd_simulate(args) -> int:
@@ -209,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args.input, args.output, args.layout, args.participant_label, args)
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
-                "harmonize": cmd_harmonize}[args.command](args)
+                "harmonize": cmd_harmonize, "report": cmd_report}[args.command](args)
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -478,5 +478,6 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     result["artefact"] = str(dest)
     result["excluded"] = result["excluded"] + [
         {"subject": r["subject"], "error": r["error"]} for r in prefailed]
+    result["report"] = _write_report(output_dir, config)
     _log(config, f"artefact {dest}; site effect table {result['site_effect']}")
     return result

@@ -446,9 +446,30 @@ def rish_section(maps: dict[str, SubjectMaps], order: list[str]) -> str:
             f"subjects (up to {MAX_RISH_SUBJECTS} shown).</p>" + "".join(parts))
 
 
-def harmonization_section(group: Path, maps: dict[str, SubjectMaps]) -> str:
-    """Evaluation of a fitted artefact and the subjects a run harmonised."""
+def artefact_rows(root: Path) -> pd.DataFrame | None:
+    """One row per harmonization artefact stored under OUTPUT/dmriflow/harmonization."""
+    from dmriflow.interfaces.harmonize import ARTEFACT_JSON
+    rows = []
+    for path in sorted((root / "harmonization").glob(f"*/{ARTEFACT_JSON}")):
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        rows.append({"artefact": path.parent.name, "reference": meta.get("reference_site"),
+                     "target": meta.get("target_site"),
+                     "shells": " ".join(f"{float(b):g}" for b in meta.get("shells", [])),
+                     "lmax": meta.get("lmax"), "registration": meta.get("registration"),
+                     "subjects": len(meta.get("subjects", []))})
+    return pd.DataFrame(rows) if rows else None
+
+
+def harmonization_section(root: Path, maps: dict[str, SubjectMaps]) -> str:
+    """Stored artefacts, their fit's evaluation and the subjects a run harmonised."""
+    group = root / "group"
     parts = []
+    stored = artefact_rows(root)
+    if stored is not None:
+        parts.append("<h3>Fitted artefacts</h3>" + html_table(stored))
     applied = {m.subject: m.harmonized for m in maps.values() if m.harmonized}
     sources = [group]
     if applied:
@@ -529,15 +550,16 @@ def build_report(output_dir) -> str:
         _section("Quality control", qc_section(table) if table is not None else "", "qc"),
         _section("FA and colour FA", maps_section(maps, order), "fa"),
         _section("RISH features", rish_section(maps, order), "rish"),
-        _section("Harmonization", harmonization_section(group, maps), "harmonization"),
+        _section("Harmonization", harmonization_section(root, maps), "harmonization"),
         _section("Image gradient", image_gradient_section(group), "image-gradient"),
         _section("Models", models_section(root), "models"),
     ]
-    n = 0 if table is None else len(table)
-    sub = (f"{n} subject(s) &middot; pipeline {_e(meta.get('pipeline_version', ''))} &middot; "
-           f"worker {_e(meta.get('worker', ''))} &middot; run started "
-           f"{_e(meta.get('started', ''))} &middot; report written "
-           f"{time.strftime('%Y-%m-%d %H:%M:%S')} by dmriflow {_e(__version__)}")
+    facts = [f"{len(table)} subject(s)" if table is not None else "no cohort run",
+             f"pipeline {meta['pipeline_version']}" if meta.get("pipeline_version") else "",
+             f"worker {meta['worker']}" if meta.get("worker") else "",
+             f"run started {meta['started']}" if meta.get("started") else "",
+             f"report written {time.strftime('%Y-%m-%d %H:%M:%S')} by dmriflow {__version__}"]
+    sub = " &middot; ".join(_e(f) for f in facts if f)
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>dmriflow report: {_e(output_dir.name)}</title><style>{CSS}</style></head>"

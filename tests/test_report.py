@@ -1,0 +1,376 @@
+"""The cohort HTML report: its tables and figures, and the page rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import io as bytes_io
+import json
+import os
+import re
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from dmriflow.interfaces.phantom import SiteEffect, hcp_scheme, write_cohort
+from dmriflow.pipelines import cli
+from dmriflow.pipelines.report import REPORT_FILE, _canonical, colour_fa
+
+SHAPE = (18, 22, 16)
+N_SUBJECTS = 3
+BROKEN = 1                        # index of the subject whose bvecs are one short
+SHELLS = (1000, 2000)
+N_ORDERS = 4                      # 30 directions -> lmax 6 -> l = 0, 2, 4, 6
+#: Chromium flags that work on this machine (no sandbox as root, no network).
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync")
+PAGE_WIDTH = 1200
+BROWSER_TIMEOUT_S = 60
+
+
+# ----------------------------------------------------------------------------
+# The page, parsed
+# ----------------------------------------------------------------------------
+class Page(HTMLParser):
+    """Tables (rows of cell texts) and image sources of each <section id=...>."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tables, self.images, self.tags = {}, {}, set()
+        self._section, self._row, self._cell = None, None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.add(tag)
+        if tag == "section":
+            self._section = a.get("id")
+        elif tag == "table":
+            self.tables.setdefault(self._section, []).append([])
+        elif tag == "tr":
+            self._row = []
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "img":
+            self.images.setdefault(self._section, []).append(a["src"])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._row is not None:
+            self._row.append(self._cell.strip())
+            self._cell = None
+        elif tag == "tr":
+            self.tables[self._section][-1].append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def png(uri: str) -> np.ndarray:
+    assert uri.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(bytes_io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+                      .convert("RGB"))
+
+
+# ----------------------------------------------------------------------------
+# A cohort run with one broken subject
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    scheme = hcp_scheme(n_b0=4, shells=SHELLS, n_dirs=30, seed=1)
+    labels = write_cohort(tmp / "in", N_SUBJECTS, layout="hcp", shape=SHAPE, seed=0,
+                          scheme=scheme)
+    bad = tmp / "in" / labels[BROKEN] / "T1w" / "Diffusion" / "bvecs"
+    np.savetxt(bad, np.loadtxt(bad)[:, :-1])
+    code = cli.main(["run", str(tmp / "in"), str(tmp / "out"), "--worker", "cf",
+                     "--n-procs", "2", "--quiet", "--cache-dir", str(tmp / "cache")])
+    assert code == cli.EXIT_SUBJECTS_FAILED
+    report = tmp / "out" / "dmriflow" / REPORT_FILE
+    return tmp, labels, bad, report
+
+
+def test_qc_table_has_every_subject(run):
+    tmp, labels, bad, report = run
+    page = Page(report.read_text())
+    table = pd.read_csv(tmp / "out" / "dmriflow" / "group" / "subjects.tsv", sep="\t")
+    (qc,) = page.tables["qc"]
+    head, rows = qc[0], qc[1:]
+    assert head[:6] == ["Subject", "Status", "Protocol", "Mask (ml)", "b0 SNR", "Median FA"]
+    assert [r[0] for r in rows] == [f"sub-{lbl}" for lbl in labels]
+    assert [r[1] for r in rows] == ["failed" if i == BROKEN else "done"
+                                    for i in range(N_SUBJECTS)]
+    broken = rows[BROKEN]
+    assert broken[6] == "validate" and str(bad) in broken[7] and "63 vectors" in broken[7]
+    for i, (lbl, row) in enumerate(zip(labels, rows)):
+        if i == BROKEN:
+            continue
+        tsv = table[table["subject"] == f"sub-{lbl}"].iloc[0]
+        mask = nib.load(tmp / "in" / lbl / "T1w" / "Diffusion" / "nodif_brain_mask.nii.gz")
+        ml = (np.asarray(mask.dataobj) > 0).sum() * np.prod(mask.header.get_zooms()) / 1e3
+        assert float(row[3]) == pytest.approx(ml, abs=0.5)
+        assert float(row[4]) == pytest.approx(tsv["b0_snr"], abs=0.05)
+        assert float(row[5]) == pytest.approx(tsv["median_fa"], abs=5e-4)
+        # the noise estimate behind the SNR recovers the simulated sigma
+        truth = json.loads((tmp / "in" / lbl / "T1w" / "Diffusion" / "data.json").read_text())
+        assert tsv["noise_sigma"] == pytest.approx(
+            truth["PhantomSimulation"]["NoiseSigma"], rel=0.05)
+    (census,) = page.tables["census"]
+    assert {r[0]: r[1] for r in census[1:]} == {"P1": "2", "unreadable": "1"}
+
+
+def test_figures_are_embedded(run):
+    _, labels, _, report = run
+    text = report.read_text()
+    page = Page(text)
+    n_done = N_SUBJECTS - 1
+    fa_panels = page.images["fa"]
+    assert len(fa_panels) == 3 * n_done           # FA axial, colour FA axial and coronal
+    grey, colour = png(fa_panels[0]), png(fa_panels[1])
+    assert np.array_equal(grey[..., 0], grey[..., 1]) and grey.max() > 200
+    spread = colour.max(axis=2).astype(int) - colour.min(axis=2)
+    assert (spread > 60).mean() > 0.02            # coloured (not grey) voxels
+    assert len(page.images["rish"]) == len(SHELLS) * n_done * N_ORDERS
+    assert all(png(u).std() > 5 for u in page.images["rish"])
+    assert len(page.images["qc"]) == 1
+    # self-contained: every image inline, no script, stylesheet link or remote address
+    assert all(u.startswith("data:image/png;base64,")
+               for u in sum(page.images.values(), []))
+    assert not {"script", "link", "iframe"} & page.tags
+    assert not re.search(r"https?://|(?:src|href)=\"(?!data:)", text)
+    for absent in ("harmonization", "image-gradient", "models"):
+        assert f'id="{absent}"' not in text
+
+
+def test_report_command_rewrites_the_page(run):
+    tmp, _, _, report = run
+    before = Page(report.read_text()).tables["qc"]
+    report.unlink()
+    assert cli.main(["report", str(tmp / "out")]) == cli.EXIT_OK
+    assert Page(report.read_text()).tables["qc"] == before
+    assert cli.main(["report", str(tmp / "nowhere")]) == cli.EXIT_INPUT
+
+
+def test_colour_fa_follows_the_anatomical_axes(tmp_path):
+    """A file whose voxel axes are (S, R, A): V1 along voxel axis 0 is
+    inferior-superior, hence blue; along axis 1 red; along axis 2 green."""
+    affine = np.array([[0, 2.0, 0, 0], [0, 0, 2.0, 0], [2.0, 0, 0, 0], [0, 0, 0, 1]])
+    shape = (4, 5, 6)
+    fa = np.full(shape, 0.8, np.float32)
+    v1 = np.zeros(shape + (3,), np.float32)
+    v1[0, ..., 0] = -1.0                     # sign does not matter
+    v1[1, ..., 1] = 1.0
+    v1[2:, ..., 2] = 1.0
+    nib.save(nib.Nifti1Image(fa, affine), tmp_path / "fa.nii.gz")
+    nib.save(nib.Nifti1Image(v1, affine), tmp_path / "v1.nii.gz")
+    fa_c, _ = _canonical(tmp_path / "fa.nii.gz")
+    v1_c, perm = _canonical(tmp_path / "v1.nii.gz")
+    rgb = colour_fa(fa_c, v1_c, perm)
+    assert rgb.shape == (5, 6, 4, 3)         # RAS: R = file axis 1, A = 2, S = 0
+    np.testing.assert_allclose(rgb[:, :, 0], np.broadcast_to([0, 0, 0.8], (5, 6, 3)))
+    np.testing.assert_allclose(rgb[:, :, 1], np.broadcast_to([0.8, 0, 0], (5, 6, 3)))
+    np.testing.assert_allclose(rgb[:, :, 3], np.broadcast_to([0, 0.8, 0], (5, 6, 3)))
+
+
+def test_harmonization_fit_report(tmp_path):
+    """harmonize fit writes a report whose harmonization section shows the
+    artefact, its evaluation table (one row per metric) and the before/after
+    figure; a run applying the artefact reports both."""
+    scheme = hcp_scheme(n_b0=3, shells=(1000,), n_dirs=20, seed=2)
+    shape = (14, 16, 12)
+    root = tmp_path / "bids"
+    write_cohort(root, 3, layout="bids", shape=shape, seed=5, scheme=scheme,
+                 subject_prefix="a")
+    write_cohort(root, 3, layout="bids", shape=shape, seed=5, scheme=scheme,
+                 subject_prefix="b", site=SiteEffect(name="siteB", rish_scale={0: 0.8}))
+    table = root / "sites.tsv"
+    table.write_text("participant_id\tsite\n" + "".join(
+        f"{p.name}\t{'siteA' if p.name.startswith('sub-a') else 'siteB'}\n"
+        for p in sorted(root.glob("sub-*"))))
+    out = tmp_path / "out"
+    assert cli.main(["harmonize", "fit", str(root), str(out), "--reference", "siteA",
+                     "--target", "siteB", "--site-column", "site", "--site-table", str(table),
+                     "--registration", "identity", "--worker", "cf", "--quiet",
+                     "--cache-dir", str(tmp_path / "cache")]) == cli.EXIT_OK
+    effect = pd.read_csv(out / "dmriflow" / "group" / "harmonization_site_effect.tsv", sep="\t")
+    page = Page((out / "dmriflow" / REPORT_FILE).read_text())
+    artefacts, site_table, preservation = page.tables["harmonization"]
+    assert artefacts[1][1:3] == ["siteA", "siteB"] and artefacts[1][-1] == "6"
+    _check_site_table(site_table, effect)
+    assert [r[1] for r in preservation[1:]] == ["sub-b01", "sub-b02", "sub-b03"]
+    (figure,) = page.images["harmonization"]
+    assert png(figure).std() > 10
+    # a run applying the artefact shows the harmonised subjects and the fit's evaluation
+    art = next((out / "dmriflow" / "harmonization").iterdir())
+    applied = tmp_path / "applied"
+    assert cli.main(["harmonize", "apply", str(art), str(root), str(applied),
+                     "--participant-label", "b01", "b02", "--worker", "cf", "--quiet",
+                     "--cache-dir", str(tmp_path / "cache")]) == cli.EXIT_OK
+    text = (applied / "dmriflow" / REPORT_FILE).read_text()
+    assert f"2 subject(s) harmonised with artefact(s) {art.name}" in text
+    page = Page(text)
+    _check_site_table(page.tables["harmonization"][0], effect)
+    assert len(page.images["harmonization"]) == 1 and len(page.images["fa"]) == 2 * 3
+
+
+def _check_site_table(rows, effect):
+    assert [r[0] for r in rows[1:]] == list(effect["metric"])
+    d_col = rows[0].index("d_before")
+    assert [float(r[d_col]) for r in rows[1:]] == pytest.approx(list(effect["d_before"]),
+                                                                 rel=1e-3)
+
+
+# ----------------------------------------------------------------------------
+# Headless Chromium through the DevTools protocol (--remote-debugging-pipe)
+# ----------------------------------------------------------------------------
+def chromium() -> str:
+    exe = shutil.which("chromium")
+    if exe is None:
+        if os.environ.get("DMRIFLOW_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is required (DMRIFLOW_REQUIRE_CHROMIUM=1) but not on PATH")
+        pytest.skip("chromium is not installed (Debian package 'chromium')")
+    return exe
+
+
+class Browser:
+    """One headless Chromium driven over the DevTools pipe (fds 3 and 4)."""
+
+    def __init__(self, exe: str, profile: Path):
+        cmd_r, cmd_w = os.pipe()
+        res_r, res_w = os.pipe()
+        # move the child's ends out of the way, then let the shell put them on 3 and 4
+        child = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in (cmd_r, res_w)]
+        for fd in (cmd_r, res_w):
+            os.close(fd)
+        script = f'exec "$@" 3<&{child[0]} 4>&{child[1]} {child[0]}<&- {child[1]}>&-'
+        self.proc = subprocess.Popen(
+            ["bash", "-c", script, "chromium", exe, *CHROMIUM_FLAGS,
+             f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+            pass_fds=child, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for fd in child:
+            os.close(fd)
+        self.w, self.r, self.buf, self.next_id, self.events = cmd_w, res_r, b"", 0, []
+
+    def _message(self, deadline: float) -> dict:
+        while b"\0" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no answer from chromium")
+            if select.select([self.r], [], [], left)[0]:
+                chunk = os.read(self.r, 1 << 20)
+                if not chunk:
+                    raise EOFError("chromium closed the DevTools pipe")
+                self.buf += chunk
+        msg, self.buf = self.buf.split(b"\0", 1)
+        return json.loads(msg)
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self.w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + BROWSER_TIMEOUT_S
+        while True:
+            m = self._message(deadline)
+            if m.get("id") == self.next_id:
+                if "error" in m:
+                    raise RuntimeError(f"{method}: {m['error']}")
+                return m["result"]
+            self.events.append(m)
+
+    def wait_for(self, event: str) -> None:
+        deadline = time.monotonic() + BROWSER_TIMEOUT_S
+        while not any(m.get("method") == event for m in self.events):
+            self.events.append(self._message(deadline))
+
+    def close(self) -> None:
+        try:
+            self.call("Browser.close")
+        except (OSError, EOFError, TimeoutError, RuntimeError):
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        os.close(self.w)
+        os.close(self.r)
+
+
+def render(page: Path, screenshot: Path) -> list[str]:
+    """Load ``page``, save a full-page screenshot; return every error the page
+    raised: uncaught exceptions, console.error calls, failed resource loads."""
+    with tempfile.TemporaryDirectory() as profile:
+        b = Browser(chromium(), Path(profile))
+        try:
+            target = b.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+            sid = b.call("Target.attachToTarget", {"targetId": target,
+                                                   "flatten": True})["sessionId"]
+            for domain in ("Page", "Runtime", "Log", "Network"):
+                b.call(f"{domain}.enable", session=sid)
+            b.call("Emulation.setDeviceMetricsOverride", {"width": PAGE_WIDTH, "height": 900,
+                                                          "deviceScaleFactor": 1,
+                                                          "mobile": False}, session=sid)
+            b.call("Page.navigate", {"url": page.resolve().as_uri()}, session=sid)
+            b.wait_for("Page.loadEventFired")
+            height = b.call("Page.getLayoutMetrics", session=sid)["cssContentSize"]["height"]
+            shot = b.call("Page.captureScreenshot", {
+                "format": "png", "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": PAGE_WIDTH, "height": height, "scale": 1}},
+                session=sid)
+            screenshot.write_bytes(base64.b64decode(shot["data"]))
+        finally:
+            b.close()
+    errors = []
+    for m in b.events:
+        method, p = m.get("method"), m.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            d = p["exceptionDetails"]
+            errors.append(f"exception: {d.get('exception', {}).get('description', d['text'])}")
+        elif method == "Runtime.consoleAPICalled" and p["type"] in ("error", "assert"):
+            errors.append(f"console.{p['type']}: {[a.get('value') for a in p['args']]}")
+        elif method == "Log.entryAdded" and p["entry"]["level"] == "error":
+            errors.append(f"log: {p['entry']['text']} {p['entry'].get('url', '')}")
+        elif method == "Network.loadingFailed":
+            errors.append(f"network: {p.get('errorText')}")
+    return errors
+
+
+def test_browser_check_detects_page_errors(tmp_path):
+    """The check below must see a script error, a console error and a missing file."""
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><body><h1>broken</h1><img src="missing.png">'
+                    '<script>console.error("deliberate"); undefinedFunction();</script>'
+                    "</body></html>")
+    errors = render(page, tmp_path / "broken.png")
+    text = "\n".join(errors)
+    assert "undefinedFunction is not defined" in text
+    assert "deliberate" in text
+    assert "ERR_FILE_NOT_FOUND" in text and "missing.png" in text
+    fine = tmp_path / "fine.html"
+    fine.write_text("<!DOCTYPE html><html><body><h1>fine</h1><script>console.log(1)</script>"
+                    "</body></html>")
+    assert render(fine, tmp_path / "fine.png") == []
+
+
+def test_report_renders_in_chromium(run, tmp_path):
+    _, _, _, report = run
+    shot = tmp_path / "report.png"
+    errors = render(report, shot)
+    assert errors == []
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[1] == PAGE_WIDTH and img.shape[0] > 1500   # the whole page
+    non_white = (img < 235).any(axis=2)
+    assert non_white.mean() > 0.10
+    saturated = img.max(axis=2) - img.min(axis=2) > 80          # colour FA, RISH, charts
+    assert saturated.mean() > 0.01
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
