@@ -12,6 +12,7 @@ from fileformats.generic import File
 from pydra.compose import workflow
 
 from dmriflow.pipelines.harmonization import Harmonize
+from dmriflow.pipelines.image_gradient import ImageGradient, ImageGradientGroup
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import (DTI_MAX_BVAL, Export, FitRish, FitTensor, GroupTable,
                                       Preprocess, Validate)
@@ -20,12 +21,16 @@ from dmriflow.pipelines.steps import (DTI_MAX_BVAL, Export, FitRish, FitTensor, 
 SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sidecar")
 
 
-@workflow.define(outputs=["row"])
+@workflow.define(outputs=["row", "image_gradient"])
 def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
                     output_dir: str, mask: File | None = None, sidecar: File | None = None,
                     fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL,
                     lmax: int = 0, harmonization: str = "", denoise: bool = False,
-                    degibbs: bool = False, pipeline_version: str = "") -> dict:
+                    degibbs: bool = False, image_gradient: bool = False,
+                    image_gradient_estimators: list | None = None,
+                    image_gradient_timing: dict | None = None,
+                    image_gradient_max_voxels: int = 0,
+                    pipeline_version: str = "") -> tuple[dict, dict | None]:
     files = dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask)
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = workflow.add(Validate(sidecar=sidecar, **files, **pv), hooks=PROGRESS).record
@@ -38,25 +43,46 @@ def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: 
     tensor = workflow.add(FitTensor(record=record, fit_method=fit_method,
                                     max_bval=dti_max_bval, **pv), hooks=PROGRESS).tensor
     rish = workflow.add(FitRish(record=record, lmax=lmax, **pv), hooks=PROGRESS).rish
-    return workflow.add(Export(out_parts=out_parts, record=record, tensor=tensor, rish=rish,
-                               output_dir=output_dir, **pv), hooks=PROGRESS).row
+    gradient = None
+    if image_gradient:
+        gradient = workflow.add(ImageGradient(record=record, estimators=image_gradient_estimators,
+                                              timing=image_gradient_timing,
+                                              max_voxels=image_gradient_max_voxels, **pv),
+                                hooks=PROGRESS).image_gradient
+    row = workflow.add(Export(out_parts=out_parts, record=record, tensor=tensor, rish=rish,
+                              image_gradient=gradient, output_dir=output_dir, **pv),
+                       hooks=PROGRESS).row
+    return row, gradient
 
 
-@workflow.define(outputs=["table", "rows"])
+@workflow.define(outputs=["table", "rows", "image_gradient"])
 def CohortWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
                    bval: list[File], bvec: list[File], mask: list, sidecar: list,
                    output_dir: str, extra_rows: list[dict] | None = None,
                    fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL, lmax: int = 0,
                    harmonization: str = "", denoise: bool = False, degibbs: bool = False,
-                   pipeline_version: str = "") -> tuple[str, list]:
+                   image_gradient: bool = False, image_gradient_estimators: list | None = None,
+                   image_gradient_timing: dict | None = None,
+                   image_gradient_max_voxels: int = 0,
+                   pipeline_version: str = "") -> tuple[str, list, str | None]:
     per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
                                   dti_max_bval=dti_max_bval, lmax=lmax,
                                   harmonization=harmonization, denoise=denoise,
-                                  degibbs=degibbs, pipeline_version=pipeline_version)
+                                  degibbs=degibbs, image_gradient=image_gradient,
+                                  image_gradient_estimators=image_gradient_estimators,
+                                  image_gradient_timing=image_gradient_timing,
+                                  image_gradient_max_voxels=image_gradient_max_voxels,
+                                  pipeline_version=pipeline_version)
     split = per_subject.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi,
                               bval=bval, bvec=bvec, mask=mask, sidecar=sidecar)
     subjects = workflow.add(split.combine("subject"), name="subjects")
     table = workflow.add(GroupTable(rows=subjects.row, extra_rows=extra_rows,
                                     output_dir=output_dir, pipeline_version=pipeline_version),
                          hooks=PROGRESS)
-    return table.table, subjects.row
+    gradient_table = None
+    if image_gradient:
+        gradient_table = workflow.add(ImageGradientGroup(products=subjects.image_gradient,
+                                                         output_dir=output_dir,
+                                                         pipeline_version=pipeline_version),
+                                      hooks=PROGRESS).table
+    return table.table, subjects.row, gradient_table
