@@ -399,7 +399,9 @@ class Compartment:
 # ----------------------------------------------------------------------------
 # Result
 # ----------------------------------------------------------------------------
-_MOMENTS = ("w", "w2", "wc", "ws", "w2cc", "w2ss", "w2cs", "w2c", "w2s")
+#: Sums over sampling units (a walker, or an antithetic pair averaged) of
+#: W = weight, A = w cos B, C = w sin B and their products.
+_MOMENTS = ("W", "WW", "A", "C", "AA", "CC", "AC", "WA", "WC")
 
 
 @dataclass
@@ -435,31 +437,31 @@ class MCSignal:
 
 
 def _standard_errors(per_comp: list[tuple[float, int, dict]]) -> dict:
-    """Delta-method standard errors of R = S/S0 from per-compartment walker
-    moments (fraction f, walkers n, sums of w, w^2, w cos, ...)."""
-    S0 = sum(f * m["w"] / n for f, n, m in per_comp)
-    S = sum(f * (m["wc"] + 1j * m["ws"]) / n for f, n, m in per_comp)
+    """Delta-method standard errors of R = S/S0 from per-compartment
+    moments (fraction f, sampling units n, sums ``_MOMENTS``)."""
+    S0 = sum(f * m["W"] / n for f, n, m in per_comp)
+    S = sum(f * (m["A"] + 1j * m["C"]) / n for f, n, m in per_comp)
     R = S / S0
     mag = np.abs(R)
     ur = np.divide(R.real, mag, out=np.ones_like(mag), where=mag > 0)
     ui = np.divide(R.imag, mag, out=np.zeros_like(mag), where=mag > 0)
 
     def var(alpha, beta, gamma):
-        # X = w (alpha cos + beta sin + gamma); Var(R-part) = sum f^2 Var_c(X)/n / S0^2
+        # X = alpha A + beta C + gamma W per unit; Var(part of R) = sum f^2 Var_c(X)/n / S0^2
         total = 0.0
         for f, n, m in per_comp:
             e = {k: v / n for k, v in m.items()}
-            ex = alpha * e["wc"] + beta * e["ws"] + gamma * e["w"]
-            ex2 = (alpha ** 2 * e["w2cc"] + beta ** 2 * e["w2ss"] + 2 * alpha * beta * e["w2cs"]
-                   + 2 * alpha * gamma * e["w2c"] + 2 * beta * gamma * e["w2s"]
-                   + gamma ** 2 * e["w2"])
+            ex = alpha * e["A"] + beta * e["C"] + gamma * e["W"]
+            ex2 = (alpha ** 2 * e["AA"] + beta ** 2 * e["CC"] + 2 * alpha * beta * e["AC"]
+                   + 2 * alpha * gamma * e["WA"] + 2 * beta * gamma * e["WC"]
+                   + gamma ** 2 * e["WW"])
             total = total + f * f * np.clip(ex2 - ex * ex, 0, None) / n
         return total / S0 ** 2
 
     zero = np.zeros_like(mag)
     se_phase = np.sqrt(var(-ui, ur, zero))
     se_phase = np.divide(se_phase, mag, out=np.full_like(mag, np.inf), where=mag > 0)
-    var_b0 = sum(f * f * max(m["w2"] / n - (m["w"] / n) ** 2, 0.0) / n for f, n, m in per_comp)
+    var_b0 = sum(f * f * max(m["WW"] / n - (m["W"] / n) ** 2, 0.0) / n for f, n, m in per_comp)
     return {"signal": S, "b0": S0, "se_b0": math.sqrt(var_b0),
             "se_real": np.sqrt(var(1.0 + zero, zero, -R.real)),
             "se_imag": np.sqrt(var(zero, 1.0 + zero, -R.imag)),
@@ -469,13 +471,20 @@ def _standard_errors(per_comp: list[tuple[float, int, dict]]) -> dict:
 # ----------------------------------------------------------------------------
 # The walk
 # ----------------------------------------------------------------------------
-def _walk_chunk(rng, n, y, voxel_size, L, seq, grid, rho, R2, R1, qvecs):
+def _walk_chunk(rng, n, y, voxel_size, L, seq, grid, rho, R2, R1, antithetic):
     """One chunk of walkers of one compartment: weights w (n,) and phase
-    moment vectors m (n, 3) with B = q . m."""
+    moment vectors m (n, 3) with B = q . m. ``antithetic``: walker n/2 + i
+    is walker i mirrored through the voxel centre (n even)."""
+    h = n // 2 if antithetic else n
+
+    def draw(shape_fn):
+        z = shape_fn((h, 3))
+        return np.concatenate([z, -z]) if antithetic else z
+
     x = np.empty((n, 3))
     x[:] = y
     if voxel_size is not None:
-        x += (rng.random((n, 3)) - 0.5) * voxel_size
+        x += draw(lambda shape: rng.random(shape) - 0.5) * voxel_size
     m = np.zeros((n, 3))
     logw = np.zeros(n)
     const_logw = 0.0
@@ -498,10 +507,10 @@ def _walk_chunk(rng, n, y, voxel_size, L, seq, grid, rho, R2, R1, qvecs):
         for a, b, s in lobes:
             if a <= mid <= b:
                 sign = s
-        xi = rng.standard_normal((n, 3)) @ (L.T * math.sqrt(2 * dt))
+        xi = draw(rng.standard_normal) @ (L.T * math.sqrt(2 * dt))
         need_mean = sign != 0.0 or not _is_constant(rate)
         if need_mean:
-            eta = rng.standard_normal((n, 3)) @ (L.T * math.sqrt(2 * dt ** 3 / 12))
+            eta = draw(rng.standard_normal) @ (L.T * math.sqrt(2 * dt ** 3 / 12))
             xbar = x - 0.5 * xi + eta / dt               # mean position over the step
             if sign != 0.0:
                 m += (sign * dt / seq.delta) * xbar
@@ -519,7 +528,8 @@ def _walk_chunk(rng, n, y, voxel_size, L, seq, grid, rho, R2, R1, qvecs):
 def simulate(sequence: Sequence, qvecs, compartments: Compartment | SequenceType[Compartment], *,
              rho=1.0, R2=0.0, R1=0.0, centre=(0.0, 0.0, 0.0), voxel_size=None,
              n_walkers: int = 100_000, n_steps: int = DEFAULT_STEPS,
-             seed: int | np.random.Generator | None = None, chunk: int | None = None) -> MCSignal:
+             seed: int | np.random.Generator | None = None, chunk: int | None = None,
+             antithetic: bool = True) -> MCSignal:
     """Simulate the complex voxel signal for wave vectors ``qvecs`` (n_q, 3)
     rad/mm (``Sequence.qvectors`` turns b-values and directions into them).
 
@@ -532,6 +542,11 @@ def simulate(sequence: Sequence, qvecs, compartments: Compartment | SequenceType
     their fractions. ``seed``: a numpy Generator or seed; the same seed,
     walkers and chunk give identical results. Walkers are processed in
     chunks of ``chunk`` (default: CHUNK_ELEMENTS / n_q) to bound memory.
+    ``antithetic`` (default): walkers come in pairs mirrored through the
+    readout point (increments negated), so the sampled mean displacement is
+    exactly zero; without it, that sampling noise is a phase linear in q -
+    exactly what a gradient looks like. A pair counts as one sample in the
+    standard errors.
     """
     comps = [compartments] if isinstance(compartments, Compartment) else list(compartments)
     if not comps:
@@ -547,21 +562,23 @@ def simulate(sequence: Sequence, qvecs, compartments: Compartment | SequenceType
     grid = sequence.time_grid(n_steps)
     n_q = len(qvecs)
     chunk = int(chunk or min(MAX_CHUNK, max(MIN_CHUNK, CHUNK_ELEMENTS // max(n_q, 1))))
+    pair = 2 if antithetic else 1
+    chunk = max(pair, chunk - chunk % pair)
     ftot = sum(c.fraction for c in comps)
-    counts = [max(1, int(round(n_walkers * c.fraction / ftot))) for c in comps]
+    counts = [pair * max(1, int(round(n_walkers * c.fraction / ftot / pair))) for c in comps]
 
     out = {k: [] for k in ("signal", "b0", "se_b0", "se_real", "se_imag", "se_magnitude", "se_phase")}
     with single_threaded_blas():   # tiny (n, 3) products: threads only contend
         for y in centres:
             _simulate_voxel(rng, y, comps, counts, chunk, voxel_size, sequence, grid, rho, R2, R1,
-                            qvecs, out)
+                            qvecs, antithetic, out)
     arr = {k: np.asarray(v) for k, v in out.items()}
     return MCSignal(qvecs=qvecs, bvals=sequence.b_value(qvecs), n_walkers=int(sum(counts)),
                     n_steps=len(grid) - 1, **arr)
 
 
 def _simulate_voxel(rng, y, comps, counts, chunk, voxel_size, sequence, grid, rho, R2, R1,
-                    qvecs, out) -> None:
+                    qvecs, antithetic, out) -> None:
     """All compartments of one voxel read at y; appends to ``out``."""
     n_q = len(qvecs)
     per_comp = []
@@ -569,26 +586,33 @@ def _simulate_voxel(rng, y, comps, counts, chunk, voxel_size, sequence, grid, rh
         L = _sqrt_tensor(comp.D)
         r2 = comp.R2 if comp.R2 is not None else R2
         r1 = comp.R1 if comp.R1 is not None else R1
-        mom = {k: (0.0 if k in ("w", "w2") else np.zeros(n_q)) for k in _MOMENTS}
-        done = 0
+        mom = {k: (0.0 if k in ("W", "WW") else np.zeros(n_q)) for k in _MOMENTS}
+        done = units = 0
         while done < n_c:
             n = min(chunk, n_c - done)
-            w, m = _walk_chunk(rng, n, y, voxel_size, L, sequence, grid, rho, r2, r1, qvecs)
-            ph = m @ qvecs.T
-            c, s = np.cos(ph), np.sin(ph)
-            w2 = w * w
-            mom["w"] += w.sum()
-            mom["w2"] += w2.sum()
-            mom["wc"] += w @ c
-            mom["ws"] += w @ s
-            mom["w2c"] += w2 @ c
-            mom["w2s"] += w2 @ s
-            cc = w2 @ (c * c)
-            mom["w2cc"] += cc
-            mom["w2ss"] += w2.sum() - cc                # cos^2 + sin^2 = 1
-            mom["w2cs"] += w2 @ (c * s)
+            w, m = _walk_chunk(rng, n, y, voxel_size, L, sequence, grid, rho, r2, r1, antithetic)
+            if antithetic:
+                # a pair is one sampling unit; its mirror has m -> -m, so
+                # cos is shared and sin changes sign: one trig evaluation per pair
+                h = n // 2
+                ph = m[:h] @ qvecs.T
+                w, dw = 0.5 * (w[:h] + w[h:]), 0.5 * (w[:h] - w[h:])
+                A, C = w[:, None] * np.cos(ph), dw[:, None] * np.sin(ph)
+            else:
+                ph = m @ qvecs.T
+                A, C = w[:, None] * np.cos(ph), w[:, None] * np.sin(ph)
+            mom["W"] += w.sum()
+            mom["WW"] += w @ w
+            mom["A"] += A.sum(axis=0)
+            mom["C"] += C.sum(axis=0)
+            mom["AA"] += np.einsum("ij,ij->j", A, A)
+            mom["CC"] += np.einsum("ij,ij->j", C, C)
+            mom["AC"] += np.einsum("ij,ij->j", A, C)
+            mom["WA"] += w @ A
+            mom["WC"] += w @ C
             done += n
-        per_comp.append((comp.fraction, n_c, mom))
+            units += len(w)
+        per_comp.append((comp.fraction, units, mom))
     res = _standard_errors(per_comp)
     for k in out:
         out[k].append(res[k])
@@ -778,3 +802,53 @@ def gaussian_reference(sequence: Sequence, qvecs, D, *, R2=0.0, R1=0.0, log_rho=
     c0 = solve(np.zeros(3))
     ratios = np.array([np.exp(solve(q) - c0) for q in q_all])
     return ratios, float(c0.real + math.log(sequence.echo_fraction))
+
+
+# ----------------------------------------------------------------------------
+# Voxels for the image-gradient studies
+# ----------------------------------------------------------------------------
+#: Baseline relaxation rates of the study voxels (1/s): white matter at 3T.
+STUDY_R2, STUDY_R1 = 1.0 / 0.070, 1.0 / 0.850
+#: Sources of the image gradient g that ``gradient_voxels`` can simulate.
+GRADIENT_SOURCES = ("R2", "R1", "log_rho", "rho")
+
+
+def gradient_voxels(sequence: Sequence, bvals, bvecs, tensors, gradients, *, source: str = "R2",
+                    n_walkers: int = 10_000, n_steps: int = 6,
+                    seed: int | np.random.Generator | None = None) -> np.ndarray:
+    """Noise-free complex signals S(q)/I (n_voxels, n_volumes) of one-
+    compartment Gaussian voxels whose b=0 image has grad ln I = ``gradients``
+    (n, 3, 1/mm) at the readout point, each with its own tensor (n, 3, 3):
+
+    * "R2": affine R2 = STUDY_R2 - g.x/TE (spin echo; exact physics: the
+      gradient is a pure phase, a = 1/2);
+    * "R1": affine R1 during the mixing time (stimulated echo; g = -TM grad R1);
+    * "log_rho": rho = exp(g.x) (pure phase, a = 1);
+    * "rho": linear rho = 1 + g.x, the non-equilibrium density gradient whose
+      magnitude follows the published relation (``linear_density_signal``).
+    Affine fields make the walk exact for any ``n_steps``.
+    """
+    if source not in GRADIENT_SOURCES:
+        raise ValueError(f"source must be one of {GRADIENT_SOURCES}, not {source!r}")
+    tensors = np.asarray(tensors, dtype=np.float64).reshape(-1, 3, 3)
+    gradients = np.asarray(gradients, dtype=np.float64).reshape(-1, 3)
+    if len(tensors) != len(gradients):
+        raise ValueError("one tensor per gradient is needed")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    q = sequence.qvectors(bvals, bvecs)
+    out = np.empty((len(tensors), len(q)), dtype=np.complex128)
+    T2_time = sequence.duration - sequence.TM
+    for i, (D, g) in enumerate(zip(tensors, gradients)):
+        fields = {"R2": STUDY_R2, "R1": STUDY_R1, "rho": 1.0}
+        if source == "R2":
+            fields["R2"] = PolynomialField(STUDY_R2, -g / T2_time)
+        elif source == "R1":
+            fields["R1"] = PolynomialField(STUDY_R1, -g / sequence.TM)
+        elif source == "rho":
+            fields["rho"] = PolynomialField(1.0, g)
+        else:
+            fields["rho"] = lambda x, g=g: np.exp(x @ g)
+        res = simulate(sequence, q, Compartment(D), n_walkers=n_walkers, n_steps=n_steps,
+                       seed=rng, **fields)
+        out[i] = res.ratio[0]
+    return out

@@ -52,36 +52,46 @@ def assert_within(value, expected, se, k=K_SE, what=""):
 # ----------------------------------------------------------------------------
 # (1) free Gaussian diffusion
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("narrow", [True, False])
-def test_free_diffusion_attenuation(narrow):
+@pytest.mark.parametrize("narrow,antithetic", [(True, False), (False, True)])
+def test_free_diffusion_attenuation(narrow, antithetic):
     seq = mc.Sequence.pgse(**HCP, narrow=narrow)
     q = scheme(seq)
-    res = mc.simulate(seq, q, mc.Compartment(D_ANISO), n_walkers=100_000, n_steps=6, seed=1)
+    res = mc.simulate(seq, q, mc.Compartment(D_ANISO), n_walkers=100_000, n_steps=6, seed=1,
+                      antithetic=antithetic)
     E = mc.free_attenuation(seq, q, D_ANISO)
     # b = |q|^2 t_d with t_d = Delta (narrow) or Delta - delta/3, and E = exp(-b u^T D u)
     b = np.r_[0.0, np.repeat([500, 1000, 2000], 6)]
     assert np.allclose(res.bvals, b)
     dw = slice(1, None)
     assert_within(res.magnitude[0, dw], E[dw], res.se_magnitude[0, dw], what="|S(q)|/|S(0)|")
-    assert_within(res.ratio[0, dw].imag, 0.0, res.se_imag[0, dw], what="no phase without fields")
+    if antithetic:     # mirrored pairs: the sine terms cancel exactly
+        assert np.all(res.ratio[0].imag == 0.0)
+    else:
+        assert_within(res.ratio[0, dw].imag, 0.0, res.se_imag[0, dw], what="no phase without fields")
     # the anisotropy is resolved: the directions' attenuations differ by >> SE
     spread = np.ptp(res.magnitude[0, 1:7]) / res.se_magnitude[0, 1:7].max()
     assert spread > 50
 
 
 def test_standard_errors_are_calibrated():
-    """z-scores of a free-diffusion ratio over independent seeds have SD ~1."""
+    """z-scores (error / reported SE) over independent seeds have SD ~1: the
+    magnitude and the phase under an R2 gradient, with mirrored pairs."""
     seq = mc.Sequence.pgse(**HCP, narrow=True)
     q = seq.qvectors([1000.0, 2000.0], [[1, 0, 0], [0, 1, 0]])
+    g = np.array([10.0, 5.0, 0.0])
+    R2 = mc.PolynomialField(20.0, -g / seq.TE)
     E = mc.free_attenuation(seq, q, D_ANISO)
-    z = []
+    phi = mc.linear_field_phase(seq, q, D_ANISO, grad_R2=-g / seq.TE)
+    z_mag, z_phase = [], []
     for seed in range(30):
-        r = mc.simulate(seq, q, mc.Compartment(D_ANISO), n_walkers=3000, n_steps=4, seed=seed)
-        z.append((r.magnitude[0] - E) / r.se_magnitude[0])
-    z = np.asarray(z).ravel()
-    # 60 z-scores: SD within ~[0.75, 1.3] (chi-square 99.9 % range), mean ~0
-    assert 0.7 < z.std() < 1.35
-    assert abs(z.mean()) < 4 / np.sqrt(z.size)
+        r = mc.simulate(seq, q, mc.Compartment(D_ANISO), R2=R2, n_walkers=3000, n_steps=4,
+                        seed=seed)
+        z_mag.append((r.magnitude[0] - E) / r.se_magnitude[0])
+        z_phase.append((r.phase[0] - phi) / r.se_phase[0])
+    for z in (np.ravel(z_mag), np.ravel(z_phase)):
+        # 60 z-scores: SD within ~[0.75, 1.3] (chi-square 99.9 % range), mean ~0
+        assert 0.7 < z.std() < 1.35
+        assert abs(z.mean()) < 4 / np.sqrt(z.size)
 
 
 # ----------------------------------------------------------------------------
@@ -186,7 +196,10 @@ def test_r2_curvature_magnitude_term():
     dirs = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0] / np.sqrt(2)])
     q = seq.qvectors(np.r_[0.0, 500.0 * np.ones(4)], np.r_[np.zeros((1, 3)), dirs])
     R2 = mc.PolynomialField(10.0, hessian=H)
-    res = mc.simulate(seq, q, mc.Compartment(D), R2=R2, n_walkers=300_000, n_steps=16, seed=6)
+    # (mirrored pairs would be identical here - even field, even cosine - so
+    # independent walkers give twice the samples)
+    res = mc.simulate(seq, q, mc.Compartment(D), R2=R2, n_walkers=300_000, n_steps=16, seed=6,
+                      antithetic=False)
     E = mc.free_attenuation(seq, q, D)
     c = mc.curvature_term(seq, q, D, hess_R2=H)
     # closed form for narrow pulses: int Phi^2 = Delta^2 t1 + Delta^3/3
@@ -243,7 +256,8 @@ def test_finite_pulse_narrow_limit():
     wide = mc.Sequence.pgse(0.020, 0.030, 0.060)
     dirs = directions()[:3]
     q = narrow.qvectors(np.full(3, 2000.0), dirs)        # the same q for all three
-    runs = {name: mc.simulate(s, q, mc.Compartment(D), n_walkers=100_000, n_steps=12, seed=8 + i)
+    runs = {name: mc.simulate(s, q, mc.Compartment(D), n_walkers=100_000, n_steps=12, seed=8 + i,
+                              antithetic=False)
             for i, (name, s) in enumerate((("narrow", narrow), ("short", short), ("wide", wide)))}
     se = np.hypot(runs["narrow"].se_magnitude[0], runs["short"].se_magnitude[0])
     assert_within(runs["short"].magnitude[0], runs["narrow"].magnitude[0], se, what="narrow limit")
