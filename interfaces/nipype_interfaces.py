@@ -203,4 +203,65 @@ class Harmonize(_StepInterface):
         return {**r["series"], "content_id": r["content_id"], "info": r["info"]}
 
 
-__all__ = ["Validate", "DTIFit", "RISH", "Harmonize"]
+# ----------------------------------------------------------------------------
+class ImageGradientInputSpec(_SeriesInputSpec):
+    subject = traits.Str(mandatory=True,
+                         desc="subject key: seeds the random controls, as in dmriflow run")
+    sidecar = File(exists=True, desc="DWI JSON sidecar with DiffusionGradientSeparation and "
+                                     "DiffusionGradientDuration (s)")
+    estimators = traits.List(traits.Str, value=["B"], usedefault=True,
+                             desc="estimators to run (B, A, P; see docs/image_gradient.md)")
+    gradient_separation_ms = traits.Float(desc="Delta (ms); overrides the sidecar")
+    gradient_duration_ms = traits.Float(desc="delta (ms); overrides the sidecar")
+    echo_time_ms = traits.Float(desc="TE (ms); overrides the sidecar (recorded only)")
+    max_voxels = traits.Int(0, usedefault=True,
+                            desc="evaluate a seeded random subset of voxels (0: all)")
+
+
+class ImageGradientOutputSpec(TraitedSpec):
+    angle_maps = OutputMultiObject(File(exists=True),
+                                   desc="acute angle (deg) to the gold standard, per method")
+    methods = traits.List(traits.Str, desc="BIDS label of each angle map's method: "
+                                           "estimators, their nulls, fibre controls (e.g. B, "
+                                           "Bshuffle, fibree3)")
+    gold_gradient = File(exists=True, desc="finite-difference gradient of the mean b0 (1/mm)")
+    summary = File(exists=True, desc="per-method and FA-stratum angle statistics (TSV)")
+    histogram = File(exists=True, desc="angle histograms (TSV)")
+    record = File(exists=True, desc="JSON product record (maps, tables, parameters)")
+
+
+class ImageGradient(_StepInterface):
+    """Image-gradient estimates, their nulls and fibre-only controls, and angles
+    to the finite-difference gold standard (the pipeline's image-gradient step)."""
+
+    input_spec = ImageGradientInputSpec
+    output_spec = ImageGradientOutputSpec
+
+    def _step(self, out_dir):
+        # the Pydra step's own file-level functions (one implementation)
+        from dmriflow.pipelines.image_gradient import (MODEL_ENTITY, parse_estimators,
+                                                       resolve_timing, subject_products)
+        i = self.inputs
+        overrides = {k: _defined(v) for k, v in (("Delta", i.gradient_separation_ms),
+                                                 ("delta", i.gradient_duration_ms),
+                                                 ("TE", i.echo_time_ms))}
+        series = _series(i)
+        timing, source = resolve_timing(overrides, _abs(i.sidecar), series["dwi"])
+        product = subject_products(stepfiles.read_series(series), timing,
+                                   parse_estimators(i.estimators), out_dir, i.subject,
+                                   i.max_voxels)
+        product["parameters"]["timing_source"] = source
+        record = io.write_json(product, os.path.join(out_dir, RECORD_FILE))
+        prefix = f"{MODEL_ENTITY}_desc-"
+        angles = {k[len(prefix):-len("_param-angle")]: v for k, v in product["maps"].items()
+                  if k.endswith("_param-angle")}
+        return {"angle_maps": list(angles.values()), "methods": list(angles),
+                "gold_gradient": product["maps"][f"{prefix}goldstandard_param-gradient"],
+                "summary": product["tables"][f"{prefix}summary"],
+                "histogram": product["tables"][f"{prefix}histogram"], "record": str(record)}
+
+    def _list_outputs(self):
+        return dict(self._result)
+
+
+__all__ = ["Validate", "DTIFit", "RISH", "Harmonize", "ImageGradient"]

@@ -161,3 +161,34 @@ def test_harmonize_applies_a_stored_artefact(subject, tmp_path):
         Harmonize(subject=s.key, dwi=res.outputs.dwi, bval=res.outputs.bval,
                   bvec=res.outputs.bvec, mask=s.mask, artefact=str(folder),
                   sidecar=str(sidecar)).run(cwd=str(tmp_path / "again"))
+
+
+def test_image_gradient_runs_the_pipeline_step(subject, tmp_path):
+    """The interface writes the angle maps evaluate_subject gives with the
+    pipeline's per-subject seed; without timing it names the sidecar."""
+    import pandas as pd
+
+    from dmriflow.interfaces import image_gradient as ig
+    from dmriflow.interfaces.nipype_interfaces import ImageGradient
+    from dmriflow.pipelines.image_gradient import entity_label, subject_seed
+    _, s = subject
+    files = dict(subject=s.key, dwi=s.dwi, bval=s.bval, bvec=s.bvec, mask=s.mask)
+    res = ImageGradient(**files, estimators=["B"], gradient_separation_ms=ig.HCP_DELTA_MS,
+                        gradient_duration_ms=ig.HCP_SMALL_DELTA_MS).run(cwd=str(tmp_path))
+    data = io.load_dwi(s.dwi, s.bval, s.bvec, s.mask)
+    ev = ig.evaluate_subject(data, ig.SequenceTiming(ig.HCP_DELTA_MS, ig.HCP_SMALL_DELTA_MS),
+                             ("B",), subject=s.key, rng=subject_seed(s.key))
+    by_label = {entity_label(m): m for m in ev.angles}
+    out = res.outputs
+    assert sorted(out.methods) == sorted(by_label)
+    for label, path in zip(out.methods, out.angle_maps):
+        expected = ev.angles[by_label[label]].astype(np.float32)
+        np.testing.assert_array_equal(nib.load(path).get_fdata(dtype=np.float32), expected)
+    assert np.isfinite(expected[ev.mask]).mean() > 0.99
+    rows = pd.read_csv(out.summary, sep="\t")
+    b_all = rows[(rows["method"] == "B") & (rows["stratum"] == "all")]
+    ref = ev.rows[(ev.rows["method"] == "B") & (ev.rows["stratum"] == "all")]
+    assert b_all["mean"].iloc[0] == pytest.approx(ref["mean"].iloc[0], rel=1e-6)
+    with pytest.raises(InputError, match="DiffusionGradientSeparation") as err:
+        ImageGradient(**files, sidecar=s.sidecar).run(cwd=str(tmp_path))
+    assert s.sidecar in str(err.value)
