@@ -668,12 +668,18 @@ class PublishedModel(_Model):
                  coupling: float = PUBLISHED_COUPLING, max_bval: float | None = None,
                  chunk_size: int = CHUNK_VOXELS, n_threads: int | None = None):
         super().__init__(gtab, timing, coupling, max_bval, chunk_size, n_threads)
-        dw = self.dw
-        u = gtab.bvecs[dw]
-        self._u6 = _outer6(u)                               # (M, 6): u^T N u = u6 . N6
-        self._p21 = np.stack([self._u6[:, k] * self._u6[:, l] for k, l in _TRIU6], axis=1)
-        self._scale = self.c[dw].max()
-        self._alpha = self.c[dw] / self._scale              # (M,) in [0, 1]
+        f32 = np.float32
+        u6 = _outer6(gtab.bvecs)                             # (N, 6): u^T N u = u6 . N6
+        self._scale = self.c[self.dw].max()
+        # alpha_q = c_q / max c on diffusion-weighted volumes, 0 on b0s (they
+        # carry no information on M); all volumes are used so that no column
+        # gather of the rows is needed
+        alpha = np.where(gtab.b0s_mask, 0.0, self.c / self._scale)
+        self._alpha = alpha.astype(f32)
+        self._u6 = u6.astype(f32)
+        self._p21 = np.stack([u6[:, k] * u6[:, l] for k, l in _TRIU6], axis=1).astype(f32)
+        # -b u u^T in the packed order of D6 = [xx yy zz xy xz yz] (um^2/ms)
+        self._bu6 = (-(gtab.bvals * 1e-3)[:, None] * u6).T.astype(f32)     # (6, N)
 
     def fit_rows(self, rows, tensor=None):
         """(axis, gradient, quality) of rows (n, N); ``tensor`` = (s0, D in
@@ -682,20 +688,32 @@ class PublishedModel(_Model):
         Computed through N = D M D (an invertible linear map of the 6
         unknowns, so the least-squares solution is the same): then
         r_q = (c_q E_q)^2 u_q^T N u_q has a fixed basis u_q u_q^T, and the
-        normal equations of all voxels come from two matrix products."""
-        mag = np.abs(rows)
+        normal equations of all voxels come from two matrix products. The
+        (n, N) element-wise work and those products run in float32 (the
+        signals are float32; the effect is >= 1e-4 of E^2, float32 rounding
+        ~1e-7), the 6x6 solves and eigen-decompositions in float64."""
+        f32 = np.float32
+        mag = np.abs(rows).astype(f32)
         if tensor is None:
             s0, D = self.tensor.fit_rows(mag)
         else:
             s0, D, _ = _as_batch(tensor[0], tensor[1], np.zeros(3))
-        dw = self.dw
         Dp = D * 1e3                                            # um^2/ms: O(1)
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            E = np.exp(-self.gtab.bvals[dw] * _quadratic(D, self.gtab.bvecs[dw]))
-            r = (mag[:, dw].astype(np.float64) / s0[:, None]) ** 2 - E * E
-            a2 = (self._alpha * E) ** 2                          # (n, M)
-            XtX = _unpack21(a2 * a2 @ self._p21)                 # (n, 6, 6)
-            Xtr = (a2 * r) @ self._u6                            # (n, 6)
+            d6 = np.stack([Dp[:, 0, 0], Dp[:, 1, 1], Dp[:, 2, 2], Dp[:, 0, 1], Dp[:, 0, 2],
+                           Dp[:, 1, 2]], axis=1).astype(f32)
+            E = d6 @ self._bu6
+            np.exp(E, out=E)                                     # (n, N)
+            r = mag
+            r *= (1.0 / s0).astype(f32)[:, None]
+            r *= r
+            r -= E * E                                           # |S|^2 / S0^2 - E^2
+            a2 = E
+            a2 *= self._alpha
+            a2 *= a2                                             # (alpha E)^2
+            r *= a2
+            XtX = _unpack21((a2 * a2) @ self._p21)               # (n, 6, 6) float64
+            Xtr = (r @ self._u6).astype(np.float64)              # (n, 6)
             n6 = _solve_ridge(XtX, Xtr) / (self._scale * 1e-3) ** 2
             Dinv = _inv_sym3(Dp)
             M = Dinv @ _sym(n6) @ Dinv
