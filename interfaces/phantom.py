@@ -793,10 +793,11 @@ CONTINUITY_R2_SHARE = 0.5
 #: Wavelength ranges (mm) of the random smooth fields: the image (ln b0), the
 #: helper field orienting fibres within the plane perpendicular to the image
 #: gradient, and the fibre field of the random half.
-CONTINUITY_IMAGE_WAVELENGTH = (20.0, 40.0)
-CONTINUITY_FIBRE_WAVELENGTH = (15.0, 30.0)
-#: Sinusoidal modes per random field.
-CONTINUITY_MODES = 6
+CONTINUITY_IMAGE_WAVELENGTH = (16.0, 32.0)
+CONTINUITY_FIBRE_WAVELENGTH = (10.0, 20.0)
+#: Sinusoidal modes per random field (many: each subject's gradient directions
+#: spread widely, so per-subject angle means scatter little).
+CONTINUITY_MODES = 24
 #: Share of the voxel signal in a coherent bundle (rest: background white
 #: matter, same axis): a smooth field in this range, so FA varies ~0.45-0.8.
 CONTINUITY_BUNDLE_SHARE = (0.2, 1.0)
@@ -913,7 +914,10 @@ def simulate_continuity_subject(shape: Sequence[int] = CONTINUITY_SHAPE, seed: i
     fa, md, v1 = tensor_maps(_mean_tensor(amp, weights, dirs, prm))
     mask = np.zeros(grid, dtype=bool)
     mask[1:-1, 1:-1, 1:-1] = True
-    to_grid = lambda a, dtype=np.float32: np.asarray(a, dtype=dtype).reshape(grid + a.shape[1:])  # noqa: E731
+
+    def to_grid(a, dtype=np.float32):
+        return np.asarray(a, dtype=dtype).reshape(grid + a.shape[1:])
+
     truth = {
         "fa": to_grid(fa), "md": to_grid(md), "v1": to_grid(world_to_fsl(v1, affine)),
         "s0": to_grid(s0), "pd": to_grid(pd), "t2": to_grid(1.0 / r2),

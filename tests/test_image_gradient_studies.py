@@ -50,7 +50,8 @@ def test_continuity_phantom_truth():
         b0 = s.dwi[..., sch.b0s_mask].mean(axis=-1)
         fd = central_difference(np.log(b0), s.voxel_size[0])
         fd[..., 0] *= -1.0                          # FSL image frame: x flipped (det > 0)
-        assert np.percentile(acute_deg(fd[m], tr["grad"][m]), 99) < 3.0
+        err = acute_deg(fd[m], tr["grad"][m])        # O(h^2) error of short waves
+        assert np.median(err) < 1.5 and np.percentile(err, 99) < 10.0
         rms = np.sqrt(np.mean(np.sum(tr["grad"] ** 2, axis=-1)))
         assert rms == pytest.approx(P.CONTINUITY_LOG_GRADIENT, rel=1e-6)
         cont = tr["continuity"] & m
@@ -61,9 +62,9 @@ def test_continuity_phantom_truth():
         t2 = tr["t2"][m]
         assert 45.0 < t2.min() and t2.max() < 110.0                      # plausible WM T2
         assert 0.4 < np.percentile(tr["fa"][m], 5) and np.percentile(tr["fa"][m], 95) < 0.9
-    # unrelated (smooth fields, so per-subject means scatter by ~6 deg; 80
-    # subjects gave 56.9 +- 0.7): the cohort mean is near chance
-    assert abs(np.mean(random_half) - CHANCE_MEAN_DEG) < 5.0
+    # unrelated (smooth fields, so per-subject means scatter by ~3 deg): the
+    # cohort mean is near chance
+    assert abs(np.mean(random_half) - CHANCE_MEAN_DEG) < 3.0
 
 
 def test_continuity_phantom_has_no_gradient_physics():
