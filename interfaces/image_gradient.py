@@ -553,11 +553,18 @@ class _TensorPart:
 
 def rician(signal: np.ndarray, sigma: float, rng: np.random.Generator,
            complex_output: bool = False) -> np.ndarray:
-    """Signal plus complex Gaussian noise of SD ``sigma`` per channel: the
-    magnitude (Rician) or, with ``complex_output``, the complex value."""
-    noisy = signal + sigma * (rng.standard_normal(signal.shape)
-                              + 1j * rng.standard_normal(signal.shape))
-    return noisy if complex_output else np.abs(noisy)
+    """Real ``signal`` plus complex Gaussian noise of SD ``sigma`` per channel,
+    float32: the magnitude (Rician) or, with ``complex_output``, the complex
+    value (complex64)."""
+    f32 = np.float32
+    re = rng.standard_normal(signal.shape, dtype=f32)
+    re *= f32(sigma)
+    re += signal
+    im = rng.standard_normal(signal.shape, dtype=f32)
+    im *= f32(sigma)
+    if complex_output:
+        return re + 1j * im
+    return np.hypot(re, im, out=re)
 
 
 class _Model:
@@ -618,7 +625,7 @@ class _Model:
         def per_chunk(rows, _, chunk_rng):
             s0, D = self.tensor.fit_rows(np.abs(rows))
             sim = rician(self.tensor.predict(s0, D), sigma, chunk_rng, self.complex_input)
-            return self.fit_rows(sim if self.complex_input else sim.astype(np.float32))
+            return self.fit_rows(sim)
         return _run_chunks(data, None, mask, self.name + SURROGATE_SUFFIX, self.quality_name,
                            self.chunk_size, self.n_threads, per_chunk, rng)
 
