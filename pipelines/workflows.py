@@ -29,7 +29,7 @@ def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: 
                     degibbs: bool = False, image_gradient: bool = False,
                     image_gradient_estimators: list | None = None,
                     image_gradient_timing: dict | None = None,
-                    image_gradient_max_voxels: int = 0,
+                    image_gradient_max_voxels: int = 0, inference: dict | None = None,
                     pipeline_version: str = "") -> tuple[dict, dict | None]:
     files = dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask)
     pv = dict(subject=subject, pipeline_version=pipeline_version)
@@ -50,7 +50,8 @@ def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: 
                                               max_voxels=image_gradient_max_voxels, **pv),
                                 hooks=PROGRESS).image_gradient
     row = workflow.add(Export(out_parts=out_parts, record=record, tensor=tensor, rish=rish,
-                              image_gradient=gradient, output_dir=output_dir, **pv),
+                              image_gradient=gradient, inference=inference,
+                              output_dir=output_dir, **pv),
                        hooks=PROGRESS).row
     return row, gradient
 
@@ -63,7 +64,7 @@ def CohortWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
                    harmonization: str = "", denoise: bool = False, degibbs: bool = False,
                    image_gradient: bool = False, image_gradient_estimators: list | None = None,
                    image_gradient_timing: dict | None = None,
-                   image_gradient_max_voxels: int = 0,
+                   image_gradient_max_voxels: int = 0, inference: list | None = None,
                    pipeline_version: str = "") -> tuple[str, list, str | None]:
     per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
                                   dti_max_bval=dti_max_bval, lmax=lmax,
@@ -73,8 +74,11 @@ def CohortWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
                                   image_gradient_timing=image_gradient_timing,
                                   image_gradient_max_voxels=image_gradient_max_voxels,
                                   pipeline_version=pipeline_version)
-    split = per_subject.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi,
-                              bval=bval, bvec=bvec, mask=mask, sidecar=sidecar)
+    # products of the inference phase (pipelines/inference.py), one per subject
+    extra = {"inference": inference} if inference else {}
+    split = per_subject.split(SUBJECT_FIELDS + tuple(extra), subject=subject,
+                              out_parts=out_parts, dwi=dwi, bval=bval, bvec=bvec, mask=mask,
+                              sidecar=sidecar, **extra)
     subjects = workflow.add(split.combine("subject"), name="subjects")
     table = workflow.add(GroupTable(rows=subjects.row, extra_rows=extra_rows,
                                     output_dir=output_dir, pipeline_version=pipeline_version),
