@@ -14,6 +14,13 @@ prints them as key=value lines, one per line):
   per HCP voxel (288 volumes, 1e5 walkers, affine fields: one step per
   sequence segment is exact).
 
+* ``estimators_section``: the estimators of interfaces/image_gradient.py on
+  synthetic blocks of the HCP 288-volume scheme: B voxels per second on a
+  65,536-voxel block, extrapolated to an HCP brain mask (1e6 voxels; not run
+  on a full 145 x 174 x 145 subject), its ratio to the WLS tensor fit of the
+  same block (peer in the same run), peak extra memory, the surrogate null;
+  P and C on 8,192 voxels, A on 512.
+
 Run: ``nice -n 10 .venv/bin/python bench/image_gradient.py [--section NAME]
 [--max-walkers N]``.
 """
@@ -108,8 +115,105 @@ def montecarlo_section(max_walkers: int = max(WALKERS)) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------
+# Estimators (interfaces/image_gradient.py)
+# ----------------------------------------------------------------------------
+#: HCP brain masks hold ~0.9-1.2 M voxels of the 145 x 174 x 145 grid
+HCP_MASK_VOXELS = 1_000_000
+
+
+def _estimator_block(n: int, seed: int = 0, snr: float = 25.0):
+    """n synthetic voxels on the HCP 288-volume scheme: white/grey-matter-like
+    tensors (random orientation), S0 ~ 1000, |g| = 0.05-0.5 /mm, complex
+    signal of P's forward model plus complex Gaussian noise (b0 SNR)."""
+    from dmriflow.interfaces import image_gradient as ig
+    rng = np.random.default_rng(seed)
+    gtab = hcp_scheme()
+    q = np.linalg.qr(rng.normal(size=(n, 3, 3)))[0]
+    ev = np.where(rng.random((n, 1)) < 0.6, [1.7e-3, 0.4e-3, 0.3e-3], [0.9e-3, 0.8e-3, 0.7e-3])
+    D = np.einsum("nij,nj,nkj->nik", q, ev, q)
+    g = rng.normal(size=(n, 3))
+    g *= rng.uniform(0.05, 0.5, (n, 1)) / np.linalg.norm(g, axis=1, keepdims=True)
+    s0 = rng.uniform(800, 1200, n)
+    S = ig.phase_signal(s0, D, g, gtab, ig.HCP_TIMING)
+    S += 1000.0 / snr * (rng.normal(size=S.shape) + 1j * rng.normal(size=S.shape))
+    return gtab, S.astype(np.complex64), D, g, s0
+
+
+def estimators_section(n_block: int = 65536, n_small: int = 8192, n_nonlinear: int = 512) -> dict:
+    """Voxels per second of the estimators on synthetic HCP-scheme blocks
+    (288 volumes): B on ``n_block`` voxels, extrapolated to an HCP brain mask
+    (``HCP_MASK_VOXELS``) - not run on a full 145 x 174 x 145 subject, which
+    would take 4.2 GB of this shared machine; P and C on ``n_small``; A on
+    ``n_nonlinear``. Peer in the same run: the WLS tensor fit of the same
+    block (``dti.TensorModel``), so B's cost reads as a ratio to DTI. Peak
+    memory: tracemalloc peak during the call (numpy allocations), beyond the
+    input block."""
+    import tracemalloc
+
+    from dmriflow.interfaces import dti
+    from dmriflow.interfaces import image_gradient as ig
+
+    out: dict = {}
+    gtab, S, D, g, s0 = _estimator_block(n_block)
+    mag = np.abs(S).reshape(256, -1, S.shape[-1])
+    out["image_gradient_block_voxels"] = n_block
+    out["image_gradient_block_volumes"] = S.shape[-1]
+    out["image_gradient_threads"] = dti.available_threads()
+
+    def peak(fn):
+        tracemalloc.start()
+        fn()
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top / 1e6
+
+    model_b = ig.PublishedModel(gtab, ig.HCP_TIMING)
+    wall_b, cpu_b, fit_b = _timed(lambda rep: model_b.fit(mag))
+    wall_dti, _, _ = _timed(lambda rep: dti.TensorModel(gtab).fit(mag))
+    rate_b = n_block / wall_b
+    out["image_gradient_B_voxels_per_s"] = f"{rate_b:.0f}"
+    out["image_gradient_B_voxels_per_cpu_s"] = f"{n_block / cpu_b:.0f}"
+    out["image_gradient_B_hcp_mask_s_extrapolated"] = f"{HCP_MASK_VOXELS / rate_b:.1f}"
+    out["image_gradient_dti_voxels_per_s"] = f"{n_block / wall_dti:.0f}"
+    out["image_gradient_B_over_dti_time_ratio"] = f"{wall_b / wall_dti:.2f}"
+    out["image_gradient_B_peak_extra_MB"] = f"{peak(lambda: model_b.fit(mag)):.0f}"
+    out["image_gradient_B_failed_fraction"] = f"{fit_b.n_failed / n_block:.4f}"
+    wall_s, _, _ = _timed(lambda rep: model_b.fit_surrogate(mag, None, 40.0,
+                                                            np.random.default_rng(rep)))
+    out["image_gradient_B_surrogate_voxels_per_s"] = f"{n_block / wall_s:.0f}"
+
+    small = S[:n_small].reshape(64, -1, S.shape[-1])
+    model_p = ig.PhaseModel(gtab, ig.HCP_TIMING)
+    wall_p, _, fit_p = _timed(lambda rep: model_p.fit(small))
+    out["image_gradient_P_voxels_per_s"] = f"{n_small / wall_p:.0f}"
+    ang = ig.acute_angle(fit_p.axis.reshape(-1, 3), g[:n_small])
+    out["image_gradient_P_median_angle_deg_snr25"] = f"{np.nanmedian(ang):.1f}"
+
+    # C: a second series of the same voxels at a longer diffusion time
+    long_t = ig.SequenceTiming(80.0, 10.6, 120.0)
+    Ds, Dl = ig.two_time_tensors(D[:n_small], g[:n_small],
+                                 [ig.HCP_TIMING.diffusion_time, long_t.diffusion_time])
+    rng = np.random.default_rng(7)
+    s1 = ig.rician(ig.tensor_signal(s0[:n_small], Ds, gtab), 40.0, rng)
+    s2 = ig.rician(ig.tensor_signal(s0[:n_small], Dl, gtab), 40.0, rng)
+    model_c = ig.TwoTimeModel(gtab, ig.HCP_TIMING, gtab, long_t)
+    wall_c, _, _ = _timed(lambda rep: model_c.fit(s1.reshape(64, -1, s1.shape[-1]),
+                                                  s2.reshape(64, -1, s2.shape[-1])))
+    out["image_gradient_C_voxels_per_s"] = f"{n_small / wall_c:.0f}"
+
+    model_a = ig.NonlinearModel(gtab, ig.HCP_TIMING)
+    rows_a = mag.reshape(-1, mag.shape[-1])[:n_nonlinear]
+    wall_a, _, _ = _timed(lambda rep: model_a.fit(rows_a))
+    out["image_gradient_A_voxels"] = n_nonlinear
+    out["image_gradient_A_voxels_per_s"] = f"{n_nonlinear / wall_a:.1f}"
+    out["image_gradient_A_hcp_mask_h_extrapolated"] = \
+        f"{HCP_MASK_VOXELS / (n_nonlinear / wall_a) / 3600:.1f}"
+    return out
+
+
 #: sections in the order they run; another section is a function returning a dict
-SECTIONS = {"montecarlo": montecarlo_section}
+SECTIONS = {"montecarlo": montecarlo_section, "estimators": estimators_section}
 
 
 def main(argv=None) -> None:
