@@ -545,10 +545,16 @@ class _TensorPart:
         D = _sym(p[:6].T) * 1e-3                       # um^2/ms -> mm^2/s
         return np.exp(p[6]), D
 
-    def predict(self, s0: np.ndarray, D: np.ndarray, gtab: GradientTable | None = None):
-        """Noise-free S0 exp(-b u^T D u) (n, N) for ``gtab`` (default: own)."""
-        g = self.gtab if gtab is None else gtab
-        return s0[:, None] * np.exp(-g.bvals[None, :] * _quadratic(D, g.bvecs))
+    def predict(self, s0: np.ndarray, D: np.ndarray) -> np.ndarray:
+        """Noise-free gradient-free signal (n, N) of the own gradient table."""
+        return tensor_signal(s0, D, self.gtab)
+
+
+def tensor_signal(s0, D, gtab: GradientTable) -> np.ndarray:
+    """Gradient-free (Gaussian) signal S0 exp(-b u^T D u), (n, N) float64, for
+    ``s0`` (n,) and tensors ``D`` (n, 3, 3) in mm^2/s."""
+    s0, D, _ = _as_batch(s0, D, np.zeros(3))
+    return s0[:, None] * np.exp(-gtab.bvals[None, :] * _quadratic(D, gtab.bvecs))
 
 
 def rician(signal: np.ndarray, sigma: float, rng: np.random.Generator,

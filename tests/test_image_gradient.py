@@ -237,8 +237,7 @@ def test_c_recovers_g_from_two_diffusion_times(gtab):
     D, g = _tensors(n, rng), _axes(n, rng, 20.0)
     Ds, Dl = ig.two_time_tensors(D, g, [T.diffusion_time, T_LONG.diffusion_time])
     assert np.linalg.eigvalsh(Dl).min() > 0
-    tp = ig._TensorPart(gtab, None)
-    Ss, Sl = tp.predict(np.full(n, S0), Ds), tp.predict(np.full(n, 700.0), Dl)
+    Ss, Sl = ig.tensor_signal(S0, Ds, gtab), ig.tensor_signal(700.0, Dl, gtab)
     model = ig.TwoTimeModel(gtab, T, gtab, T_LONG, max_bval=None)
     axis, grad, q = model.fit_rows(Ss, Sl)
     assert np.percentile(ig.acute_angle(axis, g), 99) < 1.0
@@ -346,7 +345,7 @@ def test_estimate_sigma(gtab):
     rng = np.random.default_rng(12)
     n, sigma = 4000, 20.0
     D = _tensors(n, rng)
-    S = ig._TensorPart(gtab, None).predict(np.full(n, S0), D)
+    S = ig.tensor_signal(S0, D, gtab)
     noisy = _rician(S, sigma, rng).astype(np.float32)
     assert ig.estimate_sigma(noisy, gtab) == pytest.approx(sigma, rel=0.03)
     cplx = S + sigma * (rng.standard_normal(S.shape) + 1j * rng.standard_normal(S.shape))
