@@ -508,6 +508,10 @@ def image_gradient_section(group: Path) -> str:
                              "image-gradient angle histograms"))
     table = _read_tsv(group / IMAGE_GRADIENT_TABLE)
     if table is not None:
+        if "stratum" in table.columns and (table["stratum"] == "all").any():
+            parts.append(f'<p class="note">Tests over all evaluated voxels; the per-FA-stratum '
+                         f"rows are in group/{IMAGE_GRADIENT_TABLE}.</p>")
+            table = table[table["stratum"] == "all"]
         parts.append(html_table(table))
     return "".join(parts)
 

@@ -163,6 +163,44 @@ def test_report_command_rewrites_the_page(run):
     assert cli.main(["report", str(tmp / "nowhere")]) == cli.EXIT_INPUT
 
 
+def test_image_gradient_and_model_sections(run, tmp_path):
+    """The image-gradient group outputs (written by the step's own functions for
+    the done subjects) and a model card's metrics appear once they exist."""
+    from dmriflow.interfaces import image_gradient as ig
+    from dmriflow.interfaces.io import load_dwi, write_json
+    from dmriflow.models.card import Acquisition, ModelCard
+    from dmriflow.pipelines.image_gradient import GROUP_TABLE, subject_products, write_group
+    tmp, labels, _, report = run
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out" / "dmriflow", out / "dmriflow")
+    products = []
+    for i, lbl in enumerate(labels):
+        if i == BROKEN:
+            continue
+        d = tmp / "in" / lbl / "T1w" / "Diffusion"
+        (tmp_path / lbl).mkdir()
+        data = load_dwi(d / "data.nii.gz", d / "bvals", d / "bvecs", d / "nodif_brain_mask.nii.gz")
+        products.append(subject_products(data, ig.HCP_TIMING, ("B",), tmp_path / lbl,
+                                         f"sub-{lbl}"))
+    write_group(products, out)
+    metrics = [{"split": "test", "metric": "rish_l0_rel_error", "value": 0.042}]
+    card = ModelCard(name="rish-ldm", version="2", architecture="unet", kwargs={},
+                     acquisition=Acquisition(shells=[1000.0]), metrics=metrics)
+    write_json(card.to_dict(), out / "dmriflow" / "models" / "rish-ldm" / "card.json")
+    assert cli.main(["report", str(out)]) == cli.EXIT_OK
+    page = Page((out / "dmriflow" / REPORT_FILE).read_text())
+    (figure,) = page.images["image-gradient"]
+    assert png(figure).shape[1] > 300
+    (tests,) = page.tables["image-gradient"]
+    table = pd.read_csv(out / "dmriflow" / "group" / GROUP_TABLE, sep="\t")
+    overall = table[table["stratum"] == "all"]
+    assert tests[0] == list(table.columns) and len(tests) - 1 == len(overall) > 0
+    assert [r[1] for r in tests[1:]] == list(overall["method"])
+    (model,) = page.tables["models"]
+    assert len(model) == 2 and dict(zip(*model)) == {"split": "test", "value": "0.042",
+                                                     "metric": "rish_l0_rel_error"}
+
+
 def test_colour_fa_follows_the_anatomical_axes(tmp_path):
     """A file whose voxel axes are (S, R, A): V1 along voxel axis 0 is
     inferior-superior, hence blue; along axis 1 red; along axis 2 green."""
