@@ -852,3 +852,67 @@ def gradient_voxels(sequence: Sequence, bvals, bvecs, tensors, gradients, *, sou
                        seed=rng, **fields)
         out[i] = res.ratio[0]
     return out
+
+
+#: Eigenvalue ranges (mm^2/s) of the study voxels' tensors: white-matter-like
+#: (FA ~0.5-0.8, MD ~0.6-1.0e-3), random orientation.
+STUDY_EIGENVALUES = ((1.2e-3, 1.8e-3), (0.3e-3, 0.7e-3), (0.2e-3, 0.5e-3))
+#: Signal scale of the study voxels (b=0 image value).
+STUDY_S0 = 1000.0
+
+
+def random_axes(n: int, rng: np.random.Generator) -> np.ndarray:
+    """n unit vectors uniform on the sphere."""
+    v = rng.standard_normal((n, 3))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def random_tensors(n: int, rng: np.random.Generator,
+                   eigenvalues=STUDY_EIGENVALUES) -> np.ndarray:
+    """n tensors (n, 3, 3) with eigenvalues uniform in the given ranges and
+    uniformly random orientation."""
+    ev = np.column_stack([rng.uniform(lo, hi, n) for lo, hi in eigenvalues])
+    q, r = np.linalg.qr(rng.standard_normal((n, 3, 3)))
+    q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]   # Haar-uniform rotations
+    return np.einsum("nij,nj,nkj->nik", q, ev, q)
+
+
+@dataclass
+class GradientStudy:
+    """Result of ``gradient_study``: true axes, tensors, the estimators' fits
+    and acute angles (deg) to the true axis per voxel."""
+
+    axes: np.ndarray
+    tensors: np.ndarray
+    fits: dict
+    angles: dict
+
+    def mean_angle(self, name: str) -> float:
+        return float(np.nanmean(self.angles[name]))
+
+
+def gradient_study(n_voxels: int, gtab, sequence: Sequence, *, source: str = "R2",
+                   g_norm: float = 20.0, snr: float = 50.0, estimators=("P", "B", "A"),
+                   n_walkers: int = 4000, seed: int = 0) -> GradientStudy:
+    """Monte Carlo voxels (``gradient_voxels``) with random tensors and random
+    gradient axes of size ``g_norm`` (1/mm), complex Gaussian noise of SD
+    STUDY_S0/snr (magnitude Rician), fitted by the image-gradient estimators
+    (interfaces/image_gradient.py; P gets the complex data, the others the
+    magnitude) at the sequence's timing."""
+    from . import image_gradient as ig
+
+    rng = np.random.default_rng(seed)
+    tensors = random_tensors(n_voxels, rng)
+    axes = random_axes(n_voxels, rng)
+    clean = STUDY_S0 * gradient_voxels(sequence, gtab.bvals, gtab.bvecs, tensors, g_norm * axes,
+                                       source=source, n_walkers=n_walkers, seed=rng)
+    background = np.exp(2j * np.pi * rng.random((n_voxels, 1)))   # P must remove it
+    noise = ig.rician(np.zeros(clean.shape), STUDY_S0 / snr, rng, complex_output=True)
+    data = clean * background + noise
+    timing = ig.SequenceTiming(sequence.Delta * 1e3, sequence.delta * 1e3, sequence.TE * 1e3)
+    fits, angles = {}, {}
+    for name in estimators:
+        model = ig.make_model(name, gtab, timing)
+        fits[name] = model.fit(data if model.complex_input else np.abs(data).astype(np.float32))
+        angles[name] = ig.acute_angle(fits[name].axis, axes).astype(np.float64)
+    return GradientStudy(axes=axes, tensors=tensors, fits=fits, angles=angles)
