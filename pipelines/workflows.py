@@ -21,6 +21,24 @@ from dmriflow.pipelines.steps import (DTI_MAX_BVAL, Export, FitRish, FitTensor, 
 SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sidecar")
 
 
+def add_series_steps(files: dict, pv: dict, denoise: bool = False, degibbs: bool = False,
+                     harmonization: str = ""):
+    """Add Validate -> [Preprocess] -> [Harmonize] to the workflow being built;
+    return the record of the subject's current series.
+
+    Every workflow that needs a subject's series uses this, so equal inputs
+    give the same nodes and the cache serves them once (e.g. the inference
+    phase and the main run)."""
+    record = workflow.add(Validate(**files, **pv), hooks=PROGRESS).record
+    if denoise or degibbs:
+        record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
+                              hooks=PROGRESS).record
+    if harmonization:
+        record = workflow.add(Harmonize(record=record, artefact=harmonization, **pv),
+                              hooks=PROGRESS).record
+    return record
+
+
 @workflow.define(outputs=["row", "image_gradient"])
 def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
                     output_dir: str, mask: File | None = None, sidecar: File | None = None,
@@ -31,15 +49,9 @@ def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: 
                     image_gradient_timing: dict | None = None,
                     image_gradient_max_voxels: int = 0, inference: dict | None = None,
                     pipeline_version: str = "") -> tuple[dict, dict | None]:
-    files = dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask)
     pv = dict(subject=subject, pipeline_version=pipeline_version)
-    record = workflow.add(Validate(sidecar=sidecar, **files, **pv), hooks=PROGRESS).record
-    if denoise or degibbs:
-        record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
-                              hooks=PROGRESS).record
-    if harmonization:
-        record = workflow.add(Harmonize(record=record, artefact=harmonization, **pv),
-                              hooks=PROGRESS).record
+    record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
+                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization)
     tensor = workflow.add(FitTensor(record=record, fit_method=fit_method,
                                     max_bval=dti_max_bval, **pv), hooks=PROGRESS).tensor
     rish = workflow.add(FitRish(record=record, lmax=lmax, **pv), hooks=PROGRESS).rish
