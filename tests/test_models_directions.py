@@ -1,0 +1,136 @@
+"""Direction synthesis: paired data, baselines on known signals, the network, training."""
+
+import numpy as np
+import pytest
+import torch
+
+from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.gradients import GradientTable
+from dmriflow.interfaces.io import DWI
+from dmriflow.interfaces.phantom import electrostatic_directions, min_pair_angle
+from dmriflow.models import card as mc
+from dmriflow.models import data as md
+from dmriflow.models import directions as dm
+from dmriflow.models.train import TrainConfig
+
+SMALL = (20, 24, 20)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return md.phantom_samples(3, seed=42, shape=SMALL)
+
+
+def test_spread_subset_is_deterministic_and_well_spread():
+    dirs = electrostatic_directions(90, seed=3)
+    pick = md.spread_subset(dirs, 30)
+    assert np.array_equal(pick, md.spread_subset(dirs, 30))
+    assert len(set(pick.tolist())) == 30
+    rng = np.random.default_rng(0)
+    random_best = max(min_pair_angle(dirs[rng.choice(90, 30, replace=False)])
+                      for _ in range(200))
+    # greedy farthest-point beats the best of 200 random subsets by a clear margin
+    assert min_pair_angle(dirs[pick]) > random_best + 1.0
+
+
+def test_split_partitions_the_shell_and_keeps_noise_free_targets(samples):
+    s = samples[0]
+    assert s.inputs.shape == SMALL + (30,) and s.targets.shape == SMALL + (60,)
+    all_vecs = np.concatenate([s.input_bvecs, s.target_bvecs])
+    assert min_pair_angle(all_vecs) > 1.0                         # no direction twice
+    assert s.clean_targets.shape == s.targets.shape
+    m = s.mask
+    # b0-normalised: noise-free signals lie in (0, 1]; noise averages out
+    assert 0 < s.clean_targets[m].min() and s.clean_targets[m].max() <= 1.0 + 1e-6
+    assert abs(float(np.mean(s.targets[m] - s.clean_targets[m]))) < 0.01
+    assert not s.targets[~m].any()
+
+
+def test_split_refuses_too_few_directions():
+    dirs = electrostatic_directions(20, seed=1)
+    gtab = GradientTable(np.r_[0.0, np.full(20, 1000.0)], np.r_[np.zeros((1, 3)), dirs])
+    dwi = DWI(data=np.ones((2, 2, 2, 21), np.float32), gtab=gtab, mask=np.ones((2, 2, 2), bool),
+              affine=np.eye(4), header=None, paths={"dwi": "sub-x_dwi.nii.gz"})
+    with pytest.raises(InputError, match="sub-x_dwi.nii.gz: b=1000 has 20 directions"):
+        md.split_dwi(dwi)
+    with pytest.raises(InputError, match="no b=2000 shell"):
+        md.split_dwi(dwi, shell=2000.0)
+
+
+def _tensor_sample(shape=(6, 5, 4)) -> md.DirectionSample:
+    """A sample whose signal is exactly one tensor per voxel (known truth)."""
+    rng = np.random.default_rng(7)
+    n = int(np.prod(shape))
+    evals = np.sort(rng.uniform(0.2e-3, 1.8e-3, (n, 3)), axis=1)[:, ::-1]
+    rot = np.linalg.qr(rng.standard_normal((n, 3, 3)))[0]
+    D = np.einsum("nij,nj,nkj->nik", rot, evals, rot)
+    dirs = electrostatic_directions(90, seed=5)
+
+    def sig(v):
+        return np.exp(-1000.0 * np.einsum("ni,nij,nj->n", np.broadcast_to(v, (n, 3)), D,
+                                          np.broadcast_to(v, (n, 3))))
+    signal = np.stack([sig(v) for v in dirs], axis=1).reshape(shape + (90,)).astype(np.float32)
+    pick = md.spread_subset(dirs, 30)
+    rest = np.setdiff1d(np.arange(90), pick)
+    s0 = np.full(shape, 1000.0, np.float32)
+    return md.DirectionSample("tensor", signal[..., pick], dirs[pick], signal[..., rest],
+                              dirs[rest], np.repeat(s0[..., None], 2, axis=-1), s0,
+                              np.ones(shape, bool), 1000.0, clean_targets=signal[..., rest])
+
+
+def test_baselines_recover_a_pure_tensor_signal():
+    s = _tensor_sample()
+    m = s.mask
+    err_dti = np.abs(dm.dti_prediction(s) - s.targets)[m].max()
+    err_sh4 = np.sqrt(np.mean((dm.sh_interpolation(s, 4) - s.targets)[m] ** 2))
+    assert err_dti < 1e-4                       # the tensor model is exact here
+    assert err_sh4 < 0.01                       # order 4 captures most of a b=1000 tensor
+    # FA of inputs + exact targets equals FA of the full acquisition
+    assert np.abs(dm.fa_of(s, s.targets) - dm.fa_of(s, dm.dti_prediction(s)))[m].max() < 1e-3
+
+
+def test_untrained_network_is_the_dti_baseline_and_shapes(samples):
+    s = samples[0]
+    torch.manual_seed(0)
+    net = dm.DirectionNet(width=8, blocks=1)
+    feats = dm.sh_features(s)
+    assert feats.shape == (dm.N_FEATURES,) + SMALL
+    pred = dm.predict_network(net, s, feats=feats)
+    assert pred.shape == s.targets.shape
+    assert np.abs(pred - dm.dti_prediction(s))[s.mask].max() < 2e-3
+    # any b-vector can be asked for: one network, conditioned on the target direction
+    extra = electrostatic_directions(7, seed=9)
+    assert dm.predict_network(net, s, bvecs=extra, feats=feats).shape == SMALL + (7,)
+
+
+def _train(samples, seed, steps=30):
+    cfg = TrainConfig(steps=steps, lr=3e-3, warmup=5, seed=seed, log_every=10, threads=1)
+    torch.manual_seed(0)
+    from dmriflow.models.train import train
+    return train(dm.DirectionNet(width=8, blocks=1), dm.loss_fn, dm.make_batches(samples[:2]),
+                 cfg)
+
+
+def test_training_lowers_the_loss_and_is_deterministic(samples):
+    a = _train(samples, seed=1)
+    b = _train(samples, seed=1)
+    c = _train(samples, seed=2, steps=10)
+    assert a.history[-1]["loss"] < a.history[0]["loss"]
+    assert a.history == b.history
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k])
+    assert c.history[0]["loss"] != a.history[0]["loss"]
+
+
+def test_direction_checkpoint_round_trip(samples, tmp_path):
+    s = samples[2]
+    torch.manual_seed(3)
+    net = dm.DirectionNet(width=8, blocks=1)
+    torch.nn.init.normal_(net.out.weight, std=0.01)     # not the zero-initialised head
+    card = dm.make_card(net, samples[:1], TrainConfig(steps=1), [{"method": "x"}],
+                        "unit test", voxel_size=(2.5, 2.5, 2.5))
+    mc.save_checkpoint(net, card, tmp_path / "ckpt")
+    loaded, card2 = mc.load_checkpoint(tmp_path / "ckpt", device="cpu")
+    assert np.array_equal(dm.predict_network(net, s), dm.predict_network(loaded, s))
+    assert card2.acquisition.min_directions == {"1000": 30}
+    assert card2.kwargs == {"width": 8, "blocks": 1}
