@@ -23,16 +23,19 @@ Estimators (DIPY reconst style, all vectorised over voxels, chunked)
     ``TwoTimeModel`` (C): ``Model(gtab1, timing1, gtab2, timing2)
     .fit(data1, data2, mask)``. ``make_model(name, ...)``; forward models
     ``published_signal``, ``nonlinear_log_signal``, ``phase_signal``,
-    ``two_time_tensors`` generate synthetic data for tests and studies.
+    ``two_time_tensors`` and the gradient-free ``tensor_signal`` generate
+    synthetic data for tests and studies; ``rician`` adds noise.
 Controls
-    ``fibre_axis`` (DTI third eigenvector), ``perpendicular_random_axis``
-    (random axis perpendicular to V1, seeded), ``shuffle_axes`` (voxel-
+    ``tensor_maps`` (FA, MD, V1 and the fibre-only axis E3 = DTI third
+    eigenvector; method name ``FIBRE_E3``), ``perpendicular_random_axis``
+    (random axis perpendicular to V1, seeded; ``FIBRE_PERP``), ``shuffle_axes`` (voxel-
     shuffle null), ``Model.fit_surrogate`` (each voxel simulated from its
     fitted gradient-free tensor with Rician noise of ``estimate_sigma``),
     ``fa_strata`` (``FA_STRATA_EDGES``).
 Angles and statistics
     ``acute_angle`` (deg, sign-free), ``plane_angle`` (2D, in the plane
-    perpendicular to V1), chance values ``CHANCE_MEAN_DEG``,
+    perpendicular to V1), ``masked_map`` (either, as a map on the mask),
+    chance values ``CHANCE_MEAN_DEG``,
     ``CHANCE_MEDIAN_DEG``, ``CHANCE_2D_DEG``; ``one_sample_test``,
     ``paired_test``; ``summarise_angles``.
 Subject and cohort
@@ -1190,11 +1193,15 @@ def plane_angle(a: np.ndarray, b: np.ndarray, normal: np.ndarray) -> np.ndarray:
     return acute_angle(pa, pb)
 
 
-def _masked_map(fn, mask, *maps) -> np.ndarray:
-    """fn applied to the mask voxels of (X, Y, Z, 3) maps, NaN elsewhere."""
+def masked_map(fn, mask, *maps) -> np.ndarray:
+    """``fn`` (e.g. :func:`acute_angle`, :func:`plane_angle`) applied to the
+    mask voxels of (X, Y, Z, 3) maps; a float32 (X, Y, Z) map, NaN elsewhere."""
     out = np.full(mask.shape, np.nan, np.float32)
     out[mask] = fn(*(m[mask] for m in maps))
     return out
+
+
+_masked_map = masked_map   # the earlier private name (used by image_gradient_study)
 
 
 def one_sample_test(values, chance: float) -> dict:
@@ -1407,8 +1414,8 @@ def evaluate_subject(dwi, timing: SequenceTiming, estimators: Sequence[str] = ("
     perp = np.full(mask.shape + (3,), np.nan, np.float32)
     perp[mask] = perpendicular_random_axis(tmaps.v1[mask], rng)
     axes[FIBRE_PERP], kinds[FIBRE_PERP] = perp, "control"
-    angles = {k: _masked_map(acute_angle, mask, a, gold.gradient) for k, a in axes.items()}
-    angles_2d = {k: _masked_map(plane_angle, mask, a, gold.gradient, tmaps.v1)
+    angles = {k: masked_map(acute_angle, mask, a, gold.gradient) for k, a in axes.items()}
+    angles_2d = {k: masked_map(plane_angle, mask, a, gold.gradient, tmaps.v1)
                  for k, a in axes.items()}
     strata = fa_strata(tmaps.fa, mask, fa_edges)
     rows = summarise_angles(angles, angles_2d, strata, kinds, subject)

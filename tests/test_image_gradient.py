@@ -537,3 +537,34 @@ def test_threads_and_chunks_do_not_change_results(gtab):
     # float32 tensor fits round differently per chunk: axes agree closely
     diff = ig.acute_angle(big.axis, one.fit(data).axis)
     assert np.percentile(diff, 95) < 0.1
+
+
+def test_evaluate_subject_with_a_and_c(gtab):
+    """A (on a seeded voxel subset) and C (two series at two diffusion times)
+    run through the subject function with their nulls; the C series carry
+    D(t) = D - 2 a^2 t (D g)(D g)^T with a large g so C finds it."""
+    dwi, _, _ = _subject(5, gtab, shape=(8, 8, 7))
+    rng = np.random.default_rng(5)
+    grid = dwi.mask.shape
+    n = int(np.prod(grid))
+    D, g = _tensors(n, rng), _axes(n, rng, 20.0)
+    series = []
+    for timing in (T, T_LONG):
+        Dt = ig.two_time_tensors(D, g, [timing.diffusion_time])[0]
+        S = ig.rician(ig.tensor_signal(dwi.data[..., gtab.b0s_mask].mean(-1).ravel(), Dt, gtab),
+                      S0 / 1e6, rng)
+        series.append(S.reshape(grid + (-1,)))
+    short = DWI(data=series[0], gtab=gtab, mask=dwi.mask, affine=dwi.affine,
+                header=dwi.header, paths=dwi.paths)
+    long_ = DWI(data=series[1], gtab=gtab, mask=dwi.mask, affine=dwi.affine,
+                header=dwi.header, paths=dwi.paths)
+    ev = ig.evaluate_subject(short, T, estimators=("A", "C"), rng=0, second=long_,
+                             second_timing=T_LONG, max_voxels=40,
+                             model_kw={"C": {"max_bval": None}})
+    assert ev.mask.sum() == 40
+    for name in ("A", "A_shuffle", "A_surrogate", "C", "C_shuffle", "C_surrogate"):
+        assert np.isfinite(ev.angles[name][ev.mask]).all(), name
+    c_axis = ev.fits["C"].axis[ev.mask]
+    assert np.median(ig.acute_angle(c_axis, g.reshape(grid + (3,))[ev.mask])) < 2.0
+    assert set(ev.rows.method) == set(ev.angles)
+    assert (ev.rows.groupby("method").size() == len(ig.FA_STRATA_EDGES)).all()
