@@ -2,6 +2,7 @@
 
 dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
+dmriflow run INPUT OUTPUT --rerun-failed
 dmriflow run ... --harmonization ARTEFACT
 dmriflow harmonize fit INPUT OUTPUT --reference SITE --target SITE [--site-column COL]
 dmriflow harmonize apply ARTEFACT INPUT OUTPUT
@@ -11,7 +12,9 @@ dmriflow simulate OUT --subjects N --layout hcp|bids --shape X Y Z --seed S
 dmriflow demo OUT
 
 Exit status of ``run``/``demo``: 0 all subjects done, 2 some subjects failed
-(listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable input.
+(listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable input,
+3 another run holds OUTPUT or the cache. ``status``: 0 every planned subject
+done, 2 some failed or missing, 1 no run found in OUTPUT.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dmriflow.interfaces import __version__
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.steps import DTI_MAX_BVAL
 
-EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED = 0, 1, 2
+EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
 #: Demo cohort: a few small phantom subjects, two workers.
 DEMO_SUBJECTS = 4
 DEMO_SHAPE = (36, 44, 36)
@@ -76,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.add_argument("--harmonization", metavar="ARTEFACT",
                    help="apply a stored harmonization artefact (folder) before the fits")
+    p.add_argument("--rerun-failed", action="store_true",
+                   help="run only the subjects of OUTPUT's last plan that are not done "
+                        "(failed, missing, or done by other code); rebuild the group table "
+                        "for the whole plan")
     _add_run_options(p)
 
     p = sub.add_parser("harmonize", help="fit or apply RISH harmonization")
@@ -133,12 +140,16 @@ def _config(args):
                      sbatch_args=args.sbatch_args, fit_method=args.fit_method,
                      dti_max_bval=args.dti_max_b, lmax=args.lmax, quiet=args.quiet,
                      denoise=args.denoise, degibbs=args.degibbs,
-                     harmonization=getattr(args, "harmonization", None) or "")
+                     harmonization=getattr(args, "harmonization", None) or "",
+                     rerun_failed=getattr(args, "rerun_failed", False))
 
 
 def _run(input_dir, output, layout, labels, args) -> int:
     from dmriflow.pipelines.execution import run_cohort
     from dmriflow.pipelines.inputs import discover
+    if labels and getattr(args, "rerun_failed", False):
+        raise ValueError("--rerun-failed takes the subjects from OUTPUT's plan: "
+                         "do not combine it with --participant-label")
     subjects = discover(input_dir, layout=layout, participant_labels=labels)
     result = run_cohort(subjects, output, _config(args))
     print(f"derivatives: {result.output_dir / 'dmriflow'}")
@@ -180,13 +191,25 @@ def cmd_harmonize(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from dmriflow.pipelines.execution import status_table
+    """Per subject: status, per-step outcome and the reason; then per step: counts."""
+    from dmriflow.pipelines.execution import STEP_WORDS, status_table
     table = status_table(args.output)
+    steps = list(table.columns[4:])
     counts = table["status"].value_counts().to_dict()
-    print(f"{args.output}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    for row in table.itertuples():
-        reason = f"  [{row.failed_step}] {row.error}" if row.status != "done" else ""
-        print(f"{row.subject:<24} {row.status:<8}{reason}")
+    print(f"{args.output}: {len(table)} planned; "
+          + ", ".join(f"{counts.get(w, 0)} {w}" for w in ("done", "failed", "missing")))
+    width = max([len("subject")] + [len(s) for s in table["subject"]]) + 2
+    print(f"{'subject':<{width}}{'status':<9}" + "".join(f"{s:<11}" for s in steps) + "reason")
+    for row in table.itertuples(index=False):
+        reason = ""
+        if row.status != "done":
+            reason = (f"[{row.failed_step}] " if row.failed_step else "") + str(row.error)
+        print((f"{row.subject:<{width}}{row.status:<9}"
+               + "".join(f"{getattr(row, s):<11}" for s in steps) + reason).rstrip())
+    print(f"{'step':<{width}}" + "".join(f"{w:>9}" for w in STEP_WORDS))
+    for step in steps:
+        n = table[step].value_counts()
+        print(f"{step:<{width}}" + "".join(f"{n.get(w, 0):>9}" for w in STEP_WORDS))
     return EXIT_OK if set(counts) <= {"done"} else EXIT_SUBJECTS_FAILED
 
 
@@ -226,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except RuntimeError as exc:
+        from dmriflow.pipelines.execution import RunInProgress
+        if not isinstance(exc, RunInProgress):
+            raise
+        print(f"dmriflow: error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
 
 
 if __name__ == "__main__":

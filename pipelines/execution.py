@@ -272,8 +272,9 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
     for row in prefailed:
         _log(config, f"{row['subject']}: failed before submission: {row['error']}")
     engine_errors: list[str] = []
-    if not runnable:
-        rows, table = prefailed, write_subjects_table(prefailed, output_dir)
+    if not runnable:   # (with --rerun-failed, possibly nothing to do)
+        rows = prefailed
+        table = write_subjects_table(prefailed, output_dir) if prefailed else None
     else:
         res = _submit(runnable, prefailed, output_dir, config, root, version)
         if res.errored:
@@ -323,6 +324,7 @@ def remove_steps(root: Path, steps: tuple[str, ...]) -> int:
 
 #: Per-step outcome words of ``dmriflow status``.
 STEP_DONE, STEP_FAILED, STEP_SKIPPED, STEP_MISSING = "done", "failed", "skipped", "missing"
+STEP_WORDS = (STEP_DONE, STEP_FAILED, STEP_SKIPPED, STEP_MISSING)
 
 
 def planned_steps(config: RunConfig) -> tuple[str, ...]:
