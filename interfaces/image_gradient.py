@@ -608,14 +608,14 @@ class _Model:
                 "TE_ms": self.timing.TE, "diffusion_time_s": self.timing.diffusion_time,
                 "tensor_max_bval": self.tensor.max_bval, "quality": self.quality_name}
 
-    def _check(self, data):
+    def _check(self, data, magnitude_ok: bool = False):
         data = np.asanyarray(data)
         if data.shape[-1] != len(self.gtab):
             raise ValueError(f"data has {data.shape[-1]} volumes, the gradient table "
                              f"{len(self.gtab)}")
         if np.iscomplexobj(data) and not self.complex_input:
             raise ValueError(f"estimator {self.name} works on magnitude data")
-        if self.complex_input and not np.iscomplexobj(data):
+        if self.complex_input and not np.iscomplexobj(data) and not magnitude_ok:
             raise ValueError(f"estimator {self.name} needs complex data (magnitude and phase)")
         return data
 
@@ -628,8 +628,9 @@ class _Model:
     def fit_surrogate(self, data, mask, sigma: float, rng: np.random.Generator) -> GradientFit:
         """The surrogate null: each voxel's signal is replaced by its fitted
         gradient-free tensor prediction plus noise of SD ``sigma`` (Rician
-        magnitude; complex Gaussian for complex data), then re-fitted."""
-        data = self._check(data)
+        magnitude; complex Gaussian for P), then re-fitted. Only |data| is
+        used, so P accepts the magnitude series here."""
+        data = self._check(data, magnitude_ok=True)
 
         def per_chunk(rows, _, chunk_rng):
             s0, D = self.tensor.fit_rows(np.abs(rows))
@@ -903,6 +904,23 @@ class PhaseModel(_Model):
         # c^2 u_i u_j as [xx yy zz xy xz yz] (the order of _sym)
         self._uu = np.stack([u[:, 0] ** 2, u[:, 1] ** 2, u[:, 2] ** 2, u[:, 0] * u[:, 1],
                              u[:, 0] * u[:, 2], u[:, 1] * u[:, 2]], axis=1) * c2[:, None]
+
+    def fit(self, data, mask=None, phase=None) -> GradientFit:
+        """Fit complex ``data`` (..., N), or magnitude ``data`` with its
+        ``phase`` (radians, same shape; combined chunk by chunk, so no complex
+        copy of the series is made)."""
+        if phase is None:
+            return super().fit(data, mask)
+        data, phase = np.asanyarray(data), np.asanyarray(phase)
+        if np.iscomplexobj(data) or phase.shape != data.shape:
+            raise ValueError(f"with phase=, data must be the real magnitude of the same shape "
+                             f"(data {data.shape}, phase {phase.shape})")
+        if data.shape[-1] != len(self.gtab):
+            raise ValueError(f"data has {data.shape[-1]} volumes, the gradient table "
+                             f"{len(self.gtab)}")
+        return _run_chunks(data, phase, mask, self.name, self.quality_name, self.chunk_size,
+                           self.n_threads,
+                           lambda m, ph, _: self.fit_rows(m * np.exp(1j * ph.astype(np.float32))))
 
     def fit_rows(self, rows):
         """(axis, gradient, quality) of complex rows (n, N). Solved for
@@ -1390,8 +1408,7 @@ def evaluate_subject(dwi, timing: SequenceTiming, estimators: Sequence[str] = ("
             fit = model.fit(dwi.data, second.data, mask)
         elif name == "P":
             model = make_model("P", dwi.gtab, timing, **kw)
-            cdata = (dwi.data * np.exp(1j * np.asarray(phase, np.float32))).astype(np.complex64)
-            fit = model.fit(cdata, mask)
+            fit = model.fit(dwi.data, mask, phase=phase)
         else:
             model = make_model(name, dwi.gtab, timing, **kw)
             fit = model.fit(dwi.data, mask)
@@ -1405,7 +1422,7 @@ def evaluate_subject(dwi, timing: SequenceTiming, estimators: Sequence[str] = ("
                 s2 = estimate_sigma(second.data, second.gtab, second.mask)
                 sfit = model.fit_surrogate(dwi.data, second.data, mask, (sigma, s2), rng)
             elif name == "P":
-                sfit = model.fit_surrogate(cdata, mask, sigma, rng)
+                sfit = model.fit_surrogate(dwi.data, mask, sigma, rng)
             else:
                 sfit = model.fit_surrogate(dwi.data, mask, sigma, rng)
             fits[sfit.estimator] = sfit

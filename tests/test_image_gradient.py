@@ -287,8 +287,13 @@ def test_models_on_grids_and_masks(gtab):
         ref = model.fit_rows(S[mask])[0]
         np.testing.assert_allclose(fit.axis[mask], ref, atol=1e-4)
         assert np.isnan(fit.axis[~mask]).all() and fit.n_failed == 0
+    # magnitude + phase, combined chunk by chunk, equals the complex series
+    split = model.fit(np.abs(S).astype(np.float32), mask, phase=np.angle(S).astype(np.float32))
+    np.testing.assert_allclose(split.axis[mask], model.fit(S, mask).axis[mask], atol=1e-4)
     with pytest.raises(ValueError, match="complex"):
         model.fit(np.abs(S), mask)
+    with pytest.raises(ValueError, match="magnitude"):
+        model.fit(S, mask, phase=np.angle(S))
     with pytest.raises(ValueError, match="magnitude"):
         ig.PublishedModel(gtab, T).fit(S, mask)
     with pytest.raises(ValueError, match="volumes"):
