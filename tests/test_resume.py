@@ -161,12 +161,21 @@ def test_killed_run_resumes_without_recomputing_finished_subjects(reference):
     assert finished and finished < planned, "the kill must land mid-run"
     assert_nothing_half_written(out)
     before = {s: snapshot(out, s) for s in finished}
+    # what the kill left: the engine's soft locks and job files, temporary files
+    cache = out / ".dmriflow-cache"
+    leftovers = [p for pattern in ("*.lock", "*_info.json") for p in cache.glob(pattern)
+                 if p.name != ".dmriflow-run.lock"]
+    leftovers += [p for p in (out / "dmriflow").rglob(".*") if TEMP_MARK in p.name]
+    assert any(p.suffix == ".lock" for p in leftovers)
 
     code = run("run", cohort, out, "--worker", "cf", "--n-procs", "2", log=tmp / "resume.log")
     assert code == 0, (tmp / "resume.log").read_text()
     assert set(status_files(out)) == planned
     assert_nothing_half_written(out)
     assert not [p for p in (out / "dmriflow").rglob("*") if TEMP_MARK in p.name]
+    assert f"removed {len(leftovers)} leftover(s) of an interrupted run" in \
+        (tmp / "resume.log").read_text()
+    assert not any(p.exists() for p in leftovers)
     # finished subjects: not one file rewritten, no fit run again (the engine
     # may run Export again when the kill lost its result record: it finds the
     # identical export in place and leaves it) ...
