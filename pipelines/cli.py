@@ -10,6 +10,7 @@ dmriflow status OUTPUT
 dmriflow report OUTPUT
 dmriflow simulate OUT --subjects N --layout hcp|bids --shape X Y Z --seed S
 dmriflow demo OUT
+dmriflow train directions INPUT OUTPUT_CHECKPOINT [--epochs N] [--resume]
 
 Exit status of ``run``/``demo``: 0 all subjects done, 2 some subjects failed
 (listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable input,
@@ -127,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snr", type=float, default=None, help="b0 SNR in white matter")
 
+    p = sub.add_parser("train", help="train a model on a cohort (writes a checkpoint folder)")
+    p.add_argument("model", choices=("directions",),
+                   help="directions: synthesise b=1000 directions from 30 acquired ones")
+    p.add_argument("input", help="cohort folder (HCP or BIDS) with > 30 b=1000 directions")
+    p.add_argument("checkpoint", help="output checkpoint folder (card.json + model.safetensors)")
+    _add_selection(p)
+    p.add_argument("--epochs", type=float, default=20.0,
+                   help="passes of training patches over the training voxels (default: "
+                        "%(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the training state saved in CHECKPOINT/training")
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("demo", help="simulate the built-in cohort and run the pipeline on it")
     p.add_argument("output", nargs="?", default="demo-output")
     p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS)
@@ -228,6 +242,24 @@ def cmd_simulate(args) -> int:
     return EXIT_OK
 
 
+def cmd_train(args) -> int:
+    """Load every subject (mask as the pipeline makes it) and train on the cohort."""
+    from dmriflow.models.directions import train_on_subjects
+    from dmriflow.pipelines.inputs import discover, read_sidecar
+    from dmriflow.interfaces.stepfiles import load_subject
+    subjects = discover(args.input, layout=args.layout, participant_labels=args.participant_label)
+    loaded, fields = [], set()
+    for s in subjects:
+        loaded.append((s.key, load_subject(s.dwi, s.bval, s.bvec, s.mask)))
+        fields.add(read_sidecar(s.sidecar).get("MagneticFieldStrength"))
+    field = fields.pop() if len(fields) == 1 else None
+    card = train_on_subjects(loaded, args.checkpoint, epochs=args.epochs, resume=args.resume,
+                             seed=args.seed, field_strength=field)
+    print(f"checkpoint: {Path(args.checkpoint).resolve()} ({card.name} {card.version}, "
+          f"trained on {len(card.training['subjects'])} subject(s))")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from dmriflow.interfaces.phantom import write_cohort
     out = Path(args.output)
@@ -245,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args.input, args.output, args.layout, args.participant_label, args)
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
-                "harmonize": cmd_harmonize, "report": cmd_report}[args.command](args)
+                "harmonize": cmd_harmonize, "report": cmd_report,
+                "train": cmd_train}[args.command](args)
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
