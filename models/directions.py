@@ -100,7 +100,7 @@ class DirectionNet(nn.Module):
     voxels of context on each side determine a voxel's output.
     """
 
-    def __init__(self, width: int = 24, blocks: int = 2):
+    def __init__(self, width: int = 16, blocks: int = 1):
         super().__init__()
         self.width, self.blocks = int(width), int(blocks)
         self.inp = nn.Conv3d(N_FEATURES, width, 1)
@@ -316,7 +316,7 @@ def make_card(model: DirectionNet, train: list[DirectionSample], config, table: 
 
 
 def train_directions(train: list[DirectionSample], val: list[DirectionSample], config,
-                     state_dir=None, resume: bool = False, width: int = 24, blocks: int = 2,
+                     state_dir=None, resume: bool = False, width: int = 16, blocks: int = 1,
                      log=None, stop_after: int | None = None):
     """Train a :class:`DirectionNet` (resumable); returns (model, TrainResult)."""
     from dmriflow.models.train import train as run
@@ -339,7 +339,7 @@ EXPERIMENT_SUBJECTS = (10, 2, 4)
 EXPERIMENT_SEED = 5000
 
 
-def run_experiment(checkpoint_dir, state_dir=None, steps: int = 800, resume: bool = True,
+def run_experiment(checkpoint_dir, state_dir=None, steps: int = 600, resume: bool = True,
                    subjects=EXPERIMENT_SUBJECTS, seed: int = EXPERIMENT_SEED, log=print,
                    stop_after: int | None = None):
     """Phantom cohort -> train -> held-out table vs baselines -> checkpoint + card."""
@@ -374,4 +374,56 @@ def run_experiment(checkpoint_dir, state_dir=None, steps: int = 800, resume: boo
 
 if __name__ == "__main__":   # nice -n 10 python -m dmriflow.models.directions CKPT STATE [STEPS]
     import sys
-    run_experiment(sys.argv[1], sys.argv[2], steps=int(sys.argv[3]) if len(sys.argv) > 3 else 800)
+    run_experiment(sys.argv[1], sys.argv[2], steps=int(sys.argv[3]) if len(sys.argv) > 3 else 600)
+
+
+# ----------------------------------------------------------------------------
+# Retraining on a user's cohort (``dmriflow train directions``)
+# ----------------------------------------------------------------------------
+#: Share of a user's subjects held out for validation (at least one).
+VALIDATION_SHARE = 0.2
+#: Training-state folder inside the output checkpoint (for --resume).
+STATE_FOLDER = "training"
+
+
+def train_on_subjects(subjects: list, checkpoint_dir, epochs: float = 20.0,
+                      resume: bool = False, seed: int = 0, width: int = 16, blocks: int = 1,
+                      field_strength=None, log=print) -> ModelCard:
+    """Train a direction-synthesis model on ``subjects`` ((label, DWI) pairs).
+
+    Each subject's b=1000 shell is split into 30 well-spread inputs and the
+    other directions as targets; the last ``VALIDATION_SHARE`` of the
+    subjects (at least one) are held out for model selection and for the
+    card's table (network vs SH and DTI baselines). The training state is
+    kept in ``checkpoint_dir/training`` so ``resume`` continues a stopped run.
+    """
+    from pathlib import Path
+
+    from dmriflow.models.card import save_checkpoint
+    from dmriflow.models.data import split_dwi, split_subjects
+    from dmriflow.models.train import TrainConfig
+    samples = [split_dwi(dwi, label) for label, dwi in subjects]
+    if len(samples) < 2:
+        raise ValueError(f"training needs at least 2 subjects (1 is held out), got "
+                         f"{len(samples)}")
+    n_val = max(1, int(round(VALIDATION_SHARE * len(samples))))
+    train, val, _ = split_subjects(samples, n_val, 0)
+    config = TrainConfig(steps=steps_for_epochs(train, epochs), lr=2e-3, warmup=50, seed=seed,
+                         checkpoint_every=50, validate_every=100, log_every=25)
+    log(f"training on {len(train)} subject(s), validating on {len(val)}: "
+        f"{config.steps} steps ({epochs:g} epochs)")
+    state = Path(checkpoint_dir) / STATE_FOLDER
+    model, result = train_directions(train, val, config, state_dir=state, resume=resume,
+                                     width=width, blocks=blocks, log=log)
+    rows = evaluate(val, {"network": lambda s: predict_network(model, s), **baselines()})
+    table = [{"split": "validation subjects", **r} for r in summarise(rows, METRICS)]
+    zooms = np.median([dwi.zooms for _, dwi in subjects], axis=0)
+    card = make_card(model, train, config, table,
+                     data_description=f"user cohort: {len(train)} training subjects "
+                                      f"({', '.join(s.subject for s in train)}), "
+                                      f"{len(val)} validation",
+                     voxel_size=zooms, field_strength=field_strength, seconds=result.seconds)
+    card.training["best_step"] = result.best_step
+    save_checkpoint(model, card, checkpoint_dir)
+    log(table_markdown(table, METRICS))
+    return card
