@@ -4,8 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEMO_OUT ?= demo-output
 PYTEST_ARGS ?=
+# `make container`: the image (Dockerfile). BASE_IMAGE / TORCH_INDEX: see the Dockerfile.
+DOCKER      ?= /usr/bin/docker
+IMAGE       ?= dmriflow:latest
+BASE_IMAGE  ?= python:3.11-slim
+TORCH_INDEX ?=
 
-.PHONY: env demo test bench clean
+.PHONY: env demo test bench container clean
 
 $(BIN)/dmriflow: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +29,13 @@ test: env
 
 bench: env
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+container: env
+	# the torch build this machine's pip resolves for the pin, preferred inside the image
+	mkdir -p build/wheels
+	$(BIN)/pip download --quiet --no-deps -d build/wheels -c constraints.txt torch
+	$(DOCKER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX=$(TORCH_INDEX) \
+		-t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) *.egg-info
