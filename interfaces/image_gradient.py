@@ -315,10 +315,16 @@ def gold_standard(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, *, fr
 def unit(v: np.ndarray) -> np.ndarray:
     """v / |v| along the last axis (float32); NaN where |v| is 0 or not finite."""
     v = np.asarray(v, dtype=np.float64)
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    n = np.sqrt(_dot(v, v))
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where((n > 0) & np.isfinite(n), v / n, np.nan)
+        out = v / n[..., None]
+    out[~((n > 0) & np.isfinite(n))] = np.nan
     return out.astype(np.float32)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Dot products along the last axis (einsum: no (..., 3) temporaries)."""
+    return np.einsum("...i,...i->...", a, b)
 
 
 def _sym(p6: np.ndarray) -> np.ndarray:
@@ -1193,11 +1199,14 @@ def tensor_maps(data, gtab: GradientTable, mask, max_bval: float | None = DTI_MA
 def acute_angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Acute angle (deg, 0..90) between the axes a and b (..., 3), sign-free;
     NaN where either is zero or not finite."""
-    a = unit(a).astype(np.float64)
-    b = unit(b).astype(np.float64)
-    c = np.abs(np.sum(a * b, axis=-1))
-    with np.errstate(invalid="ignore"):
-        return np.degrees(np.arccos(np.clip(c, 0.0, 1.0))).astype(np.float32)
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        nn = _dot(a, a) * _dot(b, b)
+        c = np.abs(_dot(a, b)) / np.sqrt(nn)
+        out = np.degrees(np.arccos(np.minimum(c, 1.0)))
+    out[~((nn > 0) & np.isfinite(nn))] = np.nan
+    return out.astype(np.float32)
 
 
 def plane_angle(a: np.ndarray, b: np.ndarray, normal: np.ndarray) -> np.ndarray:
@@ -1206,8 +1215,8 @@ def plane_angle(a: np.ndarray, b: np.ndarray, normal: np.ndarray) -> np.ndarray:
     n = unit(normal).astype(np.float64)
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    pa = a - np.sum(a * n, axis=-1, keepdims=True) * n
-    pb = b - np.sum(b * n, axis=-1, keepdims=True) * n
+    pa = a - _dot(a, n)[..., None] * n
+    pb = b - _dot(b, n)[..., None] * n
     return acute_angle(pa, pb)
 
 
