@@ -23,6 +23,9 @@ import torch
 
 #: Slab thickness (voxels along the last axis) per forward pass, excluding the halo.
 SLAB = 32
+#: torch threads for CPU inference: pipeline nodes already run in parallel
+#: workers, and an oversubscribed pool is many times slower (models.train).
+CPU_THREADS = 1
 #: Inference model kinds offered by the pipeline (``dmriflow run --inference``).
 DIRECTIONS = "directions"
 
@@ -34,20 +37,23 @@ def _autocast(device: torch.device):
 
 
 def run_volume(model: torch.nn.Module, volume: np.ndarray, halo: int, slab: int = SLAB,
-               device=None) -> np.ndarray:
+               device=None, threads: int = CPU_THREADS) -> np.ndarray:
     """``model`` applied to ``volume`` (C, X, Y, Z); output (C', X, Y, Z) float32.
 
     Slabs of ``slab`` voxels along Z are run with up to ``halo`` voxels of
     neighbours on each side (none beyond the volume, where the network pads
     as in a whole-volume pass), so with ``halo`` >= the network's receptive
     radius each output voxel equals that of a single whole-volume pass.
+    ``threads``: torch threads on the CPU (see :data:`CPU_THREADS`).
     """
     from dmriflow.models.card import select_device
+    from dmriflow.models.train import torch_threads
     device = select_device(device)
     model = model.to(device).eval()
     n_z = volume.shape[-1]
     out = None
-    with torch.no_grad(), _autocast(device):
+    threads_ctx = torch_threads(threads) if device.type == "cpu" else contextlib.nullcontext()
+    with torch.no_grad(), _autocast(device), threads_ctx:
         for z0 in range(0, n_z, slab):
             z1 = min(z0 + slab, n_z)
             lo, hi = max(z0 - halo, 0), min(z1 + halo, n_z)

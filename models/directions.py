@@ -100,7 +100,7 @@ class DirectionNet(nn.Module):
     voxels of context on each side determine a voxel's output.
     """
 
-    def __init__(self, width: int = 16, blocks: int = 1):
+    def __init__(self, width: int = 24, blocks: int = 2):
         super().__init__()
         self.width, self.blocks = int(width), int(blocks)
         self.inp = nn.Conv3d(N_FEATURES, width, 1)
@@ -316,7 +316,7 @@ def make_card(model: DirectionNet, train: list[DirectionSample], config, table: 
 
 
 def train_directions(train: list[DirectionSample], val: list[DirectionSample], config,
-                     state_dir=None, resume: bool = False, width: int = 16, blocks: int = 1,
+                     state_dir=None, resume: bool = False, width: int = 24, blocks: int = 2,
                      log=None, stop_after: int | None = None):
     """Train a :class:`DirectionNet` (resumable); returns (model, TrainResult)."""
     from dmriflow.models.train import train as run
@@ -339,7 +339,7 @@ EXPERIMENT_SUBJECTS = (10, 2, 4)
 EXPERIMENT_SEED = 5000
 
 
-def run_experiment(checkpoint_dir, state_dir=None, steps: int = 600, resume: bool = True,
+def run_experiment(checkpoint_dir, state_dir=None, steps: int = 3000, resume: bool = True,
                    subjects=EXPERIMENT_SUBJECTS, seed: int = EXPERIMENT_SEED, log=print,
                    stop_after: int | None = None):
     """Phantom cohort -> train -> held-out table vs baselines -> checkpoint + card."""
@@ -349,8 +349,8 @@ def run_experiment(checkpoint_dir, state_dir=None, steps: int = 600, resume: boo
     n_train, n_val, n_test = subjects
     samples = phantom_samples(n_train + n_val + n_test, seed=seed)
     train, val, test = split_subjects(samples, n_val, n_test)
-    config = TrainConfig(steps=steps, lr=2e-3, warmup=50, seed=seed, checkpoint_every=50,
-                         validate_every=100, log_every=25)
+    config = TrainConfig(steps=steps, lr=2e-3, warmup=100, seed=seed, checkpoint_every=100,
+                         validate_every=250, log_every=50)
     model, result = train_directions(train, val, config, state_dir=state_dir, resume=resume,
                                      log=log, stop_after=stop_after)
     if result.step < steps:
@@ -374,7 +374,7 @@ def run_experiment(checkpoint_dir, state_dir=None, steps: int = 600, resume: boo
 
 if __name__ == "__main__":   # nice -n 10 python -m dmriflow.models.directions CKPT STATE [STEPS]
     import sys
-    run_experiment(sys.argv[1], sys.argv[2], steps=int(sys.argv[3]) if len(sys.argv) > 3 else 600)
+    run_experiment(sys.argv[1], sys.argv[2], steps=int(sys.argv[3]) if len(sys.argv) > 3 else 3000)
 
 
 # ----------------------------------------------------------------------------
@@ -387,7 +387,7 @@ STATE_FOLDER = "training"
 
 
 def train_on_subjects(subjects: list, checkpoint_dir, epochs: float = 20.0,
-                      resume: bool = False, seed: int = 0, width: int = 16, blocks: int = 1,
+                      resume: bool = False, seed: int = 0, width: int = 24, blocks: int = 2,
                       field_strength=None, log=print) -> ModelCard:
     """Train a direction-synthesis model on ``subjects`` ((label, DWI) pairs).
 
