@@ -56,12 +56,19 @@ class RunConfig:
     degibbs: bool = False          # Gibbs-ringing removal (raw data only)
     quiet: bool = False
     rerun_failed: bool = False     # run only the failed/missing subjects of the stored plan
+    image_gradient: bool = False   # image-gradient estimates, angles and controls per subject
+    image_gradient_estimators: tuple = ("B",)
+    image_gradient_timing: dict = field(default_factory=dict)  # Delta/delta/TE (ms): override
+    image_gradient_max_voxels: int = 0                          # 0: every evaluable voxel
 
     def __post_init__(self):
         if self.worker not in WORKERS:
             raise ValueError(f"worker must be one of {WORKERS}, got {self.worker!r}")
         if self.n_procs < 1:
             raise ValueError("n_procs must be >= 1")
+        if self.image_gradient:
+            from dmriflow.pipelines.image_gradient import parse_estimators
+            self.image_gradient_estimators = parse_estimators(self.image_gradient_estimators)
 
 
 @dataclass
@@ -194,6 +201,10 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         dti_max_bval=config.dti_max_bval, lmax=config.lmax,
         harmonization=str(Path(config.harmonization).resolve()) if config.harmonization else "",
         denoise=config.denoise, degibbs=config.degibbs,
+        image_gradient=config.image_gradient,
+        image_gradient_estimators=list(config.image_gradient_estimators),
+        image_gradient_timing=dict(config.image_gradient_timing) or None,
+        image_gradient_max_voxels=config.image_gradient_max_voxels,
         pipeline_version=version)
     with _submitter(config, root) as sub:
         return sub(task, raise_errors=False)
@@ -330,9 +341,9 @@ STEP_WORDS = (STEP_DONE, STEP_FAILED, STEP_SKIPPED, STEP_MISSING)
 def planned_steps(config: RunConfig) -> tuple[str, ...]:
     """The per-subject steps a run with this configuration goes through, in order."""
     optional = {"preprocess": config.denoise or config.degibbs,
-                "harmonize": bool(config.harmonization)}
-    return tuple(s for s in ("validate", "preprocess", "harmonize", "tensor", "rish", "export")
-                 if optional.get(s, True))
+                "harmonize": bool(config.harmonization), "image_gradient": config.image_gradient}
+    return tuple(s for s in ("validate", "preprocess", "harmonize", "tensor", "rish",
+                             "image_gradient", "export") if optional.get(s, True))
 
 
 def collect_status(output_dir, subjects: list[SubjectInputs],

@@ -306,7 +306,7 @@ def ImageGradient(subject: str, record: dict, estimators: list | None = None,
 def ImageGradientGroup(products: list, output_dir: str, pipeline_version: str = "") -> str:
     """The cohort's image-gradient table and figure (group folder); "" when
     no subject has results (their failures are in group/subjects.tsv)."""
-    Path(STEP_MARKER).write_text("image_gradient_group")
+    Path(STEP_MARKER).write_text("group")   # re-exported with the group table
     if not any(p and p.get("status") == "ok" for p in products):
         return ""
     return write_group(list(products), output_dir)["table"]

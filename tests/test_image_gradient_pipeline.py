@@ -1,0 +1,142 @@
+"""The image-gradient step in the engine: a fibre-continuity phantom cohort end
+to end (maps, rows, group table, figure, cache), timing precedence and the
+command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from dmriflow.interfaces import phantom as P
+from dmriflow.interfaces.errors import InputError
+from dmriflow.pipelines import cli
+from dmriflow.pipelines import image_gradient as pig
+from dmriflow.pipelines.execution import RunConfig, run_cohort
+from dmriflow.pipelines.inputs import discover
+
+SHAPE = (16, 16, 12)
+N_SUBJECTS = 4
+#: HCP timing (ms), given on the command line (HCP ships no sidecar).
+TIMING = {"Delta": 43.1, "delta": 10.6, "TE": 89.5}
+METHODS = ("B", "B_shuffle", "B_surrogate", "fibre_e3", "fibre_perp")
+
+
+def continuity_cohort(root: Path) -> Path:
+    """Fibre-continuity subjects (no gradient physics) in the HCP layout."""
+    scheme = P.hcp_scheme(n_b0=6, shells=(1000, 3000), n_dirs=30, seed=1, jitter=False)
+    for label in P.cohort_labels(N_SUBJECTS, "hcp"):
+        subject = P.simulate_continuity_subject(SHAPE, seed=int(label), scheme=scheme)
+        P.write_subject(subject, root, label, "hcp")
+    return root
+
+
+def node_results(cache: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in cache.glob("*/_result.pklz")}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("imagegradient")
+    subjects = discover(continuity_cohort(tmp / "in"))
+    config = RunConfig(worker="cf", n_procs=2, cache_dir=str(tmp / "cache"), quiet=True,
+                       image_gradient=True, image_gradient_timing=TIMING)
+    result = run_cohort(subjects, tmp / "out", config)
+    return tmp, subjects, config, result
+
+
+def test_subject_maps_and_rows(run):
+    tmp, subjects, _, result = run
+    assert [r["status"] for r in result.rows] == ["done"] * N_SUBJECTS, result.rows
+    for s, row in zip(subjects, result.rows):
+        dwi_dir = tmp / "out" / "dmriflow" / f"sub-{s.label}" / "dwi"
+        stem = f"sub-{s.label}_{pig.MODEL_ENTITY}"
+        for method in METHODS:
+            label = pig.entity_label(method)
+            angle = nib.load(dwi_dir / f"{stem}_desc-{label}_param-angle_dwimap.nii.gz")
+            a = np.asarray(angle.dataobj)
+            assert a.shape == SHAPE
+            v = a[np.isfinite(a)]
+            assert v.size == row["imagegradient_voxels"] > 1000
+            assert v.min() >= 0.0 and v.max() <= 90.0
+            assert np.mean(v) == pytest.approx(row[f"imagegradient_{method}_mean_deg"], abs=1e-3)
+        axis = np.asarray(nib.load(dwi_dir / f"{stem}_desc-B_param-axis_dwimap.nii.gz").dataobj)
+        norms = np.linalg.norm(axis[np.isfinite(axis).all(-1)], axis=-1)
+        np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+        meta = json.loads((dwi_dir / f"{stem}_desc-B_param-angle_dwimap.json").read_text())
+        assert meta["Parameters"]["timing"]["Delta_ms"] == TIMING["Delta"]
+        assert meta["Parameters"]["timing_source"]["Delta"] == "command line"
+        summary = pd.read_csv(dwi_dir / f"{stem}_desc-summary.tsv", sep="\t")
+        assert set(METHODS) <= set(summary["method"])
+        hist = pd.read_csv(dwi_dir / f"{stem}_desc-histogram.tsv", sep="\t")
+        counts = hist[(hist["name"] == "B") & (hist["kind"] == "3d")]["count"].sum()
+        assert counts == row["imagegradient_voxels"]
+    subjects_tsv = pd.read_csv(result.table, sep="\t")
+    assert subjects_tsv["imagegradient_B_mean_deg"].notna().all()
+
+
+def test_group_table_and_figure(run):
+    """Estimators beside nulls and controls; with fibre continuity and no
+    physics the fibre-only controls sit below chance (57.3 deg), the shuffle
+    null at it. (How far B follows them depends on the scheme: see
+    test_image_gradient_studies.py and docs/image_gradient.md.)"""
+    tmp = run[0]
+    group = tmp / "out" / "dmriflow" / "group"
+    table = pd.read_csv(group / pig.GROUP_TABLE, sep="\t")
+    overall = table[(table["stratum"] == "all") & (table["statistic"] == "mean")
+                    & (table["test"] == "chance")].set_index("method")
+    assert set(METHODS) <= set(overall.index)
+    assert (overall["n_subjects"] == N_SUBJECTS).all()
+    assert overall.loc["B", "kind"] == "estimator" and overall.loc["fibre_e3", "kind"] == "control"
+    for method in ("fibre_e3", "fibre_perp"):
+        assert 50.0 < overall.loc[method, "mean"] < 55.0 and overall.loc[method, "p"] < 0.05
+    assert 50.0 < overall.loc["B", "mean"] < 60.0
+    assert abs(overall.loc["B_shuffle", "mean"] - np.degrees(1.0)) < 2.0
+    assert {"vs_fibre_e3", "vs_fibre_perp"} <= set(table["test"])
+    png = (group / pig.GROUP_FIGURE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_rerun_is_served_from_cache(run):
+    tmp, subjects, config, _ = run
+    before = node_results(tmp / "cache")
+    again = run_cohort(subjects, tmp / "out", config)
+    assert [r["status"] for r in again.rows] == ["done"] * N_SUBJECTS
+    assert node_results(tmp / "cache") == before
+
+
+def test_timing_precedence(tmp_path):
+    """Command line > sidecar (seconds) > error naming the sidecar."""
+    sidecar = tmp_path / "dwi.json"
+    sidecar.write_text(json.dumps({"EchoTime": 0.0895, "DiffusionGradientSeparation": 0.0431,
+                                   "DiffusionGradientDuration": 0.0106}))
+    timing, source = pig.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+    assert (timing.Delta, timing.delta, timing.TE) == pytest.approx((43.1, 10.6, 89.5))
+    assert set(source.values()) == {"sidecar"}
+    timing, source = pig.resolve_timing({"Delta": 40.0}, str(sidecar), "dwi.nii.gz")
+    assert timing.Delta == 40.0 and source["Delta"] == "command line" and timing.delta == 10.6
+    sidecar.write_text(json.dumps({"EchoTime": 0.0895}))
+    with pytest.raises(InputError, match="DiffusionGradientSeparation.*--gradient-separation"):
+        pig.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+    with pytest.raises(InputError, match="dwi.nii.gz"):
+        pig.resolve_timing(None, None, "dwi.nii.gz")
+    sidecar.write_text(json.dumps({"DiffusionGradientSeparation": "long",
+                                   "DiffusionGradientDuration": 0.01}))
+    with pytest.raises(InputError, match="seconds"):
+        pig.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+    with pytest.raises(InputError, match="invalid timing"):
+        pig.resolve_timing({"Delta": 5.0, "delta": 30.0}, None, "dwi.nii.gz")
+
+
+def test_estimator_options():
+    assert pig.parse_estimators("b, A") == ("B", "A")
+    for bad, words in (("C", "two diffusion times"), ("P", "phase"), ("X", "unknown"),
+                       ("", "no image-gradient")):
+        with pytest.raises(ValueError, match=words):
+            pig.parse_estimators(bad)
+    with pytest.raises(ValueError, match="two diffusion times"):
+        RunConfig(worker="debug", image_gradient=True, image_gradient_estimators=("B", "C"))
