@@ -237,7 +237,7 @@ def index_to_frame(grad_index: np.ndarray, affine: np.ndarray, frame: str = "fsl
             scale[0] = -scale[0]
         return grad_index * scale
     if frame == "world":
-        return grad_index @ np.linalg.inv(a)        # row-vector form of A^-T v
+        return grad_index @ np.linalg.inv(a)        # row-vector form of A^-T v, (..., 3)
     raise ValueError(f"frame must be 'fsl' or 'world', not {frame!r}")
 
 
@@ -292,9 +292,12 @@ def gold_standard(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, *, fr
         if log:
             lnI = np.where(positive, np.log(np.where(positive, img, 1.0)), np.nan)
             grad = index_to_frame(central_differences(lnI), affine, frame)
+            del lnI
         else:
-            grad = index_to_frame(central_differences(img), affine, frame) / img[..., None]
+            grad = index_to_frame(central_differences(img), affine, frame)
+            grad /= img[..., None]
     grad[~evaluate] = np.nan
+    grad = grad.astype(np.float32)
     if csf_md_threshold is not None:
         if md is None:
             raise ValueError("csf_md_threshold needs the mean-diffusivity map md")
@@ -305,7 +308,7 @@ def gold_standard(image: np.ndarray, affine: np.ndarray, mask: np.ndarray, *, fr
         small = evaluate & ~(np.linalg.norm(grad, axis=-1) >= min_relative_gradient)
         excluded["small_gradient"] = int(small.sum())
         evaluate &= ~small
-    return GoldStandard(gradient=grad.astype(np.float32), image=img.astype(np.float32),
+    return GoldStandard(gradient=grad, image=img.astype(np.float32),
                         mask=evaluate, frame=frame, log=log, excluded=excluded)
 
 
