@@ -612,3 +612,25 @@ def test_real_oblique_data_gold_standard_and_subject(shared_data):
     # data: mean 45 within 4 standard errors
     se = 90 / math.sqrt(12 * n)
     assert abs(rows.loc[(ig.FIBRE_PERP, "all"), "mean_2d"] - ig.CHANCE_2D_DEG) < 4 * se
+
+
+def test_axis_is_sign_free_for_b_a_c_and_signed_for_p(gtab):
+    """B, A and C see g only through even terms: g and -g give the same data
+    and the same axis. P's phase is odd in g: -g flips the estimate."""
+    rng = np.random.default_rng(16)
+    n = 40
+    D, g = _tensors(n, rng), _axes(n, rng, 30.0)
+    for forward, model in ((ig.published_signal, ig.PublishedModel(gtab, T)),
+                           (lambda *a: np.exp(ig.nonlinear_log_signal(*a)),
+                            ig.NonlinearModel(gtab, T))):
+        plus, minus = forward(S0, D, g, gtab, T), forward(S0, D, -g, gtab, T)
+        np.testing.assert_array_equal(plus, minus)
+        np.testing.assert_array_equal(model.fit_rows(plus)[0], model.fit_rows(minus)[0])
+    ts = [T.diffusion_time, T_LONG.diffusion_time]
+    for a, b in zip(ig.two_time_tensors(D, g, ts), ig.two_time_tensors(D, -g, ts)):
+        np.testing.assert_array_equal(a, b)
+    p = ig.PhaseModel(gtab, T)
+    ax_plus = p.fit_rows(ig.phase_signal(S0, D, g / 30, gtab, T))[0]
+    ax_minus = p.fit_rows(ig.phase_signal(S0, D, -g / 30, gtab, T))[0]
+    np.testing.assert_allclose(ax_minus, -ax_plus, atol=1e-6)
+    assert np.all(np.sum(ax_plus * g, axis=1) > 0)
