@@ -4,6 +4,8 @@ dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
 dmriflow run INPUT OUTPUT --rerun-failed
 dmriflow run ... --harmonization ARTEFACT
+dmriflow run ... --image-gradient [--image-gradient-estimators B,A]
+                 [--gradient-separation MS --gradient-duration MS --echo-time MS]
 dmriflow harmonize fit INPUT OUTPUT --reference SITE --target SITE [--site-column COL]
 dmriflow harmonize apply ARTEFACT INPUT OUTPUT
 dmriflow status OUTPUT
@@ -69,6 +71,33 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
                    help="only these subjects (with or without 'sub-')")
 
 
+def _add_image_gradient_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image gradient (docs/image_gradient.md)")
+    g.add_argument("--image-gradient", action="store_true",
+                   help="estimate the image gradient from the diffusion signal per subject, "
+                        "with its controls; group table and figure in OUTPUT/dmriflow/group")
+    g.add_argument("--image-gradient-estimators", default="B", metavar="B[,A]",
+                   help="one-series estimators (default: %(default)s); C (two diffusion "
+                        "times) and P (phase) are study-only")
+    g.add_argument("--image-gradient-max-voxels", type=int, default=0, metavar="N",
+                   help="evaluate a seeded random subset of N voxels per subject (0: all; "
+                        "A costs ~50 ms per voxel)")
+    g.add_argument("--gradient-separation", type=float, metavar="MS",
+                   help="Delta (ms); overrides the sidecar's DiffusionGradientSeparation (s)")
+    g.add_argument("--gradient-duration", type=float, metavar="MS",
+                   help="delta (ms); overrides the sidecar's DiffusionGradientDuration (s)")
+    g.add_argument("--echo-time", type=float, metavar="MS",
+                   help="TE (ms, recorded); overrides the sidecar's EchoTime (s)")
+
+
+def _image_gradient_timing(args) -> dict:
+    """Command-line timing overrides (ms); absent options are left out."""
+    given = {"Delta": getattr(args, "gradient_separation", None),
+             "delta": getattr(args, "gradient_duration", None),
+             "TE": getattr(args, "echo_time", None)}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmriflow", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"dmriflow {__version__}")
@@ -84,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only the subjects of OUTPUT's last plan that are not done "
                         "(failed, missing, or done by other code); rebuild the group table "
                         "for the whole plan")
+    _add_image_gradient_options(p)
     _add_run_options(p)
 
     p = sub.add_parser("harmonize", help="fit or apply RISH harmonization")
@@ -155,7 +185,11 @@ def _config(args):
                      dti_max_bval=args.dti_max_b, lmax=args.lmax, quiet=args.quiet,
                      denoise=args.denoise, degibbs=args.degibbs,
                      harmonization=getattr(args, "harmonization", None) or "",
-                     rerun_failed=getattr(args, "rerun_failed", False))
+                     rerun_failed=getattr(args, "rerun_failed", False),
+                     image_gradient=getattr(args, "image_gradient", False),
+                     image_gradient_estimators=getattr(args, "image_gradient_estimators", "B"),
+                     image_gradient_timing=_image_gradient_timing(args),
+                     image_gradient_max_voxels=getattr(args, "image_gradient_max_voxels", 0))
 
 
 def _run(input_dir, output, layout, labels, args) -> int:
@@ -165,7 +199,12 @@ def _run(input_dir, output, layout, labels, args) -> int:
         raise ValueError("--rerun-failed takes the subjects from OUTPUT's plan: "
                          "do not combine it with --participant-label")
     subjects = discover(input_dir, layout=layout, participant_labels=labels)
-    result = run_cohort(subjects, output, _config(args))
+    config = _config(args)
+    if config.image_gradient:   # a missing timing is a usage error: stop before any work
+        from dmriflow.pipelines.image_gradient import resolve_timing
+        for s in subjects:
+            resolve_timing(config.image_gradient_timing, s.sidecar, s.dwi)
+    result = run_cohort(subjects, output, config)
     print(f"derivatives: {result.output_dir / 'dmriflow'}")
     print(f"summary table: {result.table}")
     print(f"report: {result.report}")

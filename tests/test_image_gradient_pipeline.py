@@ -18,6 +18,7 @@ from dmriflow.pipelines import cli
 from dmriflow.pipelines import image_gradient as pig
 from dmriflow.pipelines.execution import RunConfig, run_cohort
 from dmriflow.pipelines.inputs import discover
+from dmriflow.pipelines.steps import STEP_MARKER
 
 SHAPE = (16, 16, 12)
 N_SUBJECTS = 4
@@ -37,6 +38,12 @@ def continuity_cohort(root: Path) -> Path:
 
 def node_results(cache: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in cache.glob("*/_result.pklz")}
+
+
+def step_nodes(cache: Path, step: str) -> dict[str, int]:
+    """Result files (and their mtimes) of the node folders of one step."""
+    return {str(m.parent): (m.parent / "_result.pklz").stat().st_mtime_ns
+            for m in cache.glob("*/" + STEP_MARKER) if m.read_text() == step}
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +147,27 @@ def test_estimator_options():
             pig.parse_estimators(bad)
     with pytest.raises(ValueError, match="two diffusion times"):
         RunConfig(worker="debug", image_gradient=True, image_gradient_estimators=("B", "C"))
+
+
+def test_command_line(run, capsys):
+    """``dmriflow run --image-gradient``: a missing timing or a study-only
+    estimator stops before any work (exit 1, the reason); with the timing
+    options the run reuses the cached image-gradient nodes."""
+    tmp = run[0]
+    common = [str(tmp / "in"), "--worker", "debug", "--quiet", "--cache-dir", str(tmp / "cache")]
+    assert cli.main(["run", str(tmp / "in"), str(tmp / "cli0"), "--image-gradient",
+                     *common[1:]]) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "data.json" in err and "--gradient-separation" in err
+    assert not (tmp / "cli0" / "dmriflow").exists()
+    assert cli.main(["run", str(tmp / "in"), str(tmp / "cli1"), "--image-gradient",
+                     "--image-gradient-estimators", "B,C", *common[1:]]) == cli.EXIT_INPUT
+    assert "two diffusion times" in capsys.readouterr().err
+    before = step_nodes(tmp / "cache", "image_gradient")
+    assert len(before) == N_SUBJECTS
+    code = cli.main(["run", str(tmp / "in"), str(tmp / "cli2"), "--image-gradient",
+                     "--gradient-separation", "43.1", "--gradient-duration", "10.6",
+                     "--echo-time", "89.5", *common[1:]])
+    assert code == cli.EXIT_OK
+    assert (tmp / "cli2" / "dmriflow" / "group" / pig.GROUP_TABLE).exists()
+    assert step_nodes(tmp / "cache", "image_gradient") == before     # reused from the cache
