@@ -23,7 +23,8 @@ process); ``submitter_peak_rss_gb`` the submitter's own VmHWM.
 
 Usage: nice -n 10 .venv/bin/python bench/cohort.py [--subjects 8] [--procs 1 2]
        nice -n 10 .venv/bin/python bench/cohort.py --hcp [--preprocess]
-Prints key=value rows (GB = 1e9 bytes).
+Prints key=value rows (GB = 1e9 bytes); ``load_avg_1min`` (at the end of the
+run) says how busy the machine was, which matters on a shared one.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def child(input_dir: str, output_dir: str, n_procs: int, preprocess: bool) -> di
             "tree_peak_rss": sampler.tree_peak,
             "children_maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
             "submitter_peak_rss": _status_kb(os.getpid())["VmHWM"],
-            "median_fa": [r.get("median_fa") for r in result.rows]}
+            "median_fa": [r.get("median_fa") for r in result.rows],
+            "load": os.getloadavg()[0]}
 
 
 def measure(input_dir: Path, output_dir: Path, n_procs: int, preprocess: bool = False) -> dict:
@@ -164,7 +166,7 @@ def _row(prefix: str, rep: dict, **extra) -> str:
               "children_maxrss_gb": f"{rep['children_maxrss'] / GB:.2f}",
               "tree_peak_rss_gb": f"{rep['tree_peak_rss'] / GB:.2f}",
               "submitter_peak_rss_gb": f"{rep['submitter_peak_rss'] / GB:.2f}",
-              "workers_seen": rep["workers_seen"]}
+              "workers_seen": rep["workers_seen"], "load_avg_1min": f"{rep['load']:.1f}"}
     return " ".join(f"{prefix}_{k}={v}" for k, v in fields.items())
 
 
