@@ -9,7 +9,7 @@ fibre-only control. Real data: the MDT pair (TE 60 / 91 ms, Delta 26.5 /
 key=value lines.
 
 Usage: python bench/image_gradient_study.py [--subjects 20] [--shape 32 32 24]
-       [--schemes hcp,b3000,b1000] [--estimators B] [--max-voxels 0]
+       [--schemes hcp,b3000,b1000] [--estimators B,P] [--max-voxels 0]
        [--skip-phantom] [--skip-real]
 """
 
@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=20)
     ap.add_argument("--shape", type=int, nargs=3, default=[32, 32, 24])
     ap.add_argument("--schemes", default=",".join(SCHEMES))
-    ap.add_argument("--estimators", default="B", help="one-series estimators (B, A)")
+    ap.add_argument("--estimators", default="B,P",
+                    help="one-series estimators (B, A, P: P on the phase of the noise)")
     ap.add_argument("--max-voxels", type=int, default=0,
                     help="evaluate a random subset per subject (0: all; A is ~50 ms/voxel)")
     ap.add_argument("--seed", type=int, default=0)

@@ -88,7 +88,9 @@ def continuity_study(n_subjects: int = CONTINUITY_SUBJECTS,
     """Run the fibre-continuity cohort: simulate, evaluate, test.
 
     Subject ``i`` uses :func:`phantom.subject_seed` ``(seed, i)``; its random
-    controls use the same seed. ``evaluate_kw`` go to ``evaluate_subject``.
+    controls use the same seed. Estimators B and A; P gets the phase of the
+    simulated complex noise (the noise-free signal is real: no physics).
+    ``evaluate_kw`` go to ``evaluate_subject``.
     """
     import pandas as pd
     scheme = scheme if scheme is not None else phantom.hcp_scheme(jitter=False)
@@ -99,7 +101,8 @@ def continuity_study(n_subjects: int = CONTINUITY_SUBJECTS,
                                                    te=timing.TE if np.isfinite(timing.TE)
                                                    else phantom.HCP_TE_MS, fraction=fraction)
         ev = ig.evaluate_subject(phantom_dwi(subj), timing, tuple(estimators),
-                                 subject=f"sub-{i + 1:02d}", rng=s_seed, **evaluate_kw)
+                                 subject=f"sub-{i + 1:02d}", rng=s_seed,
+                                 phase=subj.phase if "P" in estimators else None, **evaluate_kw)
         rows.append(ev.rows)
         cont = subj.truth["continuity"] & ev.mask
         rand = ~subj.truth["continuity"] & ev.mask

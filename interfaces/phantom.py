@@ -314,6 +314,7 @@ class PhantomSubject:
     site: str | None = None
     params: dict = field(default_factory=dict)
     noise_free: np.ndarray | None = None
+    phase: np.ndarray | None = None     # radians, where the generator keeps the complex noise
 
     def sidecar(self) -> dict:
         """BIDS-style acquisition sidecar (EchoTime in s)."""
@@ -845,6 +846,9 @@ def simulate_continuity_subject(shape: Sequence[int] = CONTINUITY_SHAPE, seed: i
     * bundle share of the signal: a smooth field in ``CONTINUITY_BUNDLE_SHARE``
       (the rest is background white matter along the same axis).
 
+    ``phase`` is the phase of the noisy complex signal (noise only: the
+    noise-free signal is real), for the phase estimator P.
+
     Truth adds ``grad`` (analytic ``grad ln b0``, 1/mm, FSL image frame like
     ``v1``; the affine is diagonal so covector and vector frames agree),
     ``fibre`` (FSL frame) and ``continuity`` (bool). The mask leaves a one-voxel
@@ -905,11 +909,12 @@ def simulate_continuity_subject(shape: Sequence[int] = CONTINUITY_SHAPE, seed: i
     sigma = 0.0 if snr is None or not np.isfinite(snr) else float(s0.mean() / snr)
     if snr is not None and np.isfinite(snr) and snr <= 0:
         raise ValueError(f"SNR must be positive, got {snr}")
-    dwi = clean
-    if sigma > 0:
+    dwi, phase = clean, np.zeros_like(clean)
+    if sigma > 0:   # complex Gaussian noise: Rician magnitude and its phase
         noise = np.random.default_rng(np.random.SeedSequence([int(seed), 4]))
-        dwi = np.hypot(clean + sigma * noise.standard_normal(clean.shape, dtype=np.float32),
-                       sigma * noise.standard_normal(clean.shape, dtype=np.float32))
+        re = clean + sigma * noise.standard_normal(clean.shape, dtype=np.float32)
+        im = sigma * noise.standard_normal(clean.shape, dtype=np.float32)
+        dwi, phase = np.hypot(re, im), np.arctan2(im, re)
 
     fa, md, v1 = tensor_maps(_mean_tensor(amp, weights, dirs, prm))
     mask = np.zeros(grid, dtype=bool)
@@ -933,7 +938,8 @@ def simulate_continuity_subject(shape: Sequence[int] = CONTINUITY_SHAPE, seed: i
         dwi=dwi.reshape(grid + (len(gtab),)), gtab=gtab, affine=affine, mask=mask,
         truth=truth, seed=int(seed), snr=None if sigma == 0 else float(snr), sigma=sigma,
         te=float(te), field_strength=HCP_FIELD_T, voxel_size=tuple(float(v) for v in voxel),
-        site="continuity", params=params, noise_free=clean.reshape(grid + (len(gtab),)))
+        site="continuity", params=params, noise_free=clean.reshape(grid + (len(gtab),)),
+        phase=phase.reshape(grid + (len(gtab),)))
 
 
 # ----------------------------------------------------------------------------

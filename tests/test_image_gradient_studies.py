@@ -90,10 +90,10 @@ def test_continuity_phantom_has_no_gradient_physics():
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def continuity_cohort():
-    """8 subjects, one b=3000 shell of 60 directions, SNR 20 (~5 s)."""
+    """8 subjects, one b=3000 shell of 60 directions, SNR 20, B and P (~6 s)."""
     from dmriflow.interfaces.image_gradient_study import continuity_study
     scheme = P.hcp_scheme(n_b0=6, shells=(3000,), n_dirs=60, seed=1, jitter=False)
-    return continuity_study(8, SMALL_SHAPE, scheme=scheme, seed=0)
+    return continuity_study(8, SMALL_SHAPE, scheme=scheme, seed=0, estimators=("B", "P"))
 
 
 def _test(tests, method, statistic="mean", test="chance"):
@@ -133,6 +133,19 @@ def test_fibre_continuity_alone_beats_chance(continuity_cohort):
     b, surrogate = _test(tests, "B")["mean"], _test(tests, "B_surrogate")
     assert surrogate["p"] < 1e-2
     assert (chance - surrogate["mean"]) > 0.5 * (chance - b)
+
+
+def test_phase_estimator_falls_for_the_confound_too(continuity_cohort):
+    """P on the phase of pure noise (the phantom's signal is real): its axis
+    follows the anisotropic noise covariance of the fit, (D B D)^-1, i.e.
+    lies across the fibre, so it too is below chance; its surrogate null
+    (same noise, no data) gives the same angle, and its 2D angle is at chance."""
+    tests = continuity_cohort.tests
+    p, surrogate = _test(tests, "P"), _test(tests, "P_surrogate")
+    assert p["p"] < 1e-2 and p["mean"] < 56.0
+    assert abs(p["mean"] - surrogate["mean"]) < 1.0
+    flat = _test(tests, "P", "mean_2d")
+    assert flat["p"] > 0.05 and abs(flat["mean"] - 45.0) < 1.0
 
 
 # ----------------------------------------------------------------------------
