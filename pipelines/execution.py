@@ -60,6 +60,8 @@ class RunConfig:
     image_gradient_estimators: tuple = ("B",)
     image_gradient_timing: dict = field(default_factory=dict)  # Delta/delta/TE (ms): override
     image_gradient_max_voxels: int = 0                          # 0: every evaluable voxel
+    inference: str = ""            # inference kind (e.g. "directions"), run as its own phase
+    inference_checkpoint: str = ""  # checkpoint folder; default: the one shipped for the kind
 
     def __post_init__(self):
         if self.worker not in WORKERS:
@@ -192,6 +194,14 @@ def preflight(subjects: list[SubjectInputs], output_dir, version: str):
 
 def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, version: str):
     from dmriflow.pipelines.workflows import CohortWorkflow
+    products = None
+    if config.inference:
+        # own phase and submitter (GPU jobs on SLURM); products reach Export
+        from dmriflow.pipelines.inference import run_inference_phase
+        products, errors = run_inference_phase(subjects, output_dir, config, root, version,
+                                               config.inference, config.inference_checkpoint)
+        for err in errors:
+            _log(config, f"inference phase: {err}")
     task = CohortWorkflow(
         subject=[s.key for s in subjects], out_parts=[list(s.out_parts) for s in subjects],
         dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
@@ -205,7 +215,7 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         image_gradient_estimators=list(config.image_gradient_estimators),
         image_gradient_timing=dict(config.image_gradient_timing) or None,
         image_gradient_max_voxels=config.image_gradient_max_voxels,
-        pipeline_version=version)
+        inference=products, pipeline_version=version)
     with _submitter(config, root) as sub:
         return sub(task, raise_errors=False)
 
@@ -341,9 +351,10 @@ STEP_WORDS = (STEP_DONE, STEP_FAILED, STEP_SKIPPED, STEP_MISSING)
 def planned_steps(config: RunConfig) -> tuple[str, ...]:
     """The per-subject steps a run with this configuration goes through, in order."""
     optional = {"preprocess": config.denoise or config.degibbs,
-                "harmonize": bool(config.harmonization), "image_gradient": config.image_gradient}
-    return tuple(s for s in ("validate", "preprocess", "harmonize", "tensor", "rish",
-                             "image_gradient", "export") if optional.get(s, True))
+                "harmonize": bool(config.harmonization), "inference": bool(config.inference),
+                "image_gradient": config.image_gradient}
+    return tuple(s for s in ("validate", "preprocess", "harmonize", "inference", "tensor",
+                             "rish", "image_gradient", "export") if optional.get(s, True))
 
 
 def collect_status(output_dir, subjects: list[SubjectInputs],
