@@ -4,6 +4,7 @@ dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
 dmriflow run INPUT OUTPUT --rerun-failed
 dmriflow run ... --harmonization ARTEFACT
+dmriflow run ... --inference directions [--inference-checkpoint DIR]
 dmriflow run ... --image-gradient [--image-gradient-estimators B,A]
                  [--gradient-separation MS --gradient-duration MS --echo-time MS]
 dmriflow harmonize fit INPUT OUTPUT --reference SITE --target SITE [--site-column COL]
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     p.add_argument("--harmonization", metavar="ARTEFACT",
                    help="apply a stored harmonization artefact (folder) before the fits")
+    p.add_argument("--inference", metavar="KIND",
+                   help="apply a trained model to every subject as its own phase: "
+                        "'directions' (synthesise b=1000 directions from 30 acquired); "
+                        "subjects whose acquisition does not match the model card fail")
+    p.add_argument("--inference-checkpoint", metavar="DIR", default="",
+                   help="checkpoint folder (card.json + model.safetensors) for --inference "
+                        "(default: the one shipped with dmriflow)")
     p.add_argument("--rerun-failed", action="store_true",
                    help="run only the subjects of OUTPUT's last plan that are not done "
                         "(failed, missing, or done by other code); rebuild the group table "
@@ -189,7 +197,9 @@ def _config(args):
                      image_gradient=getattr(args, "image_gradient", False),
                      image_gradient_estimators=getattr(args, "image_gradient_estimators", "B"),
                      image_gradient_timing=_image_gradient_timing(args),
-                     image_gradient_max_voxels=getattr(args, "image_gradient_max_voxels", 0))
+                     image_gradient_max_voxels=getattr(args, "image_gradient_max_voxels", 0),
+                     inference=getattr(args, "inference", None) or "",
+                     inference_checkpoint=getattr(args, "inference_checkpoint", "") or "")
 
 
 def _run(input_dir, output, layout, labels, args) -> int:
