@@ -40,6 +40,12 @@ RUN_LOCK = ".dmriflow-run.lock"
 #: What a killed engine leaves in the cache root: Pydra's soft lock files
 #: (``<node>.lock``, ``<node>_save.lock``) and job info files.
 ENGINE_LEFTOVERS = ("*.lock", "*_info.json")
+#: In the cache root while a run is going (its start time); an interrupted run
+#: leaves it behind, telling the next run which node results to check.
+RUN_JOURNAL = ".dmriflow-run.json"
+#: Node results written this long before the journal's start time are checked too
+#: (file-system time stamps are coarse).
+JOURNAL_SLACK_S = 2.0
 
 
 @dataclass
@@ -163,6 +169,58 @@ def clear_interrupted(root: Path, output_dir: Path) -> int:
     return len(stale)
 
 
+def discard_interrupted_results(root: Path) -> int:
+    """Remove node folders whose saved result an interrupted run left unusable.
+
+    On Ctrl-C (KeyboardInterrupt inside a worker) Pydra 1.0a12 still saves
+    the node's result, with no outputs and not marked as errored: the next
+    run would take it from the cache and fail on it for ever. A result cut
+    short by SIGKILL does not load. Only results written since the
+    interrupted run started (its journal) are read. Call only under
+    :func:`exclusive_run`. Returns the number of node folders removed.
+    """
+    journal = root / RUN_JOURNAL
+    try:
+        started = float(json.loads(journal.read_text())["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    import cloudpickle  # what Pydra pickles results with
+    unusable = []
+    for result_file in root.glob("*/_result.pklz"):
+        if result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
+            continue
+        try:
+            with open(result_file, "rb") as fh:
+                result = cloudpickle.load(fh)
+            usable = bool(result.errored) or result.outputs is not None
+        except Exception:  # noqa: BLE001 - a result that does not load is unusable
+            usable = False
+        if not usable:
+            unusable.append(result_file.parent)
+    for node in unusable:
+        shutil.rmtree(node, ignore_errors=True)
+    journal.unlink(missing_ok=True)
+    return len(unusable)
+
+
+@contextmanager
+def locked_run(output_dir: Path, root: Path, config: RunConfig):
+    """Everything a run does around the engine call: hold :func:`exclusive_run`,
+    clear an interrupted run's leftovers, keep the run journal while running
+    (removed only when the body completes)."""
+    with exclusive_run(output_dir / "dmriflow", root):
+        cleared = clear_interrupted(root, output_dir)
+        if cleared:
+            _log(config, f"removed {cleared} leftover(s) of an interrupted run")
+        discarded = discard_interrupted_results(root)
+        if discarded:
+            _log(config, f"discarded {discarded} node result(s) an interrupted run left "
+                         f"unusable")
+        io.write_json({"started": time.time(), "pid": os.getpid()}, root / RUN_JOURNAL)
+        yield
+        (root / RUN_JOURNAL).unlink(missing_ok=True)
+
+
 def _submitter(config: RunConfig, root: Path):
     from pydra.engine.submitter import Submitter  # before pydra.workers (OPERATIONS.md)
     os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"
@@ -240,10 +298,7 @@ def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> 
     """
     output_dir = Path(output_dir).resolve()
     root = cache_root(output_dir, config)
-    with exclusive_run(output_dir / "dmriflow", root):
-        cleared = clear_interrupted(root, output_dir)
-        if cleared:
-            _log(config, f"removed {cleared} leftover(s) of an interrupted run")
+    with locked_run(output_dir, root, config):
         return _run_locked(subjects, output_dir, config, root)
 
 
@@ -298,7 +353,7 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
         table = write_subjects_table(prefailed, output_dir) if prefailed else None
     else:
         res = _submit(runnable, prefailed, output_dir, config, root, version)
-        if res.errored:
+        if res.errored or res.outputs is None:
             engine_errors = _engine_errors(res, root)
             rows = collect_status(output_dir, selected)
             table = write_subjects_table(rows, output_dir)
@@ -448,8 +503,7 @@ def run_harmonization_fit(subjects: list[SubjectInputs], output_dir, config: Run
     """
     output_dir = Path(output_dir).resolve()
     root = cache_root(output_dir, config)
-    with exclusive_run(output_dir / "dmriflow", root):
-        clear_interrupted(root, output_dir)
+    with locked_run(output_dir, root, config):
         return _harmonization_fit(subjects, output_dir, config, *args, **kwargs)
 
 
@@ -486,7 +540,7 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
         denoise=config.denoise, degibbs=config.degibbs, pipeline_version=version)
     with _submitter(config, root) as sub:
         res = sub(task, raise_errors=False)
-    if res.errored:
+    if res.errored or res.outputs is None:
         raise RuntimeError("harmonization fit failed: " + "\n".join(_engine_errors(res, root)))
     result = dict(res.outputs.result)
     dest = output_dir / "dmriflow" / "harmonization" / result["content_id"][:12]
