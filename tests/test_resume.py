@@ -39,6 +39,8 @@ RUNNER = ("import sys\n"
           "from dmriflow.pipelines.cli import main\n"
           "sys.exit(main(sys.argv[1:]))\n")
 KILL_TIMEOUT_S = 120
+#: A run told to stop (SIGINT) must be gone within this.
+INTERRUPT_TIMEOUT_S = 30
 #: Temporary names of io's atomic writes: ".<name>.<random>.tmp<ext>".
 TEMP_MARK = ".tmp"
 
@@ -74,8 +76,9 @@ def status_files(out: Path) -> dict[str, Path]:
     return {p.name.split("_desc-")[0]: p for p in (out / "dmriflow").glob("sub-*/*_status.json")}
 
 
-def kill_mid_run(cohort: Path, out: Path, log: Path) -> set[str]:
-    """Start a run, SIGKILL its process group once a status file exists."""
+def kill_mid_run(cohort: Path, out: Path, log: Path, sig: int) -> set[str]:
+    """Start a run; send ``sig`` to its process group once a status file exists
+    (SIGINT: what Ctrl-C in a terminal does)."""
     proc = start("run", cohort, out, "--worker", "cf", "--n-procs", "2", log=log)
     deadline = time.monotonic() + KILL_TIMEOUT_S
     try:
@@ -83,9 +86,12 @@ def kill_mid_run(cohort: Path, out: Path, log: Path) -> set[str]:
             assert proc.poll() is None, f"run ended before the kill:\n{log.read_text()}"
             assert time.monotonic() < deadline, "no subject finished in time"
             time.sleep(0.005)
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=INTERRUPT_TIMEOUT_S)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     _wait_group_gone(proc.pid)
     return set(status_files(out))
 
@@ -153,10 +159,12 @@ def reference(tmp_path_factory):
     return tmp, cohort
 
 
-def test_killed_run_resumes_without_recomputing_finished_subjects(reference):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_run_resumes_without_recomputing_finished_subjects(reference, sig):
     tmp, cohort = reference
-    out = tmp / "killed"
-    finished = kill_mid_run(cohort, out, tmp / "killed.log")
+    out = tmp / f"killed-{sig.name}"
+    log, resume_log = tmp / f"killed-{sig.name}.log", tmp / f"resume-{sig.name}.log"
+    finished = kill_mid_run(cohort, out, log, sig)
     planned = {f"sub-{d.name}" for d in cohort.iterdir() if d.name.isdigit()}
     assert finished and finished < planned, "the kill must land mid-run"
     assert_nothing_half_written(out)
@@ -166,24 +174,72 @@ def test_killed_run_resumes_without_recomputing_finished_subjects(reference):
     leftovers = [p for pattern in ("*.lock", "*_info.json") for p in cache.glob(pattern)
                  if p.name != ".dmriflow-run.lock"]
     leftovers += [p for p in (out / "dmriflow").rglob(".*") if TEMP_MARK in p.name]
-    assert any(p.suffix == ".lock" for p in leftovers)
+    assert any(p.suffix == ".lock" for p in leftovers) or sig == signal.SIGINT
 
-    code = run("run", cohort, out, "--worker", "cf", "--n-procs", "2", log=tmp / "resume.log")
-    assert code == 0, (tmp / "resume.log").read_text()
+    code = run("run", cohort, out, "--worker", "cf", "--n-procs", "2", log=resume_log)
+    assert code == 0, resume_log.read_text()
     assert set(status_files(out)) == planned
     assert_nothing_half_written(out)
     assert not [p for p in (out / "dmriflow").rglob("*") if TEMP_MARK in p.name]
-    assert f"removed {len(leftovers)} leftover(s) of an interrupted run" in \
-        (tmp / "resume.log").read_text()
+    if leftovers:
+        assert f"removed {len(leftovers)} leftover(s) of an interrupted run" in \
+            resume_log.read_text()
     assert not any(p.exists() for p in leftovers)
     # finished subjects: not one file rewritten, no fit run again (the engine
     # may run Export again when the kill lost its result record: it finds the
     # identical export in place and leaves it) ...
     assert {s: snapshot(out, s) for s in finished} == before
     for task in ("Validate", "FitTensor", "FitRish"):
-        ran = progress_subjects(tmp / "resume.log", task)
+        ran = progress_subjects(resume_log, task)
         assert not ran & finished, (task, ran & finished)
     # ... and the rest were run by the resume (the progress lines are not silent)
-    assert progress_subjects(tmp / "resume.log", "Export") >= planned - finished
+    assert progress_subjects(resume_log, "Export") >= planned - finished
     clean = (tmp / "clean" / "dmriflow" / "group" / "subjects.tsv").read_text()
     assert (out / "dmriflow" / "group" / "subjects.tsv").read_text() == clean
+
+
+class Killed(KeyboardInterrupt):
+    """Ctrl-C inside a step: nothing after it runs, no Exception handler sees it."""
+
+
+def test_interrupted_reexport_never_leaves_an_old_done_status(tmp_path, monkeypatch):
+    """New code re-exports a done subject; the export dies after two files.
+    The old status file ("done", old version) must be gone: the subject is
+    missing, not done with a mix of old and new files. A rerun completes it."""
+    from dmriflow.interfaces import io
+    from dmriflow.pipelines import steps
+    from dmriflow.pipelines.execution import RunConfig, run_cohort, status_table
+    from dmriflow.pipelines.inputs import discover
+
+    write_cohort(tmp_path / "in", 1, shape=SMALL_SHAPE, seed=0, scheme=scheme())
+    subjects = discover(tmp_path / "in")
+    cfg = RunConfig(worker="debug", cache_dir=str(tmp_path / "cache"), quiet=True)
+    monkeypatch.setattr(io, "pipeline_version", lambda: "0.1.0+old")
+    run_cohort(subjects, tmp_path / "out", cfg)
+    assert list(status_table(tmp_path / "out")["status"]) == ["done"]
+
+    monkeypatch.setattr(io, "pipeline_version", lambda: "0.1.0+new")
+    real, calls = steps._export_file, []
+
+    def dies_on_third(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "_export_file", dies_on_third)
+    with pytest.raises(Killed):
+        run_cohort(subjects, tmp_path / "out", cfg)
+    assert not status_files(tmp_path / "out")
+    table = status_table(tmp_path / "out")
+    assert list(table["status"]) == ["missing"]
+    assert table["export"][0] == "missing"
+
+    monkeypatch.setattr(steps, "_export_file", real)
+    result = run_cohort(subjects, tmp_path / "out", cfg)
+    assert [r["status"] for r in result.rows] == ["done"]
+    (row,) = [json.loads(p.read_text()) for p in status_files(tmp_path / "out").values()]
+    assert row["pipeline_version"] == "0.1.0+new"
+    for nii in row["derivatives"]:
+        meta = json.loads(Path(nii.replace(".nii.gz", ".json")).read_text())
+        assert meta["GeneratedBy"][0]["PipelineVersion"] == "0.1.0+new"
