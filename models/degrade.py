@@ -1,0 +1,302 @@
+"""Paired "3T-like" / "7T" data from a higher-quality source, for the 3T->7T model.
+
+Numerics only (numpy/scipy, no pydra, no torch). No paired 3T/7T data exist
+offline (SCIENCE.md section 4), so pairs are simulated:
+
+* the **"7T"** member is the phantom (:func:`dmriflow.interfaces.phantom.simulate_subject`)
+  at the 7T echo time, with 7T-shortened T2, a 64-direction b=1000 shell and a
+  high SNR, on the simulation grid;
+* the **"3T-like"** member starts from the SAME anatomy (same seed) simulated
+  noise-free at the 3T echo time with 3T T2 and a 90-direction shell (the
+  TE/T2 contrast change: compartment-exact, so partial-volume voxels change
+  their diffusion weighting, not only their intensity), and is then degraded
+  by :func:`degrade`: small misregistration, coarser resolution, a smooth
+  bias field and Rician noise.
+
+Two degradation *families* exist: ``"train"`` (Gaussian point-spread function
++ decimation, polynomial bias) and ``"test"`` (k-space truncation, i.e. a
+sinc PSF with Gibbs ringing, a Gaussian-bump bias and a noise range that
+extends below the training range). Training randomises within its family;
+the held-out evaluation uses the other one, so a model that merely memorises
+the training degradation is not rewarded.
+
+What this can and cannot show: a learned model recovering the 7T member
+from the 3T-like one proves it learns a *known* mapping under a shifted
+degradation and ranks it against baselines on identical data. It cannot
+prove fidelity to real 3T->7T differences (field-dependent relaxation of
+individual compartments, susceptibility, vendor reconstruction), which a
+synthetic degradation does not contain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dmriflow.interfaces import phantom
+from dmriflow.interfaces.gradients import GradientTable
+
+# ----------------------------------------------------------------------------
+# Named constants (acquisitions as in the HCP 3T/7T data of SCIENCE.md s. 4)
+# ----------------------------------------------------------------------------
+#: Echo times (ms) of the HCP 3T and 7T diffusion protocols.
+TE_3T_MS = 89.5
+TE_7T_MS = 71.2
+#: Field strengths (T) written into the pair's metadata and model cards.
+FIELD_3T = 3.0
+FIELD_7T = 7.0
+#: Tissue T2 at 7T relative to 3T (white matter ~70 -> ~50 ms in the literature).
+T2_SCALE_7T = 0.72
+#: b-value (s/mm^2) of the single shell used (the paper uses b=1000 only).
+SHELL_B = 1000.0
+#: Directions per shell: HCP 3T 90, 7T 64; b0 volumes per series.
+DIRS_3T = 90
+DIRS_7T = 64
+N_B0 = 6
+#: SNR of the "7T" member (mean white-matter b0 / sigma): the high-quality source.
+SNR_7T = 60.0
+#: Degradation families and their parameter ranges (uniform draws).
+#: resolution: 3T voxel size / source voxel size; snr: of the 3T-like output
+#: (reference b0 / sigma); bias: peak relative amplitude of the smooth
+#: multiplicative field; shift_vox / rotation_deg: misregistration per axis.
+FAMILIES = {
+    "train": {"resolution": (1.2, 1.8), "snr": (15.0, 35.0), "bias": (0.0, 0.2),
+              "shift_vox": 0.5, "rotation_deg": 1.5, "psf": "gaussian", "bias_model": "polynomial"},
+    "test": {"resolution": (1.3, 1.9), "snr": (10.0, 25.0), "bias": (0.1, 0.3),
+             "shift_vox": 0.7, "rotation_deg": 2.0, "psf": "kspace", "bias_model": "bump"},
+}
+PSFS = ("gaussian", "kspace", "none")
+BIAS_MODELS = ("polynomial", "bump", "none")
+#: Gaussian FWHM (in output voxels) of a point-spread function one voxel wide:
+#: blurring to a voxel ``f`` times larger adds ``sqrt(f^2 - 1)`` voxels of FWHM.
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+#: Width of the Gaussian bump bias field, as a fraction of the field of view.
+BUMP_WIDTH = 0.35
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """One draw of the 3T-like degradation (see the module docstring)."""
+
+    family: str = "train"
+    psf: str = "gaussian"
+    resolution: float = 1.5
+    snr: float = 25.0
+    bias_model: str = "polynomial"
+    bias: float = 0.1
+    bias_coeffs: tuple = ()
+    shift_vox: tuple = (0.0, 0.0, 0.0)
+    rotation_deg: tuple = (0.0, 0.0, 0.0)
+
+    def __post_init__(self):
+        if self.psf not in PSFS:
+            raise ValueError(f"psf must be one of {PSFS}, got {self.psf!r}")
+        if self.bias_model not in BIAS_MODELS:
+            raise ValueError(f"bias_model must be one of {BIAS_MODELS}, got {self.bias_model!r}")
+        if self.resolution < 1.0:
+            raise ValueError(f"resolution factor must be >= 1 (coarser), got {self.resolution}")
+        if not self.snr > 0:
+            raise ValueError(f"snr must be positive (inf = no noise), got {self.snr}")
+
+    def describe(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def sample_degradation(family: str, rng: np.random.Generator) -> Degradation:
+    """A random :class:`Degradation` from one family's ranges."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown degradation family {family!r} ({', '.join(FAMILIES)})")
+    f = FAMILIES[family]
+    n_coeffs = 9 if f["bias_model"] == "polynomial" else 4   # bump: centre (3) + sign
+    return Degradation(
+        family=family, psf=f["psf"], resolution=float(rng.uniform(*f["resolution"])),
+        snr=float(rng.uniform(*f["snr"])), bias_model=f["bias_model"],
+        bias=float(rng.uniform(*f["bias"])),
+        bias_coeffs=tuple(float(c) for c in rng.uniform(-1, 1, n_coeffs)),
+        shift_vox=tuple(float(s) for s in rng.uniform(-1, 1, 3) * f["shift_vox"]),
+        rotation_deg=tuple(float(a) for a in rng.uniform(-1, 1, 3) * f["rotation_deg"]))
+
+
+# ----------------------------------------------------------------------------
+# The degradation steps (each on a 3D volume or a 4D series, volume by volume)
+# ----------------------------------------------------------------------------
+def _volumes(data: np.ndarray, fn) -> np.ndarray:
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim == 3:
+        return fn(data).astype(np.float32, copy=False)
+    out = np.empty_like(data)
+    for k in range(data.shape[3]):
+        out[..., k] = fn(data[..., k])
+    return out
+
+
+def misregister(data: np.ndarray, shift_vox, rotation_deg) -> np.ndarray:
+    """Rigid motion about the grid centre (trilinear): a small misregistration."""
+    from scipy import ndimage
+    rot = phantom._rotation(np.radians(np.asarray(rotation_deg, dtype=np.float64)))
+    centre = (np.asarray(data.shape[:3]) - 1) / 2.0
+    offset = centre - rot @ (centre + np.asarray(shift_vox, dtype=np.float64))
+    return _volumes(data, lambda v: ndimage.affine_transform(
+        v, rot, offset=offset, order=1, mode="nearest", output=np.float32))
+
+
+def blur_decimate(data: np.ndarray, factor: float) -> np.ndarray:
+    """Gaussian PSF of a voxel ``factor`` times larger, sampled on that coarser
+    grid and interpolated back (trilinear) to the input grid."""
+    from scipy import ndimage
+    if factor <= 1.0:
+        return np.asarray(data, dtype=np.float32).copy()
+    sigma = math.sqrt(factor ** 2 - 1.0) * FWHM_TO_SIGMA
+    shape = np.asarray(data.shape[:3])
+    coarse = np.maximum(np.round(shape / factor), 2).astype(int)
+
+    def one(v):
+        low = ndimage.zoom(ndimage.gaussian_filter(v, sigma, mode="nearest"),
+                           coarse / shape, order=1, mode="nearest", grid_mode=True)
+        return ndimage.zoom(low, shape / np.asarray(low.shape), order=1, mode="nearest",
+                            grid_mode=True)
+    return _volumes(data, one)
+
+
+def kspace_truncate(data: np.ndarray, factor: float) -> np.ndarray:
+    """Keep the central ``1/factor`` of k-space along each axis (zero-filled
+    reconstruction on the input grid): a sinc PSF ``factor`` voxels wide,
+    with Gibbs ringing at edges."""
+    if factor <= 1.0:
+        return np.asarray(data, dtype=np.float32).copy()
+    shape = data.shape[:3]
+    keep = [np.abs(np.fft.fftfreq(n)) <= 0.5 / factor for n in shape]
+    window = keep[0][:, None, None] & keep[1][None, :, None] & keep[2][None, None, :]
+    return _volumes(data, lambda v: np.fft.ifftn(np.fft.fftn(v) * window).real)
+
+
+def bias_field(shape, model: str, amplitude: float, coeffs) -> np.ndarray:
+    """Smooth positive multiplicative field (float32), ``1 +- amplitude`` at most.
+
+    ``polynomial``: a random combination of the 9 first- and second-order
+    terms of normalised coordinates, scaled to a peak deviation ``amplitude``;
+    ``bump``: ``1 + amplitude * sign * exp(-|x - c|^2 / (2 w^2))`` with centre
+    ``c`` inside the central half of the field of view and width BUMP_WIDTH.
+    """
+    if model == "none" or amplitude == 0:
+        return np.ones(shape, dtype=np.float32)
+    u = [np.linspace(-1, 1, n) for n in shape]
+    x, y, z = np.meshgrid(*u, indexing="ij")
+    c = np.asarray(coeffs, dtype=np.float64)
+    if model == "polynomial":
+        terms = np.stack([x, y, z, x * x - 1 / 3, y * y - 1 / 3, z * z - 1 / 3,
+                          x * y, x * z, y * z])
+        f = np.tensordot(c[:9], terms, axes=1)
+        f /= max(np.abs(f).max(), 1e-12)
+    elif model == "bump":
+        centre = 0.5 * c[:3]
+        r2 = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2
+        f = np.sign(c[3] if c[3] != 0 else 1.0) * np.exp(-r2 / (2 * (2 * BUMP_WIDTH) ** 2))
+    else:
+        raise ValueError(f"bias model must be one of {BIAS_MODELS}, got {model!r}")
+    return (1.0 + amplitude * f).astype(np.float32)
+
+
+def add_rician(data: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """``|S + sigma (n1 + i n2)|``: magnitude of complex Gaussian noise."""
+    data = np.asarray(data, dtype=np.float32)
+    if sigma <= 0:
+        return data.copy()
+    re = data + np.float32(sigma) * rng.standard_normal(data.shape, dtype=np.float32)
+    im = np.float32(sigma) * rng.standard_normal(data.shape, dtype=np.float32)
+    return np.hypot(re, im)
+
+
+def reference_b0(data: np.ndarray, gtab: GradientTable, mask: np.ndarray) -> float:
+    """Signal level that defines the SNR: the median mean-b0 in the mask's
+    brighter half (white matter and grey matter, not CSF-dominated dark rims)."""
+    b0 = data[..., gtab.b0s_mask].mean(axis=-1)[mask]
+    if b0.size == 0:
+        raise ValueError("the mask is empty: no signal level to define the SNR")
+    return float(np.median(b0[b0 >= np.median(b0)]))
+
+
+def degrade(data: np.ndarray, gtab: GradientTable, mask: np.ndarray, spec: Degradation,
+            rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """Degrade a (noise-free or high-SNR) series (X, Y, Z, N) into a 3T-like one.
+
+    Order: misregistration -> resolution loss (``spec.psf``) -> bias field ->
+    Rician noise with ``sigma = reference_b0 / spec.snr``, the reference taken
+    from the input before degradation. Same grid in and out. Returns the
+    float32 series and sigma.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 4 or data.shape[3] != len(gtab):
+        raise ValueError(f"need a 4D series with {len(gtab)} volumes, got {data.shape}")
+    sigma = 0.0 if math.isinf(spec.snr) else reference_b0(data, gtab, mask) / spec.snr
+    out = data
+    if any(spec.shift_vox) or any(spec.rotation_deg):
+        out = misregister(out, spec.shift_vox, spec.rotation_deg)
+    if spec.psf == "gaussian":
+        out = blur_decimate(out, spec.resolution)
+    elif spec.psf == "kspace":
+        out = kspace_truncate(out, spec.resolution)
+    np.maximum(out, 0.0, out=out)
+    out = out * bias_field(out.shape[:3], spec.bias_model, spec.bias, spec.bias_coeffs)[..., None]
+    return add_rician(out, sigma, rng), float(sigma)
+
+
+# ----------------------------------------------------------------------------
+# Paired subjects
+# ----------------------------------------------------------------------------
+def single_shell_scheme(n_dirs: int, n_b0: int = N_B0, bval: float = SHELL_B,
+                        seed: int = 0) -> GradientTable:
+    """b0 volumes first, then one shell of electrostatically spread directions."""
+    dirs = phantom.electrostatic_directions(n_dirs, seed)
+    return GradientTable(np.r_[np.zeros(n_b0), np.full(n_dirs, float(bval))],
+                         np.r_[np.zeros((n_b0, 3)), dirs], source=f"dmriflow.degrade b{bval:g}x{n_dirs}")
+
+
+@dataclass
+class PairedSubject:
+    """A 3T-like / 7T pair of one anatomy on one grid (float32 series)."""
+
+    subject: str
+    dwi3: np.ndarray
+    gtab3: GradientTable
+    dwi7: np.ndarray
+    gtab7: GradientTable
+    mask: np.ndarray
+    affine: np.ndarray
+    degradation: Degradation
+    sigma3: float
+    sigma7: float
+
+
+#: The phantom's default grid aspect (x, y, z); pairs are simulated with this
+#: aspect so that the longest axis has ``sim_size`` voxels.
+_ASPECT = np.asarray(phantom.DEFAULT_SHAPE, dtype=np.float64) / max(phantom.DEFAULT_SHAPE)
+
+
+def simulate_pair(seed: int, sim_size: int = 32, family: str = "train",
+                  degradation: Degradation | None = None,
+                  voxel_mm: float = phantom.DEFAULT_VOXEL_MM * 1.25,
+                  scheme3: GradientTable | None = None,
+                  scheme7: GradientTable | None = None) -> PairedSubject:
+    """One paired subject: the 7T member and its 3T-like degradation.
+
+    The grid has ``sim_size`` voxels along its longest axis (the phantom's
+    aspect) of ``voxel_mm``; ``degradation`` defaults to a draw from
+    ``family`` seeded by ``seed`` (so a seed fixes the whole pair).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7037]))
+    spec = degradation if degradation is not None else sample_degradation(family, rng)
+    shape = tuple(int(n) for n in np.maximum(np.round(_ASPECT * sim_size), 4))
+    g3 = scheme3 if scheme3 is not None else single_shell_scheme(DIRS_3T, seed=3)
+    g7 = scheme7 if scheme7 is not None else single_shell_scheme(DIRS_7T, seed=7)
+    site7 = phantom.SiteEffect(name="7T", field_strength=FIELD_7T, t2_scale=T2_SCALE_7T)
+    s7 = phantom.simulate_subject(shape, seed=seed, snr=SNR_7T, scheme=g7, te=TE_7T_MS,
+                                  site=site7, voxel_size=voxel_mm)
+    site3 = phantom.SiteEffect(name="3T", field_strength=FIELD_3T, t2_scale=1.0)
+    s3 = phantom.simulate_subject(shape, seed=seed, snr=None, scheme=g3, te=TE_3T_MS,
+                                  site=site3, voxel_size=voxel_mm)
+    dwi3, sigma3 = degrade(s3.dwi, g3, s3.mask, spec, rng)
+    return PairedSubject(f"{seed:04d}", dwi3, g3, s7.dwi, g7, s7.mask, s7.affine, spec,
+                         sigma3, s7.sigma)
