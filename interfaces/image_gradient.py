@@ -94,8 +94,10 @@ SPIN_ECHO_COUPLING = 0.5
 PUBLISHED_COUPLING = 1.0
 #: HCP 3T diffusion timing (ms): Delta, delta, TE.
 HCP_DELTA_MS, HCP_SMALL_DELTA_MS, HCP_TE_MS = 43.1, 10.6, 89.5
-#: Voxels per chunk of the batched estimators: (chunk, N, 6) float64 design
-#: blocks for N = 288 stay around 50 MB.
+#: Voxels per chunk of the batched estimators (one chunk per worker at a
+#: time): B's and P's (chunk, N) work arrays are 4.7 MB each in float32 for
+#: N = 288, and A's per-voxel projections (chunk, 7, N) float64 use its own,
+#: smaller default chunk.
 CHUNK_VOXELS = 4096
 #: Nonlinear fit (A): Levenberg-Marquardt iterations per start, initial
 #: damping, and the gradient magnitude (1/mm) of the fixed starts when the
@@ -433,7 +435,7 @@ def _solve_ridge(A: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # Chunked access to voxels
 # ----------------------------------------------------------------------------
-def _voxel_index(data: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, tuple]:
+def _voxel_index(data: np.ndarray, mask: np.ndarray | None) -> tuple:
     """(flat view (V, N) of ``data`` in storage order, row of each mask voxel
     in that view, the same voxels as C-order flat indices, grid)."""
     data = np.asanyarray(data)
@@ -607,7 +609,7 @@ class _Model:
             raise ValueError("the gradient table needs >= 6 diffusion-weighted volumes")
         self.dw = np.flatnonzero(dw)
         t = timing.diffusion_time
-        #: c_q = 2 a sqrt(b t_d) (mm/mm^2 s ... ) so that q^T (2 t_d D) g a = c_q u^T D g
+        # c_q = 2 a sqrt(b t_d) (s/mm), so that a q^T (2 t_d D) g = c_q u_q^T D g
         self.c = 2.0 * self.coupling * np.sqrt(gtab.bvals * t)
 
     @property
@@ -716,8 +718,9 @@ class PublishedModel(_Model):
         r_q = (c_q E_q)^2 u_q^T N u_q has a fixed basis u_q u_q^T, and the
         normal equations of all voxels come from two matrix products. The
         (n, N) element-wise work and those products run in float32 (the
-        signals are float32; the effect is >= 1e-4 of E^2, float32 rounding
-        ~1e-7), the 6x6 solves and eigen-decompositions in float64."""
+        signals are float32; at |g| = 1/mm and b = 3000 the effect is ~1e-3
+        of E^2, float32 rounding ~1e-7), the 6x6 solves and the
+        eigen-decompositions in float64."""
         f32 = np.float32
         mag = np.abs(rows).astype(f32)
         if tensor is None:
@@ -863,11 +866,8 @@ class NonlinearModel(_Model):
                 best_w[pick] = w[pick]
             # the eliminated linear part at the optimum: D, then g = D^-1 w
             p = (H @ (y - self._h(np.nan_to_num(best_w))[0])[..., None])[..., 0]
-            Dfit = _sym(p[:, :6])
-            g = np.full((n, 3), np.nan)
-            good = ok & np.isfinite(Dfit).all(axis=(1, 2)) & np.isfinite(best_w).all(axis=1)
-            if good.any():
-                g[good] = np.linalg.solve(Dfit[good], best_w[good][..., None])[..., 0]
+            g = (_inv_sym3(_sym(p[:, :6])) @ best_w[..., None])[..., 0]
+            g[~ok] = np.nan
             quality = 1.0 - best / cost_tensor
         return g, g, quality
 
