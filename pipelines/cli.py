@@ -255,12 +255,15 @@ def cmd_harmonize(args) -> int:
 
 def cmd_status(args) -> int:
     """Per subject: status, per-step outcome and the reason; then per step: counts."""
-    from dmriflow.pipelines.execution import STEP_WORDS, status_table
+    from dmriflow.pipelines.execution import STEP_WORDS, run_holder, status_table
     table = status_table(args.output)
     steps = list(table.columns[4:])
     counts = table["status"].value_counts().to_dict()
     print(f"{args.output}: {len(table)} planned; "
           + ", ".join(f"{counts.get(w, 0)} {w}" for w in ("done", "failed", "missing")))
+    holder = run_holder(Path(args.output, "dmriflow"))
+    if holder:
+        print(f"a run is in progress ({holder}): missing subjects may still be running")
     width = max([len("subject")] + [len(s) for s in table["subject"]]) + 2
     print(f"{'subject':<{width}}{'status':<9}" + "".join(f"{s:<11}" for s in steps) + "reason")
     for row in table.itertuples(index=False):

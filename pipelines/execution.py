@@ -149,6 +149,26 @@ def exclusive_run(*folders: Path):
         yield
 
 
+def run_holder(folder) -> str | None:
+    """Who holds a folder's run lock right now ("pid N on HOST since T"), or None.
+
+    Looks the lock up in /proc/locks (Linux) instead of taking it, so asking
+    never makes a run that starts at that moment fail. A lock held from
+    another host of a shared file system is not visible here.
+    """
+    path = Path(folder, RUN_LOCK)
+    try:
+        st = path.stat()
+        with open("/proc/locks") as fh:
+            table = fh.read().split("\n")
+    except OSError:
+        return None
+    me = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    if not any(len(f := line.split()) > 5 and f[1] == "FLOCK" and f[5] == me for line in table):
+        return None
+    return path.read_text().strip() or "unknown process"
+
+
 def clear_interrupted(root: Path, output_dir: Path) -> int:
     """Remove what a killed run left behind; call only under :func:`exclusive_run`.
 

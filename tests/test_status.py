@@ -226,3 +226,14 @@ def test_sidecar_uses_recorded_hashes_and_the_run_version(tmp_path):
     fresh = io.sidecar({"dwi": f}, {}, "tensor")
     assert fresh["Inputs"]["dwi"]["sha256"] == io.file_sha256(f) != recorded
     assert fresh["GeneratedBy"][0]["PipelineVersion"] == io.pipeline_version()
+
+
+def test_status_tells_a_run_in_progress(broken_run, capsys):
+    tmp, *_ = broken_run
+    out = tmp / "out"
+    code, lines = status_lines(capsys, out)
+    assert not any("in progress" in ln for ln in lines)
+    with exclusive_run(out / "dmriflow"):
+        code, lines = status_lines(capsys, out)
+    assert lines[1].startswith("a run is in progress (pid ")
+    assert status_lines(capsys, out)[1][1] == lines[2]     # lock gone: line gone
