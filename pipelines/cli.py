@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(p)
     _add_run_options(p)
 
-    p = sub.add_parser("status", help="done/failed/missing per subject, with reasons")
+    p = sub.add_parser("status", help="done/failed/missing per subject and step, with reasons",
+                       epilog="exit status: 0 every planned subject done, 2 some failed or "
+                              "missing, 1 no run found in OUTPUT")
     p.add_argument("output")
 
     p = sub.add_parser("report", help="(re)write the cohort HTML report "
