@@ -168,6 +168,8 @@ class Sequence:
             raise ValueError("a PGSE sequence has no mixing time (TM must be 0)")
         if not (self.delta >= 0 and self.Delta > 0 and self.TE > 0 and self.TM >= 0):
             raise ValueError(f"invalid timing {self}")
+        if not self.narrow and self.delta <= 0:
+            raise ValueError("finite lobes need delta > 0 (use narrow=True for ideal pulses)")
         half = 0.0 if self.narrow else self.delta / 2
         c1, c2 = self.centres
         tau = self.TE / 2
@@ -551,6 +553,8 @@ def simulate(sequence: Sequence, qvecs, compartments: Compartment | SequenceType
     comps = [compartments] if isinstance(compartments, Compartment) else list(compartments)
     if not comps:
         raise ValueError("at least one compartment is needed")
+    if n_walkers < 2 * len(comps):
+        raise ValueError(f"n_walkers={n_walkers} is too few for {len(comps)} compartment(s)")
     qvecs = np.atleast_2d(np.asarray(qvecs, dtype=np.float64))
     if qvecs.shape[-1] != 3:
         raise ValueError(f"qvecs must have shape (n, 3), not {qvecs.shape}")

@@ -329,6 +329,10 @@ def test_voxel_batch_and_bad_parameters():
     assert res.b0[1] / res.b0[0] == pytest.approx(np.exp(-seq.TE * 5.0), rel=0.05)
     with pytest.raises(ValueError, match="do not fit"):
         mc.Sequence.pgse(0.02, 0.08, 0.09)
+    with pytest.raises(ValueError, match="delta > 0"):
+        mc.Sequence.pgse(0.0, 0.04, 0.09)
+    with pytest.raises(ValueError, match="too few"):
+        mc.simulate(seq, q, mc.Compartment(1e-3), n_walkers=1)
     with pytest.raises(ValueError, match="positive semi-definite"):
         mc.Compartment(np.diag([1e-3, -1e-3, 1e-3]))
     with pytest.raises(ValueError, match="mixing time"):
