@@ -26,7 +26,8 @@ SHAPE = (16, 18, 14)
 N_SUBJECTS = 3
 STEPS = ["validate", "tensor", "rish", "export"]
 #: Packages whose versions every sidecar must name.
-REQUIRED_VERSIONS = ("dmriflow", "pydra", "numpy", "scipy", "nibabel", "dipy", "torch")
+REQUIRED_VERSIONS = ("dmriflow", "pydra", "numpy", "scipy", "nibabel", "dipy", "torch", "monai",
+                     "fileformats")
 
 
 def make_cohort(root: Path) -> Path:
