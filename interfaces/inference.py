@@ -9,7 +9,8 @@ else the CPU; bf16 autocast on CUDA only, so CPU results are deterministic.
 
 :func:`synthesize_directions` applies a direction-synthesis checkpoint
 (:mod:`dmriflow.models.directions`) to one subject after checking its
-acquisition against the model card.
+acquisition against the model card; :func:`generate_7t_like` a 3T->7T latent
+diffusion checkpoint (:mod:`dmriflow.models.ldm`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ SLAB = 32
 CPU_THREADS = 1
 #: Inference model kinds offered by the pipeline (``dmriflow run --inference``).
 DIRECTIONS = "directions"
+THREE_T_TO_7T = "3t7t"
 
 
 def _autocast(device: torch.device):
@@ -196,3 +198,14 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
         row=row, parameters={"mode": row["inference_mode"], "shell": shell,
                              "n_input": len(sample.input_bvecs),
                              "n_synthesised": len(targets), "bvec_frame": "fsl-image"})
+
+
+# ----------------------------------------------------------------------------
+# 3T -> 7T-like DWIs (latent diffusion on RISH maps)
+# ----------------------------------------------------------------------------
+@register_kind(THREE_T_TO_7T, shipped="ldm_3t7t")
+def generate_7t_like(model, card, dwi, path, census=None, device=None) -> InferenceOutput:
+    """7T-like b0 + b=1000 series of a 3T subject, its FA and lambda maps
+    (:func:`dmriflow.models.ldm.cohort.inference_output`)."""
+    from dmriflow.models.ldm.cohort import inference_output
+    return inference_output(model, card, dwi)

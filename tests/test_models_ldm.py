@@ -330,3 +330,55 @@ def test_checkpoint_round_trip_through_the_card(tiny_model, tmp_path):
     from dmriflow.interfaces.errors import InputError
     with pytest.raises(InputError, match="field strength"):
         cards.check_acquisition(lcard, f3.gtab, "sub-x_dwi.nii.gz", field_strength=7.0)
+
+
+# ----------------------------------------------------------------------------
+# Cohorts on disk, training to a checkpoint, the inference kind
+# ----------------------------------------------------------------------------
+def test_pairing_by_field_strength():
+    from dmriflow.interfaces.errors import InputError
+    from dmriflow.models.ldm import cohort
+    assert cohort.session_field({"MagneticFieldStrength": 7}, "3T") == 7.0
+    assert cohort.session_field({}, "7T") == 7.0 and cohort.session_field({}, "pre") is None
+    only3, pairs = cohort.pair_by_field([("01", 3.0, "a3", "p"), ("01", 7.0, "a7", "p"),
+                                         ("02", 3.0, "b3", "p")])
+    assert only3 == ["b3"] and pairs == [("a3", "a7")]
+    with pytest.raises(InputError, match="neither"):
+        cohort.pair_by_field([("01", 1.5, "x", "f.nii.gz")])
+
+
+def test_train_on_paired_bids_cohort_and_apply_the_3t7t_kind(tmp_path):
+    from dmriflow.interfaces.inference import KINDS, THREE_T_TO_7T, run_inference
+    from dmriflow.interfaces.stepfiles import load_subject
+    from dmriflow.models.ldm import cohort
+    from dmriflow.pipelines.inputs import discover, read_sidecar
+    cohort.write_paired_cohort(tmp_path / "bids", 3, sim_size=16, sessions_3t_only=1)
+    subjects = discover(tmp_path / "bids", layout="bids")
+    assert sorted(s.key for s in subjects) == ["sub-01_ses-3T", "sub-01_ses-7T", "sub-02_ses-3T",
+                                               "sub-02_ses-7T", "sub-03_ses-3T"]
+    sessions = [(s.label, cohort.session_field(read_sidecar(s.sidecar), s.session), s, s.dwi)
+                for s in subjects]
+    card = cohort.train_on_sessions(sessions, tmp_path / "ck",
+                                    lambda s: load_subject(s.dwi, s.bval, s.bvec, s.mask),
+                                    epochs=1, grid=16, log=lambda s: None)
+    assert card.training["n_pairs"] == 2 and card.training["n_3t_only"] == 1
+    s3 = next(s for s in subjects if s.key == "sub-03_ses-3T")
+    dwi = load_subject(s3.dwi, s3.bval, s3.bvec, s3.mask)
+    assert THREE_T_TO_7T in KINDS
+    out, _ = run_inference(THREE_T_TO_7T, tmp_path / "ck", dwi, s3.dwi,
+                           census={"field_strength_t": 3.0})
+    series = out.maps["model-ldm3t7t_desc-7tlike"]
+    table = out.tables["model-ldm3t7t_desc-7tlike_gradients"]
+    assert series.shape == dwi.data.shape[:3] + (len(table),)
+    assert out.maps["model-ldm3t7t_param-lambda"].shape == dwi.data.shape[:3] + (3,)
+    lam = out.maps["model-ldm3t7t_param-lambda"][dwi.mask]
+    lo, hi = harmonize.SCALE_RANGE
+    assert lam.min() >= lo - 1e-6 and lam.max() <= hi + 1e-6
+    # b0 volumes and voxels outside the mask are the input's
+    b0 = table["bval"].to_numpy() == 0
+    assert np.array_equal(series[..., b0], dwi.data[..., dwi.gtab.b0s_mask])
+    assert set(out.row) >= {"inference_lambda_l0_median", "inference_seconds"}
+    from dmriflow.interfaces.errors import InputError
+    with pytest.raises(InputError, match="field strength"):
+        run_inference(THREE_T_TO_7T, tmp_path / "ck", dwi, s3.dwi,
+                      census={"field_strength_t": 7.0})
