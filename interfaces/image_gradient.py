@@ -115,6 +115,10 @@ LM_TOLERANCE = 1e-10
 _PHI = (1 + 5 ** 0.5) / 2
 START_AXES = np.array([[0, 1, _PHI], [0, -1, _PHI], [1, _PHI, 0], [-1, _PHI, 0],
                        [_PHI, 0, 1], [-_PHI, 0, 1]], dtype=np.float64) / math.sqrt(1 + _PHI ** 2)
+#: A fitted S0 at or below this (signal units) means no signal: the
+#: tensor fit clips signals at dti.MIN_SIGNAL, so an empty (background)
+#: voxel fits S0 = MIN_SIGNAL; such voxels are reported failed.
+NO_SIGNAL_S0 = 10 * MIN_SIGNAL
 #: Relative ridge added to the batched normal equations so that a degenerate
 #: voxel yields a (flagged) answer instead of stopping the batch.
 RIDGE = 1e-10
@@ -553,11 +557,20 @@ class _TensorPart:
         self.max_bval = max_bval
 
     def fit_rows(self, mag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(S0 (n,), D (n, 3, 3) mm^2/s); NaN for voxels whose fit is not
+        finite or has no signal (S0 <= ``NO_SIGNAL_S0``). A tensor that is not
+        positive definite (noise) is kept: every method is then evaluated on
+        the same voxels, and the estimators only need D to be invertible."""
         params = self.model.fit_params(np.ascontiguousarray(mag[:, self.volumes],
                                                             dtype=np.float32))
         p = params.astype(np.float64)
         D = _sym(p[:6].T) * 1e-3                       # um^2/ms -> mm^2/s
-        return np.exp(p[6]), D
+        with np.errstate(over="ignore"):
+            s0 = np.exp(p[6])
+        ok = np.isfinite(p).all(axis=0) & np.isfinite(s0) & (s0 > NO_SIGNAL_S0)
+        s0[~ok] = np.nan
+        D[~ok] = np.nan
+        return s0, D
 
     def predict(self, s0: np.ndarray, D: np.ndarray) -> np.ndarray:
         """Noise-free gradient-free signal (n, N) of the own gradient table."""

@@ -634,3 +634,23 @@ def test_axis_is_sign_free_for_b_a_c_and_signed_for_p(gtab):
     ax_minus = p.fit_rows(ig.phase_signal(S0, D, -g / 30, gtab, T))[0]
     np.testing.assert_allclose(ax_minus, -ax_plus, atol=1e-6)
     assert np.all(np.sum(ax_plus * g, axis=1) > 0)
+
+
+def test_degenerate_voxels_are_flagged_not_fatal(gtab):
+    """All-zero voxels (background) and an isotropic-zero tensor make no
+    estimator stop: they come back failed (NaN axis), the others fitted."""
+    rng = np.random.default_rng(17)
+    n = 30
+    D, g = _tensors(n, rng), _axes(n, rng, 30.0)
+    S = ig.phase_signal(S0, D, g, gtab, T)
+    S[:3] = 0.0
+    grid = (5, 6)
+    mag = np.abs(S).reshape(grid + (-1,))
+    for model, data in ((ig.PublishedModel(gtab, T), mag), (ig.NonlinearModel(gtab, T), mag),
+                        (ig.PhaseModel(gtab, T), S.reshape(grid + (-1,)))):
+        fit = model.fit(data)
+        failed = fit.failed.reshape(-1)
+        assert failed[:3].all() and not failed[3:].any(), model.name
+        assert np.isnan(fit.axis.reshape(-1, 3)[:3]).all()
+    c = ig.TwoTimeModel(gtab, T, gtab, T_LONG, max_bval=None).fit(mag, mag)
+    assert c.failed.reshape(-1)[:3].all()
