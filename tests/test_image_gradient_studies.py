@@ -148,6 +148,19 @@ def test_phase_estimator_falls_for_the_confound_too(continuity_cohort):
     assert flat["p"] > 0.05 and abs(flat["mean"] - 45.0) < 1.0
 
 
+def test_published_estimator_flips_sign_without_noise():
+    """Noise-free, three shells: B's axis follows the non-Gaussian (stick +
+    zeppelin) misfit along the fibre, so it lands far ABOVE chance where the
+    gradient is perpendicular to the fibre - the below-chance result at SNR 20
+    comes from the noise, not from the gradient."""
+    from dmriflow.interfaces.image_gradient_study import continuity_study
+    scheme = P.hcp_scheme(n_b0=6, shells=(1000, 2000, 3000), n_dirs=30, seed=1, jitter=False)
+    res = continuity_study(4, SMALL_SHAPE, scheme=scheme, snr=float("inf"), seed=0,
+                           shuffle=False, surrogate=False)
+    tests = res.tests
+    assert _test(tests, "B")["mean"] > 65.0 and _test(tests, "B")["p"] < 1e-3
+    assert _test(tests, "fibre_e3")["mean"] < 53.0
+
 # ----------------------------------------------------------------------------
 # T2 map and the in-plane gold standard
 # ----------------------------------------------------------------------------
