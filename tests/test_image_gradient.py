@@ -654,3 +654,43 @@ def test_degenerate_voxels_are_flagged_not_fatal(gtab):
         assert np.isnan(fit.axis.reshape(-1, 3)[:3]).all()
     c = ig.TwoTimeModel(gtab, T, gtab, T_LONG, max_bval=None).fit(mag, mag)
     assert c.failed.reshape(-1)[:3].all()
+
+
+def test_cohort_tests_on_known_rows():
+    """The group table equals scipy's tests on hand-made per-subject rows;
+    a subject missing from a control drops out of that paired test only."""
+    import pandas as pd
+    rng = np.random.default_rng(18)
+    subjects = [f"sub-{i}" for i in range(6)]
+    rows = []
+    for method, kind, centre in (("B", "estimator", 52.0), ("B_shuffle", "null", 57.3),
+                                 (ig.FIBRE_E3, "control", 50.0),
+                                 (ig.FIBRE_PERP, "control", 57.0)):
+        for s in subjects:
+            if method == ig.FIBRE_PERP and s == "sub-5":
+                continue
+            rows.append({"subject": s, "method": method, "kind": kind, "stratum": "all",
+                         "n_voxels": 100, "mean": centre + rng.normal(), "median":
+                         centre + 1 + rng.normal(), "mean_2d": 44 + rng.normal(),
+                         "median_2d": 44.0})
+    rows = pd.DataFrame(rows, columns=list(ig.ROW_COLUMNS))
+    table = ig.cohort_tests(rows)
+    b = rows[rows.method == "B"].set_index("subject")
+    for stat in ("mean", "median", "mean_2d"):
+        r = table[(table.method == "B") & (table.statistic == stat) & (table.test == "chance")]
+        ref = stats.ttest_1samp(b[stat], ig.CHANCE[stat])
+        assert r["t"].item() == pytest.approx(ref.statistic)
+        assert r["p"].item() == pytest.approx(ref.pvalue)
+        assert r["n_subjects"].item() == 6 and r["mean"].item() == pytest.approx(b[stat].mean())
+    e3 = rows[rows.method == ig.FIBRE_E3].set_index("subject")
+    r = table[(table.method == "B") & (table.statistic == "mean") & (table.test == "vs_fibre_e3")]
+    ref = stats.ttest_rel(b["mean"], e3.loc[b.index, "mean"])
+    assert r["t"].item() == pytest.approx(ref.statistic) and r["p"].item() == pytest.approx(
+        ref.pvalue)
+    r = table[(table.method == "B") & (table.statistic == "mean") & (table.test == "vs_fibre_perp")]
+    assert r["n_subjects"].item() == 5
+    # controls: tests against chance only; every method appears for every statistic
+    ctrl = table[table.method.isin([ig.FIBRE_E3, ig.FIBRE_PERP])]
+    assert set(ctrl.test) == {"chance"}
+    assert len(table[table.test == "chance"]) == 4 * 3
+    assert len(table) == 4 * 3 + 2 * 3 * 2
