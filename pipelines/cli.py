@@ -4,7 +4,7 @@ dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
 dmriflow run INPUT OUTPUT --rerun-failed
 dmriflow run ... --harmonization ARTEFACT
-dmriflow run ... --inference directions [--inference-checkpoint DIR]
+dmriflow run ... --inference directions|3t7t [--inference-checkpoint DIR]
 dmriflow run ... --image-gradient [--image-gradient-estimators B,A]
                  [--gradient-separation MS --gradient-duration MS --echo-time MS]
 dmriflow harmonize fit INPUT OUTPUT --reference SITE --target SITE [--site-column COL]
@@ -14,6 +14,7 @@ dmriflow report OUTPUT
 dmriflow simulate OUT --subjects N --layout hcp|bids --shape X Y Z --seed S
 dmriflow demo OUT
 dmriflow train directions INPUT OUTPUT_CHECKPOINT [--epochs N] [--resume]
+dmriflow train 3t7t BIDS_INPUT OUTPUT_CHECKPOINT [--epochs N] [--grid G]
 
 Exit status of ``run``/``demo``: 0 all subjects done, 2 some subjects failed
 (listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable input,
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply a stored harmonization artefact (folder) before the fits")
     p.add_argument("--inference", metavar="KIND",
                    help="apply a trained model to every subject as its own phase: "
-                        "'directions' (synthesise b=1000 directions from 30 acquired); "
+                        "'directions' (synthesise b=1000 directions from 30 acquired), "
+                        "'3t7t' (7T-like b=1000 series of 3T data, latent diffusion on RISH); "
                         "subjects whose acquisition does not match the model card fail")
     p.add_argument("--inference-checkpoint", metavar="DIR", default="",
                    help="checkpoint folder (card.json + model.safetensors) for --inference "
@@ -169,13 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--snr", type=float, default=None, help="b0 SNR in white matter")
 
     p = sub.add_parser("train", help="train a model on a cohort (writes a checkpoint folder)")
-    p.add_argument("model", choices=("directions",),
-                   help="directions: synthesise b=1000 directions from 30 acquired ones")
+    p.add_argument("model", choices=("directions", "3t7t"),
+                   help="directions: synthesise b=1000 directions from 30 acquired ones; "
+                        "3t7t: 3T->7T RISH latent diffusion (BIDS input with ses-3T/ses-7T "
+                        "sessions or MagneticFieldStrength sidecars)")
     p.add_argument("input", help="cohort folder (HCP or BIDS) with > 30 b=1000 directions")
     p.add_argument("checkpoint", help="output checkpoint folder (card.json + model.safetensors)")
     _add_selection(p)
-    p.add_argument("--epochs", type=float, default=20.0,
-                   help="passes of training patches over the training voxels (default: "
+    p.add_argument("--epochs", type=float, default=None,
+                   help="directions: passes of training patches over the training voxels "
+                        "(default 20); 3t7t: passes of each stage over its maps (default 40)")
+    p.add_argument("--grid", type=int, default=32,
+                   help="3t7t: model grid, a multiple of 16 (published: 96; default: "
                         "%(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the training state saved in CHECKPOINT/training")
@@ -301,6 +308,10 @@ def cmd_train(args) -> int:
     from dmriflow.models.directions import train_on_subjects
     from dmriflow.pipelines.inputs import discover, read_sidecar
     from dmriflow.interfaces.stepfiles import load_subject
+    if args.model == "3t7t":
+        return _train_3t7t(args)
+    if args.epochs is None:
+        args.epochs = 20.0
     subjects = discover(args.input, layout=args.layout, participant_labels=args.participant_label)
     loaded, fields = [], set()
     for s in subjects:
@@ -311,6 +322,25 @@ def cmd_train(args) -> int:
                              seed=args.seed, field_strength=field)
     print(f"checkpoint: {Path(args.checkpoint).resolve()} ({card.name} {card.version}, "
           f"trained on {len(card.training['subjects'])} subject(s))")
+    return EXIT_OK
+
+
+def _train_3t7t(args) -> int:
+    """Pair the 3T and 7T sessions of a BIDS dataset and train the latent diffusion model."""
+    from dmriflow.interfaces.stepfiles import load_subject
+    from dmriflow.models.ldm import cohort
+    from dmriflow.pipelines.inputs import discover, read_sidecar
+    if args.resume:
+        raise ValueError("--resume is not supported for 3t7t (its stages train in minutes)")
+    subjects = discover(args.input, layout="bids", participant_labels=args.participant_label)
+    sessions = [(s.label, cohort.session_field(read_sidecar(s.sidecar), s.session), s, s.dwi)
+                for s in subjects]
+    card = cohort.train_on_sessions(
+        sessions, args.checkpoint, lambda s: load_subject(s.dwi, s.bval, s.bvec, s.mask),
+        epochs=cohort.DEFAULT_EPOCHS if args.epochs is None else args.epochs, grid=args.grid,
+        seed=args.seed, source=str(Path(args.input).resolve()))
+    print(f"checkpoint: {Path(args.checkpoint).resolve()} ({card.name} {card.version}, "
+          f"{card.training['n_pairs']} pair(s), {card.training['n_3t_only']} 3T-only)")
     return EXIT_OK
 
 

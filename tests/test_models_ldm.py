@@ -351,17 +351,17 @@ def test_train_on_paired_bids_cohort_and_apply_the_3t7t_kind(tmp_path):
     from dmriflow.interfaces.inference import KINDS, THREE_T_TO_7T, run_inference
     from dmriflow.interfaces.stepfiles import load_subject
     from dmriflow.models.ldm import cohort
-    from dmriflow.pipelines.inputs import discover, read_sidecar
+    from dmriflow.pipelines.inputs import discover
     cohort.write_paired_cohort(tmp_path / "bids", 3, sim_size=16, sessions_3t_only=1)
     subjects = discover(tmp_path / "bids", layout="bids")
     assert sorted(s.key for s in subjects) == ["sub-01_ses-3T", "sub-01_ses-7T", "sub-02_ses-3T",
                                                "sub-02_ses-7T", "sub-03_ses-3T"]
-    sessions = [(s.label, cohort.session_field(read_sidecar(s.sidecar), s.session), s, s.dwi)
-                for s in subjects]
-    card = cohort.train_on_sessions(sessions, tmp_path / "ck",
-                                    lambda s: load_subject(s.dwi, s.bval, s.bvec, s.mask),
-                                    epochs=1, grid=16, log=lambda s: None)
+    from dmriflow.pipelines.cli import main
+    assert main(["train", "3t7t", str(tmp_path / "bids"), str(tmp_path / "ck"), "--epochs", "1",
+                 "--grid", "16"]) == 0
+    card = cards.load_card(tmp_path / "ck")
     assert card.training["n_pairs"] == 2 and card.training["n_3t_only"] == 1
+    assert card.kwargs == {"grid": 16} and card.acquisition.field_strength_t == 3.0
     s3 = next(s for s in subjects if s.key == "sub-03_ses-3T")
     dwi = load_subject(s3.dwi, s3.bval, s3.bvec, s3.mask)
     assert THREE_T_TO_7T in KINDS
