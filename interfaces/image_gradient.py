@@ -125,6 +125,8 @@ RIDGE = 1e-10
 #: Estimator names (SCIENCE.md): B published, A nonlinear, C two diffusion
 #: times, P phase.
 ESTIMATORS = ("B", "A", "C", "P")
+#: Images the gold standard can be computed from (evaluate_subject).
+GOLD_IMAGES = ("mean_b0", "s0")
 #: Control names in the subject tables.
 FIBRE_E3, FIBRE_PERP = "fibre_e3", "fibre_perp"
 SHUFFLE_SUFFIX, SURROGATE_SUFFIX = "_shuffle", "_surrogate"
@@ -1171,12 +1173,14 @@ def fa_strata(fa: np.ndarray, mask: np.ndarray,
 @dataclass
 class TensorMaps:
     """Gradient-free tensor maps used by the controls and strata (mask only):
-    FA, MD (mm^2/s), V1 and E3 (first and third eigenvectors, b-vector frame)."""
+    FA, MD (mm^2/s), V1 and E3 (first and third eigenvectors, b-vector frame)
+    and the fitted S0 (an alternative gold-standard image)."""
 
     fa: np.ndarray
     md: np.ndarray
     v1: np.ndarray
     e3: np.ndarray
+    s0: np.ndarray | None = None
 
 
 def tensor_maps(data, gtab: GradientTable, mask, max_bval: float | None = DTI_MAX_BVAL,
@@ -1187,12 +1191,13 @@ def tensor_maps(data, gtab: GradientTable, mask, max_bval: float | None = DTI_MA
     flat, rows, cidx, grid = _voxel_index(data, mask)
     tensor = _TensorPart(gtab, max_bval)
     fa = np.full(grid, np.nan, np.float32)
+    s0 = np.full(grid, np.nan, np.float32)
     md = np.full(grid, np.nan, np.float32)
     v1 = np.full(grid + (3,), np.nan, np.float32)
     e3 = np.full(grid + (3,), np.nan, np.float32)
     for i in range(0, rows.size, chunk):
         c = cidx[i:i + chunk]
-        _, D = tensor.fit_rows(np.abs(flat[rows[i:i + chunk]]))
+        s0_c, D = tensor.fit_rows(np.abs(flat[rows[i:i + chunk]]))
         ok = np.isfinite(D).all(axis=(1, 2))
         vals = np.full((D.shape[0], 3), np.nan)
         vecs = np.full((D.shape[0], 3, 3), np.nan)
@@ -1204,9 +1209,10 @@ def tensor_maps(data, gtab: GradientTable, mask, max_bval: float | None = DTI_MA
             f = np.sqrt(1.5 * np.sum((vals - m[:, None]) ** 2, axis=1) / np.sum(vals ** 2, axis=1))
         fa.reshape(-1)[c] = f
         md.reshape(-1)[c] = m
+        s0.reshape(-1)[c] = s0_c
         v1.reshape(-1, 3)[c] = vecs[:, :, 0]
         e3.reshape(-1, 3)[c] = vecs[:, :, 2]
-    return TensorMaps(fa=fa, md=md, v1=v1, e3=e3)
+    return TensorMaps(fa=fa, md=md, v1=v1, e3=e3, s0=s0)
 
 
 # ----------------------------------------------------------------------------
@@ -1377,7 +1383,8 @@ def evaluate_subject(dwi, timing: SequenceTiming, estimators: Sequence[str] = ("
                      subject: str = "", rng: int | np.random.Generator | None = 0,
                      phase: np.ndarray | None = None, second=None,
                      second_timing: SequenceTiming | None = None,
-                     log_gold: bool = False, exclude_csf: bool = False,
+                     log_gold: bool = False, gold_image: str = "mean_b0",
+                     exclude_csf: bool = False,
                      min_relative_gradient: float | None = None,
                      shuffle: bool = True, surrogate: bool = True,
                      max_voxels: int | None = None, sigma: float | None = None,
@@ -1386,6 +1393,8 @@ def evaluate_subject(dwi, timing: SequenceTiming, estimators: Sequence[str] = ("
     """Gold standard, estimators, controls and strata for one subject.
 
     ``dwi``: an :class:`io.DWI` (magnitude, FSL-frame b-vectors, brain mask).
+    ``gold_image``: "mean_b0" (the published protocol) or "s0" (the fitted
+    tensor S0: less noisy, same contrast).
     ``phase`` (radians, the shape of ``dwi.data``) enables P; ``second`` (a
     DWI of the same grid at another Delta, ``second_timing``) enables C.
     Evaluation voxels: the gold-standard mask (eroded brain mask, optional
@@ -1410,7 +1419,11 @@ def evaluate_subject(dwi, timing: SequenceTiming, estimators: Sequence[str] = ("
                          f"{dwi.data.shape[:3]}")
     model_kw = dict(model_kw or {})
     tmaps = tensor_maps(dwi.data, dwi.gtab, dwi.mask)
-    gold = gold_standard(mean_b0_map(dwi.data, dwi.gtab), dwi.affine, dwi.mask, frame="fsl",
+    if gold_image not in GOLD_IMAGES:
+        raise ValueError(f"gold_image must be one of {GOLD_IMAGES}, not {gold_image!r}")
+    image = mean_b0_map(dwi.data, dwi.gtab) if gold_image == "mean_b0" else \
+        np.where(dwi.mask, np.nan_to_num(tmaps.s0), 0.0)
+    gold = gold_standard(image, dwi.affine, dwi.mask, frame="fsl",
                          log=log_gold, md=tmaps.md,
                          csf_md_threshold=CSF_MD_THRESHOLD if exclude_csf else None,
                          min_relative_gradient=min_relative_gradient)
@@ -1462,6 +1475,7 @@ def evaluate_subject(dwi, timing: SequenceTiming, estimators: Sequence[str] = ("
     strata = fa_strata(tmaps.fa, mask, fa_edges)
     rows = summarise_angles(angles, angles_2d, strata, kinds, subject)
     params = {"estimators": list(estimators), "sigma": sigma, "log_gold": log_gold,
+              "gold_image": gold_image,
               "exclude_csf": exclude_csf, "csf_md_threshold": CSF_MD_THRESHOLD,
               "min_relative_gradient": min_relative_gradient, "max_voxels": max_voxels,
               "fa_edges": list(fa_edges), "gold_excluded": gold.excluded,

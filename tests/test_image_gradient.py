@@ -694,3 +694,16 @@ def test_cohort_tests_on_known_rows():
     assert set(ctrl.test) == {"chance"}
     assert len(table[table.test == "chance"]) == 4 * 3
     assert len(table) == 4 * 3 + 2 * 3 * 2
+
+
+def test_gold_standard_from_fitted_s0(gtab):
+    """gold_image="s0": the fitted tensor S0 gives the same gradient as the
+    mean b0 on data whose b0 is that S0 (noise aside); controls only."""
+    dwi, _, g_true = _subject(6, gtab, shape=(9, 9, 8))
+    ev = ig.evaluate_subject(dwi, T, (), gold_image="s0", rng=1)
+    m = ev.mask
+    assert np.median(ig.acute_angle(ev.gold.gradient[m], g_true[m])) < 3.0
+    assert set(ev.angles) == {ig.FIBRE_E3, ig.FIBRE_PERP}
+    assert ev.parameters["gold_image"] == "s0"
+    with pytest.raises(ValueError, match="gold_image"):
+        ig.evaluate_subject(dwi, T, (), gold_image="t2")
