@@ -4,7 +4,8 @@ the real two-TE pair (SCIENCE.md section 7, docs/image_gradient.md).
 Phantom: subjects whose signal has no gradient physics and whose b0 gradient
 is perpendicular to the fibre in half of the voxels, SNR 20, under several
 acquisition schemes; per scheme the cohort tests of every estimator, null and
-fibre-only control; then B against the fibre-only controls across SNR. Real data: the MDT pair (TE 60 / 91 ms, Delta 26.5 /
+fibre-only control; then B against the fibre-only controls across SNR.
+Real data: the MDT pair (TE 60 / 91 ms, Delta 26.5 /
 42 ms, 2 slices): T2 map and the in-plane study. Prints tables and
 key=value lines.
 
@@ -110,7 +111,8 @@ def real_study(args) -> None:
     seconds = time.perf_counter() - t
     s = res.t2_summary
     print(f"\n== real pair (MDT, TE 60/91 ms, Delta 26.5/42 ms), {res.parameters['n_voxels']} "
-          f"voxels on {res.parameters['n_slices']} slices, in-plane gold standards, {seconds:.0f} s")
+          f"voxels on {res.parameters['n_slices']} slices, in-plane gold standards, "
+          f"{seconds:.0f} s")
     print(f"T2 (ms) in the joint mask: median {s['median_ms']:.1f}, IQR {s['p25_ms']:.1f}-"
           f"{s['p75_ms']:.1f}, 5-95% {s['p5_ms']:.1f}-{s['p95_ms']:.1f}; undefined (no decay) "
           f"{s['undefined_voxels']} of {s['n_voxels'] + s['undefined_voxels']}")
@@ -126,8 +128,9 @@ def real_study(args) -> None:
         print("\nFA strata (gold lnb0_te60):")
         print(strata[["method", "stratum", "n_voxels", "mean", "median", "mean_2d"]]
               .round(2).to_string(index=False))
-    kv = [f"real_t2_median_ms={s['median_ms']:.1f}", f"real_t2_iqr_ms={s['p25_ms']:.1f}-"
-          f"{s['p75_ms']:.1f}", f"real_voxels={res.parameters['n_voxels']}", f"real_s={seconds:.0f}"]
+    kv = [f"real_t2_median_ms={s['median_ms']:.1f}",
+          f"real_t2_iqr_ms={s['p25_ms']:.1f}-{s['p75_ms']:.1f}",
+          f"real_voxels={res.parameters['n_voxels']}", f"real_s={seconds:.0f}"]
     for r in allv[(allv["gold"] == "lnb0_te60") & (allv["kind"] != "null")].itertuples():
         kv.append(f"real_{r.method}_mean={r.mean:.2f} real_{r.method}_excess={r.excess:.2f} "
                   f"real_{r.method}_p_shuffle={r.p_shuffle:.3f}")
@@ -142,7 +145,8 @@ def main() -> None:
     ap.add_argument("--estimators", default="B,P",
                     help="one-series estimators (B, A, P: P on the phase of the noise)")
     ap.add_argument("--max-voxels", type=int, default=0,
-                    help="evaluate a random subset per subject (0: all; A is ~50 ms/voxel)")
+                    help="evaluate a random subset per subject (0: all; A is ~25 ms per "
+                         "voxel and fit)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=os.fspath(SHARED_DATA))
     ap.add_argument("--skip-phantom", action="store_true")

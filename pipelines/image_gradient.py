@@ -293,7 +293,8 @@ def ImageGradient(subject: str, record: dict, estimators: list | None = None,
     """Image-gradient estimates, controls and angles of one subject (product
     record for Export). ``timing``: command-line Delta/delta/TE (ms) that
     override the sidecar's; ``max_voxels``: evaluate a seeded random subset
-    (0: all voxels; the nonlinear A costs ~50 ms per voxel and fit)."""
+    (0: all voxels; the nonlinear A costs ~25 ms per voxel and fit with 288
+    volumes)."""
     seq, source = resolve_timing(timing, record.get("sidecar"), record["series"]["dwi"])
     product = subject_products(load_series(record), seq,
                                parse_estimators(estimators or DEFAULT_ESTIMATORS),
