@@ -138,12 +138,12 @@ SHUFFLE_SUFFIX, SURROGATE_SUFFIX = "_shuffle", "_surrogate"
 @dataclass(frozen=True)
 class SequenceTiming:
     """Pulsed-gradient spin-echo timing in ms: separation Delta, duration
-    delta, echo time TE. ``diffusion_time`` (s) = Delta - delta/3, so that
+    delta, echo time TE (optional). ``diffusion_time`` (s) = Delta - delta/3, so that
     b = |q|^2 t_d and the displacement covariance is 2 t_d D."""
 
     Delta: float
     delta: float
-    TE: float = float("nan")
+    TE: float | None = None
 
     def __post_init__(self):
         if not (self.Delta > 0 and self.delta >= 0 and self.Delta > self.delta / 3):
