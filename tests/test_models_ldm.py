@@ -311,6 +311,9 @@ def test_model_fit_predict_shapes_and_determinism(tiny_model):
     assert np.all(a[~f3.mask] == 0) and np.all(a >= 0)
     with_sr, without = model.predict(f3.rish, f3.mask, steps=3, seed=4, use_sr=None)
     assert np.array_equal(with_sr, a) and without.shape == a.shape
+    f7 = feats[0][1]
+    ceiling = model.reconstruct_7t(f7.rish, f7.mask)
+    assert ceiling.shape == f7.rish.shape and np.all(ceiling[~f7.mask] == 0)
     with pytest.raises(ValueError, match="multiple"):
         LatentDiffusion3T7T(grid=24)
 

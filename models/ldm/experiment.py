@@ -38,6 +38,9 @@ from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T, fit
 #: Seed offsets of the three subject groups (disjoint anatomies).
 SEED_3T_ONLY, SEED_PAIRED, SEED_TEST = 10_000, 20_000, 30_000
 CHECKPOINT_NAME = "ldm-3t7t"
+#: Diagnostic row: the 7T autoencoder (+ SR) applied to the TRUE 7T RISH - the
+#: best any latent the denoiser could produce decodes to.
+CEILING = "7T VQ-VAE + SR on the true 7T (LDM ceiling)"
 
 
 def simulate_features(seeds, family: str, grid: int, sim_size: int, cache=None):
@@ -140,6 +143,7 @@ def run(out, grid: int = 32, n_3t_only: int = 16, n_pairs: int = 16, n_test: int
     for k in ldm_names:
         if k[0] in variants:
             methods[ldm_names[k]] = []
+    methods[CEILING] = []
     methods["oracle lambda (true 7T RISH)"] = []
     infer_seconds = []
     for i, (f3, f7, deg) in enumerate(test):
@@ -148,6 +152,7 @@ def run(out, grid: int = 32, n_3t_only: int = 16, n_pairs: int = 16, n_test: int
                  "template lambda (classical RISH)": template.predict(f3),
                  "3D CNN (RISH 3T->7T)": cnn.predict(f3.rish, f3.mask),
                  "oracle lambda (true 7T RISH)": f7.rish}
+        preds[CEILING] = variants[True].reconstruct_7t(f7.rish, f7.mask)
         for ft, model in variants.items():
             ts = time.perf_counter()
             preds[ldm_names[ft, True]], preds[ldm_names[ft, False]] = model.predict(

@@ -94,6 +94,16 @@ class LatentDiffusion3T7T(torch.nn.Module):
         outs = [o[0] if single else o for o in outs]
         return tuple(outs) if use_sr is None else outs[0]
 
+    @torch.no_grad()
+    def reconstruct_7t(self, rish7: np.ndarray, mask: np.ndarray, use_sr: bool = True) -> np.ndarray:
+        """7T RISH through the 7T autoencoder (+ SR): the quality ceiling of
+        :meth:`predict` (a perfect denoiser would produce this latent)."""
+        x = self.to_input(rish7, mask).to(self.amp_scale.device)
+        y = vqvae.decode(self.vq7, vqvae.encode(self.vq7, x))
+        y = self.sr(y) if use_sr else y
+        out = self.to_rish(y, np.asarray(mask, dtype=bool).reshape((-1,) + y.shape[2:]))
+        return out[0] if np.asarray(rish7).ndim == 4 else out
+
 
 def rish_to_input(rish: np.ndarray, mask: np.ndarray, scale: torch.Tensor) -> torch.Tensor:
     """(..., G, G, G, 3) RISH -> (B, 3, G, G, G) float32 ``sqrt(R) / scale`` in the mask."""
