@@ -53,7 +53,8 @@ class RunConfig:
     worker: str
     n_procs: int = 1
     cache_dir: str | None = None
-    sbatch_args: str = ""
+    sbatch_args: str = ""          # sbatch arguments of every SLURM job ...
+    gpu_sbatch_args: str = ""      # ... but those of the GPU phase (model inference)
     fit_method: str = "WLS"
     dti_max_bval: float = DTI_MAX_BVAL
     lmax: int = 0                  # 0: as many orders as each shell's directions allow (<= 8)
@@ -241,15 +242,25 @@ def locked_run(output_dir: Path, root: Path, config: RunConfig):
         (root / RUN_JOURNAL).unlink(missing_ok=True)
 
 
-def _submitter(config: RunConfig, root: Path):
+def submitter(config: RunConfig, root: Path, gpu: bool = False):
+    """The engine's Submitter for one phase of a run.
+
+    On SLURM every job of a submission gets the same sbatch arguments, so a
+    phase that needs a GPU (model inference) gets its own submitter with
+    ``gpu=True``: its jobs take ``config.gpu_sbatch_args`` (e.g. a partition
+    and ``--gres=gpu:1``), the other phases ``config.sbatch_args``. SLURM
+    jobs that are cancelled, time out or are preempted fail their node
+    (:class:`dmriflow.pipelines.slurm.SlurmWorker`).
+    """
     from pydra.engine.submitter import Submitter  # before pydra.workers (OPERATIONS.md)
     os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"
-    kwargs = {}
+    worker, kwargs = config.worker, {}
     if config.worker == "cf":
         kwargs["n_procs"] = config.n_procs
     elif config.worker == "slurm":
-        kwargs["sbatch_args"] = config.sbatch_args
-    return Submitter(worker=config.worker, cache_root=root, **kwargs)
+        from dmriflow.pipelines.slurm import SlurmWorker
+        worker = SlurmWorker(sbatch_args=config.gpu_sbatch_args if gpu else config.sbatch_args)
+    return Submitter(worker=worker, cache_root=root, **kwargs)
 
 
 def _log(config: RunConfig, msg: str) -> None:
@@ -294,7 +305,7 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         image_gradient_timing=dict(config.image_gradient_timing) or None,
         image_gradient_max_voxels=config.image_gradient_max_voxels,
         inference=products, pipeline_version=version)
-    with _submitter(config, root) as sub:
+    with submitter(config, root) as sub:
         return sub(task, raise_errors=False)
 
 
@@ -558,7 +569,7 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
         reference_site=reference_site, target_site=target_site, shells=list(shells),
         lmax=lmax, registration=registration, smoothing_fwhm_mm=smoothing_fwhm_mm,
         denoise=config.denoise, degibbs=config.degibbs, pipeline_version=version)
-    with _submitter(config, root) as sub:
+    with submitter(config, root) as sub:
         res = sub(task, raise_errors=False)
     if res.errored or res.outputs is None:
         raise RuntimeError("harmonization fit failed: " + "\n".join(_engine_errors(res, root)))
