@@ -2,6 +2,7 @@
 
 dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
+                          [--sbatch-args=ARGS] [--gpu-sbatch-args=ARGS]
 dmriflow run INPUT OUTPUT --rerun-failed
 dmriflow run ... --harmonization ARTEFACT
 dmriflow run ... --inference directions|3t7t [--inference-checkpoint DIR]
@@ -51,7 +52,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="processes for the cf worker (default: %(default)s)")
     p.add_argument("--cache-dir", help="Pydra cache root (default: OUTPUT/.dmriflow-cache); "
                                        "must be on a path every SLURM node sees")
-    p.add_argument("--sbatch-args", default="", help="extra sbatch arguments (slurm worker)")
+    p.add_argument("--sbatch-args", default="", metavar="ARGS",
+                   help="sbatch arguments of every job (slurm worker); write "
+                        "--sbatch-args='--time=60 --mem=8G' (with '=')")
+    p.add_argument("--gpu-sbatch-args", default="", metavar="ARGS",
+                   help="sbatch arguments of the GPU phase's jobs (--inference), e.g. "
+                        "--gpu-sbatch-args='--partition=gpu --gres=gpu:1'")
     p.add_argument("--fit-method", choices=("WLS", "OLS"), default="WLS",
                    help="tensor fit (default: %(default)s)")
     p.add_argument("--dti-max-b", type=float, default=DTI_MAX_BVAL,
@@ -198,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args):
     from dmriflow.pipelines.execution import RunConfig
     return RunConfig(worker=args.worker, n_procs=args.n_procs, cache_dir=args.cache_dir,
-                     sbatch_args=args.sbatch_args, fit_method=args.fit_method,
+                     sbatch_args=args.sbatch_args, gpu_sbatch_args=args.gpu_sbatch_args,
+                     fit_method=args.fit_method,
                      dti_max_bval=args.dti_max_b, lmax=args.lmax, quiet=args.quiet,
                      denoise=args.denoise, degibbs=args.degibbs,
                      harmonization=getattr(args, "harmonization", None) or "",
