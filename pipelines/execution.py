@@ -132,7 +132,7 @@ def exclusive_run(*folders: Path):
     leftovers of a killed run can then be removed safely.
     """
     with ExitStack() as stack:
-        for folder in folders:
+        for folder in dict.fromkeys(Path(f).resolve() for f in folders):   # once each
             folder.mkdir(parents=True, exist_ok=True)
             fh = stack.enter_context(open(folder / RUN_LOCK, "a+"))
             try:
