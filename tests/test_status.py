@@ -238,3 +238,10 @@ def test_status_tells_a_run_in_progress(broken_run, capsys):
         code, lines = status_lines(capsys, out)
     assert lines[1].startswith("a run is in progress (pid ")
     assert status_lines(capsys, out)[1][1] == lines[2]     # lock gone: line gone
+
+
+def test_cache_inside_the_output_folder_is_locked_once(tmp_path):
+    cohort = make_cohort(tmp_path / "in")
+    out = tmp_path / "out"
+    assert run(cohort, out, "--cache-dir", str(out / "dmriflow")) == cli.EXIT_OK
+    assert set(status_table(out)["status"]) == {"done"}
