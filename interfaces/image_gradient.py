@@ -105,11 +105,13 @@ CHUNK_VOXELS = 4096
 LM_ITERATIONS = 60
 LM_DAMPING = 1e-3
 START_GRADIENT = 1.0
-#: A voxel's LM run has settled when its damping exceeds LM_MAX_DAMPING or an
-#: accepted step lowers the cost by less than LM_TOLERANCE (relative); the
-#: iterations stop early when every voxel of the chunk has settled.
+#: A voxel's LM run has settled when its damping exceeds LM_MAX_DAMPING, an
+#: accepted step lowers the cost by less than LM_TOLERANCE (relative), or a
+#: step moves w by less than LM_STEP_TOLERANCE (relative); the iterations
+#: stop early when every voxel of the chunk has settled.
 LM_MAX_DAMPING = 1e10
-LM_TOLERANCE = 1e-10
+LM_TOLERANCE = 1e-7
+LM_STEP_TOLERANCE = 1e-9
 #: Fixed start axes of A besides the published estimate: the 6 axes of an
 #: icosahedron (directions through opposite vertices), orientation-neutral.
 _PHI = (1 + 5 ** 0.5) / 2
@@ -799,51 +801,69 @@ class NonlinearModel(_Model):
     def __init__(self, gtab: GradientTable, timing: SequenceTiming,
                  coupling: float = PUBLISHED_COUPLING, max_bval: float | None = None,
                  n_iter: int = LM_ITERATIONS, start_axes: np.ndarray = START_AXES,
-                 chunk_size: int = 256, n_threads: int | None = None):
+                 chunk_size: int = 1024, n_threads: int | None = None):
         super().__init__(gtab, timing, coupling, max_bval, chunk_size, n_threads)
         self.n_iter = int(n_iter)
         self.start_axes = np.asarray(start_axes, dtype=np.float64).reshape(-1, 3)
         self._X = design_matrix(gtab)                    # (N, 7): d6 (um^2/ms), ln S0
         self._cu = (self.c * 1e-3)[:, None] * gtab.bvecs  # x = cu . w, w in um^2/ms/mm
+        cu, X = self._cu, self._X
+        # fixed right factor of X^T W dh: X_k cu_j, (N, 7 x 3)
+        self._xcu = (X[:, :, None] * cu[:, None, :]).reshape(X.shape[0], -1)
         self._published = PublishedModel(gtab, timing, coupling, max_bval, chunk_size, 1)
 
     def _h(self, w):
-        """1/2 ln(1 + x^2) (n, N) and its derivative in w (n, N, 3)."""
+        """x = cu . w (n, N), h = 1/2 ln(1 + x^2) and s = dh/dx = x / (1 + x^2)."""
         x = w @ self._cu.T
-        return 0.5 * np.log1p(x * x), (x / (1.0 + x * x))[..., None] * self._cu[None]
+        return 0.5 * np.log1p(x * x), x / (1.0 + x * x)
 
-    def _project(self, H, v):
-        """Residual of the weighted fit of v (n, N[, k]) by the tensor design."""
-        if v.ndim == 2:
-            return v - (H @ v[..., None])[..., 0] @ self._X.T
-        return v - np.matmul(self._X[None], H @ v)
+    def _project(self, v, wt, Minv):
+        """Weighted residual of v (n, N) after the tensor design:
+        v - X (X^T W X)^-1 X^T W v, per voxel, through plain matrix products."""
+        coef = (Minv @ ((wt * v) @ self._X)[..., None])[..., 0]
+        return v - coef @ self._X.T
 
-    def _levenberg_marquardt(self, w, yp, H, wt):
-        """Per-voxel damped Gauss-Newton on w; returns (w, cost). Each
-        iteration works on the voxels that have not settled yet."""
-        def cost_of(w_, yp_, H_, wt_):
-            r = yp_ - self._project(H_, self._h(w_)[0])
-            return np.sum(wt_ * r * r, axis=1)
+    def _levenberg_marquardt(self, w, y, wt, Minv):
+        """Per-voxel damped Gauss-Newton on w; returns (w, cost).
+
+        The residual is r = P (y - h(w)), P the weighted projection off the
+        tensor design, and its Jacobian J = P dh with dh = s cu (s per volume,
+        cu fixed): X^T W dh is one plain product with the fixed X_k cu_j, and
+        the projection one product with X^T, so no per-voxel (N, 7) matrices
+        are formed. Each iteration works on the voxels that have not settled."""
+        def residual(w_, y_, wt_, Minv_):
+            h, sl = self._h(w_)
+            return self._project(y_ - h, wt_, Minv_), sl
+
         w = w.copy()
         lam = np.full(w.shape[0], LM_DAMPING)
-        cost = cost_of(w, yp, H, wt)
+        r, _ = residual(w, y, wt, Minv)
+        cost = np.sum(wt * r * r, axis=1)
         act = np.flatnonzero(cost > 0)
+        n_x = self._X.shape[1]
         for _ in range(self.n_iter):
             if act.size == 0:
                 break
-            wa, ypa, Ha, wta, la, ca = w[act], yp[act], H[act], wt[act], lam[act], cost[act]
-            h, dh = self._h(wa)
-            r = ypa - self._project(Ha, h)
-            J = self._project(Ha, dh)                      # d(model)/dw, projected
-            Jw = J * wta[..., None]
-            A = np.matmul(Jw.transpose(0, 2, 1), J)
-            rhs = np.matmul(Jw.transpose(0, 2, 1), r[..., None])[..., 0]
+            wa, ya, wta, Ma, la, ca = w[act], y[act], wt[act], Minv[act], lam[act], cost[act]
+            r, sl = residual(wa, ya, wta, Ma)
+            G = ((wta * sl) @ self._xcu).reshape(-1, n_x, 3)     # X^T W dh
+            # projected Jacobian J = dh - X (X^T W X)^-1 X^T W dh, as (n, 3, N)
+            # (explicit: the difference form of J^T W J loses precision where
+            # the g-term is nearly absorbed by the tensor)
+            XG = (Ma @ G).transpose(0, 2, 1).reshape(-1, n_x) @ self._X.T
+            Jt = sl[:, None, :] * self._cu.T[None] - XG.reshape(-1, 3, XG.shape[-1])
+            JtW = Jt * wta[:, None, :]
+            A = np.einsum("nim,njm->nij", JtW, Jt, optimize=True)
+            rhs = np.einsum("nim,nm->ni", JtW, r)
             diag = np.diagonal(A, axis1=1, axis2=2)
             step = _solve_ridge(A + la[:, None, None] * np.eye(3) * diag[:, None, :], rhs)
             trial = wa + np.nan_to_num(step)
-            new = cost_of(trial, ypa, Ha, wta)
+            rt, _ = residual(trial, ya, wta, Ma)
+            new = np.sum(wta * rt * rt, axis=1)
             better = np.isfinite(new) & (new < ca)
-            settled = (la > LM_MAX_DAMPING) | (better & (ca - new <= LM_TOLERANCE * ca))
+            moved = np.linalg.norm(trial - wa, axis=1)
+            tiny = moved <= LM_STEP_TOLERANCE * np.linalg.norm(wa, axis=1)
+            settled = (la > LM_MAX_DAMPING) | tiny | (better & (ca - new <= LM_TOLERANCE * ca))
             w[act] = np.where(better[:, None], trial, wa)
             cost[act] = np.where(better, new, ca)
             lam[act] = np.where(better, la * 0.3, la * 10.0)
@@ -860,10 +880,11 @@ class NonlinearModel(_Model):
             wt = (self.tensor.predict(s0, D) / s0[:, None]) ** 2
             ok = np.isfinite(wt).all(axis=1)
             wt = np.where(ok[:, None], wt, 1.0)
-            XtW = X.T[None] * wt[:, None, :]                          # (n, 7, N)
-            H = _solve_multi(XtW @ X, XtW)                      # (n, 7, N)
-            yp = self._project(H, y)
-            cost_tensor = np.sum(wt * yp * yp, axis=1)
+            XtWX = np.einsum("nm,mk,ml->nkl", wt, X, X, optimize=True)
+            Minv = _solve_multi(XtWX, np.broadcast_to(np.eye(X.shape[1]), XtWX.shape))
+            ok &= np.isfinite(Minv).all(axis=(1, 2))
+            Minv[~ok] = 0.0
+            cost_tensor = np.sum(wt * self._project(y, wt, Minv) ** 2, axis=1)
             _, gB, _ = self._published.fit_rows(mag, tensor=(s0, D))
             wB = np.einsum("nij,nj->ni", D * 1e3, gB)
             size = np.linalg.norm(wB, axis=1)
@@ -875,12 +896,13 @@ class NonlinearModel(_Model):
             best_w = np.full((n, 3), np.nan)
             for axis in [axB] + [np.broadcast_to(a, (n, 3)) for a in self.start_axes]:
                 w, cost = self._levenberg_marquardt(np.nan_to_num(axis * size[:, None]),
-                                                    yp, H, wt)
+                                                    y, wt, Minv)
                 pick = ok & (cost < best)
                 best = np.where(pick, cost, best)
                 best_w[pick] = w[pick]
             # the eliminated linear part at the optimum: D, then g = D^-1 w
-            p = (H @ (y - self._h(np.nan_to_num(best_w))[0])[..., None])[..., 0]
+            v = y - self._h(np.nan_to_num(best_w))[0]
+            p = (Minv @ ((wt * v) @ X)[..., None])[..., 0]
             g = (_inv_sym3(_sym(p[:, :6])) @ best_w[..., None])[..., 0]
             g[~ok] = np.nan
             quality = 1.0 - best / cost_tensor
