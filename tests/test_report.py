@@ -36,6 +36,12 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync")
 PAGE_WIDTH = 1200
+#: Where each image landed on the page, and whether it decoded (naturalWidth > 0).
+IMAGE_BOXES_JS = """JSON.stringify(Array.from(document.images).map(img => {
+  const r = img.getBoundingClientRect(), s = img.closest('section');
+  return {section: s ? s.id : null, x: r.left + window.scrollX, y: r.top + window.scrollY,
+          w: r.width, h: r.height, natural: img.naturalWidth};
+}))"""
 BROWSER_TIMEOUT_S = 60
 
 
@@ -344,9 +350,10 @@ class Browser:
         os.close(self.r)
 
 
-def render(page: Path, screenshot: Path) -> list[str]:
-    """Load ``page``, save a full-page screenshot; return every error the page
-    raised: uncaught exceptions, console.error calls, failed resource loads."""
+def render(page: Path, screenshot: Path) -> tuple[list[str], list[dict]]:
+    """Load ``page`` and save a full-page screenshot. Returns every error the
+    page raised (uncaught exceptions, console.error calls, failed resource
+    loads) and, per <img>, its section, page box (CSS px) and decoded width."""
     with tempfile.TemporaryDirectory() as profile:
         b = Browser(chromium(), Path(profile))
         try:
@@ -361,6 +368,9 @@ def render(page: Path, screenshot: Path) -> list[str]:
             b.call("Page.navigate", {"url": page.resolve().as_uri()}, session=sid)
             b.wait_for("Page.loadEventFired")
             height = b.call("Page.getLayoutMetrics", session=sid)["cssContentSize"]["height"]
+            boxes = json.loads(b.call("Runtime.evaluate", {"expression": IMAGE_BOXES_JS,
+                                                           "returnByValue": True},
+                                      session=sid)["result"]["value"])
             shot = b.call("Page.captureScreenshot", {
                 "format": "png", "captureBeyondViewport": True,
                 "clip": {"x": 0, "y": 0, "width": PAGE_WIDTH, "height": height, "scale": 1}},
@@ -380,7 +390,7 @@ def render(page: Path, screenshot: Path) -> list[str]:
             errors.append(f"log: {p['entry']['text']} {p['entry'].get('url', '')}")
         elif method == "Network.loadingFailed":
             errors.append(f"network: {p.get('errorText')}")
-    return errors
+    return errors, boxes
 
 
 def test_browser_check_detects_page_errors(tmp_path):
@@ -389,26 +399,38 @@ def test_browser_check_detects_page_errors(tmp_path):
     page.write_text('<!DOCTYPE html><html><body><h1>broken</h1><img src="missing.png">'
                     '<script>console.error("deliberate"); undefinedFunction();</script>'
                     "</body></html>")
-    errors = render(page, tmp_path / "broken.png")
+    errors, boxes = render(page, tmp_path / "broken.png")
     text = "\n".join(errors)
     assert "undefinedFunction is not defined" in text
     assert "deliberate" in text
     assert "ERR_FILE_NOT_FOUND" in text and "missing.png" in text
+    assert [b["natural"] for b in boxes] == [0]          # the missing image did not decode
     fine = tmp_path / "fine.html"
     fine.write_text("<!DOCTYPE html><html><body><h1>fine</h1><script>console.log(1)</script>"
                     "</body></html>")
-    assert render(fine, tmp_path / "fine.png") == []
+    assert render(fine, tmp_path / "fine.png") == ([], [])
 
 
 def test_report_renders_in_chromium(run, tmp_path):
     _, _, _, report = run
     shot = tmp_path / "report.png"
-    errors = render(report, shot)
+    errors, boxes = render(report, shot)
     assert errors == []
     img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert img.shape[1] == PAGE_WIDTH and img.shape[0] > 1500   # the whole page
     non_white = (img < 235).any(axis=2)
     assert non_white.mean() > 0.10
-    saturated = img.max(axis=2) - img.min(axis=2) > 80          # colour FA, RISH, charts
-    assert saturated.mean() > 0.01
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
+    # every figure decoded and shows up on the screenshot where the page put it
+    n_done = N_SUBJECTS - 1
+    counts = {sec: sum(b["section"] == sec for b in boxes) for sec in ("qc", "fa", "rish")}
+    assert counts == {"qc": 1, "fa": 3 * n_done, "rish": len(SHELLS) * n_done * N_ORDERS}
+    for box in boxes:
+        assert box["natural"] > 0 and box["w"] > 50 and box["h"] > 50, box
+        x, y = int(box["x"]), int(box["y"])
+        region = img[y:y + int(box["h"]), x:x + int(box["w"])]
+        assert region.std() > 20, box                      # not blank
+    colour_fa = [b for b in boxes if b["section"] == "fa"][1]
+    region = img[int(colour_fa["y"]):int(colour_fa["y"] + colour_fa["h"]),
+                 int(colour_fa["x"]):int(colour_fa["x"] + colour_fa["w"])]
+    assert (region.max(axis=2) - region.min(axis=2) > 60).mean() > 0.02   # coloured
