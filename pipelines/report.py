@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from dmriflow.interfaces import __version__, io
+from dmriflow.interfaces.stepfiles import MAD_TO_SD
 
 #: The report's file name under OUTPUT/dmriflow/.
 REPORT_FILE = "report.html"
@@ -58,6 +59,11 @@ QC_COLUMNS = (("subject", "Subject", None), ("status", "Status", None),
               ("protocol", "Protocol", None), ("mask_volume_ml", "Mask (ml)", "{:.0f}"),
               ("b0_snr", "b0 SNR", "{:.1f}"), ("median_fa", "Median FA", "{:.3f}"),
               ("failed_step", "Failed step", None), ("error", "Reason", None))
+#: QC numbers judged for outliers within a protocol group, the robust z beyond
+#: which a value is flagged (Iglewicz and Hoaglin's 3.5), and the smallest group judged.
+QC_JUDGED = ("mask_volume_ml", "b0_snr", "median_fa")
+QC_OUTLIER_Z = 3.5
+QC_MIN_GROUP = 5
 #: Census columns summarised per protocol group: (column, heading, number format).
 CENSUS_COLUMNS = (("field_strength_t", "Field (T)", "{:g}"), ("echo_time_ms", "TE (ms)", "{:g}"),
                   ("shells", "Shells (s/mm²)", None), ("directions", "Directions", None),
@@ -89,6 +95,7 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #d5dbe3;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#eef2f7} td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.failed td{background:#fdecea} tr.missing td{background:#fff6e0}
+tr.flagged td{background:#fff3c4}
 .status-done{color:#1b7f3b;font-weight:600} .status-failed{color:#b3261e;font-weight:600}
 .status-missing{color:#a15c00;font-weight:600}
 .cards{display:flex;flex-wrap:wrap;gap:14px}
@@ -393,15 +400,53 @@ def census_section(table: pd.DataFrame | None, census: pd.DataFrame | None) -> s
     return note + html_table(grouped, columns)
 
 
+def qc_flags(table: pd.DataFrame) -> pd.Series:
+    """Per subject, the QC numbers that are outliers within its protocol group.
+
+    Robust z = (x - group median) / (1.4826 MAD) of mask volume, b0 SNR and
+    median FA over the group's done subjects; |z| > QC_OUTLIER_Z is flagged
+    ("b0 SNR low (z -5.1)"). Groups with fewer than QC_MIN_GROUP done subjects,
+    or no spread, are not judged.
+    """
+    flags = pd.Series("", index=table.index, dtype=object)
+    if "status" not in table.columns:
+        return flags
+    done = table[table["status"] == "done"]
+    groups = done.groupby("protocol") if "protocol" in done.columns else [("all", done)]
+    for _, grp in groups:
+        if len(grp) < QC_MIN_GROUP:
+            continue
+        for col, heading, _ in QC_COLUMNS:
+            if col not in QC_JUDGED or col not in grp.columns:
+                continue
+            x = pd.to_numeric(grp[col], errors="coerce")
+            mad = float((x - x.median()).abs().median())
+            if not mad > 0:
+                continue
+            z = (x - x.median()) / (MAD_TO_SD * mad)
+            for i in z.index[z.abs() > QC_OUTLIER_Z]:
+                word = "high" if z[i] > 0 else "low"
+                flags[i] = "; ".join(f for f in (flags[i], f"{heading} {word} (z {z[i]:+.1f})")
+                                     if f)
+    return flags
+
+
 def qc_section(table: pd.DataFrame) -> str:
     counts = table["status"].value_counts().to_dict() if "status" in table else {}
+    table = table.assign(qc_flags=qc_flags(table))
+    n_flagged = int((table["qc_flags"] != "").sum())
     cards = "".join(f'<div class="card"><b>{n}</b>{_e(s)}</div>'
                     for s, n in sorted(counts.items()))
+    cards += f'<div class="card"><b>{n_flagged}</b>QC outlier(s)</div>'
     note = ('<p class="note"><b>b0 SNR</b> = mean b0 signal in the brain mask / noise sigma; '
             "sigma = 1.4826 &times; MAD of the differences of consecutive b0 volumes in the "
             "mask / &radic;2 (motion between b0s lowers it). <b>Mask</b>: brain-mask volume. "
-            "<b>Median FA</b>: in the brain mask.</p>")
-    rows = html_table(table, QC_COLUMNS, row_class=lambda r: str(r.get("status", "")),
+            "<b>Median FA</b>: in the brain mask. <b>QC flags</b>: values more than "
+            f"{QC_OUTLIER_Z:g} robust SDs (1.4826 &times; MAD) from their protocol group's "
+            f"median (groups of at least {QC_MIN_GROUP} done subjects).</p>")
+    rows = html_table(table, QC_COLUMNS + (("qc_flags", "QC flags", None),),
+                      row_class=lambda r: "flagged" if r.get("qc_flags") and
+                      r.get("status") == "done" else str(r.get("status", "")),
                       max_rows=max(MAX_TABLE_ROWS, len(table)))
     fig = _figure(qc_figure(table), "Per-subject QC figures by protocol group (done subjects).",
                   "QC scatter")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from dmriflow.interfaces.phantom import SiteEffect, hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
-from dmriflow.pipelines.report import REPORT_FILE, _canonical, colour_fa
+from dmriflow.pipelines.report import REPORT_FILE, _canonical, colour_fa, qc_flags, qc_section
 
 SHAPE = (18, 22, 16)
 N_SUBJECTS = 3
@@ -205,6 +205,26 @@ def test_image_gradient_and_model_sections(run, tmp_path):
     (model,) = page.tables["models"]
     assert len(model) == 2 and dict(zip(*model)) == {"split": "test", "value": "0.042",
                                                      "metric": "rish_l0_rel_error"}
+
+
+def test_qc_flags_mark_outliers_within_their_protocol_group():
+    n = 8
+    spread = np.linspace(-1.0, 1.0, n)       # robust |z| <= 1.3 within P1
+    table = pd.DataFrame({
+        "subject": [f"sub-{i:02d}" for i in range(n + 4)],
+        "status": ["done"] * n + ["failed"] + ["done"] * 3,
+        "protocol": ["P1"] * n + ["unreadable"] + ["P2"] * 3,
+        "mask_volume_ml": np.r_[1400 + 30 * spread, np.nan, 1400, 1400, 5000],
+        "b0_snr": np.r_[30 + spread[:-1], 12.0, np.nan, 30, 31, 29],
+        "median_fa": np.r_[0.3 + 0.01 * spread, np.nan, 0.3, 0.31, 0.29]})
+    flags = qc_flags(table)
+    assert list(flags[flags != ""].index) == [n - 1]      # P2 (3 subjects) is not judged
+    assert flags[n - 1].startswith("b0 SNR low (z -")
+    x = table["b0_snr"][:n]
+    z = (12.0 - x.median()) / (1.4826 * (x - x.median()).abs().median())
+    assert f"z {z:+.1f}" in flags[n - 1]
+    html = qc_section(table)
+    assert html.count('class="flagged"') == 1 and "<b>1</b>QC outlier(s)" in html
 
 
 def test_colour_fa_follows_the_anatomical_axes(tmp_path):
