@@ -13,7 +13,7 @@ dmriflow harmonize apply ARTEFACT INPUT OUTPUT
 dmriflow status OUTPUT
 dmriflow report OUTPUT
 dmriflow simulate OUT --subjects N --layout hcp|bids --shape X Y Z --seed S
-dmriflow demo OUT
+dmriflow demo OUT [--inference directions]
 dmriflow train directions INPUT OUTPUT_CHECKPOINT [--epochs N] [--resume]
 dmriflow train 3t7t BIDS_INPUT OUTPUT_CHECKPOINT [--epochs N] [--grid G]
 
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulate the built-in cohort and run the pipeline on it")
     p.add_argument("output", nargs="?", default="demo-output")
     p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS)
+    p.add_argument("--inference", metavar="KIND",
+                   help="also run an inference phase, e.g. 'directions' (the shipped "
+                        "direction-synthesis model; about doubles the demo's time on 2 cores)")
     _add_run_options(p)
     return parser
 
