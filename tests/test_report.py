@@ -187,7 +187,7 @@ def test_image_gradient_and_model_sections(run, tmp_path):
         (tmp_path / lbl).mkdir()
         data = load_dwi(d / "data.nii.gz", d / "bvals", d / "bvecs", d / "nodif_brain_mask.nii.gz")
         products.append(subject_products(data, ig.HCP_TIMING, ("B",), tmp_path / lbl,
-                                         f"sub-{lbl}"))
+                                         f"sub-{lbl}", max_voxels=400))
     write_group(products, out)
     metrics = [{"split": "test", "metric": "rish_l0_rel_error", "value": 0.042}]
     card = ModelCard(name="rish-ldm", version="2", architecture="unet", kwargs={},
@@ -440,7 +440,7 @@ def test_report_renders_in_chromium(run, tmp_path):
     assert img.shape[1] == PAGE_WIDTH and img.shape[0] > 1500   # the whole page
     non_white = (img < 235).any(axis=2)
     assert non_white.mean() > 0.10
-    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 500
+    assert np.unique((img[..., 0] << 16) | (img[..., 1] << 8) | img[..., 2]).size > 500
     # every figure decoded and shows up on the screenshot where the page put it
     n_done = N_SUBJECTS - 1
     counts = {sec: sum(b["section"] == sec for b in boxes) for sec in ("qc", "fa", "rish")}
