@@ -1342,7 +1342,8 @@ def cohort_tests(rows, statistics: Sequence[str] = ("mean", "median", "mean_2d")
     t-test against each fibre-only control (same subjects). Columns: method,
     kind, stratum, statistic, test ("chance" or "vs_<control>"), reference
     (chance value or control name), n_subjects, mean (of the statistic, or of
-    the paired difference), sd, t, p.
+    the paired difference), sd, t, p, cohen_d (effect size: (mean - chance)
+    / sd, or mean difference / sd of the differences).
     """
     import pandas as pd
     out = []
@@ -1354,7 +1355,8 @@ def cohort_tests(rows, statistics: Sequence[str] = ("mean", "median", "mean_2d")
             out.append({"method": method, "kind": kind, "stratum": stratum, "statistic": stat,
                         "test": "chance", "reference": f"{CHANCE[stat]:.4f}",
                         "n_subjects": r["n"], "mean": r["mean"], "sd": r["sd"],
-                        "t": r["t"], "p": r["p"]})
+                        "t": r["t"], "p": r["p"],
+                        "cohen_d": _effect(r["mean"] - CHANCE[stat], r["sd"])})
             if method in controls:
                 continue
             for ctrl in controls:
@@ -1366,9 +1368,15 @@ def cohort_tests(rows, statistics: Sequence[str] = ("mean", "median", "mean_2d")
                 out.append({"method": method, "kind": kind, "stratum": stratum,
                             "statistic": stat, "test": f"vs_{ctrl}", "reference": ctrl,
                             "n_subjects": r["n"], "mean": r["mean"], "sd": r["sd"],
-                            "t": r["t"], "p": r["p"]})
+                            "t": r["t"], "p": r["p"], "cohen_d": _effect(r["mean"], r["sd"])})
     return pd.DataFrame(out, columns=["method", "kind", "stratum", "statistic", "test",
-                                      "reference", "n_subjects", "mean", "sd", "t", "p"])
+                                      "reference", "n_subjects", "mean", "sd", "t", "p",
+                                      "cohen_d"])
+
+
+def _effect(diff: float, sd: float) -> float:
+    """Cohen's d = diff / sd (NaN when sd is 0 or undefined)."""
+    return float(diff / sd) if np.isfinite(sd) and sd > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------

@@ -682,6 +682,8 @@ def test_cohort_tests_on_known_rows():
         assert r["t"].item() == pytest.approx(ref.statistic)
         assert r["p"].item() == pytest.approx(ref.pvalue)
         assert r["n_subjects"].item() == 6 and r["mean"].item() == pytest.approx(b[stat].mean())
+        assert r["cohen_d"].item() == pytest.approx(
+            (b[stat].mean() - ig.CHANCE[stat]) / b[stat].std(ddof=1))
     e3 = rows[rows.method == ig.FIBRE_E3].set_index("subject")
     r = table[(table.method == "B") & (table.statistic == "mean") & (table.test == "vs_fibre_e3")]
     ref = stats.ttest_rel(b["mean"], e3.loc[b.index, "mean"])
