@@ -1063,15 +1063,11 @@ class TwoTimeModel:
         vals, v = _principal(short - long_)
         with np.errstate(all="ignore"):
             w = v * np.sqrt(np.clip(vals[:, 0], 0.0, None) / (c * dt))[:, None]
-            ok = np.isfinite(short).all(axis=(1, 2)) & np.isfinite(w).all(axis=1)
-            y = np.full_like(w, np.nan)
-            if ok.any():
-                y[ok] = np.linalg.solve(short[ok], w[ok][..., None])[..., 0]
+            inv = _inv_sym3(short)                       # NaN/inf rows where singular
+            y = (inv @ w[..., None])[..., 0]
             g = y / (1.0 + c * ts * np.sum(w * y, axis=1))[:, None]
             # the axis D^-1 v also where lambda_1 <= 0 (then |g| = 0)
-            axis = np.full_like(w, np.nan)
-            if ok.any():
-                axis[ok] = np.linalg.solve(short[ok], v[ok][..., None])[..., 0]
+            axis = (inv @ v[..., None])[..., 0]
         return axis, g, _rank_one_fraction(vals)
 
     def fit_rows(self, rows1, rows2):
