@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+
+from dmriflow.interfaces.dti import TensorModel
 
 #: Slab thickness (voxels along the last axis) per forward pass, excluding the halo.
 SLAB = 32
@@ -173,19 +176,18 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
     gtab = type(dwi.gtab)(np.r_[np.zeros(sample.b0.shape[-1]),
                                 np.full(len(sample.input_bvecs) + len(targets), shell)],
                           np.r_[np.zeros((sample.b0.shape[-1], 3)), sample.input_bvecs, targets])
-    from dmriflow.interfaces.dti import TensorModel
     fa = np.asarray(TensorModel(gtab).fit(series, sample.mask).fa, dtype=np.float32)
     row = {"inference_mode": "held-out" if holdout else "upsampling",
            "inference_inputs": len(sample.input_bvecs), "inference_synthesised": len(targets)}
     if holdout:
         full = np.asarray(TensorModel(gtab).fit(sample.series(sample.targets), sample.mask).fa)
         m = sample.mask
-        dti = dm.dti_prediction(sample)
-        row.update(
-            inference_dwi_rmse=round(float(np.sqrt(np.mean((pred[m] - sample.targets[m]) ** 2))), 5),
-            inference_dwi_rmse_dti=round(float(np.sqrt(np.mean((dti[m] - sample.targets[m]) ** 2))), 5),
-            inference_fa_rmse=round(float(np.sqrt(np.mean((fa[m] - full[m]) ** 2))), 5))
-    import pandas as pd
+
+        def rmse(a, b):
+            return round(float(np.sqrt(np.mean((a[m] - b[m]) ** 2))), 5)
+        row.update(inference_dwi_rmse=rmse(pred, sample.targets),
+                   inference_dwi_rmse_dti=rmse(dm.dti_prediction(sample), sample.targets),
+                   inference_fa_rmse=rmse(fa, full))
     n_b0 = sample.b0.shape[-1]
     acquired = np.r_[np.ones(n_b0 + len(sample.input_bvecs), bool), np.zeros(len(targets), bool)]
     table = pd.DataFrame({"volume": np.arange(len(gtab)), "bval": gtab.bvals,

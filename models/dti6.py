@@ -237,8 +237,8 @@ def train_model(kind: str, train: list[TensorSample], val: list[TensorSample], c
     return result.model, result
 
 
-def run_experiment(steps: dict | None = None, subjects=EXPERIMENT_SUBJECTS, seed: int = EXPERIMENT_SEED,
-                   state_dir=None, log=print) -> list[dict]:
+def run_experiment(steps: dict | None = None, subjects=EXPERIMENT_SUBJECTS,
+                   seed: int = EXPERIMENT_SEED, state_dir=None, log=print) -> list[dict]:
     """Phantom cohort -> MLP and patch CNN vs the classical fit -> held-out table.
 
     ``steps``: optimizer steps per model kind (default :data:`EXPERIMENT_STEPS`).
@@ -252,8 +252,8 @@ def run_experiment(steps: dict | None = None, subjects=EXPERIMENT_SUBJECTS, seed
     train, val, test = split_subjects(samples, n_val, n_test)
     models = {}
     for kind in ("mlp", "cnn"):
-        cfg = TrainConfig(steps=(steps or EXPERIMENT_STEPS)[kind], lr=2e-3, warmup=50, seed=seed, validate_every=100,
-                          log_every=50, checkpoint_every=100)
+        cfg = TrainConfig(steps=(steps or EXPERIMENT_STEPS)[kind], lr=2e-3, warmup=50,
+                          seed=seed, validate_every=100, log_every=50, checkpoint_every=100)
         sd = None if state_dir is None else Path(state_dir) / kind
         models[kind], res = train_model(kind, train, val, cfg, state_dir=sd, resume=True,
                                         log=log)

@@ -34,12 +34,18 @@ MODELS_TABLE = "models.tsv"
 @python.define(outputs=["product"])
 @guarded(STEP)
 def Inference(subject: str, record: dict, kind: str, checkpoint: str = "",
-              pipeline_version: str = "") -> dict:
-    """Apply an inference model to the subject's current series; a product record."""
+              weights_sha256: str = "", pipeline_version: str = "") -> dict:
+    """Apply an inference model to the subject's current series; a product record.
+
+    ``weights_sha256`` (the card's) is an input so that new weights in the
+    same checkpoint folder mean a new cache entry; it must match the card.
+    """
     from dmriflow.interfaces.inference import run_inference
     data = load_series(record)
     out, card = run_inference(kind, checkpoint or None, data, record["series"]["dwi"],
                               census=record.get("census"))
+    if weights_sha256 and card.weights_sha256 != weights_sha256:
+        raise RuntimeError(f"checkpoint {checkpoint} changed during the run")
     cwd = Path.cwd()
     maps = {entities: str(io.save_nifti(np.asarray(arr, dtype=np.float32), data.affine,
                                         cwd / f"{entities}.nii.gz", data.header).resolve())
@@ -54,8 +60,9 @@ def Inference(subject: str, record: dict, kind: str, checkpoint: str = "",
 
 @workflow.define(outputs=["product"])
 def InferenceSubject(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
-                     kind: str, checkpoint: str = "", mask: File | None = None,
-                     sidecar: File | None = None, harmonization: str = "",
+                     kind: str, checkpoint: str = "", weights_sha256: str = "",
+                     mask: File | None = None, sidecar: File | None = None,
+                     harmonization: str = "",
                      denoise: bool = False, degibbs: bool = False,
                      pipeline_version: str = "") -> dict:
     """Validate -> [Preprocess] -> [Harmonize] -> Inference, the same nodes (and
@@ -64,17 +71,19 @@ def InferenceSubject(subject: str, out_parts: list, dwi: File, bval: File, bvec:
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
                               pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization)
-    return workflow.add(Inference(record=record, kind=kind, checkpoint=checkpoint, **pv),
-                        hooks=PROGRESS).product
+    return workflow.add(Inference(record=record, kind=kind, checkpoint=checkpoint,
+                                  weights_sha256=weights_sha256, **pv), hooks=PROGRESS).product
 
 
 @workflow.define(outputs=["products"])
 def InferencePhase(subject: list[str], out_parts: list[list], dwi: list[File],
                    bval: list[File], bvec: list[File], mask: list, sidecar: list, kind: str,
-                   checkpoint: str = "", harmonization: str = "", denoise: bool = False,
-                   degibbs: bool = False, pipeline_version: str = "") -> list:
+                   checkpoint: str = "", weights_sha256: str = "", harmonization: str = "",
+                   denoise: bool = False, degibbs: bool = False,
+                   pipeline_version: str = "") -> list:
     from dmriflow.pipelines.workflows import SUBJECT_FIELDS
-    per = InferenceSubject(kind=kind, checkpoint=checkpoint, harmonization=harmonization,
+    per = InferenceSubject(kind=kind, checkpoint=checkpoint, weights_sha256=weights_sha256,
+                           harmonization=harmonization,
                            denoise=denoise, degibbs=degibbs, pipeline_version=pipeline_version)
     split = per.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi, bval=bval,
                       bvec=bvec, mask=mask, sidecar=sidecar)
@@ -105,13 +114,16 @@ def run_inference_phase(subjects, output_dir, config, root: Path, version: str,
     Writes ``group/models.tsv``. A subject whose inference failed has a
     failure record (Export reports it as that subject's failed step).
     """
+    from dmriflow.models.card import load_card
     checkpoint = resolve_checkpoint(kind, checkpoint)
+    sha = load_card(checkpoint).weights_sha256
     write_models_table(output_dir, [checkpoint])
     task = InferencePhase(
         subject=[s.key for s in subjects], out_parts=[list(s.out_parts) for s in subjects],
         dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
         bvec=[s.bvec for s in subjects], mask=[s.mask for s in subjects],
         sidecar=[s.sidecar for s in subjects], kind=kind, checkpoint=checkpoint,
+        weights_sha256=sha,
         harmonization=str(Path(config.harmonization).resolve()) if config.harmonization else "",
         denoise=config.denoise, degibbs=config.degibbs, pipeline_version=version)
     with phase_submitter(config, root) as sub:
