@@ -317,9 +317,9 @@ def real_pair_study(data_dir, seed: int = 0, n_shuffles: int = N_SHUFFLES) -> Pa
     normal = np.broadcast_to(SLICE_NORMAL, mask.shape + (3,))
     tables = []
     for gname, gold in golds.items():
-        angles = {m: ig._masked_map(ig.acute_angle, mask, a, gold.gradient)
+        angles = {m: np.where(mask, ig.acute_angle(a, gold.gradient), np.nan)
                   for m, a in axes.items()}
-        in_slice = {m: ig._masked_map(ig.plane_angle, mask, a, gold.gradient, normal)
+        in_slice = {m: np.where(mask, ig.plane_angle(a, gold.gradient, normal), np.nan)
                     for m, a in axes.items()}
         t = ig.summarise_angles(angles, in_slice, strata, kinds, subject="mdt")
         t.insert(1, "gold", gname)

@@ -16,7 +16,6 @@ engine; the two Pydra tasks at the end are thin wrappers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
