@@ -230,15 +230,21 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--test", type=int, default=6)
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step count")
+    ap.add_argument("--diffusion-steps", type=int, default=None,
+                    help="denoiser steps (default: the scaled default)")
+    ap.add_argument("--cnn-steps", type=int, default=None,
+                    help="CNN baseline steps (default: the scaled default)")
     ap.add_argument("--no-ablation", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     b = Budget(threads=a.threads)
     for k in ("vq3_steps", "vq7_steps", "diffusion_steps", "sr_steps"):
         setattr(b, k, max(1, int(getattr(b, k) * a.scale)))
+    if a.diffusion_steps:
+        b.diffusion_steps = a.diffusion_steps
     torch.set_num_threads(a.threads)
-    run(a.out, a.grid, a.n_3t_only, a.pairs, a.test, b, cnn_steps=max(1, int(100 * a.scale)),
-        ablation=not a.no_ablation)
+    run(a.out, a.grid, a.n_3t_only, a.pairs, a.test, b,
+        cnn_steps=a.cnn_steps or max(1, int(100 * a.scale)), ablation=not a.no_ablation)
     return 0
 
 
