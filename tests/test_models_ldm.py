@@ -385,3 +385,40 @@ def test_train_on_paired_bids_cohort_and_apply_the_3t7t_kind(tmp_path):
     with pytest.raises(InputError, match="field strength"):
         run_inference(THREE_T_TO_7T, tmp_path / "ck", dwi, s3.dwi,
                       census={"field_strength_t": 7.0})
+
+
+def test_shipped_checkpoint_is_small_and_states_its_acquisition_and_table():
+    from dmriflow.interfaces.inference import THREE_T_TO_7T, default_checkpoint
+    folder = default_checkpoint(THREE_T_TO_7T)
+    assert sorted(p.name for p in folder.iterdir()) == [cards.CARD_FILE, cards.WEIGHTS_FILE]
+    assert (folder / cards.WEIGHTS_FILE).stat().st_size < 4 * 2**20
+    model, card = cards.load_checkpoint(folder, device="cpu")
+    assert card.acquisition.shells == [1000.0] and card.acquisition.field_strength_t == 3.0
+    methods = {r["method"] for r in card.metrics}
+    assert {"identity (no mapping)", "template lambda (classical RISH)", "3D CNN (RISH 3T->7T)",
+            "LDM (fine-tune + SR)", "oracle lambda (true 7T RISH)"} <= methods
+    assert model.grid == card.kwargs["grid"] and float(model.latent_scale) > 0
+
+
+def test_3t7t_inference_phase_through_the_engine(tmp_path):
+    """``dmriflow run --inference 3t7t`` with the shipped checkpoint on a phantom
+    3T subject: the 7T-like series, its FA and lambda maps are exported."""
+    from dmriflow.pipelines.execution import RunConfig, run_cohort
+    from dmriflow.pipelines.inputs import discover
+    scheme = dg.single_shell_scheme(40, n_b0=3)
+    phantom.write_cohort(tmp_path / "in", 1, shape=(20, 24, 20), seed=41, scheme=scheme)
+    cfg = RunConfig(worker="debug", cache_dir=str(tmp_path / "cache"), quiet=True,
+                    inference="3t7t")
+    result = run_cohort(discover(tmp_path / "in"), tmp_path / "out", cfg)
+    (row,) = result.rows
+    assert row["status"] == "done", row
+    assert row["inference_model"].startswith("ldm-3t7t")
+    names = {p.split("/")[-1] for p in row["derivatives"]}
+    key = row["subject"]
+    for entities in ("model-ldm3t7t_desc-7tlike_dwimap.nii.gz",
+                     "model-ldm3t7t_param-fa_dwimap.nii.gz",
+                     "model-ldm3t7t_param-lambda_dwimap.nii.gz",
+                     "model-ldm3t7t_desc-7tlike_gradients.tsv"):
+        assert f"{key}_{entities}" in names
+    lo, hi = harmonize.SCALE_RANGE
+    assert lo <= row["inference_lambda_l0_median"] <= hi
