@@ -319,4 +319,18 @@ def write_subjects_table(rows: list[dict], output_dir) -> Path:
     first = [c for c in STATUS_COLUMNS if c in df.columns]
     df = df[first + sorted(c for c in df.columns if c not in first)].sort_values("subject")
     path = Path(output_dir, "dmriflow", "group", "subjects.tsv")
+    io.write_json(_table_sidecar(rows), path.with_suffix(".json"))
     return io.write_text(df.to_csv(sep="\t", index=False, na_rep="n/a"), path)
+
+
+def _table_sidecar(rows: list[dict]) -> dict:
+    """Provenance of the group table: the pipeline version(s) its rows come from
+    (more than one only in a cohort of mixed versions), package versions, and
+    each subject's status and ``export_id`` (which names the export, whose
+    sidecars hold the input hashes)."""
+    versions = sorted({r["pipeline_version"] for r in rows if r.get("pipeline_version")})
+    return io.sidecar({}, {}, "group", version=versions[0] if len(versions) == 1 else None,
+                      extra={"PipelineVersions": versions,
+                             "Subjects": {r["subject"]: {"status": r.get("status", ""),
+                                                         "export_id": r.get("export_id", "")}
+                                          for r in rows}})
