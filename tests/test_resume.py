@@ -207,7 +207,6 @@ def test_interrupted_reexport_never_leaves_an_old_done_status(tmp_path, monkeypa
     The old status file ("done", old version) must be gone: the subject is
     missing, not done with a mix of old and new files. A rerun completes it."""
     from dmriflow.interfaces import io
-    from dmriflow.pipelines import steps
     from dmriflow.pipelines.execution import RunConfig, run_cohort, status_table
     from dmriflow.pipelines.inputs import discover
 
@@ -219,15 +218,17 @@ def test_interrupted_reexport_never_leaves_an_old_done_status(tmp_path, monkeypa
     assert list(status_table(tmp_path / "out")["status"]) == ["done"]
 
     monkeypatch.setattr(io, "pipeline_version", lambda: "0.1.0+new")
-    real, calls = steps._export_file, []
+    real, calls = io.copy_file, []
 
-    def dies_on_third(*args, **kwargs):
-        calls.append(args[1])
+    def dies_on_third(src, dst):
+        calls.append(dst)
         if len(calls) == 3:
             raise Killed
-        return real(*args, **kwargs)
+        return real(src, dst)
 
-    monkeypatch.setattr(steps, "_export_file", dies_on_third)
+    # patched on the io module: the engine may run a by-value copy of the step
+    # functions (their own globals), but they reach io through the module
+    monkeypatch.setattr(io, "copy_file", dies_on_third)
     with pytest.raises(Killed):
         run_cohort(subjects, tmp_path / "out", cfg)
     assert not status_files(tmp_path / "out")
@@ -235,7 +236,7 @@ def test_interrupted_reexport_never_leaves_an_old_done_status(tmp_path, monkeypa
     assert list(table["status"]) == ["missing"]
     assert table["export"][0] == "missing"
 
-    monkeypatch.setattr(steps, "_export_file", real)
+    monkeypatch.setattr(io, "copy_file", real)
     result = run_cohort(subjects, tmp_path / "out", cfg)
     assert [r["status"] for r in result.rows] == ["done"]
     (row,) = [json.loads(p.read_text()) for p in status_files(tmp_path / "out").values()]

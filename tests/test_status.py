@@ -211,6 +211,14 @@ def test_every_sidecar_carries_full_provenance(broken_run):
             assert {k: versions[k] for k in installed} == installed
             n_checked += 1
     assert n_checked == N_SUBJECTS * (6 + 2 * 3)
+    table_meta = json.loads((out / "dmriflow" / "group" / "subjects.json").read_text())
+    assert table_meta["PipelineVersions"] == [version]
+    assert table_meta["GeneratedBy"][0]["PipelineVersion"] == version
+    assert table_meta["Versions"]["pydra"] == installed["pydra"]
+    assert table_meta["Subjects"] == {
+        s.key: {"status": "done", "export_id": json.loads(next(
+            (out / "dmriflow" / s.key).glob("*_status.json")).read_text())["export_id"]}
+        for s in subjects}
 
 
 def test_sidecar_uses_recorded_hashes_and_the_run_version(tmp_path):
