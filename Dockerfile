@@ -1,24 +1,48 @@
-# Reproducible-study image. CPU torch by default (what the tests build);
-# TORCH_INDEX may name a wheel index holding the wanted torch build (a CPU-only
-# index for small test images, a CUDA one with a CUDA base image for GPUs).
-# First version: verified by the scale-out issue's container test.
+# The reproducible-study image: `docker run IMAGE run /in /out ...` is `dmriflow run ...`.
+#
+#   make container                      # CPU torch (what the tests build), tag dmriflow:latest
+#   docker build --build-arg BASE_IMAGE=nvidia/cuda:<tag>-runtime-ubuntu22.04 ...  # see README
+#
+# Build arguments:
+#   BASE_IMAGE   a Python 3.11 image (python:3.11-slim by default; any image with python3,
+#                its venv module and useradd works, e.g. a CUDA runtime image with Python)
+#   TORCH_INDEX  an extra wheel index holding the wanted torch build (a CPU-only or a CUDA
+#                index of the PyTorch project); torch stays pinned by constraints.txt
+# Wheels in build/wheels/ are preferred over any index: `make container` puts there the
+# torch build this machine's pip resolves for the pin (the CPU build on the project's
+# machines), so the image gets the same torch as the tests without a multi-GB CUDA download.
+# Classic builder compatible (no BuildKit-only syntax). Two stages: the wheels and build
+# tools stay in the first; the image holds the installed venv only.
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
 
-ARG TORCH_VERSION=2.13.0
+FROM ${BASE_IMAGE} AS build
 ARG TORCH_INDEX=
-ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg
-
-RUN useradd --create-home --uid 1000 dmriflow
-WORKDIR /opt/dmriflow
-COPY setup.cfg pyproject.toml constraints.txt README.md ./
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python3 -m venv /opt/dmriflow
+ENV PATH=/opt/dmriflow/bin:$PATH
+WORKDIR /src
+# torch first, from the pin, so no dependency pulls another torch build
+COPY constraints.txt ./
+COPY constraints.txt build/wheel[s] /src/wheels/
+RUN pip install --find-links /src/wheels -c constraints.txt \
+        ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} torch
+# the dependencies (from setup.cfg) before the code, so a code change reuses this layer
+COPY setup.cfg ./
+RUN python3 -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
+print(c['options']['install_requires'])" > requirements.txt \
+    && pip install --find-links /src/wheels -c constraints.txt -r requirements.txt
+COPY pyproject.toml README.md ./
 COPY interfaces ./interfaces
 COPY pipelines ./pipelines
 COPY models ./models
-RUN python3 -m pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} \
-    && python3 -m pip install -c constraints.txt . \
-    && rm -rf /root/.cache
+RUN pip install --no-deps -c constraints.txt . && pip check
 
+FROM ${BASE_IMAGE}
+# MPLCONFIGDIR/XDG_CACHE_HOME: writable for any --user uid, not only the image's user
+ENV PATH=/opt/dmriflow/bin:$PATH PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg \
+    MPLCONFIGDIR=/tmp/matplotlib XDG_CACHE_HOME=/tmp/cache
+RUN useradd --create-home --uid 1000 dmriflow
+COPY --from=build /opt/dmriflow /opt/dmriflow
 USER dmriflow
 WORKDIR /home/dmriflow
 ENTRYPOINT ["dmriflow"]

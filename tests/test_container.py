@@ -1,0 +1,172 @@
+"""The Docker image: built from the Dockerfile (`make container`), run as its user.
+
+`dmriflow demo` inside the container, writing to a bind-mounted folder, gives
+the group table that `dmriflow demo` gives outside; the image runs as a
+non-root user with `dmriflow` as entrypoint and stays within a size bound.
+
+The session fixture reuses the engine named by ``DOCKER_HOST`` (``.ci/run``
+starts one), else starts one with scripts/docker-engine.sh (root; state in
+/var/tmp/dmriflow-docker so later sessions reuse the build cache) and stops
+it at the end unless another test session is using it. Where the
+``python:3.11-slim`` base cannot be pulled, ../shared/tools/make-python-shim.sh
+builds a local stand-in. Without an engine the tests skip with the reason;
+with ``DMRIFLOW_REQUIRE_DOCKER=1`` they fail.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import assert_same_group_table, system_part_missing
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE_SCRIPT = REPO / "scripts" / "docker-engine.sh"
+SHIM_SCRIPT = REPO.parent / "shared" / "tools" / "make-python-shim.sh"
+REQUIRE_ENV = "DMRIFLOW_REQUIRE_DOCKER"
+DOCKER = "/usr/bin/docker"          # Debian's client (OPERATIONS.md)
+STATE = Path(os.environ.get("DMRIFLOW_DOCKER_STATE", "/var/tmp/dmriflow-docker"))
+BASE_IMAGE = "python:3.11-slim"
+SHIM_IMAGE = "localhost/python-shim:3.11"
+IMAGE = "dmriflow:test"
+IMAGE_UID = 1000
+#: CPU torch plus the scientific stack is ~1.5 GB; a CUDA torch build alone is several GB.
+MAX_IMAGE_BYTES = 3 * 1024**3
+DEMO_SUBJECTS = 2
+BUILD_TIMEOUT_S = 1800
+RUN_TIMEOUT_S = 600
+
+
+def unavailable(reason: str):
+    system_part_missing(reason, REQUIRE_ENV)
+
+
+def docker(env: dict, *args: str, timeout: float = RUN_TIMEOUT_S,
+           check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([DOCKER, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode:
+        raise AssertionError(f"docker {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _responds(env: dict) -> bool:
+    try:
+        return docker(env, "version", timeout=30, check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def docker_env():
+    host = os.environ.get("DOCKER_HOST")
+    if host and Path(DOCKER).exists() and _responds(dict(os.environ)):
+        yield dict(os.environ)             # started by someone else (.ci/run): left running
+        return
+    if os.geteuid() != 0:
+        unavailable("starting a Docker engine needs root")
+    if not shutil.which("apt-get") and not Path("/usr/sbin/dockerd").exists():
+        unavailable("no dockerd and no apt-get to install it")
+    STATE.mkdir(parents=True, exist_ok=True)
+    # every session using the engine holds a shared lock; the last one out stops it
+    users = open(STATE / ".users", "w")
+    fcntl.flock(users, fcntl.LOCK_SH)
+    proc = subprocess.run(["bash", str(ENGINE_SCRIPT), "start", str(STATE)],
+                          capture_output=True, text=True, timeout=600)
+    try:
+        if proc.returncode:
+            unavailable(f"the Docker engine did not start: {proc.stderr[-3000:]}")
+        yield {**os.environ, "DOCKER_HOST": f"unix://{STATE / 'docker.sock'}"}
+    finally:
+        fcntl.flock(users, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass                            # another session still uses the engine
+        else:
+            subprocess.run(["bash", str(ENGINE_SCRIPT), "stop", str(STATE)],
+                           capture_output=True, timeout=120)
+        users.close()
+
+
+def _base_image(env: dict) -> str:
+    """python:3.11-slim when it is present or can be pulled, else the local shim."""
+    if docker(env, "image", "inspect", BASE_IMAGE, check=False).returncode == 0:
+        return BASE_IMAGE
+    if docker(env, "pull", BASE_IMAGE, timeout=900, check=False).returncode == 0:
+        return BASE_IMAGE
+    if not SHIM_SCRIPT.exists():
+        unavailable(f"{BASE_IMAGE} cannot be pulled and {SHIM_SCRIPT} is missing")
+    proc = subprocess.run(["bash", str(SHIM_SCRIPT)], env={**env, "ENGINE": DOCKER},
+                          capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return SHIM_IMAGE
+
+
+@pytest.fixture(scope="session")
+def image(docker_env) -> str:
+    base = _base_image(docker_env)
+    t0 = time.perf_counter()
+    proc = subprocess.run(["make", "-C", str(REPO), "container", f"IMAGE={IMAGE}",
+                           f"BASE_IMAGE={base}", f"DOCKER={DOCKER}"], env=docker_env,
+                          capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    print(f"\ncontainer_build_s={time.perf_counter() - t0:.1f} base={base}")
+    return IMAGE
+
+
+def read_table(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "dmriflow" / "group" / "subjects.tsv", sep="\t")
+
+
+def test_image_runs_as_its_user_with_dmriflow_entrypoint(docker_env, image):
+    config = json.loads(docker(docker_env, "image", "inspect", image).stdout)[0]["Config"]
+    assert config["Entrypoint"] == ["dmriflow"]
+    assert config["User"] == "dmriflow"
+    uid = docker(docker_env, "run", "--rm", "--entrypoint", "id", image, "-u").stdout
+    assert int(uid) == IMAGE_UID
+    version = docker(docker_env, "run", "--rm", image, "--version").stdout
+    from dmriflow.interfaces import __version__
+    assert version.split() == ["dmriflow", __version__]
+    torch = docker(docker_env, "run", "--rm", "--entrypoint", "python3", image, "-c",
+                   "import torch; print(torch.__version__)").stdout.strip()
+    pinned = (REPO / "constraints.txt").read_text().split("torch==")[1].split()[0]
+    assert torch.split("+")[0] == pinned
+
+
+def test_image_size_is_bounded(docker_env, image):
+    size = int(docker(docker_env, "image", "inspect", "-f", "{{.Size}}", image).stdout)
+    print(f"\nimage_size_mb={size / 1e6:.0f}")
+    assert size < MAX_IMAGE_BYTES
+
+
+def test_demo_in_container_matches_demo_outside(docker_env, image, tmp_path):
+    outside = tmp_path / "outside"
+    proc = subprocess.run([str(Path(sys.executable).with_name("dmriflow")), "demo",
+                           str(outside), "--subjects", str(DEMO_SUBJECTS), "--quiet"],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    os.chown(mount, IMAGE_UID, IMAGE_UID)       # the image's user writes the results
+    t0 = time.perf_counter()
+    run = docker(docker_env, "run", "--rm", "-v", f"{mount}:/data", image, "demo",
+                 "/data/demo", "--subjects", str(DEMO_SUBJECTS), "--quiet")
+    print(f"\ncontainer_demo_s={time.perf_counter() - t0:.1f}")
+    assert "summary table: /data/demo/dmriflow/group/subjects.tsv" in run.stdout
+
+    want, got = read_table(outside), read_table(mount / "demo")
+    assert want["status"].tolist() == ["done"] * DEMO_SUBJECTS
+    # same code and data; other library builds may round float32 sums differently
+    assert_same_group_table(got, want, rtol=1e-4, atol=1e-6)
+    fa = mount / "demo" / "dmriflow" / f"sub-{want['subject'][0].removeprefix('sub-')}"
+    assert list(fa.glob("dwi/*_param-fa_dwimap.nii.gz")), "no FA map written to the mount"
