@@ -21,17 +21,25 @@ from dmriflow.pipelines.inputs import discover
 from dmriflow.pipelines.steps import STEP_MARKER
 
 SHAPE = (16, 16, 12)
-N_SUBJECTS = 4
+N_SUBJECTS = 4                 # + one whose mask is too thin for the gold standard
 #: HCP timing (ms), given on the command line (HCP ships no sidecar).
 TIMING = {"Delta": 43.1, "delta": 10.6, "TE": 89.5}
 METHODS = ("B", "B_shuffle", "B_surrogate", "fibre_e3", "fibre_perp")
+#: Steps whose nodes a rerun may recompute: the failed subject's chain (its
+#: failure records are cleared from the cache) and the group nodes.
+RECOMPUTED = {"validate", "tensor", "rish", "image_gradient", "export", "group"}
 
 
 def continuity_cohort(root: Path) -> Path:
-    """Fibre-continuity subjects (no gradient physics) in the HCP layout."""
+    """Fibre-continuity subjects (no gradient physics) in the HCP layout; the
+    last one's brain mask is a 2-slice slab: valid for the tensor fit, but no
+    voxel has both z neighbours inside, so its image-gradient step fails."""
     scheme = P.hcp_scheme(n_b0=6, shells=(1000, 3000), n_dirs=30, seed=1, jitter=False)
-    for label in P.cohort_labels(N_SUBJECTS, "hcp"):
+    for label in P.cohort_labels(N_SUBJECTS + 1, "hcp"):
         subject = P.simulate_continuity_subject(SHAPE, seed=int(label), scheme=scheme)
+        if label == P.cohort_labels(N_SUBJECTS + 1, "hcp")[-1]:
+            subject.mask[..., :5] = False
+            subject.mask[..., 7:] = False
         P.write_subject(subject, root, label, "hcp")
     return root
 
@@ -58,8 +66,8 @@ def run(tmp_path_factory):
 
 def test_subject_maps_and_rows(run):
     tmp, subjects, _, result = run
-    assert [r["status"] for r in result.rows] == ["done"] * N_SUBJECTS, result.rows
-    for s, row in zip(subjects, result.rows):
+    assert [r["status"] for r in result.rows] == ["done"] * N_SUBJECTS + ["failed"], result.rows
+    for s, row in zip(subjects[:N_SUBJECTS], result.rows):
         dwi_dir = tmp / "out" / "dmriflow" / f"sub-{s.label}" / "dwi"
         stem = f"sub-{s.label}_{pig.MODEL_ENTITY}"
         for method in METHODS:
@@ -83,7 +91,20 @@ def test_subject_maps_and_rows(run):
         counts = hist[(hist["name"] == "B") & (hist["kind"] == "3d")]["count"].sum()
         assert counts == row["imagegradient_voxels"]
     subjects_tsv = pd.read_csv(result.table, sep="\t")
-    assert subjects_tsv["imagegradient_B_mean_deg"].notna().all()
+    assert subjects_tsv["imagegradient_B_mean_deg"].notna().sum() == N_SUBJECTS
+
+
+def test_failing_subject_is_isolated(run):
+    """The thin-mask subject fails in the image-gradient step with the reason;
+    the others and the group table go on without it."""
+    tmp, subjects, _, result = run
+    bad = result.rows[-1]
+    assert bad["subject"] == subjects[-1].key and bad["failed_step"] == "image_gradient"
+    assert "no voxel left to evaluate" in bad["error"]
+    table = pd.read_csv(tmp / "out" / "dmriflow" / "group" / pig.GROUP_TABLE, sep="\t")
+    assert (table["n_failed_subjects"] == 1).all()
+    overall = table[(table["test"] == "chance") & (table["stratum"] == "all")]
+    assert (overall["n_subjects"] == N_SUBJECTS).all()
 
 
 def test_group_table_and_figure(run):
@@ -97,7 +118,7 @@ def test_group_table_and_figure(run):
     overall = table[(table["stratum"] == "all") & (table["statistic"] == "mean")
                     & (table["test"] == "chance")].set_index("method")
     assert set(METHODS) <= set(overall.index)
-    assert (overall["n_subjects"] == N_SUBJECTS).all()
+    assert (overall["n_subjects"] == N_SUBJECTS).all()           # the failed one left out
     assert overall.loc["B", "kind"] == "estimator" and overall.loc["fibre_e3", "kind"] == "control"
     for method in ("fibre_e3", "fibre_perp"):
         assert 50.0 < overall.loc[method, "mean"] < 55.0 and overall.loc[method, "p"] < 0.05
@@ -112,8 +133,14 @@ def test_rerun_is_served_from_cache(run):
     tmp, subjects, config, _ = run
     before = node_results(tmp / "cache")
     again = run_cohort(subjects, tmp / "out", config)
-    assert [r["status"] for r in again.rows] == ["done"] * N_SUBJECTS
-    assert node_results(tmp / "cache") == before
+    assert [r["status"] for r in again.rows] == ["done"] * N_SUBJECTS + ["failed"]
+    # only the failed subject's chain, the group nodes and the workflow
+    # folders (rebuilt cheaply) are recomputed: the cache drops failures
+    changed = [Path(p).parent for p, t in node_results(tmp / "cache").items()
+               if before.get(p) != t]
+    steps = [d.joinpath(STEP_MARKER).read_text() for d in changed
+             if not d.name.startswith("workflow-")]
+    assert set(steps) <= RECOMPUTED and steps.count("image_gradient") == 1
 
 
 def test_timing_precedence(tmp_path):
@@ -164,10 +191,12 @@ def test_command_line(run, capsys):
                      "--image-gradient-estimators", "B,C", *common[1:]]) == cli.EXIT_INPUT
     assert "two diffusion times" in capsys.readouterr().err
     before = step_nodes(tmp / "cache", "image_gradient")
-    assert len(before) == N_SUBJECTS
+    assert len(before) == N_SUBJECTS + 1
     code = cli.main(["run", str(tmp / "in"), str(tmp / "cli2"), "--image-gradient",
                      "--gradient-separation", "43.1", "--gradient-duration", "10.6",
                      "--echo-time", "89.5", *common[1:]])
-    assert code == cli.EXIT_OK
+    assert code == cli.EXIT_SUBJECTS_FAILED                         # the thin-mask subject
     assert (tmp / "cli2" / "dmriflow" / "group" / pig.GROUP_TABLE).exists()
-    assert step_nodes(tmp / "cache", "image_gradient") == before     # reused from the cache
+    after = step_nodes(tmp / "cache", "image_gradient")
+    assert after.keys() == before.keys()                   # the same nodes: reused, and
+    assert sum(after[k] != before[k] for k in before) == 1  # only the failed one recomputed
