@@ -200,3 +200,28 @@ def test_command_line(run, capsys):
     after = step_nodes(tmp / "cache", "image_gradient")
     assert after.keys() == before.keys()                   # the same nodes: reused, and
     assert sum(after[k] != before[k] for k in before) == 1  # only the failed one recomputed
+
+
+def test_subject_products_with_a_and_a_voxel_subset(tmp_path):
+    """The step's file function with B and the nonlinear A on a seeded random
+    subset of voxels: both estimators' maps, rows over exactly that subset,
+    and the same subset (same angles) when run again."""
+    from dmriflow.interfaces.image_gradient import HCP_TIMING
+    from dmriflow.interfaces.image_gradient_study import phantom_dwi
+    scheme = P.hcp_scheme(n_b0=4, shells=(1000, 3000), n_dirs=20, seed=1, jitter=False)
+    data = phantom_dwi(P.simulate_continuity_subject((12, 12, 10), seed=5, scheme=scheme))
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        out.mkdir()
+        runs.append(pig.subject_products(data, HCP_TIMING, ("B", "A"), out, "sub-01",
+                                         max_voxels=40))
+    product = runs[0]
+    assert product["row"]["imagegradient_voxels"] == 40
+    for est in ("A", "A_shuffle", "A_surrogate", "B"):
+        entity = f"{pig.MODEL_ENTITY}_desc-{pig.entity_label(est)}_param-angle"
+        maps = [np.asarray(nib.load(r["maps"][entity]).dataobj) for r in runs]
+        assert np.isfinite(maps[0]).sum() == 40
+        np.testing.assert_array_equal(maps[0], maps[1])
+        assert 0.0 <= product["row"][f"imagegradient_{est}_mean_deg"] <= 90.0
+    assert product["parameters"]["quality"] == {"B": "rank1_fraction", "A": "rss_reduction"}
