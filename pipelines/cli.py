@@ -283,14 +283,17 @@ def cmd_status(args) -> int:
     holder = run_holder(Path(args.output, "dmriflow"))
     if holder:
         print(f"a run is in progress ({holder}): missing subjects may still be running")
-    width = max([len("subject")] + [len(s) for s in table["subject"]]) + 2
-    print(f"{'subject':<{width}}{'status':<9}" + "".join(f"{s:<11}" for s in steps) + "reason")
+    width = max([len("subject")] + [len(s) for s in table["subject"]]
+                + [len(s) for s in steps]) + 2
+    col = {s: max(11, len(s) + 1) for s in steps}     # e.g. "image_gradient"
+    print(f"{'subject':<{width}}{'status':<9}" + "".join(f"{s:<{col[s]}}" for s in steps)
+          + "reason")
     for row in table.itertuples(index=False):
         reason = ""
         if row.status != "done":
             reason = (f"[{row.failed_step}] " if row.failed_step else "") + str(row.error)
         print((f"{row.subject:<{width}}{row.status:<9}"
-               + "".join(f"{getattr(row, s):<11}" for s in steps) + reason).rstrip())
+               + "".join(f"{getattr(row, s):<{col[s]}}" for s in steps) + reason).rstrip())
     print(f"{'step':<{width}}" + "".join(f"{w:>9}" for w in STEP_WORDS))
     for step in steps:
         n = table[step].value_counts()
