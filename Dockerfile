@@ -11,11 +11,11 @@
 # Wheels in build/wheels/ are preferred over any index: `make container` puts there the
 # torch build this machine's pip resolves for the pin (the CPU build on the project's
 # machines), so the image gets the same torch as the tests without a multi-GB CUDA download.
-# Classic builder compatible (no BuildKit-only syntax). Two stages: the wheels and build
-# tools stay in the first; the image holds the installed venv only.
+# Classic builder compatible (no BuildKit-only syntax). Two stages: the wheels stay in the
+# first (the dependencies' venv); the image takes that venv and installs the package on top.
 ARG BASE_IMAGE=python:3.11-slim
 
-FROM ${BASE_IMAGE} AS build
+FROM ${BASE_IMAGE} AS deps
 ARG TORCH_INDEX=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/dmriflow
@@ -26,23 +26,25 @@ COPY constraints.txt ./
 COPY constraints.txt build/wheel[s] /src/wheels/
 RUN pip install --find-links /src/wheels -c constraints.txt \
         ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} torch
-# the dependencies (from setup.cfg) before the code, so a code change reuses this layer
+# then the dependencies named in setup.cfg
 COPY setup.cfg ./
 RUN python3 -c "import configparser; c = configparser.ConfigParser(); c.read('setup.cfg'); \
 print(c['options']['install_requires'])" > requirements.txt \
     && pip install --find-links /src/wheels -c constraints.txt -r requirements.txt
-COPY pyproject.toml README.md ./
-COPY interfaces ./interfaces
-COPY pipelines ./pipelines
-COPY models ./models
-RUN pip install --no-deps -c constraints.txt . && pip check
 
 FROM ${BASE_IMAGE}
 # MPLCONFIGDIR/XDG_CACHE_HOME: writable for any --user uid, not only the image's user
 ENV PATH=/opt/dmriflow/bin:$PATH PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg \
-    MPLCONFIGDIR=/tmp/matplotlib XDG_CACHE_HOME=/tmp/cache
+    MPLCONFIGDIR=/tmp/matplotlib XDG_CACHE_HOME=/tmp/cache \
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN useradd --create-home --uid 1000 dmriflow
-COPY --from=build /opt/dmriflow /opt/dmriflow
+COPY --from=deps /opt/dmriflow /opt/dmriflow
+# the package last, so a code change rebuilds only these small layers
+COPY setup.cfg pyproject.toml README.md constraints.txt /tmp/dmriflow/
+COPY interfaces /tmp/dmriflow/interfaces
+COPY pipelines /tmp/dmriflow/pipelines
+COPY models /tmp/dmriflow/models
+RUN pip install --no-deps /tmp/dmriflow && pip check && rm -rf /tmp/dmriflow
 USER dmriflow
 WORKDIR /home/dmriflow
 ENTRYPOINT ["dmriflow"]
