@@ -31,9 +31,11 @@ bench: env
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
 container: env
-	# the torch build this machine's pip resolves for the pin, preferred inside the image
-	mkdir -p build/wheels
-	$(BIN)/pip download --quiet --no-deps -d build/wheels -c constraints.txt torch
+	# without TORCH_INDEX: the torch build this machine's pip resolves for the pin (the CPU
+	# build here), which the image build prefers
+	rm -rf build/wheels && mkdir -p build/wheels
+	test -n "$(TORCH_INDEX)" || \
+		$(BIN)/pip download --quiet --no-deps -d build/wheels -c constraints.txt torch
 	$(DOCKER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX=$(TORCH_INDEX) \
 		-t $(IMAGE) .
 
