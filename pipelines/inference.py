@@ -99,12 +99,9 @@ def resolve_checkpoint(kind: str, checkpoint: str = "") -> str:
 
 
 def phase_submitter(config, root: Path):
-    """The phase's own Submitter: the GPU variant when execution offers one."""
+    """The phase's own Submitter (on SLURM its jobs take ``config.gpu_sbatch_args``)."""
     from dmriflow.pipelines import execution
-    make = getattr(execution, "submitter", None)
-    if make is not None:
-        return make(config, root, gpu=True)
-    return execution._submitter(config, root)
+    return execution.submitter(config, root, gpu=True)
 
 
 def run_inference_phase(subjects, output_dir, config, root: Path, version: str,

@@ -95,9 +95,16 @@ def test_mismatched_subject_is_refused_with_the_file_named(checkpoint, tmp_path)
         inf.run_inference("directions", checkpoint, dwi, path)
 
 
-def test_inference_phase_in_a_cohort(checkpoint, tmp_path):
+def test_inference_phase_in_a_cohort(checkpoint, tmp_path, monkeypatch):
+    from dmriflow.pipelines import execution
     from dmriflow.pipelines.execution import RunConfig, run_cohort
     from dmriflow.pipelines.inputs import discover
+    real, gpu_flags = execution.submitter, []
+
+    def recording(config, root, gpu=False):
+        gpu_flags.append(gpu)
+        return real(config, root, gpu=gpu)
+    monkeypatch.setattr(execution, "submitter", recording)
     src = tmp_path / "in"
     scheme = md.phantom_scheme(2)
     write_cohort(src, 2, shape=SMALL, seed=10, scheme=scheme)
@@ -107,6 +114,7 @@ def test_inference_phase_in_a_cohort(checkpoint, tmp_path):
     cfg = RunConfig(worker="debug", cache_dir=str(tmp_path / "cache"), quiet=True,
                     inference="directions", inference_checkpoint=str(checkpoint))
     result = run_cohort(subjects, tmp_path / "out", cfg)
+    assert True in gpu_flags          # the inference phase had its own (GPU) submitter
     rows = {r["subject"]: r for r in result.rows}
     bad = rows.pop("sub-700001")
     assert bad["status"] == "failed" and bad["failed_step"] == "inference"
