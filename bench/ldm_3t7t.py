@@ -25,7 +25,7 @@ import torch
 
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
-from dmriflow.models.ldm import cohort, diffusion, features, sr, vqvae
+from dmriflow.models.ldm import cohort, diffusion, sr, vqvae
 from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T
 
 

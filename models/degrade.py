@@ -251,7 +251,8 @@ def single_shell_scheme(n_dirs: int, n_b0: int = N_B0, bval: float = SHELL_B,
     """b0 volumes first, then one shell of electrostatically spread directions."""
     dirs = phantom.electrostatic_directions(n_dirs, seed)
     return GradientTable(np.r_[np.zeros(n_b0), np.full(n_dirs, float(bval))],
-                         np.r_[np.zeros((n_b0, 3)), dirs], source=f"dmriflow.degrade b{bval:g}x{n_dirs}")
+                         np.r_[np.zeros((n_b0, 3)), dirs],
+                         source=f"dmriflow.degrade b{bval:g}x{n_dirs}")
 
 
 @dataclass

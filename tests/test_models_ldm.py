@@ -180,8 +180,9 @@ def test_ssim_identical_constant_and_monai():
     from monai.metrics.regression import compute_ssim_and_cs
     y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0, 1)
     ours = evaluate.ssim_map(y, x, 1.0)[5:-5, 5:-5, 5:-5].mean()
-    theirs, _ = compute_ssim_and_cs(torch.from_numpy(y)[None, None], torch.from_numpy(x)[None, None],
-                                    3, [11] * 3, [1.5] * 3, data_range=1.0)
+    theirs, _ = compute_ssim_and_cs(torch.from_numpy(y)[None, None],
+                                    torch.from_numpy(x)[None, None], 3, [11] * 3, [1.5] * 3,
+                                    data_range=1.0)
     assert abs(ours - float(theirs.mean())) < 2e-3
     assert evaluate.ssim3d(y, x, mask) < 0.9
 
@@ -265,9 +266,10 @@ def test_diffusion_loss_decreases_and_guidance_combines_two_predictions():
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     # w = 0 is the conditional prediction alone; w changes the result
-    s0 = diffusion.sample(den, z3[:1], guidance=0.0, steps=3, generator=torch.Generator().manual_seed(1))
-    s0b = diffusion.sample(den, z3[:1], guidance=0.0, steps=3, generator=torch.Generator().manual_seed(1))
-    s2 = diffusion.sample(den, z3[:1], guidance=2.0, steps=3, generator=torch.Generator().manual_seed(1))
+    def draw(w):
+        return diffusion.sample(den, z3[:1], guidance=w, steps=3,
+                                generator=torch.Generator().manual_seed(1))
+    s0, s0b, s2 = draw(0.0), draw(0.0), draw(2.0)
     assert torch.equal(s0, s0b) and not torch.allclose(s0, s2)
     assert diffusion.sample_scheduler().timesteps.numel() == diffusion.DDIM_STEPS
 

@@ -95,7 +95,8 @@ class LatentDiffusion3T7T(torch.nn.Module):
         return tuple(outs) if use_sr is None else outs[0]
 
     @torch.no_grad()
-    def reconstruct_7t(self, rish7: np.ndarray, mask: np.ndarray, use_sr: bool = True) -> np.ndarray:
+    def reconstruct_7t(self, rish7: np.ndarray, mask: np.ndarray,
+                       use_sr: bool = True) -> np.ndarray:
         """7T RISH through the 7T autoencoder (+ SR): the quality ceiling of
         :meth:`predict` (a perfect denoiser would produce this latent)."""
         x = self.to_input(rish7, mask).to(self.amp_scale.device)
@@ -182,7 +183,8 @@ def fit(model: LatentDiffusion3T7T, rish3_only: list, pairs: list, budget: Budge
 
     def stage(name, net, loss, batch_fn, steps, lr=None):
         t0 = time.perf_counter()
-        res = train(net, loss, batch_fn, _config(steps, budget, lr), log=lambda s: log(f"{name}: {s}"))
+        res = train(net, loss, batch_fn, _config(steps, budget, lr),
+                    log=lambda s: log(f"{name}: {s}"))
         report[name] = {"steps": steps, "seconds": time.perf_counter() - t0,
                         "history": res.history}
         log(f"{name}: {steps} steps in {report[name]['seconds']:.0f} s")
