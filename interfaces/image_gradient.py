@@ -1268,8 +1268,6 @@ def masked_map(fn, mask, *maps) -> np.ndarray:
     return out
 
 
-_masked_map = masked_map   # the earlier private name (used by image_gradient_study)
-
 
 def one_sample_test(values, chance: float) -> dict:
     """Two-tailed one-sample t-test of ``values`` (finite ones) against
