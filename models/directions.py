@@ -129,14 +129,25 @@ def predict_network(model: DirectionNet, sample: DirectionSample, bvecs=None,
                     device=None, feats: np.ndarray | None = None) -> np.ndarray:
     """Normalised signal (X, Y, Z, n) at ``bvecs`` (default the sample's targets).
 
-    ``feats``: the sample's :func:`sh_features` when already computed.
+    ``feats``: the sample's :func:`sh_features` when already computed. The
+    network runs on the mask's bounding box grown by its receptive radius
+    (the same result as the whole grid, which is mostly background), and the
+    signal is evaluated in mask voxels only.
     """
     from dmriflow.interfaces.inference import run_volume
     feats = sh_features(sample) if feats is None else feats
-    coeffs = run_volume(model, feats, halo=model.halo, device=device)   # (45, X, Y, Z)
+    mask = sample.mask
+    out = np.zeros(mask.shape + (len(sample.target_bvecs if bvecs is None else bvecs),),
+                   dtype=np.float32)
+    if not mask.any():
+        return out
+    idx = np.argwhere(mask)
+    box = tuple(slice(max(int(lo) - model.halo, 0), min(int(hi) + 1 + model.halo, n))
+                for lo, hi, n in zip(idx.min(0), idx.max(0), mask.shape))
+    coeffs = run_volume(model, feats[(slice(None),) + box], halo=model.halo, device=device)
     basis = target_basis(sample.target_bvecs if bvecs is None else bvecs)
-    out = np.einsum("cxyz,tc->xyzt", coeffs, basis, optimize=True).astype(np.float32)
-    out[~sample.mask] = 0.0
+    inner = mask[box]
+    out[box][inner] = coeffs[:, inner].T @ basis.T
     return np.clip(out, *SIGNAL_CLIP, out=out)
 
 
