@@ -75,7 +75,7 @@ def register(name: str):
 
 def build(architecture: str, kwargs: dict) -> torch.nn.Module:
     """A fresh network of a registered architecture (random weights)."""
-    failed = {} if architecture in ARCHITECTURES else _import_known_architectures()
+    failed = {} if architecture in ARCHITECTURES else _import_known_architectures(architecture)
     if architecture not in ARCHITECTURES:
         why = "".join(f"; {m} not importable ({e})" for m, e in failed.items())
         raise ValueError(f"unknown architecture {architecture!r}; known: "
@@ -88,11 +88,12 @@ ARCHITECTURE_MODULES = ("dmriflow.models.directions", "dmriflow.models.dti6",
                         "dmriflow.models.ldm")
 
 
-def _import_known_architectures() -> dict[str, str]:
-    """Import the model modules (they register themselves); return import failures.
+def _import_known_architectures(wanted: str) -> dict[str, str]:
+    """Import the model modules (they register themselves) until ``wanted`` is
+    registered; return the import failures.
 
     A family whose optional dependency is missing (e.g. MONAI) must not stop
-    the others from loading.
+    the others from loading, and a light family need not import a heavy one.
     """
     import importlib
     failed = {}
@@ -101,6 +102,8 @@ def _import_known_architectures() -> dict[str, str]:
             importlib.import_module(mod)
         except ImportError as exc:
             failed[mod] = str(exc)
+        if wanted in ARCHITECTURES:
+            break
     return failed
 
 
