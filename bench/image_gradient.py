@@ -242,7 +242,7 @@ def estimators_section(n_block: int = 65536, n_small: int = 8192, n_nonlinear: i
     # C: a second series of the same voxels at a longer diffusion time
     long_t = ig.SequenceTiming(80.0, 10.6, 120.0)
     Ds, Dl = ig.two_time_tensors(D[:n_small], g[:n_small],
-                                 [ig.HCP_TIMING.diffusion_time, long_t.diffusion_time])
+                                 [ig.HCP_TIMING.gradient_time, long_t.gradient_time])
     rng = np.random.default_rng(7)
     s1 = ig.rician(ig.tensor_signal(s0[:n_small], Ds, gtab), 40.0, rng)
     s2 = ig.rician(ig.tensor_signal(s0[:n_small], Dl, gtab), 40.0, rng)
@@ -351,8 +351,8 @@ def sensitivity_section(n_voxels: int = 2000, n_nonlinear: int = 200) -> dict:
             clean = ig.phase_signal(1000.0, D, g, gtab, ig.HCP_TIMING)
             sims["P"] = clean + sigma * (rng.normal(size=clean.shape)
                                          + 1j * rng.normal(size=clean.shape))
-            Ds, Dl = ig.two_time_tensors(D, g, [ig.HCP_TIMING.diffusion_time,
-                                                t_long.diffusion_time])
+            Ds, Dl = ig.two_time_tensors(D, g, [ig.HCP_TIMING.gradient_time,
+                                                t_long.gradient_time])
             pair = (ig.rician(ig.tensor_signal(1000.0, Ds, gtab), sigma, rng),
                     ig.rician(ig.tensor_signal(1000.0, Dl, gtab), sigma, rng))
             for name, model in models.items():

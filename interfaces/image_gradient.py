@@ -86,10 +86,10 @@ CSF_MD_THRESHOLD = 1.5e-3
 #: direction is dominated by noise (b0 SNR ~30 over 2 voxels of 1.25 mm gives
 #: a noise gradient of ~1e-2 /mm); optional exclusion.
 MIN_RELATIVE_GRADIENT = 0.02
-#: Coupling a in phi(q) = -a q^T (2 t_d D) g: 1/2 for a relaxation (R2)
+#: Coupling a in phi(q) = -a q^T (2 Delta D) g: 1/2 for a relaxation (R2)
 #: gradient in a symmetric spin echo (our derivation, reproduced by the Monte
 #: Carlo simulator); the published magnitude relation
-#: |S|^2 = E^2 (I^2 + (grad I^T 2 t_d D q)^2) corresponds to a = 1.
+#: |S|^2 = E^2 (I^2 + (grad I^T 2 Delta D q)^2) corresponds to a = 1.
 SPIN_ECHO_COUPLING = 0.5
 PUBLISHED_COUPLING = 1.0
 #: HCP 3T diffusion timing (ms): Delta, delta, TE.
@@ -155,6 +155,22 @@ class SequenceTiming:
     def diffusion_time(self) -> float:
         """Effective diffusion time t_d = Delta - delta/3, in seconds."""
         return (self.Delta - self.delta / 3.0) / 1000.0
+
+    @property
+    def gradient_time(self) -> float:
+        """Delta^2 / t_d (s): the time in the second-order magnitude term
+        ln|S| ~ -b u^T D u + 2 a^2 b (Delta^2 / t_d) (u^T D g)^2 (= t_d for
+        narrow pulses); estimator C's apparent tensors change with it."""
+        return (self.Delta / 1000.0) ** 2 / self.diffusion_time
+
+    def encoding_length(self, bvals) -> np.ndarray:
+        """Delta |q| = Delta sqrt(b / t_d) (s/mm) per volume: the first-order
+        phase is a q^T (2 Delta D) g = 2 a Delta |q| u^T D g. The pulse
+        separation Delta, not t_d, multiplies q here (exact for finite
+        pulses; checked against the Monte Carlo simulator's
+        ``linear_field_phase``); both agree in the narrow-pulse limit."""
+        bvals = np.clip(np.asarray(bvals, dtype=np.float64), 0.0, None)
+        return self.Delta / 1000.0 * np.sqrt(bvals / self.diffusion_time)
 
     @classmethod
     def from_prtcl(cls, path) -> "SequenceTiming":
@@ -625,9 +641,8 @@ class _Model:
         if dw.sum() < 6:
             raise ValueError("the gradient table needs >= 6 diffusion-weighted volumes")
         self.dw = np.flatnonzero(dw)
-        t = timing.diffusion_time
-        # c_q = 2 a sqrt(b t_d) (s/mm), so that a q^T (2 t_d D) g = c_q u_q^T D g
-        self.c = 2.0 * self.coupling * np.sqrt(gtab.bvals * t)
+        # c_q = 2 a Delta |q| (s/mm), so that a q^T (2 Delta D) g = c_q u_q^T D g
+        self.c = 2.0 * self.coupling * timing.encoding_length(gtab.bvals)
 
     @property
     def parameters(self) -> dict:
@@ -679,11 +694,11 @@ def published_signal(s0, D, g, gtab: GradientTable, timing: SequenceTiming,
                      coupling: float = PUBLISHED_COUPLING) -> np.ndarray:
     """Forward model of B (the published relation), magnitude (n, N):
     |S_q| = S0 E_q sqrt(1 + (a v_q . g)^2), E_q = exp(-b u^T D u),
-    v_q = 2 t_d D q (q = sqrt(b / t_d) u), with ``s0`` (n,), ``D`` (n, 3, 3)
+    v_q = 2 Delta D q (q = sqrt(b / t_d) u), with ``s0`` (n,), ``D`` (n, 3, 3)
     mm^2/s, ``g`` (n, 3) 1/mm."""
     s0, D, g = _as_batch(s0, D, g)
     E = np.exp(-gtab.bvals * _quadratic(D, gtab.bvecs))
-    x = 2.0 * coupling * np.sqrt(gtab.bvals * timing.diffusion_time) * _bilinear(D, g, gtab.bvecs)
+    x = 2.0 * coupling * timing.encoding_length(gtab.bvals) * _bilinear(D, g, gtab.bvecs)
     return s0[:, None] * E * np.sqrt(1.0 + x * x)
 
 
@@ -699,7 +714,7 @@ class PublishedModel(_Model):
 
     A tensor (S0, D) is fitted (WLS, all shells by default, as published);
     per voxel r_q = |S_q|^2 / S0^2 - E_q^2 is regressed on v_q v_q^T with
-    v_q = a 2 t_d D q E_q (diffusion-weighted volumes; 6 unknowns of a
+    v_q = a 2 Delta D q E_q (diffusion-weighted volumes; 6 unknowns of a
     symmetric M, ordinary least squares). Model: M = g g^T; the axis is the
     eigenvector of the largest eigenvalue, |g| = sqrt(lambda_1).
     ``quality`` = lambda_1 / sum|lambda| (1 for an exactly rank-1 positive M).
@@ -774,14 +789,14 @@ class PublishedModel(_Model):
 def nonlinear_log_signal(s0, D, g, gtab: GradientTable, timing: SequenceTiming,
                          coupling: float = PUBLISHED_COUPLING) -> np.ndarray:
     """Forward model of A, ln|S| (n, N): ln S0 - b u^T D u
-    + 1/2 ln(1 + (2 a sqrt(b t_d) u^T D g)^2) (the log of the published
-    relation; 2 a sqrt(b t_d) u^T D g = a q^T (2 t_d D) g)."""
+    + 1/2 ln(1 + (2 a Delta |q| u^T D g)^2) (the log of the published
+    relation; 2 a Delta |q| u^T D g = a q^T (2 Delta D) g)."""
     return np.log(published_signal(s0, D, g, gtab, timing, coupling))
 
 
 class NonlinearModel(_Model):
     """Estimator A: ln|S_q| = ln S0 - b u^T D u + 1/2 ln(1 + x_q^2),
-    x_q = 2 a sqrt(b t_d) u_q^T D g, all 10 parameters (ln S0, D, g) by
+    x_q = 2 a Delta |q| u_q^T D g, all 10 parameters (ln S0, D, g) by
     weighted nonlinear least squares (weights = squared gradient-free tensor
     prediction relative to S0, as WLS DTI), from several starts.
 
@@ -915,11 +930,11 @@ class NonlinearModel(_Model):
 def phase_signal(s0, D, g, gtab: GradientTable, timing: SequenceTiming,
                  coupling: float = SPIN_ECHO_COUPLING, phase0=0.0) -> np.ndarray:
     """Forward model of P, complex (n, N): S0 E_q exp(i (phase0 + phi_q)),
-    phi_q = -a q^T (2 t_d D) g = -2 a sqrt(b t_d) u^T D g (exact for Gaussian
+    phi_q = -a q^T (2 Delta D) g = -2 a Delta |q| u^T D g (exact for Gaussian
     diffusion and ln I affine in space; SCIENCE.md section 7)."""
     s0, D, g = _as_batch(s0, D, g)
     uDu = _quadratic(D, gtab.bvecs)
-    c = 2.0 * coupling * np.sqrt(gtab.bvals * timing.diffusion_time)
+    c = 2.0 * coupling * timing.encoding_length(gtab.bvals)
     phi = -c * _bilinear(D, g, gtab.bvecs)
     phase0 = np.broadcast_to(np.asarray(phase0, dtype=np.float64).reshape(-1, 1), phi.shape)
     return s0[:, None] * np.exp(-gtab.bvals * uDu) * np.exp(1j * (phase0 + phi))
@@ -929,7 +944,7 @@ class PhaseModel(_Model):
     """Estimator P for complex data: phi_q = arg(S_q conj(S_b0)) (phase
     relative to the complex mean of the b0 volumes, which removes the
     background phase) is fitted by weighted least squares as
-    phi_q = X_q g, X_q = -2 a sqrt(b t_d) (D u_q)^T, weights = predicted
+    phi_q = X_q g, X_q = -2 a Delta |q| (D u_q)^T, weights = predicted
     |S_q|^2 (phase variance ~ sigma^2 / |S|^2); D from a tensor fit of |S|.
     First order and sign-resolved: ``gradient`` is g itself (1/mm).
     ``quality`` = weighted R^2 = 1 - RSS / sum w phi^2.
@@ -998,7 +1013,8 @@ class PhaseModel(_Model):
 # ----------------------------------------------------------------------------
 def two_time_tensors(D, g, times: Sequence[float],
                      coupling: float = SPIN_ECHO_COUPLING) -> list[np.ndarray]:
-    """Forward model of C: the apparent tensor at diffusion time t (s),
+    """Forward model of C: the apparent tensor at gradient time t (s;
+    ``SequenceTiming.gradient_time`` = Delta^2 / t_d),
     D(t) = D - 2 a^2 t (D g)(D g)^T (second-order expansion of the published
     relation: ln|S| ~ -b u^T D u + 2 a^2 b t (u^T D g)^2), for each t."""
     D = np.asarray(D, dtype=np.float64).reshape(-1, 3, 3)
@@ -1009,8 +1025,8 @@ def two_time_tensors(D, g, times: Sequence[float],
 
 
 class TwoTimeModel:
-    """Estimator C from two series of the same voxels at diffusion times
-    t1 != t2: D(t_short) - D(t_long) = 2 a^2 (t_long - t_short) w w^T with
+    """Estimator C from two series of the same voxels at gradient times
+    t = Delta^2 / t_d, t1 != t2: D(t_short) - D(t_long) = 2 a^2 (t_long - t_short) w w^T with
     w = D g; v = eigenvector of the largest eigenvalue of that difference,
     and g = D(t_short)^-1 w / (1 + 2 a^2 t_short w^T D(t_short)^-1 w)
     (Sherman-Morrison: exactly D^-1 w), |w| = sqrt(lambda_1 / (2 a^2 dt)).
@@ -1025,7 +1041,7 @@ class TwoTimeModel:
                  timing2: SequenceTiming, coupling: float = SPIN_ECHO_COUPLING,
                  max_bval: float | None = DTI_MAX_BVAL, chunk_size: int = CHUNK_VOXELS,
                  n_threads: int | None = None):
-        t1, t2 = timing1.diffusion_time, timing2.diffusion_time
+        t1, t2 = timing1.gradient_time, timing2.gradient_time
         if not abs(t1 - t2) > 1e-6:
             raise ValueError(f"estimator C needs two different diffusion times (got {t1:g} "
                              f"and {t2:g} s)")
@@ -1041,6 +1057,7 @@ class TwoTimeModel:
     def parameters(self) -> dict:
         return {"estimator": self.name, "coupling": self.coupling,
                 "diffusion_times_s": [t.diffusion_time for t in self.timings],
+                "gradient_times_s": [t.gradient_time for t in self.timings],
                 "tensor_max_bval": self.max_bval, "quality": self.quality_name}
 
     def _check(self, data1, data2, mask):
@@ -1056,7 +1073,7 @@ class TwoTimeModel:
 
     def fit_tensors(self, D1, D2):
         """(axis, gradient, quality) from the two fitted tensors (n, 3, 3)."""
-        t1, t2 = (t.diffusion_time for t in self.timings)
+        t1, t2 = (t.gradient_time for t in self.timings)
         short, long_ = (D1, D2) if t1 < t2 else (D2, D1)
         ts, dt = min(t1, t2), abs(t2 - t1)
         c = 2.0 * self.coupling ** 2

@@ -235,7 +235,7 @@ def test_c_recovers_g_from_two_diffusion_times(gtab):
     rng = np.random.default_rng(6)
     n = 300
     D, g = _tensors(n, rng), _axes(n, rng, 20.0)
-    Ds, Dl = ig.two_time_tensors(D, g, [T.diffusion_time, T_LONG.diffusion_time])
+    Ds, Dl = ig.two_time_tensors(D, g, [T.gradient_time, T_LONG.gradient_time])
     assert np.linalg.eigvalsh(Dl).min() > 0
     Ss, Sl = ig.tensor_signal(S0, Ds, gtab), ig.tensor_signal(700.0, Dl, gtab)
     model = ig.TwoTimeModel(gtab, T, gtab, T_LONG, max_bval=None)
@@ -555,7 +555,7 @@ def test_evaluate_subject_with_a_and_c(gtab):
     D, g = _tensors(n, rng), _axes(n, rng, 20.0)
     series = []
     for timing in (T, T_LONG):
-        Dt = ig.two_time_tensors(D, g, [timing.diffusion_time])[0]
+        Dt = ig.two_time_tensors(D, g, [timing.gradient_time])[0]
         S = ig.rician(ig.tensor_signal(dwi.data[..., gtab.b0s_mask].mean(-1).ravel(), Dt, gtab),
                       S0 / 1e6, rng)
         series.append(S.reshape(grid + (-1,)))
@@ -626,7 +626,7 @@ def test_axis_is_sign_free_for_b_a_c_and_signed_for_p(gtab):
         plus, minus = forward(S0, D, g, gtab, T), forward(S0, D, -g, gtab, T)
         np.testing.assert_array_equal(plus, minus)
         np.testing.assert_array_equal(model.fit_rows(plus)[0], model.fit_rows(minus)[0])
-    ts = [T.diffusion_time, T_LONG.diffusion_time]
+    ts = [T.gradient_time, T_LONG.gradient_time]
     for a, b in zip(ig.two_time_tensors(D, g, ts), ig.two_time_tensors(D, -g, ts)):
         np.testing.assert_array_equal(a, b)
     p = ig.PhaseModel(gtab, T)
@@ -709,3 +709,20 @@ def test_gold_standard_from_fitted_s0(gtab):
     assert ev.parameters["gold_image"] == "s0"
     with pytest.raises(ValueError, match="gold_image"):
         ig.evaluate_subject(dwi, T, (), gold_image="t2")
+
+
+def test_phase_model_equals_the_exact_finite_pulse_phase(gtab):
+    """P's forward model with a = phase_coefficient gives exactly the phase
+    of the Monte Carlo simulator's closed form for HCP's finite pulses (the
+    first-order phase scales with Delta |q|, not sqrt(b t_d))."""
+    from dmriflow.interfaces import montecarlo as mc
+    seq = mc.Sequence.pgse(T.delta / 1000, T.Delta / 1000, T.TE / 1000)
+    D = _tensors(1, np.random.default_rng(5))[0]
+    grad_r2 = np.array([30.0, -50.0, 20.0])              # 1/(s mm): |g| ~ 5/mm
+    g = mc.image_log_gradient(seq, grad_R2=grad_r2)
+    exact = mc.linear_field_phase(seq, seq.qvectors(gtab.bvals, gtab.bvecs), D,
+                                  grad_R2=grad_r2)
+    model = np.angle(ig.phase_signal(1.0, D, g, gtab, T,
+                                     coupling=mc.phase_coefficient(seq, "R2")))[0]
+    assert np.abs(exact).max() > 0.05                    # a phase worth comparing
+    np.testing.assert_allclose(model, exact, rtol=1e-6, atol=1e-12)
