@@ -32,10 +32,10 @@ bench: env
 
 container: env
 	# without TORCH_INDEX: the torch build this machine's pip resolves for the pin (the CPU
-	# build here), which the image build prefers
-	rm -rf build/wheels && mkdir -p build/wheels
-	test -n "$(TORCH_INDEX)" || \
-		$(BIN)/pip download --quiet --no-deps -d build/wheels -c constraints.txt torch
+	# build here), which the image build prefers; with it, no local torch wheel
+	mkdir -p build/wheels
+	if [ -n "$(TORCH_INDEX)" ]; then rm -f build/wheels/torch-*.whl; else \
+		$(BIN)/pip download --quiet --no-deps -d build/wheels -c constraints.txt torch; fi
 	$(DOCKER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg TORCH_INDEX=$(TORCH_INDEX) \
 		-t $(IMAGE) .
 

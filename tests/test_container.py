@@ -36,7 +36,8 @@ DOCKER = "/usr/bin/docker"          # Debian's client (OPERATIONS.md)
 STATE = Path(os.environ.get("DMRIFLOW_DOCKER_STATE", "/var/tmp/dmriflow-docker"))
 BASE_IMAGE = "python:3.11-slim"
 SHIM_IMAGE = "localhost/python-shim:3.11"
-IMAGE = "dmriflow:test"
+#: A tag of this session's own (concurrent sessions may build other code); removed after.
+IMAGE = f"dmriflow:test-{os.getpid()}"
 IMAGE_UID = 1000
 #: CPU torch plus the scientific stack is ~1.5 GB; a CUDA torch build alone is several GB.
 MAX_IMAGE_BYTES = 3 * 1024**3
@@ -113,14 +114,18 @@ def _base_image(env: dict) -> str:
 
 @pytest.fixture(scope="session")
 def image(docker_env) -> str:
-    base = _base_image(docker_env)
-    t0 = time.perf_counter()
-    proc = subprocess.run(["make", "-C", str(REPO), "container", f"IMAGE={IMAGE}",
-                           f"BASE_IMAGE={base}", f"DOCKER={DOCKER}"], env=docker_env,
-                          capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+    (REPO / "build").mkdir(exist_ok=True)
+    with open(REPO / "build" / ".container-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)       # one build at a time from this tree
+        base = _base_image(docker_env)
+        t0 = time.perf_counter()
+        proc = subprocess.run(["make", "-C", str(REPO), "container", f"IMAGE={IMAGE}",
+                               f"BASE_IMAGE={base}", f"DOCKER={DOCKER}"], env=docker_env,
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     print(f"\ncontainer_build_s={time.perf_counter() - t0:.1f} base={base}")
-    return IMAGE
+    yield IMAGE
+    docker(docker_env, "rmi", IMAGE, check=False)     # the tag; the layers stay cached
 
 
 def read_table(out: Path) -> pd.DataFrame:
