@@ -206,8 +206,13 @@ start() {
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
-stop_daemon() {   # name, pid file (relative to STATE), comm
-    stop_pid "$STATE/$2" "$3" 10
+stop_daemon() {   # name: its pid file and comm from DAEMONS
+    local entry d
+    for entry in "${DAEMONS[@]}"; do
+        read -r -a d <<< "$entry"
+        [ "${d[0]}" = "$1" ] && stop_pid "$STATE/${d[1]}" "${d[2]}" 10
+    done
+    return 0
 }
 
 stop() {
@@ -216,10 +221,13 @@ stop() {
         # only this cluster's jobs: the clients talk to the controller named in SLURM_CONF
         scancel --partition=debug,gpu --full 2>/dev/null || true
     fi
-    local i d
-    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do
-        read -r -a d <<< "${DAEMONS[$i]}"
-        stop_daemon "${d[@]}"
+    local stage name stoppers
+    # each stage's daemons together; a stage's clients stop before the servers they flush to
+    # (wait for the stoppers only: a failed start's mariadbd is a child of this shell too)
+    for stage in "slurmd slurmctld" slurmdbd "mariadbd munged"; do
+        stoppers=()
+        for name in $stage; do stop_daemon "$name" & stoppers+=($!); done
+        wait "${stoppers[@]}"
     done
     rm -f "/var/tmp/dmriflow-slurm-ports/$(echo "$STATE" | tr / _)"
 }
