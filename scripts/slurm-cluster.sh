@@ -17,7 +17,8 @@ set -euo pipefail
 ACTION=${1:-}
 STATE=$(realpath -m "${2:-${DMRIFLOW_SLURM_STATE:-/var/tmp/dmriflow-slurm}}")
 PACKAGES="slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
-PORT_LOCK=/run/lock/dmriflow-slurm-ports.lock
+# port blocks taken by clusters of this machine (one file per STATE_DIR) and their lock
+PORTS_DIR=/var/tmp/dmriflow-slurm-ports
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-60}
 # daemons in start order: name, pid file (relative to STATE), process name in /proc/PID/comm
 DAEMONS=("munged munge/munged.pid munged" "mariadbd run/mariadbd.pid mariadbd"
@@ -52,7 +53,7 @@ pick_ports() {   # first block of 4 free ports from 16800 in steps of 10
             listening "$p" && continue 2
         done
         # a block named by another cluster that is still starting counts as taken
-        grep -qsx "PORT_BASE=$base" /var/tmp/dmriflow-slurm-ports/* && continue
+        grep -qsx "PORT_BASE=$base" "$PORTS_DIR"/_* && continue
         echo "$base"; return 0
     done
     die "no free port block between 16800 and 17800"
@@ -179,14 +180,14 @@ start() {
     local t0=$SECONDS base pw
     # a failed start stops whatever it had started
     trap 'rc=$?; if [ $rc -ne 0 ]; then say "start failed; last daemon output: $(tail -n 3 "$STATE/log/daemons.out" 2>/dev/null)"; stop; fi' EXIT
-    mkdir -p "$STATE"/{etc,state,spool,run,log} /var/tmp/dmriflow-slurm-ports
+    mkdir -p "$STATE"/{etc,state,spool,run,log} "$PORTS_DIR"
     chmod 755 "$STATE"
     runuser -u mysql -- test -x "$STATE" \
         || die "$STATE is not reachable by the mysql user (a parent folder is private)"
-    exec 9> "$PORT_LOCK"
+    exec 9> "$PORTS_DIR/.lock"
     flock 9
     base=$(pick_ports)
-    echo "PORT_BASE=$base" > "/var/tmp/dmriflow-slurm-ports/$(echo "$STATE" | tr / _)"
+    echo "PORT_BASE=$base" > "$PORTS_DIR/$(echo "$STATE" | tr / _)"
     pw=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')
     write_configs "$base" "$pw"
     start_munge
@@ -229,7 +230,7 @@ stop() {
         for name in $stage; do stop_daemon "$name" & stoppers+=($!); done
         wait "${stoppers[@]}"
     done
-    rm -f "/var/tmp/dmriflow-slurm-ports/$(echo "$STATE" | tr / _)"
+    rm -f "$PORTS_DIR/$(echo "$STATE" | tr / _)"
 }
 
 status() {
