@@ -400,7 +400,9 @@ STATE_FOLDER = "training"
 def train_on_subjects(subjects: list, checkpoint_dir, epochs: float = 20.0,
                       resume: bool = False, seed: int = 0, width: int = 24, blocks: int = 2,
                       field_strength=None, log=print) -> ModelCard:
-    """Train a direction-synthesis model on ``subjects`` ((label, DWI) pairs).
+    """Train a direction-synthesis model on ``subjects`` ((label, DWI) pairs, any
+    iterable: a generator keeps one loaded series in memory at a time; the
+    b=1000 shells are kept, in memory, for training).
 
     Each subject's b=1000 shell is split into 30 well-spread inputs and the
     other directions as targets; the last ``VALIDATION_SHARE`` of the
@@ -413,7 +415,11 @@ def train_on_subjects(subjects: list, checkpoint_dir, epochs: float = 20.0,
     from dmriflow.models.card import save_checkpoint
     from dmriflow.models.data import split_dwi, split_subjects
     from dmriflow.models.train import TrainConfig
-    samples = [split_dwi(dwi, label) for label, dwi in subjects]
+    samples, zooms = [], []
+    for label, dwi in subjects:       # an iterable: one loaded series alive at a time
+        samples.append(split_dwi(dwi, label))
+        zooms.append(dwi.zooms)
+        del dwi
     if len(samples) < 2:
         raise ValueError(f"training needs at least 2 subjects (1 is held out), got "
                          f"{len(samples)}")
@@ -428,12 +434,12 @@ def train_on_subjects(subjects: list, checkpoint_dir, epochs: float = 20.0,
                                      width=width, blocks=blocks, log=log)
     rows = evaluate(val, {"network": lambda s: predict_network(model, s), **baselines()})
     table = [{"split": "validation subjects", **r} for r in summarise(rows, METRICS)]
-    zooms = np.median([dwi.zooms for _, dwi in subjects], axis=0)
     card = make_card(model, train, config, table,
                      data_description=f"user cohort: {len(train)} training subjects "
                                       f"({', '.join(s.subject for s in train)}), "
                                       f"{len(val)} validation",
-                     voxel_size=zooms, field_strength=field_strength, seconds=result.seconds)
+                     voxel_size=np.median(zooms, axis=0), field_strength=field_strength,
+                     seconds=result.seconds)
     card.training["best_step"] = result.best_step
     save_checkpoint(model, card, checkpoint_dir)
     log(table_markdown(table, METRICS))

@@ -326,11 +326,9 @@ def cmd_train(args) -> int:
     if args.epochs is None:
         args.epochs = 20.0
     subjects = discover(args.input, layout=args.layout, participant_labels=args.participant_label)
-    loaded, fields = [], set()
-    for s in subjects:
-        loaded.append((s.key, load_subject(s.dwi, s.bval, s.bvec, s.mask)))
-        fields.add(read_sidecar(s.sidecar).get("MagneticFieldStrength"))
+    fields = {read_sidecar(s.sidecar).get("MagneticFieldStrength") for s in subjects}
     field = fields.pop() if len(fields) == 1 else None
+    loaded = ((s.key, load_subject(s.dwi, s.bval, s.bvec, s.mask)) for s in subjects)
     card = train_on_subjects(loaded, args.checkpoint, epochs=args.epochs, resume=args.resume,
                              seed=args.seed, field_strength=field)
     print(f"checkpoint: {Path(args.checkpoint).resolve()} ({card.name} {card.version}, "
