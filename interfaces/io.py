@@ -238,6 +238,48 @@ def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
 
 
 # ----------------------------------------------------------------------------
+# JSON sidecars and the acquisition census row
+# ----------------------------------------------------------------------------
+#: Keys of a census row (acquisition facts of one series), in table order.
+CENSUS_FIELDS = ("field_strength_t", "echo_time_ms", "shells", "directions",
+                 "n_b0", "voxel_size_mm", "dims")
+
+
+def read_sidecar(path: str | None) -> dict:
+    """A series' BIDS JSON sidecar as a dict ({} when there is none)."""
+    if not path:
+        return {}
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"cannot read JSON sidecar ({exc})") from None
+
+
+def census_row(dwi, bval, bvec, sidecar=None, gtab=None, shape=None, zooms=None) -> dict:
+    """Acquisition facts of one series from its header, gradients and sidecar.
+
+    ``gtab``/``shape``/``zooms`` may be passed when already loaded.
+    """
+    if shape is None or zooms is None:
+        img = load_image(dwi, "DWI")
+        shape, zooms = img.shape, img.header.get_zooms()
+    if gtab is None:
+        gtab = read_gradients(bval, bvec, n_volumes=shape[3] if len(shape) == 4 else None)
+    meta = read_sidecar(sidecar)
+    te = meta.get("EchoTime")
+    return {
+        "field_strength_t": meta.get("MagneticFieldStrength"),
+        "echo_time_ms": None if te is None else round(float(te) * 1000.0, 2),
+        "shells": " ".join(f"{b:g}" for b in gtab.shells),
+        "directions": " ".join(str(n) for n in gtab.directions_per_shell().values()),
+        "n_b0": int(gtab.b0s_mask.sum()),
+        "voxel_size_mm": "x".join(f"{z:.3g}" for z in zooms[:3]),
+        "dims": "x".join(str(int(d)) for d in shape[:3]),
+    }
+
+
+# ----------------------------------------------------------------------------
 # Writing: temporary name, then rename
 # ----------------------------------------------------------------------------
 #: In the temporary name of an atomic write: ``.<name>.<random>.tmp<ext>``.

@@ -239,8 +239,7 @@ class ImageGradient(_StepInterface):
 
     def _step(self, out_dir):
         # the Pydra step's own file-level functions (one implementation)
-        from dmriflow.pipelines.image_gradient import (MODEL_ENTITY, parse_estimators,
-                                                       resolve_timing, subject_products)
+        from .stepfiles import MODEL_ENTITY, parse_estimators, resolve_timing, subject_products
         i = self.inputs
         overrides = {k: _defined(v) for k, v in (("Delta", i.gradient_separation_ms),
                                                  ("delta", i.gradient_duration_ms),

@@ -230,7 +230,7 @@ def _run(input_dir, output, layout, labels, args) -> int:
     subjects = discover(input_dir, layout=layout, participant_labels=labels)
     config = _config(args)
     if config.image_gradient:   # a missing timing is a usage error: stop before any work
-        from dmriflow.pipelines.image_gradient import resolve_timing
+        from dmriflow.interfaces.stepfiles import resolve_timing
         for s in subjects:
             resolve_timing(config.image_gradient_timing, s.sidecar, s.dwi)
     result = run_cohort(subjects, output, config)
@@ -319,8 +319,9 @@ def cmd_simulate(args) -> int:
 def cmd_train(args) -> int:
     """Load every subject (mask as the pipeline makes it) and train on the cohort."""
     from dmriflow.models.directions import train_on_subjects
-    from dmriflow.pipelines.inputs import discover, read_sidecar
+    from dmriflow.interfaces.io import read_sidecar
     from dmriflow.interfaces.stepfiles import load_subject
+    from dmriflow.pipelines.inputs import discover
     if args.model == "3t7t":
         return _train_3t7t(args)
     if args.epochs is None:
@@ -338,9 +339,10 @@ def cmd_train(args) -> int:
 
 def _train_3t7t(args) -> int:
     """Pair the 3T and 7T sessions of a BIDS dataset and train the latent diffusion model."""
+    from dmriflow.interfaces.io import read_sidecar
     from dmriflow.interfaces.stepfiles import load_subject
     from dmriflow.models.ldm import cohort
-    from dmriflow.pipelines.inputs import discover, read_sidecar
+    from dmriflow.pipelines.inputs import discover
     if args.resume:
         raise ValueError("--resume is not supported for 3t7t (its stages train in minutes)")
     subjects = discover(args.input, layout="bids", participant_labels=args.participant_label)

@@ -76,7 +76,7 @@ class RunConfig:
         if self.n_procs < 1:
             raise ValueError("n_procs must be >= 1")
         if self.image_gradient:
-            from dmriflow.pipelines.image_gradient import parse_estimators
+            from dmriflow.interfaces.stepfiles import parse_estimators
             self.image_gradient_estimators = parse_estimators(self.image_gradient_estimators)
 
 

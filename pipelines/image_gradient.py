@@ -9,131 +9,37 @@ tree. Per cohort, :class:`ImageGradientGroup` writes
 tests against the fibre-only controls, estimators beside controls) and the
 figure ``group/image_gradient_angles.png``.
 
-The plain functions (timing resolution, :func:`subject_products`,
-:func:`write_group`, :func:`angle_figure`) hold the logic and never touch the
-engine; the two Pydra tasks at the end are thin wrappers.
+The per-subject file-level functions (estimator options, timing resolution,
+``subject_products``) are step code in :mod:`dmriflow.interfaces.stepfiles`,
+shared with the Nipype interface; here :func:`write_group` and
+:func:`angle_figure` hold the cohort logic without touching the engine, and
+the two Pydra tasks at the end are thin wrappers.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 from pydra.compose import python
 
 from dmriflow.interfaces import io
-from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.stepfiles import (DEFAULT_ESTIMATORS, IMAGE_GRADIENT_STEP,
+                                           MODEL_ENTITY, parse_estimators, resolve_timing,
+                                           subject_products)
 from dmriflow.pipelines.steps import STEP_MARKER, guarded, load_series
 
 #: Step name (node marker, failure records, sidecars).
-STEP = "image_gradient"
-#: Estimators the pipeline runs on one magnitude series. C needs two
-#: diffusion times of the same subject and P the phase of complex data: both
-#: are study estimators (bench/image_gradient_study.py, interfaces API).
-PIPELINE_ESTIMATORS = ("B", "A")
-STUDY_ONLY = {"C": "compares two series of the same subject at two diffusion times",
-              "P": "fits the phase of complex data, and dmriflow reads magnitude series"}
-DEFAULT_ESTIMATORS = ("B",)
-#: Sidecar keys read for the sequence timing, in seconds like every BIDS time.
-#: BIDS 1.9 has EchoTime but no field for the gradient timing: dmriflow reads
-#: these two keys (write them into the DWI JSON sidecar), else the CLI options.
-SIDECAR_TIMING_KEYS = {"Delta": "DiffusionGradientSeparation",
-                       "delta": "DiffusionGradientDuration", "TE": "EchoTime"}
-#: CLI option of each timing field (ms), for error messages.
-TIMING_OPTIONS = {"Delta": "--gradient-separation", "delta": "--gradient-duration",
-                  "TE": "--echo-time"}
-#: BIDS entities of the step's derivatives.
-MODEL_ENTITY = "model-imagegradient"
+STEP = IMAGE_GRADIENT_STEP
 GROUP_TABLE = "image_gradient.tsv"
 GROUP_FIGURE = "image_gradient_angles.png"
-#: Angle histogram bins (deg) stored per subject and summed for the figure.
-HISTOGRAM_BIN_DEG = 2.0
 
 
 # ----------------------------------------------------------------------------
-# Options and timing
+# The figure
 # ----------------------------------------------------------------------------
-def parse_estimators(text) -> tuple[str, ...]:
-    """``"B,A"`` or a sequence -> validated estimator names (order kept)."""
-    names = [n.strip().upper() for n in (text.split(",") if isinstance(text, str) else text)]
-    names = [n for n in names if n]
-    if not names:
-        raise ValueError("no image-gradient estimator given (choose from "
-                         f"{', '.join(PIPELINE_ESTIMATORS)})")
-    for name in names:
-        if name in STUDY_ONLY:
-            raise ValueError(f"estimator {name} {STUDY_ONLY[name]}: it is not a pipeline step; "
-                             f"use the study API (docs/image_gradient.md)")
-    unknown = [n for n in names if n not in PIPELINE_ESTIMATORS]
-    if unknown:
-        raise ValueError(f"unknown image-gradient estimator(s) {unknown}; choose from "
-                         f"{', '.join(PIPELINE_ESTIMATORS)}")
-    return tuple(dict.fromkeys(names))
-
-
-def resolve_timing(overrides: dict | None, sidecar: str | None, dwi: str):
-    """The subject's :class:`SequenceTiming` (ms): each field from the command
-    line when given there, else from the DWI's JSON sidecar (seconds), else
-    an :class:`InputError` naming the sidecar (or the DWI when it has none).
-    TE is optional (recorded only)."""
-    from dmriflow.interfaces.image_gradient import SequenceTiming
-    from dmriflow.pipelines.inputs import read_sidecar
-    meta = read_sidecar(sidecar) if sidecar else {}
-    values, source = {}, {}
-    for name, key in SIDECAR_TIMING_KEYS.items():
-        given = (overrides or {}).get(name)
-        if given is not None:
-            values[name], source[name] = float(given), "command line"
-        elif meta.get(key) is not None:
-            try:
-                values[name] = float(meta[key]) * 1000.0
-            except (TypeError, ValueError):
-                raise InputError(sidecar, f"{key} must be a number in seconds, "
-                                          f"got {meta[key]!r}") from None
-            source[name] = "sidecar"
-    missing = [n for n in ("Delta", "delta") if n not in values]
-    if missing:
-        keys = " and ".join(SIDECAR_TIMING_KEYS[n] for n in missing)
-        opts = " and ".join(TIMING_OPTIONS[n] for n in missing)
-        raise InputError(sidecar or dwi,
-                         f"the image-gradient step needs the diffusion timing: no {keys} "
-                         f"(seconds) in the JSON sidecar and no {opts} (ms) on the command "
-                         f"line")
-    try:
-        return SequenceTiming(values["Delta"], values["delta"],
-                              values.get("TE", float("nan"))), source
-    except ValueError as exc:
-        raise InputError(sidecar or dwi, f"{exc} (from {source})") from None
-
-
-def entity_label(name: str) -> str:
-    """A BIDS label (alphanumeric) for an estimator or control name."""
-    return re.sub(r"[^A-Za-z0-9]", "", name)
-
-
-# ----------------------------------------------------------------------------
-# Angle histograms and the figure
-# ----------------------------------------------------------------------------
-def histogram_edges() -> np.ndarray:
-    return np.arange(0.0, 90.0 + HISTOGRAM_BIN_DEG / 2, HISTOGRAM_BIN_DEG)
-
-
-def angle_histograms(angles: dict[str, np.ndarray], kind: str = "3d") -> list[dict]:
-    """Tidy histogram rows (name, kind, bin_lo, bin_hi, count) of acute angles
-    (deg) per estimator/control; NaN angles are left out."""
-    edges = histogram_edges()
-    rows = []
-    for name, values in angles.items():
-        v = np.asarray(values, dtype=np.float64).ravel()
-        counts, _ = np.histogram(v[np.isfinite(v)], bins=edges)
-        rows += [{"name": name, "kind": kind, "bin_lo": float(lo), "bin_hi": float(hi),
-                  "count": int(c)} for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
-    return rows
-
-
 def chance_density(theta_deg: np.ndarray, kind: str = "3d") -> np.ndarray:
     """Chance density per degree of the acute angle between random axes: 3D
     sin(theta) (pi/180 per degree), 2D (in a plane) uniform 1/90."""
@@ -186,71 +92,6 @@ def angle_figure(histograms, path, title: str = "") -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
-
-
-# ----------------------------------------------------------------------------
-# One subject: files from the evaluation
-# ----------------------------------------------------------------------------
-def subject_seed(subject: str) -> int:
-    """Seed of a subject's random controls (shuffle, surrogate noise,
-    perpendicular axis): stable across runs and machines."""
-    import zlib
-    return zlib.crc32(subject.encode())
-
-
-def subject_products(data, timing, estimators, out_dir, subject: str,
-                     max_voxels: int = 0) -> dict:
-    """Evaluate one subject and write its files; return the product record.
-
-    ``data``: an :class:`io.DWI`; ``timing``: a SequenceTiming. Maps (in
-    ``out_dir``): per method (estimators, nulls, controls) the acute angle
-    (``param-angle``, deg) and the angle in the plane perpendicular to V1
-    (``param-angle2d``); per estimator its axis (``param-axis``, FSL image
-    frame) and quality; the gold-standard gradient (``desc-goldstandard``,
-    1/mm). Tables: the tidy per-subject rows (``desc-summary``) and angle
-    histograms (``desc-histogram``). ``row``: mean/median angle of every
-    method over all evaluated voxels, for the subject table.
-    """
-    import pandas as pd
-    from dmriflow.interfaces import image_gradient as ig
-    out = Path(out_dir)
-    ev = ig.evaluate_subject(data, timing, tuple(estimators), subject=subject,
-                             rng=subject_seed(subject), max_voxels=max_voxels or None)
-    maps = {}
-
-    def save(entities: str, array, name: str) -> None:
-        maps[f"{MODEL_ENTITY}_{entities}"] = str(io.save_nifti(
-            np.asarray(array, dtype=np.float32), data.affine, out / f"{name}.nii.gz",
-            data.header).resolve())
-
-    save("desc-goldstandard_param-gradient", ev.gold.gradient, "gold_gradient")
-    for method in ev.angles:
-        label = entity_label(method)
-        save(f"desc-{label}_param-angle", ev.angles[method], f"angle_{label}")
-        save(f"desc-{label}_param-angle2d", ev.angles_2d[method], f"angle2d_{label}")
-    for name in estimators:
-        fit = ev.fits[name]
-        save(f"desc-{entity_label(name)}_param-axis", fit.axis, f"axis_{name}")
-        save(f"desc-{entity_label(name)}_param-quality", fit.quality, f"quality_{name}")
-    summary = io.write_text(ev.rows.to_csv(sep="\t", index=False, na_rep="n/a"),
-                            out / "summary.tsv")
-    hist = angle_histograms({m: a[ev.mask] for m, a in ev.angles.items()}, "3d")
-    hist += angle_histograms({m: a[ev.mask] for m, a in ev.angles_2d.items()}, "2d")
-    histogram = io.write_text(pd.DataFrame(hist).to_csv(sep="\t", index=False),
-                              out / "histogram.tsv")
-    overall = ev.rows[ev.rows["stratum"] == "all"]
-    row = {"imagegradient_voxels": int(ev.mask.sum())}
-    for r in overall.itertuples():
-        row[f"imagegradient_{r.method}_mean_deg"] = round(float(r.mean), 4)
-        row[f"imagegradient_{r.method}_median_deg"] = round(float(r.median), 4)
-    params = {**ev.parameters, "estimators": list(estimators),
-              "seed": subject_seed(subject), "quality": {n: ev.fits[n].quality_name
-                                                         for n in estimators},
-              "chance_deg": dict(ig.CHANCE)}
-    return {"subject": subject, "status": "ok", "step": STEP, "maps": maps,
-            "tables": {f"{MODEL_ENTITY}_desc-summary": str(summary.resolve()),
-                       f"{MODEL_ENTITY}_desc-histogram": str(histogram.resolve())},
-            "parameters": params, "row": row}
 
 
 # ----------------------------------------------------------------------------

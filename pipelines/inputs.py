@@ -7,7 +7,6 @@ with a clear reason. The census reads headers, b-values and sidecars only.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -16,7 +15,10 @@ from pathlib import Path
 import pandas as pd
 
 from dmriflow.interfaces.errors import InputError
-from dmriflow.interfaces.gradients import check_readable_file, read_gradients
+from dmriflow.interfaces.gradients import check_readable_file
+# The census row and sidecar reader are step code (interfaces.io); read_sidecar
+# stays importable from here for the pipeline's callers.
+from dmriflow.interfaces.io import CENSUS_FIELDS, census_row, read_sidecar  # noqa: F401
 
 #: HCP per-subject files, relative to the subject folder.
 HCP_DIFFUSION_DIR = Path("T1w", "Diffusion")
@@ -159,45 +161,6 @@ def discover(input_dir, layout: str = "auto",
 # ----------------------------------------------------------------------------
 # Acquisition census
 # ----------------------------------------------------------------------------
-CENSUS_FIELDS = ("field_strength_t", "echo_time_ms", "shells", "directions",
-                 "n_b0", "voxel_size_mm", "dims")
-
-
-def read_sidecar(path: str | None) -> dict:
-    if not path:
-        return {}
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"cannot read JSON sidecar ({exc})") from None
-
-
-def census_row(subject: SubjectInputs, gtab=None, shape=None, zooms=None) -> dict:
-    """Acquisition facts of one subject from its header, gradients and sidecar.
-
-    ``gtab``/``shape``/``zooms`` may be passed when already loaded.
-    """
-    if shape is None or zooms is None:
-        from dmriflow.interfaces.io import load_image
-        img = load_image(subject.dwi, "DWI")
-        shape, zooms = img.shape, img.header.get_zooms()
-    if gtab is None:
-        gtab = read_gradients(subject.bval, subject.bvec,
-                              n_volumes=shape[3] if len(shape) == 4 else None)
-    meta = read_sidecar(subject.sidecar)
-    te = meta.get("EchoTime")
-    return {
-        "field_strength_t": meta.get("MagneticFieldStrength"),
-        "echo_time_ms": None if te is None else round(float(te) * 1000.0, 2),
-        "shells": " ".join(f"{b:g}" for b in gtab.shells),
-        "directions": " ".join(str(n) for n in gtab.directions_per_shell().values()),
-        "n_b0": int(gtab.b0s_mask.sum()),
-        "voxel_size_mm": "x".join(f"{z:.3g}" for z in zooms[:3]),
-        "dims": "x".join(str(int(d)) for d in shape[:3]),
-    }
-
-
 def _protocol_key(row: dict) -> tuple:
     zooms = tuple(round(float(z) / VOXEL_ROUNDING_MM) for z in str(row["voxel_size_mm"]).split("x"))
     field, te = row["field_strength_t"], row["echo_time_ms"]
@@ -231,7 +194,7 @@ def census(subjects: list[SubjectInputs]) -> pd.DataFrame:
     for s in subjects:
         row = {"subject": s.key, "census_error": ""}
         try:
-            row.update(census_row(s))
+            row.update(census_row(s.dwi, s.bval, s.bvec, s.sidecar))
         except InputError as exc:
             row.update({f: None for f in CENSUS_FIELDS}, census_error=str(exc))
         rows.append(row)

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from dmriflow.interfaces import phantom as P
+from dmriflow.interfaces import stepfiles as sf
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines import cli
 from dmriflow.pipelines import image_gradient as pig
@@ -69,9 +70,9 @@ def test_subject_maps_and_rows(run):
     assert [r["status"] for r in result.rows] == ["done"] * N_SUBJECTS + ["failed"], result.rows
     for s, row in zip(subjects[:N_SUBJECTS], result.rows):
         dwi_dir = tmp / "out" / "dmriflow" / f"sub-{s.label}" / "dwi"
-        stem = f"sub-{s.label}_{pig.MODEL_ENTITY}"
+        stem = f"sub-{s.label}_{sf.MODEL_ENTITY}"
         for method in METHODS:
-            label = pig.entity_label(method)
+            label = sf.entity_label(method)
             angle = nib.load(dwi_dir / f"{stem}_desc-{label}_param-angle_dwimap.nii.gz")
             a = np.asarray(angle.dataobj)
             assert a.shape == SHAPE
@@ -148,30 +149,30 @@ def test_timing_precedence(tmp_path):
     sidecar = tmp_path / "dwi.json"
     sidecar.write_text(json.dumps({"EchoTime": 0.0895, "DiffusionGradientSeparation": 0.0431,
                                    "DiffusionGradientDuration": 0.0106}))
-    timing, source = pig.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+    timing, source = sf.resolve_timing({}, str(sidecar), "dwi.nii.gz")
     assert (timing.Delta, timing.delta, timing.TE) == pytest.approx((43.1, 10.6, 89.5))
     assert set(source.values()) == {"sidecar"}
-    timing, source = pig.resolve_timing({"Delta": 40.0}, str(sidecar), "dwi.nii.gz")
+    timing, source = sf.resolve_timing({"Delta": 40.0}, str(sidecar), "dwi.nii.gz")
     assert timing.Delta == 40.0 and source["Delta"] == "command line" and timing.delta == 10.6
     sidecar.write_text(json.dumps({"EchoTime": 0.0895}))
     with pytest.raises(InputError, match="DiffusionGradientSeparation.*--gradient-separation"):
-        pig.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+        sf.resolve_timing({}, str(sidecar), "dwi.nii.gz")
     with pytest.raises(InputError, match="dwi.nii.gz"):
-        pig.resolve_timing(None, None, "dwi.nii.gz")
+        sf.resolve_timing(None, None, "dwi.nii.gz")
     sidecar.write_text(json.dumps({"DiffusionGradientSeparation": "long",
                                    "DiffusionGradientDuration": 0.01}))
     with pytest.raises(InputError, match="seconds"):
-        pig.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+        sf.resolve_timing({}, str(sidecar), "dwi.nii.gz")
     with pytest.raises(InputError, match="invalid timing"):
-        pig.resolve_timing({"Delta": 5.0, "delta": 30.0}, None, "dwi.nii.gz")
+        sf.resolve_timing({"Delta": 5.0, "delta": 30.0}, None, "dwi.nii.gz")
 
 
 def test_estimator_options():
-    assert pig.parse_estimators("b, A") == ("B", "A")
+    assert sf.parse_estimators("b, A") == ("B", "A")
     for bad, words in (("C", "two diffusion times"), ("P", "phase"), ("X", "unknown"),
                        ("", "no image-gradient")):
         with pytest.raises(ValueError, match=words):
-            pig.parse_estimators(bad)
+            sf.parse_estimators(bad)
     with pytest.raises(ValueError, match="two diffusion times"):
         RunConfig(worker="debug", image_gradient=True, image_gradient_estimators=("B", "C"))
 
@@ -214,12 +215,12 @@ def test_subject_products_with_a_and_a_voxel_subset(tmp_path):
     for k in range(2):
         out = tmp_path / f"run{k}"
         out.mkdir()
-        runs.append(pig.subject_products(data, HCP_TIMING, ("B", "A"), out, "sub-01",
-                                         max_voxels=40))
+        runs.append(sf.subject_products(data, HCP_TIMING, ("B", "A"), out, "sub-01",
+                                        max_voxels=40))
     product = runs[0]
     assert product["row"]["imagegradient_voxels"] == 40
     for est in ("A", "A_shuffle", "A_surrogate", "B"):
-        entity = f"{pig.MODEL_ENTITY}_desc-{pig.entity_label(est)}_param-angle"
+        entity = f"{sf.MODEL_ENTITY}_desc-{sf.entity_label(est)}_param-angle"
         maps = [np.asarray(nib.load(r["maps"][entity]).dataobj) for r in runs]
         assert np.isfinite(maps[0]).sum() == 40
         np.testing.assert_array_equal(maps[0], maps[1])

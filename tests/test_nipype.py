@@ -170,7 +170,7 @@ def test_image_gradient_runs_the_pipeline_step(subject, tmp_path):
 
     from dmriflow.interfaces import image_gradient as ig
     from dmriflow.interfaces.nipype_interfaces import ImageGradient
-    from dmriflow.pipelines.image_gradient import entity_label, subject_seed
+    from dmriflow.interfaces.stepfiles import entity_label, subject_seed
     _, s = subject
     files = dict(subject=s.key, dwi=s.dwi, bval=s.bval, bvec=s.bvec, mask=s.mask)
     res = ImageGradient(**files, estimators=["B"], gradient_separation_ms=ig.HCP_DELTA_MS,

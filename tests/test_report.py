@@ -175,7 +175,8 @@ def test_image_gradient_and_model_sections(run, tmp_path):
     from dmriflow.interfaces import image_gradient as ig
     from dmriflow.interfaces.io import load_dwi, write_json
     from dmriflow.models.card import Acquisition, ModelCard
-    from dmriflow.pipelines.image_gradient import GROUP_TABLE, subject_products, write_group
+    from dmriflow.interfaces.stepfiles import subject_products
+    from dmriflow.pipelines.image_gradient import GROUP_TABLE, write_group
     tmp, labels, _, report = run
     out = tmp_path / "out"
     shutil.copytree(tmp / "out" / "dmriflow", out / "dmriflow")
