@@ -66,11 +66,15 @@ def InferenceSubject(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                      denoise: bool = False, degibbs: bool = False,
                      pipeline_version: str = "") -> dict:
     """Validate -> [Preprocess] -> [Harmonize] -> Inference, the same nodes (and
-    so the same cache entries) as the main subject workflow."""
+    so the same cache entries) as the main subject workflow. With ``kind=""``
+    only the series steps run and the product is the subject's record (the
+    CPU pre-phase on SLURM, see :func:`run_inference_phase`)."""
     from dmriflow.pipelines.workflows import add_series_steps
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
                               pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization)
+    if not kind:
+        return record
     return workflow.add(Inference(record=record, kind=kind, checkpoint=checkpoint,
                                   weights_sha256=weights_sha256, **pv), hooks=PROGRESS).product
 
@@ -109,22 +113,31 @@ def run_inference_phase(subjects, output_dir, config, root: Path, version: str,
     """Run the phase over ``subjects``; (product per subject, engine errors).
 
     Writes ``group/models.tsv``. A subject whose inference failed has a
-    failure record (Export reports it as that subject's failed step).
+    failure record (Export reports it as that subject's failed step). On
+    SLURM the series steps (Validate, Preprocess, Harmonize) first run as CPU
+    jobs, so the GPU jobs find them cached and only apply the model.
     """
     from dmriflow.models.card import load_card
+    from dmriflow.pipelines import execution
     checkpoint = resolve_checkpoint(kind, checkpoint)
     sha = load_card(checkpoint).weights_sha256
     write_models_table(output_dir, [checkpoint])
-    task = InferencePhase(
-        subject=[s.key for s in subjects], out_parts=[list(s.out_parts) for s in subjects],
-        dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
-        bvec=[s.bvec for s in subjects], mask=[s.mask for s in subjects],
-        sidecar=[s.sidecar for s in subjects], kind=kind, checkpoint=checkpoint,
-        weights_sha256=sha,
-        harmonization=str(Path(config.harmonization).resolve()) if config.harmonization else "",
-        denoise=config.denoise, degibbs=config.degibbs, pipeline_version=version)
+
+    def phase(kind: str):
+        return InferencePhase(
+            subject=[s.key for s in subjects], out_parts=[list(s.out_parts) for s in subjects],
+            dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
+            bvec=[s.bvec for s in subjects], mask=[s.mask for s in subjects],
+            sidecar=[s.sidecar for s in subjects], kind=kind, checkpoint=checkpoint,
+            weights_sha256=sha,
+            harmonization=(str(Path(config.harmonization).resolve())
+                           if config.harmonization else ""),
+            denoise=config.denoise, degibbs=config.degibbs, pipeline_version=version)
+    if config.worker == "slurm":
+        with execution.submitter(config, root) as sub:   # failures pass on as records
+            sub(phase(""), raise_errors=False)
     with phase_submitter(config, root) as sub:
-        res = sub(task, raise_errors=False)
+        res = sub(phase(kind), raise_errors=False)
     if res.errored:
         from dmriflow.pipelines.execution import _engine_errors
         errors = _engine_errors(res, root)

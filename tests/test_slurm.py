@@ -37,10 +37,11 @@ N_SUBJECTS = 2
 SHAPE = (20, 24, 20)
 #: Engine steps that each run as one SLURM job per subject ...
 SUBJECT_STEPS = ("Validate", "FitTensor", "FitRish", "Export")
-#: ... those of the inference (GPU) phase, run first with its own sbatch arguments ...
-GPU_PHASE_STEPS = ("Validate", "Inference")
-#: ... and those left to the main phase (Validate's result is cached by then).
-CPU_PHASE_STEPS = ("FitTensor", "FitRish", "Export")
+#: ... those of the inference (GPU) phase, run with its own sbatch arguments: the
+#: model alone (the series steps ran before it as CPU jobs and are cached) ...
+GPU_PHASE_STEPS = ("Inference",)
+#: ... and those of the CPU jobs (the series pre-phase, then the main phase).
+CPU_PHASE_STEPS = SUBJECT_STEPS
 INFERENCE = ("--inference", "directions")
 START_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 300
