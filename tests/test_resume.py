@@ -27,7 +27,7 @@ from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
 #: Small subjects; the last one is larger, so it is still running when the
 #: first subjects have finished (the kill then lands mid-run every time).
 SMALL_SHAPE = (18, 22, 16)
-LARGE_SHAPE = (32, 38, 28)
+LARGE_SHAPE = (44, 52, 36)
 N_SMALL = 4
 #: The source hash is pinned in the child processes: other work in the same
 #: checkout (editor saves, new files) must not change the pipeline version
