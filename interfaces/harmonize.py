@@ -241,34 +241,32 @@ class Transform:
 
     def to_template(self, image: np.ndarray, interpolation: str = "linear") -> np.ndarray:
         """A subject-grid 3D image resampled on the template grid (float32)."""
-        image = np.asarray(image)
-        if image.shape != self.subject_shape:
-            raise ValueError(f"image shape {image.shape} != subject grid {self.subject_shape}")
-        if self.kind == "identity":
-            return image.astype(np.float32, copy=True)
-        kw = {}
-        if self.kind == "syn":   # sample explicitly: subject image -> template grid
-            kw = dict(image_world2grid=np.linalg.inv(self.subject_affine),
-                      out_shape=self.template_shape, out_grid2world=self.template_affine)
-        return np.asarray(self._map().transform(image.astype(np.float32, copy=False),
-                                                interpolation=interpolation, **kw),
-                          dtype=np.float32)
+        return self._resample(image, interpolation, to_subject=False)
 
     def to_subject(self, image: np.ndarray, interpolation: str = "linear") -> np.ndarray:
         """A template-grid 3D image resampled on the subject grid (float32);
         samples outside the template's field of view are 0."""
+        return self._resample(image, interpolation, to_subject=True)
+
+    def _resample(self, image: np.ndarray, interpolation: str, to_subject: bool) -> np.ndarray:
+        """One direction of the transform: the map's inverse towards the subject."""
+        subject = ("subject", self.subject_shape, self.subject_affine)
+        template = ("template", self.template_shape, self.template_affine)
+        (src_name, src_shape, src_affine), (_, dst_shape, dst_affine) = (
+            (template, subject) if to_subject else (subject, template))
         image = np.asarray(image)
-        if image.shape != self.template_shape:
-            raise ValueError(f"image shape {image.shape} != template grid {self.template_shape}")
+        if image.shape != src_shape:
+            raise ValueError(f"image shape {image.shape} != {src_name} grid {src_shape}")
         if self.kind == "identity":
             return image.astype(np.float32, copy=True)
         kw = {}
-        if self.kind == "syn":
-            kw = dict(image_world2grid=np.linalg.inv(self.template_affine),
-                      out_shape=self.subject_shape, out_grid2world=self.subject_affine)
-        return np.asarray(self._map().transform_inverse(image.astype(np.float32, copy=False),
-                                                        interpolation=interpolation, **kw),
-                          dtype=np.float32)
+        if self.kind == "syn":   # sample explicitly: source image -> destination grid
+            kw = dict(image_world2grid=np.linalg.inv(src_affine),
+                      out_shape=dst_shape, out_grid2world=dst_affine)
+        m = self._map()
+        transform = m.transform_inverse if to_subject else m.transform
+        return np.asarray(transform(image.astype(np.float32, copy=False),
+                                    interpolation=interpolation, **kw), dtype=np.float32)
 
     def describe(self) -> dict:
         """JSON-ready parameters (the fields are referenced, not included)."""
