@@ -190,7 +190,7 @@ def _export_file(src, dst: Path, inputs: dict, params: dict, step: str,
     io.copy_file(src, dst)
     meta = _sidecar(inputs, params, step, provenance)
     meta["Sources"] = sorted(inputs.values())
-    stem = dst.name.removesuffix(".nii.gz").removesuffix(dst.suffix)
+    stem = dst.name.removesuffix(".nii.gz") if dst.name.endswith(".nii.gz") else dst.stem
     io.write_json(meta, dst.with_name(f"{stem}.json"))
     return str(dst)
 
