@@ -75,6 +75,19 @@ CHUNK_CUDA = 131072
 #: A Cholesky pivot below this times the largest diagonal element marks a
 #: singular (degenerate) weighted system; the voxel is then reported failed.
 PIVOT_TOLERANCE = 1e-7
+#: Positive definite means a smallest eigenvalue above the float32 resolution of
+#: the fit, not merely above 0: a voxel without diffusion contrast (no signal at
+#: all, or a constant one) has a true tensor of 0, whose fitted eigenvalues are
+#: rounding noise of either sign, so the BLAS kernel would decide whether it
+#: "succeeds". One rounding of every log-signal moves a tensor element by at most
+#: eps32 * ||pinv(X)_D||_inf * max|ln S|; the float32 sums of the WLS passes and
+#: the Cholesky solve add more: on constant-signal voxels (1e-6 .. 1e7) the
+#: eigenvalues reached 4.4x that bound with OpenBLAS's Haswell, SkylakeX and
+#: generic kernels. This many single-rounding bounds keep a 3.6x margin; for an
+#: HCP-like b=1000 scheme, S0 = 1000 and a largest eigenvalue of 1.7e-3 mm^2/s
+#: the floor is 5e-8 mm^2/s, 2000x below the smallest diffusivity of any
+#: tissue (~1e-4 mm^2/s).
+PD_ROUNDING_BOUNDS = 16
 #: Deviatoric size p below this times |mean diffusivity| counts as an exactly
 #: isotropic tensor (eigenvectors are then the image axes).
 ISOTROPY_TOLERANCE = 1e-7
@@ -589,6 +602,10 @@ class TensorModel:
             raise ValueError(f"gradient table ({X.shape[0]} volumes) cannot determine a tensor: "
                              f"it needs a b0 and >= 6 non-coplanar directions with b > 0")
         self._design = X
+        #: smallest eigenvalue accepted, per unit of max|ln S| (solver units)
+        self._eig_resolution = (PD_ROUNDING_BOUNDS * float(np.finfo(np.float32).eps)
+                                * float(np.abs(np.linalg.pinv(X)[:6]).sum(axis=1).max()))
+        self._b_max = float((-X[:, :3].sum(axis=1)).max())  # strongest b (ms/um^2)
         self._ops, workers, default_chunk, block = _resolve_backend(device, backend)
         self.device = self._ops.device
         self.backend = self._ops.name
@@ -607,6 +624,16 @@ class TensorModel:
                 "vector_frame": "fsl-image"}
 
     # -- public ---------------------------------------------------------------
+    def min_eigenvalue(self, s0, largest_eval):
+        """The smallest eigenvalue (mm^2/s) that counts as positive for a voxel
+        with this S0 and largest eigenvalue (mm^2/s): below it the fit cannot
+        tell the eigenvalue from 0 in float32 (see PD_ROUNDING_BOUNDS)."""
+        with np.errstate(divide="ignore"):
+            ln_s0 = np.log(np.asarray(s0, dtype=np.float64))
+        floor = _eigen_floor(ln_s0, np.asarray(largest_eval) * B_UNIT, self._eig_resolution,
+                             self._b_max)
+        return floor / B_UNIT
+
     def fit(self, data, mask=None) -> "TensorFit":
         """Fit every voxel of ``data`` (..., N) where ``mask`` (...) is True."""
         data = np.asanyarray(data)
@@ -719,7 +746,8 @@ class TensorModel:
                         src = ops.asarray(rows) if ops.name == "torch" else rows
                         params = ops.to_numpy(kernel.fit(src, buf, self.fit_method,
                                                          self.n_iter))
-                        _store(params, cidx[start:start + n], out)
+                        _store(params, cidx[start:start + n], out,
+                               self._eig_resolution, self._b_max)
                     except BaseException:
                         state["stop"] = True        # the other workers stop too
                         raise
@@ -736,16 +764,28 @@ class TensorModel:
         return TensorFit(evals, evecs, s0, failed, mask=mask)
 
 
-def _store(params: np.ndarray, where: np.ndarray, out) -> None:
-    """Eigen-decompose one chunk's parameters (7, n) and write the maps."""
+def _eigen_floor(ln_s0, largest_eval, eig_resolution: float, b_max: float):
+    """Smallest resolvable eigenvalue (solver units): the resolution times the
+    largest |ln S| the fit saw, |ln S0| + b_max * largest |eigenvalue|."""
+    return eig_resolution * (np.abs(ln_s0) + b_max * largest_eval)
+
+
+def _store(params: np.ndarray, where: np.ndarray, out, eig_resolution: float,
+           b_max: float) -> None:
+    """Eigen-decompose one chunk's parameters (7, n) and write the maps.
+
+    A voxel fails when anything is non-finite or its smallest eigenvalue is
+    not above the fit's float32 resolution (see PD_ROUNDING_BOUNDS).
+    """
     evals_o, evecs_o, s0_o, failed_o = out
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         evals, evecs = _eig_sym3(params[0], params[1], params[2],
                                  params[3], params[4], params[5])
         s0 = np.exp(params[6])
+        floor = _eigen_floor(params[6], np.abs(evals).max(axis=1), eig_resolution, b_max)
         bad = ~(np.isfinite(params).all(axis=0) & np.isfinite(evals).all(axis=1)
                 & np.isfinite(evecs).all(axis=(1, 2)) & np.isfinite(s0)
-                & (evals[:, 2] > 0))
+                & (evals[:, 2] > floor))
     evals *= np.float32(1 / B_UNIT)
     if bad.any():
         evals[bad] = 0

@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from . import __version__
+from .environment import environment
 from .errors import InputError
 from .gradients import (B0_THRESHOLD, GradientTable, check_readable_file, gradient_policy,
                         read_bvals, read_gradients)
@@ -436,7 +437,8 @@ def pipeline_version() -> str:
 
 def sidecar(inputs: dict, parameters: dict, step: str, extra: dict | None = None,
             hashes: dict | None = None, version: str | None = None) -> dict:
-    """Provenance for one derivative: inputs' hashes, parameters, versions.
+    """Provenance for one derivative: inputs' hashes, parameters, versions and
+    the environment id (the lock's sha256, see :mod:`.environment`).
 
     ``hashes`` (sha256 by input key) are the hashes recorded when the inputs
     were validated: they name the content that was processed, and spare
@@ -453,5 +455,6 @@ def sidecar(inputs: dict, parameters: dict, step: str, extra: dict | None = None
                    for k, p in inputs.items() if p is not None},
         "Parameters": {**parameters, "gradient_policy": gradient_policy()},
         "Versions": package_versions(),
+        **environment(),
         **(extra or {}),
     }

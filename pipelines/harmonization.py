@@ -30,10 +30,9 @@ def _save(arr, affine, name: str) -> str:
     return str(io.save_nifti(np.asarray(arr), affine, Path.cwd() / name).resolve())
 
 
-@python.define(outputs=["features"])
 @guarded("features")
-def HarmonizationFeatures(subject: str, record: dict, shells: list, lmax: int,
-                          pipeline_version: str = "") -> dict:
+def harmonization_features_step(subject: str, record: dict, shells: list, lmax: int,
+                                pipeline_version: str = "") -> dict:
     """FA and per-shell RISH maps of one subject, as files, for the fit."""
     from dmriflow.interfaces.harmonize import subject_features
     data = load_series(record)
@@ -44,6 +43,10 @@ def HarmonizationFeatures(subject: str, record: dict, shells: list, lmax: int,
             "mask": _save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
             "rish": {f"{b:g}": _save(r, f.affine, f"rish_b{b:g}.nii.gz")
                      for b, r in f.rish.items()}}
+
+
+HarmonizationFeatures = python.define(harmonization_features_step,
+                                      outputs=["features"], name="HarmonizationFeatures")
 
 
 def _loader(entry: dict):
@@ -60,10 +63,9 @@ def _loader(entry: dict):
     return load
 
 
-@python.define(outputs=["result"])
-def FitHarmonization(features: list[dict], sites: dict, reference_site: str, target_site: str,
-                     shells: list, lmax: int, registration: str = "syn",
-                     smoothing_fwhm_mm: float = 0.0, pipeline_version: str = "") -> dict:
+def fit_harmonization_step(features: list[dict], sites: dict, reference_site: str, target_site: str,
+                           shells: list, lmax: int, registration: str = "syn",
+                           smoothing_fwhm_mm: float = 0.0, pipeline_version: str = "") -> dict:
     """Fit the artefact on the subjects whose features succeeded; evaluate it.
 
     The evaluation applies the artefact to every target subject and compares
@@ -104,9 +106,12 @@ def FitHarmonization(features: list[dict], sites: dict, reference_site: str, tar
             "n_reference": len(ref), "n_target": len(tar), "excluded": excluded}
 
 
-@python.define(outputs=["record"])
+FitHarmonization = python.define(fit_harmonization_step,
+                                 outputs=["result"], name="FitHarmonization")
+
+
 @guarded("harmonize")
-def Harmonize(subject: str, record: dict, artefact: str = "", pipeline_version: str = "") -> dict:
+def harmonize_step(subject: str, record: dict, artefact: str = "", pipeline_version: str = "") -> dict:
     """Apply a stored artefact to the subject's series (pass-through when none).
 
     Refuses data whose sidecar says this artefact was already applied.
@@ -118,12 +123,14 @@ def Harmonize(subject: str, record: dict, artefact: str = "", pipeline_version: 
     return with_series(record, series, "harmonize", entry)
 
 
-@workflow.define(outputs=["features"])
-def FeaturesWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
-                     mask: File | None = None, sidecar: File | None = None,
-                     shells: list | None = None, lmax: int = DEFAULT_HARMONIZATION_LMAX,
-                     denoise: bool = False, degibbs: bool = False,
-                     pipeline_version: str = "") -> dict:
+Harmonize = python.define(harmonize_step, outputs=["record"], name="Harmonize")
+
+
+def features_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
+                      mask: File | None = None, sidecar: File | None = None,
+                      shells: list | None = None, lmax: int = DEFAULT_HARMONIZATION_LMAX,
+                      denoise: bool = False, degibbs: bool = False,
+                      pipeline_version: str = "") -> dict:
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = workflow.add(Validate(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar,
                                    **pv), hooks=PROGRESS).record
@@ -134,13 +141,16 @@ def FeaturesWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                         hooks=PROGRESS).features
 
 
-@workflow.define(outputs=["result"])
-def HarmonizationFitWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
-                             bval: list[File], bvec: list[File], mask: list, sidecar: list,
-                             sites: dict, reference_site: str, target_site: str, shells: list,
-                             lmax: int = DEFAULT_HARMONIZATION_LMAX, registration: str = "syn",
-                             smoothing_fwhm_mm: float = 0.0, denoise: bool = False,
-                             degibbs: bool = False, pipeline_version: str = "") -> dict:
+FeaturesWorkflow = workflow.define(features_workflow,
+                                   outputs=["features"], name="FeaturesWorkflow")
+
+
+def harmonization_fit_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
+                               bval: list[File], bvec: list[File], mask: list, sidecar: list,
+                               sites: dict, reference_site: str, target_site: str, shells: list,
+                               lmax: int = DEFAULT_HARMONIZATION_LMAX, registration: str = "syn",
+                               smoothing_fwhm_mm: float = 0.0, denoise: bool = False,
+                               degibbs: bool = False, pipeline_version: str = "") -> dict:
     from dmriflow.pipelines.workflows import SUBJECT_FIELDS
     per = FeaturesWorkflow(shells=shells, lmax=lmax, denoise=denoise, degibbs=degibbs,
                            pipeline_version=pipeline_version)
@@ -153,6 +163,10 @@ def HarmonizationFitWorkflow(subject: list[str], out_parts: list[list], dwi: lis
                                         smoothing_fwhm_mm=smoothing_fwhm_mm,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
     return fit.result
+
+
+HarmonizationFitWorkflow = workflow.define(harmonization_fit_workflow,
+                                           outputs=["result"], name="HarmonizationFitWorkflow")
 
 
 def common_shells_and_lmax(subjects, lmax: int | None = None) -> tuple[list[float], int]:

@@ -125,11 +125,10 @@ def write_group(products: list[dict], output_dir) -> dict:
 # Pydra tasks (thin wrappers)
 # ----------------------------------------------------------------------------
 
-@python.define(outputs=["image_gradient"])
 @guarded(STEP)
-def ImageGradient(subject: str, record: dict, estimators: list | None = None,
-                  timing: dict | None = None, max_voxels: int = 0,
-                  pipeline_version: str = "") -> dict:
+def image_gradient_step(subject: str, record: dict, estimators: list | None = None,
+                        timing: dict | None = None, max_voxels: int = 0,
+                        pipeline_version: str = "") -> dict:
     """Image-gradient estimates, controls and angles of one subject (product
     record for Export). ``timing``: command-line Delta/delta/TE (ms) that
     override the sidecar's; ``max_voxels``: evaluate a seeded random subset
@@ -143,11 +142,18 @@ def ImageGradient(subject: str, record: dict, estimators: list | None = None,
     return product
 
 
-@python.define(outputs=["table"])
-def ImageGradientGroup(products: list, output_dir: str, pipeline_version: str = "") -> str:
+ImageGradient = python.define(image_gradient_step,
+                              outputs=["image_gradient"], name="ImageGradient")
+
+
+def image_gradient_group_step(products: list, output_dir: str, pipeline_version: str = "") -> str:
     """The cohort's image-gradient table and figure (group folder); "" when
     no subject has results (their failures are in group/subjects.tsv)."""
     Path(STEP_MARKER).write_text("group")   # re-exported with the group table
     if not any(p and p.get("status") == "ok" for p in products):
         return ""
     return write_group(list(products), output_dir)["table"]
+
+
+ImageGradientGroup = python.define(image_gradient_group_step,
+                                   outputs=["table"], name="ImageGradientGroup")

@@ -31,10 +31,9 @@ STEP = "inference"
 MODELS_TABLE = "models.tsv"
 
 
-@python.define(outputs=["product"])
 @guarded(STEP)
-def Inference(subject: str, record: dict, kind: str, checkpoint: str = "",
-              weights_sha256: str = "", pipeline_version: str = "") -> dict:
+def inference_step(subject: str, record: dict, kind: str, checkpoint: str = "",
+                   weights_sha256: str = "", pipeline_version: str = "") -> dict:
     """Apply an inference model to the subject's current series; a product record.
 
     ``weights_sha256`` (the card's) is an input so that new weights in the
@@ -58,13 +57,15 @@ def Inference(subject: str, record: dict, kind: str, checkpoint: str = "",
             "row": {"inference_model": f"{card.name} {card.version}", **out.row}}
 
 
-@workflow.define(outputs=["product"])
-def InferenceSubject(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
-                     kind: str, checkpoint: str = "", weights_sha256: str = "",
-                     mask: File | None = None, sidecar: File | None = None,
-                     harmonization: str = "",
-                     denoise: bool = False, degibbs: bool = False,
-                     pipeline_version: str = "") -> dict:
+Inference = python.define(inference_step, outputs=["product"], name="Inference")
+
+
+def inference_subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
+                               kind: str, checkpoint: str = "", weights_sha256: str = "",
+                               mask: File | None = None, sidecar: File | None = None,
+                               harmonization: str = "",
+                               denoise: bool = False, degibbs: bool = False,
+                               pipeline_version: str = "") -> dict:
     """Validate -> [Preprocess] -> [Harmonize] -> Inference, the same nodes (and
     so the same cache entries) as the main subject workflow. With ``kind=""``
     only the series steps run and the product is the subject's record (the
@@ -79,12 +80,15 @@ def InferenceSubject(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                                   weights_sha256=weights_sha256, **pv), hooks=PROGRESS).product
 
 
-@workflow.define(outputs=["products"])
-def InferencePhase(subject: list[str], out_parts: list[list], dwi: list[File],
-                   bval: list[File], bvec: list[File], mask: list, sidecar: list, kind: str,
-                   checkpoint: str = "", weights_sha256: str = "", harmonization: str = "",
-                   denoise: bool = False, degibbs: bool = False,
-                   pipeline_version: str = "") -> list:
+InferenceSubject = workflow.define(inference_subject_workflow,
+                                   outputs=["product"], name="InferenceSubject")
+
+
+def inference_phase_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
+                             bval: list[File], bvec: list[File], mask: list, sidecar: list, kind: str,
+                             checkpoint: str = "", weights_sha256: str = "", harmonization: str = "",
+                             denoise: bool = False, degibbs: bool = False,
+                             pipeline_version: str = "") -> list:
     from dmriflow.pipelines.workflows import SUBJECT_FIELDS
     per = InferenceSubject(kind=kind, checkpoint=checkpoint, weights_sha256=weights_sha256,
                            harmonization=harmonization,
@@ -92,6 +96,10 @@ def InferencePhase(subject: list[str], out_parts: list[list], dwi: list[File],
     split = per.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi, bval=bval,
                       bvec=bvec, mask=mask, sidecar=sidecar)
     return workflow.add(split.combine("subject"), name="inference").product
+
+
+InferencePhase = workflow.define(inference_phase_workflow,
+                                 outputs=["products"], name="InferencePhase")
 
 
 def resolve_checkpoint(kind: str, checkpoint: str = "") -> str:

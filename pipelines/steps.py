@@ -6,6 +6,16 @@ record. Tasks are *guarded*: an exception inside one subject's task becomes a
 the execution layer can discard it before the next run); a task whose
 upstream record failed passes that failure on without computing. Thus one
 bad subject never stops the cohort, and its reason reaches the group table.
+
+Every task is a module-level function (``validate_step``) made into a task
+class (``Validate = python.define(validate_step, ...)``), never a decorated
+class name: the engine ships a task to a worker process with cloudpickle and
+checks that its hash did not change on the way. A function reachable by its
+module and name travels by reference and hashes from its source in both
+processes; one that is not (a decorator's closure stored under the class's
+name) travels by value, and cloudpickle >= 3.1.3 gives its code the file name
+``<dynamic-code>``, so pydra hashes the bytecode instead and every job fails.
+``tests/test_task_hashes.py`` checks every task of the pipelines.
 """
 
 from __future__ import annotations
@@ -45,7 +55,11 @@ def _failure(step: str, subject: str, exc: BaseException | None = None, upstream
 
 
 def guarded(step: str):
-    """Turn exceptions into failure records and pass upstream failures on."""
+    """Turn exceptions into failure records and pass upstream failures on.
+
+    Store the result under the function's own name (``@guarded`` on a
+    module-level ``def``), so the wrapper is reachable by module and name.
+    """
     def deco(fn):
         @functools.wraps(fn)
         def wrapper(**kwargs):
@@ -84,18 +98,19 @@ def with_series(record: dict, series: dict, step: str, extra: dict | None = None
     return {**record, "series": series, "history": history}
 
 
-@python.define(outputs=["record"])
 @guarded("validate")
-def Validate(subject: str, dwi: File, bval: File, bvec: File, mask: File | None = None,
-             sidecar: File | None = None, pipeline_version: str = "") -> dict:
+def validate_step(subject: str, dwi: File, bval: File, bvec: File, mask: File | None = None,
+                  sidecar: File | None = None, pipeline_version: str = "") -> dict:
     """Load and check every input; record the census row, input hashes and QC."""
     return stepfiles.validate_subject(subject, dwi, bval, bvec, mask, sidecar, Path.cwd())
 
 
-@python.define(outputs=["record"])
+Validate = python.define(validate_step, outputs=["record"], name="Validate")
+
+
 @guarded("preprocess")
-def Preprocess(subject: str, record: dict, denoise: bool = False, degibbs: bool = False,
-               pipeline_version: str = "") -> dict:
+def preprocess_step(subject: str, record: dict, denoise: bool = False, degibbs: bool = False,
+                    pipeline_version: str = "") -> dict:
     """MP-PCA denoising and/or Gibbs-ringing removal (pass-through when both off).
 
     Both assume raw, uninterpolated data: leave them off for HCP's minimally
@@ -113,21 +128,28 @@ def Preprocess(subject: str, record: dict, denoise: bool = False, degibbs: bool 
     return new
 
 
-@python.define(outputs=["tensor"])
+Preprocess = python.define(preprocess_step, outputs=["record"], name="Preprocess")
+
+
 @guarded("tensor")
-def FitTensor(subject: str, record: dict, fit_method: str = "WLS",
-              max_bval: float = DTI_MAX_BVAL, pipeline_version: str = "") -> dict:
+def fit_tensor_step(subject: str, record: dict, fit_method: str = "WLS",
+                    max_bval: float = DTI_MAX_BVAL, pipeline_version: str = "") -> dict:
     """DTI maps (FA, MD, AD, RD, S0, V1) as NIfTI files in the node folder."""
     return {"subject": subject, "status": "ok",
             **stepfiles.write_tensor_maps(record["series"], Path.cwd(), fit_method, max_bval)}
 
 
-@python.define(outputs=["rish"])
+FitTensor = python.define(fit_tensor_step, outputs=["tensor"], name="FitTensor")
+
+
 @guarded("rish")
-def FitRish(subject: str, record: dict, lmax: int = 0, pipeline_version: str = "") -> dict:
+def fit_rish_step(subject: str, record: dict, lmax: int = 0, pipeline_version: str = "") -> dict:
     """Per-shell SH fit of the b0-normalised signal and RISH maps l = 0..L."""
     return {"subject": subject, "status": "ok",
             **stepfiles.write_rish_maps(record["series"], Path.cwd(), lmax)}
+
+
+FitRish = python.define(fit_rish_step, outputs=["rish"], name="FitRish")
 
 
 def _export_series(record: dict, dwi_dir: Path, key: str, inputs: dict,
@@ -228,10 +250,9 @@ def failed_row(subject: str, step: str, error: str, pipeline_version: str) -> di
             "derivatives": [], "pipeline_version": pipeline_version}
 
 
-@python.define(outputs=["row"])
-def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict,
-           output_dir: str, image_gradient: dict | None = None, inference: dict | None = None,
-           pipeline_version: str = "") -> dict:
+def export_step(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict,
+                output_dir: str, image_gradient: dict | None = None, inference: dict | None = None,
+                pipeline_version: str = "") -> dict:
     """Copy a subject's maps into the derivatives tree, each with a sidecar.
 
     ``image_gradient`` and ``inference`` are product records of optional
@@ -294,9 +315,11 @@ def Export(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict
     return write_status(row, output_dir, out_parts)
 
 
-@python.define(outputs=["table"])
-def GroupTable(rows: list[dict], output_dir: str, extra_rows: list[dict] | None = None,
-               pipeline_version: str = "") -> str:
+Export = python.define(export_step, outputs=["row"], name="Export")
+
+
+def group_table_step(rows: list[dict], output_dir: str, extra_rows: list[dict] | None = None,
+                     pipeline_version: str = "") -> str:
     """Write OUTPUT/dmriflow/group/subjects.tsv, one row per subject.
 
     ``extra_rows`` are subjects that failed before entering the graph.
@@ -306,6 +329,9 @@ def GroupTable(rows: list[dict], output_dir: str, extra_rows: list[dict] | None 
     if any(r.get("status") != "done" for r in rows):
         Path(FAILED_MARKER).write_text("group")
     return str(write_subjects_table(rows, output_dir))
+
+
+GroupTable = python.define(group_table_step, outputs=["table"], name="GroupTable")
 
 
 def write_subjects_table(rows: list[dict], output_dir) -> Path:

@@ -39,16 +39,15 @@ def add_series_steps(files: dict, pv: dict, denoise: bool = False, degibbs: bool
     return record
 
 
-@workflow.define(outputs=["row", "image_gradient"])
-def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
-                    output_dir: str, mask: File | None = None, sidecar: File | None = None,
-                    fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL,
-                    lmax: int = 0, harmonization: str = "", denoise: bool = False,
-                    degibbs: bool = False, image_gradient: bool = False,
-                    image_gradient_estimators: list | None = None,
-                    image_gradient_timing: dict | None = None,
-                    image_gradient_max_voxels: int = 0, inference: dict | None = None,
-                    pipeline_version: str = "") -> tuple[dict, dict | None]:
+def subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
+                     output_dir: str, mask: File | None = None, sidecar: File | None = None,
+                     fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL,
+                     lmax: int = 0, harmonization: str = "", denoise: bool = False,
+                     degibbs: bool = False, image_gradient: bool = False,
+                     image_gradient_estimators: list | None = None,
+                     image_gradient_timing: dict | None = None,
+                     image_gradient_max_voxels: int = 0, inference: dict | None = None,
+                     pipeline_version: str = "") -> tuple[dict, dict | None]:
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
                               pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization)
@@ -68,16 +67,19 @@ def SubjectWorkflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: 
     return row, gradient
 
 
-@workflow.define(outputs=["table", "rows", "image_gradient"])
-def CohortWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
-                   bval: list[File], bvec: list[File], mask: list, sidecar: list,
-                   output_dir: str, extra_rows: list[dict] | None = None,
-                   fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL, lmax: int = 0,
-                   harmonization: str = "", denoise: bool = False, degibbs: bool = False,
-                   image_gradient: bool = False, image_gradient_estimators: list | None = None,
-                   image_gradient_timing: dict | None = None,
-                   image_gradient_max_voxels: int = 0, inference: list | None = None,
-                   pipeline_version: str = "") -> tuple[str, list, str | None]:
+SubjectWorkflow = workflow.define(subject_workflow,
+                                  outputs=["row", "image_gradient"], name="SubjectWorkflow")
+
+
+def cohort_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
+                    bval: list[File], bvec: list[File], mask: list, sidecar: list,
+                    output_dir: str, extra_rows: list[dict] | None = None,
+                    fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL, lmax: int = 0,
+                    harmonization: str = "", denoise: bool = False, degibbs: bool = False,
+                    image_gradient: bool = False, image_gradient_estimators: list | None = None,
+                    image_gradient_timing: dict | None = None,
+                    image_gradient_max_voxels: int = 0, inference: list | None = None,
+                    pipeline_version: str = "") -> tuple[str, list, str | None]:
     per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
                                   dti_max_bval=dti_max_bval, lmax=lmax,
                                   harmonization=harmonization, denoise=denoise,
@@ -102,3 +104,7 @@ def CohortWorkflow(subject: list[str], out_parts: list[list], dwi: list[File],
                                                          pipeline_version=pipeline_version),
                                       hooks=PROGRESS).table
     return table.table, subjects.row, gradient_table
+
+
+CohortWorkflow = workflow.define(cohort_workflow,
+                                 outputs=["table", "rows", "image_gradient"], name="CohortWorkflow")
