@@ -21,7 +21,7 @@ LOCK_ARGS := --extra test --generate-hashes --python-version 3.11 \
 	--custom-compile-command "make lock"
 # `make check-latest`: a throwaway venv with the newest versions setup.cfg allows
 LATEST ?= build/latest
-LATEST_TESTS ?= -m "not system" -x -q
+LATEST_TESTS ?= -m "not system" -q --deselect tests/test_environment.py::test_this_environment_is_the_lock
 # `make container`: the image (Dockerfile). BASE_IMAGE / TORCH_INDEX: see the Dockerfile.
 DOCKER      ?= /usr/bin/docker
 IMAGE       ?= dmriflow:latest
@@ -77,7 +77,7 @@ check-latest:
 	$(LATEST)/bin/pip install --quiet --upgrade $(FIND_TORCH) -c $(LATEST)/torch-pin.txt -e '.[test]'
 	$(LATEST)/bin/pip check
 	@echo "check-latest: versions that differ from $(LOCK):"
-	@$(LATEST)/bin/python scripts/lockdiff.py $(LOCK)
+	@$(LATEST)/bin/python -m dmriflow.interfaces.environment $(LOCK)
 	$(LATEST)/bin/dmriflow demo $(LATEST)/demo --quiet
 	$(LATEST)/bin/python -m pytest $(LATEST_TESTS) -p no:cacheprovider
 

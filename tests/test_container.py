@@ -16,6 +16,7 @@ with ``DMRIFLOW_REQUIRE_DOCKER=1`` they fail.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +28,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import assert_same_group_table, system_part_missing
+
+from dmriflow.interfaces.environment import LOCK_NAME, canonical, differences, read_pins
+
+pytestmark = pytest.mark.system
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_SCRIPT = REPO / "scripts" / "docker-engine.sh"
@@ -143,8 +148,20 @@ def test_image_runs_as_its_user_with_dmriflow_entrypoint(docker_env, image):
     assert version.split() == ["dmriflow", __version__]
     torch = docker(docker_env, "run", "--rm", "--entrypoint", "python3", image, "-c",
                    "import torch; print(torch.__version__)").stdout.strip()
-    pinned = (REPO / "constraints.txt").read_text().split("torch==")[1].split()[0]
-    assert torch.split("+")[0] == pinned
+    assert torch == read_pins((REPO / LOCK_NAME).read_text())["torch"]
+
+
+def test_image_environment_is_exactly_the_lock(docker_env, image):
+    """The image's installed distributions (pip freeze) are the lock's pins, no
+    more and no fewer; only pip itself and dmriflow are not pins."""
+    freeze = docker(docker_env, "run", "--rm", "--entrypoint", "pip", image, "freeze",
+                    "--all").stdout
+    installed = {canonical(line.split("==")[0]): line.split("==")[1]
+                 for line in freeze.splitlines() if "==" in line}
+    unpinned = [line for line in freeze.splitlines() if line and "==" not in line]
+    assert all(line.startswith("dmriflow @") for line in unpinned), unpinned
+    pins = read_pins((REPO / LOCK_NAME).read_text())
+    assert not differences(pins, installed), differences(pins, installed)
 
 
 def test_image_size_is_bounded(docker_env, image):
@@ -175,3 +192,7 @@ def test_demo_in_container_matches_demo_outside(docker_env, image, tmp_path):
     assert_same_group_table(got, want, rtol=1e-4, atol=1e-6)
     fa = mount / "demo" / "dmriflow" / f"sub-{want['subject'][0].removeprefix('sub-')}"
     assert list(fa.glob("dwi/*_param-fa_dwimap.nii.gz")), "no FA map written to the mount"
+    # the image's environment id is the lock's hash (the lock ships as data_files)
+    lock_id = "sha256:" + hashlib.sha256((REPO / LOCK_NAME).read_bytes()).hexdigest()
+    sidecar = json.loads(next(fa.glob("dwi/*_param-fa_dwimap.json")).read_text())
+    assert sidecar["EnvironmentId"] == lock_id, sidecar["Lock"]

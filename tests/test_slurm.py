@@ -28,6 +28,8 @@ from conftest import assert_same_group_table, system_part_missing
 from dmriflow.interfaces.phantom import write_cohort
 from dmriflow.models.data import phantom_scheme
 
+pytestmark = pytest.mark.system
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm-cluster.sh"
 REQUIRE_ENV = "DMRIFLOW_REQUIRE_SLURM"

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from dmriflow.interfaces import io
+from dmriflow.interfaces.environment import environment, lock_path
 from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 from dmriflow.pipelines.execution import exclusive_run, status_table
@@ -184,6 +185,7 @@ def test_every_sidecar_carries_full_provenance(broken_run):
     assert version == io.pipeline_version()
     installed = {name: metadata.version(name) for name in REQUIRED_VERSIONS
                  if name != "dmriflow"}
+    lock_sha256 = io.file_sha256(lock_path())
     n_checked = 0
     for s in subjects:
         hashes = {k: io.file_sha256(p) for k, p in
@@ -207,6 +209,8 @@ def test_every_sidecar_carries_full_provenance(broken_run):
             else:
                 assert params["shell"] in (1000.0, 2000.0) and params["order"] in (0, 2, 4)
             versions = meta["Versions"]
+            assert meta["EnvironmentId"] == environment()["EnvironmentId"]
+            assert meta["Lock"]["sha256"] == lock_sha256
             assert versions["dmriflow"] == version.split("+")[0]
             assert {k: versions[k] for k in installed} == installed
             n_checked += 1
@@ -215,6 +219,8 @@ def test_every_sidecar_carries_full_provenance(broken_run):
     assert table_meta["PipelineVersions"] == [version]
     assert table_meta["GeneratedBy"][0]["PipelineVersion"] == version
     assert table_meta["Versions"]["pydra"] == installed["pydra"]
+    assert table_meta["EnvironmentId"] == environment()["EnvironmentId"]
+    assert table_meta["Lock"]["sha256"] == lock_sha256
     assert table_meta["Subjects"] == {
         s.key: {"status": "done", "export_id": json.loads(next(
             (out / "dmriflow" / s.key).glob("*_status.json")).read_text())["export_id"]}
