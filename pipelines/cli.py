@@ -35,6 +35,11 @@ from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.steps import DTI_MAX_BVAL
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
+#: A command-line mistake (sysexits' EX_USAGE), apart from 2 = some subjects failed.
+EXIT_USAGE = 64
+#: The reader of our output went away (`dmriflow status OUT | head`): the shell's
+#: code for a process ended by SIGPIPE, and no traceback.
+EXIT_CLOSED_PIPE = 128 + 13
 #: Demo cohort: a few small phantom subjects, two workers.
 DEMO_SUBJECTS = 4
 DEMO_SHAPE = (36, 44, 36)
@@ -106,8 +111,17 @@ def _image_gradient_timing(args) -> dict:
     return {k: v for k, v in given.items() if v is not None}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits with EXIT_USAGE (argparse's own 2 is
+    dmriflow's "some subjects failed"). Sub-commands use the same class."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dmriflow", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="dmriflow", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"dmriflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -370,6 +384,16 @@ def cmd_demo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # stdout's reader is gone: point stdout at /dev/null so the interpreter's
+        # final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_CLOSED_PIPE
+
+
+def _dispatch(args) -> int:
     try:
         if args.command == "run":
             return _run(args.input, args.output, args.layout, args.participant_label, args)

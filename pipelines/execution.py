@@ -9,11 +9,14 @@ cache folders, which makes it safe to clear what a killed run left behind
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dmriflow.interfaces import io
+from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.inputs import SubjectInputs, census
 from dmriflow.pipelines.progress import PROGRESS_ENV
@@ -46,6 +49,16 @@ RUN_JOURNAL = ".dmriflow-run.json"
 #: Node results written this long before the journal's start time are checked too
 #: (file-system time stamps are coarse).
 JOURNAL_SLACK_S = 2.0
+#: Written into a cache root when dmriflow creates (or adopts) it: only a folder
+#: carrying it is ever cleaned or has its node results (pickles) loaded.
+CACHE_MARKER = ".dmriflow-cache.json"
+#: Entries the engine and dmriflow make in a cache root: what an unmarked cache of an
+#: earlier version may hold to be adopted (anything else there is someone's file).
+ENGINE_ENTRY = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}$|.*\.lock$|.*_info\.json$"
+                          rf"|^{re.escape(RUN_JOURNAL)}$")
+#: Permission bits that let someone other than the owner write (and so plant a
+#: node result that the next run would unpickle).
+FOREIGN_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
 @dataclass
@@ -123,6 +136,57 @@ class RunInProgress(RuntimeError):
     """Another dmriflow run holds the output or cache folder."""
 
 
+def claim_cache(root: Path) -> None:
+    """Make ``root`` dmriflow's cache, or refuse it (an :class:`InputError`).
+
+    A missing or empty folder is created and marked (CACHE_MARKER), writable by
+    its owner only. A marked one is used. An unmarked, non-empty one is
+    adopted only when every entry is one the engine makes (a cache of an
+    earlier version), else refused: it holds someone's files, and a run
+    cleans its cache. A cache owned by another user, or writable by anyone
+    but its owner, is refused too, since its node results are pickles that
+    a run loads.
+    """
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise InputError(root, "the cache must be a folder (not a link or a file)")
+    root.mkdir(parents=True, exist_ok=True)
+    st = root.stat()
+    if st.st_uid != os.geteuid():
+        raise InputError(root, f"cache folder belongs to uid {st.st_uid}, not to this user "
+                               f"(uid {os.geteuid()}); its node results would be loaded as "
+                               f"pickles: use a cache folder of your own")
+    marker = root / CACHE_MARKER
+    if not marker.is_file():
+        foreign = sorted(p.name for p in root.iterdir() if not ENGINE_ENTRY.match(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            raise InputError(root, f"not a dmriflow cache (no {CACHE_MARKER}) and not empty "
+                                   f"({shown}); give --cache-dir an empty or new folder")
+        if not any(root.iterdir()):
+            root.chmod(stat.S_IMODE(st.st_mode) & ~FOREIGN_WRITE)   # a new cache: ours only
+            st = root.stat()
+    if st.st_mode & FOREIGN_WRITE:
+        raise InputError(root, f"cache folder is writable by other users (mode "
+                               f"{stat.S_IMODE(st.st_mode):o}); its node results would be "
+                               f"loaded as pickles: chmod go-w it or use another folder")
+    if not marker.is_file():
+        io.write_json({"created_by": "dmriflow", "version": __version__,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, marker)
+
+
+def _open_lock(path: Path):
+    """The run lock file, opened without following a symbolic link (O_NOFOLLOW:
+    a planted link must not make dmriflow truncate its target)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(path, "the run lock is a symbolic link; dmriflow does not "
+                                   "follow it (remove the link)") from None
+        raise
+    return os.fdopen(fd, "r+")
+
+
 @contextmanager
 def exclusive_run(*folders: Path):
     """Hold an exclusive lock on each folder for the duration of a run.
@@ -134,7 +198,7 @@ def exclusive_run(*folders: Path):
     with ExitStack() as stack:
         for folder in dict.fromkeys(Path(f).resolve() for f in folders):   # once each
             folder.mkdir(parents=True, exist_ok=True)
-            fh = stack.enter_context(open(folder / RUN_LOCK, "a+"))
+            fh = stack.enter_context(_open_lock(folder / RUN_LOCK))
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -228,7 +292,9 @@ def discard_interrupted_results(root: Path) -> int:
 def locked_run(output_dir: Path, root: Path, config: RunConfig):
     """Everything a run does around the engine call: hold :func:`exclusive_run`,
     clear an interrupted run's leftovers, keep the run journal while running
-    (removed only when the body completes)."""
+    (removed only when the body completes). The cache is claimed first
+    (:func:`claim_cache`): nothing is written into a folder that is not ours."""
+    claim_cache(root)
     with exclusive_run(output_dir / "dmriflow", root):
         cleared = clear_interrupted(root, output_dir)
         if cleared:

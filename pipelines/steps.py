@@ -191,13 +191,14 @@ def _previous_export(path: Path, eid: str) -> dict | None:
 
     The engine can lose an Export node's result when a run is killed right
     after the status file was written; the rerun then finds the derivatives
-    already in place and must not rewrite them.
+    already in place and must not rewrite them. An export that itself failed
+    (e.g. a full disk) is never reused: its cause may be gone.
     """
     try:
         row = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if row.get("export_id") != eid:
+    if row.get("export_id") != eid or row.get("failed_step") == "export":
         return None
     return row if all(Path(d).exists() for d in row.get("derivatives", [])) else None
 

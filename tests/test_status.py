@@ -259,3 +259,23 @@ def test_cache_inside_the_output_folder_is_locked_once(tmp_path):
     out = tmp_path / "out"
     assert run(cohort, out, "--cache-dir", str(out / "dmriflow")) == cli.EXIT_OK
     assert set(status_table(out)["status"]) == {"done"}
+
+
+def test_a_failed_export_is_redone_once_its_cause_is_gone(tmp_path):
+    """An export that failed (here: a file where the subject's dwi folder goes,
+    as a full disk would fail it) is redone by the next run, with or without
+    --rerun-failed, once the cause is removed; the other subjects stay done."""
+    cohort = make_cohort(tmp_path / "in")
+    out = tmp_path / "out"
+    key = discover(cohort)[0].key
+    blocker = out / "dmriflow" / key / "dwi"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder")
+    assert run(cohort, out) == cli.EXIT_SUBJECTS_FAILED
+    table = status_table(out).set_index("subject")
+    assert table.loc[key, "status"] == "failed" and table.loc[key, "failed_step"] == "export"
+    assert (table.drop(index=key)["status"] == "done").all()
+    assert run(cohort, out) == cli.EXIT_SUBJECTS_FAILED       # the cause is still there
+    blocker.unlink()
+    assert run(cohort, out, "--rerun-failed") == cli.EXIT_OK
+    assert set(status_table(out)["status"]) == {"done"}
