@@ -26,7 +26,7 @@ from dmriflow.interfaces import io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.inputs import SubjectInputs, census
 from dmriflow.pipelines.progress import PROGRESS_ENV
-from dmriflow.pipelines.steps import (DTI_MAX_BVAL, FAILED_MARKER, STEP_MARKER, failed_row,
+from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, FAILED_MARKER, STEP_MARKER, failed_row,
                                       status_path, write_status, write_subjects_table)
 
 #: Engine workers dmriflow supports; there is no silent default.
@@ -56,6 +56,9 @@ class RunConfig:
     sbatch_args: str = ""          # sbatch arguments of every SLURM job ...
     gpu_sbatch_args: str = ""      # ... but those of the GPU phase (model inference)
     fit_method: str = "WLS"
+    wls_iterations: int = DEFAULT_WLS_ITERATIONS  # WLS passes (3: MRtrix3 dwi2tensor; 1: dipy)
+    exclude_outliers: bool = True  # leave outlier volumes (zero, dropout) out of the fits
+    fix_gradients: bool = False    # apply the gradient check's winning flip/permutation
     dti_max_bval: float = DTI_MAX_BVAL
     lmax: int = 0                  # 0: as many orders as each shell's directions allow (<= 8)
     harmonization: str = ""        # folder of a stored harmonization artefact to apply
@@ -300,6 +303,8 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         dti_max_bval=config.dti_max_bval, lmax=config.lmax,
         harmonization=str(Path(config.harmonization).resolve()) if config.harmonization else "",
         denoise=config.denoise, degibbs=config.degibbs,
+        wls_iterations=config.wls_iterations, exclude_outliers=config.exclude_outliers,
+        fix_gradients=config.fix_gradients,
         image_gradient=config.image_gradient,
         image_gradient_estimators=list(config.image_gradient_estimators),
         image_gradient_timing=dict(config.image_gradient_timing) or None,
