@@ -288,10 +288,12 @@ def cmd_status(args) -> int:
     """Per subject: status, per-step outcome and the reason; then per step: counts."""
     from dmriflow.pipelines.execution import STEP_WORDS, run_holder, status_table
     table = status_table(args.output)
-    steps = list(table.columns[4:])
+    steps = list(table.columns[4:-1])       # per-step outcomes, then qc_flags
     counts = table["status"].value_counts().to_dict()
+    flagged = int(((table["status"] == "done") & (table["qc_flags"] != "")).sum())
     print(f"{args.output}: {len(table)} planned; "
-          + ", ".join(f"{counts.get(w, 0)} {w}" for w in ("done", "failed", "missing")))
+          + ", ".join(f"{counts.get(w, 0)} {w}" for w in ("done", "failed", "missing"))
+          + f" ({flagged} done with QC flags)")
     holder = run_holder(Path(args.output, "dmriflow"))
     if holder:
         print(f"a run is in progress ({holder}): missing subjects may still be running")
@@ -304,6 +306,8 @@ def cmd_status(args) -> int:
         reason = ""
         if row.status != "done":
             reason = (f"[{row.failed_step}] " if row.failed_step else "") + str(row.error)
+        elif row.qc_flags:
+            reason = f"QC: {row.qc_flags}"
         print((f"{row.subject:<{width}}{row.status:<9}"
                + "".join(f"{getattr(row, s):<{col[s]}}" for s in steps) + reason).rstrip())
     print(f"{'step':<{width}}" + "".join(f"{w:>9}" for w in STEP_WORDS))

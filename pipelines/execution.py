@@ -518,13 +518,15 @@ class _PlannedSubject:
 
 def status_table(output_dir) -> pd.DataFrame:
     """One row per planned subject: status, failed step, reason, then one column
-    per planned step (done/failed/skipped/missing)."""
+    per planned step (done/failed/skipped/missing), then the subject's absolute
+    QC flags (a done subject with flags is "done with QC flags")."""
     plan = _plan(output_dir)
     steps = tuple(plan.get("steps") or planned_steps(RunConfig(worker="debug")))
     rows = collect_status(output_dir, read_plan(output_dir), plan.get("pipeline_version"))
     cols = ["subject", "status", "failed_step", "error"]
-    return pd.DataFrame([{**{c: r.get(c, "") for c in cols}, **step_outcomes(r, steps)}
-                         for r in rows], columns=cols + list(steps))
+    return pd.DataFrame([{**{c: r.get(c, "") for c in cols}, **step_outcomes(r, steps),
+                          "qc_flags": r.get("qc_flags", "") or ""}
+                         for r in rows], columns=cols + list(steps) + ["qc_flags"])
 
 
 def run_harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunConfig,
