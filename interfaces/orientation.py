@@ -231,6 +231,16 @@ def check_orientation(v1: np.ndarray, fa: np.ndarray, mask: np.ndarray, affine: 
                              lengths, tied if verdict == FLIPPED else ())
 
 
+def check_dwi(dwi, rng_seed: int = 0) -> OrientationResult:
+    """The check on a validated series (:class:`io.DWI`): one OLS tensor on its
+    b0s and DTI shells (the direction is all that matters here), then
+    :func:`check_orientation`."""
+    from .dti import dti_shells, fit_dwi
+    sub = dwi.select_volumes(dwi.gtab.select_shells(dti_shells(dwi.gtab)))
+    fit = fit_dwi(sub, fit_method="OLS")
+    return check_orientation(fit.v1, fit.fa, dwi.mask, dwi.affine, dwi.zooms, rng_seed)
+
+
 def _paired(a: np.ndarray, b: np.ndarray, blocks: np.ndarray, n_blocks: int):
     """z over blocks and relative gain of the mean of ``a`` over that of ``b``."""
     block_mean = np.bincount(blocks, weights=a - b) / np.bincount(blocks)

@@ -190,7 +190,7 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
     ``details`` (for the sidecars) and ``provenance`` (steps applied).
     """
     from . import qc
-    from .orientation import apply_to_bvecs, candidate_by_label, check_orientation
+    from .orientation import apply_to_bvecs, candidate_by_label, check_dwi
     bvec_path = data.paths["bvec"]
     try:
         qc.check_gradients(data.gtab)
@@ -219,17 +219,14 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
     if exclude:
         provenance.append({"step": "volume_exclusion", "volumes": exclude,
                            "reasons": {str(k): outliers[k] for k in exclude}})
-    # orientation: one OLS tensor on the kept b0s and DTI shells
-    sub = data.select_volumes(kept)
-    sub = sub.select_volumes(sub.gtab.select_shells(dti_shells(sub.gtab)))
-    fit = fit_dwi(sub, fit_method="OLS")
-    orient = check_orientation(fit.v1, fit.fa, data.mask, data.affine, data.zooms,
-                               rng_seed=subject_seed(subject))
+    orient = check_dwi(data.select_volumes(kept), rng_seed=subject_seed(subject))
     if orient.flag:
         flags.append(orient.flag)
     bvec = ""
     if fix_gradients and orient.fixable:
-        fixed = apply_to_bvecs(data.gtab.bvecs, candidate_by_label(orient.best))
+        from .gradients import read_bvecs    # the file's own vectors (b0 rows kept as given)
+        fixed = apply_to_bvecs(read_bvecs(bvec_path, len(data.gtab)),
+                               candidate_by_label(orient.best))
         text = "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fixed.T) + "\n"
         bvec = str(io.write_text(text, Path(out_dir) / FIXED_BVEC).resolve())
         provenance.append({"step": "gradient_fix", "transform": orient.best,
