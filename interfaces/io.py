@@ -275,7 +275,7 @@ def census_row(dwi, bval, bvec, sidecar=None, gtab=None, shape=None, zooms=None,
     field_t, field_warnings = field_strength_t(meta)
     te_ms, te_warnings = echo_time_ms(meta)
     if warnings is not None:
-        warnings.extend(f"{sidecar}: {w}" for w in field_warnings + te_warnings)
+        warnings.extend(f"{Path(sidecar).name}: {w}" for w in field_warnings + te_warnings)
     return {
         "field_strength_t": field_t,
         "echo_time_ms": te_ms,

@@ -293,7 +293,7 @@ def cmd_status(args) -> int:
     flagged = int(((table["status"] == "done") & (table["qc_flags"] != "")).sum())
     print(f"{args.output}: {len(table)} planned; "
           + ", ".join(f"{counts.get(w, 0)} {w}" for w in ("done", "failed", "missing"))
-          + f" ({flagged} done with QC flags)")
+          + (f" ({flagged} done with QC flags)" if flagged else ""))
     holder = run_holder(Path(args.output, "dmriflow"))
     if holder:
         print(f"a run is in progress ({holder}): missing subjects may still be running")

@@ -58,10 +58,10 @@ DISPLAY_PERCENTILE = 99.0
 QC_COLUMNS = (("subject", "Subject", None), ("status", "Status", None),
               ("protocol", "Protocol", None), ("mask_volume_ml", "Mask (ml)", "{:.0f}"),
               ("b0_snr", "b0 SNR", "{:.1f}"), ("median_fa", "Median FA", "{:.3f}"),
+              ("failed_step", "Failed step", None), ("error", "Reason", None),
               ("failed_fit_fraction", "Failed fits", "{:.2%}"),
               ("gradient_check", "Gradient check", None),
-              ("outlier_volumes", "Outlier volumes", None),
-              ("failed_step", "Failed step", None), ("error", "Reason", None))
+              ("outlier_volumes", "Outlier volumes", None))
 #: QC numbers judged for outliers within a protocol group, the robust z beyond
 #: which a value is flagged (Iglewicz and Hoaglin's 3.5), and the smallest group judged.
 QC_JUDGED = ("mask_volume_ml", "b0_snr", "median_fa")
