@@ -389,3 +389,52 @@ def test_interpolated_layout_is_recognised(tmp_path):
     assert stepfiles.is_interpolated(tmp_path / "100307" / "T1w" / "Diffusion" / "data.nii.gz")
     assert not stepfiles.is_interpolated(tmp_path / "sub-01" / "dwi" / "sub-01_dwi.nii.gz")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------
+# Absolute flags: SNR floor, mask; the processing chain
+# ----------------------------------------------------------------------------
+def test_low_snr_is_flagged_and_ordinary_snr_is_not(tmp_path):
+    """A b0 SNR (mask mean b0 / noise sigma) below MIN_B0_SNR flags the
+    subject whatever the cohort (no group needed); an ordinary one does not."""
+    flags = {}
+    for snr in (2.0, 30.0):   # WM SNR; the mask mean b0 is ~1.9x the WM one
+        s = simulate_subject(shape=(24, 28, 24), seed=0, snr=snr, scheme=light_scheme())
+        files = _write(tmp_path, s.dwi, s.gtab.bvals, s.gtab.bvecs, s.affine, s.mask,
+                       name=f"snr{snr:g}")
+        rec = stepfiles.validate_subject("sub-n", *files, out_dir=tmp_path)
+        flags[snr] = [f for f in rec["qc_flags"] if f.startswith("b0 SNR")]
+    assert len(flags[2.0]) == 1 and flags[2.0][0].endswith(f"< {stepfiles.MIN_B0_SNR:g}")
+    assert flags[30.0] == []
+
+
+def test_mask_flags():
+    mask = np.zeros((30, 30, 20), bool)
+    mask[5:25, 5:25, 4:16] = True
+    row, flags = stepfiles.mask_figures(mask, (2.0, 2.0, 2.0))
+    assert flags == [] and row["mask_largest_component_fraction"] == 1.0
+    mask[5:25, 12:14, 4:16] = False          # two blocks of 7 and 11 columns
+    row, flags = stepfiles.mask_figures(mask, (2.0, 2.0, 2.0))
+    assert row["mask_largest_component_fraction"] == pytest.approx(11 / 18, abs=1e-4)
+    assert flags == ["mask fragmented (largest component 61.1% < 95%)"]
+    _, flags = stepfiles.mask_figures(np.ones((30, 30, 20), bool), (2.0, 2.0, 2.0))
+    assert flags == ["mask 100.0% of the field of view > 80%"]
+
+
+def test_preprocessing_is_in_the_chain_and_warned_on_interpolated_data(small, monkeypatch):
+    from dmriflow.pipelines.steps import preprocess_step
+    tmp, data, bvals, bvecs, affine, mask = small
+    hcp = tmp / "100307" / "T1w" / "Diffusion"
+    hcp.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    noisy = data + rng.normal(0, 20, data.shape)
+    files = _write(hcp, noisy, bvals, bvecs, affine, mask, name="data")
+    rec = stepfiles.validate_subject("sub-h", *files, out_dir=tmp)
+    assert rec["interpolated"] is True
+    monkeypatch.chdir(tmp)
+    new = preprocess_step(subject="sub-h", record=rec, degibbs=True)
+    assert new["status"] == "ok", new.get("error")
+    assert new["warnings"] == [stepfiles.INTERPOLATED_WARNING]
+    assert stepfiles.processing_chain(new) == [
+        {"step": "preprocess", "denoise": False, "degibbs": True,
+         "warning": stepfiles.INTERPOLATED_WARNING}]
