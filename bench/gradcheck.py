@@ -88,7 +88,8 @@ def mrtrix_check(dwi: io.DWI, tmp: Path) -> tuple[str, float]:
     for cand in orientation.candidates():
         if np.allclose(orientation.apply_to_bvecs(given[dw], cand), got[dw], atol=1e-4):
             return cand.label, sec
-    return "other", sec
+    m = np.linalg.lstsq(given[dw], got[dw], rcond=None)[0].T     # got = given @ m.T
+    return "other " + np.array2string(np.round(m, 2), separator=",").replace("\n", ""), sec
 
 
 def main() -> None:
