@@ -85,8 +85,9 @@ def mrtrix_check(dwi: io.DWI, tmp: Path) -> tuple[str, float]:
     sec = time.perf_counter() - t
     given, got = dwi.gtab.bvecs, np.loadtxt(out_bvec).T
     dw = ~dwi.gtab.b0s_mask
-    for cand in orientation.candidates():
-        if np.allclose(orientation.apply_to_bvecs(given[dw], cand), got[dw], atol=1e-4):
+    for cand in orientation.candidates():   # a vector's sign is free: M and -M are one answer
+        mine = orientation.apply_to_bvecs(given[dw], cand)
+        if np.allclose(mine, got[dw], atol=1e-4) or np.allclose(-mine, got[dw], atol=1e-4):
             return cand.label, sec
     m = np.linalg.lstsq(given[dw], got[dw], rcond=None)[0].T     # got = given @ m.T
     return "other " + np.array2string(np.round(m, 2), separator=",").replace("\n", ""), sec

@@ -436,7 +436,7 @@ def qc_flags(table: pd.DataFrame) -> pd.Series:
 
 def qc_section(table: pd.DataFrame) -> str:
     counts = table["status"].value_counts().to_dict() if "status" in table else {}
-    absolute = (table["qc_flags"].fillna("").astype(str) if "qc_flags" in table
+    absolute = (table["qc_flags"].astype(object).fillna("").astype(str) if "qc_flags" in table
                 else pd.Series("", index=table.index, dtype=object))
     table = table.assign(qc_flags=absolute, group_flags=qc_flags(table))
     n_flagged = int((table["group_flags"] != "").sum())
