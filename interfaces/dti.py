@@ -901,12 +901,19 @@ def dti_shells(gtab, max_bval: float = DTI_MAX_BVAL) -> list[float]:
     return [b for b in gtab.shells if b <= max_bval] or gtab.shells[:1]
 
 
-def fit_dwi(dwi, **model_kw) -> TensorFit:
+def fit_dwi(dwi, volumes=None, **model_kw) -> TensorFit:
     """Fit the tensor to a validated :class:`~dmriflow.interfaces.io.DWI` in its mask.
 
     Rows come from ``dwi.masked(chunk)`` (no copy of the 4D array); the maps
     come back on the full 3D grid, float32, zeros outside the mask.
+    ``volumes``: fit only these volumes, picked chunk by chunk (a subset
+    without copying the 4D array, unlike ``dwi.select_volumes``).
     """
+    if volumes is not None:
+        volumes = np.asarray(volumes)
+        model = TensorModel(dwi.gtab.select(volumes), **model_kw)
+        rows = (chunk[:, volumes] for chunk in dwi.masked(model.chunk_size))
+        return model._fit_chunks(rows, dwi.masked_index(), tuple(dwi.mask.shape), dwi.mask)
     model = TensorModel(dwi.gtab, **model_kw)
     grid = tuple(dwi.mask.shape)
     data = dwi.data

@@ -236,8 +236,7 @@ def check_dwi(dwi, rng_seed: int = 0) -> OrientationResult:
     b0s and DTI shells (the direction is all that matters here), then
     :func:`check_orientation`."""
     from .dti import dti_shells, fit_dwi
-    sub = dwi.select_volumes(dwi.gtab.select_shells(dti_shells(dwi.gtab)))
-    fit = fit_dwi(sub, fit_method="OLS")
+    fit = fit_dwi(dwi, volumes=dwi.gtab.select_shells(dti_shells(dwi.gtab)), fit_method="OLS")
     return check_orientation(fit.v1, fit.fa, dwi.mask, dwi.affine, dwi.zooms, rng_seed)
 
 
