@@ -231,12 +231,14 @@ def check_orientation(v1: np.ndarray, fa: np.ndarray, mask: np.ndarray, affine: 
                              lengths, tied if verdict == FLIPPED else ())
 
 
-def check_dwi(dwi, rng_seed: int = 0) -> OrientationResult:
+def check_dwi(dwi, rng_seed: int = 0, volumes=None) -> OrientationResult:
     """The check on a validated series (:class:`io.DWI`): one OLS tensor on its
     b0s and DTI shells (the direction is all that matters here), then
-    :func:`check_orientation`."""
+    :func:`check_orientation`. ``volumes``: use only these (no copy)."""
     from .dti import dti_shells, fit_dwi
-    fit = fit_dwi(dwi, volumes=dwi.gtab.select_shells(dti_shells(dwi.gtab)), fit_method="OLS")
+    idx = np.arange(len(dwi.gtab)) if volumes is None else np.asarray(volumes)
+    gtab = dwi.gtab.select(idx)
+    fit = fit_dwi(dwi, volumes=idx[gtab.select_shells(dti_shells(gtab))], fit_method="OLS")
     return check_orientation(fit.v1, fit.fa, dwi.mask, dwi.affine, dwi.zooms, rng_seed)
 
 

@@ -49,7 +49,7 @@ FIXED_BVEC = "dwi_gradfix.bvec"
 # ----------------------------------------------------------------------------
 # Numerics: a b0 noise / SNR estimate
 # ----------------------------------------------------------------------------
-def b0_noise(data: np.ndarray, gtab, mask: np.ndarray) -> dict:
+def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None) -> dict:
     """Noise sigma and b0 SNR of a series, from differences of its b0 volumes.
 
     ``noise_sigma`` = 1.4826 * MAD(b0[k+1] - b0[k]) / sqrt(2), pooled over
@@ -58,15 +58,20 @@ def b0_noise(data: np.ndarray, gtab, mask: np.ndarray) -> dict:
     the odd motion outlier from inflating it). ``b0_snr`` = mean b0 in the
     mask / ``noise_sigma``. Motion between b0s, or preprocessing that
     correlates them, biases sigma up (SNR down). Both are NaN with fewer than
-    two b0 volumes.
+    two b0 volumes. ``volumes``: use only these (the kept ones; no copy).
     """
     idx = np.flatnonzero(gtab.b0s_mask)
+    if volumes is not None:
+        idx = np.intersect1d(idx, volumes)
     if idx.size < MIN_B0_FOR_NOISE or not mask.any():
         return {"noise_sigma": float("nan"), "b0_snr": float("nan"), "n_b0_pairs": 0}
     diffs = np.concatenate([data[..., b][mask] - data[..., a][mask]
                             for a, b in zip(idx[:-1], idx[1:])])
     sigma = MAD_TO_SD * float(np.median(np.abs(diffs - np.median(diffs)))) / float(np.sqrt(2.0))
-    mean_b0 = float(io.mean_b0_map(data, gtab)[mask].mean())
+    acc = np.zeros(data.shape[:3], dtype=np.float64)   # as io.mean_b0_map, over idx
+    for k in idx:
+        acc += data[..., k]
+    mean_b0 = float((acc / idx.size).astype(np.float32)[mask].mean())
     return {"noise_sigma": sigma, "b0_snr": mean_b0 / sigma if sigma > 0 else float("inf"),
             "n_b0_pairs": int(idx.size - 1)}
 
@@ -144,10 +149,9 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
     series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
               "mask": mask_path}
     checks = input_qc(data, subject, out_dir, exclude_outliers, fix_gradients)
-    kept = data.select_volumes(checks["kept"])
     mask_row, mask_flags = mask_figures(data.mask, data.zooms)
-    qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0,
-          **mask_row, **b0_noise(kept.data, kept.gtab, kept.mask), **checks["row"]}
+    qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0, **mask_row,
+          **b0_noise(data.data, data.gtab, data.mask, checks["kept"]), **checks["row"]}
     flags = checks["flags"] + mask_flags + _snr_flags(qc)
     if checks["exclude"]:
         series["exclude"] = checks["exclude"]
@@ -219,7 +223,7 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
     if exclude:
         provenance.append({"step": "volume_exclusion", "volumes": exclude,
                            "reasons": {str(k): outliers[k] for k in exclude}})
-    orient = check_dwi(data.select_volumes(kept), rng_seed=subject_seed(subject))
+    orient = check_dwi(data, rng_seed=subject_seed(subject), volumes=kept)
     if orient.flag:
         flags.append(orient.flag)
     bvec = ""
