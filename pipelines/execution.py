@@ -78,6 +78,9 @@ class RunConfig:
             raise ValueError(f"worker must be one of {WORKERS}, got {self.worker!r}")
         if self.n_procs < 1:
             raise ValueError("n_procs must be >= 1")
+        if self.wls_iterations < 1:
+            raise ValueError(f"--wls-iterations must be >= 1 (1: one-pass WLS), "
+                             f"got {self.wls_iterations}")
         if self.image_gradient:
             from dmriflow.interfaces.stepfiles import parse_estimators
             self.image_gradient_estimators = parse_estimators(self.image_gradient_estimators)

@@ -132,3 +132,11 @@ def test_status_and_report_show_the_flags(run, capsys):
     page = (out / "dmriflow" / "report.html").read_text()
     assert "gradients flip x (fixed)" in page and "1 outlier volume(s) excluded" in page
     assert "<b>2</b>done with QC flags" in page
+
+
+def test_wls_iterations_below_one_is_a_usage_error(run, tmp_path, capsys):
+    cohort = run["out"].parent / "in"
+    assert cli.main(["run", str(cohort), str(tmp_path / "out"), "--wls-iterations", "0"]) \
+        == cli.EXIT_INPUT
+    assert not (tmp_path / "out").exists()
+    assert "--wls-iterations must be >= 1" in capsys.readouterr().err
