@@ -39,6 +39,8 @@ FAILED_MARKER = "_dmriflow_failed"
 STEP_MARKER = "_dmriflow_step"
 #: BIDS ``desc`` label of a DWI series changed by each step (joined in order).
 SERIES_DESC = {"preprocess": "preproc", "harmonize": "harmonized"}
+#: BIDS ``desc`` label of b-vectors fixed by the gradient check (``--fix-gradients``).
+GRADFIX_DESC = "gradfix"
 #: Keys of a status row that are not columns of group/subjects.tsv.
 ROW_ONLY = ("derivatives", "export_id")
 #: Columns of group/subjects.tsv, in order (census fields follow "status").
@@ -184,6 +186,20 @@ def _export_series(record: dict, dwi_dir: Path, key: str, inputs: dict,
     return written + [f"{base}.json"]
 
 
+def _export_fixed_bvec(record: dict, dwi_dir: Path, key: str, inputs: dict,
+                       provenance: dict) -> list[str]:
+    """The b-vectors with the gradient check's fix applied (``--fix-gradients``),
+    when no exported series carries them already."""
+    fixes = [p for p in record.get("provenance", []) if p["step"] == "gradient_fix"]
+    if not fixes or record.get("history"):
+        return []
+    base = dwi_dir / f"{key}_desc-{GRADFIX_DESC}_dwi"
+    written = str(io.copy_file(record["series"]["bvec"], Path(f"{base}.bvec")))
+    io.write_json(_sidecar(inputs, {"gradient_fix": fixes[-1]}, GRADFIX_DESC, provenance),
+                  Path(f"{base}.json"))
+    return [written, f"{base}.json"]
+
+
 def _sidecar(inputs: dict, params: dict, step: str, provenance: dict) -> dict:
     """A derivative's sidecar: the input hashes recorded by Validate (the content
     that was processed, not re-read) and the run's pipeline version."""
@@ -312,6 +328,7 @@ def export_step(subject: str, out_parts: list, record: dict, tensor: dict, rish:
                                      params, step, provenance)
                         for entities, src, step, params in jobs]
             written += _export_series(record, dwi_dir, key, inputs, provenance)
+            written += _export_fixed_bvec(record, dwi_dir, key, inputs, provenance)
             row.update(median_fa=tensor["median_fa"], failed_fit_voxels=tensor["failed_voxels"],
                        failed_fit_fraction=tensor.get("failed_fraction"),
                        mask_source=record["mask_source"], mask_voxels=record["mask_voxels"],

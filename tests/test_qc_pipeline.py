@@ -94,6 +94,10 @@ def test_the_fix_and_the_exclusion_are_in_every_sidecar(run):
     chain = _sidecar(out, "sub-02")["ProcessingChain"]
     assert [c["step"] for c in chain] == ["gradient_fix"] and chain[0]["transform"] == "flip x"
     assert _sidecar(out, "sub-02", "v1")["ProcessingChain"] == chain
+    fixed = out / "dmriflow" / "sub-02" / "dwi" / "sub-02_desc-gradfix_dwi.bvec"
+    np.testing.assert_allclose(np.loadtxt(fixed), run["original_bvec"], atol=1e-8)
+    meta = json.loads(fixed.with_suffix(".json").read_text())
+    assert meta["Parameters"]["gradient_fix"]["transform"] == "flip x"
     chain = _sidecar(out, "sub-03")["ProcessingChain"]
     assert chain == [{"step": "volume_exclusion", "volumes": [run["bad"]],
                       "reasons": {str(run["bad"]): "all zero"}}]
