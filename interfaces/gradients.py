@@ -261,7 +261,8 @@ def check_and_normalise(bvals: np.ndarray, bvecs: np.ndarray, bvec_path) -> np.n
     zero = np.flatnonzero(dw & (norms < ZERO_NORM))
     if zero.size:
         raise InputError(bvec_path, f"zero-norm b-vector on diffusion-weighted volume(s) "
-                                    f"{_list(zero)}")
+                                    f"{_list(zero)} (b-values {_list(bvals[zero], 'g')} s/mm^2, "
+                                    f"above the b0 threshold {B0_THRESHOLD:g})")
     off = np.flatnonzero(dw & (np.abs(norms - 1.0) > BVEC_NORM_TOLERANCE))
     if off.size:
         raise InputError(bvec_path, f"b-vector norm far from 1 on diffusion-weighted "

@@ -257,21 +257,28 @@ def read_sidecar(path: str | None) -> dict:
         raise InputError(path, f"cannot read JSON sidecar ({exc})") from None
 
 
-def census_row(dwi, bval, bvec, sidecar=None, gtab=None, shape=None, zooms=None) -> dict:
+def census_row(dwi, bval, bvec, sidecar=None, gtab=None, shape=None, zooms=None,
+               warnings: list | None = None) -> dict:
     """Acquisition facts of one series from its header, gradients and sidecar.
 
-    ``gtab``/``shape``/``zooms`` may be passed when already loaded.
+    ``gtab``/``shape``/``zooms`` may be passed when already loaded. Sidecar
+    values in the wrong unit or type are converted or left empty (see
+    :mod:`.sidecar_fields`); the warnings go to ``warnings`` when given.
     """
+    from .sidecar_fields import echo_time_ms, field_strength_t
     if shape is None or zooms is None:
         img = load_image(dwi, "DWI")
         shape, zooms = img.shape, img.header.get_zooms()
     if gtab is None:
         gtab = read_gradients(bval, bvec, n_volumes=shape[3] if len(shape) == 4 else None)
     meta = read_sidecar(sidecar)
-    te = meta.get("EchoTime")
+    field_t, field_warnings = field_strength_t(meta)
+    te_ms, te_warnings = echo_time_ms(meta)
+    if warnings is not None:
+        warnings.extend(f"{Path(sidecar).name}: {w}" for w in field_warnings + te_warnings)
     return {
-        "field_strength_t": meta.get("MagneticFieldStrength"),
-        "echo_time_ms": None if te is None else round(float(te) * 1000.0, 2),
+        "field_strength_t": field_t,
+        "echo_time_ms": te_ms,
         "shells": " ".join(f"{b:g}" for b in gtab.shells),
         "directions": " ".join(str(n) for n in gtab.directions_per_shell().values()),
         "n_b0": int(gtab.b0s_mask.sum()),

@@ -28,7 +28,7 @@ from nipype.interfaces.base import (BaseInterface, BaseInterfaceInputSpec,  # no
                                     TraitedSpec, isdefined, traits)
 
 from . import io, stepfiles  # noqa: E402
-from .dti import DTI_MAX_BVAL, FIT_METHODS  # noqa: E402
+from .dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, FIT_METHODS  # noqa: E402
 
 #: The JSON record Validate writes beside its outputs.
 RECORD_FILE = "record.json"
@@ -45,6 +45,8 @@ class _SeriesInputSpec(BaseInterfaceInputSpec):
     bval = File(exists=True, mandatory=True, desc="b-values (FSL text)")
     bvec = File(exists=True, mandatory=True, desc="gradient directions (FSL text)")
     mask = File(exists=True, mandatory=True, desc="brain mask on the DWI grid")
+    exclude = traits.List(traits.Int, desc="volumes left out of the fits (Validate's "
+                                           "outlier volumes)")
 
 
 class _SeriesOutputSpec(TraitedSpec):
@@ -52,10 +54,12 @@ class _SeriesOutputSpec(TraitedSpec):
     bval = File(exists=True, desc="b-values")
     bvec = File(exists=True, desc="gradient directions")
     mask = File(exists=True, desc="brain mask")
+    exclude = traits.List(traits.Int, desc="volumes left out of the fits")
 
 
 def _series(inputs) -> dict:
-    return {k: os.path.abspath(getattr(inputs, k)) for k in stepfiles.SERIES_KEYS}
+    series = {k: os.path.abspath(getattr(inputs, k)) for k in stepfiles.SERIES_KEYS}
+    return {**series, "exclude": list(_defined(inputs.exclude) or [])}
 
 
 class _StepInterface(BaseInterface):
@@ -77,6 +81,10 @@ class ValidateInputSpec(BaseInterfaceInputSpec):
     bvec = File(exists=True, mandatory=True, desc="gradient directions (FSL text)")
     mask = File(exists=True, desc="brain mask (default: median Otsu of the mean b0)")
     sidecar = File(exists=True, desc="BIDS JSON sidecar of the DWI")
+    exclude_outliers = traits.Bool(True, usedefault=True,
+                                   desc="leave outlier volumes (zero, dropout) out of the fits")
+    fix_gradients = traits.Bool(False, usedefault=True,
+                                desc="apply the gradient check's winning flip/permutation")
 
 
 class ValidateOutputSpec(_SeriesOutputSpec):
@@ -84,6 +92,7 @@ class ValidateOutputSpec(_SeriesOutputSpec):
     census = traits.Dict(desc="acquisition census row (shells, directions, voxel size, ...)")
     mask_volume_ml = traits.Float(desc="brain mask volume (ml)")
     b0_snr = traits.Float(desc="mean b0 in the mask / noise sigma from b0 differences")
+    qc_flags = traits.List(traits.Str, desc="absolute QC flags of the input")
 
 
 class Validate(_StepInterface):
@@ -96,13 +105,16 @@ class Validate(_StepInterface):
         i = self.inputs
         record = stepfiles.validate_subject(i.subject, os.path.abspath(i.dwi),
                                             os.path.abspath(i.bval), os.path.abspath(i.bvec),
-                                            _abs(i.mask), _abs(i.sidecar), out_dir=out_dir)
+                                            _abs(i.mask), _abs(i.sidecar), out_dir=out_dir,
+                                            exclude_outliers=i.exclude_outliers,
+                                            fix_gradients=i.fix_gradients)
         path = io.write_json(record, os.path.join(out_dir, RECORD_FILE))
         return {**record, "record": str(path)}
 
     def _list_outputs(self):
         r = self._result
-        return {**r["series"], "record": r["record"], "census": r["census"],
+        return {**r["series"], "exclude": r["series"].get("exclude", []),
+                "record": r["record"], "census": r["census"], "qc_flags": r["qc_flags"],
                 "mask_volume_ml": r["qc"]["mask_volume_ml"], "b0_snr": r["qc"]["b0_snr"]}
 
 
@@ -115,6 +127,8 @@ class DTIFitInputSpec(_SeriesInputSpec):
     fit_method = traits.Enum(*FIT_METHODS, usedefault=True, desc="tensor fit")
     max_bval = traits.Float(DTI_MAX_BVAL, usedefault=True,
                             desc="fit the b0s and shells up to this b-value (s/mm^2)")
+    n_iter = traits.Int(DEFAULT_WLS_ITERATIONS, usedefault=True,
+                        desc="WLS passes (3: as MRtrix3's dwi2tensor; 1: dipy's WLS)")
 
 
 class DTIFitOutputSpec(TraitedSpec):
@@ -136,7 +150,8 @@ class DTIFit(_StepInterface):
 
     def _step(self, out_dir):
         return stepfiles.write_tensor_maps(_series(self.inputs), out_dir,
-                                           self.inputs.fit_method, self.inputs.max_bval)
+                                           self.inputs.fit_method, self.inputs.max_bval,
+                                           self.inputs.n_iter)
 
     def _list_outputs(self):
         r = self._result

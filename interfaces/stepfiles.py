@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import io
-from .dti import DTI_MAX_BVAL, dti_shells, fit_dwi
+from .dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, dti_shells, fit_dwi
 from .errors import InputError
 
 #: The files of a DWI series, as a step hands them on.
@@ -30,12 +30,26 @@ TENSOR_PARAMS = ("fa", "md", "ad", "rd", "s0", "v1")
 MAD_TO_SD = 1.4826
 #: b0 volumes needed to estimate the noise from their differences.
 MIN_B0_FOR_NOISE = 2
+#: A subject whose tensor fit fails in more than this fraction of its brain
+#: mask is flagged (a healthy fit fails in a handful of noisy edge voxels; a
+#: 7T phantom whose signal model broke failed in half the mask).
+MAX_FAILED_FRACTION = 0.01
+#: A subject whose mean b0 SNR is below this is flagged: below about 5 the
+#: Rician noise floor biases FA and MD (Jones and Basser 2004).
+MIN_B0_SNR = 5.0
+#: Series in the HCP minimal-preprocessing layout (``T1w/Diffusion``) were
+#: eddy-corrected and resampled: denoising and Gibbs removal assume raw data.
+INTERPOLATED_LAYOUT = ("T1w", "Diffusion")
+INTERPOLATED_WARNING = ("denoise/degibbs on interpolated data (HCP minimally preprocessed, "
+                        "T1w/Diffusion): both assume raw, unresampled images")
+#: File name of a b-vector table with the gradient check's winner applied.
+FIXED_BVEC = "dwi_gradfix.bvec"
 
 
 # ----------------------------------------------------------------------------
 # Numerics: a b0 noise / SNR estimate
 # ----------------------------------------------------------------------------
-def b0_noise(data: np.ndarray, gtab, mask: np.ndarray) -> dict:
+def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None) -> dict:
     """Noise sigma and b0 SNR of a series, from differences of its b0 volumes.
 
     ``noise_sigma`` = 1.4826 * MAD(b0[k+1] - b0[k]) / sqrt(2), pooled over
@@ -44,15 +58,20 @@ def b0_noise(data: np.ndarray, gtab, mask: np.ndarray) -> dict:
     the odd motion outlier from inflating it). ``b0_snr`` = mean b0 in the
     mask / ``noise_sigma``. Motion between b0s, or preprocessing that
     correlates them, biases sigma up (SNR down). Both are NaN with fewer than
-    two b0 volumes.
+    two b0 volumes. ``volumes``: use only these (the kept ones; no copy).
     """
     idx = np.flatnonzero(gtab.b0s_mask)
+    if volumes is not None:
+        idx = np.intersect1d(idx, volumes)
     if idx.size < MIN_B0_FOR_NOISE or not mask.any():
         return {"noise_sigma": float("nan"), "b0_snr": float("nan"), "n_b0_pairs": 0}
     diffs = np.concatenate([data[..., b][mask] - data[..., a][mask]
                             for a, b in zip(idx[:-1], idx[1:])])
     sigma = MAD_TO_SD * float(np.median(np.abs(diffs - np.median(diffs)))) / float(np.sqrt(2.0))
-    mean_b0 = float(io.mean_b0_map(data, gtab)[mask].mean())
+    acc = np.zeros(data.shape[:3], dtype=np.float64)   # as io.mean_b0_map, over idx
+    for k in idx:
+        acc += data[..., k]
+    mean_b0 = float((acc / idx.size).astype(np.float32)[mask].mean())
     return {"noise_sigma": sigma, "b0_snr": mean_b0 / sigma if sigma > 0 else float("inf"),
             "n_b0_pairs": int(idx.size - 1)}
 
@@ -77,8 +96,16 @@ def load_subject(dwi, bval, bvec, mask=None) -> io.DWI:
 
 
 def read_series(series: dict) -> io.DWI:
-    """Load the DWI of a series dict (all four files are required)."""
-    return io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"])
+    """Load the DWI of a series dict (all four files are required).
+
+    Volumes listed under ``series["exclude"]`` (outliers found by Validate)
+    are left out, so every later step fits the same kept volumes.
+    """
+    data = io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"])
+    exclude = series.get("exclude") or []
+    if exclude:
+        data = data.select_volumes(np.setdiff1d(np.arange(len(data.gtab)), exclude))
+    return data
 
 
 def write_series(data: io.DWI, out_dir, mask: str) -> dict:
@@ -97,50 +124,195 @@ def write_series(data: io.DWI, out_dir, mask: str) -> dict:
 # Steps
 # ----------------------------------------------------------------------------
 def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
-                     out_dir=".") -> dict:
+                     out_dir=".", exclude_outliers: bool = True,
+                     fix_gradients: bool = False) -> dict:
     """Load and check every input; the subject's record.
 
     The record holds the census row, the inputs' sha256, QC figures (mask
-    volume, b0 noise and SNR, see :func:`b0_noise`) and the series later
+    volume, b0 noise and SNR, see :func:`b0_noise`), the input QC (see
+    :func:`input_qc`: degenerate acquisitions fail here, outlier volumes are
+    excluded unless ``exclude_outliers`` is off, the gradient-orientation
+    check, applied when ``fix_gradients``), its flags, and the series later
     steps work on; a mask computed here is written to ``out_dir/mask.nii.gz``.
     """
     mask, sidecar = _opt(mask), _opt(sidecar)
     data = load_subject(dwi, bval, bvec, mask)
+    warnings: list[str] = []
     census = io.census_row(os.fspath(dwi), os.fspath(bval), os.fspath(bvec), sidecar,
                            gtab=data.gtab, shape=data.data.shape,
-                           zooms=data.header.get_zooms())
+                           zooms=data.header.get_zooms(), warnings=warnings)
     hashes = {k: {"path": p, "sha256": io.file_sha256(p)}
               for k, p in {**data.paths, "sidecar": sidecar}.items() if p}
     mask_path = mask or str(io.save_nifti(data.mask.astype(np.uint8), data.affine,
                                           Path(out_dir) / "mask.nii.gz").resolve())
     n_vox = int(data.mask.sum())
-    qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0,
-          **b0_noise(data.data, data.gtab, data.mask)}
     series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
               "mask": mask_path}
+    checks = input_qc(data, subject, out_dir, exclude_outliers, fix_gradients)
+    mask_row, mask_flags = mask_figures(data.mask, data.zooms)
+    qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0, **mask_row,
+          **b0_noise(data.data, data.gtab, data.mask, checks["kept"]), **checks["row"]}
+    flags = checks["flags"] + mask_flags + _snr_flags(qc)
+    if checks["exclude"]:
+        series["exclude"] = checks["exclude"]
+    if checks["bvec"]:
+        series["bvec"] = checks["bvec"]
     return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
             "series": series, "sidecar": sidecar, "history": [], "qc": qc,
+            "qc_flags": flags, "warnings": warnings, "input_qc": checks["details"],
+            "provenance": checks["provenance"], "interpolated": is_interpolated(dwi),
             "mask_source": "given" if mask is not None else "median_otsu",
             "mask_voxels": n_vox}
 
 
+def is_interpolated(dwi) -> bool:
+    """Whether a series lies in the HCP minimal-preprocessing layout (resampled data)."""
+    return tuple(Path(os.fspath(dwi)).parent.parts[-2:]) == INTERPOLATED_LAYOUT
+
+
+def processing_chain(record: dict) -> list[dict]:
+    """Every step the subject's series went through, in order, for the sidecars:
+    volume exclusions and gradient fixes (Validate), then preprocessing and
+    harmonization (with the reports and artefact ids they recorded)."""
+    chain = [dict(p) for p in record.get("provenance", [])]
+    for h in record.get("history", []):
+        entry = {"step": h["step"]}
+        if h["step"] == "preprocess":
+            entry.update({k: h[k] for k in ("denoise", "degibbs", "warning") if k in h})
+        if h["step"] == "harmonize":
+            entry.update({k: h[k] for k in ("content_id",) if k in h})
+        chain.append(entry)
+    return chain
+
+
+def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
+             fix_gradients: bool = False) -> dict:
+    """Degenerate acquisitions (InputError), outlier volumes and gradient orientation.
+
+    Returns ``kept`` (volume indices the fits use), ``exclude``, ``bvec`` (a
+    fixed b-vector file, or ""), ``row`` (table fields), ``flags``,
+    ``details`` (for the sidecars) and ``provenance`` (steps applied).
+    """
+    from . import qc
+    from .orientation import apply_to_bvecs, candidate_by_label, check_dwi
+    bvec_path = data.paths["bvec"]
+    try:
+        qc.check_gradients(data.gtab)
+    except qc.DegenerateAcquisition as exc:
+        raise InputError(bvec_path, f"degenerate acquisition: {exc}") from None
+    try:
+        qc.check_identical_volumes(data.data, data.mask, data.gtab)
+    except qc.DegenerateAcquisition as exc:
+        raise InputError(data.paths["dwi"], f"degenerate acquisition: {exc}") from None
+    outliers = qc.volume_outliers(data.data, data.mask, data.gtab)
+    exclude = sorted(outliers) if exclude_outliers else []
+    kept = np.setdiff1d(np.arange(len(data.gtab)), exclude)
+    try:
+        qc.check_gradients(data.gtab, kept)
+    except qc.DegenerateAcquisition as exc:
+        raise InputError(data.paths["dwi"], f"degenerate acquisition after excluding the "
+                                            f"outlier volume(s) {_volume_text(outliers)}: "
+                                            f"{exc}") from None
+    flags, provenance = [], []
+    fraction = len(outliers) / len(data.gtab)
+    if outliers:
+        flags.append(f"{len(outliers)} outlier volume(s)"
+                     + (" excluded" if exclude_outliers else " (kept)"))
+        if fraction > qc.MAX_EXCLUDED_FRACTION:
+            flags.append(f"outlier volumes {fraction:.0%} > {qc.MAX_EXCLUDED_FRACTION:.0%}")
+    if exclude:
+        provenance.append({"step": "volume_exclusion", "volumes": exclude,
+                           "reasons": {str(k): outliers[k] for k in exclude}})
+    orient = check_dwi(data, rng_seed=subject_seed(subject), volumes=kept)
+    if orient.flag:
+        flags.append(orient.flag)
+    bvec = ""
+    if fix_gradients and orient.fixable:
+        from .gradients import read_bvecs    # the file's own vectors (b0 rows kept as given)
+        fixed = apply_to_bvecs(read_bvecs(bvec_path, len(data.gtab)),
+                               candidate_by_label(orient.best))
+        text = "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fixed.T) + "\n"
+        bvec = str(io.write_text(text, Path(out_dir) / FIXED_BVEC).resolve())
+        provenance.append({"step": "gradient_fix", "transform": orient.best,
+                           "z": round(orient.z, 2), "gain": round(orient.gain, 4)})
+        flags[-1] += " (fixed)"
+    row = {"gradient_check": orient.verdict if orient.verdict != "flipped" else orient.best,
+           "gradient_check_z": round(orient.z, 2),
+           "outlier_volumes": _volume_text(outliers), "n_outlier_volumes": len(outliers)}
+    details = {"outlier_volumes": {str(k): v for k, v in outliers.items()},
+               "outliers_excluded": bool(exclude_outliers), "qc_policy": qc.qc_policy(),
+               "gradient_check": orient.as_record()}
+    return {"kept": kept, "exclude": [int(k) for k in exclude], "bvec": bvec, "row": row,
+            "flags": flags, "details": details, "provenance": provenance}
+
+
+def _volume_text(outliers: dict) -> str:
+    """"3: all zero; 7: signal dropout in slice(s) 12 (-64% vs its shell)"."""
+    return "; ".join(f"{k}: {why}" for k, why in outliers.items())
+
+
+def mask_figures(mask: np.ndarray, zooms) -> tuple[dict, list[str]]:
+    """Mask QC (:func:`preprocess.mask_qc`) as row fields, and its absolute flags.
+
+    Flagged: an empty mask, a field-of-view fraction outside its range, a
+    fragmented mask. The volume is not flagged absolutely (partial-coverage
+    slabs and phantoms are small by design); the report judges it within the
+    protocol group.
+    """
+    from .preprocess import MASK_FOV_FRACTION_RANGE, MASK_MIN_LARGEST_COMPONENT, mask_qc
+    m = mask_qc(mask, zooms)
+    words = {"empty": "mask empty",
+             "fov_fraction_low": f"mask {m['fov_fraction']:.1%} of the field of view < "
+                                 f"{MASK_FOV_FRACTION_RANGE[0]:.0%}",
+             "fov_fraction_high": f"mask {m['fov_fraction']:.1%} of the field of view > "
+                                  f"{MASK_FOV_FRACTION_RANGE[1]:.0%}",
+             "fragmented": f"mask fragmented (largest component "
+                           f"{m['largest_component_fraction']:.1%} < "
+                           f"{MASK_MIN_LARGEST_COMPONENT:.0%})"}
+    row = {"mask_fov_fraction": round(m["fov_fraction"], 4),
+           "mask_largest_component_fraction": round(m["largest_component_fraction"], 4)}
+    return row, [words[f] for f in m["flags"] if f in words]
+
+
+def _snr_flags(qc: dict) -> list[str]:
+    """Absolute SNR flag (independent of the cohort)."""
+    flags = []
+    snr = qc.get("b0_snr", float("nan"))
+    if np.isfinite(snr) and snr < MIN_B0_SNR:
+        flags.append(f"b0 SNR {snr:.1f} < {MIN_B0_SNR:g}")
+    return flags
+
+
 def write_tensor_maps(series: dict, out_dir, fit_method: str = "WLS",
-                      max_bval: float = DTI_MAX_BVAL) -> dict:
-    """DTI maps (FA, MD, AD, RD, S0, V1) of the b0s and shells up to ``max_bval``."""
+                      max_bval: float = DTI_MAX_BVAL,
+                      n_iter: int = DEFAULT_WLS_ITERATIONS) -> dict:
+    """DTI maps (FA, MD, AD, RD, S0, V1) of the b0s and shells up to ``max_bval``.
+
+    FA statistics are over the mask voxels whose fit succeeded (a failed
+    voxel's maps are 0, not a measurement); ``failed_fraction`` above
+    ``MAX_FAILED_FRACTION`` flags the subject.
+    """
     data = read_series(series)
     shells = dti_shells(data.gtab, max_bval)
     data = data.select_volumes(data.gtab.select_shells(shells))
-    fit = fit_dwi(data, fit_method=fit_method)
+    fit = fit_dwi(data, fit_method=fit_method, n_iter=n_iter)
     maps = {}
     for name in TENSOR_PARAMS:
         arr = np.asarray(getattr(fit, name), dtype=np.float32)
         maps[name] = str(io.save_nifti(arr, data.affine, Path(out_dir) / f"{name}.nii.gz",
                                        data.header).resolve())
-    fa = np.asarray(fit.fa)[data.mask]
-    return {"maps": maps, "median_fa": float(np.median(fa)),
-            "failed_voxels": int(np.count_nonzero(np.asarray(fit.failed)[data.mask])),
-            "parameters": {"fit_method": fit_method, "max_bval": max_bval,
-                           "shells_used": shells}}
+    failed = np.asarray(fit.failed)[data.mask]
+    fa = np.asarray(fit.fa)[data.mask][~failed]
+    fraction = float(failed.mean()) if failed.size else 0.0
+    flags = [f"tensor fit failed in {fraction:.1%} of the mask > {MAX_FAILED_FRACTION:.0%}"] \
+        if fraction > MAX_FAILED_FRACTION else []
+    return {"maps": maps, "median_fa": float(np.median(fa)) if fa.size else float("nan"),
+            "failed_voxels": int(np.count_nonzero(failed)),
+            "failed_fraction": round(fraction, 6), "qc_flags": flags,
+            "parameters": {"fit_method": fit_method,
+                           "n_iter": int(n_iter) if fit_method == "WLS" else 0,
+                           "max_bval": max_bval, "shells_used": shells,
+                           "volumes_excluded": list(series.get("exclude") or [])}}
 
 
 def write_rish_maps(series: dict, out_dir, lmax: int = 0) -> dict:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from dmriflow.interfaces import __version__
 from dmriflow.interfaces.errors import InputError
-from dmriflow.pipelines.steps import DTI_MAX_BVAL
+from dmriflow.pipelines.steps import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
 #: A command-line mistake (sysexits' EX_USAGE), apart from 2 = some subjects failed.
@@ -65,6 +65,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "--gpu-sbatch-args='--partition=gpu --gres=gpu:1'")
     p.add_argument("--fit-method", choices=("WLS", "OLS"), default="WLS",
                    help="tensor fit (default: %(default)s)")
+    p.add_argument("--wls-iterations", type=int, default=DEFAULT_WLS_ITERATIONS, metavar="N",
+                   help="WLS passes (default: %(default)s, as MRtrix3's dwi2tensor; 1: one-pass "
+                        "WLS as dipy's TensorModel)")
+    p.add_argument("--fix-gradients", action="store_true",
+                   help="apply the gradient check's winning axis flip/permutation to the "
+                        "b-vectors (recorded in every sidecar); without it a wrong table is "
+                        "only flagged")
+    p.add_argument("--keep-outlier-volumes", action="store_true",
+                   help="fit all volumes: outlier volumes (all zero, slice dropout, "
+                        "intensity outliers) are then only flagged, not excluded")
     p.add_argument("--dti-max-b", type=float, default=DTI_MAX_BVAL,
                    help="fit the tensor to b0s and shells up to this b-value "
                         "(default: %(default)g s/mm^2)")
@@ -222,7 +232,9 @@ def _config(args):
     from dmriflow.pipelines.execution import RunConfig
     return RunConfig(worker=args.worker, n_procs=args.n_procs, cache_dir=args.cache_dir,
                      sbatch_args=args.sbatch_args, gpu_sbatch_args=args.gpu_sbatch_args,
-                     fit_method=args.fit_method,
+                     fit_method=args.fit_method, wls_iterations=args.wls_iterations,
+                     exclude_outliers=not args.keep_outlier_volumes,
+                     fix_gradients=args.fix_gradients,
                      dti_max_bval=args.dti_max_b, lmax=args.lmax, quiet=args.quiet,
                      denoise=args.denoise, degibbs=args.degibbs,
                      harmonization=getattr(args, "harmonization", None) or "",
@@ -290,10 +302,12 @@ def cmd_status(args) -> int:
     """Per subject: status, per-step outcome and the reason; then per step: counts."""
     from dmriflow.pipelines.execution import STEP_WORDS, run_holder, status_table
     table = status_table(args.output)
-    steps = list(table.columns[4:])
+    steps = list(table.columns[4:-1])       # per-step outcomes, then qc_flags
     counts = table["status"].value_counts().to_dict()
+    flagged = int(((table["status"] == "done") & (table["qc_flags"] != "")).sum())
     print(f"{args.output}: {len(table)} planned; "
-          + ", ".join(f"{counts.get(w, 0)} {w}" for w in ("done", "failed", "missing")))
+          + ", ".join(f"{counts.get(w, 0)} {w}" for w in ("done", "failed", "missing"))
+          + (f" ({flagged} done with QC flags)" if flagged else ""))
     holder = run_holder(Path(args.output, "dmriflow"))
     if holder:
         print(f"a run is in progress ({holder}): missing subjects may still be running")
@@ -306,6 +320,8 @@ def cmd_status(args) -> int:
         reason = ""
         if row.status != "done":
             reason = (f"[{row.failed_step}] " if row.failed_step else "") + str(row.error)
+        elif row.qc_flags:
+            reason = f"QC: {row.qc_flags}"
         print((f"{row.subject:<{width}}{row.status:<9}"
                + "".join(f"{getattr(row, s):<{col[s]}}" for s in steps) + reason).rstrip())
     print(f"{'step':<{width}}" + "".join(f"{w:>9}" for w in STEP_WORDS))

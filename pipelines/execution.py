@@ -29,7 +29,7 @@ from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.inputs import SubjectInputs, census
 from dmriflow.pipelines.progress import PROGRESS_ENV
-from dmriflow.pipelines.steps import (DTI_MAX_BVAL, FAILED_MARKER, STEP_MARKER, failed_row,
+from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, FAILED_MARKER, STEP_MARKER, failed_row,
                                       status_path, write_status, write_subjects_table)
 
 #: Engine workers dmriflow supports; there is no silent default.
@@ -69,6 +69,9 @@ class RunConfig:
     sbatch_args: str = ""          # sbatch arguments of every SLURM job ...
     gpu_sbatch_args: str = ""      # ... but those of the GPU phase (model inference)
     fit_method: str = "WLS"
+    wls_iterations: int = DEFAULT_WLS_ITERATIONS  # WLS passes (3: MRtrix3 dwi2tensor; 1: dipy)
+    exclude_outliers: bool = True  # leave outlier volumes (zero, dropout) out of the fits
+    fix_gradients: bool = False    # apply the gradient check's winning flip/permutation
     dti_max_bval: float = DTI_MAX_BVAL
     lmax: int = 0                  # 0: as many orders as each shell's directions allow (<= 8)
     harmonization: str = ""        # folder of a stored harmonization artefact to apply
@@ -88,6 +91,9 @@ class RunConfig:
             raise ValueError(f"worker must be one of {WORKERS}, got {self.worker!r}")
         if self.n_procs < 1:
             raise ValueError("n_procs must be >= 1")
+        if self.wls_iterations < 1:
+            raise ValueError(f"--wls-iterations must be >= 1 (1: one-pass WLS), "
+                             f"got {self.wls_iterations}")
         if self.image_gradient:
             from dmriflow.interfaces.stepfiles import parse_estimators
             self.image_gradient_estimators = parse_estimators(self.image_gradient_estimators)
@@ -366,6 +372,8 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         dti_max_bval=config.dti_max_bval, lmax=config.lmax,
         harmonization=str(Path(config.harmonization).resolve()) if config.harmonization else "",
         denoise=config.denoise, degibbs=config.degibbs,
+        wls_iterations=config.wls_iterations, exclude_outliers=config.exclude_outliers,
+        fix_gradients=config.fix_gradients,
         image_gradient=config.image_gradient,
         image_gradient_estimators=list(config.image_gradient_estimators),
         image_gradient_timing=dict(config.image_gradient_timing) or None,
@@ -579,13 +587,15 @@ class _PlannedSubject:
 
 def status_table(output_dir) -> pd.DataFrame:
     """One row per planned subject: status, failed step, reason, then one column
-    per planned step (done/failed/skipped/missing)."""
+    per planned step (done/failed/skipped/missing), then the subject's absolute
+    QC flags (a done subject with flags is "done with QC flags")."""
     plan = _plan(output_dir)
     steps = tuple(plan.get("steps") or planned_steps(RunConfig(worker="debug")))
     rows = collect_status(output_dir, read_plan(output_dir), plan.get("pipeline_version"))
     cols = ["subject", "status", "failed_step", "error"]
-    return pd.DataFrame([{**{c: r.get(c, "") for c in cols}, **step_outcomes(r, steps)}
-                         for r in rows], columns=cols + list(steps))
+    return pd.DataFrame([{**{c: r.get(c, "") for c in cols}, **step_outcomes(r, steps),
+                          "qc_flags": r.get("qc_flags", "") or ""}
+                         for r in rows], columns=cols + list(steps) + ["qc_flags"])
 
 
 def run_harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunConfig,

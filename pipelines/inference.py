@@ -65,6 +65,7 @@ def inference_subject_workflow(subject: str, out_parts: list, dwi: File, bval: F
                                mask: File | None = None, sidecar: File | None = None,
                                harmonization: str = "",
                                denoise: bool = False, degibbs: bool = False,
+                               exclude_outliers: bool = True, fix_gradients: bool = False,
                                pipeline_version: str = "") -> dict:
     """Validate -> [Preprocess] -> [Harmonize] -> Inference, the same nodes (and
     so the same cache entries) as the main subject workflow. With ``kind=""``
@@ -73,7 +74,8 @@ def inference_subject_workflow(subject: str, out_parts: list, dwi: File, bval: F
     from dmriflow.pipelines.workflows import add_series_steps
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
-                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization)
+                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization,
+                              exclude_outliers=exclude_outliers, fix_gradients=fix_gradients)
     if not kind:
         return record
     return workflow.add(Inference(record=record, kind=kind, checkpoint=checkpoint,
@@ -88,11 +90,13 @@ def inference_phase_workflow(subject: list[str], out_parts: list[list], dwi: lis
                              bval: list[File], bvec: list[File], mask: list, sidecar: list, kind: str,
                              checkpoint: str = "", weights_sha256: str = "", harmonization: str = "",
                              denoise: bool = False, degibbs: bool = False,
+                             exclude_outliers: bool = True, fix_gradients: bool = False,
                              pipeline_version: str = "") -> list:
     from dmriflow.pipelines.workflows import SUBJECT_FIELDS
     per = InferenceSubject(kind=kind, checkpoint=checkpoint, weights_sha256=weights_sha256,
                            harmonization=harmonization,
-                           denoise=denoise, degibbs=degibbs, pipeline_version=pipeline_version)
+                           denoise=denoise, degibbs=degibbs, exclude_outliers=exclude_outliers,
+                           fix_gradients=fix_gradients, pipeline_version=pipeline_version)
     split = per.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi, bval=bval,
                       bvec=bvec, mask=mask, sidecar=sidecar)
     return workflow.add(split.combine("subject"), name="inference").product
@@ -140,7 +144,9 @@ def run_inference_phase(subjects, output_dir, config, root: Path, version: str,
             weights_sha256=sha,
             harmonization=(str(Path(config.harmonization).resolve())
                            if config.harmonization else ""),
-            denoise=config.denoise, degibbs=config.degibbs, pipeline_version=version)
+            denoise=config.denoise, degibbs=config.degibbs,
+            exclude_outliers=config.exclude_outliers, fix_gradients=config.fix_gradients,
+            pipeline_version=version)
     if config.worker == "slurm":
         with execution.submitter(config, root) as sub:   # failures pass on as records
             sub(phase(""), raise_errors=False)

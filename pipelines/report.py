@@ -58,7 +58,10 @@ DISPLAY_PERCENTILE = 99.0
 QC_COLUMNS = (("subject", "Subject", None), ("status", "Status", None),
               ("protocol", "Protocol", None), ("mask_volume_ml", "Mask (ml)", "{:.0f}"),
               ("b0_snr", "b0 SNR", "{:.1f}"), ("median_fa", "Median FA", "{:.3f}"),
-              ("failed_step", "Failed step", None), ("error", "Reason", None))
+              ("failed_step", "Failed step", None), ("error", "Reason", None),
+              ("failed_fit_fraction", "Failed fits", "{:.2%}"),
+              ("gradient_check", "Gradient check", None),
+              ("outlier_volumes", "Outlier volumes", None))
 #: QC numbers judged for outliers within a protocol group, the robust z beyond
 #: which a value is flagged (Iglewicz and Hoaglin's 3.5), and the smallest group judged.
 QC_JUDGED = ("mask_volume_ml", "b0_snr", "median_fa")
@@ -433,19 +436,28 @@ def qc_flags(table: pd.DataFrame) -> pd.Series:
 
 def qc_section(table: pd.DataFrame) -> str:
     counts = table["status"].value_counts().to_dict() if "status" in table else {}
-    table = table.assign(qc_flags=qc_flags(table))
-    n_flagged = int((table["qc_flags"] != "").sum())
+    absolute = (table["qc_flags"].astype(object).fillna("").astype(str) if "qc_flags" in table
+                else pd.Series("", index=table.index, dtype=object))
+    table = table.assign(qc_flags=absolute, group_flags=qc_flags(table))
+    n_flagged = int((table["group_flags"] != "").sum())
+    n_absolute = int(((table["qc_flags"] != "") & (table.get("status") == "done")).sum())
     cards = "".join(f'<div class="card"><b>{n}</b>{_e(s)}</div>'
                     for s, n in sorted(counts.items()))
+    cards += f'<div class="card"><b>{n_absolute}</b>done with QC flags</div>'
     cards += f'<div class="card"><b>{n_flagged}</b>QC outlier(s)</div>'
     note = ('<p class="note"><b>b0 SNR</b> = mean b0 signal in the brain mask / noise sigma; '
             "sigma = 1.4826 &times; MAD of the differences of consecutive b0 volumes in the "
             "mask / &radic;2 (motion between b0s lowers it). <b>Mask</b>: brain-mask volume. "
-            "<b>Median FA</b>: in the brain mask. <b>QC flags</b>: values more than "
+            "<b>Median FA</b>: in the brain mask, over the voxels whose fit succeeded. "
+            "<b>QC flags</b>: each subject judged on its own (gradient orientation, outlier "
+            "volumes, failed tensor fits, mask, b0 SNR; thresholds in every sidecar). "
+            "<b>Group outliers</b>: values more than "
             f"{QC_OUTLIER_Z:g} robust SDs (1.4826 &times; MAD) from their protocol group's "
             f"median (groups of at least {QC_MIN_GROUP} done subjects).</p>")
-    rows = html_table(table, QC_COLUMNS + (("qc_flags", "QC flags", None),),
-                      row_class=lambda r: "flagged" if r.get("qc_flags") and
+    rows = html_table(table, QC_COLUMNS + (("qc_flags", "QC flags", None),
+                                           ("group_flags", "Group outliers", None)),
+                      row_class=lambda r: "flagged" if (r.get("qc_flags") or
+                                                        r.get("group_flags")) and
                       r.get("status") == "done" else str(r.get("status", "")),
                       max_rows=max(MAX_TABLE_ROWS, len(table)))
     fig = _figure(qc_figure(table), "Per-subject QC figures by protocol group (done subjects).",

@@ -30,7 +30,7 @@ from fileformats.generic import File
 from pydra.compose import python
 
 from dmriflow.interfaces import io, stepfiles
-from dmriflow.interfaces.dti import DTI_MAX_BVAL
+from dmriflow.interfaces.dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL  # noqa: F401
 from dmriflow.interfaces.errors import InputError
 
 #: Written into a node folder whose record is a failure (see execution.clean_cache).
@@ -39,10 +39,12 @@ FAILED_MARKER = "_dmriflow_failed"
 STEP_MARKER = "_dmriflow_step"
 #: BIDS ``desc`` label of a DWI series changed by each step (joined in order).
 SERIES_DESC = {"preprocess": "preproc", "harmonize": "harmonized"}
+#: BIDS ``desc`` label of b-vectors fixed by the gradient check (``--fix-gradients``).
+GRADFIX_DESC = "gradfix"
 #: Keys of a status row that are not columns of group/subjects.tsv.
 ROW_ONLY = ("derivatives", "export_id")
 #: Columns of group/subjects.tsv, in order (census fields follow "status").
-STATUS_COLUMNS = ("subject", "status", "failed_step", "error")
+STATUS_COLUMNS = ("subject", "status", "failed_step", "error", "qc_flags")
 
 
 def _failure(step: str, subject: str, exc: BaseException | None = None, upstream=None) -> dict:
@@ -100,9 +102,13 @@ def with_series(record: dict, series: dict, step: str, extra: dict | None = None
 
 @guarded("validate")
 def validate_step(subject: str, dwi: File, bval: File, bvec: File, mask: File | None = None,
-                  sidecar: File | None = None, pipeline_version: str = "") -> dict:
-    """Load and check every input; record the census row, input hashes and QC."""
-    return stepfiles.validate_subject(subject, dwi, bval, bvec, mask, sidecar, Path.cwd())
+                  sidecar: File | None = None, exclude_outliers: bool = True,
+                  fix_gradients: bool = False, pipeline_version: str = "") -> dict:
+    """Load and check every input; record the census row, input hashes and QC
+    (degenerate series fail, outlier volumes, gradient-orientation check)."""
+    return stepfiles.validate_subject(subject, dwi, bval, bvec, mask, sidecar, Path.cwd(),
+                                      exclude_outliers=exclude_outliers,
+                                      fix_gradients=fix_gradients)
 
 
 Validate = python.define(validate_step, outputs=["record"], name="Validate")
@@ -120,7 +126,13 @@ def preprocess_step(subject: str, record: dict, denoise: bool = False, degibbs: 
         return record
     from dmriflow.interfaces.preprocess import preprocess_dwi, report_for_sidecar
     out, report = preprocess_dwi(load_series(record), denoise=denoise, degibbs=degibbs)
-    new = save_series(out, record, "preprocess", {"report": report_for_sidecar(report)})
+    extra = {"report": report_for_sidecar(report), "denoise": denoise, "degibbs": degibbs}
+    warnings = list(record.get("warnings", []))
+    if record.get("interpolated"):
+        extra["warning"] = stepfiles.INTERPOLATED_WARNING
+        warnings.append(stepfiles.INTERPOLATED_WARNING)
+    new = save_series(out, record, "preprocess", extra)
+    new["warnings"] = warnings
     if "noise_sigma" in report["maps"]:
         new["maps"] = {**record.get("maps", {}), "model-mppca_param-sigma": str(
             io.save_nifti(report["maps"]["noise_sigma"], out.affine,
@@ -133,10 +145,12 @@ Preprocess = python.define(preprocess_step, outputs=["record"], name="Preprocess
 
 @guarded("tensor")
 def fit_tensor_step(subject: str, record: dict, fit_method: str = "WLS",
-                    max_bval: float = DTI_MAX_BVAL, pipeline_version: str = "") -> dict:
+                    max_bval: float = DTI_MAX_BVAL, n_iter: int = DEFAULT_WLS_ITERATIONS,
+                    pipeline_version: str = "") -> dict:
     """DTI maps (FA, MD, AD, RD, S0, V1) as NIfTI files in the node folder."""
     return {"subject": subject, "status": "ok",
-            **stepfiles.write_tensor_maps(record["series"], Path.cwd(), fit_method, max_bval)}
+            **stepfiles.write_tensor_maps(record["series"], Path.cwd(), fit_method, max_bval,
+                                          n_iter)}
 
 
 FitTensor = python.define(fit_tensor_step, outputs=["tensor"], name="FitTensor")
@@ -170,6 +184,20 @@ def _export_series(record: dict, dwi_dir: Path, key: str, inputs: dict,
         meta["HarmonizationArtefact"] = applied[-1]["artefact"]
     io.write_json(meta, Path(f"{base}.json"))
     return written + [f"{base}.json"]
+
+
+def _export_fixed_bvec(record: dict, dwi_dir: Path, key: str, inputs: dict,
+                       provenance: dict) -> list[str]:
+    """The b-vectors with the gradient check's fix applied (``--fix-gradients``),
+    when no exported series carries them already."""
+    fixes = [p for p in record.get("provenance", []) if p["step"] == "gradient_fix"]
+    if not fixes or record.get("history"):
+        return []
+    base = dwi_dir / f"{key}_desc-{GRADFIX_DESC}_dwi"
+    written = str(io.copy_file(record["series"]["bvec"], Path(f"{base}.bvec")))
+    io.write_json(_sidecar(inputs, {"gradient_fix": fixes[-1]}, GRADFIX_DESC, provenance),
+                  Path(f"{base}.json"))
+    return [written, f"{base}.json"]
 
 
 def _sidecar(inputs: dict, params: dict, step: str, provenance: dict) -> dict:
@@ -286,7 +314,9 @@ def export_step(subject: str, out_parts: list, record: dict, tensor: dict, rish:
         else:
             inputs = {k: v["path"] for k, v in record["inputs"].items()}
             provenance = {"InputHashes": {k: v["sha256"] for k, v in record["inputs"].items()},
-                          "PipelineVersion": pipeline_version}
+                          "PipelineVersion": pipeline_version,
+                          "ProcessingChain": stepfiles.processing_chain(record),
+                          "InputQC": record.get("input_qc", {})}
             jobs = [(f"model-tensor_param-{p}", path, "tensor", tensor["parameters"])
                     for p, path in tensor["maps"].items()]
             jobs += [(f"model-rish_shell-{shell}_param-l{order}", path, "rish",
@@ -299,8 +329,13 @@ def export_step(subject: str, out_parts: list, record: dict, tensor: dict, rish:
                                      params, step, provenance)
                         for entities, src, step, params in jobs]
             written += _export_series(record, dwi_dir, key, inputs, provenance)
+            written += _export_fixed_bvec(record, dwi_dir, key, inputs, provenance)
             row.update(median_fa=tensor["median_fa"], failed_fit_voxels=tensor["failed_voxels"],
+                       failed_fit_fraction=tensor.get("failed_fraction"),
                        mask_source=record["mask_source"], mask_voxels=record["mask_voxels"],
+                       qc_flags="; ".join(record.get("qc_flags", [])
+                                          + tensor.get("qc_flags", [])),
+                       warnings="; ".join(record.get("warnings", [])),
                        **record.get("qc", {}))
             for product in products:
                 written += export_product(product, dwi_dir, key, inputs, provenance)

@@ -14,7 +14,7 @@ from pydra.compose import workflow
 from dmriflow.pipelines.harmonization import Harmonize
 from dmriflow.pipelines.image_gradient import ImageGradient, ImageGradientGroup
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import (DTI_MAX_BVAL, Export, FitRish, FitTensor, GroupTable,
+from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, Export, FitRish, FitTensor, GroupTable,
                                       Preprocess, Validate)
 
 #: The per-subject inputs that are split together over the cohort.
@@ -22,14 +22,16 @@ SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sideca
 
 
 def add_series_steps(files: dict, pv: dict, denoise: bool = False, degibbs: bool = False,
-                     harmonization: str = ""):
+                     harmonization: str = "", exclude_outliers: bool = True,
+                     fix_gradients: bool = False):
     """Add Validate -> [Preprocess] -> [Harmonize] to the workflow being built;
     return the record of the subject's current series.
 
     Every workflow that needs a subject's series uses this, so equal inputs
     give the same nodes and the cache serves them once (e.g. the inference
     phase and the main run)."""
-    record = workflow.add(Validate(**files, **pv), hooks=PROGRESS).record
+    record = workflow.add(Validate(**files, exclude_outliers=exclude_outliers,
+                                   fix_gradients=fix_gradients, **pv), hooks=PROGRESS).record
     if denoise or degibbs:
         record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
                               hooks=PROGRESS).record
@@ -47,12 +49,16 @@ def subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                      image_gradient_estimators: list | None = None,
                      image_gradient_timing: dict | None = None,
                      image_gradient_max_voxels: int = 0, inference: dict | None = None,
+                     wls_iterations: int = DEFAULT_WLS_ITERATIONS, exclude_outliers: bool = True,
+                     fix_gradients: bool = False,
                      pipeline_version: str = "") -> tuple[dict, dict | None]:
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
-                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization)
+                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization,
+                              exclude_outliers=exclude_outliers, fix_gradients=fix_gradients)
     tensor = workflow.add(FitTensor(record=record, fit_method=fit_method,
-                                    max_bval=dti_max_bval, **pv), hooks=PROGRESS).tensor
+                                    max_bval=dti_max_bval, n_iter=wls_iterations, **pv),
+                          hooks=PROGRESS).tensor
     rish = workflow.add(FitRish(record=record, lmax=lmax, **pv), hooks=PROGRESS).rish
     gradient = None
     if image_gradient:
@@ -79,6 +85,8 @@ def cohort_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
                     image_gradient: bool = False, image_gradient_estimators: list | None = None,
                     image_gradient_timing: dict | None = None,
                     image_gradient_max_voxels: int = 0, inference: list | None = None,
+                    wls_iterations: int = DEFAULT_WLS_ITERATIONS, exclude_outliers: bool = True,
+                    fix_gradients: bool = False,
                     pipeline_version: str = "") -> tuple[str, list, str | None]:
     per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
                                   dti_max_bval=dti_max_bval, lmax=lmax,
@@ -87,6 +95,9 @@ def cohort_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
                                   image_gradient_estimators=image_gradient_estimators,
                                   image_gradient_timing=image_gradient_timing,
                                   image_gradient_max_voxels=image_gradient_max_voxels,
+                                  wls_iterations=wls_iterations,
+                                  exclude_outliers=exclude_outliers,
+                                  fix_gradients=fix_gradients,
                                   pipeline_version=pipeline_version)
     # products of the inference phase (pipelines/inference.py), one per subject
     extra = {"inference": inference} if inference else {}

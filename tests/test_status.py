@@ -80,7 +80,8 @@ def test_status_names_the_failed_subject_step_and_reason(broken_run, capsys):
     out = tmp / "out"
     assert code == cli.EXIT_SUBJECTS_FAILED
     table = status_table(out)
-    assert list(table.columns) == ["subject", "status", "failed_step", "error"] + STEPS
+    assert list(table.columns) == ["subject", "status", "failed_step", "error"] + STEPS + \
+        ["qc_flags"]
     row = table.set_index("subject").loc[bad.key]
     assert row["status"] == "failed" and row["failed_step"] == "validate"
     assert row["error"].startswith(f"{bad.bvec}: ")

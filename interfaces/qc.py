@@ -1,0 +1,186 @@
+"""Input QC of a diffusion series: degenerate acquisitions and outlier volumes.
+
+Two kinds of wrong input are caught before any fit:
+
+* A *degenerate* acquisition cannot support a tensor at all: every volume
+  identical (a real GE export did this), fewer than ``MIN_DIRECTIONS``
+  distinct non-collinear diffusion directions, no diffusion-weighted volume,
+  or b-values far outside any diffusion protocol (a unit mix-up). The
+  subject fails, the reason naming the policy value.
+* *Outlier volumes* are all-zero, have a slice whose signal dropped out
+  (motion during the diffusion encoding), or a whole-volume intensity far
+  from the other volumes of the same shell. They are listed with the reason
+  and left out of the fits; a subject losing more than
+  ``MAX_EXCLUDED_FRACTION`` of its volumes is flagged.
+
+Slice and volume means are compared with the other volumes of the same
+shell (b0s with b0s) at the same slice, on a log scale, by a robust z
+(median and 1.4826 MAD), so direction-dependent contrast within a shell
+sets the scale; an effect-size floor keeps tiny but consistent differences
+(noise-free data, few directions) from being called.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gradients import B0_THRESHOLD, GradientTable
+
+#: A tensor has 6 unknowns besides S0: at least this many distinct,
+#: non-collinear diffusion directions.
+MIN_DIRECTIONS = 6
+#: Two directions closer than this (deg, sign ignored) count as one.
+SAME_DIRECTION_DEG = 1.0
+#: b-values above this (s/mm^2) are no in-vivo or ex-vivo diffusion protocol:
+#: most likely s/m^2 (x 1e6) written as s/mm^2.
+MAX_PLAUSIBLE_B = 30000.0
+#: Robust z (Iglewicz and Hoaglin's 3.5 as in the report; here on the log
+#: of a slice or volume mean, relative to its shell) beyond which a slice or
+#: volume is an outlier ...
+OUTLIER_Z = 3.5
+#: ... provided its signal also differs by at least this fraction: dropout
+#: loses half or more of a slice, and direction contrast within a shell of
+#: the brain's slice means stays well below it.
+DROPOUT_MIN_LOSS = 0.3
+INTENSITY_MIN_CHANGE = 0.3
+#: Slices with fewer mask voxels than this are not judged slice-wise (their
+#: mean is too noisy); volumes in a shell of fewer than MIN_GROUP are judged
+#: for all-zero only (no reference to compare with).
+MIN_SLICE_VOXELS = 50
+MIN_GROUP = 4
+#: A subject losing more than this fraction of its volumes is flagged.
+MAX_EXCLUDED_FRACTION = 0.2
+#: Robust scale: MAD -> standard deviation for Gaussian data.
+MAD_TO_SD = 1.4826
+
+
+class DegenerateAcquisition(ValueError):
+    """The series cannot support a tensor fit (the message says why)."""
+
+
+def qc_policy() -> dict:
+    """The named constants, as written into the record and sidecars."""
+    return {"min_directions": MIN_DIRECTIONS, "same_direction_deg": SAME_DIRECTION_DEG,
+            "max_plausible_b": MAX_PLAUSIBLE_B, "outlier_z": OUTLIER_Z,
+            "dropout_min_loss": DROPOUT_MIN_LOSS,
+            "intensity_min_change": INTENSITY_MIN_CHANGE,
+            "min_slice_voxels": MIN_SLICE_VOXELS, "min_group": MIN_GROUP,
+            "max_excluded_fraction": MAX_EXCLUDED_FRACTION, "b0_threshold": B0_THRESHOLD}
+
+
+# ----------------------------------------------------------------------------
+# Degenerate acquisitions
+# ----------------------------------------------------------------------------
+def distinct_directions(bvecs: np.ndarray) -> np.ndarray:
+    """Axes (k, 3) of the distinct directions (sign ignored) among unit ``bvecs``."""
+    cos_same = np.cos(np.deg2rad(SAME_DIRECTION_DEG))
+    kept: list[np.ndarray] = []
+    for g in np.asarray(bvecs, dtype=np.float64):
+        if not any(abs(float(g @ k)) >= cos_same for k in kept):
+            kept.append(g)
+    return np.array(kept).reshape(-1, 3)
+
+
+def check_gradients(gtab: GradientTable, volumes=None) -> None:
+    """Raise DegenerateAcquisition when the table (or its ``volumes``) cannot
+    determine a tensor."""
+    if volumes is not None:
+        gtab = gtab.select(np.asarray(volumes))
+    high = np.flatnonzero(gtab.bvals > MAX_PLAUSIBLE_B)
+    if high.size:
+        raise DegenerateAcquisition(
+            f"b-value {gtab.bvals[high[0]]:g} above {MAX_PLAUSIBLE_B:g} s/mm^2 "
+            f"(volume(s) {', '.join(map(str, high[:8]))}): no diffusion protocol goes there; "
+            f"b-values in s/m^2?")
+    dw = ~gtab.b0s_mask
+    if not dw.any():
+        raise DegenerateAcquisition(f"no diffusion-weighted volume (every b <= b0 threshold "
+                                    f"{B0_THRESHOLD:g} s/mm^2)")
+    if not gtab.b0s_mask.any():
+        raise DegenerateAcquisition(f"no b0 volume left (b <= b0 threshold "
+                                    f"{B0_THRESHOLD:g} s/mm^2)")
+    n = distinct_directions(gtab.bvecs[dw]).shape[0]
+    if n < MIN_DIRECTIONS:
+        raise DegenerateAcquisition(
+            f"{n} distinct diffusion direction(s) (directions within {SAME_DIRECTION_DEG:g} deg "
+            f"count as one); a tensor needs at least {MIN_DIRECTIONS} non-collinear ones")
+    rank = np.linalg.matrix_rank(gtab.bmatrix_design()[dw][:, :6] / gtab.bvals[dw, None])
+    if rank < 6:
+        raise DegenerateAcquisition(
+            f"the {n} diffusion directions span a tensor design of rank {rank} (coplanar or "
+            f"otherwise degenerate); a tensor needs rank 6")
+
+
+def check_identical_volumes(data: np.ndarray, mask: np.ndarray, gtab: GradientTable) -> None:
+    """Raise DegenerateAcquisition when every diffusion-weighted volume equals
+    the first volume in the mask (no diffusion contrast was stored)."""
+    ref = data[..., 0][mask]
+    dw = np.flatnonzero(~gtab.b0s_mask)
+    if dw.size and all(np.array_equal(data[..., k][mask], ref) for k in dw):
+        raise DegenerateAcquisition(
+            f"all {data.shape[-1]} volumes are identical in the mask: the series carries no "
+            f"diffusion contrast (an export or conversion error)")
+
+
+# ----------------------------------------------------------------------------
+# Outlier volumes
+# ----------------------------------------------------------------------------
+def _robust_z(x: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 MAD) along axis 0; 0 where there is no spread."""
+    med = np.median(x, axis=0)
+    mad = np.median(np.abs(x - med), axis=0) * MAD_TO_SD
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (x - med) / mad
+    return np.where(mad > 0, z, 0.0), med
+
+
+def volume_outliers(data: np.ndarray, mask: np.ndarray, gtab: GradientTable,
+                    slice_axis: int = 2) -> dict[int, str]:
+    """``{volume: reason}`` of all-zero, dropout and intensity-outlier volumes.
+
+    Reasons: "all zero", "signal dropout in slice(s) 12, 13 (-64%)", "mean
+    intensity +85% vs its shell".
+    """
+    n_vol = data.shape[-1]
+    out: dict[int, str] = {}
+    moved = np.moveaxis(mask, slice_axis, 0)
+    slice_n = moved.reshape(moved.shape[0], -1).sum(axis=1)
+    judged = np.flatnonzero(slice_n >= MIN_SLICE_VOXELS)
+    means = np.zeros((n_vol, moved.shape[0]), dtype=np.float64)
+    vol_mean = np.zeros(n_vol, dtype=np.float64)
+    for k in range(n_vol):
+        vol = data[..., k]
+        if not np.any(vol):
+            out[k] = "all zero"
+            continue
+        v = np.moveaxis(np.where(mask, vol, 0.0), slice_axis, 0)
+        sums = v.reshape(v.shape[0], -1).sum(axis=1, dtype=np.float64)
+        means[k] = sums / np.maximum(slice_n, 1)
+        vol_mean[k] = sums.sum() / max(int(mask.sum()), 1)
+    for shell in np.unique(gtab.shell_of):
+        group = np.array([k for k in np.flatnonzero(gtab.shell_of == shell) if k not in out])
+        if group.size < MIN_GROUP:
+            continue
+        floor = np.finfo(np.float64).tiny
+        # whole volume
+        lv = np.log(np.maximum(vol_mean[group], floor))
+        z, med = _robust_z(lv)
+        change = np.exp(lv - med) - 1.0
+        for k, zk, ck in zip(group, z, change):
+            if abs(zk) > OUTLIER_Z and abs(ck) >= INTENSITY_MIN_CHANGE:
+                out[int(k)] = f"mean intensity {ck:+.0%} vs its shell (robust z {zk:+.1f})"
+        # slice-wise dropout
+        if judged.size:
+            ls = np.log(np.maximum(means[np.ix_(group, judged)], floor))
+            z, med = _robust_z(ls)
+            loss = 1.0 - np.exp(ls - med)
+            bad = (z < -OUTLIER_Z) & (loss >= DROPOUT_MIN_LOSS)
+            for row in np.flatnonzero(bad.any(axis=1)):
+                k = int(group[row])
+                if k in out:
+                    continue
+                cols = np.flatnonzero(bad[row])
+                out[k] = (f"signal dropout in slice(s) "
+                          f"{', '.join(str(int(judged[c])) for c in cols[:8])} "
+                          f"(-{loss[row, cols].max():.0%} vs its shell)")
+    return dict(sorted(out.items()))
