@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import __version__
+from . import __version__, codec
 from .environment import environment
 from .errors import InputError
 from .gradients import (B0_THRESHOLD, GradientTable, check_readable_file, gradient_policy,
@@ -87,9 +88,32 @@ def read_array(img: nib.Nifti1Image, what: str = "image") -> np.ndarray:
                                              f"or corrupt ({exc})") from None
 
 
+def _volumes(data: np.ndarray):
+    """The volumes of a 3D/4D array in order; those of an F-ordered memory map
+    are read from its file into one reused buffer, so checking a 4 GB series
+    does not map it all into this process (its pages would count as its RSS)."""
+    if data.ndim != 4:
+        yield data
+        return
+    # only a whole file's map (a view's .offset is its parent's)
+    mapped = (isinstance(data, np.memmap) and isinstance(data.base, mmap.mmap)
+              and data.filename and data.flags.f_contiguous)
+    if not mapped:
+        for k in range(data.shape[-1]):
+            yield data[..., k]
+        return
+    vol = np.empty(data.shape[:3], dtype=data.dtype, order="F")
+    buf = vol.reshape(-1, order="F").view(np.uint8)
+    with open(data.filename, "rb") as fh:
+        fh.seek(data.offset)
+        for _ in range(data.shape[-1]):
+            if fh.readinto(buf) != buf.size:
+                raise EOFError(f"{data.filename} ended before its last volume")
+            yield vol
+
+
 def _check_finite(data: np.ndarray, path: str, what: str) -> None:
-    for k in range(data.shape[-1] if data.ndim == 4 else 1):
-        vol = data[..., k] if data.ndim == 4 else data
+    for k, vol in enumerate(_volumes(data)):
         finite = np.isfinite(vol)
         if not finite.all():
             bad = np.argwhere(~finite)
@@ -199,7 +223,7 @@ def mean_b0_map(data: np.ndarray, gtab) -> np.ndarray:
     return (acc / idx.size).astype(np.float32)
 
 
-def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
+def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None, *, data_path=None) -> DWI:
     """Load and validate one subject's diffusion data.
 
     Checks, each naming the file: the image exists, is readable NIfTI and 4D
@@ -208,6 +232,10 @@ def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
     mask (if any) on the same grid and affine and non-empty; the mean b0 is
     positive somewhere in the mask. Without a mask, voxels with a positive
     mean b0 are used.
+
+    ``data_path``: an uncompressed copy of ``dwi_path``'s content (see
+    :func:`decode_dwi`) to read the voxels from, as a memory map; every
+    error still names ``dwi_path``.
     """
     img = load_image(dwi_path, "DWI")
     dwi_path = os.fspath(dwi_path)
@@ -221,11 +249,17 @@ def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
         raise InputError(bval_path, f"bval file has {n_bvals} values but the image "
                                     f"{dwi_path} has {img.shape[3]} volumes")
     gtab = read_gradients(bval_path, bvec_path, n_volumes=img.shape[3])
-    data = read_array(img, "DWI")
-    _check_finite(data, dwi_path, "DWI")
+    header_img = img
+    if data_path is not None:
+        img = _load_copy(data_path, dwi_path, img)
+    try:
+        data = read_array(img, "DWI")
+        _check_finite(data, dwi_path, "DWI")
+    except InputError as exc:  # name the input, not its decompressed copy
+        raise InputError(dwi_path, exc.problem) from None
     mean_b0 = mean_b0_map(data, gtab)
     if mask_path is not None:
-        mask = load_mask(mask_path, img)
+        mask = load_mask(mask_path, header_img)
     else:
         mask = mean_b0 > 0
     if not np.any(mean_b0[mask] > 0):
@@ -236,6 +270,52 @@ def load_dwi(dwi_path, bval_path, bvec_path, mask_path=None) -> DWI:
         paths["mask"] = os.fspath(mask_path)
     return DWI(data=data, gtab=gtab, mask=mask, affine=img.affine.copy(),
                header=img.header.copy(), paths=paths)
+
+
+def _load_copy(data_path, dwi_path: str, original: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The decompressed copy of ``dwi_path`` (its errors name ``dwi_path``); its
+    header must be the one read from the compressed file."""
+    try:
+        img = load_image(data_path, "DWI")
+    except InputError as exc:
+        raise InputError(dwi_path, f"{exc.problem} (in the decompressed data)") from None
+    if img.header.binaryblock != original.header.binaryblock:
+        raise InputError(dwi_path, f"the decompressed copy {data_path} has another header")
+    return img
+
+
+#: File name of a decompressed input in the node folder of the step that read it.
+DECODED_NAME = "dwi.nii"
+
+
+@dataclass(frozen=True)
+class DecodedInput:
+    """An input read once: where its voxels are now (uncompressed) and its sha256."""
+
+    path: str            # the uncompressed copy, or the input itself when not compressed
+    sha256: str          # of the input file as given
+    copied: bool         # True when ``path`` is a copy written here
+    codec: str = ""
+
+
+def decode_dwi(dwi_path, out_dir, codec_name: str = codec.DEFAULT_CODEC) -> DecodedInput:
+    """Read a DWI file once: its sha256, and for a gzip file (by content, not by
+    name) the data inflated to ``out_dir/dwi.nii`` with every gzip member's
+    CRC32 and length checked. A corrupt or truncated stream raises an
+    :class:`InputError` naming ``dwi_path``; nothing is left behind."""
+    dwi_path = os.fspath(dwi_path)
+    check_readable_file(dwi_path, "DWI")
+    if not codec.is_gzip(dwi_path):
+        return DecodedInput(dwi_path, codec.sha256_file(dwi_path), copied=False)
+    found = {}
+
+    def inflate(tmp):
+        found["decoded"] = codec.decompress_and_hash(dwi_path, tmp, codec_name)
+    try:
+        dst = _atomic(Path(out_dir) / DECODED_NAME, inflate)
+    except codec.CorruptGzipError as exc:
+        raise InputError(dwi_path, f"DWI is not a valid gzip file: {exc}") from None
+    return DecodedInput(str(dst), found["decoded"].sha256, copied=True, codec=codec_name)
 
 
 # ----------------------------------------------------------------------------

@@ -64,10 +64,12 @@ def _opt(path) -> str | None:
     return None if path is None else os.fspath(path)
 
 
-def load_subject(dwi, bval, bvec, mask=None) -> io.DWI:
-    """Validated DWI; a median-Otsu mask from the mean b0 when none is given."""
+def load_subject(dwi, bval, bvec, mask=None, data_path=None) -> io.DWI:
+    """Validated DWI; a median-Otsu mask from the mean b0 when none is given.
+
+    ``data_path``: the voxels' uncompressed copy (:func:`io.decode_dwi`)."""
     from .preprocess import brain_mask
-    data = io.load_dwi(dwi, bval, bvec, mask)
+    data = io.load_dwi(dwi, bval, bvec, mask, data_path=data_path)
     if mask is None:
         mean_b0 = io.mean_b0_map(data.data, data.gtab)
         data.mask = brain_mask(mean_b0) & (mean_b0 > 0)
@@ -98,30 +100,44 @@ def write_series(data: io.DWI, out_dir, mask: str) -> dict:
 # ----------------------------------------------------------------------------
 def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
                      out_dir=".") -> dict:
-    """Load and check every input; the subject's record.
+    """Read every input once, check it; the subject's record.
 
+    The DWI is read in one pass (:func:`io.decode_dwi`: sha256, gzip CRC and
+    length checked, data inflated to ``out_dir/dwi.nii``), and that copy is
+    the series later steps memory-map instead of inflating the input again.
     The record holds the census row, the inputs' sha256, QC figures (mask
-    volume, b0 noise and SNR, see :func:`b0_noise`) and the series later
-    steps work on; a mask computed here is written to ``out_dir/mask.nii.gz``.
+    volume, b0 noise and SNR, see :func:`b0_noise`) and the series; a mask
+    computed here is written to ``out_dir/mask.nii.gz``.
     """
     mask, sidecar = _opt(mask), _opt(sidecar)
-    data = load_subject(dwi, bval, bvec, mask)
+    io.load_image(dwi, "DWI")  # a bad header fails before the whole file is read
+    decoded = io.decode_dwi(dwi, out_dir)
+    data = load_subject(dwi, bval, bvec, mask,
+                        data_path=decoded.path if decoded.copied else None)
     census = io.census_row(os.fspath(dwi), os.fspath(bval), os.fspath(bvec), sidecar,
                            gtab=data.gtab, shape=data.data.shape,
                            zooms=data.header.get_zooms())
-    hashes = {k: {"path": p, "sha256": io.file_sha256(p)}
+    known = {"dwi": decoded.sha256}
+    hashes = {k: {"path": p, "sha256": known.get(k) or io.file_sha256(p)}
               for k, p in {**data.paths, "sidecar": sidecar}.items() if p}
     mask_path = mask or str(io.save_nifti(data.mask.astype(np.uint8), data.affine,
                                           Path(out_dir) / "mask.nii.gz").resolve())
     n_vox = int(data.mask.sum())
     qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0,
           **b0_noise(data.data, data.gtab, data.mask)}
-    series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
+    series_dwi = str(Path(decoded.path).resolve()) if decoded.copied else os.fspath(dwi)
+    series = {"dwi": series_dwi, "bval": os.fspath(bval), "bvec": os.fspath(bvec),
               "mask": mask_path}
     return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
             "series": series, "sidecar": sidecar, "history": [], "qc": qc,
             "mask_source": "given" if mask is not None else "median_otsu",
-            "mask_voxels": n_vox}
+            "mask_voxels": n_vox, "read": {"codec": decoded.codec,
+                                           "decoded_bytes": _size(decoded)}}
+
+
+def _size(decoded) -> int:
+    """Bytes of the uncompressed copy Validate wrote (0 when it wrote none)."""
+    return os.path.getsize(decoded.path) if decoded.copied else 0
 
 
 def write_tensor_maps(series: dict, out_dir, fit_method: str = "WLS",
