@@ -112,8 +112,13 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
     mask, sidecar = _opt(mask), _opt(sidecar)
     io.load_image(dwi, "DWI")  # a bad header fails before the whole file is read
     decoded = io.decode_dwi(dwi, out_dir)
-    data = load_subject(dwi, bval, bvec, mask,
-                        data_path=decoded.path if decoded.copied else None)
+    try:
+        data = load_subject(dwi, bval, bvec, mask,
+                            data_path=decoded.path if decoded.copied else None)
+    except Exception:
+        if decoded.copied:   # a refused input leaves no 4 GB copy behind
+            Path(decoded.path).unlink(missing_ok=True)
+        raise
     census = io.census_row(os.fspath(dwi), os.fspath(bval), os.fspath(bvec), sidecar,
                            gtab=data.gtab, shape=data.data.shape,
                            zooms=data.header.get_zooms())
@@ -131,13 +136,9 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
     return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
             "series": series, "sidecar": sidecar, "history": [], "qc": qc,
             "mask_source": "given" if mask is not None else "median_otsu",
-            "mask_voxels": n_vox, "read": {"codec": decoded.codec,
-                                           "decoded_bytes": _size(decoded)}}
-
-
-def _size(decoded) -> int:
-    """Bytes of the uncompressed copy Validate wrote (0 when it wrote none)."""
-    return os.path.getsize(decoded.path) if decoded.copied else 0
+            "mask_voxels": n_vox,
+            "read": {"codec": decoded.codec, "copy": series_dwi if decoded.copied else "",
+                     "decoded_bytes": os.path.getsize(decoded.path) if decoded.copied else 0}}
 
 
 def write_tensor_maps(series: dict, out_dir, fit_method: str = "WLS",

@@ -47,6 +47,7 @@ def subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                      image_gradient_estimators: list | None = None,
                      image_gradient_timing: dict | None = None,
                      image_gradient_max_voxels: int = 0, inference: dict | None = None,
+                     drop_series: bool = False,
                      pipeline_version: str = "") -> tuple[dict, dict | None]:
     pv = dict(subject=subject, pipeline_version=pipeline_version)
     record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
@@ -62,7 +63,7 @@ def subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                                 hooks=PROGRESS).image_gradient
     row = workflow.add(Export(out_parts=out_parts, record=record, tensor=tensor, rish=rish,
                               image_gradient=gradient, inference=inference,
-                              output_dir=output_dir, **pv),
+                              output_dir=output_dir, drop_series=drop_series, **pv),
                        hooks=PROGRESS).row
     return row, gradient
 
@@ -79,6 +80,7 @@ def cohort_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
                     image_gradient: bool = False, image_gradient_estimators: list | None = None,
                     image_gradient_timing: dict | None = None,
                     image_gradient_max_voxels: int = 0, inference: list | None = None,
+                    drop_series: bool = False,
                     pipeline_version: str = "") -> tuple[str, list, str | None]:
     per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
                                   dti_max_bval=dti_max_bval, lmax=lmax,
@@ -87,7 +89,7 @@ def cohort_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
                                   image_gradient_estimators=image_gradient_estimators,
                                   image_gradient_timing=image_gradient_timing,
                                   image_gradient_max_voxels=image_gradient_max_voxels,
-                                  pipeline_version=pipeline_version)
+                                  drop_series=drop_series, pipeline_version=pipeline_version)
     # products of the inference phase (pipelines/inference.py), one per subject
     extra = {"inference": inference} if inference else {}
     split = per_subject.split(SUBJECT_FIELDS + tuple(extra), subject=subject,

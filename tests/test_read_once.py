@@ -133,7 +133,8 @@ def test_validate_records_sha256_and_shares_an_uncompressed_series(cohort, tmp_p
     series = Path(rec["series"]["dwi"])
     assert series == (tmp_path / io.DECODED_NAME).resolve()
     assert series.read_bytes() == gzip.decompress(files["dwi"].read_bytes())
-    assert rec["read"] == {"codec": codec.DEFAULT_CODEC, "decoded_bytes": series.stat().st_size}
+    assert rec["read"] == {"codec": codec.DEFAULT_CODEC, "copy": str(series),
+                           "decoded_bytes": series.stat().st_size}
     data = stepfiles.read_series(rec["series"]).data
     assert isinstance(data, np.memmap)             # later steps map it, never inflate again
 
@@ -216,3 +217,43 @@ def test_corrupt_subject_fails_others_done(cohort, tmp_path):
     fa = (tmp_path / "out" / "dmriflow" / f"sub-{s.label}" / "dwi" /
           f"sub-{s.label}_model-tensor_param-fa_dwimap.json")
     assert json.loads(fa.read_text())["InputHashes"]["dwi"] == io.file_sha256(s.dwi)
+
+
+def test_refused_input_leaves_no_copy(cohort, tmp_path):
+    files = subject_files(cohort)
+    with pytest.raises(InputError):   # bvals of another subject's length
+        bad = tmp_path / "bvals"
+        bad.write_text(" ".join(["0"] * 5) + "\n")
+        stepfiles.validate_subject("s", files["dwi"], bad, files["bvec"], files["mask"],
+                                   out_dir=tmp_path / "node")
+    img = nib.load(files["dwi"])
+    arr = img.get_fdata(dtype=np.float32)
+    arr[0, 0, 0, 0] = np.inf
+    nan_in = tmp_path / "inf" / "data.nii.gz"
+    nan_in.parent.mkdir()
+    nib.save(nib.Nifti1Image(arr, img.affine, img.header), nan_in)
+    with pytest.raises(InputError, match="NaN/Inf"):
+        stepfiles.validate_subject("s", nan_in, files["bval"], files["bvec"], files["mask"],
+                                   out_dir=tmp_path / "node")
+    assert not (tmp_path / "node" / io.DECODED_NAME).exists()
+
+
+def test_drop_series_deletes_copies_and_reruns(cohort, tmp_path):
+    subjects = discover(cohort)[:2]
+    cfg = dict(worker="cf", n_procs=2, cache_dir=str(tmp_path / "cache"), quiet=True)
+    copies = lambda: sorted((tmp_path / "cache").glob(f"*/{io.DECODED_NAME}"))  # noqa: E731
+    kept = run_cohort(subjects, tmp_path / "out", RunConfig(**cfg))
+    assert [r["status"] for r in kept.rows] == ["done", "done"] and len(copies()) == 2
+    fa = {s.key: (tmp_path / "out" / "dmriflow" / f"sub-{s.label}" / "dwi" /
+                  f"sub-{s.label}_model-tensor_param-fa_dwimap.nii.gz").read_bytes()
+          for s in subjects}
+    dropped = run_cohort(subjects, tmp_path / "out", RunConfig(**cfg, drop_series=True))
+    assert [r["status"] for r in dropped.rows] == ["done", "done"] and copies() == []
+    # a later run that needs the series again (another lmax) reads the input again
+    again = run_cohort(subjects, tmp_path / "out", RunConfig(**cfg, lmax=2, drop_series=True))
+    assert [r["status"] for r in again.rows] == ["done", "done"] and copies() == []
+    for s in subjects:
+        out = (tmp_path / "out" / "dmriflow" / f"sub-{s.label}" / "dwi" /
+               f"sub-{s.label}_model-tensor_param-fa_dwimap.nii.gz")
+        assert out.read_bytes() == fa[s.key]
+    assert all(Path(s.dwi).exists() for s in subjects)    # inputs never touched
