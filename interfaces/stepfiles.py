@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import codec, io
 from .dti import DTI_MAX_BVAL, dti_shells, fit_dwi
 from .errors import InputError
 
@@ -79,7 +79,11 @@ def load_subject(dwi, bval, bvec, mask=None, data_path=None) -> io.DWI:
 
 
 def read_series(series: dict) -> io.DWI:
-    """Load the DWI of a series dict (all four files are required)."""
+    """Load the DWI of a series dict (all four files are required); a series
+    Validate kept as mask rows (key ``"rows"``) is memory-mapped from them."""
+    if series.get("rows"):
+        return io.open_dwi_rows(series["dwi"], series["bval"], series["bvec"], series["mask"],
+                                series["rows"])
     return io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"])
 
 
@@ -99,46 +103,59 @@ def write_series(data: io.DWI, out_dir, mask: str) -> dict:
 # Steps
 # ----------------------------------------------------------------------------
 def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
-                     out_dir=".") -> dict:
+                     out_dir=".", rows_only: bool = False) -> dict:
     """Read every input once, check it; the subject's record.
 
-    The DWI is read in one pass (:func:`io.decode_dwi`: sha256, gzip CRC and
-    length checked, data inflated to ``out_dir/dwi.nii``), and that copy is
-    the series later steps memory-map instead of inflating the input again.
-    The record holds the census row, the inputs' sha256, QC figures (mask
-    volume, b0 noise and SNR, see :func:`b0_noise`) and the series; a mask
-    computed here is written to ``out_dir/mask.nii.gz``.
+    The DWI is read in one pass (sha256, gzip CRC32 and length checked) and
+    handed on as the series later steps memory-map instead of inflating the
+    input again: with ``rows_only`` (the fits are its only readers), a given
+    mask and float32 data, only the mask rows (``out_dir/dwi_rows.npy``, see
+    :func:`io.load_dwi_rows`); else the whole image uncompressed
+    (``out_dir/dwi.nii``, :func:`io.decode_dwi`; none for an uncompressed
+    input). The record holds the census row, the inputs' sha256, QC figures
+    (mask volume, b0 noise and SNR, see :func:`b0_noise`) and the series; a
+    mask computed here is written to ``out_dir/mask.nii.gz``.
     """
     mask, sidecar = _opt(mask), _opt(sidecar)
-    io.load_image(dwi, "DWI")  # a bad header fails before the whole file is read
-    decoded = io.decode_dwi(dwi, out_dir)
-    try:
-        data = load_subject(dwi, bval, bvec, mask,
-                            data_path=decoded.path if decoded.copied else None)
-    except Exception:
-        if decoded.copied:   # a refused input leaves no 4 GB copy behind
-            Path(decoded.path).unlink(missing_ok=True)
-        raise
+    img = io.load_image(dwi, "DWI")  # a bad header fails before the whole file is read
+    if rows_only and mask is not None and io.rows_readable(img) and \
+            codec.is_gzip(os.fspath(dwi)):
+        data, read = io.load_dwi_rows(dwi, bval, bvec, mask, out_dir)
+        copy, sha, codec_name = str(Path(out_dir, io.ROWS_NAME).resolve()), read.sha256, read.codec
+        noise = b0_noise(read.b0, read.b0_gtab, data.mask)
+        series_extra = {"rows": copy}
+        series_dwi = os.fspath(dwi)
+    else:
+        decoded = io.decode_dwi(dwi, out_dir)
+        try:
+            data = load_subject(dwi, bval, bvec, mask,
+                                data_path=decoded.path if decoded.copied else None)
+        except Exception:
+            if decoded.copied:   # a refused input leaves no 4 GB copy behind
+                Path(decoded.path).unlink(missing_ok=True)
+            raise
+        copy = str(Path(decoded.path).resolve()) if decoded.copied else ""
+        sha, codec_name = decoded.sha256, decoded.codec
+        noise = b0_noise(data.data, data.gtab, data.mask)
+        series_extra = {}
+        series_dwi = copy or os.fspath(dwi)
     census = io.census_row(os.fspath(dwi), os.fspath(bval), os.fspath(bvec), sidecar,
-                           gtab=data.gtab, shape=data.data.shape,
-                           zooms=data.header.get_zooms())
-    known = {"dwi": decoded.sha256}
+                           gtab=data.gtab, shape=data.shape, zooms=data.header.get_zooms())
+    known = {"dwi": sha}
     hashes = {k: {"path": p, "sha256": known.get(k) or io.file_sha256(p)}
               for k, p in {**data.paths, "sidecar": sidecar}.items() if p}
     mask_path = mask or str(io.save_nifti(data.mask.astype(np.uint8), data.affine,
                                           Path(out_dir) / "mask.nii.gz").resolve())
     n_vox = int(data.mask.sum())
-    qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0,
-          **b0_noise(data.data, data.gtab, data.mask)}
-    series_dwi = str(Path(decoded.path).resolve()) if decoded.copied else os.fspath(dwi)
+    qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0, **noise}
     series = {"dwi": series_dwi, "bval": os.fspath(bval), "bvec": os.fspath(bvec),
-              "mask": mask_path}
+              "mask": mask_path, **series_extra}
     return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
             "series": series, "sidecar": sidecar, "history": [], "qc": qc,
             "mask_source": "given" if mask is not None else "median_otsu",
             "mask_voxels": n_vox,
-            "read": {"codec": decoded.codec, "copy": series_dwi if decoded.copied else "",
-                     "decoded_bytes": os.path.getsize(decoded.path) if decoded.copied else 0}}
+            "read": {"codec": codec_name, "copy": copy,
+                     "decoded_bytes": os.path.getsize(copy) if copy else 0}}
 
 
 def write_tensor_maps(series: dict, out_dir, fit_method: str = "WLS",
@@ -168,7 +185,7 @@ def write_rish_maps(series: dict, out_dir, lmax: int = 0) -> dict:
     """
     from .sh import fit_shells
     data = read_series(series)
-    fits = fit_shells(data, lmax=lmax or None)
+    fits = fit_shells(data, lmax=lmax or None, coefficients=False)
     maps, orders = {}, {}
     for shell, fit in fits.items():
         rish = np.asarray(fit.rish(), dtype=np.float32)

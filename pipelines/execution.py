@@ -431,7 +431,7 @@ def _write_report(output_dir: Path, config: RunConfig) -> Path | None:
 
 #: Steps that write a subject's series into their node folder, and its file names there.
 SERIES_STEPS = ("validate", "preprocess", "harmonize")
-SERIES_FILES = (io.DECODED_NAME, "dwi.nii.gz")
+SERIES_FILES = (io.DECODED_NAME, io.ROWS_NAME, "dwi.nii.gz")
 
 
 def drop_series_files(root: Path) -> int:

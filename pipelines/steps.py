@@ -103,9 +103,12 @@ def with_series(record: dict, series: dict, step: str, extra: dict | None = None
 
 @guarded("validate")
 def validate_step(subject: str, dwi: File, bval: File, bvec: File, mask: File | None = None,
-                  sidecar: File | None = None, pipeline_version: str = "") -> dict:
-    """Load and check every input; record the census row, input hashes and QC."""
-    return stepfiles.validate_subject(subject, dwi, bval, bvec, mask, sidecar, Path.cwd())
+                  sidecar: File | None = None, rows_only: bool = False,
+                  pipeline_version: str = "") -> dict:
+    """Read and check every input once; record the census row, input hashes, QC
+    and the series later steps map (``rows_only``: only the fits read it)."""
+    return stepfiles.validate_subject(subject, dwi, bval, bvec, mask, sidecar, Path.cwd(),
+                                      rows_only=rows_only)
 
 
 Validate = python.define(validate_step, outputs=["record"], name="Validate")

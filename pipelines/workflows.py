@@ -22,14 +22,16 @@ SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sideca
 
 
 def add_series_steps(files: dict, pv: dict, denoise: bool = False, degibbs: bool = False,
-                     harmonization: str = ""):
+                     harmonization: str = "", rows_only: bool = False):
     """Add Validate -> [Preprocess] -> [Harmonize] to the workflow being built;
     return the record of the subject's current series.
 
     Every workflow that needs a subject's series uses this, so equal inputs
     give the same nodes and the cache serves them once (e.g. the inference
-    phase and the main run)."""
-    record = workflow.add(Validate(**files, **pv), hooks=PROGRESS).record
+    phase and the main run). ``rows_only``: the tensor and RISH fits are the
+    series' only readers, so Validate may keep just the mask rows."""
+    rows_only = rows_only and not (denoise or degibbs or harmonization)
+    record = workflow.add(Validate(**files, rows_only=rows_only, **pv), hooks=PROGRESS).record
     if denoise or degibbs:
         record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
                               hooks=PROGRESS).record
@@ -50,8 +52,11 @@ def subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                      drop_series: bool = False,
                      pipeline_version: str = "") -> tuple[dict, dict | None]:
     pv = dict(subject=subject, pipeline_version=pipeline_version)
+    # image gradient and inference read voxels outside the mask: the whole grid
+    rows_only = not image_gradient and inference is None
     record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
-                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization)
+                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization,
+                              rows_only=rows_only)
     tensor = workflow.add(FitTensor(record=record, fit_method=fit_method,
                                     max_bval=dti_max_bval, **pv), hooks=PROGRESS).tensor
     rish = workflow.add(FitRish(record=record, lmax=lmax, **pv), hooks=PROGRESS).rish
