@@ -302,8 +302,8 @@ def main() -> None:
     children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
     ratio = mr_wall / ours["wall_s"]
-    our_peak, our_cmd = peak_of([ours])
-    mr_peak, mr_cmd = peak_of(mr_runs)
+    our_peak = peak_of([ours])[0]
+    mr_peak = peak_of(mr_runs)[0]
     print(f"\n{'':<34}{'wall s':>8}{'peak RSS GB':>13}{'x input':>9}")
     print(f"{'dmriflow run (cf, 2 procs)':<34}{ours['wall_s']:>8.1f}{our_peak / 1e9:>13.2f}"
           f"{our_peak / input_bytes:>9.2f}")
