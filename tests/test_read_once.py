@@ -213,7 +213,8 @@ def test_rows_record_matches_grid_record(cohort, tmp_path):
     assert rows["read"]["decoded_bytes"] == np.load(rows["series"]["rows"]).nbytes + 128
 
 
-def test_nan_in_uncompressed_copy_named_by_the_input(cohort, tmp_path):
+@pytest.mark.parametrize("rows_only", [False, True])
+def test_nan_named_by_the_input_and_nothing_left(cohort, tmp_path, rows_only):
     files = subject_files(cohort)
     img = nib.load(files["dwi"])
     arr = img.get_fdata(dtype=np.float32)
@@ -221,11 +222,26 @@ def test_nan_in_uncompressed_copy_named_by_the_input(cohort, tmp_path):
     bad = tmp_path / "in" / "data.nii.gz"
     bad.parent.mkdir()
     nib.save(nib.Nifti1Image(arr, img.affine, img.header), bad)
+    node = tmp_path / "node"
     with pytest.raises(InputError) as info:
         stepfiles.validate_subject("s", bad, files["bval"], files["bvec"], files["mask"],
-                                   out_dir=tmp_path / "node")
+                                   out_dir=node, rows_only=rows_only)
     assert info.value.path == str(bad)
     assert info.value.problem == "DWI has 1 NaN/Inf voxel(s) in volume 7, first at (3, 4, 5)"
+    assert not node.exists() or list(node.iterdir()) == []
+
+
+@pytest.mark.parametrize("rows_only", [False, True])
+def test_valid_gzip_with_too_few_voxels_is_refused(cohort, tmp_path, rows_only):
+    """A gzip stream that is whole (CRC fine) but shorter than the header says."""
+    files = subject_files(cohort)
+    short = tmp_path / "in" / "data.nii.gz"
+    short.parent.mkdir()
+    short.write_bytes(gzip.compress(gzip.decompress(files["dwi"].read_bytes())[:-1000]))
+    with pytest.raises(InputError) as info:
+        stepfiles.validate_subject("s", short, files["bval"], files["bvec"], files["mask"],
+                                   out_dir=tmp_path / "node", rows_only=rows_only)
+    assert info.value.path == str(short) and "truncated" in info.value.problem
 
 
 # ----------------------------------------------------------------------------
