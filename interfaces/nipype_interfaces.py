@@ -97,12 +97,19 @@ class Validate(_StepInterface):
         record = stepfiles.validate_subject(i.subject, os.path.abspath(i.dwi),
                                             os.path.abspath(i.bval), os.path.abspath(i.bvec),
                                             _abs(i.mask), _abs(i.sidecar), out_dir=out_dir)
+        # the series interfaces take the four files only, so the next steps read
+        # the input itself: Validate's uncompressed copy would only take disk
+        if record["read"]["copy"]:
+            os.unlink(record["read"]["copy"])
+            record["series"].pop("copy", None)
+            record["read"] = {**record["read"], "copy": "", "decoded_bytes": 0}
         path = io.write_json(record, os.path.join(out_dir, RECORD_FILE))
         return {**record, "record": str(path)}
 
     def _list_outputs(self):
         r = self._result
-        return {**r["series"], "record": r["record"], "census": r["census"],
+        return {**{k: r["series"][k] for k in stepfiles.SERIES_KEYS}, "record": r["record"],
+                "census": r["census"],
                 "mask_volume_ml": r["qc"]["mask_volume_ml"], "b0_snr": r["qc"]["b0_snr"]}
 
 

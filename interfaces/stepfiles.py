@@ -79,12 +79,15 @@ def load_subject(dwi, bval, bvec, mask=None, data_path=None) -> io.DWI:
 
 
 def read_series(series: dict) -> io.DWI:
-    """Load the DWI of a series dict (all four files are required); a series
-    Validate kept as mask rows (key ``"rows"``) is memory-mapped from them."""
+    """Load the DWI of a series dict (all four files are required). Validate's
+    copy of a compressed input is memory-mapped instead: its mask rows (key
+    ``"rows"``) or its uncompressed image (key ``"copy"``); ``"dwi"`` stays
+    the input, which every message names."""
     if series.get("rows"):
         return io.open_dwi_rows(series["dwi"], series["bval"], series["bvec"], series["mask"],
                                 series["rows"])
-    return io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"])
+    return io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"],
+                       data_path=series.get("copy"))
 
 
 def write_series(data: io.DWI, out_dir, mask: str) -> dict:
@@ -110,9 +113,9 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
     handed on as the series later steps memory-map instead of inflating the
     input again: with ``rows_only`` (the fits are its only readers), a given
     mask and float32 data, only the mask rows (``out_dir/dwi_rows.npy``, see
-    :func:`io.load_dwi_rows`); else the whole image uncompressed
-    (``out_dir/dwi.nii``, :func:`io.decode_dwi`; none for an uncompressed
-    input). The record holds the census row, the inputs' sha256, QC figures
+    :func:`io.load_dwi_rows`; series key ``"rows"``); else the whole image
+    uncompressed (``out_dir/dwi.nii``, :func:`io.decode_dwi`; key ``"copy"``;
+    none for an uncompressed input). The record holds the census row, the inputs' sha256, QC figures
     (mask volume, b0 noise and SNR, see :func:`b0_noise`) and the series; a
     mask computed here is written to ``out_dir/mask.nii.gz``.
     """
@@ -124,7 +127,6 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
         copy, sha, codec_name = str(Path(out_dir, io.ROWS_NAME).resolve()), read.sha256, read.codec
         noise = b0_noise(read.b0, read.b0_gtab, data.mask)
         series_extra = {"rows": copy}
-        series_dwi = os.fspath(dwi)
     else:
         decoded = io.decode_dwi(dwi, out_dir)
         try:
@@ -137,8 +139,7 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
         copy = str(Path(decoded.path).resolve()) if decoded.copied else ""
         sha, codec_name = decoded.sha256, decoded.codec
         noise = b0_noise(data.data, data.gtab, data.mask)
-        series_extra = {}
-        series_dwi = copy or os.fspath(dwi)
+        series_extra = {"copy": copy} if copy else {}
     census = io.census_row(os.fspath(dwi), os.fspath(bval), os.fspath(bvec), sidecar,
                            gtab=data.gtab, shape=data.shape, zooms=data.header.get_zooms())
     known = {"dwi": sha}
@@ -148,7 +149,7 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
                                           Path(out_dir) / "mask.nii.gz").resolve())
     n_vox = int(data.mask.sum())
     qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0, **noise}
-    series = {"dwi": series_dwi, "bval": os.fspath(bval), "bvec": os.fspath(bvec),
+    series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
               "mask": mask_path, **series_extra}
     return {"subject": subject, "status": "ok", "census": census, "inputs": hashes,
             "series": series, "sidecar": sidecar, "history": [], "qc": qc,
