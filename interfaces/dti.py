@@ -916,13 +916,11 @@ def fit_dwi(dwi, volumes=None, **model_kw) -> TensorFit:
         return model._fit_chunks(rows, dwi.masked_index(), tuple(dwi.mask.shape), dwi.mask)
     model = TensorModel(dwi.gtab, **model_kw)
     grid = tuple(dwi.mask.shape)
-    data = dwi.data
     cidx = dwi.masked_index()  # the voxel of each row DWI.masked yields
 
     def check_first(rows):
         # guard the ordering contract above (io.DWI.masked) at the cost of one voxel
-        if cidx.size and not np.array_equal(
-                rows[0], np.asarray(data[np.unravel_index(cidx[0], grid)], np.float32)):
+        if cidx.size and not np.array_equal(rows[0], dwi.voxel(cidx[0])):
             raise RuntimeError("DWI.masked() returned voxels in an unexpected order")
 
     return model._fit_chunks(dwi.masked(model.chunk_size), cidx, grid, dwi.mask,

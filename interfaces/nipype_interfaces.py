@@ -108,12 +108,19 @@ class Validate(_StepInterface):
                                             _abs(i.mask), _abs(i.sidecar), out_dir=out_dir,
                                             exclude_outliers=i.exclude_outliers,
                                             fix_gradients=i.fix_gradients)
+        # the series interfaces take the four files only, so the next steps read
+        # the input itself: Validate's uncompressed copy would only take disk
+        if record["read"]["copy"]:
+            os.unlink(record["read"]["copy"])
+            record["series"].pop("copy", None)
+            record["read"] = {**record["read"], "copy": "", "decoded_bytes": 0}
         path = io.write_json(record, os.path.join(out_dir, RECORD_FILE))
         return {**record, "record": str(path)}
 
     def _list_outputs(self):
         r = self._result
-        return {**r["series"], "exclude": r["series"].get("exclude", []),
+        return {**{k: r["series"][k] for k in stepfiles.SERIES_KEYS},
+                "exclude": r["series"].get("exclude", []),
                 "record": r["record"], "census": r["census"], "qc_flags": r["qc_flags"],
                 "mask_volume_ml": r["qc"]["mask_volume_ml"], "b0_snr": r["qc"]["b0_snr"]}
 

@@ -111,14 +111,25 @@ def check_gradients(gtab: GradientTable, volumes=None) -> None:
             f"otherwise degenerate); a tensor needs rank 6")
 
 
-def check_identical_volumes(data: np.ndarray, mask: np.ndarray, gtab: GradientTable) -> None:
+def _mask_values(data: np.ndarray, mask: np.ndarray, rows_index=None):
+    """``(values(k), voxel index)``: the mask values of volume ``k`` and the C-order
+    flat index of each. ``data`` is the 4D grid, or with ``rows_index`` the
+    (mask voxels, N) rows of a series held as mask rows (voxel of each row)."""
+    if rows_index is None:
+        return (lambda k: data[..., k][mask]), np.flatnonzero(mask.ravel())
+    return (lambda k: np.asarray(data[:, k])), np.asarray(rows_index)
+
+
+def check_identical_volumes(data: np.ndarray, mask: np.ndarray, gtab: GradientTable,
+                            rows_index=None) -> None:
     """Raise DegenerateAcquisition when every diffusion-weighted volume equals
     the first volume in the mask (no diffusion contrast was stored)."""
-    ref = data[..., 0][mask]
+    values, _ = _mask_values(data, mask, rows_index)
+    ref = values(0)
     dw = np.flatnonzero(~gtab.b0s_mask)
-    if dw.size and all(np.array_equal(data[..., k][mask], ref) for k in dw):
+    if dw.size and all(np.array_equal(values(k), ref) for k in dw):
         raise DegenerateAcquisition(
-            f"all {data.shape[-1]} volumes are identical in the mask: the series carries no "
+            f"all {len(gtab)} volumes are identical in the mask: the series carries no "
             f"diffusion contrast (an export or conversion error)")
 
 
@@ -135,28 +146,30 @@ def _robust_z(x: np.ndarray) -> np.ndarray:
 
 
 def volume_outliers(data: np.ndarray, mask: np.ndarray, gtab: GradientTable,
-                    slice_axis: int = 2) -> dict[int, str]:
-    """``{volume: reason}`` of all-zero, dropout and intensity-outlier volumes.
+                    slice_axis: int = 2, rows_index=None) -> dict[int, str]:
+    """``{volume: reason}`` of all-zero, dropout and intensity-outlier volumes,
+    judged on the mask voxels (``data``/``rows_index``: see :func:`_mask_values`).
 
     Reasons: "all zero", "signal dropout in slice(s) 12, 13 (-64%)", "mean
     intensity +85% vs its shell".
     """
-    n_vol = data.shape[-1]
+    n_vol = len(gtab)
     out: dict[int, str] = {}
-    moved = np.moveaxis(mask, slice_axis, 0)
-    slice_n = moved.reshape(moved.shape[0], -1).sum(axis=1)
+    values, index = _mask_values(data, mask, rows_index)
+    n_slices = mask.shape[slice_axis]
+    slice_of = np.unravel_index(index, mask.shape)[slice_axis]
+    slice_n = np.bincount(slice_of, minlength=n_slices)
     judged = np.flatnonzero(slice_n >= MIN_SLICE_VOXELS)
-    means = np.zeros((n_vol, moved.shape[0]), dtype=np.float64)
+    means = np.zeros((n_vol, n_slices), dtype=np.float64)
     vol_mean = np.zeros(n_vol, dtype=np.float64)
     for k in range(n_vol):
-        vol = data[..., k]
+        vol = values(k)
         if not np.any(vol):
             out[k] = "all zero"
             continue
-        v = np.moveaxis(np.where(mask, vol, 0.0), slice_axis, 0)
-        sums = v.reshape(v.shape[0], -1).sum(axis=1, dtype=np.float64)
+        sums = np.bincount(slice_of, weights=vol.astype(np.float64), minlength=n_slices)
         means[k] = sums / np.maximum(slice_n, 1)
-        vol_mean[k] = sums.sum() / max(int(mask.sum()), 1)
+        vol_mean[k] = sums.sum() / max(index.size, 1)
     for shell in np.unique(gtab.shell_of):
         group = np.array([k for k in np.flatnonzero(gtab.shell_of == shell) if k not in out])
         if group.size < MIN_GROUP:

@@ -309,7 +309,7 @@ class SHFit:
     """
 
     model: "SHModel"
-    coeffs: np.ndarray
+    coeffs: np.ndarray | None       # None: fitted for the RISH maps only
     mask: np.ndarray | None = None
     s0: np.ndarray | None = None
     _rish: np.ndarray | None = field(default=None, repr=False)
@@ -320,7 +320,7 @@ class SHFit:
 
     @property
     def shape(self) -> tuple:
-        return self.coeffs.shape[:-1]
+        return (self.coeffs if self.coeffs is not None else self._rish).shape[:-1]
 
     def rish(self) -> np.ndarray:
         """RISH features ``(..., lmax/2 + 1)`` float32 (computed once)."""
@@ -465,7 +465,8 @@ def _mask_rows(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarr
 # ----------------------------------------------------------------------------
 def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
                lb_lambda: float = DEFAULT_LB_LAMBDA,
-               chunk_size: int | None = None, device=None) -> dict[float, SHFit]:
+               chunk_size: int | None = None, device=None,
+               coefficients: bool = True) -> dict[float, SHFit]:
     """SH fit + RISH of every diffusion-weighted shell of ``dwi``, in its mask.
 
     Per shell (``dwi.gtab.shells``) the signal is divided by the voxel's mean
@@ -479,7 +480,9 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
     all shells (and the mean b0) come out of ONE float32 matrix product per
     chunk, scattered into full-grid float32 maps: per shell ``coeffs``
     (X, Y, Z, n_coef) and RISH (X, Y, Z, lmax/2 + 1); the mean b0 map is
-    shared by all shells as ``fit.s0``.
+    shared by all shells as ``fit.s0``. ``coefficients=False`` keeps only the
+    RISH maps (``fit.coeffs`` None): the full-grid coefficient arrays are 2 GB
+    for an HCP subject, and filling them was half of the RISH step's time.
     """
     gtab = dwi.gtab
     shells = gtab.shells
@@ -501,7 +504,8 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
     vshape = dwi.mask.shape
     n_vox = int(np.prod(vshape))
     c_idx = dwi.masked_index()  # the voxel of each row dwi.masked() yields
-    coeffs = {b: np.zeros((n_vox, m.n_coef), dtype=np.float32) for b, m in models.items()}
+    coeffs = {b: np.zeros((n_vox, m.n_coef), dtype=np.float32) if coefficients else None
+              for b, m in models.items()}
     rishes = {b: np.zeros((n_vox, s.size), dtype=np.float32) for b, s in starts.items()}
     s0 = np.zeros(n_vox, dtype=np.float32) if normalise else None
     start = 0
@@ -514,7 +518,8 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
             s0[where] = s0_rows
         for j, b in enumerate(models):
             c = out[:, edges[j]:edges[j + 1]]
-            coeffs[b][where] = c
+            if coefficients:
+                coeffs[b][where] = c
             rishes[b][where] = _rish_rows(c, starts[b])
     if start != c_idx.size:  # dwi.masked and this function must see the same voxels
         raise RuntimeError(f"dwi.masked yielded {start} voxels, the mask has {c_idx.size}")
@@ -524,6 +529,6 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
         fitted &= s0 > 0
         s0 = s0.reshape(vshape)
     fitted = fitted.reshape(vshape)
-    return {b: SHFit(m, coeffs[b].reshape(vshape + (-1,)), fitted, s0,
-                     rishes[b].reshape(vshape + (-1,)))
+    return {b: SHFit(m, None if coeffs[b] is None else coeffs[b].reshape(vshape + (-1,)),
+                     fitted, s0, rishes[b].reshape(vshape + (-1,)))
             for b, m in models.items()}

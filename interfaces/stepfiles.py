@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from . import codec, io
 from .dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, dti_shells, fit_dwi
 from .errors import InputError
 
@@ -83,10 +83,12 @@ def _opt(path) -> str | None:
     return None if path is None else os.fspath(path)
 
 
-def load_subject(dwi, bval, bvec, mask=None) -> io.DWI:
-    """Validated DWI; a median-Otsu mask from the mean b0 when none is given."""
+def load_subject(dwi, bval, bvec, mask=None, data_path=None) -> io.DWI:
+    """Validated DWI; a median-Otsu mask from the mean b0 when none is given.
+
+    ``data_path``: the voxels' uncompressed copy (:func:`io.decode_dwi`)."""
     from .preprocess import brain_mask
-    data = io.load_dwi(dwi, bval, bvec, mask)
+    data = io.load_dwi(dwi, bval, bvec, mask, data_path=data_path)
     if mask is None:
         mean_b0 = io.mean_b0_map(data.data, data.gtab)
         data.mask = brain_mask(mean_b0) & (mean_b0 > 0)
@@ -96,12 +98,20 @@ def load_subject(dwi, bval, bvec, mask=None) -> io.DWI:
 
 
 def read_series(series: dict) -> io.DWI:
-    """Load the DWI of a series dict (all four files are required).
+    """Load the DWI of a series dict (all four files are required). Validate's
+    copy of a compressed input is memory-mapped instead: its mask rows (key
+    ``"rows"``) or its uncompressed image (key ``"copy"``); ``"dwi"`` stays
+    the input, which every message names.
 
     Volumes listed under ``series["exclude"]`` (outliers found by Validate)
     are left out, so every later step fits the same kept volumes.
     """
-    data = io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"])
+    if series.get("rows"):
+        data = io.open_dwi_rows(series["dwi"], series["bval"], series["bvec"], series["mask"],
+                                series["rows"])
+    else:
+        data = io.load_dwi(series["dwi"], series["bval"], series["bvec"], series["mask"],
+                           data_path=series.get("copy"))
     exclude = series.get("exclude") or []
     if exclude:
         data = data.select_volumes(np.setdiff1d(np.arange(len(data.gtab)), exclude))
@@ -125,8 +135,16 @@ def write_series(data: io.DWI, out_dir, mask: str) -> dict:
 # ----------------------------------------------------------------------------
 def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
                      out_dir=".", exclude_outliers: bool = True,
-                     fix_gradients: bool = False) -> dict:
-    """Load and check every input; the subject's record.
+                     fix_gradients: bool = False, rows_only: bool = False) -> dict:
+    """Read every input once, check it; the subject's record.
+
+    The DWI is read in one pass (sha256, gzip CRC32 and length checked) and
+    handed on as the series later steps memory-map instead of inflating the
+    input again: with ``rows_only`` (the fits are its only readers), a given
+    mask and float32 data, only the mask rows (``out_dir/dwi_rows.npy``, see
+    :func:`io.load_dwi_rows`; series key ``"rows"``); else the whole image
+    uncompressed (``out_dir/dwi.nii``, :func:`io.decode_dwi`; key ``"copy"``;
+    none for an uncompressed input).
 
     The record holds the census row, the inputs' sha256, QC figures (mask
     volume, b0 noise and SNR, see :func:`b0_noise`), the input QC (see
@@ -136,22 +154,53 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
     steps work on; a mask computed here is written to ``out_dir/mask.nii.gz``.
     """
     mask, sidecar = _opt(mask), _opt(sidecar)
-    data = load_subject(dwi, bval, bvec, mask)
+    img = io.load_image(dwi, "DWI")  # a bad header fails before the whole file is read
+    if rows_only and mask is not None and io.rows_readable(img) and \
+            codec.is_gzip(os.fspath(dwi)):
+        data, read = io.load_dwi_rows(dwi, bval, bvec, mask, out_dir)
+        copy, sha, codec_name = str(Path(out_dir, io.ROWS_NAME).resolve()), read.sha256, read.codec
+        b0_idx = np.flatnonzero(data.gtab.b0s_mask)   # read.b0 holds these volumes only
+
+        def noise(kept):
+            return b0_noise(read.b0, read.b0_gtab, data.mask,
+                            np.flatnonzero(np.isin(b0_idx, kept)))
+        series_extra = {"rows": copy}
+    else:
+        decoded = io.decode_dwi(dwi, out_dir)
+        try:
+            data = load_subject(dwi, bval, bvec, mask,
+                                data_path=decoded.path if decoded.copied else None)
+        except Exception:
+            if decoded.copied:   # a refused input leaves no 4 GB copy behind
+                Path(decoded.path).unlink(missing_ok=True)
+            raise
+        copy = str(Path(decoded.path).resolve()) if decoded.copied else ""
+        sha, codec_name = decoded.sha256, decoded.codec
+
+        def noise(kept):
+            return b0_noise(data.data, data.gtab, data.mask, kept)
+        series_extra = {"copy": copy} if copy else {}
     warnings: list[str] = []
     census = io.census_row(os.fspath(dwi), os.fspath(bval), os.fspath(bvec), sidecar,
-                           gtab=data.gtab, shape=data.data.shape,
-                           zooms=data.header.get_zooms(), warnings=warnings)
-    hashes = {k: {"path": p, "sha256": io.file_sha256(p)}
+                           gtab=data.gtab, shape=data.shape, zooms=data.header.get_zooms(),
+                           warnings=warnings)
+    known = {"dwi": sha}
+    hashes = {k: {"path": p, "sha256": known.get(k) or io.file_sha256(p)}
               for k, p in {**data.paths, "sidecar": sidecar}.items() if p}
     mask_path = mask or str(io.save_nifti(data.mask.astype(np.uint8), data.affine,
                                           Path(out_dir) / "mask.nii.gz").resolve())
     n_vox = int(data.mask.sum())
     series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
-              "mask": mask_path}
-    checks = input_qc(data, subject, out_dir, exclude_outliers, fix_gradients)
+              "mask": mask_path, **series_extra}
+    try:
+        checks = input_qc(data, subject, out_dir, exclude_outliers, fix_gradients)
+    except Exception:
+        if copy:   # a refused input leaves no copy behind
+            Path(copy).unlink(missing_ok=True)
+        raise
     mask_row, mask_flags = mask_figures(data.mask, data.zooms)
     qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0, **mask_row,
-          **b0_noise(data.data, data.gtab, data.mask, checks["kept"]), **checks["row"]}
+          **noise(checks["kept"]), **checks["row"]}
     flags = checks["flags"] + mask_flags + _snr_flags(qc)
     if checks["exclude"]:
         series["exclude"] = checks["exclude"]
@@ -162,7 +211,9 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
             "qc_flags": flags, "warnings": warnings, "input_qc": checks["details"],
             "provenance": checks["provenance"], "interpolated": is_interpolated(dwi),
             "mask_source": "given" if mask is not None else "median_otsu",
-            "mask_voxels": n_vox}
+            "mask_voxels": n_vox,
+            "read": {"codec": codec_name, "copy": copy,
+                     "decoded_bytes": os.path.getsize(copy) if copy else 0}}
 
 
 def is_interpolated(dwi) -> bool:
@@ -201,10 +252,10 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
     except qc.DegenerateAcquisition as exc:
         raise InputError(bvec_path, f"degenerate acquisition: {exc}") from None
     try:
-        qc.check_identical_volumes(data.data, data.mask, data.gtab)
+        qc.check_identical_volumes(gtab=data.gtab, **_qc_voxels(data))
     except qc.DegenerateAcquisition as exc:
         raise InputError(data.paths["dwi"], f"degenerate acquisition: {exc}") from None
-    outliers = qc.volume_outliers(data.data, data.mask, data.gtab)
+    outliers = qc.volume_outliers(gtab=data.gtab, **_qc_voxels(data))
     exclude = sorted(outliers) if exclude_outliers else []
     kept = np.setdiff1d(np.arange(len(data.gtab)), exclude)
     try:
@@ -244,6 +295,14 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
                "gradient_check": orient.as_record()}
     return {"kept": kept, "exclude": [int(k) for k in exclude], "bvec": bvec, "row": row,
             "flags": flags, "details": details, "provenance": provenance}
+
+
+def _qc_voxels(data: io.DWI) -> dict:
+    """What the volume checks read: the grid (4D data and mask) or, for a series
+    held as mask rows, the rows, the mask and each row's voxel (C-order index)."""
+    if data.data is None:
+        return {"data": data.rows, "mask": data.mask, "rows_index": data.masked_index()}
+    return {"data": data.data, "mask": data.mask}
 
 
 def _volume_text(outliers: dict) -> str:
@@ -323,7 +382,7 @@ def write_rish_maps(series: dict, out_dir, lmax: int = 0) -> dict:
     """
     from .sh import fit_shells
     data = read_series(series)
-    fits = fit_shells(data, lmax=lmax or None)
+    fits = fit_shells(data, lmax=lmax or None, coefficients=False)
     maps, orders = {}, {}
     for shell, fit in fits.items():
         rish = np.asarray(fit.rish(), dtype=np.float32)

@@ -85,6 +85,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "series)")
     p.add_argument("--degibbs", action="store_true",
                    help="Gibbs-ringing removal (raw data only)")
+    p.add_argument("--drop-series", action="store_true",
+                   help="delete each subject's series copies in the cache once it is done "
+                        "(Validate's uncompressed DWI: 4.2 GB per HCP subject; a later run "
+                        "that needs them reads the input again)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -244,7 +248,8 @@ def _config(args):
                      image_gradient_timing=_image_gradient_timing(args),
                      image_gradient_max_voxels=getattr(args, "image_gradient_max_voxels", 0),
                      inference=getattr(args, "inference", None) or "",
-                     inference_checkpoint=getattr(args, "inference_checkpoint", "") or "")
+                     inference_checkpoint=getattr(args, "inference_checkpoint", "") or "",
+                     drop_series=getattr(args, "drop_series", False))
 
 
 def _run(input_dir, output, layout, labels, args) -> int:

@@ -29,7 +29,8 @@ from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.inputs import SubjectInputs, census
 from dmriflow.pipelines.progress import PROGRESS_ENV
-from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, FAILED_MARKER, STEP_MARKER, failed_row,
+from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DROPPED_MARKER, DTI_MAX_BVAL,
+                                      FAILED_MARKER, STEP_MARKER, failed_row,
                                       status_path, write_status, write_subjects_table)
 
 #: Engine workers dmriflow supports; there is no silent default.
@@ -85,6 +86,7 @@ class RunConfig:
     image_gradient_max_voxels: int = 0                          # 0: every evaluable voxel
     inference: str = ""            # inference kind (e.g. "directions"), run as its own phase
     inference_checkpoint: str = ""  # checkpoint folder; default: the one shipped for the kind
+    drop_series: bool = False      # delete each subject's series copies in the cache when done
 
     def __post_init__(self):
         if self.worker not in WORKERS:
@@ -118,7 +120,8 @@ def cache_root(output_dir, config: RunConfig) -> Path:
 
 
 def clean_cache(root: Path) -> int:
-    """Remove node folders holding a failure, so a rerun recomputes them.
+    """Remove node folders holding a failure (or whose series copy was dropped,
+    see :func:`drop_series_files`), so a rerun recomputes them.
 
     Pydra keeps re-reporting an old error once it is cached (and our guarded
     tasks cache failure records): delete every node folder with an
@@ -129,7 +132,8 @@ def clean_cache(root: Path) -> int:
     if not root.is_dir():
         return 0
     failed = [d for d in root.iterdir()
-              if d.is_dir() and ((d / ERROR_FILE).exists() or (d / FAILED_MARKER).exists())]
+              if d.is_dir() and any((d / f).exists()
+                                    for f in (ERROR_FILE, FAILED_MARKER, DROPPED_MARKER))]
     if failed:
         failed += [d for d in root.iterdir() if d.is_dir() and d.name.startswith("workflow-")
                    and d not in failed]
@@ -378,7 +382,7 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
         image_gradient_estimators=list(config.image_gradient_estimators),
         image_gradient_timing=dict(config.image_gradient_timing) or None,
         image_gradient_max_voxels=config.image_gradient_max_voxels,
-        inference=products, pipeline_version=version)
+        inference=products, drop_series=config.drop_series, pipeline_version=version)
     with submitter(config, root) as sub:
         return sub(task, raise_errors=False)
 
@@ -472,6 +476,10 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
                 for d in root.glob("workflow-*"):
                     shutil.rmtree(d, ignore_errors=True)
                 return _run_locked(subjects, output_dir, config, root)
+    if config.drop_series:
+        freed = drop_series_files(root)
+        if freed:
+            _log(config, f"--drop-series: {freed / 1e9:.2f} GB of series copies deleted")
     if len(selected) < len(subjects):
         # a partial run: the table covers the whole plan, from the status files
         rows = collect_status(output_dir, subjects)
@@ -493,6 +501,28 @@ def _write_report(output_dir: Path, config: RunConfig) -> Path | None:
     except Exception as exc:  # noqa: BLE001 - the derivatives are done; say what failed
         _log(config, f"report not written: {type(exc).__name__}: {exc}")
         return None
+
+
+#: Steps that write a subject's series into their node folder, and its file names there.
+SERIES_STEPS = ("validate", "preprocess", "harmonize")
+SERIES_FILES = (io.DECODED_NAME, io.ROWS_NAME, "dwi.nii.gz")
+
+
+def drop_series_files(root: Path) -> int:
+    """Delete the series files of every series step's node folder (after a run:
+    the Export steps of a first run already dropped theirs, a cached rerun's
+    recomputed Validate left new ones); each folder is marked so that the
+    next run removes it (:func:`clean_cache`). Returns bytes freed."""
+    freed = 0
+    for marker in root.glob("*/" + STEP_MARKER):
+        if marker.read_text() not in SERIES_STEPS:
+            continue
+        for path in (marker.parent / name for name in SERIES_FILES):
+            if path.is_file():
+                (marker.parent / DROPPED_MARKER).write_text(path.name)
+                freed += path.stat().st_size
+                path.unlink()
+    return freed
 
 
 def remove_steps(root: Path, steps: tuple[str, ...]) -> int:

@@ -37,6 +37,9 @@ from dmriflow.interfaces.errors import InputError
 FAILED_MARKER = "_dmriflow_failed"
 #: Written into every node folder: the step's name, so folders can be found by step.
 STEP_MARKER = "_dmriflow_step"
+#: Written into a node folder whose series copy was dropped (--drop-series): the
+#: next run removes the folder, so the step recomputes it if it is needed again.
+DROPPED_MARKER = "_dmriflow_series_dropped"
 #: BIDS ``desc`` label of a DWI series changed by each step (joined in order).
 SERIES_DESC = {"preprocess": "preproc", "harmonize": "harmonized"}
 #: BIDS ``desc`` label of b-vectors fixed by the gradient check (``--fix-gradients``).
@@ -103,12 +106,14 @@ def with_series(record: dict, series: dict, step: str, extra: dict | None = None
 @guarded("validate")
 def validate_step(subject: str, dwi: File, bval: File, bvec: File, mask: File | None = None,
                   sidecar: File | None = None, exclude_outliers: bool = True,
-                  fix_gradients: bool = False, pipeline_version: str = "") -> dict:
-    """Load and check every input; record the census row, input hashes and QC
-    (degenerate series fail, outlier volumes, gradient-orientation check)."""
+                  fix_gradients: bool = False, rows_only: bool = False,
+                  pipeline_version: str = "") -> dict:
+    """Read and check every input once; record the census row, input hashes, QC
+    (degenerate series fail, outlier volumes, gradient-orientation check) and
+    the series later steps map (``rows_only``: only the fits read it)."""
     return stepfiles.validate_subject(subject, dwi, bval, bvec, mask, sidecar, Path.cwd(),
                                       exclude_outliers=exclude_outliers,
-                                      fix_gradients=fix_gradients)
+                                      fix_gradients=fix_gradients, rows_only=rows_only)
 
 
 Validate = python.define(validate_step, outputs=["record"], name="Validate")
@@ -279,16 +284,38 @@ def failed_row(subject: str, step: str, error: str, pipeline_version: str) -> di
             "derivatives": [], "pipeline_version": pipeline_version}
 
 
+def drop_series_copies(record: dict) -> int:
+    """Delete the series files dmriflow wrote for a subject in the cache
+    (Validate's uncompressed copy of the input, a Preprocess/Harmonize series),
+    marking each node folder (:data:`DROPPED_MARKER`); returns bytes freed.
+    Only files in a node folder that carries a step marker are touched: never
+    an input."""
+    files = {record.get("read", {}).get("copy", "")}
+    if record.get("history"):
+        files.add(record["series"]["dwi"])
+    freed = 0
+    for f in filter(None, files):
+        path = Path(f)
+        if not (path.parent / STEP_MARKER).exists() or not path.exists():
+            continue
+        (path.parent / DROPPED_MARKER).write_text(path.name)
+        freed += path.stat().st_size
+        path.unlink()
+    return freed
+
+
 def export_step(subject: str, out_parts: list, record: dict, tensor: dict, rish: dict,
                 output_dir: str, image_gradient: dict | None = None, inference: dict | None = None,
-                pipeline_version: str = "") -> dict:
+                drop_series: bool = False, pipeline_version: str = "") -> dict:
     """Copy a subject's maps into the derivatives tree, each with a sidecar.
 
     ``image_gradient`` and ``inference`` are product records of optional
     steps (see :func:`export_product`). A previous status file is removed
     first and the new one written last (done, or failed with the reason), so
     a killed run never shows a subject as done with missing or mixed files.
-    An identical complete export (same ``export_id``) is not redone.
+    An identical complete export (same ``export_id``) is not redone. With
+    ``drop_series`` the subject's series copies in the cache are deleted once
+    it is done (see :func:`drop_series_copies`).
     """
     Path(STEP_MARKER).write_text("export")
     key = subject
@@ -348,7 +375,10 @@ def export_step(subject: str, out_parts: list, record: dict, tensor: dict, rish:
     row["derivatives"] = written
     row["pipeline_version"] = pipeline_version
     row["export_id"] = eid
-    return write_status(row, output_dir, out_parts)
+    write_status(row, output_dir, out_parts)
+    if drop_series and row["status"] == "done":
+        drop_series_copies(record)
+    return row
 
 
 Export = python.define(export_step, outputs=["row"], name="Export")

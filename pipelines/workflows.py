@@ -23,15 +23,18 @@ SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sideca
 
 def add_series_steps(files: dict, pv: dict, denoise: bool = False, degibbs: bool = False,
                      harmonization: str = "", exclude_outliers: bool = True,
-                     fix_gradients: bool = False):
+                     fix_gradients: bool = False, rows_only: bool = False):
     """Add Validate -> [Preprocess] -> [Harmonize] to the workflow being built;
     return the record of the subject's current series.
 
     Every workflow that needs a subject's series uses this, so equal inputs
     give the same nodes and the cache serves them once (e.g. the inference
-    phase and the main run)."""
+    phase and the main run). ``rows_only``: the tensor and RISH fits are the
+    series' only readers, so Validate may keep just the mask rows."""
+    rows_only = rows_only and not (denoise or degibbs or harmonization)
     record = workflow.add(Validate(**files, exclude_outliers=exclude_outliers,
-                                   fix_gradients=fix_gradients, **pv), hooks=PROGRESS).record
+                                   fix_gradients=fix_gradients, rows_only=rows_only, **pv),
+                          hooks=PROGRESS).record
     if denoise or degibbs:
         record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
                               hooks=PROGRESS).record
@@ -51,11 +54,15 @@ def subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                      image_gradient_max_voxels: int = 0, inference: dict | None = None,
                      wls_iterations: int = DEFAULT_WLS_ITERATIONS, exclude_outliers: bool = True,
                      fix_gradients: bool = False,
+                     drop_series: bool = False,
                      pipeline_version: str = "") -> tuple[dict, dict | None]:
     pv = dict(subject=subject, pipeline_version=pipeline_version)
+    # image gradient and inference read voxels outside the mask: the whole grid
+    rows_only = not image_gradient and inference is None
     record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
                               pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization,
-                              exclude_outliers=exclude_outliers, fix_gradients=fix_gradients)
+                              exclude_outliers=exclude_outliers, fix_gradients=fix_gradients,
+                              rows_only=rows_only)
     tensor = workflow.add(FitTensor(record=record, fit_method=fit_method,
                                     max_bval=dti_max_bval, n_iter=wls_iterations, **pv),
                           hooks=PROGRESS).tensor
@@ -68,7 +75,7 @@ def subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec:
                                 hooks=PROGRESS).image_gradient
     row = workflow.add(Export(out_parts=out_parts, record=record, tensor=tensor, rish=rish,
                               image_gradient=gradient, inference=inference,
-                              output_dir=output_dir, **pv),
+                              output_dir=output_dir, drop_series=drop_series, **pv),
                        hooks=PROGRESS).row
     return row, gradient
 
@@ -87,6 +94,7 @@ def cohort_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
                     image_gradient_max_voxels: int = 0, inference: list | None = None,
                     wls_iterations: int = DEFAULT_WLS_ITERATIONS, exclude_outliers: bool = True,
                     fix_gradients: bool = False,
+                    drop_series: bool = False,
                     pipeline_version: str = "") -> tuple[str, list, str | None]:
     per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
                                   dti_max_bval=dti_max_bval, lmax=lmax,
@@ -98,7 +106,7 @@ def cohort_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
                                   wls_iterations=wls_iterations,
                                   exclude_outliers=exclude_outliers,
                                   fix_gradients=fix_gradients,
-                                  pipeline_version=pipeline_version)
+                                  drop_series=drop_series, pipeline_version=pipeline_version)
     # products of the inference phase (pipelines/inference.py), one per subject
     extra = {"inference": inference} if inference else {}
     split = per_subject.split(SUBJECT_FIELDS + tuple(extra), subject=subject,

@@ -176,7 +176,7 @@ def test_failed_save_keeps_previous_file_and_no_temp(tmp_path, monkeypatch, exc)
         written.append(filename)
         raise exc
 
-    monkeypatch.setattr(nib, "save", half_save)
+    monkeypatch.setattr(io, "_write_image", half_save)
     with pytest.raises(type(exc)):
         io.save_nifti(np.zeros((2, 2, 2), np.float32), np.eye(4), target)
     monkeypatch.undo()

@@ -1,0 +1,347 @@
+"""One read per subject (issue 14): decompress + verify + hash in one pass, the
+decompressed series shared by later steps, and corrupt gzip inputs caught."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from numpy.testing import assert_array_equal
+
+from dmriflow.interfaces import codec, io, stepfiles
+from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.pipelines.execution import RunConfig, run_cohort
+from dmriflow.pipelines.inputs import discover
+
+SHAPE = (14, 16, 10)
+#: Both codecs when isal is installed (it is, from the lock); zlib always.
+CODECS = tuple(codec.CODECS)
+
+
+def scheme():
+    return hcp_scheme(n_b0=3, shells=(1000, 2000), n_dirs=16, seed=2)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("read_once") / "in"
+    write_cohort(root, 3, layout="hcp", shape=SHAPE, seed=3, scheme=scheme())
+    return root
+
+
+def flip_bit_in_stored_gzip(path: Path, value_index: int = 4000) -> int:
+    """Flip one bit of a voxel value in a .nii.gz as a storage fault would: the
+    file is rewritten with stored (uncompressed) deflate blocks holding the
+    damaged bytes and the trailer keeps the CRC32 of the original data, so
+    the deflate stream stays valid and only the CRC tells. Returns the
+    flipped byte's offset in the NIfTI."""
+    raw = gzip.decompress(path.read_bytes())
+    offset = int(nib.load(path).dataobj.offset) + 4 * value_index + 2
+    damaged = raw[:offset] + bytes([raw[offset] ^ 0x10]) + raw[offset + 1:]
+    comp = bytearray(gzip.compress(damaged, compresslevel=0))
+    comp[-8:-4] = zlib.crc32(raw).to_bytes(4, "little")
+    path.write_bytes(bytes(comp))
+    return offset
+
+
+# ----------------------------------------------------------------------------
+# The codec pass
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name", CODECS)
+def test_decompress_and_hash_matches_gzip_and_sha256(tmp_path, name):
+    payload = np.random.default_rng(0).integers(0, 50, 3_000_000, dtype=np.uint8).tobytes()
+    src = tmp_path / "x.gz"
+    # two members and zero padding, as `cat a.gz b.gz` and some writers produce
+    src.write_bytes(gzip.compress(payload[:1_000_000], 6) + gzip.compress(payload[1_000_000:], 1)
+                    + b"\0" * 7)
+    dst = tmp_path / "x"
+    got = codec.decompress_and_hash(src, dst, name, block=65536)
+    assert dst.read_bytes() == payload
+    assert got.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert (got.members, got.raw_bytes, got.compressed_bytes) == (2, len(payload),
+                                                                  src.stat().st_size)
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_highly_compressible_stream_in_bounded_pieces(tmp_path, name):
+    """Zeros inflate ~1000-fold: the output comes in pieces of at most OUT_BLOCK
+    and nothing is lost at the end of the file."""
+    payload = bytes(3 * codec.OUT_BLOCK + 12345)
+    src = tmp_path / "zeros.gz"
+    src.write_bytes(gzip.compress(payload, 9))
+    sizes = []
+    got = codec.inflate(src, lambda b: sizes.append(len(b)), name, block=1 << 20)
+    assert sum(sizes) == got.raw_bytes == len(payload) and max(sizes) <= codec.OUT_BLOCK
+
+
+def test_isal_is_the_default_codec():
+    assert codec.DEFAULT_CODEC == "isal"   # the lock installs it; zlib is the fallback
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("damage", ["crc", "length", "data", "truncated", "garbage"])
+def test_corrupt_streams_are_refused(tmp_path, name, damage):
+    payload = bytes(range(256)) * 4000
+    comp = bytearray(gzip.compress(payload, compresslevel=0))
+    if damage == "crc":
+        comp[-6] ^= 0x01
+    elif damage == "length":
+        comp[-2] ^= 0x01
+    elif damage == "data":
+        comp[5000] ^= 0x04          # a stored block's payload byte: only the CRC tells
+    elif damage == "truncated":
+        comp = comp[:-20]
+    else:
+        comp += b"junk after the member"
+    src = tmp_path / "bad.gz"
+    src.write_bytes(bytes(comp))
+    with pytest.raises(codec.CorruptGzipError) as info:
+        codec.decompress_and_hash(src, tmp_path / "out", name)
+    words = {"crc": "check failed", "data": "check failed", "length": "check failed",
+             "truncated": "truncated", "garbage": "corrupt deflate data"}
+    assert words[damage] in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# Validate's read
+# ----------------------------------------------------------------------------
+def subject_files(cohort: Path, i: int = 0) -> dict:
+    sid = sorted(p.name for p in cohort.iterdir() if p.name.isdigit())[i]
+    d = cohort / sid / "T1w" / "Diffusion"
+    return {"dwi": d / "data.nii.gz", "bval": d / "bvals", "bvec": d / "bvecs",
+            "mask": d / "nodif_brain_mask.nii.gz"}
+
+
+def test_flipped_bit_passes_nibabel_but_not_validate(cohort, tmp_path):
+    files = subject_files(cohort)
+    bad = tmp_path / "data.nii.gz"
+    bad.write_bytes(files["dwi"].read_bytes())
+    flip_bit_in_stored_gzip(bad)
+    # today's path: nibabel reads the damaged voxel without a word
+    clean = nib.load(files["dwi"]).get_fdata(dtype=np.float32)
+    damaged = nib.load(bad).get_fdata(dtype=np.float32)
+    assert np.count_nonzero(clean != damaged) == 1
+    node = tmp_path / "node"
+    with pytest.raises(InputError) as info:
+        stepfiles.validate_subject("s", bad, files["bval"], files["bvec"], files["mask"],
+                                   out_dir=node)
+    assert info.value.path == str(bad)
+    assert "not a valid gzip file" in info.value.problem
+    assert not node.exists() or not any(node.iterdir())   # nothing half-written left
+
+
+def test_validate_records_sha256_and_shares_an_uncompressed_series(cohort, tmp_path):
+    files = subject_files(cohort)
+    rec = stepfiles.validate_subject("s", *(files[k] for k in ("dwi", "bval", "bvec", "mask")),
+                                     out_dir=tmp_path)
+    assert rec["inputs"]["dwi"]["sha256"] == io.file_sha256(files["dwi"])
+    assert rec["series"]["dwi"] == str(files["dwi"])      # messages name the input
+    series = Path(rec["series"]["copy"])
+    assert series == (tmp_path / io.DECODED_NAME).resolve()
+    assert series.read_bytes() == gzip.decompress(files["dwi"].read_bytes())
+    assert rec["read"] == {"codec": codec.DEFAULT_CODEC, "copy": str(series),
+                           "decoded_bytes": series.stat().st_size}
+    data = stepfiles.read_series(rec["series"]).data
+    assert isinstance(data, np.memmap)             # later steps map it, never inflate again
+
+
+def maps_as_arrays(result: dict) -> dict:
+    flat = {}
+    for key, value in result["maps"].items():
+        if isinstance(value, dict):
+            flat.update({f"{key}/{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return {k: np.asanyarray(nib.load(p).dataobj) for k, p in flat.items()}
+
+
+@pytest.mark.parametrize("rows_only", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_shared_series_gives_byte_identical_derivatives(cohort, tmp_path, dtype, rows_only):
+    """FA (all tensor maps) and RISH from Validate's shared series equal, bit for
+    bit, the maps computed from the .nii.gz read directly (today's path): for
+    the mask rows (float32) and the uncompressed copy (float32, and a scaled
+    int16 input, which the copy keeps as int16 + scaling)."""
+    files = subject_files(cohort, 1)
+    if dtype == "int16":
+        img = nib.load(files["dwi"])
+        arr = img.get_fdata(dtype=np.float32)
+        hdr = img.header.copy()
+        hdr.set_data_dtype(np.int16)
+        scaled = tmp_path / "in" / "data.nii.gz"
+        scaled.parent.mkdir()
+        nib.save(nib.Nifti1Image(arr, img.affine, hdr), scaled)   # nibabel picks a slope
+        assert nib.load(scaled).dataobj.slope != 1.0
+        files = {**files, "dwi": scaled}
+    direct = {k: str(v) for k, v in files.items()}
+    rec = stepfiles.validate_subject("s", *(files[k] for k in ("dwi", "bval", "bvec", "mask")),
+                                     out_dir=tmp_path / "validate", rows_only=rows_only)
+    as_rows = rows_only and dtype == "float32"
+    assert rec["series"].get("rows", "").endswith(io.ROWS_NAME) == as_rows
+    assert rec["series"].get("copy", "").endswith(io.DECODED_NAME) != as_rows
+    if as_rows:
+        rows = np.load(rec["series"]["rows"])
+        full = nib.load(files["dwi"]).get_fdata(dtype=np.float32)
+        mask = np.asanyarray(nib.load(files["mask"]).dataobj) > 0
+        assert rows.shape == (mask.sum(), full.shape[3]) and rows.flags.f_contiguous
+        assert_array_equal(rows, full.reshape(-1, full.shape[3], order="F")[
+            np.flatnonzero(mask.ravel(order="F"))])
+    for name, run in (("tensor", stepfiles.write_tensor_maps),
+                      ("rish", stepfiles.write_rish_maps)):
+        old = maps_as_arrays(run(direct, tmp_path / f"{name}_old"))
+        new = maps_as_arrays(run(rec["series"], tmp_path / f"{name}_new"))
+        assert old.keys() == new.keys() and old
+        for key in old:
+            assert old[key].dtype == new[key].dtype
+            assert old[key].tobytes() == new[key].tobytes(), key
+
+
+def test_rows_record_matches_grid_record(cohort, tmp_path):
+    """Census, hashes and QC figures (b0 noise and SNR) are the same whichever
+    way Validate keeps the series."""
+    files = [subject_files(cohort, 2)[k] for k in ("dwi", "bval", "bvec", "mask")]
+    grid = stepfiles.validate_subject("s", *files, out_dir=tmp_path / "g")
+    rows = stepfiles.validate_subject("s", *files, out_dir=tmp_path / "r", rows_only=True)
+    for key in ("census", "inputs", "qc", "mask_voxels", "mask_source"):
+        assert grid[key] == rows[key], key
+    assert rows["read"]["decoded_bytes"] == np.load(rows["series"]["rows"]).nbytes + 128
+
+
+@pytest.mark.parametrize("rows_only", [False, True])
+def test_nan_named_by_the_input_and_nothing_left(cohort, tmp_path, rows_only):
+    files = subject_files(cohort)
+    img = nib.load(files["dwi"])
+    arr = img.get_fdata(dtype=np.float32)
+    arr[3, 4, 5, 7] = np.nan
+    bad = tmp_path / "in" / "data.nii.gz"
+    bad.parent.mkdir()
+    nib.save(nib.Nifti1Image(arr, img.affine, img.header), bad)
+    node = tmp_path / "node"
+    with pytest.raises(InputError) as info:
+        stepfiles.validate_subject("s", bad, files["bval"], files["bvec"], files["mask"],
+                                   out_dir=node, rows_only=rows_only)
+    assert info.value.path == str(bad)
+    assert info.value.problem == "DWI has 1 NaN/Inf voxel(s) in volume 7, first at (3, 4, 5)"
+    assert not node.exists() or list(node.iterdir()) == []
+
+
+@pytest.mark.parametrize("rows_only", [False, True])
+def test_valid_gzip_with_too_few_voxels_is_refused(cohort, tmp_path, rows_only):
+    """A gzip stream that is whole (CRC fine) but shorter than the header says."""
+    files = subject_files(cohort)
+    short = tmp_path / "in" / "data.nii.gz"
+    short.parent.mkdir()
+    short.write_bytes(gzip.compress(gzip.decompress(files["dwi"].read_bytes())[:-1000]))
+    with pytest.raises(InputError) as info:
+        stepfiles.validate_subject("s", short, files["bval"], files["bvec"], files["mask"],
+                                   out_dir=tmp_path / "node", rows_only=rows_only)
+    assert info.value.path == str(short) and "truncated" in info.value.problem
+
+
+# ----------------------------------------------------------------------------
+# The cohort: a corrupt subject fails, naming its file; the others are done
+# ----------------------------------------------------------------------------
+def test_corrupt_subject_fails_others_done(cohort, tmp_path):
+    root = tmp_path / "in"
+    write_cohort(root, 3, layout="hcp", shape=SHAPE, seed=3, scheme=scheme())
+    subjects = discover(root)
+    bad = Path(subjects[1].dwi)
+    flip_bit_in_stored_gzip(bad)
+    config = RunConfig(worker="cf", n_procs=2, cache_dir=str(tmp_path / "cache"), quiet=True)
+    result = run_cohort(subjects, tmp_path / "out", config)
+    status = {r["subject"]: r for r in result.rows}
+    assert [status[s.key]["status"] for s in subjects] == ["done", "failed", "done"]
+    failed = status[subjects[1].key]
+    assert failed["failed_step"] == "validate"
+    assert failed["error"].startswith(f"{bad}: DWI is not a valid gzip file")
+    assert "CRC32/length check failed" in failed["error"]
+    # the done subjects' sidecars record the sha256 of the file as given
+    s = subjects[0]
+    fa = (tmp_path / "out" / "dmriflow" / f"sub-{s.label}" / "dwi" /
+          f"sub-{s.label}_model-tensor_param-fa_dwimap.json")
+    assert json.loads(fa.read_text())["InputHashes"]["dwi"] == io.file_sha256(s.dwi)
+
+
+def test_refused_input_leaves_no_copy(cohort, tmp_path):
+    files = subject_files(cohort)
+    with pytest.raises(InputError):   # bvals of another subject's length
+        bad = tmp_path / "bvals"
+        bad.write_text(" ".join(["0"] * 5) + "\n")
+        stepfiles.validate_subject("s", files["dwi"], bad, files["bvec"], files["mask"],
+                                   out_dir=tmp_path / "node")
+    img = nib.load(files["dwi"])
+    arr = img.get_fdata(dtype=np.float32)
+    arr[0, 0, 0, 0] = np.inf
+    nan_in = tmp_path / "inf" / "data.nii.gz"
+    nan_in.parent.mkdir()
+    nib.save(nib.Nifti1Image(arr, img.affine, img.header), nan_in)
+    with pytest.raises(InputError, match="NaN/Inf"):
+        stepfiles.validate_subject("s", nan_in, files["bval"], files["bvec"], files["mask"],
+                                   out_dir=tmp_path / "node")
+    assert not (tmp_path / "node" / io.DECODED_NAME).exists()
+
+
+def test_drop_series_deletes_copies_and_reruns(cohort, tmp_path):
+    subjects = discover(cohort)[:2]
+    cfg = dict(worker="cf", n_procs=2, cache_dir=str(tmp_path / "cache"), quiet=True)
+    copies = lambda: sorted(p for name in (io.DECODED_NAME, io.ROWS_NAME)  # noqa: E731
+                            for p in (tmp_path / "cache").glob(f"*/{name}"))
+    kept = run_cohort(subjects, tmp_path / "out", RunConfig(**cfg))
+    assert [r["status"] for r in kept.rows] == ["done", "done"]
+    assert [p.name for p in copies()] == [io.ROWS_NAME] * 2    # the fits read mask rows
+    fa = {s.key: (tmp_path / "out" / "dmriflow" / f"sub-{s.label}" / "dwi" /
+                  f"sub-{s.label}_model-tensor_param-fa_dwimap.nii.gz").read_bytes()
+          for s in subjects}
+    dropped = run_cohort(subjects, tmp_path / "out", RunConfig(**cfg, drop_series=True))
+    assert [r["status"] for r in dropped.rows] == ["done", "done"] and copies() == []
+    # a later run that needs the series again (another lmax) reads the input again
+    again = run_cohort(subjects, tmp_path / "out", RunConfig(**cfg, lmax=2, drop_series=True))
+    assert [r["status"] for r in again.rows] == ["done", "done"] and copies() == []
+    for s in subjects:
+        out = (tmp_path / "out" / "dmriflow" / f"sub-{s.label}" / "dwi" /
+               f"sub-{s.label}_model-tensor_param-fa_dwimap.nii.gz")
+        assert out.read_bytes() == fa[s.key]
+    assert all(Path(s.dwi).exists() for s in subjects)    # inputs never touched
+
+
+def test_save_nifti_writes_what_nibabel_writes(tmp_path):
+    """The fast gzip writer changes the compressed bytes only: the .nii inside
+    is nibabel's, byte for byte."""
+    arr = np.random.default_rng(1).random((9, 8, 7, 3), dtype=np.float32)
+    ours = io.save_nifti(arr, np.eye(4), tmp_path / "ours.nii.gz")
+    theirs = io.save_nifti(arr, np.eye(4), tmp_path / "theirs.nii")
+    assert gzip.decompress(ours.read_bytes()) == theirs.read_bytes()
+    assert_array_equal(np.asanyarray(nib.load(ours).dataobj), arr)
+
+
+def test_volume_qc_is_the_same_on_rows_and_grid(cohort, tmp_path):
+    """The input QC of issue 13 reads the series Validate keeps: judged on mask
+    rows or on the grid, a zero volume and a slice dropout are found alike and
+    the records (QC figures, flags, exclusions, provenance) are equal."""
+    files = subject_files(cohort, 1)
+    img = nib.load(files["dwi"])
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    gtab = io.read_gradients(files["bval"], files["bvec"])
+    dw = np.flatnonzero(~gtab.b0s_mask)
+    zero, dropped = int(dw[2]), int(dw[5])
+    data[..., zero] = 0
+    data[:, :, SHAPE[2] // 2, dropped] *= 0.2
+    faulty = tmp_path / "dwi.nii.gz"
+    nib.save(nib.Nifti1Image(data, img.affine), faulty)
+    args = [faulty, files["bval"], files["bvec"], files["mask"]]
+    grid = stepfiles.validate_subject("s", *args, out_dir=tmp_path / "g")
+    rows = stepfiles.validate_subject("s", *args, out_dir=tmp_path / "r", rows_only=True)
+    assert "rows" in rows["series"] and "rows" not in grid["series"]
+    assert grid["series"]["exclude"] == [zero, dropped]
+    assert "all zero" in grid["input_qc"]["outlier_volumes"][str(zero)]
+    assert "dropout" in grid["input_qc"]["outlier_volumes"][str(dropped)]
+    for key in ("qc", "qc_flags", "input_qc", "provenance", "census", "inputs"):
+        assert grid[key] == rows[key], key
+    assert grid["series"]["exclude"] == rows["series"]["exclude"]
