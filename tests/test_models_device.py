@@ -131,3 +131,20 @@ def test_direction_synthesis_trains_on_the_model_device(on_meta):
     training.train(dm.DirectionNet(width=8, blocks=1), dm.loss_fn, dm.make_batches(samples),
                    cfg)
     assert on_meta["n"] == 2
+
+
+def test_rish_diffusion_and_equally_fed_cnn_train_on_the_model_device(on_meta):
+    from dmriflow.models.ldm import features, rishdiff
+    rng = np.random.default_rng(2)
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:8, 2:8, 2:8] = True
+    s0 = np.where(mask, 1000.0, 0).astype(np.float32)
+    pairs = [(features.ShellFeatures(rng.uniform(0.1, 1, (10, 10, 10, 3)).astype(np.float32),
+                                     None, s0, None, mask, np.eye(4), None),
+              features.ShellFeatures(rng.uniform(0.1, 1, (10, 10, 10, 3)).astype(np.float32),
+                                     None, s0, None, mask, np.eye(4), None), 20.0)
+             for _ in range(2)]
+    budget = rishdiff.RishBudget(steps=2, batch=2, patch=8)
+    rishdiff.fit(rishdiff.RishDiffusion3T7T(grid=10, width=8, blocks=1), pairs, budget)
+    rishdiff.fit_cnn(rishdiff.RishResidualCNN(grid=10, width=8, blocks=1), pairs, budget)
+    assert on_meta["n"] == 4
