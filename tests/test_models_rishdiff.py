@@ -197,8 +197,10 @@ def test_shipped_rish_checkpoints_are_small_and_state_their_ranges():
 
 
 def test_evaluation_writes_the_tables_with_every_method(tmp_path):
+    # grid 16 keeps it fast (the networks are convolutional; the card range is
+    # only reported here, in flags.tsv)
     res = study.evaluate([study.SEED_HELDOUT + 99], tmp_path, ldm_ckpt=None, samples=3,
-                         template_pairs=2, log=lambda s: None)
+                         grid=16, template_pairs=3, log=lambda s: None)
     import pandas as pd
     m = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
     assert list(m.columns[:4]) == ["method", "map", "nmse", "ssim"]
@@ -228,3 +230,40 @@ def test_cli_evaluate_3t7t_passes_seeds_and_folder(tmp_path, monkeypatch, capsys
     assert main(["evaluate", "3t7t", "--seeds", "5", "9", "--out", str(tmp_path)]) == 0
     assert seen == {"seeds": [5, 9], "out": str(tmp_path)}
     assert "shipped" in capsys.readouterr().out
+
+
+def test_calibration_recovers_a_known_under_dispersion():
+    """Samples 3x narrower than the truth's spread: the fitted spread scale is
+    ~3 and the calibrated 90 % intervals then cover ~90 %."""
+    rng = np.random.default_rng(3)
+    g, k = 16, 8
+    mask = np.ones((g, g, g), bool)
+    rish3 = rng.uniform(0.5, 1.0, (g, g, g, 3)).astype(np.float32)
+
+    class Stub:
+        spread_scale = torch.ones(3)
+
+        def fit_subject(self, f3, sigma, samples, steps, seed=0):
+            r = np.random.default_rng(seed)
+            mu, sd = f3.extra_mu, f3.extra_sd
+            raw = mu + (sd / 3) * r.standard_normal((samples,) + mu.shape)
+            return rishdiff.RishFit(raw.astype(np.float32), f3,
+                                    self.spread_scale.numpy().copy())
+
+    subjects = []
+    for seed in range(3):
+        mu = rng.normal(0, 0.2, (g, g, g, 3))
+        sd = rng.uniform(0.05, 0.2, (g, g, g, 3))
+        truth = mu + sd * rng.standard_normal((g, g, g, 3))
+        f3 = features.ShellFeatures(rish3, None, None, None, mask, np.eye(4), None)
+        f3.extra_mu, f3.extra_sd = mu, sd
+        f7 = features.ShellFeatures(np.exp(2 * truth) * rish3, None, None, None, mask,
+                                    np.eye(4), None)
+        subjects.append((f3, f7, 1.0, 100 + seed))
+    stub = Stub()
+    scale = rishdiff.calibrate(stub, subjects, samples=k, steps=1)
+    assert np.allclose(scale, 3.0, rtol=0.08)
+    f3, f7, _, seed = subjects[0]
+    fit = stub.fit_subject(f3, 1.0, k, 1, seed=seed + 7)
+    cov = dict(((m, n), c) for m, n, c in study.coverage(fit, study.Subject(0, f3, f7, 1, 1, {})))
+    assert cov["L2", 0.9] == pytest.approx(0.9, abs=0.02)

@@ -58,7 +58,7 @@ COSINE_S = 0.008
 ALPHA_BAR_MIN = 1e-4
 #: Default ancestral steps and samples per subject.
 SAMPLE_STEPS = 8
-SAMPLES = 8
+SAMPLES = 12
 #: Training patch edge (voxels) and batch.
 PATCH = 16
 BATCH = 4
@@ -256,6 +256,9 @@ class RishDiffusion3T7T(_Normalised):
         super().__init__()
         self.grid = int(grid)
         self.net = RishNet(N + N_COND, width, blocks, TIME_DIM)
+        # per-order factor on the sample spread, fitted on validation subjects
+        # (:func:`calibrate`); 1 = the raw sample spread
+        self.register_buffer("spread_scale", torch.ones(N))
 
     def forward(self, y_t, cond, t):
         """Predicted normalised ``y_0`` from the noisy ``y_t``, the condition and t."""
@@ -293,7 +296,8 @@ class RishDiffusion3T7T(_Normalised):
     def fit_subject(self, f3: features.ShellFeatures, sigma: float, samples: int = SAMPLES,
                     steps: int = SAMPLE_STEPS, seed: int = 0) -> "RishFit":
         ys = self.sample(raw_condition(f3, sigma), samples, steps, seed)
-        return RishFit(ys.transpose(0, 2, 3, 4, 1), f3)
+        return RishFit(ys.transpose(0, 2, 3, 4, 1), f3,
+                       self.spread_scale.detach().cpu().numpy().astype(np.float32))
 
 
 def diffusion_loss(model: RishDiffusion3T7T, batch) -> torch.Tensor:
@@ -313,10 +317,20 @@ def diffusion_loss(model: RishDiffusion3T7T, batch) -> torch.Tensor:
 
 @dataclass
 class RishFit:
-    """K samples of ``log lambda`` (K, G, G, G, 3) for one 3T subject ``f3``."""
+    """K samples of ``log lambda`` (K, G, G, G, 3) for one 3T subject ``f3``.
+
+    ``spread_scale`` (per order) widens the samples about their mean for the
+    uncertainty (:attr:`spread`, :meth:`interval`, :meth:`calibrated`); the
+    posterior mean uses the raw samples.
+    """
 
     samples: np.ndarray
     f3: features.ShellFeatures
+    spread_scale: np.ndarray | None = None
+
+    @property
+    def scale(self) -> np.ndarray:
+        return np.ones(N, np.float32) if self.spread_scale is None else self.spread_scale
 
     @property
     def lam(self) -> np.ndarray:
@@ -326,10 +340,19 @@ class RishFit:
     def lam_sample(self, k: int = 0) -> np.ndarray:
         return np.exp(self.samples[k]).astype(np.float32)
 
+    def calibrated(self) -> np.ndarray:
+        """The samples widened about their mean by ``spread_scale`` (K, G, G, G, 3)."""
+        mu = self.samples.mean(axis=0)
+        return (mu + self.scale * (self.samples - mu)).astype(np.float32)
+
+    @property
+    def raw_spread(self) -> np.ndarray:
+        return self.samples.std(axis=0, ddof=1).astype(np.float32)
+
     @property
     def spread(self) -> np.ndarray:
-        """Per-voxel SD of ``log lambda`` over the samples (G, G, G, 3)."""
-        return self.samples.std(axis=0, ddof=1).astype(np.float32)
+        """Per-voxel predicted SD of ``log lambda`` (G, G, G, 3), calibrated."""
+        return self.raw_spread * self.scale
 
     def rish(self, lam: np.ndarray | None = None) -> np.ndarray:
         """The RISH the rescaled 3T coefficients carry: ``lambda^2 R3``."""
@@ -339,11 +362,40 @@ class RishFit:
     def interval(self, nominal: float) -> tuple[np.ndarray, np.ndarray]:
         """Central ``nominal`` interval of the delivered RISH per voxel and order:
         Gaussian in ``log lambda`` (sample mean +- z SD, Student t for K samples)."""
-        from scipy import stats
-        k = self.samples.shape[0]
-        z = stats.t.ppf(0.5 + nominal / 2, df=k - 1) * math.sqrt(1 + 1 / k)
+        z = interval_z(nominal, self.samples.shape[0])
         mu, sd = self.samples.mean(axis=0), self.spread
         return (np.exp(2 * (mu - z * sd)) * self.f3.rish, np.exp(2 * (mu + z * sd)) * self.f3.rish)
+
+
+def interval_z(nominal: float, k: int) -> float:
+    """Half-width in sample SDs of a central ``nominal`` prediction interval from
+    ``k`` Gaussian samples: ``t_{(1+p)/2, k-1} sqrt(1 + 1/k)``."""
+    from scipy import stats
+    return float(stats.t.ppf(0.5 + nominal / 2, df=k - 1) * math.sqrt(1 + 1 / k))
+
+
+#: Nominal level whose coverage :func:`calibrate` makes exact on its subjects.
+CALIBRATION_LEVEL = 0.9
+
+
+def calibrate(model: RishDiffusion3T7T, subjects: list, samples: int = SAMPLES,
+              steps: int = SAMPLE_STEPS, level: float = CALIBRATION_LEVEL) -> np.ndarray:
+    """Fit ``model.spread_scale`` so the ``level`` intervals cover exactly
+    ``level`` of the true log scales on (f3, f7, sigma3, seed) validation
+    subjects (pooled over their mask voxels, per order); returns it."""
+    ratios = [[] for _ in range(N)]
+    model.spread_scale.fill_(1.0)
+    for f3, f7, sigma, seed in subjects:
+        fit = model.fit_subject(f3, sigma, samples, steps, seed=seed)
+        m = f3.mask & f7.mask
+        y = target(f3, f7, f3.mask).transpose(1, 2, 3, 0)
+        r = np.abs(y - fit.samples.mean(axis=0)) / np.maximum(fit.raw_spread, 1e-6)
+        for k in range(N):
+            ratios[k].append(r[..., k][m])
+    z = interval_z(level, samples)
+    scale = np.array([np.quantile(np.concatenate(r), level) / z for r in ratios])
+    model.spread_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+    return scale
 
 
 # ----------------------------------------------------------------------------

@@ -39,7 +39,10 @@ SEED_TRAIN, SEED_HELDOUT = 40_000, 50_000
 #: Calibration levels of the sample intervals.
 NOMINALS = (0.5, 0.8, 0.9, 0.95)
 #: Template-lambda baseline: train-family pairs it is fitted on at evaluation.
-TEMPLATE_PAIRS = 6
+TEMPLATE_PAIRS = 4
+#: Validation pairs (train family) that calibrate the spread.
+VALIDATION_PAIRS = 6
+SEED_VALIDATION = SEED_TRAIN + 1000
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED_DIFFUSION = SHIPPED / "rish_3t7t"
 SHIPPED_CNN = SHIPPED / "rish_cnn_3t7t"
@@ -99,6 +102,15 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     torch.manual_seed(seed)
     diff = rishdiff.RishDiffusion3T7T(grid=grid)
     rep = rishdiff.fit(diff, pairs, budget, log=log)
+    val = simulate(SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid)
+    t1 = time.perf_counter()
+    scale = rishdiff.calibrate(diff, [(s.f3, s.f7, s.sigma3, s.seed) for s in val])
+    rep["spread_scale"] = scale.tolist()
+    rep["calibration"] = (f"{VALIDATION_PAIRS} train-family validation pairs (seeds "
+                          f"{SEED_VALIDATION}-{SEED_VALIDATION + VALIDATION_PAIRS - 1}), "
+                          f"{rishdiff.CALIBRATION_LEVEL:.0%} level, "
+                          f"{time.perf_counter() - t1:.0f} s")
+    log(f"spread scale {np.round(scale, 3).tolist()} ({rep['calibration']})")
     torch.manual_seed(seed)
     cnn = rishdiff.RishResidualCNN(grid=grid)
     cbudget = rishdiff.RishBudget(steps=cnn_steps or steps, seed=seed)
@@ -118,6 +130,9 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
             training={"data": data, "budget": report["budget"],
                       "cpu_seconds": round(report["seconds"], 1),
                       "final_loss": report["history"][-1]["loss"],
+                      **({"spread_scale": report["spread_scale"],
+                          "calibration": report["calibration"]}
+                         if "spread_scale" in report else {}),
                       "weights_precision": "float16 (rounded after training)",
                       "limitations": "synthetic degradation, not real 3T/7T pairs"},
             extra={"samples": rishdiff.SAMPLES, "sample_steps": rishdiff.SAMPLE_STEPS})
@@ -178,8 +193,10 @@ def spread_error_spearman(fit: rishdiff.RishFit, s: Subject) -> dict:
 
 def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
              ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
-             template_pairs: int = TEMPLATE_PAIRS, log=print) -> dict:
-    """Score every method on held-out test-family pairs at ``seeds``; write the TSVs."""
+             template_pairs: int = TEMPLATE_PAIRS, family: str = "test", log=print) -> dict:
+    """Score every method on held-out pairs at ``seeds`` (``family``: the test
+    degradation family by default; "train" for the in-distribution check);
+    write the TSVs."""
     import pandas as pd
     from scipy.stats import wilcoxon
     from dmriflow.interfaces import io
@@ -195,7 +212,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
             m.float()
     k = int(samples or dcard.extra.get("samples", rishdiff.SAMPLES))
     steps = int(dcard.extra.get("sample_steps", rishdiff.SAMPLE_STEPS))
-    test = simulate(seeds, "test", grid)
+    test = simulate(seeds, family, grid)
     tmpl = simulate(SEED_TRAIN + np.arange(template_pairs), "train", grid)
     template = baselines.TemplateLambda().fit([(s.f3, s.f7) for s in tmpl])
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
@@ -218,7 +235,8 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         for name, lam in lams.items():
             for map_, v in _scores(lam, s).items():
                 rows.append({"subject": s.seed, "method": name, "metric": map_, "value": v})
-        fa_samples = np.stack([features.fa_of(s.f3, fit.lam_sample(j)) for j in range(k)])
+        widened = np.exp(fit.calibrated())
+        fa_samples = np.stack([features.fa_of(s.f3, widened[j]) for j in range(k)])
         cal += [{"subject": s.seed, "method": "shipped", "map": mp, "nominal": nom,
                  "coverage": c} for mp, nom, c in coverage(fit, s, fa_samples)]
         spear.append({"subject": s.seed, **spread_error_spearman(fit, s)})
@@ -236,6 +254,8 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     metrics.columns = [a if b == "mean" else f"{a}_sd" for a, b in metrics.columns]
     metrics = metrics.reset_index()
     metrics["n_subjects"] = len(test)
+    metrics = metrics[["method", "map", "nmse", "ssim", "skill", "nmse_sd", "ssim_sd",
+                       "skill_sd", "n_subjects"]]
     metrics = metrics.sort_values(["method", "map"], key=lambda c: c.map(
         order if c.name == "method" else {m: i for i, m in enumerate(ev.MAPS)}))
     calib = pd.DataFrame(cal).groupby(["method", "map", "nominal"], sort=False)["coverage"] \
@@ -280,6 +300,7 @@ def main(argv=None) -> int:
     e.add_argument("--seeds", type=int, nargs="+",
                    default=list(SEED_HELDOUT + np.arange(12)))
     e.add_argument("--checkpoints", default=str(SHIPPED))
+    e.add_argument("--family", default="test", choices=sorted(degrade.FAMILIES))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "train":
@@ -287,7 +308,7 @@ def main(argv=None) -> int:
     else:
         c = Path(a.checkpoints)
         r = evaluate(a.seeds, a.out, c / "rish_3t7t", c / "rish_cnn_3t7t",
-                     SHIPPED_LDM if SHIPPED_LDM.exists() else None)
+                     SHIPPED_LDM if SHIPPED_LDM.exists() else None, family=a.family)
         print(r["metrics"].to_string())
         print(r["calibration"].to_string())
         print(r["tests"].to_string())
