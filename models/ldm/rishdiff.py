@@ -46,8 +46,11 @@ N = features.N_ORDERS
 N_COND = N + 2
 #: tau_l = TAU_FRACTION * median(R3_l in the mask): the floor under log A.
 TAU_FRACTION = harmonize.TAU_FRACTION
-#: lambda is clipped to this range (as in RISH harmonisation).
-SCALE_RANGE = harmonize.SCALE_RANGE
+#: lambda is clipped to this range. Wider below than RISH harmonisation's
+#: (0.25, 4): the 3T noise floor of R2/R4 in near-isotropic voxels is ~50x the
+#: 7T one, so a third of the L2/L4 mask voxels need lambda < 0.25 (measured
+#: on train-family pairs at grid 32); 1/32 leaves < 1 % clipped.
+SCALE_RANGE = (1 / 32, 4.0)
 #: Network width and residual blocks (dilations cycle through DILATIONS).
 WIDTH = 16
 BLOCKS = 4
