@@ -4,8 +4,6 @@ ranges and out-of-distribution refusal, calibration and the evaluation.
 Tiny grids and budgets (12^3 cubes, widths 8) so each test runs in seconds.
 """
 
-import math
-
 import numpy as np
 import pytest
 import torch

@@ -172,7 +172,8 @@ def coverage(fit: rishdiff.RishFit, s: Subject, fa_samples: np.ndarray | None = 
         lo, hi = fit.interval(nominal)
         for k, name in enumerate(ev.MAPS[:3]):
             t = s.f7.rish[..., k][m]
-            rows.append((name, nominal, float(np.mean((t >= lo[..., k][m]) & (t <= hi[..., k][m])))))
+            inside = (t >= lo[..., k][m]) & (t <= hi[..., k][m])
+            rows.append((name, nominal, float(np.mean(inside))))
         if fa_samples is not None:
             q = np.quantile(fa_samples[:, m], [0.5 - nominal / 2, 0.5 + nominal / 2], axis=0)
             t = s.f7.fa[m]
