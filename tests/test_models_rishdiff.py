@@ -212,6 +212,7 @@ def test_evaluation_writes_the_tables_with_every_method(tmp_path):
     c = pd.read_csv(tmp_path / "calibration.tsv", sep="\t")
     assert list(c.columns) == ["method", "map", "nominal", "coverage"]
     assert set(c.nominal) == set(study.NOMINALS) and c.coverage.between(0, 1).all()
+    assert set(c.method) == {"shipped", "cnn_noise_proxy"}
     assert res["seconds"] > 0
 
 

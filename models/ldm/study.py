@@ -192,6 +192,51 @@ def spread_error_spearman(fit: rishdiff.RishFit, s: Subject) -> dict:
             for k, name in enumerate(ev.MAPS[:3])}
 
 
+def _noise_proxy(s: Subject) -> np.ndarray:
+    """Local-noise proxy of the uncertainty: ``sigma / s0`` per voxel (G, G, G)."""
+    return s.sigma3 / np.maximum(s.f3.s0, 1e-6 * float(s.f3.s0.max()))
+
+
+def fit_noise_proxy(cnn, subjects: list[Subject], level: float = rishdiff.CALIBRATION_LEVEL
+                    ) -> np.ndarray:
+    """Per order, the factor c making ``log lambda_cnn +- z c sigma/s0`` cover
+    ``level`` of the true log scales on ``subjects`` (the proxy baseline's
+    calibration, on the same validation pairs as the diffusion model's)."""
+    from scipy.stats import norm
+    ratios = [[] for _ in range(3)]
+    for s in subjects:
+        y = np.log(cnn.predict_lambda(s.f3, s.sigma3))
+        err = np.abs(rishdiff.target(s.f3, s.f7, s.f3.mask).transpose(1, 2, 3, 0) - y)
+        r = err / _noise_proxy(s)[..., None]
+        for k in range(3):
+            ratios[k].append(r[..., k][s.mask])
+    return np.array([np.quantile(np.concatenate(r), level) for r in ratios]) / norm.ppf(
+        0.5 + level / 2)
+
+
+def proxy_coverage(cnn, c: np.ndarray, s: Subject) -> tuple[list, dict]:
+    """Coverage rows and Spearman(proxy, |error|) of the noise-proxy intervals
+    around the equally-fed CNN's prediction."""
+    from scipy.stats import norm, spearmanr
+    y = np.log(cnn.predict_lambda(s.f3, s.sigma3))
+    sd = _noise_proxy(s)[..., None] * c
+    m = s.mask
+    rows = []
+    for nominal in NOMINALS:
+        z = norm.ppf(0.5 + nominal / 2)
+        # exponents clipped: outside the mask s0 ~ 0 makes the proxy huge
+        lo = np.exp(np.clip(2 * (y - z * sd), -50, 50)) * s.f3.rish
+        hi = np.exp(np.clip(2 * (y + z * sd), -50, 50)) * s.f3.rish
+        for k, name in enumerate(ev.MAPS[:3]):
+            t = s.f7.rish[..., k][m]
+            inside = (t >= lo[..., k][m]) & (t <= hi[..., k][m])
+            rows.append((name, nominal, float(np.mean(inside))))
+    err = np.abs(y - np.log(_oracle_lambda(s)))
+    rho = {name: float(spearmanr(sd[..., k][m], err[..., k][m])[0])
+           for k, name in enumerate(ev.MAPS[:3])}
+    return rows, rho
+
+
 def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
              ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
              template_pairs: int = TEMPLATE_PAIRS, family: str = "test", log=print) -> dict:
@@ -216,6 +261,8 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     test = simulate(seeds, family, grid)
     tmpl = simulate(SEED_TRAIN + np.arange(template_pairs), "train", grid)
     template = baselines.TemplateLambda().fit([(s.f3, s.f7) for s in tmpl])
+    proxy_scale = fit_noise_proxy(cnn, simulate(
+        SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid))
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
         f"template in {time.perf_counter() - t0:.0f} s")
     rows, cal, spear, flags = [], [], [], []
@@ -240,7 +287,11 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         fa_samples = np.stack([features.fa_of(s.f3, widened[j]) for j in range(k)])
         cal += [{"subject": s.seed, "method": "shipped", "map": mp, "nominal": nom,
                  "coverage": c} for mp, nom, c in coverage(fit, s, fa_samples)]
-        spear.append({"subject": s.seed, **spread_error_spearman(fit, s)})
+        spear.append({"subject": s.seed, "method": "shipped", **spread_error_spearman(fit, s)})
+        prow, prho = proxy_coverage(cnn, proxy_scale, s)
+        cal += [{"subject": s.seed, "method": "cnn_noise_proxy", "map": mp, "nominal": nom,
+                 "coverage": c} for mp, nom, c in prow]
+        spear.append({"subject": s.seed, "method": "cnn_noise_proxy", **prho})
         log(f"subject {s.seed} (SNR {s.snr3:.1f}) in {time.perf_counter() - ts:.0f} s")
     per = pd.DataFrame(rows)
     per[["score", "map"]] = per["metric"].str.split("_", n=1, expand=True).to_numpy()
@@ -313,7 +364,7 @@ def main(argv=None) -> int:
         print(r["metrics"].to_string())
         print(r["calibration"].to_string())
         print(r["tests"].to_string())
-        print(r["spearman"].mean(numeric_only=True).to_string())
+        print(r["spearman"].groupby("method").mean(numeric_only=True).to_string())
     return 0
 
 
