@@ -127,6 +127,10 @@ class Acquisition:
     :data:`VOXEL_SIZE_RELATIVE_TOLERANCE` (None: any). ``field_strength_t``:
     matched within :data:`FIELD_STRENGTH_TOLERANCE_T` when the data state one
     (None: any). ``min_b0``: fewest b0 volumes (normalisation needs one).
+    ``ranges``: quantities measured on the input and the range the model was
+    trained on, ``{name: {"min", "max", "action": "refuse"|"flag",
+    "trained": [lo, hi]}}`` (e.g. ``cube_voxel_mm``, ``snr``); see
+    :func:`range_problems`.
     """
 
     shells: list[float]
@@ -134,6 +138,7 @@ class Acquisition:
     voxel_size_mm: list[float] | None = None
     field_strength_t: float | None = None
     min_b0: int = 1
+    ranges: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         vox = "any" if self.voxel_size_mm is None else \
@@ -344,6 +349,44 @@ def acquisition_mismatches(acq: Acquisition, per_shell: dict[float, int], n_b0: 
             problems.append(f"field strength {float(field_strength):g} T, the model was "
                             f"trained at {acq.field_strength_t:g} T")
     return problems
+
+
+#: Actions a card's range can ask for.
+RANGE_ACTIONS = ("refuse", "flag")
+
+
+def range_problems(acq: Acquisition, values: dict) -> dict[str, list[str]]:
+    """``{"refuse": [...], "flag": [...]}``: each measured value outside its
+    range in ``acq.ranges``, worded with the value and the range. A quantity
+    the card has no range for, or that was not measured (None), is not
+    checked."""
+    out = {"refuse": [], "flag": []}
+    for name, rng in (acq.ranges or {}).items():
+        v = values.get(name)
+        if v is None:
+            continue
+        lo, hi = float(rng.get("min", -np.inf)), float(rng.get("max", np.inf))
+        action = rng.get("action", "refuse")
+        if action not in RANGE_ACTIONS:
+            raise ValueError(f"range {name!r}: action must be one of {RANGE_ACTIONS}")
+        if not lo <= float(v) <= hi:
+            trained = rng.get("trained")
+            seen = "" if trained is None else \
+                f"; training data {float(trained[0]):.4g}-{float(trained[1]):.4g}"
+            out[action].append(f"{name} {float(v):.4g} is outside the model's range "
+                               f"{lo:.4g}-{hi:.4g}{seen}")
+    return out
+
+
+def check_ranges(card: ModelCard, values: dict, path) -> list[str]:
+    """Refuse (InputError naming ``path``, the model, every value and range) an
+    input outside a "refuse" range of the card; return the "flag" messages
+    (the caller reports them next to the result)."""
+    problems = range_problems(card.acquisition, values)
+    if problems["refuse"]:
+        raise InputError(path, f"input is outside the training range of model {card.name} "
+                               f"{card.version}: " + "; ".join(problems["refuse"]))
+    return problems["flag"]
 
 
 def check_acquisition(card: ModelCard, data, path, zooms=None, field_strength=None) -> None:

@@ -169,6 +169,35 @@ def _prefixed(tensors: dict, prefix: str) -> dict:
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor moved to ``device`` (tuples, lists and dicts
+    are walked; anything else, e.g. a ``torch.Generator``, is returned as is).
+
+    The loop applies it to every batch, so a ``batch_fn`` may build its
+    tensors on the CPU whatever device the model trains on.
+    """
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of a model's first parameter (or buffer); the CPU if it has none."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _loss_value(loss: torch.Tensor) -> float:
+    """The loss as a float; NaN on the "meta" device (shape-only dry runs, used by
+    the tests to check on a CPU that batches follow the model)."""
+    return float("nan") if loss.device.type == "meta" else float(loss.detach())
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -182,7 +211,8 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torc
     """Train ``model`` for ``config.steps`` optimizer steps (resumable).
 
     ``batch_fn(step, rng)`` returns the batch of a step (tensors or anything
-    ``loss_fn`` takes; move them to the model's device there).
+    ``loss_fn`` takes); its tensors are moved to the model's device
+    (:func:`to_device`) before ``loss_fn`` sees them.
     ``validate(model)`` returns a score (lower is better); the best weights
     are loaded into the returned model when validation is given, else the
     last. ``state_dir``: save every ``checkpoint_every`` steps and at the end;
@@ -226,7 +256,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torc
         while step < last:
             model.train()
             torch.manual_seed(_TORCH_SEED_BASE * config.seed + step)
-            batch = batch_fn(step, step_rng(config.seed, step))
+            batch = to_device(batch_fn(step, step_rng(config.seed, step)), device)
             for group in opt.param_groups:
                 group["lr"] = config.lr_at(step)
             with autocast:
@@ -237,7 +267,7 @@ def train(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torc
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
             step += 1
-            running.append(float(loss.detach()))
+            running.append(_loss_value(loss))
             if step % config.log_every == 0 or step == config.steps:
                 history.append({"step": step, "loss": float(np.mean(running))})
                 running = []

@@ -222,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the training state saved in CHECKPOINT/training")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("evaluate", help="score a shipped model and its baselines on simulated "
+                                        "held-out subjects")
+    p.add_argument("model", choices=("3t7t",),
+                   help="3t7t: the RISH-space diffusion model vs identity, template lambda, "
+                        "the equally-fed CNN, the oracle and the latent model")
+    p.add_argument("--seeds", type=int, nargs="+", required=True,
+                   help="one held-out pair (test degradation family) per seed")
+    p.add_argument("--out", required=True,
+                   help="folder for metrics.tsv, calibration.tsv, subjects.tsv, tests.tsv")
+
     p = sub.add_parser("demo", help="simulate the built-in cohort and run the pipeline on it")
     p.add_argument("output", nargs="?", default="demo-output")
     p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS)
@@ -392,6 +402,18 @@ def _train_3t7t(args) -> int:
     return EXIT_OK
 
 
+def cmd_evaluate(args) -> int:
+    """Simulate held-out pairs at the seeds, apply the shipped checkpoints and the
+    baselines, write the tables (:func:`dmriflow.models.ldm.study.evaluate`)."""
+    from dmriflow.models.ldm import study
+    from dmriflow.models.train import torch_threads
+    with torch_threads(1):
+        res = study.evaluate(args.seeds, args.out, log=print)
+    print(res["metrics"][["method", "map", "nmse", "ssim", "skill"]].to_string(index=False))
+    print(f"tables: {Path(args.out).resolve()} ({res['seconds']:.0f} s)")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from dmriflow.interfaces.phantom import write_cohort
     out = Path(args.output)
@@ -420,7 +442,7 @@ def _dispatch(args) -> int:
             return _run(args.input, args.output, args.layout, args.participant_label, args)
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
                 "harmonize": cmd_harmonize, "report": cmd_report,
-                "train": cmd_train}[args.command](args)
+                "train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

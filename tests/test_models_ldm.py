@@ -408,7 +408,9 @@ def test_3t7t_inference_phase_through_the_engine(tmp_path):
     from dmriflow.pipelines.execution import RunConfig, run_cohort
     from dmriflow.pipelines.inputs import discover
     scheme = dg.single_shell_scheme(40, n_b0=3)
-    phantom.write_cohort(tmp_path / "in", 1, shape=(20, 24, 20), seed=41, scheme=scheme)
+    # a 100 mm field of view: 3.125 mm cube voxels on the 32^3 grid, as in training
+    phantom.write_cohort(tmp_path / "in", 1, shape=(20, 24, 20), seed=41, scheme=scheme,
+                         voxel_size=100 / 24)
     cfg = RunConfig(worker="debug", cache_dir=str(tmp_path / "cache"), quiet=True,
                     inference="3t7t")
     result = run_cohort(discover(tmp_path / "in"), tmp_path / "out", cfg)
@@ -424,3 +426,22 @@ def test_3t7t_inference_phase_through_the_engine(tmp_path):
         assert f"{key}_{entities}" in names
     lo, hi = harmonize.SCALE_RANGE
     assert lo <= row["inference_lambda_l0_median"] <= hi
+
+
+def test_3t7t_refuses_a_field_of_view_outside_the_cards_range(tmp_path):
+    """The shipped card was trained on 3.125 mm cube voxels: a 60 mm field of
+    view gives 1.875 mm cube voxels (a real head, ~220 mm, gives ~6.9 mm) and
+    is refused before the model runs, naming the value and the range."""
+    from dmriflow.interfaces.errors import InputError
+    from dmriflow.interfaces.inference import THREE_T_TO_7T, default_checkpoint, run_inference
+    from dmriflow.interfaces.stepfiles import load_subject
+    from dmriflow.pipelines.inputs import discover
+    scheme = dg.single_shell_scheme(40, n_b0=3)
+    phantom.write_cohort(tmp_path / "in", 1, shape=(20, 24, 20), seed=41, scheme=scheme,
+                         voxel_size=2.5)
+    (s,) = discover(tmp_path / "in")
+    dwi = load_subject(s.dwi, s.bval, s.bvec, s.mask)
+    with pytest.raises(InputError, match=r"cube_voxel_mm 1\.875 is outside the model's range "
+                                         r"2\.812-3\.438"):
+        run_inference(THREE_T_TO_7T, default_checkpoint(THREE_T_TO_7T), dwi, s.dwi,
+                      census={"field_strength_t": 3.0})

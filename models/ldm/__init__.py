@@ -2,7 +2,8 @@
 
 Importing the package registers the checkpointable networks with
 :mod:`dmriflow.models.card`: ``"ldm-3t7t"`` (:mod:`.model`) and the CNN
-baseline ``"cnn-3t7t"`` (:mod:`.baselines`).
+baseline ``"cnn-3t7t"`` (:mod:`.baselines`), the RISH-space residual diffusion
+``"rish-diffusion-3t7t"`` and its equally-fed CNN ``"rish-cnn-3t7t"`` (:mod:`.rishdiff`).
 """
 
-from dmriflow.models.ldm import baselines, model  # noqa: F401  (registration)
+from dmriflow.models.ldm import baselines, model, rishdiff  # noqa: F401  (registration)

@@ -90,9 +90,9 @@ class RishCNN(torch.nn.Module):
 
     @torch.no_grad()
     def predict(self, rish3: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        x = rish_to_input(rish3, mask, self.amp_scale)
+        x = rish_to_input(rish3, mask, self.amp_scale).to(self.amp_scale.device)
         amp = torch.clamp(self(x), min=0.0) * self.amp_scale.view(1, -1, 1, 1, 1)
-        out = (amp ** 2).permute(0, 2, 3, 4, 1).numpy()
+        out = (amp ** 2).permute(0, 2, 3, 4, 1).cpu().numpy()
         out = out * np.asarray(mask, dtype=np.float32).reshape(out.shape[:4] + (1,))
         return out[0] if np.asarray(rish3).ndim == 4 else out
 

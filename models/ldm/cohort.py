@@ -31,7 +31,7 @@ from dmriflow.interfaces import harmonize, io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
-from dmriflow.models.ldm import diffusion, features
+from dmriflow.models.ldm import diffusion, features, rishdiff
 from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T, fit
 
 #: Model name and version written into the card by :func:`train_on_cohort`.
@@ -140,7 +140,11 @@ def train_on_sessions(sessions, checkpoint, load, epochs: float = DEFAULT_EPOCHS
                                          f"session; training needs at least 2")
     t0 = time.perf_counter()
     f_only3 = [_features(load(s), grid) for s in only3]
-    f_pairs = [(_features(load(a), grid), _features(load(b), grid)) for a, b in pairs]
+    f_pairs, snrs = [], []
+    for a, b in pairs:
+        dwi3 = load(a)
+        f_pairs.append((_features(dwi3, grid), _features(load(b), grid)))
+        snrs.append(input_snr(dwi3))
     b = Budget(seed=seed)
     n3 = len(f_only3) + len(f_pairs)
     b.vq3_steps = _steps(epochs, n3, b.vq_batch)
@@ -157,7 +161,9 @@ def train_on_sessions(sessions, checkpoint, load, epochs: float = DEFAULT_EPOCHS
         kwargs={"grid": int(grid)},
         acquisition=cards.Acquisition(
             shells=[features.SHELL_B], min_directions={f"{features.SHELL_B:g}": min(n_dirs, 30)},
-            field_strength_t=degrade.FIELD_3T),
+            field_strength_t=degrade.FIELD_3T,
+            ranges=rishdiff.training_ranges(
+                [rishdiff.cube_voxel_mm(f3.affine) for f3, _ in f_pairs], snrs)),
         normalisation={"input": "RISH orders 0/2/4 of the b0-normalised b=1000 shell on a "
                                 f"{grid}^3 cube; sqrt(R_l) / amp_scale_l",
                        "amp_scale": model.amp_scale.tolist(),
@@ -177,11 +183,28 @@ def train_on_sessions(sessions, checkpoint, load, epochs: float = DEFAULT_EPOCHS
 # ----------------------------------------------------------------------------
 # Inference on one subject
 # ----------------------------------------------------------------------------
+def input_snr(dwi) -> float | None:
+    """Estimated SNR of a series (:func:`rishdiff.snr_of`); None with < 2 b0s."""
+    if int(dwi.gtab.b0s_mask.sum()) < 2 or not np.asarray(dwi.mask).any():
+        return None
+    return rishdiff.snr_of(dwi.data, dwi.gtab, dwi.mask)
+
+
+def check_input_range(card: cards.ModelCard, dwi, grid: int) -> list[str]:
+    """Refuse a subject outside the card's training ranges (the cube voxel size
+    its field of view gives on the model grid); return the flags (e.g. SNR)."""
+    cube_affine, _ = features.cube_grid(dwi.affine, dwi.data.shape, grid)
+    return cards.check_ranges(card, {"cube_voxel_mm": rishdiff.cube_voxel_mm(cube_affine),
+                                     "snr": input_snr(dwi)}, dwi.paths.get("dwi"))
+
+
 def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, seed: int = 0):
     """7T-like b0 + b=1000 series of one 3T subject: (data, gtab, info) with
-    FA, the lambda maps on the subject grid and the cube's predicted RISH."""
+    FA, the lambda maps on the subject grid and the cube's predicted RISH.
+    A subject outside the card's training ranges is refused (InputError)."""
     idx, shell = features.shell_volumes(dwi.gtab)
     sub = dwi.select_volumes(idx)
+    flags = check_input_range(card, sub, model.grid)
     t0 = time.perf_counter()
     f3 = features.shell_features(sub.data, sub.gtab, sub.mask, sub.affine, model.grid)
     guidance = float(card.extra.get("guidance", diffusion.GUIDANCE))
@@ -207,7 +230,8 @@ def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, see
     lam_native = harmonize.warp_scale_maps(artefact, to_subject)[shell]
     info.update(seconds_prediction=t_pred - t0, seconds_total=time.perf_counter() - t0,
                 scale_clipped_fraction=stats["clipped_fraction"], guidance=guidance,
-                ddim_steps=steps, grid=model.grid, seed=seed, shell=shell)
+                ddim_steps=steps, grid=model.grid, seed=seed, shell=shell,
+                range_flags="; ".join(flags))
     return data, sub.gtab, {"fa": fa, "lambda": lam_native, "rish_cube": pred,
                             "mask": sub.mask, "info": info}
 
@@ -233,7 +257,8 @@ def inference_output(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, see
                           "x": gtab.bvecs[:, 0], "y": gtab.bvecs[:, 1], "z": gtab.bvecs[:, 2]})
     params = {k: info[k] for k in ("shell", "lmax", "guidance", "ddim_steps", "grid", "seed",
                                    "keep_residual", "negative_clipped_fraction",
-                                   "scale_clipped_fraction", "artefact_content_id")}
+                                   "scale_clipped_fraction", "artefact_content_id",
+                                   "range_flags")}
     params["bvec_frame"] = "fsl-image"
     return InferenceOutput(
         maps={f"{ENTITY}_desc-7tlike": data, f"{ENTITY}_param-fa": extra["fa"],

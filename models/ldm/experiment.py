@@ -32,7 +32,7 @@ import torch
 from dmriflow.interfaces import io
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
-from dmriflow.models.ldm import baselines, diffusion, evaluate, features
+from dmriflow.models.ldm import baselines, diffusion, evaluate, features, rishdiff
 from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T, fit
 
 #: Seed offsets of the three subject groups (disjoint anatomies).
@@ -87,10 +87,13 @@ def _load_pair(path: Path):
         return fs[0], fs[1], json.loads(str(d["degradation"]))
 
 
-def acquisition_card() -> cards.Acquisition:
+def acquisition_card(ranges: dict | None = None) -> cards.Acquisition:
+    """b=1000 with >= 30 directions at 3 T; ``ranges``: the training ranges
+    (:func:`rishdiff.training_ranges`; the cube voxel size is refused outside)."""
     return cards.Acquisition(shells=[features.SHELL_B],
                              min_directions={f"{features.SHELL_B:g}": 2 * 15},
-                             voxel_size_mm=None, field_strength_t=degrade.FIELD_3T, min_b0=1)
+                             voxel_size_mm=None, field_strength_t=degrade.FIELD_3T, min_b0=1,
+                             ranges=ranges or {})
 
 
 def to_half_and_back(model: torch.nn.Module) -> torch.nn.Module:
@@ -192,7 +195,8 @@ def run(out, grid: int = 32, n_3t_only: int = 16, n_pairs: int = 16, n_test: int
     model = variants[True]
     card = cards.ModelCard(
         name=CHECKPOINT_NAME, version="0.1", architecture="ldm-3t7t",
-        kwargs={"grid": grid}, acquisition=acquisition_card(),
+        kwargs={"grid": grid}, acquisition=acquisition_card(rishdiff.training_ranges(
+            [rishdiff.cube_voxel_mm(f3.affine) for f3, _, _ in train])),
         normalisation={"input": "RISH orders 0/2/4 of the b0-normalised b=1000 shell (SH "
                                 "lmax 4) on a grid^3 cube over the FOV; amplitudes "
                                 "sqrt(R_l) / amp_scale_l (buffer)",

@@ -25,6 +25,7 @@ import torch
 
 from dmriflow.models.card import register
 from dmriflow.models.ldm import diffusion, features, sr, vqvae
+from dmriflow.models import train as training
 from dmriflow.models.train import DEFAULT_THREADS, TrainConfig, train
 
 #: Percentile of the training amplitudes (in the masks) that maps to 1.
@@ -169,10 +170,15 @@ def fit(model: LatentDiffusion3T7T, rish3_only: list, pairs: list, budget: Budge
     log = log or (lambda s: None)
     report = {"budget": asdict(budget)}
     all3 = [(r, m) for r, m in rish3_only] + [(r3, m) for r3, _, m in pairs]
-    model.amp_scale.copy_(amplitude_scale(all3 + [(r7, m) for _, r7, m in pairs]))
-    x3_all = torch.cat([model.to_input(r, m) for r, m in all3])
-    x3 = torch.cat([model.to_input(r3, m) for r3, _, m in pairs])
-    x7 = torch.cat([model.to_input(r7, m) for _, r7, m in pairs])
+    scale = amplitude_scale(all3 + [(r7, m) for _, r7, m in pairs])
+    # the image pools stay on the CPU (the loop moves each batch); every part
+    # and buffer of the model goes to the training device (CUDA when present)
+    x3_all = torch.cat([rish_to_input(r, m, scale) for r, m in all3])
+    x3 = torch.cat([rish_to_input(r3, m, scale) for r3, _, m in pairs])
+    x7 = torch.cat([rish_to_input(r7, m, scale) for _, r7, m in pairs])
+    dev = training.select_device(None)
+    model.to(dev)
+    model.amp_scale.copy_(scale)
     masks = torch.from_numpy(np.stack([m for _, _, m in pairs])[:, None].astype(np.float32))
 
     def images(pool, n):
@@ -205,9 +211,10 @@ def fit(model: LatentDiffusion3T7T, rish3_only: list, pairs: list, budget: Budge
     flips = [[a for a in range(3) if (k >> a) & 1] for k in range(8)]
     model.eval()
     with torch.no_grad():
-        z3 = torch.stack([vqvae.encode(model.vq3, _flip(x3, f)) for f in flips], 1)
-        z7 = torch.stack([vqvae.encode(model.vq7, _flip(x7, f)) for f in flips], 1)
-        z37 = torch.stack([vqvae.encode(model.vq7, _flip(x3, f)) for f in flips], 1)
+        x3d, x7d = x3.to(dev), x7.to(dev)
+        z3 = torch.stack([vqvae.encode(model.vq3, _flip(x3d, f)) for f in flips], 1)
+        z7 = torch.stack([vqvae.encode(model.vq7, _flip(x7d, f)) for f in flips], 1)
+        z37 = torch.stack([vqvae.encode(model.vq7, _flip(x3d, f)) for f in flips], 1)
         model.latent_scale.copy_(1.0 / z7.std().clamp_min(1e-6))
         decoded7 = vqvae.decode(model.vq7, z7[:, 0])
     s = model.latent_scale

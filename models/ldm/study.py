@@ -1,0 +1,372 @@
+"""Train, ship and score the RISH-space 3T->7T model against its baselines.
+
+* :func:`simulate` - held-out (or training) pairs at given seeds: both
+  members' features on the cube plus the 3T member's noise estimate and SNR
+  (on the native grid, as an inference run would see them);
+* :func:`train_shipped` - trains the residual diffusion model and the
+  equally-fed CNN on train-family pairs and writes both checkpoints
+  (``python -m dmriflow.models.ldm.study train OUT``);
+* :func:`evaluate` - scores every method on the given seeds (test family):
+  ``metrics.tsv`` (method, map, nmse, ssim, skill = 1 - NMSE/NMSE_identity,
+  mean over subjects), ``calibration.tsv`` (method, map, nominal, coverage),
+  ``subjects.tsv`` (per subject), ``tests.tsv`` (paired Wilcoxon tests of the
+  shipped model against each baseline) - ``dmriflow evaluate 3t7t``.
+
+Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
+sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
+train-family pairs), ``cnn`` (the equally-fed CNN), ``oracle`` (true 7T
+RISH), ``ldm_paired_concatenation`` (the earlier latent model, when its
+checkpoint is given).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmriflow.models import card as cards
+from dmriflow.models import degrade
+from dmriflow.models.ldm import evaluate as ev
+from dmriflow.models.ldm import features, rishdiff
+
+#: Seeds of the training / validation pairs (train family) and the default
+#: held-out seeds (test family); disjoint from the latent model's experiment.
+SEED_TRAIN, SEED_HELDOUT = 40_000, 50_000
+#: Calibration levels of the sample intervals.
+NOMINALS = (0.5, 0.8, 0.9, 0.95)
+#: Template-lambda baseline: train-family pairs it is fitted on at evaluation.
+TEMPLATE_PAIRS = 4
+#: Validation pairs (train family) that calibrate the spread.
+VALIDATION_PAIRS = 6
+SEED_VALIDATION = SEED_TRAIN + 1000
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
+SHIPPED_DIFFUSION = SHIPPED / "rish_3t7t"
+SHIPPED_CNN = SHIPPED / "rish_cnn_3t7t"
+SHIPPED_LDM = SHIPPED / "ldm_3t7t"
+
+
+@dataclass
+class Subject:
+    seed: int
+    f3: features.ShellFeatures
+    f7: features.ShellFeatures
+    sigma3: float          # noise SD estimated from the 3T b0 repeats
+    snr3: float            # estimated SNR of the 3T member
+    degradation: dict
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.f3.mask & self.f7.mask
+
+
+def simulate(seeds, family: str, grid: int = 32) -> list[Subject]:
+    out = []
+    for s in seeds:
+        p = degrade.simulate_pair(int(s), sim_size=grid, family=family)
+        sigma = rishdiff.noise_sigma(p.dwi3, p.gtab3, p.mask)
+        out.append(Subject(int(s),
+                           features.shell_features(p.dwi3, p.gtab3, p.mask, p.affine, grid),
+                           features.shell_features(p.dwi7, p.gtab7, p.mask, p.affine, grid),
+                           sigma, rishdiff.snr_of(p.dwi3, p.gtab3, p.mask, sigma),
+                           p.degradation.describe()))
+    return out
+
+
+def training_ranges(subjects: list[Subject]) -> dict:
+    """The card's ranges from the training subjects (:func:`rishdiff.training_ranges`)."""
+    return rishdiff.training_ranges([rishdiff.cube_voxel_mm(s.f3.affine) for s in subjects],
+                                    [s.snr3 for s in subjects])
+
+
+def acquisition(ranges: dict) -> cards.Acquisition:
+    return cards.Acquisition(shells=[features.SHELL_B],
+                             min_directions={f"{features.SHELL_B:g}": 30},
+                             field_strength_t=degrade.FIELD_3T, min_b0=2, ranges=ranges)
+
+
+def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | None = None,
+                  grid: int = 32, seed: int = 0, log=print) -> dict:
+    """Train both RISH-space models on train-family pairs; write their checkpoints
+    to ``out/rish_3t7t`` and ``out/rish_cnn_3t7t`` (float16-rounded weights)."""
+    out = Path(out)
+    t0 = time.perf_counter()
+    subs = simulate(SEED_TRAIN + np.arange(n_pairs), "train", grid)
+    log(f"simulated {n_pairs} pairs in {time.perf_counter() - t0:.0f} s")
+    pairs = [(s.f3, s.f7, s.sigma3) for s in subs]
+    ranges = training_ranges(subs)
+    budget = rishdiff.RishBudget(steps=steps, seed=seed)
+    torch.manual_seed(seed)
+    diff = rishdiff.RishDiffusion3T7T(grid=grid)
+    rep = rishdiff.fit(diff, pairs, budget, log=log)
+    val = simulate(SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid)
+    t1 = time.perf_counter()
+    scale = rishdiff.calibrate(diff, [(s.f3, s.f7, s.sigma3, s.seed) for s in val])
+    rep["spread_scale"] = scale.tolist()
+    rep["calibration"] = (f"{VALIDATION_PAIRS} train-family validation pairs (seeds "
+                          f"{SEED_VALIDATION}-{SEED_VALIDATION + VALIDATION_PAIRS - 1}), "
+                          f"{rishdiff.CALIBRATION_LEVEL:.0%} level, "
+                          f"{time.perf_counter() - t1:.0f} s")
+    log(f"spread scale {np.round(scale, 3).tolist()} ({rep['calibration']})")
+    torch.manual_seed(seed)
+    cnn = rishdiff.RishResidualCNN(grid=grid)
+    cbudget = rishdiff.RishBudget(steps=cnn_steps or steps, seed=seed)
+    crep = rishdiff.fit_cnn(cnn, pairs, cbudget, log=log)
+    data = (f"simulated pairs (dmriflow.models.degrade), seeds {SEED_TRAIN}-"
+            f"{SEED_TRAIN + n_pairs - 1}, train degradation family, grid {grid}")
+    for model, report, name, folder in ((diff, rep, "rish-diffusion-3t7t", "rish_3t7t"),
+                                        (cnn, crep, "rish-cnn-3t7t", "rish_cnn_3t7t")):
+        _round_half(model)
+        card = cards.ModelCard(
+            name=name, version="0.1", architecture=name, kwargs={"grid": grid},
+            acquisition=acquisition(ranges),
+            normalisation={"input": "log A3 = 0.5 log(R3_l + tau_l) per order, mask, "
+                                    "log(sigma / s0); standardised by the cond_mean/cond_std "
+                                    "buffers; output log(A7/A3) / target_std",
+                           "tau_fraction": rishdiff.TAU_FRACTION},
+            training={"data": data, "budget": report["budget"],
+                      "cpu_seconds": round(report["seconds"], 1),
+                      "final_loss": report["history"][-1]["loss"],
+                      **({"spread_scale": report["spread_scale"],
+                          "calibration": report["calibration"]}
+                         if "spread_scale" in report else {}),
+                      "weights_precision": "float16 (rounded after training)",
+                      "limitations": "synthetic degradation, not real 3T/7T pairs"},
+            extra={"samples": rishdiff.SAMPLES, "sample_steps": rishdiff.SAMPLE_STEPS})
+        cards.save_checkpoint(model.half(), card, out / folder)
+        model.float()
+        log(f"{name}: {report['budget']['steps']} steps in {report['seconds']:.0f} s, "
+            f"final loss {report['history'][-1]['loss']:.4f}")
+    return {"diffusion": rep, "cnn": crep, "ranges": ranges}
+
+
+def _round_half(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+
+
+# ----------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------
+def _scores(lam: np.ndarray, s: Subject) -> dict:
+    """NMSE/SSIM of the delivered RISH (lambda^2 R3) and of FA of the rebuilt DWIs."""
+    rish = (lam ** 2) * s.f3.rish
+    return ev.subject_metrics(rish, s.f7.rish, features.fa_of(s.f3, lam), s.f7.fa, s.mask)
+
+
+def _oracle_lambda(s: Subject) -> np.ndarray:
+    lam = np.exp(rishdiff.target(s.f3, s.f7, s.f3.mask)).transpose(1, 2, 3, 0)
+    return lam.astype(np.float32)
+
+
+def coverage(fit: rishdiff.RishFit, s: Subject, fa_samples: np.ndarray | None = None) -> list:
+    """(map, nominal, coverage) of the sample intervals against the truth in the mask."""
+    rows = []
+    m = s.mask
+    for nominal in NOMINALS:
+        lo, hi = fit.interval(nominal)
+        for k, name in enumerate(ev.MAPS[:3]):
+            t = s.f7.rish[..., k][m]
+            inside = (t >= lo[..., k][m]) & (t <= hi[..., k][m])
+            rows.append((name, nominal, float(np.mean(inside))))
+        if fa_samples is not None:
+            q = np.quantile(fa_samples[:, m], [0.5 - nominal / 2, 0.5 + nominal / 2], axis=0)
+            t = s.f7.fa[m]
+            rows.append(("FA", nominal, float(np.mean((t >= q[0]) & (t <= q[1])))))
+    return rows
+
+
+def spread_error_spearman(fit: rishdiff.RishFit, s: Subject) -> dict:
+    """Per order: Spearman correlation of the predicted spread with the actual
+    |error| of the posterior-mean log lambda, over mask voxels."""
+    from scipy.stats import spearmanr
+    m = s.mask
+    err = np.abs(np.log(fit.lam) - np.log(_oracle_lambda(s)))
+    sp = fit.spread
+    return {name: float(spearmanr(sp[..., k][m], err[..., k][m])[0])
+            for k, name in enumerate(ev.MAPS[:3])}
+
+
+def _noise_proxy(s: Subject) -> np.ndarray:
+    """Local-noise proxy of the uncertainty: ``sigma / s0`` per voxel (G, G, G)."""
+    return s.sigma3 / np.maximum(s.f3.s0, 1e-6 * float(s.f3.s0.max()))
+
+
+def fit_noise_proxy(cnn, subjects: list[Subject], level: float = rishdiff.CALIBRATION_LEVEL
+                    ) -> np.ndarray:
+    """Per order, the factor c making ``log lambda_cnn +- z c sigma/s0`` cover
+    ``level`` of the true log scales on ``subjects`` (the proxy baseline's
+    calibration, on the same validation pairs as the diffusion model's)."""
+    from scipy.stats import norm
+    ratios = [[] for _ in range(3)]
+    for s in subjects:
+        y = np.log(cnn.predict_lambda(s.f3, s.sigma3))
+        err = np.abs(rishdiff.target(s.f3, s.f7, s.f3.mask).transpose(1, 2, 3, 0) - y)
+        r = err / _noise_proxy(s)[..., None]
+        for k in range(3):
+            ratios[k].append(r[..., k][s.mask])
+    return np.array([np.quantile(np.concatenate(r), level) for r in ratios]) / norm.ppf(
+        0.5 + level / 2)
+
+
+def proxy_coverage(cnn, c: np.ndarray, s: Subject) -> tuple[list, dict]:
+    """Coverage rows and Spearman(proxy, |error|) of the noise-proxy intervals
+    around the equally-fed CNN's prediction."""
+    from scipy.stats import norm, spearmanr
+    y = np.log(cnn.predict_lambda(s.f3, s.sigma3))
+    sd = _noise_proxy(s)[..., None] * c
+    m = s.mask
+    rows = []
+    for nominal in NOMINALS:
+        z = norm.ppf(0.5 + nominal / 2)
+        # exponents clipped: outside the mask s0 ~ 0 makes the proxy huge
+        lo = np.exp(np.clip(2 * (y - z * sd), -50, 50)) * s.f3.rish
+        hi = np.exp(np.clip(2 * (y + z * sd), -50, 50)) * s.f3.rish
+        for k, name in enumerate(ev.MAPS[:3]):
+            t = s.f7.rish[..., k][m]
+            inside = (t >= lo[..., k][m]) & (t <= hi[..., k][m])
+            rows.append((name, nominal, float(np.mean(inside))))
+    err = np.abs(y - np.log(_oracle_lambda(s)))
+    rho = {name: float(spearmanr(sd[..., k][m], err[..., k][m])[0])
+           for k, name in enumerate(ev.MAPS[:3])}
+    return rows, rho
+
+
+def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
+             ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
+             template_pairs: int = TEMPLATE_PAIRS, family: str = "test", log=print) -> dict:
+    """Score every method on held-out pairs at ``seeds`` (``family``: the test
+    degradation family by default; "train" for the in-distribution check);
+    write the TSVs."""
+    import pandas as pd
+    from scipy.stats import wilcoxon
+    from dmriflow.interfaces import io
+    from dmriflow.models.ldm import baselines
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    diff, dcard = cards.load_checkpoint(diffusion_ckpt, device="cpu")
+    cnn, _ = cards.load_checkpoint(cnn_ckpt, device="cpu")
+    ldm = cards.load_checkpoint(ldm_ckpt, device="cpu")[0] if ldm_ckpt else None
+    for m in (diff, cnn, ldm):
+        if m is not None:
+            m.float()
+    k = int(samples or dcard.extra.get("samples", rishdiff.SAMPLES))
+    steps = int(dcard.extra.get("sample_steps", rishdiff.SAMPLE_STEPS))
+    test = simulate(seeds, family, grid)
+    tmpl = simulate(SEED_TRAIN + np.arange(template_pairs), "train", grid)
+    template = baselines.TemplateLambda().fit([(s.f3, s.f7) for s in tmpl])
+    proxy_scale = fit_noise_proxy(cnn, simulate(
+        SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid))
+    log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
+        f"template in {time.perf_counter() - t0:.0f} s")
+    rows, cal, spear, flags = [], [], [], []
+    for i, s in enumerate(test):
+        ts = time.perf_counter()
+        problems = cards.range_problems(dcard.acquisition, {
+            "cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3})
+        flags.append({"subject": s.seed, "snr": round(s.snr3, 2),
+                      "flags": "; ".join(problems["flag"] + problems["refuse"])})
+        fit = diff.fit_subject(s.f3, s.sigma3, samples=k, steps=steps, seed=s.seed)
+        lams = {"shipped": fit.lam, "shipped_sample": fit.lam_sample(0),
+                "identity": np.ones_like(s.f3.rish), "template_lambda": template.scales(s.f3),
+                "cnn": cnn.predict_lambda(s.f3, s.sigma3), "oracle": _oracle_lambda(s)}
+        if ldm is not None:
+            pred = ldm.predict(s.f3.rish, s.f3.mask, seed=s.seed)
+            lams["ldm_paired_concatenation"] = baselines.delivered_rish(
+                s.f3.rish, pred, s.f3.mask, s.f3.affine)[0]
+        for name, lam in lams.items():
+            for map_, v in _scores(lam, s).items():
+                rows.append({"subject": s.seed, "method": name, "metric": map_, "value": v})
+        widened = np.exp(fit.calibrated())
+        fa_samples = np.stack([features.fa_of(s.f3, widened[j]) for j in range(k)])
+        cal += [{"subject": s.seed, "method": "shipped", "map": mp, "nominal": nom,
+                 "coverage": c} for mp, nom, c in coverage(fit, s, fa_samples)]
+        spear.append({"subject": s.seed, "method": "shipped", **spread_error_spearman(fit, s)})
+        prow, prho = proxy_coverage(cnn, proxy_scale, s)
+        cal += [{"subject": s.seed, "method": "cnn_noise_proxy", "map": mp, "nominal": nom,
+                 "coverage": c} for mp, nom, c in prow]
+        spear.append({"subject": s.seed, "method": "cnn_noise_proxy", **prho})
+        log(f"subject {s.seed} (SNR {s.snr3:.1f}) in {time.perf_counter() - ts:.0f} s")
+    per = pd.DataFrame(rows)
+    per[["score", "map"]] = per["metric"].str.split("_", n=1, expand=True).to_numpy()
+    wide = per.pivot_table(index=["subject", "method", "map"], columns="score",
+                           values="value").reset_index()
+    ident = wide[wide.method == "identity"].set_index(["subject", "map"])["nmse"]
+    wide["skill"] = 1 - wide["nmse"] / ident.reindex(
+        list(zip(wide.subject, wide["map"]))).to_numpy()
+    order = {m: i for i, m in enumerate(lams)}
+    metrics = (wide.groupby(["method", "map"], sort=False)[["nmse", "ssim", "skill"]]
+               .agg(["mean", "std"]))
+    metrics.columns = [a if b == "mean" else f"{a}_sd" for a, b in metrics.columns]
+    metrics = metrics.reset_index()
+    metrics["n_subjects"] = len(test)
+    metrics = metrics[["method", "map", "nmse", "ssim", "skill", "nmse_sd", "ssim_sd",
+                       "skill_sd", "n_subjects"]]
+    metrics = metrics.sort_values(["method", "map"], key=lambda c: c.map(
+        order if c.name == "method" else {m: i for i, m in enumerate(ev.MAPS)}))
+    calib = pd.DataFrame(cal).groupby(["method", "map", "nominal"], sort=False)["coverage"] \
+        .mean().reset_index()
+    tests = []
+    ship = wide[wide.method == "shipped"].set_index(["subject", "map"])
+    for other in lams:
+        if other in ("shipped", "oracle"):
+            continue
+        o = wide[wide.method == other].set_index(["subject", "map"])
+        for mp in ev.MAPS:
+            a = ship.xs(mp, level="map")["nmse"]
+            b = o.xs(mp, level="map")["nmse"].reindex(a.index)
+            d = (a - b).to_numpy()
+            p = float(wilcoxon(a, b).pvalue) if len(d) >= 5 and np.any(d != 0) else float("nan")
+            tests.append({"shipped_vs": other, "map": mp, "wins": int(np.sum(d < 0)),
+                          "subjects": len(d), "mean_nmse_difference": float(d.mean()),
+                          "wilcoxon_p": p})
+    sp = pd.DataFrame(spear)
+    for table, name in ((metrics, "metrics"), (calib, "calibration"), (wide, "subjects"),
+                        (pd.DataFrame(tests), "tests"), (sp, "spread_error_spearman"),
+                        (pd.DataFrame(flags), "flags")):
+        io.write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"),
+                      out / f"{name}.tsv")
+    seconds = time.perf_counter() - t0
+    log(f"evaluated {len(test)} subjects in {seconds:.0f} s")
+    return {"metrics": metrics, "calibration": calib, "tests": pd.DataFrame(tests),
+            "spearman": sp, "flags": pd.DataFrame(flags), "seconds": seconds}
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("out")
+    t.add_argument("--pairs", type=int, default=16)
+    t.add_argument("--steps", type=int, default=600)
+    t.add_argument("--cnn-steps", type=int, default=None)
+    e = sub.add_parser("evaluate")
+    e.add_argument("out")
+    e.add_argument("--seeds", type=int, nargs="+",
+                   default=list(SEED_HELDOUT + np.arange(12)))
+    e.add_argument("--checkpoints", default=str(SHIPPED))
+    e.add_argument("--family", default="test", choices=sorted(degrade.FAMILIES))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.cmd == "train":
+        train_shipped(a.out, a.pairs, a.steps, a.cnn_steps)
+    else:
+        c = Path(a.checkpoints)
+        r = evaluate(a.seeds, a.out, c / "rish_3t7t", c / "rish_cnn_3t7t",
+                     SHIPPED_LDM if SHIPPED_LDM.exists() else None, family=a.family)
+        print(r["metrics"].to_string())
+        print(r["calibration"].to_string())
+        print(r["tests"].to_string())
+        print(r["spearman"].groupby("method").mean(numeric_only=True).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""The RISH-space residual diffusion model, its equally-fed CNN, training
+ranges and out-of-distribution refusal, calibration and the evaluation.
+
+Tiny grids and budgets (12^3 cubes, widths 8) so each test runs in seconds.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("monai")  # noqa: E402 - the model family's declared dependency
+
+from dmriflow.interfaces.errors import InputError
+from dmriflow.models import card as cards
+from dmriflow.models import degrade as dg
+from dmriflow.models.ldm import features, rishdiff, study
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    p = dg.simulate_pair(31, sim_size=16, family="test")
+    f3 = features.shell_features(p.dwi3, p.gtab3, p.mask, p.affine, 16)
+    f7 = features.shell_features(p.dwi7, p.gtab7, p.mask, p.affine, 16)
+    return p, f3, f7
+
+
+def test_noise_estimate_recovers_the_simulated_sigma(pair):
+    p, _, _ = pair
+    # 6 b0 repeats x ~2000 mask voxels: the pooled variance is within a few %
+    # of the simulator's sigma (Rician ~ Gaussian at the b0's SNR >= 10)
+    assert rishdiff.noise_sigma(p.dwi3, p.gtab3, p.mask) == pytest.approx(p.sigma3, rel=0.05)
+    # the 7T member (SNR 60) is far less noisy
+    assert rishdiff.snr_of(p.dwi7, p.gtab7, p.mask) > 2 * rishdiff.snr_of(p.dwi3, p.gtab3, p.mask)
+    with pytest.raises(ValueError, match="needs >= 2"):
+        rishdiff.noise_sigma(p.dwi3[..., 5:], p.gtab3.select(np.arange(5, len(p.gtab3))),
+                             p.mask)
+
+
+def test_target_is_the_log_scale_that_rescales_3t_onto_7t(pair):
+    _, f3, f7 = pair
+    m = f3.mask
+    y = rishdiff.target(f3, f7, m)
+    lam = np.exp(y).transpose(1, 2, 3, 0)
+    lo, hi = rishdiff.SCALE_RANGE
+    tau = rishdiff.taus(f3.rish, m)
+    inside = m[..., None] & (lam > lo * 1.001) & (lam < hi * 0.999)
+    exact = (f7.rish + tau) / (f3.rish + tau)
+    assert inside.sum() > 0.6 * 3 * m.sum()        # the rest is clipped (mostly L4: noise)
+    assert np.allclose(lam[inside] ** 2, exact[inside], rtol=1e-4)
+    # the rescaled 3T RISH is the 7T RISH up to the tau floor (oracle NMSE ~ 0
+    # on L0 and L2; L4 loses the clipped voxels)
+    from dmriflow.models.ldm.evaluate import nmse
+    for k in range(2):
+        assert nmse(lam[..., k] ** 2 * f3.rish[..., k], f7.rish[..., k], m) < 1e-3
+    assert np.all(rishdiff.target(f3, f3, m) == 0)            # same RISH: lambda = 1
+
+
+def test_untrained_models_are_identity(pair):
+    p, f3, _ = pair
+    torch.manual_seed(0)
+    model = rishdiff.RishDiffusion3T7T(grid=16, width=8, blocks=2)
+    fit = model.fit_subject(f3, p.sigma3, samples=3, steps=3, seed=1)
+    assert fit.samples.shape == (3, 16, 16, 16, 3)
+    assert np.all(fit.lam == 1.0) and np.all(fit.spread == 0)
+    assert np.array_equal(fit.rish(), f3.rish)
+    cnn = rishdiff.RishResidualCNN(grid=16, width=8, blocks=2)
+    assert np.all(cnn.predict_lambda(f3, p.sigma3) == 1.0)
+
+
+def _known_pairs(scale=(1.3, 0.8, 0.5), n=3, g=12):
+    """Pairs whose 7T RISH is the 3T RISH times a known per-order factor."""
+    rng = np.random.default_rng(5)
+    out = []
+    for _ in range(n):
+        mask = np.zeros((g, g, g), bool)
+        mask[2:10, 2:10, 2:10] = True
+        rish3 = rng.uniform(0.2, 1.0, (g, g, g, 3)).astype(np.float32) * mask[..., None]
+        s0 = np.where(mask, rng.uniform(500, 1500, (g, g, g)), 0).astype(np.float32)
+        f3 = features.ShellFeatures(rish3, None, s0, None, mask, np.eye(4), None)
+        f7 = features.ShellFeatures(rish3 * np.float32(scale) ** 2, None, s0, None, mask,
+                                    np.eye(4), None)
+        out.append((f3, f7, 20.0))
+    return out
+
+
+def test_diffusion_and_cnn_learn_a_known_per_order_scale():
+    scale = np.array([1.3, 0.8, 0.5])
+    pairs = _known_pairs(tuple(scale))
+    budget = rishdiff.RishBudget(steps=150, batch=2, patch=8, lr=5e-3)
+    torch.manual_seed(0)
+    model = rishdiff.RishDiffusion3T7T(grid=12, width=8, blocks=2)
+    report = rishdiff.fit(model, pairs, budget)
+    assert report["history"][-1]["loss"] < 0.5 * report["history"][0]["loss"]
+    f3 = pairs[0][0]
+    fit = model.fit_subject(f3, 20.0, samples=4, steps=6, seed=0)
+    lam = fit.lam[f3.mask]
+    # the mapping is deterministic: the posterior mean recovers the scale
+    # within 10 % (150 steps), where identity is 20-100 % off
+    assert np.all(np.abs(np.median(lam, axis=0) / scale - 1) < 0.10)
+    torch.manual_seed(0)
+    cnn = rishdiff.RishResidualCNN(grid=12, width=8, blocks=2)
+    rishdiff.fit_cnn(cnn, pairs, budget)
+    lam_cnn = cnn.predict_lambda(f3, 20.0)[f3.mask]
+    assert np.all(np.abs(np.median(lam_cnn, axis=0) / scale - 1) < 0.10)
+    # deterministic sampling for a seed, different across seeds
+    a = model.fit_subject(f3, 20.0, samples=2, steps=3, seed=7).samples
+    assert np.array_equal(a, model.fit_subject(f3, 20.0, samples=2, steps=3, seed=7).samples)
+    assert not np.array_equal(a, model.fit_subject(f3, 20.0, samples=2, steps=3, seed=8).samples)
+
+
+def test_sample_intervals_cover_the_nominal_fraction_for_gaussian_truth():
+    """Truth drawn from the same distribution as the K samples: the intervals
+    must cover the nominal fraction (t-quantile with the predictive factor)."""
+    rng = np.random.default_rng(0)
+    g, k = 24, 8
+    mu = rng.normal(0, 0.3, (g, g, g, 3))
+    sd = rng.uniform(0.05, 0.3, (g, g, g, 3))
+    samples = mu + sd * rng.standard_normal((k, g, g, g, 3))
+    truth_y = mu + sd * rng.standard_normal((g, g, g, 3))
+    mask = np.ones((g, g, g), bool)
+    rish3 = rng.uniform(0.5, 1.0, (g, g, g, 3)).astype(np.float32)
+    f3 = features.ShellFeatures(rish3, None, None, None, mask, np.eye(4), None)
+    f7 = features.ShellFeatures(np.exp(2 * truth_y) * rish3, None, None, None, mask,
+                                np.eye(4), None)
+    fit = rishdiff.RishFit(samples.astype(np.float32), f3)
+    s = study.Subject(0, f3, f7, 1.0, 20.0, {})
+    cov = {(m, n): c for m, n, c in study.coverage(fit, s)}
+    for nominal in study.NOMINALS:               # 41k voxels x 3 orders: SE < 0.3 %
+        for m in ("L0", "L2", "L4"):
+            assert cov[m, nominal] == pytest.approx(nominal, abs=0.015)
+    # an over-confident model (spread / 3) under-covers
+    narrow = rishdiff.RishFit((mu + (samples - mu) / 3).astype(np.float32), f3)
+    assert dict(((m, n), c) for m, n, c in study.coverage(narrow, s))["L0", 0.9] < 0.6
+
+
+# ----------------------------------------------------------------------------
+# Training ranges and refusal
+# ----------------------------------------------------------------------------
+RANGES = {"cube_voxel_mm": {"min": 2.8, "max": 3.45, "trained": [3.125, 3.125],
+                            "action": "refuse"},
+          "snr": {"min": 15.0, "max": 35.0, "trained": [15.0, 35.0], "action": "flag"}}
+
+
+def _card():
+    return cards.ModelCard(name="m", version="1", architecture="rish-diffusion-3t7t",
+                           kwargs={}, acquisition=cards.Acquisition(shells=[1000.0],
+                                                                    ranges=RANGES))
+
+
+def test_out_of_range_inputs_are_refused_or_flagged():
+    card = _card()
+    assert cards.check_ranges(card, {"cube_voxel_mm": 3.125, "snr": 20.0}, "x.nii.gz") == []
+    with pytest.raises(InputError, match=r"x.nii.gz.*cube_voxel_mm 6\.875 is outside the "
+                                         r"model's range 2\.8-3\.45; training data 3\.125"):
+        cards.check_ranges(card, {"cube_voxel_mm": 6.875, "snr": 20.0}, "x.nii.gz")
+    flags = cards.check_ranges(card, {"cube_voxel_mm": 3.0, "snr": 9.0}, "x.nii.gz")
+    assert flags == ["snr 9 is outside the model's range 15-35; training data 15-35"]
+    assert cards.check_ranges(card, {"cube_voxel_mm": None}, "x") == []   # not measured
+
+
+def test_ranges_survive_the_card_and_old_cards_have_none(tmp_path):
+    torch.manual_seed(0)
+    model = rishdiff.RishDiffusion3T7T(grid=16, width=8, blocks=1)
+    card = _card()
+    card.kwargs = {"grid": 16, "width": 8, "blocks": 1}
+    cards.save_checkpoint(model, card, tmp_path / "ck")
+    assert cards.load_card(tmp_path / "ck").acquisition.ranges == RANGES
+    d = card.to_dict()
+    del d["acquisition"]["ranges"]                 # a card written before ranges existed
+    assert cards.ModelCard.from_dict(d).acquisition.ranges == {}
+
+
+def test_a_real_head_field_of_view_is_refused_by_the_shipped_card():
+    """A 110 x 110 x 70 head at 2 mm spans 220 mm: the 32^3 cube voxel is
+    6.9 mm, against 3.125 mm in training - refused, naming the value."""
+    _, card = cards.load_checkpoint(study.SHIPPED_DIFFUSION, device="cpu")
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    cube, _ = features.cube_grid(affine, (110, 110, 70), card.kwargs["grid"])
+    vox = rishdiff.cube_voxel_mm(cube)
+    assert vox == pytest.approx(220 / 32, rel=0.01)
+    with pytest.raises(InputError, match="cube_voxel_mm 6.8"):
+        cards.check_ranges(card, {"cube_voxel_mm": vox}, "head_dwi.nii.gz")
+    trained = card.acquisition.ranges["cube_voxel_mm"]["trained"]
+    assert cards.check_ranges(card, {"cube_voxel_mm": trained[0]}, "x") == []
+
+
+def test_shipped_rish_checkpoints_are_small_and_state_their_ranges():
+    for folder in (study.SHIPPED_DIFFUSION, study.SHIPPED_CNN):
+        assert (folder / cards.WEIGHTS_FILE).stat().st_size < 1 * 2**20
+        model, card = cards.load_checkpoint(folder, device="cpu")
+        assert set(card.acquisition.ranges) == {"cube_voxel_mm", "snr"}
+        assert card.acquisition.field_strength_t == 3.0 and model.grid == card.kwargs["grid"]
+
+
+def test_evaluation_writes_the_tables_with_every_method(tmp_path):
+    # grid 16 keeps it fast (the networks are convolutional; the card range is
+    # only reported here, in flags.tsv)
+    res = study.evaluate([study.SEED_HELDOUT + 99], tmp_path, ldm_ckpt=None, samples=3,
+                         grid=16, template_pairs=3, log=lambda s: None)
+    import pandas as pd
+    m = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
+    assert list(m.columns[:4]) == ["method", "map", "nmse", "ssim"]
+    assert set(m.method) == {"shipped", "shipped_sample", "identity", "template_lambda", "cnn",
+                             "oracle"}
+    assert set(m["map"]) == {"L0", "L2", "L4", "FA"}
+    ident = m[m.method == "identity"]
+    assert np.allclose(ident.skill, 0.0)
+    oracle = m[(m.method == "oracle") & m["map"].isin(["L0", "L2"])]
+    assert np.all(oracle.nmse < 1e-3)       # true 7T RISH, up to the tau floor
+    c = pd.read_csv(tmp_path / "calibration.tsv", sep="\t")
+    assert list(c.columns) == ["method", "map", "nominal", "coverage"]
+    assert set(c.nominal) == set(study.NOMINALS) and c.coverage.between(0, 1).all()
+    assert set(c.method) == {"shipped", "cnn_noise_proxy"}
+    assert res["seconds"] > 0
+
+
+def test_cli_evaluate_3t7t_passes_seeds_and_folder(tmp_path, monkeypatch, capsys):
+    import pandas as pd
+    from dmriflow.pipelines.cli import main
+    seen = {}
+
+    def fake(seeds, out, log=print):
+        seen.update(seeds=seeds, out=out)
+        return {"metrics": pd.DataFrame({"method": ["shipped"], "map": ["L0"], "nmse": [0.1],
+                                         "ssim": [0.9], "skill": [0.2]}), "seconds": 1.0}
+    monkeypatch.setattr(study, "evaluate", fake)
+    assert main(["evaluate", "3t7t", "--seeds", "5", "9", "--out", str(tmp_path)]) == 0
+    assert seen == {"seeds": [5, 9], "out": str(tmp_path)}
+    assert "shipped" in capsys.readouterr().out
+
+
+def test_calibration_recovers_a_known_under_dispersion():
+    """Samples 3x narrower than the truth's spread: the fitted spread scale is
+    ~3 and the calibrated 90 % intervals then cover ~90 %."""
+    rng = np.random.default_rng(3)
+    g, k = 16, 8
+    mask = np.ones((g, g, g), bool)
+    rish3 = rng.uniform(0.5, 1.0, (g, g, g, 3)).astype(np.float32)
+
+    class Stub:
+        spread_scale = torch.ones(3)
+
+        def fit_subject(self, f3, sigma, samples, steps, seed=0):
+            r = np.random.default_rng(seed)
+            mu, sd = f3.extra_mu, f3.extra_sd
+            raw = mu + (sd / 3) * r.standard_normal((samples,) + mu.shape)
+            return rishdiff.RishFit(raw.astype(np.float32), f3,
+                                    self.spread_scale.numpy().copy())
+
+    subjects = []
+    for seed in range(3):
+        mu = rng.normal(0, 0.2, (g, g, g, 3))
+        sd = rng.uniform(0.05, 0.2, (g, g, g, 3))
+        truth = mu + sd * rng.standard_normal((g, g, g, 3))
+        f3 = features.ShellFeatures(rish3, None, None, None, mask, np.eye(4), None)
+        f3.extra_mu, f3.extra_sd = mu, sd
+        f7 = features.ShellFeatures(np.exp(2 * truth) * rish3, None, None, None, mask,
+                                    np.eye(4), None)
+        subjects.append((f3, f7, 1.0, 100 + seed))
+    stub = Stub()
+    scale = rishdiff.calibrate(stub, subjects, samples=k, steps=1)
+    assert np.allclose(scale, 3.0, rtol=0.08)
+    f3, f7, _, seed = subjects[0]
+    fit = stub.fit_subject(f3, 1.0, k, 1, seed=seed + 7)
+    cov = dict(((m, n), c) for m, n, c in study.coverage(fit, study.Subject(0, f3, f7, 1, 1, {})))
+    assert cov["L2", 0.9] == pytest.approx(0.9, abs=0.02)
