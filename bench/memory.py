@@ -30,6 +30,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import synthetic  # bench/synthetic.py (this folder is on sys.path when run as a script)
 
 from dmriflow.interfaces.phantom import spiral_directions as directions
 
@@ -37,7 +38,7 @@ HCP_SHAPE = (145, 174, 145, 288)
 N_B0 = 18
 SHELLS = (1000.0, 2000.0, 3000.0)
 SNR = 25.0
-S0_MEAN = 1000.0
+S0_MEAN = synthetic.S0_MEAN
 #: ellipsoid semi-axes as fractions of the grid (HCP brain masks hold
 #: ~0.9-1.2 M voxels of the 3.66 M)
 MASK_AXES = (0.40, 0.42, 0.40)
@@ -113,39 +114,14 @@ def write_subject(d: str, shape, rng) -> dict:
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), os.path.join(d, "mask.nii"))
     inside = np.flatnonzero(mask.ravel(order="F"))     # F order: as a volume is stored
     m = inside.size
-    # per-voxel tissue: white matter / grey matter / CSF mix, random orientations
-    kind = rng.choice(3, size=m, p=[0.45, 0.40, 0.15])
-    lo = np.array([[1.4, 0.25, 0.2], [0.85, 0.7, 0.6], [2.8, 2.7, 2.6]])[kind] * 1e-3
-    hi = np.array([[1.9, 0.5, 0.45], [1.05, 0.85, 0.75], [3.1, 3.0, 2.9]])[kind] * 1e-3
-    ev = rng.uniform(lo, hi).astype(np.float32)
-    params = np.empty((m, 6), np.float32)
-    for s in range(0, m, 100_000):                       # float64 only per block
-        e = slice(s, min(s + 100_000, m))
-        q, _ = np.linalg.qr(rng.normal(size=(e.stop - s, 3, 3)))
-        D = np.einsum("nij,nj,nkj->nik", q, ev[e], q)
-        params[e] = np.stack([D[:, 0, 0], D[:, 1, 1], D[:, 2, 2],
-                              2 * D[:, 0, 1], 2 * D[:, 0, 2], 2 * D[:, 1, 2]], 1)
-    del ev, lo, hi, kind
-    s0 = rng.normal(S0_MEAN, 0.15 * S0_MEAN, m).clip(300).astype(np.float32)
+    params, s0 = synthetic.tissue_tensors(m, rng)
     sigma = np.float32(S0_MEAN / SNR)
-    hdr = nib.Nifti1Header()
-    hdr.set_data_dtype(np.float32)
-    hdr.set_data_shape(tuple(shape))
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
-    hdr.set_xyzt_units("mm", "sec")
-    offset = 352
-    hdr["vox_offset"] = offset
     vol = np.zeros(int(np.prod(grid)), np.float32)
     t = time.perf_counter()
     with open(os.path.join(d, "dwi.nii"), "wb") as fh:
-        fh.write(hdr.binaryblock)
-        fh.write(b"\0" * (offset - len(hdr.binaryblock)))
+        fh.write(synthetic.float32_header(shape, affine))
         for k in range(n_vol):
-            g, b = bvecs[k], np.float32(bvals[k])
-            quad = np.array([g[0] ** 2, g[1] ** 2, g[2] ** 2, g[0] * g[1], g[0] * g[2],
-                             g[1] * g[2]], np.float32)
-            S = s0 * np.exp(-b * (params @ quad))
+            S = synthetic.signal(params, s0, bvals[k], bvecs[k])
             re = S + sigma * rng.standard_normal(m, dtype=np.float32)
             im = sigma * rng.standard_normal(m, dtype=np.float32)
             vol[inside] = np.hypot(re, im)

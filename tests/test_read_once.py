@@ -36,6 +36,16 @@ def cohort(tmp_path_factory):
     return root
 
 
+def with_value(dwi: Path, at: tuple, value: float, dest: Path) -> Path:
+    """A float32 copy of ``dwi`` at ``dest`` with one voxel set to ``value``."""
+    img = nib.load(dwi)
+    arr = img.get_fdata(dtype=np.float32)
+    arr[at] = value
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr, img.affine, img.header), dest)
+    return dest
+
+
 def flip_bit_in_stored_gzip(path: Path, value_index: int = 4000) -> int:
     """Flip one bit of a voxel value in a .nii.gz as a storage fault would: the
     file is rewritten with stored (uncompressed) deflate blocks holding the
@@ -217,12 +227,7 @@ def test_rows_record_matches_grid_record(cohort, tmp_path):
 @pytest.mark.parametrize("rows_only", [False, True])
 def test_nan_named_by_the_input_and_nothing_left(cohort, tmp_path, rows_only):
     files = subject_files(cohort)
-    img = nib.load(files["dwi"])
-    arr = img.get_fdata(dtype=np.float32)
-    arr[3, 4, 5, 7] = np.nan
-    bad = tmp_path / "in" / "data.nii.gz"
-    bad.parent.mkdir()
-    nib.save(nib.Nifti1Image(arr, img.affine, img.header), bad)
+    bad = with_value(files["dwi"], (3, 4, 5, 7), np.nan, tmp_path / "in" / "data.nii.gz")
     node = tmp_path / "node"
     with pytest.raises(InputError) as info:
         stepfiles.validate_subject("s", bad, files["bval"], files["bvec"], files["mask"],
@@ -276,12 +281,7 @@ def test_refused_input_leaves_no_copy(cohort, tmp_path):
         bad.write_text(" ".join(["0"] * 5) + "\n")
         stepfiles.validate_subject("s", files["dwi"], bad, files["bvec"], files["mask"],
                                    out_dir=tmp_path / "node")
-    img = nib.load(files["dwi"])
-    arr = img.get_fdata(dtype=np.float32)
-    arr[0, 0, 0, 0] = np.inf
-    nan_in = tmp_path / "inf" / "data.nii.gz"
-    nan_in.parent.mkdir()
-    nib.save(nib.Nifti1Image(arr, img.affine, img.header), nan_in)
+    nan_in = with_value(files["dwi"], (0, 0, 0, 0), np.inf, tmp_path / "inf" / "data.nii.gz")
     with pytest.raises(InputError, match="NaN/Inf"):
         stepfiles.validate_subject("s", nan_in, files["bval"], files["bvec"], files["mask"],
                                    out_dir=tmp_path / "node")

@@ -454,6 +454,14 @@ def _standardised(model: _Normalised, conds):
 
 def fit(model: RishDiffusion3T7T, pairs: list, budget: RishBudget, log=None) -> dict:
     """Train in place on (f3, f7, sigma3) pairs; returns the training report."""
+    return _fit(model, diffusion_loss, True, pairs, budget, log)
+
+
+def _fit(model: _Normalised, loss, with_generator: bool, pairs: list, budget: RishBudget,
+         log=None) -> dict:
+    """The one training loop of both models (same data, patches and budget):
+    normalise on the pairs, then ``train`` with ``loss``; ``with_generator``:
+    batches carry a seeded generator for the diffusion noise (not the CNN's)."""
     conds, ys = training_arrays(pairs)
     model.set_normalisation(conds, ys)
     cs = _standardised(model, conds)
@@ -462,7 +470,7 @@ def fit(model: RishDiffusion3T7T, pairs: list, budget: RishBudget, log=None) -> 
                       seed=budget.seed, threads=budget.threads,
                       log_every=max(1, budget.steps // 10), checkpoint_every=budget.steps,
                       validate_every=budget.steps)
-    res = train(model, diffusion_loss, patch_batches(cs, ts, budget.patch, budget.batch, True),
+    res = train(model, loss, patch_batches(cs, ts, budget.patch, budget.batch, with_generator),
                 cfg, log=log)
     return {"budget": asdict(budget), "seconds": res.seconds, "history": res.history}
 
@@ -502,14 +510,4 @@ def cnn_loss(model: RishResidualCNN, batch) -> torch.Tensor:
 
 def fit_cnn(model: RishResidualCNN, pairs: list, budget: RishBudget, log=None) -> dict:
     """Train the equally-fed CNN in place on (f3, f7, sigma3) pairs."""
-    conds, ys = training_arrays(pairs)
-    model.set_normalisation(conds, ys)
-    cs = _standardised(model, conds)
-    ts = [torch.from_numpy(y) for y in ys]
-    cfg = TrainConfig(steps=budget.steps, lr=budget.lr, warmup=max(1, budget.steps // 10),
-                      seed=budget.seed, threads=budget.threads,
-                      log_every=max(1, budget.steps // 10), checkpoint_every=budget.steps,
-                      validate_every=budget.steps)
-    res = train(model, cnn_loss, patch_batches(cs, ts, budget.patch, budget.batch, False),
-                cfg, log=log)
-    return {"budget": asdict(budget), "seconds": res.seconds, "history": res.history}
+    return _fit(model, cnn_loss, False, pairs, budget, log)
