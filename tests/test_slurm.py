@@ -47,6 +47,9 @@ CPU_PHASE_STEPS = SUBJECT_STEPS
 INFERENCE = ("--inference", "directions")
 START_TIMEOUT_S = 600
 RUN_TIMEOUT_S = 300
+#: How long sacct may lag behind a job that has finished (slurmctld sends job
+#: records to slurmdbd asynchronously).
+ACCOUNTING_LAG_S = 30
 
 
 def unavailable(reason: str):
@@ -234,7 +237,13 @@ def test_cancelled_job_fails_the_run_and_a_rerun_completes(slurm_cluster, cohort
     # the rerun submitted jobs only for what the cancelled run left undone (cached nodes
     # need no job): at most the one subject's steps and the group table
     cancelled = slurm_cluster.sacct(comment).set_index("JobID").loc[job, "JobName"]
-    rerun_steps = slurm_cluster.sacct(f"{comment}-rerun")["JobName"].str.split(".").str[0]
+    # the accounting daemon may record the last job a moment after the run ended
+    deadline = time.monotonic() + ACCOUNTING_LAG_S
+    while True:
+        rerun_steps = slurm_cluster.sacct(f"{comment}-rerun")["JobName"].str.split(".").str[0]
+        if "GroupTable" in set(rerun_steps) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert cancelled.split(".")[0] in set(rerun_steps)
     assert "GroupTable" in set(rerun_steps)
     assert len(rerun_steps) <= len(SUBJECT_STEPS) + 1, rerun_steps.tolist()
