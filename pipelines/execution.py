@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import stat
@@ -28,7 +29,7 @@ import pandas as pd
 from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.inputs import SubjectInputs, census
-from dmriflow.pipelines.progress import PROGRESS_ENV
+from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
 from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DROPPED_MARKER, DTI_MAX_BVAL,
                                       FAILED_MARKER, STEP_MARKER, failed_row,
                                       status_path, write_status, write_subjects_table)
@@ -50,6 +51,8 @@ RUN_JOURNAL = ".dmriflow-run.json"
 #: Node results written this long before the journal's start time are checked too
 #: (file-system time stamps are coarse).
 JOURNAL_SLACK_S = 2.0
+#: Folder of the per-run log files, under OUTPUT/dmriflow.
+LOG_DIR = "logs"
 #: Written into a cache root when dmriflow creates (or adopts) it: only a folder
 #: carrying it is ever cleaned or has its node results (pickles) loaded.
 CACHE_MARKER = ".dmriflow-cache.json"
@@ -305,7 +308,7 @@ def locked_run(output_dir: Path, root: Path, config: RunConfig):
     (removed only when the body completes). The cache is claimed first
     (:func:`claim_cache`): nothing is written into a folder that is not ours."""
     claim_cache(root)
-    with exclusive_run(output_dir / "dmriflow", root):
+    with exclusive_run(output_dir / "dmriflow", root), run_log(output_dir, config):
         cleared = clear_interrupted(root, output_dir)
         if cleared:
             _log(config, f"removed {cleared} leftover(s) of an interrupted run")
@@ -340,8 +343,31 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
 
 
 def _log(config: RunConfig, msg: str) -> None:
-    if not config.quiet:
-        print(f"[dmriflow] {msg}", file=sys.stderr, flush=True)
+    """A run message: to stderr unless quiet, always to the run's log file."""
+    log_line(msg, to_stderr=not config.quiet)
+
+
+@contextmanager
+def run_log(output_dir: Path, config: RunConfig):
+    """The run's own log file, ``OUTPUT/dmriflow/logs/run-<time>-<pid>-<random>.log``:
+    the command, versions and environment id, every message and every node's
+    progress line (worker processes append to it through LOG_ENV). Yields its path."""
+    from dmriflow.interfaces.environment import environment
+    name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}.log"
+    path = output_dir / "dmriflow" / LOG_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = os.environ.get(LOG_ENV)
+    os.environ[LOG_ENV] = str(path)
+    try:
+        log_line(f"dmriflow {__version__} ({io.pipeline_version()}), environment "
+                 f"{environment()['EnvironmentId']}; command: {' '.join(sys.argv)}; "
+                 f"worker={config.worker} n_procs={config.n_procs}", to_stderr=False)
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(LOG_ENV, None)
+        else:
+            os.environ[LOG_ENV] = previous
 
 
 def preflight(subjects: list[SubjectInputs], output_dir, version: str):

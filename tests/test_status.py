@@ -280,3 +280,23 @@ def test_a_failed_export_is_redone_once_its_cause_is_gone(tmp_path):
     blocker.unlink()
     assert run(cohort, out, "--rerun-failed") == cli.EXIT_OK
     assert set(status_table(out)["status"]) == {"done"}
+
+
+def test_every_run_writes_its_log_file(tmp_path):
+    """A quiet run still logs: the command, versions and environment id, every
+    node's progress line (written by the cf worker processes) and the summary;
+    each run has its own file."""
+    cohort = make_cohort(tmp_path / "in")
+    out = tmp_path / "out"
+    assert run(cohort, out) == cli.EXIT_OK
+    logs = sorted((out / "dmriflow" / "logs").glob("run-*.log"))
+    assert len(logs) == 1
+    text = logs[0].read_text()
+    assert f"environment {environment()['EnvironmentId']}; command:" in text
+    for s in discover(cohort):
+        for step in ("Validate", "FitTensor", "FitRish", "Export"):
+            assert f"] {step} {s.key}: done\n" in text, (step, s.key)
+    assert "finished in" in text and f"{N_SUBJECTS} done, 0 not done" in text
+    assert all(line.startswith("[dmriflow ") for line in text.splitlines())
+    assert run(cohort, out) == cli.EXIT_OK
+    assert len(list((out / "dmriflow" / "logs").glob("run-*.log"))) == 2
