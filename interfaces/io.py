@@ -249,10 +249,13 @@ def load_mask(path, ref: nib.Nifti1Image) -> np.ndarray:
     return mask
 
 
-def mean_b0_map(data: np.ndarray, gtab) -> np.ndarray:
+def mean_b0_map(data: np.ndarray, gtab, volumes=None) -> np.ndarray:
     """Voxel mean of the b0 volumes, float32 (accumulated in float64 one volume
-    at a time: no copy of the b0 volumes, ~0.3 GB for an HCP subject)."""
+    at a time: no copy of the b0 volumes, ~0.3 GB for an HCP subject).
+    ``volumes``: only the b0 volumes among these."""
     idx = np.flatnonzero(gtab.b0s_mask)
+    if volumes is not None:
+        idx = np.intersect1d(idx, volumes)
     if idx.size == 0:
         raise ValueError("no b0 volume in the gradient table")
     acc = np.zeros(data.shape[:3], dtype=np.float64)

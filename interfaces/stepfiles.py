@@ -68,10 +68,7 @@ def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None) -> dict:
     diffs = np.concatenate([data[..., b][mask] - data[..., a][mask]
                             for a, b in zip(idx[:-1], idx[1:])])
     sigma = MAD_TO_SD * float(np.median(np.abs(diffs - np.median(diffs)))) / float(np.sqrt(2.0))
-    acc = np.zeros(data.shape[:3], dtype=np.float64)   # as io.mean_b0_map, over idx
-    for k in idx:
-        acc += data[..., k]
-    mean_b0 = float((acc / idx.size).astype(np.float32)[mask].mean())
+    mean_b0 = float(io.mean_b0_map(data, gtab, idx)[mask].mean())
     return {"noise_sigma": sigma, "b0_snr": mean_b0 / sigma if sigma > 0 else float("inf"),
             "n_b0_pairs": int(idx.size - 1)}
 
