@@ -174,7 +174,7 @@ def _row(prefix: str, rep: dict, **extra) -> str:
 # Modes
 # ----------------------------------------------------------------------------
 def cohort_mode(args, tmp: Path) -> None:
-    from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+    from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
     t = time.perf_counter()
     write_cohort(tmp / "in", args.subjects, shape=tuple(args.shape), seed=0,
                  scheme=hcp_scheme(**SMALL_SCHEME), n_jobs=2)

@@ -103,7 +103,7 @@ def timed(cmd, env=None) -> tuple[float, float, str]:
 
 
 def make_block(shape, seed=0):
-    from dmriflow.interfaces.phantom import hcp_scheme, simulate_subject
+    from dmriflow.interfaces.sim.phantom import hcp_scheme, simulate_subject
     scheme = hcp_scheme(n_b0=N_B0, shells=SHELLS, n_dirs=N_DIRS, seed=seed)
     subj = simulate_subject(tuple(shape), seed=seed, snr=SNR, scheme=scheme,
                             keep_noise_free=True)

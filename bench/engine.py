@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines.execution import RunConfig, run_cohort
 from dmriflow.pipelines.inputs import discover
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from dmriflow.interfaces import io, orientation
 from dmriflow.interfaces.gradients import GradientTable
-from dmriflow.interfaces.phantom import hcp_scheme, simulate_subject
+from dmriflow.interfaces.sim.phantom import hcp_scheme, simulate_subject
 from dmriflow.interfaces.stepfiles import load_subject
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -50,7 +50,7 @@ task, args = sys.argv[1], json.loads(sys.argv[2])
 t0 = time.perf_counter()
 out = {}
 if task == "simulate":
-    from dmriflow.interfaces import phantom
+    from dmriflow.interfaces.sim import phantom
     from dmriflow.interfaces.io import save_nifti, write_text
     import nibabel as nib
     site = None

@@ -4,7 +4,7 @@ Sections (each a function returning an ordered dict of figures; ``main``
 prints them as key=value lines, one per line):
 
 * ``montecarlo_section``: the spin random-walk simulator
-  (interfaces/montecarlo.py) - accuracy against the analytic results versus
+  (interfaces/sim/montecarlo.py) - accuracy against the analytic results versus
   the number of walkers (free anisotropic diffusion: RMS error of
   |S(q)|/|S(0)| - E(q) over an HCP-like 3-shell scheme; linear R2 field:
   RMS error of the phase - (-1/2 q^T 2 Delta D g)), the mean reported
@@ -47,8 +47,8 @@ import time
 import nibabel as nib
 import numpy as np
 
-from dmriflow.interfaces import montecarlo as mc
-from dmriflow.interfaces.phantom import hcp_scheme
+from dmriflow.interfaces.sim import montecarlo as mc
+from dmriflow.interfaces.sim.phantom import hcp_scheme
 
 #: HCP 3T timing (s)
 HCP_TIMING = dict(delta=0.0106, Delta=0.0431, TE=0.0895)

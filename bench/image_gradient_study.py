@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from dmriflow.interfaces import image_gradient as ig
-from dmriflow.interfaces import image_gradient_study as study
-from dmriflow.interfaces import phantom
+from dmriflow.interfaces.studies import image_gradient as study
+from dmriflow.interfaces.sim import phantom
 
 #: Acquisition schemes of the phantom study (b0 count, shells, directions).
 SCHEMES = {

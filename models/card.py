@@ -84,8 +84,8 @@ def build(architecture: str, kwargs: dict) -> torch.nn.Module:
 
 
 #: Modules that register architectures; imported on demand by :func:`build`.
-ARCHITECTURE_MODULES = ("dmriflow.models.directions", "dmriflow.models.dti6",
-                        "dmriflow.models.ldm")
+ARCHITECTURE_MODULES = ("dmriflow.models.directions", "dmriflow.models.ldm",
+                        "dmriflow.models.experiments.dti6")
 
 
 def _import_known_architectures(wanted: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ subject with enough directions on the shell: a well-spread subset of
 targets. Signals are b0-normalised (divided by the voxel's mean b0).
 
 :func:`phantom_samples` builds such pairs from the head phantom
-(:mod:`dmriflow.interfaces.phantom`) with a different electrostatic direction
+(:mod:`dmriflow.interfaces.sim.phantom`) with a different electrostatic direction
 set per subject (so a model cannot learn one fixed set) and the noise-free
 targets kept for evaluation; :func:`split_subjects` holds subjects out.
 """
@@ -145,7 +145,7 @@ def split_dwi(dwi: DWI, subject: str = "", shell: float = UPSAMPLE_SHELL,
 def phantom_scheme(seed: int, n_b0: int = PHANTOM_B0,
                    n_dirs: int = PHANTOM_DIRECTIONS) -> GradientTable:
     """A one-shell (b=1000) HCP-like scheme with its own direction set per seed."""
-    from dmriflow.interfaces.phantom import hcp_scheme
+    from dmriflow.interfaces.sim.phantom import hcp_scheme
     return hcp_scheme(n_b0=n_b0, shells=(UPSAMPLE_SHELL,), n_dirs=n_dirs, seed=seed)
 
 
@@ -158,7 +158,7 @@ def phantom_samples(n_subjects: int, seed: int = 0, shape=PHANTOM_SHAPE, snr: fl
     """
     import nibabel as nib
 
-    from dmriflow.interfaces.phantom import simulate_subject
+    from dmriflow.interfaces.sim.phantom import simulate_subject
     out = []
     for i in range(first_index, first_index + n_subjects):
         s = simulate_subject(shape=shape, seed=seed + i, snr=snr,

@@ -3,7 +3,7 @@
 Numerics only (numpy/scipy, no pydra, no torch). No paired 3T/7T data exist
 offline (SCIENCE.md section 4), so pairs are simulated:
 
-* the **"7T"** member is the phantom (:func:`dmriflow.interfaces.phantom.simulate_subject`)
+* the **"7T"** member is the phantom (:func:`dmriflow.interfaces.sim.phantom.simulate_subject`)
   at the 7T echo time, with 7T-shortened T2, a 64-direction b=1000 shell and a
   high SNR, on the simulation grid;
 * the **"3T-like"** member starts from the SAME anatomy (same seed) simulated
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dmriflow.interfaces import phantom
+from dmriflow.interfaces.sim import phantom
 from dmriflow.interfaces.gradients import GradientTable
 
 # ----------------------------------------------------------------------------

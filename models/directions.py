@@ -58,7 +58,7 @@ ARCHITECTURE = "direction-sh-cnn"
 # ----------------------------------------------------------------------------
 def sh_features(sample: DirectionSample) -> np.ndarray:
     """(N_FEATURES, X, Y, Z) float32 features of a sample's b0s and inputs."""
-    from dmriflow.interfaces.phantom import spiral_directions
+    from dmriflow.interfaces.sim.phantom import spiral_directions
     mask = sample.mask
     dense = spiral_directions(TENSOR_SAMPLES)
     tensor = dti_prediction(sample, dense)[mask]                 # (V, TENSOR_SAMPLES)
@@ -369,7 +369,7 @@ def run_experiment(checkpoint_dir, state_dir=None, steps: int = 3000, resume: bo
     rows = evaluate(test, {"network": lambda s: predict_network(model, s), **baselines()})
     table = [{"split": "held-out phantom subjects", **r} for r in summarise(rows, METRICS)]
     card = make_card(model, train, config, table,
-                     data_description=(f"head phantom (dmriflow.interfaces.phantom), "
+                     data_description=(f"head phantom (dmriflow.interfaces.sim.phantom), "
                                        f"{n_train} training + {n_val} validation subjects "
                                        f"(seeds {seed}..), grid {PHANTOM_SHAPE} at 2.5 mm, "
                                        f"6 b0 + 90 b=1000 directions (own direction set per "

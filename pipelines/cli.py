@@ -353,7 +353,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from dmriflow.interfaces.phantom import write_cohort
+    from dmriflow.interfaces.sim.phantom import write_cohort
     kwargs = {} if args.snr is None else {"snr": args.snr}
     labels = write_cohort(args.output, args.subjects, layout=args.layout,
                           shape=tuple(args.shape), seed=args.seed, **kwargs)
@@ -404,8 +404,8 @@ def _train_3t7t(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Simulate held-out pairs at the seeds, apply the shipped checkpoints and the
-    baselines, write the tables (:func:`dmriflow.models.ldm.study.evaluate`)."""
-    from dmriflow.models.ldm import study
+    baselines, write the tables (:func:`dmriflow.models.experiments.ldm_study.evaluate`)."""
+    from dmriflow.models.experiments import ldm_study as study
     from dmriflow.models.train import torch_threads
     with torch_threads(1):
         res = study.evaluate(args.seeds, args.out, log=print)
@@ -415,7 +415,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dmriflow.interfaces.phantom import write_cohort
+    from dmriflow.interfaces.sim.phantom import write_cohort
     out = Path(args.output)
     cohort = out / "input"
     if not cohort.is_dir():

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from dmriflow.interfaces.harmonize import SIDECAR_KEY, HarmonizationArtefact
-from dmriflow.interfaces.phantom import SiteEffect, hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import SiteEffect, hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 
 SHAPE = (20, 24, 18)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from dmriflow.interfaces import harmonize as H
-from dmriflow.interfaces import phantom, sh
+from dmriflow.interfaces import sh
+from dmriflow.interfaces.sim import phantom
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI, load_dwi

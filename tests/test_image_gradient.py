@@ -21,7 +21,7 @@ from dmriflow.interfaces import image_gradient as ig
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import GradientTable, fsl_to_world, world_to_fsl
 from dmriflow.interfaces.io import DWI
-from dmriflow.interfaces.phantom import hcp_scheme
+from dmriflow.interfaces.sim.phantom import hcp_scheme
 
 T = ig.HCP_TIMING
 #: A second diffusion time for C (ms): the long-Delta series.
@@ -715,7 +715,7 @@ def test_phase_model_equals_the_exact_finite_pulse_phase(gtab):
     """P's forward model with a = phase_coefficient gives exactly the phase
     of the Monte Carlo simulator's closed form for HCP's finite pulses (the
     first-order phase scales with Delta |q|, not sqrt(b t_d))."""
-    from dmriflow.interfaces import montecarlo as mc
+    from dmriflow.interfaces.sim import montecarlo as mc
     seq = mc.Sequence.pgse(T.delta / 1000, T.Delta / 1000, T.TE / 1000)
     D = _tensors(1, np.random.default_rng(5))[0]
     grad_r2 = np.array([30.0, -50.0, 20.0])              # 1/(s mm): |g| ~ 5/mm

@@ -1,6 +1,6 @@
 """Image-gradient estimators on Monte Carlo voxels (SCIENCE.md s.7).
 
-Each voxel is simulated by the spin random walk (interfaces/montecarlo.py)
+Each voxel is simulated by the spin random walk (interfaces/sim/montecarlo.py)
 with a random white-matter-like tensor and a random gradient axis, the HCP
 acquisition (18 b0 + 3 x 90 directions at b = 1000/2000/3000; Delta/delta/TE
 = 43.1/10.6/89.5 ms), complex Gaussian noise at SNR 50 (b0 / sigma; the
@@ -29,8 +29,8 @@ import math
 import numpy as np
 import pytest
 
-from dmriflow.interfaces import montecarlo as mc
-from dmriflow.interfaces.phantom import hcp_scheme
+from dmriflow.interfaces.sim import montecarlo as mc
+from dmriflow.interfaces.sim.phantom import hcp_scheme
 
 CHANCE_MEAN_DEG = math.degrees(1.0)
 CHANCE_SD_DEG = math.degrees(math.sqrt(math.pi - 3.0))

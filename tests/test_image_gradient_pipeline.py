@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dmriflow.interfaces import phantom as P
+from dmriflow.interfaces.sim import phantom as P
 from dmriflow.interfaces import stepfiles as sf
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines import cli
@@ -208,7 +208,7 @@ def test_subject_products_with_a_and_a_voxel_subset(tmp_path):
     subset of voxels: both estimators' maps, rows over exactly that subset,
     and the same subset (same angles) when run again."""
     from dmriflow.interfaces.image_gradient import HCP_TIMING
-    from dmriflow.interfaces.image_gradient_study import phantom_dwi
+    from dmriflow.interfaces.studies.image_gradient import phantom_dwi
     scheme = P.hcp_scheme(n_b0=4, shells=(1000, 3000), n_dirs=20, seed=1, jitter=False)
     data = phantom_dwi(P.simulate_continuity_subject((12, 12, 10), seed=5, scheme=scheme))
     runs = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dmriflow.interfaces import phantom as P
+from dmriflow.interfaces.sim import phantom as P
 
 #: Small continuity subjects: fast, still ~2500 voxels each.
 SMALL_SHAPE = (18, 18, 12)
@@ -91,7 +91,7 @@ def test_continuity_phantom_has_no_gradient_physics():
 @pytest.fixture(scope="module")
 def continuity_cohort():
     """8 subjects, one b=3000 shell of 60 directions, SNR 20, B and P (~6 s)."""
-    from dmriflow.interfaces.image_gradient_study import continuity_study
+    from dmriflow.interfaces.studies.image_gradient import continuity_study
     scheme = P.hcp_scheme(n_b0=6, shells=(3000,), n_dirs=60, seed=1, jitter=False)
     return continuity_study(8, SMALL_SHAPE, scheme=scheme, seed=0, estimators=("B", "P"))
 
@@ -153,7 +153,7 @@ def test_published_estimator_flips_sign_without_noise():
     zeppelin) misfit along the fibre, so it lands far ABOVE chance where the
     gradient is perpendicular to the fibre - the below-chance result at SNR 20
     comes from the noise, not from the gradient."""
-    from dmriflow.interfaces.image_gradient_study import continuity_study
+    from dmriflow.interfaces.studies.image_gradient import continuity_study
     scheme = P.hcp_scheme(n_b0=6, shells=(1000, 2000, 3000), n_dirs=30, seed=1, jitter=False)
     res = continuity_study(4, SMALL_SHAPE, scheme=scheme, snr=float("inf"), seed=0,
                            shuffle=False, surrogate=False)
@@ -165,7 +165,7 @@ def test_published_estimator_flips_sign_without_noise():
 # T2 map and the in-plane gold standard
 # ----------------------------------------------------------------------------
 def test_t2_map_recovers_known_t2():
-    from dmriflow.interfaces.image_gradient_study import t2_map
+    from dmriflow.interfaces.studies.image_gradient import t2_map
     t2 = np.linspace(40.0, 150.0, 24).reshape(2, 3, 4)
     pd_ = np.full_like(t2, 900.0)
     s1, s2 = pd_ * np.exp(-60.0 / t2), pd_ * np.exp(-91.0 / t2)
@@ -183,7 +183,7 @@ def test_t2_map_recovers_known_t2():
 def test_inplane_gold_standard_on_two_slices():
     """grad ln I of an exponential image on a 2-slice oblique grid: the in-plane
     components in the b-vector frame (x flipped, det > 0), z set to 0."""
-    from dmriflow.interfaces.image_gradient_study import inplane_gold_standard
+    from dmriflow.interfaces.studies.image_gradient import inplane_gold_standard
     shape, voxel = (12, 10, 2), np.array([2.0, 1.5, 3.0])
     affine = np.diag(list(voxel) + [1.0])
     c, s = np.cos(0.3), np.sin(0.3)                       # rotated about the slice axis
@@ -211,14 +211,14 @@ def test_inplane_gold_standard_on_two_slices():
 # ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pair_study(shared_data):
-    from dmriflow.interfaces.image_gradient_study import real_pair_study
+    from dmriflow.interfaces.studies.image_gradient import real_pair_study
     return real_pair_study(shared_data, n_shuffles=20)
 
 
 def test_real_pair_t2_map(pair_study):
     """T2 from the mean b0s at TE 60 and 91 ms: median ~70 ms (data README),
     interquartile range within brain-tissue values, few undefined voxels."""
-    from dmriflow.interfaces.image_gradient_study import MDT_MEDIAN_T2_MS, T2_PLAUSIBLE_MS
+    from dmriflow.interfaces.studies.image_gradient import MDT_MEDIAN_T2_MS, T2_PLAUSIBLE_MS
     s = pair_study.t2_summary
     assert abs(s["median_ms"] - MDT_MEDIAN_T2_MS) < 5.0
     lo, hi = T2_PLAUSIBLE_MS

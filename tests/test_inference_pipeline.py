@@ -13,7 +13,7 @@ import torch
 from dmriflow.interfaces import inference as inf
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.io import load_dwi
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.models import card as mc
 from dmriflow.models import data as md
 from dmriflow.models import directions as dm

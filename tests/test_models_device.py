@@ -116,7 +116,7 @@ def test_rish_cnn_baseline_trains_on_the_model_device(on_meta):
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_dti6_trains_on_the_model_device(on_meta, kind):
     from dmriflow.models import data as md
-    from dmriflow.models import dti6
+    from dmriflow.models.experiments import dti6
     samples = [dti6.tensor_sample(s) for s in md.phantom_samples(1, seed=3, shape=(12, 14, 12))]
     cfg = TrainConfig(steps=2, warmup=1, log_every=1, checkpoint_every=2, validate_every=2)
     dti6.train_model(kind, samples, [], cfg)

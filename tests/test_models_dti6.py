@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from dmriflow.interfaces.dti import TensorModel
-from dmriflow.interfaces.phantom import electrostatic_directions
+from dmriflow.interfaces.sim.phantom import electrostatic_directions
 from dmriflow.models import card as mc
 from dmriflow.models import data as md
-from dmriflow.models import dti6
+from dmriflow.models.experiments import dti6
 from dmriflow.models.train import TrainConfig
 
 SMALL = (20, 24, 20)

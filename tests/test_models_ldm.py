@@ -15,7 +15,8 @@ pytest.importorskip("monai")  # noqa: E402 - the model family's declared depende
 from dmriflow.interfaces import harmonize, phantom, sh
 from dmriflow.models import card as cards
 from dmriflow.models import degrade as dg
-from dmriflow.models.ldm import baselines, diffusion, evaluate, features, sr, vqvae
+from dmriflow.models.experiments import ldm_metrics as evaluate
+from dmriflow.models.ldm import baselines, diffusion, features, sr, vqvae
 from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T, fit
 
 torch.set_num_threads(1)   # oversubscribed shared cores: one thread is much faster

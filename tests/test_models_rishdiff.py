@@ -13,7 +13,8 @@ pytest.importorskip("monai")  # noqa: E402 - the model family's declared depende
 from dmriflow.interfaces.errors import InputError
 from dmriflow.models import card as cards
 from dmriflow.models import degrade as dg
-from dmriflow.models.ldm import features, rishdiff, study
+from dmriflow.models.experiments import ldm_study as study
+from dmriflow.models.ldm import features, rishdiff
 
 torch.set_num_threads(1)
 
@@ -51,7 +52,7 @@ def test_target_is_the_log_scale_that_rescales_3t_onto_7t(pair):
     assert np.allclose(lam[inside] ** 2, exact[inside], rtol=1e-4)
     # the rescaled 3T RISH is the 7T RISH up to the tau floor (oracle NMSE ~ 0
     # on L0 and L2; L4 loses the clipped voxels)
-    from dmriflow.models.ldm.evaluate import nmse
+    from dmriflow.models.experiments.ldm_metrics import nmse
     for k in range(2):
         assert nmse(lam[..., k] ** 2 * f3.rish[..., k], f7.rish[..., k], m) < 1e-3
     assert np.all(rishdiff.target(f3, f3, m) == 0)            # same RISH: lambda = 1

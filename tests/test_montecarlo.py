@@ -1,5 +1,5 @@
 """Monte Carlo spin random walk against the analytic results of
-interfaces/montecarlo.py (derivations in its docstring, SCIENCE.md s.7).
+interfaces/sim/montecarlo.py (derivations in its docstring, SCIENCE.md s.7).
 
 Tolerances come from the simulation itself: ``simulate`` returns the Monte
 Carlo standard error (SE) of every ratio S(q)/S(0) - real and imaginary
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dmriflow.interfaces import montecarlo as mc
+from dmriflow.interfaces.sim import montecarlo as mc
 
 #: allowed deviation in Monte Carlo standard errors
 K_SE = 4.0

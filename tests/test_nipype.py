@@ -12,7 +12,7 @@ from dmriflow.interfaces import io, sh
 from dmriflow.interfaces.dti import DEFAULT_WLS_ITERATIONS, dti_shells, fit_dwi
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.nipype_interfaces import RISH, DTIFit, Validate
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.interfaces.stepfiles import TENSOR_PARAMS
 from dmriflow.pipelines.execution import RunConfig, run_cohort
 from dmriflow.pipelines.inputs import discover

@@ -1,4 +1,4 @@
-"""Ground truth of the synthetic head phantom (dmriflow.interfaces.phantom).
+"""Ground truth of the synthetic head phantom (dmriflow.interfaces.sim.phantom).
 
 The DTI checks use dmriflow's own ``interfaces.dti.TensorModel`` (WLS).
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmriflow.interfaces import phantom as P
+from dmriflow.interfaces.sim import phantom as P
 from dmriflow.interfaces.dti import TensorModel
 from dmriflow.interfaces.gradients import (GradientTable, fsl_to_world, read_gradients)
 from dmriflow.interfaces.io import load_dwi, load_image, read_array

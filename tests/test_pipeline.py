@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from dmriflow.interfaces import io
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 from dmriflow.pipelines.execution import RunConfig, run_cohort, status_table
 from dmriflow.pipelines.inputs import assign_protocols, census, discover

@@ -24,7 +24,7 @@ from dmriflow.interfaces import dti
 from dmriflow.interfaces import preprocess as pp
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI, load_dwi
-from dmriflow.interfaces.phantom import hcp_scheme, simulate_subject
+from dmriflow.interfaces.sim.phantom import hcp_scheme, simulate_subject
 
 #: SNR of the b0 in the brain for the Gaussian-noise denoising tests.
 SNR = 20.0

@@ -22,7 +22,7 @@ import pytest
 from dmriflow.interfaces import io, orientation, qc, stepfiles
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import B0_THRESHOLD, GradientTable
-from dmriflow.interfaces.phantom import hcp_scheme, simulate_subject
+from dmriflow.interfaces.sim.phantom import hcp_scheme, simulate_subject
 from dmriflow.interfaces.sidecar_fields import echo_time_ms, field_strength_t
 
 #: Phantom grid for the orientation check: 2.5 mm voxels, bundles thick

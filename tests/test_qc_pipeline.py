@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from dmriflow.interfaces import stepfiles
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 from dmriflow.pipelines.inputs import discover
 

@@ -16,7 +16,7 @@ from numpy.testing import assert_array_equal
 
 from dmriflow.interfaces import codec, io, stepfiles
 from dmriflow.interfaces.errors import InputError
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines.execution import RunConfig, run_cohort
 from dmriflow.pipelines.inputs import discover
 

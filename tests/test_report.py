@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dmriflow.interfaces.phantom import SiteEffect, hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import SiteEffect, hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 from dmriflow.pipelines.report import REPORT_FILE, _canonical, colour_fa, qc_flags, qc_section
 

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 
 #: Small subjects; the last one is larger, so it is still running when the
 #: first subjects have finished (the kill then lands mid-run every time).

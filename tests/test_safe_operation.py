@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 from dmriflow.pipelines.execution import CACHE_MARKER, RUN_JOURNAL, RUN_LOCK
 

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 from conftest import assert_same_group_table, system_part_missing
 
-from dmriflow.interfaces.phantom import write_cohort
+from dmriflow.interfaces.sim.phantom import write_cohort
 from dmriflow.models.data import phantom_scheme
 
 pytestmark = pytest.mark.system

@@ -18,7 +18,7 @@ import pytest
 
 from dmriflow.interfaces import io
 from dmriflow.interfaces.environment import environment, lock_path
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 from dmriflow.pipelines.execution import exclusive_run, status_table
 from dmriflow.pipelines.inputs import discover

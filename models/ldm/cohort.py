@@ -54,7 +54,7 @@ def write_paired_cohort(out_dir, n_subjects: int, sim_size: int = 24, family: st
                         seed: int = 0, sessions_3t_only: int = 0) -> list[str]:
     """Simulated pairs as BIDS (``sub-XX/ses-{3T,7T}/dwi``); the last
     ``sessions_3t_only`` subjects get no 7T session. Returns the labels."""
-    from dmriflow.interfaces.phantom import format_bvals, format_bvecs
+    from dmriflow.interfaces.sim.phantom import format_bvals, format_bvecs
     out = Path(out_dir)
     labels = []
     for i in range(int(n_subjects)):

@@ -1,19 +1,20 @@
 """The image-gradient studies (SCIENCE.md section 7): numerics, no pydra.
 
 Two studies of the claim that the diffusion signal carries the spatial
-gradient of the image, both built on :mod:`.image_gradient`:
+gradient of the image, both built on :mod:`dmriflow.interfaces.image_gradient`:
 
 * **Fibre-continuity phantom cohort** (:func:`continuity_study`): subjects of
-  :func:`.phantom.simulate_continuity_subject`, whose signal has *no*
+  :func:`dmriflow.interfaces.sim.phantom.simulate_continuity_subject`, whose signal has *no*
   gradient physics and whose b0 gradient is perpendicular to the fibre in
   half of the voxels. Every estimator, null and fibre-only control is run
-  per subject (:func:`.image_gradient.evaluate_subject`) and tested across
-  subjects (:func:`.image_gradient.cohort_tests`).
+  per subject (:func:`dmriflow.interfaces.image_gradient.evaluate_subject`) and tested across
+  subjects (:func:`dmriflow.interfaces.image_gradient.cohort_tests`).
 * **Real two-TE pair** (:func:`real_pair_study`): the MDT example slices at
-  TE 60 / 91 ms with diffusion times 26.5 / 42 ms (``../shared/data``). The
-  T2 map comes from the two mean b0s (:func:`t2_map`). The data hold two
-  slices only, so no central difference exists along z: the gold standards
-  (grad ln b0 of each series, grad R2) are **in-plane** (x, y) gradients
+  TE 60 / 91 ms with diffusion times 26.5 / 42 ms (in the folder passed as
+  ``data_dir``, e.g. ``../shared/data``). The T2 map comes from the two mean
+  b0s (:func:`t2_map`). The data hold two slices only, so no central
+  difference exists along z: the gold standards (grad ln b0 of each series,
+  grad R2) are **in-plane** (x, y) gradients
   (:func:`inplane_gold_standard`), and an estimate is compared with them by
   the acute 3D angle to the in-plane gradient and by the angle within the
   slice plane. An in-plane gold standard is not isotropic, so the nominal
@@ -30,10 +31,10 @@ from typing import Sequence
 
 import numpy as np
 
-from . import image_gradient as ig
-from . import io
-from . import phantom
-from .errors import InputError
+from .. import image_gradient as ig
+from .. import io
+from ..sim import phantom
+from ..errors import InputError
 
 #: The real two-TE pair: folder, file stem and gradient stem of each series.
 MDT_SERIES = {

@@ -267,7 +267,7 @@ def run_experiment(steps: dict | None = None, subjects=EXPERIMENT_SUBJECTS,
     return summarise(rows, METRICS)
 
 
-if __name__ == "__main__":   # nice -n 10 python -m dmriflow.models.dti6 [STATE_DIR]
+if __name__ == "__main__":   # nice -n 10 python -m dmriflow.models.experiments.dti6 [STATE_DIR]
     import sys
     table = run_experiment(state_dir=sys.argv[1] if len(sys.argv) > 1 else None)
     print(table_markdown(table, METRICS))

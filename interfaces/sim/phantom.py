@@ -86,8 +86,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import __version__
-from .gradients import GradientTable, world_to_fsl
+from .. import __version__
+from ..gradients import GradientTable, world_to_fsl
 
 # ----------------------------------------------------------------------------
 # Named constants
@@ -590,7 +590,7 @@ def tensor_maps(tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def _rish_operator(gtab: GradientTable, scales: Mapping, lmax: int | None) -> list:
     """Per shell: (volume indices, N x N operator) adding the scaled SH part."""
-    from . import sh
+    from .. import sh
     ops = []
     for shell in gtab.shells:
         table = scales.get(shell, scales.get(int(shell))) if any(
@@ -983,7 +983,7 @@ def write_truth(subject: PhantomSubject, truth_dir, label: str) -> list[Path]:
     discovery looks for derivative masks) and the simulation parameters as
     ``sub-<label>_desc-simulation.json``.
     """
-    from .io import save_nifti, write_json
+    from ..io import save_nifti, write_json
     root = Path(truth_dir) / f"sub-{label}"
     hdr = _nifti_header(subject.affine)
     written = []
@@ -1032,7 +1032,7 @@ def write_subject(subject: PhantomSubject, out_dir, label: str, layout: str = "h
     ``dtype``: of the DWI on disk, default ``DWI_DTYPES[layout]`` (integers
     are rounded; the rounding error, <= 0.5, is far below the noise).
     """
-    from .io import save_nifti, write_json, write_text
+    from ..io import save_nifti, write_json, write_text
     out = Path(out_dir)
     hdr = _nifti_header(subject.affine)
     if layout == "hcp":
@@ -1096,7 +1096,7 @@ def write_cohort(out_dir, n_subjects: int, layout: str = "hcp",
     folder names (HCP ``900001``, BIDS ``sub-01``). ``n_jobs > 1`` simulates
     subjects in parallel processes. ``dtype``: see :func:`write_subject`.
     """
-    from .io import write_json, write_text
+    from ..io import write_json, write_text
     if layout not in ("hcp", "bids"):
         raise ValueError(f"unknown layout {layout!r} (hcp or bids)")
     out = Path(out_dir)

@@ -1,17 +1,17 @@
 """The 3T->7T comparison on simulated pairs: train, evaluate, tabulate, ship.
 
-``python -m dmriflow.models.ldm.experiment OUT [--grid 32] [--scale 1]``:
+``python -m dmriflow.models.experiments.ldm_experiment OUT [--grid 32] [--scale 1]``:
 
 1. simulates 3T-only subjects (train family), paired training subjects
    (train family) and held-out paired subjects (the *test* degradation
    family, :mod:`dmriflow.models.degrade`), and their RISH/FA features on the
-   ``grid^3`` cube (:mod:`.features`);
+   ``grid^3`` cube (:mod:`dmriflow.models.ldm.features`);
 2. trains the latent diffusion model (with and without 7T fine-tuning from
    the 3T autoencoder), the CNN baseline and fits the template-lambda
    baseline on the same training subjects;
 3. evaluates every method on the held-out subjects (identity, template
    lambda, CNN, LDM variants incl. with/without SR, oracle lambda) with
-   :mod:`.evaluate`, writing ``results.json`` and ``table.md``;
+   :mod:`.ldm_metrics`, writing ``results.json`` and ``table.md``;
 4. saves the full model (fine-tuned, with SR) as a checkpoint folder
    (``OUT/checkpoint``: safetensors + model card, weights stored as float16)
    whose card carries the table.
@@ -32,7 +32,8 @@ import torch
 from dmriflow.interfaces import io
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
-from dmriflow.models.ldm import baselines, diffusion, evaluate, features, rishdiff
+from dmriflow.models.experiments import ldm_metrics as evaluate
+from dmriflow.models.ldm import baselines, diffusion, features, rishdiff
 from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T, fit
 
 #: Seed offsets of the three subject groups (disjoint anatomies).

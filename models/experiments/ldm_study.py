@@ -5,7 +5,7 @@
   (on the native grid, as an inference run would see them);
 * :func:`train_shipped` - trains the residual diffusion model and the
   equally-fed CNN on train-family pairs and writes both checkpoints
-  (``python -m dmriflow.models.ldm.study train OUT``);
+  (``python -m dmriflow.models.experiments.ldm_study train OUT``);
 * :func:`evaluate` - scores every method on the given seeds (test family):
   ``metrics.tsv`` (method, map, nmse, ssim, skill = 1 - NMSE/NMSE_identity,
   mean over subjects), ``calibration.tsv`` (method, map, nominal, coverage),
@@ -30,7 +30,7 @@ import torch
 
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
-from dmriflow.models.ldm import evaluate as ev
+from dmriflow.models.experiments import ldm_metrics as ev
 from dmriflow.models.ldm import features, rishdiff
 
 #: Seeds of the training / validation pairs (train family) and the default
