@@ -38,7 +38,7 @@ import numpy as np
 
 from dmriflow.interfaces import dti
 from dmriflow.interfaces.gradients import GradientTable
-from dmriflow.interfaces.sim.phantom import spiral_directions as directions
+from dmriflow.interfaces.gradients import spiral_directions as directions
 
 N_B0 = 18
 N_DIRS = 90

@@ -67,7 +67,7 @@ TARGET_RSS_RATIO = 1.5
 # The subject
 # ----------------------------------------------------------------------------
 def gradients(n_vol: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    from dmriflow.interfaces.sim.phantom import spiral_directions
+    from dmriflow.interfaces.gradients import spiral_directions
     n_dir = (n_vol - N_B0) // len(SHELLS)
     if N_B0 + n_dir * len(SHELLS) != n_vol:
         raise SystemExit(f"{n_vol} volumes is not {N_B0} b0 + {len(SHELLS)} equal shells")

@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 import synthetic  # bench/synthetic.py (this folder is on sys.path when run as a script)
 
-from dmriflow.interfaces.sim.phantom import spiral_directions as directions
+from dmriflow.interfaces.gradients import spiral_directions as directions
 
 HCP_SHAPE = (145, 174, 145, 288)
 N_B0 = 18

@@ -157,7 +157,7 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
     Output: b0s + inputs + synthesised directions as a 4D series, its
     gradient table and its FA.
     """
-    from dmriflow.interfaces.sim.phantom import electrostatic_directions
+    from dmriflow.interfaces.gradients import electrostatic_directions
     from dmriflow.models import directions as dm
     from dmriflow.models.data import split_dwi
     shell = card.acquisition.shells[0]

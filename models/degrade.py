@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dmriflow.interfaces.gradients import GradientTable, electrostatic_directions
 from dmriflow.interfaces.sim import phantom
-from dmriflow.interfaces.gradients import GradientTable
 
 # ----------------------------------------------------------------------------
 # Named constants (acquisitions as in the HCP 3T/7T data of SCIENCE.md s. 4)
@@ -249,7 +249,7 @@ def degrade(data: np.ndarray, gtab: GradientTable, mask: np.ndarray, spec: Degra
 def single_shell_scheme(n_dirs: int, n_b0: int = N_B0, bval: float = SHELL_B,
                         seed: int = 0) -> GradientTable:
     """b0 volumes first, then one shell of electrostatically spread directions."""
-    dirs = phantom.electrostatic_directions(n_dirs, seed)
+    dirs = electrostatic_directions(n_dirs, seed)
     return GradientTable(np.r_[np.zeros(n_b0), np.full(n_dirs, float(bval))],
                          np.r_[np.zeros((n_b0, 3)), dirs],
                          source=f"dmriflow.degrade b{bval:g}x{n_dirs}")

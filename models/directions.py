@@ -58,7 +58,7 @@ ARCHITECTURE = "direction-sh-cnn"
 # ----------------------------------------------------------------------------
 def sh_features(sample: DirectionSample) -> np.ndarray:
     """(N_FEATURES, X, Y, Z) float32 features of a sample's b0s and inputs."""
-    from dmriflow.interfaces.sim.phantom import spiral_directions
+    from dmriflow.interfaces.gradients import spiral_directions
     mask = sample.mask
     dense = spiral_directions(TENSOR_SAMPLES)
     tensor = dti_prediction(sample, dense)[mask]                 # (V, TENSOR_SAMPLES)

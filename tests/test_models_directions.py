@@ -7,7 +7,7 @@ import torch
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI
-from dmriflow.interfaces.sim.phantom import electrostatic_directions, min_pair_angle
+from dmriflow.interfaces.gradients import electrostatic_directions, min_pair_angle
 from dmriflow.models import card as mc
 from dmriflow.models import data as md
 from dmriflow.models import directions as dm

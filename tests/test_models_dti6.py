@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dmriflow.interfaces.dti import TensorModel
-from dmriflow.interfaces.sim.phantom import electrostatic_directions
+from dmriflow.interfaces.gradients import electrostatic_directions
 from dmriflow.models import card as mc
 from dmriflow.models import data as md
 from dmriflow.models.experiments import dti6

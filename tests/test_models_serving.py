@@ -9,7 +9,7 @@ import torch
 
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import GradientTable
-from dmriflow.interfaces.sim.phantom import electrostatic_directions
+from dmriflow.interfaces.gradients import electrostatic_directions
 from dmriflow.models import card as mc
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from dmriflow.interfaces.sim import phantom as P
 from dmriflow.interfaces.dti import TensorModel
-from dmriflow.interfaces.gradients import (GradientTable, fsl_to_world, read_gradients)
+from dmriflow.interfaces.gradients import GradientTable, fsl_to_world, min_pair_angle, read_gradients
 from dmriflow.interfaces.io import load_dwi, load_image, read_array
 from dmriflow.interfaces.sh import SHModel
 
@@ -94,7 +94,7 @@ def test_hcp_scheme_directions_well_spread_and_distinct(scheme):
     ~1-2 deg. Each shell has its own set."""
     sets = [scheme.bvecs[scheme.shell_indices(b)] for b in scheme.shells]
     for v in sets:
-        assert P.min_pair_angle(v) > 13.0
+        assert min_pair_angle(v) > 13.0
         # no hemisphere bias: the mean dyadic is isotropic
         np.testing.assert_allclose(v.T @ v / len(v), np.eye(3) / 3, atol=0.02)
     for a, b in ((0, 1), (0, 2), (1, 2)):

@@ -22,7 +22,7 @@ from scipy.spatial.transform import Rotation
 from dmriflow.interfaces import sh
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI, load_dwi
-from dmriflow.interfaces.sim.phantom import spiral_directions as fibonacci_hemisphere
+from dmriflow.interfaces.gradients import spiral_directions as fibonacci_hemisphere
 
 MDT = "mdt_te60_b1k_b2k"
 

@@ -87,7 +87,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .. import __version__
-from ..gradients import GradientTable, world_to_fsl
+from ..gradients import GradientTable, electrostatic_directions, world_to_fsl
 
 # ----------------------------------------------------------------------------
 # Named constants
@@ -160,58 +160,6 @@ VENTRICLE_SCALE_RANGE = (0.85, 1.25)
 # ----------------------------------------------------------------------------
 # Gradient scheme
 # ----------------------------------------------------------------------------
-def spiral_directions(n: int) -> np.ndarray:
-    """``n`` well-spread unit vectors on the z >= 0 hemisphere (golden spiral).
-
-    Deterministic and instant: for benchmarks and tests that need a fixed,
-    reasonably uniform set without the electrostatic optimisation.
-    """
-    i = np.arange(n) + 0.5
-    z = 1.0 - i / n
-    r = np.sqrt(1.0 - z * z)
-    phi = math.pi * (1.0 + math.sqrt(5.0)) * i
-    return np.column_stack([r * np.cos(phi), r * np.sin(phi), z])
-
-
-def electrostatic_directions(n: int, seed: int | np.random.Generator = 0,
-                             iterations: int = 200) -> np.ndarray:
-    """``n`` unit vectors spread evenly as antipodal pairs (N, 3).
-
-    Minimises the electrostatic energy of the ``2n`` charges ``+-x_i``
-    (Jones et al. 1999) by projected gradient steps from a random start.
-    """
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, 3))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    if n < 2:
-        return x
-    spacing = math.sqrt(4.0 * math.pi / (2 * n))
-    eye = np.eye(n, dtype=bool)
-    for it in range(iterations):
-        diff = x[:, None, :] - x[None, :, :]
-        summ = x[:, None, :] + x[None, :, :]
-        d1 = np.einsum("ijk,ijk->ij", diff, diff)
-        d2 = np.einsum("ijk,ijk->ij", summ, summ)
-        d1[eye] = np.inf
-        d2[eye] = np.inf
-        force = (np.einsum("ijk,ij->ik", diff, d1 ** -1.5)
-                 + np.einsum("ijk,ij->ik", summ, d2 ** -1.5))
-        force -= np.sum(force * x, axis=1, keepdims=True) * x
-        step = spacing * (0.3 * (1.0 - it / iterations) + 0.01)
-        x += step * force / np.linalg.norm(force, axis=1).max()
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
-
-
-def min_pair_angle(bvecs: np.ndarray) -> float:
-    """Smallest angle (deg) between two directions, sign-free."""
-    v = np.asarray(bvecs, dtype=np.float64)
-    v = v / np.linalg.norm(v, axis=1, keepdims=True)
-    c = np.abs(v @ v.T)
-    np.fill_diagonal(c, 0.0)
-    return float(np.degrees(np.arccos(np.clip(c.max(), 0.0, 1.0))))
-
-
 def hcp_scheme(n_b0: int = 18, shells: Sequence[float] = (1000, 2000, 3000),
                n_dirs: int | Sequence[int] = 90, seed: int = 0,
                jitter: bool = True) -> GradientTable:
