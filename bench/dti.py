@@ -36,7 +36,7 @@ import time
 import nibabel as nib
 import numpy as np
 
-from dmriflow.interfaces import dti
+from dmriflow.interfaces import dti, parallel
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.gradients import spiral_directions as directions
 
@@ -109,7 +109,7 @@ def main() -> None:
     n_vox = int(np.prod(args.shape))
     print(f"block {tuple(args.shape)} = {n_vox} voxels x {len(gtab)} volumes "
           f"({data.nbytes / 2**20:.0f} MiB float32), generated in {time.perf_counter() - t:.1f} s; "
-          f"{dti.available_threads()} CPU threads")
+          f"{parallel.available_threads()} CPU threads")
 
     # --- dmriflow -----------------------------------------------------------
     model = dti.TensorModel(gtab)

@@ -200,7 +200,7 @@ def estimators_section(n_block: int = 65536, n_small: int = 8192, n_nonlinear: i
     input block."""
     import tracemalloc
 
-    from dmriflow.interfaces import dti
+    from dmriflow.interfaces import dti, parallel
     from dmriflow.interfaces import image_gradient as ig
 
     out: dict = {}
@@ -208,7 +208,7 @@ def estimators_section(n_block: int = 65536, n_small: int = 8192, n_nonlinear: i
     mag = np.abs(S).reshape(256, -1, S.shape[-1])
     out["image_gradient_block_voxels"] = n_block
     out["image_gradient_block_volumes"] = S.shape[-1]
-    out["image_gradient_threads"] = dti.available_threads()
+    out["image_gradient_threads"] = parallel.available_threads()
 
     def peak(fn):
         tracemalloc.start()

@@ -33,18 +33,17 @@ so V1 is an image-frame vector, as FSL's dtifit and dipy report it.
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cached_property
 
 import numpy as np
 
 from .gradients import GradientTable
+from .parallel import available_threads, map_chunks, single_threaded_blas
 
 #: Signals below this (in the data's units) are clipped before the log, so that
 #: zeros and negative values (background, noise floor after some
@@ -108,79 +107,8 @@ _PACK = {**{(i, j): k for k, (i, j) in enumerate(_TRIU)},
 
 
 # ----------------------------------------------------------------------------
-# Threads and backends
+# Backends
 # ----------------------------------------------------------------------------
-def available_threads() -> int:
-    """CPU threads this process may use: its CPU affinity, capped by
-    OMP_NUM_THREADS when set (what SLURM / containers give us)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        n = min(n, int(env))
-    return max(1, n)
-
-
-def _find_openblas_local_setter():
-    """A per-thread BLAS thread-count setter of the BLAS numpy uses, or None.
-
-    OpenBLAS >= 0.3.27 (``openblas_set_num_threads_local``) and MKL
-    (``MKL_Set_Num_Threads_Local``) let one thread pin its own BLAS thread
-    count; both return the previous setting. The CPU path runs one worker per
-    core, each with single-threaded BLAS. Without that control the caller
-    falls back to one worker (BLAS threads inside two workers fight over the
-    cores: 0.29 s instead of 0.15 s per 200k voxels in our first measurement).
-    """
-    libs = set()
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                parts = line.split()
-                name = os.path.basename(parts[-1]).lower() if len(parts) >= 6 else ""
-                if "openblas" in name or name.startswith("libmkl_rt"):
-                    libs.add(parts[-1])
-    except OSError:
-        return None
-    for path in sorted(libs):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for symbol in ("openblas_set_num_threads_local", "MKL_Set_Num_Threads_Local"):
-            fn = getattr(lib, symbol, None)
-            if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                return fn
-    return None
-
-
-_BLAS_LOCAL = None
-_BLAS_LOCAL_LOOKED_UP = False
-
-
-@contextmanager
-def single_threaded_blas():
-    """One BLAS thread in the calling thread while the block runs (where the
-    BLAS allows per-thread control; otherwise nothing changes)."""
-    setter = _blas_local_setter()
-    prev = setter(1) if setter is not None else None
-    try:
-        yield
-    finally:
-        if setter is not None:
-            setter(prev)
-
-
-def _blas_local_setter():
-    global _BLAS_LOCAL, _BLAS_LOCAL_LOOKED_UP
-    if not _BLAS_LOCAL_LOOKED_UP:
-        _BLAS_LOCAL = _find_openblas_local_setter()
-        _BLAS_LOCAL_LOOKED_UP = True
-    return _BLAS_LOCAL
-
-
 class _NumpyOps:
     """Array operations of the fitting kernel, numpy flavour (CPU).
 
@@ -723,49 +651,37 @@ class TensorModel:
         failed = np.zeros(grid, bool)
         out = (evals.reshape(-1, 3), evecs.reshape(-1, 3, 3), s0.reshape(-1), failed.reshape(-1))
         ops, kernel = self._ops, self._kernel
-        lock = threading.Lock()
-        it = iter(chunks)
-        state = {"offset": 0, "stop": False}
         n_workers = self.n_threads if ops.name == "numpy" else 1
         n_workers = min(n_workers, max(1, -(-cidx.size // self.chunk_size)))
-        if ops.name == "numpy" and _blas_local_setter() is None:
-            n_workers = 1   # no per-thread BLAS control: let BLAS use the cores
+        local = threading.local()          # each worker's kernel buffers
 
-        def worker():
-            with self._blas_context(), np.errstate(all="ignore"):
-                buf, cap = None, 0
-                while True:
-                    with lock:
-                        rows = None if state["stop"] else next(it, None)
-                        if rows is None:
-                            return
-                        start = state["offset"]
-                        state["offset"] += rows.shape[0]
-                    try:
-                        if start == 0 and check_first is not None:
-                            check_first(rows)
-                        n = rows.shape[0]
-                        if n > cap:
-                            buf, cap = kernel.buffers(n), n
-                        src = ops.asarray(rows) if ops.name == "torch" else rows
-                        params = ops.to_numpy(kernel.fit(src, buf, self.fit_method,
-                                                         self.n_iter))
-                        _store(params, cidx[start:start + n], out,
-                               self._eig_resolution, self._b_max)
-                    except BaseException:
-                        state["stop"] = True        # the other workers stop too
-                        raise
+        def fit_chunk(item):
+            start, rows = item
+            with np.errstate(all="ignore"):
+                if start == 0 and check_first is not None:
+                    check_first(rows)
+                n = rows.shape[0]
+                if n > getattr(local, "cap", 0):
+                    local.buf, local.cap = kernel.buffers(n), n
+                src = ops.asarray(rows) if ops.name == "torch" else rows
+                params = ops.to_numpy(kernel.fit(src, local.buf, self.fit_method, self.n_iter))
+                _store(params, cidx[start:start + n], out, self._eig_resolution, self._b_max)
+            return n
 
         with self._threads_context():
-            if n_workers == 1:
-                worker()
-            else:
-                with ThreadPoolExecutor(n_workers) as ex:
-                    for f in [ex.submit(worker) for _ in range(n_workers)]:
-                        f.result()
-        if state["offset"] != cidx.size:
-            raise RuntimeError(f"fitted {state['offset']} voxels, expected {cidx.size}")
+            fitted = sum(map_chunks(fit_chunk, _numbered(chunks), n_workers,
+                                    single_blas=ops.name == "numpy"))
+        if fitted != cidx.size:
+            raise RuntimeError(f"fitted {fitted} voxels, expected {cidx.size}")
         return TensorFit(evals, evecs, s0, failed, mask=mask)
+
+
+def _numbered(chunks):
+    """(offset of the chunk's first row, rows) for consecutive row chunks."""
+    start = 0
+    for rows in chunks:
+        yield start, rows
+        start += rows.shape[0]
 
 
 def _eigen_floor(ln_s0, largest_eval, eig_resolution: float, b_max: float):
@@ -801,6 +717,42 @@ def _store(params: np.ndarray, where: np.ndarray, out, eig_resolution: float,
     failed_o[where] = bad
 
 
+# ----------------------------------------------------------------------------
+# Scalar measures of eigenvalues (dipy.reconst.dti's free functions)
+# ----------------------------------------------------------------------------
+# The one implementation of each measure: TensorFit, the phantom's ground
+# truth, the image-gradient tensor and the experiments all call these. They
+# keep the dtype of ``evals`` (..., 3) and its eigenvalue order must be
+# descending for ``axial_diffusivity`` and ``radial_diffusivity``.
+def fractional_anisotropy(evals) -> np.ndarray:
+    """FA = sqrt(((l1-l2)^2 + (l2-l3)^2 + (l3-l1)^2) / (2 (l1^2 + l2^2 + l3^2))),
+    0 where all eigenvalues are 0 or any is not finite."""
+    ev = np.asarray(evals)
+    l1, l2, l3 = ev[..., 0], ev[..., 1], ev[..., 2]
+    num = (l1 - l2) ** 2 + (l2 - l3) ** 2 + (l3 - l1) ** 2
+    den = l1 * l1 + l2 * l2 + l3 * l3
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fa = np.asarray(np.sqrt(np.float32(0.5) * num / den))
+    fa[~(den > 0)] = 0
+    return fa
+
+
+def mean_diffusivity(evals) -> np.ndarray:
+    """MD, the mean eigenvalue."""
+    return np.asarray(evals).mean(axis=-1)
+
+
+def axial_diffusivity(evals) -> np.ndarray:
+    """AD, the largest eigenvalue (``evals`` descending)."""
+    return np.ascontiguousarray(np.asarray(evals)[..., 0])
+
+
+def radial_diffusivity(evals) -> np.ndarray:
+    """RD, the mean of the two smaller eigenvalues (``evals`` descending)."""
+    ev = np.asarray(evals)
+    return (ev[..., 1] + ev[..., 2]) * ev.dtype.type(0.5)
+
+
 class TensorFit:
     """Fitted tensors on a voxel grid; maps are computed on first access.
 
@@ -828,29 +780,22 @@ class TensorFit:
     @cached_property
     def md(self) -> np.ndarray:
         """Mean diffusivity (mm^2/s)."""
-        return self.evals.mean(axis=-1, dtype=np.float32)
+        return mean_diffusivity(self.evals)
 
     @cached_property
     def ad(self) -> np.ndarray:
         """Axial diffusivity, the largest eigenvalue (mm^2/s)."""
-        return np.ascontiguousarray(self.evals[..., 0])
+        return axial_diffusivity(self.evals)
 
     @cached_property
     def rd(self) -> np.ndarray:
         """Radial diffusivity, mean of the two smaller eigenvalues (mm^2/s)."""
-        return (self.evals[..., 1] + self.evals[..., 2]) * np.float32(0.5)
+        return radial_diffusivity(self.evals)
 
     @cached_property
     def fa(self) -> np.ndarray:
         """Fractional anisotropy in [0, 1] (0 where the fit failed or outside)."""
-        ev = self.evals
-        l1, l2, l3 = ev[..., 0], ev[..., 1], ev[..., 2]
-        num = (l1 - l2) ** 2 + (l2 - l3) ** 2 + (l3 - l1) ** 2
-        den = l1 * l1 + l2 * l2 + l3 * l3
-        with np.errstate(invalid="ignore", divide="ignore"):
-            fa = np.sqrt(np.float32(0.5) * num / den)
-        fa[~(den > 0)] = 0
-        return fa.astype(np.float32, copy=False)
+        return fractional_anisotropy(self.evals)
 
     @cached_property
     def v1(self) -> np.ndarray:

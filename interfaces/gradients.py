@@ -20,6 +20,7 @@ import codecs
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 
@@ -152,6 +153,18 @@ def cluster_shells(bvals: np.ndarray) -> np.ndarray:
     for members in np.split(order, breaks):
         nominal[members] = SHELL_ROUNDING * np.round(np.median(bvals[members]) / SHELL_ROUNDING)
     return nominal
+
+
+def match_shell(b: float, shells: Iterable[float], tolerance: float = SHELL_GAP) -> float | None:
+    """The shell of ``shells`` nearest ``b`` and closer than ``tolerance``
+    (s/mm^2; default the shell gap), or None: how a requested or stored
+    b-value finds the series' shell (the first of equally near ones)."""
+    best = None
+    for c in shells:
+        c = float(c)
+        if abs(c - float(b)) < tolerance and (best is None or abs(c - b) < abs(best - b)):
+            best = c
+    return best
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +43,8 @@ import numpy as np
 from . import sh
 from .dti import DTI_MAX_BVAL, dti_shells
 from .errors import InputError
-from .gradients import SHELL_GAP, GradientTable
-from .io import (DWI, _umask, file_sha256, pipeline_version, save_nifti, storage_rows,
+from .gradients import SHELL_GAP, GradientTable, match_shell
+from .io import (DWI, atomic_write, file_sha256, pipeline_version, save_nifti, storage_rows,
                  write_json)
 
 # ----------------------------------------------------------------------------
@@ -495,22 +493,13 @@ def subject_features(dwi: DWI, subject: str, lmax: int, *, shells: Sequence[floa
 
 def _select_shells(dwi: DWI, shells: Sequence[float]) -> list[float]:
     """The DWI's shell names for ``shells`` (error naming any missing one)."""
-    names = [_match_shell(b, dwi.gtab.shells) for b in shells]
+    names = [match_shell(b, dwi.gtab.shells) for b in shells]
     missing = [b for b, n in zip(shells, names) if n is None]
     if missing:
         raise HarmonizationError(f"{dwi.paths.get('dwi', 'DWI')}: no shell near b="
                                  f"{', '.join(f'{b:g}' for b in missing)} (shells "
                                  f"{dwi.gtab.shells})")
     return names
-
-
-def _match_shell(b: float, candidates: Iterable[float]) -> float | None:
-    best = None
-    for c in candidates:
-        if abs(float(c) - float(b)) < SHELL_TOLERANCE and (
-                best is None or abs(c - b) < abs(best - b)):
-            best = float(c)
-    return best
 
 
 def _load(item: SubjectInput) -> SubjectFeatures:
@@ -534,7 +523,7 @@ def _check_subject(f: SubjectFeatures, site: str, shells: Sequence[float], lmax:
     out = {}
     by_b = {float(b): v for b, v in f.rish.items()}
     for b in shells:
-        key = _match_shell(b, by_b)
+        key = match_shell(b, by_b)
         if key is None:
             raise HarmonizationError(f"{who}: no RISH maps for shell b={b:g} (has shells "
                                      f"{sorted(by_b)}); shells must match between sites")
@@ -737,7 +726,7 @@ class HarmonizationArtefact:
 
     def scale_map(self, shell: float, order: int) -> np.ndarray:
         """lambda_l of one shell and order (3D view)."""
-        key = _match_shell(shell, self.shells)
+        key = match_shell(shell, self.shells)
         if key is None:
             raise KeyError(f"no shell near b={shell:g} in the artefact (shells {self.shells})")
         if order % 2 or not 0 <= order <= self.lmax:
@@ -771,10 +760,9 @@ class HarmonizationArtefact:
         directory = Path(directory)
         if directory.exists() and not overwrite:
             raise FileExistsError(f"{directory}: exists (pass overwrite=True to replace it)")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp",
-                                    dir=directory.parent))
-        try:
+
+        def fill(tmp):
+            tmp = Path(tmp)
             files = {}
 
             def put(name, data, what):
@@ -799,19 +787,8 @@ class HarmonizationArtefact:
             meta = self._describe(files)
             meta["subjects"] = subjects
             write_json(meta, tmp / ARTEFACT_JSON)
-            os.chmod(tmp, 0o777 & ~_umask())
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old",
-                                            dir=directory.parent))
-                os.replace(directory, old / "artefact")
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+
+        return atomic_write(directory, fill, folder=True)
 
     @classmethod
     def load(cls, directory, transforms: bool = False) -> "HarmonizationArtefact":
@@ -1033,9 +1010,9 @@ def check_acquisition(gtab: GradientTable, artefact: HarmonizationArtefact,
     for the artefact's lmax.
     """
     subj = gtab.shells
-    pairs = {b: _match_shell(b, subj) for b in artefact.shells}
+    pairs = {b: match_shell(b, subj) for b in artefact.shells}
     missing = [b for b, s in pairs.items() if s is None]
-    extra = [s for s in subj if _match_shell(s, artefact.shells) is None]
+    extra = [s for s in subj if match_shell(s, artefact.shells) is None]
     if missing or extra:
         parts = []
         if missing:

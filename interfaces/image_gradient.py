@@ -52,18 +52,18 @@ the b-vectors (FSL image frame) unless a function says otherwise.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Sequence
 
 import numpy as np
 
-from .dti import (DTI_MAX_BVAL, MIN_SIGNAL, TensorModel, available_threads, design_matrix,
-                  dti_shells, single_threaded_blas)
+from .dti import (DTI_MAX_BVAL, MIN_SIGNAL, TensorModel, design_matrix, dti_shells,
+                  fractional_anisotropy, mean_diffusivity)
 from .errors import InputError
 from .gradients import GradientTable, check_readable_file
 from .io import mean_b0_map, storage_rows
+from .parallel import available_threads, map_chunks
 
 # ----------------------------------------------------------------------------
 # Named constants
@@ -550,16 +550,10 @@ def _run_chunks(data, data2, mask, name: str, quality_name: str, chunk: int, n_t
         sel = slice(starts[k], starts[k] + chunk)
         r2 = None if data2 is None else _rows_of(data2, cidx[sel])
         chunk_rng = None if seeds[k] is None else np.random.default_rng(int(seeds[k]))
-        with single_threaded_blas(), np.errstate(all="ignore"):
+        with np.errstate(all="ignore"):
             _store(out, cidx[sel], *per_chunk(flat[rows[sel]], r2, chunk_rng))
 
-    n_workers = min(n_threads, len(starts))
-    if n_workers <= 1:
-        for k in range(len(starts)):
-            work(k)
-    else:
-        with ThreadPoolExecutor(n_workers) as ex:
-            list(ex.map(work, range(len(starts))))
+    map_chunks(work, range(len(starts)), n_threads)
     return out
 
 
@@ -1239,11 +1233,8 @@ def tensor_maps(data, gtab: GradientTable, mask, max_bval: float | None = DTI_MA
         if ok.any():
             w, v = np.linalg.eigh(D[ok])
             vals[ok], vecs[ok] = w[:, ::-1], v[:, :, ::-1]
-        with np.errstate(all="ignore"):
-            m = vals.mean(axis=1)
-            f = np.sqrt(1.5 * np.sum((vals - m[:, None]) ** 2, axis=1) / np.sum(vals ** 2, axis=1))
-        fa.reshape(-1)[c] = f
-        md.reshape(-1)[c] = m
+        fa.reshape(-1)[c] = np.where(ok, fractional_anisotropy(vals), np.nan)
+        md.reshape(-1)[c] = mean_diffusivity(vals)
         s0.reshape(-1)[c] = s0_c
         v1.reshape(-1, 3)[c] = vecs[:, :, 0]
         e3.reshape(-1, 3)[c] = vecs[:, :, 2]

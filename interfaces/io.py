@@ -358,7 +358,7 @@ def decode_dwi(dwi_path, out_dir, codec_name: str = codec.DEFAULT_CODEC) -> Deco
     def inflate(tmp):
         found["decoded"] = codec.decompress_and_hash(dwi_path, tmp, codec_name)
     try:
-        dst = _atomic(Path(out_dir) / DECODED_NAME, inflate)
+        dst = atomic_write(Path(out_dir) / DECODED_NAME, inflate)
     except codec.CorruptGzipError as exc:
         raise InputError(dwi_path, f"DWI is not a valid gzip file: {exc}") from None
     return DecodedInput(str(dst), found["decoded"].sha256, copied=True, codec=codec_name)
@@ -468,7 +468,7 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
                                            f"corrupt (the data end in volume {stream.k} of "
                                            f"{shape[3]})")
 
-    path = _atomic(Path(out_dir) / ROWS_NAME, write_rows)
+    path = atomic_write(Path(out_dir) / ROWS_NAME, write_rows)
     mean_b0 = (acc / b0_idx.size).astype(np.float32)
     if not np.any(mean_b0[mask] > 0):
         path.unlink()
@@ -560,20 +560,41 @@ def temporary_files(folder) -> list[Path]:
     return sorted(folder.rglob(f".*{TEMP_TAG}*")) if folder.is_dir() else []
 
 
-def _atomic(path: str | os.PathLike, write) -> Path:
+def atomic_write(path: str | os.PathLike, write, folder: bool = False) -> Path:
+    """Write ``path`` all at once: ``write(tmp)`` fills a temporary sibling
+    (``.<name>.<random>.tmp<ext>``), which is then renamed onto ``path``.
+
+    The one way dmriflow writes: a reader never sees a half-written file and
+    a killed writer leaves only a temporary name (:func:`temporary_files`).
+    ``folder``: ``tmp`` is a new empty folder and ``path`` a folder; an
+    existing one is swapped out and deleted after the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{TEMP_TAG}{suffix}",
-                               dir=path.parent)
-    os.close(fd)
+    names = {"prefix": f".{path.name}.", "suffix": f"{TEMP_TAG}{''.join(path.suffixes)}",
+             "dir": path.parent}
+    if folder:
+        tmp = tempfile.mkdtemp(**names)
+        mode = 0o777
+    else:
+        fd, tmp = tempfile.mkstemp(**names)
+        os.close(fd)
+        mode = 0o666
     try:
         write(tmp)
-        # mkstemp creates 0600; give the result the mode a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        # mkstemp/mkdtemp create 0600/0700: give the mode a plain open()/mkdir() would
+        os.chmod(tmp, mode & ~_umask())
+        if folder and path.exists():
+            old = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent)
+            os.replace(path, os.path.join(old, path.name))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
@@ -604,7 +625,7 @@ def save_nifti(data: np.ndarray, affine: np.ndarray, path, header=None) -> Path:
     img = nib.Nifti1Image(data, affine, hdr)
     img.header.set_data_dtype(data.dtype)
     img.header["descrip"] = f"dmriflow {__version__}".encode()
-    return _atomic(path, lambda tmp: _write_image(img, tmp))
+    return atomic_write(path, lambda tmp: _write_image(img, tmp))
 
 
 def _write_image(img: nib.Nifti1Image, path: str) -> None:
@@ -618,14 +639,14 @@ def _write_image(img: nib.Nifti1Image, path: str) -> None:
 
 def copy_file(src, dst) -> Path:
     """Copy a file atomically (temporary name, then rename)."""
-    return _atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+    return atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def write_text(text: str, path) -> Path:
     def w(tmp):
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-    return _atomic(path, w)
+    return atomic_write(path, w)
 
 
 def write_json(obj, path) -> Path:

@@ -264,7 +264,7 @@ def write_weights(tensors: dict[str, torch.Tensor], path) -> str:
     """Write tensors as safetensors atomically; return the file's sha256."""
     from safetensors.torch import save
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    io._atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+    io.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return sha256_bytes(data)
 
 

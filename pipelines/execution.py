@@ -708,10 +708,8 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     result = dict(res.outputs.result)
     dest = output_dir / "dmriflow" / "harmonization" / result["content_id"][:12]
     if not dest.exists():
-        tmp = dest.with_name(f".{dest.name}{io.TEMP_TAG}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(result["artefact"], tmp)
-        os.replace(tmp, dest)
+        io.atomic_write(dest, lambda tmp: shutil.copytree(result["artefact"], tmp,
+                                                          dirs_exist_ok=True), folder=True)
     group = output_dir / "dmriflow" / "group"
     for key in ("site_effect", "preservation"):
         io.write_text(Path(result[key]).read_text(), group / f"harmonization_{key}.tsv")

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dmriflow.interfaces import dti
+from dmriflow.interfaces import parallel
 from dmriflow.interfaces import preprocess as pp
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI, load_dwi
@@ -73,7 +73,7 @@ def phantom():
 def single_threaded_blas():
     """dipy's per-patch numpy/scipy calls with 2 OpenBLAS threads ran 40x
     slower than with one on the (shared) 2-core test machine."""
-    return dti.single_threaded_blas()
+    return parallel.single_threaded_blas()
 
 
 def _rmse(a, b, m):

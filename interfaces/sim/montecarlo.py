@@ -103,7 +103,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.integrate import solve_ivp
 
-from ..dti import single_threaded_blas
+from ..parallel import single_threaded_blas
 
 # ----------------------------------------------------------------------------
 # Named constants

@@ -87,6 +87,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .. import __version__
+from ..dti import fractional_anisotropy, mean_diffusivity
 from ..gradients import GradientTable, electrostatic_directions, world_to_fsl
 
 # ----------------------------------------------------------------------------
@@ -529,11 +530,7 @@ def _mean_tensor(amp: np.ndarray, weights: np.ndarray, dirs: np.ndarray, prm: di
 def tensor_maps(tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FA, MD and principal eigenvector of tensors (n, 3, 3)."""
     evals, evecs = np.linalg.eigh(tensor)
-    md = evals.mean(axis=1)
-    num = np.sqrt(((evals - md[:, None]) ** 2).sum(axis=1))
-    den = np.sqrt((evals ** 2).sum(axis=1))
-    fa = np.sqrt(1.5) * num / np.maximum(den, 1e-30)
-    return fa, md, evecs[:, :, 2]
+    return fractional_anisotropy(evals), mean_diffusivity(evals), evecs[:, :, 2]
 
 
 def _rish_operator(gtab: GradientTable, scales: Mapping, lmax: int | None) -> list:

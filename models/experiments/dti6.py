@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmriflow.interfaces.dti import B_UNIT, MIN_SIGNAL, TensorModel, eig_sym3
+from dmriflow.interfaces.dti import (B_UNIT, MIN_SIGNAL, TensorModel, eig_sym3, fractional_anisotropy,
+                                     mean_diffusivity)
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.models.card import register
 from dmriflow.models.data import DirectionSample, spread_subset, summarise, table_markdown
@@ -99,12 +100,7 @@ def maps_of(elements: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     """FA and MD (um^2/ms) of tensor elements (6, X, Y, Z) in the mask."""
     e = [elements[k][mask] for k in range(6)]
     evals, _ = eig_sym3(e[0], e[1], e[2], e[3], e[4], e[5])
-    l1, l2, l3 = evals[:, 0], evals[:, 1], evals[:, 2]
-    den = l1 * l1 + l2 * l2 + l3 * l3
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fa = np.where(den > 0, np.sqrt(0.5 * ((l1 - l2) ** 2 + (l2 - l3) ** 2 + (l3 - l1) ** 2)
-                                       / den), 0.0)
-    return {"fa": np.clip(np.nan_to_num(fa), 0, 1), "md": evals.mean(axis=1)}
+    return {"fa": np.clip(np.nan_to_num(fractional_anisotropy(evals)), 0, 1), "md": mean_diffusivity(evals)}
 
 
 def classical(s: TensorSample, full: bool = False) -> np.ndarray:

@@ -76,7 +76,7 @@ def _save_pair(path: Path, item) -> None:
     def write(tmp):
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-    io._atomic(path, write)
+    io.atomic_write(path, write)
 
 
 def _load_pair(path: Path):

@@ -25,7 +25,7 @@ import numpy as np
 
 from dmriflow.interfaces import sh
 from dmriflow.interfaces.dti import TensorModel
-from dmriflow.interfaces.gradients import SHELL_GAP, GradientTable
+from dmriflow.interfaces.gradients import GradientTable, match_shell
 from dmriflow.interfaces.preprocess import grid_for, resample_to_grid
 
 #: SH order of the fit: RISH orders 0, 2, 4 are the model's channels.
@@ -57,12 +57,12 @@ class ShellFeatures:
 def shell_volumes(gtab: GradientTable, shell: float = SHELL_B) -> tuple[np.ndarray, float]:
     """Indices of the b0 volumes plus the shell nearest ``shell`` (within the
     shell gap), and that shell's nominal b-value."""
-    near = [b for b in gtab.shells if abs(b - shell) < SHELL_GAP]
-    if not near:
+    near = match_shell(shell, gtab.shells)
+    if near is None:
         raise ValueError(f"no shell near b={shell:g} (shells: {gtab.shells})")
     if not gtab.b0s_mask.any():
         raise ValueError("no b0 volume: the shell cannot be normalised")
-    return gtab.select_shells([near[0]]), near[0]
+    return gtab.select_shells([near]), near
 
 
 def cube_grid(affine: np.ndarray, shape, grid: int) -> tuple[np.ndarray, tuple]:

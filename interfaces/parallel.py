@@ -1,0 +1,140 @@
+"""Threads for the numerics: how many, BLAS inside them, and the one chunked map.
+
+* :func:`available_threads` - the one place the thread count comes from;
+* :func:`single_threaded_blas` - one BLAS thread in a worker (parallelism
+  comes from the workers; BLAS threads inside several workers fight);
+* :func:`map_chunks` - the one chunked parallel map: every loop that spreads
+  chunks of voxels (or volumes, or slabs) over worker threads runs through it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterable
+
+
+def available_threads() -> int:
+    """CPU threads this process may use: its CPU affinity, capped by
+    OMP_NUM_THREADS when set (what SLURM / containers give us)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        n = min(n, int(env))
+    return max(1, n)
+
+
+def _find_openblas_local_setter():
+    """A per-thread BLAS thread-count setter of the BLAS numpy uses, or None.
+
+    OpenBLAS >= 0.3.27 (``openblas_set_num_threads_local``) and MKL
+    (``MKL_Set_Num_Threads_Local``) let one thread pin its own BLAS thread
+    count; both return the previous setting. The CPU path runs one worker per
+    core, each with single-threaded BLAS. Without that control the caller
+    falls back to one worker (BLAS threads inside two workers fight over the
+    cores: 0.29 s instead of 0.15 s per 200k voxels in our first measurement).
+    """
+    libs = set()
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split()
+                name = os.path.basename(parts[-1]).lower() if len(parts) >= 6 else ""
+                if "openblas" in name or name.startswith("libmkl_rt"):
+                    libs.add(parts[-1])
+    except OSError:
+        return None
+    for path in sorted(libs):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in ("openblas_set_num_threads_local", "MKL_Set_Num_Threads_Local"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                return fn
+    return None
+
+
+_BLAS_LOCAL = None
+_BLAS_LOCAL_LOOKED_UP = False
+
+
+@contextmanager
+def single_threaded_blas():
+    """One BLAS thread in the calling thread while the block runs (where the
+    BLAS allows per-thread control; otherwise nothing changes)."""
+    setter = blas_local_setter()
+    prev = setter(1) if setter is not None else None
+    try:
+        yield
+    finally:
+        if setter is not None:
+            setter(prev)
+
+
+def blas_local_setter():
+    """The BLAS's per-thread thread-count setter (looked up once), or None."""
+    global _BLAS_LOCAL, _BLAS_LOCAL_LOOKED_UP
+    if not _BLAS_LOCAL_LOOKED_UP:
+        _BLAS_LOCAL = _find_openblas_local_setter()
+        _BLAS_LOCAL_LOOKED_UP = True
+    return _BLAS_LOCAL
+
+
+_END = object()
+
+
+def map_chunks(work: Callable, chunks: Iterable, n_threads: int | None = None,
+               single_blas: bool = True) -> list:
+    """``[work(c) for c in chunks]`` on up to ``n_threads`` worker threads.
+
+    ``n_threads``: default :func:`available_threads`; capped by ``len(chunks)``
+    when it has one. Chunks are drawn one at a time under a lock, so a
+    generator (e.g. one reading rows from a memory map) is advanced by one
+    thread at a time and never held whole. ``single_blas``: each worker runs
+    with one BLAS thread; where the BLAS has no per-thread control, one worker
+    runs instead (several workers with full BLAS threads each oversubscribe).
+    The first exception stops the other workers after their current chunk
+    and is raised. With one worker everything runs in the calling thread.
+    Results come back in the chunks' order, whatever the schedule.
+    """
+    n = available_threads() if n_threads is None else max(1, int(n_threads))
+    if hasattr(chunks, "__len__"):
+        n = min(n, max(1, len(chunks)))
+    if single_blas and blas_local_setter() is None:
+        n = 1
+    items = iter(chunks)
+    lock = threading.Lock()
+    stop = threading.Event()
+    results: dict[int, object] = {}
+
+    def worker():
+        with single_threaded_blas() if single_blas else nullcontext():
+            while True:
+                with lock:
+                    item = _END if stop.is_set() else next(items, _END)
+                    k = len(results)
+                    if item is _END:
+                        return
+                    results[k] = None
+                try:
+                    results[k] = work(item)
+                except BaseException:
+                    stop.set()
+                    raise
+
+    if n == 1:
+        worker()
+    else:
+        with ThreadPoolExecutor(n) as pool:
+            for f in [pool.submit(worker) for _ in range(n)]:
+                f.result()
+    return [results[k] for k in range(len(results))]
