@@ -51,6 +51,7 @@ t0 = time.perf_counter()
 out = {}
 if task == "simulate":
     from dmriflow.interfaces.sim import phantom
+    from dmriflow.interfaces.gradients import format_bvals, format_bvecs
     from dmriflow.interfaces.io import save_nifti, write_text
     import nibabel as nib
     site = None
@@ -65,8 +66,8 @@ if task == "simulate":
     d.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(s.dwi, s.affine), d / "data.nii")
     save_nifti(s.mask.astype(np.uint8), s.affine, d / "mask.nii.gz")
-    write_text(phantom.format_bvals(s.gtab.bvals), d / "bvals")
-    write_text(phantom.format_bvecs(s.gtab.bvecs), d / "bvecs")
+    write_text(format_bvals(s.gtab.bvals), d / "bvals")
+    write_text(format_bvecs(s.gtab.bvecs), d / "bvecs")
     out["mask_voxels"] = int(s.mask.sum())
 elif task == "features":
     from dmriflow.interfaces import harmonize as H

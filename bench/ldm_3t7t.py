@@ -23,9 +23,10 @@ import time
 import numpy as np
 import torch
 
+from dmriflow.interfaces.inference import synthesize_7t_like
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
-from dmriflow.models.ldm import cohort, diffusion, sr, vqvae
+from dmriflow.models.ldm import diffusion, sr, vqvae
 from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T
 
 
@@ -100,7 +101,7 @@ def main() -> None:
     card = cards.ModelCard(name="bench", version="0", architecture="ldm-3t7t",
                            kwargs={"grid": g}, acquisition=cards.Acquisition(shells=[1000.0]))
     t = time.perf_counter()
-    out = cohort.inference_output(model, card, dwi)
+    out = synthesize_7t_like(model, card, dwi)
     print(f"inference=kind_3t7t grid={g} subject_shape={'x'.join(map(str, p.mask.shape))} "
           f"volumes={len(p.gtab3)} seconds_per_subject={time.perf_counter() - t:.2f} "
           f"peak_rss_mb={peak_mb():.0f} outputs={len(out.maps)}")

@@ -175,7 +175,7 @@ class _TorchOps:
     name = "torch"
 
     def __init__(self, device):
-        import torch
+        import torch  # torch takes seconds to import: only the torch backend needs it
         self.torch = torch
         self.device = torch.device(device)
 
@@ -231,7 +231,7 @@ def _cuda_available() -> bool:
             os.path.exists("/proc/driver/nvidia/version") or glob.glob("/dev/nvidia[0-9]*")):
         return False
     try:
-        import torch
+        import torch  # torch takes seconds to import: only when it may be used
     except ImportError:  # pragma: no cover - torch is a dependency
         return False
     return bool(torch.cuda.is_available())
@@ -631,14 +631,14 @@ class TensorModel:
         """torch on the CPU: intra-op threads = the cores this process may use."""
         prev = None
         if self.backend == "torch" and str(self.device) == "cpu":
-            import torch
+            import torch  # torch takes seconds to import: only the torch backend needs it
             prev = torch.get_num_threads()
             torch.set_num_threads(available_threads())
         try:
             yield
         finally:
             if prev is not None:
-                import torch
+                import torch  # torch takes seconds to import: only the torch backend needs it
                 torch.set_num_threads(prev)
 
     def _fit_chunks(self, chunks, cidx: np.ndarray, grid: tuple, mask,

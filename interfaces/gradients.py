@@ -135,6 +135,16 @@ def read_bvecs(path: str | os.PathLike, n_volumes: int | None = None) -> np.ndar
     raise InputError(path, f"bvec file must be 3xN (or Nx3), found {rows}x{cols}")
 
 
+def format_bvals(bvals: np.ndarray) -> str:
+    """FSL layout: one row of b-values."""
+    return " ".join(f"{b:g}" for b in bvals) + "\n"
+
+
+def format_bvecs(bvecs: np.ndarray) -> str:
+    """FSL layout: 3 rows x N columns."""
+    return "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in np.asarray(bvecs).T)
+
+
 def cluster_shells(bvals: np.ndarray) -> np.ndarray:
     """Nominal shell b-value for each volume (0 for b0 volumes).
 
@@ -237,6 +247,7 @@ class GradientTable:
         return fsl_to_world(self.bvecs, affine)
 
     def to_dipy(self):
+        # dipy takes seconds to import: conversion only
         from dipy.core.gradients import gradient_table
         return gradient_table(self.bvals, bvecs=self.bvecs, b0_threshold=B0_THRESHOLD)
 

@@ -16,7 +16,7 @@ Mirzaalian 2016, Cetin Karayumak 2019):
 4. :func:`apply_harmonization` warps the scale maps into a target subject,
    scales its SH coefficients per order (``c'_lm = lambda_l c_lm``) and
    rebuilds the DWIs; b0 volumes and voxels outside the mask are untouched.
-5. :func:`evaluate` measures the site effect (Welch t-test, Cohen's d) on
+5. :func:`evaluate_harmonization` measures the site effect (Welch t-test, Cohen's d) on
    white-matter means of FA, MD and RISH before vs after, and how well each
    subject's anatomy is preserved.
 
@@ -106,7 +106,7 @@ SHELL_TOLERANCE = SHELL_GAP
 #: White matter for the evaluation: FA at or above this (in the brain mask,
 #: measured before harmonization).
 WM_FA_THRESHOLD = 0.3
-#: RISH orders reported by :func:`evaluate`.
+#: RISH orders reported by :func:`evaluate_harmonization`.
 EVAL_ORDERS = (0, 2, 4)
 #: Artefact folder layout and format.
 ARTEFACT_FORMAT = "dmriflow-rish-harmonization"
@@ -1001,8 +1001,8 @@ def applied_artefacts(sidecar: Mapping | None) -> list[str]:
     return [str(x) for x in sidecar.get(SIDECAR_KEY, [])]
 
 
-def check_acquisition(gtab: GradientTable, artefact: HarmonizationArtefact,
-                      source: str = "subject") -> dict[float, float]:
+def match_artefact_shells(gtab: GradientTable, artefact: HarmonizationArtefact,
+                          source: str = "subject") -> dict[float, float]:
     """{artefact shell: subject shell}; HarmonizationError on a mismatch.
 
     Every artefact shell needs a subject shell within ``SHELL_TOLERANCE``,
@@ -1084,7 +1084,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                                  f"applying it twice scales the SH twice (force=True to do it "
                                  f"anyway)")
     source = dwi.paths.get("dwi", subject) if dwi.paths else subject
-    pairs = check_acquisition(dwi.gtab, artefact, source)
+    pairs = match_artefact_shells(dwi.gtab, artefact, source)
     grid = dwi.mask.shape
     t_start = time.perf_counter()
     if transform is None:
@@ -1197,7 +1197,7 @@ def site_effect(values_ref, values_tar) -> dict:
 
 @dataclass
 class SubjectSummary:
-    """Maps and white-matter means of one subject for :func:`evaluate`.
+    """Maps and white-matter means of one subject for :func:`evaluate_harmonization`.
     ``values``: {(metric, shell): mean}, metric in fa, md, rish_l0, ...
     (shell NaN for the tensor metrics)."""
 
@@ -1208,8 +1208,9 @@ class SubjectSummary:
     values: dict
 
 
-def summarise(dwi: DWI, lmax: int, *, subject: str = "", wm_mask: np.ndarray | None = None,
-              orders: Sequence[int] = EVAL_ORDERS) -> SubjectSummary:
+def summarise_subject(dwi: DWI, lmax: int, *, subject: str = "",
+                      wm_mask: np.ndarray | None = None,
+                      orders: Sequence[int] = EVAL_ORDERS) -> SubjectSummary:
     """White-matter means of FA, MD (DTI on b <= DTI_MAX_BVAL) and RISH per
     shell and order; WM = FA >= WM_FA_THRESHOLD in the mask unless given
     (pass the pre-harmonization WM mask when summarising harmonised data)."""
@@ -1231,8 +1232,9 @@ def summarise(dwi: DWI, lmax: int, *, subject: str = "", wm_mask: np.ndarray | N
     return SubjectSummary(subject, fa, dwi.mask.copy(), wm_mask, values)
 
 
-def evaluate(reference: Sequence, target_before: Sequence, target_after: Sequence, lmax: int,
-             *, reference_after: Sequence | None = None):
+def evaluate_harmonization(reference: Sequence, target_before: Sequence,
+                           target_after: Sequence, lmax: int, *,
+                           reference_after: Sequence | None = None):
     """Site effect before vs after harmonization, and anatomy preservation.
 
     Each list holds DWIs or :class:`SubjectSummary` (the same subjects, in the
@@ -1254,7 +1256,7 @@ def evaluate(reference: Sequence, target_before: Sequence, target_after: Sequenc
             if isinstance(x, SubjectSummary):
                 out.append(x)
             else:
-                out.append(summarise(x, lmax, subject=_name(x, i),
+                out.append(summarise_subject(x, lmax, subject=_name(x, i),
                                      wm_mask=None if wms is None else wms[i].wm_mask))
         return out
 

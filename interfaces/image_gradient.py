@@ -1280,7 +1280,7 @@ def masked_map(fn, mask, *maps) -> np.ndarray:
 def one_sample_test(values, chance: float) -> dict:
     """Two-tailed one-sample t-test of ``values`` (finite ones) against
     ``chance`` (scipy.stats.ttest_1samp)."""
-    from scipy import stats
+    from scipy import stats  # scipy.stats takes seconds to import: cohort tests only
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     res = stats.ttest_1samp(v, chance) if v.size >= 2 else None
@@ -1293,7 +1293,7 @@ def one_sample_test(values, chance: float) -> dict:
 def paired_test(a, b) -> dict:
     """Two-tailed paired t-test of a - b over pairs where both are finite
     (scipy.stats.ttest_rel)."""
-    from scipy import stats
+    from scipy import stats  # scipy.stats takes seconds to import: cohort tests only
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     ok = np.isfinite(a) & np.isfinite(b)
@@ -1315,7 +1315,7 @@ def summarise_angles(angles: dict, angles_2d: dict, strata: dict, kinds: dict,
                      subject: str = ""):
     """Tidy per-subject rows (pandas): one per method x stratum with the
     voxel count and the mean and median of the acute and of the 2D angle."""
-    import pandas as pd
+    import pandas as pd  # pandas: a second to import, for the tables only
     rows = []
     for method, amap in angles.items():
         a2 = angles_2d.get(method)
@@ -1347,7 +1347,7 @@ def cohort_tests(rows, statistics: Sequence[str] = ("mean", "median", "mean_2d")
     the paired difference), sd, t, p, cohen_d (effect size: (mean - chance)
     / sd, or mean difference / sd of the differences).
     """
-    import pandas as pd
+    import pandas as pd  # pandas: a second to import, for the tables only
     out = []
     key = ["method", "stratum"]
     for (method, stratum), grp in rows.groupby(key, sort=False):

@@ -1,73 +1,34 @@
-"""Applying trained models to a subject: batched, device-aware, refusing OOD data.
+"""Applying trained models to a subject: the inference kinds, refusing OOD data.
 
 The numerics side of the inference step (no pydra here; the Pydra step is
-``pipelines/inference.py``). :func:`run_volume` runs a fully convolutional
-network over a whole volume in slabs along the last axis, each with
-``halo`` voxels of context on both sides, so memory stays bounded and the
-result equals one pass over the whole volume. Device: CUDA when available,
-else the CPU; bf16 autocast on CUDA only, so CPU results are deterministic.
-
-:func:`synthesize_directions` applies a direction-synthesis checkpoint
-(:mod:`dmriflow.models.directions`) to one subject after checking its
-acquisition against the model card; :func:`generate_7t_like` a 3T->7T latent
-diffusion checkpoint (:mod:`dmriflow.models.ldm`).
+``pipelines/inference.py``). :func:`run_inference` loads a checkpoint, checks
+the subject's acquisition against its model card and applies one kind:
+:func:`synthesize_directions` a direction-synthesis checkpoint
+(:mod:`dmriflow.models.directions`), :func:`synthesize_7t_like` a 3T->7T
+latent diffusion checkpoint (:mod:`dmriflow.models.ldm`). The networks run
+slab-wise over the volume (:func:`dmriflow.models.volume.run_volume`).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
+import dmriflow.models
 from dmriflow.interfaces.dti import TensorModel
+from dmriflow.interfaces.gradients import electrostatic_directions
+from dmriflow.models import directions as dm
+from dmriflow.models.card import check_acquisition, load_checkpoint
+from dmriflow.models.data import split_dwi
+from dmriflow.models.train import torch_threads
+from dmriflow.models.volume import CPU_THREADS
 
-#: Slab thickness (voxels along the last axis) per forward pass, excluding the halo.
-SLAB = 32
-#: torch threads for CPU inference: pipeline nodes already run in parallel
-#: workers, and an oversubscribed pool is many times slower (models.train).
-CPU_THREADS = 1
 #: Inference model kinds offered by the pipeline (``dmriflow run --inference``).
 DIRECTIONS = "directions"
 THREE_T_TO_7T = "3t7t"
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def run_volume(model: torch.nn.Module, volume: np.ndarray, halo: int, slab: int = SLAB,
-               device=None, threads: int = CPU_THREADS) -> np.ndarray:
-    """``model`` applied to ``volume`` (C, X, Y, Z); output (C', X, Y, Z) float32.
-
-    Slabs of ``slab`` voxels along Z are run with up to ``halo`` voxels of
-    neighbours on each side (none beyond the volume, where the network pads
-    as in a whole-volume pass), so with ``halo`` >= the network's receptive
-    radius each output voxel equals that of a single whole-volume pass.
-    ``threads``: torch threads on the CPU (see :data:`CPU_THREADS`).
-    """
-    from dmriflow.models.card import select_device
-    from dmriflow.models.train import torch_threads
-    device = select_device(device)
-    model = model.to(device).eval()
-    n_z = volume.shape[-1]
-    out = None
-    threads_ctx = torch_threads(threads) if device.type == "cpu" else contextlib.nullcontext()
-    with torch.no_grad(), _autocast(device), threads_ctx:
-        for z0 in range(0, n_z, slab):
-            z1 = min(z0 + slab, n_z)
-            lo, hi = max(z0 - halo, 0), min(z1 + halo, n_z)
-            chunk = np.ascontiguousarray(volume[..., lo:hi], dtype=np.float32)
-            res = model(torch.from_numpy(chunk)[None].to(device))[0].float().cpu().numpy()
-            if out is None:
-                out = np.zeros(res.shape[:-1] + (n_z,), dtype=np.float32)
-            out[..., z0:z1] = res[..., z0 - lo:z1 - lo]
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -106,7 +67,6 @@ def register_kind(name: str, shipped: str | None = None):
 
 def default_checkpoint(kind: str) -> Path:
     """The checkpoint folder shipped with the package for ``kind``."""
-    import dmriflow.models
     if kind not in SHIPPED:
         raise ValueError(f"no checkpoint is shipped for inference kind {kind!r}: pass one")
     return Path(dmriflow.models.__file__).parent / "checkpoints" / SHIPPED[kind]
@@ -116,7 +76,6 @@ def run_inference(kind: str, checkpoint, dwi, path, census: dict | None = None,
                   device=None) -> tuple[InferenceOutput, object]:
     """Load ``checkpoint`` (default: the shipped one), check the subject's
     acquisition against its card, and apply it. Returns (output, card)."""
-    from dmriflow.models.card import check_acquisition, load_checkpoint
     if kind not in KINDS:
         raise ValueError(f"unknown inference kind {kind!r}; known: {sorted(KINDS)}")
     model, card = load_checkpoint(checkpoint or default_checkpoint(kind), device=device)
@@ -157,9 +116,6 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
     Output: b0s + inputs + synthesised directions as a 4D series, its
     gradient table and its FA.
     """
-    from dmriflow.interfaces.gradients import electrostatic_directions
-    from dmriflow.models import directions as dm
-    from dmriflow.models.data import split_dwi
     shell = card.acquisition.shells[0]
     n_input = int(card.training.get("n_input", card.acquisition.min_directions[f"{shell:g}"]))
     n_shell = dwi.gtab.directions_per_shell()[shell]
@@ -206,8 +162,33 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
 # 3T -> 7T-like DWIs (latent diffusion on RISH maps)
 # ----------------------------------------------------------------------------
 @register_kind(THREE_T_TO_7T, shipped="ldm_3t7t")
-def generate_7t_like(model, card, dwi, path, census=None, device=None) -> InferenceOutput:
-    """7T-like b0 + b=1000 series of a 3T subject, its FA and lambda maps
-    (:func:`dmriflow.models.ldm.cohort.inference_output`)."""
-    from dmriflow.models.ldm.cohort import inference_output
-    return inference_output(model, card, dwi)
+def synthesize_7t_like(model, card, dwi, path=None, census=None, device=None,
+                       seed: int = 0) -> InferenceOutput:
+    """7T-like b0 + b=1000 series of a 3T subject
+    (:func:`dmriflow.models.ldm.cohort.generate_7t_like`): the series, its FA
+    and the lambda maps, the series' gradient table, and the median lambda
+    per order in the mask for the cohort table."""
+    # models.ldm imports MONAI (seconds): loaded only when this kind runs
+    from dmriflow.models.ldm.cohort import ENTITY, generate_7t_like
+    from dmriflow.models.ldm.features import ORDERS
+    if model.amp_scale.device.type == "cpu":
+        with torch_threads(CPU_THREADS):
+            data, gtab, extra = generate_7t_like(model, card, dwi, seed=seed)
+    else:
+        data, gtab, extra = generate_7t_like(model, card, dwi, seed=seed)
+    info = extra["info"]
+    lam = extra["lambda"][extra["mask"]]
+    row = {f"inference_lambda_l{o}_median": round(float(np.median(lam[:, k])), 5)
+           for k, o in enumerate(ORDERS)}
+    row["inference_seconds"] = round(info["seconds_total"], 2)
+    table = pd.DataFrame({"volume": np.arange(len(gtab)), "bval": gtab.bvals,
+                          "x": gtab.bvecs[:, 0], "y": gtab.bvecs[:, 1], "z": gtab.bvecs[:, 2]})
+    params = {k: info[k] for k in ("shell", "lmax", "guidance", "ddim_steps", "grid", "seed",
+                                   "keep_residual", "negative_clipped_fraction",
+                                   "scale_clipped_fraction", "artefact_content_id",
+                                   "range_flags")}
+    params["bvec_frame"] = "fsl-image"
+    return InferenceOutput(
+        maps={f"{ENTITY}_desc-7tlike": data, f"{ENTITY}_param-fa": extra["fa"],
+              f"{ENTITY}_param-lambda": extra["lambda"]},
+        tables={f"{ENTITY}_desc-7tlike_gradients": table}, row=row, parameters=params)

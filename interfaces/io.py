@@ -30,6 +30,7 @@ from .environment import environment
 from .errors import InputError
 from .gradients import (B0_THRESHOLD, GradientTable, check_readable_file, gradient_policy,
                         read_bvals, read_gradients)
+from .sidecar_fields import echo_time_ms, field_strength_t
 
 #: Voxel grids match when their affines agree to this (mm).
 AFFINE_TOLERANCE = 1e-3
@@ -524,7 +525,6 @@ def census_row(dwi, bval, bvec, sidecar=None, gtab=None, shape=None, zooms=None,
     values in the wrong unit or type are converted or left empty (see
     :mod:`.sidecar_fields`); the warnings go to ``warnings`` when given.
     """
-    from .sidecar_fields import echo_time_ms, field_strength_t
     if shape is None or zooms is None:
         img = load_image(dwi, "DWI")
         shape, zooms = img.shape, img.header.get_zooms()

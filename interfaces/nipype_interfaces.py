@@ -29,6 +29,8 @@ from nipype.interfaces.base import (BaseInterface, BaseInterfaceInputSpec,  # no
 
 from . import io, stepfiles  # noqa: E402
 from .dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, FIT_METHODS  # noqa: E402
+from .stepfiles import (MODEL_ENTITY, parse_estimators, resolve_timing,  # noqa: E402
+                        subject_products)
 
 #: The JSON record Validate writes beside its outputs.
 RECORD_FILE = "record.json"
@@ -261,7 +263,6 @@ class ImageGradient(_StepInterface):
 
     def _step(self, out_dir):
         # the Pydra step's own file-level functions (one implementation)
-        from .stepfiles import MODEL_ENTITY, parse_estimators, resolve_timing, subject_products
         i = self.inputs
         overrides = {k: _defined(v) for k, v in (("Delta", i.gradient_separation_ms),
                                                  ("delta", i.gradient_duration_ms),

@@ -30,6 +30,8 @@ from itertools import permutations
 
 import numpy as np
 
+from .dti import dti_shells, fit_dwi
+
 #: Streamlines stop where FA falls below STOP_FA and are seeded at FA >=
 #: SEED_FA: the cores of coherent bundles, whose curvature and crossings are
 #: what a wrong table breaks. Lower thresholds let in smoothly oriented,
@@ -235,7 +237,6 @@ def check_dwi(dwi, rng_seed: int = 0, volumes=None) -> OrientationResult:
     """The check on a validated series (:class:`io.DWI`): one OLS tensor on its
     b0s and DTI shells (the direction is all that matters here), then
     :func:`check_orientation`. ``volumes``: use only these (no copy)."""
-    from .dti import dti_shells, fit_dwi
     idx = np.arange(len(dwi.gtab)) if volumes is None else np.asarray(volumes)
     gtab = dwi.gtab.select(idx)
     fit = fit_dwi(dwi, volumes=idx[gtab.select_shells(dti_shells(gtab))], fit_method="OLS")

@@ -275,7 +275,7 @@ class _Projector:
         self.weights = np.ascontiguousarray(weights, dtype=np.float32)
         self.device = device
         if device is not None:
-            import torch
+            import torch  # torch takes seconds to import: only for a device
             self._torch = torch
             self._w = torch.from_numpy(self.weights).to(device)
 

@@ -33,6 +33,7 @@ Usage (any model)::
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -40,6 +41,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save
 
 from dmriflow.interfaces import __version__ as DMRIFLOW_VERSION
 from dmriflow.interfaces import io
@@ -95,7 +98,6 @@ def _import_known_architectures(wanted: str) -> dict[str, str]:
     A family whose optional dependency is missing (e.g. MONAI) must not stop
     the others from loading, and a light family need not import a heavy one.
     """
-    import importlib
     failed = {}
     for mod in ARCHITECTURE_MODULES:
         try:
@@ -240,7 +242,6 @@ def read_verified(path, sha256: str, device="cpu") -> dict[str, torch.Tensor]:
     The file is read once into memory, hashed, and parsed from those same
     bytes by safetensors (so what was checked is what is loaded).
     """
-    from safetensors.torch import load as st_load
     path = Path(path)
     if path.suffix != WEIGHTS_SUFFIX:
         raise InputError(path, f"only {WEIGHTS_SUFFIX} files are loaded")
@@ -262,7 +263,6 @@ def read_verified(path, sha256: str, device="cpu") -> dict[str, torch.Tensor]:
 
 def write_weights(tensors: dict[str, torch.Tensor], path) -> str:
     """Write tensors as safetensors atomically; return the file's sha256."""
-    from safetensors.torch import save
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
     io.atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
     return sha256_bytes(data)

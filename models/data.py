@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import nibabel as nib
 import numpy as np
 
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI, mean_b0_map
+from dmriflow.interfaces.sim.phantom import hcp_scheme, simulate_subject
 
 #: The shell used for direction upsampling (HCP b=1000, as in He et al.).
 UPSAMPLE_SHELL = 1000.0
@@ -145,7 +147,6 @@ def split_dwi(dwi: DWI, subject: str = "", shell: float = UPSAMPLE_SHELL,
 def phantom_scheme(seed: int, n_b0: int = PHANTOM_B0,
                    n_dirs: int = PHANTOM_DIRECTIONS) -> GradientTable:
     """A one-shell (b=1000) HCP-like scheme with its own direction set per seed."""
-    from dmriflow.interfaces.sim.phantom import hcp_scheme
     return hcp_scheme(n_b0=n_b0, shells=(UPSAMPLE_SHELL,), n_dirs=n_dirs, seed=seed)
 
 
@@ -156,9 +157,6 @@ def phantom_samples(n_subjects: int, seed: int = 0, shape=PHANTOM_SHAPE, snr: fl
     Each subject has its own anatomy and its own 90-direction set; the noisy
     data are split as :func:`split_dwi` does and the noise-free targets kept.
     """
-    import nibabel as nib
-
-    from dmriflow.interfaces.sim.phantom import simulate_subject
     out = []
     for i in range(first_index, first_index + n_subjects):
         s = simulate_subject(shape=shape, seed=seed + i, snr=snr,
@@ -185,7 +183,7 @@ def split_subjects(samples: list, n_val: int, n_test: int) -> tuple[list, list, 
 # ----------------------------------------------------------------------------
 # Result tables (held-out metrics per method)
 # ----------------------------------------------------------------------------
-def summarise(rows: list[dict], metrics) -> list[dict]:
+def summarise_methods(rows: list[dict], metrics) -> list[dict]:
     """Mean and SD over subjects of each metric, per method (first-seen order).
 
     Metrics that are NaN for every subject of a method become None.
@@ -204,7 +202,7 @@ def summarise(rows: list[dict], metrics) -> list[dict]:
 
 
 def table_markdown(table: list[dict], metrics) -> str:
-    """A markdown table of :func:`summarise` rows (mean +- SD over subjects)."""
+    """A markdown table of :func:`summarise_methods` rows (mean +- SD over subjects)."""
     def cell(row, key):
         v = row.get(key)
         return "-" if v is None else f"{v:.4f} +- {row[key + '_sd']:.4f}"

@@ -34,6 +34,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from dmriflow.interfaces.gradients import GradientTable, electrostatic_directions
 from dmriflow.interfaces.sim import phantom
@@ -134,7 +135,6 @@ def _volumes(data: np.ndarray, fn) -> np.ndarray:
 
 def misregister(data: np.ndarray, shift_vox, rotation_deg) -> np.ndarray:
     """Rigid motion about the grid centre (trilinear): a small misregistration."""
-    from scipy import ndimage
     rot = phantom._rotation(np.radians(np.asarray(rotation_deg, dtype=np.float64)))
     centre = (np.asarray(data.shape[:3]) - 1) / 2.0
     offset = centre - rot @ (centre + np.asarray(shift_vox, dtype=np.float64))
@@ -145,7 +145,6 @@ def misregister(data: np.ndarray, shift_vox, rotation_deg) -> np.ndarray:
 def blur_decimate(data: np.ndarray, factor: float) -> np.ndarray:
     """Gaussian PSF of a voxel ``factor`` times larger, sampled on that coarser
     grid and interpolated back (trilinear) to the input grid."""
-    from scipy import ndimage
     if factor <= 1.0:
         return np.asarray(data, dtype=np.float32).copy()
     sigma = math.sqrt(factor ** 2 - 1.0) * FWHM_TO_SIGMA

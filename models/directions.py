@@ -29,16 +29,22 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from dmriflow.interfaces.dti import TensorModel
+from dmriflow.interfaces.gradients import spiral_directions
 from dmriflow.interfaces.sh import SHModel, n_coeffs, sh_basis, sh_pinv
-from dmriflow.models.card import Acquisition, ModelCard, register
-from dmriflow.models.data import (SIGNAL_CLIP, UPSAMPLE_SHELL, DirectionSample, summarise,
+from dmriflow.models.card import Acquisition, ModelCard, register, save_checkpoint
+from dmriflow.models.data import (PHANTOM_SHAPE, SIGNAL_CLIP, UPSAMPLE_SHELL, DirectionSample,
+                                  phantom_samples, split_dwi, split_subjects, summarise_methods,
                                   table_markdown)
+from dmriflow.models.train import TrainConfig
+from dmriflow.models.train import train as run_training
+from dmriflow.models.volume import run_volume
 
 #: SH order of the output (and of the tensor-prediction base) and of the LS input fit.
 OUT_LMAX = 8
@@ -58,7 +64,6 @@ ARCHITECTURE = "direction-sh-cnn"
 # ----------------------------------------------------------------------------
 def sh_features(sample: DirectionSample) -> np.ndarray:
     """(N_FEATURES, X, Y, Z) float32 features of a sample's b0s and inputs."""
-    from dmriflow.interfaces.gradients import spiral_directions
     mask = sample.mask
     dense = spiral_directions(TENSOR_SAMPLES)
     tensor = dti_prediction(sample, dense)[mask]                 # (V, TENSOR_SAMPLES)
@@ -134,7 +139,6 @@ def predict_network(model: DirectionNet, sample: DirectionSample, bvecs=None,
     (the same result as the whole grid, which is mostly background), and the
     signal is evaluated in mask voxels only.
     """
-    from dmriflow.interfaces.inference import run_volume
     feats = sh_features(sample) if feats is None else feats
     mask = sample.mask
     out = np.zeros(mask.shape + (len(sample.target_bvecs if bvecs is None else bvecs),),
@@ -181,7 +185,7 @@ def _rmse(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a[mask] - b[mask]) ** 2)))
 
 
-def evaluate(samples: list[DirectionSample], predictors: dict) -> list[dict]:
+def score_synthesis(samples: list[DirectionSample], predictors: dict) -> list[dict]:
     """Per-subject metrics for each ``name -> fn(sample) -> targets`` predictor.
 
     ``dwi_rmse``: RMSE of the b0-normalised signal at the target directions
@@ -330,11 +334,10 @@ def train_directions(train: list[DirectionSample], val: list[DirectionSample], c
                      state_dir=None, resume: bool = False, width: int = 24, blocks: int = 2,
                      log=None, stop_after: int | None = None):
     """Train a :class:`DirectionNet` (resumable); returns (model, TrainResult)."""
-    from dmriflow.models.train import train as run
     torch.manual_seed(config.seed)
     model = DirectionNet(width=width, blocks=blocks)
     start = time.perf_counter()
-    result = run(model, loss_fn, make_batches(train), config, state_dir=state_dir,
+    result = run_training(model, loss_fn, make_batches(train), config, state_dir=state_dir,
                  resume=resume, validate=validation_score(val) if val else None, log=log,
                  stop_after=stop_after)
     result.seconds = time.perf_counter() - start
@@ -354,9 +357,6 @@ def run_experiment(checkpoint_dir, state_dir=None, steps: int = 3000, resume: bo
                    subjects=EXPERIMENT_SUBJECTS, seed: int = EXPERIMENT_SEED, log=print,
                    stop_after: int | None = None):
     """Phantom cohort -> train -> held-out table vs baselines -> checkpoint + card."""
-    from dmriflow.models.card import save_checkpoint
-    from dmriflow.models.data import PHANTOM_SHAPE, phantom_samples, split_subjects
-    from dmriflow.models.train import TrainConfig
     n_train, n_val, n_test = subjects
     samples = phantom_samples(n_train + n_val + n_test, seed=seed)
     train, val, test = split_subjects(samples, n_val, n_test)
@@ -366,8 +366,8 @@ def run_experiment(checkpoint_dir, state_dir=None, steps: int = 3000, resume: bo
                                      log=log, stop_after=stop_after)
     if result.step < steps:
         return None
-    rows = evaluate(test, {"network": lambda s: predict_network(model, s), **baselines()})
-    table = [{"split": "held-out phantom subjects", **r} for r in summarise(rows, METRICS)]
+    rows = score_synthesis(test, {"network": lambda s: predict_network(model, s), **baselines()})
+    table = [{"split": "held-out phantom subjects", **r} for r in summarise_methods(rows, METRICS)]
     card = make_card(model, train, config, table,
                      data_description=(f"head phantom (dmriflow.interfaces.sim.phantom), "
                                        f"{n_train} training + {n_val} validation subjects "
@@ -410,11 +410,6 @@ def train_on_subjects(subjects: list, checkpoint_dir, epochs: float = 20.0,
     card's table (network vs SH and DTI baselines). The training state is
     kept in ``checkpoint_dir/training`` so ``resume`` continues a stopped run.
     """
-    from pathlib import Path
-
-    from dmriflow.models.card import save_checkpoint
-    from dmriflow.models.data import split_dwi, split_subjects
-    from dmriflow.models.train import TrainConfig
     samples, zooms = [], []
     for label, dwi in subjects:       # an iterable: one loaded series alive at a time
         samples.append(split_dwi(dwi, label))
@@ -432,8 +427,8 @@ def train_on_subjects(subjects: list, checkpoint_dir, epochs: float = 20.0,
     state = Path(checkpoint_dir) / STATE_FOLDER
     model, result = train_directions(train, val, config, state_dir=state, resume=resume,
                                      width=width, blocks=blocks, log=log)
-    rows = evaluate(val, {"network": lambda s: predict_network(model, s), **baselines()})
-    table = [{"split": "validation subjects", **r} for r in summarise(rows, METRICS)]
+    rows = score_synthesis(val, {"network": lambda s: predict_network(model, s), **baselines()})
+    table = [{"split": "validation subjects", **r} for r in summarise_methods(rows, METRICS)]
     card = make_card(model, train, config, table,
                      data_description=f"user cohort: {len(train)} training subjects "
                                       f"({', '.join(s.subject for s in train)}), "

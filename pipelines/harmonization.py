@@ -19,8 +19,8 @@ from pydra.compose import python, workflow
 from dmriflow.interfaces import io
 from dmriflow.interfaces.stepfiles import harmonize_series
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, Preprocess, Validate,
-                                      guarded, load_series, with_series)
+from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, SUBJECT_FIELDS, Preprocess,
+                                      Validate, guarded, load_series, with_series)
 
 #: Default highest SH order harmonised (as the shells' directions allow).
 DEFAULT_HARMONIZATION_LMAX = 8
@@ -71,8 +71,8 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
     The evaluation applies the artefact to every target subject and compares
     white-matter FA, MD and RISH between sites before and after.
     """
-    from dmriflow.interfaces.harmonize import (apply_harmonization, evaluate,
-                                               fit_harmonization, summarise)
+    from dmriflow.interfaces.harmonize import (apply_harmonization, evaluate_harmonization,
+                                               fit_harmonization, summarise_subject)
     Path(STEP_MARKER).write_text("harmonize-fit")
     ok = [f for f in features if f.get("status") == "ok"]
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
@@ -87,16 +87,17 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
                                  smoothing_fwhm_mm=smoothing_fwhm_mm)
     folder = artefact.save(Path.cwd() / "artefact")
 
-    ref_summaries = [summarise(load_series(f["record"]), lmax, subject=f["subject"])
+    ref_summaries = [summarise_subject(load_series(f["record"]), lmax, subject=f["subject"])
                      for f in ref]
     before, after = [], []
     for f in tar:
         dwi = load_series(f["record"])
-        before.append(summarise(dwi, lmax, subject=f["subject"]))
+        before.append(summarise_subject(dwi, lmax, subject=f["subject"]))
         dwi.data, _ = apply_harmonization(dwi, None, artefact, subject=f["subject"],
                                           inplace=True)
-        after.append(summarise(dwi, lmax, subject=f["subject"], wm_mask=before[-1].wm_mask))
-    site_table, preservation = evaluate(ref_summaries, before, after, lmax)
+        after.append(summarise_subject(dwi, lmax, subject=f["subject"],
+                                       wm_mask=before[-1].wm_mask))
+    site_table, preservation = evaluate_harmonization(ref_summaries, before, after, lmax)
     site_tsv = Path.cwd() / "harmonization_site_effect.tsv"
     pres_tsv = Path.cwd() / "harmonization_preservation.tsv"
     io.write_text(site_table.to_csv(sep="\t", index=False, na_rep="n/a"), site_tsv)
@@ -151,7 +152,6 @@ def harmonization_fit_workflow(subject: list[str], out_parts: list[list], dwi: l
                                lmax: int = DEFAULT_HARMONIZATION_LMAX, registration: str = "syn",
                                smoothing_fwhm_mm: float = 0.0, denoise: bool = False,
                                degibbs: bool = False, pipeline_version: str = "") -> dict:
-    from dmriflow.pipelines.workflows import SUBJECT_FIELDS
     per = FeaturesWorkflow(shells=shells, lmax=lmax, denoise=denoise, degibbs=degibbs,
                            pipeline_version=pipeline_version)
     split = per.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi, bval=bval,

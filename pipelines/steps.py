@@ -40,6 +40,8 @@ STEP_MARKER = "_dmriflow_step"
 #: Written into a node folder whose series copy was dropped (--drop-series): the
 #: next run removes the folder, so the step recomputes it if it is needed again.
 DROPPED_MARKER = "_dmriflow_series_dropped"
+#: The per-subject inputs that are split together over the cohort.
+SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sidecar")
 #: BIDS ``desc`` label of a DWI series changed by each step (joined in order).
 SERIES_DESC = {"preprocess": "preproc", "harmonize": "harmonized"}
 #: BIDS ``desc`` label of b-vectors fixed by the gradient check (``--fix-gradients``).

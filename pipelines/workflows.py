@@ -14,11 +14,8 @@ from pydra.compose import workflow
 from dmriflow.pipelines.harmonization import Harmonize
 from dmriflow.pipelines.image_gradient import ImageGradient, ImageGradientGroup
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, Export, FitRish, FitTensor, GroupTable,
-                                      Preprocess, Validate)
-
-#: The per-subject inputs that are split together over the cohort.
-SUBJECT_FIELDS = ("subject", "out_parts", "dwi", "bval", "bvec", "mask", "sidecar")
+from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, SUBJECT_FIELDS, Export,
+                                      FitRish, FitTensor, GroupTable, Preprocess, Validate)
 
 
 def add_series_steps(files: dict, pv: dict, denoise: bool = False, degibbs: bool = False,

@@ -95,7 +95,7 @@ def fitted(cohort):
 @pytest.fixture(scope="module")
 def evaluation(cohort, fitted):
     ref, tar = cohort
-    return H.evaluate([as_dwi(s.dwi, s) for s in ref], [as_dwi(s.dwi, s) for s in tar],
+    return H.evaluate_harmonization([as_dwi(s.dwi, s) for s in ref], [as_dwi(s.dwi, s) for s in tar],
                       [as_dwi(a, s) for a, s in zip(fitted["after"], tar)], LMAX)
 
 
@@ -374,7 +374,7 @@ def test_target_site_with_other_voxel_size():
     art = H.fit_harmonization(features(ref, "r"), features(tar, "t"), [BVAL], LMAX,
                               template_iterations=1)
     after = [as_dwi(H.apply_harmonization(as_dwi(s.dwi, s), None, art)[0], s) for s in tar]
-    table, pres = H.evaluate([as_dwi(s.dwi, s) for s in ref], [as_dwi(s.dwi, s) for s in tar],
+    table, pres = H.evaluate_harmonization([as_dwi(s.dwi, s) for s in ref], [as_dwi(s.dwi, s) for s in tar],
                              after, LMAX)
     for row in table.itertuples():
         if row.metric == "md":

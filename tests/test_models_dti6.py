@@ -63,7 +63,7 @@ def samples():
 
 
 def test_six_noisy_directions_are_far_worse_than_ninety(samples):
-    rows = dti6.evaluate(samples[:1], {"six": dti6.classical,
+    rows = dti6.score_tensor_fits(samples[:1], {"six": dti6.classical,
                                        "full": lambda s: dti6.classical(s, full=True)})
     six, full = rows
     assert full["tensor_rmse"] < 0.5 * six["tensor_rmse"]

@@ -12,10 +12,11 @@ import torch
 
 pytest.importorskip("monai")  # noqa: E402 - the model family's declared dependency
 
-from dmriflow.interfaces import harmonize, phantom, sh
+from dmriflow.interfaces import harmonize, sh
+from dmriflow.interfaces.sim import phantom
 from dmriflow.models import card as cards
 from dmriflow.models import degrade as dg
-from dmriflow.models.experiments import ldm_metrics as evaluate
+from dmriflow.models.experiments import ldm_metrics
 from dmriflow.models.ldm import baselines, diffusion, features, sr, vqvae
 from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T, fit
 
@@ -163,35 +164,35 @@ def test_nmse_known_values():
     rng = np.random.default_rng(0)
     gt = rng.uniform(1, 2, (10, 10, 10))
     mask = np.ones(gt.shape, bool)
-    assert evaluate.nmse(gt, gt, mask) == 0
-    assert np.isclose(evaluate.nmse(1.1 * gt, gt, mask), 0.01)
-    assert np.isclose(evaluate.nmse(np.zeros_like(gt), gt, mask), 1.0)
+    assert ldm_metrics.nmse(gt, gt, mask) == 0
+    assert np.isclose(ldm_metrics.nmse(1.1 * gt, gt, mask), 0.01)
+    assert np.isclose(ldm_metrics.nmse(np.zeros_like(gt), gt, mask), 1.0)
 
 
 def test_ssim_identical_constant_and_monai():
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 1, (24, 24, 24))
     mask = np.ones(x.shape, bool)
-    assert np.isclose(evaluate.ssim3d(x, x, mask), 1.0)
+    assert np.isclose(ldm_metrics.ssim3d(x, x, mask), 1.0)
     a, b, L = 0.3, 0.6, 1.0
     c1 = (0.01 * L) ** 2
-    const = evaluate.ssim3d(np.full(x.shape, a), np.full(x.shape, b), mask, data_range=L)
+    const = ldm_metrics.ssim3d(np.full(x.shape, a), np.full(x.shape, b), mask, data_range=L)
     assert np.isclose(const, (2 * a * b + c1) / (a * a + b * b + c1))
     # the interior (valid window) of our map equals MONAI's SSIM
     from monai.metrics.regression import compute_ssim_and_cs
     y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0, 1)
-    ours = evaluate.ssim_map(y, x, 1.0)[5:-5, 5:-5, 5:-5].mean()
+    ours = ldm_metrics.ssim_map(y, x, 1.0)[5:-5, 5:-5, 5:-5].mean()
     theirs, _ = compute_ssim_and_cs(torch.from_numpy(y)[None, None],
                                     torch.from_numpy(x)[None, None], 3, [11] * 3, [1.5] * 3,
                                     data_range=1.0)
     assert abs(ours - float(theirs.mean())) < 2e-3
-    assert evaluate.ssim3d(y, x, mask) < 0.9
+    assert ldm_metrics.ssim3d(y, x, mask) < 0.9
 
 
 def test_table_has_definitions_and_all_maps():
     rows = [{"nmse_L0": 0.1, "ssim_L0": 0.9, "nmse_L2": 0.2, "ssim_L2": 0.8, "nmse_L4": 0.3,
              "ssim_L4": 0.7, "nmse_FA": 0.05, "ssim_FA": 0.95}] * 2
-    t = evaluate.markdown_table({"m": evaluate.summarise(rows)}, 2)
+    t = ldm_metrics.markdown_table({"m": ldm_metrics.summarise_metrics(rows)}, 2)
     assert "| m | 0.100 +- 0.000" in t and "NMSE = sum_mask" in t and "SSIM FA" in t
 
 

@@ -103,6 +103,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.integrate import solve_ivp
 
+from .. import image_gradient as ig
 from ..parallel import single_threaded_blas
 
 # ----------------------------------------------------------------------------
@@ -903,7 +904,6 @@ def gradient_study(n_voxels: int, gtab, sequence: Sequence, *, source: str = "R2
     STUDY_S0/snr (magnitude Rician), fitted by the image-gradient estimators
     (interfaces/image_gradient.py; P gets the complex data, the others the
     magnitude) at the sequence's timing."""
-    from .. import image_gradient as ig
 
     rng = np.random.default_rng(seed)
     tensors = random_tensors(n_voxels, rng)

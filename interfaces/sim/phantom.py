@@ -80,15 +80,19 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 
-from .. import __version__
+from .. import __version__, sh
 from ..dti import fractional_anisotropy, mean_diffusivity
-from ..gradients import GradientTable, electrostatic_directions, world_to_fsl
+from ..gradients import (GradientTable, electrostatic_directions, format_bvals, format_bvecs,
+                         world_to_fsl)
+from ..io import save_nifti, write_json, write_text
 
 # ----------------------------------------------------------------------------
 # Named constants
@@ -535,7 +539,6 @@ def tensor_maps(tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 def _rish_operator(gtab: GradientTable, scales: Mapping, lmax: int | None) -> list:
     """Per shell: (volume indices, N x N operator) adding the scaled SH part."""
-    from .. import sh
     ops = []
     for shell in gtab.shells:
         table = scales.get(shell, scales.get(int(shell))) if any(
@@ -903,21 +906,11 @@ def subject_seed(seed: int, index: int) -> int:
 
 def _nifti_header(affine: np.ndarray):
     """mm units, qform and sform both the affine with code 1 (scanner), as dcm2niix."""
-    import nibabel as nib
     hdr = nib.Nifti1Header()
     hdr.set_xyzt_units("mm", "sec")
     hdr.set_qform(affine, code=1)
     hdr.set_sform(affine, code=1)
     return hdr
-
-
-def format_bvals(bvals: np.ndarray) -> str:
-    return " ".join(f"{b:g}" for b in bvals) + "\n"
-
-
-def format_bvecs(bvecs: np.ndarray) -> str:
-    """FSL layout: 3 rows x N columns."""
-    return "".join(" ".join(f"{v:.6f}" for v in row) + "\n" for row in np.asarray(bvecs).T)
 
 
 def write_truth(subject: PhantomSubject, truth_dir, label: str) -> list[Path]:
@@ -928,7 +921,6 @@ def write_truth(subject: PhantomSubject, truth_dir, label: str) -> list[Path]:
     discovery looks for derivative masks) and the simulation parameters as
     ``sub-<label>_desc-simulation.json``.
     """
-    from ..io import save_nifti, write_json
     root = Path(truth_dir) / f"sub-{label}"
     hdr = _nifti_header(subject.affine)
     written = []
@@ -977,7 +969,6 @@ def write_subject(subject: PhantomSubject, out_dir, label: str, layout: str = "h
     ``dtype``: of the DWI on disk, default ``DWI_DTYPES[layout]`` (integers
     are rounded; the rounding error, <= 0.5, is far below the noise).
     """
-    from ..io import save_nifti, write_json, write_text
     out = Path(out_dir)
     hdr = _nifti_header(subject.affine)
     if layout == "hcp":
@@ -1041,7 +1032,6 @@ def write_cohort(out_dir, n_subjects: int, layout: str = "hcp",
     folder names (HCP ``900001``, BIDS ``sub-01``). ``n_jobs > 1`` simulates
     subjects in parallel processes. ``dtype``: see :func:`write_subject`.
     """
-    from ..io import write_json, write_text
     if layout not in ("hcp", "bids"):
         raise ValueError(f"unknown layout {layout!r} (hcp or bids)")
     out = Path(out_dir)
@@ -1052,7 +1042,6 @@ def write_cohort(out_dir, n_subjects: int, layout: str = "hcp",
                  site=site, voxel_size=voxel_size, out_dir=os.fspath(out), label=lbl,
                  layout=layout, dtype=dtype) for i, lbl in enumerate(labels)]
     if n_jobs > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs))) as pool:
             list(pool.map(_simulate_and_write, jobs))
     else:

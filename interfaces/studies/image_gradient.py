@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 
 from .. import image_gradient as ig
@@ -60,7 +61,6 @@ CONTINUITY_SUBJECTS = 8
 # ----------------------------------------------------------------------------
 def phantom_dwi(subject: phantom.PhantomSubject) -> io.DWI:
     """A simulated subject as the :class:`io.DWI` the estimators take."""
-    import nibabel as nib
     header = nib.Nifti1Header()
     header.set_data_shape(subject.dwi.shape)
     header.set_zooms(tuple(subject.voxel_size) + (1.0,))
@@ -93,7 +93,7 @@ def continuity_study(n_subjects: int = CONTINUITY_SUBJECTS,
     simulated complex noise (the noise-free signal is real: no physics).
     ``evaluate_kw`` go to ``evaluate_subject``.
     """
-    import pandas as pd
+    import pandas as pd  # pandas: a second to import, for the tables only
     scheme = scheme if scheme is not None else phantom.hcp_scheme(jitter=False)
     rows, truth = [], []
     for i in range(int(n_subjects)):
@@ -290,7 +290,7 @@ def real_pair_study(data_dir, seed: int = 0, n_shuffles: int = N_SHUFFLES) -> Pa
     series' tensor (V1, E3; FA strata from it too). All compared on the same
     voxels: the joint brain mask, in-plane eroded, with a finite T2.
     """
-    import pandas as pd
+    import pandas as pd  # pandas: a second to import, for the tables only
     rng = np.random.default_rng(seed)
     pair = load_mdt_pair(data_dir)
     short, long_ = pair["te60"], pair["te91"]

@@ -20,18 +20,25 @@ classical fit. Here, on held-out phantom subjects:
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from dmriflow.interfaces.dti import (B_UNIT, MIN_SIGNAL, TensorModel, eig_sym3, fractional_anisotropy,
-                                     mean_diffusivity)
+from dmriflow.interfaces.dti import (B_UNIT, MIN_SIGNAL, TensorModel, eig_sym3,
+                                     fractional_anisotropy, mean_diffusivity)
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.models.card import register
-from dmriflow.models.data import DirectionSample, spread_subset, summarise, table_markdown
+from dmriflow.models.data import (DirectionSample, phantom_samples, split_subjects, spread_subset,
+                                  summarise_methods, table_markdown)
+from dmriflow.models.directions import _crop
+from dmriflow.models.train import TrainConfig
+from dmriflow.models.train import train as run_training
+from dmriflow.models.volume import run_volume
 
 #: Directions of the acquisition the models see.
 N_DIRECTIONS = 6
@@ -100,7 +107,8 @@ def maps_of(elements: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
     """FA and MD (um^2/ms) of tensor elements (6, X, Y, Z) in the mask."""
     e = [elements[k][mask] for k in range(6)]
     evals, _ = eig_sym3(e[0], e[1], e[2], e[3], e[4], e[5])
-    return {"fa": np.clip(np.nan_to_num(fractional_anisotropy(evals)), 0, 1), "md": mean_diffusivity(evals)}
+    return {"fa": np.clip(np.nan_to_num(fractional_anisotropy(evals)), 0, 1),
+            "md": mean_diffusivity(evals)}
 
 
 def classical(s: TensorSample, full: bool = False) -> np.ndarray:
@@ -152,14 +160,12 @@ class TensorPatchCNN(nn.Module):
 
 
 def predict(model: nn.Module, s: TensorSample, device=None) -> np.ndarray:
-    from dmriflow.interfaces.inference import run_volume
     out = run_volume(model, s.inputs, halo=model.halo, device=device)
     out[:, ~s.mask] = 0.0
     return out
 
 
 def _batches_cnn(samples: list[TensorSample]):
-    from dmriflow.models.directions import _crop
     centres = [np.argwhere(s.mask) for s in samples]
 
     def batch_fn(step, rng):
@@ -204,7 +210,7 @@ def _rmse(a, b, mask) -> float:
     return float(np.sqrt(np.mean((a[:, mask] - b[:, mask]) ** 2)))
 
 
-def evaluate(samples: list[TensorSample], predictors: dict) -> list[dict]:
+def score_tensor_fits(samples: list[TensorSample], predictors: dict) -> list[dict]:
     """Per-subject RMSE of tensor elements, FA and MD against the target."""
     rows = []
     for s in samples:
@@ -222,12 +228,11 @@ def evaluate(samples: list[TensorSample], predictors: dict) -> list[dict]:
 def train_model(kind: str, train: list[TensorSample], val: list[TensorSample], config,
                 state_dir=None, resume: bool = False, log=None, stop_after=None):
     """Train the ``"mlp"`` or ``"cnn"`` model; returns (model, TrainResult)."""
-    from dmriflow.models.train import train as run
     torch.manual_seed(config.seed)
     model = TensorMLP() if kind == "mlp" else TensorPatchCNN()
     batches = _batches_mlp(train) if kind == "mlp" else _batches_cnn(train)
     start = time.perf_counter()
-    result = run(model, loss_fn, batches, config, state_dir=state_dir, resume=resume,
+    result = run_training(model, loss_fn, batches, config, state_dir=state_dir, resume=resume,
                  validate=_score(val) if val else None, log=log, stop_after=stop_after)
     result.seconds = time.perf_counter() - start
     return result.model, result
@@ -239,10 +244,6 @@ def run_experiment(steps: dict | None = None, subjects=EXPERIMENT_SUBJECTS,
 
     ``steps``: optimizer steps per model kind (default :data:`EXPERIMENT_STEPS`).
     """
-    from pathlib import Path
-
-    from dmriflow.models.data import phantom_samples, split_subjects
-    from dmriflow.models.train import TrainConfig
     n_train, n_val, n_test = subjects
     samples = [tensor_sample(s) for s in phantom_samples(sum(subjects), seed=seed)]
     train, val, test = split_subjects(samples, n_val, n_test)
@@ -255,15 +256,14 @@ def run_experiment(steps: dict | None = None, subjects=EXPERIMENT_SUBJECTS,
                                         log=log)
         log(f"{kind}: {res.step} steps in {res.seconds:.0f} s, best validation "
             f"{res.best_score:.4g} at {res.best_step}")
-    rows = evaluate(test, {
+    rows = score_tensor_fits(test, {
         "classical WLS, 6 directions": lambda s: classical(s),
         "MLP, 6 directions": lambda s: predict(models["mlp"], s),
         "patch CNN, 6 directions": lambda s: predict(models["cnn"], s),
         "classical WLS, all 90 directions (reference)": lambda s: classical(s, full=True)})
-    return summarise(rows, METRICS)
+    return summarise_methods(rows, METRICS)
 
 
 if __name__ == "__main__":   # nice -n 10 python -m dmriflow.models.experiments.dti6 [STATE_DIR]
-    import sys
     table = run_experiment(state_dir=sys.argv[1] if len(sys.argv) > 1 else None)
     print(table_markdown(table, METRICS))

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from dmriflow.interfaces import io
+from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
-from dmriflow.models.experiments import ldm_metrics as evaluate
+from dmriflow.models.experiments import ldm_metrics
 from dmriflow.models.ldm import baselines, diffusion, features, rishdiff
 from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T, fit
 
@@ -80,7 +81,6 @@ def _save_pair(path: Path, item) -> None:
 
 
 def _load_pair(path: Path):
-    from dmriflow.interfaces.gradients import GradientTable
     with np.load(path) as d:
         fs = [features.ShellFeatures(**{k: d[f"{k}{tag}"] for k in _FIELDS},
                                      gtab=GradientTable(d[f"bvals{tag}"], d[f"bvecs{tag}"]))
@@ -172,10 +172,10 @@ def run(out, grid: int = 32, n_3t_only: int = 16, n_pairs: int = 16, n_test: int
             else:
                 lam, delivered = baselines.delivered_rish(f3.rish, pred, f3.mask, f3.affine)
             fa = features.fa_of(f3, lam)
-            row = evaluate.subject_metrics(delivered, f7.rish, fa, f7.fa, mask)
+            row = ldm_metrics.subject_metrics(delivered, f7.rish, fa, f7.fa, mask)
             methods[name].append({"subject": SEED_TEST + i, **row})
-    summary = {k: evaluate.summarise(v) for k, v in methods.items()}
-    table = evaluate.markdown_table(summary, n_test)
+    summary = {k: ldm_metrics.summarise_metrics(v) for k, v in methods.items()}
+    table = ldm_metrics.markdown_table(summary, n_test)
     io.write_text(table + "\n", out / "table.md")
 
     # throughput: samples per second of each stage (CPU, this machine, shared)
@@ -190,7 +190,7 @@ def run(out, grid: int = 32, n_3t_only: int = 16, n_pairs: int = 16, n_test: int
                "template_fit_seconds": template_seconds,
                "train_samples_per_s": throughput,
                "inference_seconds_per_subject": float(np.mean(infer_seconds)),
-               "test_degradations": [d for _, _, d in test], "definitions": evaluate.DEFINITIONS}
+               "test_degradations": [d for _, _, d in test], "definitions": ldm_metrics.DEFINITIONS}
     io.write_json(results, out / "results.json")
 
     model = variants[True]

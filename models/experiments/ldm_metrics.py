@@ -16,6 +16,7 @@ Numerics only (numpy/scipy).
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 #: SSIM window and constants.
 SSIM_SIGMA = 1.5
@@ -53,7 +54,6 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 def ssim_map(x: np.ndarray, y: np.ndarray, data_range: float) -> np.ndarray:
     """Local SSIM of two equally shaped images (Gaussian window, reflective borders)."""
-    from scipy.ndimage import gaussian_filter
     if not data_range > 0:
         raise ValueError(f"SSIM needs a positive data range, got {data_range}")
     truncate = (SSIM_WINDOW // 2) / SSIM_SIGMA
@@ -92,7 +92,7 @@ def subject_metrics(rish_pred: np.ndarray, rish_gt: np.ndarray, fa_pred: np.ndar
     return out
 
 
-def summarise(rows: list[dict]) -> dict:
+def summarise_metrics(rows: list[dict]) -> dict:
     """Mean and sample sd of every metric over subjects: {metric: (mean, sd)}."""
     keys = [k for k in rows[0] if k.startswith(("nmse_", "ssim_"))]
     return {k: (float(np.mean([r[k] for r in rows])),

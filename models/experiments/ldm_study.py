@@ -21,17 +21,21 @@ checkpoint is given).
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from scipy.stats import norm, spearmanr, wilcoxon
 
+from dmriflow.interfaces import io
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
 from dmriflow.models.experiments import ldm_metrics as ev
-from dmriflow.models.ldm import features, rishdiff
+from dmriflow.models.ldm import baselines, features, rishdiff
 
 #: Seeds of the training / validation pairs (train family) and the default
 #: held-out seeds (test family); disjoint from the latent model's experiment.
@@ -184,7 +188,6 @@ def coverage(fit: rishdiff.RishFit, s: Subject, fa_samples: np.ndarray | None = 
 def spread_error_spearman(fit: rishdiff.RishFit, s: Subject) -> dict:
     """Per order: Spearman correlation of the predicted spread with the actual
     |error| of the posterior-mean log lambda, over mask voxels."""
-    from scipy.stats import spearmanr
     m = s.mask
     err = np.abs(np.log(fit.lam) - np.log(_oracle_lambda(s)))
     sp = fit.spread
@@ -202,7 +205,6 @@ def fit_noise_proxy(cnn, subjects: list[Subject], level: float = rishdiff.CALIBR
     """Per order, the factor c making ``log lambda_cnn +- z c sigma/s0`` cover
     ``level`` of the true log scales on ``subjects`` (the proxy baseline's
     calibration, on the same validation pairs as the diffusion model's)."""
-    from scipy.stats import norm
     ratios = [[] for _ in range(3)]
     for s in subjects:
         y = np.log(cnn.predict_lambda(s.f3, s.sigma3))
@@ -217,7 +219,6 @@ def fit_noise_proxy(cnn, subjects: list[Subject], level: float = rishdiff.CALIBR
 def proxy_coverage(cnn, c: np.ndarray, s: Subject) -> tuple[list, dict]:
     """Coverage rows and Spearman(proxy, |error|) of the noise-proxy intervals
     around the equally-fed CNN's prediction."""
-    from scipy.stats import norm, spearmanr
     y = np.log(cnn.predict_lambda(s.f3, s.sigma3))
     sd = _noise_proxy(s)[..., None] * c
     m = s.mask
@@ -243,10 +244,6 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     """Score every method on held-out pairs at ``seeds`` (``family``: the test
     degradation family by default; "train" for the in-distribution check);
     write the TSVs."""
-    import pandas as pd
-    from scipy.stats import wilcoxon
-    from dmriflow.interfaces import io
-    from dmriflow.models.ldm import baselines
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -339,7 +336,6 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
 
 
 def main(argv=None) -> int:
-    import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")

@@ -8,7 +8,8 @@
   the sessions of a BIDS dataset by field strength, featurises them on the
   model cube, trains :class:`~dmriflow.models.ldm.model.LatentDiffusion3T7T`
   and writes a checkpoint (safetensors + model card);
-* :func:`generate_7t_like` (inference kind ``3t7t``) applies a checkpoint to
+* :func:`generate_7t_like` (inference kind ``3t7t``, served through
+  :func:`dmriflow.interfaces.inference.synthesize_7t_like`) applies a checkpoint to
   one 3T subject: predicted 7T RISH -> lambda maps on the cube ->
   :func:`dmriflow.interfaces.harmonize.apply_harmonization` with those maps
   as a one-subject artefact (world-coordinate identity transform from the
@@ -28,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from dmriflow.interfaces import harmonize, io
+from dmriflow.interfaces.dti import TensorModel
 from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.gradients import format_bvals, format_bvecs
 from dmriflow.models import card as cards
 from dmriflow.models import degrade
 from dmriflow.models.ldm import diffusion, features, rishdiff
@@ -54,7 +57,6 @@ def write_paired_cohort(out_dir, n_subjects: int, sim_size: int = 24, family: st
                         seed: int = 0, sessions_3t_only: int = 0) -> list[str]:
     """Simulated pairs as BIDS (``sub-XX/ses-{3T,7T}/dwi``); the last
     ``sessions_3t_only`` subjects get no 7T session. Returns the labels."""
-    from dmriflow.interfaces.sim.phantom import format_bvals, format_bvecs
     out = Path(out_dir)
     labels = []
     for i in range(int(n_subjects)):
@@ -225,7 +227,6 @@ def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, see
                                      sub.mask.shape, sub.affine)
     data, info = harmonize.apply_harmonization(sub, None, artefact, transform=to_subject,
                                                subject=str(dwi.paths.get("dwi", "subject")))
-    from dmriflow.interfaces.dti import TensorModel
     fa = np.nan_to_num(TensorModel(sub.gtab).fit(data, sub.mask).fa).astype(np.float32)
     lam_native = harmonize.warp_scale_maps(artefact, to_subject)[shell]
     info.update(seconds_prediction=t_pred - t0, seconds_total=time.perf_counter() - t0,
@@ -234,33 +235,3 @@ def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, see
                 range_flags="; ".join(flags))
     return data, sub.gtab, {"fa": fa, "lambda": lam_native, "rish_cube": pred,
                             "mask": sub.mask, "info": info}
-
-
-def inference_output(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, seed: int = 0):
-    """:func:`generate_7t_like` as the pipeline's ``InferenceOutput`` (kind ``3t7t``):
-    the 7T-like series, its FA and the lambda maps, the series' gradient table,
-    and the median lambda per order in the mask for the cohort table."""
-    import pandas as pd
-    from dmriflow.interfaces.inference import CPU_THREADS, InferenceOutput
-    from dmriflow.models.train import torch_threads
-    if model.amp_scale.device.type == "cpu":
-        with torch_threads(CPU_THREADS):
-            data, gtab, extra = generate_7t_like(model, card, dwi, seed=seed)
-    else:
-        data, gtab, extra = generate_7t_like(model, card, dwi, seed=seed)
-    info = extra["info"]
-    lam = extra["lambda"][extra["mask"]]
-    row = {f"inference_lambda_l{o}_median": round(float(np.median(lam[:, k])), 5)
-           for k, o in enumerate(features.ORDERS)}
-    row["inference_seconds"] = round(info["seconds_total"], 2)
-    table = pd.DataFrame({"volume": np.arange(len(gtab)), "bval": gtab.bvals,
-                          "x": gtab.bvecs[:, 0], "y": gtab.bvecs[:, 1], "z": gtab.bvecs[:, 2]})
-    params = {k: info[k] for k in ("shell", "lmax", "guidance", "ddim_steps", "grid", "seed",
-                                   "keep_residual", "negative_clipped_fraction",
-                                   "scale_clipped_fraction", "artefact_content_id",
-                                   "range_flags")}
-    params["bvec_frame"] = "fsl-image"
-    return InferenceOutput(
-        maps={f"{ENTITY}_desc-7tlike": data, f"{ENTITY}_param-fa": extra["fa"],
-              f"{ENTITY}_param-lambda": extra["lambda"]},
-        tables={f"{ENTITY}_desc-7tlike_gradients": table}, row=row, parameters=params)

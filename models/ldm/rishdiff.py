@@ -34,10 +34,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from dmriflow.interfaces import harmonize
 from dmriflow.models.card import register
+from dmriflow.models.degrade import reference_b0
 from dmriflow.models.ldm import features
 from dmriflow.models.train import DEFAULT_THREADS, TrainConfig, train
 
@@ -89,7 +91,6 @@ def noise_sigma(data: np.ndarray, gtab, mask: np.ndarray) -> float:
 def snr_of(data: np.ndarray, gtab, mask: np.ndarray, sigma: float | None = None) -> float:
     """SNR as the simulator defines it: the reference b0 (median of the
     brighter half of the mask's mean b0) over the noise SD."""
-    from dmriflow.models.degrade import reference_b0
     sigma = noise_sigma(data, gtab, mask) if sigma is None else sigma
     return float(reference_b0(np.asarray(data), gtab, np.asarray(mask, bool)) / sigma)
 
@@ -373,7 +374,6 @@ class RishFit:
 def interval_z(nominal: float, k: int) -> float:
     """Half-width in sample SDs of a central ``nominal`` prediction interval from
     ``k`` Gaussian samples: ``t_{(1+p)/2, k-1} sqrt(1 + 1/k)``."""
-    from scipy import stats
     return float(stats.t.ppf(0.5 + nominal / 2, df=k - 1) * math.sqrt(1 + 1 / k))
 
 
