@@ -127,6 +127,12 @@ def write_series(data: io.DWI, out_dir, mask: str) -> dict:
             "mask": mask}
 
 
+def with_series(record: dict, series: dict, step: str, extra: dict | None = None) -> dict:
+    """The record with a new current series, written by ``step`` (added to its history)."""
+    history = list(record.get("history", [])) + [{"step": step, **(extra or {})}]
+    return {**record, "series": series, "history": history}
+
+
 # ----------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------
@@ -434,9 +440,6 @@ DEFAULT_ESTIMATORS = ("B",)
 #: these two keys (write them into the DWI JSON sidecar), else the CLI options.
 SIDECAR_TIMING_KEYS = {"Delta": "DiffusionGradientSeparation",
                        "delta": "DiffusionGradientDuration", "TE": "EchoTime"}
-#: CLI option of each timing field (ms), for error messages.
-TIMING_OPTIONS = {"Delta": "--gradient-separation", "delta": "--gradient-duration",
-                  "TE": "--echo-time"}
 #: BIDS entities of the step's derivatives.
 MODEL_ENTITY = "model-imagegradient"
 #: Angle histogram bins (deg) stored per subject and summed for the figure.
@@ -459,40 +462,6 @@ def parse_estimators(text) -> tuple[str, ...]:
         raise ValueError(f"unknown image-gradient estimator(s) {unknown}; choose from "
                          f"{', '.join(PIPELINE_ESTIMATORS)}")
     return tuple(dict.fromkeys(names))
-
-
-def resolve_timing(overrides: dict | None, sidecar: str | None, dwi: str):
-    """The subject's :class:`SequenceTiming` (ms): each field from the command
-    line when given there, else from the DWI's JSON sidecar (seconds), else
-    an :class:`InputError` naming the sidecar (or the DWI when it has none).
-    TE is optional (recorded only)."""
-    from .image_gradient import SequenceTiming
-    meta = io.read_sidecar(sidecar) if sidecar else {}
-    values, source = {}, {}
-    for name, key in SIDECAR_TIMING_KEYS.items():
-        given = (overrides or {}).get(name)
-        if given is not None:
-            values[name], source[name] = float(given), "command line"
-        elif meta.get(key) is not None:
-            try:
-                values[name] = float(meta[key]) * 1000.0
-            except (TypeError, ValueError):
-                raise InputError(sidecar, f"{key} must be a number in seconds, "
-                                          f"got {meta[key]!r}") from None
-            source[name] = "sidecar"
-    missing = [n for n in ("Delta", "delta") if n not in values]
-    if missing:
-        keys = " and ".join(SIDECAR_TIMING_KEYS[n] for n in missing)
-        opts = " and ".join(TIMING_OPTIONS[n] for n in missing)
-        raise InputError(sidecar or dwi,
-                         f"the image-gradient step needs the diffusion timing: no {keys} "
-                         f"(seconds) in the JSON sidecar and no {opts} (ms) on the command "
-                         f"line")
-    try:
-        return SequenceTiming(values["Delta"], values["delta"],
-                              values.get("TE", float("nan"))), source
-    except ValueError as exc:
-        raise InputError(sidecar or dwi, f"{exc} (from {source})") from None
 
 
 def entity_label(name: str) -> str:

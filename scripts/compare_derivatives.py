@@ -10,7 +10,10 @@ only GAIN entities), in the same folder. Counterparts are compared:
   gzip wrapper's time stamp is not part of the image);
 * JSON: the parsed documents, after dropping :data:`IGNORED_KEYS` (they
   change with the code or the clock, not with the result) and writing both
-  output roots as ``OUTPUT`` (and mapped names as the old ones);
+  output roots as ``OUTPUT`` (and mapped names as the old ones); the list of
+  a status file's ``derivatives`` is compared as a set (its order is the
+  order of writing);
+* TSV: the cells, without the :data:`IGNORED_KEYS` columns;
 * anything else (TSV, bval/bvec, PNG): the bytes, with the same path mapping
   for text.
 
@@ -32,6 +35,8 @@ from pathlib import Path
 #: content id (it hashes the records and that version) and start times.
 IGNORED_KEYS = {"PipelineVersion", "pipeline_version", "PipelineVersions", "export_id",
                 "started", "steps"}
+#: JSON lists compared as sets (their order is the order files were written in).
+SET_KEYS = {"derivatives"}
 #: Not compared: per-run logs, engine lock files, the report (it embeds the run time).
 SKIPPED = (re.compile(r"(^|/)logs/"), re.compile(r"\.lock$"), re.compile(r"report\.html$"))
 #: A BIDS entity ``key-value`` in a file name.
@@ -59,7 +64,8 @@ def counterpart(old: Path, new_files: dict[Path, list[Path]]) -> Path | None:
 def _strip(doc, renames: dict[str, str]):
     """A JSON document without IGNORED_KEYS, with new names written as the old."""
     if isinstance(doc, dict):
-        return {k: _strip(v, renames) for k, v in doc.items() if k not in IGNORED_KEYS}
+        return {k: sorted(_strip(v, renames)) if k in SET_KEYS else _strip(v, renames)
+                for k, v in doc.items() if k not in IGNORED_KEYS}
     if isinstance(doc, list):
         return [_strip(v, renames) for v in doc]
     if isinstance(doc, str):
@@ -73,6 +79,13 @@ def _rename(text: str, renames: dict[str, str]) -> str:
     return text
 
 
+def _tsv_columns(text: str) -> list[list[str]]:
+    """A TSV's rows without the IGNORED_KEYS columns (e.g. pipeline_version)."""
+    rows = [line.split("\t") for line in text.splitlines()]
+    keep = [i for i, c in enumerate(rows[0] if rows else []) if c not in IGNORED_KEYS]
+    return [[r[i] for i in keep if i < len(r)] for r in rows]
+
+
 def _content(path: Path, root: Path, renames: dict[str, str]):
     """What is compared of one file (see the module docstring)."""
     name = path.name
@@ -83,6 +96,8 @@ def _content(path: Path, root: Path, renames: dict[str, str]):
         text = raw.decode().replace(str(root), "OUTPUT")
         if name.endswith(".json"):
             return _strip(json.loads(text), renames)
+        if name.endswith(".tsv"):
+            return _tsv_columns(_rename(text, renames))
         return _rename(text, renames)
     return raw
 
