@@ -28,14 +28,39 @@ from nipype.interfaces.base import (BaseInterface, BaseInterfaceInputSpec,  # no
                                     TraitedSpec, isdefined, traits)
 
 from . import io, stepfiles  # noqa: E402
-from .dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, FIT_METHODS  # noqa: E402
-from .stepfiles import (MODEL_ENTITY, parse_estimators, resolve_timing,  # noqa: E402
-                        subject_products)
+from .steps import rish, tensor, validate  # noqa: E402
 
 #: The JSON record Validate writes beside its outputs.
 RECORD_FILE = "record.json"
 #: The JSON Harmonize writes: what was applied (the Pydra step's history entry).
 INFO_FILE = "harmonization.json"
+
+
+#: Nipype trait of each option type.
+_TRAITS = {bool: traits.Bool, int: traits.Int, float: traits.Float, str: traits.Str}
+
+
+def option_traits(options_cls) -> dict:
+    """One Nipype input trait per option of an Options dataclass: its default,
+    its help text as ``desc`` and its choices (an Enum)."""
+    from .steps.base import option_type, options_of
+    out = {}
+    for f, info in options_of(options_cls):
+        desc = info.help.replace("%(default)s", str(f.default))
+        if info.choices:
+            out[f.name] = traits.Enum(f.default, *[c for c in info.choices if c != f.default],
+                                      usedefault=True, desc=desc)
+        elif f.default is None:
+            out[f.name] = traits.Either(None, _TRAITS[option_type(f)](), default=None,
+                                        usedefault=True, desc=desc)
+        else:
+            out[f.name] = _TRAITS[option_type(f)](f.default, usedefault=True, desc=desc)
+    return out
+
+
+def option_trait(options_cls, name: str):
+    """The trait of one option (under the name a hand-written interface gives it)."""
+    return option_traits(options_cls)[name]
 
 
 def _defined(value):
@@ -83,10 +108,8 @@ class ValidateInputSpec(BaseInterfaceInputSpec):
     bvec = File(exists=True, mandatory=True, desc="gradient directions (FSL text)")
     mask = File(exists=True, desc="brain mask (default: median Otsu of the mean b0)")
     sidecar = File(exists=True, desc="BIDS JSON sidecar of the DWI")
-    exclude_outliers = traits.Bool(True, usedefault=True,
-                                   desc="leave outlier volumes (zero, dropout) out of the fits")
-    fix_gradients = traits.Bool(False, usedefault=True,
-                                desc="apply the gradient check's winning flip/permutation")
+    exclude_outliers = option_trait(validate.Options, "exclude_outliers")
+    fix_gradients = option_trait(validate.Options, "fix_gradients")
 
 
 class ValidateOutputSpec(_SeriesOutputSpec):
@@ -133,11 +156,9 @@ def _abs(path):
 
 # ----------------------------------------------------------------------------
 class DTIFitInputSpec(_SeriesInputSpec):
-    fit_method = traits.Enum(*FIT_METHODS, usedefault=True, desc="tensor fit")
-    max_bval = traits.Float(DTI_MAX_BVAL, usedefault=True,
-                            desc="fit the b0s and shells up to this b-value (s/mm^2)")
-    n_iter = traits.Int(DEFAULT_WLS_ITERATIONS, usedefault=True,
-                        desc="WLS passes (3: as MRtrix3's dwi2tensor; 1: dipy's WLS)")
+    fit_method = option_trait(tensor.Options, "fit_method")
+    max_bval = option_trait(tensor.Options, "dti_max_bval")
+    n_iter = option_trait(tensor.Options, "wls_iterations")
 
 
 class DTIFitOutputSpec(TraitedSpec):
@@ -169,8 +190,7 @@ class DTIFit(_StepInterface):
 
 # ----------------------------------------------------------------------------
 class RISHInputSpec(_SeriesInputSpec):
-    lmax = traits.Int(0, usedefault=True,
-                      desc="highest SH order (0: as each shell's directions allow, <= 8)")
+    lmax = option_trait(rish.Options, "lmax")
 
 
 class RISHOutputSpec(TraitedSpec):
@@ -263,6 +283,9 @@ class ImageGradient(_StepInterface):
 
     def _step(self, out_dir):
         # the Pydra step's own file-level functions (one implementation)
+        from .bids_names import parse_entities
+        from .steps.image_gradient import resolve_timing
+        from .stepfiles import parse_estimators, subject_products
         i = self.inputs
         overrides = {k: _defined(v) for k, v in (("Delta", i.gradient_separation_ms),
                                                  ("delta", i.gradient_duration_ms),
@@ -274,16 +297,107 @@ class ImageGradient(_StepInterface):
                                    i.max_voxels)
         product["parameters"]["timing_source"] = source
         record = io.write_json(product, os.path.join(out_dir, RECORD_FILE))
-        prefix = f"{MODEL_ENTITY}_desc-"
-        angles = {k[len(prefix):-len("_param-angle")]: v for k, v in product["maps"].items()
-                  if k.endswith("_param-angle")}
+        files = {key: (parse_entities(key)[0], path) for kind in ("maps", "tables")
+                 for key, path in product[kind].items()}
+        angles = {e["desc"]: path for e, path in files.values() if e.get("param") == "angle"}
+        by_desc = {e["desc"]: path for e, path in files.values() if "param" not in e}
+        gold = next(path for e, path in files.values() if e.get("param") == "gradient")
         return {"angle_maps": list(angles.values()), "methods": list(angles),
-                "gold_gradient": product["maps"][f"{prefix}goldstandard_param-gradient"],
-                "summary": product["tables"][f"{prefix}summary"],
-                "histogram": product["tables"][f"{prefix}histogram"], "record": str(record)}
+                "gold_gradient": gold, "summary": by_desc["summary"],
+                "histogram": by_desc["histogram"], "record": str(record)}
 
     def _list_outputs(self):
         return dict(self._result)
 
 
-__all__ = ["Validate", "DTIFit", "RISH", "Harmonize", "ImageGradient"]
+
+# ----------------------------------------------------------------------------
+# Generated: one interface per registered step (interfaces/steps)
+# ----------------------------------------------------------------------------
+#: The JSON a generated interface writes: the step's record, or its product.
+PRODUCT_FILE = "product.json"
+class _Files:
+    """The subject's files as a source step reads them (``key`` and paths)."""
+
+    def __init__(self, inputs):
+        self.key = inputs.subject
+        for name in ("dwi", "bval", "bvec", "mask", "sidecar"):
+            setattr(self, name, _abs(getattr(inputs, name)))
+
+
+class _RegisteredStep(BaseInterface):
+    """Runs the registered step ``_step_name`` on a subject's files (source
+    step) or on the record JSON of the step before it."""
+
+    _step_name = ""
+
+    def _run_interface(self, runtime):
+        import json
+
+        from .steps import REGISTRY, Product
+        from .steps.base import options_of
+        step, i = REGISTRY[self._step_name], self.inputs
+        options = step.Options(**{f.name: _defined(getattr(i, f.name))
+                                  for f, _ in options_of(step.Options)})
+        if step.kind == "source":
+            subject, out = i.subject, step.run(_Files(i), options, runtime.cwd)
+        else:
+            record = json.loads(open(i.record).read())
+            subject, out = record["subject"], step.run(record, options, runtime.cwd)
+        if isinstance(out, Product):
+            self._result = out.record(subject)
+            name = PRODUCT_FILE
+        else:
+            self._result, name = out, RECORD_FILE
+        self._path = str(io.write_json(self._result, os.path.join(runtime.cwd, name)))
+        return runtime
+
+    def _list_outputs(self):
+        if "maps" not in self._result:
+            return {"record": self._path}
+        return {"product": self._path, "maps": [d["path"] for d in self._result["maps"]],
+                "tables": [d["path"] for d in self._result["tables"]]}
+
+
+def make_interface(step):
+    """The Nipype interface class of a registered step, ``<Task>Interface``
+    (e.g. ``FitTensorInterface``), stored in this module by that name."""
+    if step.kind == "source":
+        inputs = {"subject": traits.Str(mandatory=True, desc="subject key, e.g. sub-01"),
+                  "dwi": File(exists=True, mandatory=True, desc="4D DWI series (NIfTI)"),
+                  "bval": File(exists=True, mandatory=True, desc="b-values (FSL text)"),
+                  "bvec": File(exists=True, mandatory=True, desc="gradient directions (FSL)"),
+                  "mask": File(exists=True, desc="brain mask (default: median Otsu)"),
+                  "sidecar": File(exists=True, desc="BIDS JSON sidecar of the DWI")}
+    else:
+        inputs = {"record": File(exists=True, mandatory=True,
+                                 desc="the subject's record (JSON) from the step before")}
+    if step.kind == "product":
+        outputs = {"product": File(exists=True, desc="the step's product (JSON)"),
+                   "maps": OutputMultiObject(File(exists=True), desc="maps (NIfTI)"),
+                   "tables": OutputMultiObject(File(exists=True), desc="tables (TSV)")}
+    else:
+        outputs = {"record": File(exists=True, desc="the subject's record (JSON)")}
+    name = f"{step.task}Interface"
+    spec_in = type(f"{name}InputSpec", (BaseInterfaceInputSpec,),
+                   {**inputs, **option_traits(step.Options)})
+    spec_out = type(f"{name}OutputSpec", (TraitedSpec,), outputs)
+    cls = type(name, (_RegisteredStep,), {"input_spec": spec_in, "output_spec": spec_out,
+                                          "_step_name": step.name,
+                                          "__doc__": (step.run.__doc__ or "").strip()})
+    for c in (spec_in, spec_out, cls):
+        c.__module__ = __name__
+        globals()[c.__name__] = c
+    return cls
+
+
+def _make_interfaces() -> dict:
+    from .steps import REGISTRY
+    return {name: make_interface(step) for name, step in REGISTRY.items()}
+
+
+#: The generated interface of every registered step, by step name.
+STEP_INTERFACES = _make_interfaces()
+
+__all__ = ["Validate", "DTIFit", "RISH", "Harmonize", "ImageGradient"] + [
+    c.__name__ for c in STEP_INTERFACES.values()]

@@ -14,22 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from . import codec, io, qc
-from . import image_gradient as ig
+from . import codec, io
 from .dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, dti_shells, fit_dwi
 from .errors import InputError
-from .gradients import read_bvecs
-from .harmonize import HarmonizationArtefact, applied_artefacts, apply_harmonization
-from .image_gradient import SequenceTiming
-from .orientation import apply_to_bvecs, candidate_by_label, check_dwi
-from .preprocess import (MASK_FOV_FRACTION_RANGE, MASK_MIN_LARGEST_COMPONENT, brain_mask,
-                         mask_qc)
-from .sh import fit_shells
 
 #: The files of a DWI series, as a step hands them on.
 SERIES_KEYS = ("dwi", "bval", "bvec", "mask")
@@ -93,6 +84,7 @@ def load_subject(dwi, bval, bvec, mask=None, data_path=None) -> io.DWI:
     """Validated DWI; a median-Otsu mask from the mean b0 when none is given.
 
     ``data_path``: the voxels' uncompressed copy (:func:`io.decode_dwi`)."""
+    from .preprocess import brain_mask
     data = io.load_dwi(dwi, bval, bvec, mask, data_path=data_path)
     if mask is None:
         mean_b0 = io.mean_b0_map(data.data, data.gtab)
@@ -133,6 +125,12 @@ def write_series(data: io.DWI, out_dir, mask: str) -> dict:
             "bval": str(io.write_text(bval, out_dir / "dwi.bval").resolve()),
             "bvec": str(io.write_text(bvec, out_dir / "dwi.bvec").resolve()),
             "mask": mask}
+
+
+def with_series(record: dict, series: dict, step: str, extra: dict | None = None) -> dict:
+    """The record with a new current series, written by ``step`` (added to its history)."""
+    history = list(record.get("history", [])) + [{"step": step, **(extra or {})}]
+    return {**record, "series": series, "history": history}
 
 
 # ----------------------------------------------------------------------------
@@ -249,6 +247,8 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
     fixed b-vector file, or ""), ``row`` (table fields), ``flags``,
     ``details`` (for the sidecars) and ``provenance`` (steps applied).
     """
+    from . import qc
+    from .orientation import apply_to_bvecs, candidate_by_label, check_dwi
     bvec_path = data.paths["bvec"]
     try:
         qc.check_gradients(data.gtab)
@@ -282,6 +282,7 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
         flags.append(orient.flag)
     bvec = ""
     if fix_gradients and orient.fixable:
+        from .gradients import read_bvecs    # the file's own vectors (b0 rows kept as given)
         fixed = apply_to_bvecs(read_bvecs(bvec_path, len(data.gtab)),
                                candidate_by_label(orient.best))
         text = "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fixed.T) + "\n"
@@ -320,6 +321,7 @@ def mask_figures(mask: np.ndarray, zooms) -> tuple[dict, list[str]]:
     slabs and phantoms are small by design); the report judges it within the
     protocol group.
     """
+    from .preprocess import MASK_FOV_FRACTION_RANGE, MASK_MIN_LARGEST_COMPONENT, mask_qc
     m = mask_qc(mask, zooms)
     words = {"empty": "mask empty",
              "fov_fraction_low": f"mask {m['fov_fraction']:.1%} of the field of view < "
@@ -381,6 +383,7 @@ def write_rish_maps(series: dict, out_dir, lmax: int = 0) -> dict:
     ``maps[shell][order]`` is a path (shell as ``"1000"``, order as ``"2"``);
     ``lmax`` 0 fits as many orders as each shell's directions allow.
     """
+    from .sh import fit_shells
     data = read_series(series)
     fits = fit_shells(data, lmax=lmax or None, coefficients=False)
     maps, orders = {}, {}
@@ -403,6 +406,7 @@ def harmonize_series(series: dict, artefact, out_dir, subject: str,
     Refuses data whose JSON ``sidecar`` says this artefact was already
     applied. The harmonised series is written to ``out_dir`` (same mask).
     """
+    from .harmonize import HarmonizationArtefact, applied_artefacts, apply_harmonization
     art = HarmonizationArtefact.load(artefact)
     meta = json.loads(Path(sidecar).read_text()) if sidecar else None
     data = read_series(series)
@@ -436,9 +440,6 @@ DEFAULT_ESTIMATORS = ("B",)
 #: these two keys (write them into the DWI JSON sidecar), else the CLI options.
 SIDECAR_TIMING_KEYS = {"Delta": "DiffusionGradientSeparation",
                        "delta": "DiffusionGradientDuration", "TE": "EchoTime"}
-#: CLI option of each timing field (ms), for error messages.
-TIMING_OPTIONS = {"Delta": "--gradient-separation", "delta": "--gradient-duration",
-                  "TE": "--echo-time"}
 #: BIDS entities of the step's derivatives.
 MODEL_ENTITY = "model-imagegradient"
 #: Angle histogram bins (deg) stored per subject and summed for the figure.
@@ -461,39 +462,6 @@ def parse_estimators(text) -> tuple[str, ...]:
         raise ValueError(f"unknown image-gradient estimator(s) {unknown}; choose from "
                          f"{', '.join(PIPELINE_ESTIMATORS)}")
     return tuple(dict.fromkeys(names))
-
-
-def resolve_timing(overrides: dict | None, sidecar: str | None, dwi: str):
-    """The subject's :class:`SequenceTiming` (ms): each field from the command
-    line when given there, else from the DWI's JSON sidecar (seconds), else
-    an :class:`InputError` naming the sidecar (or the DWI when it has none).
-    TE is optional (recorded only)."""
-    meta = io.read_sidecar(sidecar) if sidecar else {}
-    values, source = {}, {}
-    for name, key in SIDECAR_TIMING_KEYS.items():
-        given = (overrides or {}).get(name)
-        if given is not None:
-            values[name], source[name] = float(given), "command line"
-        elif meta.get(key) is not None:
-            try:
-                values[name] = float(meta[key]) * 1000.0
-            except (TypeError, ValueError):
-                raise InputError(sidecar, f"{key} must be a number in seconds, "
-                                          f"got {meta[key]!r}") from None
-            source[name] = "sidecar"
-    missing = [n for n in ("Delta", "delta") if n not in values]
-    if missing:
-        keys = " and ".join(SIDECAR_TIMING_KEYS[n] for n in missing)
-        opts = " and ".join(TIMING_OPTIONS[n] for n in missing)
-        raise InputError(sidecar or dwi,
-                         f"the image-gradient step needs the diffusion timing: no {keys} "
-                         f"(seconds) in the JSON sidecar and no {opts} (ms) on the command "
-                         f"line")
-    try:
-        return SequenceTiming(values["Delta"], values["delta"],
-                              values.get("TE", float("nan"))), source
-    except ValueError as exc:
-        raise InputError(sidecar or dwi, f"{exc} (from {source})") from None
 
 
 def entity_label(name: str) -> str:
@@ -522,6 +490,7 @@ def angle_histograms(angles: dict[str, np.ndarray], kind: str = "3d") -> list[di
 def subject_seed(subject: str) -> int:
     """Seed of a subject's random controls (shuffle, surrogate noise,
     perpendicular axis): stable across runs and machines."""
+    import zlib
     return zlib.crc32(subject.encode())
 
 
@@ -538,7 +507,8 @@ def subject_products(data, timing, estimators, out_dir, subject: str,
     histograms (``desc-histogram``). ``row``: mean/median angle of every
     method over all evaluated voxels, for the subject table.
     """
-    import pandas as pd  # pandas: a second to import, for this table only
+    import pandas as pd
+    from . import image_gradient as ig
     out = Path(out_dir)
     ev = ig.evaluate_subject(data, timing, tuple(estimators), subject=subject,
                              rng=subject_seed(subject), max_voxels=max_voxels or None)

@@ -32,7 +32,6 @@ from pathlib import Path
 
 from dmriflow.interfaces import __version__
 from dmriflow.interfaces.errors import InputError
-from dmriflow.pipelines.steps import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
 #: A command-line mistake (sysexits' EX_USAGE), apart from 2 = some subjects failed.
@@ -45,84 +44,85 @@ DEMO_SUBJECTS = 4
 DEMO_SHAPE = (36, 44, 36)
 
 
-def _default_procs() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
+#: Section of the engine options in a config file (the steps' sections are their names).
+ENGINE_SECTION = "engine"
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--worker", choices=("cf", "debug", "slurm"), default="cf",
-                   help="engine worker: cf (local processes, default), debug (serial, "
-                        "in-process), slurm (one SLURM job per node)")
-    p.add_argument("--n-procs", type=int, default=_default_procs(),
-                   help="processes for the cf worker (default: %(default)s)")
-    p.add_argument("--cache-dir", help="Pydra cache root (default: OUTPUT/.dmriflow-cache); "
-                                       "must be on a path every SLURM node sees")
-    p.add_argument("--sbatch-args", default="", metavar="ARGS",
-                   help="sbatch arguments of every job (slurm worker); write "
-                        "--sbatch-args='--time=60 --mem=8G' (with '=')")
-    p.add_argument("--gpu-sbatch-args", default="", metavar="ARGS",
-                   help="sbatch arguments of the GPU phase's jobs (--inference), e.g. "
-                        "--gpu-sbatch-args='--partition=gpu --gres=gpu:1'")
-    p.add_argument("--fit-method", choices=("WLS", "OLS"), default="WLS",
-                   help="tensor fit (default: %(default)s)")
-    p.add_argument("--wls-iterations", type=int, default=DEFAULT_WLS_ITERATIONS, metavar="N",
-                   help="WLS passes (default: %(default)s, as MRtrix3's dwi2tensor; 1: one-pass "
-                        "WLS as dipy's TensorModel)")
-    p.add_argument("--fix-gradients", action="store_true",
-                   help="apply the gradient check's winning axis flip/permutation to the "
-                        "b-vectors (recorded in every sidecar); without it a wrong table is "
-                        "only flagged")
-    p.add_argument("--keep-outlier-volumes", action="store_true",
-                   help="fit all volumes: outlier volumes (all zero, slice dropout, "
-                        "intensity outliers) are then only flagged, not excluded")
-    p.add_argument("--dti-max-b", type=float, default=DTI_MAX_BVAL,
-                   help="fit the tensor to b0s and shells up to this b-value "
-                        "(default: %(default)g s/mm^2)")
-    p.add_argument("--lmax", type=int, default=0,
-                   help="maximum SH order per shell (0: as the directions allow, up to 8)")
-    p.add_argument("--denoise", action="store_true",
-                   help="MP-PCA denoising (raw data only: not for HCP minimally preprocessed "
-                        "series)")
-    p.add_argument("--degibbs", action="store_true",
-                   help="Gibbs-ringing removal (raw data only)")
-    p.add_argument("--drop-series", action="store_true",
-                   help="delete each subject's series copies in the cache once it is done "
-                        "(Validate's uncompressed DWI: 4.2 GB per HCP subject; a later run "
-                        "that needs them reads the input again)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+def option_sources() -> list[tuple[str, type, tuple]]:
+    """(config section, Options class, default commands) of every declared option:
+    the engine's, then each registered step's."""
+    from dmriflow.interfaces.steps import REGISTRY
+    from dmriflow.interfaces.steps.base import ALL_COMMANDS
+    from dmriflow.pipelines.execution import EngineOptions
+    return [(ENGINE_SECTION, EngineOptions, ALL_COMMANDS)] + [
+        (name, step.Options, step.commands) for name, step in REGISTRY.items()]
+
+
+def _add_generated_options(p: argparse.ArgumentParser, command: str) -> None:
+    """The options of the engine and of every step shown by ``command``, one
+    argument group per step, generated from their Options declarations."""
+    from dmriflow.interfaces.steps.base import flag_of, option_type, options_of
+    for section, cls, commands in option_sources():
+        group = p.add_argument_group(f"{section} options")
+        for f, info in options_of(cls):
+            if not info.cli or command not in (info.commands or commands):
+                continue
+            kwargs = {"dest": f.name, "help": info.help}
+            if option_type(f) is bool:
+                kwargs.update(action="store_false" if info.invert else "store_true",
+                              default=f.default)
+            else:
+                default = info.cli_default() if info.cli_default else f.default
+                kwargs.update(type=option_type(f), default=default, metavar=info.metavar)
+                if info.choices:
+                    kwargs["choices"] = info.choices
+            group.add_argument(flag_of(f, info), **kwargs)
+    p.add_argument("--config", metavar="FILE",
+                   help="options from a TOML or JSON file: a table per step (or 'engine') "
+                        "with its options, e.g. [tensor] fit_method = \"OLS\"; keys "
+                        "'step.option' also work; flags on the command line win")
+
+
+def read_config(path) -> dict:
+    """``{option name: value}`` of a config file (TOML or JSON), checked against
+    the declarations: every key must be ``section.option`` of a declared option."""
+    import json
+    import tomllib
+
+    from dmriflow.interfaces.steps.base import options_of
+    raw = Path(path).read_bytes()
+    doc = tomllib.loads(raw.decode()) if str(path).endswith(".toml") else json.loads(raw)
+    flat = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    known = {f"{section}.{f.name}": f.name for section, cls, _ in option_sources()
+             for f, _ in options_of(cls)}
+    unknown = sorted(k for k in flat if k not in known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
+    return {known[k]: v for k, v in flat.items()}
+
+
+def _apply_config(args, parser) -> None:
+    """Fill the options not given on the command line from ``--config``."""
+    path = getattr(args, "config", None)
+    if not path:
+        return
+    for name, value in read_config(path).items():
+        if not hasattr(args, name):
+            raise ValueError(f"{path}: option {name!r} does not apply to "
+                             f"'dmriflow {args.command}'")
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=("hcp", "bids", "auto"), default="auto")
     p.add_argument("--participant-label", nargs="+", metavar="LABEL",
                    help="only these subjects (with or without 'sub-')")
-
-
-def _add_image_gradient_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("image gradient (docs/image_gradient.md)")
-    g.add_argument("--image-gradient", action="store_true",
-                   help="estimate the image gradient from the diffusion signal per subject, "
-                        "with its controls; group table and figure in OUTPUT/dmriflow/group")
-    g.add_argument("--image-gradient-estimators", default="B", metavar="B[,A]",
-                   help="one-series estimators (default: %(default)s); C (two diffusion "
-                        "times) and P (phase) are study-only")
-    g.add_argument("--image-gradient-max-voxels", type=int, default=0, metavar="N",
-                   help="evaluate a seeded random subset of N voxels per subject (0: all; "
-                        "A costs ~25 ms per voxel and fit with 288 volumes)")
-    g.add_argument("--gradient-separation", type=float, metavar="MS",
-                   help="Delta (ms); overrides the sidecar's DiffusionGradientSeparation (s)")
-    g.add_argument("--gradient-duration", type=float, metavar="MS",
-                   help="delta (ms); overrides the sidecar's DiffusionGradientDuration (s)")
-    g.add_argument("--echo-time", type=float, metavar="MS",
-                   help="TE (ms, recorded); overrides the sidecar's EchoTime (s)")
-
-
-def _image_gradient_timing(args) -> dict:
-    """Command-line timing overrides (ms); absent options are left out."""
-    given = {"Delta": getattr(args, "gradient_separation", None),
-             "delta": getattr(args, "gradient_duration", None),
-             "TE": getattr(args, "echo_time", None)}
-    return {k: v for k, v in given.items() if v is not None}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -143,22 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
     p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
     _add_selection(p)
-    p.add_argument("--harmonization", metavar="ARTEFACT",
-                   help="apply a stored harmonization artefact (folder) before the fits")
-    p.add_argument("--inference", metavar="KIND",
-                   help="apply a trained model to every subject as its own phase: "
-                        "'directions' (synthesise b=1000 directions from 30 acquired), "
-                        "'3t7t' (7T-like b=1000 series of 3T data, latent diffusion on RISH); "
-                        "subjects whose acquisition does not match the model card fail")
-    p.add_argument("--inference-checkpoint", metavar="DIR", default="",
-                   help="checkpoint folder (card.json + model.safetensors) for --inference "
-                        "(default: the one shipped with dmriflow)")
-    p.add_argument("--rerun-failed", action="store_true",
-                   help="run only the subjects of OUTPUT's last plan that are not done "
-                        "(failed, missing, or done by other code); rebuild the group table "
-                        "for the whole plan")
-    _add_image_gradient_options(p)
-    _add_run_options(p)
+    _add_generated_options(p, "run")
 
     p = sub.add_parser("harmonize", help="fit or apply RISH harmonization")
     hsub = p.add_subparsers(dest="harmonize_command", required=True)
@@ -179,13 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registration", choices=("syn", "affine", "identity"), default="syn")
     p.add_argument("--smoothing-fwhm", type=float, default=0.0, help="scale-map smoothing (mm)")
     _add_selection(p)
-    _add_run_options(p)
+    _add_generated_options(p, "harmonize")
     p = hsub.add_parser("apply", help="apply an artefact to a cohort, then fit DTI and RISH")
     p.add_argument("artefact", help="artefact folder written by 'harmonize fit'")
     p.add_argument("input")
     p.add_argument("output")
     _add_selection(p)
-    _add_run_options(p)
+    _add_generated_options(p, "harmonize")
 
     p = sub.add_parser("status", help="done/failed/missing per subject and step, with reasons",
                        epilog="exit status: 0 every planned subject done, 2 some failed or "
@@ -235,31 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulate the built-in cohort and run the pipeline on it")
     p.add_argument("output", nargs="?", default="demo-output")
     p.add_argument("--subjects", type=int, default=DEMO_SUBJECTS)
-    p.add_argument("--inference", metavar="KIND",
-                   help="also run an inference phase, e.g. 'directions' (the shipped "
-                        "direction-synthesis model; about doubles the demo's time on 2 cores)")
-    _add_run_options(p)
+    _add_generated_options(p, "demo")
     return parser
 
 
 def _config(args):
+    """The RunConfig of the parsed options (those a command does not show keep
+    their defaults)."""
+    from dmriflow.interfaces.steps.base import options_of
     from dmriflow.pipelines.execution import RunConfig
-    return RunConfig(worker=args.worker, n_procs=args.n_procs, cache_dir=args.cache_dir,
-                     sbatch_args=args.sbatch_args, gpu_sbatch_args=args.gpu_sbatch_args,
-                     fit_method=args.fit_method, wls_iterations=args.wls_iterations,
-                     exclude_outliers=not args.keep_outlier_volumes,
-                     fix_gradients=args.fix_gradients,
-                     dti_max_bval=args.dti_max_b, lmax=args.lmax, quiet=args.quiet,
-                     denoise=args.denoise, degibbs=args.degibbs,
-                     harmonization=getattr(args, "harmonization", None) or "",
-                     rerun_failed=getattr(args, "rerun_failed", False),
-                     image_gradient=getattr(args, "image_gradient", False),
-                     image_gradient_estimators=getattr(args, "image_gradient_estimators", "B"),
-                     image_gradient_timing=_image_gradient_timing(args),
-                     image_gradient_max_voxels=getattr(args, "image_gradient_max_voxels", 0),
-                     inference=getattr(args, "inference", None) or "",
-                     inference_checkpoint=getattr(args, "inference_checkpoint", "") or "",
-                     drop_series=getattr(args, "drop_series", False))
+    given = {f.name: getattr(args, f.name) for _, cls, _ in option_sources()
+             for f, _ in options_of(cls) if hasattr(args, f.name)}
+    if given.get("harmonization") is None:
+        given.pop("harmonization", None)
+    return RunConfig(**given)
 
 
 def _run(input_dir, output, layout, labels, args) -> int:
@@ -271,9 +245,9 @@ def _run(input_dir, output, layout, labels, args) -> int:
     subjects = discover(input_dir, layout=layout, participant_labels=labels)
     config = _config(args)
     if config.image_gradient:   # a missing timing is a usage error: stop before any work
-        from dmriflow.interfaces.stepfiles import resolve_timing
+        from dmriflow.interfaces.steps.image_gradient import resolve_timing
         for s in subjects:
-            resolve_timing(config.image_gradient_timing, s.sidecar, s.dwi)
+            resolve_timing(config.steps["image_gradient"].timing, s.sidecar, s.dwi)
     result = run_cohort(subjects, output, config)
     print(f"derivatives: {result.output_dir / 'dmriflow'}")
     print(f"summary table: {result.table}")
@@ -426,9 +400,10 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        return _dispatch(args)
+        return _dispatch(args, parser)
     except BrokenPipeError:
         # stdout's reader is gone: point stdout at /dev/null so the interpreter's
         # final flush does not raise again
@@ -436,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CLOSED_PIPE
 
 
-def _dispatch(args) -> int:
+def _dispatch(args, parser) -> int:
     try:
+        _apply_config(args, _command_parser(parser, args))
         if args.command == "run":
             return _run(args.input, args.output, args.layout, args.participant_label, args)
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
@@ -452,6 +428,15 @@ def _dispatch(args) -> int:
             raise
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_BUSY
+
+
+def _command_parser(parser, args) -> argparse.ArgumentParser:
+    """The sub-parser that parsed ``args`` (for its defaults)."""
+    for action in parser._subparsers._group_actions:
+        sub = action.choices[args.command]
+        nested = getattr(args, "harmonize_command", None)
+        return sub._subparsers._group_actions[0].choices[nested] if nested else sub
+    return parser
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import stat
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
@@ -30,9 +30,11 @@ from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.inputs import SubjectInputs, census
 from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
-from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DROPPED_MARKER, DTI_MAX_BVAL,
-                                      FAILED_MARKER, STEP_MARKER, failed_row,
-                                      status_path, write_status, write_subjects_table)
+from dmriflow.interfaces.steps import REGISTRY, default_options, option_owner
+from dmriflow.interfaces.steps.base import check_choice, option
+from dmriflow.pipelines.derivatives import (failed_row, status_path, write_status,
+                                            write_subjects_table)
+from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
 
 #: Engine workers dmriflow supports; there is no silent default.
 WORKERS = ("cf", "debug", "slurm")
@@ -65,43 +67,90 @@ ENGINE_ENTRY = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}$|.*\.lock$|.*_
 FOREIGN_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
+def _default_procs() -> int:
+    """Processes of the cf worker on the command line: the cores, at most 2."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 @dataclass
-class RunConfig:
-    worker: str
-    n_procs: int = 1
-    cache_dir: str | None = None
-    sbatch_args: str = ""          # sbatch arguments of every SLURM job ...
-    gpu_sbatch_args: str = ""      # ... but those of the GPU phase (model inference)
-    fit_method: str = "WLS"
-    wls_iterations: int = DEFAULT_WLS_ITERATIONS  # WLS passes (3: MRtrix3 dwi2tensor; 1: dipy)
-    exclude_outliers: bool = True  # leave outlier volumes (zero, dropout) out of the fits
-    fix_gradients: bool = False    # apply the gradient check's winning flip/permutation
-    dti_max_bval: float = DTI_MAX_BVAL
-    lmax: int = 0                  # 0: as many orders as each shell's directions allow (<= 8)
-    harmonization: str = ""        # folder of a stored harmonization artefact to apply
-    denoise: bool = False          # MP-PCA (raw data only; not for HCP minimal preprocessing)
-    degibbs: bool = False          # Gibbs-ringing removal (raw data only)
-    quiet: bool = False
-    rerun_failed: bool = False     # run only the failed/missing subjects of the stored plan
-    image_gradient: bool = False   # image-gradient estimates, angles and controls per subject
-    image_gradient_estimators: tuple = ("B",)
-    image_gradient_timing: dict = field(default_factory=dict)  # Delta/delta/TE (ms): override
-    image_gradient_max_voxels: int = 0                          # 0: every evaluable voxel
-    inference: str = ""            # inference kind (e.g. "directions"), run as its own phase
-    inference_checkpoint: str = ""  # checkpoint folder; default: the one shipped for the kind
-    drop_series: bool = False      # delete each subject's series copies in the cache when done
+class EngineOptions:
+    """How a run is executed (not what it computes): worker, cache, SLURM, output."""
+
+    worker: str = option("cf", "engine worker: cf (local processes, default), debug (serial, "
+                               "in-process), slurm (one SLURM job per node)", choices=WORKERS)
+    n_procs: int = option(1, "processes for the cf worker (default: %(default)s)",
+                          cli_default=_default_procs)
+    cache_dir: str | None = option(None, "Pydra cache root (default: OUTPUT/.dmriflow-cache); "
+                                         "must be on a path every SLURM node sees")
+    sbatch_args: str = option("", "sbatch arguments of every job (slurm worker); write "
+                                  "--sbatch-args='--time=60 --mem=8G' (with '=')",
+                              metavar="ARGS")
+    gpu_sbatch_args: str = option("", "sbatch arguments of the GPU phase's jobs (--inference), "
+                                      "e.g. --gpu-sbatch-args='--partition=gpu --gres=gpu:1'",
+                                  metavar="ARGS")
+    drop_series: bool = option(
+        False, "delete each subject's series copies in the cache once it is done (Validate's "
+               "uncompressed DWI: 4.2 GB per HCP subject; a later run that needs them reads "
+               "the input again)")
+    quiet: bool = option(False, "no progress lines")
+    rerun_failed: bool = option(
+        False, "run only the subjects of OUTPUT's last plan that are not done (failed, "
+               "missing, or done by other code); rebuild the group table for the whole plan",
+        commands=("run",))
 
     def __post_init__(self):
-        if self.worker not in WORKERS:
-            raise ValueError(f"worker must be one of {WORKERS}, got {self.worker!r}")
+        check_choice("worker", self.worker, WORKERS)
         if self.n_procs < 1:
             raise ValueError("n_procs must be >= 1")
-        if self.wls_iterations < 1:
-            raise ValueError(f"--wls-iterations must be >= 1 (1: one-pass WLS), "
-                             f"got {self.wls_iterations}")
-        if self.image_gradient:
-            from dmriflow.interfaces.stepfiles import parse_estimators
-            self.image_gradient_estimators = parse_estimators(self.image_gradient_estimators)
+
+
+class RunConfig:
+    """A run's configuration: :class:`EngineOptions` and ``{step: Options}``.
+
+    ``RunConfig(worker="cf", lmax=4, image_gradient=True)``: every keyword is
+    an engine option or the option of exactly one registered step (its
+    ``Options`` declares it); ``steps`` gives whole Options objects instead.
+    Options read as attributes (``config.lmax``).
+    """
+
+    def __init__(self, worker: str, steps: dict | None = None, **options):
+        engine = {f.name for f in fields(EngineOptions)}
+        owner = option_owner()
+        unknown = sorted(k for k in options if k not in engine and k not in owner)
+        if unknown:
+            raise TypeError(f"unknown run option(s) {unknown}")
+        by_step: dict[str, dict] = {}
+        for name, value in options.items():
+            if name not in engine:
+                by_step.setdefault(owner[name], {})[name] = value
+        self.engine = EngineOptions(worker=worker, **{k: v for k, v in options.items()
+                                                       if k in engine})
+        self.steps = {**default_options(), **(steps or {})}
+        for step, values in by_step.items():
+            self.steps[step] = replace(self.steps[step], **values)
+        harmonize = self.steps["harmonize"]
+        if harmonize.harmonization:   # nodes hash the artefact's path: make it absolute
+            harmonize.harmonization = str(Path(harmonize.harmonization).resolve())
+
+    def __getattr__(self, name):
+        if name in ("engine", "steps"):
+            raise AttributeError(name)
+        if hasattr(self.engine, name):
+            return getattr(self.engine, name)
+        owner = option_owner().get(name)
+        if owner is None:
+            raise AttributeError(f"RunConfig has no option {name!r}")
+        return getattr(self.steps[owner], name)
+
+    def options_record(self) -> dict:
+        """``{step: options dict}``: the one hashed input of the workflows."""
+        return {name: asdict(opts) for name, opts in self.steps.items()}
+
+    def enabled_steps(self) -> list[str]:
+        return [name for name, step in REGISTRY.items() if step.enabled(self.steps[name])]
+
+    def __repr__(self) -> str:
+        return f"RunConfig({self.engine!r}, steps={self.steps!r})"
 
 
 @dataclass
@@ -385,30 +434,18 @@ def preflight(subjects: list[SubjectInputs], output_dir, version: str):
 
 def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, version: str):
     from dmriflow.pipelines.workflows import CohortWorkflow
+    units = [Subject.of(s) for s in subjects]
     products = None
     if config.inference:
         # own phase and submitter (GPU jobs on SLURM); products reach Export
-        from dmriflow.pipelines.inference import run_inference_phase
-        products, errors = run_inference_phase(subjects, output_dir, config, root, version,
-                                               config.inference, config.inference_checkpoint)
+        from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
+        pin_checkpoint(config.steps["inference"])
+        products, errors = run_inference_phase(units, output_dir, config, root, version)
         for err in errors:
             _log(config, f"inference phase: {err}")
-    task = CohortWorkflow(
-        subject=[s.key for s in subjects], out_parts=[list(s.out_parts) for s in subjects],
-        dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
-        bvec=[s.bvec for s in subjects], mask=[s.mask for s in subjects],
-        sidecar=[s.sidecar for s in subjects], output_dir=str(output_dir),
-        extra_rows=prefailed, fit_method=config.fit_method,
-        dti_max_bval=config.dti_max_bval, lmax=config.lmax,
-        harmonization=str(Path(config.harmonization).resolve()) if config.harmonization else "",
-        denoise=config.denoise, degibbs=config.degibbs,
-        wls_iterations=config.wls_iterations, exclude_outliers=config.exclude_outliers,
-        fix_gradients=config.fix_gradients,
-        image_gradient=config.image_gradient,
-        image_gradient_estimators=list(config.image_gradient_estimators),
-        image_gradient_timing=dict(config.image_gradient_timing) or None,
-        image_gradient_max_voxels=config.image_gradient_max_voxels,
-        inference=products, drop_series=config.drop_series, pipeline_version=version)
+    task = CohortWorkflow(subjects=units, output_dir=str(output_dir), options=config.options_record(),
+                          extra_rows=prefailed, inference=products,
+                          drop_series=config.drop_series, pipeline_version=version)
     with submitter(config, root) as sub:
         return sub(task, raise_errors=False)
 
@@ -566,11 +603,7 @@ STEP_WORDS = (STEP_DONE, STEP_FAILED, STEP_SKIPPED, STEP_MISSING)
 
 def planned_steps(config: RunConfig) -> tuple[str, ...]:
     """The per-subject steps a run with this configuration goes through, in order."""
-    optional = {"preprocess": config.denoise or config.degibbs,
-                "harmonize": bool(config.harmonization), "inference": bool(config.inference),
-                "image_gradient": config.image_gradient}
-    return tuple(s for s in ("validate", "preprocess", "harmonize", "inference", "tensor",
-                             "rish", "image_gradient", "export") if optional.get(s, True))
+    return tuple(config.enabled_steps()) + ("export",)
 
 
 def collect_status(output_dir, subjects: list[SubjectInputs],
@@ -693,14 +726,13 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     clean_cache(root)
     _log(config, f"harmonization fit: {reference_site} (reference) vs {target_site} (target), "
                  f"shells {shells}, lmax {lmax}, registration {registration}")
+    options = {**config.options_record(), "harmonize": {}}   # features of the acquired series
     task = HarmonizationFitWorkflow(
-        subject=[s.key for s in runnable], out_parts=[list(s.out_parts) for s in runnable],
-        dwi=[s.dwi for s in runnable], bval=[s.bval for s in runnable],
-        bvec=[s.bvec for s in runnable], mask=[s.mask for s in runnable],
-        sidecar=[s.sidecar for s in runnable], sites={s.key: sites[s.key] for s in runnable},
+        subjects=[Subject.of(s) for s in runnable], options=options,
+        sites={s.key: sites[s.key] for s in runnable},
         reference_site=reference_site, target_site=target_site, shells=list(shells),
         lmax=lmax, registration=registration, smoothing_fwhm_mm=smoothing_fwhm_mm,
-        denoise=config.denoise, degibbs=config.degibbs, pipeline_version=version)
+        pipeline_version=version)
     with submitter(config, root) as sub:
         res = sub(task, raise_errors=False)
     if res.errored or res.outputs is None:

@@ -3,8 +3,9 @@
 ``harmonize fit`` maps a features node (FA + per-shell RISH) over subjects in
 parallel, then one node registers them to a template, fits the scale maps,
 stores the artefact and evaluates it (site effect before/after on the fitting
-cohort). ``Harmonize`` is the per-subject apply step used by ``dmriflow run
---harmonization`` and ``dmriflow harmonize apply``.
+cohort). The per-subject apply step (``dmriflow run --harmonization``,
+``dmriflow harmonize apply``) is the registered step
+:mod:`dmriflow.interfaces.steps.harmonize`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from fileformats.generic import File
 from pydra.compose import python, workflow
 
 from dmriflow.interfaces import io
-from dmriflow.interfaces.stepfiles import harmonize_series
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import (FAILED_MARKER, STEP_MARKER, SUBJECT_FIELDS, Preprocess,
-                                      Validate, guarded, load_series, with_series)
+from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
+from dmriflow.pipelines.workflows import add_series_steps
 
 #: Default highest SH order harmonised (as the shells' directions allow).
 DEFAULT_HARMONIZATION_LMAX = 8
@@ -95,8 +94,7 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
         before.append(summarise_subject(dwi, lmax, subject=f["subject"]))
         dwi.data, _ = apply_harmonization(dwi, None, artefact, subject=f["subject"],
                                           inplace=True)
-        after.append(summarise_subject(dwi, lmax, subject=f["subject"],
-                                       wm_mask=before[-1].wm_mask))
+        after.append(summarise_subject(dwi, lmax, subject=f["subject"], wm_mask=before[-1].wm_mask))
     site_table, preservation = evaluate_harmonization(ref_summaries, before, after, lmax)
     site_tsv = Path.cwd() / "harmonization_site_effect.tsv"
     pres_tsv = Path.cwd() / "harmonization_preservation.tsv"
@@ -111,34 +109,14 @@ FitHarmonization = python.define(fit_harmonization_step,
                                  outputs=["result"], name="FitHarmonization")
 
 
-@guarded("harmonize")
-def harmonize_step(subject: str, record: dict, artefact: str = "", pipeline_version: str = "") -> dict:
-    """Apply a stored artefact to the subject's series (pass-through when none).
-
-    Refuses data whose sidecar says this artefact was already applied.
-    """
-    if not artefact:
-        return record
-    series, entry = harmonize_series(record["series"], artefact, Path.cwd(), subject,
-                                     record.get("sidecar"))
-    return with_series(record, series, "harmonize", entry)
-
-
-Harmonize = python.define(harmonize_step, outputs=["record"], name="Harmonize")
-
-
-def features_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
-                      mask: File | None = None, sidecar: File | None = None,
-                      shells: list | None = None, lmax: int = DEFAULT_HARMONIZATION_LMAX,
-                      denoise: bool = False, degibbs: bool = False,
+def features_workflow(subject: Subject, options: dict, shells: list | None = None,
+                      lmax: int = DEFAULT_HARMONIZATION_LMAX,
                       pipeline_version: str = "") -> dict:
-    pv = dict(subject=subject, pipeline_version=pipeline_version)
-    record = workflow.add(Validate(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar,
-                                   **pv), hooks=PROGRESS).record
-    if denoise or degibbs:
-        record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
-                              hooks=PROGRESS).record
-    return workflow.add(HarmonizationFeatures(record=record, shells=shells, lmax=lmax, **pv),
+    """Validate -> [Preprocess] -> features of one subject (``options`` without
+    an artefact to apply: the fit reads the series as acquired)."""
+    record = add_series_steps(subject, options, pipeline_version)
+    return workflow.add(HarmonizationFeatures(subject=subject.key, record=record, shells=shells,
+                                              lmax=lmax, pipeline_version=pipeline_version),
                         hooks=PROGRESS).features
 
 
@@ -146,17 +124,15 @@ FeaturesWorkflow = workflow.define(features_workflow,
                                    outputs=["features"], name="FeaturesWorkflow")
 
 
-def harmonization_fit_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
-                               bval: list[File], bvec: list[File], mask: list, sidecar: list,
-                               sites: dict, reference_site: str, target_site: str, shells: list,
+def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: dict,
+                               reference_site: str, target_site: str, shells: list,
                                lmax: int = DEFAULT_HARMONIZATION_LMAX, registration: str = "syn",
-                               smoothing_fwhm_mm: float = 0.0, denoise: bool = False,
-                               degibbs: bool = False, pipeline_version: str = "") -> dict:
-    per = FeaturesWorkflow(shells=shells, lmax=lmax, denoise=denoise, degibbs=degibbs,
+                               smoothing_fwhm_mm: float = 0.0,
+                               pipeline_version: str = "") -> dict:
+    per = FeaturesWorkflow(options=options, shells=shells, lmax=lmax,
                            pipeline_version=pipeline_version)
-    split = per.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi, bval=bval,
-                      bvec=bvec, mask=mask, sidecar=sidecar)
-    feats = workflow.add(split.combine("subject"), name="features")
+    feats = workflow.add(per.split("subject", subject=subjects).combine("subject"),
+                         name="features")
     fit = workflow.add(FitHarmonization(features=feats.features, sites=sites,
                                         reference_site=reference_site, target_site=target_site,
                                         shells=shells, lmax=lmax, registration=registration,

@@ -1,19 +1,16 @@
 """The image-gradient step in the engine (SCIENCE.md section 7).
 
-Per subject, :class:`ImageGradient` runs the one-series estimators of
+Per subject, the registered step :mod:`dmriflow.interfaces.steps.image_gradient`
+(task ``ImageGradient``) runs the one-series estimators of
 :mod:`dmriflow.interfaces.image_gradient` with every control and writes
-angle maps and tidy rows into its node folder; it returns a *product record*
-that :class:`~dmriflow.pipelines.steps.Export` copies into the derivatives
-tree. Per cohort, :class:`ImageGradientGroup` writes
+angle maps and tidy rows into its node folder; its product is exported with
+the subject's other derivatives. Per cohort, :class:`ImageGradientGroup` writes
 ``group/image_gradient.tsv`` (one-sample tests against chance and paired
 tests against the fibre-only controls, estimators beside controls) and the
 figure ``group/image_gradient_angles.png``.
 
-The per-subject file-level functions (estimator options, timing resolution,
-``subject_products``) are step code in :mod:`dmriflow.interfaces.stepfiles`,
-shared with the Nipype interface; here :func:`write_group` and
-:func:`angle_figure` hold the cohort logic without touching the engine, and
-the two Pydra tasks at the end are thin wrappers.
+Here :func:`write_group` and :func:`angle_figure` hold the cohort logic
+without touching the engine; the Pydra task at the end is a thin wrapper.
 """
 
 from __future__ import annotations
@@ -25,10 +22,10 @@ import numpy as np
 from pydra.compose import python
 
 from dmriflow.interfaces import io
-from dmriflow.interfaces.stepfiles import (DEFAULT_ESTIMATORS, IMAGE_GRADIENT_STEP,
-                                           MODEL_ENTITY, parse_estimators, resolve_timing,
-                                           subject_products)
-from dmriflow.pipelines.steps import STEP_MARKER, guarded, load_series
+from dmriflow.interfaces.bids_names import format_entities
+from dmriflow.interfaces.steps.base import product_from_record
+from dmriflow.interfaces.stepfiles import IMAGE_GRADIENT_STEP, MODEL_ENTITY
+from dmriflow.pipelines.steps import STEP_MARKER
 
 #: Step name (node marker, failure records, sidecars).
 STEP = IMAGE_GRADIENT_STEP
@@ -120,34 +117,26 @@ def write_group(products: list[dict], output_dir) -> dict:
 # Pydra tasks (thin wrappers)
 # ----------------------------------------------------------------------------
 
-@guarded(STEP)
-def image_gradient_step(subject: str, record: dict, estimators: list | None = None,
-                        timing: dict | None = None, max_voxels: int = 0,
-                        pipeline_version: str = "") -> dict:
-    """Image-gradient estimates, controls and angles of one subject (product
-    record for Export). ``timing``: command-line Delta/delta/TE (ms) that
-    override the sidecar's; ``max_voxels``: evaluate a seeded random subset
-    (0: all voxels; the nonlinear A costs ~25 ms per voxel and fit with 288
-    volumes)."""
-    seq, source = resolve_timing(timing, record.get("sidecar"), record["series"]["dwi"])
-    product = subject_products(load_series(record), seq,
-                               parse_estimators(estimators or DEFAULT_ESTIMATORS),
-                               Path.cwd(), subject, max_voxels)
-    product["parameters"]["timing_source"] = source
-    return product
-
-
-ImageGradient = python.define(image_gradient_step,
-                              outputs=["image_gradient"], name="ImageGradient")
+def subject_product(products: list[dict]) -> dict | None:
+    """A subject's image-gradient product among its product records, its files
+    keyed by entities text as :func:`write_group` reads them."""
+    mine = next((p for p in products if p.get("step") == STEP
+                 or p.get("failed_step") == STEP), None)
+    if mine is None or mine.get("status") != "ok":
+        return mine
+    prod = product_from_record(mine)
+    return {**mine, "tables": {format_entities(d.entities): d.path for d in prod.tables}}
 
 
 def image_gradient_group_step(products: list, output_dir: str, pipeline_version: str = "") -> str:
     """The cohort's image-gradient table and figure (group folder); "" when
-    no subject has results (their failures are in group/subjects.tsv)."""
+    no subject has results (their failures are in group/subjects.tsv).
+    ``products``: each subject's product records (Export's ``products``)."""
     Path(STEP_MARKER).write_text("group")   # re-exported with the group table
-    if not any(p and p.get("status") == "ok" for p in products):
+    mine = [subject_product(p) for p in products]
+    if not any(p and p.get("status") == "ok" for p in mine):
         return ""
-    return write_group(list(products), output_dir)["table"]
+    return write_group(mine, output_dir)["table"]
 
 
 ImageGradientGroup = python.define(image_gradient_group_step,

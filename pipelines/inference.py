@@ -1,7 +1,8 @@
 """The inference phase: a trained model applied to every subject (own submitter).
 
 ``dmriflow run ... --inference directions`` runs this phase before the main
-cohort workflow. Per subject, :class:`Inference` (a guarded step) loads the
+cohort workflow. Per subject, the registered step
+:mod:`dmriflow.interfaces.steps.inference` (task ``Inference``) loads the
 checkpoint, refuses a subject whose acquisition does not match the model
 card (an InputError that becomes that subject's failure; the others go on),
 applies the model (:mod:`dmriflow.interfaces.inference`, GPU when present)
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from fileformats.generic import File
-from pydra.compose import python, workflow
+from pydra.compose import workflow
 
 from dmriflow.interfaces import io
+
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import guarded, load_series
+from dmriflow.pipelines.steps import TASKS, Subject
+from dmriflow.pipelines.workflows import add_series_steps, rows_only
 
 #: Step name (node marker, failure records, sidecars).
 STEP = "inference"
@@ -31,75 +32,30 @@ STEP = "inference"
 MODELS_TABLE = "models.tsv"
 
 
-@guarded(STEP)
-def inference_step(subject: str, record: dict, kind: str, checkpoint: str = "",
-                   weights_sha256: str = "", pipeline_version: str = "") -> dict:
-    """Apply an inference model to the subject's current series; a product record.
-
-    ``weights_sha256`` (the card's) is an input so that new weights in the
-    same checkpoint folder mean a new cache entry; it must match the card.
-    """
-    from dmriflow.interfaces.inference import run_inference
-    data = load_series(record)
-    out, card = run_inference(kind, checkpoint or None, data, record["series"]["dwi"],
-                              census=record.get("census"))
-    if weights_sha256 and card.weights_sha256 != weights_sha256:
-        raise RuntimeError(f"checkpoint {checkpoint} changed during the run")
-    cwd = Path.cwd()
-    maps = {entities: str(io.save_nifti(np.asarray(arr, dtype=np.float32), data.affine,
-                                        cwd / f"{entities}.nii.gz", data.header).resolve())
-            for entities, arr in out.maps.items()}
-    tables = {entities: str(io.write_text(df.to_csv(sep="\t", index=False),
-                                          cwd / f"{entities}.tsv").resolve())
-              for entities, df in out.tables.items()}
-    return {"subject": subject, "status": "ok", "step": STEP, "maps": maps, "tables": tables,
-            "parameters": {**out.parameters, "kind": kind},
-            "row": {"inference_model": f"{card.name} {card.version}", **out.row}}
-
-
-Inference = python.define(inference_step, outputs=["product"], name="Inference")
-
-
-def inference_subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
-                               kind: str, checkpoint: str = "", weights_sha256: str = "",
-                               mask: File | None = None, sidecar: File | None = None,
-                               harmonization: str = "",
-                               denoise: bool = False, degibbs: bool = False,
-                               exclude_outliers: bool = True, fix_gradients: bool = False,
+def inference_subject_workflow(subject: Subject, options: dict, series_only: bool = False,
                                pipeline_version: str = "") -> dict:
     """Validate -> [Preprocess] -> [Harmonize] -> Inference, the same nodes (and
-    so the same cache entries) as the main subject workflow. With ``kind=""``
-    only the series steps run and the product is the subject's record (the
-    CPU pre-phase on SLURM, see :func:`run_inference_phase`)."""
-    from dmriflow.pipelines.workflows import add_series_steps
-    pv = dict(subject=subject, pipeline_version=pipeline_version)
-    record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
-                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization,
-                              exclude_outliers=exclude_outliers, fix_gradients=fix_gradients)
-    if not kind:
+    so the same cache entries) as the main subject workflow. With
+    ``series_only`` only the series steps run and the product is the
+    subject's record (the CPU pre-phase on SLURM, see :func:`run_inference_phase`)."""
+    record = add_series_steps(subject, options, pipeline_version, rows_only(options))
+    if series_only:
         return record
-    return workflow.add(Inference(record=record, kind=kind, checkpoint=checkpoint,
-                                  weights_sha256=weights_sha256, **pv), hooks=PROGRESS).product
+    return workflow.add(TASKS[STEP](subject=subject.key, record=record, options=options[STEP],
+                                    pipeline_version=pipeline_version),
+                        name=STEP, hooks=PROGRESS).product
 
 
 InferenceSubject = workflow.define(inference_subject_workflow,
                                    outputs=["product"], name="InferenceSubject")
 
 
-def inference_phase_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
-                             bval: list[File], bvec: list[File], mask: list, sidecar: list, kind: str,
-                             checkpoint: str = "", weights_sha256: str = "", harmonization: str = "",
-                             denoise: bool = False, degibbs: bool = False,
-                             exclude_outliers: bool = True, fix_gradients: bool = False,
+def inference_phase_workflow(subjects: list[Subject], options: dict, series_only: bool = False,
                              pipeline_version: str = "") -> list:
-    from dmriflow.pipelines.workflows import SUBJECT_FIELDS
-    per = InferenceSubject(kind=kind, checkpoint=checkpoint, weights_sha256=weights_sha256,
-                           harmonization=harmonization,
-                           denoise=denoise, degibbs=degibbs, exclude_outliers=exclude_outliers,
-                           fix_gradients=fix_gradients, pipeline_version=pipeline_version)
-    split = per.split(SUBJECT_FIELDS, subject=subject, out_parts=out_parts, dwi=dwi, bval=bval,
-                      bvec=bvec, mask=mask, sidecar=sidecar)
-    return workflow.add(split.combine("subject"), name="inference").product
+    per = InferenceSubject(options=options, series_only=series_only,
+                           pipeline_version=pipeline_version)
+    return workflow.add(per.split("subject", subject=subjects).combine("subject"),
+                        name="inference").product
 
 
 InferencePhase = workflow.define(inference_phase_workflow,
@@ -114,44 +70,43 @@ def resolve_checkpoint(kind: str, checkpoint: str = "") -> str:
     return str(Path(checkpoint or default_checkpoint(kind)).resolve())
 
 
+def pin_checkpoint(options) -> None:
+    """Resolve the inference options' checkpoint folder (default: the shipped
+    one) and record its card's weights hash, so new weights mean new nodes."""
+    from dmriflow.models.card import load_card
+    options.inference_checkpoint = resolve_checkpoint(options.inference,
+                                                      options.inference_checkpoint)
+    options.weights_sha256 = load_card(options.inference_checkpoint).weights_sha256
+
+
 def phase_submitter(config, root: Path):
     """The phase's own Submitter (on SLURM its jobs take ``config.gpu_sbatch_args``)."""
     from dmriflow.pipelines import execution
     return execution.submitter(config, root, gpu=True)
 
 
-def run_inference_phase(subjects, output_dir, config, root: Path, version: str,
-                        kind: str, checkpoint: str = "") -> tuple[list[dict], list[str]]:
-    """Run the phase over ``subjects``; (product per subject, engine errors).
+def run_inference_phase(subjects, output_dir, config, root: Path,
+                        version: str) -> tuple[list[dict], list[str]]:
+    """Run the phase over ``subjects`` (:class:`Subject` units); (product per
+    subject, engine errors).
 
     Writes ``group/models.tsv``. A subject whose inference failed has a
     failure record (Export reports it as that subject's failed step). On
     SLURM the series steps (Validate, Preprocess, Harmonize) first run as CPU
     jobs, so the GPU jobs find them cached and only apply the model.
     """
-    from dmriflow.models.card import load_card
     from dmriflow.pipelines import execution
-    checkpoint = resolve_checkpoint(kind, checkpoint)
-    sha = load_card(checkpoint).weights_sha256
-    write_models_table(output_dir, [checkpoint])
+    options = config.options_record()
 
-    def phase(kind: str):
-        return InferencePhase(
-            subject=[s.key for s in subjects], out_parts=[list(s.out_parts) for s in subjects],
-            dwi=[s.dwi for s in subjects], bval=[s.bval for s in subjects],
-            bvec=[s.bvec for s in subjects], mask=[s.mask for s in subjects],
-            sidecar=[s.sidecar for s in subjects], kind=kind, checkpoint=checkpoint,
-            weights_sha256=sha,
-            harmonization=(str(Path(config.harmonization).resolve())
-                           if config.harmonization else ""),
-            denoise=config.denoise, degibbs=config.degibbs,
-            exclude_outliers=config.exclude_outliers, fix_gradients=config.fix_gradients,
-            pipeline_version=version)
+    def phase(series_only: bool):
+        return InferencePhase(subjects=subjects, options=options, series_only=series_only,
+                              pipeline_version=version)
+    write_models_table(output_dir, [options[STEP]["inference_checkpoint"]])
     if config.worker == "slurm":
         with execution.submitter(config, root) as sub:   # failures pass on as records
-            sub(phase(""), raise_errors=False)
+            sub(phase(True), raise_errors=False)
     with phase_submitter(config, root) as sub:
-        res = sub(phase(kind), raise_errors=False)
+        res = sub(phase(False), raise_errors=False)
     if res.errored:
         from dmriflow.pipelines.execution import _engine_errors
         errors = _engine_errors(res, root)

@@ -42,9 +42,10 @@ def log_line(text: str, to_stderr: bool = True) -> None:
 
 def _report(job, result) -> None:
     subject = getattr(job.task, "subject", None)
+    subject = getattr(subject, "key", subject)      # a subject unit, or its key
     status = "error" if getattr(result, "errored", False) else "done"
     outputs = getattr(result, "outputs", None)
-    for value in (getattr(outputs, name, None) for name in ("record", "tensor", "rish", "row")):
+    for value in (getattr(outputs, name, None) for name in ("record", "product", "row")):
         if isinstance(value, dict) and value.get("status") == "failed":
             status = f"failed ({value.get('failed_step')})"
             break

@@ -1,125 +1,113 @@
-"""Pydra workflows: one subject (validate -> tensor, RISH -> export) and the cohort.
+"""Pydra workflows built by iterating the registry: one subject, and the cohort.
 
-The cohort maps the subject workflow over subjects with a scalar splitter on
-(subject, files...), so every file input is hashed by content, and combines
-the per-subject rows into the group table. Every node takes
-``pipeline_version`` so that new package code means new cache entries.
+A subject enters as one :class:`~dmriflow.pipelines.steps.Subject` unit (its
+files hashed by content) and goes through the enabled steps of the registry
+in order: the source and series steps (Validate, [Preprocess], [Harmonize])
+give its current series, every enabled product step reads it, and Export
+writes the derivatives. The run configuration is one input, ``options``
+(``{step name: Options as a dict}``); each node gets its own step's part, so
+a changed option re-runs only the nodes of its step. The cohort maps the
+subject workflow over the subjects and combines their rows into the group
+table. Every node takes ``pipeline_version`` so that new package code means
+new cache entries.
 """
 
 from __future__ import annotations
 
-from fileformats.generic import File
 from pydra.compose import workflow
 
-from dmriflow.pipelines.harmonization import Harmonize
-from dmriflow.pipelines.image_gradient import ImageGradient, ImageGradientGroup
+from dmriflow.interfaces.steps import REGISTRY
+from dmriflow.pipelines.image_gradient import ImageGradientGroup
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import (DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, SUBJECT_FIELDS, Export,
-                                      FitRish, FitTensor, GroupTable, Preprocess, Validate)
+from dmriflow.pipelines.steps import EXPORT_SLOTS, OUTPUT, TASKS, Export, GroupTable, Subject
+#: The registered step whose product comes from its own phase (own submitter).
+PHASE_STEP = "inference"
 
 
-def add_series_steps(files: dict, pv: dict, denoise: bool = False, degibbs: bool = False,
-                     harmonization: str = "", exclude_outliers: bool = True,
-                     fix_gradients: bool = False, rows_only: bool = False):
-    """Add Validate -> [Preprocess] -> [Harmonize] to the workflow being built;
-    return the record of the subject's current series.
+def step_options(options: dict) -> dict:
+    """``{name: Options}`` of the JSON options input (defaults for absent steps)."""
+    return {name: step.Options(**options.get(name, {})) for name, step in REGISTRY.items()}
+
+
+def enabled(options: dict, kinds: tuple) -> list[str]:
+    """Names of the enabled steps of these kinds, in registry order."""
+    typed = step_options(options)
+    return [n for n, s in REGISTRY.items() if s.kind in kinds and s.enabled(typed[n])]
+
+
+def rows_only(options: dict) -> bool:
+    """Whether Validate may keep only the mask rows: the fits are the series'
+    only readers (no series step rewrites it, no step reads the whole grid)."""
+    return not any(REGISTRY[n].grid or REGISTRY[n].kind == "series"
+                   for n in enabled(options, ("series", "product")))
+
+
+def add_series_steps(subject: Subject, options: dict, pipeline_version: str,
+                     rows_only: bool = False):
+    """Add the enabled source and series steps (Validate -> [Preprocess] ->
+    [Harmonize]) to the workflow being built; return the subject's record.
 
     Every workflow that needs a subject's series uses this, so equal inputs
     give the same nodes and the cache serves them once (e.g. the inference
-    phase and the main run). ``rows_only``: the tensor and RISH fits are the
-    series' only readers, so Validate may keep just the mask rows."""
-    rows_only = rows_only and not (denoise or degibbs or harmonization)
-    record = workflow.add(Validate(**files, exclude_outliers=exclude_outliers,
-                                   fix_gradients=fix_gradients, rows_only=rows_only, **pv),
-                          hooks=PROGRESS).record
-    if denoise or degibbs:
-        record = workflow.add(Preprocess(record=record, denoise=denoise, degibbs=degibbs, **pv),
-                              hooks=PROGRESS).record
-    if harmonization:
-        record = workflow.add(Harmonize(record=record, artefact=harmonization, **pv),
-                              hooks=PROGRESS).record
+    phase and the main run)."""
+    record = None
+    for name in enabled(options, ("source", "series")):
+        task = TASKS[name]
+        if REGISTRY[name].kind == "source":
+            node = task(subject=subject, options=options.get(name, {}), rows_only=rows_only,
+                        pipeline_version=pipeline_version)
+        else:
+            node = task(subject=subject.key, record=record, options=options.get(name, {}),
+                        pipeline_version=pipeline_version)
+        record = getattr(workflow.add(node, name=name, hooks=PROGRESS), OUTPUT["series"])
     return record
 
 
-def subject_workflow(subject: str, out_parts: list, dwi: File, bval: File, bvec: File,
-                     output_dir: str, mask: File | None = None, sidecar: File | None = None,
-                     fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL,
-                     lmax: int = 0, harmonization: str = "", denoise: bool = False,
-                     degibbs: bool = False, image_gradient: bool = False,
-                     image_gradient_estimators: list | None = None,
-                     image_gradient_timing: dict | None = None,
-                     image_gradient_max_voxels: int = 0, inference: dict | None = None,
-                     wls_iterations: int = DEFAULT_WLS_ITERATIONS, exclude_outliers: bool = True,
-                     fix_gradients: bool = False,
-                     drop_series: bool = False,
-                     pipeline_version: str = "") -> tuple[dict, dict | None]:
-    pv = dict(subject=subject, pipeline_version=pipeline_version)
-    # image gradient and inference read voxels outside the mask: the whole grid
-    rows_only = not image_gradient and inference is None
-    record = add_series_steps(dict(dwi=dwi, bval=bval, bvec=bvec, mask=mask, sidecar=sidecar),
-                              pv, denoise=denoise, degibbs=degibbs, harmonization=harmonization,
-                              exclude_outliers=exclude_outliers, fix_gradients=fix_gradients,
-                              rows_only=rows_only)
-    tensor = workflow.add(FitTensor(record=record, fit_method=fit_method,
-                                    max_bval=dti_max_bval, n_iter=wls_iterations, **pv),
-                          hooks=PROGRESS).tensor
-    rish = workflow.add(FitRish(record=record, lmax=lmax, **pv), hooks=PROGRESS).rish
-    gradient = None
-    if image_gradient:
-        gradient = workflow.add(ImageGradient(record=record, estimators=image_gradient_estimators,
-                                              timing=image_gradient_timing,
-                                              max_voxels=image_gradient_max_voxels, **pv),
-                                hooks=PROGRESS).image_gradient
-    row = workflow.add(Export(out_parts=out_parts, record=record, tensor=tensor, rish=rish,
-                              image_gradient=gradient, inference=inference,
-                              output_dir=output_dir, drop_series=drop_series, **pv),
-                       hooks=PROGRESS).row
-    return row, gradient
+def subject_workflow(subject: Subject, output_dir: str, options: dict,
+                     inference: dict | None = None, drop_series: bool = False,
+                     pipeline_version: str = "") -> tuple[dict, list]:
+    record = add_series_steps(subject, options, pipeline_version, rows_only(options))
+    products = []
+    for name in enabled(options, ("product",)):
+        if name == PHASE_STEP:   # computed by its own phase (pipelines/inference.py)
+            products.append(inference)
+            continue
+        node = TASKS[name](subject=subject.key, record=record, options=options.get(name, {}),
+                           pipeline_version=pipeline_version)
+        products.append(workflow.add(node, name=name, hooks=PROGRESS).product)
+    if len(products) > EXPORT_SLOTS:
+        raise ValueError(f"{len(products)} product steps enabled; Export has {EXPORT_SLOTS}")
+    slots = {f"p{i}": p for i, p in enumerate(products)}
+    export = workflow.add(Export(subject=subject, record=record, output_dir=output_dir,
+                                 drop_series=drop_series, pipeline_version=pipeline_version,
+                                 **slots), hooks=PROGRESS)
+    return export.row, export.products
 
 
 SubjectWorkflow = workflow.define(subject_workflow,
-                                  outputs=["row", "image_gradient"], name="SubjectWorkflow")
+                                  outputs=["row", "products"], name="SubjectWorkflow")
 
 
-def cohort_workflow(subject: list[str], out_parts: list[list], dwi: list[File],
-                    bval: list[File], bvec: list[File], mask: list, sidecar: list,
-                    output_dir: str, extra_rows: list[dict] | None = None,
-                    fit_method: str = "WLS", dti_max_bval: float = DTI_MAX_BVAL, lmax: int = 0,
-                    harmonization: str = "", denoise: bool = False, degibbs: bool = False,
-                    image_gradient: bool = False, image_gradient_estimators: list | None = None,
-                    image_gradient_timing: dict | None = None,
-                    image_gradient_max_voxels: int = 0, inference: list | None = None,
-                    wls_iterations: int = DEFAULT_WLS_ITERATIONS, exclude_outliers: bool = True,
-                    fix_gradients: bool = False,
+def cohort_workflow(subjects: list[Subject], output_dir: str, options: dict,
+                    extra_rows: list[dict] | None = None, inference: list | None = None,
                     drop_series: bool = False,
                     pipeline_version: str = "") -> tuple[str, list, str | None]:
-    per_subject = SubjectWorkflow(output_dir=output_dir, fit_method=fit_method,
-                                  dti_max_bval=dti_max_bval, lmax=lmax,
-                                  harmonization=harmonization, denoise=denoise,
-                                  degibbs=degibbs, image_gradient=image_gradient,
-                                  image_gradient_estimators=image_gradient_estimators,
-                                  image_gradient_timing=image_gradient_timing,
-                                  image_gradient_max_voxels=image_gradient_max_voxels,
-                                  wls_iterations=wls_iterations,
-                                  exclude_outliers=exclude_outliers,
-                                  fix_gradients=fix_gradients,
+    per_subject = SubjectWorkflow(output_dir=output_dir, options=options,
                                   drop_series=drop_series, pipeline_version=pipeline_version)
     # products of the inference phase (pipelines/inference.py), one per subject
     extra = {"inference": inference} if inference else {}
-    split = per_subject.split(SUBJECT_FIELDS + tuple(extra), subject=subject,
-                              out_parts=out_parts, dwi=dwi, bval=bval, bvec=bvec, mask=mask,
-                              sidecar=sidecar, **extra)
-    subjects = workflow.add(split.combine("subject"), name="subjects")
-    table = workflow.add(GroupTable(rows=subjects.row, extra_rows=extra_rows,
+    split = per_subject.split(("subject",) + tuple(extra), subject=subjects, **extra)
+    per = workflow.add(split.combine("subject"), name="subjects")
+    table = workflow.add(GroupTable(rows=per.row, extra_rows=extra_rows,
                                     output_dir=output_dir, pipeline_version=pipeline_version),
                          hooks=PROGRESS)
     gradient_table = None
-    if image_gradient:
-        gradient_table = workflow.add(ImageGradientGroup(products=subjects.image_gradient,
+    if "image_gradient" in enabled(options, ("product",)):
+        gradient_table = workflow.add(ImageGradientGroup(products=per.products,
                                                          output_dir=output_dir,
                                                          pipeline_version=pipeline_version),
                                       hooks=PROGRESS).table
-    return table.table, subjects.row, gradient_table
+    return table.table, per.row, gradient_table
 
 
 CohortWorkflow = workflow.define(cohort_workflow,

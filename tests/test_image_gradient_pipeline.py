@@ -15,6 +15,7 @@ import pytest
 from dmriflow.interfaces.sim import phantom as P
 from dmriflow.interfaces import stepfiles as sf
 from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.steps import image_gradient as ig_step
 from dmriflow.pipelines import cli
 from dmriflow.pipelines import image_gradient as pig
 from dmriflow.pipelines.execution import RunConfig, run_cohort
@@ -60,7 +61,8 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("imagegradient")
     subjects = discover(continuity_cohort(tmp / "in"))
     config = RunConfig(worker="cf", n_procs=2, cache_dir=str(tmp / "cache"), quiet=True,
-                       image_gradient=True, image_gradient_timing=TIMING)
+                       image_gradient=True, gradient_separation=TIMING["Delta"],
+                       gradient_duration=TIMING["delta"], echo_time=TIMING["TE"])
     result = run_cohort(subjects, tmp / "out", config)
     return tmp, subjects, config, result
 
@@ -149,22 +151,22 @@ def test_timing_precedence(tmp_path):
     sidecar = tmp_path / "dwi.json"
     sidecar.write_text(json.dumps({"EchoTime": 0.0895, "DiffusionGradientSeparation": 0.0431,
                                    "DiffusionGradientDuration": 0.0106}))
-    timing, source = sf.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+    timing, source = ig_step.resolve_timing({}, str(sidecar), "dwi.nii.gz")
     assert (timing.Delta, timing.delta, timing.TE) == pytest.approx((43.1, 10.6, 89.5))
     assert set(source.values()) == {"sidecar"}
-    timing, source = sf.resolve_timing({"Delta": 40.0}, str(sidecar), "dwi.nii.gz")
+    timing, source = ig_step.resolve_timing({"Delta": 40.0}, str(sidecar), "dwi.nii.gz")
     assert timing.Delta == 40.0 and source["Delta"] == "command line" and timing.delta == 10.6
     sidecar.write_text(json.dumps({"EchoTime": 0.0895}))
     with pytest.raises(InputError, match="DiffusionGradientSeparation.*--gradient-separation"):
-        sf.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+        ig_step.resolve_timing({}, str(sidecar), "dwi.nii.gz")
     with pytest.raises(InputError, match="dwi.nii.gz"):
-        sf.resolve_timing(None, None, "dwi.nii.gz")
+        ig_step.resolve_timing(None, None, "dwi.nii.gz")
     sidecar.write_text(json.dumps({"DiffusionGradientSeparation": "long",
                                    "DiffusionGradientDuration": 0.01}))
     with pytest.raises(InputError, match="seconds"):
-        sf.resolve_timing({}, str(sidecar), "dwi.nii.gz")
+        ig_step.resolve_timing({}, str(sidecar), "dwi.nii.gz")
     with pytest.raises(InputError, match="invalid timing"):
-        sf.resolve_timing({"Delta": 5.0, "delta": 30.0}, None, "dwi.nii.gz")
+        ig_step.resolve_timing({"Delta": 5.0, "delta": 30.0}, None, "dwi.nii.gz")
 
 
 def test_estimator_options():

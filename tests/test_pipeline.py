@@ -295,7 +295,7 @@ def test_preprocessing_steps_run_and_are_recorded(tmp_path):
 
 
 def test_export_product_writes_maps_tables_and_sidecars(tmp_path):
-    from dmriflow.pipelines.steps import export_product
+    from dmriflow.pipelines.derivatives import export_product
     src = tmp_path / "node"
     src.mkdir()
     angle = np.arange(24, dtype=np.float32).reshape(2, 3, 4)

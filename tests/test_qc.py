@@ -449,7 +449,7 @@ def test_preprocessing_is_in_the_chain_and_warned_on_interpolated_data(small, mo
     rec = stepfiles.validate_subject("sub-h", *files, out_dir=tmp)
     assert rec["interpolated"] is True
     monkeypatch.chdir(tmp)
-    new = preprocess_step(subject="sub-h", record=rec, degibbs=True)
+    new = preprocess_step(subject="sub-h", record=rec, options={"degibbs": True})
     assert new["status"] == "ok", new.get("error")
     assert new["warnings"] == [stepfiles.INTERPOLATED_WARNING]
     assert stepfiles.processing_chain(new) == [

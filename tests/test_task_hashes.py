@@ -13,6 +13,7 @@ that shadows the locked one).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -67,8 +68,11 @@ def _dummy(tp, a_file: Path):
         return [_dummy(args[0], a_file)] if args else ["x"]
     if inspect.isclass(tp) and issubclass(tp, File):
         return a_file
+    if dataclasses.is_dataclass(tp):       # a typed unit, e.g. pipelines.steps.Subject
+        hints = typing.get_type_hints(tp)
+        return tp(**{f.name: _dummy(hints[f.name], a_file) for f in dataclasses.fields(tp)})
     return {str: "sub-01", int: 2, float: 1.5, bool: True, dict: {"k": "v"},
-            list: ["x"]}[tp]
+            list: ["x"], tuple: ("x",)}[tp]
 
 
 def build_tasks(a_file: Path) -> dict:

@@ -1,0 +1,81 @@
+"""BIDS file names from entities, and entities from names: the one grammar.
+
+Every derivative is described by its entities (``{"model": "tensor",
+"param": "fa"}``), a suffix (``dwimap``) and an extension; the subject's own
+input entities (:data:`INPUT_ENTITIES`, e.g. ``sub``, ``ses``, ``acq``) come
+first. :mod:`dmriflow.pipelines.derivatives` writes files under these names;
+the report, status and the Nipype interfaces read names back with
+:func:`parse_name`. No other module builds or parses a derivative name.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Separators of the grammar: ``key-value`` pairs joined by ``_``.
+ENTITY_SEP, VALUE_SEP = "_", "-"
+#: Entities of an input DWI name kept in every derivative name, in BIDS order.
+INPUT_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run", "space")
+#: Extensions with a dot inside, matched before the last-dot rule.
+DOUBLE_EXTENSIONS = (".nii.gz",)
+#: Characters of a label (BIDS: alphanumeric; "." for shells such as 1000.5).
+LABEL_EXTRA = "."
+
+
+def _check_label(kind: str, text: str) -> str:
+    if not text or not all(c.isalnum() or c in LABEL_EXTRA for c in text):
+        raise ValueError(f"BIDS {kind} must be alphanumeric, got {text!r}")
+    return text
+
+
+def format_entities(entities: dict) -> str:
+    """``{"model": "tensor", "param": "fa"}`` -> ``model-tensor_param-fa``."""
+    return ENTITY_SEP.join(f"{_check_label('entity', str(k))}{VALUE_SEP}"
+                           f"{_check_label('label', str(v))}" for k, v in entities.items())
+
+
+def parse_entities(text: str) -> tuple[dict, str]:
+    """``model-directions_desc-synthesized_gradients`` -> (entities, suffix
+    ``gradients``); the suffix is "" when the text ends with an entity."""
+    entities, suffix = {}, ""
+    parts = text.split(ENTITY_SEP) if text else []
+    if parts and VALUE_SEP not in parts[-1]:
+        suffix = parts.pop()
+    for part in parts:
+        key, sep, value = part.partition(VALUE_SEP)
+        if not sep:
+            raise ValueError(f"{text!r}: {part!r} is not a key-value entity")
+        entities[key] = value
+    return entities, suffix
+
+
+def build_name(entities: dict, suffix: str = "", extension: str = "") -> str:
+    """A file name: entities in the given order, then the suffix, then the extension."""
+    stem = format_entities(entities)
+    return stem + (ENTITY_SEP + _check_label("suffix", suffix) if suffix else "") + extension
+
+
+def split_extension(name: str) -> tuple[str, str]:
+    """(stem, extension) of a file name; ``.nii.gz`` counts as one extension."""
+    for ext in DOUBLE_EXTENSIONS:
+        if name.endswith(ext):
+            return name[: -len(ext)], ext
+    stem, dot, ext = name.rpartition(".")
+    return (stem, dot + ext) if dot and stem else (name, "")
+
+
+def parse_name(name) -> tuple[dict, str, str]:
+    """(entities, suffix, extension) of a BIDS file name or path."""
+    stem, ext = split_extension(os.path.basename(os.fspath(name)))
+    entities, suffix = parse_entities(stem)
+    return entities, suffix, ext
+
+
+def input_entities(path) -> dict:
+    """The :data:`INPUT_ENTITIES` of an input file name (``{}`` for a name that
+    is not BIDS, e.g. HCP's ``data.nii.gz``)."""
+    try:
+        entities, _, _ = parse_name(path)
+    except ValueError:
+        return {}
+    return {k: entities[k] for k in INPUT_ENTITIES if k in entities}
