@@ -31,10 +31,11 @@ def _timed(fn):
 
 
 def main() -> None:
-    from dmriflow.interfaces.inference import default_checkpoint, run_volume
+    from dmriflow.interfaces.inference import default_checkpoint
     from dmriflow.models import data as md
     from dmriflow.models import directions as dm
     from dmriflow.models.card import load_checkpoint
+    from dmriflow.models.volume import run_volume
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[72, 88, 72])

@@ -753,6 +753,14 @@ def radial_diffusivity(evals) -> np.ndarray:
     return (ev[..., 1] + ev[..., 2]) * ev.dtype.type(0.5)
 
 
+def _evals_measure(measure, doc: str) -> cached_property:
+    """A map of :class:`TensorFit` computed on first access: ``measure(evals)``."""
+    def compute(self) -> np.ndarray:
+        return measure(self.evals)
+    compute.__doc__ = doc
+    return cached_property(compute)
+
+
 class TensorFit:
     """Fitted tensors on a voxel grid; maps are computed on first access.
 
@@ -777,25 +785,12 @@ class TensorFit:
     def n_failed(self) -> int:
         return int(np.count_nonzero(self.failed))
 
-    @cached_property
-    def md(self) -> np.ndarray:
-        """Mean diffusivity (mm^2/s)."""
-        return mean_diffusivity(self.evals)
-
-    @cached_property
-    def ad(self) -> np.ndarray:
-        """Axial diffusivity, the largest eigenvalue (mm^2/s)."""
-        return axial_diffusivity(self.evals)
-
-    @cached_property
-    def rd(self) -> np.ndarray:
-        """Radial diffusivity, mean of the two smaller eigenvalues (mm^2/s)."""
-        return radial_diffusivity(self.evals)
-
-    @cached_property
-    def fa(self) -> np.ndarray:
-        """Fractional anisotropy in [0, 1] (0 where the fit failed or outside)."""
-        return fractional_anisotropy(self.evals)
+    md = _evals_measure(mean_diffusivity, "Mean diffusivity (mm^2/s).")
+    ad = _evals_measure(axial_diffusivity, "Axial diffusivity, the largest eigenvalue (mm^2/s).")
+    rd = _evals_measure(radial_diffusivity,
+                        "Radial diffusivity, mean of the two smaller eigenvalues (mm^2/s).")
+    fa = _evals_measure(fractional_anisotropy,
+                        "Fractional anisotropy in [0, 1] (0 where the fit failed or outside).")
 
     @cached_property
     def v1(self) -> np.ndarray:

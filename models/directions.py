@@ -175,7 +175,7 @@ def dti_prediction(sample: DirectionSample, bvecs=None) -> np.ndarray:
     return np.clip(out, *SIGNAL_CLIP, out=out)
 
 
-def fa_of(sample: DirectionSample, targets: np.ndarray | None) -> np.ndarray:
+def series_fa(sample: DirectionSample, targets: np.ndarray | None) -> np.ndarray:
     """FA (WLS tensor) of b0s + inputs (+ targets) in the mask."""
     n = 0 if targets is None else targets.shape[-1]
     return np.asarray(TensorModel(sample.gtab(n)).fit(sample.series(targets), sample.mask).fa)
@@ -197,17 +197,17 @@ def score_synthesis(samples: list[DirectionSample], predictors: dict) -> list[di
     """
     rows = []
     for s in samples:
-        fa_full = fa_of(s, s.targets)
+        fa_full = series_fa(s, s.targets)
         rows.append({"subject": s.subject, "method": "inputs only", "dwi_rmse": math.nan,
                      "dwi_rmse_clean": math.nan,
-                     "fa_rmse": _rmse(fa_of(s, None), fa_full, s.mask)})
+                     "fa_rmse": _rmse(series_fa(s, None), fa_full, s.mask)})
         for name, fn in predictors.items():
             pred = fn(s)
             rows.append({"subject": s.subject, "method": name,
                          "dwi_rmse": _rmse(pred, s.targets, s.mask),
                          "dwi_rmse_clean": (_rmse(pred, s.clean_targets, s.mask)
                                             if s.clean_targets is not None else math.nan),
-                         "fa_rmse": _rmse(fa_of(s, pred), fa_full, s.mask)})
+                         "fa_rmse": _rmse(series_fa(s, pred), fa_full, s.mask)})
     return rows
 
 

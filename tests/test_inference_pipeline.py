@@ -18,6 +18,7 @@ from dmriflow.models import card as mc
 from dmriflow.models import data as md
 from dmriflow.models import directions as dm
 from dmriflow.models.train import TrainConfig
+from dmriflow.models.volume import run_volume
 
 SMALL = (20, 24, 20)
 
@@ -46,10 +47,10 @@ def test_slabs_with_halo_equal_one_whole_volume_pass():
     vol = np.random.default_rng(0).standard_normal((dm.N_FEATURES, 9, 8, 23)).astype(np.float32)
     whole = net(torch.from_numpy(vol)[None])[0].detach().numpy()
     for slab in (1, 4, 7, 100):
-        out = inf.run_volume(net, vol, halo=net.halo, slab=slab, device="cpu")
+        out = run_volume(net, vol, halo=net.halo, slab=slab, device="cpu")
         assert np.abs(out - whole).max() < 1e-5, slab
     # too little context is visibly different (the halo matters)
-    short = inf.run_volume(net, vol, halo=net.halo - 1, slab=4, device="cpu")
+    short = run_volume(net, vol, halo=net.halo - 1, slab=4, device="cpu")
     assert np.abs(short - whole).max() > 1e-4
 
 

@@ -86,7 +86,7 @@ def test_baselines_recover_a_pure_tensor_signal():
     assert err_dti < 1e-4                       # the tensor model is exact here
     assert err_sh4 < 0.01                       # order 4 captures most of a b=1000 tensor
     # FA of inputs + exact targets equals FA of the full acquisition
-    assert np.abs(dm.fa_of(s, s.targets) - dm.fa_of(s, dm.dti_prediction(s)))[m].max() < 1e-3
+    assert np.abs(dm.series_fa(s, s.targets) - dm.series_fa(s, dm.dti_prediction(s)))[m].max() < 1e-3
 
 
 def test_untrained_network_is_the_dti_baseline_and_shapes(samples):

@@ -449,7 +449,7 @@ def test_write_cohort_hcp(tmp_path, scheme):
         assert meta["MagneticFieldStrength"] == 3.0 and meta["EchoTime"] == pytest.approx(0.0895)
         assert meta["Manufacturer"] == "dmriflow-phantom"
         _check_subject(dwi, tmp_path / "derivatives/truth" / f"sub-{sid}", sid,
-                       P.subject_seed(SMALL["seed"], i), scheme)
+                       P.cohort_subject_seed(SMALL["seed"], i), scheme)
     from dmriflow.pipelines.inputs import census, discover
     subjects = discover(tmp_path)
     assert [s.label for s in subjects] == ids and all(s.mask and s.sidecar for s in subjects)
@@ -486,7 +486,7 @@ def test_write_cohort_bids(tmp_path, scheme):
         assert meta["Manufacturer"] == "dmriflow-phantom"
         expected_subject = P.simulate_subject(
             shape=SMALL["shape"], voxel_size=SMALL["voxel_size"],
-            seed=P.subject_seed(SMALL["seed"], i), snr=SMALL["snr"], scheme=scheme, site=site)
+            seed=P.cohort_subject_seed(SMALL["seed"], i), snr=SMALL["snr"], scheme=scheme, site=site)
         np.testing.assert_allclose(dwi.data, expected_subject.dwi, atol=0.5)
         np.testing.assert_array_equal(dwi.mask, expected_subject.mask)
     from dmriflow.pipelines.inputs import discover

@@ -531,7 +531,7 @@ def _mean_tensor(amp: np.ndarray, weights: np.ndarray, dirs: np.ndarray, prm: di
     return tensor / np.maximum(s0, 1e-30)[:, None, None]
 
 
-def tensor_maps(tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mean_tensor_maps(tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """FA, MD and principal eigenvector of tensors (n, 3, 3)."""
     evals, evecs = np.linalg.eigh(tensor)
     return fractional_anisotropy(evals), mean_diffusivity(evals), evecs[:, :, 2]
@@ -643,7 +643,7 @@ def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
         out[inside] = values
         return out.reshape(grid + tail)
 
-    fa, md, v1 = tensor_maps(_mean_tensor(amp, anat["weights"], anat["dirs"], prm))
+    fa, md, v1 = mean_tensor_maps(_mean_tensor(amp, anat["weights"], anat["dirs"], prm))
     v1 = world_to_fsl(v1, affine)
     v1[fa < V1_MIN_FA] = 0.0
     lead = np.take_along_axis(v1, np.argmax(np.abs(v1), axis=1)[:, None], axis=1)
@@ -864,7 +864,7 @@ def simulate_continuity_subject(shape: Sequence[int] = CONTINUITY_SHAPE, seed: i
         im = sigma * noise.standard_normal(clean.shape, dtype=np.float32)
         dwi, phase = np.hypot(re, im), np.arctan2(im, re)
 
-    fa, md, v1 = tensor_maps(_mean_tensor(amp, weights, dirs, prm))
+    fa, md, v1 = mean_tensor_maps(_mean_tensor(amp, weights, dirs, prm))
     mask = np.zeros(grid, dtype=bool)
     mask[1:-1, 1:-1, 1:-1] = True
 
@@ -899,7 +899,7 @@ _TRUTH_DTYPES = {"label": np.uint8, "nfib": np.uint8}
 BIDS_VERSION = "1.9.0"
 
 
-def subject_seed(seed: int, index: int) -> int:
+def cohort_subject_seed(seed: int, index: int) -> int:
     """Seed of subject ``index`` of a cohort generated with ``seed``."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
@@ -1027,7 +1027,7 @@ def write_cohort(out_dir, n_subjects: int, layout: str = "hcp",
     sub-<label>_dwi.{nii.gz,bval,bvec,json}``, ``dataset_description.json``
     and ``participants.tsv``. Both: truth under ``<out>/derivatives/truth/
     sub-<label>/`` (see :func:`write_truth`). Subject ``i`` uses
-    :func:`subject_seed` ``(seed, i)``, so the same ``seed`` at another
+    :func:`cohort_subject_seed` ``(seed, i)``, so the same ``seed`` at another
     ``site`` gives the same anatomies (paired data). Returns the subject
     folder names (HCP ``900001``, BIDS ``sub-01``). ``n_jobs > 1`` simulates
     subjects in parallel processes. ``dtype``: see :func:`write_subject`.
@@ -1038,8 +1038,8 @@ def write_cohort(out_dir, n_subjects: int, layout: str = "hcp",
     out.mkdir(parents=True, exist_ok=True)
     labels = cohort_labels(n_subjects, layout, subject_prefix)
     scheme = scheme if scheme is not None else hcp_scheme()
-    jobs = [dict(shape=tuple(shape), seed=subject_seed(seed, i), snr=snr, scheme=scheme, te=te,
-                 site=site, voxel_size=voxel_size, out_dir=os.fspath(out), label=lbl,
+    jobs = [dict(shape=tuple(shape), seed=cohort_subject_seed(seed, i), snr=snr, scheme=scheme,
+                 te=te, site=site, voxel_size=voxel_size, out_dir=os.fspath(out), label=lbl,
                  layout=layout, dtype=dtype) for i, lbl in enumerate(labels)]
     if n_jobs > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs))) as pool:

@@ -88,7 +88,7 @@ def continuity_study(n_subjects: int = CONTINUITY_SUBJECTS,
                      **evaluate_kw) -> CohortStudy:
     """Run the fibre-continuity cohort: simulate, evaluate, test.
 
-    Subject ``i`` uses :func:`phantom.subject_seed` ``(seed, i)``; its random
+    Subject ``i`` uses :func:`phantom.cohort_subject_seed` ``(seed, i)``; its random
     controls use the same seed. Estimators B and A; P gets the phase of the
     simulated complex noise (the noise-free signal is real: no physics).
     ``evaluate_kw`` go to ``evaluate_subject``.
@@ -97,7 +97,7 @@ def continuity_study(n_subjects: int = CONTINUITY_SUBJECTS,
     scheme = scheme if scheme is not None else phantom.hcp_scheme(jitter=False)
     rows, truth = [], []
     for i in range(int(n_subjects)):
-        s_seed = phantom.subject_seed(seed, i)
+        s_seed = phantom.cohort_subject_seed(seed, i)
         subj = phantom.simulate_continuity_subject(shape, seed=s_seed, scheme=scheme, snr=snr,
                                                    te=timing.TE if np.isfinite(timing.TE)
                                                    else phantom.HCP_TE_MS, fraction=fraction)

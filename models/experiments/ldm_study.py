@@ -1,6 +1,6 @@
 """Train, ship and score the RISH-space 3T->7T model against its baselines.
 
-* :func:`simulate` - held-out (or training) pairs at given seeds: both
+* :func:`simulate_pairs` - held-out (or training) pairs at given seeds: both
   members' features on the cube plus the 3T member's noise estimate and SNR
   (on the native grid, as an inference run would see them);
 * :func:`train_shipped` - trains the residual diffusion model and the
@@ -67,7 +67,7 @@ class Subject:
         return self.f3.mask & self.f7.mask
 
 
-def simulate(seeds, family: str, grid: int = 32) -> list[Subject]:
+def simulate_pairs(seeds, family: str, grid: int = 32) -> list[Subject]:
     out = []
     for s in seeds:
         p = degrade.simulate_pair(int(s), sim_size=grid, family=family)
@@ -80,7 +80,7 @@ def simulate(seeds, family: str, grid: int = 32) -> list[Subject]:
     return out
 
 
-def training_ranges(subjects: list[Subject]) -> dict:
+def card_ranges(subjects: list[Subject]) -> dict:
     """The card's ranges from the training subjects (:func:`rishdiff.training_ranges`)."""
     return rishdiff.training_ranges([rishdiff.cube_voxel_mm(s.f3.affine) for s in subjects],
                                     [s.snr3 for s in subjects])
@@ -98,15 +98,15 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     to ``out/rish_3t7t`` and ``out/rish_cnn_3t7t`` (float16-rounded weights)."""
     out = Path(out)
     t0 = time.perf_counter()
-    subs = simulate(SEED_TRAIN + np.arange(n_pairs), "train", grid)
+    subs = simulate_pairs(SEED_TRAIN + np.arange(n_pairs), "train", grid)
     log(f"simulated {n_pairs} pairs in {time.perf_counter() - t0:.0f} s")
     pairs = [(s.f3, s.f7, s.sigma3) for s in subs]
-    ranges = training_ranges(subs)
+    ranges = card_ranges(subs)
     budget = rishdiff.RishBudget(steps=steps, seed=seed)
     torch.manual_seed(seed)
     diff = rishdiff.RishDiffusion3T7T(grid=grid)
     rep = rishdiff.fit(diff, pairs, budget, log=log)
-    val = simulate(SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid)
+    val = simulate_pairs(SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid)
     t1 = time.perf_counter()
     scale = rishdiff.calibrate(diff, [(s.f3, s.f7, s.sigma3, s.seed) for s in val])
     rep["spread_scale"] = scale.tolist()
@@ -255,10 +255,10 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
             m.float()
     k = int(samples or dcard.extra.get("samples", rishdiff.SAMPLES))
     steps = int(dcard.extra.get("sample_steps", rishdiff.SAMPLE_STEPS))
-    test = simulate(seeds, family, grid)
-    tmpl = simulate(SEED_TRAIN + np.arange(template_pairs), "train", grid)
+    test = simulate_pairs(seeds, family, grid)
+    tmpl = simulate_pairs(SEED_TRAIN + np.arange(template_pairs), "train", grid)
     template = baselines.TemplateLambda().fit([(s.f3, s.f7) for s in tmpl])
-    proxy_scale = fit_noise_proxy(cnn, simulate(
+    proxy_scale = fit_noise_proxy(cnn, simulate_pairs(
         SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid))
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
         f"template in {time.perf_counter() - t0:.0f} s")
