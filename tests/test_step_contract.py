@@ -163,8 +163,7 @@ def test_every_option_is_declared_once_and_every_flag_comes_from_one():
     assert set(default_options()) == set(REGISTRY)
     flags = {flag_of(f, info): f.name for _, cls, _ in cli.option_sources()
              for f, info in options_of(cls) if info.cli}
-    parser = cli.build_parser()
-    run = next(a for a in parser._subparsers._group_actions).choices["run"]
+    run = cli.build_parser().parse_args(["run", "in", "out"]).options_parser
     seen = {}
     for action in run._actions:
         for flag in action.option_strings:
@@ -183,7 +182,7 @@ def test_config_file_sets_options_and_flags_win(tmp_path):
                     '[engine]\nworker = "debug"\n')
     args = cli.build_parser().parse_args(["run", "in", "out", "--config", str(toml),
                                           "--lmax", "6"])
-    cli._apply_config(args, cli._command_parser(cli.build_parser(), args))
+    cli._apply_config(args)
     config = cli._config(args)
     assert (config.fit_method, config.wls_iterations, config.lmax, config.worker) == \
         ("OLS", 1, 6, "debug")
@@ -191,3 +190,28 @@ def test_config_file_sets_options_and_flags_win(tmp_path):
     bad.write_text(json.dumps({"tensor.fit_methods": "OLS"}))
     with pytest.raises(ValueError, match="unknown option.*tensor.fit_methods"):
         cli.read_config(bad)
+
+
+def test_the_subject_unit_is_hashed_by_file_content(tmp_path):
+    """The engine's cache key of a subject's first node follows its files'
+    contents, not their paths: the same path with new content is a new node,
+    the same content under another path is the same node."""
+    import os
+    import shutil
+    import time
+
+    from dmriflow.pipelines.steps import TASKS, Subject
+    write_cohort(tmp_path / "a", 1, shape=(8, 8, 6), seed=1)
+    (s,) = discover(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (moved,) = discover(tmp_path / "b")
+
+    def key(subject):
+        return TASKS["validate"](subject=Subject.of(subject), options={})._hash
+    before = key(s)
+    assert key(moved) == before
+    bvec = Path(s.bvec)
+    bvec.write_text(bvec.read_text().replace("0", "1", 1))
+    later = time.time() + 5          # a new mtime: the engine's hash cache keys on it
+    os.utime(bvec, (later, later))
+    assert key(s) != before
