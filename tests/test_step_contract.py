@@ -215,3 +215,19 @@ def test_the_subject_unit_is_hashed_by_file_content(tmp_path):
     later = time.time() + 5          # a new mtime: the engine's hash cache keys on it
     os.utime(bvec, (later, later))
     assert key(s) != before
+
+
+def test_nodes_are_named_after_their_tasks(subject):
+    """Node names are SLURM job names and progress-line names: each enabled
+    step's node carries its registered task name (Validate, FitTensor, ...)."""
+    from pydra.engine.workflow import Workflow
+
+    from dmriflow.pipelines.execution import RunConfig
+    from dmriflow.pipelines.steps import Subject
+    from dmriflow.pipelines.workflows import SubjectWorkflow
+    _, s = subject
+    config = RunConfig(worker="debug", snr_map=True)
+    wf = Workflow.construct(SubjectWorkflow(subject=Subject.of(s), output_dir="out",
+                                            options=config.options_record()))
+    assert [n.name for n in wf.nodes] == \
+        [REGISTRY[n].task for n in config.enabled_steps()] + ["Export"]
