@@ -16,6 +16,12 @@ import os
 ENTITY_SEP, VALUE_SEP = "_", "-"
 #: Entities of an input DWI name kept in every derivative name, in BIDS order.
 INPUT_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run", "space")
+#: The order of entities in a name (BIDS: the subject's entities, then the
+#: derivative's). An entity not listed here goes where ``desc`` goes, in the
+#: order given, so a name never depends on the order of a dict (records
+#: travel as JSON with sorted keys).
+ENTITY_ORDER = INPUT_ENTITIES + ("model", "shell", "desc", "param")
+_OTHER = ENTITY_ORDER.index("desc")
 #: Extensions with a dot inside, matched before the last-dot rule.
 DOUBLE_EXTENSIONS = (".nii.gz",)
 #: Characters of a label (BIDS: alphanumeric; "." for shells such as 1000.5).
@@ -28,10 +34,16 @@ def _check_label(kind: str, text: str) -> str:
     return text
 
 
+def ordered(entities: dict) -> list[tuple[str, str]]:
+    """The entities as (key, value) pairs in :data:`ENTITY_ORDER`."""
+    rank = {k: i for i, k in enumerate(ENTITY_ORDER)}
+    return sorted(entities.items(), key=lambda kv: rank.get(kv[0], _OTHER))
+
+
 def format_entities(entities: dict) -> str:
-    """``{"model": "tensor", "param": "fa"}`` -> ``model-tensor_param-fa``."""
+    """``{"param": "fa", "model": "tensor"}`` -> ``model-tensor_param-fa``."""
     return ENTITY_SEP.join(f"{_check_label('entity', str(k))}{VALUE_SEP}"
-                           f"{_check_label('label', str(v))}" for k, v in entities.items())
+                           f"{_check_label('label', str(v))}" for k, v in ordered(entities))
 
 
 def parse_entities(text: str) -> tuple[dict, str]:
@@ -50,7 +62,7 @@ def parse_entities(text: str) -> tuple[dict, str]:
 
 
 def build_name(entities: dict, suffix: str = "", extension: str = "") -> str:
-    """A file name: entities in the given order, then the suffix, then the extension."""
+    """A file name: the entities (in :data:`ENTITY_ORDER`), the suffix, the extension."""
     stem = format_entities(entities)
     return stem + (ENTITY_SEP + _check_label("suffix", suffix) if suffix else "") + extension
 

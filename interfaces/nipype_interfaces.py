@@ -344,7 +344,8 @@ class _RegisteredStep(BaseInterface):
         else:
             record = json.loads(open(i.record).read())
             subject, out = record["subject"], step.run(record, options, runtime.cwd)
-        if isinstance(out, Product):
+        self._product = isinstance(out, Product)
+        if self._product:
             self._result = out.record(subject)
             name = PRODUCT_FILE
         else:
@@ -353,7 +354,7 @@ class _RegisteredStep(BaseInterface):
         return runtime
 
     def _list_outputs(self):
-        if "maps" not in self._result:
+        if not self._product:
             return {"record": self._path}
         return {"product": self._path, "maps": [d["path"] for d in self._result["maps"]],
                 "tables": [d["path"] for d in self._result["tables"]]}

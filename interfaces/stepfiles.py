@@ -1,9 +1,8 @@
-"""Each per-subject step as a plain function from files to files (no engine).
+"""File-level helpers of the per-subject steps (no engine).
 
-The Pydra tasks (``pipelines/steps.py``, ``pipelines/harmonization.py``,
-``pipelines/image_gradient.py``) and the Nipype interfaces
-(``interfaces/nipype_interfaces.py``) are thin wrappers around these
-functions, so both engines run the same code and write the same files. A
+The step modules (``interfaces/steps/``), and through them the generated
+Pydra tasks and Nipype interfaces, call these functions, so both engines run
+the same code and write the same files. A
 *series* is the dict ``{"dwi", "bval", "bvec", "mask"}`` of paths a step
 works on; every function writes into ``out_dir`` and returns plain JSON types
 (paths as strings).

@@ -77,6 +77,7 @@ def _add_generated_options(p: argparse.ArgumentParser, command: str) -> None:
                 if info.choices:
                     kwargs["choices"] = info.choices
             group.add_argument(flag_of(f, info), **kwargs)
+    p.set_defaults(options_parser=p)    # where --config finds the defaults
     p.add_argument("--config", metavar="FILE",
                    help="options from a TOML or JSON file: a table per step (or 'engine') "
                         "with its options, e.g. [tensor] fit_method = \"OLS\"; keys "
@@ -106,11 +107,12 @@ def read_config(path) -> dict:
     return {known[k]: v for k, v in flat.items()}
 
 
-def _apply_config(args, parser) -> None:
+def _apply_config(args) -> None:
     """Fill the options not given on the command line from ``--config``."""
     path = getattr(args, "config", None)
     if not path:
         return
+    parser = args.options_parser
     for name, value in read_config(path).items():
         if not hasattr(args, name):
             raise ValueError(f"{path}: option {name!r} does not apply to "
@@ -231,8 +233,6 @@ def _config(args):
     from dmriflow.pipelines.execution import RunConfig
     given = {f.name: getattr(args, f.name) for _, cls, _ in option_sources()
              for f, _ in options_of(cls) if hasattr(args, f.name)}
-    if given.get("harmonization") is None:
-        given.pop("harmonization", None)
     return RunConfig(**given)
 
 
@@ -400,10 +400,9 @@ def cmd_demo(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args, parser)
+        return _dispatch(args)
     except BrokenPipeError:
         # stdout's reader is gone: point stdout at /dev/null so the interpreter's
         # final flush does not raise again
@@ -411,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CLOSED_PIPE
 
 
-def _dispatch(args, parser) -> int:
+def _dispatch(args) -> int:
     try:
-        _apply_config(args, _command_parser(parser, args))
+        _apply_config(args)
         if args.command == "run":
             return _run(args.input, args.output, args.layout, args.participant_label, args)
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
@@ -428,15 +427,6 @@ def _dispatch(args, parser) -> int:
             raise
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_BUSY
-
-
-def _command_parser(parser, args) -> argparse.ArgumentParser:
-    """The sub-parser that parsed ``args`` (for its defaults)."""
-    for action in parser._subparsers._group_actions:
-        sub = action.choices[args.command]
-        nested = getattr(args, "harmonize_command", None)
-        return sub._subparsers._group_actions[0].choices[nested] if nested else sub
-    return parser
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def inference_subject_workflow(subject: Subject, options: dict, series_only: boo
         return record
     return workflow.add(TASKS[STEP](subject=subject.key, record=record, options=options[STEP],
                                     pipeline_version=pipeline_version),
-                        name=STEP, hooks=PROGRESS).product
+                        hooks=PROGRESS).product
 
 
 InferenceSubject = workflow.define(inference_subject_workflow,

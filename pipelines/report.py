@@ -28,7 +28,6 @@ import html
 import io as _bytes_io
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,10 @@ import numpy as np
 import pandas as pd
 
 from dmriflow.interfaces import __version__, io
+from dmriflow.interfaces.bids_names import parse_name
+from dmriflow.interfaces.steps import rish
+from dmriflow.interfaces.steps.base import MAP_SUFFIX
+from dmriflow.pipelines.derivatives import SERIES_DESC, SERIES_SUFFIX
 from dmriflow.interfaces.stepfiles import MAD_TO_SD
 
 #: The report's file name under OUTPUT/dmriflow/.
@@ -81,10 +84,9 @@ IMAGE_GRADIENT_FIGURE = "image_gradient_angles.png"
 MODELS_TABLE = "models.tsv"
 MODEL_CARD = "card.json"
 
-_FA = re.compile(r"_model-tensor_param-fa_dwimap\.nii(\.gz)?$")
-_V1 = re.compile(r"_model-tensor_param-v1_dwimap\.nii(\.gz)?$")
-_RISH = re.compile(r"_model-rish_shell-([0-9.]+)_param-l([0-9]+)_dwimap\.nii(\.gz)?$")
-_SERIES_SIDECAR = re.compile(r"_desc-[A-Za-z0-9]*harmonized[A-Za-z0-9]*_dwi\.json$")
+#: Entities of the maps the report draws, and the desc label of a harmonised series.
+FA_MAP, V1_MAP = {"model": "tensor", "param": "fa"}, {"model": "tensor", "param": "v1"}
+HARMONIZED_DESC = SERIES_DESC["harmonize"]
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;
@@ -149,13 +151,16 @@ def subject_maps(root: Path) -> dict[str, SubjectMaps]:
             p = Path(d)
             if not p.exists():
                 continue
-            if _FA.search(p.name):
+            entities, suffix, ext = parse_name(p)
+            if suffix == MAP_SUFFIX and FA_MAP.items() <= entities.items():
                 maps.fa = p
-            elif _V1.search(p.name):
+            elif suffix == MAP_SUFFIX and V1_MAP.items() <= entities.items():
                 maps.v1 = p
-            elif m := _RISH.search(p.name):
-                maps.rish[(float(m.group(1)), int(m.group(2)))] = p
-            elif _SERIES_SIDECAR.search(p.name):
+            elif suffix == MAP_SUFFIX and entities.get("model") == rish.MODEL:
+                order = entities["param"].removeprefix(rish.ORDER_PREFIX)
+                maps.rish[(float(entities["shell"]), int(order))] = p
+            elif suffix == SERIES_SUFFIX and ext == ".json" and \
+                    HARMONIZED_DESC in entities.get("desc", ""):
                 maps.harmonized = json.loads(p.read_text())
         out[maps.subject] = maps
     return out

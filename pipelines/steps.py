@@ -27,7 +27,6 @@ as an input (``step_name``): different steps never share a cache entry.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import traceback
 from dataclasses import dataclass
@@ -108,11 +107,6 @@ def guarded(step: str):
                 return _failure(step, subject, exc)
         return wrapper
     return deco
-
-
-def options_record(options) -> dict:
-    """A step's Options as the plain dict an engine input holds (and hashes)."""
-    return dataclasses.asdict(options)
 
 
 def run_step(name: str, subject: str, series, options: dict, **kwargs) -> dict:

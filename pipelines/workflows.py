@@ -59,7 +59,8 @@ def add_series_steps(subject: Subject, options: dict, pipeline_version: str,
         else:
             node = task(subject=subject.key, record=record, options=options.get(name, {}),
                         pipeline_version=pipeline_version)
-        record = getattr(workflow.add(node, name=name, hooks=PROGRESS), OUTPUT["series"])
+        # a node is named after its task class (Validate, ...): SLURM job names
+        record = getattr(workflow.add(node, hooks=PROGRESS), OUTPUT["series"])
     return record
 
 
@@ -74,7 +75,7 @@ def subject_workflow(subject: Subject, output_dir: str, options: dict,
             continue
         node = TASKS[name](subject=subject.key, record=record, options=options.get(name, {}),
                            pipeline_version=pipeline_version)
-        products.append(workflow.add(node, name=name, hooks=PROGRESS).product)
+        products.append(workflow.add(node, hooks=PROGRESS).product)
     if len(products) > EXPORT_SLOTS:
         raise ValueError(f"{len(products)} product steps enabled; Export has {EXPORT_SLOTS}")
     slots = {f"p{i}": p for i, p in enumerate(products)}

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from dmriflow.interfaces.steps import REGISTRY
+
 #: The cloudpickle versions the round trip must hold under, besides the locked
 #: one: 3.1.1, the last release that kept a by-value function's file name.
 OTHER_CLOUDPICKLE = "cloudpickle==3.1.1 --hash=sha256:" \
@@ -36,6 +38,8 @@ KNOWN_TASKS = {"Validate", "Preprocess", "FitTensor", "FitRish", "Export", "Grou
                "Harmonize", "HarmonizationFeatures", "FitHarmonization", "FeaturesWorkflow",
                "HarmonizationFitWorkflow", "Inference", "InferenceSubject", "InferencePhase",
                "ImageGradient", "ImageGradientGroup", "SubjectWorkflow", "CohortWorkflow"}
+#: ... and the generated task of every registered step (e.g. SnrMap).
+KNOWN_TASKS |= {step.task for step in REGISTRY.values()}
 CHILD_TIMEOUT_S = 300
 
 

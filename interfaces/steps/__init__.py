@@ -13,7 +13,7 @@ from .base import REGISTRY, Derivative, Product, Schema, Step, option  # noqa: F
 
 #: Step modules, in the order a subject goes through them.
 STEP_MODULES = ("validate", "preprocess", "harmonize", "inference", "tensor", "rish",
-                "image_gradient")
+                "image_gradient", "snr")
 
 for _name in STEP_MODULES:
     importlib.import_module(f"{__name__}.{_name}")

@@ -197,8 +197,8 @@ class Step:
     a :class:`Product`. ``task``: the engine task's name (node names, progress
     lines, SLURM job names). ``enabled(options)``: whether a run with these
     options goes through the step. ``grid``: the step reads voxels outside the
-    mask (Validate then keeps the whole grid). ``group(products, output_dir)``:
-    optional cohort-level outputs from every subject's product.
+    mask (Validate then keeps the whole grid). ``example``: options that turn
+    the step on for the phantom (the contract test runs every step with them).
     """
 
     name: str
@@ -210,7 +210,7 @@ class Step:
     schema: Schema = Schema()
     grid: bool = False
     commands: tuple = ALL_COMMANDS
-    group: Callable | None = None
+    example: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in KINDS:

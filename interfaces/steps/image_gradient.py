@@ -106,6 +106,8 @@ def run(record: dict, options: Options, out_dir) -> Product:
 
 STEP = register(Step(stepfiles.IMAGE_GRADIENT_STEP, "ImageGradient", "product", Options, run,
                      enabled=enabled, grid=True, commands=("run",),
+                     example={"image_gradient": True, "image_gradient_max_voxels": 40,
+                              "gradient_separation": 43.1, "gradient_duration": 10.6},
                      schema=Schema(map_entities=frozenset({"model", "desc", "param"}),
                                    table_entities=frozenset({"model", "desc"}),
                                    row=frozenset({"imagegradient_voxels"}),

@@ -58,7 +58,7 @@ def run(record: dict, options: Options, out_dir) -> Product:
                    row={"inference_model": f"{card.name} {card.version}", **out.row})
 
 
-STEP = register(Step(NAME, "Inference", "product", Options, run, enabled=enabled, grid=True,
+STEP = register(Step(NAME, "Inference", "product", Options, run, enabled=enabled, grid=True, example={"inference": "directions"},
                      commands=("run", "demo"),
                      schema=Schema(map_entities=frozenset({"model", "desc", "param"}),
                                    table_entities=frozenset({"model", "desc"}),

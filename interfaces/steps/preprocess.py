@@ -52,4 +52,5 @@ def run(record: dict, options: Options, out_dir) -> dict:
     return new
 
 
-STEP = register(Step("preprocess", "Preprocess", "series", Options, run, enabled=enabled))
+STEP = register(Step("preprocess", "Preprocess", "series", Options, run, enabled=enabled,
+                     example={"denoise": True}))

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from .. import stepfiles
 from .base import Derivative, Product, Schema, Step, option, register
 
-#: BIDS model label of the RISH maps.
-MODEL = "rish"
+#: BIDS model label of the RISH maps, and the prefix of their order (param-l2).
+MODEL, ORDER_PREFIX = "rish", "l"
 
 
 @dataclass
@@ -24,7 +24,7 @@ def run(record: dict, options: Options, out_dir) -> Product:
     """One map per shell and even order; each sidecar names its shell and order."""
     out = stepfiles.write_rish_maps(record["series"], out_dir, options.lmax)
     return Product(MODEL, maps=[
-        Derivative({"model": MODEL, "shell": shell, "param": f"l{order}"}, path,
+        Derivative({"model": MODEL, "shell": shell, "param": f"{ORDER_PREFIX}{order}"}, path,
                    {"shell": float(shell), "order": int(order)})
         for shell, by_order in out["maps"].items() for order, path in by_order.items()],
         parameters=out["parameters"])
