@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dmriflow.interfaces import io
-from dmriflow.interfaces.phantom import hcp_scheme, write_cohort
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.interfaces.steps import snr
 from dmriflow.pipelines.inputs import discover
 

@@ -22,7 +22,7 @@ import pytest
 
 from dmriflow.interfaces import io
 from dmriflow.interfaces.bids_names import build_name
-from dmriflow.interfaces.phantom import write_cohort
+from dmriflow.interfaces.sim.phantom import write_cohort
 from dmriflow.interfaces.steps import REGISTRY, default_options
 from dmriflow.interfaces.steps.base import (Product, flag_of, options_of,
                                             product_from_record)
