@@ -178,10 +178,13 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     voxels within ``r`` of the image border (their patches shifted inwards,
     as MRtrix3 does), so every mask voxel is estimated.
 
-    How it is fast: patches are gathered in batches from a C-ordered z-slab
-    copy, the Gram matrix is built on the smaller side (N x N or n x n; same
-    nonzero eigenvalues), one batched symmetric eigen-decomposition (torch)
-    serves a whole batch, and the reconstruction uses only the kept
+    How it is fast: patches are gathered in batches (rows of N contiguous
+    floats) from a C-ordered z-slab copy, the Gram matrix is built on the
+    smaller side (N x N or n x n; same nonzero eigenvalues), one batched
+    float32 symmetric eigen-decomposition (torch) serves a whole batch, the
+    more accurate eigenvalues-only solver is run again only for the patches
+    whose classification is within that decomposition's error bound
+    (``EIGH_REL_ERROR``), and the reconstruction uses only the kept
     components. Batches go to ``n_threads`` workers (default: the cores this
     process may use), each running single-threaded torch: OpenMP teams
     spin-wait badly on a shared, busy machine. Results are scatter-added into
@@ -272,18 +275,16 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
                 offs = torch.from_numpy((np.arange(size[0])[:, None, None] * (Y * zs)
                                          + np.arange(size[1])[None, :, None] * zs
                                          + np.arange(size[2])[None, None, :]).ravel())
-                win = np.lib.stride_tricks.as_strided(
-                    slab, shape=(X - size[0] + 1, Y - size[1] + 1, zs - size[2] + 1,
-                                 int(size[0]), int(size[1]), int(size[2]), N),
-                    strides=slab.strides[:3] + slab.strides, writeable=False)
+                voxels = torch.from_numpy(slab).view(-1, N)
                 targets = (acc.view(-1, N), wsum.view(-1), vsum.view(-1))
 
-                def work(s, win=win, offs=offs, zs=zs, targets=targets, z_lo=z_lo):
+                def work(s, voxels=voxels, offs=offs, zs=zs, targets=targets, z_lo=z_lo):
                     sx, sy, sz = s[:, 0], s[:, 1], s[:, 2] - z_lo
-                    patches = torch.from_numpy(win[sx, sy, sz]).reshape(-1, n, N)
-                    est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
                     base = torch.from_numpy(sx * (Y * zs) + sy * zs + sz)
                     idx = (base[:, None] + offs[None, :]).reshape(-1)
+                    # rows of N contiguous floats: a fast gather
+                    patches = voxels.index_select(0, idx).view(-1, n, N)
+                    est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
                     th = theta.double().repeat_interleave(n)
                     thv = th * var.double().repeat_interleave(n)
                     with lock:
@@ -372,9 +373,9 @@ GIBBS_TV_POINTS = 3
 #: dipy's subvoxel shifts tried in each direction (fractions of a voxel).
 GIBBS_SHIFTS = np.linspace(0.02, 0.9, num=45, dtype=np.float32)
 GIBBS_ENGINES = ("fast", "dipy")
-#: Profile voxels per batch: all 49 resampled copies of that many
-#: voxels (~5 float32 arrays each) are made at once; ~40 MB, cache-friendly
-#: enough and few enough torch calls.
+#: Profile voxels per batch: all 49 resampled copies of that many voxels
+#: (~1.6 MB per float32 array, a few of them) stay in a core's L2 cache;
+#: 4x smaller or larger batches were slower.
 GIBBS_CHUNK_VOXELS = 1 << 13
 
 
