@@ -8,7 +8,9 @@ run, from the same uncompressed NIfTI. "compute s" is the call itself
 (imports and file reading excluded; for MRtrix3 the whole command, its file
 I/O included), "process s" the child's whole life, "peak GB" the child's
 ``ru_maxrss`` (everything: input, output, libraries; importing torch alone
-is ~0.4 GB):
+is ~0.4 GB), "CPU s" the CPU time of the call (for MRtrix3 the command's
+user + system time): on a shared machine the CPU-time ratio is steadier than
+the wall-time one:
 
 * dmriflow ``mppca``: Exp2 every voxel (what dwidenoise does), Exp2 stride 2
   (the pipeline's default), Exp1/"veraart" every voxel (what dipy does).
@@ -62,7 +64,7 @@ else:
     from dipy.denoise.localpca import mppca
 data = np.asarray(nib.load(src).get_fdata(dtype=np.float32))
 mask = np.asarray(nib.load(mask_path).dataobj) > 0
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 if tool == "ours":
     den, sigma = mppca(data, mask, **cfg)
 elif tool == "dipy":
@@ -72,11 +74,11 @@ elif tool == "ours_gibbs":
     den, sigma = degibbs(data, **cfg), None
 elif tool == "dipy_gibbs":
     den, sigma = gibbs_removal(data, inplace=True, **cfg), None
-seconds = time.perf_counter() - t
+seconds, cpu = time.perf_counter() - t, time.process_time() - c
 np.save(out + "_den.npy", np.asarray(den, dtype=np.float32))
 if sigma is not None:
     np.save(out + "_sigma.npy", np.asarray(sigma, dtype=np.float32))
-print(json.dumps({"seconds": seconds}))
+print(json.dumps({"seconds": seconds, "cpu": cpu}))
 """
 
 
@@ -86,11 +88,13 @@ LAUNCHER = ("import os, subprocess, sys\n"
             "p = subprocess.Popen(sys.argv[1:])\n"
             "_, status, usage = os.wait4(p.pid, 0)\n"
             "print('MAXRSS_KB', usage.ru_maxrss, file=sys.stderr)\n"
+            "print('CPU_S', usage.ru_utime + usage.ru_stime, file=sys.stderr)\n"
             "sys.exit(os.waitstatus_to_exitcode(status))\n")
 
 
-def timed(cmd, env=None) -> tuple[float, float, str]:
-    """Run ``cmd`` as a grandchild; (wall s, its peak RSS in GB, its stdout)."""
+def timed(cmd, env=None) -> tuple[float, float, str, float]:
+    """Run ``cmd`` as a grandchild; (wall s, its peak RSS in GB, its stdout, its
+    CPU s: user + system, all threads; fairer than wall on a shared machine)."""
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *map(str, cmd)],
                           capture_output=True, env=env)
@@ -99,7 +103,8 @@ def timed(cmd, env=None) -> tuple[float, float, str]:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} failed: {err[-2000:]}")
     kb = [int(line.split()[1]) for line in err.splitlines() if line.startswith("MAXRSS_KB")]
-    return wall, kb[-1] / 2**20, proc.stdout.decode()
+    cpu = [float(line.split()[1]) for line in err.splitlines() if line.startswith("CPU_S")]
+    return wall, kb[-1] / 2**20, proc.stdout.decode(), cpu[-1]
 
 
 def make_block(shape, seed=0):
@@ -116,8 +121,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gibbs-volumes", type=int, default=8)
     ap.add_argument("--skip-stride1", action="store_true",
                     help="skip the slow every-voxel runs (dmriflow and dipy)")
+    ap.add_argument("--skip-dipy", action="store_true",
+                    help="skip dipy's every-voxel MP-PCA (the slowest run) and the Exp1 run "
+                         "compared with it")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    load_start = os.getloadavg()[0]
     subj = make_block(args.shape)
     data, mask, clean = subj.dwi, subj.mask, subj.noise_free
     n_vol = data.shape[3]
@@ -143,9 +152,11 @@ def main(argv=None) -> int:
 
         def py_case(name, tool, cfg, env=None):
             out = os.path.join(tmp, name.replace(" ", "_"))
-            wall, peak, stdout = timed([py, child, tool, json.dumps(cfg), src, msk, out], env)
-            secs = json.loads(stdout.strip().splitlines()[-1])["seconds"]
-            rows[name] = (secs, wall, peak)
+            wall, peak, stdout, cpu = timed([py, child, tool, json.dumps(cfg), src, msk, out],
+                                            env)
+            got = json.loads(stdout.strip().splitlines()[-1])
+            rows[name] = (got["seconds"], wall, peak, got["cpu"])
+            secs = got["seconds"]
             den = np.load(out + "_den.npy")
             sig = np.load(out + "_sigma.npy") if os.path.exists(out + "_sigma.npy") else None
             res[name] = (den, sig)
@@ -155,8 +166,9 @@ def main(argv=None) -> int:
                   {"patch_radius": PATCH_RADIUS, "stride": 2, "estimator": "exp2"})]
         if not args.skip_stride1:
             cases += [("dmriflow exp2 stride 1", "ours",
-                       {"patch_radius": PATCH_RADIUS, "stride": 1, "estimator": "exp2"}),
-                      ("dmriflow veraart stride 1", "ours",
+                       {"patch_radius": PATCH_RADIUS, "stride": 1, "estimator": "exp2"})]
+        if not (args.skip_stride1 or args.skip_dipy):
+            cases += [("dmriflow veraart stride 1", "ours",
                        {"patch_radius": PATCH_RADIUS, "stride": 1, "estimator": "veraart"}),
                       ("dipy mppca (1 BLAS thread)", "dipy", {"patch_radius": PATCH_RADIUS})]
         for name, tool, cfg in cases:
@@ -164,10 +176,10 @@ def main(argv=None) -> int:
         if have_mrtrix:
             name = "MRtrix3 dwidenoise -nthreads 2"
             out, noise = os.path.join(tmp, "mr_den.nii"), os.path.join(tmp, "mr_noise.nii")
-            wall, peak, _ = timed(["dwidenoise", "-quiet", "-force", "-nthreads", "2",
+            wall, peak, _, cpu = timed(["dwidenoise", "-quiet", "-force", "-nthreads", "2",
                                    "-extent", str(2 * PATCH_RADIUS + 1), "-mask", msk,
                                    "-noise", noise, src, out])
-            rows[name] = (wall, wall, peak)
+            rows[name] = (wall, wall, peak, cpu)
             res[name] = (np.asarray(nib.load(out).get_fdata(dtype=np.float32)),
                          np.asarray(nib.load(noise).get_fdata(dtype=np.float32)))
             print(f"  {name}: {wall:.1f} s", flush=True)
@@ -180,15 +192,16 @@ def main(argv=None) -> int:
         for name, tool, env in (("dmriflow degibbs (fast)", "ours_gibbs", None),
                                 ("dipy gibbs_removal (1 BLAS thread)", "dipy_gibbs", one_blas)):
             out = os.path.join(tmp, tool)
-            wall, peak, stdout = timed([py, child, tool, json.dumps({"slice_axis": 2}), gsrc,
-                                        msk, out], env)
-            g_rows[name] = (json.loads(stdout.strip().splitlines()[-1])["seconds"], wall, peak,
-                            np.load(out + "_den.npy"))
+            wall, peak, stdout, _ = timed([py, child, tool, json.dumps({"slice_axis": 2}),
+                                           gsrc, msk, out], env)
+            got = json.loads(stdout.strip().splitlines()[-1])
+            g_rows[name] = (got["seconds"], wall, peak, np.load(out + "_den.npy"), got["cpu"])
         if have_mrdegibbs:
             out = os.path.join(tmp, "mr_gibbs.nii")
-            wall, peak, _ = timed(["mrdegibbs", "-quiet", "-force", "-nthreads", "2", gsrc, out])
+            wall, peak, _, cpu = timed(["mrdegibbs", "-quiet", "-force", "-nthreads", "2",
+                                        gsrc, out])
             g_rows["MRtrix3 mrdegibbs -nthreads 2"] = (
-                wall, wall, peak, np.asarray(nib.load(out).get_fdata(dtype=np.float32)))
+                wall, wall, peak, np.asarray(nib.load(out).get_fdata(dtype=np.float32)), cpu)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -219,21 +232,33 @@ def main(argv=None) -> int:
                 notes[name] = (f"vs MRtrix3: corr {corr:.5f}, rel diff {rel(name, mr_name):.3f},"
                                f" sigma ratio {ratio:.3f}")
     print(f"\n{'MP-PCA, 5x5x5 patches':36s} {'compute s':>9s} {'process s':>9s} "
-          f"{'peak GB':>8s} {'RMSE ratio':>10s} {'sigma/true':>10s}  agreement")
-    for name, (secs, wall, peak) in rows.items():
+          f"{'CPU s':>7s} {'peak GB':>8s} {'RMSE ratio':>10s} {'sigma/true':>10s}  agreement")
+    for name, (secs, wall, peak, cpu) in rows.items():
         q, s = quality(name)
-        print(f"{name:36s} {secs:9.2f} {wall:9.2f} {peak:8.2f} {q:10.3f} {s:10.3f}  "
+        print(f"{name:36s} {secs:9.2f} {wall:9.2f} {cpu:7.1f} {peak:8.2f} {q:10.3f} {s:10.3f}  "
               f"{notes.get(name, '')}")
     print("(RMSE ratio: RMSE vs the noise-free block / RMSE of the noisy block, in the mask)")
 
     ref_g = g_rows["dipy gibbs_removal (1 BLAS thread)"][3]
     gm = np.broadcast_to(m[..., None], ref_g.shape)
+    gclean = clean[..., :args.gibbs_volumes]
+    g_noisy_rmse = float(np.sqrt(np.mean((gdata[gm] - gclean[gm]) ** 2)))
     print(f"\n{'Gibbs removal, ' + str(args.gibbs_volumes) + ' volumes':36s} {'compute s':>9s} "
-          f"{'process s':>9s} {'peak GB':>8s}  max |diff| / max vs dipy, corr of corrections")
-    for name, (secs, wall, peak, out) in g_rows.items():
-        diff = float(np.abs(out - ref_g).max() / np.abs(ref_g).max())
+          f"{'process s':>9s} {'CPU s':>7s} {'peak GB':>8s} {'RMSE ratio':>10s}  vs dipy: "
+          f"max |diff| / max, "
+          f"voxels > 1e-5 max, corr of corrections")
+    g_quality = {}
+    for name, (secs, wall, peak, out, cpu) in g_rows.items():
+        diff = np.abs(out - ref_g)
+        scale = float(np.abs(ref_g).max())
         corr = float(np.corrcoef((out - gdata)[gm], (ref_g - gdata)[gm])[0, 1])
-        print(f"{name:36s} {secs:9.2f} {wall:9.2f} {peak:8.2f}  {diff:.1e}, {corr:.3f}")
+        g_quality[name] = float(np.sqrt(np.mean((out[gm] - gclean[gm]) ** 2))) / g_noisy_rmse
+        print(f"{name:36s} {secs:9.2f} {wall:9.2f} {cpu:7.1f} {peak:8.2f} "
+              f"{g_quality[name]:10.4f}  "
+              f"{float(diff.max()) / scale:.1e}, {float(np.mean(diff > 1e-5 * scale)):.1e}, "
+              f"{corr:.3f}")
+    print("(RMSE ratio: RMSE vs the noise-free block / the input's, in the mask; the "
+          "phantom has no ringing, so ~1 is right)")
 
     def t(name):
         return rows[name][0] if name in rows else float("nan")
@@ -243,8 +268,15 @@ def main(argv=None) -> int:
 
     gt = {k: v[0] for k, v in g_rows.items()}
     g_ours = gt["dmriflow degibbs (fast)"]
+    g_cpu = {k: v[4] for k, v in g_rows.items()}
+    g_mr = "MRtrix3 mrdegibbs -nthreads 2"
+
+    def cpu(name):
+        return rows[name][3] if name in rows else float("nan")
+
     print(f"denoise_speedup_vs_dipy={t(dipy_name) / t(ver):.2f} "
           f"denoise_speedup_vs_mrtrix={t(mr_name) / t(ours1):.2f} "
+          f"denoise_cpu_ratio_vs_mrtrix={cpu(mr_name) / cpu(ours1):.2f} "
           f"denoise_speedup_vs_dipy_stride2={t(dipy_name) / t(ours2):.2f} "
           f"denoise_speedup_vs_mrtrix_stride2={t(mr_name) / t(ours2):.2f} "
           f"ours_s={t(ours1):.2f} ours_stride2_s={t(ours2):.2f} ours_veraart_s={t(ver):.2f} "
@@ -258,7 +290,14 @@ def main(argv=None) -> int:
           f"degibbs_speedup_vs_dipy={gt['dipy gibbs_removal (1 BLAS thread)'] / g_ours:.2f} "
           f"degibbs_speedup_vs_mrtrix="
           f"{gt.get('MRtrix3 mrdegibbs -nthreads 2', float('nan')) / g_ours:.2f} "
-          f"voxels={int(m.sum())} volumes={n_vol}")
+          f"degibbs_cpu_ratio_vs_mrtrix="
+          f"{g_cpu.get(g_mr, float('nan')) / g_cpu['dmriflow degibbs (fast)']:.2f} "
+          f"degibbs_s={g_ours:.2f} mrdegibbs_s={gt.get(g_mr, float('nan')):.2f} "
+          f"degibbs_rmse_ratio={g_quality['dmriflow degibbs (fast)']:.4f} "
+          f"mrdegibbs_rmse_ratio="
+          f"{g_quality.get('MRtrix3 mrdegibbs -nthreads 2', float('nan')):.4f} "
+          f"voxels={int(m.sum())} volumes={n_vol} "
+          f"load_start={load_start:.2f} load_end={os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -279,7 +279,17 @@ def test_degibbs_fast_engine_equals_dipy(phantom, shape, axis):
     ours = pp.degibbs(vol, slice_axis=axis)
     with single_threaded_blas():
         ref = np.stack([gibbs_removal(vol[..., k].copy(), slice_axis=axis) for k in range(3)], -1)
-    assert np.abs(ours - ref).max() < 1e-5 * np.abs(ref).max()     # measured 3e-7
+        ref64 = np.stack([gibbs_removal(vol[..., k].astype(np.float64), slice_axis=axis)
+                          for k in range(3)], -1)
+    # The shift chosen per voxel is an argmin over 90 total variations; where two
+    # are equal to float32 rounding, any float32 computation may pick either:
+    # dipy's own float32 and float64 runs differ there (measured 3.9e-5 of the
+    # maximum on the 7x21x18 block, 2e-7 on the others). Ours (batched real
+    # FFTs, other rounding) must be as close to dipy's float64 result as that,
+    # within a factor 2 (measured 5.9e-5, 2e-7 and 2e-7), and 1e-5 elsewhere.
+    scale = np.abs(ref).max()
+    own = np.abs(ref - ref64).max()
+    assert np.abs(ours - ref64).max() < max(1e-5 * scale, 2 * own)
     via_dipy = pp.degibbs(vol, slice_axis=axis, engine="dipy")
     assert np.abs(via_dipy - ref).max() < 1e-6 * np.abs(ref).max()
     threaded = pp.degibbs(vol[..., 0], slice_axis=axis, num_processes=2)
