@@ -1,0 +1,1 @@
+"""Research simulators (outside the processing path): study generators with known truth."""
