@@ -72,16 +72,6 @@ DEFAULT_SMOOTHING_FWHM_MM = 0.0
 #: A template voxel is in the template mask when at least this share of each
 #: site's warped brain masks covers it (site means elsewhere are unreliable).
 MASK_COVERAGE = 0.5
-#: How the scale maps are estimated from the two site means in template space:
-#: "voxel" (the ratio per voxel, Mirzaalian 2016) or "region" (the ratio of
-#: the site means averaged over each template tissue class, a piecewise
-#: constant map: carries the site difference, not the few fitting subjects'
-#: anatomy; it cannot follow a site effect that varies within a class).
-SCALE_MODELS = ("voxel", "region")
-DEFAULT_SCALE_MODEL = "voxel"
-#: Template tissue classes of the "region" model: template FA bins with these
-#: inner edges, within the template mask (class 1 = FA below the first edge).
-REGION_FA_EDGES = (0.15, 0.3, 0.45, 0.6)
 #: Template = mean of the reference site's FA after this many rounds of
 #: registration: round 1 registers everyone to the first reference subject,
 #: round 2 (one rebuild) to the round-1 mean, which removes most of the first
@@ -664,27 +654,6 @@ def scale_maps(e_ref: np.ndarray, e_tar: np.ndarray, mask: np.ndarray, affine, *
     return lam, np.array(taus), stats
 
 
-def fa_classes(template_fa: np.ndarray, mask: np.ndarray,
-               edges: Sequence[float] = REGION_FA_EDGES) -> np.ndarray:
-    """Template tissue classes (int16): 0 outside ``mask``, else 1 + the FA bin."""
-    return np.where(mask, 1 + np.digitize(template_fa, edges), 0).astype(np.int16)
-
-
-def region_means(e: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """(X, Y, Z, n) maps with every voxel of class c >= 1 set to the class mean
-    (per last-axis channel); class-0 voxels keep their values."""
-    out = e.copy()
-    flat_c = classes.ravel()
-    flat_e = e.reshape(flat_c.size, -1)
-    flat_o = out.reshape(flat_c.size, -1)
-    n = np.bincount(flat_c)
-    for k in range(flat_e.shape[1]):
-        mean = np.bincount(flat_c, weights=flat_e[:, k]) / np.maximum(n, 1)
-        inside = flat_c > 0
-        flat_o[inside, k] = mean[flat_c[inside]]
-    return out
-
-
 # ----------------------------------------------------------------------------
 # Artefact
 # ----------------------------------------------------------------------------
@@ -939,8 +908,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       registration: str = "syn", template=None,
                       template_iterations: int = TEMPLATE_ITERATIONS,
                       min_subjects: int = MIN_SUBJECTS_PER_SITE, keep_transforms: bool = True,
-                      registration_options: dict | None = None,
-                      scale_model: str = DEFAULT_SCALE_MODEL) -> HarmonizationArtefact:
+                      registration_options: dict | None = None) -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
     ``reference``/``target``: per-subject :class:`SubjectFeatures` (or
@@ -953,13 +921,10 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     ``keep_transforms``: keep each subject's transform in the artefact
     (2 x 3 float32 fields on the template grid: ~90 MB per HCP-size subject;
     turn off for large cohorts, the affine parameters are always kept).
-    ``scale_model``: "voxel" or "region" (see ``SCALE_MODELS``).
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
     lmax = sh._check_lmax(lmax)
-    if scale_model not in SCALE_MODELS:
-        raise ValueError(f"unknown scale model {scale_model!r} ({', '.join(SCALE_MODELS)})")
     if registration not in REGISTRATIONS:
         raise ValueError(f"unknown registration {registration!r} ({', '.join(REGISTRATIONS)})")
     shells = [float(b) for b in shells]
@@ -1018,7 +983,6 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         raise HarmonizationError("the template mask is empty: the two sites' warped brain "
                                  "masks do not overlap (registration failed?)")
     fill = _nearest_fill_index(tpl_mask)
-    classes = fa_classes(tpl_fa, tpl_mask) if scale_model == "region" else None
     maps, taus, stats = {}, {}, {}
     for b in shells:
         means = []
@@ -1026,14 +990,13 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             c = counts[site]
             m = np.zeros_like(sums[site][b])
             np.divide(sums[site][b], c[..., None], out=m, where=c[..., None] > 1e-3)
-            means.append(m if classes is None else region_means(m, classes))
+            means.append(m)
             sums[site][b] = None                      # free as we go
         maps[b], taus[b], stats[_shell_key(b)] = scale_maps(
             means[0], means[1], tpl_mask, tpl_affine, tau=tau,
             smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, fill_index=fill)
         del means
-    params = {"template": tpl_info, "mask_coverage": MASK_COVERAGE, "scale_model": scale_model,
-              "region_fa_edges": list(REGION_FA_EDGES) if classes is not None else None,
+    params = {"template": tpl_info, "mask_coverage": MASK_COVERAGE,
               "min_subjects": int(min_subjects),
               "registration_options": {
                   "affine_level_iters": list(opts.get("affine_level_iters", AFFINE_LEVEL_ITERS)),

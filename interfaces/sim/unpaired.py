@@ -325,10 +325,13 @@ def site_rows(ref: Sequence[dict], before: Sequence[dict], after: Sequence[dict]
     for key in ref[0]:
         if key == "fa_corr" or key[0] in GROUP_METRICS:
             continue
+        r = np.mean([m[key] for m in ref])
         db, pb = _d([m[key] for m in ref], [m[key] for m in before])
         da, pa = _d([m[key] for m in ref], [m[key] for m in after])
         rows.append({"metric": key[0], "shell": key[1], "d_before": db, "p_before": pb,
-                     "d_after": da, "p_after": pa})
+                     "d_after": da, "p_after": pa,
+                     "rel_before": np.mean([m[key] for m in before]) / r - 1,
+                     "rel_after": np.mean([m[key] for m in after]) / r - 1})
     return rows
 
 
@@ -349,7 +352,8 @@ def group_rows(scans: Sequence[Scan], before: Sequence[dict], after: Sequence[di
 
 
 def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, seed: int = 0,
-             sites: Sequence[Site] = (SITE_A, SITE_B), **fit_options) -> dict:
+             sites: Sequence[Site] = (SITE_A, SITE_B), in_sample: bool = True,
+             **fit_options) -> dict:
     """Fit a harmonization on a ``design`` ("unpaired" or "paired") cohort of
     ``n_fit`` persons per site and evaluate it on ``n_held_out`` other
     persons scanned at both sites (reference scan = the truth of each person's
@@ -357,9 +361,10 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
 
     Returns tables (lists of row dicts): ``site`` (held-out, reference vs
     target before/after), ``group`` (held-out target site), ``group_fit``
-    (fit cohort's target site), ``group_reference`` (held-out reference
-    site, for scale), ``fa_corr`` (held-out target scans, before/after), and
-    the timings (s per subject) and the artefact.
+    (fit cohort's target site; empty unless ``in_sample``),
+    ``group_reference`` (held-out reference site, for scale), ``fa_corr``
+    (held-out target scans, before/after), the timings (s per subject) and the
+    artefact. ``fit_options`` go to :func:`harmonize.fit_harmonization`.
     """
     import time
     from .. import harmonize as H
@@ -375,15 +380,17 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
     t0 = time.perf_counter()
     after = harmonise(test[tar_site], art)
     t_apply = (time.perf_counter() - t0) / n_held_out
-    fit_after = harmonise(fit[tar_site], art)
     m_ref = [measures(sc) for sc in test[ref_site]]
     m_bef = [measures(sc) for sc in test[tar_site]]
     m_aft = [measures(sc, d) for sc, d in zip(test[tar_site], after)]
-    f_bef = [measures(sc) for sc in fit[tar_site]]
-    f_aft = [measures(sc, d) for sc, d in zip(fit[tar_site], fit_after)]
+    group_fit = []
+    if in_sample:
+        f_bef = [measures(sc) for sc in fit[tar_site]]
+        f_aft = [measures(sc, d) for sc, d in zip(fit[tar_site], harmonise(fit[tar_site], art))]
+        group_fit = group_rows(fit[tar_site], f_bef, f_aft)
     return {"site": site_rows(m_ref, m_bef, m_aft),
             "group": group_rows(test[tar_site], m_bef, m_aft),
-            "group_fit": group_rows(fit[tar_site], f_bef, f_aft),
+            "group_fit": group_fit,
             "group_reference": group_rows(test[ref_site], m_ref, m_ref),
             "fa_corr": [{"subject": sc.label, "before": b["fa_corr"], "after": a["fa_corr"]}
                         for sc, b, a in zip(test[tar_site], m_bef, m_aft)],
