@@ -11,10 +11,11 @@ Tolerances from the sample size: with 12 + 12 held-out scans Cohen's d has a
 standard error of about sqrt(2/12) = 0.41, and an unpaired fit's site means
 carry a sampling error of the same size (in units of the between-person SD),
 so the issue's |d| <= 0.2 (half a standard error) cannot be guaranteed at
-this n by any estimator; these tests bound |d| by 1.5 SE (0.6), require the
-residual not to be significant (p > 0.05, either direction: no
-overcorrection) and bound the relative residual of the means (measured
-<= 2.8 %, bound 4 %).
+this n by any estimator; these tests bound |d| by 1.5 SE (0.6; measured
+<= 0.41 unpaired, <= 0.29 paired), require the residual not to be
+significant (p > 0.05, either direction: no overcorrection; measured
+p >= 0.32) and bound the relative residual of the means (measured <= 1.6 %,
+bound 3 %).
 """
 
 from __future__ import annotations
@@ -32,19 +33,19 @@ from dmriflow.interfaces.sim import unpaired as U
 N_FIT = 12                  # persons per site in the fit (the issue asks >= 12)
 N_HELD_OUT = 12             # held-out persons (6 controls + 6 patients) at both sites
 #: Residual site effect on held-out persons: |d| <= 1.5 x sqrt(2 / 12) and
-#: |relative difference of the means| <= 4 % (measured <= 0.47 and 2.8 %).
+#: |relative difference of the means| <= 3 % (measured <= 0.41 and 1.6 %).
 D_AFTER_MAX = 0.6
-REL_AFTER_MAX = 0.04
-#: The group effect keeps its Cohen's d within 10 % (measured 0.97-1.005)
-#: and stays significant.
+REL_AFTER_MAX = 0.03
+#: The group effect keeps its Cohen's d within 10 % (measured ratios
+#: 1.004-1.029) and stays significant (p < 0.01; measured <= 0.002).
 GROUP_RATIO_TOL = 0.10
 GROUP_P_MAX = 0.01
-#: FA of the harmonised scan against the truth FA: no worse than before by
-#: more than this (measured: equal to 0.002), and at least FA_CORR_MIN. The
-#: noisy 3 mm / SNR 20 scan itself correlates 0.946 with the truth, so the
-#: issue's 0.95 is not reachable here whatever the harmonization does.
+#: FA of the harmonised scan against the truth FA (DTI FA vs the phantom's
+#: low-b FA in the brain mask): no worse than before by more than this, and
+#: at least the issue's 0.95. Measured: min 0.946 before, 0.951-0.952 after
+#: (the harmonised scan has site A's higher anisotropy contrast).
 FA_CORR_LOSS_MAX = 0.005
-FA_CORR_MIN = 0.93
+FA_CORR_MIN = 0.95
 
 
 @pytest.fixture(scope="module", params=["unpaired", "paired"])
@@ -148,3 +149,11 @@ def test_fa_against_the_truth_kept(study):
     for r in res["fa_corr"]:
         assert r["after"] >= r["before"] - FA_CORR_LOSS_MAX, (design, r)
         assert r["after"] >= FA_CORR_MIN, (design, r)
+
+
+def test_cc_window_follows_the_voxel_size():
+    """The SyN CC window is CC_RADIUS_MM in template voxels: 4 at HCP's
+    1.25 mm (the former fixed default), 2 at the study's 2.5 mm."""
+    assert H.cc_radius_for(np.diag([1.25, 1.25, 1.25, 1])) == H.CC_RADIUS == 4
+    assert H.cc_radius_for(np.diag([2.5, 2.5, 2.5, 1])) == 2
+    assert H.cc_radius_for(np.diag([20.0, 20.0, 20.0, 1])) == 1
