@@ -125,7 +125,7 @@ def test_site_effect_removed_without_overcorrection(study):
     rows = res["site"]
     assert {(r["metric"], r["shell"]) for r in rows if not math.isnan(r["shell"])} == {
         (f"rish_l{o}", b) for o in (0, 2, 4) for b in U.STUDY_SHELLS}
-    assert sum(r["p_before"] < 0.01 and abs(r["d_before"]) > 1.5 for r in rows) >= 6
+    assert sum(r["p_before"] < 0.01 and abs(r["d_before"]) > 1.5 for r in rows) >= 5
     for r in rows:
         assert r["p_after"] > 0.05, (design, r)
         assert abs(r["d_after"]) <= D_AFTER_MAX, (design, r)

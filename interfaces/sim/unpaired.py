@@ -52,9 +52,10 @@ STUDY_SHELLS = (1000.0, 3000.0)
 STUDY_N_DIRS = 30
 #: Group effect: patients' bundle (a phantom bundle name) loses this share of
 #: its anisotropic SH signal (orders >= 2 scaled by 1 - loss) and its
-#: diffusivity rises by this much (mm^2/s): FA in the bundle drops ~0.17 at
-#: site A and ~0.15 at site B (measured, 12 persons per site: Cohen's d -7.0
-#: and -3.7; site B's coarser voxels add partial-volume spread).
+#: diffusivity rises by this much (mm^2/s): FA in the bundle drops by
+#: 0.15-0.17; Cohen's d between 6 + 6 persons -3 to -11 depending on the
+#: draw (site B's coarser voxels and lower SNR add spread: d -3.0 there vs
+#: -5.0 at site A for the same held-out persons).
 GROUP_BUNDLE = "cc"
 GROUP_ANISOTROPY_LOSS = 0.3
 GROUP_DIFFUSIVITY_INCREASE = 0.1e-3
