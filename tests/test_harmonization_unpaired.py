@@ -7,11 +7,11 @@ in the cc of every second person). The harmonization is fitted on 12 persons
 per site and evaluated on 12 held-out persons scanned at both sites, so each
 harmonised target scan has its truth: the same person's reference-site scan.
 
-Tolerances from the sample size: with 12 + 12 held-out scans Cohen's d has a
-standard error of about sqrt(2/12) = 0.41, and an unpaired fit's site means
-carry a sampling error of the same size (in units of the between-person SD),
-so the issue's |d| <= 0.2 (half a standard error) cannot be guaranteed at
-this n by any estimator; these tests bound |d| by 1.5 SE (0.6; measured
+Tolerances from the sample size: an unpaired fit's two site means come from
+different persons, so the fitted scales carry a sampling error of about
+sqrt(2/12) = 0.41 in units of the between-person SD (Cohen's d), and the
+issue's |d| <= 0.2 (half of that) cannot be guaranteed at this n by any
+site-mean estimator; these tests bound |d| by 1.5 SE (0.6; measured
 <= 0.41 unpaired, <= 0.29 paired), require the residual not to be
 significant (p > 0.05, either direction: no overcorrection; measured
 p >= 0.32) and bound the relative residual of the means (measured <= 1.6 %,
