@@ -86,6 +86,35 @@ def test_synthesis_held_out_and_upsampling_modes(checkpoint, tmp_path):
     assert "inference_dwi_rmse" not in out30.row
 
 
+@pytest.mark.parametrize("n_dirs", [30, 45, 59, 90])
+def test_the_network_never_gets_more_inputs_than_it_was_trained_with(checkpoint, tmp_path,
+                                                                      monkeypatch, n_dirs):
+    """Upsampling (< 2 x 30 directions) and held-out mode both feed the card's
+    training input count, a deterministic well-spread subset, and say which."""
+    fed = []
+    real = dm.predict_network
+
+    def spy(model, sample, **kw):
+        fed.append(sample.input_bvecs.copy())
+        return real(model, sample, **kw)
+    monkeypatch.setattr(dm, "predict_network", spy)
+    _, card = mc.load_checkpoint(checkpoint, device="cpu")
+    n_train = card.training["n_input"]
+    dwi, path = _subject_dwi(tmp_path / "a", n_dirs)
+    outs = [inf.run_inference("directions", checkpoint, dwi, path)[0] for _ in range(2)]
+    assert [len(f) for f in fed] == [n_train, n_train]
+    assert np.array_equal(fed[0], fed[1])                        # deterministic choice
+    params = outs[0].parameters
+    assert params["n_input"] == n_train == len(params["input_volumes"])
+    assert np.allclose(dwi.gtab.bvecs[params["input_volumes"]], fed[0])
+    if n_dirs < 2 * n_train:              # upsampling: every acquired direction is kept
+        assert outs[0].row["inference_mode"] == "upsampling"
+        series = outs[0].maps["model-directions_desc-synthesized"]
+        assert series.shape == SMALL + (4 + n_dirs + 60,)
+        table = outs[0].tables["model-directions_desc-synthesized_gradients"]
+        assert table["acquired"].sum() == 4 + n_dirs
+
+
 def test_mismatched_subject_is_refused_with_the_file_named(checkpoint, tmp_path):
     dwi, path = _subject_dwi(tmp_path / "c", 90, voxel=2.0)
     with pytest.raises(InputError) as err:

@@ -134,3 +134,20 @@ def test_direction_checkpoint_round_trip(samples, tmp_path):
     assert np.array_equal(dm.predict_network(net, s), dm.predict_network(loaded, s))
     assert card2.acquisition.min_directions == {"1000": 30}
     assert card2.kwargs == {"width": 8, "blocks": 1}
+
+
+def test_retrained_card_table_comes_from_subjects_not_used_for_selection(tmp_path):
+    """Three disjoint groups: training, checkpoint selection, the card's table."""
+    cohort = [(f"sub-{k}", md.phantom_dwi(60 + k, shape=SMALL)[0]) for k in range(5)]
+    card = dm.train_on_subjects(iter(cohort), tmp_path / "ckpt", epochs=1, width=8, blocks=1,
+                                log=lambda *a: None)
+    train = set(card.training["subjects"])
+    selection = set(card.training["selection_subjects"])
+    table = set(card.training["table_subjects"])
+    assert train and selection and table
+    assert not (train & selection) and not (train & table) and not (selection & table)
+    assert train | selection | table == {label for label, _ in cohort}
+    assert {r["subjects"] for r in card.metrics} == {len(table)}
+    assert all("not used for selection" in r["split"] for r in card.metrics)
+    with pytest.raises(ValueError, match="at least 3 subjects"):
+        dm.train_on_subjects(iter(cohort[:2]), tmp_path / "two", epochs=1)
