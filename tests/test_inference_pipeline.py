@@ -214,3 +214,16 @@ def test_shipped_network_beats_the_classical_baselines_on_a_new_subject():
     assert rmse(dti_pred, s.clean_targets) < rmse(sh_pred, s.clean_targets)
     # and against the acquired (noisy) targets, as the paper measures
     assert rmse(net_pred, s.targets) < rmse(dti_pred, s.targets)
+
+
+def test_small_64d_real_data_is_refused_by_the_card_and_scored_with_a_stated_reason():
+    """dipy's small_64D (in the dipy wheel): 2 mm voxels against the card's 2.5 mm."""
+    from dmriflow.models.experiments import directions_small64d as real
+    result = real.check()
+    assert result["zooms_mm"] == [2.0, 2.0, 2.0]
+    assert "voxel size 2x2x2 mm" in result["refusal"]
+    assert result["voxel_waiver"] == real.VOXEL_WAIVER
+    methods = {r["method"]: r for r in result["table"]}
+    assert {"network", "DTI prediction", "MP-PCA then DTI prediction"} <= set(methods)
+    for r in result["table"][1:]:
+        assert r["subjects"] == 1 and 0.0 < r["dwi_rmse"] < 1.0 and 0.0 < r["fa_rmse"] < 1.0
