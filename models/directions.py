@@ -233,7 +233,7 @@ def _rmse(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 MD_UNIT = 1e3
 
 
-def _fa_md(sample: DirectionSample, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def series_fa_md(sample: DirectionSample, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """FA and MD (1e-3 mm^2/s) of b0s + inputs + ``targets`` (WLS tensor)."""
     fit = TensorModel(sample.gtab(None)).fit(sample.series(targets), sample.mask)
     return np.asarray(fit.fa), np.asarray(fit.md) * MD_UNIT
@@ -280,7 +280,7 @@ def score_synthesis(samples: list[DirectionSample], predictors: dict) -> list[di
                                    np.asarray(inputs_fit.md) * MD_UNIT))})
         for name, fn in predictors.items():
             pred = fn(s)
-            maps = _fa_md(s, pred)
+            maps = series_fa_md(s, pred)
             rows.append({"subject": s.subject, "snr": s.snr, "method": name,
                          "dwi_rmse": _rmse(pred, s.targets, s.mask),
                          "dwi_rmse_clean": (_rmse(pred, s.clean_targets, s.mask)
