@@ -79,7 +79,7 @@ def check(checkpoint=None) -> dict:
              for r in summarise_methods(rows, dm.METRICS)]
     return {"refusal": refusal, "voxel_waiver": VOXEL_WAIVER if refusal else None,
             "zooms_mm": [float(z) for z in dwi.zooms[:3]],
-            "noise_sigma_over_b0": dm.noise_sigma(sample) / float(sample.s0[sample.mask].mean()),
+            "snr_median_b0": float(np.median(sample.s0[sample.mask])) / dm.noise_sigma(sample),
             "table": table}
 
 
@@ -88,5 +88,5 @@ if __name__ == "__main__":
     print("card check:", result["refusal"] or "accepted")
     if result["voxel_waiver"]:
         print("scored anyway:", result["voxel_waiver"])
-    print(f"noise sigma / mean b0: {result['noise_sigma_over_b0']:.4f}")
+    print(f"SNR (median b0 / estimated sigma): {result['snr_median_b0']:.1f}")
     print(table_markdown(result["table"], ("dwi_rmse", "fa_rmse")))
