@@ -107,31 +107,39 @@ SYNTHESIS_SEED = 0
 def synthesize_directions(model, card, dwi, path, census=None, device=None) -> InferenceOutput:
     """Synthesise extra b=1000 directions for one subject.
 
-    With at least twice the model's input count on the shell (e.g. HCP's 90),
-    a well-spread subset of ``n_input`` directions is the input and the
-    others are predicted and compared with the acquired ones (held-out mode:
-    DWI and FA RMSE in the row, next to the DTI-prediction baseline). With
-    fewer, all acquired directions are the input and the card's
-    ``n_synthesised`` electrostatic directions are added (upsampling mode).
-    Output: b0s + inputs + synthesised directions as a 4D series, its
-    gradient table and its FA.
+    The network is fed exactly as many inputs as it was trained with
+    (``n_input`` of the card): a well-spread, deterministic subset of the
+    acquired directions (:func:`dmriflow.models.data.spread_subset`; their
+    volumes are recorded as ``input_volumes``). With at least twice that
+    many on the shell (e.g. HCP's 90) the others are predicted and compared
+    with the acquired ones (held-out mode: DWI and FA RMSE in the row, next
+    to the DTI-prediction baseline). With fewer (upsampling mode), the other
+    acquired directions are kept as acquired and the card's
+    ``n_synthesised`` electrostatic directions are added. Output: b0s +
+    acquired (+ predicted) directions as a 4D series, its gradient table and
+    its FA.
     """
     shell = card.acquisition.shells[0]
     n_input = int(card.training.get("n_input", card.acquisition.min_directions[f"{shell:g}"]))
     n_shell = dwi.gtab.directions_per_shell()[shell]
     holdout = n_shell >= 2 * n_input
+    sample = split_dwi(dwi, path, shell=shell, n_input=n_input if n_shell > n_input else None)
+    if len(sample.input_bvecs) > n_input:
+        raise ValueError(f"{path}: {len(sample.input_bvecs)} inputs, the model was trained "
+                         f"with {n_input}")
     if holdout:
-        sample = split_dwi(dwi, path, shell=shell, n_input=n_input)
         targets = sample.target_bvecs
+        kept, kept_bvecs = sample.targets[..., :0], sample.target_bvecs[:0]
     else:
-        sample = split_dwi(dwi, path, shell=shell, n_input=None)
         targets = electrostatic_directions(int(card.extra.get("n_synthesised", 60)),
                                            seed=SYNTHESIS_SEED)
+        kept, kept_bvecs = sample.targets, sample.target_bvecs   # acquired, not fed
     pred = dm.predict_network(model, sample, bvecs=targets, device=device)
-    series = sample.series(pred)
-    gtab = type(dwi.gtab)(np.r_[np.zeros(sample.b0.shape[-1]),
-                                np.full(len(sample.input_bvecs) + len(targets), shell)],
-                          np.r_[np.zeros((sample.b0.shape[-1], 3)), sample.input_bvecs, targets])
+    series = sample.series(np.concatenate([kept, pred], axis=-1))
+    n_b0 = sample.b0.shape[-1]
+    n_acquired = n_b0 + len(sample.input_bvecs) + len(kept_bvecs)
+    gtab = type(dwi.gtab)(np.r_[np.zeros(n_b0), np.full(series.shape[-1] - n_b0, shell)],
+                          np.r_[np.zeros((n_b0, 3)), sample.input_bvecs, kept_bvecs, targets])
     fa = np.asarray(TensorModel(gtab).fit(series, sample.mask).fa, dtype=np.float32)
     row = {"inference_mode": "held-out" if holdout else "upsampling",
            "inference_inputs": len(sample.input_bvecs), "inference_synthesised": len(targets)}
@@ -144,8 +152,7 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
         row.update(inference_dwi_rmse=rmse(pred, sample.targets),
                    inference_dwi_rmse_dti=rmse(dm.dti_prediction(sample), sample.targets),
                    inference_fa_rmse=rmse(fa, full))
-    n_b0 = sample.b0.shape[-1]
-    acquired = np.r_[np.ones(n_b0 + len(sample.input_bvecs), bool), np.zeros(len(targets), bool)]
+    acquired = np.arange(len(gtab)) < n_acquired
     table = pd.DataFrame({"volume": np.arange(len(gtab)), "bval": gtab.bvals,
                           "x": gtab.bvecs[:, 0], "y": gtab.bvecs[:, 1], "z": gtab.bvecs[:, 2],
                           "acquired": acquired})
@@ -155,6 +162,7 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
         tables={"model-directions_desc-synthesized_gradients": table},
         row=row, parameters={"mode": row["inference_mode"], "shell": shell,
                              "n_input": len(sample.input_bvecs),
+                             "input_volumes": [int(v) for v in sample.input_volumes],
                              "n_synthesised": len(targets), "bvec_frame": "fsl-image"})
 
 

@@ -14,6 +14,7 @@ targets kept for evaluation; :func:`split_subjects` holds subjects out.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -35,6 +36,15 @@ PHANTOM_DIRECTIONS = 90
 PHANTOM_SHAPE = (36, 44, 36)
 #: b0-normalised signals are clipped to this range (noise can exceed 1).
 SIGNAL_CLIP = (0.0, 1.5)
+#: Phantom SNR of the direction-synthesis training subjects: log-uniform over
+#: this range, drawn per subject from its seed (clinical b=1000 to HCP-like).
+TRAIN_SNR_RANGE = (12.0, 60.0)
+
+
+def subject_snr(seed: int, snr_range=TRAIN_SNR_RANGE) -> float:
+    """The SNR of phantom subject ``seed``: log-uniform over ``snr_range``."""
+    lo, hi = (math.log(float(v)) for v in snr_range)
+    return float(math.exp(np.random.default_rng([seed, 15]).uniform(lo, hi)))
 
 
 def spread_subset(bvecs: np.ndarray, n: int, first: int = 0) -> np.ndarray:
@@ -65,7 +75,8 @@ class DirectionSample:
     ``inputs``/``targets``: b0-normalised signals (X, Y, Z, n) float32;
     ``b0``: the raw b0 volumes (X, Y, Z, n_b0) for tensor fits; ``s0``: their
     mean; ``clean_inputs``/``clean_targets``: noise-free normalised signals
-    (phantoms only).
+    and ``snr``: the simulated SNR (phantoms only); ``input_volumes``: the
+    inputs' volume indices in the subject's series.
     """
 
     subject: str
@@ -80,6 +91,8 @@ class DirectionSample:
     clean_targets: np.ndarray | None = None
     clean_inputs: np.ndarray | None = None
     affine: np.ndarray | None = None
+    snr: float | None = None
+    input_volumes: np.ndarray | None = None
 
     def gtab(self, n_target: int | None = None) -> GradientTable:
         """Gradients of b0s + inputs + targets (the first ``n_target`` of them)."""
@@ -141,7 +154,8 @@ def split_dwi(dwi: DWI, subject: str = "", shell: float = UPSAMPLE_SHELL,
         subject=subject, inputs=normalise(dwi.data[..., idx[pick]], s0, mask),
         input_bvecs=gtab.bvecs[idx[pick]], targets=normalise(dwi.data[..., idx[rest]], s0, mask),
         target_bvecs=gtab.bvecs[idx[rest]], b0=b0, s0=s0, mask=mask, bval=float(shell),
-        clean_targets=clean, clean_inputs=clean_in, affine=dwi.affine)
+        clean_targets=clean, clean_inputs=clean_in, affine=dwi.affine,
+        input_volumes=idx[pick])
 
 
 def phantom_scheme(seed: int, n_b0: int = PHANTOM_B0,
@@ -150,25 +164,35 @@ def phantom_scheme(seed: int, n_b0: int = PHANTOM_B0,
     return hcp_scheme(n_b0=n_b0, shells=(UPSAMPLE_SHELL,), n_dirs=n_dirs, seed=seed)
 
 
-def phantom_samples(n_subjects: int, seed: int = 0, shape=PHANTOM_SHAPE, snr: float = 30.0,
+def phantom_samples(n_subjects: int, seed: int = 0, shape=PHANTOM_SHAPE, snr=30.0,
                     n_input: int = N_INPUT, first_index: int = 0) -> list[DirectionSample]:
     """Paired samples from ``n_subjects`` phantom subjects (seeds ``seed + i``).
 
     Each subject has its own anatomy and its own 90-direction set; the noisy
     data are split as :func:`split_dwi` does and the noise-free targets kept.
+    ``snr``: one value, or a (low, high) range drawn per subject
+    (:func:`subject_snr`).
     """
     out = []
     for i in range(first_index, first_index + n_subjects):
-        s = simulate_subject(shape=shape, seed=seed + i, snr=snr,
-                             scheme=phantom_scheme(seed + i), keep_noise_free=True)
-        header = nib.Nifti1Header()
-        header.set_data_shape(s.dwi.shape)
-        header.set_zooms(tuple(s.voxel_size) + (1.0,))
-        dwi = DWI(data=s.dwi, gtab=s.gtab, mask=s.mask, affine=s.affine, header=header,
-                  paths={"dwi": f"phantom-{seed + i}"})
+        level = subject_snr(seed + i, snr) if np.ndim(snr) else float(snr)
+        dwi, noise_free = phantom_dwi(seed + i, shape, level)
         out.append(split_dwi(dwi, f"phantom-{seed + i}", n_input=n_input,
-                             noise_free=s.noise_free))
+                             noise_free=noise_free))
+        out[-1].snr = level
     return out
+
+
+def phantom_dwi(seed: int, shape=PHANTOM_SHAPE, snr: float = 30.0) -> tuple[DWI, np.ndarray]:
+    """Phantom subject ``seed`` on its own 90-direction scheme: (DWI, noise-free data)."""
+    s = simulate_subject(shape=shape, seed=seed, snr=snr, scheme=phantom_scheme(seed),
+                         keep_noise_free=True)
+    header = nib.Nifti1Header()
+    header.set_data_shape(s.dwi.shape)
+    header.set_zooms(tuple(s.voxel_size) + (1.0,))
+    dwi = DWI(data=s.dwi, gtab=s.gtab, mask=s.mask, affine=s.affine, header=header,
+              paths={"dwi": f"phantom-{seed}"})
+    return dwi, s.noise_free
 
 
 def split_subjects(samples: list, n_val: int, n_test: int) -> tuple[list, list, list]:
