@@ -247,7 +247,7 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
 
     n_workers = max(1, int(n_threads or available_threads()))
     with _torch_threads(1) as torch:     # one thread per worker: no OpenMP barriers
-        lock = threading.Lock()
+        turns = _Turns()
         acc = wsum = vsum = None
         acc_lo = 0
         i, n_starts = 0, starts.shape[0]
@@ -279,28 +279,69 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
                 voxels = torch.from_numpy(slab).view(-1, N)
                 targets = (acc.view(-1, N), wsum.view(-1), vsum.view(-1))
 
-                def work(s, voxels=voxels, offs=offs, zs=zs, targets=targets, z_lo=z_lo):
+                def work(k, s, voxels=voxels, offs=offs, zs=zs, targets=targets, z_lo=z_lo):
                     sx, sy, sz = s[:, 0], s[:, 1], s[:, 2] - z_lo
                     base = torch.from_numpy(sx * (Y * zs) + sy * zs + sz)
                     idx = (base[:, None] + offs[None, :]).reshape(-1)
                     # rows of N contiguous floats: a fast gather
-                    patches = voxels.index_select(0, idx).view(-1, n, N)
-                    est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
-                    th = theta.double().repeat_interleave(n)
-                    thv = th * var.double().repeat_interleave(n)
-                    with lock:
+                    try:
+                        patches = voxels.index_select(0, idx).view(-1, n, N)
+                        est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
+                        th = theta.double().repeat_interleave(n)
+                        thv = th * var.double().repeat_interleave(n)
+                    except BaseException:
+                        turns.fail()
+                        raise
+                    with turns.turn(k):          # batches add up in their order
                         targets[0].index_add_(0, idx, est.reshape(-1, N))
                         targets[1].index_add_(0, idx, th)
                         targets[2].index_add_(0, idx, thv)
 
-                futures = [pool.submit(work, starts[b:min(j, b + batch)])
-                           for b in range(i, j, batch)]
+                turns.reset()
+                futures = [pool.submit(work, k, starts[b:min(j, b + batch)])
+                           for k, b in enumerate(range(i, j, batch))]
                 for f in futures:
                     f.result()
                 i = j
         if acc is not None:
             _flush(acc, wsum, vsum, acc_lo, out, sigma, data, mask, outside)
     return (out, sigma) if return_sigma else out
+
+
+class _Turns:
+    """Lets parallel batches add into shared sums one after another in their
+    submission order, so the float sums - and the denoised series - are the
+    same on every run whatever the thread schedule (overlapping patches make
+    the order matter, and Gibbs removal's shift choice can amplify a last-bit
+    difference into a visible one). A failed batch releases the ones waiting."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next, self._failed = 0, False
+
+    def reset(self) -> None:
+        with self._cond:
+            self._next, self._failed = 0, False
+
+    def fail(self) -> None:
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    @contextmanager
+    def turn(self, k: int):
+        with self._cond:
+            self._cond.wait_for(lambda: self._next == k or self._failed)
+            if self._failed:
+                raise RuntimeError("an earlier MP-PCA batch failed")
+            try:
+                yield
+            except BaseException:
+                self._failed = True
+                raise
+            finally:
+                self._next += 1
+                self._cond.notify_all()
 
 
 def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
