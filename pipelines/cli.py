@@ -50,22 +50,24 @@ ENGINE_SECTION = "engine"
 
 def option_sources() -> list[tuple[str, type, tuple]]:
     """(config section, Options class, default commands) of every declared option:
-    the engine's, then each registered step's."""
-    from dmriflow.interfaces.steps import REGISTRY
+    the engine's, then each registered step's, then each cohort step's."""
+    from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY
     from dmriflow.interfaces.steps.base import ALL_COMMANDS
     from dmriflow.pipelines.execution import EngineOptions
+    steps = (*REGISTRY.items(), *COHORT_REGISTRY.items())
     return [(ENGINE_SECTION, EngineOptions, ALL_COMMANDS)] + [
-        (name, step.Options, step.commands) for name, step in REGISTRY.items()]
+        (name, step.Options, step.commands) for name, step in steps]
 
 
-def _add_generated_options(p: argparse.ArgumentParser, command: str) -> None:
-    """The options of the engine and of every step shown by ``command``, one
-    argument group per step, generated from their Options declarations."""
+def _add_generated_options(p: argparse.ArgumentParser, *commands: str) -> None:
+    """The options of the engine and of every step shown by one of ``commands``
+    (e.g. "harmonize", "harmonize fit"), one argument group per step,
+    generated from their Options declarations."""
     from dmriflow.interfaces.steps.base import flag_of, option_type, options_of
-    for section, cls, commands in option_sources():
+    for section, cls, shown_by in option_sources():
         group = p.add_argument_group(f"{section} options")
         for f, info in options_of(cls):
-            if not info.cli or command not in (info.commands or commands):
+            if not info.cli or not set(commands) & set(info.commands or shown_by):
                 continue
             kwargs = {"dest": f.name, "help": info.help}
             if option_type(f) is bool:
@@ -73,7 +75,8 @@ def _add_generated_options(p: argparse.ArgumentParser, command: str) -> None:
                               default=f.default)
             else:
                 default = info.cli_default() if info.cli_default else f.default
-                kwargs.update(type=option_type(f), default=default, metavar=info.metavar)
+                kwargs.update(type=option_type(f), default=default, metavar=info.metavar,
+                              required=info.required, nargs=info.nargs)
                 if info.choices:
                     kwargs["choices"] = info.choices
             group.add_argument(flag_of(f, info), **kwargs)
@@ -152,21 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = hsub.add_parser("fit", help="fit an artefact mapping a target site onto a reference")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--reference", required=True, help="reference site (group) name")
-    p.add_argument("--target", required=True, help="target site (group) name")
-    p.add_argument("--site-column", default="protocol",
-                   help="'protocol' (census protocol groups, default) or a column of "
-                        "--site-table")
-    p.add_argument("--site-table", help="participants-style TSV with participant_id and the "
-                                        "site column (default: INPUT/participants.tsv)")
-    p.add_argument("--shells", type=float, nargs="+", help="shells to harmonise (default: all "
-                                                           "shells every subject has)")
-    p.add_argument("--harmonization-lmax", type=int, default=None,
-                   help="highest SH order harmonised (default: as the directions allow, <= 8)")
-    p.add_argument("--registration", choices=("syn", "affine", "identity"), default="syn")
-    p.add_argument("--smoothing-fwhm", type=float, default=0.0, help="scale-map smoothing (mm)")
     _add_selection(p)
-    _add_generated_options(p, "harmonize")
+    _add_generated_options(p, "harmonize", "harmonize fit")
     p = hsub.add_parser("apply", help="apply an artefact to a cohort, then fit DTI and RISH")
     p.add_argument("artefact", help="artefact folder written by 'harmonize fit'")
     p.add_argument("input")
@@ -266,15 +256,17 @@ def cmd_harmonize(args) -> int:
         return _run(args.input, args.output, args.layout, args.participant_label, args)
     from dmriflow.pipelines.execution import run_harmonization_fit
     subjects = discover(args.input, layout=args.layout, participant_labels=args.participant_label)
-    table = args.site_table or (Path(args.input) / "participants.tsv")
-    sites = site_labels(subjects, args.site_column,
-                        None if args.site_column == "protocol" else table)
+    config = _config(args)
+    fit = config.cohort["harmonization_fit"]
+    table = fit.site_table or (Path(args.input) / "participants.tsv")
+    sites = site_labels(subjects, fit.site_column,
+                        None if fit.site_column == "protocol" else table)
     try:
-        result = run_harmonization_fit(subjects, args.output, _config(args), sites,
-                                       args.reference, args.target, shells=args.shells,
-                                       lmax=args.harmonization_lmax,
-                                       registration=args.registration,
-                                       smoothing_fwhm_mm=args.smoothing_fwhm)
+        result = run_harmonization_fit(subjects, args.output, config, sites,
+                                       fit.reference, fit.target, shells=fit.shells,
+                                       lmax=fit.harmonization_lmax,
+                                       registration=fit.registration,
+                                       smoothing_fwhm_mm=fit.smoothing_fwhm)
     except RuntimeError as exc:   # the fit node failed: its error text, no traceback
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

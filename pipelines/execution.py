@@ -30,7 +30,8 @@ from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.pipelines.inputs import SubjectInputs, census
 from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
-from dmriflow.interfaces.steps import REGISTRY, default_options, option_owner
+from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
+                                       option_owner)
 from dmriflow.interfaces.steps.base import check_choice, option
 from dmriflow.pipelines.derivatives import (failed_row, status_path, write_status,
                                             write_subjects_table)
@@ -105,7 +106,8 @@ class EngineOptions:
 
 
 class RunConfig:
-    """A run's configuration: :class:`EngineOptions` and ``{step: Options}``.
+    """A run's configuration: :class:`EngineOptions`, ``{step: Options}`` and
+    ``{cohort step: Options}``.
 
     ``RunConfig(worker="cf", lmax=4, image_gradient=True)``: every keyword is
     an engine option or the option of exactly one registered step (its
@@ -115,7 +117,7 @@ class RunConfig:
 
     def __init__(self, worker: str, steps: dict | None = None, **options):
         engine = {f.name for f in fields(EngineOptions)}
-        owner = option_owner()
+        owner = {**option_owner(), **option_owner(COHORT_REGISTRY)}
         unknown = sorted(k for k in options if k not in engine and k not in owner)
         if unknown:
             raise TypeError(f"unknown run option(s) {unknown}")
@@ -126,21 +128,26 @@ class RunConfig:
         self.engine = EngineOptions(worker=worker, **{k: v for k, v in options.items()
                                                        if k in engine})
         self.steps = {**default_options(), **(steps or {})}
+        self.cohort = {name: step.Options() for name, step in COHORT_REGISTRY.items()}
         for step, values in by_step.items():
-            self.steps[step] = replace(self.steps[step], **values)
+            chosen = self.cohort if step in COHORT_REGISTRY else self.steps
+            chosen[step] = replace(chosen[step], **values)
         harmonize = self.steps["harmonize"]
         if harmonize.harmonization:   # nodes hash the artefact's path: make it absolute
             harmonize.harmonization = str(Path(harmonize.harmonization).resolve())
 
     def __getattr__(self, name):
-        if name in ("engine", "steps"):
+        if name in ("engine", "steps", "cohort"):
             raise AttributeError(name)
         if hasattr(self.engine, name):
             return getattr(self.engine, name)
         owner = option_owner().get(name)
+        if owner is not None:
+            return getattr(self.steps[owner], name)
+        owner = option_owner(COHORT_REGISTRY).get(name)
         if owner is None:
             raise AttributeError(f"RunConfig has no option {name!r}")
-        return getattr(self.steps[owner], name)
+        return getattr(self.cohort[owner], name)
 
     def options_record(self) -> dict:
         """``{step: options dict}``: the one hashed input of the workflows."""
@@ -150,7 +157,7 @@ class RunConfig:
         return [name for name, step in REGISTRY.items() if step.enabled(self.steps[name])]
 
     def __repr__(self) -> str:
-        return f"RunConfig({self.engine!r}, steps={self.steps!r})"
+        return f"RunConfig({self.engine!r}, steps={self.steps!r}, cohort={self.cohort!r})"
 
 
 @dataclass
