@@ -35,12 +35,13 @@ from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_option
 from dmriflow.interfaces.steps.base import check_choice, option
 from dmriflow.pipelines.derivatives import (failed_row, status_path, write_status,
                                             write_subjects_table)
+from dmriflow.pipelines.engine import ERROR_FILE, errors_of
+from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
 from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
+from dmriflow.pipelines.workflows import CohortWorkflow
 
 #: Engine workers dmriflow supports; there is no silent default.
 WORKERS = ("cf", "debug", "slurm")
-#: Pydra's crash file in a failed node folder.
-ERROR_FILE = "_error.pklz"
 #: Cache location under OUTPUT when --cache-dir is not given.
 DEFAULT_CACHE = ".dmriflow-cache"
 #: Lock file held (flock) in the output and cache folders for a whole run.
@@ -440,14 +441,13 @@ def preflight(subjects: list[SubjectInputs], output_dir, version: str):
 
 
 def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, version: str):
-    from dmriflow.pipelines.workflows import CohortWorkflow
     units = [Subject.of(s) for s in subjects]
     products = None
     if config.inference:
         # own phase and submitter (GPU jobs on SLURM); products reach Export
-        from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
         pin_checkpoint(config.steps["inference"])
-        products, errors = run_inference_phase(units, output_dir, config, root, version)
+        products, errors = run_inference_phase(units, output_dir, config, root, version,
+                                               submitter)
         for err in errors:
             _log(config, f"inference phase: {err}")
     task = CohortWorkflow(subjects=units, output_dir=str(output_dir), options=config.options_record(),
@@ -455,13 +455,6 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
                           drop_series=config.drop_series, pipeline_version=version)
     with submitter(config, root) as sub:
         return sub(task, raise_errors=False)
-
-
-def _engine_errors(res, root: Path) -> list[str]:
-    """The engine's own error text (crashes, not subject-level failures)."""
-    errors = res.errors or {}
-    text = "".join(str(e) for e in errors.get("error message", [])).strip()
-    return [text or f"engine error: see {ERROR_FILE} files under {root}"]
 
 
 def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> CohortResult:
@@ -533,7 +526,7 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
     else:
         res = _submit(runnable, prefailed, output_dir, config, root, version)
         if res.errored or res.outputs is None:
-            engine_errors = _engine_errors(res, root)
+            engine_errors = errors_of(res, root)
             rows = collect_status(output_dir, selected)
             table = write_subjects_table(rows, output_dir)
         else:
@@ -743,7 +736,7 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     with submitter(config, root) as sub:
         res = sub(task, raise_errors=False)
     if res.errored or res.outputs is None:
-        raise RuntimeError("harmonization fit failed: " + "\n".join(_engine_errors(res, root)))
+        raise RuntimeError("harmonization fit failed: " + "\n".join(errors_of(res, root)))
     result = dict(res.outputs.result)
     dest = output_dir / "dmriflow" / "harmonization" / result["content_id"][:12]
     if not dest.exists():

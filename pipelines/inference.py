@@ -21,7 +21,7 @@ from pathlib import Path
 from pydra.compose import workflow
 
 from dmriflow.interfaces import io
-
+from dmriflow.pipelines.engine import errors_of
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import TASKS, Subject
 from dmriflow.pipelines.workflows import add_series_steps, rows_only
@@ -79,23 +79,19 @@ def pin_checkpoint(options) -> None:
     options.weights_sha256 = load_card(options.inference_checkpoint).weights_sha256
 
 
-def phase_submitter(config, root: Path):
-    """The phase's own Submitter (on SLURM its jobs take ``config.gpu_sbatch_args``)."""
-    from dmriflow.pipelines import execution
-    return execution.submitter(config, root, gpu=True)
-
-
-def run_inference_phase(subjects, output_dir, config, root: Path,
-                        version: str) -> tuple[list[dict], list[str]]:
+def run_inference_phase(subjects, output_dir, config, root: Path, version: str,
+                        submitter) -> tuple[list[dict], list[str]]:
     """Run the phase over ``subjects`` (:class:`Subject` units); (product per
     subject, engine errors).
 
-    Writes ``group/models.tsv``. A subject whose inference failed has a
-    failure record (Export reports it as that subject's failed step). On
-    SLURM the series steps (Validate, Preprocess, Harmonize) first run as CPU
-    jobs, so the GPU jobs find them cached and only apply the model.
+    ``submitter(config, root, gpu=False)``: the run's Submitter factory
+    (:func:`dmriflow.pipelines.execution.submitter`); the phase's own one is
+    ``gpu=True`` (on SLURM its jobs take ``config.gpu_sbatch_args``). Writes
+    ``group/models.tsv``. A subject whose inference failed has a failure
+    record (Export reports it as that subject's failed step). On SLURM the
+    series steps (Validate, Preprocess, Harmonize) first run as CPU jobs, so
+    the GPU jobs find them cached and only apply the model.
     """
-    from dmriflow.pipelines import execution
     options = config.options_record()
 
     def phase(series_only: bool):
@@ -103,13 +99,12 @@ def run_inference_phase(subjects, output_dir, config, root: Path,
                               pipeline_version=version)
     write_models_table(output_dir, [options[STEP]["inference_checkpoint"]])
     if config.worker == "slurm":
-        with execution.submitter(config, root) as sub:   # failures pass on as records
+        with submitter(config, root) as sub:   # failures pass on as records
             sub(phase(True), raise_errors=False)
-    with phase_submitter(config, root) as sub:
+    with submitter(config, root, gpu=True) as sub:
         res = sub(phase(False), raise_errors=False)
     if res.errored:
-        from dmriflow.pipelines.execution import _engine_errors
-        errors = _engine_errors(res, root)
+        errors = errors_of(res, root)
         failed = {"status": "failed", "failed_step": STEP, "error": "; ".join(errors)}
         return [{"subject": s.key, **failed} for s in subjects], errors
     return list(res.outputs.products), []
