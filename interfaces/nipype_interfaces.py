@@ -17,6 +17,7 @@ interface's working directory (a Nipype node's folder). Bad input raises
 
 from __future__ import annotations
 
+import json
 import os
 
 # Nipype phones home for a version check when an interface is created; a
@@ -28,7 +29,11 @@ from nipype.interfaces.base import (BaseInterface, BaseInterfaceInputSpec,  # no
                                     TraitedSpec, isdefined, traits)
 
 from . import io, stepfiles  # noqa: E402
-from .steps import image_gradient, rish, tensor, validate  # noqa: E402
+from .bids_names import parse_entities  # noqa: E402
+from .stepfiles import parse_estimators, subject_products  # noqa: E402
+from .steps import REGISTRY, Product, image_gradient, rish, tensor, validate  # noqa: E402
+from .steps.base import option_type, options_of  # noqa: E402
+from .steps.image_gradient import resolve_timing  # noqa: E402
 
 #: The JSON record Validate writes beside its outputs.
 RECORD_FILE = "record.json"
@@ -43,7 +48,6 @@ _TRAITS = {bool: traits.Bool, int: traits.Int, float: traits.Float, str: traits.
 def option_traits(options_cls) -> dict:
     """One Nipype input trait per option of an Options dataclass: its default,
     its help text as ``desc`` and its choices (an Enum)."""
-    from .steps.base import option_type, options_of
     out = {}
     for f, info in options_of(options_cls):
         desc = info.help.replace("%(default)s", str(f.default))
@@ -294,10 +298,6 @@ class ImageGradient(_StepInterface):
 
     def _step(self, out_dir):
         # the Pydra step's own file-level functions (one implementation)
-        from .bids_names import parse_entities
-        from .steps.base import options_of
-        from .steps.image_gradient import resolve_timing
-        from .stepfiles import parse_estimators, subject_products
         i = self.inputs
         given = {f.name: _defined(getattr(i, f.name))
                  for f, _ in options_of(image_gradient.Options) if f.name != "image_gradient"}
@@ -346,10 +346,6 @@ class _RegisteredStep(BaseInterface):
     _step_name = ""
 
     def _run_interface(self, runtime):
-        import json
-
-        from .steps import REGISTRY, Product
-        from .steps.base import options_of
         step, i = REGISTRY[self._step_name], self.inputs
         options = step.Options(**{f.name: _defined(getattr(i, f.name))
                                   for f, _ in options_of(step.Options)})
@@ -407,7 +403,6 @@ def make_interface(step):
 
 
 def _make_interfaces() -> dict:
-    from .steps import REGISTRY
     return {name: make_interface(step) for name, step in REGISTRY.items()}
 
 

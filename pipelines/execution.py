@@ -24,19 +24,24 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import cloudpickle  # what Pydra pickles results with
 import pandas as pd
 
 from dmriflow.interfaces import __version__, io
+from dmriflow.interfaces.environment import environment
 from dmriflow.interfaces.errors import InputError
-from dmriflow.pipelines.inputs import SubjectInputs, census
-from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
+from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
 from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
                                        option_owner)
 from dmriflow.interfaces.steps.base import check_choice, option
 from dmriflow.pipelines.derivatives import (failed_row, status_path, write_status,
                                             write_subjects_table)
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
+from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
 from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
+from dmriflow.pipelines.inputs import SubjectInputs, census
+from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
+from dmriflow.pipelines.slurm import SlurmWorker
 from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
 from dmriflow.pipelines.workflows import CohortWorkflow
 
@@ -339,7 +344,6 @@ def discard_interrupted_results(root: Path) -> int:
         started = float(json.loads(journal.read_text())["started"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-    import cloudpickle  # what Pydra pickles results with
     unusable = []
     for result_file in root.glob("*/_result.pklz"):
         if result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
@@ -394,7 +398,6 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
     if config.worker == "cf":
         kwargs["n_procs"] = config.n_procs
     elif config.worker == "slurm":
-        from dmriflow.pipelines.slurm import SlurmWorker
         worker = SlurmWorker(sbatch_args=config.gpu_sbatch_args if gpu else config.sbatch_args)
     return Submitter(worker=worker, cache_root=root, **kwargs)
 
@@ -409,7 +412,6 @@ def run_log(output_dir: Path, config: RunConfig):
     """The run's own log file, ``OUTPUT/dmriflow/logs/run-<time>-<pid>-<random>.log``:
     the command, versions and environment id, every message and every node's
     progress line (worker processes append to it through LOG_ENV). Yields its path."""
-    from dmriflow.interfaces.environment import environment
     name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}.log"
     path = output_dir / "dmriflow" / LOG_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -558,7 +560,7 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
 
 def _write_report(output_dir: Path, config: RunConfig) -> Path | None:
     """The cohort HTML report; a report problem is logged, never fails the run."""
-    from dmriflow.pipelines.report import write_report
+    from dmriflow.pipelines.report import write_report  # lazy: keeps `dmriflow --help` fast
     try:
         return write_report(output_dir)
     except Exception as exc:  # noqa: BLE001 - the derivatives are done; say what failed
@@ -707,8 +709,6 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
                        sites: dict[str, str], reference_site: str, target_site: str,
                        shells: list[float] | None = None, lmax: int | None = None,
                        registration: str = "syn", smoothing_fwhm_mm: float = 0.0) -> dict:
-    from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
-    from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
 
     output_dir = Path(output_dir).resolve()
     chosen = [s for s in subjects if sites.get(s.key) in (reference_site, target_site)]

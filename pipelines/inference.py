@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 from pydra.compose import workflow
 
 from dmriflow.interfaces import io
@@ -64,6 +65,7 @@ InferencePhase = workflow.define(inference_phase_workflow,
 
 def resolve_checkpoint(kind: str, checkpoint: str = "") -> str:
     """The checkpoint folder to use: the given one, else the shipped one."""
+    # interfaces.inference imports torch (seconds): only when a run uses a model
     from dmriflow.interfaces.inference import KINDS, default_checkpoint
     if kind not in KINDS:
         raise ValueError(f"unknown inference kind {kind!r}; choose from {sorted(KINDS)}")
@@ -73,7 +75,7 @@ def resolve_checkpoint(kind: str, checkpoint: str = "") -> str:
 def pin_checkpoint(options) -> None:
     """Resolve the inference options' checkpoint folder (default: the shipped
     one) and record its card's weights hash, so new weights mean new nodes."""
-    from dmriflow.models.card import load_card
+    from dmriflow.models.card import load_card  # torch: only when a run uses a model
     options.inference_checkpoint = resolve_checkpoint(options.inference,
                                                       options.inference_checkpoint)
     options.weights_sha256 = load_card(options.inference_checkpoint).weights_sha256
@@ -112,9 +114,7 @@ def run_inference_phase(subjects, output_dir, config, root: Path, version: str,
 
 def write_models_table(output_dir, checkpoints: list[str]) -> Path:
     """``group/models.tsv``: one row per metrics row of each model card used."""
-    import pandas as pd
-
-    from dmriflow.models.card import load_card, metrics_rows
+    from dmriflow.models.card import load_card, metrics_rows  # torch, as above
     rows = []
     for ckpt in checkpoints:
         card = load_card(ckpt)
