@@ -17,6 +17,7 @@ interface's working directory (a Nipype node's folder). Bad input raises
 
 from __future__ import annotations
 
+import json
 import os
 
 # Nipype phones home for a version check when an interface is created; a
@@ -28,7 +29,11 @@ from nipype.interfaces.base import (BaseInterface, BaseInterfaceInputSpec,  # no
                                     TraitedSpec, isdefined, traits)
 
 from . import io, stepfiles  # noqa: E402
-from .steps import rish, tensor, validate  # noqa: E402
+from .bids_names import parse_entities  # noqa: E402
+from .stepfiles import parse_estimators, subject_products  # noqa: E402
+from .steps import REGISTRY, Product, image_gradient, rish, tensor, validate  # noqa: E402
+from .steps.base import option_type, options_of  # noqa: E402
+from .steps.image_gradient import resolve_timing  # noqa: E402
 
 #: The JSON record Validate writes beside its outputs.
 RECORD_FILE = "record.json"
@@ -43,7 +48,6 @@ _TRAITS = {bool: traits.Bool, int: traits.Int, float: traits.Float, str: traits.
 def option_traits(options_cls) -> dict:
     """One Nipype input trait per option of an Options dataclass: its default,
     its help text as ``desc`` and its choices (an Enum)."""
-    from .steps.base import option_type, options_of
     out = {}
     for f, info in options_of(options_cls):
         desc = info.help.replace("%(default)s", str(f.default))
@@ -248,18 +252,29 @@ class Harmonize(_StepInterface):
 
 
 # ----------------------------------------------------------------------------
-class ImageGradientInputSpec(_SeriesInputSpec):
-    subject = traits.Str(mandatory=True,
-                         desc="subject key: seeds the random controls, as in dmriflow run")
-    sidecar = File(exists=True, desc="DWI JSON sidecar with DiffusionGradientSeparation and "
-                                     "DiffusionGradientDuration (s)")
-    estimators = traits.List(traits.Str, value=["B"], usedefault=True,
-                             desc="estimators to run (B, A, P; see docs/image_gradient.md)")
-    gradient_separation_ms = traits.Float(desc="Delta (ms); overrides the sidecar")
-    gradient_duration_ms = traits.Float(desc="delta (ms); overrides the sidecar")
-    echo_time_ms = traits.Float(desc="TE (ms); overrides the sidecar (recorded only)")
-    max_voxels = traits.Int(0, usedefault=True,
-                            desc="evaluate a seeded random subset of voxels (0: all)")
+#: Old input names of ImageGradient that existing users (and tests) pass, and
+#: the option of :mod:`.steps.image_gradient` each sets.
+IMAGE_GRADIENT_ALIASES = {"estimators": "image_gradient_estimators",
+                          "gradient_separation_ms": "gradient_separation",
+                          "gradient_duration_ms": "gradient_duration"}
+
+
+def _image_gradient_traits() -> dict:
+    """The step's option traits (all but the on/off switch) and the old names."""
+    generated = option_traits(image_gradient.Options)
+    generated.pop("image_gradient")
+    aliases = {old: traits.List(traits.Str, desc="estimators as a list (old name)")
+               if old == "estimators" else option_trait(image_gradient.Options, new)
+               for old, new in IMAGE_GRADIENT_ALIASES.items()}
+    return {**generated, **aliases}
+
+
+ImageGradientInputSpec = type("ImageGradientInputSpec", (_SeriesInputSpec,), {
+    "subject": traits.Str(mandatory=True,
+                          desc="subject key: seeds the random controls, as in dmriflow run"),
+    "sidecar": File(exists=True, desc="DWI JSON sidecar with DiffusionGradientSeparation and "
+                                      "DiffusionGradientDuration (s)"),
+    **_image_gradient_traits(), "__module__": __name__})
 
 
 class ImageGradientOutputSpec(TraitedSpec):
@@ -283,18 +298,17 @@ class ImageGradient(_StepInterface):
 
     def _step(self, out_dir):
         # the Pydra step's own file-level functions (one implementation)
-        from .bids_names import parse_entities
-        from .steps.image_gradient import resolve_timing
-        from .stepfiles import parse_estimators, subject_products
         i = self.inputs
-        overrides = {k: _defined(v) for k, v in (("Delta", i.gradient_separation_ms),
-                                                 ("delta", i.gradient_duration_ms),
-                                                 ("TE", i.echo_time_ms))}
+        given = {f.name: _defined(getattr(i, f.name))
+                 for f, _ in options_of(image_gradient.Options) if f.name != "image_gradient"}
+        given.update({new: getattr(i, old) for old, new in IMAGE_GRADIENT_ALIASES.items()
+                      if _defined(getattr(i, old)) is not None})   # an old name, given
+        options = image_gradient.Options(image_gradient=True, **given)
         series = _series(i)
-        timing, source = resolve_timing(overrides, _abs(i.sidecar), series["dwi"])
+        timing, source = resolve_timing(options.timing, _abs(i.sidecar), series["dwi"])
         product = subject_products(stepfiles.read_series(series), timing,
-                                   parse_estimators(i.estimators), out_dir, i.subject,
-                                   i.max_voxels)
+                                   parse_estimators(options.image_gradient_estimators),
+                                   out_dir, i.subject, options.image_gradient_max_voxels)
         product["parameters"]["timing_source"] = source
         record = io.write_json(product, os.path.join(out_dir, RECORD_FILE))
         files = {key: (parse_entities(key)[0], path) for kind in ("maps", "tables")
@@ -332,10 +346,6 @@ class _RegisteredStep(BaseInterface):
     _step_name = ""
 
     def _run_interface(self, runtime):
-        import json
-
-        from .steps import REGISTRY, Product
-        from .steps.base import options_of
         step, i = REGISTRY[self._step_name], self.inputs
         options = step.Options(**{f.name: _defined(getattr(i, f.name))
                                   for f, _ in options_of(step.Options)})
@@ -393,7 +403,6 @@ def make_interface(step):
 
 
 def _make_interfaces() -> dict:
-    from .steps import REGISTRY
     return {name: make_interface(step) for name, step in REGISTRY.items()}
 
 

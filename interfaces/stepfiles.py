@@ -13,12 +13,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from . import codec, io
+from . import codec, io, qc
+from . import image_gradient as ig
 from .dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, dti_shells, fit_dwi
+from .gradients import read_bvecs
+from .harmonize import HarmonizationArtefact, applied_artefacts, apply_harmonization
+from .orientation import apply_to_bvecs, candidate_by_label, check_dwi
+from .preprocess import (MASK_FOV_FRACTION_RANGE, MASK_MIN_LARGEST_COMPONENT, brain_mask,
+                         mask_qc)
+from .sh import fit_shells
 from .errors import InputError
 
 #: The files of a DWI series, as a step hands them on.
@@ -83,7 +92,6 @@ def load_subject(dwi, bval, bvec, mask=None, data_path=None) -> io.DWI:
     """Validated DWI; a median-Otsu mask from the mean b0 when none is given.
 
     ``data_path``: the voxels' uncompressed copy (:func:`io.decode_dwi`)."""
-    from .preprocess import brain_mask
     data = io.load_dwi(dwi, bval, bvec, mask, data_path=data_path)
     if mask is None:
         mean_b0 = io.mean_b0_map(data.data, data.gtab)
@@ -246,8 +254,6 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
     fixed b-vector file, or ""), ``row`` (table fields), ``flags``,
     ``details`` (for the sidecars) and ``provenance`` (steps applied).
     """
-    from . import qc
-    from .orientation import apply_to_bvecs, candidate_by_label, check_dwi
     bvec_path = data.paths["bvec"]
     try:
         qc.check_gradients(data.gtab)
@@ -281,7 +287,6 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
         flags.append(orient.flag)
     bvec = ""
     if fix_gradients and orient.fixable:
-        from .gradients import read_bvecs    # the file's own vectors (b0 rows kept as given)
         fixed = apply_to_bvecs(read_bvecs(bvec_path, len(data.gtab)),
                                candidate_by_label(orient.best))
         text = "\n".join(" ".join(f"{v:.8f}" for v in row) for row in fixed.T) + "\n"
@@ -320,7 +325,6 @@ def mask_figures(mask: np.ndarray, zooms) -> tuple[dict, list[str]]:
     slabs and phantoms are small by design); the report judges it within the
     protocol group.
     """
-    from .preprocess import MASK_FOV_FRACTION_RANGE, MASK_MIN_LARGEST_COMPONENT, mask_qc
     m = mask_qc(mask, zooms)
     words = {"empty": "mask empty",
              "fov_fraction_low": f"mask {m['fov_fraction']:.1%} of the field of view < "
@@ -382,7 +386,6 @@ def write_rish_maps(series: dict, out_dir, lmax: int = 0) -> dict:
     ``maps[shell][order]`` is a path (shell as ``"1000"``, order as ``"2"``);
     ``lmax`` 0 fits as many orders as each shell's directions allow.
     """
-    from .sh import fit_shells
     data = read_series(series)
     fits = fit_shells(data, lmax=lmax or None, coefficients=False)
     maps, orders = {}, {}
@@ -405,7 +408,6 @@ def harmonize_series(series: dict, artefact, out_dir, subject: str,
     Refuses data whose JSON ``sidecar`` says this artefact was already
     applied. The harmonised series is written to ``out_dir`` (same mask).
     """
-    from .harmonize import HarmonizationArtefact, applied_artefacts, apply_harmonization
     art = HarmonizationArtefact.load(artefact)
     meta = json.loads(Path(sidecar).read_text()) if sidecar else None
     data = read_series(series)
@@ -489,7 +491,6 @@ def angle_histograms(angles: dict[str, np.ndarray], kind: str = "3d") -> list[di
 def subject_seed(subject: str) -> int:
     """Seed of a subject's random controls (shuffle, surrogate noise,
     perpendicular axis): stable across runs and machines."""
-    import zlib
     return zlib.crc32(subject.encode())
 
 
@@ -506,8 +507,6 @@ def subject_products(data, timing, estimators, out_dir, subject: str,
     histograms (``desc-histogram``). ``row``: mean/median angle of every
     method over all evaluated voxels, for the subject table.
     """
-    import pandas as pd
-    from . import image_gradient as ig
     out = Path(out_dir)
     ev = ig.evaluate_subject(data, timing, tuple(estimators), subject=subject,
                              rng=subject_seed(subject), max_voxels=max_voxels or None)

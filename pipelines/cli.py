@@ -26,12 +26,23 @@ done, 2 some failed or missing, 1 no run found in OUTPUT.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 from dmriflow.interfaces import __version__
 from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.io import read_sidecar
+from dmriflow.interfaces.stepfiles import load_subject
+from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY
+from dmriflow.interfaces.steps.base import ALL_COMMANDS, flag_of, option_type, options_of
+from dmriflow.interfaces.steps.image_gradient import resolve_timing
+from dmriflow.pipelines.execution import (STEP_WORDS, EngineOptions, RunConfig, RunInProgress,
+                                          run_cohort, run_harmonization_fit, run_holder,
+                                          status_table)
+from dmriflow.pipelines.inputs import discover, site_labels
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
 #: A command-line mistake (sysexits' EX_USAGE), apart from 2 = some subjects failed.
@@ -50,22 +61,20 @@ ENGINE_SECTION = "engine"
 
 def option_sources() -> list[tuple[str, type, tuple]]:
     """(config section, Options class, default commands) of every declared option:
-    the engine's, then each registered step's."""
-    from dmriflow.interfaces.steps import REGISTRY
-    from dmriflow.interfaces.steps.base import ALL_COMMANDS
-    from dmriflow.pipelines.execution import EngineOptions
+    the engine's, then each registered step's, then each cohort step's."""
+    steps = (*REGISTRY.items(), *COHORT_REGISTRY.items())
     return [(ENGINE_SECTION, EngineOptions, ALL_COMMANDS)] + [
-        (name, step.Options, step.commands) for name, step in REGISTRY.items()]
+        (name, step.Options, step.commands) for name, step in steps]
 
 
-def _add_generated_options(p: argparse.ArgumentParser, command: str) -> None:
-    """The options of the engine and of every step shown by ``command``, one
-    argument group per step, generated from their Options declarations."""
-    from dmriflow.interfaces.steps.base import flag_of, option_type, options_of
-    for section, cls, commands in option_sources():
+def _add_generated_options(p: argparse.ArgumentParser, *commands: str) -> None:
+    """The options of the engine and of every step shown by one of ``commands``
+    (e.g. "harmonize", "harmonize fit"), one argument group per step,
+    generated from their Options declarations."""
+    for section, cls, shown_by in option_sources():
         group = p.add_argument_group(f"{section} options")
         for f, info in options_of(cls):
-            if not info.cli or command not in (info.commands or commands):
+            if not info.cli or not set(commands) & set(info.commands or shown_by):
                 continue
             kwargs = {"dest": f.name, "help": info.help}
             if option_type(f) is bool:
@@ -73,7 +82,8 @@ def _add_generated_options(p: argparse.ArgumentParser, command: str) -> None:
                               default=f.default)
             else:
                 default = info.cli_default() if info.cli_default else f.default
-                kwargs.update(type=option_type(f), default=default, metavar=info.metavar)
+                kwargs.update(type=option_type(f), default=default, metavar=info.metavar,
+                              required=info.required, nargs=info.nargs)
                 if info.choices:
                     kwargs["choices"] = info.choices
             group.add_argument(flag_of(f, info), **kwargs)
@@ -87,10 +97,6 @@ def _add_generated_options(p: argparse.ArgumentParser, command: str) -> None:
 def read_config(path) -> dict:
     """``{option name: value}`` of a config file (TOML or JSON), checked against
     the declarations: every key must be ``section.option`` of a declared option."""
-    import json
-    import tomllib
-
-    from dmriflow.interfaces.steps.base import options_of
     raw = Path(path).read_bytes()
     doc = tomllib.loads(raw.decode()) if str(path).endswith(".toml") else json.loads(raw)
     flat = {}
@@ -152,21 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = hsub.add_parser("fit", help="fit an artefact mapping a target site onto a reference")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--reference", required=True, help="reference site (group) name")
-    p.add_argument("--target", required=True, help="target site (group) name")
-    p.add_argument("--site-column", default="protocol",
-                   help="'protocol' (census protocol groups, default) or a column of "
-                        "--site-table")
-    p.add_argument("--site-table", help="participants-style TSV with participant_id and the "
-                                        "site column (default: INPUT/participants.tsv)")
-    p.add_argument("--shells", type=float, nargs="+", help="shells to harmonise (default: all "
-                                                           "shells every subject has)")
-    p.add_argument("--harmonization-lmax", type=int, default=None,
-                   help="highest SH order harmonised (default: as the directions allow, <= 8)")
-    p.add_argument("--registration", choices=("syn", "affine", "identity"), default="syn")
-    p.add_argument("--smoothing-fwhm", type=float, default=0.0, help="scale-map smoothing (mm)")
     _add_selection(p)
-    _add_generated_options(p, "harmonize")
+    _add_generated_options(p, "harmonize", "harmonize fit")
     p = hsub.add_parser("apply", help="apply an artefact to a cohort, then fit DTI and RISH")
     p.add_argument("artefact", help="artefact folder written by 'harmonize fit'")
     p.add_argument("input")
@@ -229,23 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args):
     """The RunConfig of the parsed options (those a command does not show keep
     their defaults)."""
-    from dmriflow.interfaces.steps.base import options_of
-    from dmriflow.pipelines.execution import RunConfig
     given = {f.name: getattr(args, f.name) for _, cls, _ in option_sources()
              for f, _ in options_of(cls) if hasattr(args, f.name)}
     return RunConfig(**given)
 
 
 def _run(input_dir, output, layout, labels, args) -> int:
-    from dmriflow.pipelines.execution import run_cohort
-    from dmriflow.pipelines.inputs import discover
     if labels and getattr(args, "rerun_failed", False):
         raise ValueError("--rerun-failed takes the subjects from OUTPUT's plan: "
                          "do not combine it with --participant-label")
     subjects = discover(input_dir, layout=layout, participant_labels=labels)
     config = _config(args)
     if config.image_gradient:   # a missing timing is a usage error: stop before any work
-        from dmriflow.interfaces.steps.image_gradient import resolve_timing
         for s in subjects:
             resolve_timing(config.steps["image_gradient"].timing, s.sidecar, s.dwi)
     result = run_cohort(subjects, output, config)
@@ -260,21 +248,21 @@ def _run(input_dir, output, layout, labels, args) -> int:
 
 
 def cmd_harmonize(args) -> int:
-    from dmriflow.pipelines.inputs import discover, site_labels
     if args.harmonize_command == "apply":
         args.harmonization = args.artefact
         return _run(args.input, args.output, args.layout, args.participant_label, args)
-    from dmriflow.pipelines.execution import run_harmonization_fit
     subjects = discover(args.input, layout=args.layout, participant_labels=args.participant_label)
-    table = args.site_table or (Path(args.input) / "participants.tsv")
-    sites = site_labels(subjects, args.site_column,
-                        None if args.site_column == "protocol" else table)
+    config = _config(args)
+    fit = config.cohort["harmonization_fit"]
+    table = fit.site_table or (Path(args.input) / "participants.tsv")
+    sites = site_labels(subjects, fit.site_column,
+                        None if fit.site_column == "protocol" else table)
     try:
-        result = run_harmonization_fit(subjects, args.output, _config(args), sites,
-                                       args.reference, args.target, shells=args.shells,
-                                       lmax=args.harmonization_lmax,
-                                       registration=args.registration,
-                                       smoothing_fwhm_mm=args.smoothing_fwhm)
+        result = run_harmonization_fit(subjects, args.output, config, sites,
+                                       fit.reference, fit.target, shells=fit.shells,
+                                       lmax=fit.harmonization_lmax,
+                                       registration=fit.registration,
+                                       smoothing_fwhm_mm=fit.smoothing_fwhm)
     except RuntimeError as exc:   # the fit node failed: its error text, no traceback
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -289,7 +277,6 @@ def cmd_harmonize(args) -> int:
 
 def cmd_status(args) -> int:
     """Per subject: status, per-step outcome and the reason; then per step: counts."""
-    from dmriflow.pipelines.execution import STEP_WORDS, run_holder, status_table
     table = status_table(args.output)
     steps = list(table.columns[4:-1])       # per-step outcomes, then qc_flags
     counts = table["status"].value_counts().to_dict()
@@ -321,13 +308,13 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from dmriflow.pipelines.report import write_report
+    from dmriflow.pipelines.report import write_report  # lazy: keeps `dmriflow --help` fast
     print(f"report: {write_report(args.output)}")
     return EXIT_OK
 
 
 def cmd_simulate(args) -> int:
-    from dmriflow.interfaces.sim.phantom import write_cohort
+    from dmriflow.interfaces.sim.phantom import write_cohort  # lazy: CLI start-up
     kwargs = {} if args.snr is None else {"snr": args.snr}
     labels = write_cohort(args.output, args.subjects, layout=args.layout,
                           shape=tuple(args.shape), seed=args.seed, **kwargs)
@@ -337,10 +324,7 @@ def cmd_simulate(args) -> int:
 
 def cmd_train(args) -> int:
     """Load every subject (mask as the pipeline makes it) and train on the cohort."""
-    from dmriflow.models.directions import train_on_subjects
-    from dmriflow.interfaces.io import read_sidecar
-    from dmriflow.interfaces.stepfiles import load_subject
-    from dmriflow.pipelines.inputs import discover
+    from dmriflow.models.directions import train_on_subjects  # torch: train/evaluate only
     if args.model == "3t7t":
         return _train_3t7t(args)
     if args.epochs is None:
@@ -358,10 +342,7 @@ def cmd_train(args) -> int:
 
 def _train_3t7t(args) -> int:
     """Pair the 3T and 7T sessions of a BIDS dataset and train the latent diffusion model."""
-    from dmriflow.interfaces.io import read_sidecar
-    from dmriflow.interfaces.stepfiles import load_subject
-    from dmriflow.models.ldm import cohort
-    from dmriflow.pipelines.inputs import discover
+    from dmriflow.models.ldm import cohort  # torch and MONAI: this command only
     if args.resume:
         raise ValueError("--resume is not supported for 3t7t (its stages train in minutes)")
     subjects = discover(args.input, layout="bids", participant_labels=args.participant_label)
@@ -379,6 +360,7 @@ def _train_3t7t(args) -> int:
 def cmd_evaluate(args) -> int:
     """Simulate held-out pairs at the seeds, apply the shipped checkpoints and the
     baselines, write the tables (:func:`dmriflow.models.experiments.ldm_study.evaluate`)."""
+    # torch and MONAI (seconds): this command only
     from dmriflow.models.experiments import ldm_study as study
     from dmriflow.models.train import torch_threads
     with torch_threads(1):
@@ -389,7 +371,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dmriflow.interfaces.sim.phantom import write_cohort
+    from dmriflow.interfaces.sim.phantom import write_cohort  # lazy: CLI start-up
     out = Path(args.output)
     cohort = out / "input"
     if not cohort.is_dir():
@@ -422,7 +404,6 @@ def _dispatch(args) -> int:
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except RuntimeError as exc:
-        from dmriflow.pipelines.execution import RunInProgress
         if not isinstance(exc, RunInProgress):
             raise
         print(f"dmriflow: error: {exc}", file=sys.stderr)

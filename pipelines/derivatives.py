@@ -13,8 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from dmriflow.interfaces import io, stepfiles
 from dmriflow.interfaces.bids_names import build_name, format_entities
+from dmriflow.interfaces.harmonize import SIDECAR_KEY
+from dmriflow.pipelines.inputs import assign_protocols
 from dmriflow.interfaces.steps.base import (MAP_EXTENSION, MAP_SUFFIX, TABLE_EXTENSION,
                                             Derivative, product_from_record)
 
@@ -88,7 +92,6 @@ def export_series(record: dict, dwi_dir: Path, prefix: str, inputs: dict,
     """Export the DWI series when a step changed it (preprocessing, harmonization)."""
     if not record.get("history"):
         return []
-    from dmriflow.interfaces.harmonize import SIDECAR_KEY
     desc = "".join(SERIES_DESC[h["step"]] for h in record["history"])
     base = f"{prefix}_" + build_name({"desc": desc}, SERIES_SUFFIX)
     series = record["series"]
@@ -166,9 +169,6 @@ def failed_row(subject: str, step: str, error: str, pipeline_version: str) -> di
 
 def write_subjects_table(rows: list[dict], output_dir) -> Path:
     """OUTPUT/dmriflow/group/subjects.tsv, one row per subject, and its sidecar."""
-    import pandas as pd
-
-    from dmriflow.pipelines.inputs import assign_protocols
     df = assign_protocols(pd.DataFrame([{k: v for k, v in r.items() if k not in ROW_ONLY}
                                         for r in rows]))
     # the same columns in the same order whether rows come from the engine or

@@ -24,22 +24,29 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import cloudpickle  # what Pydra pickles results with
 import pandas as pd
 
 from dmriflow.interfaces import __version__, io
+from dmriflow.interfaces.environment import environment
 from dmriflow.interfaces.errors import InputError
-from dmriflow.pipelines.inputs import SubjectInputs, census
-from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
-from dmriflow.interfaces.steps import REGISTRY, default_options, option_owner
+from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
+from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
+                                       option_owner)
 from dmriflow.interfaces.steps.base import check_choice, option
 from dmriflow.pipelines.derivatives import (failed_row, status_path, write_status,
                                             write_subjects_table)
+from dmriflow.pipelines.engine import ERROR_FILE, errors_of
+from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
+from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
+from dmriflow.pipelines.inputs import SubjectInputs, census
+from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
+from dmriflow.pipelines.slurm import SlurmWorker
 from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
+from dmriflow.pipelines.workflows import CohortWorkflow
 
 #: Engine workers dmriflow supports; there is no silent default.
 WORKERS = ("cf", "debug", "slurm")
-#: Pydra's crash file in a failed node folder.
-ERROR_FILE = "_error.pklz"
 #: Cache location under OUTPUT when --cache-dir is not given.
 DEFAULT_CACHE = ".dmriflow-cache"
 #: Lock file held (flock) in the output and cache folders for a whole run.
@@ -105,7 +112,8 @@ class EngineOptions:
 
 
 class RunConfig:
-    """A run's configuration: :class:`EngineOptions` and ``{step: Options}``.
+    """A run's configuration: :class:`EngineOptions`, ``{step: Options}`` and
+    ``{cohort step: Options}``.
 
     ``RunConfig(worker="cf", lmax=4, image_gradient=True)``: every keyword is
     an engine option or the option of exactly one registered step (its
@@ -115,7 +123,7 @@ class RunConfig:
 
     def __init__(self, worker: str, steps: dict | None = None, **options):
         engine = {f.name for f in fields(EngineOptions)}
-        owner = option_owner()
+        owner = {**option_owner(), **option_owner(COHORT_REGISTRY)}
         unknown = sorted(k for k in options if k not in engine and k not in owner)
         if unknown:
             raise TypeError(f"unknown run option(s) {unknown}")
@@ -126,21 +134,26 @@ class RunConfig:
         self.engine = EngineOptions(worker=worker, **{k: v for k, v in options.items()
                                                        if k in engine})
         self.steps = {**default_options(), **(steps or {})}
+        self.cohort = {name: step.Options() for name, step in COHORT_REGISTRY.items()}
         for step, values in by_step.items():
-            self.steps[step] = replace(self.steps[step], **values)
+            chosen = self.cohort if step in COHORT_REGISTRY else self.steps
+            chosen[step] = replace(chosen[step], **values)
         harmonize = self.steps["harmonize"]
         if harmonize.harmonization:   # nodes hash the artefact's path: make it absolute
             harmonize.harmonization = str(Path(harmonize.harmonization).resolve())
 
     def __getattr__(self, name):
-        if name in ("engine", "steps"):
+        if name in ("engine", "steps", "cohort"):
             raise AttributeError(name)
         if hasattr(self.engine, name):
             return getattr(self.engine, name)
         owner = option_owner().get(name)
+        if owner is not None:
+            return getattr(self.steps[owner], name)
+        owner = option_owner(COHORT_REGISTRY).get(name)
         if owner is None:
             raise AttributeError(f"RunConfig has no option {name!r}")
-        return getattr(self.steps[owner], name)
+        return getattr(self.cohort[owner], name)
 
     def options_record(self) -> dict:
         """``{step: options dict}``: the one hashed input of the workflows."""
@@ -150,7 +163,7 @@ class RunConfig:
         return [name for name, step in REGISTRY.items() if step.enabled(self.steps[name])]
 
     def __repr__(self) -> str:
-        return f"RunConfig({self.engine!r}, steps={self.steps!r})"
+        return f"RunConfig({self.engine!r}, steps={self.steps!r}, cohort={self.cohort!r})"
 
 
 @dataclass
@@ -331,7 +344,6 @@ def discard_interrupted_results(root: Path) -> int:
         started = float(json.loads(journal.read_text())["started"])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
-    import cloudpickle  # what Pydra pickles results with
     unusable = []
     for result_file in root.glob("*/_result.pklz"):
         if result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
@@ -386,7 +398,6 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
     if config.worker == "cf":
         kwargs["n_procs"] = config.n_procs
     elif config.worker == "slurm":
-        from dmriflow.pipelines.slurm import SlurmWorker
         worker = SlurmWorker(sbatch_args=config.gpu_sbatch_args if gpu else config.sbatch_args)
     return Submitter(worker=worker, cache_root=root, **kwargs)
 
@@ -401,7 +412,6 @@ def run_log(output_dir: Path, config: RunConfig):
     """The run's own log file, ``OUTPUT/dmriflow/logs/run-<time>-<pid>-<random>.log``:
     the command, versions and environment id, every message and every node's
     progress line (worker processes append to it through LOG_ENV). Yields its path."""
-    from dmriflow.interfaces.environment import environment
     name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}.log"
     path = output_dir / "dmriflow" / LOG_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,14 +443,13 @@ def preflight(subjects: list[SubjectInputs], output_dir, version: str):
 
 
 def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, version: str):
-    from dmriflow.pipelines.workflows import CohortWorkflow
     units = [Subject.of(s) for s in subjects]
     products = None
     if config.inference:
         # own phase and submitter (GPU jobs on SLURM); products reach Export
-        from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
         pin_checkpoint(config.steps["inference"])
-        products, errors = run_inference_phase(units, output_dir, config, root, version)
+        products, errors = run_inference_phase(units, output_dir, config, root, version,
+                                               submitter)
         for err in errors:
             _log(config, f"inference phase: {err}")
     task = CohortWorkflow(subjects=units, output_dir=str(output_dir), options=config.options_record(),
@@ -448,13 +457,6 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
                           drop_series=config.drop_series, pipeline_version=version)
     with submitter(config, root) as sub:
         return sub(task, raise_errors=False)
-
-
-def _engine_errors(res, root: Path) -> list[str]:
-    """The engine's own error text (crashes, not subject-level failures)."""
-    errors = res.errors or {}
-    text = "".join(str(e) for e in errors.get("error message", [])).strip()
-    return [text or f"engine error: see {ERROR_FILE} files under {root}"]
 
 
 def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> CohortResult:
@@ -526,7 +528,7 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
     else:
         res = _submit(runnable, prefailed, output_dir, config, root, version)
         if res.errored or res.outputs is None:
-            engine_errors = _engine_errors(res, root)
+            engine_errors = errors_of(res, root)
             rows = collect_status(output_dir, selected)
             table = write_subjects_table(rows, output_dir)
         else:
@@ -558,7 +560,7 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
 
 def _write_report(output_dir: Path, config: RunConfig) -> Path | None:
     """The cohort HTML report; a report problem is logged, never fails the run."""
-    from dmriflow.pipelines.report import write_report
+    from dmriflow.pipelines.report import write_report  # lazy: keeps `dmriflow --help` fast
     try:
         return write_report(output_dir)
     except Exception as exc:  # noqa: BLE001 - the derivatives are done; say what failed
@@ -707,8 +709,6 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
                        sites: dict[str, str], reference_site: str, target_site: str,
                        shells: list[float] | None = None, lmax: int | None = None,
                        registration: str = "syn", smoothing_fwhm_mm: float = 0.0) -> dict:
-    from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
-    from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
 
     output_dir = Path(output_dir).resolve()
     chosen = [s for s in subjects if sites.get(s.key) in (reference_site, target_site)]
@@ -736,7 +736,7 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     with submitter(config, root) as sub:
         res = sub(task, raise_errors=False)
     if res.errored or res.outputs is None:
-        raise RuntimeError("harmonization fit failed: " + "\n".join(_engine_errors(res, root)))
+        raise RuntimeError("harmonization fit failed: " + "\n".join(errors_of(res, root)))
     result = dict(res.outputs.result)
     dest = output_dir / "dmriflow" / "harmonization" / result["content_id"][:12]
     if not dest.exists():

@@ -17,6 +17,11 @@ import numpy as np
 from pydra.compose import python, workflow
 
 from dmriflow.interfaces import io
+from dmriflow.interfaces.gradients import read_gradients
+from dmriflow.interfaces.harmonize import (SubjectFeatures, apply_harmonization,
+                                           evaluate_harmonization, fit_harmonization,
+                                           subject_features, summarise_subject)
+from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
 from dmriflow.pipelines.workflows import add_series_steps
@@ -33,7 +38,6 @@ def _save(arr, affine, name: str) -> str:
 def harmonization_features_step(subject: str, record: dict, shells: list, lmax: int,
                                 pipeline_version: str = "") -> dict:
     """FA and per-shell RISH maps of one subject, as files, for the fit."""
-    from dmriflow.interfaces.harmonize import subject_features
     data = load_series(record)
     hashes = {k: v["sha256"] for k, v in record["inputs"].items()}
     f = subject_features(data, subject, lmax, shells=shells, sha256=hashes)
@@ -51,7 +55,6 @@ HarmonizationFeatures = python.define(harmonization_features_step,
 def _loader(entry: dict):
     """A callable returning the SubjectFeatures of a features record (lazy load)."""
     def load():
-        from dmriflow.interfaces.harmonize import SubjectFeatures
         fa = nib.load(entry["fa"])
         return SubjectFeatures(
             subject=entry["subject"], fa=np.asarray(fa.dataobj, dtype=np.float32),
@@ -70,8 +73,6 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
     The evaluation applies the artefact to every target subject and compares
     white-matter FA, MD and RISH between sites before and after.
     """
-    from dmriflow.interfaces.harmonize import (apply_harmonization, evaluate_harmonization,
-                                               fit_harmonization, summarise_subject)
     Path(STEP_MARKER).write_text("harmonize-fit")
     ok = [f for f in features if f.get("status") == "ok"]
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
@@ -147,8 +148,6 @@ HarmonizationFitWorkflow = workflow.define(harmonization_fit_workflow,
 
 def common_shells_and_lmax(subjects, lmax: int | None = None) -> tuple[list[float], int]:
     """Shells every subject has, and the highest even order all of them support."""
-    from dmriflow.interfaces.gradients import read_gradients
-    from dmriflow.interfaces.sh import max_order_for
     shells, orders = None, []
     for s in subjects:
         gtab = read_gradients(s.bval, s.bvec)

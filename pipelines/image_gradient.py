@@ -19,8 +19,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from pydra.compose import python
 
+from dmriflow.interfaces import image_gradient as ig
 from dmriflow.interfaces import io
 from dmriflow.interfaces.bids_names import format_entities
 from dmriflow.interfaces.steps.base import product_from_record
@@ -48,10 +50,9 @@ def chance_density(theta_deg: np.ndarray, kind: str = "3d") -> np.ndarray:
 def angle_figure(histograms, path, title: str = "") -> Path:
     """Acute-angle histograms (one panel per estimator and control, 3D angles)
     against the chance density sin(theta); written atomically as PNG."""
-    import matplotlib
+    import matplotlib  # heavy, optional: only when the figure is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     df = pd.DataFrame(histograms)
     df = df[df["kind"] == "3d"]
@@ -94,8 +95,6 @@ def write_group(products: list[dict], output_dir) -> dict:
     and controls, each against chance and paired against the fibre-only
     controls) and ``group/image_gradient_angles.png`` from the subjects'
     product records (failed subjects are left out and counted)."""
-    import pandas as pd
-    from dmriflow.interfaces import image_gradient as ig
     done = [p for p in products if p and p.get("status") == "ok"]
     group = Path(output_dir, "dmriflow", "group")
     if not done:

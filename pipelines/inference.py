@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 from pydra.compose import workflow
 
 from dmriflow.interfaces import io
-
+from dmriflow.pipelines.engine import errors_of
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import TASKS, Subject
 from dmriflow.pipelines.workflows import add_series_steps, rows_only
@@ -64,6 +65,7 @@ InferencePhase = workflow.define(inference_phase_workflow,
 
 def resolve_checkpoint(kind: str, checkpoint: str = "") -> str:
     """The checkpoint folder to use: the given one, else the shipped one."""
+    # interfaces.inference imports torch (seconds): only when a run uses a model
     from dmriflow.interfaces.inference import KINDS, default_checkpoint
     if kind not in KINDS:
         raise ValueError(f"unknown inference kind {kind!r}; choose from {sorted(KINDS)}")
@@ -73,29 +75,25 @@ def resolve_checkpoint(kind: str, checkpoint: str = "") -> str:
 def pin_checkpoint(options) -> None:
     """Resolve the inference options' checkpoint folder (default: the shipped
     one) and record its card's weights hash, so new weights mean new nodes."""
-    from dmriflow.models.card import load_card
+    from dmriflow.models.card import load_card  # torch: only when a run uses a model
     options.inference_checkpoint = resolve_checkpoint(options.inference,
                                                       options.inference_checkpoint)
     options.weights_sha256 = load_card(options.inference_checkpoint).weights_sha256
 
 
-def phase_submitter(config, root: Path):
-    """The phase's own Submitter (on SLURM its jobs take ``config.gpu_sbatch_args``)."""
-    from dmriflow.pipelines import execution
-    return execution.submitter(config, root, gpu=True)
-
-
-def run_inference_phase(subjects, output_dir, config, root: Path,
-                        version: str) -> tuple[list[dict], list[str]]:
+def run_inference_phase(subjects, output_dir, config, root: Path, version: str,
+                        submitter) -> tuple[list[dict], list[str]]:
     """Run the phase over ``subjects`` (:class:`Subject` units); (product per
     subject, engine errors).
 
-    Writes ``group/models.tsv``. A subject whose inference failed has a
-    failure record (Export reports it as that subject's failed step). On
-    SLURM the series steps (Validate, Preprocess, Harmonize) first run as CPU
-    jobs, so the GPU jobs find them cached and only apply the model.
+    ``submitter(config, root, gpu=False)``: the run's Submitter factory
+    (:func:`dmriflow.pipelines.execution.submitter`); the phase's own one is
+    ``gpu=True`` (on SLURM its jobs take ``config.gpu_sbatch_args``). Writes
+    ``group/models.tsv``. A subject whose inference failed has a failure
+    record (Export reports it as that subject's failed step). On SLURM the
+    series steps (Validate, Preprocess, Harmonize) first run as CPU jobs, so
+    the GPU jobs find them cached and only apply the model.
     """
-    from dmriflow.pipelines import execution
     options = config.options_record()
 
     def phase(series_only: bool):
@@ -103,13 +101,12 @@ def run_inference_phase(subjects, output_dir, config, root: Path,
                               pipeline_version=version)
     write_models_table(output_dir, [options[STEP]["inference_checkpoint"]])
     if config.worker == "slurm":
-        with execution.submitter(config, root) as sub:   # failures pass on as records
+        with submitter(config, root) as sub:   # failures pass on as records
             sub(phase(True), raise_errors=False)
-    with phase_submitter(config, root) as sub:
+    with submitter(config, root, gpu=True) as sub:
         res = sub(phase(False), raise_errors=False)
     if res.errored:
-        from dmriflow.pipelines.execution import _engine_errors
-        errors = _engine_errors(res, root)
+        errors = errors_of(res, root)
         failed = {"status": "failed", "failed_step": STEP, "error": "; ".join(errors)}
         return [{"subject": s.key, **failed} for s in subjects], errors
     return list(res.outputs.products), []
@@ -117,9 +114,7 @@ def run_inference_phase(subjects, output_dir, config, root: Path,
 
 def write_models_table(output_dir, checkpoints: list[str]) -> Path:
     """``group/models.tsv``: one row per metrics row of each model card used."""
-    import pandas as pd
-
-    from dmriflow.models.card import load_card, metrics_rows
+    from dmriflow.models.card import load_card, metrics_rows  # torch, as above
     rows = []
     for ckpt in checkpoints:
         card = load_card(ckpt)

@@ -38,6 +38,7 @@ import pandas as pd
 
 from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.bids_names import parse_name
+from dmriflow.interfaces.harmonize import ARTEFACT_JSON
 from dmriflow.interfaces.steps import rish
 from dmriflow.interfaces.steps.base import MAP_SUFFIX
 from dmriflow.pipelines.derivatives import SERIES_DESC, SERIES_SUFFIX
@@ -177,7 +178,7 @@ def _read_tsv(path: Path) -> pd.DataFrame | None:
 # Figures
 # ----------------------------------------------------------------------------
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy: loaded when a figure is drawn
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     return plt
@@ -249,7 +250,7 @@ def slice_png(img: np.ndarray, cmap: str | None = "gray", vmin: float = 0.0,
 
     Rows are drawn bottom-up (the slice's first row at the bottom).
     """
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # heavy: loaded when a figure is drawn
     from PIL import Image
     img = np.nan_to_num(np.asarray(img, dtype=np.float32))
     if img.ndim == 2:
@@ -510,7 +511,6 @@ def rish_section(maps: dict[str, SubjectMaps], order: list[str]) -> str:
 
 def artefact_rows(root: Path) -> pd.DataFrame | None:
     """One row per harmonization artefact stored under OUTPUT/dmriflow/harmonization."""
-    from dmriflow.interfaces.harmonize import ARTEFACT_JSON
     rows = []
     for path in sorted((root / "harmonization").glob(f"*/{ARTEFACT_JSON}")):
         try:

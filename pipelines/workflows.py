@@ -7,21 +7,26 @@ give its current series, every enabled product step reads it, and Export
 writes the derivatives. The run configuration is one input, ``options``
 (``{step name: Options as a dict}``); each node gets its own step's part, so
 a changed option re-runs only the nodes of its step. The cohort maps the
-subject workflow over the subjects and combines their rows into the group
-table. Every node takes ``pipeline_version`` so that new package code means
+subject workflow over the subjects and hands their rows and products to the
+registered cohort steps of a run (the group table, [the image-gradient
+tests]); each cohort task takes those of its inputs it declares. Every node takes ``pipeline_version`` so that new package code means
 new cache entries.
 """
 
 from __future__ import annotations
 
 from pydra.compose import workflow
+from pydra.utils.general import get_fields
 
-from dmriflow.interfaces.steps import REGISTRY
+from dmriflow.interfaces.steps import REGISTRY, cohort_steps
 from dmriflow.pipelines.image_gradient import ImageGradientGroup
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import EXPORT_SLOTS, OUTPUT, TASKS, Export, GroupTable, Subject
+
 #: The registered step whose product comes from its own phase (own submitter).
 PHASE_STEP = "inference"
+#: The Pydra task of each cohort step of a run, by its registered task name.
+COHORT_TASKS = {task.__name__: task for task in (GroupTable, ImageGradientGroup)}
 
 
 def step_options(options: dict) -> dict:
@@ -99,16 +104,15 @@ def cohort_workflow(subjects: list[Subject], output_dir: str, options: dict,
     extra = {"inference": inference} if inference else {}
     split = per_subject.split(("subject",) + tuple(extra), subject=subjects, **extra)
     per = workflow.add(split.combine("subject"), name="subjects")
-    table = workflow.add(GroupTable(rows=per.row, extra_rows=extra_rows,
-                                    output_dir=output_dir, pipeline_version=pipeline_version),
-                         hooks=PROGRESS)
-    gradient_table = None
-    if "image_gradient" in enabled(options, ("product",)):
-        gradient_table = workflow.add(ImageGradientGroup(products=per.products,
-                                                         output_dir=output_dir,
-                                                         pipeline_version=pipeline_version),
-                                      hooks=PROGRESS).table
-    return table.table, per.row, gradient_table
+    given = {"rows": per.row, "products": per.products, "extra_rows": extra_rows,
+             "output_dir": output_dir, "pipeline_version": pipeline_version}
+    tables = {}
+    for step in cohort_steps(step_options(options)):
+        task = COHORT_TASKS[step.task]
+        names = {f.name for f in get_fields(task)}
+        inputs = {k: v for k, v in given.items() if k in names}
+        tables[step.name] = workflow.add(task(**inputs), hooks=PROGRESS).table
+    return tables["group_table"], per.row, tables.get("image_gradient_group")
 
 
 CohortWorkflow = workflow.define(cohort_workflow,

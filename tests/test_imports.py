@@ -13,12 +13,8 @@ LAYERS = {"interfaces": "dmriflow.interfaces", "pipelines": "dmriflow.pipelines"
           "models": "dmriflow.models"}
 
 #: Circles left on purpose, each named with its reason. Only pipelines/ may
-#: appear here (issue 11: the run's engine code is being restructured there).
-#: pipelines.execution._submit starts the inference phase, whose submitter
-#: comes from execution.submitter: the restructured execution module passes it.
-KNOWN_CIRCLES = [
-    {"dmriflow.pipelines.execution", "dmriflow.pipelines.inference"},
-]
+#: appear here. None is left (issue 11).
+KNOWN_CIRCLES: list[set[str]] = []
 
 
 def modules() -> dict[str, Path]:

@@ -231,3 +231,19 @@ def test_nodes_are_named_after_their_tasks(subject):
                                             options=config.options_record()))
     assert [n.name for n in wf.nodes] == \
         [REGISTRY[n].task for n in config.enabled_steps()] + ["Export"]
+
+
+def test_cohort_steps_are_registered_and_their_flags_generated():
+    """GroupTable, ImageGradientGroup and the harmonization fit are registered
+    cohort steps; the run's cohort tasks and `harmonize fit`'s flags come from them."""
+    from dmriflow.interfaces.steps import COHORT_REGISTRY
+    from dmriflow.pipelines import cli
+    from dmriflow.pipelines.workflows import COHORT_TASKS
+    run_tasks = {s.task for s in COHORT_REGISTRY.values() if "run" in s.commands}
+    assert run_tasks == set(COHORT_TASKS) == {"GroupTable", "ImageGradientGroup"}
+    fit = COHORT_REGISTRY["harmonization_fit"].Options
+    args = cli.build_parser().parse_args(["harmonize", "fit", "in", "out", "--reference", "a",
+                                          "--target", "b", "--shells", "1000", "2000"])
+    config = cli._config(args)
+    assert config.cohort["harmonization_fit"] == fit(reference="a", target="b",
+                                                     shells=[1000.0, 2000.0])

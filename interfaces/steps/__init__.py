@@ -1,19 +1,22 @@
 """The registered steps: one module each (see :mod:`.base` and docs/architecture.md).
 
 Importing this package registers every step in :data:`REGISTRY`, in the
-order a subject goes through them. To add a step, write its module and add
-its name to :data:`STEP_MODULES` (the one registration line).
+order a subject goes through them, and every cohort step in
+:data:`COHORT_REGISTRY`. To add a step, write its module and add its name to
+:data:`STEP_MODULES` (the one registration line).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .base import REGISTRY, Derivative, Product, Schema, Step, option  # noqa: F401
+from .base import (COHORT_REGISTRY, REGISTRY, CohortStep, Derivative,  # noqa: F401
+                   Product, Schema, Step, option, options_of)
 
-#: Step modules, in the order a subject goes through them.
+#: Step modules, in the order a subject goes through them, then the cohort steps.
 STEP_MODULES = ("validate", "preprocess", "harmonize", "inference", "tensor", "rish",
-                "image_gradient", "snr")
+                "image_gradient", "snr", "group_table", "image_gradient_group",
+                "harmonization_fit")
 
 for _name in STEP_MODULES:
     importlib.import_module(f"{__name__}.{_name}")
@@ -29,7 +32,11 @@ def default_options() -> dict:
     return {name: step.Options() for name, step in REGISTRY.items()}
 
 
-def option_owner() -> dict[str, str]:
-    """``{option name: step name}`` over the registry (each name is declared once)."""
-    from .base import options_of
-    return {f.name: s.name for s in REGISTRY.values() for f, _ in options_of(s.Options)}
+def option_owner(registry: dict = REGISTRY) -> dict[str, str]:
+    """``{option name: step name}`` over a registry (each name is declared once)."""
+    return {f.name: s.name for s in registry.values() for f, _ in options_of(s.Options)}
+
+
+def cohort_steps(options: dict, command: str = "run") -> list[CohortStep]:
+    """The cohort steps of ``command`` that a run with ``options`` goes through."""
+    return [s for s in COHORT_REGISTRY.values() if command in s.commands and s.enabled(options)]

@@ -54,6 +54,8 @@ class OptionInfo:
     cli: bool = True
     commands: tuple = ()
     cli_default: Callable | None = None
+    required: bool = False
+    nargs: str | None = None
 
 
 def option(default, help: str, **info) -> dataclasses.Field:
@@ -71,11 +73,12 @@ def options_of(cls) -> list[tuple[dataclasses.Field, OptionInfo]]:
 
 
 #: Python type of an option, by the first type of its annotation.
-OPTION_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+OPTION_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list[float]": float}
 
 
 def option_type(f: dataclasses.Field) -> type:
-    """bool, int, float or str: the type of an option field (``float | None``: float)."""
+    """bool, int, float or str: the type of an option field (``float | None``: float;
+    ``list[float] | None``: float, its items')."""
     annotation = f.type if isinstance(f.type, str) else f.type.__name__
     return OPTION_TYPES[annotation.split("|")[0].strip()]
 
@@ -217,18 +220,42 @@ class Step:
             raise ValueError(f"step {self.name}: kind must be one of {KINDS}")
 
 
+@dataclass(frozen=True)
+class CohortStep:
+    """One registered cohort step: it runs once over every subject's results.
+
+    ``task``: the engine task's name (its Pydra task is written in
+    :mod:`dmriflow.pipelines`, found by this name). ``enabled(options)``:
+    whether a run with these subject-step options (``{step: Options}``) goes
+    through it. ``commands``: where it runs and where its options are shown;
+    a step of the ``run`` command is added to every cohort workflow, one of
+    ``harmonize fit`` is that command's fit.
+    """
+
+    name: str
+    task: str
+    Options: type = NoOptions
+    enabled: Callable = _always
+    commands: tuple = ALL_COMMANDS
+
+
 #: Every registered step by name, in the order a subject goes through them.
 REGISTRY: dict[str, Step] = {}
+#: Every registered cohort step by name, in the order a run goes through them.
+COHORT_REGISTRY: dict[str, CohortStep] = {}
 
 
-def register(step: Step) -> Step:
-    """Add a step to :data:`REGISTRY` (once; option names must be new)."""
-    if step.name in REGISTRY:
+def register(step: Step | CohortStep) -> Step | CohortStep:
+    """Add a step to :data:`REGISTRY` (a cohort step to :data:`COHORT_REGISTRY`),
+    once; option names must be new across both."""
+    registry = COHORT_REGISTRY if isinstance(step, CohortStep) else REGISTRY
+    if step.name in REGISTRY or step.name in COHORT_REGISTRY:
         raise ValueError(f"step {step.name!r} is registered twice")
-    taken = {f.name: s.name for s in REGISTRY.values() for f, _ in options_of(s.Options)}
+    taken = {f.name: s.name for s in (*REGISTRY.values(), *COHORT_REGISTRY.values())
+             for f, _ in options_of(s.Options)}
     clash = [f.name for f, _ in options_of(step.Options) if f.name in taken]
     if clash:
         raise ValueError(f"step {step.name!r}: option(s) {clash} already declared by "
                          f"{[taken[c] for c in clash]}")
-    REGISTRY[step.name] = step
+    registry[step.name] = step
     return step

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .. import io, stepfiles
 from ..errors import InputError
+from ..image_gradient import SequenceTiming
 from .base import (Product, Schema, Step, derivatives_from_text, flag_of, options_of, option,
                    register)
 
@@ -63,7 +64,6 @@ def resolve_timing(overrides: dict | None, sidecar: str | None, dwi: str):
     line when given there, else from the DWI's JSON sidecar (seconds), else
     an :class:`InputError` naming the sidecar (or the DWI when it has none)
     and the option of each missing field. TE is optional (recorded only)."""
-    from ..image_gradient import SequenceTiming
     meta = io.read_sidecar(sidecar) if sidecar else {}
     values, source = {}, {}
     for name, key in stepfiles.SIDECAR_TIMING_KEYS.items():

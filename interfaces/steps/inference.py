@@ -40,7 +40,7 @@ def enabled(options: Options) -> bool:
 
 def run(record: dict, options: Options, out_dir) -> Product:
     """The model's maps and tables; its name and version go into the row."""
-    from ..inference import run_inference
+    from ..inference import run_inference  # torch (seconds): only when this step runs
     data = stepfiles.read_series(record["series"])
     out, card = run_inference(options.inference, options.inference_checkpoint or None, data,
                               record["series"]["dwi"], census=record.get("census"))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import io, stepfiles
+from ..preprocess import preprocess_dwi, report_for_sidecar
 from .base import Step, option, register
 
 #: Entities of the MP-PCA noise map a denoising run exports.
@@ -31,7 +32,6 @@ def run(record: dict, options: Options, out_dir) -> dict:
     """The record with the preprocessed series (unchanged when both are off)."""
     if not enabled(options):
         return record
-    from ..preprocess import preprocess_dwi, report_for_sidecar
     out, report = preprocess_dwi(stepfiles.read_series(record["series"]),
                                  denoise=options.denoise, degibbs=options.degibbs)
     extra = {"report": report_for_sidecar(report), "denoise": options.denoise,

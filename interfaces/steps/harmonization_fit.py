@@ -1,0 +1,43 @@
+"""Harmonization fit: a RISH artefact mapping a target site onto a reference
+(a cohort step of ``dmriflow harmonize fit``).
+
+Its engine face is :data:`dmriflow.pipelines.harmonization.FitHarmonization`,
+run by :func:`dmriflow.pipelines.execution.run_harmonization_fit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import CohortStep, check_choice, option, register
+
+#: Registration of each subject's FA to the template.
+REGISTRATIONS = ("syn", "affine", "identity")
+#: The command that runs the fit (and shows its options).
+COMMAND = "harmonize fit"
+
+
+@dataclass
+class Options:
+    reference: str = option("", "reference site (group) name", required=True)
+    target: str = option("", "target site (group) name", required=True)
+    site_column: str = option("protocol", "'protocol' (census protocol groups, default) or a "
+                                          "column of --site-table")
+    site_table: str | None = option(None, "participants-style TSV with participant_id and the "
+                                          "site column (default: INPUT/participants.tsv)")
+    shells: list[float] | None = option(None, "shells to harmonise (default: all shells every "
+                                              "subject has)", nargs="+")
+    harmonization_lmax: int | None = option(None, "highest SH order harmonised (default: as "
+                                                   "the directions allow, <= 8)")
+    registration: str = option("syn", "registration of each subject to the template",
+                               choices=REGISTRATIONS)
+    smoothing_fwhm: float = option(0.0, "scale-map smoothing (mm)", units="mm")
+
+    def __post_init__(self):
+        check_choice("registration", self.registration, REGISTRATIONS)
+        if self.smoothing_fwhm < 0:
+            raise ValueError("smoothing_fwhm must be >= 0")
+
+
+STEP = register(CohortStep("harmonization_fit", "FitHarmonization", Options,
+                           commands=(COMMAND,)))
