@@ -578,19 +578,34 @@ def build_template(reference: Sequence[SubjectInput], *, iterations: int = TEMPL
     tpl_affine, first_id = _as_affine(first.affine), first.subject
     del first
     for it in range(iterations):
-        total = np.zeros(tpl.shape, dtype=np.float32)
-        for k, item in enumerate(reference):
-            f = _load(item)
-            fa = np.where(f.mask, f.fa, 0).astype(np.float32)
-            if it == 0 and k == 0:
-                total += fa
-                continue
-            t = register_fa(fa, f.affine, tpl, tpl_affine, registration, **opts)
-            total += t.to_template(fa)
-        tpl = total / np.float32(len(reference))
+        def register(f, fa, tpl=tpl):
+            return register_fa(fa, f.affine, tpl, tpl_affine, registration, **opts)
+        tpl = template_mean(reference, tpl.shape, register, first_round=it == 0)
     info = {"source": "reference-site mean", "iterations": int(iterations),
             "first_subject": first_id, "registration": registration}
     return tpl, tpl_affine, info
+
+
+def masked_fa(f: SubjectFeatures) -> np.ndarray:
+    """A subject's FA, 0 outside its brain mask (what is registered), float32."""
+    return np.where(np.asarray(f.mask, dtype=bool), f.fa, 0).astype(np.float32)
+
+
+def template_mean(reference: Sequence[SubjectInput], shape, register: Callable,
+                  first_round: bool = False) -> np.ndarray:
+    """One template round: the mean of the reference FA maps warped to the
+    template grid ``shape``. ``register(features, masked_fa)`` returns the
+    subject's :class:`Transform` (computed, or registered earlier by a
+    per-subject node); in the first round the first subject is the template."""
+    total = np.zeros(tuple(shape), dtype=np.float32)
+    for k, item in enumerate(reference):
+        f = _load(item)
+        fa = masked_fa(f)
+        if first_round and k == 0:
+            total += fa
+            continue
+        total += register(f, fa).to_template(fa)
+    return total / np.float32(len(reference))
 
 
 # ----------------------------------------------------------------------------
@@ -893,6 +908,15 @@ def _read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) ->
 # ----------------------------------------------------------------------------
 # Fit
 # ----------------------------------------------------------------------------
+def check_site_sizes(sizes: Mapping[str, int], min_subjects: int = MIN_SUBJECTS_PER_SITE):
+    """Raise unless every site ``{name: number of subjects}`` has enough subjects."""
+    for site, n in sizes.items():
+        if n < min_subjects:
+            raise HarmonizationError(f"site {site!r} has {n} subject(s); at least "
+                                     f"{min_subjects} per site are needed to estimate its "
+                                     f"mean RISH maps")
+
+
 def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[SubjectInput],
                       shells: Sequence[float], lmax: int, *, tau: float = TAU_FRACTION,
                       smoothing_fwhm_mm: float = DEFAULT_SMOOTHING_FWHM_MM,
@@ -901,7 +925,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       registration: str = "syn", template=None,
                       template_iterations: int = TEMPLATE_ITERATIONS,
                       min_subjects: int = MIN_SUBJECTS_PER_SITE, keep_transforms: bool = True,
-                      registration_options: dict | None = None) -> HarmonizationArtefact:
+                      registration_options: dict | None = None, template_info: dict | None = None,
+                      registered: Mapping[str, Callable[[], Transform]] | None = None
+                      ) -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
     ``reference``/``target``: per-subject :class:`SubjectFeatures` (or
@@ -914,6 +940,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     ``keep_transforms``: keep each subject's transform in the artefact
     (2 x 3 float32 fields on the template grid: ~90 MB per HCP-size subject;
     turn off for large cohorts, the affine parameters are always kept).
+    ``registered``: ``{subject: callable returning its Transform}`` to the
+    given ``template``, registered beforehand (the engine registers each
+    subject as its own node); ``template_info`` then describes that template.
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
@@ -925,11 +954,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         raise HarmonizationError("no shell to harmonise")
     if reference_site == target_site:
         raise HarmonizationError(f"reference and target site are both named {reference_site!r}")
-    for site, items in ((reference_site, reference), (target_site, target)):
-        if len(items) < min_subjects:
-            raise HarmonizationError(f"site {site!r} has {len(items)} subject(s); at least "
-                                     f"{min_subjects} per site are needed to estimate its "
-                                     f"mean RISH maps")
+    check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     opts = dict(registration_options or {})
     if template is None:
         tpl_fa, tpl_affine, tpl_info = build_template(
@@ -939,7 +964,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         tpl_fa, tpl_affine = np.asarray(template[0], dtype=np.float32), _as_affine(template[1])
         if tpl_fa.ndim != 3:
             raise ValueError(f"template FA must be 3D, got {tpl_fa.shape}")
-        tpl_info = {"source": "given"}
+        tpl_info = dict(template_info or {"source": "given"})
+    if registered is not None and template is None:
+        raise ValueError("precomputed transforms need the template they map to")
     grid = tpl_fa.shape
     n_orders = lmax // 2 + 1
     sums, counts, subjects, transforms = {}, {}, [], {}
@@ -955,7 +982,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             rish = _check_subject(f, site, shells, lmax)
             mask = np.asarray(f.mask, dtype=bool)
             fa = np.where(mask, f.fa, 0).astype(np.float32)
-            t = register_fa(fa, f.affine, tpl_fa, tpl_affine, registration, **opts)
+            t = (register_fa(fa, f.affine, tpl_fa, tpl_affine, registration, **opts)
+                 if registered is None else registered[f.subject]())
             counts[site] += np.clip(t.to_template(mask.astype(np.float32)), 0, 1)
             for b in shells:
                 for k in range(n_orders):

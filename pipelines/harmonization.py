@@ -1,9 +1,12 @@
 """RISH harmonization in the engine: per-subject features, the fit, and apply.
 
 ``harmonize fit`` maps a features node (FA + per-shell RISH) over subjects in
-parallel, then one node registers them to a template, fits the scale maps,
-stores the artefact and evaluates it (site effect before/after on the fitting
-cohort). The per-subject apply step (``dmriflow run --harmonization``,
+parallel, builds the FA template in rounds (each round: every reference
+subject registered as its own node, then one node averages them), registers
+every subject to the final template as its own node (cached per subject,
+parallel under the workers), then one node combines the registered features
+into the scale maps, stores the artefact and evaluates it (site effect
+before/after on the fitting cohort). The per-subject apply step (``dmriflow run --harmonization``,
 ``dmriflow harmonize apply``) is the registered step
 :mod:`dmriflow.interfaces.steps.harmonize`.
 """
@@ -18,9 +21,11 @@ from pydra.compose import python, workflow
 
 from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
-from dmriflow.interfaces.harmonize import (SubjectFeatures, apply_harmonization,
+from dmriflow.interfaces.harmonize import (TEMPLATE_ITERATIONS, SubjectFeatures, Transform,
+                                           apply_harmonization, check_site_sizes,
                                            evaluate_harmonization, fit_harmonization,
-                                           subject_features, summarise_subject)
+                                           masked_fa, register_fa, subject_features,
+                                           summarise_subject, template_mean)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
@@ -65,26 +70,99 @@ def _loader(entry: dict):
     return load
 
 
+def _site(features: list[dict], sites: dict, site: str) -> list[dict]:
+    """The features records of one site whose features succeeded, in order."""
+    return [f for f in features if f.get("status") == "ok" and sites.get(f["subject"]) == site]
+
+
+def _template(template: dict) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.load(template["fa"])
+    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+
+
+def _transforms(registered: list[dict]) -> dict:
+    """``{subject: callable loading its Transform}`` of the registration nodes."""
+    return {r["subject"]: (lambda p=r["transform"]: Transform.load(p))
+            for r in registered if r.get("transform")}
+
+
+def template_start_step(features: list[dict], sites: dict, reference_site: str,
+                        target_site: str, pipeline_version: str = "") -> dict:
+    """Round 0 of the template: the first reference subject's masked FA."""
+    ref = _site(features, sites, reference_site)
+    check_site_sizes({reference_site: len(ref),
+                      target_site: len(_site(features, sites, target_site))})
+    first = _loader(ref[0])()
+    return {"fa": _save(masked_fa(first), first.affine, "template_fa.nii.gz"), "round": 0,
+            "first_subject": first.subject}
+
+
+TemplateStart = python.define(template_start_step, outputs=["template"], name="TemplateStart")
+
+
+def register_subject_step(entry: dict, template: dict, sites: dict, register_sites: list,
+                          registration: str = "syn", pipeline_version: str = "") -> dict:
+    """Register one subject's masked FA to the template (one node per subject).
+
+    Subjects outside ``register_sites``, failed ones and, in the first
+    template round, the first reference subject (the template itself) pass
+    with no transform.
+    """
+    out = {"subject": entry["subject"], "transform": None}
+    if (entry.get("status") != "ok" or sites.get(entry["subject"]) not in register_sites
+            or (template["round"] == 0 and entry["subject"] == template["first_subject"])):
+        return out
+    f = _loader(entry)()
+    tpl_fa, tpl_affine = _template(template)
+    prefix = Path.cwd() / "transform"
+    register_fa(masked_fa(f), f.affine, tpl_fa, tpl_affine, registration).save(prefix)
+    return {**out, "transform": str(prefix.resolve())}
+
+
+RegisterSubject = python.define(register_subject_step, outputs=["registered"],
+                                name="RegisterSubject")
+
+
+def template_mean_step(features: list[dict], sites: dict, reference_site: str, template: dict,
+                       registered: list[dict], pipeline_version: str = "") -> dict:
+    """One template round: the mean of the registered reference FA maps."""
+    tpl_fa, tpl_affine = _template(template)
+    transforms = _transforms(registered)
+    mean = template_mean([_loader(f) for f in _site(features, sites, reference_site)],
+                         tpl_fa.shape, lambda f, fa: transforms[f.subject](),
+                         first_round=template["round"] == 0)
+    return {"fa": _save(mean, tpl_affine, "template_fa.nii.gz"), "round": template["round"] + 1,
+            "first_subject": template["first_subject"]}
+
+
+TemplateMean = python.define(template_mean_step, outputs=["template"], name="TemplateMean")
+
+
 def fit_harmonization_step(features: list[dict], sites: dict, reference_site: str, target_site: str,
-                           shells: list, lmax: int, registration: str = "syn",
-                           smoothing_fwhm_mm: float = 0.0, pipeline_version: str = "") -> dict:
-    """Fit the artefact on the subjects whose features succeeded; evaluate it.
+                           shells: list, lmax: int, template: dict, registered: list[dict],
+                           registration: str = "syn", smoothing_fwhm_mm: float = 0.0,
+                           pipeline_version: str = "") -> dict:
+    """Fit the artefact on the subjects whose features succeeded, from their
+    registrations to the template; evaluate it.
 
     The evaluation applies the artefact to every target subject and compares
     white-matter FA, MD and RISH between sites before and after.
     """
     Path(STEP_MARKER).write_text("harmonize-fit")
-    ok = [f for f in features if f.get("status") == "ok"]
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
                 for f in features if f.get("status") != "ok"]
     if excluded:
         Path(FAILED_MARKER).write_text("harmonize-fit")
-    ref = [f for f in ok if sites.get(f["subject"]) == reference_site]
-    tar = [f for f in ok if sites.get(f["subject"]) == target_site]
+    ref = _site(features, sites, reference_site)
+    tar = _site(features, sites, target_site)
+    info = {"source": "reference-site mean", "iterations": int(template["round"]),
+            "first_subject": template["first_subject"], "registration": registration}
     artefact = fit_harmonization([_loader(f) for f in ref], [_loader(f) for f in tar],
                                  shells, lmax, reference_site=reference_site,
                                  target_site=target_site, registration=registration,
-                                 smoothing_fwhm_mm=smoothing_fwhm_mm)
+                                 smoothing_fwhm_mm=smoothing_fwhm_mm,
+                                 template=_template(template), template_info=info,
+                                 registered=_transforms(registered))
     folder = artefact.save(Path.cwd() / "artefact")
 
     ref_summaries = [summarise_subject(load_series(f["record"]), lmax, subject=f["subject"])
@@ -134,9 +212,25 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                            pipeline_version=pipeline_version)
     feats = workflow.add(per.split("subject", subject=subjects).combine("subject"),
                          name="features")
+    common = dict(sites=sites, pipeline_version=pipeline_version)
+    tpl = workflow.add(TemplateStart(features=feats.features, reference_site=reference_site,
+                                     target_site=target_site, **common), name="template_0")
+    for r in range(1, TEMPLATE_ITERATIONS + 1):
+        reg = workflow.add(RegisterSubject(template=tpl.template, register_sites=[reference_site],
+                                           registration=registration, **common)
+                           .split("entry", entry=feats.features).combine("entry"),
+                           name=f"register_template_{r}")
+        tpl = workflow.add(TemplateMean(features=feats.features, reference_site=reference_site,
+                                        template=tpl.template, registered=reg.registered,
+                                        **common), name=f"template_{r}")
+    reg = workflow.add(RegisterSubject(template=tpl.template,
+                                       register_sites=[reference_site, target_site],
+                                       registration=registration, **common)
+                       .split("entry", entry=feats.features).combine("entry"), name="register")
     fit = workflow.add(FitHarmonization(features=feats.features, sites=sites,
                                         reference_site=reference_site, target_site=target_site,
                                         shells=shells, lmax=lmax, registration=registration,
+                                        template=tpl.template, registered=reg.registered,
                                         smoothing_fwhm_mm=smoothing_fwhm_mm,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
     return fit.result
