@@ -76,8 +76,10 @@ def _site(features: list[dict], sites: dict, site: str) -> list[dict]:
 
 
 def _template(template: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A template node's FA and affine. C-ordered, as the serial fit's mean is:
+    dipy's registration sums in memory order, so the layout changes its last bits."""
     img = nib.load(template["fa"])
-    return np.asarray(img.dataobj, dtype=np.float32), img.affine
+    return np.ascontiguousarray(img.dataobj, dtype=np.float32), img.affine
 
 
 def _transforms(registered: list[dict]) -> dict:
