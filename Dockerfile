@@ -35,10 +35,13 @@ open('requirements.lock', 'w').write(re.sub(r'(?ms)^torch==.*?(?=^[a-z])', '', t
     && pip install --require-hashes --no-deps --find-links /src/wheels -r requirements.lock
 
 FROM ${BASE_IMAGE}
+# the image's tag, recorded as GeneratedBy.Container.Tag in the derivatives' dataset_description.json
+ARG IMAGE_TAG=dmriflow:latest
 # MPLCONFIGDIR/XDG_CACHE_HOME: writable for any --user uid, not only the image's user
 ENV PATH=/opt/dmriflow/bin:$PATH PYTHONDONTWRITEBYTECODE=1 MPLBACKEND=Agg \
     MPLCONFIGDIR=/tmp/matplotlib XDG_CACHE_HOME=/tmp/cache \
-    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DMRIFLOW_CONTAINER_TAG=${IMAGE_TAG}
 RUN useradd --create-home --uid 1000 dmriflow
 COPY --from=deps /opt/dmriflow /opt/dmriflow
 # the package last, so a code change rebuilds only these small layers

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
-from dmriflow.interfaces import io, stepfiles
+from dmriflow.interfaces import __version__, io, stepfiles
 from dmriflow.interfaces.bids_names import build_name, format_entities
 from dmriflow.interfaces.harmonize import SIDECAR_KEY
-from dmriflow.pipelines.inputs import assign_protocols
+from dmriflow.pipelines.inputs import HCP_DIFFUSION_DIR, assign_protocols
 from dmriflow.interfaces.steps.base import (MAP_EXTENSION, MAP_SUFFIX, TABLE_EXTENSION,
                                             Derivative, product_from_record)
 
@@ -34,6 +35,81 @@ STATUS_ENTITIES, STATUS_SUFFIX = {"desc": "dmriflow"}, "status"
 ROW_ONLY = ("derivatives", "export_id")
 #: Columns of group/subjects.tsv, in order (census fields follow "status").
 STATUS_COLUMNS = ("subject", "status", "failed_step", "error", "qc_flags")
+#: The derivative dataset's folder under OUTPUT: its root. Status files list
+#: their derivatives relative to it, so OUTPUT can move.
+DATASET_DIR = "dmriflow"
+#: Name of the input dataset in dataset_description.json's DatasetLinks; the
+#: sidecars name input files by the BIDS URI ``bids:raw:<path in INPUT>``.
+RAW_DATASET = "raw"
+RAW_URI = f"bids:{RAW_DATASET}:"
+#: BEP016 ``Units`` of each map ``param``, as the maps are stored (the tensor is
+#: fitted with b in s/mm^2, so diffusivities are in mm^2/s; RISH features are
+#: of the b0-normalised signal; S0 is in the scanner's signal units).
+MAP_UNITS = {"fa": "unitless", "md": "mm^2/s", "ad": "mm^2/s", "rd": "mm^2/s",
+             "s0": "arbitrary", "v1": "unitless"}
+#: ``Units`` of every map of a model (RISH: of the b0-normalised signal).
+MODEL_UNITS = {"rish": "unitless"}
+#: The V1 map: its ``param`` label, and the frame its vectors are in (the
+#: b-vectors' frame, see :mod:`dmriflow.interfaces.gradients`), stated in its
+#: sidecar in BEP016's ``OrientationEncoding`` terms.
+V1_PARAM = "v1"
+V1_FRAME = {
+    "OrientationEncoding": {"Type": "unitvector", "EncodingAxis": 3, "Reference": "bvec"},
+    "OrientationFrame": (
+        "FSL image frame, as the input .bvec: components along the voxel axes i, j, k of "
+        "this image (4th axis: x, y, z component), with the i component negated when the "
+        "determinant of the affine's 3x3 part is positive; sign arbitrary; 0 outside the "
+        "mask and where the fit failed. To world (RAS+) frame: flip i if det > 0, then "
+        "apply the affine's rotation/zooms and normalise, as MRtrix3 does for bvecs."),
+}
+#: Parent folders of the running node searched for a moved cache's files.
+CACHE_SEARCH_DEPTH = 3
+#: BIDS version the derivative dataset follows.
+BIDS_VERSION = "1.10.0"
+DESCRIPTION_FILE = "dataset_description.json"
+#: Container detection: the tag our Dockerfile sets, Apptainer/Singularity's
+#: own variables (with the container type BIDS records), Docker's marker file.
+CONTAINER_TAG_ENV = "DMRIFLOW_CONTAINER_TAG"
+APPTAINER_ENV = (("APPTAINER_CONTAINER", "apptainer"), ("SINGULARITY_CONTAINER", "singularity"))
+DOCKERENV = "/.dockerenv"
+#: Folders between an HCP input root and a subject's files (subject/T1w/Diffusion).
+HCP_DEPTH = len(Path(HCP_DIFFUSION_DIR).parts) + 1
+
+
+def dataset_root(output_dir) -> Path:
+    """OUTPUT/dmriflow: the root of the derivative dataset."""
+    return Path(output_dir, DATASET_DIR)
+
+
+def relative_derivative(path, output_dir) -> str:
+    """A written derivative's path relative to :func:`dataset_root` (POSIX)."""
+    return Path(os.path.relpath(path, dataset_root(output_dir))).as_posix()
+
+
+def derivative_file(entry, output_dir) -> Path:
+    """The file a status row's derivative entry names, under the current OUTPUT
+    (entries of older runs are absolute and used as they are)."""
+    return Path(entry) if os.path.isabs(entry) else dataset_root(output_dir) / entry
+
+
+def input_root(path) -> Path:
+    """The input dataset root of one of a subject's input files: the folder
+    above its ``sub-*`` folder (BIDS), else above ``<subject>/T1w/Diffusion`` (HCP)."""
+    p = Path(path)
+    if p.name.startswith("sub-"):
+        subject = next((a for a in p.parents if a.name.startswith("sub-")), None)
+        if subject is not None:
+            return subject.parent
+    return p.parents[min(HCP_DEPTH, len(p.parents) - 1)]
+
+
+def input_uri(path, root) -> str:
+    """``bids:raw:<path relative to the input root>`` of an input file (a file
+    outside the root keeps only its name, never an absolute path)."""
+    rel = os.path.relpath(path, root)
+    if rel.startswith(os.pardir):
+        rel = Path(path).name
+    return RAW_URI + Path(rel).as_posix()
 
 
 def subject_prefix(subject) -> str:
@@ -49,6 +125,96 @@ def derivative_name(prefix: str, derivative: Derivative, table: bool = False) ->
                                      TABLE_EXTENSION if table else MAP_EXTENSION)
 
 
+def container() -> dict | None:
+    """BIDS ``GeneratedBy[].Container`` of the image this process runs in: the
+    tag our Dockerfile sets in :data:`CONTAINER_TAG_ENV`; Apptainer/Singularity
+    from their own variables; any other Docker container from /.dockerenv."""
+    tag = os.environ.get(CONTAINER_TAG_ENV, "")
+    for var, kind in APPTAINER_ENV:
+        if os.environ.get(var):
+            return {"Type": kind, "Tag": tag or Path(os.environ[var]).name}
+    if tag or Path(DOCKERENV).exists():
+        return {"Type": "docker", **({"Tag": tag} if tag else {})}
+    return None
+
+
+def dataset_description(source_uri: str) -> dict:
+    """OUTPUT/dmriflow/dataset_description.json: a BIDS derivative dataset
+    generated by this dmriflow, from the input dataset, linked as ``raw`` at
+    ``source_uri`` (a path relative to OUTPUT/dmriflow)."""
+    generated = {"Name": "dmriflow", "Version": __version__}
+    image = container()
+    if image:
+        generated["Container"] = image
+    return {"Name": "dmriflow derivatives", "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative", "GeneratedBy": [generated],
+            "SourceDatasets": [{"URL": RAW_URI}],
+            "DatasetLinks": {RAW_DATASET: source_uri}}
+
+
+def write_dataset_description(output_dir, source_uri: str) -> Path:
+    """Write the dataset description (atomically), unless the same one is there."""
+    path = dataset_root(output_dir) / DESCRIPTION_FILE
+    text = json.dumps(dataset_description(source_uri), indent=2, sort_keys=True) + "\n"
+    try:
+        if path.read_text() == text:
+            return path
+    except OSError:
+        pass
+    return io.write_text(text, path)
+
+
+def source_uri(subjects, output_dir) -> str:
+    """The input dataset's path relative to OUTPUT/dmriflow (POSIX); its folder
+    name when no relative path exists (another drive); ``"."`` without subjects."""
+    if not subjects:
+        return "."
+    root = input_root(subjects[0].dwi)
+    try:
+        return Path(os.path.relpath(root, dataset_root(output_dir))).as_posix()
+    except ValueError:
+        return root.name
+
+
+def plan_entry(subject) -> dict:
+    """A subject's entry in group/cohort.json: its key, output folders and input
+    files (as ``bids:raw:`` URIs, so the plan holds no absolute path)."""
+    files = {k: getattr(subject, k) for k in ("dwi", "bval", "bvec", "mask", "sidecar")}
+    root = input_root(subject.dwi)
+    return {"label": subject.label, "session": subject.session, "key": subject.key,
+            "out_parts": list(subject.out_parts),
+            **{k: input_uri(p, root) if p else None for k, p in files.items()}}
+
+
+def shown_path(path, output_dir) -> str:
+    """A path as the run log shows it: relative to OUTPUT when inside it (e.g.
+    the default cache), else its name only (logs record no absolute path)."""
+    if path is None:
+        return "none"
+    rel = os.path.relpath(path, output_dir)
+    return Path(path).name if rel.startswith(os.pardir) else Path(rel).as_posix()
+
+
+def cache_file(path) -> str:
+    """A file a cached node wrote, where it is now.
+
+    Node results record absolute paths; after OUTPUT (with its cache) or the
+    cache folder moved, a result served from the cache names the old place.
+    The step running now sits in a node folder of the current cache, so the
+    same node folder and file are looked up under its parent folders (the
+    shortest tail first: ``<node folder>/<file>``).
+    """
+    p = Path(path)
+    if p.exists():
+        return str(path)
+    for root in list(Path.cwd().parents)[:CACHE_SEARCH_DEPTH]:
+        for start in range(len(p.parts) - 2, 0, -1):
+            candidate = root.joinpath(*p.parts[start:])
+            if candidate.exists():
+                return str(candidate)
+    return str(path)          # not found: the copy names the recorded path
+
+
 def sidecar_of(path: Path) -> Path:
     """The JSON sidecar beside a derivative (same name, ``.json``)."""
     stem = path.name[: -len(MAP_EXTENSION)] if path.name.endswith(MAP_EXTENSION) else path.stem
@@ -57,18 +223,39 @@ def sidecar_of(path: Path) -> Path:
 
 def sidecar(inputs: dict, params: dict, step: str, provenance: dict) -> dict:
     """A derivative's sidecar: the input hashes recorded by Validate (the content
-    that was processed, not re-read) and the run's pipeline version."""
-    extra = {k: v for k, v in provenance.items() if k != "PipelineVersion"}
-    return io.sidecar(inputs, params, step, extra=extra, hashes=provenance.get("InputHashes"),
+    that was processed, not re-read) and the run's pipeline version. Inputs
+    are named by BIDS URI (``provenance["InputURIs"]``), never by absolute path."""
+    extra = {k: v for k, v in provenance.items() if k not in ("PipelineVersion", "InputURIs")}
+    meta = io.sidecar(inputs, params, step, extra=extra, hashes=provenance.get("InputHashes"),
                       version=provenance.get("PipelineVersion") or None)
+    uris = provenance.get("InputURIs", {})
+    for key, entry in meta["Inputs"].items():
+        entry["path"] = uris.get(key, Path(entry["path"]).name)
+    return meta
+
+
+def map_fields(step: str, derivative: Derivative | None) -> dict:
+    """BEP016 fields of a map's sidecar: its model, and units and frame where known."""
+    if derivative is None:
+        return {}
+    param = derivative.entities.get("param", "")
+    model = derivative.entities.get("model", step)
+    fields = {"Model": model}
+    units = MODEL_UNITS.get(model) or (MAP_UNITS.get(param) if model == "tensor" else None)
+    if units:
+        fields["Units"] = units
+    if param == V1_PARAM:
+        fields.update(V1_FRAME)
+    return fields
 
 
 def export_file(src, dst: Path, inputs: dict, params: dict, step: str,
-                provenance: dict) -> str:
+                provenance: dict, derivative: Derivative | None = None) -> str:
     """Copy one derivative into place (atomically) beside its JSON sidecar."""
-    io.copy_file(src, dst)
+    io.copy_file(cache_file(src), dst)
     meta = sidecar(inputs, params, step, provenance)
-    meta["Sources"] = sorted(inputs.values())
+    meta["Sources"] = sorted(meta["Inputs"][k]["path"] for k in meta["Inputs"])
+    meta.update(map_fields(step, derivative))
     io.write_json(meta, sidecar_of(dst))
     return str(dst)
 
@@ -83,7 +270,8 @@ def export_product(product: dict, dwi_dir: Path, subject, inputs: dict,
     prefix = subject_prefix(subject)
     jobs = [(d, False) for d in p.maps] + [(d, True) for d in p.tables]
     return [export_file(d.path, Path(dwi_dir) / derivative_name(prefix, d, table), inputs,
-                        {**p.parameters, **d.parameters}, p.step, provenance)
+                        {**p.parameters, **d.parameters}, p.step, provenance,
+                        None if table else d)
             for d, table in jobs]
 
 
@@ -95,7 +283,7 @@ def export_series(record: dict, dwi_dir: Path, prefix: str, inputs: dict,
     desc = "".join(SERIES_DESC[h["step"]] for h in record["history"])
     base = f"{prefix}_" + build_name({"desc": desc}, SERIES_SUFFIX)
     series = record["series"]
-    written = [str(io.copy_file(series[k], Path(dwi_dir, base + ext)))
+    written = [str(io.copy_file(cache_file(series[k]), Path(dwi_dir, base + ext)))
                for k, ext in (("dwi", ".nii.gz"), ("bval", ".bval"), ("bvec", ".bvec"))]
     meta = sidecar(inputs, {"history": record["history"]}, desc, provenance)
     applied = [h for h in record["history"] if h["step"] == "harmonize"]
@@ -114,7 +302,8 @@ def export_fixed_bvec(record: dict, dwi_dir: Path, prefix: str, inputs: dict,
     if not fixes or record.get("history"):
         return []
     base = f"{prefix}_" + build_name({"desc": GRADFIX_DESC}, SERIES_SUFFIX)
-    written = str(io.copy_file(record["series"]["bvec"], Path(dwi_dir, base + ".bvec")))
+    written = str(io.copy_file(cache_file(record["series"]["bvec"]),
+                               Path(dwi_dir, base + ".bvec")))
     io.write_json(sidecar(inputs, {"gradient_fix": fixes[-1]}, GRADFIX_DESC, provenance),
                   Path(dwi_dir, base + ".json"))
     return [written, str(Path(dwi_dir, base + ".json"))]
@@ -133,7 +322,7 @@ def export_id(*records, **fields) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def previous_export(path: Path, eid: str) -> dict | None:
+def previous_export(path: Path, eid: str, output_dir) -> dict | None:
     """The status row of an identical, complete earlier export, if there is one.
 
     The engine can lose an Export node's result when a run is killed right
@@ -147,7 +336,8 @@ def previous_export(path: Path, eid: str) -> dict | None:
         return None
     if row.get("export_id") != eid or row.get("failed_step") == "export":
         return None
-    return row if all(Path(d).exists() for d in row.get("derivatives", [])) else None
+    done = all(derivative_file(d, output_dir).exists() for d in row.get("derivatives", []))
+    return row if done else None
 
 
 def status_path(output_dir, out_parts, key) -> Path:
@@ -213,7 +403,9 @@ def export_subject(subject, record: dict, products: list[dict], output_dir,
     dwi_dir = Path(output_dir, "dmriflow", *subject.out_parts, "dwi")
     prefix = subject_prefix(subject.entities)
     inputs = {k: v["path"] for k, v in record["inputs"].items()}
+    root = input_root(record["inputs"]["dwi"]["path"])
     provenance = {"InputHashes": {k: v["sha256"] for k, v in record["inputs"].items()},
+                  "InputURIs": {k: input_uri(p, root) for k, p in inputs.items() if p},
                   "PipelineVersion": pipeline_version,
                   "ProcessingChain": stepfiles.processing_chain(record),
                   "InputQC": record.get("input_qc", {})}
@@ -230,4 +422,4 @@ def export_subject(subject, record: dict, products: list[dict], output_dir,
     row.update(mask_source=record["mask_source"], mask_voxels=record["mask_voxels"],
                qc_flags="; ".join(flags), warnings="; ".join(record.get("warnings", [])),
                **record.get("qc", {}), **record["census"])
-    return {**row, "derivatives": written}
+    return {**row, "derivatives": [relative_derivative(w, output_dir) for w in written]}

@@ -34,7 +34,9 @@ from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
 from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
                                        option_owner)
 from dmriflow.interfaces.steps.base import check_choice, option
-from dmriflow.pipelines.derivatives import (failed_row, status_path, write_status,
+from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_entry,
+                                            shown_path, source_uri, status_path,
+                                            write_dataset_description, write_status,
                                             write_subjects_table)
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
 from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
@@ -407,6 +409,11 @@ def _log(config: RunConfig, msg: str) -> None:
     log_line(msg, to_stderr=not config.quiet)
 
 
+def _shown_command(output_dir) -> str:
+    """The command line for the log, absolute paths shown as :func:`shown_path` does."""
+    return " ".join(shown_path(a, output_dir) if os.path.isabs(a) else a for a in sys.argv)
+
+
 @contextmanager
 def run_log(output_dir: Path, config: RunConfig):
     """The run's own log file, ``OUTPUT/dmriflow/logs/run-<time>-<pid>-<random>.log``:
@@ -419,7 +426,7 @@ def run_log(output_dir: Path, config: RunConfig):
     os.environ[LOG_ENV] = str(path)
     try:
         log_line(f"dmriflow {__version__} ({io.pipeline_version()}), environment "
-                 f"{environment()['EnvironmentId']}; command: {' '.join(sys.argv)}; "
+                 f"{environment()['EnvironmentId']}; command: {_shown_command(output_dir)}; "
                  f"worker={config.worker} n_procs={config.n_procs}", to_stderr=False)
         yield path
     finally:
@@ -510,13 +517,14 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
     io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"), group / "census.tsv")
     io.write_json({"pipeline_version": version, "worker": config.worker,
                    "steps": list(planned_steps(config)),
-                   "subjects": [{**asdict(s), "key": s.key, "out_parts": list(s.out_parts)}
-                                for s in subjects],
+                   "subjects": [plan_entry(s) for s in subjects],
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, group / "cohort.json")
+    write_dataset_description(output_dir, source_uri(subjects, output_dir))
     removed = clean_cache(root)
     _log(config, f"{len(subjects)} subject(s), protocol groups "
                  f"{dict(cen['protocol'].value_counts())}; worker={config.worker} "
-                 f"cache={root}" + (f"; cleared {removed} failed node folder(s)" if removed else ""))
+                 f"cache={shown_path(root, output_dir)}"
+                 + (f"; cleared {removed} failed node folder(s)" if removed else ""))
 
     runnable, prefailed = preflight(selected, output_dir, version)
     for row in prefailed:
@@ -533,7 +541,8 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
             table = write_subjects_table(rows, output_dir)
         else:
             rows, table = list(res.outputs.rows) + prefailed, Path(res.outputs.table)
-            missing = [d for r in rows for d in r.get("derivatives", []) if not Path(d).exists()]
+            missing = [d for r in rows for d in r.get("derivatives", [])
+                       if not derivative_file(d, output_dir).exists()]
             if missing:
                 # derivatives deleted after a cached run: redo the cheap export steps
                 _log(config, f"{len(missing)} derivative(s) missing; re-exporting")
@@ -554,7 +563,8 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
                           report=_write_report(output_dir, config))
     n_done = sum(r.get("status") == "done" for r in rows)
     _log(config, f"finished in {result.seconds:.1f} s: {n_done} done, "
-                 f"{len(rows) - n_done} not done; table {table}; report {result.report}")
+                 f"{len(rows) - n_done} not done; table {shown_path(table, output_dir)}; "
+                 f"report {shown_path(result.report, output_dir)}")
     return result
 
 
@@ -622,7 +632,8 @@ def collect_status(output_dir, subjects: list[SubjectInputs],
         path = status_path(output_dir, s.out_parts, s.key)
         if path.exists():
             row = json.loads(path.read_text())
-            gone = [d for d in row.get("derivatives", []) if not Path(d).exists()]
+            gone = [d for d in row.get("derivatives", [])
+                    if not derivative_file(d, output_dir).exists()]
             old = row.get("pipeline_version")
             if row.get("status") == "done" and gone:
                 row.update(status=STEP_MISSING, error=f"{len(gone)} derivative(s) missing, "

@@ -41,7 +41,7 @@ from dmriflow.interfaces.bids_names import parse_name
 from dmriflow.interfaces.harmonize import ARTEFACT_JSON
 from dmriflow.interfaces.steps import rish
 from dmriflow.interfaces.steps.base import MAP_SUFFIX
-from dmriflow.pipelines.derivatives import SERIES_DESC, SERIES_SUFFIX
+from dmriflow.pipelines.derivatives import SERIES_DESC, SERIES_SUFFIX, derivative_file
 from dmriflow.interfaces.stepfiles import MAD_TO_SD
 
 #: The report's file name under OUTPUT/dmriflow/.
@@ -149,7 +149,7 @@ def subject_maps(root: Path) -> dict[str, SubjectMaps]:
     for row in _status_rows(root):
         maps = SubjectMaps(row["subject"])
         for d in row.get("derivatives", []):
-            p = Path(d)
+            p = derivative_file(d, root.parent)
             if not p.exists():
                 continue
             entities, suffix, ext = parse_name(p)
@@ -629,7 +629,7 @@ def build_report(output_dir) -> str:
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>dmriflow report: {_e(output_dir.name)}</title><style>{CSS}</style></head>"
-            f"<body><header><h1>dmriflow cohort report</h1><p>{_e(output_dir)}</p><p>{sub}</p>"
+            f"<body><header><h1>dmriflow cohort report</h1><p>{_e(output_dir.name)}</p><p>{sub}</p>"
             f"</header><main>{''.join(sections)}</main></body></html>\n")
 
 

@@ -205,7 +205,7 @@ def export_step(subject: Subject, record: dict, output_dir: str,
     eid = derivatives.export_id(record, *products, out_parts=list(subject.out_parts),
                                 output_dir=output_dir, pipeline_version=pipeline_version)
     status_file = derivatives.status_path(output_dir, subject.out_parts, subject.key)
-    previous = derivatives.previous_export(status_file, eid)
+    previous = derivatives.previous_export(status_file, eid, output_dir)
     if previous is not None:
         if previous.get("status") != "done":
             Path(FAILED_MARKER).write_text("export")

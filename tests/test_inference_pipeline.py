@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from dmriflow.pipelines.derivatives import derivative_file
 from dmriflow.interfaces import inference as inf
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.io import load_dwi
@@ -157,7 +158,8 @@ def test_inference_phase_in_a_cohort(checkpoint, tmp_path, monkeypatch):
                          "model-directions_param-fa_dwimap.nii.gz",
                          "model-directions_desc-synthesized_gradients.tsv"):
             assert f"{key}_{entities}" in names
-        side = next(Path(p) for p in row["derivatives"] if "model-directions_param-fa" in p)
+        side = next(derivative_file(p, tmp_path / "out") for p in row["derivatives"]
+                    if "model-directions_param-fa" in p)
         meta = json.loads(side.with_name(side.name.replace(".nii.gz", ".json")).read_text())
         assert meta["Parameters"]["weights_sha256"] == mc.load_card(checkpoint).weights_sha256
         assert meta["GeneratedBy"][0]["Step"] == "inference"

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dmriflow.pipelines.derivatives import derivative_file
 from dmriflow.interfaces import io
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
@@ -96,7 +97,7 @@ def test_immediate_rerun_recomputes_nothing(cohort_run):
 
 def test_deleted_derivatives_are_restored(cohort_run):
     tmp, subjects, result = cohort_run
-    victim = Path(result.rows[0]["derivatives"][0])
+    victim = derivative_file(result.rows[0]["derivatives"][0], tmp / "out")
     victim.unlink()
     fits = {k: v for k, v in node_results(tmp / "cache").items()}
     run_cohort(subjects, tmp / "out", config(tmp))

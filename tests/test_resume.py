@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from dmriflow.pipelines.derivatives import derivative_file
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 
 #: Small subjects; the last one is larger, so it is still running when the
@@ -139,7 +140,7 @@ def assert_nothing_half_written(out: Path) -> None:
         present = {p.name for p in (root / subject / "dwi").glob("*.nii.gz")}
         assert names and names == present, subject
         for d in row["derivatives"]:
-            assert Path(d.replace(".nii.gz", ".json")).exists(), d
+            assert derivative_file(d.replace(".nii.gz", ".json"), out).exists(), d
 
 
 def progress_subjects(log: Path, task: str) -> set[str]:
@@ -242,5 +243,6 @@ def test_interrupted_reexport_never_leaves_an_old_done_status(tmp_path, monkeypa
     (row,) = [json.loads(p.read_text()) for p in status_files(tmp_path / "out").values()]
     assert row["pipeline_version"] == "0.1.0+new"
     for nii in row["derivatives"]:
-        meta = json.loads(Path(nii.replace(".nii.gz", ".json")).read_text())
+        meta = json.loads(derivative_file(nii.replace(".nii.gz", ".json"),
+                                          tmp_path / "out").read_text())
         assert meta["GeneratedBy"][0]["PipelineVersion"] == "0.1.0+new"

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from dmriflow.pipelines.derivatives import derivative_file
 from dmriflow.interfaces import io
 from dmriflow.interfaces.environment import environment, lock_path
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
@@ -140,13 +141,14 @@ def test_rerun_failed_restores_deleted_derivatives_only(broken_run, capsys):
     assert run(cohort, out, "--rerun-failed") == cli.EXIT_OK     # (idempotent if run)
     victim_key, kept_key = subjects[0].key, subjects[2].key
     row = json.loads(next((out / "dmriflow" / victim_key).glob("*_status.json")).read_text())
-    victim = Path(row["derivatives"][3])
+    entry = row["derivatives"][3]          # relative to OUTPUT/dmriflow
+    victim = derivative_file(entry, out)
     victim.unlink()
     code, lines = status_lines(capsys, out)
     assert code == cli.EXIT_SUBJECTS_FAILED
     (line,) = [ln for ln in lines if ln.startswith(victim_key)]
     assert line.split()[1:6] == ["missing", "done", "done", "done", "missing"]
-    assert f"1 derivative(s) missing, e.g. {victim}" in line
+    assert f"1 derivative(s) missing, e.g. {entry}" in line
 
     kept = files_of(out, kept_key)
     assert run(cohort, out, "--rerun-failed") == cli.EXIT_OK
@@ -195,10 +197,13 @@ def test_every_sidecar_carries_full_provenance(broken_run):
         row = json.loads(next((out / "dmriflow" / s.key).glob("*_status.json")).read_text())
         assert row["status"] == "done" and row["pipeline_version"] == version
         for nii in row["derivatives"]:
-            meta = json.loads(Path(nii.replace(".nii.gz", ".json")).read_text())
+            meta = json.loads(derivative_file(nii.replace(".nii.gz", ".json"),
+                                              out).read_text())
             assert {k: v["sha256"] for k, v in meta["Inputs"].items()} == hashes
+            # inputs named by BIDS URI relative to the input root, never by absolute path
             assert {k: v["path"] for k, v in meta["Inputs"].items()} == {
-                k: getattr(s, k) for k in hashes}
+                k: "bids:raw:" + Path(getattr(s, k)).relative_to(cohort).as_posix()
+                for k in hashes}
             assert meta["InputHashes"] == hashes
             gen = meta["GeneratedBy"][0]
             assert gen["PipelineVersion"] == version and gen["Name"] == "dmriflow"

@@ -1,0 +1,141 @@
+"""Relocatable outputs: OUTPUT (with its cache inside) and INPUT can move.
+
+Nothing dmriflow writes under OUTPUT records an absolute path: status files
+list derivatives relative to OUTPUT/dmriflow, sidecars and the plan name
+inputs by ``bids:raw:`` URIs. After ``mv OUT OUT2`` and ``mv IN IN2``,
+status, the report and a rerun (served from the cache) all work.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
+from dmriflow.pipelines import cli
+from dmriflow.pipelines.derivatives import (DESCRIPTION_FILE, derivative_file, input_root,
+                                            input_uri)
+from dmriflow.pipelines.execution import DEFAULT_CACHE
+
+SHAPE = (12, 12, 10)
+N_SUBJECTS = 2
+#: Files dmriflow writes whose text is checked for absolute paths.
+TEXT_SUFFIXES = (".json", ".tsv", ".html", ".log", ".bvec", ".bval")
+#: Inline images of the report (base64 text, not paths).
+DATA_URI = re.compile(r"data:[\w/+.-]+;base64,[^\"']*")
+#: Any absolute POSIX path of two or more components inside a text.
+ABSOLUTE = re.compile(r"(?<![\w.:/-])/(?:[\w.+-]+/)+[\w.+-]+")
+
+
+def run(cohort: Path, out: Path, *extra: str) -> int:
+    return cli.main(["run", str(cohort), str(out), "--worker", "debug", "--quiet", *extra])
+
+
+def node_results(out: Path) -> dict[str, int]:
+    """mtime of every node result in OUTPUT's cache (a recomputed node changes)."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns
+            for p in (out / DEFAULT_CACHE).rglob("_result.pklz")}
+
+
+def newest_log(out: Path) -> Path:
+    return max((out / "dmriflow" / "logs").glob("run-*.log"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def tasks_run(log: Path) -> set[str]:
+    """Tasks the run's progress lines report as done (``<Task> [sub-X]: done``)."""
+    return {line.split("] ", 1)[1].split()[0].rstrip(":") for line in log.read_text().splitlines()
+            if line.endswith(": done")}
+
+
+def figures(out: Path) -> int:
+    return (out / "dmriflow" / "report.html").read_text().count("<figure")
+
+
+def written_texts(out: Path):
+    """(path, text) of every text file dmriflow wrote under OUTPUT/dmriflow."""
+    for p in sorted((out / "dmriflow").rglob("*")):
+        if p.is_file() and p.name.endswith(TEXT_SUFFIXES):
+            yield p, DATA_URI.sub("", p.read_text())
+
+
+def test_moved_output_and_input_keep_working(tmp_path, capsys):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_cohort(src, N_SUBJECTS, shape=SHAPE, seed=5,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000, 2000), n_dirs=15, seed=1))
+    assert run(src, out) == cli.EXIT_OK
+    assert cli.main(["report", str(out)]) == cli.EXIT_OK
+    n_figures = figures(out)
+    assert n_figures > 1
+
+    src2, out2 = tmp_path / "moved" / "in2", tmp_path / "moved" / "out2"
+    out2.parent.mkdir()
+    src.rename(src2)
+    out.rename(out2)
+    capsys.readouterr()
+
+    # status and report read the moved tree
+    assert cli.main(["status", str(out2)]) == cli.EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(" done " in f" {ln} " for ln in lines) >= N_SUBJECTS, lines
+    assert cli.main(["report", str(out2)]) == cli.EXIT_OK
+    assert figures(out2) == n_figures
+
+    # a rerun with the moved input is served from the moved cache
+    before = node_results(out2)
+    assert run(src2, out2) == cli.EXIT_OK
+    after = node_results(out2)
+    assert all(after[k] == before[k] for k in before)       # no result rewritten
+    # only the copies into the moved OUTPUT ran (Export, GroupTable), no step
+    assert tasks_run(newest_log(out2)) == {"Export", "GroupTable"}
+    assert run(src2, out2, "--rerun-failed") == cli.EXIT_OK
+    rows = [json.loads(p.read_text())
+            for p in sorted((out2 / "dmriflow").glob("sub-*/*_status.json"))]
+    assert len(rows) == N_SUBJECTS
+    for row in rows:
+        assert row["status"] == "done"
+        assert all(derivative_file(d, out2).exists() for d in row["derivatives"])
+
+    # no text dmriflow wrote names the old roots, or any absolute path
+    for p, text in written_texts(out2):
+        assert str(tmp_path) not in text, p
+        assert not ABSOLUTE.findall(text), (p, ABSOLUTE.findall(text)[:3])
+
+
+def test_dataset_description_is_a_valid_derivative(tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_cohort(src, 1, shape=SHAPE, seed=5,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=12, seed=1))
+    assert run(src, out) == cli.EXIT_OK
+    path = out / "dmriflow" / DESCRIPTION_FILE
+    desc = json.loads(path.read_text())
+    assert desc["DatasetType"] == "derivative" and desc["BIDSVersion"]
+    assert desc["GeneratedBy"][0]["Name"] == "dmriflow" and desc["GeneratedBy"][0]["Version"]
+    assert desc["DatasetLinks"]["raw"] == "../../in"
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:"}]
+    stamp = path.stat().st_mtime_ns
+    assert run(src, out) == cli.EXIT_OK
+    assert path.stat().st_mtime_ns == stamp                  # identical: not rewritten
+
+    maps = {p.name: json.loads(p.read_text())
+            for p in (out / "dmriflow").rglob("*_dwimap.json")}
+    fa = next(m for n, m in maps.items() if "model-tensor_param-fa" in n)
+    md = next(m for n, m in maps.items() if "model-tensor_param-md" in n)
+    v1 = next(m for n, m in maps.items() if "model-tensor_param-v1" in n)
+    assert fa["Model"] == "tensor" and fa["Units"] == "unitless"
+    assert md["Units"] == "mm^2/s"
+    assert v1["OrientationEncoding"]["EncodingAxis"] == 3
+    assert "FSL image frame" in v1["OrientationFrame"]
+
+
+def test_inputs_are_named_by_bids_uri_relative_to_the_input_root():
+    bids = input_root("/d/sub-x/study/sub-01/ses-1/dwi/sub-01_ses-1_dwi.nii.gz")
+    assert bids == Path("/d/sub-x/study")
+    mask = "/d/sub-x/study/derivatives/q/sub-01/ses-1/dwi/sub-01_desc-brain_mask.nii.gz"
+    assert input_uri(mask, bids) == "bids:raw:derivatives/q/sub-01/ses-1/dwi/" \
+                                    "sub-01_desc-brain_mask.nii.gz"
+    hcp = input_root("/d/sub-x/hcp/100307/T1w/Diffusion/data.nii.gz")
+    assert hcp == Path("/d/sub-x/hcp")
+    assert input_uri("/d/sub-x/hcp/100307/T1w/Diffusion/bvals", hcp) == \
+        "bids:raw:100307/T1w/Diffusion/bvals"
+    assert input_uri("/elsewhere/a.nii.gz", hcp) == "bids:raw:a.nii.gz"   # never absolute
