@@ -63,6 +63,9 @@ EXIT_USAGE = 64
 EXIT_CLOSED_PIPE = 128 + 13
 #: BIDS-App analysis levels: ``dmriflow INPUT OUTPUT participant|group``.
 LEVELS = ("participant", "group")
+#: The verbs of the command line (a BIDS-App INPUT never shadows one of them).
+VERBS = ("run", "participant", "group", "harmonize", "status", "report", "simulate",
+         "train", "evaluate", "demo")
 #: A subject's peak memory as a multiple of its series held as float32 (README,
 #: bench/memory.py: DTI peaks at 1.11x the input; a preprocessing or harmonization
 #: step holds a second copy of the series beside the first).
@@ -168,27 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dmriflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the pipeline on a cohort")
-    p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
-    p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
-    _add_selection(p)
-    _add_generated_options(p, "run")
-
-    p = sub.add_parser("participant", help="run the per-subject steps for the selected "
-                                           "subjects (BIDS-App form: dmriflow INPUT OUTPUT "
-                                           "participant; the same as 'run')")
-    p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
-    p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
-    _add_selection(p)
-    _add_generated_options(p, "run")
-
-    p = sub.add_parser("group", help="aggregate what is done (group table, census, report) "
-                                     "without computing any subject (dmriflow INPUT OUTPUT "
-                                     "group)")
-    p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
-    p.add_argument("output", help="output folder of the participant runs")
-    _add_selection(p)
-    _add_generated_options(p, "run")
+    cohort_commands = {
+        "run": "run the pipeline on a cohort",
+        "participant": "run the per-subject steps for the selected subjects (BIDS-App "
+                       "form: dmriflow INPUT OUTPUT participant; the same as 'run')",
+        "group": "aggregate what is done (group table, census, report) without computing "
+                 "any subject (dmriflow INPUT OUTPUT group)"}
+    for name, text in cohort_commands.items():   # one command line for both levels
+        p = sub.add_parser(name, help=text)
+        p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
+        p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
+        _add_selection(p)
+        _add_generated_options(p, "run")
 
     p = sub.add_parser("harmonize", help="fit or apply RISH harmonization")
     hsub = p.add_subparsers(dest="harmonize_command", required=True)
@@ -384,8 +378,9 @@ def cmd_harmonize(args) -> int:
     if args.harmonize_command == "apply":
         args.harmonization = args.artefact
         return _run(args.input, args.output, args.layout, args.participant_label, args)
-    subjects = discover(args.input, layout=args.layout, participant_labels=args.participant_label)
+    subjects = _discover(args.input, args.layout, args.participant_label, args)
     config = _config(args)
+    _apply_resources(subjects, config)
     fit = config.cohort["harmonization_fit"]
     table = fit.site_table or (Path(args.input) / "participants.tsv")
     sites = site_labels(subjects, fit.site_column,
@@ -516,17 +511,12 @@ def cmd_demo(args) -> int:
 
 def bids_app_argv(argv: list[str]) -> list[str]:
     """``INPUT OUTPUT participant|group ...`` -> ``participant|group INPUT OUTPUT ...``
-    (the BIDS-App order); any other command line is returned unchanged."""
+    (the BIDS-App order); any other command line (``run ...``, ``status ...``) is
+    returned unchanged."""
     if len(argv) >= 3 and argv[2] in LEVELS and not argv[0].startswith("-") \
-            and argv[0] not in build_parser_commands():
+            and argv[0] not in VERBS:
         return [argv[2], argv[0], argv[1], *argv[3:]]
     return argv
-
-
-def build_parser_commands() -> tuple[str, ...]:
-    """The verbs of the command line (``run``, ``status``, ...)."""
-    return ("run", "participant", "group", "harmonize", "status", "report", "simulate",
-            "train", "evaluate", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

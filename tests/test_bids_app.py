@@ -195,3 +195,22 @@ def test_mem_limits_processes_and_omp_sets_worker_threads(tmp_path, monkeypatch)
     cli._apply_resources(units, config)
     assert config.n_procs == 2
     assert all(__import__("os").environ[name] == "3" for name in cli.THREAD_VARIABLES)
+
+
+def test_two_hcp_folders_of_one_label_fail_that_label_only(tmp_path):
+    cohort = tmp_path / "hcp"
+    write_cohort(cohort, 2, layout="hcp", shape=SHAPE, seed=0,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=12, seed=1))
+    first = sorted(p.name for p in cohort.iterdir() if (p / "T1w").is_dir())[0]
+    shutil.copytree(cohort / first, cohort / f"sub-{first}")
+    units = {s.key: s for s in discover(cohort)}
+    assert len(units) == 2
+    problem = units[f"sub-{first}"].problem
+    assert str(cohort / first) in problem and str(cohort / f"sub-{first}") in problem
+    assert "rename or remove" in problem
+    assert [s.problem for k, s in units.items() if k != f"sub-{first}"] == [None]
+
+
+def test_every_verb_is_known_to_the_bids_app_form():
+    verbs = cli.build_parser()._subparsers._group_actions[0].choices
+    assert set(verbs) == set(cli.VERBS)
