@@ -167,7 +167,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dmriflow", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="dmriflow", description=__doc__.split("\n")[0],
+                     epilog="BIDS-App form: dmriflow INPUT OUTPUT participant|group [options] "
+                            "(the same as dmriflow participant|group INPUT OUTPUT [options])")
     parser.add_argument("--version", action="version", version=f"dmriflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
