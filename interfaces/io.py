@@ -512,9 +512,13 @@ def read_sidecar(path: str | None) -> dict:
         return {}
     try:
         with open(path) as fh:
-            return json.load(fh)
+            meta = json.load(fh)
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(path, f"cannot read JSON sidecar ({exc})") from None
+    if not isinstance(meta, dict):
+        raise InputError(path, f"JSON sidecar is a {type(meta).__name__}, not an object "
+                               f"of fields: {str(meta)[:60]}")
+    return meta
 
 
 def census_row(dwi, bval, bvec, sidecar=None, gtab=None, shape=None, zooms=None,

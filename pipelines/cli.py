@@ -1,5 +1,9 @@
 """The ``dmriflow`` command (BIDS-App style).
 
+dmriflow INPUT OUTPUT participant [--participant-label 01 sub-02 ...] [--session-label S]
+                                 [--bids-filter-file FILE] [-w DIR] [--nprocs N]
+                                 [--omp-nthreads N] [--mem GB] [-v] [--config FILE]
+dmriflow INPUT OUTPUT group [same options]: table, census and report of what is done
 dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
                           [--sbatch-args=ARGS] [--gpu-sbatch-args=ARGS]
@@ -17,9 +21,9 @@ dmriflow demo OUT [--inference directions]
 dmriflow train directions INPUT OUTPUT_CHECKPOINT [--epochs N] [--resume]
 dmriflow train 3t7t BIDS_INPUT OUTPUT_CHECKPOINT [--epochs N] [--grid G]
 
-Exit status of ``run``/``demo``: 0 all subjects done, 2 some subjects failed
-(listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable input,
-3 another run holds OUTPUT or the cache. ``status``: 0 every planned subject
+Exit status of ``participant``/``group``/``run``/``demo``: 0 all subjects done, 2 some
+subjects failed (listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable
+input, 3 another run holds OUTPUT or the cache, 64 a usage error. ``status``: 0 every planned subject
 done, 2 some failed or missing, 1 no run found in OUTPUT.
 """
 
@@ -27,22 +31,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
-from dmriflow.interfaces import __version__
+import nibabel as nib
+
+from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.io import read_sidecar
 from dmriflow.interfaces.stepfiles import load_subject
 from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY
 from dmriflow.interfaces.steps.base import ALL_COMMANDS, flag_of, option_type, options_of
 from dmriflow.interfaces.steps.image_gradient import resolve_timing
+from dmriflow.pipelines.derivatives import write_subjects_table
 from dmriflow.pipelines.execution import (STEP_WORDS, EngineOptions, RunConfig, RunInProgress,
+                                          collect_status, exclusive_run, read_plan,
                                           run_cohort, run_harmonization_fit, run_holder,
                                           status_table)
-from dmriflow.pipelines.inputs import discover, site_labels
+from dmriflow.pipelines.inputs import census, discover, read_filter_file, site_labels
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
 #: A command-line mistake (sysexits' EX_USAGE), apart from 2 = some subjects failed.
@@ -50,6 +61,19 @@ EXIT_USAGE = 64
 #: The reader of our output went away (`dmriflow status OUT | head`): the shell's
 #: code for a process ended by SIGPIPE, and no traceback.
 EXIT_CLOSED_PIPE = 128 + 13
+#: BIDS-App analysis levels: ``dmriflow INPUT OUTPUT participant|group``.
+LEVELS = ("participant", "group")
+#: The verbs of the command line (a BIDS-App INPUT never shadows one of them).
+VERBS = ("run", "participant", "group", "harmonize", "status", "report", "simulate",
+         "train", "evaluate", "demo")
+#: A subject's peak memory as a multiple of its series held as float32 (README,
+#: bench/memory.py: DTI peaks at 1.11x the input; a preprocessing or harmonization
+#: step holds a second copy of the series beside the first).
+PEAK_PER_SERIES = 2.0
+FLOAT32_BYTES = 4
+BYTES_PER_GB = 1e9
+#: Thread-count variables the workers' numpy/BLAS/torch read (``--omp-nthreads``).
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 #: Demo cohort: a few small phantom subjects, two workers.
 DEMO_SUBJECTS = 4
 DEMO_SHAPE = (36, 44, 36)
@@ -86,7 +110,7 @@ def _add_generated_options(p: argparse.ArgumentParser, *commands: str) -> None:
                               required=info.required, nargs=info.nargs)
                 if info.choices:
                     kwargs["choices"] = info.choices
-            group.add_argument(flag_of(f, info), **kwargs)
+            group.add_argument(flag_of(f, info), *info.aliases, **kwargs)
     p.set_defaults(options_parser=p)    # where --config finds the defaults
     p.add_argument("--config", metavar="FILE",
                    help="options from a TOML or JSON file: a table per step (or 'engine') "
@@ -143,15 +167,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dmriflow", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="dmriflow", description=__doc__.split("\n")[0],
+                     epilog="BIDS-App form: dmriflow INPUT OUTPUT participant|group [options] "
+                            "(the same as dmriflow participant|group INPUT OUTPUT [options])")
     parser.add_argument("--version", action="version", version=f"dmriflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the pipeline on a cohort")
-    p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
-    p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
-    _add_selection(p)
-    _add_generated_options(p, "run")
+    cohort_commands = {
+        "run": "run the pipeline on a cohort",
+        "participant": "run the per-subject steps for the selected subjects (BIDS-App "
+                       "form: dmriflow INPUT OUTPUT participant; the same as 'run')",
+        "group": "aggregate what is done (group table, census, report) without computing "
+                 "any subject (dmriflow INPUT OUTPUT group)"}
+    for name, text in cohort_commands.items():   # one command line for both levels
+        p = sub.add_parser(name, help=text)
+        p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
+        p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
+        _add_selection(p)
+        _add_generated_options(p, "run")
 
     p = sub.add_parser("harmonize", help="fit or apply RISH harmonization")
     hsub = p.add_subparsers(dest="harmonize_command", required=True)
@@ -227,15 +260,80 @@ def _config(args):
     return RunConfig(**given)
 
 
+def _discover(input_dir, layout, labels, args):
+    """The units of INPUT selected by the labels, ``--session-label`` and
+    ``--bids-filter-file`` (when the command has them)."""
+    path = getattr(args, "bids_filter_file", None)
+    return discover(input_dir, layout=layout, participant_labels=labels,
+                    session_labels=getattr(args, "session_label", None),
+                    bids_filter=read_filter_file(path) if path else None)
+
+
+def _timing_problems(subjects, config):
+    """Units whose image-gradient timing cannot be read get it as their
+    ``problem`` (they fail alone); when no unit has it, it is a usage mistake:
+    the first unit's InputError stops before any work."""
+    timing = config.steps["image_gradient"].timing
+    checked, errors = [], []
+    for s in subjects:
+        try:
+            resolve_timing(timing, s.sidecar, s.dwi)
+            checked.append(s)
+        except InputError as exc:
+            errors.append(exc)
+            checked.append(replace(s, problem=s.problem or str(exc)))
+    if errors and len(errors) == len(subjects):
+        raise errors[0]
+    return checked
+
+
+def series_gb(dwi) -> float:
+    """A series' size as float32 in GB, from its header (0 when unreadable:
+    the subject fails in its own node)."""
+    try:
+        shape = nib.load(dwi).header.get_data_shape()
+    except Exception:  # noqa: BLE001 - a broken file is reported by Validate
+        return 0.0
+    return math.prod(shape) * FLOAT32_BYTES / BYTES_PER_GB
+
+
+def processes_for_memory(subjects, n_procs: int, mem_gb: float) -> tuple[int, float]:
+    """(processes, estimated peak GB of the largest subject): at most ``n_procs``,
+    and few enough that that many of the largest subjects fit in ``mem_gb``."""
+    peak = PEAK_PER_SERIES * max((series_gb(s.dwi) for s in subjects), default=0.0)
+    fit = int(mem_gb // peak) if peak > 0 else n_procs
+    return max(1, min(n_procs, fit)), peak
+
+
+def _apply_resources(subjects, config) -> None:
+    """``--omp-nthreads`` (environment the workers inherit) and ``--mem`` (fewer processes)."""
+    if config.omp_nthreads:
+        for name in THREAD_VARIABLES:
+            os.environ[name] = str(config.omp_nthreads)
+    if config.mem:
+        n, peak = processes_for_memory(subjects, config.n_procs, config.mem)
+        if n < config.n_procs or config.verbose:
+            print(f"--mem {config.mem:g} GB: {n} process(es) (largest subject's estimated "
+                  f"peak {peak:.2f} GB = {PEAK_PER_SERIES:g}x its float32 series)")
+        if peak > config.mem:
+            print(f"warning: the largest subject's estimated peak ({peak:.2f} GB) exceeds "
+                  f"--mem {config.mem:g} GB; running one process", file=sys.stderr)
+        config.engine.n_procs = n
+
+
 def _run(input_dir, output, layout, labels, args) -> int:
     if labels and getattr(args, "rerun_failed", False):
         raise ValueError("--rerun-failed takes the subjects from OUTPUT's plan: "
                          "do not combine it with --participant-label")
-    subjects = discover(input_dir, layout=layout, participant_labels=labels)
+    subjects = _discover(input_dir, layout, labels, args)
     config = _config(args)
-    if config.image_gradient:   # a missing timing is a usage error: stop before any work
+    if config.image_gradient:   # timing unreadable for every unit: a usage mistake
+        subjects = _timing_problems(subjects, config)
+    if config.verbose:
+        logging.basicConfig(level=logging.INFO)
         for s in subjects:
-            resolve_timing(config.steps["image_gradient"].timing, s.sidecar, s.dwi)
+            print(f"unit {s.key}: {s.dwi}" + (f" (fails: {s.problem})" if s.problem else ""))
+    _apply_resources(subjects, config)
     result = run_cohort(subjects, output, config)
     print(f"derivatives: {result.output_dir / 'dmriflow'}")
     print(f"summary table: {result.table}")
@@ -247,12 +345,44 @@ def _run(input_dir, output, layout, labels, args) -> int:
     return EXIT_SUBJECTS_FAILED if result.failed or result.engine_errors else EXIT_OK
 
 
+def cmd_group(args) -> int:
+    """The group level: census, group table and report over every unit that is
+    selected in INPUT or planned in OUTPUT, from their status files; no
+    subject is computed and the table never shrinks to the last subset."""
+    from dmriflow.pipelines.report import write_report  # lazy: keeps `dmriflow --help` fast
+    output = Path(args.output).resolve()
+    units = {s.key: s for s in _discover(args.input, args.layout, args.participant_label, args)}
+    try:
+        planned = read_plan(output)
+    except FileNotFoundError:
+        planned = []
+    found = list(units.values())
+    rows_for = found + [p for p in planned if p.key not in units]
+    with exclusive_run(output / "dmriflow"):
+        rows = collect_status(output, sorted(rows_for, key=lambda u: u.key))
+        cen = census(found)
+        io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"),
+                      output / "dmriflow" / "group" / "census.tsv")
+        table = write_subjects_table(rows, output)
+        report = write_report(output)
+    done = sum(r.get("status") == "done" for r in rows)
+    print(f"summary table: {table} ({done} of {len(rows)} done)")
+    print(f"report: {report}")
+    for row in rows:
+        if row.get("status") != "done":
+            print(f"NOT DONE {row['subject']} ({row.get('status')}"
+                  + (f" [{row['failed_step']}]" if row.get("failed_step") else "")
+                  + f"): {row.get('error', '')}")
+    return EXIT_OK if done == len(rows) else EXIT_SUBJECTS_FAILED
+
+
 def cmd_harmonize(args) -> int:
     if args.harmonize_command == "apply":
         args.harmonization = args.artefact
         return _run(args.input, args.output, args.layout, args.participant_label, args)
-    subjects = discover(args.input, layout=args.layout, participant_labels=args.participant_label)
+    subjects = _discover(args.input, args.layout, args.participant_label, args)
     config = _config(args)
+    _apply_resources(subjects, config)
     fit = config.cohort["harmonization_fit"]
     table = fit.site_table or (Path(args.input) / "participants.tsv")
     sites = site_labels(subjects, fit.site_column,
@@ -381,7 +511,18 @@ def cmd_demo(args) -> int:
     return status
 
 
+def bids_app_argv(argv: list[str]) -> list[str]:
+    """``INPUT OUTPUT participant|group ...`` -> ``participant|group INPUT OUTPUT ...``
+    (the BIDS-App order); any other command line (``run ...``, ``status ...``) is
+    returned unchanged."""
+    if len(argv) >= 3 and argv[2] in LEVELS and not argv[0].startswith("-") \
+            and argv[0] not in VERBS:
+        return [argv[2], argv[0], argv[1], *argv[3:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = bids_app_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
@@ -395,10 +536,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     try:
         _apply_config(args)
-        if args.command == "run":
+        if args.command in ("run", "participant"):
             return _run(args.input, args.output, args.layout, args.participant_label, args)
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
-                "harmonize": cmd_harmonize, "report": cmd_report,
+                "harmonize": cmd_harmonize, "report": cmd_report, "group": cmd_group,
                 "train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"dmriflow: error: {exc}", file=sys.stderr)

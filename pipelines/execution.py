@@ -88,9 +88,25 @@ class EngineOptions:
     worker: str = option("cf", "engine worker: cf (local processes, default), debug (serial, "
                                "in-process), slurm (one SLURM job per node)", choices=WORKERS)
     n_procs: int = option(1, "processes for the cf worker (default: %(default)s)",
-                          cli_default=_default_procs)
+                          cli_default=_default_procs, aliases=("--nprocs",))
     cache_dir: str | None = option(None, "Pydra cache root (default: OUTPUT/.dmriflow-cache); "
-                                         "must be on a path every SLURM node sees")
+                                         "must be on a path every SLURM node sees",
+                                   aliases=("-w", "--work-dir"))
+    omp_nthreads: int | None = option(
+        None, "threads per worker process for numpy, BLAS and torch (sets OMP_NUM_THREADS, "
+              "OPENBLAS_NUM_THREADS, MKL_NUM_THREADS for the workers; default: unset)",
+        metavar="N")
+    mem: float | None = option(
+        None, "memory for the run in GB: fewer cf processes so that the concurrent subjects' "
+              "estimated peaks fit (a subject's peak is estimated as "
+              "2x its series as float32, from the header)", units="GB", metavar="GB")
+    verbose: bool = option(False, "more detail: the selected units and the engine's log",
+                           aliases=("-v",))
+    session_label: list[str] | None = option(
+        None, "only these sessions (with or without 'ses-')", metavar="LABEL", nargs="+")
+    bids_filter_file: str | None = option(
+        None, "pybids-style JSON selecting DWI series by entities, e.g. "
+              "{\"dwi\": {\"acquisition\": \"multi\", \"run\": 1}}", metavar="FILE")
     sbatch_args: str = option("", "sbatch arguments of every job (slurm worker); write "
                                   "--sbatch-args='--time=60 --mem=8G' (with '=')",
                               metavar="ARGS")
@@ -111,6 +127,10 @@ class EngineOptions:
         check_choice("worker", self.worker, WORKERS)
         if self.n_procs < 1:
             raise ValueError("n_procs must be >= 1")
+        if self.omp_nthreads is not None and self.omp_nthreads < 1:
+            raise ValueError("omp_nthreads must be >= 1")
+        if self.mem is not None and self.mem <= 0:
+            raise ValueError("mem must be > 0 GB")
 
 
 class RunConfig:

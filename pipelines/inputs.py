@@ -7,13 +7,15 @@ with a clear reason. The census reads headers, b-values and sidecars only.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 
+from dmriflow.interfaces.bids_names import parse_name
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import check_readable_file
 # The census row and sidecar reader are step code (interfaces.io); read_sidecar
@@ -27,7 +29,8 @@ HCP_FILES = {"dwi": "data.nii.gz", "bval": "bvals", "bvec": "bvecs",
 #: Voxel sizes and echo times are rounded to these before protocol grouping.
 VOXEL_ROUNDING_MM = 0.05
 TE_ROUNDING_MS = 1.0
-_BIDS_DWI = re.compile(r"^(sub-[A-Za-z0-9]+)(?:_(ses-[A-Za-z0-9]+))?(?:_[a-z]+-[A-Za-z0-9]+)*_dwi\.nii(\.gz)?$")
+#: The datatype a ``--bids-filter-file`` selects series of (pybids-style query).
+FILTER_DATATYPE = "dwi"
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class SubjectInputs:
     mask: str | None = None
     sidecar: str | None = None
     session: str | None = None  # without "ses-"
+    #: Why this unit cannot run, naming the files (found during discovery, e.g. two
+    #: series for one subject): it fails alone, before submission, with this reason.
+    problem: str | None = None
 
     @property
     def key(self) -> str:
@@ -57,6 +63,8 @@ class SubjectInputs:
         Run before submission: the engine cannot even hash a missing file, so
         such a subject is reported without entering the task graph.
         """
+        if self.problem:    # already names its files
+            raise InputError(None, self.problem)
         for what in ("dwi", "bval", "bvec", "mask", "sidecar"):
             path = getattr(self, what)
             if path is not None or what in ("dwi", "bval", "bvec"):
@@ -107,26 +115,86 @@ def _strip_ext(path: Path) -> str:
     return name
 
 
-def discover_bids(input_dir) -> list[SubjectInputs]:
-    """``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]`` with .bval/.bvec/.json beside.
+def read_filter_file(path) -> dict:
+    """The DWI entity filter of a pybids-style ``--bids-filter-file``:
+    ``{"dwi": {"acquisition": "multi", "run": 1}}`` -> ``{"acq": "multi", "run": 1}``.
+
+    Long entity names (pybids') and short ones (file names') are both accepted;
+    a value may be a list (any of them) or null (the entity must be absent).
+    Queries for other datatypes (``t1w``, ``fmap``) are ignored.
+    """
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"cannot read the BIDS filter file ({exc})") from None
+    query = doc.get(FILTER_DATATYPE, {}) if isinstance(doc, dict) else None
+    if not isinstance(query, dict):
+        raise InputError(path, f'a BIDS filter file is a JSON object such as '
+                               f'{{"{FILTER_DATATYPE}": {{"run": 1}}}}')
+    wanted = {}
+    for key, value in query.items():
+        if key in ("datatype", "suffix", "extension"):
+            continue
+        short = ENTITY_SHORT.get(key, key)
+        if short not in ENTITY_SHORT.values():
+            raise InputError(path, f"unknown BIDS entity {key!r}; known: "
+                                   f"{sorted(ENTITY_SHORT)}")
+        wanted[short] = value
+    return wanted
+
+
+#: pybids' entity names -> the file-name keys (bids_names' grammar).
+ENTITY_SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq",
+                "reconstruction": "rec", "direction": "dir", "run": "run", "space": "space",
+                "echo": "echo", "part": "part", "chunk": "chunk"}
+
+
+def _same_label(value, label: str | None) -> bool:
+    """A filter value matches an entity label; numbers match numerically (run 1 = run-01)."""
+    if value is None:
+        return label is None
+    if isinstance(value, list):
+        return any(_same_label(v, label) for v in value)
+    if label is None:
+        return False
+    text = str(value).removeprefix("sub-").removeprefix("ses-")
+    if text.isdigit() and label.isdigit():
+        return int(text) == int(label)
+    return text == label
+
+
+def matches_filter(entities: dict, wanted: dict) -> bool:
+    """True when a series' entities satisfy every entity of the filter."""
+    return all(_same_label(value, entities.get(key)) for key, value in wanted.items())
+
+
+def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInputs]:
+    """``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]`` with .bval/.bvec/.json beside,
+    restricted to the series whose entities match ``bids_filter``.
 
     A brain mask is taken from ``derivatives/*/sub-*/[ses-*/]dwi/
-    *_desc-brain_mask.nii.gz`` when present.
+    *_desc-brain_mask.nii.gz`` when present. File names are read with
+    :func:`~dmriflow.interfaces.bids_names.parse_name`.
     """
     root = Path(input_dir).resolve()
     subjects = []
     for dwi in sorted(root.glob("sub-*/**/dwi/*_dwi.nii*")):
         if "derivatives" in dwi.relative_to(root).parts:
             continue
-        m = _BIDS_DWI.match(dwi.name)
-        if not m:
+        try:
+            entities, suffix, ext = parse_name(dwi)
+        except ValueError:
+            continue
+        if suffix != "dwi" or ext not in (".nii", ".nii.gz") or not entities.get("sub"):
+            continue
+        if bids_filter and not matches_filter(entities, bids_filter):
             continue
         stem = _strip_ext(dwi)
         base = dwi.with_name(stem[: -len("_dwi")])
         masks = sorted(root.glob(f"derivatives/*/{dwi.parent.relative_to(root)}/"
                                  f"{base.name}*_desc-brain_mask.nii*"))
         subjects.append(SubjectInputs(
-            label=m.group(1)[4:], session=m.group(2)[4:] if m.group(2) else None,
+            label=entities["sub"], session=entities.get("ses"),
             dwi=str(dwi), bval=str(dwi.with_name(stem + ".bval")),
             bvec=str(dwi.with_name(stem + ".bvec")),
             mask=str(masks[0]) if masks else None,
@@ -134,27 +202,62 @@ def discover_bids(input_dir) -> list[SubjectInputs]:
     return subjects
 
 
+def _one_per_key(subjects: list[SubjectInputs], layout: str) -> list[SubjectInputs]:
+    """One unit per subject/session: several series (or folders) for one key
+    become one failed unit naming every file, so nobody else stops."""
+    by_key: dict[str, list[SubjectInputs]] = {}
+    for s in subjects:
+        by_key.setdefault(s.key, []).append(s)
+    units = []
+    for key, found in by_key.items():
+        if len(found) == 1:
+            units.append(found[0])
+            continue
+        files = ", ".join(s.dwi for s in found)
+        how = ("select one with --bids-filter-file (e.g. {\"dwi\": {\"run\": 1}})"
+               if layout == "bids" else "rename or remove one of the folders")
+        units.append(replace(found[0], problem=f"{len(found)} DWI series map to {key}: "
+                                               f"{files}; {how}"))
+    return units
+
+
+def _normalise(labels, prefix: str) -> set[str]:
+    return {str(lbl).removeprefix(prefix) for lbl in labels}
+
+
 def discover(input_dir, layout: str = "auto",
-             participant_labels: list[str] | None = None) -> list[SubjectInputs]:
-    """Subjects of a cohort folder, optionally restricted to some labels."""
+             participant_labels: list[str] | None = None,
+             session_labels: list[str] | None = None,
+             bids_filter: dict | None = None) -> list[SubjectInputs]:
+    """Units (subject or subject-session) of a cohort folder, optionally
+    restricted to some participant and session labels (with or without
+    ``sub-``/``ses-``) and, for BIDS, to the series a filter selects.
+
+    A label that maps to several series is one unit that fails alone
+    (:attr:`SubjectInputs.problem`), never the whole cohort.
+    """
     if layout == "auto":
         layout = detect_layout(input_dir)
     if layout not in ("hcp", "bids"):
         raise ValueError(f"unknown layout {layout!r} (hcp, bids or auto)")
-    subjects = discover_hcp(input_dir) if layout == "hcp" else discover_bids(input_dir)
-    keys = [s.key for s in subjects]
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise InputError(input_dir, f"several DWI series for {dup}: select one acquisition "
-                                    f"per subject/session")
+    if layout == "hcp" and bids_filter:
+        raise ValueError("--bids-filter-file applies to BIDS input only")
+    subjects = discover_hcp(input_dir) if layout == "hcp" else discover_bids(input_dir,
+                                                                             bids_filter)
     if participant_labels:
-        wanted = {lbl.removeprefix("sub-") for lbl in participant_labels}
+        wanted = _normalise(participant_labels, "sub-")
         unknown = wanted - {s.label for s in subjects}
         if unknown:
             raise InputError(input_dir, f"participant label(s) not found: {sorted(unknown)}")
         subjects = [s for s in subjects if s.label in wanted]
+    if session_labels:
+        wanted = _normalise(session_labels, "ses-")
+        subjects = [s for s in subjects if s.session in wanted]
+    subjects = _one_per_key(subjects, layout)
     if not subjects:
-        raise InputError(input_dir, f"no subjects found in the {layout} layout")
+        raise InputError(input_dir, f"no subjects found in the {layout} layout"
+                         + (" for the selected labels and filter"
+                            if session_labels or bids_filter else ""))
     return subjects
 
 
@@ -194,6 +297,8 @@ def census(subjects: list[SubjectInputs]) -> pd.DataFrame:
     for s in subjects:
         row = {"subject": s.key, "census_error": ""}
         try:
+            if s.problem:
+                raise InputError(None, s.problem)
             row.update(census_row(s.dwi, s.bval, s.bvec, s.sidecar))
         except InputError as exc:
             row.update({f: None for f in CENSUS_FIELDS}, census_error=str(exc))

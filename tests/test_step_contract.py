@@ -161,8 +161,9 @@ def test_every_option_is_declared_once_and_every_flag_comes_from_one():
             assert f.name not in declared, (f.name, declared.get(f.name), section)
             declared[f.name] = section
     assert set(default_options()) == set(REGISTRY)
-    flags = {flag_of(f, info): f.name for _, cls, _ in cli.option_sources()
-             for f, info in options_of(cls) if info.cli}
+    flags = {flag: f.name for _, cls, _ in cli.option_sources()
+             for f, info in options_of(cls) if info.cli
+             for flag in (flag_of(f, info), *info.aliases)}     # aliases: declared there too
     run = cli.build_parser().parse_args(["run", "in", "out"]).options_parser
     seen = {}
     for action in run._actions:

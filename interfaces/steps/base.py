@@ -42,7 +42,8 @@ class OptionInfo:
     switch that sets the (default True) option False; ``cli=False``: the
     option is set by code or the config file only; ``commands``: the
     commands that show it (default: its step's); ``cli_default``: a function
-    giving the command line's default when it differs from the code's.
+    giving the command line's default when it differs from the code's;
+    ``aliases``: further flags for the same option (``-w`` for ``--cache-dir``).
     """
 
     help: str
@@ -56,6 +57,7 @@ class OptionInfo:
     cli_default: Callable | None = None
     required: bool = False
     nargs: str | None = None
+    aliases: tuple = ()
 
 
 def option(default, help: str, **info) -> dataclasses.Field:
@@ -73,7 +75,8 @@ def options_of(cls) -> list[tuple[dataclasses.Field, OptionInfo]]:
 
 
 #: Python type of an option, by the first type of its annotation.
-OPTION_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list[float]": float}
+OPTION_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list[float]": float,
+                "list[str]": str}
 
 
 def option_type(f: dataclasses.Field) -> type:
