@@ -240,6 +240,9 @@ def processing_chain(record: dict) -> list[dict]:
         entry = {"step": h["step"]}
         if h["step"] == "preprocess":
             entry.update({k: h[k] for k in ("denoise", "degibbs", "warning") if k in h})
+        if h["step"] == "motion":
+            entry.update({k: h[k] for k in ("model", "iterations", "excluded_volumes",
+                                            "motion_fd_mean", "motion_fd_max") if k in h})
         if h["step"] == "harmonize":
             entry.update({k: h[k] for k in ("content_id",) if k in h})
         chain.append(entry)

@@ -24,7 +24,7 @@ from dmriflow.interfaces.steps.base import (MAP_EXTENSION, MAP_SUFFIX, TABLE_EXT
                                             Derivative, product_from_record)
 
 #: BIDS ``desc`` label of a DWI series changed by each step (joined in order).
-SERIES_DESC = {"preprocess": "preproc", "harmonize": "harmonized"}
+SERIES_DESC = {"preprocess": "preproc", "motion": "moco", "harmonize": "harmonized"}
 #: BIDS ``desc`` label of b-vectors fixed by the gradient check (``--fix-gradients``).
 GRADFIX_DESC = "gradfix"
 #: Suffix of a DWI series (and of its gradient files and sidecar).
@@ -310,9 +310,11 @@ def export_fixed_bvec(record: dict, dwi_dir: Path, prefix: str, inputs: dict,
 
 
 def record_maps(record: dict) -> dict:
-    """The maps a series step put into the record (so far only preprocessing's
-    MP-PCA noise map), as a product record whose sidecars carry the history."""
+    """The maps and tables series steps put into the record (preprocessing's
+    MP-PCA noise map, the motion table), as a product record whose sidecars
+    carry the history."""
     return {"step": "preprocess", "maps": record.get("maps", []),
+            "tables": record.get("tables", []),
             "parameters": {"history": record["history"]}}
 
 
@@ -410,7 +412,7 @@ def export_subject(subject, record: dict, products: list[dict], output_dir,
                   "ProcessingChain": stepfiles.processing_chain(record),
                   "InputQC": record.get("input_qc", {})}
     written = []
-    if record.get("maps"):
+    if record.get("maps") or record.get("tables"):
         written += export_product(record_maps(record), dwi_dir, prefix, inputs, provenance)
     written += export_series(record, dwi_dir, prefix, inputs, provenance)
     written += export_fixed_bvec(record, dwi_dir, prefix, inputs, provenance)

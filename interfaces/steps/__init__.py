@@ -14,7 +14,7 @@ from .base import (COHORT_REGISTRY, REGISTRY, CohortStep, Derivative,  # noqa: F
                    Product, Schema, Step, option, options_of)
 
 #: Step modules, in the order a subject goes through them, then the cohort steps.
-STEP_MODULES = ("validate", "preprocess", "harmonize", "inference", "tensor", "rish",
+STEP_MODULES = ("validate", "preprocess", "motion", "harmonize", "inference", "tensor", "rish",
                 "image_gradient", "snr", "group_table", "image_gradient_group",
                 "harmonization_fit")
 

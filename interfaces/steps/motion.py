@@ -1,0 +1,101 @@
+"""Motion: head-motion (and eddy-current) correction with b-vector rotation.
+
+Model-based registration (:mod:`dmriflow.interfaces.motion`): b0s to their
+mean, each diffusion volume to its leave-one-out tensor prediction, the data
+resampled once, b-vectors rotated. Hands on the corrected series (exported
+as ``desc-moco`` with its rotated b-vectors) and the per-volume motion table
+``desc-motion_timeseries.tsv`` (fMRIPrep's confound columns); the subject's
+row gets the mean and max framewise displacement and the number of volumes
+above the threshold, which ``--motion-exclude`` also drops. Off by default:
+HCP minimally preprocessed series are already corrected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import io, stepfiles
+from ..errors import InputError
+from ..motion import DEFAULT_ITERATIONS, FD_RADIUS_MM, MODELS, PARAMETER_NAMES, correct_motion
+from .base import Step, option, register
+
+NAME = "motion"
+#: Entities and suffix of the motion table (BIDS derivatives, as fMRIPrep's confounds).
+TABLE_ENTITIES, TABLE_SUFFIX = {"desc": "motion"}, "timeseries"
+#: Power et al. 2012's framewise-displacement threshold (mm).
+DEFAULT_FD_THRESHOLD_MM = 0.5
+#: Volumes a corrected series must keep after exclusion (a tensor needs 7).
+MIN_KEPT_VOLUMES = 7
+
+
+@dataclass
+class Options:
+    motion_correction: bool = option(False, "head-motion correction with b-vector rotation "
+                                            "(raw data only: HCP minimally preprocessed series "
+                                            "are already corrected)")
+    motion_model: str = option("rigid", "registration of each volume: rigid (head motion) or "
+                                        "affine (plus eddy-current scale and shear)",
+                               choices=MODELS)
+    motion_iterations: int = option(DEFAULT_ITERATIONS, "model-fit / registration passes")
+    motion_fd_threshold: float = option(DEFAULT_FD_THRESHOLD_MM, "framewise displacement above "
+                                        "which a volume is counted (and, with "
+                                        "--motion-exclude, dropped)", units="mm")
+    motion_exclude: bool = option(False, "drop volumes whose framewise displacement exceeds "
+                                         "--motion-fd-threshold")
+
+
+def enabled(options: Options) -> bool:
+    return options.motion_correction
+
+
+def motion_table(parameters, fd) -> pd.DataFrame:
+    """fMRIPrep-style confounds: trans (mm), rot (rad), framewise_displacement
+    (mm, NaN for the first volume, written as n/a)."""
+    table = pd.DataFrame(np.asarray(parameters), columns=list(PARAMETER_NAMES))
+    table["framewise_displacement"] = np.concatenate([[np.nan], np.asarray(fd)[1:]])
+    return table
+
+
+def run(record: dict, options: Options, out_dir) -> dict:
+    """The record with the corrected series, its motion table and FD summary."""
+    if not enabled(options):
+        return record
+    dwi = stepfiles.read_series(record["series"])
+    result = correct_motion(dwi.data, dwi.gtab, dwi.affine, dwi.mask, model=options.motion_model,
+                            iterations=options.motion_iterations)
+    over = np.flatnonzero(result.fd > options.motion_fd_threshold)
+    dwi.data, dwi.gtab = result.data, result.gtab
+    excluded = []
+    if options.motion_exclude and over.size:
+        keep = np.setdiff1d(np.arange(len(dwi.gtab)), over)
+        if keep.size < MIN_KEPT_VOLUMES or not dwi.gtab.b0s_mask[keep].any():
+            raise InputError(record["series"]["dwi"], f"excluding the {over.size} volume(s) "
+                             f"with framewise displacement > {options.motion_fd_threshold:g} mm "
+                             f"leaves too few volumes (or no b0)")
+        dwi, excluded = dwi.select_volumes(keep), over.tolist()
+    out = Path(out_dir)
+    table = io.write_text(motion_table(result.parameters, result.fd)
+                          .to_csv(sep="\t", index=False, na_rep="n/a", float_format="%.6g"),
+                          out / "motion.tsv")
+    summary = {"motion_fd_mean": float(result.fd[1:].mean()) if result.fd.size > 1 else 0.0,
+               "motion_fd_max": float(result.fd.max()),
+               "motion_volumes_over_threshold": int(over.size)}
+    extra = {**result.info, "fd_threshold_mm": options.motion_fd_threshold,
+             "fd_radius_mm": FD_RADIUS_MM, "excluded_volumes": excluded, **summary}
+    new = stepfiles.with_series(record, stepfiles.write_series(dwi, out_dir,
+                                                               record["series"]["mask"]),
+                                NAME, extra)
+    new["qc"] = {**record.get("qc", {}), **summary}
+    new["tables"] = list(record.get("tables", [])) + [
+        {"entities": TABLE_ENTITIES, "suffix": TABLE_SUFFIX, "path": str(table.resolve()),
+         "parameters": {"Columns": list(PARAMETER_NAMES) + ["framewise_displacement"],
+                        "Units": {"trans": "mm", "rot": "rad", "framewise_displacement": "mm"}}}]
+    return new
+
+
+STEP = register(Step(NAME, "MotionCorrect", "series", Options, run, enabled=enabled, grid=True,
+                     example={"motion_correction": True, "motion_iterations": 1}))
