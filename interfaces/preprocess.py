@@ -17,8 +17,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from .dti import available_threads
 from .io import mean_b0_map
+from .parallel import available_threads
 
 #: median_otsu settings on the mean b0: median filter radius and passes.
 MEDIAN_RADIUS = 2
