@@ -196,3 +196,80 @@ def test_demo_in_container_matches_demo_outside(docker_env, image, tmp_path):
     lock_id = "sha256:" + hashlib.sha256((REPO / LOCK_NAME).read_bytes()).hexdigest()
     sidecar = json.loads(next(fa.glob("dwi/*_param-fa_dwimap.json")).read_text())
     assert sidecar["EnvironmentId"] == lock_id, sidecar["Lock"]
+
+
+# ----------------------------------------------------------------------------
+# The same image under podman, as an arbitrary uid with read-only input: what a
+# cluster's Apptainer/Singularity does (it runs the image as the caller's uid,
+# with the user's folders bound in). docs/operations.md, "Apptainer".
+# ----------------------------------------------------------------------------
+PODMAN = shutil.which("podman") or "/usr/bin/podman"
+PODMAN_REQUIRE_ENV = "DMRIFLOW_REQUIRE_PODMAN"
+#: A uid that is neither root nor the image's user, as a cluster account would be.
+FOREIGN_UID = 4242
+#: podman sets rlimits that this machine's sandbox refuses to raise (OPERATIONS.md).
+PODMAN_ULIMITS = ("--ulimit", "nofile=16384:16384", "--ulimit", "nproc=8192:8192")
+
+
+def podman(*args: str, timeout: float = RUN_TIMEOUT_S, check: bool = True,
+           **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([PODMAN, *args], capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode:
+        raise AssertionError(f"podman {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def podman_image(docker_env, image) -> str:
+    """The Docker-built image, handed to podman as an archive (as `apptainer build
+    x.sif docker-archive://...` would take it)."""
+    if not Path(PODMAN).exists():
+        system_part_missing("podman is not installed (Debian package podman)", PODMAN_REQUIRE_ENV)
+    if os.geteuid() != 0:
+        system_part_missing("the podman test runs rootful podman (needs root)", PODMAN_REQUIRE_ENV)
+    save = subprocess.Popen([DOCKER, "save", image], env=docker_env, stdout=subprocess.PIPE)
+    loaded = podman("load", stdin=save.stdout, timeout=BUILD_TIMEOUT_S)
+    save.stdout.close()
+    assert save.wait() == 0, "docker save failed"
+    names = [line.split("Loaded image:")[-1].strip().split(",")[0]
+             for line in loaded.stdout.splitlines() if "Loaded image" in line]
+    assert names, loaded.stdout + loaded.stderr
+    yield names[0]
+    podman("rmi", names[0], check=False)
+
+
+def tree_digest(root: Path) -> dict:
+    """Every file under root with its bytes' hash and mode: what 'untouched' means."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                       p.stat().st_mode)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_podman_foreign_uid_read_only_input(podman_image, tmp_path):
+    """Under podman, as a uid the image does not know, with the input bound
+    read-only: every subject done, outputs owned by that uid, input untouched."""
+    from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
+    cohort = tmp_path / "in"
+    write_cohort(cohort, DEMO_SUBJECTS, layout="bids", shape=(12, 14, 10), seed=0,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=12, seed=1))
+    for p in [cohort, *cohort.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)              # read-only for everyone
+    before = tree_digest(cohort)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chown(out, FOREIGN_UID, FOREIGN_UID)
+    t0 = time.perf_counter()
+    run = podman("run", "--rm", *PODMAN_ULIMITS, "--user", f"{FOREIGN_UID}:{FOREIGN_UID}",
+                 "-v", f"{cohort}:/in:ro", "-v", f"{out}:/out", podman_image,
+                 "/in", "/out", "participant", "--nprocs", "1", "--quiet", check=False)
+    print(f"\npodman_participant_s={time.perf_counter() - t0:.1f}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert read_table(out)["status"].tolist() == ["done"] * DEMO_SUBJECTS
+    derivatives = out / "dmriflow"
+    fa = sorted(derivatives.glob("sub-*/dwi/*_param-fa_dwimap.nii.gz"))
+    assert len(fa) == DEMO_SUBJECTS
+    owners = {p.stat().st_uid for p in derivatives.rglob("*")}
+    assert owners == {FOREIGN_UID}, owners
+    assert tree_digest(cohort) == before
+    description = json.loads((derivatives / "dataset_description.json").read_text())
+    assert description["GeneratedBy"][0]["Container"]["Type"] == "docker"   # the image's format
