@@ -50,7 +50,7 @@ from dmriflow.interfaces.steps.base import ALL_COMMANDS, flag_of, option_type, o
 from dmriflow.interfaces.steps.image_gradient import resolve_timing
 from dmriflow.pipelines.derivatives import write_subjects_table
 from dmriflow.pipelines.execution import (STEP_WORDS, EngineOptions, RunConfig, RunInProgress,
-                                          collect_status, exclusive_run, read_plan,
+                                          cohort_files, collect_status, read_plan,
                                           run_cohort, run_harmonization_fit, run_holder,
                                           status_table)
 from dmriflow.pipelines.inputs import census, discover, read_filter_file, site_labels
@@ -358,7 +358,7 @@ def cmd_group(args) -> int:
         planned = []
     found = list(units.values())
     rows_for = found + [p for p in planned if p.key not in units]
-    with exclusive_run(output / "dmriflow"):
+    with cohort_files(output):      # participant jobs may go on meanwhile
         rows = collect_status(output, sorted(rows_for, key=lambda u: u.key))
         cen = census(found)
         io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"),
