@@ -3,6 +3,8 @@
 dmriflow INPUT OUTPUT participant [--participant-label 01 sub-02 ...] [--session-label S]
                                  [--bids-filter-file FILE] [-w DIR] [--nprocs N]
                                  [--omp-nthreads N] [--mem GB] [-v] [--config FILE]
+dmriflow INPUT OUTPUT participant --slurm-array [MAX_RUNNING] [--sbatch-args=ARGS] [...]:
+                                 one SLURM array task per unit, then a group job
 dmriflow INPUT OUTPUT group [same options]: table, census and report of what is done
 dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
@@ -23,7 +25,8 @@ dmriflow train 3t7t BIDS_INPUT OUTPUT_CHECKPOINT [--epochs N] [--grid G]
 
 Exit status of ``participant``/``group``/``run``/``demo``: 0 all subjects done, 2 some
 subjects failed (listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable
-input, 3 another run holds OUTPUT or the cache, 64 a usage error. ``status``: 0 every planned subject
+input, 3 another run holds OUTPUT or the cache, or another job the same subject, 64 a
+usage error. ``status``: 0 every planned subject
 done, 2 some failed or missing, 1 no run found in OUTPUT.
 """
 
@@ -184,6 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
         p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
         _add_selection(p)
+        if name == "participant":
+            p.add_argument("--slurm-array", nargs="?", const=0, type=int, default=None,
+                           metavar="MAX_RUNNING",
+                           help="submit one SLURM job per selected unit (a job array, each "
+                                "task running this command on its unit with the cf worker) "
+                                "and a group job after them (--dependency=afterany), print "
+                                "their ids and return; MAX_RUNNING: at most so many tasks at "
+                                "once; --sbatch-args go to both jobs")
         _add_generated_options(p, "run")
 
     p = sub.add_parser("harmonize", help="fit or apply RISH harmonization")
@@ -376,6 +387,33 @@ def cmd_group(args) -> int:
     return EXIT_OK if done == len(rows) else EXIT_SUBJECTS_FAILED
 
 
+def cmd_submit(args) -> int:
+    """``participant --slurm-array``: the selected units as a SLURM job array and a
+    group job after it (:mod:`dmriflow.pipelines.submit`)."""
+    from dmriflow.pipelines.submit import SubmitError, submit_array  # lazy: this flag only
+    if args.rerun_failed:
+        raise ValueError("--slurm-array submits one job per selected unit: select them with "
+                         "--participant-label instead of --rerun-failed")
+    if args.worker == "slurm":
+        raise ValueError("--slurm-array runs each unit in its own SLURM job with the cf "
+                         "worker: do not combine it with --worker slurm")
+    if args.slurm_array < 0:
+        raise ValueError("--slurm-array MAX_RUNNING must be >= 0")
+    units = _discover(args.input, args.layout, args.participant_label, args)
+    options = list(args.argv[1:])              # past the level; INPUT and OUTPUT out
+    for positional in (args.input, args.output):
+        options.remove(positional)
+    try:
+        sub = submit_array(units, args.input, args.output, options, args.sbatch_args,
+                           args.slurm_array)
+    except SubmitError as exc:
+        print(f"dmriflow: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"array job: {sub.array_id} ({len(sub.units)} task(s): {' '.join(sub.units)})")
+    print(f"group job: {sub.group_id} (--dependency=afterany:{sub.array_id})")
+    return EXIT_OK
+
+
 def cmd_harmonize(args) -> int:
     if args.harmonize_command == "apply":
         args.harmonization = args.artefact
@@ -524,6 +562,7 @@ def bids_app_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = bids_app_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return _dispatch(args)
     except BrokenPipeError:
@@ -536,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     try:
         _apply_config(args)
+        if args.command == "participant" and args.slurm_array is not None:
+            return cmd_submit(args)
         if args.command in ("run", "participant"):
             return _run(args.input, args.output, args.layout, args.participant_label, args)
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,

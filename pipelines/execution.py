@@ -552,10 +552,14 @@ def unit_run(output_dir: Path, root: Path, units: list, config: RunConfig):
             state.cleared["unusable"] = discard_interrupted_results(root, keys)
             state.cleared["failed"] = clean_cache(root, keys)
         stack.enter_context(run_log(output_dir, config))
-        shown = {k: v for k, v in state.cleared.items() if v}
-        if shown:
-            _log(config, "cleared leftovers of interrupted runs: "
-                         + ", ".join(f"{v} {k}" for k, v in shown.items()))
+        cleared = state.cleared.get("temporary", 0) + state.cleared.get("engine", 0)
+        if cleared:
+            _log(config, f"removed {cleared} leftover(s) of an interrupted run")
+        if state.cleared.get("unusable"):
+            _log(config, f"discarded {state.cleared['unusable']} node result(s) an "
+                         f"interrupted run left unusable")
+        if state.cleared.get("failed"):
+            _log(config, f"cleared {state.cleared['failed']} failed node folder(s)")
         state.journal = stack.enter_context(journal(root, sorted(keys)))
         yield state
 

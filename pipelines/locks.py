@@ -173,8 +173,11 @@ def dead_journals(root: Path, own: Path | None = None) -> list[tuple[Path, dict]
     can be taken; the plain RUN_JOURNAL of an exclusive run is never locked)."""
     found = []
     for path in sorted(root.iterdir()) if root.is_dir() else []:
-        if not JOURNAL_PATTERN.match(path.name) or path == own or path.is_symlink():
+        if not JOURNAL_PATTERN.match(path.name) or path == own:
             continue
+        if path.is_symlink():
+            raise InputError(path, "a run journal is a symbolic link; dmriflow does not "
+                                   "follow it (remove the link)")
         try:
             with open(path, "r", opener=_nofollow) as fh:
                 if not try_lock(fh, fcntl.LOCK_EX):
