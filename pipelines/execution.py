@@ -755,7 +755,8 @@ def merged_census(path: Path, fresh: str) -> str:
     new = read(StringIO(fresh))
     old = read(path)
     rows = pd.concat([old[~old["subject"].isin(new["subject"])], new], ignore_index=True)
-    rows = assign_protocols(rows.drop(columns=["protocol"], errors="ignore"))
+    rows = assign_protocols(rows.drop(columns=["protocol"], errors="ignore")
+                            .sort_values("subject", kind="stable"))
     return rows.to_csv(sep="\t", index=False, na_rep="n/a")
 
 
