@@ -374,7 +374,8 @@ def clear_interrupted(root: Path, output_dir: Path) -> int:
     without a result are recomputed by the engine itself. Returns the number
     of paths removed.
     """
-    return clear_engine_leftovers(root) + clear_temporary(output_dir)
+    return (clear_engine_leftovers(root) + clear_temporary(output_dir)
+            + clear_cohort_temporary(output_dir))
 
 
 def clear_engine_leftovers(root: Path) -> int:
@@ -388,8 +389,9 @@ def clear_temporary(output_dir: Path, units=None) -> int:
     """Temporary files of atomic writes under OUTPUT/dmriflow; given ``units``,
     only those of their files (named after the unit) in their folders."""
     dataset = Path(output_dir, "dmriflow")
-    if units is None:
-        return _remove(io.temporary_files(dataset))
+    if units is None:      # the cohort files' are cleared under their lock (cohort_files)
+        return _remove([p for p in io.temporary_files(dataset)
+                        if p.parent not in (dataset, dataset / "group")])
     stale = [p for u in units for p in io.temporary_files(dataset.joinpath(*u.out_parts))
              if p.name.startswith(f".{u.key}_")]
     return _remove(stale)
@@ -567,7 +569,8 @@ def unit_run(output_dir: Path, root: Path, units: list, config: RunConfig):
 def _upkeep_all(state: UnitRun, root: Path, output_dir: Path | None, cache: bool) -> None:
     """A job's upkeep with a folder held alone (see :func:`unit_run`)."""
     if output_dir is not None:
-        state.cleared["temporary"] = clear_temporary(output_dir)
+        state.cleared["temporary"] = (clear_temporary(output_dir)
+                                      + clear_cohort_temporary(output_dir))
     if cache:
         state.cleared["engine"] = clear_engine_leftovers(root)
         state.cleared["unusable"] = discard_interrupted_results(root)
@@ -588,8 +591,24 @@ def cohort_files(output_dir: Path):
                                 f"{holder(fh) or 'another process'} for over "
                                 f"{BRIEF_WAIT_S:.0f} s")
         sign(fh)
-        _remove(io.temporary_files(dataset / "group"))
+        _remove(_cohort_temporary(dataset))
         yield
+
+
+def _cohort_temporary(dataset: Path) -> list[Path]:
+    """Temporary files of the cohort files' writes (OUTPUT/dmriflow and its group folder)."""
+    return [p for folder in (dataset, dataset / "group") if folder.is_dir()
+            for p in folder.glob(f".*{io.TEMP_TAG}*")]
+
+
+def clear_cohort_temporary(output_dir: Path) -> int:
+    """The cohort files' temporary files, when no one is writing them (the cohort
+    lock is free: taken and released at once)."""
+    dataset = Path(output_dir, "dmriflow")
+    with open_lock(dataset / COHORT_LOCK, "cohort lock") as fh:
+        if not try_lock(fh, fcntl.LOCK_EX):
+            return 0
+        return _remove(_cohort_temporary(dataset))
 
 
 def submitter(config: RunConfig, root: Path, gpu: bool = False):
