@@ -299,14 +299,22 @@ def exclusive_run(*folders: Path):
         yield
 
 
-def _in_upkeep(text: str) -> bool:
-    """Whether a run lock's holder is a job's short upkeep (or has not signed yet)."""
+def _in_upkeep(fh) -> bool:
+    """Whether a run lock is held exclusively for a job's short upkeep (or by a
+    holder that has not signed it yet), not by jobs sharing it or a whole run."""
+    if any(kind == "READ" for kind, _ in lock_holders(_path_of(fh))):
+        return False
+    text = holder(fh)
     return not text or text.endswith(f"({UPKEEP})")
+
+
+def _path_of(fh) -> Path:
+    return Path(f"/proc/self/fd/{fh.fileno()}").resolve()
 
 
 def _holder_of(fh) -> str:
     """Who holds a run lock: the exclusive holder's own words, or the jobs sharing it."""
-    holders = lock_holders(Path(f"/proc/self/fd/{fh.fileno()}").resolve())
+    holders = lock_holders(_path_of(fh))
     readers = sorted({pid for kind, pid in holders if kind == "READ"})
     if readers and not any(kind == "WRITE" for kind, _ in holders):
         return (f"{len(readers)} participant job(s) sharing it: pid {', '.join(readers)}; "

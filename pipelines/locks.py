@@ -83,14 +83,14 @@ def open_lock(path: Path, what: str = "run lock"):
 
 def try_lock(fh, mode: int, wait_s: float = 0.0, while_holder=None) -> bool:
     """``flock(mode)`` without blocking; retried for up to ``wait_s`` seconds
-    (only while ``while_holder(holder text)`` is true, when given)."""
+    (only while ``while_holder(fh)`` is true, when given)."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             fcntl.flock(fh, mode | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
-            if time.monotonic() >= deadline or (while_holder and not while_holder(holder(fh))):
+            if time.monotonic() >= deadline or (while_holder and not while_holder(fh)):
                 return False
             time.sleep(POLL_S)
 
