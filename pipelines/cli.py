@@ -348,7 +348,8 @@ def _run(input_dir, output, layout, labels, args) -> int:
     result = run_cohort(subjects, output, config)
     print(f"derivatives: {result.output_dir / 'dmriflow'}")
     print(f"summary table: {result.table}")
-    print(f"report: {result.report}")
+    print(f"report: {result.report or 'left to the group level (this job ran some of the '
+                                       'planned subjects): dmriflow INPUT OUTPUT group'}")
     for row in result.failed:
         print(f"FAILED {row['subject']} [{row.get('failed_step', '')}]: {row.get('error', '')}")
     for err in result.engine_errors:

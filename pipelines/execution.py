@@ -838,10 +838,13 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
         rows = collect_status(output_dir, subjects)   # the whole plan's
     with cohort_files(output_dir):
         planned = read_plan(output_dir)       # other jobs may have added units meanwhile
-        if table is None or not keys >= {p.key for p in planned}:
+        whole = keys >= {p.key for p in planned}
+        if table is None or not whole:
             # the table covers the whole plan, from the status files
             table = write_subjects_table(collect_status(output_dir, planned), output_dir)
-        report = _write_report(output_dir, config)
+        # the report reads every unit's maps: a job of some units leaves it to the group
+        # level (one per job would cost each job the whole cohort, under the lock)
+        report = _write_report(output_dir, config) if whole or config.rerun_failed else None
     result = CohortResult(output_dir=output_dir, table=table, rows=rows,
                           engine_errors=engine_errors, seconds=time.perf_counter() - start,
                           report=report)

@@ -133,8 +133,12 @@ def test_participant_after_a_full_run_keeps_every_row(cohort, tmp_path):
     assert finish(job(cohort, out, cache))[0] == cli.EXIT_OK
     before = table(out)
     assert len(before) == 3
+    report = (out / "dmriflow" / "report.html").stat().st_mtime_ns
     code, text = finish(job(cohort, out, cache, "--participant-label", "02"))
     assert code == cli.EXIT_OK, text
+    # a job of some subjects leaves the report (it reads every subject) to `group`
+    assert "report: left to the group level" in text
+    assert (out / "dmriflow" / "report.html").stat().st_mtime_ns == report
     after = table(out)
     assert list(after.index) == ["sub-01", "sub-02", "sub-03"]
     assert set(after["status"]) == {"done"}
