@@ -348,8 +348,9 @@ def _run(input_dir, output, layout, labels, args) -> int:
     result = run_cohort(subjects, output, config)
     print(f"derivatives: {result.output_dir / 'dmriflow'}")
     print(f"summary table: {result.table}")
-    print(f"report: {result.report or 'left to the group level (this job ran some of the '
-                                       'planned subjects): dmriflow INPUT OUTPUT group'}")
+    left = ("left to the group level (this job ran some of the planned subjects): "
+            "dmriflow INPUT OUTPUT group")
+    print(f"report: {result.report or left}")
     for row in result.failed:
         print(f"FAILED {row['subject']} [{row.get('failed_step', '')}]: {row.get('error', '')}")
     for err in result.engine_errors:

@@ -257,7 +257,9 @@ def claim_cache(root: Path) -> None:
                                f"pickles: use a cache folder of your own")
     marker = root / CACHE_MARKER
     if not marker.is_file():
-        foreign = sorted(p.name for p in root.iterdir() if not ENGINE_ENTRY.match(p.name))
+        # (the marker itself: another job may be marking the new cache at this moment)
+        foreign = sorted(p.name for p in root.iterdir()
+                         if not ENGINE_ENTRY.match(p.name) and p.name != CACHE_MARKER)
         if foreign:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             raise InputError(root, f"not a dmriflow cache (no {CACHE_MARKER}) and not empty "
@@ -270,8 +272,12 @@ def claim_cache(root: Path) -> None:
                                f"{stat.S_IMODE(st.st_mode):o}); its node results would be "
                                f"loaded as pickles: chmod go-w it or use another folder")
     if not marker.is_file():
-        io.write_json({"created_by": "dmriflow", "version": __version__,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, marker)
+        try:     # created at once (O_EXCL, no temporary name another job would see)
+            write_new(marker, json.dumps({"created_by": "dmriflow", "version": __version__,
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                         indent=2, sort_keys=True) + "\n")
+        except FileExistsError:
+            pass                                  # another job marked it meanwhile
 
 
 def _open_lock(path: Path):

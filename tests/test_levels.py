@@ -215,3 +215,36 @@ def test_harmonize_fit_style_exclusive_holder_refuses_participant_jobs(cohort, t
         code, text = finish(job(cohort, out, tmp_path / "cache", "--participant-label", "01"))
     assert code == cli.EXIT_BUSY and "another dmriflow run is using this folder" in text
     assert time.monotonic() - t0 < 60                          # refused, not waited for
+
+
+def test_slurm_array_scripts_carry_the_options_and_one_unit_per_task(tmp_path, capsys):
+    """What each array task and the group job run (the submission itself is
+    tested on the local cluster in tests/test_slurm.py)."""
+    from dmriflow.pipelines.inputs import SubjectInputs
+    from dmriflow.pipelines.submit import array_script, group_script, _split
+    argv = ["--participant-label", "01", "sub-02", "--slurm-array", "4", "-w", "my cache",
+            "--sbatch-args=--time=5 --mem=1G", "--quiet", "--session-label=1", "--lmax", "6"]
+    options, chosen = _split(argv)
+    assert options == ["-w", "my cache", "--quiet", "--lmax", "6"]
+    assert chosen == ["--participant-label", "01", "sub-02", "--session-label=1"]
+    units = [SubjectInputs("01", "d", "b", "v", session="1"), SubjectInputs("02", "d", "b", "v")]
+    script = array_script(Path("/in"), Path("/o ut"), units, options)
+    assert "    '--participant-label 01 --session-label 1'\n" in script
+    assert "    '--participant-label 02'\n" in script
+    assert ("participant -w 'my cache' --quiet --lmax 6 --nprocs \"${SLURM_CPUS_PER_TASK:-1}\" "
+            "${UNITS[$SLURM_ARRAY_TASK_ID]}\n") in script
+    assert "'/o ut' participant" in script and "--slurm-array" not in script
+    assert "--nprocs \"$" not in array_script(Path("/in"), Path("/o"), units, ["--nprocs", "3"])
+    group = group_script(Path("/in"), Path("/o"), options + chosen)
+    assert group.rstrip().endswith("/in /o group -w 'my cache' --quiet --lmax 6 "
+                                   "--participant-label 01 sub-02 --session-label=1")
+    # combinations that make no sense are refused before anything is submitted
+    cohort = tmp_path / "in"
+    write_cohort(cohort, 1, layout="bids", shape=SHAPE, seed=0,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=12, seed=1))
+    for extra, phrase in ((["--worker", "slurm"], "--worker slurm"),
+                          (["--rerun-failed"], "--rerun-failed")):
+        code = cli.main([str(cohort), str(tmp_path / "out"), "participant", "--slurm-array",
+                         *extra])
+        assert code == cli.EXIT_INPUT and phrase in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
