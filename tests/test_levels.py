@@ -22,7 +22,7 @@ import pytest
 
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
-from dmriflow.pipelines.execution import cohort_files, unit_holders
+from dmriflow.pipelines.execution import cohort_files, run_holder, unit_holders
 from dmriflow.pipelines.locks import (COHORT_LOCK, RUN_LOCK, UNIT_LOCK_DIR, node_units,
                                       open_lock, sign)
 
@@ -75,6 +75,10 @@ def test_two_participant_jobs_share_output_and_cache_then_group(cohort, tmp_path
         try:
             wait_for(lambda: unit_holders(out / "dmriflow") == ["sub-01", "sub-02"],
                      "both jobs to hold their subject's lock")
+            # `dmriflow status` names them (both share the output folder's run lock)
+            wait_for(lambda: (run_holder(out / "dmriflow") or "").startswith(
+                "2 participant job(s): pid "), "both jobs to share the output folder")
+            assert run_holder(out / "dmriflow").endswith("; running sub-01, sub-02")
         except AssertionError:
             for p in jobs:
                 p.kill()
