@@ -56,6 +56,7 @@ from dmriflow.pipelines.execution import (STEP_WORDS, EngineOptions, RunConfig, 
                                           cohort_files, collect_status, read_plan,
                                           run_cohort, run_harmonization_fit, run_holder,
                                           status_table)
+from dmriflow.pipelines.image_gradient import group_from_status
 from dmriflow.pipelines.inputs import census, discover, read_filter_file, site_labels
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
@@ -359,9 +360,9 @@ def _run(input_dir, output, layout, labels, args) -> int:
 
 
 def cmd_group(args) -> int:
-    """The group level: census, group table and report over every unit that is
-    selected in INPUT or planned in OUTPUT, from their status files; no
-    subject is computed and the table never shrinks to the last subset."""
+    """The group level: census, group table, image-gradient tests and report over
+    every unit that is selected in INPUT or planned in OUTPUT, from their status
+    files; no subject is computed and the table never shrinks to the last subset."""
     from dmriflow.pipelines.report import write_report  # lazy: keeps `dmriflow --help` fast
     output = Path(args.output).resolve()
     units = {s.key: s for s in _discover(args.input, args.layout, args.participant_label, args)}
@@ -377,9 +378,13 @@ def cmd_group(args) -> int:
         io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"),
                       output / "dmriflow" / "group" / "census.tsv")
         table = write_subjects_table(rows, output)
+        statistics = group_from_status(rows, output)   # None without image-gradient results
         report = write_report(output)
     done = sum(r.get("status") == "done" for r in rows)
     print(f"summary table: {table} ({done} of {len(rows)} done)")
+    if statistics:
+        print(f"image-gradient tests: {statistics['table']} ({statistics['n_subjects']} "
+              f"subject(s))")
     print(f"report: {report}")
     for row in rows:
         if row.get("status") != "done":
