@@ -539,6 +539,9 @@ def unit_run(output_dir: Path, root: Path, units: list, config: RunConfig):
     with ExitStack() as stack:
         for unit in sorted(units, key=lambda u: u.key):
             path = unit_lock_path(dataset, unit_entities(unit))
+            if path.parent.is_symlink():
+                raise InputError(path.parent, "the unit locks' folder is a symbolic link; "
+                                              "dmriflow does not follow it (remove the link)")
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = stack.enter_context(open_lock(path, "unit lock"))
             if not try_lock(fh, fcntl.LOCK_EX):

@@ -176,7 +176,7 @@ def dead_journals(root: Path, own: Path | None = None) -> list[tuple[Path, dict]
         if not JOURNAL_PATTERN.match(path.name) or path == own:
             continue
         if path.is_symlink():
-            raise InputError(path, "a run journal is a symbolic link; dmriflow does not "
+            raise InputError(path, "the run journal is a symbolic link; dmriflow does not "
                                    "follow it (remove the link)")
         try:
             with open(path, "r", opener=_nofollow) as fh:

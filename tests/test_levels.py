@@ -156,21 +156,31 @@ def test_participant_after_a_full_run_keeps_every_row(cohort, tmp_path):
     assert cli.main(["status", str(out)]) == cli.EXIT_OK
 
 
-@pytest.mark.parametrize("lock", ["unit", "cohort", "run"])
+@pytest.mark.parametrize("lock", ["unit", "unit locks' folder", "cohort", "run",
+                                  "run journal"])
 def test_a_symlinked_lock_is_not_followed(cohort, tmp_path, capsys, lock):
     out = tmp_path / "out"
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     path = {"unit": out / "dmriflow" / UNIT_LOCK_DIR / "sub-01.lock",
+            "unit locks' folder": out / "dmriflow" / UNIT_LOCK_DIR,
             "cohort": out / "dmriflow" / COHORT_LOCK,
-            "run": tmp_path / "cache" / RUN_LOCK}[lock]
+            "run": tmp_path / "cache" / RUN_LOCK,
+            "run journal": tmp_path / "cache" / ".dmriflow-run-4242-planted.json"}[lock]
     path.parent.mkdir(parents=True)
-    path.symlink_to(victim)
+    if lock == "unit locks' folder":       # a folder holding a file of the lock's name
+        (tmp_path / "elsewhere").mkdir()
+        victim = tmp_path / "elsewhere" / "sub-01.lock"
+        victim.write_text("precious\n")
+        path.symlink_to(victim.parent)
+    else:
+        path.symlink_to(victim)
     code = cli.main([str(cohort), str(out), "participant", "--participant-label", "01",
                      "--worker", "debug", "--quiet", "-w", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert code == cli.EXIT_INPUT, err
-    assert f"the {lock} lock is a symbolic link" in err and str(path) in err
+    what = lock if lock.endswith(("folder", "journal")) else f"{lock} lock"
+    assert f"{path}: the {what} is a symbolic link" in err
     assert victim.read_text() == "precious\n"
     assert path.is_symlink()
 
