@@ -306,11 +306,25 @@ def exclusive_run(*folders: Path):
 
 
 def _in_upkeep(fh) -> bool:
-    """Whether a run lock is held exclusively for a job's short upkeep (or by a
-    holder that has not signed it yet), not by jobs sharing it or a whole run."""
+    """For a job that wants to hold a run lock exclusively: whether it is held for
+    another job's short upkeep (or by a holder that has not signed it yet), not
+    by jobs sharing it or by a whole run."""
     if any(kind == "READ" for kind, _ in lock_holders(_path_of(fh))):
         return False
-    text = holder(fh)
+    return _upkeep_text(holder(fh))
+
+
+def _shareable_soon(fh) -> bool:
+    """For a job that wants to share a run lock: whether it is held exclusively
+    only for another job's short upkeep, or already shared again (that job
+    turns its exclusive lock into a shared one: the kernel drops the one before
+    it takes the other), not by a run that needs the folder whole."""
+    if not any(kind == "WRITE" for kind, _ in lock_holders(_path_of(fh))):
+        return True
+    return _upkeep_text(holder(fh))
+
+
+def _upkeep_text(text: str) -> bool:
     return not text or text.endswith(f"({UPKEEP})")
 
 
@@ -343,7 +357,7 @@ def _shared(fh, folder: Path, upkeep) -> bool:
     if alone:
         sign(fh, UPKEEP)
         upkeep()
-    if try_lock(fh, fcntl.LOCK_SH, BRIEF_WAIT_S, while_holder=_in_upkeep):
+    if try_lock(fh, fcntl.LOCK_SH, BRIEF_WAIT_S, while_holder=_shareable_soon):
         return alone
     raise RunInProgress(f"{folder}: another dmriflow run is using this folder "
                         f"({_holder_of(fh)}); wait for it or stop it first")
