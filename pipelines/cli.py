@@ -3,6 +3,8 @@
 dmriflow INPUT OUTPUT participant [--participant-label 01 sub-02 ...] [--session-label S]
                                  [--bids-filter-file FILE] [-w DIR] [--nprocs N]
                                  [--omp-nthreads N] [--mem GB] [-v] [--config FILE]
+dmriflow INPUT OUTPUT participant --slurm-array [MAX_RUNNING] [--sbatch-args=ARGS] [...]:
+                                 one SLURM array task per unit, then a group job
 dmriflow INPUT OUTPUT group [same options]: table, census and report of what is done
 dmriflow run INPUT OUTPUT [--layout hcp|bids|auto] [--participant-label ...]
                           [--worker cf|debug|slurm] [--n-procs N] [--cache-dir DIR]
@@ -23,7 +25,8 @@ dmriflow train 3t7t BIDS_INPUT OUTPUT_CHECKPOINT [--epochs N] [--grid G]
 
 Exit status of ``participant``/``group``/``run``/``demo``: 0 all subjects done, 2 some
 subjects failed (listed, with reasons, in OUTPUT/dmriflow/group/subjects.tsv), 1 unusable
-input, 3 another run holds OUTPUT or the cache, 64 a usage error. ``status``: 0 every planned subject
+input, 3 another run holds OUTPUT or the cache, or another job the same subject, 64 a
+usage error. ``status``: 0 every planned subject
 done, 2 some failed or missing, 1 no run found in OUTPUT.
 """
 
@@ -50,9 +53,10 @@ from dmriflow.interfaces.steps.base import ALL_COMMANDS, flag_of, option_type, o
 from dmriflow.interfaces.steps.image_gradient import resolve_timing
 from dmriflow.pipelines.derivatives import write_subjects_table
 from dmriflow.pipelines.execution import (STEP_WORDS, EngineOptions, RunConfig, RunInProgress,
-                                          collect_status, exclusive_run, read_plan,
+                                          cohort_files, collect_status, read_plan,
                                           run_cohort, run_harmonization_fit, run_holder,
                                           status_table)
+from dmriflow.pipelines.image_gradient import group_from_status
 from dmriflow.pipelines.inputs import census, discover, read_filter_file, site_labels
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
@@ -184,6 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("input", help="cohort folder (HCP subjects or a BIDS dataset)")
         p.add_argument("output", help="output folder; derivatives go to OUTPUT/dmriflow")
         _add_selection(p)
+        if name == "participant":
+            p.add_argument("--slurm-array", nargs="?", const=0, type=int, default=None,
+                           metavar="MAX_RUNNING",
+                           help="submit one SLURM job per selected unit (a job array, each "
+                                "task running this command on its unit with the cf worker) "
+                                "and a group job after them (--dependency=afterany), print "
+                                "their ids and return; MAX_RUNNING: at most so many tasks at "
+                                "once; --sbatch-args go to both jobs")
         _add_generated_options(p, "run")
 
     p = sub.add_parser("harmonize", help="fit or apply RISH harmonization")
@@ -337,7 +349,9 @@ def _run(input_dir, output, layout, labels, args) -> int:
     result = run_cohort(subjects, output, config)
     print(f"derivatives: {result.output_dir / 'dmriflow'}")
     print(f"summary table: {result.table}")
-    print(f"report: {result.report}")
+    left = ("left to the group level (this job ran some of the planned subjects): "
+            "dmriflow INPUT OUTPUT group")
+    print(f"report: {result.report or left}")
     for row in result.failed:
         print(f"FAILED {row['subject']} [{row.get('failed_step', '')}]: {row.get('error', '')}")
     for err in result.engine_errors:
@@ -346,9 +360,9 @@ def _run(input_dir, output, layout, labels, args) -> int:
 
 
 def cmd_group(args) -> int:
-    """The group level: census, group table and report over every unit that is
-    selected in INPUT or planned in OUTPUT, from their status files; no
-    subject is computed and the table never shrinks to the last subset."""
+    """The group level: census, group table, image-gradient tests and report over
+    every unit that is selected in INPUT or planned in OUTPUT, from their status
+    files; no subject is computed and the table never shrinks to the last subset."""
     from dmriflow.pipelines.report import write_report  # lazy: keeps `dmriflow --help` fast
     output = Path(args.output).resolve()
     units = {s.key: s for s in _discover(args.input, args.layout, args.participant_label, args)}
@@ -358,15 +372,19 @@ def cmd_group(args) -> int:
         planned = []
     found = list(units.values())
     rows_for = found + [p for p in planned if p.key not in units]
-    with exclusive_run(output / "dmriflow"):
+    with cohort_files(output):      # participant jobs may go on meanwhile
         rows = collect_status(output, sorted(rows_for, key=lambda u: u.key))
         cen = census(found)
         io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"),
                       output / "dmriflow" / "group" / "census.tsv")
         table = write_subjects_table(rows, output)
+        statistics = group_from_status(rows, output)   # None without image-gradient results
         report = write_report(output)
     done = sum(r.get("status") == "done" for r in rows)
     print(f"summary table: {table} ({done} of {len(rows)} done)")
+    if statistics:
+        print(f"image-gradient tests: {statistics['table']} ({statistics['n_subjects']} "
+              f"subject(s))")
     print(f"report: {report}")
     for row in rows:
         if row.get("status") != "done":
@@ -374,6 +392,33 @@ def cmd_group(args) -> int:
                   + (f" [{row['failed_step']}]" if row.get("failed_step") else "")
                   + f"): {row.get('error', '')}")
     return EXIT_OK if done == len(rows) else EXIT_SUBJECTS_FAILED
+
+
+def cmd_submit(args) -> int:
+    """``participant --slurm-array``: the selected units as a SLURM job array and a
+    group job after it (:mod:`dmriflow.pipelines.submit`)."""
+    from dmriflow.pipelines.submit import SubmitError, submit_array  # lazy: this flag only
+    if args.rerun_failed:
+        raise ValueError("--slurm-array submits one job per selected unit: select them with "
+                         "--participant-label instead of --rerun-failed")
+    if args.worker == "slurm":
+        raise ValueError("--slurm-array runs each unit in its own SLURM job with the cf "
+                         "worker: do not combine it with --worker slurm")
+    if args.slurm_array < 0:
+        raise ValueError("--slurm-array MAX_RUNNING must be >= 0")
+    units = _discover(args.input, args.layout, args.participant_label, args)
+    options = list(args.argv[1:])              # past the level; INPUT and OUTPUT out
+    for positional in (args.input, args.output):
+        options.remove(positional)
+    try:
+        sub = submit_array(units, args.input, args.output, options, args.sbatch_args,
+                           args.slurm_array)
+    except SubmitError as exc:
+        print(f"dmriflow: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(f"array job: {sub.array_id} ({len(sub.units)} task(s): {' '.join(sub.units)})")
+    print(f"group job: {sub.group_id} (--dependency=afterany:{sub.array_id})")
+    return EXIT_OK
 
 
 def cmd_harmonize(args) -> int:
@@ -524,6 +569,7 @@ def bids_app_argv(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = bids_app_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return _dispatch(args)
     except BrokenPipeError:
@@ -536,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     try:
         _apply_config(args)
+        if args.command == "participant" and args.slurm_array is not None:
+            return cmd_submit(args)
         if args.command in ("run", "participant"):
             return _run(args.input, args.output, args.layout, args.participant_label, args)
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,

@@ -2,25 +2,26 @@
 
 Worker choice (always explicit), cache root, the pipeline-version input,
 clean-up of failed nodes before a rerun, failure isolation, progress and the
-cohort-level status files. A run holds an exclusive lock on its output and
-cache folders, which makes it safe to clear what a killed run left behind
-(engine lock files, temporary files) before resuming.
+cohort-level status files. A job holds the lock of each unit it computes and
+shares OUTPUT and the cache with jobs of other units; what a killed run left
+behind (engine lock files, temporary files, failed nodes) is cleared by a job
+alone on the folder, or, for its own units, by any job (see
+:mod:`dmriflow.pipelines.locks`). ``harmonize fit`` holds both folders alone.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import re
 import secrets
 import shutil
-import socket
 import stat
 import sys
 import time
 from contextlib import ExitStack, contextmanager
+from io import StringIO
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -41,7 +42,11 @@ from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_en
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
 from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
 from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
-from dmriflow.pipelines.inputs import SubjectInputs, census
+from dmriflow.pipelines.inputs import SubjectInputs, assign_protocols, census
+from dmriflow.pipelines.locks import (BRIEF_WAIT_S, COHORT_LOCK, JOURNAL_PATTERN, RUN_JOURNAL,
+                                      RUN_LOCK, UNIT_LOCK_DIR, UPKEEP, RunInProgress, dead_journals, holder,
+                                      journal, lock_holders, node_units, open_lock, sign,
+                                      try_lock, unit_lock_path, write_new)
 from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
 from dmriflow.pipelines.slurm import SlurmWorker
 from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
@@ -51,14 +56,12 @@ from dmriflow.pipelines.workflows import CohortWorkflow
 WORKERS = ("cf", "debug", "slurm")
 #: Cache location under OUTPUT when --cache-dir is not given.
 DEFAULT_CACHE = ".dmriflow-cache"
-#: Lock file held (flock) in the output and cache folders for a whole run.
-RUN_LOCK = ".dmriflow-run.lock"
 #: What a killed engine leaves in the cache root: Pydra's soft lock files
 #: (``<node>.lock``, ``<node>_save.lock``) and job info files.
 ENGINE_LEFTOVERS = ("*.lock", "*_info.json")
-#: In the cache root while a run is going (its start time); an interrupted run
+#: In the cache root while a run is going (RUN_JOURNAL or one per job sharing the
+#: cache, see :mod:`dmriflow.pipelines.locks`: its start time); an interrupted run
 #: leaves it behind, telling the next run which node results to check.
-RUN_JOURNAL = ".dmriflow-run.json"
 #: Node results written this long before the journal's start time are checked too
 #: (file-system time stamps are coarse).
 JOURNAL_SLACK_S = 2.0
@@ -70,7 +73,7 @@ CACHE_MARKER = ".dmriflow-cache.json"
 #: Entries the engine and dmriflow make in a cache root: what an unmarked cache of an
 #: earlier version may hold to be adopted (anything else there is someone's file).
 ENGINE_ENTRY = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}$|.*\.lock$|.*_info\.json$"
-                          rf"|^{re.escape(RUN_JOURNAL)}$")
+                          rf"|{JOURNAL_PATTERN.pattern}")
 #: Permission bits that let someone other than the owner write (and so plant a
 #: node result that the next run would unpickle).
 FOREIGN_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -206,7 +209,7 @@ def cache_root(output_dir, config: RunConfig) -> Path:
     return Path(config.cache_dir or Path(output_dir, DEFAULT_CACHE)).resolve()
 
 
-def clean_cache(root: Path) -> int:
+def clean_cache(root: Path, units: set[str] | None = None) -> int:
     """Remove node folders holding a failure (or whose series copy was dropped,
     see :func:`drop_series_files`), so a rerun recomputes them.
 
@@ -214,23 +217,23 @@ def clean_cache(root: Path) -> int:
     tasks cache failure records): delete every node folder with an
     ``_error.pklz`` or a failure marker, and, if there was any, the workflow
     folders whose cached results embed them (rebuilt cheaply from the nodes).
+    Given ``units`` (a job sharing the cache with others), only the folders
+    whose job names one of them (:func:`~dmriflow.pipelines.locks.node_units`).
     Returns the number of folders removed.
     """
     if not root.is_dir():
         return 0
+    mine = (lambda d: True) if units is None else (lambda d: bool(node_units(d) & units))
     failed = [d for d in root.iterdir()
               if d.is_dir() and any((d / f).exists()
-                                    for f in (ERROR_FILE, FAILED_MARKER, DROPPED_MARKER))]
+                                    for f in (ERROR_FILE, FAILED_MARKER, DROPPED_MARKER))
+              and mine(d)]
     if failed:
         failed += [d for d in root.iterdir() if d.is_dir() and d.name.startswith("workflow-")
-                   and d not in failed]
+                   and d not in failed and mine(d)]
     for d in failed:
         shutil.rmtree(d, ignore_errors=True)
     return len(failed)
-
-
-class RunInProgress(RuntimeError):
-    """Another dmriflow run holds the output or cache folder."""
 
 
 def claim_cache(root: Path) -> None:
@@ -254,7 +257,9 @@ def claim_cache(root: Path) -> None:
                                f"pickles: use a cache folder of your own")
     marker = root / CACHE_MARKER
     if not marker.is_file():
-        foreign = sorted(p.name for p in root.iterdir() if not ENGINE_ENTRY.match(p.name))
+        # (the marker itself: another job may be marking the new cache at this moment)
+        foreign = sorted(p.name for p in root.iterdir()
+                         if not ENGINE_ENTRY.match(p.name) and p.name != CACHE_MARKER)
         if foreign:
             shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
             raise InputError(root, f"not a dmriflow cache (no {CACHE_MARKER}) and not empty "
@@ -267,21 +272,18 @@ def claim_cache(root: Path) -> None:
                                f"{stat.S_IMODE(st.st_mode):o}); its node results would be "
                                f"loaded as pickles: chmod go-w it or use another folder")
     if not marker.is_file():
-        io.write_json({"created_by": "dmriflow", "version": __version__,
-                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, marker)
+        try:     # created at once (O_EXCL, no temporary name another job would see)
+            write_new(marker, json.dumps({"created_by": "dmriflow", "version": __version__,
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                         indent=2, sort_keys=True) + "\n")
+        except FileExistsError:
+            pass                                  # another job marked it meanwhile
 
 
 def _open_lock(path: Path):
     """The run lock file, opened without following a symbolic link (O_NOFOLLOW:
     a planted link must not make dmriflow truncate its target)."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise InputError(path, "the run lock is a symbolic link; dmriflow does not "
-                                   "follow it (remove the link)") from None
-        raise
-    return os.fdopen(fd, "r+")
+    return open_lock(path)
 
 
 @contextmanager
@@ -296,39 +298,99 @@ def exclusive_run(*folders: Path):
         for folder in dict.fromkeys(Path(f).resolve() for f in folders):   # once each
             folder.mkdir(parents=True, exist_ok=True)
             fh = stack.enter_context(_open_lock(folder / RUN_LOCK))
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "unknown process"
+            if not try_lock(fh, fcntl.LOCK_EX, BRIEF_WAIT_S, while_holder=_in_upkeep):
                 raise RunInProgress(f"{folder}: another dmriflow run is using this folder "
-                                    f"({holder}); wait for it or stop it first") from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-            fh.flush()
+                                    f"({_holder_of(fh)}); wait for it or stop it first")
+            sign(fh)
         yield
 
 
+def _in_upkeep(fh) -> bool:
+    """For a job that wants to hold a run lock exclusively: whether it is held for
+    another job's short upkeep (or by a holder that has not signed it yet), not
+    by jobs sharing it or by a whole run."""
+    if any(kind == "READ" for kind, _ in lock_holders(_path_of(fh))):
+        return False
+    return _upkeep_text(holder(fh))
+
+
+def _shareable_soon(fh) -> bool:
+    """For a job that wants to share a run lock: whether it is held exclusively
+    only for another job's short upkeep, or already shared again (that job
+    turns its exclusive lock into a shared one: the kernel drops the one before
+    it takes the other), not by a run that needs the folder whole."""
+    if not any(kind == "WRITE" for kind, _ in lock_holders(_path_of(fh))):
+        return True
+    return _upkeep_text(holder(fh))
+
+
+def _upkeep_text(text: str) -> bool:
+    return not text or text.endswith(f"({UPKEEP})")
+
+
+def _path_of(fh) -> Path:
+    return Path(f"/proc/self/fd/{fh.fileno()}").resolve()
+
+
+def _holder_of(fh) -> str:
+    """Who holds a run lock: the exclusive holder's own words, or the jobs sharing it."""
+    holders = lock_holders(_path_of(fh))
+    readers = sorted({pid for kind, pid in holders if kind == "READ"})
+    if readers and not any(kind == "WRITE" for kind, _ in holders):
+        return (f"{len(readers)} participant job(s) sharing it: pid {', '.join(readers)}; "
+                f"see their unit locks in {UNIT_LOCK_DIR_TEXT}")
+    return holder(fh) or "unknown process"
+
+
+#: How the unit locks' folder is named in messages.
+UNIT_LOCK_DIR_TEXT = "OUTPUT/dmriflow/.dmriflow-locks"
+
+
+def _shared(fh, folder: Path, upkeep) -> bool:
+    """Hold a run lock shared (the jobs computing units share OUTPUT and the cache).
+
+    When no other job holds it, it is first held exclusively for ``upkeep()``
+    (leftovers of killed jobs can then be cleared safely), then shared. Returns
+    whether the upkeep ran. A folder held by a run that needs it whole is refused
+    (:class:`RunInProgress`); another job's short upkeep is waited for."""
+    alone = try_lock(fh, fcntl.LOCK_EX)
+    if alone:
+        sign(fh, UPKEEP)
+        upkeep()
+    if try_lock(fh, fcntl.LOCK_SH, BRIEF_WAIT_S, while_holder=_shareable_soon):
+        return alone
+    raise RunInProgress(f"{folder}: another dmriflow run is using this folder "
+                        f"({_holder_of(fh)}); wait for it or stop it first")
+
+
 def run_holder(folder) -> str | None:
-    """Who holds a folder's run lock right now ("pid N on HOST since T"), or None.
+    """Who holds a folder's run lock right now ("pid N on HOST since T", or the
+    participant jobs sharing it), or None.
 
     Looks the lock up in /proc/locks (Linux) instead of taking it, so asking
     never makes a run that starts at that moment fail. A lock held from
     another host of a shared file system is not visible here.
     """
     path = Path(folder, RUN_LOCK)
-    try:
-        st = path.stat()
-        with open("/proc/locks") as fh:
-            table = fh.read().split("\n")
-    except OSError:
+    holders = lock_holders(path)
+    if not holders:
         return None
-    me = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    if not any(len(f := line.split()) > 5 and f[1] == "FLOCK" and f[5] == me for line in table):
-        return None
-    return path.read_text().strip() or "unknown process"
+    readers = sorted({pid for kind, pid in holders if kind == "READ"})
+    if any(kind == "WRITE" for kind, _ in holders):
+        try:
+            return path.read_text().strip() or "unknown process"
+        except OSError:
+            return "unknown process"
+    units = unit_holders(folder)
+    return (f"{len(readers)} participant job(s): pid {', '.join(readers)}"
+            + (f"; running {', '.join(units)}" if units else ""))
+
+
+def unit_holders(dataset) -> list[str]:
+    """The units whose lock is held now (by name, e.g. ``sub-01_ses-1``)."""
+    folder = Path(dataset, UNIT_LOCK_DIR)
+    return sorted(p.name[: -len(".lock")] for p in folder.glob("*.lock")
+                  if not p.is_symlink() and lock_holders(p)) if folder.is_dir() else []
 
 
 def clear_interrupted(root: Path, output_dir: Path) -> int:
@@ -340,55 +402,104 @@ def clear_interrupted(root: Path, output_dir: Path) -> int:
     without a result are recomputed by the engine itself. Returns the number
     of paths removed.
     """
+    return (clear_engine_leftovers(root) + clear_temporary(output_dir)
+            + clear_cohort_temporary(output_dir))
+
+
+def clear_engine_leftovers(root: Path) -> int:
+    """Pydra's lock and job-info files in the cache root; only with the cache held alone."""
     stale = [p for pattern in ENGINE_LEFTOVERS for p in root.glob(pattern)
              if p.name != RUN_LOCK] if root.is_dir() else []
-    stale += io.temporary_files(output_dir / "dmriflow")
-    for p in stale:
-        if p.is_dir():
+    return _remove(stale)
+
+
+def clear_temporary(output_dir: Path, units=None) -> int:
+    """Temporary files of atomic writes under OUTPUT/dmriflow; given ``units``,
+    only those of their files (named after the unit) in their folders."""
+    dataset = Path(output_dir, "dmriflow")
+    if units is None:      # the cohort files' are cleared under their lock (cohort_files)
+        return _remove([p for p in io.temporary_files(dataset)
+                        if p.parent not in (dataset, dataset / "group")])
+    stale = [p for u in units for p in io.temporary_files(dataset.joinpath(*u.out_parts))
+             if p.name.startswith(f".{u.key}_")]
+    return _remove(stale)
+
+
+def _remove(paths) -> int:
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-    return len(stale)
+    return len(paths)
 
 
-def discard_interrupted_results(root: Path) -> int:
+def discard_interrupted_results(root: Path, units: set[str] | None = None,
+                                own: Path | None = None) -> int:
     """Remove node folders whose saved result an interrupted run left unusable.
 
     On Ctrl-C (KeyboardInterrupt inside a worker) Pydra 1.0a12 still saves
     the node's result, with no outputs and not marked as errored: the next
     run would take it from the cache and fail on it for ever. A result cut
-    short by SIGKILL does not load. Only results written since the
-    interrupted run started (its journal) are read. Call only under
-    :func:`exclusive_run`. Returns the number of node folders removed.
+    short by SIGKILL does not load. Only results written since an interrupted
+    run started (its journal, see :func:`dmriflow.pipelines.locks.journal`) are
+    read. With the cache held alone (:func:`exclusive_run`, or a job's upkeep)
+    every node is checked and the journals removed; a job sharing the cache
+    passes its ``units`` and checks only their node folders (no other job runs
+    them), removing a journal only when all its units are among them. Returns
+    the number of node folders removed.
     """
-    journal = root / RUN_JOURNAL
-    try:
-        started = float(json.loads(journal.read_text())["started"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
     unusable = []
-    for result_file in root.glob("*/_result.pklz"):
-        if result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
-            continue
+    for path, content in dead_journals(root, own):
         try:
-            with open(result_file, "rb") as fh:
-                result = cloudpickle.load(fh)
-            usable = bool(result.errored) or result.outputs is not None
-        except Exception:  # noqa: BLE001 - a result that does not load is unusable
-            usable = False
-        if not usable:
-            unusable.append(result_file.parent)
+            started = float(content["started"])
+        except (KeyError, TypeError, ValueError):
+            started = 0.0 if units is None else None
+        if started is not None:
+            for result_file in root.glob("*/_result.pklz"):
+                if result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
+                    continue
+                if units is not None and not node_units(result_file.parent) & units:
+                    continue
+                if not _usable(result_file):
+                    unusable.append(result_file.parent)
+        theirs = set(content.get("units") or [])
+        if units is None or (theirs and theirs <= units):
+            path.unlink(missing_ok=True)
+    unusable = list(dict.fromkeys(unusable))
     for node in unusable:
         shutil.rmtree(node, ignore_errors=True)
-    journal.unlink(missing_ok=True)
     return len(unusable)
+
+
+def _usable(result_file: Path) -> bool:
+    try:
+        with open(result_file, "rb") as fh:
+            result = cloudpickle.load(fh)
+        return bool(result.errored) or result.outputs is not None
+    except Exception:  # noqa: BLE001 - a result that does not load is unusable
+        return False
+
+
+def clear_unit_leftovers(root: Path, units: set[str]) -> int:
+    """What killed runs of ``units`` left in a cache shared with running jobs:
+    Pydra's soft lock files of their node folders (a stale one would make this
+    job wait for ever). Only node folders whose job names one of ``units``
+    are touched: no other job runs them while this one holds their locks."""
+    stale = []
+    for lock in root.glob("*.lock") if root.is_dir() else []:
+        node = root / lock.name[: -len(".lock")].removesuffix("_save")
+        if lock.name != RUN_LOCK and node.is_dir() and node_units(node) & units:
+            stale.append(lock)
+    return _remove(stale)
 
 
 @contextmanager
 def locked_run(output_dir: Path, root: Path, config: RunConfig):
-    """Everything a run does around the engine call: hold :func:`exclusive_run`,
-    clear an interrupted run's leftovers, keep the run journal while running
-    (removed only when the body completes). The cache is claimed first
+    """Everything a run that needs OUTPUT and the cache whole does around the
+    engine call (``harmonize fit``): hold :func:`exclusive_run`, clear an
+    interrupted run's leftovers, keep the run journal while running (removed
+    only when the body completes). The cache is claimed first
     (:func:`claim_cache`): nothing is written into a folder that is not ours."""
     claim_cache(root)
     with exclusive_run(output_dir / "dmriflow", root), run_log(output_dir, config):
@@ -399,9 +510,136 @@ def locked_run(output_dir: Path, root: Path, config: RunConfig):
         if discarded:
             _log(config, f"discarded {discarded} node result(s) an interrupted run left "
                          f"unusable")
-        io.write_json({"started": time.time(), "pid": os.getpid()}, root / RUN_JOURNAL)
+        write_new(root / RUN_JOURNAL, json.dumps({"started": time.time(),
+                                                  "pid": os.getpid()}))
         yield
         (root / RUN_JOURNAL).unlink(missing_ok=True)
+
+
+@dataclass
+class UnitRun:
+    """What :func:`unit_run` found: whether it had OUTPUT / the cache alone for
+    the upkeep, what it cleared, and its journal."""
+
+    output_alone: bool = False
+    cache_alone: bool = False
+    cleared: dict = field(default_factory=dict)
+    journal: Path | None = None
+
+
+def unit_entities(unit) -> dict:
+    """A unit's naming entities (subject, session) for its lock."""
+    label = getattr(unit, "label", None) or unit.key.split("_")[0].removeprefix("sub-")
+    session = getattr(unit, "session", None)
+    return {"sub": label, **({"ses": session} if session else {})}
+
+
+@contextmanager
+def unit_run(output_dir: Path, root: Path, units: list, config: RunConfig):
+    """Everything a job computing ``units`` does around the engine call.
+
+    Takes each unit's lock (exclusive: a second job of the same unit is
+    refused with :class:`RunInProgress` naming the holder), then the run locks
+    of OUTPUT/dmriflow and of the cache *shared* with other such jobs. A job
+    that finds a folder unused first clears every leftover of killed runs in
+    it (exclusively, then shares it); otherwise it clears only what killed
+    runs of its own units left (temporary files, Pydra lock files, unusable
+    results, failed node folders). Keeps a journal while it runs. The cache
+    is claimed first (:func:`claim_cache`)."""
+    claim_cache(root)
+    dataset = (output_dir / "dmriflow").resolve()
+    keys = {u.key for u in units}
+    state = UnitRun()
+    with ExitStack() as stack:
+        for unit in sorted(units, key=lambda u: u.key):
+            path = unit_lock_path(dataset, unit_entities(unit))
+            if path.parent.is_symlink():
+                raise InputError(path.parent, "the unit locks' folder is a symbolic link; "
+                                              "dmriflow does not follow it (remove the link)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = stack.enter_context(open_lock(path, "unit lock"))
+            if not try_lock(fh, fcntl.LOCK_EX):
+                raise RunInProgress(f"{unit.key}: another dmriflow job is running this unit "
+                                    f"({holder(fh) or 'unknown process'}; lock "
+                                    f"{path}); wait for it or stop it first")
+            sign(fh)
+        locks = {dataset: "output"}
+        locks.setdefault(root.resolve(), "cache")
+        for folder, kind in locks.items():
+            fh = stack.enter_context(_open_lock(folder / RUN_LOCK))
+            both = folder == root.resolve()          # the cache inside OUTPUT/dmriflow
+            if kind == "output":
+                upkeep = (lambda: _upkeep_all(state, root, output_dir, both))
+            else:
+                upkeep = (lambda: _upkeep_all(state, root, None, True))
+            alone = _shared(fh, folder, upkeep)
+            if kind == "output":
+                state.output_alone = alone
+                state.cache_alone = state.cache_alone or (alone and both)
+            else:
+                state.cache_alone = alone
+        if not state.output_alone:
+            state.cleared["temporary"] = clear_temporary(output_dir, units)
+        if not state.cache_alone:
+            state.cleared["engine"] = clear_unit_leftovers(root, keys)
+            state.cleared["unusable"] = discard_interrupted_results(root, keys)
+            state.cleared["failed"] = clean_cache(root, keys)
+        stack.enter_context(run_log(output_dir, config))
+        cleared = state.cleared.get("temporary", 0) + state.cleared.get("engine", 0)
+        if cleared:
+            _log(config, f"removed {cleared} leftover(s) of an interrupted run")
+        if state.cleared.get("unusable"):
+            _log(config, f"discarded {state.cleared['unusable']} node result(s) an "
+                         f"interrupted run left unusable")
+        if state.cleared.get("failed"):
+            _log(config, f"cleared {state.cleared['failed']} failed node folder(s)")
+        state.journal = stack.enter_context(journal(root, sorted(keys)))
+        yield state
+
+
+def _upkeep_all(state: UnitRun, root: Path, output_dir: Path | None, cache: bool) -> None:
+    """A job's upkeep with a folder held alone (see :func:`unit_run`)."""
+    if output_dir is not None:
+        state.cleared["temporary"] = (clear_temporary(output_dir)
+                                      + clear_cohort_temporary(output_dir))
+    if cache:
+        state.cleared["engine"] = clear_engine_leftovers(root)
+        state.cleared["unusable"] = discard_interrupted_results(root)
+        state.cleared["failed"] = clean_cache(root)
+
+
+@contextmanager
+def cohort_files(output_dir: Path):
+    """Hold the cohort lock while the cohort files (plan, census, group table,
+    report, dataset description) are read and written; waits for another
+    writer (up to BRIEF_WAIT_S). Temporary files of a killed writer in the
+    group folder are cleared first."""
+    dataset = Path(output_dir, "dmriflow")
+    dataset.mkdir(parents=True, exist_ok=True)
+    with open_lock(dataset / COHORT_LOCK, "cohort lock") as fh:
+        if not try_lock(fh, fcntl.LOCK_EX, BRIEF_WAIT_S):
+            raise RunInProgress(f"{dataset}: the cohort files are being written by "
+                                f"{holder(fh) or 'another process'} for over "
+                                f"{BRIEF_WAIT_S:.0f} s")
+        sign(fh)
+        _remove(_cohort_temporary(dataset))
+        yield
+
+
+def _cohort_temporary(dataset: Path) -> list[Path]:
+    """Temporary files of the cohort files' writes (OUTPUT/dmriflow and its group folder)."""
+    return [p for folder in (dataset, dataset / "group") if folder.is_dir()
+            for p in folder.glob(f".*{io.TEMP_TAG}*")]
+
+
+def clear_cohort_temporary(output_dir: Path) -> int:
+    """The cohort files' temporary files, when no one is writing them (the cohort
+    lock is free: taken and released at once)."""
+    dataset = Path(output_dir, "dmriflow")
+    with open_lock(dataset / COHORT_LOCK, "cohort lock") as fh:
+        if not try_lock(fh, fcntl.LOCK_EX):
+            return 0
+        return _remove(_cohort_temporary(dataset))
 
 
 def submitter(config: RunConfig, root: Path, gpu: bool = False):
@@ -469,7 +707,8 @@ def preflight(subjects: list[SubjectInputs], output_dir, version: str):
     return runnable, failed
 
 
-def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, version: str):
+def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, version: str,
+            cohort_steps: bool = True):
     units = [Subject.of(s) for s in subjects]
     products = None
     if config.inference:
@@ -481,26 +720,37 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
             _log(config, f"inference phase: {err}")
     task = CohortWorkflow(subjects=units, output_dir=str(output_dir), options=config.options_record(),
                           extra_rows=prefailed, inference=products,
-                          drop_series=config.drop_series, pipeline_version=version)
+                          drop_series=config.drop_series, cohort_steps=cohort_steps,
+                          pipeline_version=version)
     with submitter(config, root) as sub:
         return sub(task, raise_errors=False)
 
 
 def run_cohort(subjects: list[SubjectInputs], output_dir, config: RunConfig) -> CohortResult:
-    """Run the cohort workflow; return per-subject rows and the table path.
+    """Run the selected units; return their rows and the group table's path.
 
-    The cohort plan is written first (group/cohort.json) so ``dmriflow status``
-    can tell missing subjects after a crash. Subject-level errors never
-    raise: they become rows with status "failed" and a reason. The run holds
-    :func:`exclusive_run` on OUTPUT/dmriflow and the cache, and first clears
-    what an interrupted run left there. With ``config.rerun_failed`` only the
-    failed and missing subjects of the stored plan are run; the group table
-    is then rebuilt from every planned subject's status file.
+    The job holds each selected unit's lock and shares OUTPUT and the cache
+    with jobs of other units (:func:`unit_run`): several participant jobs may
+    run at once on one OUTPUT and cache; a second job of a running unit is
+    refused (:class:`RunInProgress`). The units are merged into the cohort plan
+    (group/cohort.json) first, so ``dmriflow status`` can tell missing units
+    after a crash; the plan, the census and the group table keep every unit
+    of earlier jobs (never shrunk to this job's subset) and are written under
+    the cohort lock (:func:`cohort_files`). Subject-level errors never raise:
+    they become rows with status "failed" and a reason. With
+    ``config.rerun_failed`` only the failed and missing units of the stored
+    plan are run.
     """
     output_dir = Path(output_dir).resolve()
     root = cache_root(output_dir, config)
-    with locked_run(output_dir, root, config):
-        return _run_locked(subjects, output_dir, config, root)
+    selected = subjects
+    if config.rerun_failed:
+        subjects, selected = rerun_selection(subjects, output_dir)
+    with unit_run(output_dir, root, selected, config) as state:
+        if config.rerun_failed:
+            _log(config, f"--rerun-failed: {len(selected)} of {len(subjects)} planned "
+                         f"subject(s) to rerun: {' '.join(s.key for s in selected) or 'none'}")
+        return _run_units(subjects, selected, output_dir, config, root, state)
 
 
 def rerun_selection(subjects: list[SubjectInputs], output_dir) -> tuple[list, list]:
@@ -523,64 +773,104 @@ def rerun_selection(subjects: list[SubjectInputs], output_dir) -> tuple[list, li
     return cohort, [s for s in cohort if s.key in todo]
 
 
-def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> CohortResult:
-    start = time.perf_counter()
+def merge_plan(output_dir: Path, subjects: list, config: RunConfig, version: str) -> list:
+    """Add ``subjects`` to the stored plan (group/cohort.json; an entry of the
+    same unit is replaced, the others kept) and their rows to the census; write
+    the dataset description. Call under :func:`cohort_files`. Returns the
+    plan's units."""
     group = output_dir / "dmriflow" / "group"
-    version = io.pipeline_version()
-    if config.rerun_failed:
-        subjects, selected = rerun_selection(subjects, output_dir)
-        _log(config, f"--rerun-failed: {len(selected)} of {len(subjects)} planned subject(s) "
-                     f"to rerun: {' '.join(s.key for s in selected) or 'none'}")
-    else:
-        selected = subjects
-    cen = census(subjects)
-    io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"), group / "census.tsv")
+    try:
+        old = _plan(output_dir).get("subjects", [])
+    except (FileNotFoundError, ValueError):
+        old = []
+    entries = {e["key"]: e for e in old if isinstance(e, dict) and "key" in e}
+    entries.update({s.key: plan_entry(s) for s in subjects})
     io.write_json({"pipeline_version": version, "worker": config.worker,
-                   "steps": list(planned_steps(config)),
-                   "subjects": [plan_entry(s) for s in subjects],
+                   "steps": list(planned_steps(config)), "subjects": list(entries.values()),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, group / "cohort.json")
+    cen = census(subjects)
+    text = cen.to_csv(sep="\t", index=False, na_rep="n/a")
+    if len(entries) > len(subjects) and (group / "census.tsv").is_file():
+        text = merged_census(group / "census.tsv", text)
+    io.write_text(text, group / "census.tsv")
     write_dataset_description(output_dir, source_uri(subjects, output_dir))
-    removed = clean_cache(root)
-    _log(config, f"{len(subjects)} subject(s), protocol groups "
-                 f"{dict(cen['protocol'].value_counts())}; worker={config.worker} "
-                 f"cache={shown_path(root, output_dir)}"
-                 + (f"; cleared {removed} failed node folder(s)" if removed else ""))
+    return read_plan(output_dir)
+
+
+def merged_census(path: Path, fresh: str) -> str:
+    """The stored census with the rows of ``fresh`` (TSV text) added or replaced;
+    protocol groups assigned anew over all rows (both read back the same way)."""
+    def read(src):
+        return pd.read_csv(src, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a"])
+    new = read(StringIO(fresh))
+    old = read(path)
+    rows = pd.concat([old[~old["subject"].isin(new["subject"])], new], ignore_index=True)
+    rows = assign_protocols(rows.drop(columns=["protocol"], errors="ignore")
+                            .sort_values("subject", kind="stable"))
+    return rows.to_csv(sep="\t", index=False, na_rep="n/a")
+
+
+def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Path,
+               state: UnitRun) -> CohortResult:
+    start = time.perf_counter()
+    version = io.pipeline_version()
+    with cohort_files(output_dir):
+        planned = merge_plan(output_dir, subjects, config, version)
+    keys = {s.key for s in selected}
+    whole = keys >= {p.key for p in planned}
+    cen = pd.read_csv(output_dir / "dmriflow" / "group" / "census.tsv", sep="\t",
+                      keep_default_na=False)
+    _log(config, f"{len(selected)} of {len(planned)} planned unit(s), protocol groups "
+                 f"{ {k: int(v) for k, v in cen['protocol'].value_counts().items()} }; "
+                 f"worker={config.worker} cache={shown_path(root, output_dir)}"
+                 + ("" if state.cache_alone and state.output_alone else
+                    "; sharing OUTPUT/cache with other jobs"))
 
     runnable, prefailed = preflight(selected, output_dir, version)
     for row in prefailed:
         _log(config, f"{row['subject']}: failed before submission: {row['error']}")
     engine_errors: list[str] = []
+    table = None
     if not runnable:   # (with --rerun-failed, possibly nothing to do)
         rows = prefailed
-        table = write_subjects_table(prefailed, output_dir) if prefailed else None
     else:
-        res = _submit(runnable, prefailed, output_dir, config, root, version)
+        res = _submit(runnable, prefailed, output_dir, config, root, version,
+                      cohort_steps=whole)
         if res.errored or res.outputs is None:
             engine_errors = errors_of(res, root)
             rows = collect_status(output_dir, selected)
-            table = write_subjects_table(rows, output_dir)
         else:
-            rows, table = list(res.outputs.rows) + prefailed, Path(res.outputs.table)
+            rows = list(res.outputs.rows) + prefailed
+            table = Path(res.outputs.table) if res.outputs.table else None
             missing = [d for r in rows for d in r.get("derivatives", [])
                        if not derivative_file(d, output_dir).exists()]
             if missing:
                 # derivatives deleted after a cached run: redo the cheap export steps
                 _log(config, f"{len(missing)} derivative(s) missing; re-exporting")
-                remove_steps(root, ("export", "group"))
+                mine = None if state.cache_alone else keys
+                remove_steps(root, ("export", "group"), mine)
                 for d in root.glob("workflow-*"):
-                    shutil.rmtree(d, ignore_errors=True)
-                return _run_locked(subjects, output_dir, config, root)
+                    if mine is None or node_units(d) & mine:
+                        shutil.rmtree(d, ignore_errors=True)
+                return _run_units(subjects, selected, output_dir, config, root, state)
     if config.drop_series:
-        freed = drop_series_files(root)
+        freed = drop_series_files(root, None if state.cache_alone else keys)
         if freed:
             _log(config, f"--drop-series: {freed / 1e9:.2f} GB of series copies deleted")
-    if len(selected) < len(subjects):
-        # a partial run: the table covers the whole plan, from the status files
-        rows = collect_status(output_dir, subjects)
-        table = write_subjects_table(rows, output_dir)
+    if config.rerun_failed:
+        rows = collect_status(output_dir, subjects)   # the whole plan's
+    with cohort_files(output_dir):
+        planned = read_plan(output_dir)       # other jobs may have added units meanwhile
+        whole = keys >= {p.key for p in planned}
+        if table is None or not whole:
+            # the table covers the whole plan, from the status files
+            table = write_subjects_table(collect_status(output_dir, planned), output_dir)
+        # the report reads every unit's maps: a job of some units leaves it to the group
+        # level (one per job would cost each job the whole cohort, under the lock)
+        report = _write_report(output_dir, config) if whole or config.rerun_failed else None
     result = CohortResult(output_dir=output_dir, table=table, rows=rows,
                           engine_errors=engine_errors, seconds=time.perf_counter() - start,
-                          report=_write_report(output_dir, config))
+                          report=report)
     n_done = sum(r.get("status") == "done" for r in rows)
     _log(config, f"finished in {result.seconds:.1f} s: {n_done} done, "
                  f"{len(rows) - n_done} not done; table {shown_path(table, output_dir)}; "
@@ -603,14 +893,17 @@ SERIES_STEPS = ("validate", "preprocess", "harmonize")
 SERIES_FILES = (io.DECODED_NAME, io.ROWS_NAME, "dwi.nii.gz")
 
 
-def drop_series_files(root: Path) -> int:
+def drop_series_files(root: Path, units: set[str] | None = None) -> int:
     """Delete the series files of every series step's node folder (after a run:
     the Export steps of a first run already dropped theirs, a cached rerun's
     recomputed Validate left new ones); each folder is marked so that the
-    next run removes it (:func:`clean_cache`). Returns bytes freed."""
+    next run removes it (:func:`clean_cache`). Given ``units``, only their
+    node folders. Returns bytes freed."""
     freed = 0
     for marker in root.glob("*/" + STEP_MARKER):
         if marker.read_text() not in SERIES_STEPS:
+            continue
+        if units is not None and not node_units(marker.parent) & units:
             continue
         for path in (marker.parent / name for name in SERIES_FILES):
             if path.is_file():
@@ -620,9 +913,11 @@ def drop_series_files(root: Path) -> int:
     return freed
 
 
-def remove_steps(root: Path, steps: tuple[str, ...]) -> int:
-    """Remove the node folders of the given steps (by their step marker)."""
-    found = [d for d in root.glob("*/" + STEP_MARKER) if d.read_text() in steps]
+def remove_steps(root: Path, steps: tuple[str, ...], units: set[str] | None = None) -> int:
+    """Remove the node folders of the given steps (by their step marker); given
+    ``units``, only their node folders."""
+    found = [d for d in root.glob("*/" + STEP_MARKER) if d.read_text() in steps
+             and (units is None or node_units(d.parent) & units)]
     for marker in found:
         shutil.rmtree(marker.parent, ignore_errors=True)
     return len(found)

@@ -24,9 +24,10 @@ from pydra.compose import python
 
 from dmriflow.interfaces import image_gradient as ig
 from dmriflow.interfaces import io
-from dmriflow.interfaces.bids_names import format_entities
-from dmriflow.interfaces.steps.base import product_from_record
+from dmriflow.interfaces.bids_names import format_entities, parse_name
+from dmriflow.interfaces.steps.base import TABLE_EXTENSION, product_from_record
 from dmriflow.interfaces.stepfiles import IMAGE_GRADIENT_STEP, MODEL_ENTITY
+from dmriflow.pipelines.derivatives import derivative_file
 from dmriflow.pipelines.steps import STEP_MARKER
 
 #: Step name (node marker, failure records, sidecars).
@@ -110,6 +111,36 @@ def write_group(products: list[dict], output_dir) -> dict:
     figure = angle_figure(hist.to_dict("records"), group / GROUP_FIGURE,
                           title=f"Acute angle to the b0 gradient, {len(done)} subject(s)")
     return {"table": str(table), "figure": str(figure), "n_subjects": len(done)}
+
+
+def products_from_status(rows: list[dict], output_dir) -> list[dict]:
+    """The subjects' image-gradient products as :func:`write_group` reads them,
+    from their status rows (the exported tables, found by their entities): what
+    the group level has of subjects that participant jobs ran one by one. A
+    failed subject counts as a failed product, a missing one not at all."""
+    model = MODEL_ENTITY.split("-", 1)[1]
+    products = []
+    for row in rows:
+        tables = {}
+        for entry in row.get("derivatives", []) if row.get("status") == "done" else []:
+            entities, _, ext = parse_name(entry)
+            if ext == TABLE_EXTENSION and entities.get("model") == model and "desc" in entities:
+                tables[f"{MODEL_ENTITY}_desc-{entities['desc']}"] = str(
+                    derivative_file(entry, output_dir))
+        if tables:
+            products.append({"status": "ok", "tables": tables})
+        elif row.get("status") == "failed":
+            products.append({"status": "failed"})
+    return products
+
+
+def group_from_status(rows: list[dict], output_dir) -> dict | None:
+    """The cohort's image-gradient table and figure from the status rows (the
+    group level); None when no done subject has image-gradient results."""
+    products = products_from_status(rows, output_dir)
+    if not any(p["status"] == "ok" for p in products):
+        return None
+    return write_group(products, output_dir)
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,8 @@ writes the derivatives. The run configuration is one input, ``options``
 a changed option re-runs only the nodes of its step. The cohort maps the
 subject workflow over the subjects and hands their rows and products to the
 registered cohort steps of a run (the group table, [the image-gradient
-tests]); each cohort task takes those of its inputs it declares. Every node takes ``pipeline_version`` so that new package code means
+tests]) when it covers the whole cohort (``cohort_steps``); each cohort task
+takes those of its inputs it declares. Every node takes ``pipeline_version`` so that new package code means
 new cache entries.
 """
 
@@ -18,7 +19,8 @@ from __future__ import annotations
 from pydra.compose import workflow
 from pydra.utils.general import get_fields
 
-from dmriflow.interfaces.steps import REGISTRY, cohort_steps
+from dmriflow.interfaces.steps import REGISTRY
+from dmriflow.interfaces.steps import cohort_steps as cohort_steps_of
 from dmriflow.pipelines.image_gradient import ImageGradientGroup
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import EXPORT_SLOTS, OUTPUT, TASKS, Export, GroupTable, Subject
@@ -96,8 +98,8 @@ SubjectWorkflow = workflow.define(subject_workflow,
 
 def cohort_workflow(subjects: list[Subject], output_dir: str, options: dict,
                     extra_rows: list[dict] | None = None, inference: list | None = None,
-                    drop_series: bool = False,
-                    pipeline_version: str = "") -> tuple[str, list, str | None]:
+                    drop_series: bool = False, cohort_steps: bool = True,
+                    pipeline_version: str = "") -> tuple[str | None, list, str | None]:
     per_subject = SubjectWorkflow(output_dir=output_dir, options=options,
                                   drop_series=drop_series, pipeline_version=pipeline_version)
     # products of the inference phase (pipelines/inference.py), one per subject
@@ -107,12 +109,13 @@ def cohort_workflow(subjects: list[Subject], output_dir: str, options: dict,
     given = {"rows": per.row, "products": per.products, "extra_rows": extra_rows,
              "output_dir": output_dir, "pipeline_version": pipeline_version}
     tables = {}
-    for step in cohort_steps(step_options(options)):
+    # a run of some units of a cohort leaves the cohort steps to a run of all of them
+    for step in cohort_steps_of(step_options(options)) if cohort_steps else []:
         task = COHORT_TASKS[step.task]
         names = {f.name for f in get_fields(task)}
         inputs = {k: v for k, v in given.items() if k in names}
         tables[step.name] = workflow.add(task(**inputs), hooks=PROGRESS).table
-    return tables["group_table"], per.row, tables.get("image_gradient_group")
+    return tables.get("group_table"), per.row, tables.get("image_gradient_group")
 
 
 CohortWorkflow = workflow.define(cohort_workflow,

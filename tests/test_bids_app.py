@@ -164,12 +164,13 @@ def test_exit_codes(tmp_path, capsys):
 
 def test_group_aggregates_what_is_done_without_computing(tmp_path, capsys):
     """Two participant runs of one subject each, then group: the table holds
-    both (a participant run of one subject rewrites it to one row), no node
-    is computed, and a subject never run is listed as missing."""
+    both (each participant run adds its row), no node is computed, and a
+    subject never run is listed as missing."""
     cohort = bids_cohort(tmp_path / "in", 3)
     out = tmp_path / "out"
     for label in ("01", "sub-02"):
         assert participant(cohort, out, tmp_path, "--participant-label", label) == cli.EXIT_OK
+    assert list(table(out).index) == ["sub-01", "sub-02"]       # never shrunk to one row
     nodes = sorted(p.name for p in (tmp_path / "cache").iterdir())
     code = cli.main([str(cohort), str(out), "group", "--participant-label", "01", "02"])
     assert code == cli.EXIT_OK

@@ -5,6 +5,7 @@ command line."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -228,3 +229,20 @@ def test_subject_products_with_a_and_a_voxel_subset(tmp_path):
         np.testing.assert_array_equal(maps[0], maps[1])
         assert 0.0 <= product["row"][f"imagegradient_{est}_mean_deg"] <= 90.0
     assert product["parameters"]["quality"] == {"B": "rank1_fraction", "A": "rss_reduction"}
+
+
+def test_group_level_gives_the_whole_runs_statistics(run, tmp_path):
+    """`dmriflow INPUT OUTPUT group` (what follows participant jobs of one subject
+    each) writes the cohort's image-gradient tests from the exported tables:
+    the same table as the run over the whole cohort."""
+    from dmriflow.pipelines import cli
+    tmp = run[0]
+    out = tmp_path / "out"
+    shutil.copytree(tmp / "out" / "dmriflow", out / "dmriflow")
+    group = out / "dmriflow" / "group"
+    whole = pd.read_csv(group / pig.GROUP_TABLE, sep="\t")
+    (group / pig.GROUP_TABLE).unlink()
+    (group / pig.GROUP_FIGURE).unlink()
+    assert cli.main([str(tmp / "in"), str(out), "group"]) == cli.EXIT_SUBJECTS_FAILED
+    pd.testing.assert_frame_equal(pd.read_csv(group / pig.GROUP_TABLE, sep="\t"), whole)
+    assert (group / pig.GROUP_FIGURE).is_file()

@@ -248,3 +248,80 @@ def test_cancelled_job_fails_the_run_and_a_rerun_completes(slurm_cluster, cohort
     assert "GroupTable" in set(rerun_steps)
     assert len(rerun_steps) <= len(SUBJECT_STEPS) + 1, rerun_steps.tolist()
 
+
+
+#: The array test's cohort: three small BIDS subjects, sub-02 with broken b-vectors.
+ARRAY_SUBJECTS, ARRAY_BROKEN = ("sub-01", "sub-02", "sub-03"), "sub-02"
+ARRAY_TIMEOUT_S = 600
+
+
+def _wait_for_jobs(cluster: Cluster, comment: str, n: int, timeout_s: float) -> pd.DataFrame:
+    """sacct rows of the ``n`` jobs with this comment once all have ended."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        jobs = cluster.sacct(comment)
+        ended = jobs["State"].str.match(r"^(COMPLETED|FAILED|CANCELLED|TIMEOUT|OUT_OF_ME)")
+        if len(jobs) == n and ended.all():
+            return jobs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"jobs not ended after {timeout_s} s:\n{jobs}")
+        time.sleep(1)
+
+
+def test_participant_array_and_group_job(slurm_cluster, tmp_path_factory):
+    """`participant --slurm-array`: one array task per subject (the broken one
+    fails alone, exit 2), the group job after them all (afterany) with the
+    whole table; the ids printed are the jobs SLURM ran."""
+    from dmriflow.interfaces.sim.phantom import hcp_scheme
+    root = Path(tempfile.mkdtemp(prefix="dmriflow-slurm-array-", dir="/var/tmp"))
+    try:
+        cohort = root / "in"
+        write_cohort(cohort, len(ARRAY_SUBJECTS), layout="bids", shape=(12, 14, 10), seed=0,
+                     scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=12, seed=1))
+        bvec = cohort / ARRAY_BROKEN / "dwi" / f"{ARRAY_BROKEN}_dwi.bvec"
+        bvec.write_text("not numbers\n")
+        out, comment = root / "out", f"dmriflow-array-{uuid.uuid4().hex[:8]}"
+        proc = subprocess.run(
+            [DMRIFLOW, str(cohort), str(out), "participant", "--slurm-array", "-w",
+             str(root / "cache"), "--quiet", f"--sbatch-args=--time=10 --mem=500M "
+                                            f"--comment={comment}"],
+            env=slurm_cluster.env, cwd=root, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+        array_id = lines["array job"].split()[0]
+        group_id = lines["group job"].split()[0]
+        assert lines["group job"].endswith(f"(--dependency=afterany:{array_id})")
+        assert " ".join(ARRAY_SUBJECTS) in lines["array job"]
+
+        jobs = _wait_for_jobs(slurm_cluster, comment, len(ARRAY_SUBJECTS) + 1, ARRAY_TIMEOUT_S)
+        exits = slurm_cluster.cmd("sacct", "-X", "-n", "-P", "-j", f"{array_id},{group_id}",
+                                  "-o", "JobID,JobName,State,ExitCode,Start,End")
+        rows = {r[0]: r[1:] for r in (line.split("|") for line in exits.splitlines() if line)}
+        tasks = {f"{array_id}_{i}": key for i, key in enumerate(ARRAY_SUBJECTS)}
+        assert set(tasks) | {group_id} == set(rows), rows
+        for task, key in tasks.items():
+            name, state, code, *_ = rows[task]
+            assert name == "dmriflow-participant"
+            if key == ARRAY_BROKEN:
+                assert (state, code) == ("FAILED", "2:0"), (task, rows[task])
+            else:
+                assert (state, code) == ("COMPLETED", "0:0"), (task, rows[task])
+        name, state, code, start, _ = rows[group_id]
+        assert (name, state, code) == ("dmriflow-group", "FAILED", "2:0"), rows[group_id]
+        assert start >= max(rows[t][4] for t in tasks)          # after every task ended
+        assert set(jobs["JobID"]) == set(rows)
+
+        table = read_table(out).set_index("subject")
+        assert list(table.index) == list(ARRAY_SUBJECTS)
+        assert table["status"].to_dict() == {k: "failed" if k == ARRAY_BROKEN else "done"
+                                             for k in ARRAY_SUBJECTS}
+        assert str(bvec) in table.loc[ARRAY_BROKEN, "error"]
+        assert table.drop(index=ARRAY_BROKEN)["median_fa"].between(0.01, 0.9).all()
+        assert slurm_cluster.dmriflow("status", str(out)).returncode == 2
+        # each task's own run log, and the group job's output, in the submission folder
+        assert len(list((out / "dmriflow" / "logs").glob("run-*.log"))) == len(ARRAY_SUBJECTS)
+        group_out = (root / f"slurm-{group_id}.out").read_text()
+        assert f"2 of {len(ARRAY_SUBJECTS)} done" in group_out
+        assert f"NOT DONE {ARRAY_BROKEN} (failed [validate])" in group_out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
