@@ -421,6 +421,8 @@ def export_subject(subject, record: dict, products: list[dict], output_dir,
         written += export_product(product, dwi_dir, prefix, inputs, provenance)
         row.update(product.get("row", {}))
         flags += product.get("qc_flags", [])
+    if "mask" in provenance["InputURIs"]:    # a given mask, named by its BIDS URI
+        row["mask_file"] = provenance["InputURIs"]["mask"]
     row.update(mask_source=record["mask_source"], mask_voxels=record["mask_voxels"],
                qc_flags="; ".join(flags), warnings="; ".join(record.get("warnings", [])),
                **record.get("qc", {}), **record["census"])
