@@ -781,5 +781,6 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     result["excluded"] = result["excluded"] + [
         {"subject": r["subject"], "error": r["error"]} for r in prefailed]
     result["report"] = _write_report(output_dir, config)
-    _log(config, f"artefact {dest}; site effect table {result['site_effect']}")
+    _log(config, f"artefact {shown_path(dest, output_dir)}; site effect table "
+                 f"{shown_path(result['site_effect'], output_dir)}")
     return result
