@@ -9,6 +9,7 @@ cache folders, which makes it safe to clear what a killed run left behind
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -20,7 +21,7 @@ import socket
 import stat
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -42,7 +43,9 @@ from dmriflow.pipelines.engine import ERROR_FILE, errors_of
 from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
 from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
 from dmriflow.pipelines.inputs import SubjectInputs, census
-from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
+from dmriflow.pipelines.methods import write_methods
+from dmriflow.pipelines.progress import (BAR, LOG_ENV, LOG_ROOT_ENV, PROGRESS_ENV, ProgressBar,
+                                         bar_wanted, log_line)
 from dmriflow.pipelines.slurm import SlurmWorker
 from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
 from dmriflow.pipelines.workflows import CohortWorkflow
@@ -415,7 +418,8 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
     (:class:`dmriflow.pipelines.slurm.SlurmWorker`).
     """
     from pydra.engine.submitter import Submitter  # before pydra.workers (OPERATIONS.md)
-    os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"
+    if os.environ.get(PROGRESS_ENV) != BAR:      # a progress bar shows the node lines
+        os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"
     worker, kwargs = config.worker, {}
     if config.worker == "cf":
         kwargs["n_procs"] = config.n_procs
@@ -427,6 +431,25 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
 def _log(config: RunConfig, msg: str) -> None:
     """A run message: to stderr unless quiet, always to the run's log file."""
     log_line(msg, to_stderr=not config.quiet)
+
+
+def _debug(msg: str) -> None:
+    """Detail for the run's log file only (not on the terminal)."""
+    log_line(msg, to_stderr=False)
+
+
+def changed_options(config: RunConfig) -> dict:
+    """``{option: value}`` of every step and engine option the run changed from
+    its default (paths as the log shows them)."""
+    out = {}
+    for opts in (config.engine, *config.steps.values(), *config.cohort.values()):
+        for f in fields(opts):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            value = getattr(opts, f.name)
+            if value != default:
+                out[f.name] = value
+    return out
 
 
 def _shown_command(output_dir) -> str:
@@ -442,18 +465,20 @@ def run_log(output_dir: Path, config: RunConfig):
     name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}.log"
     path = output_dir / "dmriflow" / LOG_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    previous = os.environ.get(LOG_ENV)
+    previous = {k: os.environ.get(k) for k in (LOG_ENV, LOG_ROOT_ENV)}
     os.environ[LOG_ENV] = str(path)
+    os.environ[LOG_ROOT_ENV] = str(output_dir)     # logged paths: relative to OUTPUT
     try:
         log_line(f"dmriflow {__version__} ({io.pipeline_version()}), environment "
                  f"{environment()['EnvironmentId']}; command: {_shown_command(output_dir)}; "
                  f"worker={config.worker} n_procs={config.n_procs}", to_stderr=False)
         yield path
     finally:
-        if previous is None:
-            os.environ.pop(LOG_ENV, None)
-        else:
-            os.environ[LOG_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def preflight(subjects: list[SubjectInputs], output_dir, version: str):
@@ -540,6 +565,9 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
                    "subjects": [plan_entry(s) for s in subjects],
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, group / "cohort.json")
     write_dataset_description(output_dir, source_uri(subjects, output_dir))
+    methods = write_methods(config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(subjects))
+    _debug(f"options changed from their defaults: {changed_options(config)}; methods text "
+           f"{shown_path(methods, output_dir)}")
     removed = clean_cache(root)
     _log(config, f"{len(subjects)} subject(s), protocol groups "
                  f"{dict(cen['protocol'].value_counts())}; worker={config.worker} "
@@ -554,7 +582,11 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
         rows = prefailed
         table = write_subjects_table(prefailed, output_dir) if prefailed else None
     else:
-        res = _submit(runnable, prefailed, output_dir, config, root, version)
+        bar = ProgressBar(os.environ[LOG_ENV], len(runnable) + len(prefailed),
+                          len(planned_steps(config)), len(prefailed)) \
+            if bar_wanted(config.quiet) and os.environ.get(LOG_ENV) else nullcontext()
+        with bar:
+            res = _submit(runnable, prefailed, output_dir, config, root, version)
         if res.errored or res.outputs is None:
             engine_errors = errors_of(res, root)
             rows = collect_status(output_dir, selected)
@@ -582,6 +614,12 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
                           engine_errors=engine_errors, seconds=time.perf_counter() - start,
                           report=_write_report(output_dir, config))
     n_done = sum(r.get("status") == "done" for r in rows)
+    for row in rows:
+        if row.get("status") != "done":
+            _debug(f"NOT DONE {row.get('subject')} [{row.get('failed_step', '')}] "
+                   f"{row.get('status')}: {row.get('error', '')}")
+    for err in engine_errors:
+        _debug(f"ENGINE ERROR: {err}")
     _log(config, f"finished in {result.seconds:.1f} s: {n_done} done, "
                  f"{len(rows) - n_done} not done; table {shown_path(table, output_dir)}; "
                  f"report {shown_path(result.report, output_dir)}")

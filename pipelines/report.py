@@ -43,6 +43,7 @@ from dmriflow.interfaces.steps import rish
 from dmriflow.interfaces.steps.base import MAP_SUFFIX
 from dmriflow.pipelines.derivatives import SERIES_DESC, SERIES_SUFFIX, derivative_file
 from dmriflow.interfaces.stepfiles import MAD_TO_SD
+from dmriflow.pipelines.methods import METHODS_FILE, methods_html
 
 #: The report's file name under OUTPUT/dmriflow/.
 REPORT_FILE = "report.html"
@@ -597,6 +598,12 @@ def models_section(root: Path) -> str:
     return "".join(parts)
 
 
+def methods_section(root: Path) -> str:
+    """The run's methods text (logs/methods.md, see :mod:`dmriflow.pipelines.methods`)."""
+    path = root / "logs" / METHODS_FILE
+    return methods_html(path.read_text()) if path.is_file() else ""
+
+
 def build_report(output_dir) -> str:
     """The report page (HTML text) for ``OUTPUT``; raises if no run is found there."""
     output_dir = Path(output_dir).resolve()
@@ -619,6 +626,7 @@ def build_report(output_dir) -> str:
         _section("Harmonization", harmonization_section(root, maps), "harmonization"),
         _section("Image gradient", image_gradient_section(group), "image-gradient"),
         _section("Models", models_section(root), "models"),
+        _section("Methods", methods_section(root), "methods"),
     ]
     facts = [f"{len(table)} subject(s)" if table is not None else "no cohort run",
              f"pipeline {meta['pipeline_version']}" if meta.get("pipeline_version") else "",
