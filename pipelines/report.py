@@ -28,6 +28,7 @@ import html
 import io as _bytes_io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -541,13 +542,15 @@ def harmonization_section(root: Path, maps: dict[str, SubjectMaps]) -> str:
                      f"{', '.join(_e(Path(a).name) for a in arts if a)} before the fits; the "
                      f"maps above are of the harmonised data.</p>")
         # the fit's evaluation tables live in its output's group folder
-        sources += [Path(a).parent.parent / "group" for a in arts if a]
+        # (named relative to this dataset root; absolute in outputs of older versions)
+        sources += [(root / a).resolve().parent.parent / "group" for a in arts if a]
     for src in sources:
         effect = _read_tsv(src / HARMONIZATION_TABLES[0])
         if effect is None:
             continue
         pres = _read_tsv(src / HARMONIZATION_TABLES[1])
-        where = "" if src == group else f" (from the fit in {_e(src.parent.parent)})"
+        where = "" if src == group else \
+            f" (from the fit in {_e(os.path.relpath(src.parent.parent, root.resolve()))})"
         parts.append(f"<h3>Site effect before / after{where}</h3>")
         parts.append(_figure(harmonization_figure(effect),
                              "White-matter means compared between the reference and target "
