@@ -565,7 +565,8 @@ def _run_locked(subjects, output_dir: Path, config: RunConfig, root: Path) -> Co
                    "subjects": [plan_entry(s) for s in subjects],
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, group / "cohort.json")
     write_dataset_description(output_dir, source_uri(subjects, output_dir))
-    methods = write_methods(config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(subjects))
+    methods = write_methods(config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(subjects),
+                            sum(bool(getattr(s, "mask", None)) for s in subjects))
     _debug(f"options changed from their defaults: {changed_options(config)}; methods text "
            f"{shown_path(methods, output_dir)}")
     removed = clean_cache(root)

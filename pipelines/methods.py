@@ -76,9 +76,9 @@ SH = ("Descoteaux M, Angelino E, Fitzgibbons S, Deriche R (2007). Regularized, f
 
 #: References by what ran: ``"step"`` (the step ran), ``"step.option"`` (the
 #: option is on: true or non-empty) or ``"step.option=value"``; ``""``: every run.
+#: (The median-Otsu mask's reference is added when a unit had no mask given.)
 REFERENCES: dict[str, tuple[str, ...]] = {
     "": (DIPY, NIBABEL, PYDRA),
-    "validate": (MEDIAN_OTSU,),          # the brain mask when none is given
     "preprocess.denoise": (MPPCA,),
     "preprocess.degibbs": (GIBBS,),
     "motion": (BVEC_ROTATION, FD),
@@ -136,10 +136,6 @@ def _default(f: dataclasses.Field):
     return None
 
 
-def _on(value) -> bool:
-    return bool(value) and value not in ("none", "None")
-
-
 def references(steps: dict) -> list[str]:
     """The references of what ran, in the order of :data:`REFERENCES` (each once).
 
@@ -152,7 +148,7 @@ def references(steps: dict) -> list[str]:
             continue
         if name:
             value = getattr(steps[step], name)
-            if (wanted and str(value) != wanted) or (not wanted and not _on(value)):
+            if (wanted and str(value) != wanted) or (not wanted and not value):
                 continue
         found += [r for r in refs if r not in found]
     return found
@@ -177,8 +173,21 @@ def ran_steps(config) -> tuple[dict, dict]:
     return subject, cohort
 
 
-def methods_text(config, output_dir, n_subjects: int) -> str:
-    """The methods text (Markdown) of a run with ``config`` over ``n_subjects`` units."""
+def mask_sentence(n_subjects: int, masks_given: int) -> str:
+    """Where the brain masks came from."""
+    given = "given with the series (a `desc-brain_mask`, or HCP's `nodif_brain_mask`)"
+    computed = "computed by median Otsu thresholding of the mean b0 image"
+    if masks_given >= n_subjects:
+        return f"The brain mask was the one {given}."
+    if masks_given:
+        return (f"The brain mask was the one {given} for {masks_given} of {n_subjects} "
+                f"unit(s), and {computed} for the others.")
+    return f"The brain mask was {computed}."
+
+
+def methods_text(config, output_dir, n_subjects: int, masks_given: int = 0) -> str:
+    """The methods text (Markdown) of a run with ``config`` over ``n_subjects`` units,
+    ``masks_given`` of which came with a brain mask."""
     subject, cohort = ran_steps(config)
     summaries = step_summaries()
     v = versions()
@@ -190,9 +199,8 @@ def methods_text(config, output_dir, n_subjects: int) -> str:
              f"subject's series as a cached Pydra {v['pydra']} task graph. The numerics use "
              f"DIPY {v['dipy']}, NiBabel {v['nibabel']}, NumPy {v['numpy']}, SciPy {v['scipy']}"
              + (f" and PyTorch {v['torch']}" if "inference" in subject else "")
-             + ". Each subject's series went through the following steps, in this order; "
-               "the brain mask was the one given beside the series when there was one, else "
-               "computed (median Otsu) from the mean b0 image.", ""]
+             + ". Each subject's series went through the following steps, in this order. "
+             + mask_sentence(n_subjects, masks_given), ""]
     for title, steps, registry in (("Subject steps", subject, REGISTRY),
                                    ("Cohort steps", cohort, COHORT_REGISTRY)):
         if not steps:
@@ -208,13 +216,15 @@ def methods_text(config, output_dir, n_subjects: int) -> str:
             lines.append("")
     lines += ["## Software", ""] + [f"- {k} {val}" for k, val in v.items()] + [""]
     lines += ["## References", ""] + [f"{i}. {r}" for i, r in
-                                      enumerate(references({**subject, **cohort}), 1)]
+                                      enumerate(references({**subject, **cohort})
+                                                + ([MEDIAN_OTSU] if masks_given < n_subjects
+                                                   else []), 1)]
     return "\n".join(lines) + "\n"
 
 
-def write_methods(config, log_dir, output_dir, n_subjects: int) -> Path:
+def write_methods(config, log_dir, output_dir, n_subjects: int, masks_given: int = 0) -> Path:
     """Write ``<log_dir>/methods.md`` (OUTPUT/dmriflow/logs, atomically); return its path."""
-    return io.write_text(methods_text(config, output_dir, n_subjects),
+    return io.write_text(methods_text(config, output_dir, n_subjects, masks_given),
                          Path(log_dir) / METHODS_FILE)
 
 

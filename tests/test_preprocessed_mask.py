@@ -77,3 +77,5 @@ def test_a_mask_beside_the_preprocessed_dwi_is_used_and_a_wrong_grid_fails_one(t
     assert uri in meta["Sources"]
     fa_map = np.asarray(nib.load(fa).dataobj)
     assert not np.any(fa_map[~box])          # nothing outside the given mask
+    methods = (out / "dmriflow" / "logs" / "methods.md").read_text()
+    assert "given with the series" in methods and "for 2 of 3 unit(s)" in methods

@@ -238,7 +238,8 @@ def test_inference_checkpoint_is_named_without_an_absolute_path(tmp_path):
     models = pd.read_csv(out / "dmriflow" / "group" / "models.tsv", sep="\t")
     assert list(models["checkpoint"]) == ["../../models/directions"]
     assert (out / "dmriflow" / models["checkpoint"].iloc[0]).resolve() == Path(ckpt).resolve()
-    sidecars = [json.loads(p.read_text()) for p in (out / "dmriflow").rglob("*model-directions*.json")]
+    sidecars = [json.loads(p.read_text())
+                for p in (out / "dmriflow").rglob("*model-directions*.json")]
     assert sidecars and all(m["Parameters"]["weights_sha256"] == card.weights_sha256
                             for m in sidecars)
     assert_no_absolute_path(out, tmp_path)
