@@ -151,7 +151,7 @@ class ProgressBar:
 
     def counts(self) -> str:
         return (f"{self.done} done, {self.failed} failed / {self.subjects} subjects; "
-                f"{self.finished_steps} steps")
+                f"{min(self.finished_steps, self.total_steps)}/{self.total_steps} steps")
 
     def __enter__(self):
         self._previous = os.environ.get(PROGRESS_ENV)
@@ -179,14 +179,14 @@ class ProgressBar:
 
     def _read(self) -> None:
         try:
-            with open(self.log_path) as fh:
+            with open(self.log_path, "rb") as fh:
                 fh.seek(self._offset)
-                text = fh.read()
+                data = fh.read()
         except OSError:
             return
-        complete = text[: text.rfind("\n") + 1]       # whole lines only
-        self._offset += len(complete.encode())
-        for line in complete.splitlines():
+        complete = data[: data.rfind(b"\n") + 1]       # whole lines only
+        self._offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
             self.line(line)
         self.progress.update(self.task, completed=min(self.finished_steps, self.total_steps),
                              counts=self.counts())

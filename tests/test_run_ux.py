@@ -86,7 +86,7 @@ def test_progress_bar_on_a_terminal_and_a_log_without_absolute_paths(tmp_path):
     assert code == cli.EXIT_SUBJECTS_FAILED, text
     assert "\x1b[" in text                                # drawn with terminal controls
     screen = ANSI.sub("\n", text)
-    assert "2 done, 1 failed / 3 subjects" in screen, screen[-2000:]
+    assert "2 done, 1 failed / 3 subjects; 12/12 steps" in screen, screen[-2000:]
     assert re.search(r"ETA \d+:\d\d:\d\d", screen), screen[-2000:]
     assert not PLAIN.search(screen)                       # the bar, not the node lines
     # the failed subject's node line is shown above the bar
