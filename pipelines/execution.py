@@ -9,7 +9,6 @@ cache folders, which makes it safe to clear what a killed run left behind
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import json
@@ -22,7 +21,7 @@ import stat
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import cloudpickle  # what Pydra pickles results with
@@ -444,8 +443,8 @@ def changed_options(config: RunConfig) -> dict:
     out = {}
     for opts in (config.engine, *config.steps.values(), *config.cohort.values()):
         for f in fields(opts):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else None)
             value = getattr(opts, f.name)
             if value != default:
                 out[f.name] = value
