@@ -86,6 +86,24 @@ def relative_derivative(path, output_dir) -> str:
     return Path(os.path.relpath(path, dataset_root(output_dir))).as_posix()
 
 
+#: URI scheme of a file shipped inside the installed dmriflow package (a model
+#: checkpoint): ``dmriflow:models/checkpoints/<name>``.
+PACKAGE_URI = "dmriflow:"
+
+
+def external_path(path, output_dir) -> str:
+    """How OUTPUT records a file that is neither an input nor a derivative (a
+    harmonization artefact, a model checkpoint), never as an absolute path: a
+    file of the installed package as ``dmriflow:<path in the package>``, else
+    its path relative to :func:`dataset_root` (POSIX; ``harmonization/<id>``
+    for an artefact fitted into this OUTPUT)."""
+    path = Path(path).resolve()
+    package = Path(__file__).resolve().parents[1]
+    if path.is_relative_to(package):
+        return PACKAGE_URI + path.relative_to(package).as_posix()
+    return Path(os.path.relpath(path, Path(dataset_root(output_dir)).resolve())).as_posix()
+
+
 def derivative_file(entry, output_dir) -> Path:
     """The file a status row's derivative entry names, under the current OUTPUT
     (entries of older runs are absolute and used as they are)."""
@@ -276,17 +294,20 @@ def export_product(product: dict, dwi_dir: Path, subject, inputs: dict,
 
 
 def export_series(record: dict, dwi_dir: Path, prefix: str, inputs: dict,
-                  provenance: dict) -> list[str]:
-    """Export the DWI series when a step changed it (preprocessing, harmonization)."""
+                  provenance: dict, output_dir) -> list[str]:
+    """Export the DWI series when a step changed it (preprocessing, harmonization);
+    a harmonization artefact is named by :func:`external_path`."""
     if not record.get("history"):
         return []
+    history = [{**h, "artefact": external_path(h["artefact"], output_dir)} if "artefact" in h
+               else h for h in record["history"]]
     desc = "".join(SERIES_DESC[h["step"]] for h in record["history"])
     base = f"{prefix}_" + build_name({"desc": desc}, SERIES_SUFFIX)
     series = record["series"]
     written = [str(io.copy_file(cache_file(series[k]), Path(dwi_dir, base + ext)))
                for k, ext in (("dwi", ".nii.gz"), ("bval", ".bval"), ("bvec", ".bvec"))]
-    meta = sidecar(inputs, {"history": record["history"]}, desc, provenance)
-    applied = [h for h in record["history"] if h["step"] == "harmonize"]
+    meta = sidecar(inputs, {"history": history}, desc, provenance)
+    applied = [h for h in history if h["step"] == "harmonize"]
     if applied:
         meta[SIDECAR_KEY] = applied[-1]["applied"]
         meta["HarmonizationArtefact"] = applied[-1]["artefact"]
@@ -414,13 +435,15 @@ def export_subject(subject, record: dict, products: list[dict], output_dir,
     written = []
     if record.get("maps") or record.get("tables"):
         written += export_product(record_maps(record), dwi_dir, prefix, inputs, provenance)
-    written += export_series(record, dwi_dir, prefix, inputs, provenance)
+    written += export_series(record, dwi_dir, prefix, inputs, provenance, output_dir)
     written += export_fixed_bvec(record, dwi_dir, prefix, inputs, provenance)
     flags = list(record.get("qc_flags", []))
     for product in products:
         written += export_product(product, dwi_dir, prefix, inputs, provenance)
         row.update(product.get("row", {}))
         flags += product.get("qc_flags", [])
+    if "mask" in provenance["InputURIs"]:    # a given mask, named by its BIDS URI
+        row["mask_file"] = provenance["InputURIs"]["mask"]
     row.update(mask_source=record["mask_source"], mask_voxels=record["mask_voxels"],
                qc_flags="; ".join(flags), warnings="; ".join(record.get("warnings", [])),
                **record.get("qc", {}), **record["census"])

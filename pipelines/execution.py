@@ -20,9 +20,9 @@ import shutil
 import stat
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from io import StringIO
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import cloudpickle  # what Pydra pickles results with
@@ -47,7 +47,9 @@ from dmriflow.pipelines.locks import (BRIEF_WAIT_S, COHORT_LOCK, JOURNAL_PATTERN
                                       RUN_LOCK, UNIT_LOCK_DIR, UPKEEP, RunInProgress, dead_journals, holder,
                                       journal, lock_holders, node_units, open_lock, sign,
                                       try_lock, unit_lock_path, write_new)
-from dmriflow.pipelines.progress import LOG_ENV, PROGRESS_ENV, log_line
+from dmriflow.pipelines.methods import write_methods
+from dmriflow.pipelines.progress import (BAR, LOG_ENV, LOG_ROOT_ENV, PROGRESS_ENV, ProgressBar,
+                                         bar_wanted, log_line)
 from dmriflow.pipelines.slurm import SlurmWorker
 from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
 from dmriflow.pipelines.workflows import CohortWorkflow
@@ -653,7 +655,8 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
     (:class:`dmriflow.pipelines.slurm.SlurmWorker`).
     """
     from pydra.engine.submitter import Submitter  # before pydra.workers (OPERATIONS.md)
-    os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"
+    if os.environ.get(PROGRESS_ENV) != BAR:      # a progress bar shows the node lines
+        os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"
     worker, kwargs = config.worker, {}
     if config.worker == "cf":
         kwargs["n_procs"] = config.n_procs
@@ -665,6 +668,25 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
 def _log(config: RunConfig, msg: str) -> None:
     """A run message: to stderr unless quiet, always to the run's log file."""
     log_line(msg, to_stderr=not config.quiet)
+
+
+def _debug(msg: str) -> None:
+    """Detail for the run's log file only (not on the terminal)."""
+    log_line(msg, to_stderr=False)
+
+
+def changed_options(config: RunConfig) -> dict:
+    """``{option: value}`` of every step and engine option the run changed from
+    its default (paths as the log shows them)."""
+    out = {}
+    for opts in (config.engine, *config.steps.values(), *config.cohort.values()):
+        for f in fields(opts):
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else None)
+            value = getattr(opts, f.name)
+            if value != default:
+                out[f.name] = value
+    return out
 
 
 def _shown_command(output_dir) -> str:
@@ -680,18 +702,20 @@ def run_log(output_dir: Path, config: RunConfig):
     name = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}.log"
     path = output_dir / "dmriflow" / LOG_DIR / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    previous = os.environ.get(LOG_ENV)
+    previous = {k: os.environ.get(k) for k in (LOG_ENV, LOG_ROOT_ENV)}
     os.environ[LOG_ENV] = str(path)
+    os.environ[LOG_ROOT_ENV] = str(output_dir)     # logged paths: relative to OUTPUT
     try:
         log_line(f"dmriflow {__version__} ({io.pipeline_version()}), environment "
                  f"{environment()['EnvironmentId']}; command: {_shown_command(output_dir)}; "
                  f"worker={config.worker} n_procs={config.n_procs}", to_stderr=False)
         yield path
     finally:
-        if previous is None:
-            os.environ.pop(LOG_ENV, None)
-        else:
-            os.environ[LOG_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def preflight(subjects: list[SubjectInputs], output_dir, version: str):
@@ -820,6 +844,10 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
     whole = keys >= {p.key for p in planned}
     cen = pd.read_csv(output_dir / "dmriflow" / "group" / "census.tsv", sep="\t",
                       keep_default_na=False)
+    methods = write_methods(config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(selected),
+                            sum(bool(getattr(s, "mask", None)) for s in selected))
+    _debug(f"options changed from their defaults: {changed_options(config)}; methods text "
+           f"{shown_path(methods, output_dir)}")
     _log(config, f"{len(selected)} of {len(planned)} planned unit(s), protocol groups "
                  f"{ {k: int(v) for k, v in cen['protocol'].value_counts().items()} }; "
                  f"worker={config.worker} cache={shown_path(root, output_dir)}"
@@ -834,8 +862,12 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
     if not runnable:   # (with --rerun-failed, possibly nothing to do)
         rows = prefailed
     else:
-        res = _submit(runnable, prefailed, output_dir, config, root, version,
-                      cohort_steps=whole)
+        bar = ProgressBar(os.environ[LOG_ENV], len(runnable) + len(prefailed),
+                          len(planned_steps(config)), len(prefailed)) \
+            if bar_wanted(config.quiet) and os.environ.get(LOG_ENV) else nullcontext()
+        with bar:
+            res = _submit(runnable, prefailed, output_dir, config, root, version,
+                          cohort_steps=whole)
         if res.errored or res.outputs is None:
             engine_errors = errors_of(res, root)
             rows = collect_status(output_dir, selected)
@@ -872,6 +904,12 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
                           engine_errors=engine_errors, seconds=time.perf_counter() - start,
                           report=report)
     n_done = sum(r.get("status") == "done" for r in rows)
+    for row in rows:
+        if row.get("status") != "done":
+            _debug(f"NOT DONE {row.get('subject')} [{row.get('failed_step', '')}] "
+                   f"{row.get('status')}: {row.get('error', '')}")
+    for err in engine_errors:
+        _debug(f"ENGINE ERROR: {err}")
     _log(config, f"finished in {result.seconds:.1f} s: {n_done} done, "
                  f"{len(rows) - n_done} not done; table {shown_path(table, output_dir)}; "
                  f"report {shown_path(result.report, output_dir)}")
@@ -1076,5 +1114,6 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     result["excluded"] = result["excluded"] + [
         {"subject": r["subject"], "error": r["error"]} for r in prefailed]
     result["report"] = _write_report(output_dir, config)
-    _log(config, f"artefact {dest}; site effect table {result['site_effect']}")
+    _log(config, f"artefact {shown_path(dest, output_dir)}; site effect table "
+                 f"{shown_path(result['site_effect'], output_dir)}")
     return result

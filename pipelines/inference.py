@@ -22,6 +22,7 @@ import pandas as pd
 from pydra.compose import workflow
 
 from dmriflow.interfaces import io
+from dmriflow.pipelines.derivatives import external_path
 from dmriflow.pipelines.engine import errors_of
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import TASKS, Subject
@@ -118,7 +119,7 @@ def write_models_table(output_dir, checkpoints: list[str]) -> Path:
     rows = []
     for ckpt in checkpoints:
         card = load_card(ckpt)
-        base = {"checkpoint": str(ckpt), "architecture": card.architecture,
+        base = {"checkpoint": external_path(ckpt, output_dir), "architecture": card.architecture,
                 "weights_sha256": card.weights_sha256,
                 "acquisition": card.acquisition.describe()}
         rows += [{**row, **base} for row in metrics_rows(card)] or \

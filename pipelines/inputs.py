@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from dmriflow.interfaces.bids_names import parse_name
+from dmriflow.interfaces.bids_names import build_name, parse_name
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import check_readable_file
 # The census row and sidecar reader are step code (interfaces.io); read_sidecar
@@ -168,6 +168,24 @@ def matches_filter(entities: dict, wanted: dict) -> bool:
     return all(_same_label(value, entities.get(key)) for key, value in wanted.items())
 
 
+#: Entities of a preprocessed series that its mask does not carry (QSIPrep writes
+#: ``..._space-T1w_desc-preproc_dwi.nii.gz`` beside ``..._space-T1w_desc-brain_mask.nii.gz``).
+MASK_DROPPED_ENTITIES = ("desc",)
+
+
+def beside_mask(dwi: Path, entities: dict) -> list[Path]:
+    """The BIDS-derivative brain mask beside a (preprocessed) DWI, as QSIPrep writes
+    it: the series' own entities (``space-`` included) with ``desc-brain`` and
+    suffix ``mask``, in the same folder; ``[]`` when there is none."""
+    kept = {k: v for k, v in entities.items() if k not in MASK_DROPPED_ENTITIES}
+    found = []
+    for ext in (".nii.gz", ".nii"):
+        candidate = dwi.with_name(build_name({**kept, "desc": "brain"}, "mask", ext))
+        if candidate.is_file():
+            found.append(candidate)
+    return found
+
+
 def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInputs]:
     """``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]`` with .bval/.bvec/.json beside,
     restricted to the series whose entities match ``bids_filter``.
@@ -191,8 +209,9 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
             continue
         stem = _strip_ext(dwi)
         base = dwi.with_name(stem[: -len("_dwi")])
-        masks = sorted(root.glob(f"derivatives/*/{dwi.parent.relative_to(root)}/"
-                                 f"{base.name}*_desc-brain_mask.nii*"))
+        masks = beside_mask(dwi, entities) or sorted(
+            root.glob(f"derivatives/*/{dwi.parent.relative_to(root)}/"
+                      f"{base.name}*_desc-brain_mask.nii*"))
         subjects.append(SubjectInputs(
             label=entities["sub"], session=entities.get("ses"),
             dwi=str(dwi), bval=str(dwi.with_name(stem + ".bval")),

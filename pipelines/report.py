@@ -28,6 +28,7 @@ import html
 import io as _bytes_io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from dmriflow.interfaces.steps import rish
 from dmriflow.interfaces.steps.base import MAP_SUFFIX
 from dmriflow.pipelines.derivatives import SERIES_DESC, SERIES_SUFFIX, derivative_file
 from dmriflow.interfaces.stepfiles import MAD_TO_SD
+from dmriflow.pipelines.methods import METHODS_FILE, methods_html
 
 #: The report's file name under OUTPUT/dmriflow/.
 REPORT_FILE = "report.html"
@@ -540,13 +542,15 @@ def harmonization_section(root: Path, maps: dict[str, SubjectMaps]) -> str:
                      f"{', '.join(_e(Path(a).name) for a in arts if a)} before the fits; the "
                      f"maps above are of the harmonised data.</p>")
         # the fit's evaluation tables live in its output's group folder
-        sources += [Path(a).parent.parent / "group" for a in arts if a]
+        # (named relative to this dataset root; absolute in outputs of older versions)
+        sources += [(root / a).resolve().parent.parent / "group" for a in arts if a]
     for src in sources:
         effect = _read_tsv(src / HARMONIZATION_TABLES[0])
         if effect is None:
             continue
         pres = _read_tsv(src / HARMONIZATION_TABLES[1])
-        where = "" if src == group else f" (from the fit in {_e(src.parent.parent)})"
+        where = "" if src == group else \
+            f" (from the fit in {_e(os.path.relpath(src.parent.parent, root.resolve()))})"
         parts.append(f"<h3>Site effect before / after{where}</h3>")
         parts.append(_figure(harmonization_figure(effect),
                              "White-matter means compared between the reference and target "
@@ -597,6 +601,12 @@ def models_section(root: Path) -> str:
     return "".join(parts)
 
 
+def methods_section(root: Path) -> str:
+    """The run's methods text (logs/methods.md, see :mod:`dmriflow.pipelines.methods`)."""
+    path = root / "logs" / METHODS_FILE
+    return methods_html(path.read_text()) if path.is_file() else ""
+
+
 def build_report(output_dir) -> str:
     """The report page (HTML text) for ``OUTPUT``; raises if no run is found there."""
     output_dir = Path(output_dir).resolve()
@@ -619,6 +629,7 @@ def build_report(output_dir) -> str:
         _section("Harmonization", harmonization_section(root, maps), "harmonization"),
         _section("Image gradient", image_gradient_section(group), "image-gradient"),
         _section("Models", models_section(root), "models"),
+        _section("Methods", methods_section(root), "methods"),
     ]
     facts = [f"{len(table)} subject(s)" if table is not None else "no cohort run",
              f"pipeline {meta['pipeline_version']}" if meta.get("pipeline_version") else "",

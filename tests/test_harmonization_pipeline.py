@@ -78,7 +78,10 @@ def test_apply_writes_harmonised_series_with_provenance(fitted, two_sites, tmp_p
         dwi_dir = tmp_path / "out" / "dmriflow" / f"sub-{label}" / "dwi"
         meta = json.loads((dwi_dir / f"sub-{label}_desc-harmonized_dwi.json").read_text())
         assert meta[SIDECAR_KEY] == [art.content_id]
-        assert Path(meta["HarmonizationArtefact"]) == artefact.resolve()
+        # named relative to the dataset root (OUTPUT/dmriflow), never absolute
+        recorded = meta["HarmonizationArtefact"]
+        assert not Path(recorded).is_absolute()
+        assert (tmp_path / "out" / "dmriflow" / recorded).resolve() == artefact.resolve()
         assert (dwi_dir / f"sub-{label}_desc-harmonized_dwi.nii.gz").exists()
         assert (dwi_dir / f"sub-{label}_model-tensor_param-fa_dwimap.nii.gz").exists()
 

@@ -139,3 +139,110 @@ def test_inputs_are_named_by_bids_uri_relative_to_the_input_root():
     assert input_uri("/d/sub-x/hcp/100307/T1w/Diffusion/bvals", hcp) == \
         "bids:raw:100307/T1w/Diffusion/bvals"
     assert input_uri("/elsewhere/a.nii.gz", hcp) == "bids:raw:a.nii.gz"   # never absolute
+
+
+def assert_no_absolute_path(out: Path, *roots: Path):
+    for p, text in written_texts(out):
+        for root in roots:
+            assert str(root) not in text, p
+        assert not ABSOLUTE.findall(text), (p, ABSOLUTE.findall(text)[:3])
+
+
+def test_a_moved_cache_dir_outside_output_serves_the_rerun(tmp_path):
+    src, out, cache = tmp_path / "in", tmp_path / "out", tmp_path / "scratch" / "cache"
+    write_cohort(src, N_SUBJECTS, shape=SHAPE, seed=5,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=12, seed=1))
+    assert run(src, out, "--cache-dir", str(cache)) == cli.EXIT_OK
+    results = {str(p.relative_to(cache)): p.stat().st_mtime_ns
+               for p in cache.rglob("_result.pklz")}
+    assert results and not (out / DEFAULT_CACHE).exists()
+
+    moved = tmp_path / "project"
+    moved.mkdir()
+    out2, cache2 = moved / "out2", moved / "work" / "cache2"
+    cache2.parent.mkdir()
+    out.rename(out2)
+    cache.rename(cache2)
+    assert run(src, out2, "--cache-dir", str(cache2)) == cli.EXIT_OK
+    after = {str(p.relative_to(cache2)): p.stat().st_mtime_ns
+             for p in cache2.rglob("_result.pklz")}
+    assert all(after[k] == results[k] for k in results)     # nothing recomputed
+    assert tasks_run(newest_log(out2)) == {"Export", "GroupTable"}
+    assert cli.main(["status", str(out2)]) == cli.EXIT_OK
+    rows = [json.loads(p.read_text())
+            for p in sorted((out2 / "dmriflow").glob("sub-*/*_status.json"))]
+    assert [r["status"] for r in rows] == ["done"] * N_SUBJECTS
+    assert all(derivative_file(d, out2).exists() for r in rows for d in r["derivatives"])
+    assert_no_absolute_path(out2, tmp_path)
+
+
+def test_harmonized_series_name_their_artefact_relative_to_the_dataset(tmp_path):
+    from dmriflow.interfaces.harmonize import SIDECAR_KEY, HarmonizationArtefact
+    from dmriflow.interfaces.sim.phantom import SiteEffect
+    src, out = tmp_path / "in", tmp_path / "out"
+    scheme = hcp_scheme(n_b0=2, shells=(1000,), n_dirs=20, seed=2)
+    for prefix, site in (("a", None), ("b", SiteEffect(name="siteB", rish_scale={0: 0.9},
+                                                       snr=30.0))):
+        write_cohort(src, 3, layout="bids", shape=(16, 16, 12), seed=10, scheme=scheme,
+                     subject_prefix=prefix, **({"site": site} if site else {}))
+    labels = sorted(p.name for p in src.glob("sub-*"))
+    sites = tmp_path / "sites.tsv"
+    sites.write_text("participant_id\tsite\n" + "".join(
+        f"{lbl}\t{'siteA' if lbl.startswith('sub-a') else 'siteB'}\n" for lbl in labels))
+    assert cli.main(["harmonize", "fit", str(src), str(out), "--reference", "siteA",
+                     "--target", "siteB", "--site-column", "site", "--site-table", str(sites),
+                     "--registration", "affine", "--worker", "debug", "--quiet"]) == cli.EXIT_OK
+    artefact = next((out / "dmriflow" / "harmonization").iterdir())
+    target = [lbl[4:] for lbl in labels if lbl.startswith("sub-b")]
+    assert run(src, out, "--participant-label", *target,
+               "--harmonization", str(artefact)) == cli.EXIT_OK
+
+    moved = tmp_path / "moved" / "out2"
+    moved.parent.mkdir()
+    out.rename(moved)
+    content_id = HarmonizationArtefact.load(moved / "dmriflow" / "harmonization"
+                                            / artefact.name).content_id
+    for label in target:
+        meta = json.loads((moved / "dmriflow" / f"sub-{label}" / "dwi"
+                           / f"sub-{label}_desc-harmonized_dwi.json").read_text())
+        assert meta[SIDECAR_KEY] == [content_id]
+        assert meta["HarmonizationArtefact"] == f"harmonization/{artefact.name}"
+        assert (moved / "dmriflow" / meta["HarmonizationArtefact"]).is_dir()   # still resolves
+        history = [h for h in meta["Parameters"]["history"] if h["step"] == "harmonize"]
+        assert history[0]["artefact"] == meta["HarmonizationArtefact"]
+    assert_no_absolute_path(moved, tmp_path)
+
+
+def test_inference_checkpoint_is_named_without_an_absolute_path(tmp_path):
+    import pandas as pd
+    import torch
+
+    from dmriflow.interfaces.inference import default_checkpoint
+    from dmriflow.models import card as mc
+    from dmriflow.models import data as md
+    from dmriflow.models import directions as dm
+    from dmriflow.models.train import TrainConfig
+    from dmriflow.pipelines.derivatives import external_path
+
+    small = (20, 24, 20)
+    torch.manual_seed(0)
+    net = dm.DirectionNet(width=8, blocks=2)
+    card = dm.make_card(net, md.phantom_samples(1, seed=1, shape=small), TrainConfig(steps=1),
+                        [{"method": "network", "dwi_rmse": 0.03}], "untrained (test)",
+                        voxel_size=(2.5, 2.5, 2.5), field_strength=3.0)
+    ckpt = mc.save_checkpoint(net, card, tmp_path / "models" / "directions")
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_cohort(src, 1, shape=small, seed=10, scheme=md.phantom_scheme(2))
+    assert run(src, out, "--inference", "directions",
+               "--inference-checkpoint", str(ckpt)) == cli.EXIT_OK
+    models = pd.read_csv(out / "dmriflow" / "group" / "models.tsv", sep="\t")
+    assert list(models["checkpoint"]) == ["../../models/directions"]
+    assert (out / "dmriflow" / models["checkpoint"].iloc[0]).resolve() == Path(ckpt).resolve()
+    sidecars = [json.loads(p.read_text())
+                for p in (out / "dmriflow").rglob("*model-directions*.json")]
+    assert sidecars and all(m["Parameters"]["weights_sha256"] == card.weights_sha256
+                            for m in sidecars)
+    assert_no_absolute_path(out, tmp_path)
+    # the checkpoint shipped with dmriflow is named inside the package
+    shipped = default_checkpoint("directions")
+    assert external_path(shipped, out) == "dmriflow:models/checkpoints/" + shipped.name
