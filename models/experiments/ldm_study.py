@@ -9,7 +9,7 @@
 * :func:`evaluate` - scores every method on the given seeds (test family):
   ``metrics.tsv`` (method, map, nmse, ssim, skill = 1 - NMSE/NMSE_identity,
   mean over subjects), ``calibration.tsv`` (method, map, nominal, coverage),
-  ``subjects.tsv`` (per subject), ``tests.tsv`` (paired Wilcoxon tests of the
+  ``subjects.tsv`` (per subject), ``paired_tests.tsv`` (paired Wilcoxon tests of the
   shipped model against each baseline) - ``dmriflow evaluate 3t7t``.
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
@@ -325,7 +325,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
                           "wilcoxon_p": p})
     sp = pd.DataFrame(spear)
     for table, name in ((metrics, "metrics"), (calib, "calibration"), (wide, "subjects"),
-                        (pd.DataFrame(tests), "tests"), (sp, "spread_error_spearman"),
+                        (pd.DataFrame(tests), "paired_tests"), (sp, "spread_error_spearman"),
                         (pd.DataFrame(flags), "flags")):
         io.write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"),
                       out / f"{name}.tsv")
