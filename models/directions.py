@@ -46,7 +46,7 @@ from dmriflow.models.card import Acquisition, ModelCard, register, save_checkpoi
 from dmriflow.models.data import (PHANTOM_SHAPE, SIGNAL_CLIP, TRAIN_SNR_RANGE, UPSAMPLE_SHELL,
                                   DirectionSample, phantom_samples, split_dwi, split_subjects,
                                   summarise_methods, table_markdown)
-from dmriflow.models.train import TrainConfig
+from dmriflow.models.train import TrainConfig, model_device
 from dmriflow.models.train import train as run_training
 from dmriflow.models.volume import run_volume
 
@@ -368,9 +368,10 @@ def validation_score(samples: list[DirectionSample]):
     """``validate(model)``: mean DWI RMSE on the validation subjects."""
     feats = [sh_features(s) for s in samples]
 
-    def score(model):
-        return float(np.mean([_rmse(predict_network(model, s, feats=f), s.targets, s.mask)
-                              for s, f in zip(samples, feats)]))
+    def score(model):   # on the device the model trains on (not the default one)
+        dev = model_device(model)
+        return float(np.mean([_rmse(predict_network(model, s, feats=f, device=dev), s.targets,
+                                    s.mask) for s, f in zip(samples, feats)]))
     return score
 
 

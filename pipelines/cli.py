@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", required=True,
                    help="one held-out pair (test degradation family) per seed")
     p.add_argument("--out", required=True,
-                   help="folder for metrics.tsv, calibration.tsv, subjects.tsv, tests.tsv")
+                   help="folder for metrics.tsv, calibration.tsv, subjects.tsv, paired_tests.tsv")
 
     p = sub.add_parser("demo", help="simulate the built-in cohort and run the pipeline on it")
     p.add_argument("output", nargs="?", default="demo-output")

@@ -148,3 +148,41 @@ def test_rish_diffusion_and_equally_fed_cnn_train_on_the_model_device(on_meta):
     rishdiff.fit(rishdiff.RishDiffusion3T7T(grid=10, width=8, blocks=1), pairs, budget)
     rishdiff.fit_cnn(rishdiff.RishResidualCNN(grid=10, width=8, blocks=1), pairs, budget)
     assert on_meta["n"] == 4
+
+
+@pytest.fixture
+def default_device_elsewhere(monkeypatch):
+    """A machine whose default inference device is not the one training uses
+    (e.g. ``train(device="cpu")`` on a CUDA host): ``run_volume`` without an
+    explicit device would pick "meta". Validation must still run where the
+    model trains; moving the model would leave the optimizer's state behind."""
+    from dmriflow.models import volume
+    real = volume.select_device
+    monkeypatch.setattr(volume, "select_device",
+                        lambda device=None: META if device is None else real(device))
+
+
+def _assert_validated_on_the_cpu(res):
+    assert training.model_device(res.model).type == "cpu"
+    assert res.validation and all(np.isfinite(v["score"]) for v in res.validation)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_dti6_validation_runs_on_the_training_device(default_device_elsewhere, kind):
+    from dmriflow.models import data as md
+    from dmriflow.models.experiments import dti6
+    samples = [dti6.tensor_sample(s) for s in md.phantom_samples(2, seed=3, shape=(12, 14, 12))]
+    cfg = TrainConfig(steps=2, warmup=1, log_every=1, checkpoint_every=2, validate_every=1)
+    _, res = dti6.train_model(kind, samples[:1], samples[1:], cfg)
+    _assert_validated_on_the_cpu(res)
+
+
+def test_direction_validation_runs_on_the_training_device(default_device_elsewhere):
+    from dmriflow.models import data as md
+    from dmriflow.models import directions as dm
+    samples = md.phantom_samples(2, seed=4, shape=(12, 14, 12))
+    cfg = TrainConfig(steps=2, warmup=1, log_every=1, validate_every=1)
+    res = training.train(dm.DirectionNet(width=8, blocks=1), dm.loss_fn,
+                         dm.make_batches(samples[:1]), cfg,
+                         validate=dm.validation_score(samples[1:]))
+    _assert_validated_on_the_cpu(res)

@@ -195,26 +195,7 @@ def test_shipped_rish_checkpoints_are_small_and_state_their_ranges():
         assert card.acquisition.field_strength_t == 3.0 and model.grid == card.kwargs["grid"]
 
 
-def test_evaluation_writes_the_tables_with_every_method(tmp_path):
-    # grid 16 keeps it fast (the networks are convolutional; the card range is
-    # only reported here, in flags.tsv)
-    res = study.evaluate([study.SEED_HELDOUT + 99], tmp_path, ldm_ckpt=None, samples=3,
-                         grid=16, template_pairs=3, log=lambda s: None)
-    import pandas as pd
-    m = pd.read_csv(tmp_path / "metrics.tsv", sep="\t")
-    assert list(m.columns[:4]) == ["method", "map", "nmse", "ssim"]
-    assert set(m.method) == {"shipped", "shipped_sample", "identity", "template_lambda", "cnn",
-                             "oracle"}
-    assert set(m["map"]) == {"L0", "L2", "L4", "FA"}
-    ident = m[m.method == "identity"]
-    assert np.allclose(ident.skill, 0.0)
-    oracle = m[(m.method == "oracle") & m["map"].isin(["L0", "L2"])]
-    assert np.all(oracle.nmse < 1e-3)       # true 7T RISH, up to the tau floor
-    c = pd.read_csv(tmp_path / "calibration.tsv", sep="\t")
-    assert list(c.columns) == ["method", "map", "nominal", "coverage"]
-    assert set(c.nominal) == set(study.NOMINALS) and c.coverage.between(0, 1).all()
-    assert set(c.method) == {"shipped", "cnn_noise_proxy"}
-    assert res["seconds"] > 0
+# the evaluation's tables: tests/test_models_evaluate.py (a real two-seed run)
 
 
 def test_cli_evaluate_3t7t_passes_seeds_and_folder(tmp_path, monkeypatch, capsys):

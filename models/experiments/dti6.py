@@ -36,7 +36,7 @@ from dmriflow.models.card import register
 from dmriflow.models.data import (DirectionSample, phantom_samples, split_subjects, spread_subset,
                                   summarise_methods, table_markdown)
 from dmriflow.models.directions import _crop
-from dmriflow.models.train import TrainConfig
+from dmriflow.models.train import TrainConfig, model_device
 from dmriflow.models.train import train as run_training
 from dmriflow.models.volume import run_volume
 
@@ -201,8 +201,10 @@ def loss_fn(model, batch) -> torch.Tensor:
 
 
 def _score(samples):
-    def score(model):
-        return float(np.mean([_rmse(predict(model, s), s.target, s.mask) for s in samples]))
+    def score(model):   # on the device the model trains on (not the default one)
+        dev = model_device(model)
+        return float(np.mean([_rmse(predict(model, s, device=dev), s.target, s.mask)
+                              for s in samples]))
     return score
 
 

@@ -9,7 +9,7 @@
 * :func:`evaluate` - scores every method on the given seeds (test family):
   ``metrics.tsv`` (method, map, nmse, ssim, skill = 1 - NMSE/NMSE_identity,
   mean over subjects), ``calibration.tsv`` (method, map, nominal, coverage),
-  ``subjects.tsv`` (per subject), ``tests.tsv`` (paired Wilcoxon tests of the
+  ``subjects.tsv`` (per subject), ``paired_tests.tsv`` (paired Wilcoxon tests of the
   shipped model against each baseline) - ``dmriflow evaluate 3t7t``.
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
@@ -240,10 +240,12 @@ def proxy_coverage(cnn, c: np.ndarray, s: Subject) -> tuple[list, dict]:
 
 def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
              ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
-             template_pairs: int = TEMPLATE_PAIRS, family: str = "test", log=print) -> dict:
+             template_pairs: int = TEMPLATE_PAIRS, family: str = "test",
+             validation_pairs: int = VALIDATION_PAIRS, log=print) -> dict:
     """Score every method on held-out pairs at ``seeds`` (``family``: the test
     degradation family by default; "train" for the in-distribution check);
-    write the TSVs."""
+    write the TSVs. ``validation_pairs``: train-family pairs that calibrate the
+    noise-proxy baseline (the diffusion model's spread scale is in its card)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -259,7 +261,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     tmpl = simulate_pairs(SEED_TRAIN + np.arange(template_pairs), "train", grid)
     template = baselines.TemplateLambda().fit([(s.f3, s.f7) for s in tmpl])
     proxy_scale = fit_noise_proxy(cnn, simulate_pairs(
-        SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid))
+        SEED_VALIDATION + np.arange(validation_pairs), "train", grid))
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
         f"template in {time.perf_counter() - t0:.0f} s")
     rows, cal, spear, flags = [], [], [], []
@@ -325,7 +327,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
                           "wilcoxon_p": p})
     sp = pd.DataFrame(spear)
     for table, name in ((metrics, "metrics"), (calib, "calibration"), (wide, "subjects"),
-                        (pd.DataFrame(tests), "tests"), (sp, "spread_error_spearman"),
+                        (pd.DataFrame(tests), "paired_tests"), (sp, "spread_error_spearman"),
                         (pd.DataFrame(flags), "flags")):
         io.write_text(table.to_csv(sep="\t", index=False, float_format="%.6g"),
                       out / f"{name}.tsv")

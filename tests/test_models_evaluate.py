@@ -1,0 +1,118 @@
+"""``dmriflow evaluate 3t7t`` (issue 15 items 4 and 6): a small real run.
+
+Two held-out seeds of the test degradation family on a 16^3 cube (the
+networks are convolutional; the card's cube-voxel range is only reported,
+in flags.tsv), 3 samples, 3 template (the fit's minimum per site) and 2
+calibration pairs. A second run
+on the first seed alone must reproduce that subject's scores exactly.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dmriflow.models import degrade
+from dmriflow.models.experiments import ldm_metrics as ev
+from dmriflow.models.experiments import ldm_study as study
+
+SEEDS = [study.SEED_HELDOUT + 201, study.SEED_HELDOUT + 202]
+SMALL = dict(ldm_ckpt=None, samples=3, grid=16, template_pairs=3, validation_pairs=2,
+             log=lambda s: None)
+METHODS = ["shipped", "shipped_sample", "identity", "template_lambda", "cnn", "oracle"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    torch.set_num_threads(1)
+    a = tmp_path_factory.mktemp("two")
+    b = tmp_path_factory.mktemp("one")
+    study.evaluate(SEEDS, a, **SMALL)
+    study.evaluate(SEEDS[:1], b, **SMALL)
+    return a, b
+
+
+def _tsv(folder, name):
+    return pd.read_csv(folder / f"{name}.tsv", sep="\t")
+
+
+def test_metrics_table_has_every_method_and_map_once(runs):
+    m = _tsv(runs[0], "metrics")
+    assert list(m.columns[:5]) == ["method", "map", "nmse", "ssim", "skill"]
+    assert len(m) == len(METHODS) * len(ev.MAPS)
+    assert sorted(zip(m.method, m["map"])) == sorted((a, b) for a in METHODS for b in ev.MAPS)
+    assert (m.n_subjects == 2).all()
+    assert np.isfinite(m[["nmse", "ssim", "skill"]].to_numpy()).all()
+
+
+def test_metrics_are_the_mean_over_subjects(runs):
+    m = _tsv(runs[0], "metrics").set_index(["method", "map"])
+    per = _tsv(runs[0], "subjects")
+    assert sorted(per.subject.unique()) == SEEDS
+    mean = per.groupby(["method", "map"])[["nmse", "ssim", "skill"]].mean()
+    for col in ("nmse", "ssim", "skill"):
+        np.testing.assert_allclose(m.loc[mean.index, col], mean[col], rtol=1e-4, atol=1e-6)
+    # skill per subject = 1 - NMSE / NMSE_identity of that subject and map
+    ident = per[per.method == "identity"].set_index(["subject", "map"])["nmse"]
+    for _, r in per.iterrows():
+        assert r.skill == pytest.approx(1 - r.nmse / ident[(r.subject, r["map"])], abs=1e-5)
+
+
+def test_identity_has_zero_skill_and_the_oracle_beats_it(runs):
+    m = _tsv(runs[0], "metrics").set_index(["method", "map"])
+    for mp in ev.MAPS:
+        assert m.loc[("identity", mp), "skill"] == 0.0
+        assert m.loc[("oracle", mp), "nmse"] < m.loc[("identity", mp), "nmse"]
+        assert m.loc[("oracle", mp), "skill"] > 0.9
+    for mp in ("L0", "L2", "L4"):   # true 7T RISH, up to the tau floor (0.002 at 16^3)
+        assert m.loc[("oracle", mp), "nmse"] < 1e-2
+    per = _tsv(runs[0], "subjects")
+    assert (per[per.method == "identity"].skill == 0.0).all()
+
+
+def test_calibration_table_rows(runs):
+    c = _tsv(runs[0], "calibration")
+    assert list(c.columns) == ["method", "map", "nominal", "coverage"]
+    # the sampling model on every map, the noise proxy on the RISH orders;
+    # methods without an interval (identity, template, cnn, oracle) are absent
+    want = ({("shipped", mp, n) for mp in ev.MAPS for n in study.NOMINALS}
+            | {("cnn_noise_proxy", mp, n) for mp in ev.MAPS[:3] for n in study.NOMINALS})
+    assert set(zip(c.method, c["map"], c.nominal)) == want and len(c) == len(want)
+    assert c.coverage.between(0, 1).all()
+    # wider intervals cover at least as much, per method and map
+    for _, g in c.groupby(["method", "map"]):
+        assert np.all(np.diff(g.sort_values("nominal").coverage.to_numpy()) >= 0)
+
+
+def test_paired_tests_table(runs):
+    t = _tsv(runs[0], "paired_tests")
+    assert set(t.shipped_vs) == set(METHODS) - {"shipped", "oracle"}
+    assert len(t) == 4 * len(ev.MAPS) and (t.subjects == 2).all()
+    # fewer than 5 subjects: no p-value claimed
+    assert t.wilcoxon_p.isna().all()
+    per = _tsv(runs[0], "subjects").set_index(["subject", "method", "map"])["nmse"]
+    r = t[(t.shipped_vs == "identity") & (t["map"] == "L4")].iloc[0]
+    d = [per[(s, "shipped", "L4")] - per[(s, "identity", "L4")] for s in SEEDS]
+    assert r.wins == sum(x < 0 for x in d)
+    assert r.mean_nmse_difference == pytest.approx(np.mean(d), rel=1e-4)
+
+
+def test_a_seed_gives_the_same_subject_and_seeds_differ(runs):
+    cols = ["method", "map", "nmse", "ssim", "skill"]
+    two, one = _tsv(runs[0], "subjects"), _tsv(runs[1], "subjects")
+    a = two[two.subject == SEEDS[0]][cols].sort_values(["method", "map"]).reset_index(drop=True)
+    b = one[cols].sort_values(["method", "map"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)          # same seed, same numbers, other seeds aside
+    i0, i1 = (two[(two.subject == s) & (two.method == "identity")].set_index("map").nmse
+              for s in SEEDS)
+    assert not np.allclose(i0, i1, rtol=1e-3)    # a different subject, not a copy
+    f = _tsv(runs[0], "flags")
+    assert list(f.subject) == SEEDS and f.snr.iloc[0] != f.snr.iloc[1]
+
+
+def test_held_out_pairs_are_different_subjects_of_the_test_family():
+    a, b = study.simulate_pairs(SEEDS, "test", grid=16)
+    assert a.degradation != b.degradation
+    assert not np.array_equal(a.f3.rish, b.f3.rish) and not np.array_equal(a.f7.rish, b.f7.rish)
+    assert a.degradation["family"] == b.degradation["family"] == "test"
+    assert a.degradation["psf"] == degrade.FAMILIES["test"]["psf"]
