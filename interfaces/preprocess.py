@@ -9,16 +9,14 @@ float64 copy of a 4D series: a full HCP subject (145x174x145x288) is 4.2 GB.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
 
 from .io import mean_b0_map
-from .parallel import available_threads
+from .parallel import available_threads, map_chunks
 
 #: median_otsu settings on the mean b0: median filter radius and passes.
 MEDIAN_RADIUS = 2
@@ -247,101 +245,62 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
 
     n_workers = max(1, int(n_threads or available_threads()))
     with _torch_threads(1) as torch:     # one thread per worker: no OpenMP barriers
-        turns = _Turns()
         acc = wsum = vsum = None
         acc_lo = 0
         i, n_starts = 0, starts.shape[0]
-        with ThreadPoolExecutor(n_workers) as pool:
-            while i < n_starts:
-                z_lo = int(starts[i, 2])
-                # this slab: patches starting at z in [z_lo, z_lo + zs_max - size_z]
-                j = int(np.searchsorted(starts[:, 2], z_lo + zs_max - int(size[2]), side="right"))
-                z_hi = int(starts[j - 1, 2]) + int(size[2])
-                zs = z_hi - z_lo
-                # input slab, C-ordered with volumes last (contiguous per voxel)
-                slab = np.ascontiguousarray(data[:, :, z_lo:z_hi, :], dtype=np.float32)
-                # rolling accumulators over [z_lo, z_hi); planes below z_lo are final
-                new = (torch.zeros((X, Y, zs, N), dtype=torch.float32),
-                       torch.zeros((X, Y, zs), dtype=torch.float64),
-                       torch.zeros((X, Y, zs), dtype=torch.float64))
-                if acc is not None:
-                    k0 = z_lo - acc_lo
-                    carry = acc.shape[2] - k0
-                    for dst, src in zip(new, (acc, wsum, vsum)):
-                        if carry > 0:
-                            dst[:, :, :carry] = src[:, :, k0:]
-                    _flush(acc[:, :, :k0], wsum[:, :, :k0], vsum[:, :, :k0], acc_lo,
-                           out, sigma, data, mask, outside)
-                (acc, wsum, vsum), acc_lo = new, z_lo
-                offs = torch.from_numpy((np.arange(size[0])[:, None, None] * (Y * zs)
-                                         + np.arange(size[1])[None, :, None] * zs
-                                         + np.arange(size[2])[None, None, :]).ravel())
-                voxels = torch.from_numpy(slab).view(-1, N)
-                targets = (acc.view(-1, N), wsum.view(-1), vsum.view(-1))
+        while i < n_starts:
+            z_lo = int(starts[i, 2])
+            # this slab: patches starting at z in [z_lo, z_lo + zs_max - size_z]
+            j = int(np.searchsorted(starts[:, 2], z_lo + zs_max - int(size[2]), side="right"))
+            z_hi = int(starts[j - 1, 2]) + int(size[2])
+            zs = z_hi - z_lo
+            # input slab, C-ordered with volumes last (contiguous per voxel)
+            slab = np.ascontiguousarray(data[:, :, z_lo:z_hi, :], dtype=np.float32)
+            # rolling accumulators over [z_lo, z_hi); planes below z_lo are final
+            new = (torch.zeros((X, Y, zs, N), dtype=torch.float32),
+                   torch.zeros((X, Y, zs), dtype=torch.float64),
+                   torch.zeros((X, Y, zs), dtype=torch.float64))
+            if acc is not None:
+                k0 = z_lo - acc_lo
+                carry = acc.shape[2] - k0
+                for dst, src in zip(new, (acc, wsum, vsum)):
+                    if carry > 0:
+                        dst[:, :, :carry] = src[:, :, k0:]
+                _flush(acc[:, :, :k0], wsum[:, :, :k0], vsum[:, :, :k0], acc_lo,
+                       out, sigma, data, mask, outside)
+            (acc, wsum, vsum), acc_lo = new, z_lo
+            offs = torch.from_numpy((np.arange(size[0])[:, None, None] * (Y * zs)
+                                     + np.arange(size[1])[None, :, None] * zs
+                                     + np.arange(size[2])[None, None, :]).ravel())
+            voxels = torch.from_numpy(slab).view(-1, N)
+            targets = (acc.view(-1, N), wsum.view(-1), vsum.view(-1))
 
-                def work(k, s, voxels=voxels, offs=offs, zs=zs, targets=targets, z_lo=z_lo):
-                    sx, sy, sz = s[:, 0], s[:, 1], s[:, 2] - z_lo
-                    base = torch.from_numpy(sx * (Y * zs) + sy * zs + sz)
-                    idx = (base[:, None] + offs[None, :]).reshape(-1)
-                    # rows of N contiguous floats: a fast gather
-                    try:
-                        patches = voxels.index_select(0, idx).view(-1, n, N)
-                        est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
-                        th = theta.double().repeat_interleave(n)
-                        thv = th * var.double().repeat_interleave(n)
-                    except BaseException:
-                        turns.fail()
-                        raise
-                    with turns.turn(k):          # batches add up in their order
-                        targets[0].index_add_(0, idx, est.reshape(-1, N))
-                        targets[1].index_add_(0, idx, th)
-                        targets[2].index_add_(0, idx, thv)
+            def work(s, voxels=voxels, offs=offs, zs=zs, z_lo=z_lo):
+                sx, sy, sz = s[:, 0], s[:, 1], s[:, 2] - z_lo
+                base = torch.from_numpy(sx * (Y * zs) + sy * zs + sz)
+                idx = (base[:, None] + offs[None, :]).reshape(-1)
+                # rows of N contiguous floats: a fast gather
+                patches = voxels.index_select(0, idx).view(-1, n, N)
+                est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
+                th = theta.double().repeat_interleave(n)
+                return idx, est.reshape(-1, N), th, th * var.double().repeat_interleave(n)
 
-                turns.reset()
-                futures = [pool.submit(work, k, starts[b:min(j, b + batch)])
-                           for k, b in enumerate(range(i, j, batch))]
-                for f in futures:
-                    f.result()
-                i = j
+            def add(res, targets=targets):
+                # in the batches' order (map_chunks' reduce): the float sums of
+                # overlapping patches, and so the denoised series, are the same
+                # bytes on every run whatever the thread schedule (Gibbs
+                # removal's shift choice can amplify a last-bit difference)
+                idx, est, th, thv = res
+                targets[0].index_add_(0, idx, est)
+                targets[1].index_add_(0, idx, th)
+                targets[2].index_add_(0, idx, thv)
+
+            map_chunks(work, [starts[b:min(j, b + batch)] for b in range(i, j, batch)],
+                       n_workers, single_blas=False, reduce=add)
+            i = j
         if acc is not None:
             _flush(acc, wsum, vsum, acc_lo, out, sigma, data, mask, outside)
     return (out, sigma) if return_sigma else out
-
-
-class _Turns:
-    """Lets parallel batches add into shared sums one after another in their
-    submission order, so the float sums - and the denoised series - are the
-    same on every run whatever the thread schedule (overlapping patches make
-    the order matter, and Gibbs removal's shift choice can amplify a last-bit
-    difference into a visible one). A failed batch releases the ones waiting."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._next, self._failed = 0, False
-
-    def reset(self) -> None:
-        with self._cond:
-            self._next, self._failed = 0, False
-
-    def fail(self) -> None:
-        with self._cond:
-            self._failed = True
-            self._cond.notify_all()
-
-    @contextmanager
-    def turn(self, k: int):
-        with self._cond:
-            self._cond.wait_for(lambda: self._next == k or self._failed)
-            if self._failed:
-                raise RuntimeError("an earlier MP-PCA batch failed")
-            try:
-                yield
-            except BaseException:
-                self._failed = True
-                raise
-            finally:
-                self._next += 1
-                self._cond.notify_all()
 
 
 def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
@@ -470,7 +429,7 @@ def degibbs(data: np.ndarray, slice_axis: int = 2, n_points: int = GIBBS_TV_POIN
     # badly on a shared, busy machine (2 torch threads: 7x slower here).
     # Volume by volume, so that each one's FFT batches (and rounding) do not
     # depend on the other volumes.
-    with _torch_threads(1) as torch, ThreadPoolExecutor(workers) as pool:
+    with _torch_threads(1) as torch:
         for k in range(vols.shape[3]):
             vol = np.ascontiguousarray(np.moveaxis(vols[..., k], slice_axis, 0),
                                        dtype=np.float32)         # (slices, A, B)
@@ -482,7 +441,7 @@ def degibbs(data: np.ndarray, slice_axis: int = 2, n_points: int = GIBBS_TV_POIN
                                                 n_points=n_points, inplace=True,
                                                 num_processes=1), 2, 0)
             else:
-                res = _unring_slices(torch.from_numpy(vol), n_points, torch, pool).numpy()
+                res = _unring_slices(torch.from_numpy(vol), n_points, torch, workers).numpy()
             dst[..., k] = np.moveaxis(res, 0, slice_axis)
     return out
 
@@ -529,10 +488,10 @@ def _first_min(tv, torch, last: bool = False):
     return best, (top - 1 if last else n - top)
 
 
-def _unring_lines(x, n_points: int, torch, pool=None):
+def _unring_lines(x, n_points: int, torch, n_threads: int = 1):
     """dipy's ``_gibbs_removal_1d`` along the last axis of ``x`` (L, N)
-    float32, for all L profiles, in batches of ``GIBBS_CHUNK_VOXELS`` (on
-    ``pool``'s threads when given).
+    float32, for all L profiles, in batches of ``GIBBS_CHUNK_VOXELS`` on
+    ``n_threads`` threads.
 
     dipy resamples by multiplying the complex spectrum by exp(2 pi i f u)
     with numpy's frequencies f, whose Nyquist bin (even N) is -1/2: the
@@ -585,7 +544,7 @@ def _unring_lines(x, n_points: int, torch, pool=None):
         res = (img_p - img_n) / total * s_n + img_n
         out[r0:r0 + rows] = torch.where(total != 0, res, xc)
 
-    _run_chunks(chunk, range(0, L, rows), pool)
+    map_chunks(chunk, range(0, L, rows), n_threads, single_blas=False)
     return out
 
 
@@ -596,13 +555,13 @@ def _weights_2d(shape, torch):
     return [torch.from_numpy(np.fft.ifftshift(w).astype(np.float32)) for w in _weights(shape)]
 
 
-def _unring_slices(stack, n_points: int, torch, pool=None):
+def _unring_slices(stack, n_points: int, torch, n_threads: int = 1):
     """dipy's ``_gibbs_removal_2d`` for every slice of ``stack`` (S, A, B)."""
     S, A, B = stack.shape
     g0, g1 = _weights_2d((A, B), torch)
-    along_b = _unring_lines(stack.reshape(S * A, B), n_points, torch, pool).reshape(S, A, B)
+    along_b = _unring_lines(stack.reshape(S * A, B), n_points, torch, n_threads).reshape(S, A, B)
     along_a = _unring_lines(stack.transpose(1, 2).reshape(S * B, A), n_points, torch,
-                            pool).reshape(S, B, A).transpose(1, 2)
+                            n_threads).reshape(S, B, A).transpose(1, 2)
     out = torch.empty_like(stack)
     step = max(1, GIBBS_CHUNK_VOXELS // (A * B))
 
@@ -614,18 +573,8 @@ def _unring_slices(stack, n_points: int, torch, pool=None):
         f += f0
         torch.abs(torch.fft.ifft2(f), out=out[i:i + step])
 
-    _run_chunks(combine, range(0, S, step), pool)
+    map_chunks(combine, range(0, S, step), n_threads, single_blas=False)
     return out
-
-
-def _run_chunks(fn, starts, pool=None) -> None:
-    """fn(start) for every start, on ``pool``'s threads when given."""
-    if pool is None:
-        for s in starts:
-            fn(s)
-    else:
-        for f in [pool.submit(fn, s) for s in starts]:
-            f.result()
 
 
 #: ``preprocess_dwi``'s switch is called ``degibbs`` too.
