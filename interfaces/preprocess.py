@@ -307,7 +307,7 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     """One batch of patches (B, n, N) -> theta-weighted reconstructions,
     noise variances and weights theta = 1 / (1 + kept components)."""
     mean = patches.mean(dim=1, keepdim=True)
-    A = patches - mean
+    A = patches.sub_(mean)                            # the gathered copy is ours
     q = max(N, n)
     if N <= n:
         C = A.transpose(1, 2) @ A                     # (B, N, N)
