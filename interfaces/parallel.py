@@ -31,8 +31,9 @@ def available_threads() -> int:
     return max(1, n)
 
 
-def _find_openblas_local_setter():
-    """A per-thread BLAS thread-count setter of the BLAS numpy uses, or None.
+def _find_openblas_local_setters() -> list:
+    """The per-thread BLAS thread-count setters of every OpenBLAS/MKL loaded
+    (numpy's and scipy's wheels each bring their own OpenBLAS).
 
     OpenBLAS >= 0.3.27 (``openblas_set_num_threads_local``) and MKL
     (``MKL_Set_Num_Threads_Local``) let one thread pin its own BLAS thread
@@ -50,7 +51,8 @@ def _find_openblas_local_setter():
                 if "openblas" in name or name.startswith("libmkl_rt"):
                     libs.add(parts[-1])
     except OSError:
-        return None
+        return []
+    setters = []
     for path in sorted(libs):
         try:
             lib = ctypes.CDLL(path)
@@ -60,34 +62,42 @@ def _find_openblas_local_setter():
             fn = getattr(lib, symbol, None)
             if fn is not None:
                 fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                return fn
-    return None
+                setters.append(fn)
+                break
+    return setters
 
 
-_BLAS_LOCAL = None
+_BLAS_LOCAL: list = []
 _BLAS_LOCAL_LOOKED_UP = False
 
 
 @contextmanager
 def single_threaded_blas():
-    """One BLAS thread in the calling thread while the block runs (where the
-    BLAS allows per-thread control; otherwise nothing changes)."""
-    setter = blas_local_setter()
-    prev = setter(1) if setter is not None else None
+    """One BLAS thread in the calling thread while the block runs, in every
+    BLAS that allows per-thread control (otherwise nothing changes)."""
+    setters = blas_local_setters()
+    prev = [setter(1) for setter in setters]
     try:
         yield
     finally:
-        if setter is not None:
-            setter(prev)
+        for setter, p in zip(setters, prev):
+            setter(p)
+
+
+def blas_local_setters(rescan: bool = False) -> list:
+    """The BLAS libraries' per-thread thread-count setters (looked up once;
+    ``rescan`` looks again, for a BLAS loaded since, e.g. scipy's)."""
+    global _BLAS_LOCAL, _BLAS_LOCAL_LOOKED_UP
+    if rescan or not _BLAS_LOCAL_LOOKED_UP:
+        _BLAS_LOCAL = _find_openblas_local_setters()
+        _BLAS_LOCAL_LOOKED_UP = True
+    return _BLAS_LOCAL
 
 
 def blas_local_setter():
-    """The BLAS's per-thread thread-count setter (looked up once), or None."""
-    global _BLAS_LOCAL, _BLAS_LOCAL_LOOKED_UP
-    if not _BLAS_LOCAL_LOOKED_UP:
-        _BLAS_LOCAL = _find_openblas_local_setter()
-        _BLAS_LOCAL_LOOKED_UP = True
-    return _BLAS_LOCAL
+    """The first BLAS's per-thread thread-count setter, or None."""
+    setters = blas_local_setters()
+    return setters[0] if setters else None
 
 
 _END = object()

@@ -16,7 +16,8 @@ from dataclasses import replace
 import numpy as np
 
 from .io import mean_b0_map
-from .parallel import available_threads, map_chunks
+from .parallel import (available_threads, blas_local_setters, map_chunks,
+                       single_threaded_blas)
 
 #: median_otsu settings on the mean b0: median filter radius and passes.
 MEDIAN_RADIUS = 2
@@ -55,14 +56,6 @@ OUTSIDE = ("zero", "keep")
 #: eigen-decomposition: large enough to amortise the per-call overhead, small
 #: enough to stay in the last-level cache's neighbourhood.
 BATCH_BYTES = 24 << 20
-#: Bound on the absolute error of float32 ``eigh`` eigenvalues relative to the
-#: largest, twice the largest measured against float64: 8e-7 on 3000 patches
-#: of the bench phantom (96 volumes, 5^3 voxels), 1.05e-6 on 600 HCP-like
-#: ones (288 volumes, 7^3). Patches whose classification could change within
-#: it are recomputed (~30 % of the first kind, ~80 % of the second); all
-#: whose classification differed from float64 (9 and 11) were among them,
-#: and the others' noise variances agree with float64 to 2e-5.
-EIGH_REL_ERROR = 2e-6
 #: Bytes of the z-slab of input copied (C-ordered, volumes last) per pass; the
 #: slab's accumulator is as large again.
 SLAB_BYTES = 384 << 20
@@ -102,7 +95,7 @@ def _lattice_centres(mask: np.ndarray, step: np.ndarray) -> np.ndarray:
     return np.argwhere(blocks) * np.asarray(step)
 
 
-def _classify(L, n: int, N: int, estimator: str, tol=None):
+def _classify(L, n: int, N: int, estimator: str):
     """Per patch: noise variance and the number of signal components to keep.
 
     ``L`` (B, r) are ascending eigenvalues of the demeaned patch's Gram matrix
@@ -110,9 +103,7 @@ def _classify(L, n: int, N: int, estimator: str, tol=None):
     L_c - L_0 <= 4 sqrt(gamma_c) mean(L_0..L_c) (the MP distribution's
     width), gamma_c = (c+1)/q (Exp1) or (c+1)/(q - signal components)
     (Exp2); the largest such c wins (dipy's loop and MRtrix3's scan both find
-    it). Returns (var (B,) float32, keep (B,) int64), and with ``tol`` (B,),
-    a bound on the eigenvalues' absolute errors, also ``unsure`` (B,) bool:
-    patches whose result could change were the eigenvalues off by ``tol``."""
+    it). Returns (var (B,) float32, keep (B,) int64)."""
     import torch
     B, r = L.shape
     q = max(N, n)
@@ -136,14 +127,7 @@ def _classify(L, n: int, N: int, estimator: str, tol=None):
         keep = (Ld >= (t * var)[:, None]).sum(dim=1)
     else:                                   # MRtrix3: drop the classified noise
         keep = m - (cstar + 1)
-    if tol is None:
-        return var.float(), keep
-    # each margin moves by at most (4 + 2) tol; c >= c* decide the result
-    tol = tol.double()[:, None]
-    unsure = ((margin.abs() < 6.0 * tol) & (c >= cstar[:, None])).any(dim=1)
-    if estimator == "veraart":
-        unsure |= ((Ld - (t * var)[:, None]).abs() < (1.0 + t) * tol).any(dim=1)
-    return var.float(), keep, unsure
+    return var.float(), keep
 
 
 @contextmanager
@@ -179,12 +163,11 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
 
     How it is fast: patches are gathered in batches (rows of N contiguous
     floats) from a C-ordered z-slab copy, the Gram matrix is built on the
-    smaller side (N x N or n x n; same nonzero eigenvalues), one batched
-    float32 symmetric eigen-decomposition (torch) serves a whole batch, the
-    more accurate eigenvalues-only solver is run again only for the patches
-    whose classification is within that decomposition's error bound
-    (``EIGH_REL_ERROR``), and the reconstruction uses only the kept
-    components. Batches go to ``n_threads`` workers (default: the cores this
+    smaller side (N x N or n x n; same nonzero eigenvalues), each is reduced
+    to tridiagonal form once (float32 LAPACK ``ssytrd``), all its eigenvalues
+    come from tridiagonal QR (``ssterf``, the accurate eigenvalues-only
+    solver) and only the kept components' eigenvectors are computed
+    (``sstein`` + ``sormtr``), and the reconstruction uses only those. Batches go to ``n_threads`` workers (default: the cores this
     process may use), each running single-threaded torch: OpenMP teams
     spin-wait badly on a shared, busy machine. Results are scatter-added into
     a rolling z-slab accumulator, so memory is the input, the output and
@@ -244,6 +227,8 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     zs_max = max(int(size[2]) + 1, SLAB_BYTES // max(1, plane * N * 4))
 
     n_workers = max(1, int(n_threads or available_threads()))
+    for name, nargs in _LAPACK_ROUTINES:      # before the workers pin their BLAS threads
+        _lapack(name, nargs)
     with _torch_threads(1) as torch:     # one thread per worker: no OpenMP barriers
         acc = wsum = vsum = None
         acc_lo = 0
@@ -296,7 +281,7 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
                 targets[2].index_add_(0, idx, thv)
 
             map_chunks(work, [starts[b:min(j, b + batch)] for b in range(i, j, batch)],
-                       n_workers, single_blas=False, reduce=add)
+                       n_workers, single_blas=True, reduce=add)
             i = j
         if acc is not None:
             _flush(acc, wsum, vsum, acc_lo, out, sigma, data, mask, outside)
@@ -310,28 +295,26 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     A = patches.sub_(mean)                            # the gathered copy is ours
     q = max(N, n)
     if N <= n:
-        C = A.transpose(1, 2) @ A                     # (B, N, N)
+        C = (A.transpose(1, 2) @ A).contiguous()      # (B, N, N)
     else:
-        C = A @ A.transpose(1, 2)                     # (B, n, n)
-    # float32 throughout: one eigen-decomposition (divide and conquer) per
-    # patch. Its small eigenvalues may err by up to ~EIGH_REL_ERROR x the
-    # largest, which can flip the noise classification; the patches where it
-    # could (``unsure``) get their eigenvalues again from the
-    # eigenvalues-only solver (tridiagonal QR), which matches float64.
-    L, V = torch.linalg.eigh(C)
-    L /= q
-    var, keep, unsure = _classify(L, n, N, estimator, tol=EIGH_REL_ERROR * L[:, -1].abs())
-    if bool(unsure.any()):
-        redo = unsure.nonzero()[:, 0]
-        var[redo], keep[redo] = _classify(torch.linalg.eigvalsh(C[redo]) / q, n, N, estimator)
+        C = (A @ A.transpose(1, 2)).contiguous()      # (B, n, n)
+    # float32 LAPACK, per patch: Householder tridiagonalisation, all
+    # eigenvalues by tridiagonal QR (the accurate eigenvalues-only solver) for
+    # the noise classification, then only the kept eigenvectors (inverse
+    # iteration on the tridiagonal, back-transformed): about half the work of
+    # a full eigen-decomposition, whose float32 small eigenvalues were less
+    # accurate, too.
+    Cn = C.numpy()
+    d, e, tau, Ln = _lapack_tridiagonal(Cn)
+    var, keep = _classify(torch.from_numpy(Ln) / q, n, N, estimator)
     kmax = int(keep.max()) if keep.numel() else 0
     theta = 1.0 / (1.0 + keep.float())
     if kmax == 0:
         est = mean.expand_as(A) * theta[:, None, None]
         return est, var, theta
-    Vk = V[:, :, r - kmax:]
-    cols = torch.arange(kmax) >= (kmax - keep)[:, None]   # the top keep[b] columns
-    Vk = Vk * cols[:, None, :].to(Vk.dtype)
+    # (B, r, kmax): the top keep[b] eigenvectors in the last columns, zeros before
+    Vk = torch.from_numpy(_lapack_top_vectors(Cn, d, e, tau, Ln, keep.numpy(), kmax)
+                          ).transpose(1, 2)
     if N <= n:
         est = (A @ Vk) @ Vk.transpose(1, 2)
     else:
@@ -339,6 +322,107 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     est += mean
     est *= theta[:, None, None]
     return est, var, theta
+
+
+_LAPACK = {}
+#: The LAPACK routines MP-PCA calls, with their argument counts.
+_LAPACK_ROUTINES = (("ssytrd", 10), ("ssterf", 4), ("sstein", 13), ("sormtr", 13))
+
+
+def _lapack(name: str, nargs: int):
+    """scipy's float32 LAPACK routine ``name`` as a ctypes function (arguments
+    by address). ctypes releases the GIL during the call, so worker threads
+    run LAPACK in parallel (scipy.linalg.lapack's wrappers hold it)."""
+    fn = _LAPACK.get(name)
+    if fn is None:
+        import ctypes
+        import scipy.linalg.cython_lapack as cl
+        api = ctypes.pythonapi
+        api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = (
+            ctypes.c_char_p, [ctypes.py_object])
+        api.PyCapsule_GetPointer.restype, api.PyCapsule_GetPointer.argtypes = (
+            ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p])
+        cap = cl.__pyx_capi__[name]
+        ptr = api.PyCapsule_GetPointer(cap, api.PyCapsule_GetName(cap))
+        fn = _LAPACK[name] = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * nargs))(ptr)
+        blas_local_setters(rescan=True)       # scipy's own OpenBLAS is loaded now
+    return fn
+
+
+_CHARS = {c: np.frombuffer(c.encode(), dtype=np.uint8).copy() for c in "LN"}
+
+
+def _lapack_tridiagonal(C: np.ndarray):
+    """Per symmetric matrix of ``C`` (B, r, r) float32, C-ordered: ``ssytrd``
+    (lower, in Fortran order; overwrites C with the reflectors) then
+    ``ssterf``. Returns d, e (B, r) (the tridiagonal), tau (B, r) and the
+    eigenvalues (B, r), ascending."""
+    B, r, _ = C.shape
+    if not (C.flags.c_contiguous and C.dtype == np.float32):
+        raise ValueError("C must be C-contiguous float32")
+    sytrd, sterf = _lapack("ssytrd", 10), _lapack("ssterf", 4)
+    d = np.empty((B, r), np.float32)
+    e = np.zeros((B, r), np.float32)
+    tau = np.zeros((B, r), np.float32)
+    L = np.empty((B, r), np.float32)
+    ee = np.empty(r, np.float32)
+    lwork = 64 * r
+    work = np.empty(lwork, np.float32)
+    ints = np.array([r, r, lwork, 0], np.int32)          # n, lda, lwork, info
+    ia, lo = ints.ctypes.data, _CHARS["L"].ctypes.data
+    ca, da, ea, ta, la = (x.ctypes.data for x in (C, d, e, tau, L))
+    wa, eea = work.ctypes.data, ee.ctypes.data
+    s2, s1 = r * r * 4, r * 4
+    for b in range(B):
+        sytrd(lo, ia, ca + b * s2, ia + 4, da + b * s1, ea + b * s1, ta + b * s1, wa,
+              ia + 8, ia + 12)
+        L[b] = d[b]
+        ee[:] = e[b]
+        sterf(ia, la + b * s1, eea, ia + 12)
+        if ints[3] != 0:
+            raise np.linalg.LinAlgError(f"LAPACK ssytrd/ssterf failed (info {int(ints[3])})")
+    return d, e, tau, L
+
+
+def _lapack_top_vectors(C, d, e, tau, L, keep, kmax: int) -> np.ndarray:
+    """(B, kmax, r): rows kmax - keep[b].. hold the eigenvectors of the
+    top keep[b] eigenvalues ``L`` (ascending) of each matrix reduced by
+    :func:`_lapack_tridiagonal` (``sstein``: inverse iteration on the
+    tridiagonal, then ``sormtr``: its reflectors); the other rows are zero."""
+    B, r = d.shape
+    stein, ormtr = _lapack("sstein", 13), _lapack("sormtr", 13)
+    Z = np.zeros((B, kmax, r), np.float32)
+    iblock = np.ones(r, np.int32)
+    isplit = np.full(r, r, np.int32)
+    ifail = np.empty(r, np.int32)
+    iwork = np.empty(r, np.int32)
+    w = np.empty(r, np.float32)
+    lwork = max(5 * r, 64 * max(1, kmax))
+    work = np.empty(lwork, np.float32)
+    ints = np.array([r, r, lwork, 0, 0], np.int32)       # n, ld, lwork, info, m
+    ia = ints.ctypes.data
+    lo, no = _CHARS["L"].ctypes.data, _CHARS["N"].ctypes.data
+    ca, da, ea, ta, za = (x.ctypes.data for x in (C, d, e, tau, Z))
+    wa, wka = w.ctypes.data, work.ctypes.data
+    s2, s1 = r * r * 4, r * 4
+    for b in range(B):
+        kb = int(keep[b])
+        if kb == 0:
+            continue
+        ints[4] = kb
+        w[:kb] = L[b, r - kb:]
+        zb = za + (b * kmax + kmax - kb) * s1             # Fortran r x kb, ld r
+        stein(ia, da + b * s1, ea + b * s1, ia + 16, wa, iblock.ctypes.data,
+              isplit.ctypes.data, zb, ia + 4, wka, iwork.ctypes.data, ifail.ctypes.data,
+              ia + 12)
+        if ints[3] < 0:
+            raise np.linalg.LinAlgError(f"LAPACK sstein failed (info {int(ints[3])})")
+        # ints[3] > 0: some vectors did not converge in 5 steps; still the best iterate
+        ormtr(lo, lo, no, ia, ia + 16, ca + b * s2, ia + 4, ta + b * s1, zb, ia + 4, wka,
+              ia + 8, ia + 12)
+        if ints[3] != 0:
+            raise np.linalg.LinAlgError(f"LAPACK sormtr failed (info {int(ints[3])})")
+    return Z
 
 
 def _flush(acc, wsum, vsum, z0: int, out, sigma, data, mask, outside: str) -> None:
