@@ -3,7 +3,8 @@
 * :func:`available_threads` - the one place the thread count comes from;
 * :func:`single_threaded_blas` - one BLAS thread in a worker (parallelism
   comes from the workers; BLAS threads inside several workers fight);
-* :func:`map_chunks` - the one chunked parallel map: every loop that spreads
+* :func:`map_chunks` - the one chunked parallel map (collecting the results,
+  or reducing them in order): every loop that spreads
   chunks of voxels (or volumes, or slabs) over worker threads runs through it.
 """
 
@@ -30,8 +31,9 @@ def available_threads() -> int:
     return max(1, n)
 
 
-def _find_openblas_local_setter():
-    """A per-thread BLAS thread-count setter of the BLAS numpy uses, or None.
+def _find_openblas_local_setters() -> list:
+    """The per-thread BLAS thread-count setters of every OpenBLAS/MKL loaded
+    (numpy's and scipy's wheels each bring their own OpenBLAS).
 
     OpenBLAS >= 0.3.27 (``openblas_set_num_threads_local``) and MKL
     (``MKL_Set_Num_Threads_Local``) let one thread pin its own BLAS thread
@@ -49,7 +51,8 @@ def _find_openblas_local_setter():
                 if "openblas" in name or name.startswith("libmkl_rt"):
                     libs.add(parts[-1])
     except OSError:
-        return None
+        return []
+    setters = []
     for path in sorted(libs):
         try:
             lib = ctypes.CDLL(path)
@@ -59,41 +62,49 @@ def _find_openblas_local_setter():
             fn = getattr(lib, symbol, None)
             if fn is not None:
                 fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                return fn
-    return None
+                setters.append(fn)
+                break
+    return setters
 
 
-_BLAS_LOCAL = None
+_BLAS_LOCAL: list = []
 _BLAS_LOCAL_LOOKED_UP = False
 
 
 @contextmanager
 def single_threaded_blas():
-    """One BLAS thread in the calling thread while the block runs (where the
-    BLAS allows per-thread control; otherwise nothing changes)."""
-    setter = blas_local_setter()
-    prev = setter(1) if setter is not None else None
+    """One BLAS thread in the calling thread while the block runs, in every
+    BLAS that allows per-thread control (otherwise nothing changes)."""
+    setters = blas_local_setters()
+    prev = [setter(1) for setter in setters]
     try:
         yield
     finally:
-        if setter is not None:
-            setter(prev)
+        for setter, p in zip(setters, prev):
+            setter(p)
+
+
+def blas_local_setters(rescan: bool = False) -> list:
+    """The BLAS libraries' per-thread thread-count setters (looked up once;
+    ``rescan`` looks again, for a BLAS loaded since, e.g. scipy's)."""
+    global _BLAS_LOCAL, _BLAS_LOCAL_LOOKED_UP
+    if rescan or not _BLAS_LOCAL_LOOKED_UP:
+        _BLAS_LOCAL = _find_openblas_local_setters()
+        _BLAS_LOCAL_LOOKED_UP = True
+    return _BLAS_LOCAL
 
 
 def blas_local_setter():
-    """The BLAS's per-thread thread-count setter (looked up once), or None."""
-    global _BLAS_LOCAL, _BLAS_LOCAL_LOOKED_UP
-    if not _BLAS_LOCAL_LOOKED_UP:
-        _BLAS_LOCAL = _find_openblas_local_setter()
-        _BLAS_LOCAL_LOOKED_UP = True
-    return _BLAS_LOCAL
+    """The first BLAS's per-thread thread-count setter, or None."""
+    setters = blas_local_setters()
+    return setters[0] if setters else None
 
 
 _END = object()
 
 
 def map_chunks(work: Callable, chunks: Iterable, n_threads: int | None = None,
-               single_blas: bool = True) -> list:
+               single_blas: bool = True, reduce: Callable | None = None) -> list | None:
     """``[work(c) for c in chunks]`` on up to ``n_threads`` worker threads.
 
     ``n_threads``: default :func:`available_threads`; capped by ``len(chunks)``
@@ -102,9 +113,19 @@ def map_chunks(work: Callable, chunks: Iterable, n_threads: int | None = None,
     thread at a time and never held whole. ``single_blas``: each worker runs
     with one BLAS thread; where the BLAS has no per-thread control, one worker
     runs instead (several workers with full BLAS threads each oversubscribe).
-    The first exception stops the other workers after their current chunk
-    and is raised. With one worker everything runs in the calling thread.
-    Results come back in the chunks' order, whatever the schedule.
+    The first exception (in ``work`` or ``reduce``) stops the other workers
+    after their current chunk and is raised. With one worker everything runs
+    in the calling thread. Results come back in the chunks' order, whatever
+    the schedule.
+
+    ``reduce``: instead of collecting the results, hand each one to
+    ``reduce(result)`` in the chunks' order as soon as it and all earlier ones
+    are done, and return None. The calls never overlap (one worker at a time
+    makes them, the one that finished the next result in order), so ``reduce``
+    may add into shared sums without a lock, and the sums come out the same on
+    every run whatever the schedule. Memory stays bounded: a worker draws a
+    new chunk only while fewer than ``n + 1`` drawn chunks wait to be reduced
+    (``n`` the number of workers), so at most ``n + 1`` results are held.
     """
     n = available_threads() if n_threads is None else max(1, int(n_threads))
     if hasattr(chunks, "__len__"):
@@ -112,23 +133,68 @@ def map_chunks(work: Callable, chunks: Iterable, n_threads: int | None = None,
     if single_blas and blas_local_setter() is None:
         n = 1
     items = iter(chunks)
-    lock = threading.Lock()
+    cond = threading.Condition()
     stop = threading.Event()
-    results: dict[int, object] = {}
+    results: dict[int, object] = {}     # reduce: results done but not yet reduced
+    window = n + 1                      # reduce: drawn but not yet reduced, at most
+    state = {"drawn": 0, "reduced": 0, "reducing": False}
+
+    def may_draw():
+        return stop.is_set() or state["drawn"] - state["reduced"] < window
+
+    def draw():
+        with cond:
+            if reduce is not None:
+                cond.wait_for(may_draw)
+            item = _END if stop.is_set() else next(items, _END)
+            if item is _END:
+                return _END, -1
+            k = state["drawn"]
+            state["drawn"] += 1
+            if reduce is None:
+                results[k] = None
+            return item, k
+
+    def fail():
+        with cond:
+            stop.set()
+            state["reducing"] = False
+            cond.notify_all()
+
+    def drain():
+        """Reduce the results that are next in order, while there are any;
+        run by one worker at a time (``reducing``)."""
+        while True:
+            with cond:
+                res = _END if stop.is_set() else results.pop(state["reduced"], _END)
+                if res is _END:
+                    state["reducing"] = False
+                    return
+            reduce(res)
+            with cond:
+                state["reduced"] += 1
+                cond.notify_all()
 
     def worker():
         with single_threaded_blas() if single_blas else nullcontext():
             while True:
-                with lock:
-                    item = _END if stop.is_set() else next(items, _END)
-                    k = len(results)
-                    if item is _END:
-                        return
-                    results[k] = None
+                item, k = draw()
+                if item is _END:
+                    return
                 try:
-                    results[k] = work(item)
+                    res = work(item)
+                    if reduce is None:
+                        results[k] = res
+                        continue
+                    with cond:
+                        results[k] = res
+                        if state["reducing"]:   # the reducing worker will take it
+                            continue
+                        state["reducing"] = True
+                    del res
+                    drain()
                 except BaseException:
-                    stop.set()
+                    fail()
                     raise
 
     if n == 1:
@@ -137,4 +203,6 @@ def map_chunks(work: Callable, chunks: Iterable, n_threads: int | None = None,
         with ThreadPoolExecutor(n) as pool:
             for f in [pool.submit(worker) for _ in range(n)]:
                 f.result()
+    if reduce is not None:
+        return None
     return [results[k] for k in range(len(results))]

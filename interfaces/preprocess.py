@@ -9,16 +9,15 @@ float64 copy of a 4D series: a full HCP subject (145x174x145x288) is 4.2 GB.
 from __future__ import annotations
 
 import math
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
 
 from .io import mean_b0_map
-from .parallel import available_threads
+from .parallel import (available_threads, blas_local_setters, map_chunks,
+                       single_threaded_blas)
 
 #: median_otsu settings on the mean b0: median filter radius and passes.
 MEDIAN_RADIUS = 2
@@ -57,14 +56,6 @@ OUTSIDE = ("zero", "keep")
 #: eigen-decomposition: large enough to amortise the per-call overhead, small
 #: enough to stay in the last-level cache's neighbourhood.
 BATCH_BYTES = 24 << 20
-#: Bound on the absolute error of float32 ``eigh`` eigenvalues relative to the
-#: largest, twice the largest measured against float64: 8e-7 on 3000 patches
-#: of the bench phantom (96 volumes, 5^3 voxels), 1.05e-6 on 600 HCP-like
-#: ones (288 volumes, 7^3). Patches whose classification could change within
-#: it are recomputed (~30 % of the first kind, ~80 % of the second); all
-#: whose classification differed from float64 (9 and 11) were among them,
-#: and the others' noise variances agree with float64 to 2e-5.
-EIGH_REL_ERROR = 2e-6
 #: Bytes of the z-slab of input copied (C-ordered, volumes last) per pass; the
 #: slab's accumulator is as large again.
 SLAB_BYTES = 384 << 20
@@ -104,7 +95,7 @@ def _lattice_centres(mask: np.ndarray, step: np.ndarray) -> np.ndarray:
     return np.argwhere(blocks) * np.asarray(step)
 
 
-def _classify(L, n: int, N: int, estimator: str, tol=None):
+def _classify(L, n: int, N: int, estimator: str):
     """Per patch: noise variance and the number of signal components to keep.
 
     ``L`` (B, r) are ascending eigenvalues of the demeaned patch's Gram matrix
@@ -112,9 +103,7 @@ def _classify(L, n: int, N: int, estimator: str, tol=None):
     L_c - L_0 <= 4 sqrt(gamma_c) mean(L_0..L_c) (the MP distribution's
     width), gamma_c = (c+1)/q (Exp1) or (c+1)/(q - signal components)
     (Exp2); the largest such c wins (dipy's loop and MRtrix3's scan both find
-    it). Returns (var (B,) float32, keep (B,) int64), and with ``tol`` (B,),
-    a bound on the eigenvalues' absolute errors, also ``unsure`` (B,) bool:
-    patches whose result could change were the eigenvalues off by ``tol``."""
+    it). Returns (var (B,) float32, keep (B,) int64)."""
     import torch
     B, r = L.shape
     q = max(N, n)
@@ -138,14 +127,7 @@ def _classify(L, n: int, N: int, estimator: str, tol=None):
         keep = (Ld >= (t * var)[:, None]).sum(dim=1)
     else:                                   # MRtrix3: drop the classified noise
         keep = m - (cstar + 1)
-    if tol is None:
-        return var.float(), keep
-    # each margin moves by at most (4 + 2) tol; c >= c* decide the result
-    tol = tol.double()[:, None]
-    unsure = ((margin.abs() < 6.0 * tol) & (c >= cstar[:, None])).any(dim=1)
-    if estimator == "veraart":
-        unsure |= ((Ld - (t * var)[:, None]).abs() < (1.0 + t) * tol).any(dim=1)
-    return var.float(), keep, unsure
+    return var.float(), keep
 
 
 @contextmanager
@@ -181,12 +163,11 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
 
     How it is fast: patches are gathered in batches (rows of N contiguous
     floats) from a C-ordered z-slab copy, the Gram matrix is built on the
-    smaller side (N x N or n x n; same nonzero eigenvalues), one batched
-    float32 symmetric eigen-decomposition (torch) serves a whole batch, the
-    more accurate eigenvalues-only solver is run again only for the patches
-    whose classification is within that decomposition's error bound
-    (``EIGH_REL_ERROR``), and the reconstruction uses only the kept
-    components. Batches go to ``n_threads`` workers (default: the cores this
+    smaller side (N x N or n x n; same nonzero eigenvalues), each is reduced
+    to tridiagonal form once (float32 LAPACK ``ssytrd``), all its eigenvalues
+    come from tridiagonal QR (``ssterf``, the accurate eigenvalues-only
+    solver) and only the kept components' eigenvectors are computed
+    (``sstein`` + ``sormtr``), and the reconstruction uses only those. Batches go to ``n_threads`` workers (default: the cores this
     process may use), each running single-threaded torch: OpenMP teams
     spin-wait badly on a shared, busy machine. Results are scatter-added into
     a rolling z-slab accumulator, so memory is the input, the output and
@@ -246,133 +227,94 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     zs_max = max(int(size[2]) + 1, SLAB_BYTES // max(1, plane * N * 4))
 
     n_workers = max(1, int(n_threads or available_threads()))
+    for name, nargs in _LAPACK_ROUTINES:      # before the workers pin their BLAS threads
+        _lapack(name, nargs)
     with _torch_threads(1) as torch:     # one thread per worker: no OpenMP barriers
-        turns = _Turns()
         acc = wsum = vsum = None
         acc_lo = 0
         i, n_starts = 0, starts.shape[0]
-        with ThreadPoolExecutor(n_workers) as pool:
-            while i < n_starts:
-                z_lo = int(starts[i, 2])
-                # this slab: patches starting at z in [z_lo, z_lo + zs_max - size_z]
-                j = int(np.searchsorted(starts[:, 2], z_lo + zs_max - int(size[2]), side="right"))
-                z_hi = int(starts[j - 1, 2]) + int(size[2])
-                zs = z_hi - z_lo
-                # input slab, C-ordered with volumes last (contiguous per voxel)
-                slab = np.ascontiguousarray(data[:, :, z_lo:z_hi, :], dtype=np.float32)
-                # rolling accumulators over [z_lo, z_hi); planes below z_lo are final
-                new = (torch.zeros((X, Y, zs, N), dtype=torch.float32),
-                       torch.zeros((X, Y, zs), dtype=torch.float64),
-                       torch.zeros((X, Y, zs), dtype=torch.float64))
-                if acc is not None:
-                    k0 = z_lo - acc_lo
-                    carry = acc.shape[2] - k0
-                    for dst, src in zip(new, (acc, wsum, vsum)):
-                        if carry > 0:
-                            dst[:, :, :carry] = src[:, :, k0:]
-                    _flush(acc[:, :, :k0], wsum[:, :, :k0], vsum[:, :, :k0], acc_lo,
-                           out, sigma, data, mask, outside)
-                (acc, wsum, vsum), acc_lo = new, z_lo
-                offs = torch.from_numpy((np.arange(size[0])[:, None, None] * (Y * zs)
-                                         + np.arange(size[1])[None, :, None] * zs
-                                         + np.arange(size[2])[None, None, :]).ravel())
-                voxels = torch.from_numpy(slab).view(-1, N)
-                targets = (acc.view(-1, N), wsum.view(-1), vsum.view(-1))
+        while i < n_starts:
+            z_lo = int(starts[i, 2])
+            # this slab: patches starting at z in [z_lo, z_lo + zs_max - size_z]
+            j = int(np.searchsorted(starts[:, 2], z_lo + zs_max - int(size[2]), side="right"))
+            z_hi = int(starts[j - 1, 2]) + int(size[2])
+            zs = z_hi - z_lo
+            # input slab, C-ordered with volumes last (contiguous per voxel)
+            slab = np.ascontiguousarray(data[:, :, z_lo:z_hi, :], dtype=np.float32)
+            # rolling accumulators over [z_lo, z_hi); planes below z_lo are final
+            new = (torch.zeros((X, Y, zs, N), dtype=torch.float32),
+                   torch.zeros((X, Y, zs), dtype=torch.float64),
+                   torch.zeros((X, Y, zs), dtype=torch.float64))
+            if acc is not None:
+                k0 = z_lo - acc_lo
+                carry = acc.shape[2] - k0
+                for dst, src in zip(new, (acc, wsum, vsum)):
+                    if carry > 0:
+                        dst[:, :, :carry] = src[:, :, k0:]
+                _flush(acc[:, :, :k0], wsum[:, :, :k0], vsum[:, :, :k0], acc_lo,
+                       out, sigma, data, mask, outside)
+            (acc, wsum, vsum), acc_lo = new, z_lo
+            offs = torch.from_numpy((np.arange(size[0])[:, None, None] * (Y * zs)
+                                     + np.arange(size[1])[None, :, None] * zs
+                                     + np.arange(size[2])[None, None, :]).ravel())
+            voxels = torch.from_numpy(slab).view(-1, N)
+            targets = (acc.view(-1, N), wsum.view(-1), vsum.view(-1))
 
-                def work(k, s, voxels=voxels, offs=offs, zs=zs, targets=targets, z_lo=z_lo):
-                    sx, sy, sz = s[:, 0], s[:, 1], s[:, 2] - z_lo
-                    base = torch.from_numpy(sx * (Y * zs) + sy * zs + sz)
-                    idx = (base[:, None] + offs[None, :]).reshape(-1)
-                    # rows of N contiguous floats: a fast gather
-                    try:
-                        patches = voxels.index_select(0, idx).view(-1, n, N)
-                        est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
-                        th = theta.double().repeat_interleave(n)
-                        thv = th * var.double().repeat_interleave(n)
-                    except BaseException:
-                        turns.fail()
-                        raise
-                    with turns.turn(k):          # batches add up in their order
-                        targets[0].index_add_(0, idx, est.reshape(-1, N))
-                        targets[1].index_add_(0, idx, th)
-                        targets[2].index_add_(0, idx, thv)
+            def work(s, voxels=voxels, offs=offs, zs=zs, z_lo=z_lo):
+                sx, sy, sz = s[:, 0], s[:, 1], s[:, 2] - z_lo
+                base = torch.from_numpy(sx * (Y * zs) + sy * zs + sz)
+                idx = (base[:, None] + offs[None, :]).reshape(-1)
+                # rows of N contiguous floats: a fast gather
+                patches = voxels.index_select(0, idx).view(-1, n, N)
+                est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
+                th = theta.double().repeat_interleave(n)
+                return idx, est.reshape(-1, N), th, th * var.double().repeat_interleave(n)
 
-                turns.reset()
-                futures = [pool.submit(work, k, starts[b:min(j, b + batch)])
-                           for k, b in enumerate(range(i, j, batch))]
-                for f in futures:
-                    f.result()
-                i = j
+            def add(res, targets=targets):
+                # in the batches' order (map_chunks' reduce): the float sums of
+                # overlapping patches, and so the denoised series, are the same
+                # bytes on every run whatever the thread schedule (Gibbs
+                # removal's shift choice can amplify a last-bit difference)
+                idx, est, th, thv = res
+                targets[0].index_add_(0, idx, est)
+                targets[1].index_add_(0, idx, th)
+                targets[2].index_add_(0, idx, thv)
+
+            map_chunks(work, [starts[b:min(j, b + batch)] for b in range(i, j, batch)],
+                       n_workers, single_blas=True, reduce=add)
+            i = j
         if acc is not None:
             _flush(acc, wsum, vsum, acc_lo, out, sigma, data, mask, outside)
     return (out, sigma) if return_sigma else out
-
-
-class _Turns:
-    """Lets parallel batches add into shared sums one after another in their
-    submission order, so the float sums - and the denoised series - are the
-    same on every run whatever the thread schedule (overlapping patches make
-    the order matter, and Gibbs removal's shift choice can amplify a last-bit
-    difference into a visible one). A failed batch releases the ones waiting."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._next, self._failed = 0, False
-
-    def reset(self) -> None:
-        with self._cond:
-            self._next, self._failed = 0, False
-
-    def fail(self) -> None:
-        with self._cond:
-            self._failed = True
-            self._cond.notify_all()
-
-    @contextmanager
-    def turn(self, k: int):
-        with self._cond:
-            self._cond.wait_for(lambda: self._next == k or self._failed)
-            if self._failed:
-                raise RuntimeError("an earlier MP-PCA batch failed")
-            try:
-                yield
-            except BaseException:
-                self._failed = True
-                raise
-            finally:
-                self._next += 1
-                self._cond.notify_all()
 
 
 def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     """One batch of patches (B, n, N) -> theta-weighted reconstructions,
     noise variances and weights theta = 1 / (1 + kept components)."""
     mean = patches.mean(dim=1, keepdim=True)
-    A = patches - mean
+    A = patches.sub_(mean)                            # the gathered copy is ours
     q = max(N, n)
     if N <= n:
-        C = A.transpose(1, 2) @ A                     # (B, N, N)
+        C = (A.transpose(1, 2) @ A).contiguous()      # (B, N, N)
     else:
-        C = A @ A.transpose(1, 2)                     # (B, n, n)
-    # float32 throughout: one eigen-decomposition (divide and conquer) per
-    # patch. Its small eigenvalues may err by up to ~EIGH_REL_ERROR x the
-    # largest, which can flip the noise classification; the patches where it
-    # could (``unsure``) get their eigenvalues again from the
-    # eigenvalues-only solver (tridiagonal QR), which matches float64.
-    L, V = torch.linalg.eigh(C)
-    L /= q
-    var, keep, unsure = _classify(L, n, N, estimator, tol=EIGH_REL_ERROR * L[:, -1].abs())
-    if bool(unsure.any()):
-        redo = unsure.nonzero()[:, 0]
-        var[redo], keep[redo] = _classify(torch.linalg.eigvalsh(C[redo]) / q, n, N, estimator)
+        C = (A @ A.transpose(1, 2)).contiguous()      # (B, n, n)
+    # float32 LAPACK, per patch: Householder tridiagonalisation, all
+    # eigenvalues by tridiagonal QR (the accurate eigenvalues-only solver) for
+    # the noise classification, then only the kept eigenvectors (inverse
+    # iteration on the tridiagonal, back-transformed): about half the work of
+    # a full eigen-decomposition, whose float32 small eigenvalues were less
+    # accurate, too.
+    Cn = C.numpy()
+    d, e, tau, Ln = _lapack_tridiagonal(Cn)
+    var, keep = _classify(torch.from_numpy(Ln) / q, n, N, estimator)
     kmax = int(keep.max()) if keep.numel() else 0
     theta = 1.0 / (1.0 + keep.float())
     if kmax == 0:
         est = mean.expand_as(A) * theta[:, None, None]
         return est, var, theta
-    Vk = V[:, :, r - kmax:]
-    cols = torch.arange(kmax) >= (kmax - keep)[:, None]   # the top keep[b] columns
-    Vk = Vk * cols[:, None, :].to(Vk.dtype)
+    # (B, r, kmax): the top keep[b] eigenvectors in the last columns, zeros before
+    Vk = torch.from_numpy(_lapack_top_vectors(Cn, d, e, tau, Ln, keep.numpy(), kmax)
+                          ).transpose(1, 2)
     if N <= n:
         est = (A @ Vk) @ Vk.transpose(1, 2)
     else:
@@ -380,6 +322,107 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     est += mean
     est *= theta[:, None, None]
     return est, var, theta
+
+
+_LAPACK = {}
+#: The LAPACK routines MP-PCA calls, with their argument counts.
+_LAPACK_ROUTINES = (("ssytrd", 10), ("ssterf", 4), ("sstein", 13), ("sormtr", 13))
+
+
+def _lapack(name: str, nargs: int):
+    """scipy's float32 LAPACK routine ``name`` as a ctypes function (arguments
+    by address). ctypes releases the GIL during the call, so worker threads
+    run LAPACK in parallel (scipy.linalg.lapack's wrappers hold it)."""
+    fn = _LAPACK.get(name)
+    if fn is None:
+        import ctypes
+        import scipy.linalg.cython_lapack as cl
+        api = ctypes.pythonapi
+        api.PyCapsule_GetName.restype, api.PyCapsule_GetName.argtypes = (
+            ctypes.c_char_p, [ctypes.py_object])
+        api.PyCapsule_GetPointer.restype, api.PyCapsule_GetPointer.argtypes = (
+            ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p])
+        cap = cl.__pyx_capi__[name]
+        ptr = api.PyCapsule_GetPointer(cap, api.PyCapsule_GetName(cap))
+        fn = _LAPACK[name] = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * nargs))(ptr)
+        blas_local_setters(rescan=True)       # scipy's own OpenBLAS is loaded now
+    return fn
+
+
+_CHARS = {c: np.frombuffer(c.encode(), dtype=np.uint8).copy() for c in "LN"}
+
+
+def _lapack_tridiagonal(C: np.ndarray):
+    """Per symmetric matrix of ``C`` (B, r, r) float32, C-ordered: ``ssytrd``
+    (lower, in Fortran order; overwrites C with the reflectors) then
+    ``ssterf``. Returns d, e (B, r) (the tridiagonal), tau (B, r) and the
+    eigenvalues (B, r), ascending."""
+    B, r, _ = C.shape
+    if not (C.flags.c_contiguous and C.dtype == np.float32):
+        raise ValueError("C must be C-contiguous float32")
+    sytrd, sterf = _lapack("ssytrd", 10), _lapack("ssterf", 4)
+    d = np.empty((B, r), np.float32)
+    e = np.zeros((B, r), np.float32)
+    tau = np.zeros((B, r), np.float32)
+    L = np.empty((B, r), np.float32)
+    ee = np.empty(r, np.float32)
+    lwork = 64 * r
+    work = np.empty(lwork, np.float32)
+    ints = np.array([r, r, lwork, 0], np.int32)          # n, lda, lwork, info
+    ia, lo = ints.ctypes.data, _CHARS["L"].ctypes.data
+    ca, da, ea, ta, la = (x.ctypes.data for x in (C, d, e, tau, L))
+    wa, eea = work.ctypes.data, ee.ctypes.data
+    s2, s1 = r * r * 4, r * 4
+    for b in range(B):
+        sytrd(lo, ia, ca + b * s2, ia + 4, da + b * s1, ea + b * s1, ta + b * s1, wa,
+              ia + 8, ia + 12)
+        L[b] = d[b]
+        ee[:] = e[b]
+        sterf(ia, la + b * s1, eea, ia + 12)
+        if ints[3] != 0:
+            raise np.linalg.LinAlgError(f"LAPACK ssytrd/ssterf failed (info {int(ints[3])})")
+    return d, e, tau, L
+
+
+def _lapack_top_vectors(C, d, e, tau, L, keep, kmax: int) -> np.ndarray:
+    """(B, kmax, r): rows kmax - keep[b].. hold the eigenvectors of the
+    top keep[b] eigenvalues ``L`` (ascending) of each matrix reduced by
+    :func:`_lapack_tridiagonal` (``sstein``: inverse iteration on the
+    tridiagonal, then ``sormtr``: its reflectors); the other rows are zero."""
+    B, r = d.shape
+    stein, ormtr = _lapack("sstein", 13), _lapack("sormtr", 13)
+    Z = np.zeros((B, kmax, r), np.float32)
+    iblock = np.ones(r, np.int32)
+    isplit = np.full(r, r, np.int32)
+    ifail = np.empty(r, np.int32)
+    iwork = np.empty(r, np.int32)
+    w = np.empty(r, np.float32)
+    lwork = max(5 * r, 64 * max(1, kmax))
+    work = np.empty(lwork, np.float32)
+    ints = np.array([r, r, lwork, 0, 0], np.int32)       # n, ld, lwork, info, m
+    ia = ints.ctypes.data
+    lo, no = _CHARS["L"].ctypes.data, _CHARS["N"].ctypes.data
+    ca, da, ea, ta, za = (x.ctypes.data for x in (C, d, e, tau, Z))
+    wa, wka = w.ctypes.data, work.ctypes.data
+    s2, s1 = r * r * 4, r * 4
+    for b in range(B):
+        kb = int(keep[b])
+        if kb == 0:
+            continue
+        ints[4] = kb
+        w[:kb] = L[b, r - kb:]
+        zb = za + (b * kmax + kmax - kb) * s1             # Fortran r x kb, ld r
+        stein(ia, da + b * s1, ea + b * s1, ia + 16, wa, iblock.ctypes.data,
+              isplit.ctypes.data, zb, ia + 4, wka, iwork.ctypes.data, ifail.ctypes.data,
+              ia + 12)
+        if ints[3] < 0:
+            raise np.linalg.LinAlgError(f"LAPACK sstein failed (info {int(ints[3])})")
+        # ints[3] > 0: some vectors did not converge in 5 steps; still the best iterate
+        ormtr(lo, lo, no, ia, ia + 16, ca + b * s2, ia + 4, ta + b * s1, zb, ia + 4, wka,
+              ia + 8, ia + 12)
+        if ints[3] != 0:
+            raise np.linalg.LinAlgError(f"LAPACK sormtr failed (info {int(ints[3])})")
+    return Z
 
 
 def _flush(acc, wsum, vsum, z0: int, out, sigma, data, mask, outside: str) -> None:
@@ -470,7 +513,7 @@ def degibbs(data: np.ndarray, slice_axis: int = 2, n_points: int = GIBBS_TV_POIN
     # badly on a shared, busy machine (2 torch threads: 7x slower here).
     # Volume by volume, so that each one's FFT batches (and rounding) do not
     # depend on the other volumes.
-    with _torch_threads(1) as torch, ThreadPoolExecutor(workers) as pool:
+    with _torch_threads(1) as torch:
         for k in range(vols.shape[3]):
             vol = np.ascontiguousarray(np.moveaxis(vols[..., k], slice_axis, 0),
                                        dtype=np.float32)         # (slices, A, B)
@@ -482,7 +525,7 @@ def degibbs(data: np.ndarray, slice_axis: int = 2, n_points: int = GIBBS_TV_POIN
                                                 n_points=n_points, inplace=True,
                                                 num_processes=1), 2, 0)
             else:
-                res = _unring_slices(torch.from_numpy(vol), n_points, torch, pool).numpy()
+                res = _unring_slices(torch.from_numpy(vol), n_points, torch, workers).numpy()
             dst[..., k] = np.moveaxis(res, 0, slice_axis)
     return out
 
@@ -529,10 +572,10 @@ def _first_min(tv, torch, last: bool = False):
     return best, (top - 1 if last else n - top)
 
 
-def _unring_lines(x, n_points: int, torch, pool=None):
+def _unring_lines(x, n_points: int, torch, n_threads: int = 1):
     """dipy's ``_gibbs_removal_1d`` along the last axis of ``x`` (L, N)
-    float32, for all L profiles, in batches of ``GIBBS_CHUNK_VOXELS`` (on
-    ``pool``'s threads when given).
+    float32, for all L profiles, in batches of ``GIBBS_CHUNK_VOXELS`` on
+    ``n_threads`` threads.
 
     dipy resamples by multiplying the complex spectrum by exp(2 pi i f u)
     with numpy's frequencies f, whose Nyquist bin (even N) is -1/2: the
@@ -585,7 +628,7 @@ def _unring_lines(x, n_points: int, torch, pool=None):
         res = (img_p - img_n) / total * s_n + img_n
         out[r0:r0 + rows] = torch.where(total != 0, res, xc)
 
-    _run_chunks(chunk, range(0, L, rows), pool)
+    map_chunks(chunk, range(0, L, rows), n_threads, single_blas=False)
     return out
 
 
@@ -596,13 +639,13 @@ def _weights_2d(shape, torch):
     return [torch.from_numpy(np.fft.ifftshift(w).astype(np.float32)) for w in _weights(shape)]
 
 
-def _unring_slices(stack, n_points: int, torch, pool=None):
+def _unring_slices(stack, n_points: int, torch, n_threads: int = 1):
     """dipy's ``_gibbs_removal_2d`` for every slice of ``stack`` (S, A, B)."""
     S, A, B = stack.shape
     g0, g1 = _weights_2d((A, B), torch)
-    along_b = _unring_lines(stack.reshape(S * A, B), n_points, torch, pool).reshape(S, A, B)
+    along_b = _unring_lines(stack.reshape(S * A, B), n_points, torch, n_threads).reshape(S, A, B)
     along_a = _unring_lines(stack.transpose(1, 2).reshape(S * B, A), n_points, torch,
-                            pool).reshape(S, B, A).transpose(1, 2)
+                            n_threads).reshape(S, B, A).transpose(1, 2)
     out = torch.empty_like(stack)
     step = max(1, GIBBS_CHUNK_VOXELS // (A * B))
 
@@ -614,18 +657,8 @@ def _unring_slices(stack, n_points: int, torch, pool=None):
         f += f0
         torch.abs(torch.fft.ifft2(f), out=out[i:i + step])
 
-    _run_chunks(combine, range(0, S, step), pool)
+    map_chunks(combine, range(0, S, step), n_threads, single_blas=False)
     return out
-
-
-def _run_chunks(fn, starts, pool=None) -> None:
-    """fn(start) for every start, on ``pool``'s threads when given."""
-    if pool is None:
-        for s in starts:
-            fn(s)
-    else:
-        for f in [pool.submit(fn, s) for s in starts]:
-            f.result()
 
 
 #: ``preprocess_dwi``'s switch is called ``degibbs`` too.

@@ -1,6 +1,7 @@
 """The one chunked parallel map (interfaces/parallel.py)."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -45,3 +46,107 @@ def test_one_thread_runs_in_the_caller():
     caller = threading.get_ident()
     assert map_chunks(lambda _: threading.get_ident(), range(3), n_threads=1) == [caller] * 3
     assert available_threads() >= 1
+
+
+# ---------------------------------------------------------------------------
+# reduce: results handed over in order, memory bounded
+# ---------------------------------------------------------------------------
+def test_reduce_gets_every_result_in_chunk_order_and_never_overlaps():
+    got, inside = [], []
+    lock = threading.Lock()
+    rng = np.random.default_rng(0)
+    delays = rng.uniform(0, 2e-3, 60)            # finish out of order
+
+    def work(k):
+        time.sleep(delays[k])
+        return k
+
+    def reduce(k):
+        assert lock.acquire(blocking=False)       # no two reduce calls at once
+        inside.append(threading.get_ident())
+        got.append(k)
+        lock.release()
+
+    assert map_chunks(work, range(60), n_threads=4, single_blas=False, reduce=reduce) is None
+    assert got == list(range(60))
+    # reduce runs in the worker threads, not in the caller
+    assert threading.get_ident() not in inside
+
+
+def test_reduce_holds_at_most_workers_plus_one_results():
+    """Chunk 0 is slow: the other workers finish theirs, but may draw new
+    chunks only while fewer than n + 1 drawn chunks wait for the reduction,
+    so the results held never exceed n + 1 (without the bound all 40 would)."""
+    n = 3
+    state = {"held": 0, "max_held": 0, "started": 0}
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def work(k):
+        with lock:
+            state["started"] += 1
+        if k == 0:
+            release.wait(5.0)
+        with lock:
+            state["held"] += 1
+            state["max_held"] = max(state["max_held"], state["held"])
+        return np.zeros(10)
+
+    def reduce(res):
+        with lock:
+            state["held"] -= 1
+
+    def unblock():
+        # wait until the others are stuck at the bound, then let chunk 0 finish
+        deadline = time.monotonic() + 5.0
+        while state["started"] < n + 1 and time.monotonic() < deadline:
+            time.sleep(1e-3)
+        time.sleep(0.05)                          # time to draw more, were it allowed
+        with lock:
+            stuck = state["started"]
+        release.set()
+        return stuck
+
+    t = threading.Thread(target=lambda: state.update(stuck=unblock()))
+    t.start()
+    map_chunks(work, range(40), n_threads=n, single_blas=False, reduce=reduce)
+    t.join()
+    assert state["stuck"] == n + 1                # chunk 0 and n more, then the bound
+    assert state["max_held"] <= n + 1 and state["held"] == 0
+
+
+def test_reduce_with_an_error_in_a_worker_raises_and_stops_the_pool():
+    done, reduced = [], []
+
+    def work(k):
+        if k == 5:
+            raise ValueError("chunk 5")
+        done.append(k)
+        return k
+
+    with pytest.raises(ValueError, match="chunk 5"):
+        map_chunks(work, iter(range(1000)), n_threads=3, single_blas=False,
+                   reduce=reduced.append)
+    assert len(done) < 20                         # stopped: at most a window past chunk 5
+    assert reduced == list(range(len(reduced))) and 5 not in reduced
+
+
+def test_reduce_with_an_error_in_reduce_raises_and_stops_the_pool():
+    done = []
+
+    def reduce(k):
+        if k == 3:
+            raise RuntimeError("reduce 3")
+
+    with pytest.raises(RuntimeError, match="reduce 3"):
+        map_chunks(lambda k: done.append(k) or k, iter(range(1000)), n_threads=2,
+                   single_blas=False, reduce=reduce)
+    assert len(done) < 20
+
+
+def test_reduce_with_one_thread_runs_in_the_caller_in_order():
+    caller = threading.get_ident()
+    got = []
+    map_chunks(lambda k: (k, threading.get_ident()), range(5), n_threads=1,
+               reduce=got.append)
+    assert got == [(k, caller) for k in range(5)]
