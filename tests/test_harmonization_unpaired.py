@@ -120,18 +120,41 @@ def test_group_effect_is_in_the_bundle_only():
 # ----------------------------------------------------------------------------
 # harmonization against the truth, held-out persons
 # ----------------------------------------------------------------------------
+def site_failures(rows, d_max: float) -> list:
+    """The held-out site rows that break the checks: significant residual
+    (p <= 0.05, either direction: no overcorrection), |d| above ``d_max``,
+    relative residual of the means above REL_AFTER_MAX, or less than two
+    thirds of a large effect (|d before| > 1.5) removed."""
+    bad = []
+    for r in rows:
+        if r["p_after"] <= 0.05 or abs(r["d_after"]) > d_max \
+                or abs(r["rel_after"]) > REL_AFTER_MAX \
+                or (abs(r["d_before"]) > 1.5 and abs(r["d_after"]) >= abs(r["d_before"]) / 3):
+            bad.append((r["metric"], r["shell"], round(r["d_after"], 2),
+                        round(100 * r["rel_after"], 1)))
+    return bad
+
+
 def test_site_effect_removed_without_overcorrection(study):
     design, res = study
     rows = res["site"]
     assert {(r["metric"], r["shell"]) for r in rows if not math.isnan(r["shell"])} == {
         (f"rish_l{o}", b) for o in (0, 2, 4) for b in U.STUDY_SHELLS}
     assert sum(r["p_before"] < 0.01 and abs(r["d_before"]) > 1.5 for r in rows) >= 5
-    for r in rows:
-        assert r["p_after"] > 0.05, (design, r)
-        assert abs(r["d_after"]) <= D_AFTER_MAX, (design, r)
-        assert abs(r["rel_after"]) <= REL_AFTER_MAX, (design, r)
-        if abs(r["d_before"]) > 1.5:
-            assert abs(r["d_after"]) < abs(r["d_before"]) / 3, (design, r)
+    assert site_failures(rows, D_AFTER_MAX[design]) == [], design
+
+
+def test_site_checks_catch_no_and_double_harmonization(study):
+    """The checks above are not loose enough to pass without harmonization
+    (every scale 1) or with an overcorrecting one (the fitted scales squared:
+    the artefact applied twice)."""
+    design, res = study
+    art = res["artefact"]
+    for name, power in (("off", 0.0), ("twice", 2.0)):
+        wrong = replace(art, scale_maps={b: (m ** power).astype(np.float32)
+                                         for b, m in art.scale_maps.items()}, content_id="")
+        assert len(site_failures(res["site_with"](wrong), D_AFTER_MAX[design])) >= 5, \
+            (design, name)
 
 
 def test_group_effect_kept(study):
