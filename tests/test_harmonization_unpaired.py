@@ -11,11 +11,12 @@ Tolerances from the sample size: an unpaired fit's two site means come from
 different persons, so the fitted scales carry a sampling error of about
 sqrt(2/12) = 0.41 in units of the between-person SD (Cohen's d), and the
 issue's |d| <= 0.2 (half of that) cannot be guaranteed at this n by any
-site-mean estimator; these tests bound |d| by 1.5 SE (0.6; measured
-<= 0.41 unpaired, <= 0.29 paired), require the residual not to be
-significant (p > 0.05, either direction: no overcorrection; measured
-p >= 0.32) and bound the relative residual of the means (measured <= 1.6 %,
-bound 3 %).
+site-mean estimator; a paired fit's scales only carry the scan-to-scan
+error (~0.12 in d). The tests bound |d| by 0.2 + about one SE (0.5
+unpaired, 0.35 paired), require the residual not to be significant
+(p > 0.05, either direction: no overcorrection) and bound the relative
+residual of the means (2 %); the same checks fail with the harmonization
+off or applied twice (test_site_checks_catch_no_and_double_harmonization).
 """
 
 from __future__ import annotations
@@ -32,10 +33,18 @@ from dmriflow.interfaces.sim import unpaired as U
 
 N_FIT = 12                  # persons per site in the fit (the issue asks >= 12)
 N_HELD_OUT = 12             # held-out persons (6 controls + 6 patients) at both sites
-#: Residual site effect on held-out persons: |d| <= 1.5 x sqrt(2 / 12) and
-#: |relative difference of the means| <= 3 % (measured <= 0.41 and 1.6 %).
-D_AFTER_MAX = 0.6
-REL_AFTER_MAX = 0.03
+#: Residual site effect on held-out persons, per fit design (see the module
+#: docstring): |d| <= acceptance 0.2 + about one SE of the fitted scale.
+#: Unpaired: SE = sqrt(1/12 + 1/12) = 0.41 of the between-person SD (two
+#: sets of persons) -> 0.5 (measured <= 0.41). Paired: the scale's error is
+#: the within-person (scan-to-scan) spread, 0.2-0.3 of the between-person SD
+#: on every row but RISH l4 b=1000 (measured on the held-out persons), over
+#: 12 persons in the fit and 12 in the evaluation: SE ~ 0.3 x sqrt(2/12) =
+#: 0.12 -> 0.35 (measured <= 0.29; the systematic part is the voxel-size /
+#: SNR residual, docs/harmonization.md). Relative residual of the means
+#: <= 2 % (measured <= 1.6 %; ~0.5 SD of RISH l0 between persons).
+D_AFTER_MAX = {"unpaired": 0.5, "paired": 0.35}
+REL_AFTER_MAX = 0.02
 #: The group effect keeps its Cohen's d within 10 % (measured ratios
 #: 1.004-1.029) and stays significant (p < 0.01; measured <= 0.002).
 GROUP_RATIO_TOL = 0.10
