@@ -11,7 +11,7 @@ Prints every row before/after, the two designs side by side: the site effect
 (held-out, Cohen's d target - reference, Welch p, relative difference of the
 means), the group effect at the target site (held-out and in-sample) and at
 the reference site, FA correlation with the truth, and fit/apply time per
-subject. Run: ``.venv/bin/python bench/harmonize_unpaired.py [--seed N]``.
+subject. Run: ``.venv/bin/python bench/harmonize_unpaired.py [--seed N] [--site-mean median]``.
 """
 
 from __future__ import annotations
@@ -34,11 +34,14 @@ def main() -> None:
     ap.add_argument("--n-held-out", type=int, default=12, help="held-out persons")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--registration", default="syn")
+    ap.add_argument("--site-mean", default="mean", help="site-mean estimator (mean or median)")
     opts = ap.parse_args()
     res = {d: U.validate(d, opts.n_fit, opts.n_held_out, opts.seed,
-                         registration=opts.registration) for d in DESIGNS}
+                         registration=opts.registration, site_mean=opts.site_mean)
+           for d in DESIGNS}
     print(f"fit {opts.n_fit} persons per site, held-out {opts.n_held_out} persons at both "
-          f"sites, seed {opts.seed}, registration {opts.registration}")
+          f"sites, seed {opts.seed}, registration {opts.registration}, site mean "
+          f"{opts.site_mean}")
     head = " | ".join(f"{d:^40s}" for d in DESIGNS)
     print(f"{'table':16s} {'metric':14s} {'shell':>5s} | {head}")
     print(f"{'':37s} | " + " | ".join(

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
@@ -78,6 +79,13 @@ TEMPLATE_ITERATIONS = 2
 #: Registration kinds: full (affine + SyN), affine only, or none (subjects
 #: already on the template grid).
 REGISTRATIONS = ("syn", "affine", "identity")
+#: Site-mean estimators of the RISH maps in template space: "mean" (the
+#: mask-normalised mean, one subject in memory at a time) or "median" (the
+#: voxel-wise median of each subject's mask-normalised value where its warped
+#: mask covers >= half the voxel: every subject's maps are kept in memory,
+#: n x template voxels x orders x shells float32). docs/harmonization.md has
+#: the measured comparison; the mean is the default.
+SITE_MEANS = ("mean", "median")
 #: Affine stages (dipy ``AffineRegistration``): iterations per pyramid level
 #: (coarse -> fine), smoothing sigmas (voxels) and shrink factors. Small
 #: counts suffice: the stages refine each other from a centre-of-mass start.
@@ -926,8 +934,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       template_iterations: int = TEMPLATE_ITERATIONS,
                       min_subjects: int = MIN_SUBJECTS_PER_SITE, keep_transforms: bool = True,
                       registration_options: dict | None = None, template_info: dict | None = None,
-                      registered: Mapping[str, Callable[[], Transform]] | None = None
-                      ) -> HarmonizationArtefact:
+                      registered: Mapping[str, Callable[[], Transform]] | None = None,
+                      site_mean: str = "mean") -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
     ``reference``/``target``: per-subject :class:`SubjectFeatures` (or
@@ -943,6 +951,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     ``registered``: ``{subject: callable returning its Transform}`` to the
     given ``template``, registered beforehand (the engine registers each
     subject as its own node); ``template_info`` then describes that template.
+    ``site_mean``: one of ``SITE_MEANS`` (the site-mean estimator).
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
@@ -954,6 +963,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         raise HarmonizationError("no shell to harmonise")
     if reference_site == target_site:
         raise HarmonizationError(f"reference and target site are both named {reference_site!r}")
+    if site_mean not in SITE_MEANS:
+        raise ValueError(f"unknown site_mean {site_mean!r} ({', '.join(SITE_MEANS)})")
     check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     opts = dict(registration_options or {})
     if template is None:
@@ -970,9 +981,11 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     grid = tpl_fa.shape
     n_orders = lmax // 2 + 1
     sums, counts, subjects, transforms = {}, {}, [], {}
+    stacks = {}                                   # site_mean "median": per-subject values
     for s_idx, (site, items) in enumerate(((reference_site, reference), (target_site, target))):
         sums[site] = {b: np.zeros(grid + (n_orders,), dtype=np.float32) for b in shells}
         counts[site] = np.zeros(grid, dtype=np.float32)
+        stacks[site] = {b: [] for b in shells}
         seen = set()
         for i, item in enumerate(items):
             f = _load(item)
@@ -984,12 +997,20 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             fa = np.where(mask, f.fa, 0).astype(np.float32)
             t = (register_fa(fa, f.affine, tpl_fa, tpl_affine, registration, **opts)
                  if registered is None else registered[f.subject]())
-            counts[site] += np.clip(t.to_template(mask.astype(np.float32)), 0, 1)
+            cover = np.clip(t.to_template(mask.astype(np.float32)), 0, 1)
+            counts[site] += cover
             for b in shells:
-                for k in range(n_orders):
-                    # RISH is 0 outside the subject mask: sum/count is the
-                    # mask-normalised interpolation of the site mean.
-                    sums[site][b][..., k] += t.to_template(np.where(mask, rish[b][..., k], 0))
+                warped = np.stack([t.to_template(np.where(mask, rish[b][..., k], 0))
+                                   for k in range(n_orders)], axis=-1)
+                # RISH is 0 outside the subject mask: sum/count is the
+                # mask-normalised interpolation of the site mean.
+                sums[site][b] += warped
+                if site_mean == "median":
+                    value = np.full(warped.shape, np.nan, dtype=np.float32)
+                    inside = cover >= 0.5
+                    value[inside] = warped[inside] / cover[inside][:, None]
+                    stacks[site][b].append(value)
+                del warped
             subjects.append({"site": site, "site_index": "ref" if s_idx == 0 else "tar",
                              "index": i, "subject": f.subject, "sha256": f.content_hash(),
                              "grid": list(fa.shape), "affine": np.asarray(f.affine).tolist(),
@@ -1011,13 +1032,19 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             c = counts[site]
             m = np.zeros_like(sums[site][b])
             np.divide(sums[site][b], c[..., None], out=m, where=c[..., None] > 1e-3)
+            if site_mean == "median":
+                with warnings.catch_warnings():       # all-NaN voxels: the mean stays
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    med = np.nanmedian(np.stack(stacks[site][b]), axis=0)
+                m = np.where(np.isfinite(med), med, m).astype(np.float32)
+                stacks[site][b] = None
             means.append(m)
             sums[site][b] = None                      # free as we go
         maps[b], taus[b], stats[_shell_key(b)] = scale_maps(
             means[0], means[1], tpl_mask, tpl_affine, tau=tau,
             smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, fill_index=fill)
         del means
-    params = {"template": tpl_info, "mask_coverage": MASK_COVERAGE,
+    params = {"template": tpl_info, "mask_coverage": MASK_COVERAGE, "site_mean": site_mean,
               "min_subjects": int(min_subjects),
               "registration_options": {
                   "affine_level_iters": list(opts.get("affine_level_iters", AFFINE_LEVEL_ITERS)),

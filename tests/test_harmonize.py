@@ -630,3 +630,24 @@ def test_real_data_fake_second_site(shared_data):
     for k, l in enumerate((0, 2, 4)):
         assert abs(r_tar[k] / r_ref[k] - 1) > 0.1
         assert r_out[k] / r_ref[k] == pytest.approx(1.0, abs=0.03), l
+
+
+def test_median_site_mean_ignores_an_outlier_subject():
+    """site_mean="median": the scale maps are sqrt(median_ref / median_tar)
+    per voxel (tau aside), so one target subject with 10x RISH moves the
+    mean-based maps and not the median-based ones."""
+    ref = _tiny_features(5, "r")
+    tar = _tiny_features(5, "t")
+    tar[0].rish = {b: r * 10 for b, r in tar[0].rish.items()}
+    kw = dict(registration="identity", tau=0.0)
+    med = H.fit_harmonization(ref, tar, [BVAL], LMAX, site_mean="median", **kw)
+    mean = H.fit_harmonization(ref, tar, [BVAL], LMAX, **kw)
+    r = np.median(np.stack([f.rish[BVAL] for f in ref]), axis=0)
+    t = np.median(np.stack([f.rish[BVAL] for f in tar]), axis=0)
+    expect = np.clip(np.sqrt(r / t), *H.SCALE_RANGE)
+    np.testing.assert_allclose(med.scale_maps[BVAL], expect, rtol=1e-5)
+    # the outlier raises the target mean ~2.8x: mean-based scales ~sqrt(1/2.8) = 0.6 of these
+    assert np.median(mean.scale_maps[BVAL]) < 0.7 * np.median(expect)
+    assert med.parameters["site_mean"] == "median" and mean.parameters["site_mean"] == "mean"
+    with pytest.raises(ValueError, match="site_mean"):
+        H.fit_harmonization(ref, tar, [BVAL], LMAX, site_mean="trimmed", **kw)

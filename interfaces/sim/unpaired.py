@@ -364,8 +364,11 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
     target before/after), ``group`` (held-out target site), ``group_fit``
     (fit cohort's target site; empty unless ``in_sample``),
     ``group_reference`` (held-out reference site, for scale), ``fa_corr``
-    (held-out target scans, before/after), the timings (s per subject) and the
-    artefact. ``fit_options`` go to :func:`harmonize.fit_harmonization`.
+    (held-out target scans, before/after), the timings (s per subject), the
+    artefact, and ``site_with(artefact)``: the held-out site table with another
+    artefact applied instead (e.g. a deliberately wrong one, so a test can
+    show that its checks would catch it). ``fit_options`` go to
+    :func:`harmonize.fit_harmonization`.
     """
     import time
     from .. import harmonize as H
@@ -390,6 +393,9 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
         f_aft = [measures(sc, d) for sc, d in zip(fit[tar_site], harmonise(fit[tar_site], art))]
         group_fit = group_rows(fit[tar_site], f_bef, f_aft)
     return {"site": site_rows(m_ref, m_bef, m_aft),
+            "site_with": lambda artefact: site_rows(
+                m_ref, m_bef, [measures(sc, d) for sc, d in
+                               zip(test[tar_site], harmonise(test[tar_site], artefact))]),
             "group": group_rows(test[tar_site], m_bef, m_aft),
             "group_fit": group_fit,
             "group_reference": group_rows(test[ref_site], m_ref, m_ref),
