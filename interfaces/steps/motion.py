@@ -141,7 +141,8 @@ def run(record: dict, options: Options, out_dir) -> dict:
     new["tables"] = list(record.get("tables", [])) + [
         {"entities": TABLE_ENTITIES, "suffix": TABLE_SUFFIX, "path": str(table.resolve()),
          "parameters": {"Columns": list(PARAMETER_NAMES) + ["framewise_displacement"],
-                        "Units": {"trans": "mm", "rot": "rad", "framewise_displacement": "mm"}}}]
+                        "Units": {"trans": "mm", "rot": "rad", "framewise_displacement": "mm"},
+                        "FramewiseDisplacementThreshold": options.motion_fd_threshold}}]
     return new
 
 
