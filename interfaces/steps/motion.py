@@ -7,7 +7,9 @@ as ``desc-moco`` with its rotated b-vectors) and the per-volume motion table
 ``desc-motion_timeseries.tsv`` (fMRIPrep's confound columns); the subject's
 row gets the mean and max framewise displacement and the number of volumes
 above the threshold, which ``--motion-exclude`` also drops. Off by default:
-HCP minimally preprocessed series are already corrected.
+HCP minimally preprocessed series are already corrected. A raw input series
+(:func:`is_raw_series`) run with it off gets :data:`UNCORRECTED_WARNING`
+(Export adds it to the row's ``warnings`` and logs it once, naming the subject).
 """
 
 from __future__ import annotations
