@@ -48,7 +48,8 @@ def _status_kb(field: str) -> float | None:
 class PeakRSS:
     """Peak resident memory (GB) of this process over a ``with`` block: the kernel's
     high-water mark (VmHWM) reset on entry (``echo 5 > /proc/self/clear_refs``).
-    ``gb`` is None where the mark cannot be reset (then it would include what ran before)."""
+    ``gb`` is None where the mark cannot be reset (then it would include what ran before);
+    ``start_gb``: resident memory on entry (the peak less it is what the call added)."""
 
     def __enter__(self):
         try:
@@ -56,7 +57,7 @@ class PeakRSS:
             self.reset = True
         except OSError:
             self.reset = False
-        self.gb = None
+        self.gb, self.start_gb = None, (_status_kb("VmRSS") or float("nan")) / 1024 ** 2
         return self
 
     def __exit__(self, *exc):
@@ -96,6 +97,7 @@ def main() -> None:
         ours = motion.correct_motion(moved.dwi, moved.gtab, moved.affine, subject.mask,
                                      iterations=1)
     rows.append({"tool": "dmriflow", "seconds": time.perf_counter() - t, "peak_gb": mem.gb,
+                 "added_gb": mem.gb - mem.start_gb if mem.gb is not None else None,
                  **errors(ours.parameters, truth)})
     del ours
     t = time.perf_counter()
@@ -105,11 +107,13 @@ def main() -> None:
     seconds = time.perf_counter() - t
     theirs = np.stack([motion.rigid_parameters(affines[..., k]) for k in range(len(scheme))])
     rows.append({"tool": "dipy motion_correction", "seconds": seconds, "peak_gb": mem.gb,
+                 "added_gb": mem.gb - mem.start_gb if mem.gb is not None else None,
                  **errors(theirs, truth)})
-    print(f"{'tool':24s} {'s':>7s} {'peak GB':>8s} {'trans rms mm':>13s} {'max':>6s} "
+    print(f"{'tool':24s} {'s':>7s} {'peak GB':>8s} {'added':>6s} {'trans rms mm':>13s} {'max':>6s} "
           f"{'rot rms deg':>12s} {'max':>6s}")
     for r in rows:
-        peak = f"{r['peak_gb']:8.3f}" if r["peak_gb"] is not None else f"{'n/a':>8s}"
+        peak = (f"{r['peak_gb']:8.3f} {r['added_gb']:6.3f}" if r["peak_gb"] is not None
+                else f"{'n/a':>8s} {'n/a':>6s}")
         print(f"{r['tool']:24s} {r['seconds']:7.1f} {peak} {r['trans_rms_mm']:13.3f} "
               f"{r['trans_max_mm']:6.3f} {r['rot_rms_deg']:12.3f} {r['rot_max_deg']:6.3f}")
 
