@@ -607,6 +607,84 @@ def methods_section(root: Path) -> str:
     return methods_html(path.read_text()) if path.is_file() else ""
 
 
+#: The motion table of a corrected series (motion step), and the most series drawn.
+MOTION_TABLE_SUFFIX = "_desc-motion_timeseries.tsv"
+MAX_MOTION_FIGURES = 24
+
+
+def _motion_figure(table: pd.DataFrame, threshold: float, title: str) -> str:
+    """Translations (mm), rotations (deg) and framewise displacement (mm) against volume."""
+    plt = _plt()
+    fig, axes = plt.subplots(3, 1, figsize=(7.0, 4.6), sharex=True)
+    vol = np.arange(len(table))
+    for ax, cols, scale, unit in ((axes[0], ("trans_x", "trans_y", "trans_z"), 1.0, "mm"),
+                                  (axes[1], ("rot_x", "rot_y", "rot_z"), 180.0 / np.pi, "deg")):
+        for c in cols:
+            if c in table:
+                ax.plot(vol, pd.to_numeric(table[c], errors="coerce") * scale, lw=1,
+                        label=c.split("_")[1])
+        ax.set_ylabel(f"{cols[0].split('_')[0]} ({unit})", fontsize=8)
+        ax.legend(fontsize=7, ncol=3, loc="upper left", frameon=False)
+    fd = pd.to_numeric(table.get("framewise_displacement"), errors="coerce")
+    axes[2].plot(vol, fd, color="k", lw=1)
+    axes[2].axhline(threshold, color="#b3261e", ls="--", lw=1)
+    axes[2].set_ylabel("FD (mm)", fontsize=8)
+    axes[2].set_xlabel("volume", fontsize=8)
+    axes[0].set_title(title, fontsize=9)
+    for ax in axes:
+        ax.tick_params(labelsize=7)
+    return png_data_uri(fig)
+
+
+def motion_section(root: Path) -> str:
+    """Per corrected series (``--motion-correction``): the traces of its motion table
+    and a summary (volumes, mean / max framewise displacement, volumes over the
+    threshold the run used, read from the table's sidecar)."""
+    from dmriflow.interfaces.steps.motion import DEFAULT_FD_THRESHOLD_MM
+    rows, figures = [], []
+    for status in _status_rows(root):
+        for d in status.get("derivatives", []):
+            path = derivative_file(d, root.parent)
+            if not path.name.endswith(MOTION_TABLE_SUFFIX) or not path.is_file():
+                continue
+            table = pd.read_csv(path, sep="\t", na_values=["n/a"])
+            sidecar = path.with_name(path.name.removesuffix(".tsv") + ".json")
+            try:
+                meta = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+            except (OSError, json.JSONDecodeError):
+                meta = {}
+            threshold = float((meta.get("Parameters") or {}).get(
+                "FramewiseDisplacementThreshold", DEFAULT_FD_THRESHOLD_MM))
+            fd = pd.to_numeric(table.get("framewise_displacement"), errors="coerce").fillna(0.0)
+            rows.append({"subject": status["subject"], "series": path.name,
+                         "volumes": len(table),
+                         "fd_mean": float(fd.iloc[1:].mean()) if len(fd) > 1 else 0.0,
+                         "fd_max": float(fd.max()), "threshold": threshold,
+                         "over": int((fd > threshold).sum())})
+            if len(figures) < MAX_MOTION_FIGURES:
+                figures.append(_figure(_motion_figure(table, threshold, path.name),
+                                       f"{status['subject']}: head motion per volume "
+                                       f"(translations, rotations, framewise displacement; "
+                                       f"dashed: {threshold:g} mm).",
+                                       f"motion traces {status['subject']}"))
+    if not rows:
+        return ""
+    note = ('<p class="note">Motion correction (<code>--motion-correction</code>): each '
+            "volume's rigid parameters relative to the first b0 (fMRIPrep's confound columns, "
+            "<code>desc-motion_timeseries.tsv</code>) and framewise displacement (Power et al. "
+            "2012, 50 mm head radius). The same summary is in the subjects table "
+            "(<code>motion_fd_mean</code>, <code>motion_fd_max</code>, "
+            "<code>motion_volumes_over_threshold</code>)."
+            + (f" Traces of the first {MAX_MOTION_FIGURES} series are drawn."
+               if len(rows) > MAX_MOTION_FIGURES else "") + "</p>")
+    summary = html_table(pd.DataFrame(rows), (
+        ("subject", "Subject", None), ("series", "Motion table", None),
+        ("volumes", "Volumes", "{:.0f}"), ("fd_mean", "Mean FD (mm)", "{:.3f}"),
+        ("fd_max", "Max FD (mm)", "{:.3f}"), ("threshold", "Threshold (mm)", "{:g}"),
+        ("over", "Volumes over", "{:.0f}")), max_rows=max(MAX_TABLE_ROWS, len(rows)))
+    return note + summary + '<div class="grid">' + "".join(figures) + "</div>"
+
+
 def build_report(output_dir) -> str:
     """The report page (HTML text) for ``OUTPUT``; raises if no run is found there."""
     output_dir = Path(output_dir).resolve()
@@ -624,6 +702,7 @@ def build_report(output_dir) -> str:
     sections = [
         _section("Cohort census", census_section(table, census), "census"),
         _section("Quality control", qc_section(table) if table is not None else "", "qc"),
+        _section("Head motion", motion_section(root), "motion"),
         _section("FA and colour FA", maps_section(maps, order), "fa"),
         _section("RISH features", rish_section(maps, order), "rish"),
         _section("Harmonization", harmonization_section(root, maps), "harmonization"),

@@ -28,6 +28,7 @@ as an input (``step_name``): different steps never share a cache entry.
 from __future__ import annotations
 
 import functools
+import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,9 @@ from dmriflow.interfaces import stepfiles
 from dmriflow.interfaces.bids_names import input_entities
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.steps import REGISTRY, Product, Step
+from dmriflow.interfaces.steps.motion import Options as MotionOptions, uncorrected_warning
 from dmriflow.pipelines import derivatives
+from dmriflow.pipelines.progress import PROGRESS_ENV, log_line
 
 #: Written into a node folder whose record is a failure (see execution.clean_cache).
 FAILED_MARKER = "_dmriflow_failed"
@@ -188,7 +191,8 @@ def export_step(subject: Subject, record: dict, output_dir: str,
                 p0: dict | None = None, p1: dict | None = None, p2: dict | None = None,
                 p3: dict | None = None, p4: dict | None = None, p5: dict | None = None,
                 p6: dict | None = None, p7: dict | None = None,
-                drop_series: bool = False, pipeline_version: str = "") -> tuple[dict, list]:
+                drop_series: bool = False, pipeline_version: str = "",
+                motion_options: dict | None = None) -> tuple[dict, list]:
     """Copy a subject's maps into the derivatives tree, each with a sidecar;
     (the subject's status row, the product records it exported).
 
@@ -198,9 +202,16 @@ def export_step(subject: Subject, record: dict, output_dir: str,
     with missing or mixed files. An identical complete export (same
     ``export_id``) is not redone. With ``drop_series`` the subject's series
     copies in the cache are deleted once it is done (see
-    :func:`drop_series_copies`).
+    :func:`drop_series_copies`). ``motion_options``: the run's motion-step
+    options; a raw input series run without motion correction gets its
+    warning (row ``warnings``, and one line in the run's log naming the subject).
     """
     Path(STEP_MARKER).write_text("export")
+    warning = uncorrected_warning(record, MotionOptions(**(motion_options or {})))
+    if warning:
+        record = {**record, "warnings": list(record.get("warnings", [])) + [warning]}
+        log_line(f"{subject.key}: warning: {warning}",
+                 to_stderr=os.environ.get(PROGRESS_ENV, "1") != "0")
     products = [p for p in (p0, p1, p2, p3, p4, p5, p6, p7) if p is not None]
     eid = derivatives.export_id(record, *products, out_parts=list(subject.out_parts),
                                 output_dir=output_dir, pipeline_version=pipeline_version)

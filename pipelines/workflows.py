@@ -88,7 +88,8 @@ def subject_workflow(subject: Subject, output_dir: str, options: dict,
     slots = {f"p{i}": p for i, p in enumerate(products)}
     export = workflow.add(Export(subject=subject, record=record, output_dir=output_dir,
                                  drop_series=drop_series, pipeline_version=pipeline_version,
-                                 **slots), hooks=PROGRESS)
+                                 motion_options=options.get("motion", {}), **slots),
+                          hooks=PROGRESS)
     return export.row, export.products
 
 

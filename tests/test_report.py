@@ -156,7 +156,7 @@ def test_figures_are_embedded(run):
                for u in sum(page.images.values(), []))
     assert not {"script", "link", "iframe"} & page.tags
     assert not re.search(r"https?://|(?:src|href)=\"(?!data:)", text)
-    for absent in ("harmonization", "image-gradient", "models"):
+    for absent in ("harmonization", "image-gradient", "models", "motion"):
         assert f'id="{absent}"' not in text
 
 
@@ -455,3 +455,28 @@ def test_report_renders_in_chromium(run, tmp_path):
     region = img[int(colour_fa["y"]):int(colour_fa["y"] + colour_fa["h"]),
                  int(colour_fa["x"]):int(colour_fa["x"] + colour_fa["w"])]
     assert (region.max(axis=2) - region.min(axis=2) > 60).mean() > 0.02   # coloured
+
+
+def test_motion_section_for_a_corrected_subject(tmp_path):
+    """--motion-correction on a raw BIDS subject: the report draws its motion traces and
+    states the summary of its motion table, the same as the subjects table row."""
+    scheme = hcp_scheme(n_b0=2, shells=(1000,), n_dirs=12, seed=1)
+    write_cohort(tmp_path / "in", 1, layout="bids", shape=(14, 16, 12), seed=3, scheme=scheme)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(tmp_path / "in"), str(out), "--worker", "debug", "--quiet",
+                     "--cache-dir", str(tmp_path / "cache"), "--motion-correction",
+                     "--motion-iterations", "1", "--motion-fd-threshold", "0.2"]) == cli.EXIT_OK
+    page = Page((out / "dmriflow" / REPORT_FILE).read_text())
+    assert len(page.images["motion"]) == 1
+    fig = png(page.images["motion"][0])
+    assert fig.shape[0] > 200 and fig.std() > 5
+    [table] = page.tables["motion"]
+    header, row = table[0], dict(zip(table[0], table[1]))
+    assert header[:2] == ["Subject", "Motion table"] and len(table) == 2
+    assert row["Subject"] == "sub-01"
+    assert row["Motion table"] == "sub-01_desc-motion_timeseries.tsv"
+    assert row["Volumes"] == str(len(scheme)) and row["Threshold (mm)"] == "0.2"
+    subjects = pd.read_csv(out / "dmriflow" / "group" / "subjects.tsv", sep="\t").iloc[0]
+    assert float(row["Mean FD (mm)"]) == pytest.approx(subjects["motion_fd_mean"], abs=5e-4)
+    assert float(row["Max FD (mm)"]) == pytest.approx(subjects["motion_fd_max"], abs=5e-4)
+    assert int(row["Volumes over"]) == subjects["motion_volumes_over_threshold"]

@@ -7,11 +7,14 @@ as ``desc-moco`` with its rotated b-vectors) and the per-volume motion table
 ``desc-motion_timeseries.tsv`` (fMRIPrep's confound columns); the subject's
 row gets the mean and max framewise displacement and the number of volumes
 above the threshold, which ``--motion-exclude`` also drops. Off by default:
-HCP minimally preprocessed series are already corrected.
+HCP minimally preprocessed series are already corrected. A raw input series
+(:func:`is_raw_series`) run with it off gets :data:`UNCORRECTED_WARNING`
+(Export adds it to the row's ``warnings`` and logs it once, naming the subject).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from .. import io, stepfiles
+from ..bids_names import parse_name
 from ..errors import InputError
 from ..motion import DEFAULT_ITERATIONS, FD_RADIUS_MM, MODELS, PARAMETER_NAMES, correct_motion
 from .base import Step, option, register
@@ -50,6 +54,52 @@ class Options:
 
 def enabled(options: Options) -> bool:
     return options.motion_correction
+
+
+#: Entities of an input series that say it was already processed (fMRIPrep /
+#: QSIPrep derivatives: ``desc-preproc``, ``space-T1w``).
+PROCESSED_ENTITIES = ("desc", "space")
+#: The warning of a raw series run without motion correction (the subject is named
+#: where it is logged).
+UNCORRECTED_WARNING = ("raw series fitted without head-motion correction "
+                       "(--motion-correction is off)")
+
+
+def _derivative_dataset(dwi: Path) -> bool:
+    """Whether a folder above ``dwi`` holds a BIDS derivative dataset description."""
+    for folder in dwi.parents:
+        desc = folder / "dataset_description.json"
+        if desc.is_file():
+            try:
+                return json.loads(desc.read_text()).get("DatasetType") == "derivative"
+            except (OSError, ValueError, AttributeError):
+                return False
+    return False
+
+
+def is_raw_series(dwi) -> bool:
+    """Whether an input series is raw scanner data that motion correction applies to:
+    not in the HCP minimal-preprocessing layout (already eddy-corrected), not a
+    processed BIDS derivative (``desc-``/``space-`` entities, a ``derivatives``
+    folder, or a dataset whose description says ``DatasetType: derivative``)."""
+    path = Path(dwi)
+    if stepfiles.is_interpolated(path) or "derivatives" in path.parts:
+        return False
+    try:
+        entities = parse_name(path)[0]
+    except ValueError:
+        entities = {}
+    if any(k in entities for k in PROCESSED_ENTITIES):
+        return False
+    return not _derivative_dataset(path)
+
+
+def uncorrected_warning(record: dict, options: Options) -> str | None:
+    """The warning for a raw input series when motion correction is off, else None."""
+    if enabled(options) or record.get("status") != "ok":
+        return None
+    dwi = record.get("inputs", {}).get("dwi", {}).get("path")
+    return UNCORRECTED_WARNING if dwi and is_raw_series(dwi) else None
 
 
 def motion_table(parameters, fd) -> pd.DataFrame:
@@ -93,7 +143,8 @@ def run(record: dict, options: Options, out_dir) -> dict:
     new["tables"] = list(record.get("tables", [])) + [
         {"entities": TABLE_ENTITIES, "suffix": TABLE_SUFFIX, "path": str(table.resolve()),
          "parameters": {"Columns": list(PARAMETER_NAMES) + ["framewise_displacement"],
-                        "Units": {"trans": "mm", "rot": "rad", "framewise_displacement": "mm"}}}]
+                        "Units": {"trans": "mm", "rot": "rad", "framewise_displacement": "mm"},
+                        "FramewiseDisplacementThreshold": options.motion_fd_threshold}}]
     return new
 
 
