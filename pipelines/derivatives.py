@@ -204,15 +204,6 @@ def plan_entry(subject) -> dict:
             **{k: input_uri(p, root) if p else None for k, p in files.items()}}
 
 
-def shown_path(path, output_dir) -> str:
-    """A path as the run log shows it: relative to OUTPUT when inside it (e.g.
-    the default cache), else its name only (logs record no absolute path)."""
-    if path is None:
-        return "none"
-    rel = os.path.relpath(path, output_dir)
-    return Path(path).name if rel.startswith(os.pardir) else Path(rel).as_posix()
-
-
 def cache_file(path) -> str:
     """A file a cached node wrote, where it is now.
 

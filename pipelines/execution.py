@@ -36,7 +36,7 @@ from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_option
                                        option_owner)
 from dmriflow.interfaces.steps.base import check_choice, option
 from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_entry,
-                                            shown_path, source_uri, status_path,
+                                            source_uri, status_path,
                                             write_dataset_description, write_status,
                                             write_subjects_table)
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
@@ -49,7 +49,7 @@ from dmriflow.pipelines.locks import (BRIEF_WAIT_S, COHORT_LOCK, JOURNAL_PATTERN
                                       try_lock, unit_lock_path, write_new)
 from dmriflow.pipelines.methods import write_methods
 from dmriflow.pipelines.progress import (BAR, LOG_ENV, LOG_ROOT_ENV, PROGRESS_ENV, ProgressBar,
-                                         bar_wanted, log_line)
+                                         bar_wanted, log_line, shown_path)
 from dmriflow.pipelines.slurm import SlurmWorker
 from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
 from dmriflow.pipelines.workflows import CohortWorkflow

@@ -48,19 +48,23 @@ PROGRESS_LINE = re.compile(r"^\[dmriflow [\d:]+\] (?P<task>[A-Za-z]\w*)(?: (?P<s
 SUBJECT_END_TASK = "Export"
 
 
-def loggable(text: str, root: str | None = None) -> str:
-    """``text`` with every absolute path replaced: relative to ``root`` (OUTPUT,
-    default: the run's, from LOG_ROOT_ENV) when inside it, else its file name."""
-    root = root if root is not None else os.environ.get(LOG_ROOT_ENV)
+def shown_path(path, output_dir) -> str:
+    """A path as the run log shows it: relative to OUTPUT when inside it (e.g.
+    the default cache), else its name only (logs record no absolute path)."""
+    if path is None:
+        return "none"
+    if output_dir:
+        rel = os.path.relpath(path, output_dir)
+        if not rel.startswith(os.pardir):
+            return Path(rel).as_posix()
+    return Path(path).name
 
-    def shown(match: re.Match) -> str:
-        path = match.group(0)
-        if root:
-            rel = os.path.relpath(path, root)
-            if not rel.startswith(os.pardir):
-                return Path(rel).as_posix()
-        return Path(path).name
-    return ABSOLUTE_PATH.sub(shown, text)
+
+def loggable(text: str, root: str | None = None) -> str:
+    """``text`` with every absolute path shown as :func:`shown_path` shows it,
+    relative to ``root`` (OUTPUT; default: the run's, from LOG_ROOT_ENV)."""
+    root = root if root is not None else os.environ.get(LOG_ROOT_ENV)
+    return ABSOLUTE_PATH.sub(lambda m: shown_path(m.group(0), root), text)
 
 
 def log_line(text: str, to_stderr: bool = True) -> None:
