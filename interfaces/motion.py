@@ -39,8 +39,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from dipy.align.imaffine import AffineRegistration, MutualInformationMetric
-from dipy.align.transforms import AffineTransform3D, RigidTransform3D
 from scipy import ndimage
 
 from .gradients import GradientTable, fsl_to_world, world_to_fsl
@@ -214,6 +212,10 @@ def register_volume(static, moving, affine, model: str = "rigid", starting=None,
                     static_mask=None) -> np.ndarray:
     """4x4 transform (reference world -> volume world) that best aligns ``moving``
     to ``static`` (mutual information; dipy's multi-resolution optimiser)."""
+    # dipy.align takes 0.5 s to import, and every `dmriflow` command imports this
+    # module through the step registry: only a registration needs it
+    from dipy.align.imaffine import AffineRegistration, MutualInformationMetric
+    from dipy.align.transforms import AffineTransform3D, RigidTransform3D
     metric = MutualInformationMetric(nbins=MI_BINS, sampling_proportion=None)
     reg = AffineRegistration(metric=metric, level_iters=list(LEVEL_ITERS), sigmas=list(SIGMAS),
                              factors=list(FACTORS), verbosity=0)
