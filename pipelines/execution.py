@@ -21,7 +21,7 @@ import stat
 import sys
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from io import StringIO
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
 from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
                                        option_owner)
-from dmriflow.interfaces.steps.base import check_choice, option
+from dmriflow.interfaces.steps.base import check_choice, field_default, option
 from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_entry,
                                             source_uri, status_path,
                                             write_dataset_description, write_status,
@@ -681,10 +681,8 @@ def changed_options(config: RunConfig) -> dict:
     out = {}
     for opts in (config.engine, *config.steps.values(), *config.cohort.values()):
         for f in fields(opts):
-            default = f.default if f.default is not MISSING else (
-                f.default_factory() if f.default_factory is not MISSING else None)
             value = getattr(opts, f.name)
-            if value != default:
+            if value != field_default(f):
                 out[f.name] = value
     return out
 

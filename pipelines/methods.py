@@ -15,7 +15,6 @@ values are named as OUTPUT records them (:func:`external_path`), never absolute.
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import os
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces import steps as steps_package
 from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY, STEP_MODULES, cohort_steps
-from dmriflow.interfaces.steps.base import flag_of, options_of
+from dmriflow.interfaces.steps.base import field_default, flag_of, options_of
 from dmriflow.pipelines.derivatives import external_path
 
 #: The file, under OUTPUT/dmriflow/logs.
@@ -118,7 +117,7 @@ def option_rows(options, output_dir) -> list[tuple[str, str, str, bool]]:
     """(flag, help, shown value, changed from the default) of each declared option."""
     rows = []
     for f, info in options_of(type(options)):
-        value, default = getattr(options, f.name), _default(f)
+        value, default = getattr(options, f.name), field_default(f)
         shown = (not value) if info.invert else value      # the flag's own sense
         try:
             help_text = info.help % {"default": default}
@@ -126,14 +125,6 @@ def option_rows(options, output_dir) -> list[tuple[str, str, str, bool]]:
             help_text = info.help
         rows.append((flag_of(f, info), help_text, _shown(shown, output_dir), value != default))
     return rows
-
-
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
 
 
 def references(steps: dict) -> list[str]:

@@ -74,6 +74,15 @@ def options_of(cls) -> list[tuple[dataclasses.Field, OptionInfo]]:
             if OPTION_KEY in f.metadata]
 
 
+def field_default(f: dataclasses.Field):
+    """The default of a dataclass field (its factory's value; None without one)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
 #: Python type of an option, by the first type of its annotation.
 OPTION_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list[float]": float,
                 "list[str]": str}
