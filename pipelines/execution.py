@@ -58,9 +58,15 @@ from dmriflow.pipelines.workflows import CohortWorkflow
 WORKERS = ("cf", "debug", "slurm")
 #: Cache location under OUTPUT when --cache-dir is not given.
 DEFAULT_CACHE = ".dmriflow-cache"
+#: Pydra's persistent file-hash cache (PYDRA_HASH_CACHE), kept in the cache root:
+#: a run killed while Pydra hashed a file leaves an empty soft lock there whose
+#: owner filelock cannot tell, so it is never broken and every later run waits on
+#: it for ever (tests/test_resume.py met it). In the cache root it is one of the
+#: engine's leftovers, removed by the upkeep.
+HASH_CACHE_DIR = ".pydra-hashes"
 #: What a killed engine leaves in the cache root: Pydra's soft lock files
-#: (``<node>.lock``, ``<node>_save.lock``) and job info files.
-ENGINE_LEFTOVERS = ("*.lock", "*_info.json")
+#: (``<node>.lock``, ``<node>_save.lock``, the hash cache's), job info files.
+ENGINE_LEFTOVERS = ("*.lock", "*_info.json", f"{HASH_CACHE_DIR}/*.lock")
 #: In the cache root while a run is going (RUN_JOURNAL or one per job sharing the
 #: cache, see :mod:`dmriflow.pipelines.locks`: its start time); an interrupted run
 #: leaves it behind, telling the next run which node results to check.
@@ -75,7 +81,7 @@ CACHE_MARKER = ".dmriflow-cache.json"
 #: Entries the engine and dmriflow make in a cache root: what an unmarked cache of an
 #: earlier version may hold to be adopted (anything else there is someone's file).
 ENGINE_ENTRY = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}$|.*\.lock$|.*_info\.json$"
-                          rf"|{JOURNAL_PATTERN.pattern}")
+                          rf"|{JOURNAL_PATTERN.pattern}|^{re.escape(HASH_CACHE_DIR)}$")
 #: Permission bits that let someone other than the owner write (and so plant a
 #: node result that the next run would unpickle).
 FOREIGN_WRITE = stat.S_IWGRP | stat.S_IWOTH
@@ -655,6 +661,8 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
     (:class:`dmriflow.pipelines.slurm.SlurmWorker`).
     """
     from pydra.engine.submitter import Submitter  # before pydra.workers (OPERATIONS.md)
+    from pydra.utils.hash import PersistentCache
+    os.environ[PersistentCache.LOCATION_ENV_VAR] = str(root / HASH_CACHE_DIR)   # workers inherit
     if os.environ.get(PROGRESS_ENV) != BAR:      # a progress bar shows the node lines
         os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"
     worker, kwargs = config.worker, {}

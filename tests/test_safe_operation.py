@@ -18,7 +18,7 @@ import pytest
 
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
-from dmriflow.pipelines.execution import CACHE_MARKER, RUN_JOURNAL, RUN_LOCK
+from dmriflow.pipelines.execution import CACHE_MARKER, HASH_CACHE_DIR, RUN_JOURNAL, RUN_LOCK
 
 SHAPE = (12, 14, 10)
 #: A uid that is not this process's (the test runs as root in CI: chown works).
@@ -86,6 +86,21 @@ def test_a_cache_of_an_earlier_version_is_adopted(cohort, tmp_path, capsys):
     (cache / CACHE_MARKER).unlink()
     assert run(cohort, out, cache, capsys)[0] == cli.EXIT_OK
     assert (cache / CACHE_MARKER).is_file()
+
+
+def test_a_hash_lock_left_by_a_killed_run_is_cleared(cohort, tmp_path, capsys):
+    """Pydra's file-hash cache lives in the cache root; an empty soft lock there
+    (a run killed while hashing: filelock cannot tell its owner and never breaks
+    it) is removed by the next run's upkeep instead of hanging it."""
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    assert run(cohort, out, cache, capsys)[0] == cli.EXIT_OK
+    hashes = cache / HASH_CACHE_DIR
+    assert any(p.suffix != ".lock" for p in hashes.iterdir())   # the run's file hashes are here
+    for p in hashes.iterdir():                                  # as if killed mid-hash:
+        p.with_suffix(".lock").write_bytes(b"")                # every key locked, no owner
+    assert run(cohort, out, cache, capsys)[0] == cli.EXIT_OK
+    assert not list(hashes.glob("*.lock"))
 
 
 @pytest.mark.parametrize("how", ["writable by others", "owned by another user"])
