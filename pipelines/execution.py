@@ -29,6 +29,7 @@ import cloudpickle  # what Pydra pickles results with
 import pandas as pd
 
 from dmriflow.interfaces import __version__, io
+from dmriflow.interfaces.bids_names import parse_entities
 from dmriflow.interfaces.environment import environment
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
@@ -536,10 +537,9 @@ class UnitRun:
 
 
 def unit_entities(unit) -> dict:
-    """A unit's naming entities (subject, session) for its lock."""
-    label = getattr(unit, "label", None) or unit.key.split("_")[0].removeprefix("sub-")
-    session = getattr(unit, "session", None)
-    return {"sub": label, **({"ses": session} if session else {})}
+    """A unit's naming entities (subject, session and, for one of several series,
+    the series' own) for its lock: read back from its key, a name of the one grammar."""
+    return parse_entities(unit.key)[0]
 
 
 @contextmanager

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, replace
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
-from dmriflow.interfaces.bids_names import build_name, parse_name
+from dmriflow.interfaces.bids_names import (ENTITY_SEP, INPUT_ENTITIES, build_name,
+                                            format_entities, split_extension)
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import check_readable_file
 # The census row and sidecar reader are step code (interfaces.io); read_sidecar
@@ -45,12 +47,19 @@ class SubjectInputs:
     sidecar: str | None = None
     session: str | None = None  # without "ses-"
     #: Why this unit cannot run, naming the files (found during discovery, e.g. two
-    #: series for one subject): it fails alone, before submission, with this reason.
+    #: files claiming one series): it fails alone, before submission, with this reason.
     problem: str | None = None
+    #: The series' entities besides subject and session (``{"run": "1"}``) that name
+    #: the unit: set when its subject/session has several series, empty otherwise,
+    #: so a subject with one series keeps the name it always had.
+    series: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
-        return f"sub-{self.label}" + (f"_ses-{self.session}" if self.session else "")
+        """The unit's name (``sub-01_ses-1_run-1``), the stem of its status file,
+        lock and group-table row."""
+        return (f"sub-{self.label}" + (f"_ses-{self.session}" if self.session else "")
+                + (ENTITY_SEP + format_entities(self.series) if self.series else ""))
 
     @property
     def out_parts(self) -> tuple[str, ...]:
@@ -107,14 +116,6 @@ def _bids_safe(name: str) -> str:
     return label
 
 
-def _strip_ext(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def read_filter_file(path) -> dict:
     """The DWI entity filter of a pybids-style ``--bids-filter-file``:
     ``{"dwi": {"acquisition": "multi", "run": 1}}`` -> ``{"acq": "multi", "run": 1}``.
@@ -146,7 +147,7 @@ def read_filter_file(path) -> dict:
 #: pybids' entity names -> the file-name keys (bids_names' grammar).
 ENTITY_SHORT = {"subject": "sub", "session": "ses", "acquisition": "acq",
                 "reconstruction": "rec", "direction": "dir", "run": "run", "space": "space",
-                "echo": "echo", "part": "part", "chunk": "chunk"}
+                "echo": "echo", "part": "part", "chunk": "chunk", "desc": "desc"}
 
 
 def _same_label(value, label: str | None) -> bool:
@@ -186,44 +187,185 @@ def beside_mask(dwi: Path, entities: dict) -> list[Path]:
     return found
 
 
-def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInputs]:
-    """``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]`` with .bval/.bvec/.json beside,
-    restricted to the series whose entities match ``bids_filter``.
+#: Extensions of a DWI image, and of the files that belong to it.
+IMAGE_EXTENSIONS = (".nii.gz", ".nii")
+COMPANION_EXTENSIONS = {"bval": ".bval", "bvec": ".bvec", "sidecar": ".json"}
+#: Keys of bids2table's parsed names that are not name entities.
+INDEX_KEYS = ("datatype", "suffix", "ext")
 
-    A brain mask is taken from ``derivatives/*/sub-*/[ses-*/]dwi/
-    *_desc-brain_mask.nii.gz`` when present. File names are read with
-    :func:`~dmriflow.interfaces.bids_names.parse_name`.
+
+@dataclass(frozen=True)
+class _Named:
+    """A file of the dataset and the entities its name states (labels as written)."""
+
+    path: Path
+    entities: dict
+    ext: str
+
+
+def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
+    """(DWI images, their .bval/.bvec/.json companions) of a BIDS dataset.
+
+    Files come from bids2table's index (imported here, so HCP input never pays
+    for it); labels are read from the names with bids2table's parser (its table
+    casts ``run-01`` to 1, which a derivative name must not). JSON sidecars,
+    which bids2table leaves out of its index, are listed from the folders that
+    can hold an applicable one (the series' folder up to the subject folder).
+    """
+    import bids2table  # noqa: PLC0415 - BIDS input only
+
+    table = bids2table.index_dataset(root)
+    images, companions, folders = [], [], set()
+    for rel in table.column("path").to_pylist() if table.num_rows else []:
+        named = _named(root / rel, bids2table.parse_bids_entities)
+        if named is None:
+            continue
+        if named.ext in IMAGE_EXTENSIONS and (root / rel).parent.name == FILTER_DATATYPE:
+            images.append(named)
+            folders.update(_levels(named.path, root))
+        elif named.ext in COMPANION_EXTENSIONS.values():
+            companions.append(named)
+    sidecar = "_dwi" + COMPANION_EXTENSIONS["sidecar"]
+    for folder in sorted(folders):
+        for path in sorted(folder.glob(f"sub-*{sidecar}")):
+            named = _named(path, bids2table.parse_bids_entities)
+            if named is not None:
+                companions.append(named)
+    return (sorted(images, key=lambda n: n.path), sorted(companions, key=lambda n: n.path))
+
+
+def _named(path: Path, parse) -> _Named | None:
+    """A ``*_dwi.*`` file with a subject entity, else None."""
+    parsed = parse(path)
+    if parsed.get("suffix") != "dwi" or not parsed.get("sub"):
+        return None
+    _, ext = split_extension(path.name)
+    return _Named(path, {k: v for k, v in parsed.items() if k not in INDEX_KEYS}, ext)
+
+
+def _levels(image: Path, root: Path) -> list[Path]:
+    """The folders whose files may apply to an image (BIDS inheritance): its own,
+    then each parent up to the subject folder, nearest first."""
+    levels, folder = [], image.parent
+    while folder != root and folder.parent != folder:
+        levels.append(folder)
+        folder = folder.parent
+    return levels
+
+
+def _applies(companion: _Named, image: _Named) -> bool:
+    """BIDS inheritance: a companion applies when its entities are a subset of
+    the image's (same labels)."""
+    return all(image.entities.get(k) == v for k, v in companion.entities.items())
+
+
+def _companion(image: _Named, kind: str, by_folder: dict, root: Path):
+    """(path, problem, files claimed) of an image's .bval/.bvec/.json: the file of
+    the same name, else the nearest applicable one by BIDS inheritance; two
+    applicable at the nearest level are a problem naming both (and both are
+    claimed: neither is a stray file). Without one the path is the same-named
+    file (absent, so the unit fails naming it)."""
+    ext = COMPANION_EXTENSIONS[kind]
+    stem, _ = split_extension(image.path.name)
+    own = image.path.with_name(stem + ext)
+    for folder in _levels(image.path, root):
+        found = [c for c in by_folder.get(folder, []) if c.ext == ext and _applies(c, image)]
+        if any(c.path == own for c in found):
+            return own, None, [own]
+        if len(found) == 1:
+            return found[0].path, None, [found[0].path]
+        if found:
+            return own, (f"{len(found)} {ext} files apply to {image.path}: "
+                         f"{', '.join(str(c.path) for c in found)}"), [c.path for c in found]
+    return (None if kind == "sidecar" else own), None, []
+
+
+def _folder_entities(path: Path, root: Path) -> dict:
+    """The subject and session the folders of a path name (``sub-01/ses-1/dwi``)."""
+    out = {}
+    for part in path.relative_to(root).parts[:-1]:
+        key, sep, value = part.partition("-")
+        if sep and key in ("sub", "ses"):
+            out[key] = value
+    return out
+
+
+def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInputs]:
+    """One unit per DWI series (``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]``, found by
+    bids2table), with its .bval/.bvec/.json (same name, or inherited), restricted
+    to the series whose entities match ``bids_filter``.
+
+    A subject/session with several series (runs, directions, acquisitions) gives
+    one unit each, named with the series' entities (:attr:`SubjectInputs.series`,
+    decided before the filter, so a unit keeps its name whatever is selected).
+    Problems fail the unit concerned only, naming the files: a name whose
+    subject or session differs from its folders', a .bval/.bvec no image takes
+    (a unit of its own), several applicable .bval/.bvec/.json at one level, and
+    several files claiming one unit (see :func:`_one_per_key`).
+
+    A brain mask is taken from beside the DWI (:func:`beside_mask`) or from
+    ``derivatives/*/sub-*/[ses-*/]dwi/*_desc-brain_mask.nii.gz``.
     """
     root = Path(input_dir).resolve()
-    subjects = []
-    for dwi in sorted(root.glob("sub-*/**/dwi/*_dwi.nii*")):
-        if "derivatives" in dwi.relative_to(root).parts:
-            continue
+    images, companions = _index_dwi(root)
+    by_folder: dict[Path, list[_Named]] = defaultdict(list)
+    for c in companions:
+        by_folder[c.path.parent].append(c)
+    taken = set()
+    items = []              # (entities, SubjectInputs without its series names)
+    for image in images:
+        found = {kind: _companion(image, kind, by_folder, root) for kind in COMPANION_EXTENSIONS}
+        taken.update(p for _, _, claimed in found.values() for p in claimed)
+        problems = [why for _, why, _ in found.values() if why]
+        folder = _folder_entities(image.path, root)
+        if folder != {k: image.entities[k] for k in ("sub", "ses") if k in image.entities}:
+            problems.append(f"{image.path}: its name's subject/session differs from its "
+                            f"folder's ({format_entities(folder)})")
+        stem, _ = split_extension(image.path.name)
         try:
-            entities, suffix, ext = parse_name(dwi)
-        except ValueError:
-            continue
-        if suffix != "dwi" or ext not in (".nii", ".nii.gz") or not entities.get("sub"):
-            continue
-        if bids_filter and not matches_filter(entities, bids_filter):
-            continue
-        stem = _strip_ext(dwi)
-        base = dwi.with_name(stem[: -len("_dwi")])
-        masks = beside_mask(dwi, entities) or sorted(
-            root.glob(f"derivatives/*/{dwi.parent.relative_to(root)}/"
-                      f"{base.name}*_desc-brain_mask.nii*"))
-        subjects.append(SubjectInputs(
-            label=entities["sub"], session=entities.get("ses"),
-            dwi=str(dwi), bval=str(dwi.with_name(stem + ".bval")),
-            bvec=str(dwi.with_name(stem + ".bvec")),
+            masks = beside_mask(image.path, image.entities) or sorted(
+                root.glob(f"derivatives/*/{image.path.parent.relative_to(root)}/"
+                          f"{stem[: -len('_dwi')]}*_desc-brain_mask.nii*"))
+        except ValueError as exc:       # a label that is not alphanumeric
+            masks, problems = [], problems + [f"{image.path}: {exc}"]
+        items.append((image.entities, SubjectInputs(
+            label=folder.get("sub", image.entities["sub"]), session=folder.get("ses"),
+            dwi=str(image.path), bval=str(found["bval"][0]), bvec=str(found["bvec"][0]),
             mask=str(masks[0]) if masks else None,
-            sidecar=_optional(dwi.with_name(stem + ".json"))))
-    return subjects
+            sidecar=None if found["sidecar"][0] is None else str(found["sidecar"][0]),
+            problem="; ".join(problems) or None)))
+    for c in companions:
+        if c.ext != COMPANION_EXTENSIONS["sidecar"] and c.path not in taken:
+            stem, _ = split_extension(c.path.name)
+            folder = _folder_entities(c.path, root)
+            items.append((c.entities, SubjectInputs(
+                label=folder.get("sub", c.entities["sub"]), session=folder.get("ses"),
+                dwi=str(c.path.with_name(stem + IMAGE_EXTENSIONS[0])),
+                bval=str(c.path.with_name(stem + COMPANION_EXTENSIONS["bval"])),
+                bvec=str(c.path.with_name(stem + COMPANION_EXTENSIONS["bvec"])),
+                problem=f"{c.path}: a {c.ext} file without the DWI image it belongs to")))
+    per_session = defaultdict(int)
+    for _, unit in items:
+        per_session[(unit.label, unit.session)] += 1
+    units = []
+    for entities, unit in items:
+        if per_session[(unit.label, unit.session)] > 1:
+            unit = replace(unit, series={k: entities[k] for k in SERIES_ENTITIES
+                                         if k in entities})
+        if not bids_filter or matches_filter(entities, bids_filter):
+            units.append(unit)
+    return units
+
+
+#: The input entities that name one series among a subject/session's several.
+SERIES_ENTITIES = tuple(k for k in INPUT_ENTITIES if k not in ("sub", "ses"))
 
 
 def _one_per_key(subjects: list[SubjectInputs], layout: str) -> list[SubjectInputs]:
-    """One unit per subject/session: several series (or folders) for one key
-    become one failed unit naming every file, so nobody else stops."""
+    """One unit per name: several series (or folders) claiming one name (same
+    entities, e.g. ``.nii`` beside ``.nii.gz`` or a ``desc-`` variant; two HCP
+    folders mapping to one label) become one failed unit naming every file,
+    so nobody else stops."""
     by_key: dict[str, list[SubjectInputs]] = {}
     for s in subjects:
         by_key.setdefault(s.key, []).append(s)
@@ -233,10 +375,11 @@ def _one_per_key(subjects: list[SubjectInputs], layout: str) -> list[SubjectInpu
             units.append(found[0])
             continue
         files = ", ".join(s.dwi for s in found)
-        how = ("select one with --bids-filter-file (e.g. {\"dwi\": {\"run\": 1}})"
+        how = ("remove or rename all but one, or select one with --bids-filter-file "
+               "(e.g. {\"dwi\": {\"desc\": \"preproc\"}})"
                if layout == "bids" else "rename or remove one of the folders")
-        units.append(replace(found[0], problem=f"{len(found)} DWI series map to {key}: "
-                                               f"{files}; {how}"))
+        units.append(replace(found[0], problem=f"{len(found)} DWI files claim the unit "
+                                               f"{key}: {files}; {how}"))
     return units
 
 

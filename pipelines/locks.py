@@ -120,8 +120,8 @@ def sign(fh, what: str = "") -> None:
 
 
 def unit_lock_name(entities: dict) -> str:
-    """``sub-01_ses-1.lock``: the unit's entities (subject, session; a unit of one
-    series would add its own) through the one grammar of names."""
+    """``sub-01_ses-1_run-1.lock``: the unit's entities (subject, session and, for one
+    of several series, the series' own) through the one grammar of names."""
     return build_name(entities, "", UNIT_LOCK_EXTENSION)
 
 

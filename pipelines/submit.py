@@ -1,6 +1,7 @@
 """``dmriflow INPUT OUTPUT participant --slurm-array``: one SLURM job per unit.
 
-The selected units (subject, or subject and session) become the tasks of one
+The selected units (subject, or subject and session; the several series of one
+share its task) become the tasks of one
 SLURM job array; task ``i`` runs ``dmriflow INPUT OUTPUT participant
 --participant-label L [--session-label S] <the other options>`` for unit
 ``i`` with the local ``cf`` worker (one SLURM allocation per unit, no
@@ -90,6 +91,13 @@ def unit_args(unit) -> str:
         f" --session-label {unit.session}" if unit.session else "")
 
 
+def task_args(units: list) -> list[str]:
+    """The selection of each array task: one per subject/session, so the several
+    series of one (runs, directions; units of their own) go to one task, which
+    runs them all; two tasks never select the same unit."""
+    return list(dict.fromkeys(unit_args(u) for u in units))
+
+
 def _command(input_dir: Path, output_dir: Path, level: str, options: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in (*DMRIFLOW, str(input_dir), str(output_dir),
                                              level, *options))
@@ -99,7 +107,7 @@ def array_script(input_dir: Path, output_dir: Path, units: list, options: list[s
     """The array job: task ``$SLURM_ARRAY_TASK_ID`` runs the participant level on
     its unit (with the task's CPUs as processes unless --nprocs is given); its
     exit status is the participant run's."""
-    table = "\n".join(f"    {shlex.quote(unit_args(u))}" for u in units)
+    table = "\n".join(f"    {shlex.quote(a)}" for a in task_args(units))
     nprocs = "" if _has_nprocs(options) else ' --nprocs "${SLURM_CPUS_PER_TASK:-1}"'
     return ("#!/bin/bash\n"
             "# dmriflow participant level, one array task per unit\n"
@@ -144,7 +152,7 @@ def submit_array(units: list, input_dir, output_dir, argv: list[str], sbatch_arg
     input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
     options, chosen = _split(argv)
     extra = shlex.split(sbatch_args)
-    span = f"0-{len(units) - 1}" + (f"%{max_running}" if max_running else "")
+    span = f"0-{len(task_args(units)) - 1}" + (f"%{max_running}" if max_running else "")
     array_id = sbatch([f"--array={span}", f"--job-name={ARRAY_NAME}", *extra],
                       array_script(input_dir, output_dir, units, options))
     try:
