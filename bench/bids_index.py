@@ -6,7 +6,8 @@ holding it), once per repeat, interleaved, so the machine's load falls on
 both alike; the minimum of the repeats is reported with the load average.
 
 Usage: python bench/bids_index.py --subjects 1000 \
-    --python pybids=/tmp/venv-pybids/bin/python --python bids2table=.venv/bin/python
+    --python pybids=/tmp/venv-pybids/bin/python --python bids2table=.venv/bin/python \
+    --python dmriflow=.venv/bin/python
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ t = time.perf_counter()
 tab = bids2table.index_dataset(sys.argv[1])
 n = sum(1 for s, e in zip(tab.column("suffix").to_pylist(), tab.column("ext").to_pylist())
         if s == "dwi" and e in (".nii", ".nii.gz"))
+print(json.dumps({"import_s": t_imp, "index_s": time.perf_counter() - t, "series": n}))
+""",
+    # dmriflow's BIDS discovery (bids2table inside, imported on first use): index
+    # time is discover()'s, units included (one per series)
+    "dmriflow": """
+import json, sys, time
+t = time.perf_counter(); from dmriflow.pipelines.inputs import discover
+t_imp = time.perf_counter() - t
+t = time.perf_counter()
+n = len(discover(sys.argv[1], layout="bids"))
 print(json.dumps({"import_s": t_imp, "index_s": time.perf_counter() - t, "series": n}))
 """,
 }

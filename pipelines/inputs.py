@@ -7,6 +7,7 @@ with a clear reason. The census reads headers, b-values and sidecars only.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -190,6 +191,8 @@ def beside_mask(dwi: Path, entities: dict) -> list[Path]:
 #: Extensions of a DWI image, and of the files that belong to it.
 IMAGE_EXTENSIONS = (".nii.gz", ".nii")
 COMPANION_EXTENSIONS = {"bval": ".bval", "bvec": ".bvec", "sidecar": ".json"}
+#: Folders whose inheritance levels are remembered (a few per subject).
+LEVELS_CACHE = 8192
 #: Keys of bids2table's parsed names that are not name entities.
 INDEX_KEYS = ("datatype", "suffix", "ext")
 
@@ -203,7 +206,8 @@ class _Named:
     ext: str
 
 
-def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
+def _index_dwi(root: Path, subjects: list[str] | None = None
+               ) -> tuple[list[_Named], list[_Named]]:
     """(DWI images, their .bval/.bvec/.json companions) of a BIDS dataset.
 
     Files come from bids2table's index (imported here, so HCP input never pays
@@ -211,10 +215,12 @@ def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
     casts ``run-01`` to 1, which a derivative name must not). JSON sidecars,
     which bids2table leaves out of its index, are listed from the folders that
     can hold an applicable one (the series' folder up to the subject folder).
+    ``subjects``: only these subject folders (``sub-01``) are indexed (a
+    participant job of one subject in a large dataset reads one folder).
     """
     import bids2table  # noqa: PLC0415 - BIDS input only
 
-    table = bids2table.index_dataset(root)
+    table = bids2table.index_dataset(root, include_subjects=subjects or None)
     images, companions, folders = [], [], set()
     for rel in table.column("path").to_pylist() if table.num_rows else []:
         named = _named(root / rel, bids2table.parse_bids_entities)
@@ -226,11 +232,13 @@ def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
         elif named.ext in COMPANION_EXTENSIONS.values():
             companions.append(named)
     sidecar = "_dwi" + COMPANION_EXTENSIONS["sidecar"]
-    for folder in sorted(folders):
-        for path in sorted(folder.glob(f"sub-*{sidecar}")):
-            named = _named(path, bids2table.parse_bids_entities)
-            if named is not None:
-                companions.append(named)
+    for folder in sorted(folders):       # a listing, not a glob: no pattern to compile
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("sub-") and entry.name.endswith(sidecar):
+                    named = _named(folder / entry.name, bids2table.parse_bids_entities)
+                    if named is not None:
+                        companions.append(named)
     return (sorted(images, key=lambda n: n.path), sorted(companions, key=lambda n: n.path))
 
 
@@ -243,14 +251,17 @@ def _named(path: Path, parse) -> _Named | None:
     return _Named(path, {k: v for k, v in parsed.items() if k not in INDEX_KEYS}, ext)
 
 
-def _levels(image: Path, root: Path) -> list[Path]:
+def _levels(image: Path, root: Path) -> tuple[Path, ...]:
     """The folders whose files may apply to an image (BIDS inheritance): its own,
     then each parent up to the subject folder, nearest first."""
-    levels, folder = [], image.parent
-    while folder != root and folder.parent != folder:
-        levels.append(folder)
-        folder = folder.parent
-    return levels
+    return _folder_levels(image.parent, root)
+
+
+@functools.lru_cache(maxsize=LEVELS_CACHE)
+def _folder_levels(folder: Path, root: Path) -> tuple[Path, ...]:
+    if folder == root or folder.parent == folder:
+        return ()
+    return (folder,) + _folder_levels(folder.parent, root)
 
 
 def _applies(companion: _Named, image: _Named) -> bool:
@@ -290,7 +301,28 @@ def _folder_entities(path: Path, root: Path) -> dict:
     return out
 
 
-def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInputs]:
+#: Brain masks of derivative datasets, found for a DWI of the same folder whose
+#: name (without ``_dwi``) they start with.
+DERIVED_MASK = "*_desc-brain_mask.nii*"
+
+
+def _derived_masks(root: Path) -> dict[Path, list[Path]]:
+    """``derivatives/*/sub-*/[ses-*/]dwi/*_desc-brain_mask.nii*`` by their folder
+    relative to the derivative dataset (one listing for the cohort, not one
+    pattern per series: 1000 patterns cost ~1 s of compiling)."""
+    found: dict[Path, list[Path]] = defaultdict(list)
+    if not (root / "derivatives").is_dir():
+        return found
+    for pattern in (f"derivatives/*/sub-*/{FILTER_DATATYPE}/{DERIVED_MASK}",
+                    f"derivatives/*/sub-*/ses-*/{FILTER_DATATYPE}/{DERIVED_MASK}"):
+        for path in sorted(root.glob(pattern)):
+            found[path.parent.relative_to(root).relative_to(*path.parent.relative_to(
+                root).parts[:2])].append(path)
+    return found
+
+
+def discover_bids(input_dir, bids_filter: dict | None = None,
+                  subjects: list[str] | None = None) -> list[SubjectInputs]:
     """One unit per DWI series (``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]``, found by
     bids2table), with its .bval/.bvec/.json (same name, or inherited), restricted
     to the series whose entities match ``bids_filter``.
@@ -307,10 +339,11 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
     ``derivatives/*/sub-*/[ses-*/]dwi/*_desc-brain_mask.nii.gz``.
     """
     root = Path(input_dir).resolve()
-    images, companions = _index_dwi(root)
+    images, companions = _index_dwi(root, subjects)
     by_folder: dict[Path, list[_Named]] = defaultdict(list)
     for c in companions:
         by_folder[c.path.parent].append(c)
+    derived_masks = _derived_masks(root)
     taken = set()
     items = []              # (entities, SubjectInputs without its series names)
     for image in images:
@@ -322,10 +355,11 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
             problems.append(f"{image.path}: its name's subject/session differs from its "
                             f"folder's ({format_entities(folder)})")
         stem, _ = split_extension(image.path.name)
+        base = stem[: -len("_dwi")]
         try:
-            masks = beside_mask(image.path, image.entities) or sorted(
-                root.glob(f"derivatives/*/{image.path.parent.relative_to(root)}/"
-                          f"{stem[: -len('_dwi')]}*_desc-brain_mask.nii*"))
+            masks = beside_mask(image.path, image.entities) or [
+                m for m in derived_masks.get(image.path.parent.relative_to(root), [])
+                if m.name.startswith(base)]
         except ValueError as exc:       # a label that is not alphanumeric
             masks, problems = [], problems + [f"{image.path}: {exc}"]
         items.append((image.entities, SubjectInputs(
@@ -391,12 +425,13 @@ def discover(input_dir, layout: str = "auto",
              participant_labels: list[str] | None = None,
              session_labels: list[str] | None = None,
              bids_filter: dict | None = None) -> list[SubjectInputs]:
-    """Units (subject or subject-session) of a cohort folder, optionally
-    restricted to some participant and session labels (with or without
-    ``sub-``/``ses-``) and, for BIDS, to the series a filter selects.
+    """Units of a cohort folder (one per DWI series: an HCP subject, a BIDS
+    series), optionally restricted to some participant and session labels
+    (with or without ``sub-``/``ses-``) and, for BIDS, to the series a filter
+    selects.
 
-    A label that maps to several series is one unit that fails alone
-    (:attr:`SubjectInputs.problem`), never the whole cohort.
+    Files that claim one unit (or two HCP folders mapping to one label) make
+    that unit fail alone (:attr:`SubjectInputs.problem`), never the cohort.
     """
     if layout == "auto":
         layout = detect_layout(input_dir)
@@ -404,8 +439,9 @@ def discover(input_dir, layout: str = "auto",
         raise ValueError(f"unknown layout {layout!r} (hcp, bids or auto)")
     if layout == "hcp" and bids_filter:
         raise ValueError("--bids-filter-file applies to BIDS input only")
-    subjects = discover_hcp(input_dir) if layout == "hcp" else discover_bids(input_dir,
-                                                                             bids_filter)
+    subjects = (discover_hcp(input_dir) if layout == "hcp" else discover_bids(
+        input_dir, bids_filter, sorted(f"sub-{lbl}" for lbl in _normalise(
+            participant_labels or [], "sub-"))))
     if participant_labels:
         wanted = _normalise(participant_labels, "sub-")
         unknown = wanted - {s.label for s in subjects}
