@@ -206,8 +206,7 @@ class _Named:
     ext: str
 
 
-def _index_dwi(root: Path, subjects: list[str] | None = None
-               ) -> tuple[list[_Named], list[_Named]]:
+def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
     """(DWI images, their .bval/.bvec/.json companions) of a BIDS dataset.
 
     Files come from bids2table's index (imported here, so HCP input never pays
@@ -215,12 +214,10 @@ def _index_dwi(root: Path, subjects: list[str] | None = None
     casts ``run-01`` to 1, which a derivative name must not). JSON sidecars,
     which bids2table leaves out of its index, are listed from the folders that
     can hold an applicable one (the series' folder up to the subject folder).
-    ``subjects``: only these subject folders (``sub-01``) are indexed (a
-    participant job of one subject in a large dataset reads one folder).
     """
     import bids2table  # noqa: PLC0415 - BIDS input only
 
-    table = bids2table.index_dataset(root, include_subjects=subjects or None)
+    table = bids2table.index_dataset(root)
     images, companions, folders = [], [], set()
     for rel in table.column("path").to_pylist() if table.num_rows else []:
         named = _named(root / rel, bids2table.parse_bids_entities)
@@ -321,8 +318,7 @@ def _derived_masks(root: Path) -> dict[Path, list[Path]]:
     return found
 
 
-def discover_bids(input_dir, bids_filter: dict | None = None,
-                  subjects: list[str] | None = None) -> list[SubjectInputs]:
+def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInputs]:
     """One unit per DWI series (``sub-*/[ses-*/]dwi/*_dwi.nii[.gz]``, found by
     bids2table), with its .bval/.bvec/.json (same name, or inherited), restricted
     to the series whose entities match ``bids_filter``.
@@ -339,7 +335,7 @@ def discover_bids(input_dir, bids_filter: dict | None = None,
     ``derivatives/*/sub-*/[ses-*/]dwi/*_desc-brain_mask.nii.gz``.
     """
     root = Path(input_dir).resolve()
-    images, companions = _index_dwi(root, subjects)
+    images, companions = _index_dwi(root)
     by_folder: dict[Path, list[_Named]] = defaultdict(list)
     for c in companions:
         by_folder[c.path.parent].append(c)
@@ -439,9 +435,8 @@ def discover(input_dir, layout: str = "auto",
         raise ValueError(f"unknown layout {layout!r} (hcp, bids or auto)")
     if layout == "hcp" and bids_filter:
         raise ValueError("--bids-filter-file applies to BIDS input only")
-    subjects = (discover_hcp(input_dir) if layout == "hcp" else discover_bids(
-        input_dir, bids_filter, sorted(f"sub-{lbl}" for lbl in _normalise(
-            participant_labels or [], "sub-"))))
+    subjects = discover_hcp(input_dir) if layout == "hcp" else discover_bids(input_dir,
+                                                                             bids_filter)
     if participant_labels:
         wanted = _normalise(participant_labels, "sub-")
         unknown = wanted - {s.label for s in subjects}
