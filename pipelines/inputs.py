@@ -213,7 +213,9 @@ def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
     for it); labels are read from the names with bids2table's parser (its table
     casts ``run-01`` to 1, which a derivative name must not). JSON sidecars,
     which bids2table leaves out of its index, are listed from the folders that
-    can hold an applicable one (the series' folder up to the subject folder).
+    can hold an applicable one (the series' folder up to the dataset root), and
+    so are the root's ``[<entities>_]dwi.bval/.bvec/.json``, which apply to
+    every series whose entities they share (bids2table indexes subject folders).
     """
     import bids2table  # noqa: PLC0415 - BIDS input only
 
@@ -232,17 +234,22 @@ def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
     for folder in sorted(folders):       # a listing, not a glob: no pattern to compile
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.name.startswith("sub-") and entry.name.endswith(sidecar):
+                if folder == root:
+                    named = _named(root / entry.name, bids2table.parse_bids_entities,
+                                   subject=False)
+                    if named is not None and named.ext in COMPANION_EXTENSIONS.values():
+                        companions.append(named)
+                elif entry.name.startswith("sub-") and entry.name.endswith(sidecar):
                     named = _named(folder / entry.name, bids2table.parse_bids_entities)
                     if named is not None:
                         companions.append(named)
     return (sorted(images, key=lambda n: n.path), sorted(companions, key=lambda n: n.path))
 
 
-def _named(path: Path, parse) -> _Named | None:
-    """A ``*_dwi.*`` file with a subject entity, else None."""
+def _named(path: Path, parse, subject: bool = True) -> _Named | None:
+    """A ``*_dwi.*`` file (with a subject entity when ``subject``), else None."""
     parsed = parse(path)
-    if parsed.get("suffix") != "dwi" or not parsed.get("sub"):
+    if parsed.get("suffix") != "dwi" or (subject and not parsed.get("sub")):
         return None
     _, ext = split_extension(path.name)
     return _Named(path, {k: v for k, v in parsed.items() if k not in INDEX_KEYS}, ext)
@@ -250,14 +257,14 @@ def _named(path: Path, parse) -> _Named | None:
 
 def _levels(image: Path, root: Path) -> tuple[Path, ...]:
     """The folders whose files may apply to an image (BIDS inheritance): its own,
-    then each parent up to the subject folder, nearest first."""
+    then each parent up to the dataset root, nearest first."""
     return _folder_levels(image.parent, root)
 
 
 @functools.lru_cache(maxsize=LEVELS_CACHE)
 def _folder_levels(folder: Path, root: Path) -> tuple[Path, ...]:
     if folder == root or folder.parent == folder:
-        return ()
+        return (folder,) if folder == root else ()
     return (folder,) + _folder_levels(folder.parent, root)
 
 
@@ -365,7 +372,8 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
             sidecar=None if found["sidecar"][0] is None else str(found["sidecar"][0]),
             problem="; ".join(problems) or None)))
     for c in companions:
-        if c.ext != COMPANION_EXTENSIONS["sidecar"] and c.path not in taken:
+        if (c.ext != COMPANION_EXTENSIONS["sidecar"] and c.path not in taken
+                and c.entities.get("sub")):     # a root file names no unit
             stem, _ = split_extension(c.path.name)
             folder = _folder_entities(c.path, root)
             items.append((c.entities, SubjectInputs(

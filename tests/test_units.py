@@ -140,10 +140,14 @@ def test_sessions_inheritance_and_per_unit_problems(tmp_path):
     bvals = [touch(root / "sub-05" / "dwi" / n) for n in ("sub-05_dwi.bval",
                                                          "sub-05_dir-AP_dwi.bval")]
     missing = series(root / "sub-06" / "dwi", "sub-06", ".bvec")
+    # dataset-level files apply to every series whose entities they share
+    root_json = touch(root / "dwi.json", "{}")
+    root_grads = [touch(root / f"acq-multi_dwi{e}") for e in (".bval", ".bvec")]
+    bare = series(root / "sub-07" / "dwi", "sub-07_acq-multi")
 
     units = {u.key: u for u in discover(root)}
     assert list(units) == ["sub-01_ses-1", "sub-01_ses-2_dir-AP", "sub-01_ses-2_dir-PA",
-                           "sub-02", "sub-03", "sub-05", "sub-06"]
+                           "sub-02", "sub-03", "sub-05", "sub-06", "sub-07"]
     u = units["sub-01_ses-1"]
     assert (u.dwi, u.bval, u.sidecar, u.problem) == (str(ses1), str(ses1).replace(
         ".nii.gz", ".bval"), str(ses1).replace(".nii.gz", ".json"), None)
@@ -155,6 +159,11 @@ def test_sessions_inheritance_and_per_unit_problems(tmp_path):
     # one series keeps today's name; its labels are kept as written (run-01)
     assert units["sub-02"].dwi == str(one) and units["sub-02"].problem is None
     assert units["sub-02"].series == {}
+    assert (units["sub-02"].bval, units["sub-02"].sidecar) == (
+        str(one).replace(".nii.gz", ".bval"), str(root_json))
+    u = units["sub-07"]
+    assert (u.dwi, [u.bval, u.bvec], u.sidecar, u.problem) == (
+        str(bare), [str(g) for g in root_grads], str(root_json), None)
     assert str(mixed) in units["sub-03"].problem and "folder" in units["sub-03"].problem
     assert all(str(b) in units["sub-05"].problem for b in bvals)
     assert str(two_bvals) in units["sub-05"].problem
