@@ -319,9 +319,8 @@ def _derived_masks(root: Path) -> dict[Path, list[Path]]:
         return found
     for pattern in (f"derivatives/*/sub-*/{FILTER_DATATYPE}/{DERIVED_MASK}",
                     f"derivatives/*/sub-*/ses-*/{FILTER_DATATYPE}/{DERIVED_MASK}"):
-        for path in sorted(root.glob(pattern)):
-            found[path.parent.relative_to(root).relative_to(*path.parent.relative_to(
-                root).parts[:2])].append(path)
+        for path in sorted(root.glob(pattern)):     # derivatives/<name>/<folder>/<mask>
+            found[Path(*path.parent.relative_to(root).parts[2:])].append(path)
     return found
 
 

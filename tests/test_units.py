@@ -144,6 +144,11 @@ def test_sessions_inheritance_and_per_unit_problems(tmp_path):
     root_json = touch(root / "dwi.json", "{}")
     root_grads = [touch(root / f"acq-multi_dwi{e}") for e in (".bval", ".bvec")]
     bare = series(root / "sub-07" / "dwi", "sub-07_acq-multi")
+    # brain masks of a derivative dataset, for the series whose name they start with
+    masks = root / "derivatives" / "pipe"
+    ap_mask = touch(masks / "sub-01" / "ses-2" / "dwi" /
+                    "sub-01_ses-2_dir-AP_desc-brain_mask.nii.gz")
+    one_mask = touch(masks / "sub-02" / "dwi" / "sub-02_acq-multi_run-01_desc-brain_mask.nii.gz")
 
     units = {u.key: u for u in discover(root)}
     assert list(units) == ["sub-01_ses-1", "sub-01_ses-2_dir-AP", "sub-01_ses-2_dir-PA",
@@ -156,6 +161,9 @@ def test_sessions_inheritance_and_per_unit_problems(tmp_path):
         assert (u.dwi, u.bval, u.bvec, u.sidecar, u.problem) == (
             str(image), str(shared_bval), str(shared_bvec), str(subject_json), None)
         assert unit_lock_name(unit_entities(u)) == f"{key}.lock"
+    assert (units["sub-01_ses-2_dir-AP"].mask, units["sub-01_ses-2_dir-PA"].mask) == (
+        str(ap_mask), None)
+    assert units["sub-02"].mask == str(one_mask) and units["sub-07"].mask is None
     # one series keeps today's name; its labels are kept as written (run-01)
     assert units["sub-02"].dwi == str(one) and units["sub-02"].problem is None
     assert units["sub-02"].series == {}
