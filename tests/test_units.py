@@ -20,7 +20,7 @@ import pandas as pd
 
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
-from dmriflow.pipelines.execution import unit_entities
+from dmriflow.pipelines.execution import status_table, unit_entities
 from dmriflow.pipelines.inputs import discover, read_filter_file
 from dmriflow.pipelines.locks import unit_lock_name
 from dmriflow.pipelines.submit import task_args
@@ -82,6 +82,10 @@ def test_two_runs_are_two_units_with_run_in_every_name(tmp_path, capsys):
 
     assert np.array_equal(fa("sub-01_run-2", "sub-01"), fa("sub-02", "sub-02"))
     assert not np.array_equal(fa("sub-01_run-1", "sub-01"), fa("sub-02", "sub-02"))
+    status = status_table(out).set_index("subject")["status"]      # dmriflow status
+    assert dict(status) == {"sub-01_run-1": "done", "sub-01_run-2": "done", "sub-02": "done"}
+    assert cli.main([str(cohort), str(out), "group"]) == cli.EXIT_OK
+    assert list(table(out).index) == ["sub-01_run-1", "sub-01_run-2", "sub-02"]
     locks = {p.name for p in (out / "dmriflow" / ".dmriflow-locks").iterdir()}
     assert {"sub-01_run-1.lock", "sub-01_run-2.lock", "sub-02.lock"} <= locks
     capsys.readouterr()
