@@ -5,6 +5,17 @@ Each indexer runs in its own interpreter (``--python NAME=PATH``, a venv
 holding it), once per repeat, interleaved, so the machine's load falls on
 both alike; the minimum of the repeats is reported with the load average.
 
+Measured 2026-12-04 (2 shared cores; 1000 subjects, 1100 series; min of 3):
+load 5.6: pybids 0.22.0 import 0.36 s, index 4.44 s; bids2table 2.3.1 import
+0.09 s, index 0.52 s. load 7.9: pybids 0.69 s / 9.13 s; bids2table 0.29 s /
+1.90 s; dmriflow's discovery (bids2table imported inside) 1.52 s. Added to the
+lock: bids2table 4 packages (bids2table, bidsschematools, pyarrow, pyyaml;
+~172 MB, pyarrow 170 MB of it); pybids 14 (pybids, bids-validator,
+bidsschematools, sqlalchemy, formulaic, num2words, docopt, frozendict,
+interface-meta, narwhals, pathlib-abc, universal-pathlib, wrapt, pyyaml;
+~45 MB). bids2table was chosen: ~8.5x faster indexing (pybids' 4.4-9 s
+alone would spend the 5 s budget of a cached 1000-subject rerun).
+
 Usage: python bench/bids_index.py --subjects 1000 \
     --python pybids=/tmp/venv-pybids/bin/python --python bids2table=.venv/bin/python \
     --python dmriflow=.venv/bin/python
