@@ -354,6 +354,55 @@ def previous_export(path: Path, eid: str, output_dir) -> dict | None:
     return row if done else None
 
 
+def _written_by_dmriflow(sidecar: Path) -> bool:
+    """Whether a JSON file is a sidecar dmriflow wrote (``GeneratedBy[0].Name``)."""
+    try:
+        meta = json.loads(sidecar.read_text())
+        return meta["GeneratedBy"][0]["Name"] == "dmriflow"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
+
+
+def listed_files(row: dict, output_dir, out_parts) -> list[Path]:
+    """The files an earlier status row lists that are dmriflow's to remove: its
+    derivatives that are regular files (not links) inside this subject's own
+    folder of the current OUTPUT, and the dmriflow sidecar beside each."""
+    folder = dataset_root(output_dir).joinpath(*out_parts).resolve()
+    found: list[Path] = []
+    for entry in row.get("derivatives", []) if isinstance(row, dict) else []:
+        path = derivative_file(str(entry), output_dir)
+        try:
+            inside = path.parent.resolve().is_relative_to(folder)
+        except OSError:
+            continue
+        if not inside or path.is_symlink() or not path.is_file():
+            continue
+        side = sidecar_of(path)
+        extra = [side] if side != path and side.is_file() and not side.is_symlink() \
+            and _written_by_dmriflow(side) else []
+        found += [p for p in (path, *extra) if p not in found]
+    return found
+
+
+def retire_export(status_file: Path, output_dir, out_parts) -> int:
+    """Remove a subject's earlier export before it is redone: the files its
+    status file lists (:func:`listed_files`), then the status file. A rerun
+    thus never leaves files of an older run beside the new ones (e.g. names of
+    an older naming scheme); files the status file does not list (the user's)
+    are not touched. Files go first, so a run killed meanwhile leaves a status
+    file whose missing derivatives make ``status`` report the subject missing
+    and the next run redo it. Returns the number of files removed."""
+    try:
+        row = json.loads(Path(status_file).read_text())
+    except (OSError, ValueError):
+        row = {}
+    files = listed_files(row, output_dir, out_parts)
+    for path in files:
+        path.unlink(missing_ok=True)
+    Path(status_file).unlink(missing_ok=True)
+    return len(files)
+
+
 def status_path(output_dir, out_parts, key) -> Path:
     """OUTPUT/dmriflow/<out_parts>/<key>_desc-dmriflow_status.json."""
     return Path(output_dir, "dmriflow", *out_parts,

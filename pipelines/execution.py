@@ -36,7 +36,7 @@ from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_option
                                        option_owner)
 from dmriflow.interfaces.steps.base import check_choice, field_default, option
 from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_entry,
-                                            source_uri, status_path,
+                                            retire_export, source_uri, status_path,
                                             write_dataset_description, write_status,
                                             write_subjects_table)
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
@@ -732,6 +732,8 @@ def preflight(subjects: list[SubjectInputs], output_dir, version: str):
             s.check_files()
             runnable.append(s)
         except InputError as exc:
+            retire_export(status_path(output_dir, s.out_parts, s.key), output_dir,
+                          s.out_parts)
             failed.append(write_status(failed_row(s.key, "validate", str(exc), version),
                                        output_dir, s.out_parts))
     return runnable, failed

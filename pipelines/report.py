@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from dmriflow.interfaces import __version__, io
-from dmriflow.interfaces.bids_names import parse_name
+from dmriflow.interfaces.bids_names import parse_name, shell_of
 from dmriflow.interfaces.harmonize import ARTEFACT_JSON
 from dmriflow.interfaces.steps import rish
 from dmriflow.interfaces.steps.base import MAP_SUFFIX
@@ -159,9 +159,11 @@ def subject_maps(root: Path) -> dict[str, SubjectMaps]:
                 maps.fa = p
             elif suffix == MAP_SUFFIX and V1_MAP.items() <= entities.items():
                 maps.v1 = p
-            elif suffix == MAP_SUFFIX and entities.get("model") == rish.MODEL:
-                order = entities["param"].removeprefix(rish.ORDER_PREFIX)
-                maps.rish[(float(entities["shell"]), int(order))] = p
+            elif suffix == MAP_SUFFIX and entities.get("model") == rish.MODEL \
+                    and shell_of(entities) is not None:
+                order = entities.get("param", "").removeprefix(rish.ORDER_PREFIX)
+                if order.isdigit():
+                    maps.rish[(shell_of(entities), int(order))] = p
             elif suffix == SERIES_SUFFIX and ext == ".json" and \
                     HARMONIZED_DESC in entities.get("desc", ""):
                 maps.harmonized = json.loads(p.read_text())

@@ -197,9 +197,10 @@ def export_step(subject: Subject, record: dict, output_dir: str,
     (the subject's status row, the product records it exported).
 
     ``p0``...: the product records of the subject's product steps. A
-    previous status file is removed first and the new one written last (done,
-    or failed with the reason), so a killed run never shows a subject as done
-    with missing or mixed files. An identical complete export (same
+    previous export is removed first, the files its status file lists, then
+    that file (:func:`~dmriflow.pipelines.derivatives.retire_export`), and the
+    new status file written last (done, or failed with the reason), so a
+    killed run never shows a subject as done with missing or mixed files. An identical complete export (same
     ``export_id``) is not redone. With ``drop_series`` the subject's series
     copies in the cache are deleted once it is done (see
     :func:`drop_series_copies`). ``motion_options``: the run's motion-step
@@ -221,7 +222,7 @@ def export_step(subject: Subject, record: dict, output_dir: str,
         if previous.get("status") != "done":
             Path(FAILED_MARKER).write_text("export")
         return previous, products
-    status_file.unlink(missing_ok=True)
+    derivatives.retire_export(status_file, output_dir, subject.out_parts)
     try:
         row = derivatives.export_subject(subject, record, products, output_dir,
                                          pipeline_version)
