@@ -285,13 +285,14 @@ def export_product(product: dict, dwi_dir: Path, subject, inputs: dict,
 
 
 def export_series(record: dict, dwi_dir: Path, prefix: str, inputs: dict,
-                  provenance: dict, output_dir) -> list[str]:
+                  provenance: dict, output_dir, artefact: str = "") -> list[str]:
     """Export the DWI series when a step changed it (preprocessing, harmonization);
-    a harmonization artefact is named by :func:`external_path`."""
+    a harmonization artefact is named by :func:`external_path`, at ``artefact``
+    (where the run's artefact is now) when given."""
     if not record.get("history"):
         return []
-    history = [{**h, "artefact": external_path(h["artefact"], output_dir)} if "artefact" in h
-               else h for h in record["history"]]
+    history = [{**h, "artefact": external_path(artefact or h["artefact"], output_dir)}
+               if "artefact" in h else h for h in record["history"]]
     desc = "".join(SERIES_DESC[h["step"]] for h in record["history"])
     base = f"{prefix}_" + build_name({"desc": desc}, SERIES_SUFFIX)
     series = record["series"]
@@ -447,12 +448,13 @@ def _table_sidecar(rows: list[dict]) -> dict:
 
 
 def export_subject(subject, record: dict, products: list[dict], output_dir,
-                   pipeline_version: str) -> dict:
+                   pipeline_version: str, artefact: str = "") -> dict:
     """Write one subject's derivatives; its status row (without the status file).
 
     ``subject``: the engine's subject unit (``key``, ``out_parts``,
     ``entities``); ``products``: the product records of the steps it went
-    through, in registry order. A failed record or product makes the row
+    through, in registry order; ``artefact``: see :func:`export_series`. A
+    failed record or product makes the row
     failed (its step and reason); an exception while writing fails the
     export.
     """
@@ -475,7 +477,7 @@ def export_subject(subject, record: dict, products: list[dict], output_dir,
     written = []
     if record.get("maps") or record.get("tables"):
         written += export_product(record_maps(record), dwi_dir, prefix, inputs, provenance)
-    written += export_series(record, dwi_dir, prefix, inputs, provenance, output_dir)
+    written += export_series(record, dwi_dir, prefix, inputs, provenance, output_dir, artefact)
     written += export_fixed_bvec(record, dwi_dir, prefix, inputs, provenance)
     flags = list(record.get("qc_flags", []))
     for product in products:

@@ -51,7 +51,8 @@ from dmriflow.pipelines.methods import write_methods
 from dmriflow.pipelines.progress import (BAR, LOG_ENV, LOG_ROOT_ENV, PROGRESS_ENV, ProgressBar,
                                          bar_wanted, log_line, shown_path)
 from dmriflow.pipelines.slurm import SlurmWorker
-from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
+from dmriflow.pipelines.steps import (DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject,
+                                      artefact_option)
 from dmriflow.pipelines.workflows import CohortWorkflow
 
 #: Engine workers dmriflow supports; there is no silent default.
@@ -172,8 +173,8 @@ class RunConfig:
             chosen = self.cohort if step in COHORT_REGISTRY else self.steps
             chosen[step] = replace(chosen[step], **values)
         harmonize = self.steps["harmonize"]
-        if harmonize.harmonization:   # nodes hash the artefact's path: make it absolute
-            harmonize.harmonization = str(Path(harmonize.harmonization).resolve())
+        if harmonize.harmonization:   # absolute, cache key from its content
+            harmonize.harmonization = artefact_option(harmonize.harmonization)
 
     def __getattr__(self, name):
         if name in ("engine", "steps", "cohort"):
@@ -753,7 +754,8 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
     task = CohortWorkflow(subjects=units, output_dir=str(output_dir), options=config.options_record(),
                           extra_rows=prefailed, inference=products,
                           drop_series=config.drop_series, cohort_steps=cohort_steps,
-                          pipeline_version=version)
+                          pipeline_version=version,
+                          harmonization=str(config.harmonization or ""))
     with submitter(config, root) as sub:
         return sub(task, raise_errors=False)
 
