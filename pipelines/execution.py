@@ -11,6 +11,7 @@ alone on the folder, or, for its own units, by any job (see
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -47,7 +48,7 @@ from dmriflow.pipelines.locks import (BRIEF_WAIT_S, COHORT_LOCK, JOURNAL_PATTERN
                                       RUN_LOCK, UNIT_LOCK_DIR, UPKEEP, RunInProgress, dead_journals, holder,
                                       journal, lock_holders, node_units, open_lock, sign,
                                       try_lock, unit_lock_path, write_new)
-from dmriflow.pipelines.methods import write_methods
+from dmriflow.pipelines.methods import FIT_COMMAND, write_methods
 from dmriflow.pipelines.progress import (BAR, LOG_ENV, LOG_ROOT_ENV, PROGRESS_ENV, ProgressBar,
                                          bar_wanted, log_line, shown_path)
 from dmriflow.pipelines.slurm import SlurmWorker
@@ -746,7 +747,7 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
     products = None
     if config.inference:
         # own phase and submitter (GPU jobs on SLURM); products reach Export
-        pin_checkpoint(config.steps["inference"])
+        # (the checkpoint was pinned before the methods text was written)
         products, errors = run_inference_phase(units, output_dir, config, root, version,
                                                submitter)
         for err in errors:
@@ -854,6 +855,8 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
     whole = keys >= {p.key for p in planned}
     cen = pd.read_csv(output_dir / "dmriflow" / "group" / "census.tsv", sep="\t",
                       keep_default_na=False)
+    if config.inference:    # the methods text names the checkpoint the run uses
+        pin_checkpoint(config.steps["inference"])
     methods = write_methods(config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(selected),
                             sum(bool(getattr(s, "mask", None)) for s in selected))
     _debug(f"options changed from their defaults: {changed_options(config)}; methods text "
@@ -1100,6 +1103,14 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     clean_cache(root)
     _log(config, f"harmonization fit: {reference_site} (reference) vs {target_site} (target), "
                  f"shells {shells}, lmax {lmax}, registration {registration}")
+    # the methods text states the fit as run: the shells and order it resolved
+    fit_config = copy.copy(config)
+    fit_config.cohort = {**config.cohort, "harmonization_fit": replace(
+        config.cohort["harmonization_fit"], reference=reference_site, target=target_site,
+        shells=[float(b) for b in shells], harmonization_lmax=int(lmax),
+        registration=registration, smoothing_fwhm=smoothing_fwhm_mm)}
+    write_methods(fit_config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(chosen),
+                  sum(bool(getattr(s, "mask", None)) for s in chosen), command=FIT_COMMAND)
     options = {**config.options_record(), "harmonize": {}}   # features of the acquired series
     task = HarmonizationFitWorkflow(
         subjects=[Subject.of(s) for s in runnable], options=options,

@@ -44,7 +44,7 @@ from dmriflow.interfaces.steps import rish
 from dmriflow.interfaces.steps.base import MAP_SUFFIX
 from dmriflow.pipelines.derivatives import SERIES_DESC, SERIES_SUFFIX, derivative_file
 from dmriflow.interfaces.stepfiles import MAD_TO_SD
-from dmriflow.pipelines.methods import METHODS_FILE, methods_html
+from dmriflow.pipelines.methods import METHODS_FILES, methods_html
 
 #: The report's file name under OUTPUT/dmriflow/.
 REPORT_FILE = "report.html"
@@ -604,9 +604,10 @@ def models_section(root: Path) -> str:
 
 
 def methods_section(root: Path) -> str:
-    """The run's methods text (logs/methods.md, see :mod:`dmriflow.pipelines.methods`)."""
-    path = root / "logs" / METHODS_FILE
-    return methods_html(path.read_text()) if path.is_file() else ""
+    """The methods texts under logs/ (a run's methods.md, a harmonization fit's;
+    see :mod:`dmriflow.pipelines.methods`)."""
+    paths = [root / "logs" / name for name in METHODS_FILES.values()]
+    return "".join(methods_html(p.read_text()) for p in paths if p.is_file())
 
 
 #: The motion table of a corrected series (motion step), and the most series drawn.

@@ -165,3 +165,20 @@ def test_a_moved_artefact_keeps_the_cache_and_is_named_where_it_is(fitted, two_s
     meta_file = copy / "artefact.json"
     meta_file.write_text(meta_file.read_text() + "\n")
     assert key(copy) != key(moved)
+
+
+def test_fit_writes_its_methods_text(fitted):
+    """``harmonize fit`` writes its own methods text (the same machinery as a
+    run's): the series steps it read, the fit with the shells and order it
+    resolved, the RISH references; the report shows it."""
+    from dmriflow.pipelines.methods import METHODS_FILES, RISH_MULTISITE, SYN
+    text = (fitted / "dmriflow" / "logs" / METHODS_FILES["harmonize fit"]).read_text()
+    assert "for the harmonization fit over 8 unit(s)" in text
+    assert "### FitHarmonization (`harmonization_fit`)" in text and "### Validate" in text
+    assert "### FitTensor" not in text and "### Harmonize " not in text
+    assert "- `--shells` = 1000.0 **(set for this run)**" in text
+    assert "- `--harmonization-lmax` = 6 **(set for this run)**" in text
+    assert "- `--registration` = affine **(set for this run)**" in text
+    assert RISH_MULTISITE in text and SYN not in text      # affine: no SyN reference
+    assert "FitHarmonization (<code>harmonization_fit</code>)" in \
+        (fitted / "dmriflow" / "report.html").read_text()
