@@ -46,7 +46,7 @@ from pathlib import Path
 import nibabel as nib
 
 from dmriflow.interfaces import __version__, io
-from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.errors import InputError, UsageError
 from dmriflow.interfaces.io import read_sidecar
 from dmriflow.interfaces.stepfiles import load_subject
 from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY
@@ -595,6 +595,9 @@ def _dispatch(args) -> int:
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
                 "harmonize": cmd_harmonize, "report": cmd_report, "group": cmd_group,
                 "train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
+    except UsageError as exc:
+        print(f"dmriflow: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (InputError, FileNotFoundError, ValueError) as exc:
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
