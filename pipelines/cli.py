@@ -52,7 +52,7 @@ from dmriflow.interfaces.stepfiles import load_subject
 from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY
 from dmriflow.interfaces.steps.base import ALL_COMMANDS, flag_of, option_type, options_of
 from dmriflow.interfaces.steps.image_gradient import resolve_timing
-from dmriflow.pipelines.derivatives import write_subjects_table
+from dmriflow.pipelines.derivatives import recorded_frame, write_subjects_table
 from dmriflow.pipelines.execution import (STEP_WORDS, EngineOptions, RunConfig, RunInProgress,
                                           cohort_files, collect_status, read_plan,
                                           run_cohort, run_harmonization_fit, run_holder,
@@ -378,7 +378,7 @@ def cmd_group(args) -> int:
     rows_for = found + [p for p in planned if p.key not in units]
     with cohort_files(output):      # participant jobs may go on meanwhile
         rows = collect_status(output, sorted(rows_for, key=lambda u: u.key))
-        cen = census(found)
+        cen = recorded_frame(census(found), output)
         io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"),
                       output / "dmriflow" / "group" / "census.tsv")
         table = write_subjects_table(rows, output)

@@ -20,6 +20,7 @@ from dmriflow.interfaces import __version__, io, stepfiles
 from dmriflow.interfaces.bids_names import build_name, format_entities
 from dmriflow.interfaces.harmonize import SIDECAR_KEY
 from dmriflow.pipelines.inputs import HCP_DIFFUSION_DIR, assign_protocols
+from dmriflow.pipelines.progress import ABSOLUTE_PATH
 from dmriflow.interfaces.steps.base import (MAP_EXTENSION, MAP_SUFFIX, TABLE_EXTENSION,
                                             Derivative, product_from_record)
 
@@ -79,6 +80,44 @@ HCP_DEPTH = len(Path(HCP_DIFFUSION_DIR).parts) + 1
 def dataset_root(output_dir) -> Path:
     """OUTPUT/dmriflow: the root of the derivative dataset."""
     return Path(output_dir, DATASET_DIR)
+
+
+def recorded_path(path: str, output_dir) -> str:
+    """An absolute path found in a text OUTPUT keeps (an error, a warning) as OUTPUT
+    records paths: inside the derivative dataset relative to its root; an input
+    file (under a ``sub-*`` or HCP ``T1w/Diffusion`` folder) as its ``bids:raw:``
+    URI; anything else by its name."""
+    root = dataset_root(output_dir)
+    rel = os.path.relpath(path, root)
+    if not rel.startswith(os.pardir):
+        return Path(rel).as_posix()
+    parts = Path(path).parts
+    hcp = HCP_DIFFUSION_DIR.parts
+    if any(p.startswith("sub-") for p in parts[:-1]) or any(
+            parts[i:i + len(hcp)] == hcp for i in range(len(parts))):
+        return input_uri(path, input_root(path))
+    return Path(path).name
+
+
+def recorded_text(text: str, output_dir) -> str:
+    """``text`` with every absolute path as :func:`recorded_path` names it."""
+    return ABSOLUTE_PATH.sub(lambda m: recorded_path(m.group(0), output_dir), text)
+
+
+def recorded_values(values: dict, output_dir) -> dict:
+    """A row (status file, table) whose texts hold no absolute path."""
+    return {k: recorded_text(v, output_dir) if isinstance(v, str) else v
+            for k, v in values.items()}
+
+
+def recorded_frame(df: pd.DataFrame, output_dir) -> pd.DataFrame:
+    """A table (census, group table) whose texts hold no absolute path."""
+    df = df.copy()
+    for col in df.columns:
+        if any(isinstance(v, str) for v in df[col]):
+            df[col] = [recorded_text(v, output_dir) if isinstance(v, str) else v
+                       for v in df[col]]
+    return df
 
 
 def relative_derivative(path, output_dir) -> str:
@@ -412,7 +451,8 @@ def status_path(output_dir, out_parts, key) -> Path:
 
 def write_status(row: dict, output_dir, out_parts) -> dict:
     """Write a subject's status file (the last thing written for a subject)."""
-    io.write_json(row, status_path(output_dir, out_parts, row["subject"]))
+    io.write_json(recorded_values(row, output_dir),
+                  status_path(output_dir, out_parts, row["subject"]))
     return row
 
 
@@ -423,7 +463,8 @@ def failed_row(subject: str, step: str, error: str, pipeline_version: str) -> di
 
 def write_subjects_table(rows: list[dict], output_dir) -> Path:
     """OUTPUT/dmriflow/group/subjects.tsv, one row per subject, and its sidecar."""
-    df = assign_protocols(pd.DataFrame([{k: v for k, v in r.items() if k not in ROW_ONLY}
+    df = assign_protocols(pd.DataFrame([recorded_values({k: v for k, v in r.items()
+                                                         if k not in ROW_ONLY}, output_dir)
                                         for r in rows]))
     # the same columns in the same order whether rows come from the engine or
     # from status files (JSON with sorted keys): status columns, then by name

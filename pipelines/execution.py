@@ -37,7 +37,8 @@ from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_option
                                        option_owner)
 from dmriflow.interfaces.steps.base import check_choice, field_default, option
 from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_entry,
-                                            retire_export, source_uri, status_path,
+                                            recorded_frame, retire_export, source_uri,
+                                            status_path,
                                             write_dataset_description, write_status,
                                             write_subjects_table)
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
@@ -823,7 +824,7 @@ def merge_plan(output_dir: Path, subjects: list, config: RunConfig, version: str
     io.write_json({"pipeline_version": version, "worker": config.worker,
                    "steps": list(planned_steps(config)), "subjects": list(entries.values()),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, group / "cohort.json")
-    cen = census(subjects)
+    cen = recorded_frame(census(subjects), output_dir)
     text = cen.to_csv(sep="\t", index=False, na_rep="n/a")
     if len(entries) > len(subjects) and (group / "census.tsv").is_file():
         text = merged_census(group / "census.tsv", text)

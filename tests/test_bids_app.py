@@ -38,6 +38,11 @@ def split_runs(root: Path, label: str = "01") -> list[Path]:
     return runs
 
 
+def uri(path: Path, root: Path) -> str:
+    """How OUTPUT names an input file: its BIDS URI."""
+    return "bids:raw:" + path.relative_to(root).as_posix()
+
+
 def table(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "dmriflow" / "group" / "subjects.tsv", sep="\t",
                        keep_default_na=False).set_index("subject")
@@ -59,10 +64,12 @@ def test_two_runs_fail_that_subject_only_and_a_filter_file_selects_one(tmp_path,
     t = table(tmp_path / "out")
     assert t.loc["sub-02", "status"] == "done"
     assert t.loc["sub-01", "status"] == "failed"
-    assert str(run1) in t.loc["sub-01", "error"] and str(run2) in t.loc["sub-01", "error"]
-    assert "--bids-filter-file" in t.loc["sub-01", "error"]
-    assert str(run1) in status_table(tmp_path / "out").set_index("subject").loc["sub-01",
-                                                                                 "error"]
+    # OUTPUT names the files by BIDS URI, never by absolute path
+    assert uri(run1, cohort) in t.loc["sub-01", "error"]
+    assert uri(run2, cohort) in t.loc["sub-01", "error"]
+    assert "--bids-filter-file" in t.loc["sub-01", "error"] and str(cohort) not in t.to_csv()
+    assert uri(run1, cohort) in status_table(tmp_path / "out").set_index("subject").loc[
+        "sub-01", "error"]
 
     filt = tmp_path / "filter.json"
     filt.write_text(json.dumps({"dwi": {"run": 1}, "t1w": {"run": 2}}))
@@ -101,11 +108,15 @@ def test_a_bad_sidecar_fails_one_subject_only(tmp_path, capsys):
     assert participant(cohort, tmp_path / "out", tmp_path) == cli.EXIT_SUBJECTS_FAILED
     t = table(tmp_path / "out")
     assert list(t["status"]) == ["failed", "done", "done"]
-    assert str(bad) in t.loc["sub-01", "error"] and "[3, 0.0895]" in t.loc["sub-01", "error"]
+    assert uri(bad, cohort) in t.loc["sub-01", "error"]
+    assert "[3, 0.0895]" in t.loc["sub-01", "error"]
     assert float(t.loc["sub-02", "field_strength_t"]) == 3.0
     assert "'3T'" in t.loc["sub-02", "warnings"]
     census = pd.read_csv(tmp_path / "out" / "dmriflow" / "group" / "census.tsv", sep="\t")
-    assert str(bad) in census.set_index("subject").loc["sub-01", "census_error"]
+    assert uri(bad, cohort) in census.set_index("subject").loc["sub-01", "census_error"]
+    assert str(tmp_path) not in census.to_csv() + t.to_csv()
+    assert not [p for p in (tmp_path / "out" / "dmriflow").rglob("*.json")
+                if str(tmp_path) in p.read_text()]
     capsys.readouterr()
 
 
