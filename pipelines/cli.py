@@ -351,7 +351,7 @@ def _run(input_dir, output, layout, labels, args) -> int:
     result = run_cohort(subjects, output, config)
     shown = partial(terminal_path, output_dir=result.output_dir)
     print(f"derivatives: {shown(result.output_dir / 'dmriflow')}")
-    print(f"summary table: {shown(result.table)}")
+    print(f"summary table: {shown(result.table) if result.table else 'not written'}")
     left = ("left to the group level (this job ran some of the planned subjects): "
             "dmriflow INPUT OUTPUT group")
     print(f"report: {shown(result.report) if result.report else left}")
@@ -598,7 +598,9 @@ def _dispatch(args) -> int:
     except UsageError as exc:
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (InputError, FileNotFoundError, ValueError) as exc:
+    except BrokenPipeError:
+        raise
+    except (InputError, OSError, ValueError) as exc:   # OSError: e.g. OUTPUT's disk is full
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except RuntimeError as exc:

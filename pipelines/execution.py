@@ -205,7 +205,7 @@ class RunConfig:
 @dataclass
 class CohortResult:
     output_dir: Path
-    table: Path
+    table: Path | None              # None: it could not be written (engine_errors say why)
     rows: list[dict] = field(default_factory=list)
     engine_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -910,7 +910,11 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
         whole = keys >= {p.key for p in planned}
         if table is None or not whole:
             # the table covers the whole plan, from the status files
-            table = write_subjects_table(collect_status(output_dir, planned), output_dir)
+            try:
+                table = write_subjects_table(collect_status(output_dir, planned), output_dir)
+            except OSError as exc:     # e.g. a full disk: the status files say the rest
+                engine_errors.append(f"group table not written: {exc}")
+                table = None
         # the report reads every unit's maps: a job of some units leaves it to the group
         # level (one per job would cost each job the whole cohort, under the lock)
         report = _write_report(output_dir, config) if whole or config.rerun_failed else None
