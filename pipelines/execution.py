@@ -67,9 +67,12 @@ DEFAULT_CACHE = ".dmriflow-cache"
 #: it for ever (tests/test_resume.py met it). In the cache root it is one of the
 #: engine's leftovers, removed by the upkeep.
 HASH_CACHE_DIR = ".pydra-hashes"
-#: What a killed engine leaves in the cache root: Pydra's soft lock files
-#: (``<node>.lock``, ``<node>_save.lock``, the hash cache's), job info files.
-ENGINE_LEFTOVERS = ("*.lock", "*_info.json", f"{HASH_CACHE_DIR}/*.lock")
+#: What a killed engine leaves in the cache root, by the names Pydra gives them:
+#: soft lock files of node folders (``<node>.lock``, ``<node>_save.lock``) and
+#: job info files (``<uuid hex>_info.json``); and the hash cache's locks (in
+#: HASH_CACHE_DIR). Nothing else is removed: a user's ``build.lock`` stays.
+ENGINE_LEFTOVER = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}(_save)?\.lock$"
+                             r"|^[0-9a-f]{32}_info\.json$")
 #: In the cache root while a run is going (RUN_JOURNAL or one per job sharing the
 #: cache, see :mod:`dmriflow.pipelines.locks`: its start time); an interrupted run
 #: leaves it behind, telling the next run which node results to check.
@@ -83,7 +86,11 @@ LOG_DIR = "logs"
 CACHE_MARKER = ".dmriflow-cache.json"
 #: Entries the engine and dmriflow make in a cache root: what an unmarked cache of an
 #: earlier version may hold to be adopted (anything else there is someone's file).
-ENGINE_ENTRY = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}$|.*\.lock$|.*_info\.json$"
+#: A node folder's name (Pydra: task type, then the 32-hex checksum): the only
+#: folders of a cache root the cleaning removes.
+ENGINE_NODE = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}$")
+ENGINE_ENTRY = re.compile(rf"{ENGINE_NODE.pattern}"
+                          rf"|{ENGINE_LEFTOVER.pattern}|^{re.escape(RUN_LOCK)}$"
                           rf"|{JOURNAL_PATTERN.pattern}|^{re.escape(HASH_CACHE_DIR)}$")
 #: Permission bits that let someone other than the owner write (and so plant a
 #: node result that the next run would unpickle).
@@ -236,12 +243,12 @@ def clean_cache(root: Path, units: set[str] | None = None) -> int:
         return 0
     mine = (lambda d: True) if units is None else (lambda d: bool(node_units(d) & units))
     failed = [d for d in root.iterdir()
-              if d.is_dir() and any((d / f).exists()
+              if ENGINE_NODE.match(d.name) and d.is_dir() and any((d / f).exists()
                                     for f in (ERROR_FILE, FAILED_MARKER, DROPPED_MARKER))
               and mine(d)]
     if failed:
-        failed += [d for d in root.iterdir() if d.is_dir() and d.name.startswith("workflow-")
-                   and d not in failed and mine(d)]
+        failed += [d for d in root.iterdir() if ENGINE_NODE.match(d.name) and d.is_dir()
+                   and d.name.startswith("workflow-") and d not in failed and mine(d)]
     for d in failed:
         shutil.rmtree(d, ignore_errors=True)
     return len(failed)
@@ -419,8 +426,10 @@ def clear_interrupted(root: Path, output_dir: Path) -> int:
 
 def clear_engine_leftovers(root: Path) -> int:
     """Pydra's lock and job-info files in the cache root; only with the cache held alone."""
-    stale = [p for pattern in ENGINE_LEFTOVERS for p in root.glob(pattern)
-             if p.name != RUN_LOCK] if root.is_dir() else []
+    if not root.is_dir():
+        return 0
+    stale = [p for p in root.iterdir() if ENGINE_LEFTOVER.match(p.name)]
+    stale += list((root / HASH_CACHE_DIR).glob("*.lock"))
     return _remove(stale)
 
 
@@ -468,7 +477,8 @@ def discard_interrupted_results(root: Path, units: set[str] | None = None,
             started = 0.0 if units is None else None
         if started is not None:
             for result_file in root.glob("*/_result.pklz"):
-                if result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
+                if not ENGINE_NODE.match(result_file.parent.name) or \
+                        result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
                     continue
                 if units is not None and not node_units(result_file.parent) & units:
                     continue
@@ -500,7 +510,7 @@ def clear_unit_leftovers(root: Path, units: set[str]) -> int:
     stale = []
     for lock in root.glob("*.lock") if root.is_dir() else []:
         node = root / lock.name[: -len(".lock")].removesuffix("_save")
-        if lock.name != RUN_LOCK and node.is_dir() and node_units(node) & units:
+        if ENGINE_LEFTOVER.match(lock.name) and node.is_dir() and node_units(node) & units:
             stale.append(lock)
     return _remove(stale)
 
