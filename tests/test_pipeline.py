@@ -202,7 +202,8 @@ def test_bids_layout_and_participant_label(tmp_path):
 
 def test_unknown_participant_label_is_an_error(tmp_path):
     cohort = make_cohort(tmp_path / "in", 1)
-    with pytest.raises(Exception, match="participant label"):
+    from dmriflow.interfaces.errors import UsageError
+    with pytest.raises(UsageError, match="--participant-label nobody: no such subject"):
         discover(cohort, participant_labels=["nobody"])
 
 

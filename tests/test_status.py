@@ -85,7 +85,8 @@ def test_status_names_the_failed_subject_step_and_reason(broken_run, capsys):
         ["qc_flags"]
     row = table.set_index("subject").loc[bad.key]
     assert row["status"] == "failed" and row["failed_step"] == "validate"
-    assert row["error"].startswith(f"{bad.bvec}: ")
+    uri = "bids:raw:" + Path(bad.bvec).relative_to(cohort).as_posix()   # never absolute
+    assert row["error"].startswith(f"{uri}: ")
     assert [row[s] for s in STEPS] == ["failed", "skipped", "skipped", "skipped"]
     for s in subjects:
         if s is not bad:
@@ -96,7 +97,7 @@ def test_status_names_the_failed_subject_step_and_reason(broken_run, capsys):
     assert lines[0] == f"{out}: {N_SUBJECTS} planned; 2 done, 1 failed, 0 missing"
     (bad_line,) = [ln for ln in lines if ln.startswith(bad.key)]
     assert bad_line.split()[1:6] == ["failed", "failed", "skipped", "skipped", "skipped"]
-    assert f"[validate] {bad.bvec}: " in bad_line
+    assert f"[validate] {uri}: " in bad_line
     steps = {ln.split()[0]: [int(n) for n in ln.split()[1:]] for ln in lines
              if ln.split()[0] in STEPS}
     #                 done failed skipped missing
