@@ -243,6 +243,21 @@ def test_inference_checkpoint_is_named_without_an_absolute_path(tmp_path):
     assert sidecars and all(m["Parameters"]["weights_sha256"] == card.weights_sha256
                             for m in sidecars)
     assert_no_absolute_path(out, tmp_path)
+    # moved elsewhere, the same checkpoint (keyed by its card's content) keeps the
+    # cache: only Export and GroupTable run again; models.tsv names the new place
+    before = {k: v for k, v in node_results(out).items()}
+    moved = tmp_path / "elsewhere" / "ckpt"
+    moved.parent.mkdir()
+    Path(ckpt).rename(moved)
+    assert run(src, out, "--inference", "directions",
+               "--inference-checkpoint", str(moved)) == cli.EXIT_OK
+    assert tasks_run(newest_log(out)) <= {"Export", "GroupTable"}
+    after = node_results(out)
+    assert all(after[k] == v for k, v in before.items())
+    new = {(out / k).parent / "_dmriflow_step" for k in set(after) - set(before)}
+    assert {p.read_text() for p in new if p.is_file()} <= {"export", "group"}
+    models = pd.read_csv(out / "dmriflow" / "group" / "models.tsv", sep="\t")
+    assert list(models["checkpoint"]) == ["../../elsewhere/ckpt"]
     # the checkpoint shipped with dmriflow is named inside the package
     shipped = default_checkpoint("directions")
     assert external_path(shipped, out) == "dmriflow:models/checkpoints/" + shipped.name
