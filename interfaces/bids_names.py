@@ -20,12 +20,21 @@ INPUT_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run", "space")
 #: derivative's). An entity not listed here goes where ``desc`` goes, in the
 #: order given, so a name never depends on the order of a dict (records
 #: travel as JSON with sorted keys).
-ENTITY_ORDER = INPUT_ENTITIES + ("model", "shell", "desc", "param")
+ENTITY_ORDER = INPUT_ENTITIES + ("model", "desc", "param")
 _OTHER = ENTITY_ORDER.index("desc")
 #: Extensions with a dot inside, matched before the last-dot rule.
 DOUBLE_EXTENSIONS = (".nii.gz",)
-#: Characters of a label (BIDS: alphanumeric; "." for shells such as 1000.5).
+#: Characters of a label besides BIDS' alphanumerics ("." is let through for
+#: input labels written that way; no derivative label dmriflow makes has one).
 LABEL_EXTRA = "."
+#: Shells in names (RISH maps): ``desc-b<b>``, the b-value in s/mm^2, e.g.
+#: ``model-rish_desc-b1000_param-l2_dwimap``; ``shell-`` is not a BIDS entity.
+#: A fractional b-value (never made by the shell rounding, a multiple of 50)
+#: writes its point as ``p`` (``b1000p5``): labels stay alphanumeric.
+SHELL_ENTITY, SHELL_PREFIX, SHELL_POINT = "desc", "b", "p"
+#: The entity of the first naming (``model-rish_shell-1000_param-l2``), read
+#: only to recognise derivatives of older runs; never written.
+LEGACY_SHELL_ENTITY = "shell"
 
 
 def _check_label(kind: str, text: str) -> str:
@@ -91,3 +100,29 @@ def input_entities(path) -> dict:
     except ValueError:
         return {}
     return {k: entities[k] for k in INPUT_ENTITIES if k in entities}
+
+
+def shell_entities(b) -> dict:
+    """The entities naming a shell: ``1000`` -> ``{"desc": "b1000"}``."""
+    value = float(b)
+    if value < 0 or value != value:
+        raise ValueError(f"a shell's b-value must be >= 0, got {b!r}")
+    text = f"{value:.6f}".rstrip("0").rstrip(".").replace(".", SHELL_POINT)
+    return {SHELL_ENTITY: SHELL_PREFIX + text}
+
+
+def shell_of(entities: dict) -> float | None:
+    """The b-value a name's entities give its shell (``desc-b1000`` -> 1000.0;
+    an older run's ``shell-1000`` as well); None when they name none."""
+    label = entities.get(SHELL_ENTITY, "")
+    digits = label[len(SHELL_PREFIX):]
+    if label.startswith(SHELL_PREFIX) and digits[:1].isdigit():
+        try:
+            return float(digits.replace(SHELL_POINT, ".", 1))
+        except ValueError:
+            return None
+    legacy = entities.get(LEGACY_SHELL_ENTITY)
+    try:
+        return None if legacy is None else float(legacy)
+    except ValueError:
+        return None

@@ -15,3 +15,8 @@ class InputError(ValueError):
 
     def __reduce__(self):  # keep path/problem through pickling (pydra crash files)
         return (type(self), (self.path, self.problem))
+
+
+class UsageError(ValueError):
+    """A command-line value that matches nothing in the input (e.g. a participant
+    label no subject has): a usage mistake, exit status 64, naming the value."""

@@ -886,6 +886,17 @@ class HarmonizationArtefact:
             raise InputError(meta_path, f"invalid artefact ({exc})") from None
 
 
+def artefact_fingerprint(directory) -> str | None:
+    """sha256 of an artefact folder's ``artefact.json``, which lists the sha256 of
+    every file :meth:`HarmonizationArtefact.load` reads (and checks): the
+    artefact's content, wherever the folder is. None when it cannot be read
+    (applying it then fails each subject with the reason)."""
+    try:
+        return hashlib.sha256((Path(directory) / ARTEFACT_JSON).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise InputError(path, f"{what} JSON not found")

@@ -40,24 +40,26 @@ import os
 import sys
 import tomllib
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 
 from dmriflow.interfaces import __version__, io
-from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.errors import InputError, UsageError
 from dmriflow.interfaces.io import read_sidecar
 from dmriflow.interfaces.stepfiles import load_subject
 from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY
 from dmriflow.interfaces.steps.base import ALL_COMMANDS, flag_of, option_type, options_of
 from dmriflow.interfaces.steps.image_gradient import resolve_timing
-from dmriflow.pipelines.derivatives import write_subjects_table
+from dmriflow.pipelines.derivatives import recorded_frame, write_subjects_table
 from dmriflow.pipelines.execution import (STEP_WORDS, EngineOptions, RunConfig, RunInProgress,
                                           cohort_files, collect_status, read_plan,
                                           run_cohort, run_harmonization_fit, run_holder,
                                           status_table)
 from dmriflow.pipelines.image_gradient import group_from_status
 from dmriflow.pipelines.inputs import census, discover, read_filter_file, site_labels
+from dmriflow.pipelines.progress import terminal_path, terminal_text
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
 #: A command-line mistake (sysexits' EX_USAGE), apart from 2 = some subjects failed.
@@ -347,15 +349,17 @@ def _run(input_dir, output, layout, labels, args) -> int:
             print(f"unit {s.key}: {s.dwi}" + (f" (fails: {s.problem})" if s.problem else ""))
     _apply_resources(subjects, config)
     result = run_cohort(subjects, output, config)
-    print(f"derivatives: {result.output_dir / 'dmriflow'}")
-    print(f"summary table: {result.table}")
+    shown = partial(terminal_path, output_dir=result.output_dir)
+    print(f"derivatives: {shown(result.output_dir / 'dmriflow')}")
+    print(f"summary table: {shown(result.table) if result.table else 'not written'}")
     left = ("left to the group level (this job ran some of the planned subjects): "
             "dmriflow INPUT OUTPUT group")
-    print(f"report: {result.report or left}")
+    print(f"report: {shown(result.report) if result.report else left}")
     for row in result.failed:
-        print(f"FAILED {row['subject']} [{row.get('failed_step', '')}]: {row.get('error', '')}")
+        print(f"FAILED {row['subject']} [{row.get('failed_step', '')}]: "
+              + terminal_text(str(row.get('error', '')), result.output_dir))
     for err in result.engine_errors:
-        print(f"ENGINE ERROR: {err}")
+        print(f"ENGINE ERROR: {terminal_text(err, result.output_dir)}")
     return EXIT_SUBJECTS_FAILED if result.failed or result.engine_errors else EXIT_OK
 
 
@@ -374,23 +378,24 @@ def cmd_group(args) -> int:
     rows_for = found + [p for p in planned if p.key not in units]
     with cohort_files(output):      # participant jobs may go on meanwhile
         rows = collect_status(output, sorted(rows_for, key=lambda u: u.key))
-        cen = census(found)
+        cen = recorded_frame(census(found), output)
         io.write_text(cen.to_csv(sep="\t", index=False, na_rep="n/a"),
                       output / "dmriflow" / "group" / "census.tsv")
         table = write_subjects_table(rows, output)
         statistics = group_from_status(rows, output)   # None without image-gradient results
         report = write_report(output)
     done = sum(r.get("status") == "done" for r in rows)
-    print(f"summary table: {table} ({done} of {len(rows)} done)")
+    shown = partial(terminal_path, output_dir=output)
+    print(f"summary table: {shown(table)} ({done} of {len(rows)} done)")
     if statistics:
-        print(f"image-gradient tests: {statistics['table']} ({statistics['n_subjects']} "
-              f"subject(s))")
-    print(f"report: {report}")
+        print(f"image-gradient tests: {shown(statistics['table'])} "
+              f"({statistics['n_subjects']} subject(s))")
+    print(f"report: {shown(report)}")
     for row in rows:
         if row.get("status") != "done":
             print(f"NOT DONE {row['subject']} ({row.get('status')}"
                   + (f" [{row['failed_step']}]" if row.get("failed_step") else "")
-                  + f"): {row.get('error', '')}")
+                  + f"): {terminal_text(str(row.get('error', '')), output)}")
     return EXIT_OK if done == len(rows) else EXIT_SUBJECTS_FAILED
 
 
@@ -441,10 +446,11 @@ def cmd_harmonize(args) -> int:
     except RuntimeError as exc:   # the fit node failed: its error text, no traceback
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    print(f"artefact: {result['artefact']}")
-    print(f"site effect before/after: {result['site_effect']}")
-    print(f"anatomy preservation: {result['preservation']}")
-    print(f"report: {result['report']}")
+    shown = partial(terminal_path, output_dir=args.output)
+    print(f"artefact: {shown(result['artefact'])}")
+    print(f"site effect before/after: {shown(result['site_effect'])}")
+    print(f"anatomy preservation: {shown(result['preservation'])}")
+    print(f"report: {shown(result['report'])}")
     for row in result["excluded"]:
         print(f"EXCLUDED {row['subject']}: {row['error']}")
     return EXIT_SUBJECTS_FAILED if result["excluded"] else EXIT_OK
@@ -484,7 +490,7 @@ def cmd_status(args) -> int:
 
 def cmd_report(args) -> int:
     from dmriflow.pipelines.report import write_report  # lazy: keeps `dmriflow --help` fast
-    print(f"report: {write_report(args.output)}")
+    print(f"report: {terminal_path(write_report(args.output), args.output)}")
     return EXIT_OK
 
 
@@ -510,7 +516,7 @@ def cmd_train(args) -> int:
     loaded = ((s.key, load_subject(s.dwi, s.bval, s.bvec, s.mask)) for s in subjects)
     card = train_on_subjects(loaded, args.checkpoint, epochs=args.epochs, resume=args.resume,
                              seed=args.seed, field_strength=field)
-    print(f"checkpoint: {Path(args.checkpoint).resolve()} ({card.name} {card.version}, "
+    print(f"checkpoint: {terminal_path(args.checkpoint)} ({card.name} {card.version}, "
           f"trained on {len(card.training['subjects'])} subject(s))")
     return EXIT_OK
 
@@ -527,7 +533,7 @@ def _train_3t7t(args) -> int:
         sessions, args.checkpoint, lambda s: load_subject(s.dwi, s.bval, s.bvec, s.mask),
         epochs=cohort.DEFAULT_EPOCHS if args.epochs is None else args.epochs, grid=args.grid,
         seed=args.seed, source=str(Path(args.input).resolve()))
-    print(f"checkpoint: {Path(args.checkpoint).resolve()} ({card.name} {card.version}, "
+    print(f"checkpoint: {terminal_path(args.checkpoint)} ({card.name} {card.version}, "
           f"{card.training['n_pairs']} pair(s), {card.training['n_3t_only']} 3T-only)")
     return EXIT_OK
 
@@ -541,7 +547,7 @@ def cmd_evaluate(args) -> int:
     with torch_threads(1):
         res = study.evaluate(args.seeds, args.out, log=print)
     print(res["metrics"][["method", "map", "nmse", "ssim", "skill"]].to_string(index=False))
-    print(f"tables: {Path(args.out).resolve()} ({res['seconds']:.0f} s)")
+    print(f"tables: {terminal_path(args.out)} ({res['seconds']:.0f} s)")
     return EXIT_OK
 
 
@@ -552,7 +558,7 @@ def cmd_demo(args) -> int:
     if not cohort.is_dir():
         write_cohort(cohort, args.subjects, layout="hcp", shape=DEMO_SHAPE, seed=0)
     status = _run(cohort, out, "hcp", None, args)
-    print(f"ground truth: {cohort / 'derivatives' / 'truth'}")
+    print(f"ground truth: {terminal_path(cohort / 'derivatives' / 'truth', out)}")
     return status
 
 
@@ -589,7 +595,12 @@ def _dispatch(args) -> int:
         return {"status": cmd_status, "simulate": cmd_simulate, "demo": cmd_demo,
                 "harmonize": cmd_harmonize, "report": cmd_report, "group": cmd_group,
                 "train": cmd_train, "evaluate": cmd_evaluate}[args.command](args)
-    except (InputError, FileNotFoundError, ValueError) as exc:
+    except UsageError as exc:
+        print(f"dmriflow: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        raise
+    except (InputError, OSError, ValueError) as exc:   # OSError: e.g. OUTPUT's disk is full
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
     except RuntimeError as exc:

@@ -20,6 +20,7 @@ from dmriflow.interfaces import __version__, io, stepfiles
 from dmriflow.interfaces.bids_names import build_name, format_entities
 from dmriflow.interfaces.harmonize import SIDECAR_KEY
 from dmriflow.pipelines.inputs import HCP_DIFFUSION_DIR, assign_protocols
+from dmriflow.pipelines.progress import ABSOLUTE_PATH
 from dmriflow.interfaces.steps.base import (MAP_EXTENSION, MAP_SUFFIX, TABLE_EXTENSION,
                                             Derivative, product_from_record)
 
@@ -79,6 +80,44 @@ HCP_DEPTH = len(Path(HCP_DIFFUSION_DIR).parts) + 1
 def dataset_root(output_dir) -> Path:
     """OUTPUT/dmriflow: the root of the derivative dataset."""
     return Path(output_dir, DATASET_DIR)
+
+
+def recorded_path(path: str, output_dir) -> str:
+    """An absolute path found in a text OUTPUT keeps (an error, a warning) as OUTPUT
+    records paths: inside the derivative dataset relative to its root; an input
+    file (under a ``sub-*`` or HCP ``T1w/Diffusion`` folder) as its ``bids:raw:``
+    URI; anything else by its name."""
+    root = dataset_root(output_dir)
+    rel = os.path.relpath(path, root)
+    if not rel.startswith(os.pardir):
+        return Path(rel).as_posix()
+    parts = Path(path).parts
+    hcp = HCP_DIFFUSION_DIR.parts
+    if any(p.startswith("sub-") for p in parts[:-1]) or any(
+            parts[i:i + len(hcp)] == hcp for i in range(len(parts))):
+        return input_uri(path, input_root(path))
+    return Path(path).name
+
+
+def recorded_text(text: str, output_dir) -> str:
+    """``text`` with every absolute path as :func:`recorded_path` names it."""
+    return ABSOLUTE_PATH.sub(lambda m: recorded_path(m.group(0), output_dir), text)
+
+
+def recorded_values(values: dict, output_dir) -> dict:
+    """A row (status file, table) whose texts hold no absolute path."""
+    return {k: recorded_text(v, output_dir) if isinstance(v, str) else v
+            for k, v in values.items()}
+
+
+def recorded_frame(df: pd.DataFrame, output_dir) -> pd.DataFrame:
+    """A table (census, group table) whose texts hold no absolute path."""
+    df = df.copy()
+    for col in df.columns:
+        if any(isinstance(v, str) for v in df[col]):
+            df[col] = [recorded_text(v, output_dir) if isinstance(v, str) else v
+                       for v in df[col]]
+    return df
 
 
 def relative_derivative(path, output_dir) -> str:
@@ -285,13 +324,14 @@ def export_product(product: dict, dwi_dir: Path, subject, inputs: dict,
 
 
 def export_series(record: dict, dwi_dir: Path, prefix: str, inputs: dict,
-                  provenance: dict, output_dir) -> list[str]:
+                  provenance: dict, output_dir, artefact: str = "") -> list[str]:
     """Export the DWI series when a step changed it (preprocessing, harmonization);
-    a harmonization artefact is named by :func:`external_path`."""
+    a harmonization artefact is named by :func:`external_path`, at ``artefact``
+    (where the run's artefact is now) when given."""
     if not record.get("history"):
         return []
-    history = [{**h, "artefact": external_path(h["artefact"], output_dir)} if "artefact" in h
-               else h for h in record["history"]]
+    history = [{**h, "artefact": external_path(artefact or h["artefact"], output_dir)}
+               if "artefact" in h else h for h in record["history"]]
     desc = "".join(SERIES_DESC[h["step"]] for h in record["history"])
     base = f"{prefix}_" + build_name({"desc": desc}, SERIES_SUFFIX)
     series = record["series"]
@@ -354,6 +394,55 @@ def previous_export(path: Path, eid: str, output_dir) -> dict | None:
     return row if done else None
 
 
+def _written_by_dmriflow(sidecar: Path) -> bool:
+    """Whether a JSON file is a sidecar dmriflow wrote (``GeneratedBy[0].Name``)."""
+    try:
+        meta = json.loads(sidecar.read_text())
+        return meta["GeneratedBy"][0]["Name"] == "dmriflow"
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
+
+
+def listed_files(row: dict, output_dir, out_parts) -> list[Path]:
+    """The files an earlier status row lists that are dmriflow's to remove: its
+    derivatives that are regular files (not links) inside this subject's own
+    folder of the current OUTPUT, and the dmriflow sidecar beside each."""
+    folder = dataset_root(output_dir).joinpath(*out_parts).resolve()
+    found: list[Path] = []
+    for entry in row.get("derivatives", []) if isinstance(row, dict) else []:
+        path = derivative_file(str(entry), output_dir)
+        try:
+            inside = path.parent.resolve().is_relative_to(folder)
+        except OSError:
+            continue
+        if not inside or path.is_symlink() or not path.is_file():
+            continue
+        side = sidecar_of(path)
+        extra = [side] if side != path and side.is_file() and not side.is_symlink() \
+            and _written_by_dmriflow(side) else []
+        found += [p for p in (path, *extra) if p not in found]
+    return found
+
+
+def retire_export(status_file: Path, output_dir, out_parts) -> int:
+    """Remove a subject's earlier export before it is redone: the files its
+    status file lists (:func:`listed_files`), then the status file. A rerun
+    thus never leaves files of an older run beside the new ones (e.g. names of
+    an older naming scheme); files the status file does not list (the user's)
+    are not touched. Files go first, so a run killed meanwhile leaves a status
+    file whose missing derivatives make ``status`` report the subject missing
+    and the next run redo it. Returns the number of files removed."""
+    try:
+        row = json.loads(Path(status_file).read_text())
+    except (OSError, ValueError):
+        row = {}
+    files = listed_files(row, output_dir, out_parts)
+    for path in files:
+        path.unlink(missing_ok=True)
+    Path(status_file).unlink(missing_ok=True)
+    return len(files)
+
+
 def status_path(output_dir, out_parts, key) -> Path:
     """OUTPUT/dmriflow/<out_parts>/<key>_desc-dmriflow_status.json."""
     return Path(output_dir, "dmriflow", *out_parts,
@@ -362,7 +451,8 @@ def status_path(output_dir, out_parts, key) -> Path:
 
 def write_status(row: dict, output_dir, out_parts) -> dict:
     """Write a subject's status file (the last thing written for a subject)."""
-    io.write_json(row, status_path(output_dir, out_parts, row["subject"]))
+    io.write_json(recorded_values(row, output_dir),
+                  status_path(output_dir, out_parts, row["subject"]))
     return row
 
 
@@ -373,7 +463,8 @@ def failed_row(subject: str, step: str, error: str, pipeline_version: str) -> di
 
 def write_subjects_table(rows: list[dict], output_dir) -> Path:
     """OUTPUT/dmriflow/group/subjects.tsv, one row per subject, and its sidecar."""
-    df = assign_protocols(pd.DataFrame([{k: v for k, v in r.items() if k not in ROW_ONLY}
+    df = assign_protocols(pd.DataFrame([recorded_values({k: v for k, v in r.items()
+                                                         if k not in ROW_ONLY}, output_dir)
                                         for r in rows]))
     # the same columns in the same order whether rows come from the engine or
     # from status files (JSON with sorted keys): status columns, then by name
@@ -398,12 +489,13 @@ def _table_sidecar(rows: list[dict]) -> dict:
 
 
 def export_subject(subject, record: dict, products: list[dict], output_dir,
-                   pipeline_version: str) -> dict:
+                   pipeline_version: str, artefact: str = "") -> dict:
     """Write one subject's derivatives; its status row (without the status file).
 
     ``subject``: the engine's subject unit (``key``, ``out_parts``,
     ``entities``); ``products``: the product records of the steps it went
-    through, in registry order. A failed record or product makes the row
+    through, in registry order; ``artefact``: see :func:`export_series`. A
+    failed record or product makes the row
     failed (its step and reason); an exception while writing fails the
     export.
     """
@@ -426,7 +518,7 @@ def export_subject(subject, record: dict, products: list[dict], output_dir,
     written = []
     if record.get("maps") or record.get("tables"):
         written += export_product(record_maps(record), dwi_dir, prefix, inputs, provenance)
-    written += export_series(record, dwi_dir, prefix, inputs, provenance, output_dir)
+    written += export_series(record, dwi_dir, prefix, inputs, provenance, output_dir, artefact)
     written += export_fixed_bvec(record, dwi_dir, prefix, inputs, provenance)
     flags = list(record.get("qc_flags", []))
     for product in products:

@@ -11,6 +11,7 @@ alone on the folder, or, for its own units, by any job (see
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import os
@@ -37,7 +38,8 @@ from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_option
                                        option_owner)
 from dmriflow.interfaces.steps.base import check_choice, field_default, option
 from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_entry,
-                                            source_uri, status_path,
+                                            recorded_frame, retire_export, source_uri,
+                                            status_path,
                                             write_dataset_description, write_status,
                                             write_subjects_table)
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
@@ -48,11 +50,12 @@ from dmriflow.pipelines.locks import (BRIEF_WAIT_S, COHORT_LOCK, JOURNAL_PATTERN
                                       RUN_LOCK, UNIT_LOCK_DIR, UPKEEP, RunInProgress, dead_journals, holder,
                                       journal, lock_holders, node_units, open_lock, sign,
                                       try_lock, unit_lock_path, write_new)
-from dmriflow.pipelines.methods import write_methods
+from dmriflow.pipelines.methods import FIT_COMMAND, write_methods
 from dmriflow.pipelines.progress import (BAR, LOG_ENV, LOG_ROOT_ENV, PROGRESS_ENV, ProgressBar,
                                          bar_wanted, log_line, shown_path)
 from dmriflow.pipelines.slurm import SlurmWorker
-from dmriflow.pipelines.steps import DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject
+from dmriflow.pipelines.steps import (DROPPED_MARKER, FAILED_MARKER, STEP_MARKER, Subject,
+                                      artefact_option)
 from dmriflow.pipelines.workflows import CohortWorkflow
 
 #: Engine workers dmriflow supports; there is no silent default.
@@ -65,9 +68,12 @@ DEFAULT_CACHE = ".dmriflow-cache"
 #: it for ever (tests/test_resume.py met it). In the cache root it is one of the
 #: engine's leftovers, removed by the upkeep.
 HASH_CACHE_DIR = ".pydra-hashes"
-#: What a killed engine leaves in the cache root: Pydra's soft lock files
-#: (``<node>.lock``, ``<node>_save.lock``, the hash cache's), job info files.
-ENGINE_LEFTOVERS = ("*.lock", "*_info.json", f"{HASH_CACHE_DIR}/*.lock")
+#: What a killed engine leaves in the cache root, by the names Pydra gives them:
+#: soft lock files of node folders (``<node>.lock``, ``<node>_save.lock``) and
+#: job info files (``<uuid hex>_info.json``); and the hash cache's locks (in
+#: HASH_CACHE_DIR). Nothing else is removed: a user's ``build.lock`` stays.
+ENGINE_LEFTOVER = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}(_save)?\.lock$"
+                             r"|^[0-9a-f]{32}_info\.json$")
 #: In the cache root while a run is going (RUN_JOURNAL or one per job sharing the
 #: cache, see :mod:`dmriflow.pipelines.locks`: its start time); an interrupted run
 #: leaves it behind, telling the next run which node results to check.
@@ -81,7 +87,11 @@ LOG_DIR = "logs"
 CACHE_MARKER = ".dmriflow-cache.json"
 #: Entries the engine and dmriflow make in a cache root: what an unmarked cache of an
 #: earlier version may hold to be adopted (anything else there is someone's file).
-ENGINE_ENTRY = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}$|.*\.lock$|.*_info\.json$"
+#: A node folder's name (Pydra: task type, then the 32-hex checksum): the only
+#: folders of a cache root the cleaning removes.
+ENGINE_NODE = re.compile(r"^(python|workflow|shell)-[0-9a-f]{32}$")
+ENGINE_ENTRY = re.compile(rf"{ENGINE_NODE.pattern}"
+                          rf"|{ENGINE_LEFTOVER.pattern}|^{re.escape(RUN_LOCK)}$"
                           rf"|{JOURNAL_PATTERN.pattern}|^{re.escape(HASH_CACHE_DIR)}$")
 #: Permission bits that let someone other than the owner write (and so plant a
 #: node result that the next run would unpickle).
@@ -173,8 +183,8 @@ class RunConfig:
             chosen = self.cohort if step in COHORT_REGISTRY else self.steps
             chosen[step] = replace(chosen[step], **values)
         harmonize = self.steps["harmonize"]
-        if harmonize.harmonization:   # nodes hash the artefact's path: make it absolute
-            harmonize.harmonization = str(Path(harmonize.harmonization).resolve())
+        if harmonize.harmonization:   # absolute, cache key from its content
+            harmonize.harmonization = artefact_option(harmonize.harmonization)
 
     def __getattr__(self, name):
         if name in ("engine", "steps", "cohort"):
@@ -203,7 +213,7 @@ class RunConfig:
 @dataclass
 class CohortResult:
     output_dir: Path
-    table: Path
+    table: Path | None              # None: it could not be written (engine_errors say why)
     rows: list[dict] = field(default_factory=list)
     engine_errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -234,12 +244,12 @@ def clean_cache(root: Path, units: set[str] | None = None) -> int:
         return 0
     mine = (lambda d: True) if units is None else (lambda d: bool(node_units(d) & units))
     failed = [d for d in root.iterdir()
-              if d.is_dir() and any((d / f).exists()
+              if ENGINE_NODE.match(d.name) and d.is_dir() and any((d / f).exists()
                                     for f in (ERROR_FILE, FAILED_MARKER, DROPPED_MARKER))
               and mine(d)]
     if failed:
-        failed += [d for d in root.iterdir() if d.is_dir() and d.name.startswith("workflow-")
-                   and d not in failed and mine(d)]
+        failed += [d for d in root.iterdir() if ENGINE_NODE.match(d.name) and d.is_dir()
+                   and d.name.startswith("workflow-") and d not in failed and mine(d)]
     for d in failed:
         shutil.rmtree(d, ignore_errors=True)
     return len(failed)
@@ -417,8 +427,10 @@ def clear_interrupted(root: Path, output_dir: Path) -> int:
 
 def clear_engine_leftovers(root: Path) -> int:
     """Pydra's lock and job-info files in the cache root; only with the cache held alone."""
-    stale = [p for pattern in ENGINE_LEFTOVERS for p in root.glob(pattern)
-             if p.name != RUN_LOCK] if root.is_dir() else []
+    if not root.is_dir():
+        return 0
+    stale = [p for p in root.iterdir() if ENGINE_LEFTOVER.match(p.name)]
+    stale += list((root / HASH_CACHE_DIR).glob("*.lock"))
     return _remove(stale)
 
 
@@ -466,7 +478,8 @@ def discard_interrupted_results(root: Path, units: set[str] | None = None,
             started = 0.0 if units is None else None
         if started is not None:
             for result_file in root.glob("*/_result.pklz"):
-                if result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
+                if not ENGINE_NODE.match(result_file.parent.name) or \
+                        result_file.stat().st_mtime < started - JOURNAL_SLACK_S:
                     continue
                 if units is not None and not node_units(result_file.parent) & units:
                     continue
@@ -498,7 +511,7 @@ def clear_unit_leftovers(root: Path, units: set[str]) -> int:
     stale = []
     for lock in root.glob("*.lock") if root.is_dir() else []:
         node = root / lock.name[: -len(".lock")].removesuffix("_save")
-        if lock.name != RUN_LOCK and node.is_dir() and node_units(node) & units:
+        if ENGINE_LEFTOVER.match(lock.name) and node.is_dir() and node_units(node) & units:
             stale.append(lock)
     return _remove(stale)
 
@@ -732,6 +745,8 @@ def preflight(subjects: list[SubjectInputs], output_dir, version: str):
             s.check_files()
             runnable.append(s)
         except InputError as exc:
+            retire_export(status_path(output_dir, s.out_parts, s.key), output_dir,
+                          s.out_parts)
             failed.append(write_status(failed_row(s.key, "validate", str(exc), version),
                                        output_dir, s.out_parts))
     return runnable, failed
@@ -743,7 +758,7 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
     products = None
     if config.inference:
         # own phase and submitter (GPU jobs on SLURM); products reach Export
-        pin_checkpoint(config.steps["inference"])
+        # (the checkpoint was pinned before the methods text was written)
         products, errors = run_inference_phase(units, output_dir, config, root, version,
                                                submitter)
         for err in errors:
@@ -751,7 +766,8 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
     task = CohortWorkflow(subjects=units, output_dir=str(output_dir), options=config.options_record(),
                           extra_rows=prefailed, inference=products,
                           drop_series=config.drop_series, cohort_steps=cohort_steps,
-                          pipeline_version=version)
+                          pipeline_version=version,
+                          harmonization=str(config.harmonization or ""))
     with submitter(config, root) as sub:
         return sub(task, raise_errors=False)
 
@@ -818,7 +834,7 @@ def merge_plan(output_dir: Path, subjects: list, config: RunConfig, version: str
     io.write_json({"pipeline_version": version, "worker": config.worker,
                    "steps": list(planned_steps(config)), "subjects": list(entries.values()),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, group / "cohort.json")
-    cen = census(subjects)
+    cen = recorded_frame(census(subjects), output_dir)
     text = cen.to_csv(sep="\t", index=False, na_rep="n/a")
     if len(entries) > len(subjects) and (group / "census.tsv").is_file():
         text = merged_census(group / "census.tsv", text)
@@ -850,6 +866,8 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
     whole = keys >= {p.key for p in planned}
     cen = pd.read_csv(output_dir / "dmriflow" / "group" / "census.tsv", sep="\t",
                       keep_default_na=False)
+    if config.inference:    # the methods text names the checkpoint the run uses
+        pin_checkpoint(config.steps["inference"])
     methods = write_methods(config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(selected),
                             sum(bool(getattr(s, "mask", None)) for s in selected))
     _debug(f"options changed from their defaults: {changed_options(config)}; methods text "
@@ -902,7 +920,11 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
         whole = keys >= {p.key for p in planned}
         if table is None or not whole:
             # the table covers the whole plan, from the status files
-            table = write_subjects_table(collect_status(output_dir, planned), output_dir)
+            try:
+                table = write_subjects_table(collect_status(output_dir, planned), output_dir)
+            except OSError as exc:     # e.g. a full disk: the status files say the rest
+                engine_errors.append(f"group table not written: {exc}")
+                table = None
         # the report reads every unit's maps: a job of some units leaves it to the group
         # level (one per job would cost each job the whole cohort, under the lock)
         report = _write_report(output_dir, config) if whole or config.rerun_failed else None
@@ -1096,6 +1118,14 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     clean_cache(root)
     _log(config, f"harmonization fit: {reference_site} (reference) vs {target_site} (target), "
                  f"shells {shells}, lmax {lmax}, registration {registration}")
+    # the methods text states the fit as run: the shells and order it resolved
+    fit_config = copy.copy(config)
+    fit_config.cohort = {**config.cohort, "harmonization_fit": replace(
+        config.cohort["harmonization_fit"], reference=reference_site, target=target_site,
+        shells=[float(b) for b in shells], harmonization_lmax=int(lmax),
+        registration=registration, smoothing_fwhm=smoothing_fwhm_mm)}
+    write_methods(fit_config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(chosen),
+                  sum(bool(getattr(s, "mask", None)) for s in chosen), command=FIT_COMMAND)
     options = {**config.options_record(), "harmonize": {}}   # features of the acquired series
     task = HarmonizationFitWorkflow(
         subjects=[Subject.of(s) for s in runnable], options=options,

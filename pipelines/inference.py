@@ -16,6 +16,7 @@ twice. ``group/models.tsv`` lists the models used with their cards' metrics.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +26,7 @@ from dmriflow.interfaces import io
 from dmriflow.pipelines.derivatives import external_path
 from dmriflow.pipelines.engine import errors_of
 from dmriflow.pipelines.progress import PROGRESS
-from dmriflow.pipelines.steps import TASKS, Subject
+from dmriflow.pipelines.steps import TASKS, ContentKeyed, Subject
 from dmriflow.pipelines.workflows import add_series_steps, rows_only
 
 #: Step name (node marker, failure records, sidecars).
@@ -75,10 +76,14 @@ def resolve_checkpoint(kind: str, checkpoint: str = "") -> str:
 
 def pin_checkpoint(options) -> None:
     """Resolve the inference options' checkpoint folder (default: the shipped
-    one) and record its card's weights hash, so new weights mean new nodes."""
-    from dmriflow.models.card import load_card  # torch: only when a run uses a model
-    options.inference_checkpoint = resolve_checkpoint(options.inference,
-                                                      options.inference_checkpoint)
+    one) and record its card's weights hash, so new weights mean new nodes. The
+    folder is keyed in the cache by its card's content (which holds the
+    weights' sha256, checked on load), not its path: a moved checkpoint (or
+    a moved installation's shipped one) keeps the cache."""
+    from dmriflow.models.card import CARD_FILE, load_card  # torch: only when a run uses a model
+    folder = resolve_checkpoint(options.inference, options.inference_checkpoint)
+    card = hashlib.sha256((Path(folder) / CARD_FILE).read_bytes()).hexdigest()
+    options.inference_checkpoint = ContentKeyed(folder, f"sha256:{card}")
     options.weights_sha256 = load_card(options.inference_checkpoint).weights_sha256
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from dmriflow.interfaces.bids_names import (ENTITY_SEP, INPUT_ENTITIES, build_name,
                                             format_entities, split_extension)
-from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.errors import InputError, UsageError
 from dmriflow.interfaces.gradients import check_readable_file
 # The census row and sidecar reader are step code (interfaces.io); read_sidecar
 # stays importable from here for the pipeline's callers.
@@ -424,6 +424,38 @@ def _normalise(labels, prefix: str) -> set[str]:
     return {str(lbl).removeprefix(prefix) for lbl in labels}
 
 
+def unit_names(s: SubjectInputs, layout: str) -> set[str]:
+    """The labels a unit answers to (without ``sub-``): its label, and for HCP
+    its folder's own name, which may hold characters a BIDS label cannot
+    (``100307_3T`` has the label ``1003073T``)."""
+    names = {s.label}
+    if layout == "hcp":
+        names.add(Path(s.dwi).parents[len(HCP_DIFFUSION_DIR.parts)].name.removeprefix("sub-"))
+    return names
+
+
+#: Labels a usage error lists of those found (the first few).
+SHOWN_LABELS = 10
+
+
+def select_participants(subjects: list[SubjectInputs], labels, layout: str,
+                        input_dir) -> list[SubjectInputs]:
+    """The units ``labels`` name (each with or without ``sub-``; the label a unit
+    maps to or the name its input uses, see :func:`unit_names`). A label that
+    names no unit is a :class:`UsageError` naming it and some labels found."""
+    wanted = _normalise(labels, "sub-")
+    chosen = [s for s in subjects if unit_names(s, layout) & wanted]
+    known = set().union(*(unit_names(s, layout) for s in subjects))
+    unknown = [str(lbl) for lbl in labels if str(lbl).removeprefix("sub-") not in known]
+    if unknown:
+        found = sorted({s.label for s in subjects})
+        raise UsageError(f"--participant-label {' '.join(unknown)}: no such subject in "
+                         f"{input_dir} ({layout} layout; labels found: "
+                         f"{', '.join(found[:SHOWN_LABELS]) or 'none'}"
+                         f"{', ...' if len(found) > SHOWN_LABELS else ''})")
+    return chosen
+
+
 def discover(input_dir, layout: str = "auto",
              participant_labels: list[str] | None = None,
              session_labels: list[str] | None = None,
@@ -445,11 +477,7 @@ def discover(input_dir, layout: str = "auto",
     subjects = discover_hcp(input_dir) if layout == "hcp" else discover_bids(input_dir,
                                                                              bids_filter)
     if participant_labels:
-        wanted = _normalise(participant_labels, "sub-")
-        unknown = wanted - {s.label for s in subjects}
-        if unknown:
-            raise InputError(input_dir, f"participant label(s) not found: {sorted(unknown)}")
-        subjects = [s for s in subjects if s.label in wanted]
+        subjects = select_participants(subjects, participant_labels, layout, input_dir)
     if session_labels:
         wanted = _normalise(session_labels, "ses-")
         subjects = [s for s in subjects if s.session in wanted]

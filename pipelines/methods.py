@@ -15,6 +15,7 @@ values are named as OUTPUT records them (:func:`external_path`), never absolute.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import os
 import re
@@ -27,10 +28,13 @@ from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces import steps as steps_package
 from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY, STEP_MODULES, cohort_steps
 from dmriflow.interfaces.steps.base import field_default, flag_of, options_of
-from dmriflow.pipelines.derivatives import external_path
+from dmriflow.pipelines.derivatives import PACKAGE_URI, external_path
 
-#: The file, under OUTPUT/dmriflow/logs.
+#: The file, under OUTPUT/dmriflow/logs: a run's, and ``dmriflow harmonize fit``'s
+#: (its own, so a fit and a run on one OUTPUT keep both).
 METHODS_FILE = "methods.md"
+FIT_COMMAND = "harmonize fit"
+METHODS_FILES = {"run": METHODS_FILE, FIT_COMMAND: "methods-harmonize-fit.md"}
 #: Software whose version the text states (the numerics and the engine).
 METHODS_PACKAGES = ("dipy", "nibabel", "numpy", "scipy", "pydra", "torch")
 
@@ -73,6 +77,10 @@ WLS = ("Veraart J, Sijbers J, Sunaert S, Leemans A, Jeurissen B (2013). Weighted
 SH = ("Descoteaux M, Angelino E, Fitzgibbons S, Deriche R (2007). Regularized, fast, and robust "
       "analytical Q-ball imaging. Magn Reson Med 58:497-510. doi:10.1002/mrm.21277")
 
+SYN = ("Avants BB, Epstein CL, Grossman M, Gee JC (2008). Symmetric diffeomorphic image "
+       "registration with cross-correlation: evaluating automated labeling of elderly and "
+       "neurodegenerative brain. Med Image Anal 12:26-41. doi:10.1016/j.media.2007.06.004")
+
 #: References by what ran: ``"step"`` (the step ran), ``"step.option"`` (the
 #: option is on: true or non-empty) or ``"step.option=value"``; ``""``: every run.
 #: (The median-Otsu mask's reference is added when a unit had no mask given.)
@@ -85,6 +93,8 @@ REFERENCES: dict[str, tuple[str, ...]] = {
     "tensor": (DTI,),
     "tensor.fit_method=WLS": (WLS,),
     "rish": (SH, RISH),
+    "harmonization_fit": (RISH, RISH_MULTISITE),
+    "harmonization_fit.registration=syn": (SYN,),
 }
 
 
@@ -114,7 +124,9 @@ def _shown(value, output_dir) -> str:
 
 
 def option_rows(options, output_dir) -> list[tuple[str, str, str, bool]]:
-    """(flag, help, shown value, changed from the default) of each declared option."""
+    """(flag, help, shown value, changed from the default) of each declared option.
+    A file of the installed package (a shipped checkpoint the run resolved the
+    empty default to) is the default, not a change."""
     rows = []
     for f, info in options_of(type(options)):
         value, default = getattr(options, f.name), field_default(f)
@@ -123,8 +135,18 @@ def option_rows(options, output_dir) -> list[tuple[str, str, str, bool]]:
             help_text = info.help % {"default": default}
         except (TypeError, ValueError, KeyError):
             help_text = info.help
-        rows.append((flag_of(f, info), help_text, _shown(shown, output_dir), value != default))
+        text = _shown(shown, output_dir)
+        changed = value != default and not text.startswith(PACKAGE_URI)
+        rows.append((flag_of(f, info), help_text, text, changed))
     return rows
+
+
+def run_values(options) -> list[tuple[str, str]]:
+    """(name, value) of the fields a run sets itself (not options: e.g. the
+    checkpoint's weights hash), when set."""
+    declared = {f.name for f, _ in options_of(type(options))}
+    return [(f.name, str(getattr(options, f.name))) for f in dataclasses.fields(options)
+            if f.name not in declared and getattr(options, f.name) not in ("", None)]
 
 
 def references(steps: dict) -> list[str]:
@@ -157,10 +179,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def ran_steps(config) -> tuple[dict, dict]:
-    """({subject step: Options}, {cohort step: Options}) of what a run goes through."""
+def ran_steps(config, command: str = "run") -> tuple[dict, dict]:
+    """({subject step: Options}, {cohort step: Options}) of what ``command`` goes
+    through: a run's enabled steps; a harmonization fit's steps up to the series
+    it reads (the series as acquired: no artefact applied, no product step)."""
     subject = {name: config.steps[name] for name in config.enabled_steps()}
-    cohort = {s.name: config.cohort[s.name] for s in cohort_steps(config.steps, "run")}
+    if command == FIT_COMMAND:
+        subject = {name: o for name, o in subject.items()
+                   if REGISTRY[name].kind in ("source", "series") and name != "harmonize"}
+    cohort = {s.name: config.cohort[s.name] for s in cohort_steps(config.steps, command)}
     return subject, cohort
 
 
@@ -176,15 +203,16 @@ def mask_sentence(n_subjects: int, masks_given: int) -> str:
     return f"The brain mask was {computed}."
 
 
-def methods_text(config, output_dir, n_subjects: int, masks_given: int = 0) -> str:
+def methods_text(config, output_dir, n_subjects: int, masks_given: int = 0,
+                 command: str = "run") -> str:
     """The methods text (Markdown) of a run with ``config`` over ``n_subjects`` units,
-    ``masks_given`` of which came with a brain mask."""
-    subject, cohort = ran_steps(config)
+    ``masks_given`` of which came with a brain mask (``command``: see :func:`ran_steps`)."""
+    subject, cohort = ran_steps(config, command)
     summaries = step_summaries()
     v = versions()
     lines = ["# Methods", "",
              f"*Generated by dmriflow {__version__} (pipeline {io.pipeline_version()}) on "
-             f"{time.strftime('%Y-%m-%d')} for the run over {n_subjects} unit(s), "
+             f"{time.strftime('%Y-%m-%d')} for the {_what(command)} over {n_subjects} unit(s), "
              f"from the steps that ran and their settings.*", "",
              f"Diffusion MRI data were processed with dmriflow {__version__}, which runs each "
              f"subject's series as a cached Pydra {v['pydra']} task graph. The numerics use "
@@ -204,6 +232,8 @@ def methods_text(config, output_dir, n_subjects: int, masks_given: int = 0) -> s
             for flag, help_text, shown, changed in option_rows(options, output_dir):
                 mark = " **(set for this run)**" if changed else ""
                 lines.append(f"- `{flag}` = {shown}{mark}: {help_text}")
+            lines += [f"- `{name}` = {value} (set by the run)" for name, value in
+                      run_values(options)]
             lines.append("")
     lines += ["## Software", ""] + [f"- {k} {val}" for k, val in v.items()] + [""]
     lines += ["## References", ""] + [f"{i}. {r}" for i, r in
@@ -213,10 +243,16 @@ def methods_text(config, output_dir, n_subjects: int, masks_given: int = 0) -> s
     return "\n".join(lines) + "\n"
 
 
-def write_methods(config, log_dir, output_dir, n_subjects: int, masks_given: int = 0) -> Path:
-    """Write ``<log_dir>/methods.md`` (OUTPUT/dmriflow/logs, atomically); return its path."""
-    return io.write_text(methods_text(config, output_dir, n_subjects, masks_given),
-                         Path(log_dir) / METHODS_FILE)
+def _what(command: str) -> str:
+    return "harmonization fit" if command == FIT_COMMAND else "run"
+
+
+def write_methods(config, log_dir, output_dir, n_subjects: int, masks_given: int = 0,
+                  command: str = "run") -> Path:
+    """Write ``<log_dir>/<METHODS_FILES[command]>`` (OUTPUT/dmriflow/logs,
+    atomically); return its path."""
+    return io.write_text(methods_text(config, output_dir, n_subjects, masks_given, command),
+                         Path(log_dir) / METHODS_FILES[command])
 
 
 def methods_html(text: str) -> str:

@@ -60,6 +60,29 @@ def shown_path(path, output_dir) -> str:
     return Path(path).name
 
 
+#: How the terminal summary names OUTPUT when a path in it is not under the cwd.
+OUTPUT_WORD = "OUTPUT"
+
+
+def terminal_path(path, output_dir=None) -> str:
+    """A path as the terminal summary prints it, never absolute: relative to the
+    cwd when inside it, else ``OUTPUT/<path inside OUTPUT>`` when inside OUTPUT,
+    else relative to the cwd (``../...``)."""
+    here = Path.cwd().resolve()
+    path = Path(path).resolve()
+    if path.is_relative_to(here):
+        return Path(os.path.relpath(path, here)).as_posix()
+    if output_dir is not None and path.is_relative_to(Path(output_dir).resolve()):
+        inside = path.relative_to(Path(output_dir).resolve()).as_posix()
+        return OUTPUT_WORD + ("" if inside == "." else "/" + inside)
+    return Path(os.path.relpath(path, here)).as_posix()
+
+
+def terminal_text(text: str, output_dir=None) -> str:
+    """``text`` (an error) with every absolute path shown as :func:`terminal_path`."""
+    return ABSOLUTE_PATH.sub(lambda m: terminal_path(m.group(0), output_dir), text)
+
+
 def loggable(text: str, root: str | None = None) -> str:
     """``text`` with every absolute path shown as :func:`shown_path` shows it,
     relative to ``root`` (OUTPUT; default: the run's, from LOG_ROOT_ENV)."""

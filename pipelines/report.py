@@ -38,13 +38,13 @@ import numpy as np
 import pandas as pd
 
 from dmriflow.interfaces import __version__, io
-from dmriflow.interfaces.bids_names import parse_name
+from dmriflow.interfaces.bids_names import parse_name, shell_of
 from dmriflow.interfaces.harmonize import ARTEFACT_JSON
 from dmriflow.interfaces.steps import rish
 from dmriflow.interfaces.steps.base import MAP_SUFFIX
 from dmriflow.pipelines.derivatives import SERIES_DESC, SERIES_SUFFIX, derivative_file
 from dmriflow.interfaces.stepfiles import MAD_TO_SD
-from dmriflow.pipelines.methods import METHODS_FILE, methods_html
+from dmriflow.pipelines.methods import METHODS_FILES, methods_html
 
 #: The report's file name under OUTPUT/dmriflow/.
 REPORT_FILE = "report.html"
@@ -159,9 +159,11 @@ def subject_maps(root: Path) -> dict[str, SubjectMaps]:
                 maps.fa = p
             elif suffix == MAP_SUFFIX and V1_MAP.items() <= entities.items():
                 maps.v1 = p
-            elif suffix == MAP_SUFFIX and entities.get("model") == rish.MODEL:
-                order = entities["param"].removeprefix(rish.ORDER_PREFIX)
-                maps.rish[(float(entities["shell"]), int(order))] = p
+            elif suffix == MAP_SUFFIX and entities.get("model") == rish.MODEL \
+                    and shell_of(entities) is not None:
+                order = entities.get("param", "").removeprefix(rish.ORDER_PREFIX)
+                if order.isdigit():
+                    maps.rish[(shell_of(entities), int(order))] = p
             elif suffix == SERIES_SUFFIX and ext == ".json" and \
                     HARMONIZED_DESC in entities.get("desc", ""):
                 maps.harmonized = json.loads(p.read_text())
@@ -602,9 +604,10 @@ def models_section(root: Path) -> str:
 
 
 def methods_section(root: Path) -> str:
-    """The run's methods text (logs/methods.md, see :mod:`dmriflow.pipelines.methods`)."""
-    path = root / "logs" / METHODS_FILE
-    return methods_html(path.read_text()) if path.is_file() else ""
+    """The methods texts under logs/ (a run's methods.md, a harmonization fit's;
+    see :mod:`dmriflow.pipelines.methods`)."""
+    paths = [root / "logs" / name for name in METHODS_FILES.values()]
+    return "".join(methods_html(p.read_text()) for p in paths if p.is_file())
 
 
 #: The motion table of a corrected series (motion step), and the most series drawn.

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from fileformats.generic import File
 from pydra.compose import python
+from pydra.utils.hash import register_serializer
 
 from dmriflow.interfaces import stepfiles
 from dmriflow.interfaces.bids_names import input_entities
@@ -78,6 +79,37 @@ class Subject:
                        if k not in ("sub", "ses")}}
         return cls(s.key, tuple(s.out_parts), entities, File(s.dwi), File(s.bval),
                    File(s.bvec), *(None if p is None else File(p) for p in (s.mask, s.sidecar)))
+
+
+class ContentKeyed(str):
+    """A path option (a str, as options travel) whose cache key is ``key``, a hash
+    of the content it names, not the path: the same artefact moved elsewhere
+    keeps its nodes' cache entries, and new content under the same path gets
+    new ones."""
+
+    def __new__(cls, path: str, key: str):
+        obj = super().__new__(cls, path)
+        obj.key = key
+        return obj
+
+    def __reduce__(self):           # pickled (workers) and deep-copied with its key
+        return (type(self), (str(self), self.key))
+
+
+@register_serializer(ContentKeyed)
+def _content_keyed_bytes(obj: ContentKeyed, cache):
+    yield f"{__name__}.ContentKeyed:{obj.key}".encode()
+
+
+def artefact_option(path: str) -> str:
+    """The ``--harmonization`` option as nodes get it: the absolute folder (they
+    run in their own folder), keyed by its content
+    (:func:`~dmriflow.interfaces.harmonize.artefact_fingerprint`); an unreadable
+    one by its path (applying it fails each subject with the reason)."""
+    from dmriflow.interfaces.harmonize import artefact_fingerprint
+    folder = str(Path(path).resolve())
+    fingerprint = artefact_fingerprint(folder)
+    return ContentKeyed(folder, "sha256:" + fingerprint) if fingerprint else folder
 
 
 def _failure(step: str, subject: str, exc: BaseException | None = None, upstream=None) -> dict:
@@ -192,19 +224,24 @@ def export_step(subject: Subject, record: dict, output_dir: str,
                 p3: dict | None = None, p4: dict | None = None, p5: dict | None = None,
                 p6: dict | None = None, p7: dict | None = None,
                 drop_series: bool = False, pipeline_version: str = "",
-                motion_options: dict | None = None) -> tuple[dict, list]:
+                motion_options: dict | None = None,
+                harmonization: str = "") -> tuple[dict, list]:
     """Copy a subject's maps into the derivatives tree, each with a sidecar;
     (the subject's status row, the product records it exported).
 
     ``p0``...: the product records of the subject's product steps. A
-    previous status file is removed first and the new one written last (done,
-    or failed with the reason), so a killed run never shows a subject as done
-    with missing or mixed files. An identical complete export (same
+    previous export is removed first, the files its status file lists, then
+    that file (:func:`~dmriflow.pipelines.derivatives.retire_export`), and the
+    new status file written last (done, or failed with the reason), so a
+    killed run never shows a subject as done with missing or mixed files. An identical complete export (same
     ``export_id``) is not redone. With ``drop_series`` the subject's series
     copies in the cache are deleted once it is done (see
     :func:`drop_series_copies`). ``motion_options``: the run's motion-step
     options; a raw input series run without motion correction gets its
     warning (row ``warnings``, and one line in the run's log naming the subject).
+    ``harmonization``: where the run's artefact is now (a Harmonize result
+    served from the cache names where it was when computed: its cache key is
+    the artefact's content), as the sidecars name it.
     """
     Path(STEP_MARKER).write_text("export")
     warning = uncorrected_warning(record, MotionOptions(**(motion_options or {})))
@@ -214,17 +251,18 @@ def export_step(subject: Subject, record: dict, output_dir: str,
                  to_stderr=os.environ.get(PROGRESS_ENV, "1") != "0")
     products = [p for p in (p0, p1, p2, p3, p4, p5, p6, p7) if p is not None]
     eid = derivatives.export_id(record, *products, out_parts=list(subject.out_parts),
-                                output_dir=output_dir, pipeline_version=pipeline_version)
+                                output_dir=output_dir, pipeline_version=pipeline_version,
+                                **({"harmonization": harmonization} if harmonization else {}))
     status_file = derivatives.status_path(output_dir, subject.out_parts, subject.key)
     previous = derivatives.previous_export(status_file, eid, output_dir)
     if previous is not None:
         if previous.get("status") != "done":
             Path(FAILED_MARKER).write_text("export")
         return previous, products
-    status_file.unlink(missing_ok=True)
+    derivatives.retire_export(status_file, output_dir, subject.out_parts)
     try:
         row = derivatives.export_subject(subject, record, products, output_dir,
-                                         pipeline_version)
+                                         pipeline_version, harmonization)
     except Exception as exc:  # noqa: BLE001 - an export problem fails this subject only
         row = {"subject": subject.key, "status": "failed", "failed_step": "export",
                "error": f"{type(exc).__name__}: {exc}", "derivatives": []}

@@ -73,7 +73,10 @@ def add_series_steps(subject: Subject, options: dict, pipeline_version: str,
 
 def subject_workflow(subject: Subject, output_dir: str, options: dict,
                      inference: dict | None = None, drop_series: bool = False,
-                     pipeline_version: str = "") -> tuple[dict, list]:
+                     pipeline_version: str = "", harmonization: str = "") -> tuple[dict, list]:
+    """``harmonization``: the artefact's path as a plain text, for Export only (the
+    options key the Harmonize node by the artefact's content, so a moved
+    artefact changes this workflow's hash through this input alone)."""
     record = add_series_steps(subject, options, pipeline_version, rows_only(options))
     products = []
     for name in enabled(options, ("product",)):
@@ -88,7 +91,8 @@ def subject_workflow(subject: Subject, output_dir: str, options: dict,
     slots = {f"p{i}": p for i, p in enumerate(products)}
     export = workflow.add(Export(subject=subject, record=record, output_dir=output_dir,
                                  drop_series=drop_series, pipeline_version=pipeline_version,
-                                 motion_options=options.get("motion", {}), **slots),
+                                 motion_options=options.get("motion", {}),
+                                 harmonization=harmonization, **slots),
                           hooks=PROGRESS)
     return export.row, export.products
 
@@ -100,9 +104,11 @@ SubjectWorkflow = workflow.define(subject_workflow,
 def cohort_workflow(subjects: list[Subject], output_dir: str, options: dict,
                     extra_rows: list[dict] | None = None, inference: list | None = None,
                     drop_series: bool = False, cohort_steps: bool = True,
-                    pipeline_version: str = "") -> tuple[str | None, list, str | None]:
+                    pipeline_version: str = "",
+                    harmonization: str = "") -> tuple[str | None, list, str | None]:
     per_subject = SubjectWorkflow(output_dir=output_dir, options=options,
-                                  drop_series=drop_series, pipeline_version=pipeline_version)
+                                  drop_series=drop_series, pipeline_version=pipeline_version,
+                                  harmonization=harmonization)
     # products of the inference phase (pipelines/inference.py), one per subject
     extra = {"inference": inference} if inference else {}
     split = per_subject.split(("subject",) + tuple(extra), subject=subjects, **extra)

@@ -38,6 +38,11 @@ def split_runs(root: Path, label: str = "01") -> list[Path]:
     return runs
 
 
+def uri(path: Path, root: Path) -> str:
+    """How OUTPUT names an input file: its BIDS URI."""
+    return "bids:raw:" + path.relative_to(root).as_posix()
+
+
 def table(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "dmriflow" / "group" / "subjects.tsv", sep="\t",
                        keep_default_na=False).set_index("subject")
@@ -98,11 +103,15 @@ def test_a_bad_sidecar_fails_one_subject_only(tmp_path, capsys):
     assert participant(cohort, tmp_path / "out", tmp_path) == cli.EXIT_SUBJECTS_FAILED
     t = table(tmp_path / "out")
     assert list(t["status"]) == ["failed", "done", "done"]
-    assert str(bad) in t.loc["sub-01", "error"] and "[3, 0.0895]" in t.loc["sub-01", "error"]
+    assert uri(bad, cohort) in t.loc["sub-01", "error"]
+    assert "[3, 0.0895]" in t.loc["sub-01", "error"]
     assert float(t.loc["sub-02", "field_strength_t"]) == 3.0
     assert "'3T'" in t.loc["sub-02", "warnings"]
     census = pd.read_csv(tmp_path / "out" / "dmriflow" / "group" / "census.tsv", sep="\t")
-    assert str(bad) in census.set_index("subject").loc["sub-01", "census_error"]
+    assert uri(bad, cohort) in census.set_index("subject").loc["sub-01", "census_error"]
+    assert str(tmp_path) not in census.to_csv() + t.to_csv()
+    assert not [p for p in (tmp_path / "out" / "dmriflow").rglob("*.json")
+                if str(tmp_path) in p.read_text()]
     capsys.readouterr()
 
 
@@ -153,7 +162,9 @@ def test_exit_codes(tmp_path, capsys):
         assert info.value.code == cli.EXIT_USAGE
     assert cli.main([str(tmp_path / "none"), out, "participant"]) == cli.EXIT_INPUT
     assert cli.main([str(cohort), out, "participant",
-                     "--participant-label", "99"]) == cli.EXIT_INPUT
+                     "--participant-label", "99"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--participant-label 99: no such subject" in err and "labels found: 01" in err
     with pytest.raises(SystemExit) as info:
         cli.main(["--version"])
     assert info.value.code == 0 and "dmriflow" in capsys.readouterr().out
@@ -212,3 +223,30 @@ def test_two_hcp_folders_of_one_label_fail_that_label_only(tmp_path):
 def test_every_verb_is_known_to_the_bids_app_form():
     verbs = cli.build_parser()._subparsers._group_actions[0].choices
     assert set(verbs) == set(cli.VERBS)
+
+
+def test_hcp_folder_names_with_an_underscore_select_their_subject(tmp_path, capsys):
+    """HCP folders may hold characters a BIDS label cannot (``100307_3T`` becomes
+    ``sub-1003073T``): --participant-label takes the folder's name or the label,
+    with or without ``sub-``; a label matching nothing is a usage error (64)
+    naming it, with no run started."""
+    cohort = tmp_path / "hcp"
+    first, second = write_cohort(cohort, 2, layout="hcp", shape=SHAPE, seed=0,
+                                  scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=12, seed=1))
+    (cohort / first).rename(cohort / "100307_3T")
+    for label in ("100307_3T", "sub-100307_3T", "1003073T", "sub-1003073T"):
+        assert [s.key for s in discover(cohort, participant_labels=[label])] == \
+            ["sub-1003073T"], label
+    assert [s.key for s in discover(cohort, participant_labels=["100307_3T", second])] == \
+        sorted(["sub-1003073T", f"sub-{second}"])
+    out = tmp_path / "out"
+    assert participant(cohort, out, tmp_path, "--participant-label", "100307_3T") == cli.EXIT_OK
+    assert list(table(out).index) == ["sub-1003073T"]
+    capsys.readouterr()
+    for wrong in ("100307-3T", "sub-100307", "1003073t"):
+        assert participant(cohort, tmp_path / "none", tmp_path, "--participant-label",
+                           second, wrong) == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert f"--participant-label {wrong}: no such subject" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "none").exists()

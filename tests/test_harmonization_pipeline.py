@@ -118,3 +118,67 @@ def test_too_few_subjects_is_a_clear_error(two_sites, tmp_path, capsys):
                      "--worker", "debug", "--quiet"])
     assert code == cli.EXIT_INPUT
     assert "site 'siteA' has 2 subject(s); at least 3 are needed" in capsys.readouterr().err
+
+
+def test_a_moved_artefact_keeps_the_cache_and_is_named_where_it_is(fitted, two_sites,
+                                                                    tmp_path):
+    """The Harmonize nodes' cache key is the artefact's content (artefact.json,
+    which lists every file's sha256), not its path: after the folder moves, a
+    rerun recomputes no step, and the sidecars name the new place."""
+    import shutil
+
+    from pydra.utils.hash import hash_function
+
+    from dmriflow.pipelines.execution import RunConfig
+    root, _ = two_sites
+    label = sorted(p.name for p in root.glob("sub-b*"))[0]
+    first = tmp_path / "art1" / "artefact"
+    shutil.copytree(next((fitted / "dmriflow" / "harmonization").iterdir()), first)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+
+    def apply(artefact):
+        assert cli.main(["run", str(root), str(out), "--participant-label", label,
+                         "--harmonization", str(artefact), "--worker", "debug", "--quiet",
+                         "--cache-dir", str(cache)]) == cli.EXIT_OK
+        return {p.parent.name: p.stat().st_mtime_ns for p in cache.rglob("_result.pklz")
+                if (p.parent / "_dmriflow_step").is_file()
+                and (p.parent / "_dmriflow_step").read_text() not in ("export", "group")}
+
+    before = apply(first)
+    assert "harmonize" in {(cache / k / "_dmriflow_step").read_text() for k in before}
+    moved = tmp_path / "elsewhere" / "renamed"
+    moved.parent.mkdir()
+    first.rename(moved)
+    after = apply(moved)
+    assert after == before                            # no step recomputed
+    meta = json.loads((out / "dmriflow" / label / "dwi"
+                       / f"{label}_desc-harmonized_dwi.json").read_text())
+    assert (out / "dmriflow" / meta["HarmonizationArtefact"]).resolve() == moved.resolve()
+
+    # the key follows the content: same content elsewhere, same key; new content, new key
+    def key(folder):
+        return hash_function(RunConfig(worker="debug", harmonization=str(folder))
+                             .options_record()["harmonize"])
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    assert key(copy) == key(moved)
+    meta_file = copy / "artefact.json"
+    meta_file.write_text(meta_file.read_text() + "\n")
+    assert key(copy) != key(moved)
+
+
+def test_fit_writes_its_methods_text(fitted):
+    """``harmonize fit`` writes its own methods text (the same machinery as a
+    run's): the series steps it read, the fit with the shells and order it
+    resolved, the RISH references; the report shows it."""
+    from dmriflow.pipelines.methods import METHODS_FILES, RISH_MULTISITE, SYN
+    text = (fitted / "dmriflow" / "logs" / METHODS_FILES["harmonize fit"]).read_text()
+    assert "for the harmonization fit over 8 unit(s)" in text
+    assert "### FitHarmonization (`harmonization_fit`)" in text and "### Validate" in text
+    assert "### FitTensor" not in text and "### Harmonize " not in text
+    assert "- `--shells` = 1000.0 **(set for this run)**" in text
+    assert "- `--harmonization-lmax` = 6 **(set for this run)**" in text
+    assert "- `--registration` = affine **(set for this run)**" in text
+    assert RISH_MULTISITE in text and SYN not in text      # affine: no SyN reference
+    assert "FitHarmonization (<code>harmonization_fit</code>)" in \
+        (fitted / "dmriflow" / "report.html").read_text()

@@ -255,3 +255,24 @@ def test_small_64d_real_data_is_refused_by_the_card_and_scored_with_a_stated_rea
     assert {"network", "DTI prediction", "MP-PCA then DTI prediction"} <= set(methods)
     for r in result["table"][1:]:
         assert r["subjects"] == 1 and 0.0 < r["dwi_rmse"] < 1.0 and 0.0 < r["fa_rmse"] < 1.0
+
+
+def test_methods_text_names_the_shipped_checkpoint_a_run_resolves(tmp_path):
+    """Without --inference-checkpoint the run uses the shipped one: the methods
+    text names it (inside the package, not "none") with its weights' hash, as
+    the default rather than a change. The unit's voxel size does not match the
+    card, so it fails fast at inference; the text is written before."""
+    from dmriflow.interfaces.inference import default_checkpoint
+    from dmriflow.pipelines.execution import RunConfig, run_cohort
+    from dmriflow.pipelines.inputs import discover
+    from dmriflow.pipelines.methods import METHODS_FILE
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_cohort(src, 1, shape=SMALL, seed=20, scheme=md.phantom_scheme(2), voxel_size=2.0)
+    run_cohort(discover(src), out, RunConfig(worker="debug", quiet=True, inference="directions"))
+    text = (out / "dmriflow" / "logs" / METHODS_FILE).read_text()
+    shipped = default_checkpoint("directions")
+    line = next(ln for ln in text.splitlines() if ln.startswith("- `--inference-checkpoint`"))
+    assert line.startswith(f"- `--inference-checkpoint` = dmriflow:models/checkpoints/"
+                           f"{shipped.name}:"), line
+    assert "set for this run" not in line
+    assert f"- `weights_sha256` = {mc.load_card(shipped).weights_sha256} (set by the run)" in text

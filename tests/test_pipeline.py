@@ -56,9 +56,9 @@ def test_cohort_end_to_end(cohort_run):
     for s in subjects:
         dwi_dir = tmp / "out" / "dmriflow" / f"sub-{s.label}" / "dwi"
         expected = {f"sub-{s.label}_model-tensor_param-{p}_dwimap.nii.gz" for p in TENSOR}
-        expected |= {f"sub-{s.label}_model-rish_shell-{b}_param-l{order}_dwimap.nii.gz"
+        expected |= {f"sub-{s.label}_model-rish_desc-b{b}_param-l{order}_dwimap.nii.gz"
                      for b in (1000, 2000) for order in (0, 2, 4)}   # 30 dirs -> lmax 6
-        expected |= {f"sub-{s.label}_model-rish_shell-{b}_param-l6_dwimap.nii.gz"
+        expected |= {f"sub-{s.label}_model-rish_desc-b{b}_param-l6_dwimap.nii.gz"
                      for b in (1000, 2000)}
         names = {p.name for p in dwi_dir.glob("*.nii.gz")}
         assert names == expected
@@ -202,7 +202,8 @@ def test_bids_layout_and_participant_label(tmp_path):
 
 def test_unknown_participant_label_is_an_error(tmp_path):
     cohort = make_cohort(tmp_path / "in", 1)
-    with pytest.raises(Exception, match="participant label"):
+    from dmriflow.interfaces.errors import UsageError
+    with pytest.raises(UsageError, match="--participant-label nobody: no such subject"):
         discover(cohort, participant_labels=["nobody"])
 
 

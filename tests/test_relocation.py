@@ -243,6 +243,111 @@ def test_inference_checkpoint_is_named_without_an_absolute_path(tmp_path):
     assert sidecars and all(m["Parameters"]["weights_sha256"] == card.weights_sha256
                             for m in sidecars)
     assert_no_absolute_path(out, tmp_path)
+    # moved elsewhere, the same checkpoint (keyed by its card's content) keeps the
+    # cache: only Export and GroupTable run again; models.tsv names the new place
+    before = {k: v for k, v in node_results(out).items()}
+    moved = tmp_path / "elsewhere" / "ckpt"
+    moved.parent.mkdir()
+    Path(ckpt).rename(moved)
+    assert run(src, out, "--inference", "directions",
+               "--inference-checkpoint", str(moved)) == cli.EXIT_OK
+    assert tasks_run(newest_log(out)) <= {"Export", "GroupTable"}
+    after = node_results(out)
+    assert all(after[k] == v for k, v in before.items())
+    new = {(out / k).parent / "_dmriflow_step" for k in set(after) - set(before)}
+    assert {p.read_text() for p in new if p.is_file()} <= {"export", "group"}
+    models = pd.read_csv(out / "dmriflow" / "group" / "models.tsv", sep="\t")
+    assert list(models["checkpoint"]) == ["../../elsewhere/ckpt"]
     # the checkpoint shipped with dmriflow is named inside the package
     shipped = default_checkpoint("directions")
     assert external_path(shipped, out) == "dmriflow:models/checkpoints/" + shipped.name
+
+
+def test_shell_names_are_a_bids_desc_that_round_trips():
+    from dmriflow.interfaces.bids_names import (ENTITY_ORDER, build_name, parse_name,
+                                                shell_entities, shell_of)
+    from dmriflow.interfaces.steps import rish
+    assert "shell" not in ENTITY_ORDER                       # not a BIDS entity: never written
+    for b, label in ((1000, "b1000"), ("2000", "b2000"), (0, "b0"), (1000.5, "b1000p5")):
+        name = build_name({"sub": "01", "model": rish.MODEL, **shell_entities(b),
+                           "param": "l2"}, "dwimap", ".nii.gz")
+        assert name == f"sub-01_model-rish_desc-{label}_param-l2_dwimap.nii.gz"
+        entities, suffix, ext = parse_name(name)
+        assert shell_of(entities) == float(b) and (suffix, ext) == ("dwimap", ".nii.gz")
+    # an older run's names are still read; other desc labels name no shell
+    assert shell_of(parse_name("sub-01_model-rish_shell-2000_param-l0_dwimap.nii.gz")[0]) == 2000
+    assert shell_of({"desc": "synthesized"}) is None and shell_of({"desc": "b"}) is None
+    assert shell_of({"model": "tensor", "param": "fa"}) is None
+
+
+def test_a_rerun_on_an_output_of_the_old_shell_naming_replaces_its_files(tmp_path, capsys):
+    """An OUTPUT written with ``shell-<b>`` names (before the rename) and rerun:
+    the subject's files its old status file lists are removed and written under
+    the new names; a file the user put beside them stays."""
+    from dmriflow.pipelines.report import subject_maps
+    src, out = tmp_path / "in", tmp_path / "out"
+    write_cohort(src, 1, shape=SHAPE, seed=5,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000, 2000), n_dirs=12, seed=1))
+    assert run(src, out) == cli.EXIT_OK
+    status = next((out / "dmriflow").glob("sub-*/*_desc-dmriflow_status.json"))
+    dwi = status.parent / "dwi"
+    new = sorted(p.name for p in dwi.glob("*_model-rish_desc-b*"))
+    assert len(new) == 2 * 2 * 2              # 2 shells x (map, sidecar) x l0, l2 (12 dirs)
+
+    # make it an OUTPUT of the old naming, with old code's status file
+    row = json.loads(status.read_text())
+    for name in new:
+        (dwi / name).rename(dwi / name.replace("_desc-b", "_shell-"))
+    row["derivatives"] = [d.replace("_desc-b", "_shell-") for d in row["derivatives"]]
+    row.update(pipeline_version="0.0.old", export_id="old")
+    status.write_text(json.dumps(row))
+    (dwi / "my_notes.txt").write_text("the user's")
+    old = sorted(p.name for p in dwi.glob("*_shell-*"))
+    assert len(old) == len(new)
+    # status calls it a result of other code; the report still reads the old names
+    assert cli.main(["status", str(out)]) == cli.EXIT_SUBJECTS_FAILED
+    assert "result of pipeline 0.0.old" in capsys.readouterr().out
+    (maps,) = subject_maps(out / "dmriflow").values()
+    assert sorted(maps.rish) == [(b, o) for b in (1000.0, 2000.0) for o in (0, 2)]
+
+    assert run(src, out) == cli.EXIT_OK
+    assert not list(dwi.glob("*_shell-*"))            # not mixed: the old files are gone
+    assert sorted(p.name for p in dwi.glob("*_model-rish_desc-b*")) == new
+    assert (dwi / "my_notes.txt").read_text() == "the user's"
+    row = json.loads(status.read_text())
+    assert row["status"] == "done" and not any("shell-" in d for d in row["derivatives"])
+    assert all(derivative_file(d, out).exists() for d in row["derivatives"])
+
+
+def test_retiring_an_export_removes_only_listed_files_inside_the_subject(tmp_path):
+    """What an earlier status file lists is removed only when it is a regular
+    file in the subject's own folder: a listed link, a file of another subject
+    or outside OUTPUT, and a JSON beside a map that dmriflow did not write stay."""
+    from dmriflow.pipelines.derivatives import retire_export
+    out = tmp_path / "out"
+    dwi = out / "dmriflow" / "sub-01" / "dwi"
+    other = out / "dmriflow" / "sub-02" / "dwi"
+    for d in (dwi, other):
+        d.mkdir(parents=True)
+    ours = dwi / "sub-01_model-rish_shell-1000_param-l0_dwimap.nii.gz"
+    ours.write_bytes(b"map")
+    ours_json = dwi / "sub-01_model-rish_shell-1000_param-l0_dwimap.json"
+    ours_json.write_text(json.dumps({"GeneratedBy": [{"Name": "dmriflow"}]}))
+    foreign = dwi / "sub-01_model-rish_shell-2000_param-l0_dwimap.nii.gz"
+    foreign.write_bytes(b"map")
+    foreign_json = dwi / "sub-01_model-rish_shell-2000_param-l0_dwimap.json"
+    foreign_json.write_text(json.dumps({"Note": "the user's"}))
+    neighbour = other / "sub-02_model-tensor_param-fa_dwimap.nii.gz"
+    neighbour.write_bytes(b"fa")
+    outside = tmp_path / "elsewhere.nii.gz"
+    outside.write_bytes(b"x")
+    link = dwi / "sub-01_model-tensor_param-md_dwimap.nii.gz"
+    link.symlink_to(outside)
+    status = out / "dmriflow" / "sub-01" / "sub-01_desc-dmriflow_status.json"
+    rel = [str(p.relative_to(out / "dmriflow")) for p in (ours, foreign, neighbour, link)]
+    status.write_text(json.dumps({"derivatives": rel + ["../../elsewhere.nii.gz",
+                                                        str(outside)]}))
+    assert retire_export(status, out, ("sub-01",)) == 3
+    assert not ours.exists() and not ours_json.exists() and not foreign.exists()
+    assert foreign_json.exists() and neighbour.exists() and outside.exists()
+    assert link.is_symlink() and not status.exists()

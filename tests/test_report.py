@@ -119,7 +119,8 @@ def test_qc_table_has_every_subject(run):
     assert [r[1] for r in rows] == ["failed" if i == BROKEN else "done"
                                     for i in range(N_SUBJECTS)]
     broken = rows[BROKEN]
-    assert broken[6] == "validate" and str(bad) in broken[7] and "63 vectors" in broken[7]
+    uri = "bids:raw:" + bad.relative_to(tmp / "in").as_posix()     # as OUTPUT names inputs
+    assert broken[6] == "validate" and uri in broken[7] and "63 vectors" in broken[7]
     for i, (lbl, row) in enumerate(zip(labels, rows)):
         if i == BROKEN:
             continue

@@ -112,6 +112,25 @@ def test_plain_lines_when_not_a_terminal(tmp_path):
     assert "\x1b[" not in text and "ETA" not in text
     assert len(PLAIN.findall(text)) == 2                  # the line format tools parse
     assert len(PLAIN.findall(only_log(out).read_text())) == 2
+    # the summary names its files relative to the cwd, never absolute
+    assert "summary table: out/dmriflow/group/subjects.tsv" in text, text
+    assert "derivatives: out/dmriflow\n" in text and not ABSOLUTE.findall(text), text
+
+
+def test_terminal_paths_are_relative_to_the_cwd_or_output(tmp_path, monkeypatch):
+    from dmriflow.pipelines.progress import terminal_path, terminal_text
+    out = tmp_path / "scratch" / "out"
+    table = out / "dmriflow" / "group" / "subjects.tsv"
+    monkeypatch.chdir(tmp_path)
+    assert terminal_path(table, out) == "scratch/out/dmriflow/group/subjects.tsv"
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.chdir(home)                                # OUTPUT is not under the cwd
+    assert terminal_path(table, out) == "OUTPUT/dmriflow/group/subjects.tsv"
+    assert terminal_path(out, out) == "OUTPUT"
+    assert terminal_path(tmp_path / "in" / "x.nii.gz", out) == "../in/x.nii.gz"
+    assert terminal_text(f"{tmp_path}/in/x.nii.gz: bad; see {table}", out) == \
+        "../in/x.nii.gz: bad; see OUTPUT/dmriflow/group/subjects.tsv"
 
 
 def test_methods_text_names_exactly_the_steps_run_and_their_changed_options(tmp_path):

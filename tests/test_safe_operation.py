@@ -156,3 +156,27 @@ def test_a_closed_pipe_ends_status_quietly(cohort, tmp_path, capsys):
                           timeout=120)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
     assert proc.returncode == cli.EXIT_CLOSED_PIPE
+
+
+def test_user_files_in_a_dmriflow_cache_are_never_removed(cohort, tmp_path, capsys):
+    """Files a user puts into dmriflow's own (marked) cache, even under names like
+    the engine's (``build.lock``, ``job_info.json``, ``workflow-mine/`` with a
+    failure marker), survive the upkeep and cleaning of later runs; what a
+    killed engine left under its own names is cleared."""
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    assert run(cohort, out, cache, capsys)[0] == cli.EXIT_OK
+    mine = {"build.lock": "mine", "job_info.json": "{}", "notes.txt": "mine",
+            "workflow-mine/draft.txt": "keep me", "workflow-mine/_dmriflow_failed": "x"}
+    for name, text in mine.items():
+        (cache / name).parent.mkdir(exist_ok=True)
+        (cache / name).write_text(text)
+    node = next(p for p in cache.glob("python-*") if p.is_dir())
+    stale = [cache / f"{node.name}.lock", cache / f"{node.name}_save.lock",
+             cache / f"{'0' * 32}_info.json"]
+    for p in stale:                                   # as a killed engine leaves them
+        p.write_text("")
+    (node / "_dmriflow_failed").write_text("tensor")  # a failed node: cleaned, recomputed
+    assert run(cohort, out, cache, capsys)[0] == cli.EXIT_OK
+    assert {n: (cache / n).read_text() for n in mine} == mine
+    assert not any(p.exists() for p in stale)

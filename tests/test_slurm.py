@@ -315,7 +315,8 @@ def test_participant_array_and_group_job(slurm_cluster, tmp_path_factory):
         assert list(table.index) == list(ARRAY_SUBJECTS)
         assert table["status"].to_dict() == {k: "failed" if k == ARRAY_BROKEN else "done"
                                              for k in ARRAY_SUBJECTS}
-        assert str(bvec) in table.loc[ARRAY_BROKEN, "error"]
+        assert "bids:raw:" + bvec.relative_to(cohort).as_posix() in \
+            table.loc[ARRAY_BROKEN, "error"]
         assert table.drop(index=ARRAY_BROKEN)["median_fa"].between(0.01, 0.9).all()
         assert slurm_cluster.dmriflow("status", str(out)).returncode == 2
         # each task's own run log, and the group job's output, in the submission folder

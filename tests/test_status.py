@@ -85,7 +85,8 @@ def test_status_names_the_failed_subject_step_and_reason(broken_run, capsys):
         ["qc_flags"]
     row = table.set_index("subject").loc[bad.key]
     assert row["status"] == "failed" and row["failed_step"] == "validate"
-    assert row["error"].startswith(f"{bad.bvec}: ")
+    uri = "bids:raw:" + Path(bad.bvec).relative_to(cohort).as_posix()   # never absolute
+    assert row["error"].startswith(f"{uri}: ")
     assert [row[s] for s in STEPS] == ["failed", "skipped", "skipped", "skipped"]
     for s in subjects:
         if s is not bad:
@@ -96,7 +97,7 @@ def test_status_names_the_failed_subject_step_and_reason(broken_run, capsys):
     assert lines[0] == f"{out}: {N_SUBJECTS} planned; 2 done, 1 failed, 0 missing"
     (bad_line,) = [ln for ln in lines if ln.startswith(bad.key)]
     assert bad_line.split()[1:6] == ["failed", "failed", "skipped", "skipped", "skipped"]
-    assert f"[validate] {bad.bvec}: " in bad_line
+    assert f"[validate] {uri}: " in bad_line
     steps = {ln.split()[0]: [int(n) for n in ln.split()[1:]] for ln in lines
              if ln.split()[0] in STEPS}
     #                 done failed skipped missing
@@ -305,3 +306,54 @@ def test_every_run_writes_its_log_file(tmp_path):
     assert all(line.startswith("[dmriflow ") for line in text.splitlines())
     assert run(cohort, out) == cli.EXIT_OK
     assert len(list((out / "dmriflow" / "logs").glob("run-*.log"))) == 2
+
+
+#: Run inside a private mount namespace by the disk-full test: OUTPUT on a 1 MB
+#: tmpfs, filled but for 64 kB (the plan and log fit, the export does not).
+DISK_FULL_SCRIPT = """
+import json, os, subprocess, sys
+from pathlib import Path
+from dmriflow.pipelines import cli
+root = Path(sys.argv[1]); out = root / "out"
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)
+st = os.statvfs(out)
+filler = out / "filler"
+filler.write_bytes(bytes(st.f_bavail * st.f_frsize - 64 * 1024))
+args = ["run", str(root / "in"), str(out), "--worker", "debug", "--quiet",
+        "--cache-dir", str(root / "cache")]
+codes = [cli.main(args)]
+statuses = lambda: sorted(json.loads(p.read_text())["status"]
+                          for p in (out / "dmriflow").glob("sub-*/*_status.json"))
+first = statuses()
+codes.append(cli.main(args + ["--rerun-failed"]))       # still full: nothing better
+filler.unlink()                                           # space freed
+codes.append(cli.main(args + ["--rerun-failed"]))
+print(json.dumps({"codes": codes, "first": first, "last": statuses(),
+                  "table": (out / "dmriflow" / "group" / "subjects.tsv").is_file()}))
+"""
+
+
+def test_an_export_that_hit_a_full_disk_is_redone_once_space_is_freed(tmp_path):
+    """A real full disk (OUTPUT on a small tmpfs in a private mount namespace):
+    the run ends with exit 2 and the error (no exception escapes); once space
+    is freed, --rerun-failed exports every subject."""
+    import os
+    import subprocess
+    import sys
+    make_cohort(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL_SCRIPT)
+    namespace = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    proc = subprocess.run([*namespace, sys.executable, str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # still full, the rerun fails too: 2 (exports failed) or, once not even the
+    # run's plan and log fit, 1 with the error (an exception would end the script)
+    assert result["codes"][0] == cli.EXIT_SUBJECTS_FAILED, proc.stdout[-3000:]
+    assert result["codes"][1] in (cli.EXIT_SUBJECTS_FAILED, cli.EXIT_INPUT)
+    assert "No space left on device" in proc.stdout + proc.stderr
+    assert result["first"] != ["done"] * N_SUBJECTS
+    assert result["codes"][2] == cli.EXIT_OK and result["last"] == ["done"] * N_SUBJECTS
+    assert result["table"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import stepfiles
+from ..bids_names import SHELL_ENTITY, shell_entities
 from .base import Derivative, Product, Schema, Step, option, register
 
 #: BIDS model label of the RISH maps, and the prefix of their order (param-l2).
@@ -21,15 +22,17 @@ class Options:
 
 
 def run(record: dict, options: Options, out_dir) -> Product:
-    """One map per shell and even order; each sidecar names its shell and order."""
+    """One map per shell and even order (``model-rish_desc-b<b>_param-l<order>``);
+    each sidecar names its shell (b-value) and order."""
     out = stepfiles.write_rish_maps(record["series"], out_dir, options.lmax)
     return Product(MODEL, maps=[
-        Derivative({"model": MODEL, "shell": shell, "param": f"{ORDER_PREFIX}{order}"}, path,
+        Derivative({"model": MODEL, **shell_entities(shell), "param": f"{ORDER_PREFIX}{order}"},
+                   path,
                    {"shell": float(shell), "order": int(order)})
         for shell, by_order in out["maps"].items() for order, path in by_order.items()],
         parameters=out["parameters"])
 
 
 STEP = register(Step(MODEL, "FitRish", "product", Options, run, schema=Schema(
-    map_entities=frozenset({"model", "shell", "param"}),
+    map_entities=frozenset({"model", SHELL_ENTITY, "param"}),
     parameters=frozenset({"lmax", "normalisation"}))))
