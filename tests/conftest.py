@@ -41,3 +41,8 @@ def assert_same_group_table(got: pd.DataFrame, want: pd.DataFrame, rtol: float, 
                                        rtol=rtol, atol=atol, err_msg=col)
         else:
             assert got[col].fillna("").tolist() == want[col].fillna("").tolist(), col
+
+
+def uri(path: Path, root: Path) -> str:
+    """How OUTPUT names an input file: its BIDS URI."""
+    return "bids:raw:" + path.relative_to(root).as_posix()

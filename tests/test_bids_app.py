@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import uri
 
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
@@ -36,11 +37,6 @@ def split_runs(root: Path, label: str = "01") -> list[Path]:
     for run in (1, 2):
         runs.append(folder / f"sub-{label}_run-{run}_dwi.nii.gz")
     return runs
-
-
-def uri(path: Path, root: Path) -> str:
-    """How OUTPUT names an input file: its BIDS URI."""
-    return "bids:raw:" + path.relative_to(root).as_posix()
 
 
 def table(out: Path) -> pd.DataFrame:

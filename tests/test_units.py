@@ -18,6 +18,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from conftest import uri
+
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 from dmriflow.pipelines.execution import status_table, unit_entities
@@ -107,8 +109,10 @@ def test_an_ambiguous_unit_fails_alone_with_the_files_named(tmp_path, capsys):
     t = table(out)
     assert dict(t["status"]) == {"sub-01": "failed", "sub-02": "done",
                                  "sub-02_run-2": "failed", "sub-03": "done"}
-    assert str(gz) in t.loc["sub-01", "error"] and str(twin) in t.loc["sub-01", "error"]
-    assert str(stray) in t.loc["sub-02_run-2", "error"]
+    # OUTPUT names input files by BIDS URI, never by absolute path
+    assert uri(gz, cohort) in t.loc["sub-01", "error"]
+    assert uri(twin, cohort) in t.loc["sub-01", "error"]
+    assert uri(stray, cohort) in t.loc["sub-02_run-2", "error"] and str(cohort) not in t.to_csv()
     assert "without the DWI image" in t.loc["sub-02_run-2", "error"]
     assert (out / "dmriflow" / "sub-02" / "dwi" / f"sub-02_{FA}").exists()
     assert not list((out / "dmriflow").glob("sub-*/**/*run-2*dwimap*"))
