@@ -364,23 +364,28 @@ def _lapack_tridiagonal(C: np.ndarray):
     d = np.empty((B, r), np.float32)
     e = np.zeros((B, r), np.float32)
     tau = np.zeros((B, r), np.float32)
-    L = np.empty((B, r), np.float32)
-    ee = np.empty(r, np.float32)
     lwork = 64 * r
     work = np.empty(lwork, np.float32)
-    ints = np.array([r, r, lwork, 0], np.int32)          # n, lda, lwork, info
-    ia, lo = ints.ctypes.data, _CHARS["L"].ctypes.data
-    ca, da, ea, ta, la = (x.ctypes.data for x in (C, d, e, tau, L))
-    wa, eea = work.ctypes.data, ee.ctypes.data
+    ints = np.array([r, r, lwork], np.int32)             # n, lda, lwork
+    info = np.zeros((2, B), np.int32)                    # per patch: ssytrd, ssterf
+    ia, lo, wa = ints.ctypes.data, _CHARS["L"].ctypes.data, work.ctypes.data
     s2, s1 = r * r * 4, r * 4
-    for b in range(B):
-        sytrd(lo, ia, ca + b * s2, ia + 4, da + b * s1, ea + b * s1, ta + b * s1, wa,
-              ia + 8, ia + 12)
-        L[b] = d[b]
-        ee[:] = e[b]
-        sterf(ia, la + b * s1, eea, ia + 12)
-        if ints[3] != 0:
-            raise np.linalg.LinAlgError(f"LAPACK ssytrd/ssterf failed (info {int(ints[3])})")
+    # the per-patch loops do nothing but the calls (a Python statement costs
+    # ~1 % of a call here); info codes are checked once afterwards
+    for ca, da, ea, ta, fa in zip(range(C.ctypes.data, C.ctypes.data + B * s2, s2),
+                                  range(d.ctypes.data, d.ctypes.data + B * s1, s1),
+                                  range(e.ctypes.data, e.ctypes.data + B * s1, s1),
+                                  range(tau.ctypes.data, tau.ctypes.data + B * s1, s1),
+                                  range(info.ctypes.data, info.ctypes.data + 4 * B, 4)):
+        sytrd(lo, ia, ca, ia + 4, da, ea, ta, wa, ia + 8, fa)
+    L = d.copy()
+    ee = e.copy()
+    for la, ea, fa in zip(range(L.ctypes.data, L.ctypes.data + B * s1, s1),
+                          range(ee.ctypes.data, ee.ctypes.data + B * s1, s1),
+                          range(info.ctypes.data + 4 * B, info.ctypes.data + 8 * B, 4)):
+        sterf(ia, la, ea, fa)
+    if info.any():
+        raise np.linalg.LinAlgError(f"LAPACK ssytrd/ssterf failed (info {info[info != 0][0]})")
     return d, e, tau, L
 
 
@@ -396,32 +401,30 @@ def _lapack_top_vectors(C, d, e, tau, L, keep, kmax: int) -> np.ndarray:
     isplit = np.full(r, r, np.int32)
     ifail = np.empty(r, np.int32)
     iwork = np.empty(r, np.int32)
-    w = np.empty(r, np.float32)
     lwork = max(5 * r, 64 * max(1, kmax))
     work = np.empty(lwork, np.float32)
-    ints = np.array([r, r, lwork, 0, 0], np.int32)       # n, ld, lwork, info, m
-    ia = ints.ctypes.data
+    ints = np.array([r, r, lwork], np.int32)             # n, ld, lwork
+    m = np.ascontiguousarray(keep, dtype=np.int32)        # vectors per patch
+    info = np.zeros((2, B), np.int32)                     # per patch: sstein, sormtr
+    ia, wka = ints.ctypes.data, work.ctypes.data
+    ib, isp, iw, ifl = (x.ctypes.data for x in (iblock, isplit, iwork, ifail))
     lo, no = _CHARS["L"].ctypes.data, _CHARS["N"].ctypes.data
-    ca, da, ea, ta, za = (x.ctypes.data for x in (C, d, e, tau, Z))
-    wa, wka = w.ctypes.data, work.ctypes.data
     s2, s1 = r * r * 4, r * 4
-    for b in range(B):
-        kb = int(keep[b])
-        if kb == 0:
-            continue
-        ints[4] = kb
-        w[:kb] = L[b, r - kb:]
-        zb = za + (b * kmax + kmax - kb) * s1             # Fortran r x kb, ld r
-        stein(ia, da + b * s1, ea + b * s1, ia + 16, wa, iblock.ctypes.data,
-              isplit.ctypes.data, zb, ia + 4, wka, iwork.ctypes.data, ifail.ctypes.data,
-              ia + 12)
-        if ints[3] < 0:
-            raise np.linalg.LinAlgError(f"LAPACK sstein failed (info {int(ints[3])})")
-        # ints[3] > 0: some vectors did not converge in 5 steps; still the best iterate
-        ormtr(lo, lo, no, ia, ia + 16, ca + b * s2, ia + 4, ta + b * s1, zb, ia + 4, wka,
-              ia + 8, ia + 12)
-        if ints[3] != 0:
-            raise np.linalg.LinAlgError(f"LAPACK sormtr failed (info {int(ints[3])})")
+    b = np.flatnonzero(m)
+    kb = m[b].astype(np.int64)
+    # addresses per patch with vectors: its tridiagonal, the wanted eigenvalues
+    # (the last kb of its row of L, read in place), its kb rows of Z (Fortran
+    # r x kb, ld r), its reflectors; the loop does nothing but the calls
+    columns = (d.ctypes.data + b * s1, e.ctypes.data + b * s1, m.ctypes.data + 4 * b,
+               L.ctypes.data + b * s1 + (r - kb) * 4, Z.ctypes.data + (b * kmax + kmax - kb) * s1,
+               C.ctypes.data + b * s2, tau.ctypes.data + b * s1, info.ctypes.data + 4 * b,
+               info.ctypes.data + 4 * (B + b))
+    for da, ea, ma, wa, za, ca, ta, f1, f2 in zip(*(c.tolist() for c in columns)):
+        stein(ia, da, ea, ma, wa, ib, isp, za, ia + 4, wka, iw, ifl, f1)
+        ormtr(lo, lo, no, ia, ma, ca, ia + 4, ta, za, ia + 4, wka, ia + 8, f2)
+    # sstein info > 0: some vectors did not converge in 5 steps; still the best iterate
+    if (info[0] < 0).any() or info[1].any():
+        raise np.linalg.LinAlgError(f"LAPACK sstein/sormtr failed (info {info[:, b].tolist()})")
     return Z
 
 
