@@ -648,7 +648,7 @@ def _unring_lines(x, n_points: int, torch, n_threads: int = 1):
         res = (img_p - img_n) / total * s_n + img_n
         out[r0:r0 + rows] = torch.where(total != 0, res, xc)
 
-    map_chunks(chunk, range(0, L, rows), n_threads, single_blas=False)
+    map_chunks(chunk, range(0, L, rows), n_threads)
     return out
 
 
@@ -677,7 +677,7 @@ def _unring_slices(stack, n_points: int, torch, n_threads: int = 1):
         f += f0
         torch.abs(torch.fft.ifft2(f), out=out[i:i + step])
 
-    map_chunks(combine, range(0, S, step), n_threads, single_blas=False)
+    map_chunks(combine, range(0, S, step), n_threads)
     return out
 
 
@@ -771,7 +771,7 @@ def _kellner_lines(x, n_points: int, torch, n_threads: int = 1):
         y0 = flat.gather(1, at - 1)
         out[r0:r0 + n] = torch.lerp(y1, y0, u)
 
-    map_chunks(chunk, range(0, L, rows), n_threads, single_blas=False)
+    map_chunks(chunk, range(0, L, rows), n_threads)
     return out
 
 
@@ -802,7 +802,7 @@ def _kellner_slices(stack, n_points: int, torch, n_threads: int = 1):
         f *= wb
         part_b[i:i + step] = torch.fft.irfft2(f, s=(A, B))
 
-    map_chunks(split, range(0, S, step), n_threads, single_blas=False)
+    map_chunks(split, range(0, S, step), n_threads)
     part_a = stack - part_b
     out = _kellner_lines(part_b.reshape(S * A, B), n_points, torch, n_threads).reshape(S, A, B)
     along_a = _kellner_lines(part_a.transpose(1, 2).reshape(S * B, A), n_points, torch,
