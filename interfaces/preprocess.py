@@ -463,10 +463,13 @@ GIBBS_SHIFTS = np.linspace(0.02, 0.9, num=45, dtype=np.float32)
 #: "kellner": the original method's discretisation (MRtrix3 ``mrdegibbs``'s);
 #: "fast": dipy's, batched (equals ``gibbs_removal``); "dipy": dipy itself.
 GIBBS_ENGINES = ("kellner", "fast", "dipy")
-#: The default: on the bench (96x96x60 block, 8 volumes) "kellner" took about
-#: a third of "fast"'s CPU time and less than ``mrdegibbs``'s, and on a
-#: k-space-truncated object it left the ringing ``mrdegibbs`` leaves (0.64 of
-#: the input's RMSE away from edges) where "fast" left 0.68.
+#: The default: on bench/denoise.py (96x96x60 block, 8 volumes, 2 threads,
+#: load ~7) "kellner" took 1.7 CPU s (3.95 s) where "fast" took 3.8 (9.9 s)
+#: and ``mrdegibbs -nthreads 2`` 2.7 (6.9 s), with mrdegibbs' error against
+#: the noise-free block (0.9502 of the input's, "fast" 0.8864: dipy's modulus
+#: and wider shifts smooth noise); on a k-space-truncated object it left the
+#: ringing mrdegibbs leaves (0.638 vs 0.636 of the input's RMSE away from
+#: edges) where "fast" left 0.682.
 DEFAULT_GIBBS_ENGINE = "kellner"
 #: Profile voxels per batch: all 49 resampled copies of that many voxels
 #: (~1.6 MB per float32 array, a few of them) stay in a core's L2 cache;
