@@ -1142,7 +1142,8 @@ def preprocess_dwi(dwi, denoise: bool = True, degibbs: bool = True,
                               num_processes=n_threads or available_threads())
         owned = True
         step.update(method="subvoxel-shift (Kellner 2016)", engine=DEFAULT_GIBBS_ENGINE,
-                    slice_axis=int(slice_axis), n_points=GIBBS_TV_POINTS, seconds=round(time.perf_counter() - t0, 3))
+                    slice_axis=int(slice_axis), n_points=GIBBS_TV_POINTS,
+                    seconds=round(time.perf_counter() - t0, 3))
         report["order"].append("degibbs")
     report["degibbs"] = step
 
