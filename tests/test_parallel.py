@@ -1,11 +1,13 @@
 """The one chunked parallel map (interfaces/parallel.py)."""
 
+import ctypes
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from dmriflow.interfaces import parallel
 from dmriflow.interfaces.parallel import available_threads, map_chunks
 
 
@@ -150,3 +152,18 @@ def test_reduce_with_one_thread_runs_in_the_caller_in_order():
     map_chunks(lambda k: (k, threading.get_ident()), range(5), n_threads=1,
                reduce=got.append)
     assert got == [(k, caller) for k in range(5)]
+
+
+def test_workers_run_openmp_teams_of_one():
+    """torch's OpenMP runtime gives a thread it did not start one team member
+    per core unless told otherwise; map_chunks' workers (single_blas) must
+    run teams of one (two workers with teams of two spin-waited: Gibbs
+    removal took 3.6x the CPU time). The caller's setting is left alone."""
+    import torch  # noqa: F401  (loads the OpenMP runtime)
+    libs = parallel._loaded_libraries(lambda name: name.startswith(("libgomp", "libiomp")))
+    assert libs, "torch's OpenMP runtime is not loaded"
+    team = ctypes.CDLL(libs[0]).omp_get_max_threads
+    team.restype = ctypes.c_int
+    before = team()
+    assert map_chunks(lambda _: team(), range(6), n_threads=2) == [1] * 6
+    assert team() == before
