@@ -35,13 +35,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--registration", default="syn")
     ap.add_argument("--site-mean", default="mean", help="site-mean estimator (mean or median)")
+    ap.add_argument("--anatomy", default="geometric", choices=("geometric", "brain"),
+                    help="the persons' anatomy (brain: MNI152 2009 template, own warp each)")
+    ap.add_argument("--shape", type=int, nargs=3, default=list(U.STUDY_SHAPE),
+                    help="reference-site grid (voxels of 2.5 mm)")
     opts = ap.parse_args()
     res = {d: U.validate(d, opts.n_fit, opts.n_held_out, opts.seed,
+                         anatomy=opts.anatomy, shape=opts.shape,
                          registration=opts.registration, site_mean=opts.site_mean)
            for d in DESIGNS}
     print(f"fit {opts.n_fit} persons per site, held-out {opts.n_held_out} persons at both "
           f"sites, seed {opts.seed}, registration {opts.registration}, site mean "
-          f"{opts.site_mean}")
+          f"{opts.site_mean}, anatomy {opts.anatomy}, grid {' x '.join(map(str, opts.shape))}")
     head = " | ".join(f"{d:^40s}" for d in DESIGNS)
     print(f"{'table':16s} {'metric':14s} {'shell':>5s} | {head}")
     print(f"{'':37s} | " + " | ".join(
