@@ -62,20 +62,21 @@ TEMPLATE_STEP_MM = 2
 ENVELOPE_THRESHOLD = 0.3
 ENVELOPE_CLOSING_MM = 6
 #: Outer CSF rim (subarachnoid space) around the envelope (mm).
-CSF_RIM_MM = 3
+CSF_RIM_MM = 2
 #: Structure tensor: derivative and integration Gaussian sigmas (mm).
 STRUCTURE_GRADIENT_MM = 2.0
 STRUCTURE_INTEGRATION_MM = 4.0
 #: Coherent share of the white matter: lo + (hi - lo) * tubeness.
-COHERENT_SHARE = (0.35, 1.0)
+COHERENT_SHARE = (0.5, 1.0)
 #: Callosal body (MNI mm, x / y / z ranges): left-right fibres, fully coherent,
 #: truth ``bundle`` 1 ("cc").
 CC_BOX_MM = ((-10.0, 10.0), (-36.0, 30.0), (4.0, 30.0))
 CC_MIN_WM = 0.5
 #: Grey matter: d_par = d_gm (1 + 2k), d_perp = d_gm (1 - k) along the
-#: cortical normal (MD unchanged, FA = 3k / sqrt(3 + 6k^2) = 0.17 at k = 0.1:
-#: cortical FA of high-SNR in-vivo DTI is ~0.1-0.2).
-GM_ANISOTROPY = 0.1
+#: cortical normal (MD unchanged, FA = 3k / sqrt(3 + 6k^2) = 0.25 at k = 0.15:
+#: cortical FA of high-resolution in-vivo DTI is ~0.1-0.3; partial volume with
+#: CSF brings the grey-matter label's median to ~0.12).
+GM_ANISOTROPY = 0.15
 #: Head (brain + rim) bounding box as a share of the field of view per axis;
 #: the scale never exceeds life size.
 BRAIN_FILL = 0.92
