@@ -120,19 +120,24 @@ def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
     return a.reshape(shape[0] // k, k, shape[1] // k, k, shape[2] // k, k).mean(axis=(1, 3, 5))
 
 
-def _structure(wm: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Smallest / largest eigenvectors and tubeness of the structure tensor of ``wm``."""
+def _structure(wm: np.ndarray, step: float, where: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smallest / largest eigenvectors and tubeness of the structure tensor of
+    ``wm`` at the voxels ``where`` (elsewhere 0)."""
     from scipy import ndimage
     g = [ndimage.gaussian_filter(wm, STRUCTURE_GRADIENT_MM / step, order=o)
          for o in ((1, 0, 0), (0, 1, 0), (0, 0, 1))]
     rho = STRUCTURE_INTEGRATION_MM / step
-    st = np.empty(wm.shape + (3, 3), dtype=np.float64)
+    st = np.empty((int(where.sum()), 3, 3), dtype=np.float64)
     for i in range(3):
         for j in range(i, 3):
-            st[..., i, j] = st[..., j, i] = ndimage.gaussian_filter(g[i] * g[j], rho)
+            st[:, i, j] = st[:, j, i] = ndimage.gaussian_filter(g[i] * g[j], rho)[where]
     evals, evecs = np.linalg.eigh(st)                 # ascending
-    tube = (evals[..., 1] - evals[..., 0]) / np.maximum(evals[..., 2], 1e-12)
-    return evecs[..., 0], evecs[..., 2], np.clip(tube, 0.0, 1.0)
+    small, large = np.zeros(wm.shape + (3,)), np.zeros(wm.shape + (3,))
+    tube = np.zeros(wm.shape)
+    small[where], large[where] = evecs[..., 0], evecs[..., 2]
+    tube[where] = (evals[:, 1] - evals[:, 0]) / np.maximum(evals[:, 2], 1e-12)
+    return small, large, np.clip(tube, 0.0, 1.0)
 
 
 @lru_cache(maxsize=1)
@@ -160,7 +165,7 @@ def template() -> Template:
     head = ndimage.gaussian_filter(rim.astype(np.float32), 0.5)   # a smooth outer edge
     head = np.maximum(head, total)
     csf = np.clip(head - gm - wm, 0.0, 1.0)
-    fibre, normal, tube = _structure(wm.astype(np.float64), step)
+    fibre, normal, tube = _structure(wm.astype(np.float64), step, head > 0)
     ijk = np.indices(wm.shape, dtype=np.float64).reshape(3, -1).T
     mni = (ijk @ affine[:3, :3].T + affine[:3, 3]).reshape(wm.shape + (3,))
     in_cc = np.all([(mni[..., a] >= lo) & (mni[..., a] <= hi)
