@@ -6,6 +6,12 @@ layout together with the ground truth under ``derivatives/truth``.
 
 Anatomy (normalised to the field of view, so any grid shape works)
 ------------------------------------------------------------------
+Two anatomies: this module's geometric head (the default, below; the tests,
+studies and shipped checkpoints are built on it) and ``anatomy="brain"``
+(:mod:`.brain`: MNI152 2009 tissue maps, white-matter orientations from their
+structure, a non-linear warp per seed), which shares the signal model, the
+truth maps and the noise below.
+
 An ellipsoidal head (semi-axes ``HEAD_FILL`` x FOV) with an outer CSF rim,
 a folded cortex-like grey-matter shell, white matter inside, two lateral
 ventricles (CSF) and two thalamus-like deep grey nuclei. The white matter
