@@ -20,11 +20,15 @@ subjects) and :func:`held_out` (other persons scanned at both sites, so the
 harmonised scan of a person can be compared with the reference-site scan of
 the same person). Everything is deterministic from the seed.
 
-Limits: the anatomy is the geometric phantom (``interfaces/sim/phantom``), the
-deformation resamples the signal without reorienting the gradients (RISH and
-FA are rotation invariant; fibre orientations are only approximately
-consistent with the warp), and the site effect is spatially uniform per order
-and shell (no coil/B1 pattern).
+Anatomy: the geometric phantom (``interfaces/sim/phantom``, the default) or
+``anatomy="brain"`` (``interfaces/sim/brain``: MNI152 tissue maps; the
+person's warp is the brain phantom's own, exact, with fibres reoriented, and
+no resampling follows; its group bundle is the callosal body).
+
+Limits: with the geometric anatomy the deformation resamples the signal
+without reorienting the gradients (RISH and FA are rotation invariant; fibre
+orientations are only approximately consistent with the warp); the site
+effect is spatially uniform per order and shell (no coil/B1 pattern).
 """
 
 from __future__ import annotations
