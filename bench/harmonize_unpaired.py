@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 
 from dmriflow.interfaces.sim import unpaired as U
 
@@ -35,21 +36,32 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--registration", default="syn")
     ap.add_argument("--site-mean", default="mean", help="site-mean estimator (mean or median)")
+    ap.add_argument("--anatomy", default="geometric", choices=("geometric", "brain"),
+                    help="the persons' anatomy (brain: MNI152 2009 template, own warp each)")
+    ap.add_argument("--shape", type=int, nargs=3, default=list(U.STUDY_SHAPE),
+                    help="reference-site grid (voxels of 2.5 mm)")
+    ap.add_argument("--target-voxel", type=float, default=U.SITE_B.voxel_mm,
+                    help="site B's voxel size (mm)")
+    ap.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
     opts = ap.parse_args()
-    res = {d: U.validate(d, opts.n_fit, opts.n_held_out, opts.seed,
+    designs = tuple(opts.designs)
+    sites = (U.SITE_A, replace(U.SITE_B, voxel_mm=opts.target_voxel))
+    res = {d: U.validate(d, opts.n_fit, opts.n_held_out, opts.seed, sites,
+                         anatomy=opts.anatomy, shape=opts.shape,
                          registration=opts.registration, site_mean=opts.site_mean)
-           for d in DESIGNS}
+           for d in designs}
     print(f"fit {opts.n_fit} persons per site, held-out {opts.n_held_out} persons at both "
           f"sites, seed {opts.seed}, registration {opts.registration}, site mean "
-          f"{opts.site_mean}")
-    head = " | ".join(f"{d:^40s}" for d in DESIGNS)
+          f"{opts.site_mean}, anatomy {opts.anatomy}, grid {' x '.join(map(str, opts.shape))}, "
+          f"site B voxel {opts.target_voxel:g} mm")
+    head = " | ".join(f"{d:^40s}" for d in designs)
     print(f"{'table':16s} {'metric':14s} {'shell':>5s} | {head}")
     print(f"{'':37s} | " + " | ".join(
-        f"{'d before':>8s} {'d after':>8s} {'p after':>8s} {'rel/ratio':>12s}" for _ in DESIGNS))
+        f"{'d before':>8s} {'d after':>8s} {'p after':>8s} {'rel/ratio':>12s}" for _ in designs))
     for table in ("site", "group", "group_fit", "group_reference"):
-        for i, row in enumerate(res[DESIGNS[0]][table]):
+        for i, row in enumerate(res[designs[0]][table]):
             cells = []
-            for d in DESIGNS:
+            for d in designs:
                 r = res[d][table][i]
                 extra = (f"{100 * r['rel_before']:+5.1f}>{100 * r['rel_after']:+5.1f}%"
                          if table == "site" else f"x{r['ratio']:.3f}")
@@ -57,7 +69,7 @@ def main() -> None:
                              f"{extra:>12s}")
             print(f"{table:16s} {row['metric']:14s} {_shell(row['shell']):>5s} | "
                   + " | ".join(cells))
-    for d in DESIGNS:
+    for d in designs:
         c = res[d]["fa_corr"]
         print(f"{d}: FA correlation with the truth (held-out target scans) min before "
               f"{min(x['before'] for x in c):.3f} after {min(x['after'] for x in c):.3f}; "
@@ -65,7 +77,7 @@ def main() -> None:
               f"{sum(x['after'] for x in c) / len(c):.3f}")
     print(" ".join(f"harm_{d}_fit_s_per_subject={res[d]['fit_s_per_subject']:.2f} "
                    f"harm_{d}_apply_s_per_subject={res[d]['apply_s_per_subject']:.2f}"
-                   for d in DESIGNS))
+                   for d in designs))
 
 
 if __name__ == "__main__":

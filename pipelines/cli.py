@@ -83,6 +83,9 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 #: Demo cohort: a few small phantom subjects, two workers.
 DEMO_SUBJECTS = 4
 DEMO_SHAPE = (36, 44, 36)
+DEMO_VOXEL_MM = 2.5
+#: The demo's subjects are brains (MNI152 2009 tissue maps, nilearn's package data).
+DEMO_ANATOMY = "brain"
 
 
 #: Section of the engine options in a config file (the steps' sections are their names).
@@ -230,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=3, default=list(DEMO_SHAPE), metavar=("X", "Y", "Z"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snr", type=float, default=None, help="b0 SNR in white matter")
+    p.add_argument("--anatomy", choices=("geometric", "brain"), default="geometric",
+                   help="geometric head (default) or a brain from the MNI152 2009 template")
 
     p = sub.add_parser("train", help="train a model on a cohort (writes a checkpoint folder)")
     p.add_argument("model", choices=("directions", "3t7t"),
@@ -498,7 +503,8 @@ def cmd_simulate(args) -> int:
     from dmriflow.interfaces.sim.phantom import write_cohort  # lazy: CLI start-up
     kwargs = {} if args.snr is None else {"snr": args.snr}
     labels = write_cohort(args.output, args.subjects, layout=args.layout,
-                          shape=tuple(args.shape), seed=args.seed, **kwargs)
+                          shape=tuple(args.shape), seed=args.seed, anatomy=args.anatomy,
+                          **kwargs)
     print(f"wrote {len(labels)} {args.layout} subject(s) to {args.output}: {' '.join(labels)}")
     return EXIT_OK
 
@@ -556,7 +562,8 @@ def cmd_demo(args) -> int:
     out = Path(args.output)
     cohort = out / "input"
     if not cohort.is_dir():
-        write_cohort(cohort, args.subjects, layout="hcp", shape=DEMO_SHAPE, seed=0)
+        write_cohort(cohort, args.subjects, layout="hcp", shape=DEMO_SHAPE, seed=0,
+                     voxel_size=DEMO_VOXEL_MM, anatomy=DEMO_ANATOMY)
     status = _run(cohort, out, "hcp", None, args)
     print(f"ground truth: {terminal_path(cohort / 'derivatives' / 'truth', out)}")
     return status

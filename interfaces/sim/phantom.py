@@ -6,6 +6,12 @@ layout together with the ground truth under ``derivatives/truth``.
 
 Anatomy (normalised to the field of view, so any grid shape works)
 ------------------------------------------------------------------
+Two anatomies: this module's geometric head (the default, below; the tests,
+studies and shipped checkpoints are built on it) and ``anatomy="brain"``
+(:mod:`.brain`: MNI152 2009 tissue maps, white-matter orientations from their
+structure, a non-linear warp per seed), which shares the signal model, the
+truth maps and the noise below.
+
 An ellipsoidal head (semi-axes ``HEAD_FILL`` x FOV) with an outer CSF rim,
 a folded cortex-like grey-matter shell, white matter inside, two lateral
 ventricles (CSF) and two thalamus-like deep grey nuclei. The white matter
@@ -477,21 +483,29 @@ def _anatomy(x: np.ndarray, fov: np.ndarray, voxel: np.ndarray, prm: dict) -> di
     w = np.concatenate([w, np.clip(1.0 - total, 0.0, None)[:, None]], axis=1)
     v = np.stack(tang, axis=1) @ prm["A"].T                    # tangents -> world
     v /= np.linalg.norm(v, axis=2, keepdims=True)
-    terms = _field_terms(u)
-    t2_field = np.clip(1.0 + terms @ prm["t2_field"], 0.8, 1.2)
-    pd_field = np.clip(1.0 + terms @ prm["pd_field"], 0.9, 1.1)
     return {"head": head, "fractions": np.stack([f_csf, f_gm, f_wm], axis=1),
-            "weights": w, "dirs": v, "t2_field": t2_field, "pd_field": pd_field}
+            "weights": w, "dirs": v, **_relaxation_fields(u, prm)}
+
+
+def _relaxation_fields(u: np.ndarray, prm: dict) -> dict:
+    """Smooth T2 and PD modulation at head-normalised points ``u`` (n, 3)."""
+    terms = _field_terms(u)
+    return {"t2_field": np.clip(1.0 + terms @ prm["t2_field"], 0.8, 1.2),
+            "pd_field": np.clip(1.0 + terms @ prm["pd_field"], 0.9, 1.1)}
 
 
 # ----------------------------------------------------------------------------
 # Signal and truth
 # ----------------------------------------------------------------------------
-def _population_params(prm: dict) -> tuple[np.ndarray, ...]:
-    """Per population: f_intra, d_intra, d_extra_par, d_extra_perp."""
-    f = np.asarray(prm["f_intra"], dtype=np.float64)
-    scale = np.asarray(prm["diffusivity_scale"], dtype=np.float64)
-    kinds = [BUNDLE_TISSUE] * len(BUNDLES) + [BACKGROUND_TISSUE]
+def _population_params(prm: dict, index: Sequence[int] | None = None
+                       ) -> tuple[np.ndarray, ...]:
+    """Per population: f_intra, d_intra, d_extra_par, d_extra_perp. ``index``
+    picks populations of ``POPULATIONS`` (the brain anatomy's coherent and
+    dispersed white matter use the first bundle's and the background's draws)."""
+    index = list(range(len(POPULATIONS))) if index is None else list(index)
+    f = np.asarray(prm["f_intra"], dtype=np.float64)[index]
+    scale = np.asarray(prm["diffusivity_scale"], dtype=np.float64)[index]
+    kinds = [(BUNDLE_TISSUE if i < len(BUNDLES) else BACKGROUND_TISSUE) for i in index]
     d_in = np.array([k["d_intra"] for k in kinds]) * scale
     d_par = np.array([k["d_extra_par"] for k in kinds]) * scale
     d_perp = np.array([k["d_extra_par"] * (1.0 - fk) if k["d_extra_perp"] is None
@@ -499,12 +513,26 @@ def _population_params(prm: dict) -> tuple[np.ndarray, ...]:
     return f, d_in, d_par, d_perp
 
 
+def _gm_diffusivities(prm: dict) -> tuple[float, float]:
+    """Grey matter along / across its normal (mm^2/s): MD ``d_gm``, anisotropy
+    ``prm["gm_anisotropy"]`` (0: isotropic, the geometric phantom)."""
+    k = float(prm.get("gm_anisotropy", 0.0))
+    return prm["d_gm"] * (1.0 + 2.0 * k), prm["d_gm"] * (1.0 - k)
+
+
 def _signal(amp: np.ndarray, weights: np.ndarray, dirs: np.ndarray, g: np.ndarray,
-            b: np.ndarray, prm: dict) -> np.ndarray:
-    """Noise-free signal (n, N) float64: amp (n, 3) b0 amplitudes per tissue."""
-    f, d_in, d_par, d_perp = _population_params(prm)
+            b: np.ndarray, prm: dict, index: Sequence[int] | None = None,
+            gm_dirs: np.ndarray | None = None) -> np.ndarray:
+    """Noise-free signal (n, N) float64: amp (n, 3) b0 amplitudes per tissue;
+    ``index``: see :func:`_population_params`; ``gm_dirs`` (n, 3): grey-matter
+    normals (anisotropic grey matter, :func:`_gm_diffusivities`)."""
+    f, d_in, d_par, d_perp = _population_params(prm, index)
     out = np.outer(amp[:, 0], np.exp(-b * prm["d_csf"]))
-    out += np.outer(amp[:, 1], np.exp(-b * prm["d_gm"]))
+    gm_par, gm_perp = _gm_diffusivities(prm)
+    if gm_dirs is None or gm_par == gm_perp:
+        out += np.outer(amp[:, 1], np.exp(-b * prm["d_gm"]))
+    else:
+        out += amp[:, 1:2] * np.exp(-b * (gm_perp + (gm_par - gm_perp) * (gm_dirs @ g.T) ** 2))
     for k in range(weights.shape[1]):
         sel = np.flatnonzero((weights[:, k] > 0) & (amp[:, 2] > 0))
         if sel.size == 0:
@@ -516,12 +544,19 @@ def _signal(amp: np.ndarray, weights: np.ndarray, dirs: np.ndarray, g: np.ndarra
     return out
 
 
-def _mean_tensor(amp: np.ndarray, weights: np.ndarray, dirs: np.ndarray, prm: dict) -> np.ndarray:
-    """Signal-fraction-weighted mean diffusion tensor (n, 3, 3)."""
-    f, d_in, d_par, d_perp = _population_params(prm)
+def _mean_tensor(amp: np.ndarray, weights: np.ndarray, dirs: np.ndarray, prm: dict,
+                 index: Sequence[int] | None = None,
+                 gm_dirs: np.ndarray | None = None) -> np.ndarray:
+    """Signal-fraction-weighted mean diffusion tensor (n, 3, 3) (arguments as
+    :func:`_signal`)."""
+    f, d_in, d_par, d_perp = _population_params(prm, index)
     s0 = amp.sum(axis=1)
-    iso = (amp[:, 0] * prm["d_csf"] + amp[:, 1] * prm["d_gm"])
+    gm_par, gm_perp = _gm_diffusivities(prm)
+    iso = amp[:, 0] * prm["d_csf"] + amp[:, 1] * (prm["d_gm"] if gm_dirs is None else gm_perp)
     tensor = iso[:, None, None] * np.eye(3)
+    if gm_dirs is not None:
+        tensor += (amp[:, 1] * (gm_par - gm_perp))[:, None, None] * (
+            gm_dirs[:, :, None] * gm_dirs[:, None, :])
     for k in range(weights.shape[1]):
         wk = amp[:, 2] * weights[:, k]
         vv = dirs[:, k, :, None] * dirs[:, k, None, :]
@@ -574,12 +609,21 @@ def _as3(v) -> np.ndarray:
     return np.repeat(a, 3) if a.size == 1 else a
 
 
+#: Anatomies of :func:`simulate_subject`: the geometric head (this module)
+#: and the realistic brain (:mod:`.brain`, MNI152 2009 tissue maps).
+ANATOMIES = ("geometric", "brain")
+#: The brain's white-matter populations: coherent (a bundle's tissue) and
+#: dispersed (the background's), as indices into ``POPULATIONS``.
+BRAIN_POPULATIONS = (0, len(POPULATIONS) - 1)
+
+
 def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
                      snr: float | None = DEFAULT_SNR, scheme: GradientTable | None = None,
                      te: float = HCP_TE_MS, site: SiteEffect | None = None,
                      voxel_size: float | Sequence[float] = DEFAULT_VOXEL_MM,
                      keep_noise_free: bool = False,
-                     chunk_voxels: int = CHUNK_VOXELS) -> PhantomSubject:
+                     chunk_voxels: int = CHUNK_VOXELS,
+                     anatomy: str = "geometric") -> PhantomSubject:
     """Simulate one subject.
 
     The anatomy fills the field of view ``shape * voxel_size`` and depends on
@@ -588,8 +632,13 @@ def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
     data; ``te`` in ms; ``scheme`` defaults to :func:`hcp_scheme`. Non-None
     ``site`` fields override ``snr``/``te``/``scheme`` and the grid (same FOV
     at ``site.voxel_size``). ``keep_noise_free`` also returns the noise-free
-    series as ``noise_free``.
+    series as ``noise_free``. ``anatomy``: ``"geometric"`` (the head above)
+    or ``"brain"`` (:mod:`.brain`: MNI152 tissue maps, white-matter
+    orientations from their structure, a non-linear warp per seed; truth
+    ``bundle`` 1 is the callosal body, ``nfib`` counts its one population).
     """
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy {anatomy!r} ({' or '.join(ANATOMIES)})")
     voxel = _as3(voxel_size)
     fov = np.asarray(shape, dtype=np.float64) * voxel
     if site is not None:
@@ -604,14 +653,23 @@ def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
     prm = subject_parameters(seed)
     t2_scale = site.t2_scale if site is not None else 1.0
 
-    # voxels touched by the head (a margin of one voxel around the ellipsoid)
     ijk = np.indices(grid, dtype=np.float64).reshape(3, -1).T
     xyz = ijk * voxel + affine[:3, 3]
-    p = (xyz - prm["t"]) @ np.linalg.inv(prm["A"]).T
-    semi = HEAD_FILL * fov
-    reach = np.linalg.norm(p / semi, axis=1) < 1.0 + 2.0 * voxel.max() / semi.min()
-    inside = np.flatnonzero(reach)
-    anat = _anatomy(xyz[inside], fov, voxel, prm)
+    pop_index = None
+    if anatomy == "brain":
+        from . import brain
+        prm["gm_anisotropy"] = brain.GM_ANISOTROPY
+        prm["anatomy_scale"] = brain.anatomy_scale(fov)
+        inside = np.arange(xyz.shape[0])
+        anat = brain.anatomy(xyz, fov, voxel, prm, seed)
+        anat.update(_relaxation_fields(anat.pop("u"), prm))
+        pop_index = BRAIN_POPULATIONS
+    else:   # voxels touched by the head (a margin of one voxel around the ellipsoid)
+        p = (xyz - prm["t"]) @ np.linalg.inv(prm["A"]).T
+        semi = HEAD_FILL * fov
+        reach = np.linalg.norm(p / semi, axis=1) < 1.0 + 2.0 * voxel.max() / semi.min()
+        inside = np.flatnonzero(reach)
+        anat = _anatomy(xyz[inside], fov, voxel, prm)
     head = anat["head"]
     keep = head > 0
     inside, head = inside[keep], head[keep]
@@ -643,15 +701,22 @@ def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
         out[inside] = values
         return out.reshape(grid + tail)
 
-    fa, md, v1 = mean_tensor_maps(_mean_tensor(amp, anat["weights"], anat["dirs"], prm))
+    gm_dirs = anat.get("gm_dirs")
+    fa, md, v1 = mean_tensor_maps(_mean_tensor(amp, anat["weights"], anat["dirs"], prm,
+                                               pop_index, gm_dirs))
     v1 = world_to_fsl(v1, affine)
     v1[fa < V1_MIN_FA] = 0.0
     lead = np.take_along_axis(v1, np.argmax(np.abs(v1), axis=1)[:, None], axis=1)
     v1 *= np.where(lead < 0, -1.0, 1.0)                   # sign: largest component > 0
     vol_w = anat["weights"] * frac[:, 2:3]                # population volume fractions
+    dirs = anat["dirs"]
+    if anatomy == "brain":   # both populations share one direction: one peak
+        vol_w = np.concatenate([vol_w.sum(axis=1, keepdims=True), np.zeros((len(vol_w), 2))],
+                               axis=1)
+        dirs = np.concatenate([dirs[:, :1], np.zeros((len(dirs), 2, 3))], axis=1)
     top = np.argsort(-vol_w, axis=1)[:, :3]
     peak_frac = np.take_along_axis(vol_w, top, axis=1)
-    peaks = np.take_along_axis(anat["dirs"], top[:, :, None], axis=1)
+    peaks = np.take_along_axis(dirs, top[:, :, None], axis=1)
     peaks = world_to_fsl(peaks.reshape(-1, 3), affine).reshape(-1, 3, 3)
     peaks[peak_frac < 1e-6] = 0.0
     if te > 0:   # apparent T2: s0 == pd * exp(-TE / t2)
@@ -667,7 +732,8 @@ def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
         "nfib": full((vol_w >= NFIB_MIN_FRACTION).sum(axis=1), np.uint8),
         "fractions": full(frac, tail=(3,)),
         "peaks": full(peaks, tail=(3, 3)), "peak_fractions": full(peak_frac, tail=(3,)),
-        "bundle": full(np.where((vol_w.max(axis=1) > 0) & (top[:, 0] < len(BUNDLES)),
+        "bundle": full(anat["bundle"] if "bundle" in anat else
+                       np.where((vol_w.max(axis=1) > 0) & (top[:, 0] < len(BUNDLES)),
                                 top[:, 0] + 1, 0), np.uint8),
     }
 
@@ -693,7 +759,8 @@ def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
         block = np.zeros((stop - start, n_vol), dtype=np.float32)
         if sel.size:
             r = rows[sel]
-            sig = _signal(amp[r], anat["weights"][r], anat["dirs"][r], g, b, prm)
+            sig = _signal(amp[r], anat["weights"][r], anat["dirs"][r], g, b, prm, pop_index,
+                          None if gm_dirs is None else gm_dirs[r])
             if rish_ops:  # linear, so scaling E = S / b0 and multiplying back is S
                 for shell, idx, op in rish_ops:
                     sig[:, idx] += sig[:, idx] @ op
@@ -712,6 +779,7 @@ def simulate_subject(shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
         dwi[start:stop] = block
     params = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in prm.items()}
     params["t2"] = {t: v * t2_scale for t, v in prm["t2"].items()}
+    params["anatomy"] = anatomy
     if clipped is not None:   # share of in-head signals clipped at 0 after RISH scaling
         params["rish_clipped_fraction"] = {
             k: v / (inside.size * gtab.shell_indices(float(k)).size) for k, v in clipped.items()}
@@ -938,6 +1006,7 @@ def write_truth(subject: PhantomSubject, truth_dir, label: str) -> list[Path]:
         "VectorFrame": "fsl-image (x flipped: positive affine determinant)",
         "TensorTruth": "signal-fraction-weighted mean tensor (low-b / first-cumulant limit)",
         "NfibMinFraction": NFIB_MIN_FRACTION, "Parameters": subject.params,
+        "Anatomy": subject.params.get("anatomy", "geometric"),
     }
     written.append(write_json(meta, root / f"sub-{label}_desc-simulation.json"))
     return written
@@ -1008,7 +1077,7 @@ def cohort_labels(n_subjects: int, layout: str = "hcp",
 def _simulate_and_write(job: dict) -> str:
     subject = simulate_subject(shape=job["shape"], seed=job["seed"], snr=job["snr"],
                                scheme=job["scheme"], te=job["te"], site=job["site"],
-                               voxel_size=job["voxel_size"])
+                               voxel_size=job["voxel_size"], anatomy=job["anatomy"])
     write_subject(subject, job["out_dir"], job["label"], job["layout"], job["dtype"])
     return job["label"]
 
@@ -1018,7 +1087,7 @@ def write_cohort(out_dir, n_subjects: int, layout: str = "hcp",
                  snr: float | None = DEFAULT_SNR, site: SiteEffect | None = None,
                  subject_prefix: str | None = None, scheme: GradientTable | None = None,
                  te: float = HCP_TE_MS, voxel_size: float | Sequence[float] = DEFAULT_VOXEL_MM,
-                 n_jobs: int = 1, dtype=None) -> list[str]:
+                 n_jobs: int = 1, dtype=None, anatomy: str = "geometric") -> list[str]:
     """Simulate and write ``n_subjects`` subjects; return their folder names.
 
     ``layout="hcp"``: ``<out>/<id>/T1w/Diffusion/{data.nii.gz, bvals, bvecs,
@@ -1031,6 +1100,7 @@ def write_cohort(out_dir, n_subjects: int, layout: str = "hcp",
     ``site`` gives the same anatomies (paired data). Returns the subject
     folder names (HCP ``900001``, BIDS ``sub-01``). ``n_jobs > 1`` simulates
     subjects in parallel processes. ``dtype``: see :func:`write_subject`.
+    ``anatomy``: see :func:`simulate_subject`.
     """
     if layout not in ("hcp", "bids"):
         raise ValueError(f"unknown layout {layout!r} (hcp or bids)")
@@ -1040,7 +1110,7 @@ def write_cohort(out_dir, n_subjects: int, layout: str = "hcp",
     scheme = scheme if scheme is not None else hcp_scheme()
     jobs = [dict(shape=tuple(shape), seed=cohort_subject_seed(seed, i), snr=snr, scheme=scheme,
                  te=te, site=site, voxel_size=voxel_size, out_dir=os.fspath(out), label=lbl,
-                 layout=layout, dtype=dtype) for i, lbl in enumerate(labels)]
+                 layout=layout, dtype=dtype, anatomy=anatomy) for i, lbl in enumerate(labels)]
     if n_jobs > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs))) as pool:
             list(pool.map(_simulate_and_write, jobs))

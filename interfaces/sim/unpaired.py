@@ -20,11 +20,15 @@ subjects) and :func:`held_out` (other persons scanned at both sites, so the
 harmonised scan of a person can be compared with the reference-site scan of
 the same person). Everything is deterministic from the seed.
 
-Limits: the anatomy is the geometric phantom (``interfaces/sim/phantom``), the
-deformation resamples the signal without reorienting the gradients (RISH and
-FA are rotation invariant; fibre orientations are only approximately
-consistent with the warp), and the site effect is spatially uniform per order
-and shell (no coil/B1 pattern).
+Anatomy: the geometric phantom (``interfaces/sim/phantom``, the default) or
+``anatomy="brain"`` (``interfaces/sim/brain``: MNI152 tissue maps; the
+person's warp is the brain phantom's own, exact, with fibres reoriented, and
+no resampling follows; its group bundle is the callosal body).
+
+Limits: with the geometric anatomy the deformation resamples the signal
+without reorienting the gradients (RISH and FA are rotation invariant; fibre
+orientations are only approximately consistent with the warp); the site
+effect is spatially uniform per order and shell (no coil/B1 pattern).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from . import phantom
+from . import phantom, warp
 
 # ----------------------------------------------------------------------------
 # Named constants
@@ -68,6 +72,8 @@ WARP_MODES = 4
 WARP_WAVELENGTH_MM = (40.0, 80.0)
 WARP_RMS_MM = 3.0
 WARP_MAX_STRAIN = 0.8
+#: Random stream of the person's deformation (independent of the phantom's draws).
+WARP_STREAM = 17
 #: Phantom seeds of the persons: unpaired site B persons and held-out persons
 #: come from disjoint ranges, so nobody is scanned twice by accident.
 SITE_PERSON_OFFSET = 1000
@@ -138,23 +144,18 @@ def persons(n: int, first_seed: int) -> list[Person]:
 def warp_modes(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The person's plane waves: wave vectors k (modes, 3; rad/mm), phases,
     and displacement amplitudes (modes, 3; mm), strain-bounded."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 17]))
-    direction = rng.standard_normal((WARP_MODES, 3))
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-    wavelength = rng.uniform(*WARP_WAVELENGTH_MM, WARP_MODES)
-    k = direction * (2.0 * math.pi / wavelength)[:, None]
-    phase = rng.uniform(0.0, 2.0 * math.pi, WARP_MODES)
-    amp = rng.standard_normal((WARP_MODES, 3)) * (WARP_RMS_MM * math.sqrt(2.0 / WARP_MODES))
-    strain = float(np.sum(np.linalg.norm(amp, axis=1) * np.linalg.norm(k, axis=1)))
-    if strain > WARP_MAX_STRAIN:
-        amp *= WARP_MAX_STRAIN / strain
-    return k, phase, amp
+    w = _person_warp(seed)
+    return w.k, w.phase, w.amp
+
+
+def _person_warp(seed: int) -> warp.Warp:
+    return warp.random_warp(seed, WARP_STREAM, WARP_MODES, WARP_WAVELENGTH_MM, WARP_RMS_MM,
+                            WARP_MAX_STRAIN)
 
 
 def displacement(points: np.ndarray, seed: int) -> np.ndarray:
     """Displacement (mm) of the person ``seed`` at world points (n, 3)."""
-    k, phase, amp = warp_modes(seed)
-    return np.sin(points @ k.T + phase) @ amp
+    return _person_warp(seed).displacement(points)
 
 
 def _warp(volume: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
@@ -187,13 +188,15 @@ def _scale_sh(signal: np.ndarray, gtab, table: Mapping, weight: np.ndarray | Non
 
 
 def scan(person: Person, site: Site, *, shape: Sequence[int] = STUDY_SHAPE,
-         voxel_mm: float = STUDY_VOXEL_MM, scheme=None) -> Scan:
+         voxel_mm: float = STUDY_VOXEL_MM, scheme=None, anatomy: str = "geometric") -> Scan:
     """Simulate ``person`` scanned at ``site`` (the same field of view
-    ``shape * voxel_mm`` on the site's grid)."""
+    ``shape * voxel_mm`` on the site's grid). ``anatomy="brain"``: the
+    phantom's brain (:mod:`.brain`), whose own per-person non-linear warp is
+    exact (the template sampled through it), so no resampling warp follows."""
     gtab = study_scheme() if scheme is None else scheme
     grid_site = phantom.SiteEffect(name=site.name, voxel_size=site.voxel_mm)
     s = phantom.simulate_subject(shape, seed=person.seed, snr=None, scheme=gtab,
-                                 voxel_size=voxel_mm, site=grid_site)
+                                 voxel_size=voxel_mm, site=grid_site, anatomy=anatomy)
     grid = s.dwi.shape[:3]
     sig = s.dwi.reshape(-1, len(gtab)).astype(np.float64)
     region = (s.truth["bundle"] == phantom.BUNDLES.index(GROUP_BUNDLE) + 1) & \
@@ -203,19 +206,22 @@ def scan(person: Person, site: Site, *, shape: Sequence[int] = STUDY_SHAPE,
         w = region.ravel().astype(np.float64)
         _scale_sh(sig, gtab, {2: keep, 4: keep, 6: keep}, weight=w)
         sig *= np.where(w[:, None] > 0, np.exp(-gtab.bvals * GROUP_DIFFUSIVITY_INCREASE), 1.0)
-    # the person's deformation: the anatomy seen at x is the phantom's at x + u(x)
-    ijk = np.indices(grid, dtype=np.float64).reshape(3, -1).T
-    world = ijk @ s.affine[:3, :3].T + s.affine[:3, 3]
-    moved = world + displacement(world, person.seed)
-    coords = ((moved - s.affine[:3, 3]) @ np.linalg.inv(s.affine[:3, :3]).T).T.reshape(
-        (3,) + grid)
-    dwi = _warp(sig.reshape(grid + (len(gtab),)).astype(np.float32), coords, order=1)
-    truth = {}
-    for name, val in s.truth.items():
-        nearest = val.dtype == bool or np.issubdtype(val.dtype, np.integer)
-        truth[name] = _warp(val.astype(np.float32) if val.dtype == bool else val, coords,
-                            order=0 if nearest else 1).astype(val.dtype)
-    truth["group_region"] = _warp(region.astype(np.uint8), coords, order=0).astype(bool)
+    if anatomy == "brain":   # already deformed per person inside the phantom
+        dwi = sig.reshape(grid + (len(gtab),)).astype(np.float32)
+        truth = dict(s.truth, group_region=region)
+    else:   # the person's deformation: the anatomy seen at x is the phantom's at x + u(x)
+        ijk = np.indices(grid, dtype=np.float64).reshape(3, -1).T
+        world = ijk @ s.affine[:3, :3].T + s.affine[:3, 3]
+        moved = world + displacement(world, person.seed)
+        coords = ((moved - s.affine[:3, 3]) @ np.linalg.inv(s.affine[:3, :3]).T).T.reshape(
+            (3,) + grid)
+        dwi = _warp(sig.reshape(grid + (len(gtab),)).astype(np.float32), coords, order=1)
+        truth = {}
+        for name, val in s.truth.items():
+            nearest = val.dtype == bool or np.issubdtype(val.dtype, np.integer)
+            truth[name] = _warp(val.astype(np.float32) if val.dtype == bool else val, coords,
+                                order=0 if nearest else 1).astype(val.dtype)
+        truth["group_region"] = _warp(region.astype(np.uint8), coords, order=0).astype(bool)
     mask = truth["mask"]
     sig = dwi.reshape(-1, len(gtab)).astype(np.float64)
     if site.rish_scale:
@@ -230,7 +236,7 @@ def scan(person: Person, site: Site, *, shape: Sequence[int] = STUDY_SHAPE,
     subject = replace(s, dwi=noisy.astype(np.float32), mask=mask, truth=truth, snr=site.snr,
                       sigma=sigma, site=site.name, noise_free=clean)
     params = {"group": person.group, "seed": person.seed, "site": site.name,
-              "voxel_mm": site.voxel_mm, "snr": site.snr,
+              "voxel_mm": site.voxel_mm, "snr": site.snr, "anatomy": anatomy,
               "rish_scale": None if not site.rish_scale else
               {f"{float(b):g}": dict(v) for b, v in site.rish_scale.items()}}
     return Scan(subject, person, site.name, params)
@@ -354,6 +360,7 @@ def group_rows(scans: Sequence[Scan], before: Sequence[dict], after: Sequence[di
 
 def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, seed: int = 0,
              sites: Sequence[Site] = (SITE_A, SITE_B), in_sample: bool = True,
+             anatomy: str = "geometric", shape: Sequence[int] = STUDY_SHAPE,
              **fit_options) -> dict:
     """Fit a harmonization on a ``design`` ("unpaired" or "paired") cohort of
     ``n_fit`` persons per site and evaluate it on ``n_held_out`` other
@@ -374,8 +381,9 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
     from .. import harmonize as H
     make = {"unpaired": unpaired_study, "paired": paired_study}[design]
     ref_site, tar_site = sites[0].name, sites[1].name
-    fit = make(n_fit, seed, sites)
-    test = held_out(n_held_out, seed, sites)
+    scan_kw = {"anatomy": anatomy, "shape": tuple(shape)}
+    fit = make(n_fit, seed, sites, **scan_kw)
+    test = held_out(n_held_out, seed, sites, **scan_kw)
     t0 = time.perf_counter()
     feats = {name: features(scans) for name, scans in fit.items()}
     art = H.fit_harmonization(feats[ref_site], feats[tar_site], list(STUDY_SHELLS), STUDY_LMAX,
