@@ -11,11 +11,13 @@ one all-zero volume; sub-04 with every volume identical.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import uri
 
 from dmriflow.interfaces import stepfiles
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
@@ -74,8 +76,9 @@ def test_each_subject_is_done_failed_or_flagged(run):
     assert t.loc["sub-03", "qc_flags"] == "1 outlier volume(s) excluded"
     same = run["subjects"]["sub-04"]
     assert t.loc["sub-04", "failed_step"] == "validate"
+    # OUTPUT names the input by its BIDS URI, never by absolute path
     assert t.loc["sub-04", "error"] == (
-        f"{same.dwi}: degenerate acquisition: all 35 volumes are identical in the mask: the "
+        f"{uri(Path(same.dwi), run['out'].parent / 'in')}: degenerate acquisition: all 35 volumes are identical in the mask: the "
         f"series carries no diffusion contrast (an export or conversion error)")
     for key in ("sub-01", "sub-02", "sub-03"):
         assert 0 <= float(t.loc[key, "failed_fit_fraction"]) <= stepfiles.MAX_FAILED_FRACTION
