@@ -30,11 +30,13 @@ from __future__ import annotations
 import functools
 import os
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 from fileformats.generic import File
 from pydra.compose import python
+from pydra.utils.hash import hash_single, register_serializer
 
 from dmriflow.interfaces import stepfiles
 from dmriflow.interfaces.bids_names import input_entities
@@ -42,6 +44,7 @@ from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.steps import REGISTRY, Product, Step
 from dmriflow.interfaces.steps.motion import Options as MotionOptions, uncorrected_warning
 from dmriflow.pipelines import derivatives
+from dmriflow.pipelines.file_hashes import file_digest
 from dmriflow.pipelines.progress import PROGRESS_ENV, log_line
 
 #: Written into a node folder whose record is a failure (see execution.clean_cache).
@@ -78,6 +81,23 @@ class Subject:
                        if k not in ("sub", "ses")}}
         return cls(s.key, tuple(s.out_parts), entities, File(s.dwi), File(s.bval),
                    File(s.bvec), *(None if p is None else File(p) for p in (s.mask, s.sidecar)))
+
+
+@register_serializer(Subject)
+def _subject_bytes(subject: Subject, cache) -> Iterator[bytes]:
+    """What the engine hashes of a :class:`Subject`: its fields, each file by its
+    name and content digest, not its folder, as Pydra hashes a file
+    (:mod:`~dmriflow.pipelines.file_hashes`: no lock file per file)."""
+    yield b"dmriflow.Subject:{"
+    for f in fields(subject):
+        value = getattr(subject, f.name)
+        yield f"{f.name}=".encode()
+        if isinstance(value, File):
+            yield f"file:{value.fspath.name}:".encode() + file_digest(value.fspath)
+        else:
+            yield hash_single(value, cache)
+        yield b";"
+    yield b"}"
 
 
 def _failure(step: str, subject: str, exc: BaseException | None = None, upstream=None) -> dict:
