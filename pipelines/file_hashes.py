@@ -65,8 +65,13 @@ def file_digest(path, folder: Path | None = None) -> bytes:
     digest = content_digest(path)
     if state_key(path) != key:         # changed while read: not stored under either state
         return digest
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{entry.name}.{secrets.token_hex(4)}.tmp"
-    tmp.write_bytes(digest)
-    os.replace(tmp, entry)
+    store(entry, digest)
     return digest
+
+
+def store(entry: Path, data: bytes) -> None:
+    """Write an entry whole: under a temporary name, then renamed into place."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f".{entry.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, entry)

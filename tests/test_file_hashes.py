@@ -87,3 +87,27 @@ def test_a_file_changed_while_it_is_hashed_is_not_stored(tmp_path, hashes, monke
     monkeypatch.setattr(file_hashes, "content_digest", read_then_change)
     file_hashes.file_digest(path)
     assert not list(hashes.glob(file_hashes.ENTRY_PREFIX + "*"))
+
+
+def test_cached_census_rows_equal_fresh_ones_and_follow_the_files(tmp_path, monkeypatch):
+    from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
+    from dmriflow.pipelines import census_cache
+    from dmriflow.pipelines.inputs import census, discover
+    write_cohort(tmp_path / "in", 3, shape=(4, 5, 4), seed=0,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=6, seed=0))
+    subjects = discover(tmp_path / "in")
+    folder = tmp_path / "hashes"
+    fresh = census(subjects).to_csv(sep="\t", index=False)
+    row_of = census_cache.cached_row_of(folder, "v1")
+    assert census(subjects, row_of).to_csv(sep="\t", index=False) == fresh    # computed
+    assert len(list(folder.glob(census_cache.ENTRY_PREFIX + "*"))) == len(subjects)
+    monkeypatch.setattr(census_cache, "census_row",
+                        lambda *a: pytest.fail("a stored census row was read again"))
+    assert census(subjects, row_of).to_csv(sep="\t", index=False) == fresh    # stored
+    bval = Path(subjects[0].bval)
+    bval.write_text(" ".join(str(2 * int(b) if int(b) > 100 else int(b))       # new content
+                             for b in bval.read_text().split()))
+    monkeypatch.undo()
+    changed = census(subjects, row_of)
+    assert changed.to_csv(sep="\t", index=False) == census(subjects).to_csv(sep="\t", index=False)
+    assert "2000" in changed.loc[0, "shells"] and changed.loc[1, "shells"] == "1000"
