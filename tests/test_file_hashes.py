@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-from fileformats.generic import File
 from pydra.utils.hash import hash_function
 
 from dmriflow.pipelines import file_hashes
@@ -23,7 +22,7 @@ def _subject(folder: Path) -> Subject:
     files = {}
     for name, text in (("data.nii.gz", b"A" * 64), ("bvals", b"0 1000"), ("bvecs", b"1 0 0")):
         (folder / name).write_bytes(text)
-        files[name] = File(folder / name)
+        files[name] = folder / name
     return Subject("sub-01", ("sub-01",), {"sub": "01"}, files["data.nii.gz"], files["bvals"],
                    files["bvecs"])
 
