@@ -37,6 +37,7 @@ from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
 from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
                                        option_owner)
 from dmriflow.interfaces.steps.base import check_choice, field_default, option
+from dmriflow.pipelines.census_cache import cached_row_of
 from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_entry,
                                             recorded_frame, retire_export, source_uri,
                                             status_path,
@@ -819,11 +820,13 @@ def rerun_selection(subjects: list[SubjectInputs], output_dir) -> tuple[list, li
     return cohort, [s for s in cohort if s.key in todo]
 
 
-def merge_plan(output_dir: Path, subjects: list, config: RunConfig, version: str) -> list:
+def merge_plan(output_dir: Path, subjects: list, config: RunConfig, version: str,
+               root: Path) -> list:
     """Add ``subjects`` to the stored plan (group/cohort.json; an entry of the
-    same unit is replaced, the others kept) and their rows to the census; write
-    the dataset description. Call under :func:`cohort_files`. Returns the
-    plan's units."""
+    same unit is replaced, the others kept) and their rows to the census (rows
+    kept in the cache root's hash folder, see :mod:`.census_cache`); write the
+    dataset description. Call under :func:`cohort_files`. Returns the plan's
+    units."""
     group = output_dir / "dmriflow" / "group"
     try:
         old = _plan(output_dir).get("subjects", [])
@@ -834,7 +837,8 @@ def merge_plan(output_dir: Path, subjects: list, config: RunConfig, version: str
     io.write_json({"pipeline_version": version, "worker": config.worker,
                    "steps": list(planned_steps(config)), "subjects": list(entries.values()),
                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, group / "cohort.json")
-    cen = recorded_frame(census(subjects), output_dir)
+    cen = recorded_frame(census(subjects, cached_row_of(root / HASH_CACHE_DIR, version)),
+                         output_dir)
     text = cen.to_csv(sep="\t", index=False, na_rep="n/a")
     if len(entries) > len(subjects) and (group / "census.tsv").is_file():
         text = merged_census(group / "census.tsv", text)
@@ -861,7 +865,7 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
     start = time.perf_counter()
     version = io.pipeline_version()
     with cohort_files(output_dir):
-        planned = merge_plan(output_dir, subjects, config, version)
+        planned = merge_plan(output_dir, subjects, config, version, root)
     keys = {s.key for s in selected}
     whole = keys >= {p.key for p in planned}
     cen = pd.read_csv(output_dir / "dmriflow" / "group" / "census.tsv", sep="\t",

@@ -515,11 +515,12 @@ def assign_protocols(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def census(subjects: list[SubjectInputs]) -> pd.DataFrame:
+def census(subjects: list[SubjectInputs], row_of=None) -> pd.DataFrame:
     """One row per subject with acquisition facts and a protocol group.
 
     Subjects whose headers or gradients cannot be read keep empty fields and
-    the reason in ``census_error``.
+    the reason in ``census_error``. ``row_of(subject)`` reads a subject's facts
+    (default: :func:`census_row` of its files; a run passes a cached one).
     """
     rows = []
     for s in subjects:
@@ -527,7 +528,7 @@ def census(subjects: list[SubjectInputs]) -> pd.DataFrame:
         try:
             if s.problem:
                 raise InputError(None, s.problem)
-            row.update(census_row(s.dwi, s.bval, s.bvec, s.sidecar))
+            row.update(row_of(s) if row_of else census_row(s.dwi, s.bval, s.bvec, s.sidecar))
         except InputError as exc:
             row.update({f: None for f in CENSUS_FIELDS}, census_error=str(exc))
         rows.append(row)

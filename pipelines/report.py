@@ -29,8 +29,10 @@ import io as _bytes_io
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from pathlib import Path
 
 import nibabel as nib
@@ -386,11 +388,33 @@ def html_table(df: pd.DataFrame, columns=None, row_class=None, max_rows=MAX_TABL
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
 
 
-def _figure(uri: str | None, caption: str, alt: str) -> str:
+def _figure(uri: str | None, caption: str, alt: str, key: str | None = None) -> str:
     if uri is None:
         return ""
-    return (f'<figure><img src="{uri}" alt="{_e(alt)}"><figcaption>{_e(caption)}'
+    keyed = f' data-key="{key}"' if key else ""
+    return (f'<figure{keyed}><img src="{uri}" alt="{_e(alt)}"><figcaption>{_e(caption)}'
             f"</figcaption></figure>")
+
+
+#: A figure of the page marked with the key of what it shows (:func:`figure_key`): the
+#: next report reuses its picture when that is unchanged (drawing one costs matplotlib's
+#: import and a render, about 1 s of a cached rerun).
+KEYED_FIGURE = re.compile(r'<figure data-key="([0-9a-f]{40})"><img '
+                          r'src="(data:image/png;base64,[A-Za-z0-9+/]+={0,2})"')
+
+
+def figure_key(name: str, data: pd.DataFrame) -> str:
+    """Key of a figure: its name, the code (pipeline version) and the table it is drawn from."""
+    text = f"{name}\0{io.pipeline_version()}\0" + data.to_csv(index=False)
+    return blake2b(text.encode(), digest_size=20).hexdigest()
+
+
+def previous_figures(page: Path) -> dict[str, str]:
+    """``{key: picture}`` of the keyed figures of an earlier report page."""
+    try:
+        return dict(KEYED_FIGURE.findall(page.read_text()))
+    except (OSError, UnicodeDecodeError):
+        return {}
 
 
 def _section(title: str, body: str, anchor: str) -> str:
@@ -444,7 +468,8 @@ def qc_flags(table: pd.DataFrame) -> pd.Series:
     return flags
 
 
-def qc_section(table: pd.DataFrame) -> str:
+def qc_section(table: pd.DataFrame, previous: dict | None = None) -> str:
+    """Status cards, the QC table and figure (``previous``: :func:`previous_figures`)."""
     counts = table["status"].value_counts().to_dict() if "status" in table else {}
     absolute = (table["qc_flags"].astype(object).fillna("").astype(str) if "qc_flags" in table
                 else pd.Series("", index=table.index, dtype=object))
@@ -470,8 +495,9 @@ def qc_section(table: pd.DataFrame) -> str:
                                                         r.get("group_flags")) and
                       r.get("status") == "done" else str(r.get("status", "")),
                       max_rows=max(MAX_TABLE_ROWS, len(table)))
-    fig = _figure(qc_figure(table), "Per-subject QC figures by protocol group (done subjects).",
-                  "QC scatter")
+    key = figure_key("qc", table)
+    fig = _figure((previous or {}).get(key) or qc_figure(table),
+                  "Per-subject QC figures by protocol group (done subjects).", "QC scatter", key)
     return f'<div class="cards">{cards}</div>{note}{rows}{fig}'
 
 
@@ -704,7 +730,8 @@ def build_report(output_dir) -> str:
     order = list(table["subject"]) if table is not None else sorted(maps)
     sections = [
         _section("Cohort census", census_section(table, census), "census"),
-        _section("Quality control", qc_section(table) if table is not None else "", "qc"),
+        _section("Quality control", qc_section(table, previous_figures(root / REPORT_FILE))
+                 if table is not None else "", "qc"),
         _section("Head motion", motion_section(root), "motion"),
         _section("FA and colour FA", maps_section(maps, order), "fa"),
         _section("RISH features", rish_section(maps, order), "rish"),

@@ -14,7 +14,7 @@ from conftest import uri
 
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
-from dmriflow.pipelines.execution import RunConfig, status_table
+from dmriflow.pipelines.execution import RunConfig
 from dmriflow.pipelines.inputs import discover, read_filter_file
 
 SHAPE = (12, 14, 10)

@@ -262,3 +262,17 @@ def test_slurm_array_scripts_carry_the_options_and_one_unit_per_task(tmp_path, c
                          *extra])
         assert code == cli.EXIT_INPUT and phrase in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_signing_a_lock_replaces_a_longer_holder_text(tmp_path):
+    """sign() writes over the old text and cuts the file at its end (no truncation to
+    zero first: ext4 flushes such a file on close); nothing of a longer text remains."""
+    import os
+    path = tmp_path / "x.lock"
+    path.write_text("pid 1 on an-old-and-much-longer-host-name (" + "x" * 200 + ")\n")
+    with open_lock(path) as fh:
+        sign(fh, "upkeep")
+    text = path.read_text()
+    assert text.startswith(f"pid {os.getpid()} on ") and text.endswith(" (upkeep)\n")
+    assert text.count("\n") == 1
+    assert "xxxx" not in text

@@ -481,3 +481,26 @@ def test_motion_section_for_a_corrected_subject(tmp_path):
     assert float(row["Mean FD (mm)"]) == pytest.approx(subjects["motion_fd_mean"], abs=5e-4)
     assert float(row["Max FD (mm)"]) == pytest.approx(subjects["motion_fd_max"], abs=5e-4)
     assert int(row["Volumes over"]) == subjects["motion_volumes_over_threshold"]
+
+
+def test_an_unchanged_qc_figure_is_taken_from_the_previous_page(tmp_path, monkeypatch):
+    """A cached rerun does not redraw (import matplotlib for) a figure whose table and
+    code are unchanged: the picture comes from the previous page, keyed; a changed
+    table is drawn anew; a picture that is not plain base64 is never taken."""
+    from dmriflow.pipelines import report
+    table = pd.DataFrame({"subject": [f"sub-{i}" for i in range(4)], "status": ["done"] * 4,
+                          "protocol": ["P1"] * 4, "mask_volume_ml": [1400.0, 1410, 1390, 1405],
+                          "b0_snr": [30.0, 31, 29, 30], "median_fa": [0.30, 0.31, 0.29, 0.30]})
+    first = qc_section(table)
+    page = tmp_path / REPORT_FILE
+    page.write_text(f"<html><body>{first}</body></html>")
+    previous = report.previous_figures(page)
+    assert len(previous) == 1 and next(iter(previous.values())) in first
+    monkeypatch.setattr(report, "qc_figure", lambda t: pytest.fail("an unchanged figure redrawn"))
+    assert qc_section(table, previous) == first
+    monkeypatch.undo()
+    changed = qc_section(table.assign(median_fa=[0.40, 0.41, 0.39, 0.40]), previous)
+    (new_key, new_picture), = report.KEYED_FIGURE.findall(changed)
+    assert new_key not in previous and new_picture not in previous.values()
+    page.write_text(first.replace("base64,", 'base64,"><script>x</script>'))
+    assert report.previous_figures(page) == {}

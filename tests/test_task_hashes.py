@@ -70,7 +70,7 @@ def _dummy(tp, a_file: Path):
         return _dummy(next(a for a in args if a is not type(None)), a_file)
     if origin is list:
         return [_dummy(args[0], a_file)] if args else ["x"]
-    if inspect.isclass(tp) and issubclass(tp, File):
+    if inspect.isclass(tp) and issubclass(tp, (File, Path)):
         return a_file
     if dataclasses.is_dataclass(tp):       # a typed unit, e.g. pipelines.steps.Subject
         hints = typing.get_type_hints(tp)
