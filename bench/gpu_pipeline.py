@@ -11,7 +11,8 @@ calls what the pipeline's node calls, with the device named:
   chunk, the eigen-decomposition runs on the host);
 * ``sh_rish``: ``sh.fit_shells(dwi, coefficients=False, device=D)`` + every
   shell's RISH maps (the RISH node; the projection runs on the device);
-* ``mppca``: ``preprocess.mppca`` (stride 2, the pipeline's default) on a
+* ``mppca``: ``preprocess.mppca`` (automatic patch radius and stride 2, the
+  pipeline's defaults) on a
   z-slab crop, on the CPU: it has no device path (float32 LAPACK per patch).
 
 Stage times exclude file I/O but include the host<->device copies the
@@ -54,11 +55,10 @@ import time
 import nibabel as nib
 import numpy as np
 import synthetic  # bench/synthetic.py (this folder is on sys.path when run as a script)
-from memory import HCP_SHAPE, N_B0, SHELLS, SNR, ellipsoid  # bench/memory.py
+from memory import HCP_SHAPE, SNR, ellipsoid, gradients  # bench/memory.py
 
 from dmriflow.interfaces import dti, sh
 from dmriflow.interfaces.gradients import GradientTable
-from dmriflow.interfaces.gradients import spiral_directions as directions
 from dmriflow.interfaces.io import DWI
 from dmriflow.interfaces.preprocess import mppca
 
@@ -78,20 +78,6 @@ FA_LIPSCHITZ = 2 * np.sqrt(1.5) * np.sqrt(3)
 FAILED_MISMATCH = 1e-3
 #: MP-PCA stride (preprocess_dwi's default)
 MPPCA_STRIDE = 2
-
-
-def gradients(n_vol: int):
-    """HCP's scheme scaled to ``n_vol`` volumes: b0s in HCP's share (18 of 288,
-    plus what does not split evenly), the rest in 3 equal shells, interleaved."""
-    n_dir = (n_vol - n_vol * N_B0 // HCP_SHAPE[3]) // len(SHELLS)
-    n_b0 = n_vol - n_dir * len(SHELLS)
-    if n_dir < 15 or n_b0 < 1:
-        raise SystemExit(f"{n_vol} volumes: too few for b0s + {len(SHELLS)} shells of 15")
-    d = directions(n_dir)
-    bvals = np.r_[np.full(n_b0, 5.0), np.repeat(SHELLS, n_dir)]
-    bvecs = np.r_[np.zeros((n_b0, 3)), np.tile(d, (len(SHELLS), 1))]
-    order = np.random.default_rng(7).permutation(n_vol)     # b0s interleaved
-    return bvals[order], bvecs[order]
 
 
 def make_subject(shape, seed: int) -> DWI:
@@ -296,7 +282,7 @@ def main() -> int:
     z0 = max(0, Z // 2 - args.mppca_slices // 2)
     crop = slab(dwi, z0, min(Z, z0 + args.mppca_slices))
     t = time.perf_counter()
-    mppca(crop.data, crop.mask, stride=MPPCA_STRIDE, outside="keep", return_sigma=True)
+    mppca(crop.data, crop.mask, patch_radius=None, stride=MPPCA_STRIDE, outside="keep")
     mp_s = time.perf_counter() - t
     n_crop = int(crop.mask.sum())
     del crop
