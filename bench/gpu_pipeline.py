@@ -279,6 +279,20 @@ def main() -> int:
                                 f"{[f.lmax for f in dev_sh.values()]}")
 
     Z = args.shape[2]
+    bf = bf16_projection(torch, args.device, dwi, timer)
+
+    # correctness on a slab: device maps vs the CPU default path
+    zc0 = max(0, Z // 2 - args.check_slices // 2)
+    zc1 = min(Z, zc0 + args.check_slices)
+    sub = slab(dwi, zc0, zc1)
+    ref_tensor = dti.fit_dwi(sub, volumes=vols, n_iter=dti.DEFAULT_WLS_ITERATIONS)
+    chk_dti, bad_dti = check_dti(dev_tensor, ref_tensor, sub.mask, zc0, zc1,
+                                 dwi.gtab.select(vols))
+    chk_rish, bad_rish = check_rish(dev_sh, sub, zc0, zc1)
+
+    print(f"dti {rows['dti'][0]:.3f} s, sh_rish {rows['sh_rish'][0]:.3f} s, check "
+          f"{'FAIL' if bad_dti or bad_rish else 'pass'}; MP-PCA next", flush=True)
+    # last: the slowest stage, and CPU-only (no device path)
     z0 = max(0, Z // 2 - args.mppca_slices // 2)
     crop = slab(dwi, z0, min(Z, z0 + args.mppca_slices))
     t = time.perf_counter()
@@ -290,17 +304,6 @@ def main() -> int:
         mp_s, float("nan"), f"{args.mppca_slices}-slice crop, {n_crop} mask voxels, one run; "
                             f"{n_crop / mp_s:.0f} voxels/s -> ~{n_mask * mp_s / n_crop:.0f} s "
                             f"for the subject")
-
-    bf = bf16_projection(torch, args.device, dwi, timer)
-
-    # correctness on a slab: device maps vs the CPU default path
-    zc0 = max(0, Z // 2 - args.check_slices // 2)
-    zc1 = min(Z, zc0 + args.check_slices)
-    sub = slab(dwi, zc0, zc1)
-    ref_tensor = dti.fit_dwi(sub, volumes=vols, n_iter=dti.DEFAULT_WLS_ITERATIONS)
-    chk_dti, bad_dti = check_dti(dev_tensor, ref_tensor, sub.mask, zc0, zc1,
-                                 dwi.gtab.select(vols))
-    chk_rish, bad_rish = check_rish(dev_sh, sub, zc0, zc1)
 
     print(f"\n{'stage':34s} {'median s':>9s} {'peak GPU GB':>12s}  notes")
     for k, (sec, pk, note) in rows.items():
