@@ -38,6 +38,8 @@ HCP_SHAPE = (145, 174, 145, 288)
 N_B0 = 18
 SHELLS = (1000.0, 2000.0, 3000.0)
 SNR = 25.0
+#: fewest directions per shell of a scaled scheme (an SH fit of order 4 needs 15)
+MIN_SHELL_DIRS = 15
 S0_MEAN = synthetic.S0_MEAN
 #: ellipsoid semi-axes as fractions of the grid (HCP brain masks hold
 #: ~0.9-1.2 M voxels of the 3.66 M)
@@ -86,12 +88,17 @@ print("REPORT " + json.dumps(rep))
 
 
 def gradients(n_vol: int):
-    n_dir = (n_vol - N_B0) // len(SHELLS)
-    if N_B0 + n_dir * len(SHELLS) != n_vol:
-        raise SystemExit(f"{n_vol} volumes is not {N_B0} b0 + {len(SHELLS)} equal shells")
+    """HCP's scheme scaled to ``n_vol`` volumes (288: HCP's 18 b0 + 3 x 90): b0s in
+    HCP's share, plus what does not split evenly, the rest in equal shells,
+    interleaved as acquired."""
+    n_dir = (n_vol - n_vol * N_B0 // HCP_SHAPE[3]) // len(SHELLS)
+    n_b0 = n_vol - n_dir * len(SHELLS)
+    if n_dir < MIN_SHELL_DIRS or n_b0 < 1:
+        raise SystemExit(f"{n_vol} volumes: too few for b0s + {len(SHELLS)} shells of "
+                         f"{MIN_SHELL_DIRS} directions")
     d = directions(n_dir)
-    bvals = np.r_[np.full(N_B0, 5.0), np.repeat(SHELLS, n_dir)]
-    bvecs = np.r_[np.zeros((N_B0, 3)), np.tile(d, (len(SHELLS), 1))]
+    bvals = np.r_[np.full(n_b0, 5.0), np.repeat(SHELLS, n_dir)]
+    bvecs = np.r_[np.zeros((n_b0, 3)), np.tile(d, (len(SHELLS), 1))]
     order = np.random.default_rng(7).permutation(n_vol)     # b0s interleaved
     return bvals[order], bvecs[order]
 
