@@ -675,7 +675,12 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
     (:class:`dmriflow.pipelines.slurm.SlurmWorker`).
     """
     from pydra.engine.submitter import Submitter  # before pydra.workers (OPERATIONS.md)
+    from pydra.engine.workflow import Workflow
     from pydra.utils.hash import PersistentCache
+    # Pydra reuses a workflow constructed earlier in this process when its inputs
+    # hash the same. Ours hash by content (Subject, ContentKeyed), so a cohort or
+    # artefact moved between two runs in one process would get the old paths.
+    Workflow.clear_cache()
     os.environ[PersistentCache.LOCATION_ENV_VAR] = str(root / HASH_CACHE_DIR)   # workers inherit
     if os.environ.get(PROGRESS_ENV) != BAR:      # a progress bar shows the node lines
         os.environ[PROGRESS_ENV] = "0" if config.quiet else "1"

@@ -258,6 +258,11 @@ def test_inference_checkpoint_is_named_without_an_absolute_path(tmp_path):
     assert {p.read_text() for p in new if p.is_file()} <= {"export", "group"}
     models = pd.read_csv(out / "dmriflow" / "group" / "models.tsv", sep="\t")
     assert list(models["checkpoint"]) == ["../../elsewhere/ckpt"]
+    # a new OUTPUT in this same process computes with the checkpoint where it is
+    # now (Pydra would reuse the phase workflow built for its old place: same
+    # content key, so the same input hash)
+    assert run(src, tmp_path / "out-b", "--inference", "directions",
+               "--inference-checkpoint", str(moved)) == cli.EXIT_OK
     # the checkpoint shipped with dmriflow is named inside the package
     shipped = default_checkpoint("directions")
     assert external_path(shipped, out) == "dmriflow:models/checkpoints/" + shipped.name
