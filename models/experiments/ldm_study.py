@@ -10,13 +10,19 @@
   ``metrics.tsv`` (method, map, nmse, ssim, skill = 1 - NMSE/NMSE_identity,
   mean over subjects), ``calibration.tsv`` (method, map, nominal, coverage),
   ``subjects.tsv`` (per subject), ``paired_tests.tsv`` (paired Wilcoxon tests of the
-  shipped model against each baseline) - ``dmriflow evaluate 3t7t``.
+  shipped model against each baseline), ``spread_error_spearman.tsv`` (per
+  subject and method with an uncertainty) and ``flags.tsv`` - ``dmriflow
+  evaluate 3t7t``.
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
 sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
 train-family pairs), ``cnn`` (the equally-fed CNN), ``oracle`` (true 7T
-RISH), ``ldm_paired_concatenation`` (the earlier latent model, when its
-checkpoint is given).
+RISH), ``cnn_ensemble`` (posterior mean of the 5-CNN ensemble,
+:mod:`.ldm_ensemble`, when its members are there), ``ldm_paired_concatenation``
+(the earlier latent model, when its checkpoint is given). Uncertainty rows
+(calibration, spread-error Spearman): ``shipped`` (calibrated sample spread),
+``cnn_noise_proxy`` (the CNN +- c sigma/s0) and ``cnn_ensemble`` (member SD
+times c); both c fitted on the same train-family validation pairs.
 """
 
 from __future__ import annotations
