@@ -143,3 +143,34 @@ def test_the_shipped_models_scores_see_a_noise_shift():
         math.log(dcard.acquisition.ranges["snr"]["min"] / low.snr3))
     assert b["condition_shift"] > a["condition_shift"] + 0.3
     assert "ensemble_spread" not in a
+
+
+def test_ood_study_writes_one_auroc_per_shift_factor_and_score(tmp_path):
+    """A small run (16^3 simulation and cube, 3.125 mm voxels as trained)
+    through the study's own tables."""
+    r = ood.study_ood(tmp_path, seeds=[70_910, 70_911], grades={"snr": (0.3,), "bvalue": (1.6,)},
+                      family_seeds=[70_960], grid=16, samples=2, ensemble_dir=None,
+                      log=lambda s: None)
+    per = r["scores"]
+    assert len(per) == 2 + 2 * 2 + 1
+    # SNR x 0.3 puts every train-family subject (SNR 15-35) below the card's 11.09
+    assert (per[per["shift"] == "snr"].card == "flagged").all()
+    bsub = per[per["shift"] == "bvalue"].set_index("subject")
+    nsub = per[per["shift"] == "none"].set_index("subject")
+    assert (bsub.card == nsub.card).all() and (bsub.snr == nsub.snr).all()
+    tab = r["auroc"]
+    keys = set(zip(tab["shift"], tab.factor, tab.score))
+    names = ("card_range", "condition_shift", "predicted_spread")
+    assert keys == {(sh, f, n) for sh, f in (("snr", 0.3), ("bvalue", 1.6), ("family", 1.0))
+                    for n in names}
+    snr = tab[tab["shift"] == "snr"]
+    assert (snr.flagged == 2).all() and (tab.refused == 0).all()
+    base = per[per["shift"] == "none"]
+    for _, row in tab.iterrows():
+        shifted = per[(per["shift"] == row["shift"]) & (per.factor == row.factor)]
+        assert row.auroc == ood.auroc(base[row.score], shifted[row.score])
+    # a mislabelled b changes neither the b0s nor the measured SNR: the card is blind
+    b16 = tab[(tab["shift"] == "bvalue") & (tab.score == "card_range")].auroc.item()
+    assert b16 == 0.5
+    on_disk = (tmp_path / "ood_auroc.tsv").read_text().splitlines()
+    assert len(on_disk) == len(tab) + 1
