@@ -174,3 +174,25 @@ def test_ood_study_writes_one_auroc_per_shift_factor_and_score(tmp_path):
     assert b16 == 0.5
     on_disk = (tmp_path / "ood_auroc.tsv").read_text().splitlines()
     assert len(on_disk) == len(tab) + 1
+
+
+def test_members_and_shipped_models_are_written_as_loadable_checkpoints(tmp_path):
+    """Tiny budgets: the ensemble trainer and ``train_shipped`` share
+    ``save_rish_checkpoint``; each folder loads (sha-checked) with its budget."""
+    from dmriflow.models.experiments import ldm_ensemble
+    ldm_ensemble.train_members(tmp_path / "ens", seeds=(3,), n_pairs=2, steps=2, grid=16,
+                               log=lambda s: None)
+    folders = study.member_folders(tmp_path / "cnn", tmp_path / "ens")
+    assert [f.name for f in folders] == ["cnn", "seed-3"]
+    m, card = cards.load_checkpoint(folders[1], device="cpu")
+    assert card.architecture == "rish-cnn-3t7t" and card.training["budget"]["seed"] == 3
+    assert card.training["budget"]["steps"] == 2 and "seed" not in card.kwargs
+    assert card.acquisition.ranges["cube_voxel_mm"]["trained"] == [3.125, 3.125]
+    rep = study.train_shipped(tmp_path / "ship", n_pairs=2, steps=2, grid=16,
+                              log=lambda s: None)
+    d, dcard = cards.load_checkpoint(tmp_path / "ship" / "rish_3t7t", device="cpu")
+    np.testing.assert_allclose(dcard.training["spread_scale"], rep["diffusion"]["spread_scale"])
+    np.testing.assert_allclose(d.spread_scale.float().numpy(),
+                               np.float16(rep["diffusion"]["spread_scale"]), rtol=1e-3)
+    with pytest.raises(ValueError, match="must be a rish-cnn-3t7t"):
+        study.load_members([tmp_path / "ship" / "rish_cnn_3t7t", tmp_path / "ship" / "rish_3t7t"])
