@@ -17,9 +17,12 @@ memory per subject at the largest grid, with bf16 autocast on CUDA.
    the process's peak RSS). Untrained weights: the time does not depend on
    their values.
 
-Every result is a ``key=value`` line on stdout and a row of ``OUT/gpu.tsv``.
-``--tiny`` shrinks grids and steps to a CPU dry run of the same code path
-(under a minute). Usage: ``bench/gpu.sh [--device cuda|cpu] [--tiny] [--out DIR]``.
+Every result is a ``key=value`` line on stdout (the last: ``part=total``)
+and, with ``--out DIR``, a row of ``DIR/gpu.tsv``. ``--tiny`` shrinks grids
+and steps to a CPU dry run of the same code path (under a minute); without
+CUDA, the default ``--device auto`` runs that dry run (so ``make bench``,
+which runs every ``bench/*.py``, passes on a CPU machine).
+Usage: ``bench/gpu.sh [--device cuda|cpu] [--tiny] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -266,15 +269,19 @@ def inference(dev, grid: int, bf16: bool, report, ddim_steps=None) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                    help="auto: CUDA when present, else the CPU dry run (--tiny)")
     ap.add_argument("--tiny", action="store_true",
                     help="CPU dry run: grids 16 and 32, one timed step, 2 DDIM steps")
     ap.add_argument("--grids", type=int, nargs="+", default=[32, 96])
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per stage")
     ap.add_argument("--smoke-steps", type=int, default=3)
     ap.add_argument("--no-bf16", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--out", default=None, help="folder for gpu.tsv (default: none)")
     a = ap.parse_args(argv)
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+        a.tiny = a.tiny or a.device == "cpu"
     if a.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
@@ -295,9 +302,10 @@ def main(argv=None) -> int:
         throughput(dev, g, steps, bf16, report)
     inference(dev, grids[-1], bf16, report, ddim_steps=2 if a.tiny else None)
     report(part="total", ok=ok, seconds=f"{time.perf_counter() - t0:.1f}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report.write(out / "gpu.tsv")
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report.write(out / "gpu.tsv")
     return 0 if ok else 1
 
 

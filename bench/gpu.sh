@@ -9,8 +9,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 python="${PYTHON:-$root/.venv/bin/python}"
 [ -x "$python" ] || python="$(command -v python3)"
+device=(--device cuda)          # this script is the GPU check: no CUDA is an error
 case " $* " in
-  *" --device cpu "*) export CUDA_VISIBLE_DEVICES="" ;;   # the package's loops pick CUDA when visible
+  *" --device cpu "*) export CUDA_VISIBLE_DEVICES=""; device=() ;;  # the loops pick CUDA when visible
+  *" --device "*) device=() ;;
 esac
 exec timeout --signal=TERM --kill-after=10 "${GPU_BENCH_LIMIT_S:-470}" \
-  "$python" "$here/gpu.py" --out "${OUT:-.}" "$@"
+  "$python" "$here/gpu.py" "${device[@]}" --out "${OUT:-.}" "$@"
