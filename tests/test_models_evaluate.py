@@ -112,6 +112,8 @@ def test_a_seed_gives_the_same_subject_and_seeds_differ(runs):
     assert not np.allclose(i0, i1, rtol=1e-3)    # a different subject, not a copy
     f = _tsv(runs[0], "flags")
     assert list(f.subject) == SEEDS and f.snr.iloc[0] != f.snr.iloc[1]
+    # the ensemble's disagreement is measured per subject (and flagged when high)
+    assert (f.ensemble_disagreement > 0).all()
 
 
 def test_held_out_pairs_are_different_subjects_of_the_test_family():
@@ -136,3 +138,13 @@ def test_spread_error_table_and_the_ensemble_members(runs):
         assert b["data"] == budgets[0]["data"]
         assert {k: v for k, v in b["budget"].items() if k != "seed"} == \
             {k: v for k, v in budgets[0]["budget"].items() if k != "seed"}
+
+
+def test_an_input_the_ensemble_disagrees_on_is_flagged(tmp_path, monkeypatch):
+    """Margin 0: any disagreement is above the validation pairs' largest times
+    the margin, so the subject is flagged with the value and the limit."""
+    monkeypatch.setattr(study, "DISAGREEMENT_MARGIN", 0.0)
+    study.evaluate(SEEDS[:1], tmp_path, **SMALL)
+    f = _tsv(tmp_path, "flags")
+    assert "ensemble disagreement" in f["flags"].iloc[0] and "above 0 (0 x the largest" in \
+        f["flags"].iloc[0]

@@ -128,16 +128,15 @@ def scores(diff, dcard, members, ens_scale, s: study.Subject, samples: int, step
     values = card_values(s)
     problems = cards.range_problems(dcard.acquisition, values)
     fit = diff.fit_subject(s.f3, s.sigma3, samples=samples, steps=steps, seed=s.seed)
-    m = s.f3.mask
     out = {"cube_voxel_mm": round(values["cube_voxel_mm"], 4), "snr": round(s.snr3, 3),
            "card": "refused" if problems["refuse"] else
                    "flagged" if problems["flag"] else "accepted",
            "card_range": range_score(dcard.acquisition, values),
            "condition_shift": condition_shift(diff, s),
-           "predicted_spread": float(fit.spread[m].mean())}
+           "predicted_spread": study.disagreement(fit)}
     if members:
-        efit = rishdiff.ensemble_fit(members, s.f3, s.sigma3, ens_scale)
-        out["ensemble_spread"] = float(efit.spread[m].mean())
+        out["ensemble_spread"] = study.disagreement(
+            rishdiff.ensemble_fit(members, s.f3, s.sigma3, ens_scale))
     return out
 
 

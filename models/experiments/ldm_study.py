@@ -28,6 +28,7 @@ times c); both c fitted on the same train-family validation pairs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,18 @@ def member_folders(cnn_ckpt=SHIPPED_CNN, ensemble_dir=SHIPPED_ENSEMBLE) -> list[
     return [Path(cnn_ckpt)] + extra
 
 
+#: An input whose ensemble disagreement exceeds this factor times the largest
+#: of the validation pairs' is flagged (the OOD study: the disagreement
+#: separates every tested shift but the mildest SNR one, AUROC 1.0).
+DISAGREEMENT_MARGIN = 1.1
+
+
+def disagreement(fit: rishdiff.RishFit) -> float:
+    """Mean predicted spread of ``log lambda`` over the mask and orders: the OOD
+    score of an ensemble (members' SD) or of the sampling model."""
+    return float(fit.spread[fit.f3.mask].mean())
+
+
 def load_members(folders) -> list:
     """The ensemble's CNNs (float32, CPU); every folder must hold a rish-cnn-3t7t."""
     members = []
@@ -307,9 +320,12 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     proxy_scale = fit_noise_proxy(cnn, val)
     folders = member_folders(cnn_ckpt, ensemble_dir) if ensemble_dir else []
     members = load_members(folders) if len(folders) > 1 else []
-    ens_scale = (rishdiff.spread_scale_for(
-        [(rishdiff.ensemble_fit(members, v.f3, v.sigma3), v.f7) for v in val])
-        if members else None)
+    ens_scale, ens_limit = None, None
+    if members:
+        vfits = [(rishdiff.ensemble_fit(members, v.f3, v.sigma3), v.f7) for v in val]
+        ens_scale = rishdiff.spread_scale_for(vfits)
+        ens_limit = DISAGREEMENT_MARGIN * max(
+            disagreement(dataclasses.replace(f, spread_scale=ens_scale)) for f, _ in vfits)
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
         f"template in {time.perf_counter() - t0:.0f} s")
     rows, cal, spear, flags = [], [], [], []
@@ -317,14 +333,22 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         ts = time.perf_counter()
         problems = cards.range_problems(dcard.acquisition, {
             "cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3})
+        msgs = problems["flag"] + problems["refuse"]
+        if members:
+            efit = rishdiff.ensemble_fit(members, s.f3, s.sigma3, ens_scale)
+            d = disagreement(efit)
+            if d > ens_limit:
+                msgs.append(f"ensemble disagreement {d:.3g} is above {ens_limit:.3g} "
+                            f"({DISAGREEMENT_MARGIN:g} x the largest of the {len(val)} "
+                            f"validation pairs)")
         flags.append({"subject": s.seed, "snr": round(s.snr3, 2),
-                      "flags": "; ".join(problems["flag"] + problems["refuse"])})
+                      **({"ensemble_disagreement": round(d, 4)} if members else {}),
+                      "flags": "; ".join(msgs)})
         fit = diff.fit_subject(s.f3, s.sigma3, samples=k, steps=steps, seed=s.seed)
         lams = {"shipped": fit.lam, "shipped_sample": fit.lam_sample(0),
                 "identity": np.ones_like(s.f3.rish), "template_lambda": template.scales(s.f3),
                 "cnn": cnn.predict_lambda(s.f3, s.sigma3), "oracle": _oracle_lambda(s)}
         if members:
-            efit = rishdiff.ensemble_fit(members, s.f3, s.sigma3, ens_scale)
             lams["cnn_ensemble"] = efit.lam
         if ldm is not None:
             pred = ldm.predict(s.f3.rish, s.f3.mask, seed=s.seed)
