@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from dmriflow.models import card as cards
 from dmriflow.models import degrade
 from dmriflow.models.experiments import ldm_metrics as ev
 from dmriflow.models.experiments import ldm_study as study
@@ -19,7 +20,8 @@ from dmriflow.models.experiments import ldm_study as study
 SEEDS = [study.SEED_HELDOUT + 201, study.SEED_HELDOUT + 202]
 SMALL = dict(ldm_ckpt=None, samples=3, grid=16, template_pairs=3, validation_pairs=2,
              log=lambda s: None)
-METHODS = ["shipped", "shipped_sample", "identity", "template_lambda", "cnn", "oracle"]
+METHODS = ["shipped", "shipped_sample", "identity", "template_lambda", "cnn", "oracle",
+           "cnn_ensemble"]
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +75,12 @@ def test_identity_has_zero_skill_and_the_oracle_beats_it(runs):
 def test_calibration_table_rows(runs):
     c = _tsv(runs[0], "calibration")
     assert list(c.columns) == ["method", "map", "nominal", "coverage"]
-    # the sampling model on every map, the noise proxy on the RISH orders;
-    # methods without an interval (identity, template, cnn, oracle) are absent
+    # the sampling model on every map, the noise proxy and the CNN ensemble on
+    # the RISH orders; methods without an interval (identity, template, cnn,
+    # oracle) are absent
     want = ({("shipped", mp, n) for mp in ev.MAPS for n in study.NOMINALS}
-            | {("cnn_noise_proxy", mp, n) for mp in ev.MAPS[:3] for n in study.NOMINALS})
+            | {(m, mp, n) for m in ("cnn_noise_proxy", "cnn_ensemble")
+               for mp in ev.MAPS[:3] for n in study.NOMINALS})
     assert set(zip(c.method, c["map"], c.nominal)) == want and len(c) == len(want)
     assert c.coverage.between(0, 1).all()
     # wider intervals cover at least as much, per method and map
@@ -87,7 +91,7 @@ def test_calibration_table_rows(runs):
 def test_paired_tests_table(runs):
     t = _tsv(runs[0], "paired_tests")
     assert set(t.shipped_vs) == set(METHODS) - {"shipped", "oracle"}
-    assert len(t) == 4 * len(ev.MAPS) and (t.subjects == 2).all()
+    assert len(t) == 5 * len(ev.MAPS) and (t.subjects == 2).all()
     # fewer than 5 subjects: no p-value claimed
     assert t.wilcoxon_p.isna().all()
     per = _tsv(runs[0], "subjects").set_index(["subject", "method", "map"])["nmse"]
@@ -108,6 +112,8 @@ def test_a_seed_gives_the_same_subject_and_seeds_differ(runs):
     assert not np.allclose(i0, i1, rtol=1e-3)    # a different subject, not a copy
     f = _tsv(runs[0], "flags")
     assert list(f.subject) == SEEDS and f.snr.iloc[0] != f.snr.iloc[1]
+    # the ensemble's disagreement is measured per subject (and flagged when high)
+    assert (f.ensemble_disagreement > 0).all()
 
 
 def test_held_out_pairs_are_different_subjects_of_the_test_family():
@@ -116,3 +122,29 @@ def test_held_out_pairs_are_different_subjects_of_the_test_family():
     assert not np.array_equal(a.f3.rish, b.f3.rish) and not np.array_equal(a.f7.rish, b.f7.rish)
     assert a.degradation["family"] == b.degradation["family"] == "test"
     assert a.degradation["psf"] == degrade.FAMILIES["test"]["psf"]
+
+
+def test_spread_error_table_and_the_ensemble_members(runs):
+    sp = _tsv(runs[0], "spread_error_spearman")
+    assert sorted(sp.method.unique()) == ["cnn_ensemble", "cnn_noise_proxy", "shipped"]
+    assert len(sp) == 3 * len(SEEDS)
+    assert sp[["L0", "L2", "L4"]].abs().le(1).all().all()
+    # the ensemble: the shipped CNN as member 0, then 4 seeds, same data and budget
+    folders = study.member_folders()
+    assert len(folders) == 5 and folders[0] == study.SHIPPED_CNN
+    budgets = [cards.load_card(f).training for f in folders]
+    assert [b["budget"]["seed"] for b in budgets] == [0, 1, 2, 3, 4]
+    for b in budgets[1:]:
+        assert b["data"] == budgets[0]["data"]
+        assert {k: v for k, v in b["budget"].items() if k != "seed"} == \
+            {k: v for k, v in budgets[0]["budget"].items() if k != "seed"}
+
+
+def test_an_input_the_ensemble_disagrees_on_is_flagged(tmp_path, monkeypatch):
+    """Margin 0: any disagreement is above the validation pairs' largest times
+    the margin, so the subject is flagged with the value and the limit."""
+    monkeypatch.setattr(study, "DISAGREEMENT_MARGIN", 0.0)
+    study.evaluate(SEEDS[:1], tmp_path, **SMALL)
+    f = _tsv(tmp_path, "flags")
+    assert "ensemble disagreement" in f["flags"].iloc[0] and "above 0 (0 x the largest" in \
+        f["flags"].iloc[0]

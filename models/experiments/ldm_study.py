@@ -10,18 +10,25 @@
   ``metrics.tsv`` (method, map, nmse, ssim, skill = 1 - NMSE/NMSE_identity,
   mean over subjects), ``calibration.tsv`` (method, map, nominal, coverage),
   ``subjects.tsv`` (per subject), ``paired_tests.tsv`` (paired Wilcoxon tests of the
-  shipped model against each baseline) - ``dmriflow evaluate 3t7t``.
+  shipped model against each baseline), ``spread_error_spearman.tsv`` (per
+  subject and method with an uncertainty) and ``flags.tsv`` - ``dmriflow
+  evaluate 3t7t``.
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
 sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
 train-family pairs), ``cnn`` (the equally-fed CNN), ``oracle`` (true 7T
-RISH), ``ldm_paired_concatenation`` (the earlier latent model, when its
-checkpoint is given).
+RISH), ``cnn_ensemble`` (posterior mean of the 5-CNN ensemble,
+:mod:`.ldm_ensemble`, when its members are there), ``ldm_paired_concatenation``
+(the earlier latent model, when its checkpoint is given). Uncertainty rows
+(calibration, spread-error Spearman): ``shipped`` (calibrated sample spread),
+``cnn_noise_proxy`` (the CNN +- c sigma/s0) and ``cnn_ensemble`` (member SD
+times c); both c fitted on the same train-family validation pairs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +58,9 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED_DIFFUSION = SHIPPED / "rish_3t7t"
 SHIPPED_CNN = SHIPPED / "rish_cnn_3t7t"
 SHIPPED_LDM = SHIPPED / "ldm_3t7t"
+#: The CNN ensemble's extra members (``ldm_ensemble``); member 0 is SHIPPED_CNN.
+SHIPPED_ENSEMBLE = SHIPPED / "rish_cnn_ensemble_3t7t"
+MEMBER_PREFIX = "seed-"
 
 
 @dataclass
@@ -119,32 +129,43 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     cnn = rishdiff.RishResidualCNN(grid=grid)
     cbudget = rishdiff.RishBudget(steps=cnn_steps or steps, seed=seed)
     crep = rishdiff.fit_cnn(cnn, pairs, cbudget, log=log)
-    data = (f"simulated pairs (dmriflow.models.degrade), seeds {SEED_TRAIN}-"
-            f"{SEED_TRAIN + n_pairs - 1}, train degradation family, grid {grid}")
+    data = training_data(n_pairs, grid)
     for model, report, name, folder in ((diff, rep, "rish-diffusion-3t7t", "rish_3t7t"),
                                         (cnn, crep, "rish-cnn-3t7t", "rish_cnn_3t7t")):
-        _round_half(model)
-        card = cards.ModelCard(
-            name=name, version="0.1", architecture=name, kwargs={"grid": grid},
-            acquisition=acquisition(ranges),
-            normalisation={"input": "log A3 = 0.5 log(R3_l + tau_l) per order, mask, "
-                                    "log(sigma / s0); standardised by the cond_mean/cond_std "
-                                    "buffers; output log(A7/A3) / target_std",
-                           "tau_fraction": rishdiff.TAU_FRACTION},
-            training={"data": data, "budget": report["budget"],
-                      "cpu_seconds": round(report["seconds"], 1),
-                      "final_loss": report["history"][-1]["loss"],
-                      **({"spread_scale": report["spread_scale"],
-                          "calibration": report["calibration"]}
-                         if "spread_scale" in report else {}),
-                      "weights_precision": "float16 (rounded after training)",
-                      "limitations": "synthetic degradation, not real 3T/7T pairs"},
-            extra={"samples": rishdiff.SAMPLES, "sample_steps": rishdiff.SAMPLE_STEPS})
-        cards.save_checkpoint(model.half(), card, out / folder)
-        model.float()
+        save_rish_checkpoint(model, report, name, out / folder, ranges, data, grid)
         log(f"{name}: {report['budget']['steps']} steps in {report['seconds']:.0f} s, "
             f"final loss {report['history'][-1]['loss']:.4f}")
     return {"diffusion": rep, "cnn": crep, "ranges": ranges}
+
+
+def training_data(n_pairs: int, grid: int) -> str:
+    """The cards' description of the training pairs."""
+    return (f"simulated pairs (dmriflow.models.degrade), seeds {SEED_TRAIN}-"
+            f"{SEED_TRAIN + n_pairs - 1}, train degradation family, grid {grid}")
+
+
+def save_rish_checkpoint(model, report: dict, name: str, folder, ranges: dict, data: str,
+                         grid: int) -> None:
+    """Write one RISH-space model (float16-rounded weights) and its card to ``folder``."""
+    _round_half(model)
+    card = cards.ModelCard(
+        name=name, version="0.1", architecture=name, kwargs={"grid": grid},
+        acquisition=acquisition(ranges),
+        normalisation={"input": "log A3 = 0.5 log(R3_l + tau_l) per order, mask, "
+                                "log(sigma / s0); standardised by the cond_mean/cond_std "
+                                "buffers; output log(A7/A3) / target_std",
+                       "tau_fraction": rishdiff.TAU_FRACTION},
+        training={"data": data, "budget": report["budget"],
+                  "cpu_seconds": round(report["seconds"], 1),
+                  "final_loss": report["history"][-1]["loss"],
+                  **({"spread_scale": report["spread_scale"],
+                      "calibration": report["calibration"]}
+                     if "spread_scale" in report else {}),
+                  "weights_precision": "float16 (rounded after training)",
+                  "limitations": "synthetic degradation, not real 3T/7T pairs"},
+        extra={"samples": rishdiff.SAMPLES, "sample_steps": rishdiff.SAMPLE_STEPS})
+    cards.save_checkpoint(model.half(), card, folder)
+    model.float()
 
 
 def _round_half(model: torch.nn.Module) -> None:
@@ -238,14 +259,49 @@ def proxy_coverage(cnn, c: np.ndarray, s: Subject) -> tuple[list, dict]:
     return rows, rho
 
 
+def member_folders(cnn_ckpt=SHIPPED_CNN, ensemble_dir=SHIPPED_ENSEMBLE) -> list[Path]:
+    """The CNN ensemble's checkpoint folders: ``cnn_ckpt``, then ``seed-*`` by seed."""
+    extra = sorted(Path(ensemble_dir).glob(f"{MEMBER_PREFIX}*"),
+                   key=lambda p: int(p.name[len(MEMBER_PREFIX):]))
+    return [Path(cnn_ckpt)] + extra
+
+
+#: An input whose ensemble disagreement exceeds this factor times the largest
+#: of the validation pairs' is flagged (the OOD study: the disagreement
+#: separates every tested shift but the mildest SNR one, AUROC 1.0).
+DISAGREEMENT_MARGIN = 1.1
+
+
+def disagreement(fit: rishdiff.RishFit) -> float:
+    """Mean predicted spread of ``log lambda`` over the mask and orders: the OOD
+    score of an ensemble (members' SD) or of the sampling model."""
+    return float(fit.spread[fit.f3.mask].mean())
+
+
+def load_members(folders) -> list:
+    """The ensemble's CNNs (float32, CPU); every folder must hold a rish-cnn-3t7t."""
+    members = []
+    for f in folders:
+        m, card = cards.load_checkpoint(f, device="cpu")
+        if card.architecture != "rish-cnn-3t7t":
+            raise ValueError(f"{f}: an ensemble member must be a rish-cnn-3t7t, "
+                             f"not {card.architecture}")
+        members.append(m.float())
+    return members
+
+
 def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
              ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
              template_pairs: int = TEMPLATE_PAIRS, family: str = "test",
-             validation_pairs: int = VALIDATION_PAIRS, log=print) -> dict:
+             validation_pairs: int = VALIDATION_PAIRS, ensemble_dir=SHIPPED_ENSEMBLE,
+             log=print) -> dict:
     """Score every method on held-out pairs at ``seeds`` (``family``: the test
     degradation family by default; "train" for the in-distribution check);
     write the TSVs. ``validation_pairs``: train-family pairs that calibrate the
-    noise-proxy baseline (the diffusion model's spread scale is in its card)."""
+    noise-proxy baseline and the ensemble (the diffusion model's spread scale
+    is in its card). ``ensemble_dir``: the CNN ensemble's extra members
+    (:func:`member_folders`, with ``cnn_ckpt`` as member 0; None or no
+    member there: no ensemble rows)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -260,8 +316,16 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     test = simulate_pairs(seeds, family, grid)
     tmpl = simulate_pairs(SEED_TRAIN + np.arange(template_pairs), "train", grid)
     template = baselines.TemplateLambda().fit([(s.f3, s.f7) for s in tmpl])
-    proxy_scale = fit_noise_proxy(cnn, simulate_pairs(
-        SEED_VALIDATION + np.arange(validation_pairs), "train", grid))
+    val = simulate_pairs(SEED_VALIDATION + np.arange(validation_pairs), "train", grid)
+    proxy_scale = fit_noise_proxy(cnn, val)
+    folders = member_folders(cnn_ckpt, ensemble_dir) if ensemble_dir else []
+    members = load_members(folders) if len(folders) > 1 else []
+    ens_scale, ens_limit = None, None
+    if members:
+        vfits = [(rishdiff.ensemble_fit(members, v.f3, v.sigma3), v.f7) for v in val]
+        ens_scale = rishdiff.spread_scale_for(vfits)
+        ens_limit = DISAGREEMENT_MARGIN * max(
+            disagreement(dataclasses.replace(f, spread_scale=ens_scale)) for f, _ in vfits)
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
         f"template in {time.perf_counter() - t0:.0f} s")
     rows, cal, spear, flags = [], [], [], []
@@ -269,12 +333,23 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         ts = time.perf_counter()
         problems = cards.range_problems(dcard.acquisition, {
             "cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3})
+        msgs = problems["flag"] + problems["refuse"]
+        if members:
+            efit = rishdiff.ensemble_fit(members, s.f3, s.sigma3, ens_scale)
+            d = disagreement(efit)
+            if d > ens_limit:
+                msgs.append(f"ensemble disagreement {d:.3g} is above {ens_limit:.3g} "
+                            f"({DISAGREEMENT_MARGIN:g} x the largest of the {len(val)} "
+                            f"validation pairs)")
         flags.append({"subject": s.seed, "snr": round(s.snr3, 2),
-                      "flags": "; ".join(problems["flag"] + problems["refuse"])})
+                      **({"ensemble_disagreement": round(d, 4)} if members else {}),
+                      "flags": "; ".join(msgs)})
         fit = diff.fit_subject(s.f3, s.sigma3, samples=k, steps=steps, seed=s.seed)
         lams = {"shipped": fit.lam, "shipped_sample": fit.lam_sample(0),
                 "identity": np.ones_like(s.f3.rish), "template_lambda": template.scales(s.f3),
                 "cnn": cnn.predict_lambda(s.f3, s.sigma3), "oracle": _oracle_lambda(s)}
+        if members:
+            lams["cnn_ensemble"] = efit.lam
         if ldm is not None:
             pred = ldm.predict(s.f3.rish, s.f3.mask, seed=s.seed)
             lams["ldm_paired_concatenation"] = baselines.delivered_rish(
@@ -291,6 +366,11 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         cal += [{"subject": s.seed, "method": "cnn_noise_proxy", "map": mp, "nominal": nom,
                  "coverage": c} for mp, nom, c in prow]
         spear.append({"subject": s.seed, "method": "cnn_noise_proxy", **prho})
+        if members:
+            cal += [{"subject": s.seed, "method": "cnn_ensemble", "map": mp, "nominal": nom,
+                     "coverage": c} for mp, nom, c in coverage(efit, s)]
+            spear.append({"subject": s.seed, "method": "cnn_ensemble",
+                          **spread_error_spearman(efit, s)})
         log(f"subject {s.seed} (SNR {s.snr3:.1f}) in {time.perf_counter() - ts:.0f} s")
     per = pd.DataFrame(rows)
     per[["score", "map"]] = per["metric"].str.split("_", n=1, expand=True).to_numpy()
@@ -358,7 +438,8 @@ def main(argv=None) -> int:
     else:
         c = Path(a.checkpoints)
         r = evaluate(a.seeds, a.out, c / "rish_3t7t", c / "rish_cnn_3t7t",
-                     SHIPPED_LDM if SHIPPED_LDM.exists() else None, family=a.family)
+                     SHIPPED_LDM if SHIPPED_LDM.exists() else None, family=a.family,
+                     ensemble_dir=c / SHIPPED_ENSEMBLE.name)
         print(r["metrics"].to_string())
         print(r["calibration"].to_string())
         print(r["tests"].to_string())

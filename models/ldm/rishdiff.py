@@ -386,19 +386,31 @@ def calibrate(model: RishDiffusion3T7T, subjects: list, samples: int = SAMPLES,
     """Fit ``model.spread_scale`` so the ``level`` intervals cover exactly
     ``level`` of the true log scales on (f3, f7, sigma3, seed) validation
     subjects (pooled over their mask voxels, per order); returns it."""
-    ratios = [[] for _ in range(N)]
     model.spread_scale.fill_(1.0)
-    for f3, f7, sigma, seed in subjects:
-        fit = model.fit_subject(f3, sigma, samples, steps, seed=seed)
+    fits = [(model.fit_subject(f3, sigma, samples, steps, seed=seed), f7)
+            for f3, f7, sigma, seed in subjects]
+    scale = spread_scale_for(fits, level)
+    model.spread_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
+    return scale
+
+
+def spread_scale_for(fits: list, level: float = CALIBRATION_LEVEL) -> np.ndarray:
+    """Per order, the factor on the raw spread of (RishFit, f7) pairs that makes
+    the ``level`` intervals (:meth:`RishFit.interval`) cover exactly ``level``
+    of the true log scales, pooled over the subjects' mask voxels. Shared by
+    the diffusion model's samples and a CNN ensemble's members."""
+    ratios = [[] for _ in range(N)]
+    k = None
+    for fit, f7 in fits:
+        f3 = fit.f3
         m = f3.mask & f7.mask
         y = target(f3, f7, f3.mask).transpose(1, 2, 3, 0)
         r = np.abs(y - fit.samples.mean(axis=0)) / np.maximum(fit.raw_spread, 1e-6)
-        for k in range(N):
-            ratios[k].append(r[..., k][m])
-    z = interval_z(level, samples)
-    scale = np.array([np.quantile(np.concatenate(r), level) / z for r in ratios])
-    model.spread_scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
-    return scale
+        for j in range(N):
+            ratios[j].append(r[..., j][m])
+        k = fit.samples.shape[0]
+    z = interval_z(level, k)
+    return np.array([np.quantile(np.concatenate(r), level) / z for r in ratios])
 
 
 # ----------------------------------------------------------------------------
@@ -511,3 +523,14 @@ def cnn_loss(model: RishResidualCNN, batch) -> torch.Tensor:
 def fit_cnn(model: RishResidualCNN, pairs: list, budget: RishBudget, log=None) -> dict:
     """Train the equally-fed CNN in place on (f3, f7, sigma3) pairs."""
     return _fit(model, cnn_loss, False, pairs, budget, log)
+
+
+def ensemble_fit(members: list, f3: features.ShellFeatures, sigma: float,
+                 spread_scale=None) -> RishFit:
+    """The log scales of an ensemble of CNNs (``predict_lambda``) on one subject
+    as a :class:`RishFit` whose "samples" are the members (spread = member SD)."""
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs >= 2 members for a spread, got {len(members)}")
+    ys = np.stack([np.log(m.predict_lambda(f3, sigma)) for m in members])
+    scale = None if spread_scale is None else np.asarray(spread_scale, np.float32)
+    return RishFit(ys.astype(np.float32), f3, scale)

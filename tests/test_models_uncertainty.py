@@ -1,0 +1,198 @@
+"""Issue 15 item 5: the CNN-ensemble uncertainty baseline and the
+out-of-distribution scores with their AUROC over graded shifts."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import mannwhitneyu
+
+pytest.importorskip("monai")  # noqa: E402 - the model family's declared dependency
+
+from dmriflow.models import card as cards
+from dmriflow.models import degrade as dg
+from dmriflow.models.experiments import ldm_ood as ood
+from dmriflow.models.experiments import ldm_study as study
+from dmriflow.models.ldm import features, rishdiff
+
+torch.set_num_threads(1)
+
+
+class Member:
+    """An ensemble member predicting a fixed log scale map."""
+
+    def __init__(self, y):
+        self.y = y
+
+    def predict_lambda(self, f3, sigma):
+        return np.exp(self.y).astype(np.float32)
+
+
+def _f(rish, mask):
+    return features.ShellFeatures(rish, None, None, None, mask, np.eye(4), None)
+
+
+def test_ensemble_fit_treats_members_as_samples():
+    rng = np.random.default_rng(0)
+    g = 6
+    mask = np.ones((g, g, g), bool)
+    ys = rng.normal(0, 0.3, (4, g, g, g, 3)).astype(np.float32)
+    fit = rishdiff.ensemble_fit([Member(y) for y in ys], _f(np.ones((g, g, g, 3)), mask), 1.0,
+                                spread_scale=[2.0, 1.0, 0.5])
+    np.testing.assert_allclose(fit.samples, ys, atol=1e-6)
+    np.testing.assert_allclose(fit.lam, np.sqrt(np.mean(np.exp(2 * ys), axis=0)), rtol=1e-5)
+    np.testing.assert_allclose(fit.spread, ys.std(axis=0, ddof=1) * [2.0, 1.0, 0.5], rtol=1e-5)
+    with pytest.raises(ValueError, match=">= 2 members"):
+        rishdiff.ensemble_fit([Member(ys[0])], _f(np.ones((g, g, g, 3)), mask), 1.0)
+
+
+def _subject(rng, g, k, under):
+    """Members spread ``under`` times narrower than the truth's deviation."""
+    mask = np.ones((g, g, g), bool)
+    rish3 = rng.uniform(0.5, 1.0, (g, g, g, 3)).astype(np.float32)
+    mu = rng.normal(0, 0.2, (g, g, g, 3))
+    sd = rng.uniform(0.05, 0.2, (g, g, g, 3))
+    truth = mu + sd * rng.standard_normal((g, g, g, 3))
+    members = [Member(mu + sd / under * rng.standard_normal(mu.shape)) for _ in range(k)]
+    f3 = _f(rish3, mask)
+    f7 = _f((np.exp(2 * truth) * rish3).astype(np.float32), mask)
+    return members, f3, f7
+
+
+def test_ensemble_calibration_recovers_a_known_under_dispersion():
+    """5 members 3x narrower than the truth's deviation: the fitted factor is
+    the one making ``(truth - mean) / (c SD)`` a t_{K-1} sqrt(1 + 1/K) variable,
+    i.e. 3 sqrt((1 + 1/(9K)) / (1 + 1/K)); on a new subject the calibrated
+    90 % intervals cover 90 % (binomial SE over 16^3 voxels: 0.005)."""
+    rng = np.random.default_rng(5)
+    g, k, under = 16, 5, 3.0
+    fits = []
+    for _ in range(3):
+        members, f3, f7 = _subject(rng, g, k, under)
+        fits.append((rishdiff.ensemble_fit(members, f3, 1.0), f7))
+    scale = rishdiff.spread_scale_for(fits)
+    want = under * math.sqrt((1 + 1 / (under ** 2 * k)) / (1 + 1 / k))
+    np.testing.assert_allclose(scale, want, rtol=0.05)
+    members, f3, f7 = _subject(rng, g, k, under)
+    fit = rishdiff.ensemble_fit(members, f3, 1.0, scale)
+    cov = {(m, n): c for m, n, c in study.coverage(fit, study.Subject(0, f3, f7, 1, 1, {}))}
+    for mp in ("L0", "L2", "L4"):
+        assert cov[mp, 0.9] == pytest.approx(0.9, abs=0.02)
+    raw = rishdiff.ensemble_fit(members, f3, 1.0)            # uncalibrated: far too narrow
+    cov_raw = {(m, n): c for m, n, c in study.coverage(raw, study.Subject(0, f3, f7, 1, 1, {}))}
+    assert cov_raw["L2", 0.9] < 0.6
+
+
+def test_auroc_is_the_mann_whitney_statistic():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, 9), rng.normal(0.8, 1, 7)
+    u = mannwhitneyu(b, a).statistic
+    assert ood.auroc(a, b) == pytest.approx(u / (len(a) * len(b)))
+    assert ood.auroc([0, 1], [2, 3]) == 1.0 and ood.auroc([2, 3], [0, 1]) == 0.0
+    assert ood.auroc([0, 0], [0, 0]) == 0.5           # a blind score: ties count 1/2
+    with pytest.raises(ValueError):
+        ood.auroc([], [1.0])
+
+
+def test_range_score_is_zero_inside_and_the_log_distance_outside():
+    acq = cards.Acquisition(shells=[1000.0], ranges={
+        "cube_voxel_mm": {"min": 2.8, "max": 3.5, "action": "refuse"},
+        "snr": {"min": 11.0, "max": 30.0, "action": "flag"}})
+    assert ood.range_score(acq, {"cube_voxel_mm": 3.1, "snr": 20.0}) == 0.0
+    assert ood.range_score(acq, {"cube_voxel_mm": 7.0, "snr": 20.0}) == pytest.approx(
+        math.log(2.0))
+    assert ood.range_score(acq, {"cube_voxel_mm": 3.0, "snr": 5.5}) == pytest.approx(
+        math.log(2.0))
+    assert ood.range_score(acq, {"cube_voxel_mm": 7.0, "snr": 2.75}) == pytest.approx(
+        math.log(4.0))                                  # the farther quantity
+    assert ood.range_score(cards.Acquisition(shells=[1000.0]), {"snr": 1.0}) == 0.0
+
+
+def test_graded_shifts_change_what_they_say_and_nothing_else():
+    seed, g = 70_900, 16
+    base = ood.shifted_subject(seed, "snr", 1.0, g)
+    for shift in ("bvalue", "voxel"):                      # factor 1: the same pair
+        same = ood.shifted_subject(seed, shift, 1.0, g)
+        np.testing.assert_array_equal(same.f3.rish, base.f3.rish)
+    noisy = ood.shifted_subject(seed, "snr", 0.5, g)
+    assert noisy.snr3 / base.snr3 == pytest.approx(0.5, rel=0.1)   # noise estimate: ~5 %
+    big = ood.shifted_subject(seed, "voxel", 1.33, g)
+    assert big.f3.mask.shape == (12,) * 3
+    assert rishdiff.cube_voxel_mm(big.f3.affine) / rishdiff.cube_voxel_mm(base.f3.affine) \
+        == pytest.approx(16 / 12, rel=1e-6)
+    hib = ood.shifted_subject(seed, "bvalue", 1.5, g)
+    assert hib.f3.gtab.bvals.max() == pytest.approx(dg.SHELL_B)      # labelled b = 1000
+    assert hib.snr3 == base.snr3                                      # same b0s, same noise
+    m = base.f3.mask & hib.f3.mask
+    # stronger weighting: the b0-normalised mean DW signal (SH order 0) drops
+    assert np.median(hib.f3.coeffs[..., 0][m]) < 0.9 * np.median(base.f3.coeffs[..., 0][m])
+
+
+def test_the_shipped_models_scores_see_a_noise_shift():
+    """With the shipped card and model: an SNR-0.3 subject is flagged, has a
+    positive range score, and its condition sits farther from training."""
+    diff, dcard = cards.load_checkpoint(study.SHIPPED_DIFFUSION, device="cpu")
+    diff.float()
+    base = ood.shifted_subject(70_901, "snr", 1.0)
+    low = ood.shifted_subject(70_901, "snr", 0.3)
+    a = ood.scores(diff, dcard, [], None, base, samples=2, steps=2)
+    b = ood.scores(diff, dcard, [], None, low, samples=2, steps=2)
+    assert b["card"] == "flagged" and b["card_range"] > a["card_range"]
+    assert b["card_range"] == pytest.approx(
+        math.log(dcard.acquisition.ranges["snr"]["min"] / low.snr3))
+    assert b["condition_shift"] > a["condition_shift"] + 0.3
+    assert "ensemble_spread" not in a
+
+
+def test_ood_study_writes_one_auroc_per_shift_factor_and_score(tmp_path):
+    """A small run (16^3 simulation and cube, 3.125 mm voxels as trained)
+    through the study's own tables."""
+    r = ood.study_ood(tmp_path, seeds=[70_910, 70_911], grades={"snr": (0.3,), "bvalue": (1.6,)},
+                      family_seeds=[70_960], grid=16, samples=2, ensemble_dir=None,
+                      log=lambda s: None)
+    per = r["scores"]
+    assert len(per) == 2 + 2 * 2 + 1
+    # SNR x 0.3 puts every train-family subject (SNR 15-35) below the card's 11.09
+    assert (per[per["shift"] == "snr"].card == "flagged").all()
+    bsub = per[per["shift"] == "bvalue"].set_index("subject")
+    nsub = per[per["shift"] == "none"].set_index("subject")
+    assert (bsub.card == nsub.card).all() and (bsub.snr == nsub.snr).all()
+    tab = r["auroc"]
+    keys = set(zip(tab["shift"], tab.factor, tab.score))
+    names = ("card_range", "condition_shift", "predicted_spread")
+    assert keys == {(sh, f, n) for sh, f in (("snr", 0.3), ("bvalue", 1.6), ("family", 1.0))
+                    for n in names}
+    snr = tab[tab["shift"] == "snr"]
+    assert (snr.flagged == 2).all() and (tab.refused == 0).all()
+    base = per[per["shift"] == "none"]
+    for _, row in tab.iterrows():
+        shifted = per[(per["shift"] == row["shift"]) & (per.factor == row.factor)]
+        assert row.auroc == ood.auroc(base[row.score], shifted[row.score])
+    # a mislabelled b changes neither the b0s nor the measured SNR: the card is blind
+    b16 = tab[(tab["shift"] == "bvalue") & (tab.score == "card_range")].auroc.item()
+    assert b16 == 0.5
+    on_disk = (tmp_path / "ood_auroc.tsv").read_text().splitlines()
+    assert len(on_disk) == len(tab) + 1
+
+
+def test_members_and_shipped_models_are_written_as_loadable_checkpoints(tmp_path):
+    """Tiny budgets: the ensemble trainer and ``train_shipped`` share
+    ``save_rish_checkpoint``; each folder loads (sha-checked) with its budget."""
+    from dmriflow.models.experiments import ldm_ensemble
+    ldm_ensemble.train_members(tmp_path / "ens", seeds=(3,), n_pairs=2, steps=2, grid=16,
+                               log=lambda s: None)
+    folders = study.member_folders(tmp_path / "cnn", tmp_path / "ens")
+    assert [f.name for f in folders] == ["cnn", "seed-3"]
+    m, card = cards.load_checkpoint(folders[1], device="cpu")
+    assert card.architecture == "rish-cnn-3t7t" and card.training["budget"]["seed"] == 3
+    assert card.training["budget"]["steps"] == 2 and "seed" not in card.kwargs
+    assert card.acquisition.ranges["cube_voxel_mm"]["trained"] == [3.125, 3.125]
+    rep = study.train_shipped(tmp_path / "ship", n_pairs=2, steps=2, grid=16,
+                              log=lambda s: None)
+    d, dcard = cards.load_checkpoint(tmp_path / "ship" / "rish_3t7t", device="cpu")
+    np.testing.assert_allclose(dcard.training["spread_scale"], rep["diffusion"]["spread_scale"])
+    np.testing.assert_allclose(d.spread_scale.float().numpy(),
+                               np.float16(rep["diffusion"]["spread_scale"]), rtol=1e-3)
+    with pytest.raises(ValueError, match="must be a rish-cnn-3t7t"):
+        study.load_members([tmp_path / "ship" / "rish_cnn_3t7t", tmp_path / "ship" / "rish_3t7t"])
