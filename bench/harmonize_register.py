@@ -26,10 +26,11 @@ from dmriflow.interfaces import harmonize as H
 from dmriflow.interfaces.sim import phantom
 
 
-def fa_map(shape, voxel: float, seed: int):
+def fa_map(shape, voxel: float, seed: int, anatomy: str = "geometric"):
     """A phantom subject's masked truth FA and affine (one-direction scheme: cheap)."""
     s = phantom.simulate_subject(shape, seed=seed, snr=None, voxel_size=voxel,
-                                 scheme=phantom.hcp_scheme(n_b0=1, shells=(1000,), n_dirs=6))
+                                 scheme=phantom.hcp_scheme(n_b0=1, shells=(1000,), n_dirs=6),
+                                 anatomy=anatomy)
     return np.where(s.mask, s.truth["fa"], 0).astype(np.float32), s.affine
 
 
