@@ -123,24 +123,26 @@ def read_filter_file(path) -> dict:
 
     Long entity names (pybids') and short ones (file names') are both accepted;
     a value may be a list (any of them) or null (the entity must be absent).
-    Queries for other datatypes (``t1w``, ``fmap``) are ignored.
+    Queries for other datatypes (``t1w``, ``fmap``) are ignored. A file that
+    cannot be read or names an unknown entity is a usage error (exit 64, as a
+    BIDS App's argument errors), naming the file.
     """
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"cannot read the BIDS filter file ({exc})") from None
+        raise UsageError(f"--bids-filter-file {path}: cannot read it ({exc})") from None
     query = doc.get(FILTER_DATATYPE, {}) if isinstance(doc, dict) else None
     if not isinstance(query, dict):
-        raise InputError(path, f'a BIDS filter file is a JSON object such as '
-                               f'{{"{FILTER_DATATYPE}": {{"run": 1}}}}')
+        raise UsageError(f'--bids-filter-file {path}: a BIDS filter file is a JSON object '
+                         f'such as {{"{FILTER_DATATYPE}": {{"run": 1}}}}')
     wanted = {}
     for key, value in query.items():
         if key in ("datatype", "suffix", "extension"):
             continue
         short = ENTITY_SHORT.get(key, key)
         if short not in ENTITY_SHORT.values():
-            raise InputError(path, f"unknown BIDS entity {key!r}; known: "
-                                   f"{sorted(ENTITY_SHORT)}")
+            raise UsageError(f"--bids-filter-file {path}: unknown BIDS entity {key!r}; "
+                             f"known: {sorted(ENTITY_SHORT)}")
         wanted[short] = value
     return wanted
 

@@ -76,14 +76,14 @@ def test_a_filter_file_selects_one_of_two_runs(tmp_path, capsys):
     capsys.readouterr()
 
 
-def test_bad_filter_files_are_input_errors(tmp_path, capsys):
+def test_bad_filter_files_are_usage_errors(tmp_path, capsys):
     cohort = bids_cohort(tmp_path / "in", 1)
     filt = tmp_path / "f.json"
     for text, phrase in (("{not json", "cannot read"), ('{"dwi": {"flavour": "x"}}', "flavour"),
                          ('["dwi"]', "JSON object")):
         filt.write_text(text)
         assert participant(cohort, tmp_path / "out", tmp_path,
-                           "--bids-filter-file", str(filt)) == cli.EXIT_INPUT
+                           "--bids-filter-file", str(filt)) == cli.EXIT_USAGE
         err = capsys.readouterr().err
         assert str(filt) in err and phrase in err
 
