@@ -45,6 +45,14 @@ def test_regular_install_imports(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True,
                          capture_output=True, text=True, env={"PYTHONPATH": str(target)})
     assert out.stdout.strip().startswith(str(target))
+    # every shipped checkpoint file travels with a regular install (the image's)
+    shipped = {p.relative_to(ROOT / "models").as_posix()
+               for p in (ROOT / "models" / "checkpoints").rglob("*")
+               if p.name in ("card.json", "model.safetensors")}
+    installed = {p.relative_to(target / "dmriflow" / "models").as_posix()
+                 for p in (target / "dmriflow" / "models" / "checkpoints").rglob("*")
+                 if p.is_file()}
+    assert shipped and shipped <= installed, sorted(shipped - installed)
 
 
 def test_console_script_entry_point():
