@@ -458,6 +458,19 @@ def select_participants(subjects: list[SubjectInputs], labels, layout: str,
     return chosen
 
 
+def _explain_filtered_out(input_dir, labels, kept: list[SubjectInputs], bids_filter) -> None:
+    """When every label that selected nothing names a participant whose series
+    the filter all left out, say that (a :class:`UsageError` naming the filter)
+    rather than "no such subject". Indexes the dataset again: error path only."""
+    found = {s.label for s in kept}
+    missing = [str(lbl) for lbl in labels if str(lbl).removeprefix("sub-") not in found]
+    everyone = {s.label for s in discover_bids(input_dir)}
+    if missing and all(lbl.removeprefix("sub-") in everyone for lbl in missing):
+        raise UsageError(f"--participant-label {' '.join(missing)}: the --bids-filter-file "
+                         f"query {json.dumps(bids_filter)} selects none of "
+                         f"{'its' if len(missing) == 1 else 'their'} DWI series in {input_dir}")
+
+
 def discover(input_dir, layout: str = "auto",
              participant_labels: list[str] | None = None,
              session_labels: list[str] | None = None,
@@ -479,7 +492,12 @@ def discover(input_dir, layout: str = "auto",
     subjects = discover_hcp(input_dir) if layout == "hcp" else discover_bids(input_dir,
                                                                              bids_filter)
     if participant_labels:
-        subjects = select_participants(subjects, participant_labels, layout, input_dir)
+        try:
+            subjects = select_participants(subjects, participant_labels, layout, input_dir)
+        except UsageError:
+            if bids_filter:
+                _explain_filtered_out(input_dir, participant_labels, subjects, bids_filter)
+            raise
     if session_labels:
         wanted = _normalise(session_labels, "ses-")
         subjects = [s for s in subjects if s.session in wanted]

@@ -76,6 +76,25 @@ def test_a_filter_file_selects_one_of_two_runs(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_a_filter_leaving_out_a_chosen_participant_says_so(tmp_path, capsys):
+    """A participant that exists but whose every series the filter leaves out
+    is a usage error naming the filter, not "no such subject"; a label that
+    exists nowhere still says so."""
+    cohort = bids_cohort(tmp_path / "in")
+    split_runs(cohort)
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"dwi": {"run": 3}}))
+    assert participant(cohort, tmp_path / "out", tmp_path, "--participant-label", "sub-01",
+                       "--bids-filter-file", str(filt)) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--participant-label sub-01: the --bids-filter-file" in err and '"run": 3' in err
+    assert participant(cohort, tmp_path / "out", tmp_path, "--participant-label", "01", "07",
+                       "--bids-filter-file", str(filt)) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no such subject" in err and "07" in err
+    assert not (tmp_path / "out" / "dmriflow" / "sub-01").exists()
+
+
 def test_bad_filter_files_are_usage_errors(tmp_path, capsys):
     cohort = bids_cohort(tmp_path / "in", 1)
     filt = tmp_path / "f.json"
