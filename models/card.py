@@ -131,8 +131,10 @@ class Acquisition:
     (None: any). ``min_b0``: fewest b0 volumes (normalisation needs one).
     ``ranges``: quantities measured on the input and the range the model was
     trained on, ``{name: {"min", "max", "action": "refuse"|"flag",
-    "trained": [lo, hi]}}`` (e.g. ``cube_voxel_mm``, ``snr``); see
-    :func:`range_problems`.
+    "trained": [lo, hi]}}`` (e.g. ``cube_voxel_mm``, ``snr``,
+    ``ensemble_disagreement``; ``measured_on`` names what ``trained`` was
+    measured on when it is not the training data, other keys are the
+    quantity's own record); see :func:`range_problems`.
     """
 
     shells: list[float]
@@ -287,6 +289,14 @@ def save_checkpoint(model: torch.nn.Module, card: ModelCard, folder) -> Path:
     return folder
 
 
+def write_card(card: ModelCard, folder) -> Path:
+    """Rewrite the card of an existing checkpoint (e.g. a range measured after
+    training); its weights file must still be the one the card names."""
+    folder = Path(folder)
+    read_weights(folder, card)
+    return io.write_json(card.to_dict(), folder / CARD_FILE)
+
+
 def load_checkpoint(folder, device=None) -> tuple[torch.nn.Module, ModelCard]:
     """Rebuild the network from the card and load its verified weights (eval mode).
 
@@ -371,8 +381,8 @@ def range_problems(acq: Acquisition, values: dict) -> dict[str, list[str]]:
             raise ValueError(f"range {name!r}: action must be one of {RANGE_ACTIONS}")
         if not lo <= float(v) <= hi:
             trained = rng.get("trained")
-            seen = "" if trained is None else \
-                f"; training data {float(trained[0]):.4g}-{float(trained[1]):.4g}"
+            seen = "" if trained is None else (f"; {rng.get('measured_on', 'training data')} "
+                                               f"{float(trained[0]):.4g}-{float(trained[1]):.4g}")
             out[action].append(f"{name} {float(v):.4g} is outside the model's range "
                                f"{lo:.4g}-{hi:.4g}{seen}")
     return out

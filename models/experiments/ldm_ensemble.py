@@ -15,8 +15,16 @@ so the ensemble gets exactly the shipped model's treatment: posterior mean
 ``mu +- t_{K-1} sqrt(1 + 1/K) c SD`` with the per-order factor ``c`` fitted
 on the same train-family validation pairs (:func:`rishdiff.spread_scale_for`).
 
+The ensemble's disagreement is the 3T->7T models' out-of-distribution score:
+:func:`record_range` measures it on the validation pairs the calibration
+used and stores the flag threshold in the shipped diffusion model's card
+(``acquisition.ranges["ensemble_disagreement"]``), which ``dmriflow evaluate
+3t7t`` and ``dmriflow run --inference 3t7t`` read.
+
 ``python -m dmriflow.models.experiments.ldm_ensemble OUT [--pairs 24]
-[--steps 2000] [--seeds 1 2 3 4]`` trains the members.
+[--steps 2000] [--seeds 1 2 3 4]`` trains the members;
+``python -m dmriflow.models.experiments.ldm_ensemble CHECKPOINTS --record-range``
+records the range of the members in CHECKPOINTS into its ``rish_3t7t`` card.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmriflow.models import card as cards
 from dmriflow.models.experiments import ldm_study as study
 from dmriflow.models.ldm import rishdiff
 
@@ -61,15 +70,41 @@ def train_members(out, seeds=EXTRA_SEEDS, n_pairs: int = PAIRS, steps: int = STE
     return reports
 
 
+def record_range(checkpoints=study.SHIPPED, grid: int = 32,
+                 validation_pairs: int = study.VALIDATION_PAIRS, log=print) -> dict:
+    """Measure the ensemble's disagreement range on the train-family
+    validation pairs (the diffusion model's calibration seeds) and store it in
+    ``checkpoints/rish_3t7t``'s card; weights unchanged. Returns the entry."""
+    checkpoints = Path(checkpoints)
+    folder = checkpoints / study.SHIPPED_DIFFUSION.name
+    card = cards.load_card(folder)
+    val = study.simulate_pairs(study.SEED_VALIDATION + np.arange(validation_pairs), "train",
+                               grid)
+    members = study.member_folders(checkpoints / study.SHIPPED_CNN.name,
+                                   checkpoints / study.SHIPPED_ENSEMBLE.name)
+    entry = study.disagreement_range(members, val, checkpoints)
+    card.acquisition.ranges[rishdiff.DISAGREEMENT] = entry
+    cards.write_card(card, folder)
+    log(f"{rishdiff.DISAGREEMENT}: {entry['values']} on {entry['validation']}; "
+        f"flagged above {entry['max']}")
+    return entry
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out")
     ap.add_argument("--pairs", type=int, default=PAIRS)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--seeds", type=int, nargs="+", default=list(EXTRA_SEEDS))
+    ap.add_argument("--record-range", action="store_true",
+                    help="train nothing: record the disagreement range of the ensemble in "
+                         "OUT (a checkpoints folder) into OUT/rish_3t7t's card")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    train_members(a.out, a.seeds, a.pairs, a.steps)
+    if a.record_range:
+        record_range(a.out)
+    else:
+        train_members(a.out, a.seeds, a.pairs, a.steps)
     return 0
 
 

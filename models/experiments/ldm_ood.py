@@ -172,8 +172,7 @@ def study_ood(out, seeds=None, grades=None, diffusion_ckpt=study.SHIPPED_DIFFUSI
     if members:
         val = study.simulate_pairs(study.SEED_VALIDATION + np.arange(validation_pairs),
                                    "train", grid)
-        ens_scale = rishdiff.spread_scale_for(
-            [(rishdiff.ensemble_fit(members, v.f3, v.sigma3), v.f7) for v in val])
+        ens_scale = study.ensemble_range(dcard, folders, val)["spread_scale"]
     cases = [("none", 1.0, s) for s in seeds]
     cases += [(shift, float(f), s) for shift, fs in grades.items() for f in fs for s in seeds]
     cases += [("family", 1.0, s) for s in family_seeds]

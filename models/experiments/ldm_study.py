@@ -266,28 +266,32 @@ def member_folders(cnn_ckpt=SHIPPED_CNN, ensemble_dir=SHIPPED_ENSEMBLE) -> list[
     return [Path(cnn_ckpt)] + extra
 
 
-#: An input whose ensemble disagreement exceeds this factor times the largest
-#: of the validation pairs' is flagged (the OOD study: the disagreement
-#: separates every tested shift but the mildest SNR one, AUROC 1.0).
-DISAGREEMENT_MARGIN = 1.1
+#: Shared with the OOD study and the inference guard (one definition).
+disagreement, load_members = rishdiff.disagreement, rishdiff.load_members
 
 
-def disagreement(fit: rishdiff.RishFit) -> float:
-    """Mean predicted spread of ``log lambda`` over the mask and orders: the OOD
-    score of an ensemble (members' SD) or of the sampling model."""
-    return float(fit.spread[fit.f3.mask].mean())
+def disagreement_range(folders, validation: list[Subject], root=SHIPPED) -> dict:
+    """The disagreement range entry of the ensemble in ``folders`` measured on
+    ``validation`` pairs (:func:`rishdiff.disagreement_range`); members are
+    named relative to ``root`` (the folder holding the card's checkpoint)."""
+    members = load_members(folders)
+    fits = [(rishdiff.ensemble_fit(members, v.f3, v.sigma3), v.f7) for v in validation]
+    seeds = [v.seed for v in validation]
+    return rishdiff.disagreement_range(
+        fits, rishdiff.member_records(folders, root),
+        f"{len(seeds)} train-family validation pairs (seeds {min(seeds)}-{max(seeds)}, "
+        f"grid {validation[0].f3.rish.shape[0]})")
 
 
-def load_members(folders) -> list:
-    """The ensemble's CNNs (float32, CPU); every folder must hold a rish-cnn-3t7t."""
-    members = []
-    for f in folders:
-        m, card = cards.load_checkpoint(f, device="cpu")
-        if card.architecture != "rish-cnn-3t7t":
-            raise ValueError(f"{f}: an ensemble member must be a rish-cnn-3t7t, "
-                             f"not {card.architecture}")
-        members.append(m.float())
-    return members
+def ensemble_range(dcard: cards.ModelCard, folders, validation: list[Subject]) -> dict:
+    """The ensemble's disagreement range: the card's (as the inference step
+    uses it) when it was measured with these members, else measured on the
+    ``validation`` pairs by the same function."""
+    entry = dcard.acquisition.ranges.get(rishdiff.DISAGREEMENT)
+    shas = [cards.load_card(f).weights_sha256 for f in folders]
+    if entry is not None and [m["weights_sha256"] for m in entry["members"]] == shas:
+        return entry
+    return disagreement_range(folders, validation)
 
 
 def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
@@ -320,27 +324,22 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     proxy_scale = fit_noise_proxy(cnn, val)
     folders = member_folders(cnn_ckpt, ensemble_dir) if ensemble_dir else []
     members = load_members(folders) if len(folders) > 1 else []
-    ens_scale, ens_limit = None, None
+    acq = dcard.acquisition
     if members:
-        vfits = [(rishdiff.ensemble_fit(members, v.f3, v.sigma3), v.f7) for v in val]
-        ens_scale = rishdiff.spread_scale_for(vfits)
-        ens_limit = DISAGREEMENT_MARGIN * max(
-            disagreement(dataclasses.replace(f, spread_scale=ens_scale)) for f, _ in vfits)
+        acq = dataclasses.replace(acq, ranges={**acq.ranges, rishdiff.DISAGREEMENT:
+                                               ensemble_range(dcard, folders, val)})
+        ens_scale = acq.ranges[rishdiff.DISAGREEMENT]["spread_scale"]
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
         f"template in {time.perf_counter() - t0:.0f} s")
     rows, cal, spear, flags = [], [], [], []
     for i, s in enumerate(test):
         ts = time.perf_counter()
-        problems = cards.range_problems(dcard.acquisition, {
-            "cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3})
-        msgs = problems["flag"] + problems["refuse"]
+        values = {"cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3}
         if members:
             efit = rishdiff.ensemble_fit(members, s.f3, s.sigma3, ens_scale)
-            d = disagreement(efit)
-            if d > ens_limit:
-                msgs.append(f"ensemble disagreement {d:.3g} is above {ens_limit:.3g} "
-                            f"({DISAGREEMENT_MARGIN:g} x the largest of the {len(val)} "
-                            f"validation pairs)")
+            d = values[rishdiff.DISAGREEMENT] = disagreement(efit)
+        problems = cards.range_problems(acq, values)
+        msgs = problems["flag"] + problems["refuse"]
         flags.append({"subject": s.seed, "snr": round(s.snr3, 2),
                       **({"ensemble_disagreement": round(d, 4)} if members else {}),
                       "flags": "; ".join(msgs)})

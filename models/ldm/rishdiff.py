@@ -30,7 +30,9 @@ patches with :func:`dmriflow.models.train.train`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +40,7 @@ from scipy import stats
 from torch import nn
 
 from dmriflow.interfaces import harmonize
+from dmriflow.models import card as cards
 from dmriflow.models.card import register
 from dmriflow.models.degrade import reference_b0
 from dmriflow.models.ldm import features
@@ -534,3 +537,79 @@ def ensemble_fit(members: list, f3: features.ShellFeatures, sigma: float,
     ys = np.stack([np.log(m.predict_lambda(f3, sigma)) for m in members])
     scale = None if spread_scale is None else np.asarray(spread_scale, np.float32)
     return RishFit(ys.astype(np.float32), f3, scale)
+
+
+def load_members(folders) -> list:
+    """The ensemble's CNNs (float32, CPU); every folder must hold a rish-cnn-3t7t."""
+    members = []
+    for f in folders:
+        m, card = cards.load_checkpoint(f, device="cpu")
+        if card.architecture != "rish-cnn-3t7t":
+            raise ValueError(f"{f}: an ensemble member must be a rish-cnn-3t7t, "
+                             f"not {card.architecture}")
+        members.append(m.float())
+    return members
+
+
+# ----------------------------------------------------------------------------
+# Out-of-distribution guard: the CNN ensemble's disagreement
+# ----------------------------------------------------------------------------
+#: Name of the ensemble-disagreement range in a card's ``acquisition.ranges``.
+DISAGREEMENT = "ensemble_disagreement"
+#: An input whose ensemble disagreement exceeds this factor times the largest
+#: of the validation pairs' is flagged (the OOD study: the disagreement
+#: separates every tested shift but the mildest SNR one, AUROC 1.0).
+DISAGREEMENT_MARGIN = 1.1
+DISAGREEMENT_DEFINITION = (
+    "mean over the 3T mask voxels of the cube and over the orders L0, L2, L4 of the CNN "
+    "ensemble members' SD of log lambda, each order's SD times the ensemble's spread_scale "
+    "(fitted on the validation pairs so that their 90 % intervals cover exactly 90 %); "
+    "flagged above max = margin x the largest value on the validation pairs")
+
+
+def disagreement(fit: RishFit) -> float:
+    """Mean predicted spread of ``log lambda`` over the mask and orders: the OOD
+    score of an ensemble (members' SD) or of the sampling model."""
+    return float(fit.spread[fit.f3.mask].mean())
+
+
+def disagreement_range(fits: list, members: list[dict], validation: str,
+                       margin: float = DISAGREEMENT_MARGIN) -> dict:
+    """The card's ``ranges[DISAGREEMENT]`` entry from (uncalibrated ensemble
+    RishFit, f7) pairs of the validation subjects: the ensemble's spread scale
+    (:func:`spread_scale_for`), the disagreement of each validation pair with
+    it, and the flag threshold ``margin`` x their largest. ``members``: the
+    members it holds for (``checkpoint``, ``weights_sha256``), in order."""
+    scale = spread_scale_for(fits)
+    values = [disagreement(replace(f, spread_scale=scale)) for f, _ in fits]
+    return {"min": 0.0, "max": round(margin * max(values), 6),
+            "trained": [round(min(values), 6), round(max(values), 6)],
+            "measured_on": "validation pairs", "action": "flag", "margin": margin,
+            "values": [round(v, 6) for v in values], "validation": validation,
+            "spread_scale": [round(float(c), 6) for c in scale], "members": members,
+            "definition": DISAGREEMENT_DEFINITION}
+
+
+def member_records(folders, root) -> list[dict]:
+    """(``checkpoint`` relative to ``root``, ``weights_sha256``) of each member
+    folder: what a disagreement range entry names."""
+    return [{"checkpoint": Path(os.path.relpath(Path(f).resolve(), Path(root).resolve())).as_posix(),
+             "weights_sha256": cards.load_card(f).weights_sha256} for f in folders]
+
+
+def guard_members(entry: dict, root) -> list:
+    """The members a disagreement range entry names, loaded from ``root``;
+    their weights must be the recorded ones (the range holds for them only)."""
+    folders = [Path(root) / m["checkpoint"] for m in entry["members"]]
+    for f, m in zip(folders, entry["members"]):
+        if cards.load_card(f).weights_sha256 != m["weights_sha256"]:
+            raise ValueError(f"{f}: not the ensemble member the disagreement range was "
+                             f"measured with (weights sha256 differs)")
+    return load_members(folders)
+
+
+def ensemble_disagreement(members: list, f3: features.ShellFeatures, sigma: float,
+                          entry: dict) -> float:
+    """The disagreement (:data:`DISAGREEMENT_DEFINITION`) of ``members`` on one
+    3T subject, with the spread scale of the range ``entry``."""
+    return disagreement(ensemble_fit(members, f3, sigma, entry["spread_scale"]))
