@@ -189,12 +189,13 @@ def synthesize_7t_like(model, card, dwi, path=None, census=None, device=None,
     row = {f"inference_lambda_l{o}_median": round(float(np.median(lam[:, k])), 5)
            for k, o in enumerate(ORDERS)}
     row["inference_seconds"] = round(info["seconds_total"], 2)
+    row["inference_ensemble_disagreement"] = info["ensemble_disagreement"]
     table = pd.DataFrame({"volume": np.arange(len(gtab)), "bval": gtab.bvals,
                           "x": gtab.bvecs[:, 0], "y": gtab.bvecs[:, 1], "z": gtab.bvecs[:, 2]})
     params = {k: info[k] for k in ("shell", "lmax", "guidance", "ddim_steps", "grid", "seed",
                                    "keep_residual", "negative_clipped_fraction",
                                    "scale_clipped_fraction", "artefact_content_id",
-                                   "range_flags")}
+                                   "range_flags", "ensemble_disagreement")}
     params["bvec_frame"] = "fsl-image"
     return InferenceOutput(
         maps={f"{ENTITY}_desc-7tlike": data, f"{ENTITY}_param-fa": extra["fa"],

@@ -16,6 +16,7 @@ from dmriflow.models import card as cards
 from dmriflow.models import degrade
 from dmriflow.models.experiments import ldm_metrics as ev
 from dmriflow.models.experiments import ldm_study as study
+from dmriflow.models.ldm import rishdiff
 
 SEEDS = [study.SEED_HELDOUT + 201, study.SEED_HELDOUT + 202]
 SMALL = dict(ldm_ckpt=None, samples=3, grid=16, template_pairs=3, validation_pairs=2,
@@ -140,11 +141,18 @@ def test_spread_error_table_and_the_ensemble_members(runs):
             {k: v for k, v in budgets[0]["budget"].items() if k != "seed"}
 
 
-def test_an_input_the_ensemble_disagrees_on_is_flagged(tmp_path, monkeypatch):
-    """Margin 0: any disagreement is above the validation pairs' largest times
-    the margin, so the subject is flagged with the value and the limit."""
-    monkeypatch.setattr(study, "DISAGREEMENT_MARGIN", 0.0)
-    study.evaluate(SEEDS[:1], tmp_path, **SMALL)
-    f = _tsv(tmp_path, "flags")
-    assert "ensemble disagreement" in f["flags"].iloc[0] and "above 0 (0 x the largest" in \
-        f["flags"].iloc[0]
+def test_an_input_the_ensemble_disagrees_on_is_flagged(tmp_path):
+    """evaluate flags on the card's disagreement range (the one the inference
+    step uses): with its threshold set to 0 in a copy of the shipped card, any
+    disagreement is outside it, and the flag names the value and the range."""
+    import shutil
+    ckpt = tmp_path / "rish_3t7t"
+    shutil.copytree(study.SHIPPED_DIFFUSION, ckpt)
+    card = cards.load_card(ckpt)
+    card.acquisition.ranges[rishdiff.DISAGREEMENT]["max"] = 0.0
+    cards.write_card(card, ckpt)
+    study.evaluate(SEEDS[:1], tmp_path / "out", diffusion_ckpt=ckpt, **SMALL)
+    f = _tsv(tmp_path / "out", "flags")
+    d = f.ensemble_disagreement.iloc[0]
+    assert f"ensemble_disagreement {d:.4g} is outside the model's range 0-0; validation " \
+        "pairs 0.2227-0.2499" in f["flags"].iloc[0]

@@ -2,6 +2,7 @@
 out-of-distribution scores with their AUROC over graded shifts."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -196,3 +197,83 @@ def test_members_and_shipped_models_are_written_as_loadable_checkpoints(tmp_path
                                np.float16(rep["diffusion"]["spread_scale"]), rtol=1e-3)
     with pytest.raises(ValueError, match="must be a rish-cnn-3t7t"):
         study.load_members([tmp_path / "ship" / "rish_cnn_3t7t", tmp_path / "ship" / "rish_3t7t"])
+
+
+# ----------------------------------------------------------------------------
+# The ensemble-disagreement range on the card, and the inference flag
+# ----------------------------------------------------------------------------
+def test_shipped_card_records_the_ensemble_disagreement_range():
+    """The shipped diffusion card holds the range the evaluate flag and the
+    inference step use: measured on the calibration pairs with the shipped
+    members (re-measured here on the first pair), flagged above 1.1 x the
+    largest."""
+    card = cards.load_card(study.SHIPPED_DIFFUSION)
+    e = card.acquisition.ranges[rishdiff.DISAGREEMENT]
+    assert e["action"] == "flag" and e["definition"] == rishdiff.DISAGREEMENT_DEFINITION
+    assert len(e["values"]) == study.VALIDATION_PAIRS
+    assert f"seeds {study.SEED_VALIDATION}-{study.SEED_VALIDATION + 5}" in e["validation"]
+    assert e["trained"] == [min(e["values"]), max(e["values"])]
+    assert e["max"] == pytest.approx(rishdiff.DISAGREEMENT_MARGIN * max(e["values"]), abs=1e-6)
+    folders = study.member_folders()
+    assert e["members"] == rishdiff.member_records(folders, study.SHIPPED)
+    (v,) = study.simulate_pairs([study.SEED_VALIDATION], "train", 32)
+    members = rishdiff.guard_members(e, study.SHIPPED)
+    assert rishdiff.ensemble_disagreement(members, v.f3, v.sigma3, e) == \
+        pytest.approx(e["values"][0], abs=2e-6)
+
+
+def test_a_recorded_range_holds_only_for_its_members(tmp_path):
+    """``record_range`` writes the entry into the diffusion card (weights
+    untouched, still loadable); swapping a member's weights is refused."""
+    from dmriflow.models.experiments import ldm_ensemble
+    quiet = dict(n_pairs=2, steps=2, grid=16, log=lambda s: None)
+    study.train_shipped(tmp_path, **quiet)
+    ldm_ensemble.train_members(tmp_path / study.SHIPPED_ENSEMBLE.name, seeds=(1,), **quiet)
+    entry = ldm_ensemble.record_range(tmp_path, grid=16, validation_pairs=2, log=lambda s: None)
+    _, card = cards.load_checkpoint(tmp_path / "rish_3t7t", device="cpu")
+    assert card.acquisition.ranges[rishdiff.DISAGREEMENT] == entry
+    assert [m["checkpoint"] for m in entry["members"]] == ["rish_cnn_3t7t",
+                                                           "rish_cnn_ensemble_3t7t/seed-1"]
+    assert entry["max"] > entry["trained"][1] >= entry["trained"][0] > 0
+    assert len(rishdiff.guard_members(entry, tmp_path)) == 2
+    other = dict(entry, members=[entry["members"][0],
+                                 {**entry["members"][1], "weights_sha256": "0" * 64}])
+    with pytest.raises(ValueError, match="not the ensemble member"):
+        rishdiff.guard_members(other, tmp_path)
+
+
+def _series(seed: int, family: str):
+    """A simulated 3T member (32^3 grid, 3.125 mm: the card's cube) as a DWI."""
+    import nibabel as nib
+
+    from dmriflow.interfaces.io import DWI
+    p = dg.simulate_pair(seed, family=family)
+    header = nib.Nifti1Header()
+    header.set_data_shape(p.dwi3.shape)
+    header.set_zooms(tuple(abs(np.diag(p.affine)[:3])) + (1.0,))
+    return DWI(p.dwi3.astype(np.float32), p.gtab3, p.mask, p.affine, header,
+               {"dwi": f"sub-{seed}_dwi.nii.gz"})
+
+
+def test_3t7t_inference_flags_a_subject_the_ensemble_disagrees_on():
+    """``--inference 3t7t`` measures the shipped ensemble's disagreement on each
+    subject: an unseen train-family pair (seed 60000, disagreement 0.222) is
+    not flagged; a test-family pair (seed 50000: k-space PSF and bump bias,
+    SNR 18 - inside the card's SNR range, 0.313) is flagged with its value and
+    the card's range."""
+    from dmriflow.interfaces.inference import THREE_T_TO_7T, run_inference
+    limit = cards.load_card(study.SHIPPED_DIFFUSION).acquisition.ranges[
+        rishdiff.DISAGREEMENT]["max"]
+    runs = {}
+    for seed, family in ((60_000, "train"), (50_000, "test")):
+        dwi = _series(seed, family)
+        out, _ = run_inference(THREE_T_TO_7T, None, dwi, dwi.paths["dwi"],
+                               census={"field_strength_t": 3.0})
+        runs[family] = out
+    inside, shifted = runs["train"].parameters, runs["test"].parameters
+    assert 0 < inside["ensemble_disagreement"] < limit and inside["range_flags"] == ""
+    d = shifted["ensemble_disagreement"]
+    assert d > limit and runs["test"].row["inference_ensemble_disagreement"] == d
+    flag = re.fullmatch(r"ensemble_disagreement (\S+) is outside the model's range "
+                        r"0-0\.2749; validation pairs 0\.2227-0\.2499", shifted["range_flags"])
+    assert flag and float(flag[1]) == pytest.approx(d, abs=1e-4)

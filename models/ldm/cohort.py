@@ -200,6 +200,29 @@ def check_input_range(card: cards.ModelCard, dwi, grid: int) -> list[str]:
                                      "snr": input_snr(dwi)}, dwi.paths.get("dwi"))
 
 
+#: The checkpoint whose card holds the 3T->7T kind's ensemble-disagreement
+#: range (the shipped RISH-space model's, measured on its calibration pairs);
+#: the ensemble members it names are found relative to its parent folder.
+GUARD_CHECKPOINT = Path(cards.__file__).resolve().parent / "checkpoints" / "rish_3t7t"
+
+
+def ensemble_guard(dwi, guard=GUARD_CHECKPOINT) -> tuple[float | None, list[str]]:
+    """The CNN ensemble's disagreement on one 3T series (b0s + the b=1000
+    shell) and the flag when it is outside the range in ``guard``'s card
+    (:func:`rishdiff.ensemble_disagreement`). (None, []) when the card has no
+    such range or the series has no noise estimate (< 2 b0s)."""
+    guard = Path(guard)
+    entry = cards.load_card(guard).acquisition.ranges.get(rishdiff.DISAGREEMENT)
+    if entry is None or input_snr(dwi) is None:
+        return None, []
+    members = rishdiff.guard_members(entry, guard.parent)
+    f3 = features.shell_features(dwi.data, dwi.gtab, dwi.mask, dwi.affine, members[0].grid)
+    value = rishdiff.ensemble_disagreement(members, f3, rishdiff.noise_sigma(
+        dwi.data, dwi.gtab, dwi.mask), entry)
+    acq = cards.Acquisition(shells=[], ranges={rishdiff.DISAGREEMENT: entry})
+    return value, cards.range_problems(acq, {rishdiff.DISAGREEMENT: value})["flag"]
+
+
 def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, seed: int = 0):
     """7T-like b0 + b=1000 series of one 3T subject: (data, gtab, info) with
     FA, the lambda maps on the subject grid and the cube's predicted RISH.
@@ -207,6 +230,7 @@ def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, see
     idx, shell = features.shell_volumes(dwi.gtab)
     sub = dwi.select_volumes(idx)
     flags = check_input_range(card, sub, model.grid)
+    disagreement, guard_flags = ensemble_guard(sub)
     t0 = time.perf_counter()
     f3 = features.shell_features(sub.data, sub.gtab, sub.mask, sub.affine, model.grid)
     guidance = float(card.extra.get("guidance", diffusion.GUIDANCE))
@@ -232,6 +256,7 @@ def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, see
     info.update(seconds_prediction=t_pred - t0, seconds_total=time.perf_counter() - t0,
                 scale_clipped_fraction=stats["clipped_fraction"], guidance=guidance,
                 ddim_steps=steps, grid=model.grid, seed=seed, shell=shell,
-                range_flags="; ".join(flags))
+                range_flags="; ".join(flags + guard_flags),
+                ensemble_disagreement=None if disagreement is None else round(disagreement, 5))
     return data, sub.gtab, {"fa": fa, "lambda": lam_native, "rish_cube": pred,
                             "mask": sub.mask, "info": info}
