@@ -191,7 +191,9 @@ def test_shipped_rish_checkpoints_are_small_and_state_their_ranges():
     for folder in (study.SHIPPED_DIFFUSION, study.SHIPPED_CNN):
         assert (folder / cards.WEIGHTS_FILE).stat().st_size < 1 * 2**20
         model, card = cards.load_checkpoint(folder, device="cpu")
-        assert set(card.acquisition.ranges) == {"cube_voxel_mm", "snr"}
+        # the diffusion card also holds the ensemble's disagreement range (its OOD guard)
+        assert set(card.acquisition.ranges) == {"cube_voxel_mm", "snr"} | (
+            {rishdiff.DISAGREEMENT} if folder == study.SHIPPED_DIFFUSION else set())
         assert card.acquisition.field_strength_t == 3.0 and model.grid == card.kwargs["grid"]
 
 
