@@ -174,8 +174,10 @@ def synthesize_7t_like(model, card, dwi, path=None, census=None, device=None,
                        seed: int = 0) -> InferenceOutput:
     """7T-like b0 + b=1000 series of a 3T subject
     (:func:`dmriflow.models.ldm.cohort.generate_7t_like`): the series, its FA
-    and the lambda maps, the series' gradient table, and the median lambda
-    per order in the mask for the cohort table."""
+    and the lambda maps, the series' gradient table, the median lambda per
+    order in the mask and the shipped CNN ensemble's disagreement for the
+    cohort table; values outside the card's ranges (SNR, the disagreement)
+    are listed in the sidecar's ``range_flags``."""
     # models.ldm imports MONAI (seconds): loaded only when this kind runs
     from dmriflow.models.ldm.cohort import ENTITY, generate_7t_like
     from dmriflow.models.ldm.features import ORDERS
