@@ -1,5 +1,7 @@
 """Direction synthesis: paired data, baselines on known signals, the network, training."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -114,6 +116,25 @@ def test_training_snrs_span_the_range_and_are_reproducible():
     assert max(snrs) / min(snrs) > 2.0                  # a range, not one level
 
 
+def test_training_subjects_get_their_own_snr_from_the_range():
+    """``phantom_samples`` with the training range simulates each subject at its
+    drawn SNR (seeds 5004 and 5005 draw 12.6 and 60.0: the noise differs 5x),
+    and the shipped card was trained that way on its subjects."""
+    from dmriflow.interfaces.sim.phantom import simulate_subject
+    got = md.phantom_samples(2, seed=5004, shape=SMALL, snr=md.TRAIN_SNR_RANGE)
+    for k, s in enumerate(got):
+        assert s.snr == md.subject_snr(5004 + k)
+        truth = simulate_subject(shape=SMALL, seed=5004 + k, snr=s.snr,
+                                 scheme=md.phantom_scheme(5004 + k)).sigma
+        assert abs(dm.noise_sigma(s) / truth - 1.0) < 0.10       # as the noise-input test
+    assert dm.noise_sigma(got[0]) > 3 * dm.noise_sigma(got[1])
+    card = mc.load_card(Path(dm.__file__).parent / "checkpoints" / "directions")
+    assert card.training["snr_range"] == list(md.TRAIN_SNR_RANGE)
+    seeds = [int(label.split("-")[1]) for label in card.training["subjects"]]
+    drawn = ", ".join(f"{md.subject_snr(k):.1f}" for k in seeds)
+    assert f"(training: {drawn})" in card.training["data"]
+
+
 def test_denoised_dti_baseline_beats_plain_dti_at_low_snr():
     """MP-PCA before the tensor fit lowers the error vs the noise-free targets."""
     s = md.phantom_samples(1, seed=78, shape=SMALL, snr=15.0)[0]
@@ -183,5 +204,19 @@ def test_retrained_card_table_comes_from_subjects_not_used_for_selection(tmp_pat
     assert train | selection | table == {label for label, _ in cohort}
     assert {r["subjects"] for r in card.metrics} == {len(table)}
     assert all("not used for selection" in r["split"] for r in card.metrics)
+    # the numbers are those of the table subjects, not of the selection subjects
+    model, _ = mc.load_checkpoint(tmp_path / "ckpt", device="cpu")
+    dwis = dict(cohort)
+
+    def table_of(labels):
+        return dm.held_out_table(model, [md.split_dwi(dwis[k], k) for k in sorted(labels)],
+                                 card.metrics[0]["split"])
+
+    def numbers(rows):
+        return np.array([[r[k] for k in ("dwi_rmse", "fa_rmse")] for r in rows], dtype=float)
+    assert np.allclose(numbers(card.metrics), numbers(table_of(table)), rtol=0, atol=2e-5,
+                       equal_nan=True)
+    assert not np.allclose(numbers(card.metrics), numbers(table_of(selection)), rtol=0,
+                           atol=1e-3, equal_nan=True)
     with pytest.raises(ValueError, match="at least 3 subjects"):
         dm.train_on_subjects(iter(cohort[:2]), tmp_path / "two", epochs=1)
