@@ -21,7 +21,7 @@ import dmriflow.models
 from dmriflow.interfaces.dti import TensorModel
 from dmriflow.interfaces.gradients import electrostatic_directions
 from dmriflow.models import directions as dm
-from dmriflow.models.card import check_acquisition, load_checkpoint
+from dmriflow.models.card import check_acquisition, check_ranges, load_checkpoint
 from dmriflow.models.data import split_dwi
 from dmriflow.models.train import torch_threads
 from dmriflow.models.volume import CPU_THREADS
@@ -117,7 +117,9 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
     acquired directions are kept as acquired and the card's
     ``n_synthesised`` electrostatic directions are added. Output: b0s +
     acquired (+ predicted) directions as a 4D series, its gradient table and
-    its FA.
+    its FA; the estimated SNR (:func:`dmriflow.models.directions.input_snr`)
+    in the row, and in the sidecar's ``range_flags`` when it is outside the
+    card's training range.
     """
     shell = card.acquisition.shells[0]
     n_input = int(card.training.get("n_input", card.acquisition.min_directions[f"{shell:g}"]))
@@ -134,6 +136,7 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
         targets = electrostatic_directions(int(card.extra.get("n_synthesised", 60)),
                                            seed=SYNTHESIS_SEED)
         kept, kept_bvecs = sample.targets, sample.target_bvecs   # acquired, not fed
+    flags = check_ranges(card, {"snr": dm.input_snr(sample)}, path)
     pred = dm.predict_network(model, sample, bvecs=targets, device=device)
     series = sample.series(np.concatenate([kept, pred], axis=-1))
     n_b0 = sample.b0.shape[-1]
@@ -142,7 +145,8 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
                           np.r_[np.zeros((n_b0, 3)), sample.input_bvecs, kept_bvecs, targets])
     fa = np.asarray(TensorModel(gtab).fit(series, sample.mask).fa, dtype=np.float32)
     row = {"inference_mode": "held-out" if holdout else "upsampling",
-           "inference_inputs": len(sample.input_bvecs), "inference_synthesised": len(targets)}
+           "inference_inputs": len(sample.input_bvecs), "inference_synthesised": len(targets),
+           "inference_snr": round(dm.input_snr(sample), 2)}
     if holdout:
         full = np.asarray(TensorModel(gtab).fit(sample.series(sample.targets), sample.mask).fa)
         m = sample.mask
@@ -163,7 +167,8 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
         row=row, parameters={"mode": row["inference_mode"], "shell": shell,
                              "n_input": len(sample.input_bvecs),
                              "input_volumes": [int(v) for v in sample.input_volumes],
-                             "n_synthesised": len(targets), "bvec_frame": "fsl-image"})
+                             "n_synthesised": len(targets), "bvec_frame": "fsl-image",
+                             "range_flags": "; ".join(flags)})
 
 
 # ----------------------------------------------------------------------------

@@ -42,7 +42,8 @@ from dmriflow.interfaces.dti import TensorModel
 from dmriflow.interfaces.gradients import spiral_directions
 from dmriflow.interfaces.preprocess import mppca
 from dmriflow.interfaces.sh import SHModel, n_coeffs, sh_basis, sh_pinv
-from dmriflow.models.card import Acquisition, ModelCard, register, save_checkpoint
+from dmriflow.models.card import (Acquisition, ModelCard, load_card, register, save_checkpoint,
+                                  write_card)
 from dmriflow.models.data import (PHANTOM_SHAPE, SIGNAL_CLIP, TRAIN_SNR_RANGE, UPSAMPLE_SHELL,
                                   DirectionSample, phantom_samples, split_dwi, split_subjects,
                                   summarise_methods, table_markdown)
@@ -88,6 +89,26 @@ def noise_sigma(sample: DirectionSample) -> float:
     dof = max(len(sample.input_bvecs) - n_coeffs(FEATURE_LMAX), 1)
     rms = np.sqrt((resid ** 2).sum(axis=1) / dof) * sample.s0[mask]
     return float(np.median(rms))
+
+
+def input_snr(sample: DirectionSample) -> float:
+    """Estimated SNR of a subject: the median mean-b0 over the mask divided by
+    :func:`noise_sigma` (what the card's ``snr`` range is measured in; on the
+    phantoms 1.3-1.7x the simulator's SNR, whose reference is another b0)."""
+    sigma = noise_sigma(sample)
+    return float(np.median(sample.s0[sample.mask])) / sigma if sigma > 0 else float("inf")
+
+
+def snr_ranges(train: list[DirectionSample], note: str = "") -> dict:
+    """The card's ``acquisition.ranges`` from the training subjects: their
+    estimated SNR (:func:`input_snr`), flagged outside - the noise level is an
+    input, so another SNR is extrapolation, not a new task."""
+    snrs = [input_snr(s) for s in train]
+    lo, hi = round(min(snrs), 2), round(max(snrs), 2)
+    return {"snr": {"min": lo, "max": hi, "trained": [lo, hi], "action": "flag",
+                    "definition": "median mean-b0 over the mask / noise sigma (median "
+                                  f"residual of the order-{FEATURE_LMAX} SH fit to the inputs)",
+                    **({"note": note} if note else {})}}
 
 
 def sh_features(sample: DirectionSample) -> np.ndarray:
@@ -393,7 +414,7 @@ def make_card(model: DirectionNet, train: list[DirectionSample], config, table: 
         acquisition=Acquisition(shells=[UPSAMPLE_SHELL],
                                 min_directions={f"{UPSAMPLE_SHELL:g}": n_input},
                                 voxel_size_mm=[float(v) for v in voxel_size],
-                                field_strength_t=field_strength),
+                                field_strength_t=field_strength, ranges=snr_ranges(train)),
         normalisation={"signal": "divided by the voxel's mean b0, clipped to "
                                  f"{list(SIGNAL_CLIP)}",
                        "features": f"SH order {OUT_LMAX} of the WLS tensor prediction + SH "
@@ -500,6 +521,23 @@ def run_experiment(checkpoint_dir, state_dir=None, steps: int = EXPERIMENT_STEPS
     save_checkpoint(model, card, checkpoint_dir)
     log(table_markdown(table, METRICS))
     return card
+
+
+def record_snr_range(checkpoint, subjects: int = EXPERIMENT_SUBJECTS[0],
+                     seed: int = EXPERIMENT_SEED) -> dict:
+    """Add the SNR range of the shipped run's training subjects (re-simulated:
+    seeds ``seed``.., SNRs drawn from TRAIN_SNR_RANGE) to ``checkpoint``'s card,
+    which predates it; the weights are unchanged. Returns the ranges."""
+    card = load_card(checkpoint)
+    train = phantom_samples(subjects, seed=seed, snr=TRAIN_SNR_RANGE)
+    if [s.subject for s in train] != card.training["subjects"]:
+        raise ValueError(f"{checkpoint}: trained on {card.training['subjects']}, not on "
+                         f"{[s.subject for s in train]}")
+    card.acquisition.ranges = snr_ranges(
+        train, note=f"estimated on the {subjects} training subjects, re-simulated from their "
+                    f"seeds; added after training, weights unchanged")
+    write_card(card, checkpoint)
+    return card.acquisition.ranges
 
 
 if __name__ == "__main__":   # nice -n 10 python -m dmriflow.models.directions CKPT STATE [STEPS]

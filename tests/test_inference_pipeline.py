@@ -255,6 +255,36 @@ def test_small_64d_real_data_is_refused_by_the_card_and_scored_with_a_stated_rea
     assert {"network", "DTI prediction", "MP-PCA then DTI prediction"} <= set(methods)
     for r in result["table"][1:]:
         assert r["subjects"] == 1 and 0.0 < r["dwi_rmse"] < 1.0 and 0.0 < r["fa_rmse"] < 1.0
+    # its SNR (~10) is below the card's training range, which the inference step flags
+    lo = mc.load_card(inf.default_checkpoint("directions")).acquisition.ranges["snr"]["min"]
+    assert 8.0 < result["snr_median_b0"] < lo
+    (flag,) = result["range_flags"]
+    assert flag.startswith(f"snr {result['snr_median_b0']:.4g} is outside the model's range")
+    # what docs/models.md says of it: the network does not transfer (its FA is worse
+    # than the inputs' alone), SH4 has the lowest DWI error, MP-PCA + DTI the lowest FA error
+    assert methods["network"]["fa_rmse"] > methods["inputs only"]["fa_rmse"]
+    rows = result["table"][1:]
+    assert min(rows, key=lambda r: r["dwi_rmse"])["method"] == "SH interpolation (order 4)"
+    assert min(rows, key=lambda r: r["fa_rmse"])["method"] == "MP-PCA then DTI prediction"
+
+
+@pytest.mark.parametrize("snr, flagged", [(30.0, False), (8.0, True), (90.0, True)])
+def test_shipped_directions_card_flags_an_snr_outside_its_training_range(snr, flagged):
+    """The card records the estimated SNR of its training subjects (17.1-87.8,
+    i.e. simulated 12.6-60); a subject simulated at SNR 30 (estimated ~39) is
+    inside, at 8 (~11) or 90 (~115) it is flagged with the value and the range;
+    the subject is still processed."""
+    card = mc.load_card(inf.default_checkpoint("directions"))
+    rng = card.acquisition.ranges["snr"]
+    assert rng["action"] == "flag" and rng["trained"] == [rng["min"], rng["max"]]
+    dwi, _ = md.phantom_dwi(9101, shape=SMALL, snr=snr)
+    out, _ = inf.run_inference("directions", None, dwi, "sub-x_dwi.nii.gz")
+    est = out.row["inference_snr"]
+    assert (not rng["min"] <= est <= rng["max"]) == flagged
+    assert out.parameters["range_flags"] == (
+        f"snr {est:.4g} is outside the model's range {rng['min']:.4g}-{rng['max']:.4g}; "
+        f"training data {rng['min']:.4g}-{rng['max']:.4g}" if flagged else "")
+    assert out.maps["model-directions_desc-synthesized"].shape[:3] == SMALL
 
 
 def test_methods_text_names_the_shipped_checkpoint_a_run_resolves(tmp_path):

@@ -29,7 +29,7 @@ from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import B0_THRESHOLD
 from dmriflow.interfaces.io import load_dwi
 from dmriflow.models import directions as dm
-from dmriflow.models.card import check_acquisition, load_checkpoint
+from dmriflow.models.card import check_acquisition, load_checkpoint, range_problems
 from dmriflow.models.data import split_dwi, summarise_methods, table_markdown
 
 #: Why the 2 mm data are scored despite the card's 2.5 mm bound.
@@ -79,7 +79,8 @@ def check(checkpoint=None) -> dict:
              for r in summarise_methods(rows, dm.METRICS)]
     return {"refusal": refusal, "voxel_waiver": VOXEL_WAIVER if refusal else None,
             "zooms_mm": [float(z) for z in dwi.zooms[:3]],
-            "snr_median_b0": float(np.median(sample.s0[sample.mask])) / dm.noise_sigma(sample),
+            "snr_median_b0": dm.input_snr(sample),
+            "range_flags": range_problems(card.acquisition, {"snr": dm.input_snr(sample)})["flag"],
             "table": table}
 
 
@@ -89,4 +90,5 @@ if __name__ == "__main__":
     if result["voxel_waiver"]:
         print("scored anyway:", result["voxel_waiver"])
     print(f"SNR (median b0 / estimated sigma): {result['snr_median_b0']:.1f}")
+    print("range flags:", "; ".join(result["range_flags"]) or "none")
     print(table_markdown(result["table"], ("dwi_rmse", "fa_rmse")))
