@@ -94,7 +94,7 @@ def noise_sigma(sample: DirectionSample) -> float:
 def input_snr(sample: DirectionSample) -> float:
     """Estimated SNR of a subject: the median mean-b0 over the mask divided by
     :func:`noise_sigma` (what the card's ``snr`` range is measured in; on the
-    phantoms 1.3-1.7x the simulator's SNR, whose reference is another b0)."""
+    phantoms 1.3-1.6x the simulator's SNR, whose reference is another b0)."""
     sigma = noise_sigma(sample)
     return float(np.median(sample.s0[sample.mask])) / sigma if sigma > 0 else float("inf")
 

@@ -271,8 +271,8 @@ def test_small_64d_real_data_is_refused_by_the_card_and_scored_with_a_stated_rea
 @pytest.mark.parametrize("snr, flagged", [(30.0, False), (8.0, True), (90.0, True)])
 def test_shipped_directions_card_flags_an_snr_outside_its_training_range(snr, flagged):
     """The card records the estimated SNR of its training subjects (17.1-87.8,
-    i.e. simulated 12.6-60); a subject simulated at SNR 30 (estimated ~39) is
-    inside, at 8 (~11) or 90 (~115) it is flagged with the value and the range;
+    i.e. simulated 12.6-60); a subject simulated at SNR 30 (estimated 38.2) is
+    inside, at 8 (10.6) or 90 (107.9) it is flagged with the value and the range;
     the subject is still processed."""
     card = mc.load_card(inf.default_checkpoint("directions"))
     rng = card.acquisition.ranges["snr"]
