@@ -5,7 +5,9 @@ The numerics side of the inference step (no pydra here; the Pydra step is
 the subject's acquisition against its model card and applies one kind:
 :func:`synthesize_directions` a direction-synthesis checkpoint
 (:mod:`dmriflow.models.directions`), :func:`synthesize_7t_like` a 3T->7T
-latent diffusion checkpoint (:mod:`dmriflow.models.ldm`). The networks run
+checkpoint (:mod:`dmriflow.models.ldm`: the shipped RISH-space diffusion
+model, or a latent diffusion one). A checkpoint whose architecture the kind
+does not apply is refused, naming it (:func:`check_model_kind`). The networks run
 slab-wise over the volume (:func:`dmriflow.models.volume.run_volume`).
 """
 
@@ -21,7 +23,9 @@ import dmriflow.models
 from dmriflow.interfaces.dti import TensorModel
 from dmriflow.interfaces.gradients import electrostatic_directions
 from dmriflow.models import directions as dm
-from dmriflow.models.card import check_acquisition, check_ranges, load_checkpoint
+from dmriflow.interfaces.errors import InputError
+from dmriflow.models.card import (CARD_FILE, check_acquisition, check_ranges, load_card,
+                                  load_checkpoint)
 from dmriflow.models.data import split_dwi
 from dmriflow.models.train import torch_threads
 from dmriflow.models.volume import CPU_THREADS
@@ -55,14 +59,36 @@ KINDS: dict = {}
 SHIPPED = {}
 
 
-def register_kind(name: str, shipped: str | None = None):
-    """Make an inference kind available to ``dmriflow run --inference NAME``."""
+#: Card architectures each kind applies: name -> fn() -> architecture names
+#: (a function: a kind's model modules are imported only when it is used).
+ARCHITECTURES = {}
+
+
+def register_kind(name: str, shipped: str | None = None, architectures=None):
+    """Make an inference kind available to ``dmriflow run --inference NAME``;
+    ``architectures``: fn() -> the card architectures it applies (None: any)."""
     def deco(fn):
         KINDS[name] = fn
         if shipped is not None:
             SHIPPED[name] = shipped
+        if architectures is not None:
+            ARCHITECTURES[name] = architectures
         return fn
     return deco
+
+
+def check_model_kind(kind: str, checkpoint) -> None:
+    """Refuse a checkpoint whose card's architecture ``kind`` does not apply
+    (an InputError naming the checkpoint's card), before its weights load."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown inference kind {kind!r}; known: {sorted(KINDS)}")
+    card = load_card(checkpoint)
+    known = ARCHITECTURES[kind]() if kind in ARCHITECTURES else (card.architecture,)
+    if card.architecture not in known:
+        folder = Path(checkpoint)
+        raise InputError(folder / CARD_FILE if folder.is_dir() else folder,
+                         f"model {card.name!r} has architecture {card.architecture!r}, which "
+                         f"--inference {kind} does not apply (it applies {', '.join(known)})")
 
 
 def default_checkpoint(kind: str) -> Path:
@@ -76,9 +102,9 @@ def run_inference(kind: str, checkpoint, dwi, path, census: dict | None = None,
                   device=None) -> tuple[InferenceOutput, object]:
     """Load ``checkpoint`` (default: the shipped one), check the subject's
     acquisition against its card, and apply it. Returns (output, card)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown inference kind {kind!r}; known: {sorted(KINDS)}")
-    model, card = load_checkpoint(checkpoint or default_checkpoint(kind), device=device)
+    checkpoint = checkpoint or default_checkpoint(kind)
+    check_model_kind(kind, checkpoint)
+    model, card = load_checkpoint(checkpoint, device=device)
     facts = dict(census or {})
     check_acquisition(card, dwi.gtab, path, zooms=dwi.zooms,
                       field_strength=_field(facts.get("field_strength_t")))
@@ -103,7 +129,7 @@ def _field(value):
 SYNTHESIS_SEED = 0
 
 
-@register_kind(DIRECTIONS, shipped="directions")
+@register_kind(DIRECTIONS, shipped="directions", architectures=lambda: (dm.ARCHITECTURE,))
 def synthesize_directions(model, card, dwi, path, census=None, device=None) -> InferenceOutput:
     """Synthesise extra b=1000 directions for one subject.
 
@@ -172,39 +198,66 @@ def synthesize_directions(model, card, dwi, path, census=None, device=None) -> I
 
 
 # ----------------------------------------------------------------------------
-# 3T -> 7T-like DWIs (latent diffusion on RISH maps)
+# 3T -> 7T-like DWIs (RISH-space diffusion, or the latent model, on RISH maps)
 # ----------------------------------------------------------------------------
-@register_kind(THREE_T_TO_7T, shipped="ldm_3t7t")
+#: Entities (after the model's) of the per-voxel uncertainty map of ``3t7t``.
+UNCERTAINTY = "desc-sd_param-loglambda"
+UNCERTAINTY_TEXT = (
+    "desc-sd_param-loglambda: per voxel and order (l = 0, 2, 4), the SD of log lambda over the "
+    "model's K samples times the card's spread_scale (calibrated so that the interval_level "
+    "intervals cover that share of the truth on the validation pairs); the interval of "
+    "lambda_l is exp(mean_k log lambda_k +- interval_z x SD); 0 outside the mask")
+
+
+def _three_t_architectures() -> tuple:
+    # models.ldm imports MONAI (seconds): loaded only when this kind is used
+    from dmriflow.models.ldm.cohort import PREDICTORS
+    return tuple(PREDICTORS)
+
+
+@register_kind(THREE_T_TO_7T, shipped="rish_3t7t", architectures=_three_t_architectures)
 def synthesize_7t_like(model, card, dwi, path=None, census=None, device=None,
                        seed: int = 0) -> InferenceOutput:
     """7T-like b0 + b=1000 series of a 3T subject
-    (:func:`dmriflow.models.ldm.cohort.generate_7t_like`): the series, its FA
-    and the lambda maps, the series' gradient table, the median lambda per
-    order in the mask and the shipped CNN ensemble's disagreement for the
-    cohort table; values outside the card's ranges (SNR, the disagreement)
-    are listed in the sidecar's ``range_flags``."""
-    # models.ldm imports MONAI (seconds): loaded only when this kind runs
-    from dmriflow.models.ldm.cohort import ENTITY, generate_7t_like
+    (:func:`dmriflow.models.ldm.cohort.generate_7t_like`; the shipped model is
+    the RISH-space diffusion one, a latent-model checkpoint runs the same way):
+    the series, its FA and the lambda maps, the calibrated SD of log lambda
+    when the model gives one, the series' gradient table, the median lambda
+    (and SD) per order in the mask and the shipped CNN ensemble's disagreement
+    for the cohort table; values outside the card's ranges (SNR, the
+    disagreement) are listed in the sidecar's ``range_flags``."""
+    from dmriflow.models.ldm.cohort import generate_7t_like
     from dmriflow.models.ldm.features import ORDERS
-    if model.amp_scale.device.type == "cpu":
+    if next(model.buffers()).device.type == "cpu":
         with torch_threads(CPU_THREADS):
             data, gtab, extra = generate_7t_like(model, card, dwi, seed=seed)
     else:
         data, gtab, extra = generate_7t_like(model, card, dwi, seed=seed)
-    info = extra["info"]
-    lam = extra["lambda"][extra["mask"]]
+    info, entity, mask = extra["info"], extra["entity"], extra["mask"]
+    lam = extra["lambda"][mask]
     row = {f"inference_lambda_l{o}_median": round(float(np.median(lam[:, k])), 5)
            for k, o in enumerate(ORDERS)}
+    maps = {f"{entity}_desc-7tlike": data, f"{entity}_param-fa": extra["fa"],
+            f"{entity}_param-lambda": extra["lambda"]}
+    if extra["loglambda_sd"] is not None:
+        maps[f"{entity}_{UNCERTAINTY}"] = extra["loglambda_sd"]
+        sd = extra["loglambda_sd"][mask]
+        row.update({f"inference_loglambda_sd_l{o}_median": round(float(np.median(sd[:, k])), 5)
+                    for k, o in enumerate(ORDERS)})
     row["inference_seconds"] = round(info["seconds_total"], 2)
     row["inference_ensemble_disagreement"] = info["ensemble_disagreement"]
     table = pd.DataFrame({"volume": np.arange(len(gtab)), "bval": gtab.bvals,
                           "x": gtab.bvecs[:, 0], "y": gtab.bvecs[:, 1], "z": gtab.bvecs[:, 2]})
-    params = {k: info[k] for k in ("shell", "lmax", "guidance", "ddim_steps", "grid", "seed",
+    model_keys = ("guidance", "ddim_steps", "samples", "sample_steps", "spread_scale",
+                  "interval_level", "interval_z")
+    params = {k: info[k] for k in ("architecture", "shell", "lmax", "grid", "seed",
                                    "keep_residual", "negative_clipped_fraction",
                                    "scale_clipped_fraction", "artefact_content_id",
-                                   "range_flags", "ensemble_disagreement")}
+                                   "range_flags", "ensemble_disagreement") + model_keys
+              if k in info}
+    if extra["loglambda_sd"] is not None:
+        params["uncertainty"] = UNCERTAINTY_TEXT
     params["bvec_frame"] = "fsl-image"
-    return InferenceOutput(
-        maps={f"{ENTITY}_desc-7tlike": data, f"{ENTITY}_param-fa": extra["fa"],
-              f"{ENTITY}_param-lambda": extra["lambda"]},
-        tables={f"{ENTITY}_desc-7tlike_gradients": table}, row=row, parameters=params)
+    return InferenceOutput(maps=maps, tables={f"{entity}_desc-7tlike_gradients": table},
+                           row=row, parameters=params)
+

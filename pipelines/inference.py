@@ -80,8 +80,10 @@ def pin_checkpoint(options) -> None:
     folder is keyed in the cache by its card's content (which holds the
     weights' sha256, checked on load), not its path: a moved checkpoint (or
     a moved installation's shipped one) keeps the cache."""
+    from dmriflow.interfaces.inference import check_model_kind
     from dmriflow.models.card import CARD_FILE, load_card  # torch: only when a run uses a model
     folder = resolve_checkpoint(options.inference, options.inference_checkpoint)
+    check_model_kind(options.inference, folder)   # a wrong model fails the run, not each subject
     card = hashlib.sha256((Path(folder) / CARD_FILE).read_bytes()).hexdigest()
     options.inference_checkpoint = ContentKeyed(folder, f"sha256:{card}")
     options.weights_sha256 = load_card(options.inference_checkpoint).weights_sha256

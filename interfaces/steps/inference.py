@@ -24,8 +24,8 @@ class Options:
     inference: str = option(
         "", "apply a trained model to every subject as its own phase: 'directions' "
             "(synthesise b=1000 directions from 30 acquired), '3t7t' (7T-like b=1000 series of "
-            "3T data, latent diffusion on RISH); subjects whose acquisition does not match the "
-            "model card fail", metavar="KIND")
+            "3T data: residual diffusion on RISH maps, or a latent diffusion checkpoint); "
+            "subjects whose acquisition does not match the model card fail", metavar="KIND")
     inference_checkpoint: str = option(
         "", "checkpoint folder (card.json + model.safetensors) for --inference (default: the "
             "one shipped with dmriflow)", metavar="DIR")

@@ -315,8 +315,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     for m in (diff, cnn, ldm):
         if m is not None:
             m.float()
-    k = int(samples or dcard.extra.get("samples", rishdiff.SAMPLES))
-    steps = int(dcard.extra.get("sample_steps", rishdiff.SAMPLE_STEPS))
+    k, steps = rishdiff.sampling(dcard, samples)
     test = simulate_pairs(seeds, family, grid)
     tmpl = simulate_pairs(SEED_TRAIN + np.arange(template_pairs), "train", grid)
     template = baselines.TemplateLambda().fit([(s.f3, s.f7) for s in tmpl])

@@ -10,7 +10,9 @@
   and writes a checkpoint (safetensors + model card);
 * :func:`generate_7t_like` (inference kind ``3t7t``, served through
   :func:`dmriflow.interfaces.inference.synthesize_7t_like`) applies a checkpoint to
-  one 3T subject: predicted 7T RISH -> lambda maps on the cube ->
+  one 3T subject: lambda maps on the cube (the shipped RISH-space diffusion
+  model's posterior mean, :mod:`.rishdiff`, or the latent model's predicted
+  7T RISH -> :func:`harmonize.scale_maps`; :data:`PREDICTORS`) ->
   :func:`dmriflow.interfaces.harmonize.apply_harmonization` with those maps
   as a one-subject artefact (world-coordinate identity transform from the
   cube to the subject grid), i.e. the SH coefficients of orders 0/2/4 of the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +47,6 @@ MODEL_VERSION = "0.1"
 DEFAULT_GRID = 32
 #: Default passes of each training stage over its maps (``--epochs``).
 DEFAULT_EPOCHS = 40.0
-#: BIDS entities of the outputs of the inference kind.
-ENTITY = "model-ldm3t7t"
 #: A session whose sidecar lacks MagneticFieldStrength: field from its name ("ses-7T").
 _SESSION_FIELD = re.compile(r"(\d+(?:p\d+)?)T$", re.IGNORECASE)
 
@@ -223,26 +224,89 @@ def ensemble_guard(dwi, guard=GUARD_CHECKPOINT) -> tuple[float | None, list[str]
     return value, cards.range_problems(acq, {rishdiff.DISAGREEMENT: value})["flag"]
 
 
-def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, seed: int = 0):
-    """7T-like b0 + b=1000 series of one 3T subject: (data, gtab, info) with
-    FA, the lambda maps on the subject grid and the cube's predicted RISH.
-    A subject outside the card's training ranges is refused (InputError)."""
+@dataclass
+class CubePrediction:
+    """One model's per-order lambda maps on the cube (G, G, G, 3) for one 3T
+    subject, the RISH floor ``tau`` they were computed with, the RISH they
+    deliver, the calibrated SD of ``log lambda`` (None: the model gives none)
+    and the model's own sidecar entries."""
+
+    lam: np.ndarray
+    tau: np.ndarray
+    rish: np.ndarray
+    scale_range: tuple
+    info: dict
+    spread: np.ndarray | None = None
+
+
+def latent_prediction(model: LatentDiffusion3T7T, card: cards.ModelCard, sub,
+                      f3: features.ShellFeatures, seed: int) -> CubePrediction:
+    """The latent model: predicted 7T RISH (guided DDIM) -> lambda maps
+    (:func:`harmonize.scale_maps`, RISH harmonisation's clip range)."""
+    guidance = float(card.extra.get("guidance", diffusion.GUIDANCE))
+    steps = int(card.extra.get("ddim_steps", diffusion.DDIM_STEPS))
+    pred = model.predict(f3.rish, f3.mask, guidance, steps, seed=seed)
+    lam, taus, stats = harmonize.scale_maps(pred, f3.rish, f3.mask, f3.affine)
+    return CubePrediction(lam, taus, pred, harmonize.SCALE_RANGE,
+                          {"guidance": guidance, "ddim_steps": steps,
+                           "scale_clipped_fraction": stats["clipped_fraction"]})
+
+
+#: Nominal level of the interval whose half-width (in SDs) the sidecar records.
+INTERVAL_LEVEL = rishdiff.CALIBRATION_LEVEL
+
+
+def rish_prediction(model: rishdiff.RishDiffusion3T7T, card: cards.ModelCard, sub,
+                    f3: features.ShellFeatures, seed: int) -> CubePrediction:
+    """The RISH-space diffusion model as ``dmriflow evaluate 3t7t`` scores it
+    (method ``shipped``): K samples (:func:`rishdiff.sampling`), posterior-mean
+    lambda, per-voxel SD of ``log lambda`` times the card's spread scale."""
+    k, steps = rishdiff.sampling(card)
+    sigma = rishdiff.noise_sigma(sub.data, sub.gtab, sub.mask)
+    fit = model.fit_subject(f3, sigma, samples=k, steps=steps, seed=seed)
+    lo, hi = (np.log(v) for v in rishdiff.SCALE_RANGE)
+    y = fit.samples[:, f3.mask]
+    clipped = float(np.mean((y <= lo + 1e-6) | (y >= hi - 1e-6))) if y.size else 0.0
+    return CubePrediction(
+        fit.lam, rishdiff.taus(f3.rish, f3.mask), fit.rish(), rishdiff.SCALE_RANGE,
+        {"samples": k, "sample_steps": steps,
+         "spread_scale": [round(float(c), 6) for c in fit.scale],
+         "interval_level": INTERVAL_LEVEL,
+         "interval_z": round(rishdiff.interval_z(INTERVAL_LEVEL, k), 6),
+         "scale_clipped_fraction": clipped}, spread=fit.spread)
+
+
+#: The models the ``3t7t`` inference kind applies: card architecture -> (the
+#: BIDS ``model`` entity of their outputs, the cube predictor).
+PREDICTORS = {LatentDiffusion3T7T.architecture: ("model-ldm3t7t", latent_prediction),
+              rishdiff.RishDiffusion3T7T.architecture: ("model-rish3t7t", rish_prediction)}
+
+
+def generate_7t_like(model, card: cards.ModelCard, dwi, seed: int = 0):
+    """7T-like b0 + b=1000 series of one 3T subject: (data, gtab, extra) with
+    FA, the lambda maps (and the SD of log lambda, when the model gives one)
+    on the subject grid, the cube's delivered RISH and the sidecar entries.
+    The model (either of :data:`PREDICTORS`, by the card's architecture)
+    gives lambda maps on its cube; they rescale the subject's own SH
+    coefficients through :func:`harmonize.apply_harmonization`. A subject
+    outside the card's training ranges is refused (InputError)."""
+    if card.architecture not in PREDICTORS:
+        raise ValueError(f"model {card.name!r}: architecture {card.architecture!r} is not a "
+                         f"3T->7T model; known: {sorted(PREDICTORS)}")
+    entity, predict = PREDICTORS[card.architecture]
     idx, shell = features.shell_volumes(dwi.gtab)
     sub = dwi.select_volumes(idx)
     flags = check_input_range(card, sub, model.grid)
     disagreement, guard_flags = ensemble_guard(sub)
     t0 = time.perf_counter()
     f3 = features.shell_features(sub.data, sub.gtab, sub.mask, sub.affine, model.grid)
-    guidance = float(card.extra.get("guidance", diffusion.GUIDANCE))
-    steps = int(card.extra.get("ddim_steps", diffusion.DDIM_STEPS))
-    pred = model.predict(f3.rish, f3.mask, guidance, steps, seed=seed)
+    pred = predict(model, card, sub, f3, seed)
     t_pred = time.perf_counter()
-    lam, taus, stats = harmonize.scale_maps(pred, f3.rish, f3.mask, f3.affine)
     artefact = harmonize.HarmonizationArtefact(
         template_fa=f3.fa, template_affine=f3.affine, template_mask=f3.mask,
-        scale_maps={shell: lam}, shells=[shell], lmax=features.LMAX,
-        tau=harmonize.TAU_FRACTION, tau_values={shell: taus}, smoothing_fwhm_mm=0.0,
-        scale_range=harmonize.SCALE_RANGE, registration="affine",
+        scale_maps={shell: pred.lam}, shells=[shell], lmax=features.LMAX,
+        tau=harmonize.TAU_FRACTION, tau_values={shell: pred.tau}, smoothing_fwhm_mm=0.0,
+        scale_range=pred.scale_range, registration="affine",
         reference_site="7T (predicted)", target_site="3T", subjects=[],
         pipeline_version=io.pipeline_version(),
         parameters={"model": card.name, "model_version": card.version})
@@ -253,10 +317,14 @@ def generate_7t_like(model: LatentDiffusion3T7T, card: cards.ModelCard, dwi, see
                                                subject=str(dwi.paths.get("dwi", "subject")))
     fa = np.nan_to_num(TensorModel(sub.gtab).fit(data, sub.mask).fa).astype(np.float32)
     lam_native = harmonize.warp_scale_maps(artefact, to_subject)[shell]
+    spread = None if pred.spread is None else np.stack(
+        [np.maximum(to_subject.to_subject(pred.spread[..., k]), 0.0)
+         for k in range(pred.spread.shape[-1])], axis=-1).astype(np.float32)
+    info.update(pred.info)
     info.update(seconds_prediction=t_pred - t0, seconds_total=time.perf_counter() - t0,
-                scale_clipped_fraction=stats["clipped_fraction"], guidance=guidance,
-                ddim_steps=steps, grid=model.grid, seed=seed, shell=shell,
+                grid=model.grid, seed=seed, shell=shell, architecture=card.architecture,
                 range_flags="; ".join(flags + guard_flags),
                 ensemble_disagreement=None if disagreement is None else round(disagreement, 5))
-    return data, sub.gtab, {"fa": fa, "lambda": lam_native, "rish_cube": pred,
-                            "mask": sub.mask, "info": info}
+    return data, sub.gtab, {"fa": fa, "lambda": lam_native, "loglambda_sd": spread,
+                            "rish_cube": pred.rish, "mask": sub.mask, "entity": entity,
+                            "info": info}

@@ -307,6 +307,14 @@ class RishDiffusion3T7T(_Normalised):
                        self.spread_scale.detach().cpu().numpy().astype(np.float32))
 
 
+def sampling(card: cards.ModelCard, samples: int | None = None) -> tuple[int, int]:
+    """(K samples per subject, ancestral steps) a checkpoint is applied with: its
+    card's ``samples``/``sample_steps`` (``samples`` overrides K). One reading
+    for ``dmriflow evaluate 3t7t`` and ``--inference 3t7t``."""
+    k = int(samples or card.extra.get("samples", SAMPLES))
+    return k, int(card.extra.get("sample_steps", SAMPLE_STEPS))
+
+
 def diffusion_loss(model: RishDiffusion3T7T, batch) -> torch.Tensor:
     """x0-prediction MSE in the mask at a uniform random time per sample."""
     cond, y0, gen = batch
