@@ -5,6 +5,7 @@ in well under a minute on the CPU.
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -391,9 +392,12 @@ def test_train_on_paired_bids_cohort_and_apply_the_3t7t_kind(tmp_path):
                       census={"field_strength_t": 7.0})
 
 
+#: The shipped latent-model checkpoint (``--inference-checkpoint`` for ``3t7t``).
+SHIPPED_LDM = Path(cards.__file__).parent / "checkpoints" / "ldm_3t7t"
+
+
 def test_shipped_checkpoint_is_small_and_states_its_acquisition_and_table():
-    from dmriflow.interfaces.inference import THREE_T_TO_7T, default_checkpoint
-    folder = default_checkpoint(THREE_T_TO_7T)
+    folder = SHIPPED_LDM
     assert sorted(p.name for p in folder.iterdir()) == [cards.CARD_FILE, cards.WEIGHTS_FILE]
     assert (folder / cards.WEIGHTS_FILE).stat().st_size < 4 * 2**20
     model, card = cards.load_checkpoint(folder, device="cpu")
@@ -404,9 +408,20 @@ def test_shipped_checkpoint_is_small_and_states_its_acquisition_and_table():
     assert model.grid == card.kwargs["grid"] and float(model.latent_scale) > 0
 
 
-def test_3t7t_inference_phase_through_the_engine(tmp_path):
-    """``dmriflow run --inference 3t7t`` with the shipped checkpoint on a phantom
-    3T subject: the 7T-like series, its FA and lambda maps are exported."""
+@pytest.mark.parametrize("checkpoint, name, entity", [
+    (None, "rish-diffusion-3t7t", "model-rish3t7t"),
+    (SHIPPED_LDM, "ldm-3t7t", "model-ldm3t7t")], ids=["default-rish", "latent"])
+def test_3t7t_inference_phase_through_the_engine(tmp_path, checkpoint, name, entity):
+    """``dmriflow run --inference 3t7t`` on a phantom 3T subject: by default the
+    shipped RISH-space diffusion checkpoint (its card in the row and sidecar;
+    the calibrated SD of log lambda exported, finite and >= 0 in the mask, with
+    K and the spread scale in the sidecar); with ``--inference-checkpoint`` the
+    latent model, through the same kind (no SD map). The 7T-like series, its
+    FA and lambda maps are exported either way."""
+    import json
+
+    import nibabel as nib
+
     from dmriflow.pipelines.execution import RunConfig, run_cohort
     from dmriflow.pipelines.inputs import discover
     scheme = dg.single_shell_scheme(40, n_b0=3)
@@ -414,20 +429,43 @@ def test_3t7t_inference_phase_through_the_engine(tmp_path):
     phantom.write_cohort(tmp_path / "in", 1, shape=(20, 24, 20), seed=41, scheme=scheme,
                          voxel_size=100 / 24)
     cfg = RunConfig(worker="debug", cache_dir=str(tmp_path / "cache"), quiet=True,
-                    inference="3t7t")
+                    inference="3t7t", inference_checkpoint=str(checkpoint or ""))
     result = run_cohort(discover(tmp_path / "in"), tmp_path / "out", cfg)
     (row,) = result.rows
     assert row["status"] == "done", row
-    assert row["inference_model"].startswith("ldm-3t7t")
-    names = {p.split("/")[-1] for p in row["derivatives"]}
+    assert row["inference_model"] == f"{name} 0.1"
+    files = {p.name: p for p in (tmp_path / "out").rglob("sub-*") if "cache" not in p.parts}
     key = row["subject"]
-    for entities in ("model-ldm3t7t_desc-7tlike_dwimap.nii.gz",
-                     "model-ldm3t7t_param-fa_dwimap.nii.gz",
-                     "model-ldm3t7t_param-lambda_dwimap.nii.gz",
-                     "model-ldm3t7t_desc-7tlike_gradients.tsv"):
-        assert f"{key}_{entities}" in names
-    lo, hi = harmonize.SCALE_RANGE
-    assert lo <= row["inference_lambda_l0_median"] <= hi
+    for entities in (f"{entity}_desc-7tlike_dwimap.nii.gz", f"{entity}_param-fa_dwimap.nii.gz",
+                     f"{entity}_param-lambda_dwimap.nii.gz",
+                     f"{entity}_desc-7tlike_gradients.tsv"):
+        assert f"{key}_{entities}" in files
+    lam = f"{key}_{entity}_param-lambda_dwimap"
+    assert {f"{key}_{entities}" for entities in (
+        f"{entity}_desc-7tlike_dwimap.nii.gz", f"{entity}_param-fa_dwimap.nii.gz",
+        f"{entity}_param-lambda_dwimap.nii.gz")} <= {p.split("/")[-1] for p in row["derivatives"]}
+    sidecar = json.loads(files[f"{lam}.json"].read_text())["Parameters"]
+    assert sidecar["model"] == name and sidecar["architecture"] == name
+    sd_name = f"{key}_{entity}_desc-sd_param-loglambda_dwimap.nii.gz"
+    if name == "ldm-3t7t":
+        lo, hi = harmonize.SCALE_RANGE
+        assert lo <= row["inference_lambda_l0_median"] <= hi
+        assert sd_name not in files and "samples" not in sidecar
+        return
+    shipped = cards.load_card(Path(cards.__file__).parent / "checkpoints" / "rish_3t7t")
+    assert sidecar["samples"] == shipped.extra["samples"] >= 8
+    # the model's buffer is the card's value rounded to float16 (weights_precision)
+    assert sidecar["spread_scale"] == pytest.approx(shipped.training["spread_scale"],
+                                                    rel=2.0 ** -11)
+    assert sidecar["weights_sha256"] == shipped.weights_sha256
+    assert sidecar["ensemble_disagreement"] is not None and "range_flags" in sidecar
+    assert sd_name in {p.split("/")[-1] for p in row["derivatives"]}
+    sd = nib.load(files[sd_name]).get_fdata()
+    mask = nib.load(files[f"{lam}.nii.gz"]).get_fdata()[..., 0] != 1
+    assert sd.shape[-1] == 3 and np.isfinite(sd).all() and sd.min() >= 0
+    # a trained model is uncertain somewhere: the SD is not 0 throughout the mask
+    assert (sd[mask] > 0).mean() > 0.5
+    assert row["inference_loglambda_sd_l2_median"] > 0
 
 
 def test_3t7t_refuses_a_field_of_view_outside_the_cards_range(tmp_path):

@@ -250,3 +250,55 @@ def test_calibration_recovers_a_known_under_dispersion():
     fit = stub.fit_subject(f3, 1.0, k, 1, seed=seed + 7)
     cov = dict(((m, n), c) for m, n, c in study.coverage(fit, study.Subject(0, f3, f7, 1, 1, {})))
     assert cov["L2", 0.9] == pytest.approx(0.9, abs=0.02)
+
+
+# ----------------------------------------------------------------------------
+# The 3t7t inference kind with RISH-space checkpoints
+# ----------------------------------------------------------------------------
+def _dwi(p, name="sub-1_dwi.nii.gz"):
+    import nibabel as nib
+
+    from dmriflow.interfaces.io import DWI
+    header = nib.Nifti1Header()
+    header.set_data_shape(p.dwi3.shape)
+    header.set_zooms(tuple(abs(np.diag(p.affine)[:3])) + (1.0,))
+    return DWI(p.dwi3.astype(np.float32), p.gtab3, p.mask, p.affine, header, {"dwi": name})
+
+
+def test_untrained_rish_checkpoint_through_the_3t7t_kind_returns_the_input(pair, tmp_path):
+    """The last layer starts at zero: every sample is log lambda = 0, so
+    ``--inference 3t7t`` with an untrained checkpoint must give back the
+    subject's own b0 + b=1000 series (the SH are rescaled by exactly 1, the
+    residual kept), lambda 1 and SD 0 everywhere."""
+    from dmriflow.interfaces.inference import THREE_T_TO_7T, run_inference
+    p, f3, _ = pair
+    model = rishdiff.RishDiffusion3T7T(grid=16, width=8, blocks=2)
+    card = cards.ModelCard(name="untrained", version="0", architecture=model.architecture,
+                           kwargs={"grid": 16, "width": 8, "blocks": 2},
+                           acquisition=study.acquisition(rishdiff.training_ranges(
+                               [rishdiff.cube_voxel_mm(f3.affine)])),
+                           extra={"samples": 3, "sample_steps": 2})
+    cards.save_checkpoint(model, card, tmp_path / "ck")
+    dwi = _dwi(p)
+    out, used = run_inference(THREE_T_TO_7T, tmp_path / "ck", dwi, dwi.paths["dwi"],
+                              census={"field_strength_t": 3.0})
+    assert used.name == "untrained" and out.parameters["samples"] == 3
+    idx, _ = features.shell_volumes(dwi.gtab)
+    series = out.maps["model-rish3t7t_desc-7tlike"]
+    scale = float(np.abs(dwi.data).max())
+    np.testing.assert_allclose(series, dwi.data[..., idx], rtol=0,
+                               atol=4 * np.finfo(np.float32).eps * scale)
+    np.testing.assert_array_equal(out.maps["model-rish3t7t_param-lambda"], 1.0)
+    np.testing.assert_array_equal(out.maps["model-rish3t7t_desc-sd_param-loglambda"], 0.0)
+
+
+def test_3t7t_refuses_a_checkpoint_it_cannot_apply_naming_it(pair):
+    """The equally-fed CNN is a RISH-space model but not one ``3t7t`` applies:
+    refused before its weights load, with the checkpoint's card named."""
+    from dmriflow.interfaces.inference import THREE_T_TO_7T, run_inference
+    p, _, _ = pair
+    dwi = _dwi(p)
+    with pytest.raises(InputError, match=r"rish_cnn_3t7t/card\.json.*'rish-cnn-3t7t', which "
+                                         r"--inference 3t7t does not apply"):
+        run_inference(THREE_T_TO_7T, study.SHIPPED_CNN, dwi, dwi.paths["dwi"],
+                      census={"field_strength_t": 3.0})
