@@ -269,6 +269,18 @@ class PairedSubject:
     sigma3: float
     sigma7: float
 
+    def dwi_3t(self, name: str | None = None):
+        """The 3T member as a loaded series (:class:`~dmriflow.interfaces.io.DWI`,
+        ``paths["dwi"]`` = ``name``): what an inference run on it would see."""
+        import nibabel as nib
+
+        from dmriflow.interfaces.io import DWI
+        header = nib.Nifti1Header()
+        header.set_data_shape(self.dwi3.shape)
+        header.set_zooms(tuple(abs(np.diag(self.affine)[:3])) + (1.0,))
+        return DWI(self.dwi3.astype(np.float32), self.gtab3, self.mask, self.affine, header,
+                   {"dwi": name or f"sub-{self.subject}_dwi.nii.gz"})
+
 
 #: The phantom's default grid aspect (x, y, z); pairs are simulated with this
 #: aspect so that the longest axis has ``sim_size`` voxels.

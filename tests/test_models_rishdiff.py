@@ -255,16 +255,6 @@ def test_calibration_recovers_a_known_under_dispersion():
 # ----------------------------------------------------------------------------
 # The 3t7t inference kind with RISH-space checkpoints
 # ----------------------------------------------------------------------------
-def _dwi(p, name="sub-1_dwi.nii.gz"):
-    import nibabel as nib
-
-    from dmriflow.interfaces.io import DWI
-    header = nib.Nifti1Header()
-    header.set_data_shape(p.dwi3.shape)
-    header.set_zooms(tuple(abs(np.diag(p.affine)[:3])) + (1.0,))
-    return DWI(p.dwi3.astype(np.float32), p.gtab3, p.mask, p.affine, header, {"dwi": name})
-
-
 def test_untrained_rish_checkpoint_through_the_3t7t_kind_returns_the_input(pair, tmp_path):
     """The last layer starts at zero: every sample is log lambda = 0, so
     ``--inference 3t7t`` with an untrained checkpoint must give back the
@@ -279,7 +269,7 @@ def test_untrained_rish_checkpoint_through_the_3t7t_kind_returns_the_input(pair,
                                [rishdiff.cube_voxel_mm(f3.affine)])),
                            extra={"samples": 3, "sample_steps": 2})
     cards.save_checkpoint(model, card, tmp_path / "ck")
-    dwi = _dwi(p)
+    dwi = p.dwi_3t("sub-1_dwi.nii.gz")
     out, used = run_inference(THREE_T_TO_7T, tmp_path / "ck", dwi, dwi.paths["dwi"],
                               census={"field_strength_t": 3.0})
     assert used.name == "untrained" and out.parameters["samples"] == 3
@@ -297,7 +287,7 @@ def test_3t7t_refuses_a_checkpoint_it_cannot_apply_naming_it(pair):
     refused before its weights load, with the checkpoint's card named."""
     from dmriflow.interfaces.inference import THREE_T_TO_7T, run_inference
     p, _, _ = pair
-    dwi = _dwi(p)
+    dwi = p.dwi_3t("sub-1_dwi.nii.gz")
     with pytest.raises(InputError, match=r"rish_cnn_3t7t/card\.json.*'rish-cnn-3t7t', which "
                                          r"--inference 3t7t does not apply"):
         run_inference(THREE_T_TO_7T, study.SHIPPED_CNN, dwi, dwi.paths["dwi"],

@@ -244,15 +244,7 @@ def test_a_recorded_range_holds_only_for_its_members(tmp_path):
 
 def _series(seed: int, family: str):
     """A simulated 3T member (32^3 grid, 3.125 mm: the card's cube) as a DWI."""
-    import nibabel as nib
-
-    from dmriflow.interfaces.io import DWI
-    p = dg.simulate_pair(seed, family=family)
-    header = nib.Nifti1Header()
-    header.set_data_shape(p.dwi3.shape)
-    header.set_zooms(tuple(abs(np.diag(p.affine)[:3])) + (1.0,))
-    return DWI(p.dwi3.astype(np.float32), p.gtab3, p.mask, p.affine, header,
-               {"dwi": f"sub-{seed}_dwi.nii.gz"})
+    return dg.simulate_pair(seed, family=family).dwi_3t(f"sub-{seed}_dwi.nii.gz")
 
 
 def test_3t7t_inference_flags_a_subject_the_ensemble_disagrees_on():
