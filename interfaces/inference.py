@@ -80,8 +80,6 @@ def register_kind(name: str, shipped: str | None = None, architectures=None):
 def check_model_kind(kind: str, checkpoint) -> None:
     """Refuse a checkpoint whose card's architecture ``kind`` does not apply
     (an InputError naming the checkpoint's card), before its weights load."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown inference kind {kind!r}; known: {sorted(KINDS)}")
     card = load_card(checkpoint)
     known = ARCHITECTURES[kind]() if kind in ARCHITECTURES else (card.architecture,)
     if card.architecture not in known:
@@ -102,6 +100,8 @@ def run_inference(kind: str, checkpoint, dwi, path, census: dict | None = None,
                   device=None) -> tuple[InferenceOutput, object]:
     """Load ``checkpoint`` (default: the shipped one), check the subject's
     acquisition against its card, and apply it. Returns (output, card)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown inference kind {kind!r}; known: {sorted(KINDS)}")
     checkpoint = checkpoint or default_checkpoint(kind)
     check_model_kind(kind, checkpoint)
     model, card = load_checkpoint(checkpoint, device=device)
