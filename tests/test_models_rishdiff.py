@@ -292,3 +292,22 @@ def test_3t7t_refuses_a_checkpoint_it_cannot_apply_naming_it(pair):
                                          r"--inference 3t7t does not apply"):
         run_inference(THREE_T_TO_7T, study.SHIPPED_CNN, dwi, dwi.paths["dwi"],
                       census={"field_strength_t": 3.0})
+
+
+def test_3t7t_inference_applies_what_evaluate_scores_as_shipped():
+    """Same subject and seed: the RISH the inference kind delivers on its cube
+    is exactly the posterior mean ``dmriflow evaluate 3t7t`` scores as its
+    ``shipped`` row (same K, steps, noise estimate and spread scale; the card
+    asks for 2 samples of 2 steps here to keep the test short)."""
+    import dataclasses
+
+    from dmriflow.models.ldm import cohort
+    (s,) = study.simulate_pairs([50_000], "test")
+    diff, dcard = cards.load_checkpoint(study.SHIPPED_DIFFUSION, device="cpu")
+    dcard = dataclasses.replace(dcard, extra={"samples": 2, "sample_steps": 2})
+    k, steps = rishdiff.sampling(dcard)
+    fit = diff.fit_subject(s.f3, s.sigma3, samples=k, steps=steps, seed=s.seed)
+    dwi = dg.simulate_pair(50_000, family="test").dwi_3t()
+    _, _, extra = cohort.generate_7t_like(diff, dcard, dwi, seed=s.seed)
+    np.testing.assert_array_equal(extra["rish_cube"], fit.rish())
+    assert extra["info"]["samples"] == k == dcard.extra["samples"]
