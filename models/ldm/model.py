@@ -46,8 +46,8 @@ class LatentDiffusion3T7T(torch.nn.Module):
                              f"{vqvae.DOWNSAMPLE * 2 ** (len(unet_channels) - 1)}")
         self.grid = int(grid)
         c = features.N_ORDERS
-        self.vq3 = vqvae.build_vqvae(c, tuple(vq_widths))
-        self.vq7 = vqvae.build_vqvae(c, tuple(vq_widths))
+        self.vq3 = vqvae.build_vqvae(c, tuple(vq_widths), decay=vqvae.PAIRED_EMA_DECAY)
+        self.vq7 = vqvae.build_vqvae(c, tuple(vq_widths), decay=vqvae.PAIRED_EMA_DECAY)
         self.denoiser = diffusion.LatentDenoiser(vqvae.EMBEDDING_DIM, tuple(unet_channels),
                                                  context_dim)
         self.sr = sr.ResidualCNN(c, sr_features, sr_blocks)
@@ -61,9 +61,7 @@ class LatentDiffusion3T7T(torch.nn.Module):
 
     def to_rish(self, x: torch.Tensor, mask: np.ndarray) -> np.ndarray:
         """(B, 3, G, G, G) amplitudes -> (B, G, G, G, 3) RISH (0 outside the mask)."""
-        amp = torch.clamp(x, min=0.0) * self.amp_scale.view(1, -1, 1, 1, 1)
-        out = (amp ** 2).permute(0, 2, 3, 4, 1).cpu().numpy().astype(np.float32)
-        return out * np.asarray(mask, dtype=np.float32).reshape(out.shape[:4] + (1,))
+        return input_to_rish(x, mask, self.amp_scale)
 
     # -- inference ------------------------------------------------------------
     @torch.no_grad()
@@ -115,6 +113,14 @@ def rish_to_input(rish: np.ndarray, mask: np.ndarray, scale: torch.Tensor) -> to
     amp = np.sqrt(np.maximum(r, 0.0)) * m
     x = torch.from_numpy(np.ascontiguousarray(amp.transpose(0, 4, 1, 2, 3)))
     return x / scale.detach().cpu().view(1, -1, 1, 1, 1)
+
+
+def input_to_rish(x: torch.Tensor, mask: np.ndarray, scale: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`rish_to_input`: (B, 3, G, G, G) scaled amplitudes ->
+    (B, G, G, G, 3) RISH (negative amplitudes clipped; 0 outside the mask)."""
+    amp = torch.clamp(x, min=0.0) * scale.to(x.device).view(1, -1, 1, 1, 1)
+    out = (amp ** 2).permute(0, 2, 3, 4, 1).cpu().numpy().astype(np.float32)
+    return out * np.asarray(mask, dtype=np.float32).reshape(out.shape[:4] + (1,))
 
 
 def amplitude_scale(maps: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
