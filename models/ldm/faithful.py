@@ -14,12 +14,13 @@ DDIM inversion step). Pipeline of :class:`FaithfulLatentDiffusion3T7T`
   describe distributions in one latent space, which is what inverting under
   one label and sampling under the other needs (a dual diffusion implicit
   bridge, Su et al. 2023).
-* **One denoiser over both fields' latents** (MONAI ``DiffusionModelUNet``,
+* **One denoiser over both fields' latents** (:class:`ClassConditionedDenoiser`,
   no concatenated condition): the label (null / 3T / 7T) has a learned
-  embedding of the time-embedding width that is added to the time embedding
-  and enters *every* residual block through that block's own projection
-  (a per-channel shift at every level), dropped to null with probability
-  :data:`diffusion.P_UNCOND` in training (classifier-free guidance).
+  embedding of the time-embedding width, added to the time embedding, and
+  *every* residual block derives its own per-channel scale and shift (FiLM,
+  after its group norm) from that sum; the label is dropped to null with
+  probability :data:`diffusion.P_UNCOND` in training (classifier-free
+  guidance).
 * **Translation**: deterministic DDIM inversion (eta 0) of ``z3`` under the
   3T label to ``x_T`` (MONAI's ``DDIMScheduler.reversed_step``), then DDIM
   from ``x_T`` under the 7T label with guidance ``w``:
@@ -42,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from monai.networks.schedulers import DDIMScheduler
 
 from dmriflow.models.card import register
@@ -56,7 +57,7 @@ from dmriflow.models.train import DEFAULT_THREADS, train
 #: DDIM steps of inversion and of sampling (each); guidance scale w at sampling.
 DDIM_STEPS = 50
 GUIDANCE = 1.0
-#: U-Net widths per level (attention at the deepest); latent 8^3 at grid 32.
+#: U-Net widths per level (8^3, 4^3, 2^3 at grid 32).
 DEFAULT_CHANNELS = (32, 64, 64)
 #: The 8 flips of a cube (scalar maps: every flip is a valid augmentation).
 FLIPS = [[a for a in range(3) if (k >> a) & 1] for k in range(8)]
@@ -68,11 +69,20 @@ EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 # DDIM numerics (no network here: ``eps_fn(x, t)`` is any noise prediction)
 # ----------------------------------------------------------------------------
 def ddim_scheduler(steps: int = DDIM_STEPS) -> DDIMScheduler:
-    """MONAI's DDIM on the training schedule, with the clean latent at timestep 0."""
+    """MONAI's DDIM on the training schedule, with the clean latent at timestep 0.
+
+    The timesteps are the multiples ``(N-1)k, ..., k, 0`` of ``k = T // N``:
+    ``step`` and ``reversed_step`` move by exactly ``k``, while MONAI 1.6's
+    ``set_timesteps`` spaces the grid by ``(T-1)/(N-1)`` (999, 888, ... for
+    N = 10), so each of its steps would land on an alpha the next step does
+    not assume.
+    """
     s = DDIMScheduler(num_train_timesteps=diffusion.TRAIN_TIMESTEPS, schedule=diffusion.SCHEDULE,
                       beta_start=diffusion.BETA_RANGE[0], beta_end=diffusion.BETA_RANGE[1],
                       clip_sample=False, set_alpha_to_one=False)
     s.set_timesteps(int(steps))
+    k = s.num_train_timesteps // s.num_inference_steps
+    s.timesteps = torch.arange(s.num_inference_steps - 1, -1, -1, dtype=torch.long) * k
     return s
 
 
@@ -103,21 +113,75 @@ def ddim_sample(eps_fn: EpsFn, x_t: torch.Tensor, sched: DDIMScheduler) -> torch
 # ----------------------------------------------------------------------------
 # The class-conditioned denoiser
 # ----------------------------------------------------------------------------
+class FiLMBlock(torch.nn.Module):
+    """Residual block whose second normalisation is modulated by the embedding:
+    ``norm(h) * (1 + scale) + shift`` per channel (FiLM), scale and shift a
+    learned function of the (time + label) embedding. Applied *after* the
+    group norm, so the label's effect is not normalised away (an additive
+    shift before a group norm loses its group-common part)."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.norm1 = torch.nn.GroupNorm(min(groups, c_in), c_in)
+        self.conv1 = torch.nn.Conv3d(c_in, c_out, 3, padding=1)
+        self.norm2 = torch.nn.GroupNorm(min(groups, c_out), c_out)
+        self.film = torch.nn.Linear(emb_dim, 2 * c_out)
+        self.conv2 = torch.nn.Conv3d(c_out, c_out, 3, padding=1)
+        self.skip = torch.nn.Conv3d(c_in, c_out, 1) if c_in != c_out else torch.nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(torch.nn.functional.silu(self.norm1(x)))
+        scale, shift = self.film(torch.nn.functional.silu(emb))[..., None, None, None].chunk(2, 1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return self.skip(x) + self.conv2(torch.nn.functional.silu(h))
+
+
 class ClassConditionedDenoiser(torch.nn.Module):
-    """Noise predictor ``eps(x_t, t | label)`` on latents (no other condition)."""
+    """Noise predictor ``eps(x_t, t | label)`` on latents (no other condition).
+
+    A small 3D U-Net (one FiLM block per level on the way down and up, stride-2
+    convolutions between levels, skip connections); the embedding is an MLP of
+    the sinusoidal time embedding plus a learned label embedding (null / 3T /
+    7T) of the same width, and every block gets its own scale and shift from
+    it. Last convolution zero-initialised (an untrained model predicts 0).
+    """
 
     def __init__(self, latent_channels: int = vqvae.EMBEDDING_DIM, channels=DEFAULT_CHANNELS,
-                 head_channels: int = 16, norm_groups: int = 8):
+                 norm_groups: int = 8):
         super().__init__()
-        n = len(channels)
-        self.unet = DiffusionModelUNet(
-            spatial_dims=3, in_channels=latent_channels, out_channels=latent_channels,
-            num_res_blocks=1, channels=tuple(channels),
-            attention_levels=tuple(i == n - 1 for i in range(n)), norm_num_groups=norm_groups,
-            num_head_channels=head_channels, num_class_embeds=diffusion.N_LABELS)
+        c = tuple(int(v) for v in channels)
+        self.base = c[0]
+        emb = 4 * c[0]
+        self.time_mlp = torch.nn.Sequential(torch.nn.Linear(c[0], emb), torch.nn.SiLU(),
+                                            torch.nn.Linear(emb, emb))
+        self.label_embedding = torch.nn.Embedding(diffusion.N_LABELS, emb)
+        self.inp = torch.nn.Conv3d(latent_channels, c[0], 3, padding=1)
+        self.down = torch.nn.ModuleList(
+            FiLMBlock(c[max(i - 1, 0)], c[i], emb, norm_groups) for i in range(len(c)))
+        self.pool = torch.nn.ModuleList(
+            torch.nn.Conv3d(c[i], c[i], 3, stride=2, padding=1) for i in range(len(c) - 1))
+        self.mid = FiLMBlock(c[-1], c[-1], emb, norm_groups)
+        self.up = torch.nn.ModuleList(
+            FiLMBlock(c[i + 1] + c[i], c[i], emb, norm_groups) for i in range(len(c) - 1))
+        self.out = torch.nn.Conv3d(c[0], latent_channels, 3, padding=1)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.zeros_(self.out.bias)
 
     def forward(self, x_t, t, labels):
-        return self.unet(x_t, t, class_labels=labels)
+        emb = self.time_mlp(get_timestep_embedding(t, self.base).to(x_t.dtype))
+        emb = emb + self.label_embedding(labels)
+        h = self.inp(x_t)
+        skips = []
+        for i, block in enumerate(self.down):
+            h = block(h, emb)
+            if i < len(self.pool):
+                skips.append(h)
+                h = self.pool[i](h)
+        h = self.mid(h, emb)
+        for i in reversed(range(len(self.up))):
+            h = torch.nn.functional.interpolate(h, size=skips[i].shape[2:], mode="nearest")
+            h = self.up[i](torch.cat([h, skips[i]], 1), emb)
+        return self.out(torch.nn.functional.silu(h))
 
 
 def guided_eps(den: torch.nn.Module, label: int, guidance: float = 0.0) -> EpsFn:

@@ -37,8 +37,9 @@ DEAD_AFTER_STEPS = 20
 
 def build_vqvae(in_channels: int = 3, widths=DEFAULT_WIDTHS, res_layers: int = 1,
                 embedding_dim: int = EMBEDDING_DIM,
-                num_embeddings: int = NUM_EMBEDDINGS) -> VQVAE:
-    """A 3D VQ-VAE with ``len(widths)`` stride-2 stages (kernel 4, padding 1)."""
+                num_embeddings: int = NUM_EMBEDDINGS, decay: float = EMA_DECAY) -> VQVAE:
+    """A 3D VQ-VAE with ``len(widths)`` stride-2 stages (kernel 4, padding 1) and an
+    EMA codebook of ``decay``."""
     n = len(widths)
     return VQVAE(spatial_dims=3, in_channels=in_channels, out_channels=in_channels,
                  channels=tuple(widths), num_res_layers=res_layers,
