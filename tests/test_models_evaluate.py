@@ -21,7 +21,7 @@ SEEDS = [study.SEED_HELDOUT + 201, study.SEED_HELDOUT + 202]
 SMALL = dict(ldm_ckpt=None, samples=3, grid=16, template_pairs=3, validation_pairs=2,
              log=lambda s: None)
 METHODS = ["shipped", "shipped_sample", "identity", "template_lambda", "cnn", "oracle",
-           "cnn_ensemble"]
+           "cnn_ensemble", "ldm_faithful", "ldm_faithful_rescaled"]
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ from dmriflow.models.train import DEFAULT_THREADS, train
 DDIM_STEPS = 50
 GUIDANCE = 1.0
 #: U-Net widths per level (8^3, 4^3, 2^3 at grid 32).
-DEFAULT_CHANNELS = (32, 64, 64)
+DEFAULT_CHANNELS = (32, 32, 32)
 #: The 8 flips of a cube (scalar maps: every flip is a valid augmentation).
 FLIPS = [[a for a in range(3) if (k >> a) & 1] for k in range(8)]
 
