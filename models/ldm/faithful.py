@@ -49,7 +49,7 @@ from monai.networks.schedulers import DDIMScheduler
 from dmriflow.models.card import register
 from dmriflow.models.ldm import diffusion, features, vqvae
 from dmriflow.models.ldm.baselines import delivered_rish
-from dmriflow.models.ldm.model import (_config, _flip, _random_axes, amplitude_scale,
+from dmriflow.models.ldm.model import (FLIPS, _config, _flip, _random_axes, amplitude_scale,
                                        input_to_rish, rish_to_input)
 from dmriflow.models import train as training
 from dmriflow.models.train import DEFAULT_THREADS, train
@@ -59,8 +59,6 @@ DDIM_STEPS = 50
 GUIDANCE = 1.0
 #: U-Net widths per level (8^3, 4^3, 2^3 at grid 32).
 DEFAULT_CHANNELS = (32, 32, 32)
-#: The 8 flips of a cube (scalar maps: every flip is a valid augmentation).
-FLIPS = [[a for a in range(3) if (k >> a) & 1] for k in range(8)]
 
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 

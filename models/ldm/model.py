@@ -149,6 +149,10 @@ class Budget:
     threads: int = DEFAULT_THREADS
 
 
+#: The 8 flips of a cube (axes per flip; RISH maps are scalar images: every flip is valid).
+FLIPS = [[a for a in range(3) if (k >> a) & 1] for k in range(8)]
+
+
 def _flip(x: torch.Tensor, axes) -> torch.Tensor:
     return torch.flip(x, dims=[2 + a for a in axes]) if axes else x
 
@@ -214,7 +218,7 @@ def fit(model: LatentDiffusion3T7T, rish3_only: list, pairs: list, budget: Budge
     stage("vq7", model.vq7, vqvae.vqvae_loss, images(x7, budget.vq_batch), budget.vq7_steps)
 
     # latents of every flip of every pair (encoders frozen from here on)
-    flips = [[a for a in range(3) if (k >> a) & 1] for k in range(8)]
+    flips = FLIPS
     model.eval()
     with torch.no_grad():
         x3d, x7d = x3.to(dev), x7.to(dev)
