@@ -107,7 +107,7 @@ def smoke(dev: torch.device, grid: int, steps: int, report) -> bool:
     from dmriflow.models import data as md
     from dmriflow.models import directions as dm
     from dmriflow.models.experiments import dti6
-    from dmriflow.models.ldm import baselines, features, rishdiff
+    from dmriflow.models.ldm import baselines, faithful, features, rishdiff
     from dmriflow.models.ldm.model import Budget, LatentDiffusion3T7T, fit
 
     rng = np.random.default_rng(0)
@@ -125,6 +125,16 @@ def smoke(dev: torch.device, grid: int, steps: int, report) -> bool:
     losses = [v for k in ("vq3", "vq7", "diffusion", "sr") if k in rep
               for v in _history_losses(rep[k]["history"])]
     ok &= _check("ldm (vq3, vq7, denoiser, sr)", model, losses, dev, report, t0)
+
+    t0 = time.perf_counter()
+    model = faithful.FaithfulLatentDiffusion3T7T(grid=g)
+    rep = faithful.fit(model, [(maps[0], mask)], [(maps[1], maps[2], mask),
+                                                  (maps[2], maps[3], mask)],
+                       faithful.FaithfulBudget(vq_steps=steps, diffusion_steps=steps,
+                                               vq_batch=2, diffusion_batch=2))
+    losses = [v for k in ("vq", "diffusion") for v in _history_losses(rep[k]["history"])]
+    ok &= _check("ldm faithful (shared vq, class-conditioned denoiser)", model, losses, dev,
+                 report, t0)
 
     t0 = time.perf_counter()
     cnn, crep = baselines.train_cnn([(maps[0], maps[1], mask), (maps[2], maps[3], mask)],

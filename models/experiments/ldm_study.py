@@ -19,7 +19,10 @@ sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
 train-family pairs), ``cnn`` (the equally-fed CNN), ``oracle`` (true 7T
 RISH), ``cnn_ensemble`` (posterior mean of the 5-CNN ensemble,
 :mod:`.ldm_ensemble`, when its members are there), ``ldm_paired_concatenation``
-(the earlier latent model, when its checkpoint is given). Uncertainty rows
+(the earlier latent model, when its checkpoint is given), ``ldm_faithful``
+and ``ldm_faithful_rescaled`` (the class-conditioned latent DDPM translating
+by DDIM inversion, :mod:`.ldm_faithful`, when its checkpoint is given: scales
+``sqrt(R7_pred / R3)`` as published, and ``sqrt(R7_pred / D(E(R3)))``). Uncertainty rows
 (calibration, spread-error Spearman): ``shipped`` (calibrated sample spread),
 ``cnn_noise_proxy`` (the CNN +- c sigma/s0) and ``cnn_ensemble`` (member SD
 times c); both c fitted on the same train-family validation pairs.
@@ -58,6 +61,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED_DIFFUSION = SHIPPED / "rish_3t7t"
 SHIPPED_CNN = SHIPPED / "rish_cnn_3t7t"
 SHIPPED_LDM = SHIPPED / "ldm_3t7t"
+SHIPPED_FAITHFUL = SHIPPED / "ldm_faithful_3t7t"
 #: The CNN ensemble's extra members (``ldm_ensemble``); member 0 is SHIPPED_CNN.
 SHIPPED_ENSEMBLE = SHIPPED / "rish_cnn_ensemble_3t7t"
 MEMBER_PREFIX = "seed-"
@@ -298,21 +302,23 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
              ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
              template_pairs: int = TEMPLATE_PAIRS, family: str = "test",
              validation_pairs: int = VALIDATION_PAIRS, ensemble_dir=SHIPPED_ENSEMBLE,
-             log=print) -> dict:
+             faithful_ckpt=SHIPPED_FAITHFUL, log=print) -> dict:
     """Score every method on held-out pairs at ``seeds`` (``family``: the test
     degradation family by default; "train" for the in-distribution check);
     write the TSVs. ``validation_pairs``: train-family pairs that calibrate the
     noise-proxy baseline and the ensemble (the diffusion model's spread scale
     is in its card). ``ensemble_dir``: the CNN ensemble's extra members
     (:func:`member_folders`, with ``cnn_ckpt`` as member 0; None or no
-    member there: no ensemble rows)."""
+    member there: no ensemble rows). ``ldm_ckpt`` / ``faithful_ckpt``: the
+    latent models (None: no rows)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     diff, dcard = cards.load_checkpoint(diffusion_ckpt, device="cpu")
     cnn, _ = cards.load_checkpoint(cnn_ckpt, device="cpu")
-    ldm = cards.load_checkpoint(ldm_ckpt, device="cpu")[0] if ldm_ckpt else None
-    for m in (diff, cnn, ldm):
+    ldm, faithful = (cards.load_checkpoint(c, device="cpu")[0] if c else None
+                     for c in (ldm_ckpt, faithful_ckpt))
+    for m in (diff, cnn, ldm, faithful):
         if m is not None:
             m.float()
     k, steps = rishdiff.sampling(dcard, samples)
@@ -352,6 +358,9 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
             pred = ldm.predict(s.f3.rish, s.f3.mask, seed=s.seed)
             lams["ldm_paired_concatenation"] = baselines.delivered_rish(
                 s.f3.rish, pred, s.f3.mask, s.f3.affine)[0]
+        if faithful is not None:
+            fl = faithful.lambdas(s.f3.rish, s.f3.mask, s.f3.affine)
+            lams["ldm_faithful"], lams["ldm_faithful_rescaled"] = fl["replaced"], fl["rescaled"]
         for name, lam in lams.items():
             for map_, v in _scores(lam, s).items():
                 rows.append({"subject": s.seed, "method": name, "metric": map_, "value": v})
@@ -437,7 +446,8 @@ def main(argv=None) -> int:
         c = Path(a.checkpoints)
         r = evaluate(a.seeds, a.out, c / "rish_3t7t", c / "rish_cnn_3t7t",
                      SHIPPED_LDM if SHIPPED_LDM.exists() else None, family=a.family,
-                     ensemble_dir=c / SHIPPED_ENSEMBLE.name)
+                     ensemble_dir=c / SHIPPED_ENSEMBLE.name,
+                     faithful_ckpt=SHIPPED_FAITHFUL if SHIPPED_FAITHFUL.exists() else None)
         print(r["metrics"].to_string())
         print(r["calibration"].to_string())
         print(r["tests"].to_string())

@@ -46,8 +46,8 @@ class LatentDiffusion3T7T(torch.nn.Module):
                              f"{vqvae.DOWNSAMPLE * 2 ** (len(unet_channels) - 1)}")
         self.grid = int(grid)
         c = features.N_ORDERS
-        self.vq3 = vqvae.build_vqvae(c, tuple(vq_widths))
-        self.vq7 = vqvae.build_vqvae(c, tuple(vq_widths))
+        self.vq3 = vqvae.build_vqvae(c, tuple(vq_widths), decay=vqvae.PAIRED_EMA_DECAY)
+        self.vq7 = vqvae.build_vqvae(c, tuple(vq_widths), decay=vqvae.PAIRED_EMA_DECAY)
         self.denoiser = diffusion.LatentDenoiser(vqvae.EMBEDDING_DIM, tuple(unet_channels),
                                                  context_dim)
         self.sr = sr.ResidualCNN(c, sr_features, sr_blocks)
@@ -61,9 +61,7 @@ class LatentDiffusion3T7T(torch.nn.Module):
 
     def to_rish(self, x: torch.Tensor, mask: np.ndarray) -> np.ndarray:
         """(B, 3, G, G, G) amplitudes -> (B, G, G, G, 3) RISH (0 outside the mask)."""
-        amp = torch.clamp(x, min=0.0) * self.amp_scale.view(1, -1, 1, 1, 1)
-        out = (amp ** 2).permute(0, 2, 3, 4, 1).cpu().numpy().astype(np.float32)
-        return out * np.asarray(mask, dtype=np.float32).reshape(out.shape[:4] + (1,))
+        return input_to_rish(x, mask, self.amp_scale)
 
     # -- inference ------------------------------------------------------------
     @torch.no_grad()
@@ -117,6 +115,14 @@ def rish_to_input(rish: np.ndarray, mask: np.ndarray, scale: torch.Tensor) -> to
     return x / scale.detach().cpu().view(1, -1, 1, 1, 1)
 
 
+def input_to_rish(x: torch.Tensor, mask: np.ndarray, scale: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`rish_to_input`: (B, 3, G, G, G) scaled amplitudes ->
+    (B, G, G, G, 3) RISH (negative amplitudes clipped; 0 outside the mask)."""
+    amp = torch.clamp(x, min=0.0) * scale.to(x.device).view(1, -1, 1, 1, 1)
+    out = (amp ** 2).permute(0, 2, 3, 4, 1).cpu().numpy().astype(np.float32)
+    return out * np.asarray(mask, dtype=np.float32).reshape(out.shape[:4] + (1,))
+
+
 def amplitude_scale(maps: list[tuple[np.ndarray, np.ndarray]]) -> torch.Tensor:
     """Per order, the AMPLITUDE_PERCENTILE of ``sqrt(R_l)`` over (rish, mask) pairs."""
     vals = np.concatenate([np.sqrt(np.maximum(r[m], 0.0)) for r, m in maps])
@@ -141,6 +147,10 @@ class Budget:
     finetune: bool = True
     seed: int = 0
     threads: int = DEFAULT_THREADS
+
+
+#: The 8 flips of a cube (axes per flip; RISH maps are scalar images: every flip is valid).
+FLIPS = [[a for a in range(3) if (k >> a) & 1] for k in range(8)]
 
 
 def _flip(x: torch.Tensor, axes) -> torch.Tensor:
@@ -208,7 +218,7 @@ def fit(model: LatentDiffusion3T7T, rish3_only: list, pairs: list, budget: Budge
     stage("vq7", model.vq7, vqvae.vqvae_loss, images(x7, budget.vq_batch), budget.vq7_steps)
 
     # latents of every flip of every pair (encoders frozen from here on)
-    flips = [[a for a in range(3) if (k >> a) & 1] for k in range(8)]
+    flips = FLIPS
     model.eval()
     with torch.no_grad():
         x3d, x7d = x3.to(dev), x7.to(dev)
