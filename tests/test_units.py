@@ -51,18 +51,28 @@ def files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+def two_series(cohort: Path, entity: str) -> None:
+    """sub-01's series becomes ``<entity>-1`` and ``<entity>-2`` is a copy of
+    sub-02's; derivative masks are removed (every unit computes its own)."""
+    shutil.rmtree(cohort / "derivatives")
+    folder = cohort / "sub-01" / "dwi"
+    for f in sorted(folder.glob("sub-01_dwi.*")):
+        f.rename(folder / f.name.replace("_dwi.", f"_{entity}-1_dwi."))
+    for f in sorted((cohort / "sub-02" / "dwi").glob("sub-02_dwi.*")):
+        shutil.copy(f, folder / f.name.replace("sub-02_dwi.", f"sub-01_{entity}-2_dwi."))
+
+
+def fa_map(out: Path, unit: str, folder: str) -> np.ndarray:
+    return np.asarray(nib.load(out / "dmriflow" / folder / "dwi" / f"{unit}_{FA}").dataobj)
+
+
 def test_two_runs_are_two_units_with_run_in_every_name(tmp_path, capsys):
     """sub-01's run-1 is its own series, run-2 a copy of sub-02's: run-2's FA
     equals sub-02's to the bit and differs from run-1's, so each unit computed
     from its own files; every sub-01 output carries its run, sub-02's names
     are today's."""
     cohort = bids_cohort(tmp_path / "in", 2)
-    shutil.rmtree(cohort / "derivatives")       # every unit computes its own mask
-    folder = cohort / "sub-01" / "dwi"
-    for f in sorted(folder.glob("sub-01_dwi.*")):
-        f.rename(folder / f.name.replace("_dwi.", "_run-1_dwi."))
-    for f in sorted((cohort / "sub-02" / "dwi").glob("sub-02_dwi.*")):
-        shutil.copy(f, folder / f.name.replace("sub-02_dwi.", "sub-01_run-2_dwi."))
+    two_series(cohort, "run")
     assert [u.key for u in discover(cohort)] == ["sub-01_run-1", "sub-01_run-2", "sub-02"]
 
     out = tmp_path / "out"
@@ -79,11 +89,9 @@ def test_two_runs_are_two_units_with_run_in_every_name(tmp_path, capsys):
     assert all(p.name.startswith("sub-02_") and "run-" not in p.name for p in sub02)
     assert (out / "dmriflow" / "sub-02" / "dwi" / f"sub-02_{FA}").exists()
 
-    def fa(unit: str, folder: str) -> np.ndarray:
-        return np.asarray(nib.load(out / "dmriflow" / folder / "dwi" / f"{unit}_{FA}").dataobj)
-
-    assert np.array_equal(fa("sub-01_run-2", "sub-01"), fa("sub-02", "sub-02"))
-    assert not np.array_equal(fa("sub-01_run-1", "sub-01"), fa("sub-02", "sub-02"))
+    assert np.array_equal(fa_map(out, "sub-01_run-2", "sub-01"), fa_map(out, "sub-02", "sub-02"))
+    assert not np.array_equal(fa_map(out, "sub-01_run-1", "sub-01"),
+                              fa_map(out, "sub-02", "sub-02"))
     status = status_table(out).set_index("subject")["status"]      # dmriflow status
     assert dict(status) == {"sub-01_run-1": "done", "sub-01_run-2": "done", "sub-02": "done"}
     assert cli.main([str(cohort), str(out), "group"]) == cli.EXIT_OK
@@ -223,12 +231,7 @@ def test_two_echoes_are_two_units_with_echo_in_every_name(tmp_path, capsys):
     (they claimed one unit, sub-01, when ``echo`` was not an input entity), each
     computed from its own files, every derivative name keeping its ``echo-``."""
     cohort = bids_cohort(tmp_path / "in", 2)
-    shutil.rmtree(cohort / "derivatives")
-    folder = cohort / "sub-01" / "dwi"
-    for f in sorted(folder.glob("sub-01_dwi.*")):
-        f.rename(folder / f.name.replace("_dwi.", "_echo-1_dwi."))
-    for f in sorted((cohort / "sub-02" / "dwi").glob("sub-02_dwi.*")):
-        shutil.copy(f, folder / f.name.replace("sub-02_dwi.", "sub-01_echo-2_dwi."))
+    two_series(cohort, "echo")
     assert [u.key for u in discover(cohort)] == ["sub-01_echo-1", "sub-01_echo-2", "sub-02"]
 
     out = tmp_path / "out"
@@ -239,12 +242,10 @@ def test_two_echoes_are_two_units_with_echo_in_every_name(tmp_path, capsys):
     assert sub01 and all(p.name.startswith(("sub-01_echo-1_", "sub-01_echo-2_")) for p in sub01)
     assert len([p for p in sub01 if "echo-1" in p.name]) == len(
         [p for p in sub01 if "echo-2" in p.name])
-
-    def fa(unit: str, folder: str) -> np.ndarray:
-        return np.asarray(nib.load(out / "dmriflow" / folder / "dwi" / f"{unit}_{FA}").dataobj)
-
-    assert np.array_equal(fa("sub-01_echo-2", "sub-01"), fa("sub-02", "sub-02"))
-    assert not np.array_equal(fa("sub-01_echo-1", "sub-01"), fa("sub-02", "sub-02"))
+    assert np.array_equal(fa_map(out, "sub-01_echo-2", "sub-01"),
+                          fa_map(out, "sub-02", "sub-02"))
+    assert not np.array_equal(fa_map(out, "sub-01_echo-1", "sub-01"),
+                              fa_map(out, "sub-02", "sub-02"))
     capsys.readouterr()
 
 
