@@ -377,13 +377,10 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
             problems.append(f"{image.path}: its name's subject/session differs from its "
                             f"folder's ({format_entities(folder)})")
         stem, _ = split_extension(image.path.name)
-        base = stem[: -len("_dwi")]
-        try:
-            masks = beside_mask(image.path, image.entities) or [
-                m for m in derived_masks.get(image.path.parent.relative_to(root), [])
-                if m.name.startswith(base)]
-        except ValueError as exc:       # a label that is not alphanumeric
-            masks, problems = [], problems + [f"{image.path}: {exc}"]
+        base = stem[: -len(ENTITY_SEP + DWI_SUFFIX)]
+        masks = beside_mask(image.path, image.entities) or [     # labels checked by parse_name
+            m for m in derived_masks.get(image.path.parent.relative_to(root), [])
+            if m.name.startswith(base)]
         items.append((image.entities, SubjectInputs(
             label=folder.get("sub", image.entities["sub"]), session=folder.get("ses"),
             dwi=str(image.path), bval=str(found["bval"][0]), bvec=str(found["bvec"][0]),
