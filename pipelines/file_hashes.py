@@ -32,6 +32,9 @@ DIGEST_SIZE = 16
 CHUNK = 1 << 22
 #: Distinguishes these digests from any other blake2b use.
 PERSON = b"dmriflow-file"
+#: Bytes of an entry read at most: the digest and a state key (a path of up to
+#: Linux's PATH_MAX and four numbers); a longer one is cut, so never a hit.
+ENTRY_MAX = DIGEST_SIZE + 8192
 
 
 def hash_folder() -> Path:
@@ -40,10 +43,24 @@ def hash_folder() -> Path:
     return Path(PersistentCache.location_default())
 
 
-def state_key(path: Path) -> str:
+def state_key(path) -> bytes:
     """The key of a file's present state: path, size, mtime, inode, ctime."""
     st = os.stat(path)
-    return f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+    return b"%s\0%d\0%d\0%d\0%d" % (os.fsencode(os.path.abspath(path)), st.st_size,
+                                   st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+def _read(entry) -> bytes | None:
+    """An entry's bytes (at most ENTRY_MAX), None when there is none (plain system
+    calls: a cached rerun reads one per input file, the upkeep every one)."""
+    try:
+        fd = os.open(entry, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.read(fd, ENTRY_MAX)
+    finally:
+        os.close(fd)
 
 
 def content_digest(path: Path) -> bytes:
@@ -60,16 +77,13 @@ def file_digest(path, folder: Path | None = None) -> bytes:
 
     The entry is the digest followed by the state's key (read back by :func:`prune`)."""
     folder = hash_folder() if folder is None else folder
-    key = os.fsencode(state_key(path))
+    key = state_key(path)
     entry = folder / (ENTRY_PREFIX + blake2b(key, digest_size=20).hexdigest())
-    try:
-        stored = entry.read_bytes()
-        if stored[DIGEST_SIZE:] == key:
-            return stored[:DIGEST_SIZE]
-    except FileNotFoundError:
-        pass
+    stored = _read(entry)
+    if stored is not None and stored[DIGEST_SIZE:] == key:
+        return stored[:DIGEST_SIZE]
     digest = content_digest(path)
-    if os.fsencode(state_key(path)) != key:    # changed while read: stored under neither state
+    if state_key(path) != key:         # changed while read: stored under neither state
         return digest
     store(entry, digest + key)
     return digest
@@ -77,9 +91,9 @@ def file_digest(path, folder: Path | None = None) -> bytes:
 
 def _live(key: bytes) -> bool:
     """Whether the file of a recorded state key is still in that state."""
-    path = key.split(b"\0", 1)[0]
+    path = key.partition(b"\0")[0]
     try:
-        return bool(path) and os.fsencode(state_key(os.fsdecode(path))) == key
+        return bool(path) and state_key(path) == key
     except OSError:             # the file is gone (or no longer reachable)
         return False
 
@@ -102,11 +116,8 @@ def prune(folder: Path) -> int:
         for item in listing:
             if not item.name.startswith(ENTRY_PREFIX):
                 continue
-            try:
-                key = Path(item.path).read_bytes()[DIGEST_SIZE:]
-            except FileNotFoundError:
-                continue
-            if not _live(key):
+            stored = _read(item.path)
+            if stored is not None and not _live(stored[DIGEST_SIZE:]):
                 Path(item.path).unlink(missing_ok=True)
                 removed += 1
     return removed
