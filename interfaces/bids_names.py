@@ -14,8 +14,10 @@ import os
 
 #: Separators of the grammar: ``key-value`` pairs joined by ``_``.
 ENTITY_SEP, VALUE_SEP = "_", "-"
-#: Entities of an input DWI name kept in every derivative name, in BIDS order.
-INPUT_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run", "space")
+#: Entities of an input DWI name kept in every derivative name, in BIDS order
+#: (two series that differ only by ``echo-``, ``part-`` or ``chunk-`` are two
+#: units whose derivatives keep those entities).
+INPUT_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run", "echo", "part", "space", "chunk")
 #: The order of entities in a name (BIDS: the subject's entities, then the
 #: derivative's). An entity not listed here goes where ``desc`` goes, in the
 #: order given, so a name never depends on the order of a dict (records
@@ -57,16 +59,20 @@ def format_entities(entities: dict) -> str:
 
 def parse_entities(text: str) -> tuple[dict, str]:
     """``model-directions_desc-synthesized_gradients`` -> (entities, suffix
-    ``gradients``); the suffix is "" when the text ends with an entity."""
+    ``gradients``); the suffix is "" when the text ends with an entity.
+
+    The inverse of :func:`format_entities`: a text it could not have written (a
+    part that is not ``key-label``, an empty or non-alphanumeric key, label or
+    suffix) is a ValueError, so what is read back can always be written again."""
     entities, suffix = {}, ""
     parts = text.split(ENTITY_SEP) if text else []
     if parts and VALUE_SEP not in parts[-1]:
-        suffix = parts.pop()
+        suffix = _check_label("suffix", parts.pop())
     for part in parts:
         key, sep, value = part.partition(VALUE_SEP)
         if not sep:
             raise ValueError(f"{text!r}: {part!r} is not a key-value entity")
-        entities[key] = value
+        entities[_check_label("entity", key)] = _check_label("label", value)
     return entities, suffix
 
 

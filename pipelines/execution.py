@@ -44,6 +44,7 @@ from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_en
                                             write_dataset_description, write_status,
                                             write_subjects_table)
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
+from dmriflow.pipelines.file_hashes import prune as prune_file_hashes
 from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
 from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
 from dmriflow.pipelines.inputs import SubjectInputs, assign_protocols, census
@@ -533,6 +534,7 @@ def locked_run(output_dir: Path, root: Path, config: RunConfig):
         if discarded:
             _log(config, f"discarded {discarded} node result(s) an interrupted run left "
                          f"unusable")
+        prune_file_hashes(root / HASH_CACHE_DIR)
         write_new(root / RUN_JOURNAL, json.dumps({"started": time.time(),
                                                   "pid": os.getpid()}))
         yield
@@ -628,6 +630,7 @@ def _upkeep_all(state: UnitRun, root: Path, output_dir: Path | None, cache: bool
         state.cleared["engine"] = clear_engine_leftovers(root)
         state.cleared["unusable"] = discard_interrupted_results(root)
         state.cleared["failed"] = clean_cache(root)
+        state.cleared["file hashes"] = prune_file_hashes(root / HASH_CACHE_DIR)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from dmriflow.interfaces.bids_names import (ENTITY_SEP, INPUT_ENTITIES, build_name,
-                                            format_entities, split_extension)
+                                            format_entities, parse_name, split_extension)
 from dmriflow.interfaces.errors import InputError, UsageError
 from dmriflow.interfaces.gradients import check_readable_file
 # The census row and sidecar reader are step code (interfaces.io); read_sidecar
@@ -195,8 +195,8 @@ IMAGE_EXTENSIONS = (".nii.gz", ".nii")
 COMPANION_EXTENSIONS = {"bval": ".bval", "bvec": ".bvec", "sidecar": ".json"}
 #: Folders whose inheritance levels are remembered (a few per subject).
 LEVELS_CACHE = 8192
-#: Keys of bids2table's parsed names that are not name entities.
-INDEX_KEYS = ("datatype", "suffix", "ext")
+#: The suffix of a DWI series' files (``sub-01_dwi.nii.gz``, ``sub-01_dwi.bval``).
+DWI_SUFFIX = "dwi"
 
 
 @dataclass(frozen=True)
@@ -208,12 +208,16 @@ class _Named:
     ext: str
 
 
-def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
-    """(DWI images, their .bval/.bvec/.json companions) of a BIDS dataset.
+def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named], list[Path]]:
+    """(DWI images, their .bval/.bvec/.json companions, DWI images whose name is
+    outside the grammar) of a BIDS dataset.
 
     Files come from bids2table's index (imported here, so HCP input never pays
-    for it); labels are read from the names with bids2table's parser (its table
-    casts ``run-01`` to 1, which a derivative name must not). JSON sidecars,
+    for it); every name is parsed by :mod:`~dmriflow.interfaces.bids_names`, the
+    grammar the derivative names are made with (not bids2table's parser, which
+    skips a part that is not ``key-label``, nor its table, which casts
+    ``run-01`` to 1), so a series' entities and its derivatives' names agree.
+    A companion whose name is outside the grammar applies to no series. JSON sidecars,
     which bids2table leaves out of its index, are listed from the folders that
     can hold an applicable one (the series' folder up to the dataset root), and
     so are the root's ``[<entities>_]dwi.bval/.bvec/.json``, which apply to
@@ -222,12 +226,16 @@ def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
     import bids2table  # noqa: PLC0415 - BIDS input only
 
     table = bids2table.index_dataset(root)
-    images, companions, folders = [], [], set()
+    images, companions, unnamed, folders = [], [], [], set()
     for rel in table.column("path").to_pylist() if table.num_rows else []:
-        named = _named(root / rel, bids2table.parse_bids_entities)
-        if named is None:
+        path = root / rel
+        named = _named(path)
+        image = path.parent.name == FILTER_DATATYPE and _dwi_image(path.name)
+        if image and named is None:
+            unnamed.append(path)
+        elif named is None:
             continue
-        if named.ext in IMAGE_EXTENSIONS and (root / rel).parent.name == FILTER_DATATYPE:
+        elif image:
             images.append(named)
             folders.update(_levels(named.path, root))
         elif named.ext in COMPANION_EXTENSIONS.values():
@@ -237,24 +245,33 @@ def _index_dwi(root: Path) -> tuple[list[_Named], list[_Named]]:
         with os.scandir(folder) as entries:
             for entry in entries:
                 if folder == root:
-                    named = _named(root / entry.name, bids2table.parse_bids_entities,
-                                   subject=False)
+                    named = _named(root / entry.name, subject=False)
                     if named is not None and named.ext in COMPANION_EXTENSIONS.values():
                         companions.append(named)
                 elif entry.name.startswith("sub-") and entry.name.endswith(sidecar):
-                    named = _named(folder / entry.name, bids2table.parse_bids_entities)
+                    named = _named(folder / entry.name)
                     if named is not None:
                         companions.append(named)
-    return (sorted(images, key=lambda n: n.path), sorted(companions, key=lambda n: n.path))
+    return (sorted(images, key=lambda n: n.path), sorted(companions, key=lambda n: n.path),
+            sorted(unnamed))
 
 
-def _named(path: Path, parse, subject: bool = True) -> _Named | None:
-    """A ``*_dwi.*`` file (with a subject entity when ``subject``), else None."""
-    parsed = parse(path)
-    if parsed.get("suffix") != "dwi" or (subject and not parsed.get("sub")):
+def _dwi_image(name: str) -> bool:
+    """Whether a file name ends as a DWI image's does (``..._dwi.nii[.gz]``)."""
+    stem, ext = split_extension(name)
+    return ext in IMAGE_EXTENSIONS and stem.endswith(ENTITY_SEP + DWI_SUFFIX)
+
+
+def _named(path: Path, subject: bool = True) -> _Named | None:
+    """A ``[<entities>_]dwi.*`` file of the grammar (:func:`parse_name`) with a
+    subject entity when ``subject``, else None."""
+    try:
+        entities, suffix, ext = parse_name(path)
+    except ValueError:
         return None
-    _, ext = split_extension(path.name)
-    return _Named(path, {k: v for k, v in parsed.items() if k not in INDEX_KEYS}, ext)
+    if suffix != DWI_SUFFIX or (subject and not entities.get("sub")):
+        return None
+    return _Named(path, entities, ext)
 
 
 def _levels(image: Path, root: Path) -> tuple[Path, ...]:
@@ -334,7 +351,8 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
     A subject/session with several series (runs, directions, acquisitions) gives
     one unit each, named with the series' entities (:attr:`SubjectInputs.series`,
     decided before the filter, so a unit keeps its name whatever is selected).
-    Problems fail the unit concerned only, naming the files: a name whose
+    Problems fail the unit concerned only, naming the files: a DWI image whose
+    name is outside the grammar (a unit of its folders' subject/session), a name whose
     subject or session differs from its folders', a .bval/.bvec no image takes
     (a unit of its own), several applicable .bval/.bvec/.json at one level, and
     several files claiming one unit (see :func:`_one_per_key`).
@@ -343,7 +361,7 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
     ``derivatives/*/sub-*/[ses-*/]dwi/*_desc-brain_mask.nii.gz``.
     """
     root = Path(input_dir).resolve()
-    images, companions = _index_dwi(root)
+    images, companions, unnamed = _index_dwi(root)
     by_folder: dict[Path, list[_Named]] = defaultdict(list)
     for c in companions:
         by_folder[c.path.parent].append(c)
@@ -359,13 +377,10 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
             problems.append(f"{image.path}: its name's subject/session differs from its "
                             f"folder's ({format_entities(folder)})")
         stem, _ = split_extension(image.path.name)
-        base = stem[: -len("_dwi")]
-        try:
-            masks = beside_mask(image.path, image.entities) or [
-                m for m in derived_masks.get(image.path.parent.relative_to(root), [])
-                if m.name.startswith(base)]
-        except ValueError as exc:       # a label that is not alphanumeric
-            masks, problems = [], problems + [f"{image.path}: {exc}"]
+        base = stem[: -len(ENTITY_SEP + DWI_SUFFIX)]
+        masks = beside_mask(image.path, image.entities) or [     # labels checked by parse_name
+            m for m in derived_masks.get(image.path.parent.relative_to(root), [])
+            if m.name.startswith(base)]
         items.append((image.entities, SubjectInputs(
             label=folder.get("sub", image.entities["sub"]), session=folder.get("ses"),
             dwi=str(image.path), bval=str(found["bval"][0]), bvec=str(found["bvec"][0]),
@@ -376,13 +391,13 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
         if (c.ext != COMPANION_EXTENSIONS["sidecar"] and c.path not in taken
                 and c.entities.get("sub")):     # a root file names no unit
             stem, _ = split_extension(c.path.name)
-            folder = _folder_entities(c.path, root)
-            items.append((c.entities, SubjectInputs(
-                label=folder.get("sub", c.entities["sub"]), session=folder.get("ses"),
-                dwi=str(c.path.with_name(stem + IMAGE_EXTENSIONS[0])),
-                bval=str(c.path.with_name(stem + COMPANION_EXTENSIONS["bval"])),
-                bvec=str(c.path.with_name(stem + COMPANION_EXTENSIONS["bvec"])),
-                problem=f"{c.path}: a {c.ext} file without the DWI image it belongs to")))
+            items.append(_failed_unit(c.path.with_name(stem + IMAGE_EXTENSIONS[0]), root,
+                                      c.entities, f"{c.path}: a {c.ext} file without the DWI "
+                                                  f"image it belongs to"))
+    for path in unnamed:        # its folders' subject/session: the only entities known
+        folder = _folder_entities(path, root)
+        if "sub" in folder:
+            items.append(_failed_unit(path, root, folder, f"{path}: {UNNAMED}"))
     per_session = defaultdict(int)
     for _, unit in items:
         per_session[(unit.label, unit.session)] += 1
@@ -394,6 +409,22 @@ def discover_bids(input_dir, bids_filter: dict | None = None) -> list[SubjectInp
         if not bids_filter or matches_filter(entities, bids_filter):
             units.append(unit)
     return units
+
+
+#: Why a DWI image whose name is outside the grammar is not a series.
+UNNAMED = ("not a BIDS name of a DWI series (sub-<label>[_<key>-<label>...]_dwi, "
+           "alphanumeric labels); rename it")
+
+
+def _failed_unit(dwi: Path, root: Path, entities: dict, problem: str):
+    """(entities, unit) of a series that fails with ``problem``: its image ``dwi``
+    and the gradient files of that name, of its folders' subject/session."""
+    stem, _ = split_extension(dwi.name)
+    folder = _folder_entities(dwi, root)
+    return entities, SubjectInputs(
+        label=folder.get("sub", entities.get("sub")), session=folder.get("ses"), dwi=str(dwi),
+        bval=str(dwi.with_name(stem + COMPANION_EXTENSIONS["bval"])),
+        bvec=str(dwi.with_name(stem + COMPANION_EXTENSIONS["bvec"])), problem=problem)
 
 
 #: The input entities that name one series among a subject/session's several.
@@ -417,8 +448,9 @@ def _one_per_key(subjects: list[SubjectInputs], layout: str) -> list[SubjectInpu
         how = ("remove or rename all but one, or select one with --bids-filter-file "
                "(e.g. {\"dwi\": {\"desc\": \"preproc\"}})"
                if layout == "bids" else "rename or remove one of the folders")
+        own = "".join(f"; {s.problem}" for s in found if s.problem)
         units.append(replace(found[0], problem=f"{len(found)} DWI files claim the unit "
-                                               f"{key}: {files}; {how}"))
+                                               f"{key}: {files}; {how}{own}"))
     return units
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydra.utils.hash import hash_function
 
@@ -71,7 +72,7 @@ def test_a_seen_file_state_is_not_read_again_and_a_cut_entry_is_recomputed(tmp_p
     entries[0].write_bytes(digest[:5])                            # a cut entry
     monkeypatch.setattr(file_hashes, "content_digest", real)
     assert file_hashes.file_digest(path) == digest
-    assert entries[0].read_bytes() == digest
+    assert entries[0].read_bytes()[:file_hashes.DIGEST_SIZE] == digest
 
 
 def test_a_file_changed_while_it_is_hashed_is_not_stored(tmp_path, hashes, monkeypatch):
@@ -110,3 +111,67 @@ def test_cached_census_rows_equal_fresh_ones_and_follow_the_files(tmp_path, monk
     changed = census(subjects, row_of)
     assert changed.to_csv(sep="\t", index=False) == census(subjects).to_csv(sep="\t", index=False)
     assert "2000" in changed.loc[0, "shells"] and changed.loc[1, "shells"] == "1000"
+
+
+def _entries(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.glob(file_hashes.ENTRY_PREFIX + "*")}
+
+
+def test_prune_drops_gone_and_changed_states_only(tmp_path, hashes):
+    """Entries of a live file stay; those of a deleted file, of a file whose state
+    changed (rewritten with the same bytes: same digest, new state) and an earlier
+    version's (no state recorded) go; files that are not entries stay."""
+    live, gone, changed = (tmp_path / n for n in ("live", "gone", "changed"))
+    for p in (live, gone, changed):
+        p.write_bytes(p.name.encode())
+        file_hashes.file_digest(p)
+    before = _entries(hashes)
+    assert len(before) == 3
+    gone.unlink()
+    st = changed.stat()
+    changed.write_bytes(b"changed")
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    legacy = hashes / (file_hashes.ENTRY_PREFIX + "0" * 40)
+    legacy.write_bytes(b"x" * file_hashes.DIGEST_SIZE)
+    others = [hashes / "pydra-own-entry", hashes / "dmriflow-census-abc.json"]
+    for p in others:
+        p.write_bytes(b"{}")
+    assert file_hashes.prune(hashes) == 3
+    after = _entries(hashes)
+    assert len(after) == 1 and set(after) < set(before) and all(p.exists() for p in others)
+    assert next(iter(after.values()))[:file_hashes.DIGEST_SIZE] == file_hashes.content_digest(
+        live)
+    assert file_hashes.prune(hashes) == 0 and file_hashes.prune(tmp_path / "absent") == 0
+
+
+def test_a_rerun_prunes_the_changed_inputs_entry_and_a_cached_rerun_still_hits(tmp_path,
+                                                                             monkeypatch):
+    """A run, then an input rewritten with new content: the rerun's upkeep drops
+    that file's old-state entry and keeps the other files'; the next rerun
+    reads no file again (every digest from its entry) and computes no node."""
+    from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
+    from dmriflow.pipelines.execution import HASH_CACHE_DIR, RunConfig, run_cohort
+    from dmriflow.pipelines.inputs import discover
+    write_cohort(tmp_path / "in", 1, shape=(4, 5, 4), seed=0,
+                 scheme=hcp_scheme(n_b0=2, shells=(1000,), n_dirs=6, seed=0))
+    subjects = discover(tmp_path / "in")
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    config = RunConfig(worker="debug", cache_dir=str(cache), quiet=True)
+
+    def run() -> tuple[dict, int]:
+        result = run_cohort(subjects, out, config)
+        assert {r["status"] for r in result.rows} == {"done"}
+        return _entries(cache / HASH_CACHE_DIR), len(list(cache.glob("*/_result.pklz")))
+
+    first, nodes = run()
+    bvec = Path(subjects[0].bvec)
+    stale = [n for n, data in first.items() if data.endswith(file_hashes.state_key(bvec))]
+    assert len(stale) == 1
+    np.savetxt(bvec, -np.loadtxt(bvec))             # the same directions, new bytes
+    second, nodes_after_change = run()
+    assert stale[0] not in second and set(first) - set(second) == set(stale)
+    assert len(second) == len(first) and nodes_after_change > nodes    # recomputed
+    monkeypatch.setattr(file_hashes, "content_digest",
+                        lambda p: pytest.fail(f"{p} was read again on a cached rerun"))
+    third, nodes_cached = run()
+    assert third == second and nodes_cached == nodes_after_change

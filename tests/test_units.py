@@ -51,18 +51,28 @@ def files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+def two_series(cohort: Path, entity: str) -> None:
+    """sub-01's series becomes ``<entity>-1`` and ``<entity>-2`` is a copy of
+    sub-02's; derivative masks are removed (every unit computes its own)."""
+    shutil.rmtree(cohort / "derivatives")
+    folder = cohort / "sub-01" / "dwi"
+    for f in sorted(folder.glob("sub-01_dwi.*")):
+        f.rename(folder / f.name.replace("_dwi.", f"_{entity}-1_dwi."))
+    for f in sorted((cohort / "sub-02" / "dwi").glob("sub-02_dwi.*")):
+        shutil.copy(f, folder / f.name.replace("sub-02_dwi.", f"sub-01_{entity}-2_dwi."))
+
+
+def fa_map(out: Path, unit: str, folder: str) -> np.ndarray:
+    return np.asarray(nib.load(out / "dmriflow" / folder / "dwi" / f"{unit}_{FA}").dataobj)
+
+
 def test_two_runs_are_two_units_with_run_in_every_name(tmp_path, capsys):
     """sub-01's run-1 is its own series, run-2 a copy of sub-02's: run-2's FA
     equals sub-02's to the bit and differs from run-1's, so each unit computed
     from its own files; every sub-01 output carries its run, sub-02's names
     are today's."""
     cohort = bids_cohort(tmp_path / "in", 2)
-    shutil.rmtree(cohort / "derivatives")       # every unit computes its own mask
-    folder = cohort / "sub-01" / "dwi"
-    for f in sorted(folder.glob("sub-01_dwi.*")):
-        f.rename(folder / f.name.replace("_dwi.", "_run-1_dwi."))
-    for f in sorted((cohort / "sub-02" / "dwi").glob("sub-02_dwi.*")):
-        shutil.copy(f, folder / f.name.replace("sub-02_dwi.", "sub-01_run-2_dwi."))
+    two_series(cohort, "run")
     assert [u.key for u in discover(cohort)] == ["sub-01_run-1", "sub-01_run-2", "sub-02"]
 
     out = tmp_path / "out"
@@ -79,11 +89,9 @@ def test_two_runs_are_two_units_with_run_in_every_name(tmp_path, capsys):
     assert all(p.name.startswith("sub-02_") and "run-" not in p.name for p in sub02)
     assert (out / "dmriflow" / "sub-02" / "dwi" / f"sub-02_{FA}").exists()
 
-    def fa(unit: str, folder: str) -> np.ndarray:
-        return np.asarray(nib.load(out / "dmriflow" / folder / "dwi" / f"{unit}_{FA}").dataobj)
-
-    assert np.array_equal(fa("sub-01_run-2", "sub-01"), fa("sub-02", "sub-02"))
-    assert not np.array_equal(fa("sub-01_run-1", "sub-01"), fa("sub-02", "sub-02"))
+    assert np.array_equal(fa_map(out, "sub-01_run-2", "sub-01"), fa_map(out, "sub-02", "sub-02"))
+    assert not np.array_equal(fa_map(out, "sub-01_run-1", "sub-01"),
+                              fa_map(out, "sub-02", "sub-02"))
     status = status_table(out).set_index("subject")["status"]      # dmriflow status
     assert dict(status) == {"sub-01_run-1": "done", "sub-01_run-2": "done", "sub-02": "done"}
     assert cli.main([str(cohort), str(out), "group"]) == cli.EXIT_OK
@@ -216,3 +224,51 @@ def test_hcp_units_are_unchanged_and_bids2table_is_not_imported(tmp_path):
     assert list(units) == [f"sub-{lbl}" for lbl in labels]
     assert str(twin) in units[f"sub-{labels[0]}"].problem
     assert units[f"sub-{labels[1]}"].problem is None
+
+
+def test_two_echoes_are_two_units_with_echo_in_every_name(tmp_path, capsys):
+    """sub-01's echo-1 is its own series, echo-2 a copy of sub-02's: two units
+    (they claimed one unit, sub-01, when ``echo`` was not an input entity), each
+    computed from its own files, every derivative name keeping its ``echo-``."""
+    cohort = bids_cohort(tmp_path / "in", 2)
+    two_series(cohort, "echo")
+    assert [u.key for u in discover(cohort)] == ["sub-01_echo-1", "sub-01_echo-2", "sub-02"]
+
+    out = tmp_path / "out"
+    assert participant(cohort, out, tmp_path) == cli.EXIT_OK
+    assert dict(table(out)["status"]) == {"sub-01_echo-1": "done", "sub-01_echo-2": "done",
+                                          "sub-02": "done"}
+    sub01 = files_of(out / "dmriflow" / "sub-01")
+    assert sub01 and all(p.name.startswith(("sub-01_echo-1_", "sub-01_echo-2_")) for p in sub01)
+    assert len([p for p in sub01 if "echo-1" in p.name]) == len(
+        [p for p in sub01 if "echo-2" in p.name])
+    assert np.array_equal(fa_map(out, "sub-01_echo-2", "sub-01"),
+                          fa_map(out, "sub-02", "sub-02"))
+    assert not np.array_equal(fa_map(out, "sub-01_echo-1", "sub-01"),
+                              fa_map(out, "sub-02", "sub-02"))
+    capsys.readouterr()
+
+
+def test_series_differing_only_by_echo_part_or_chunk_are_separate_units(tmp_path):
+    """Two series of one session that differ only by ``echo-``, ``part-`` or
+    ``chunk-`` (labels kept as written) are two units, their keys the prefix of
+    their derivative names; a filter selects either."""
+    from dmriflow.interfaces.bids_names import format_entities
+    from dmriflow.pipelines.steps import Subject
+    root = tmp_path / "bids"
+    touch(root / "dataset_description.json", json.dumps({"Name": "t", "BIDSVersion": "1.9.0"}))
+    pairs = {"echo": ("1", "2"), "part": ("mag", "phase"), "chunk": ("01", "02")}
+    for n, (entity, labels) in enumerate(pairs.items(), start=1):
+        for label in labels:
+            series(root / f"sub-0{n}" / "ses-1" / "dwi", f"sub-0{n}_ses-1_acq-multi_{entity}-"
+                   f"{label}", ".bval", ".bvec")
+    units = discover(root)
+    assert [u.key for u in units] == [f"sub-0{n}_ses-1_acq-multi_{entity}-{label}"
+                                      for n, (entity, labels) in enumerate(pairs.items(), 1)
+                                      for label in labels]
+    assert all(u.problem is None and format_entities(Subject.of(u).entities) == u.key
+               for u in units)
+    filt = tmp_path / "f.json"
+    filt.write_text(json.dumps({"dwi": {"part": "phase"}}))
+    assert [u.key for u in discover(root, bids_filter=read_filter_file(filt))] == [
+        "sub-02_ses-1_acq-multi_part-phase"]
