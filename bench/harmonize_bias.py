@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=[28, 34, 26])
     ap.add_argument("--target-voxel", type=float, default=U.SITE_B.voxel_mm)
     ap.add_argument("--target-snr", type=float, default=U.SITE_B.snr)
+    ap.add_argument("--reference-snr", type=float, default=U.SITE_A.snr)
     ap.add_argument("--template-eval", action="store_true",
                     help="also evaluate in template space: every held-out scan's maps warped "
                          "to the template, means over the template's white matter (template "
@@ -63,7 +64,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(H.SCALE_ESTIMATORS))
     opts = ap.parse_args()
     t0 = time.perf_counter()
-    sites = (U.SITE_A, replace(U.SITE_B, voxel_mm=opts.target_voxel,
+    sites = (replace(U.SITE_A, snr=opts.reference_snr), replace(U.SITE_B, voxel_mm=opts.target_voxel,
                                            snr=opts.target_snr))
     ref, tar = sites[0].name, sites[1].name
     kw = {"anatomy": opts.anatomy, "shape": tuple(opts.shape)}
@@ -83,7 +84,8 @@ def main() -> None:
     m_ref = [U.measures(sc) for sc in test[ref]]
     m_bef = [U.measures(sc) for sc in test[tar]]
     print(f"setup {time.perf_counter() - t0:.0f} s, load1 {load1()}; seed {opts.seed}, "
-          f"anatomy {opts.anatomy}, grid {opts.shape}, site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}",
+          f"anatomy {opts.anatomy}, grid {opts.shape}, site A SNR {opts.reference_snr:g}, "
+          f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}",
           flush=True)
     for variant in opts.variants:
         t1 = time.perf_counter()
