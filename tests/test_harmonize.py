@@ -700,8 +700,10 @@ def test_scale_estimators_recover_the_site_scale_across_voxel_sizes():
     estimator's median lambda_l is 1/s_l - the estimators only differ at tissue
     edges. This checks the resampling directions of "matched" and
     "native-log" (template -> subject -> template) on grids that differ.
-    Measured medians within 0.3 / 1.0 / 1.7 % (l = 0 / 2 / 4); bound 1 / 3 / 4 %
-    (a swapped ratio gives s_l: off by 20-45 %)."""
+    Measured (3 persons per site): medians within 0.23 / 1.6 / 1.8 %
+    (l = 0 / 2 / 4), the largest for "native-log" (a mean of log ratios over
+    persons whose RISH differ: Jensen); bound 1 / 3 / 4 % (a swapped ratio
+    gives s_l, off by 20-45 %; a wrong order 10-50 %)."""
     from scipy import ndimage
     seeds = SEEDS[:3]
     site = phantom.SiteEffect(name="siteC", rish_scale=SCALE, voxel_size=3.0)
