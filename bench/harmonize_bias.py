@@ -41,7 +41,7 @@ def template_measures(sc, data, transform, wm) -> dict:
     out = {}
     for name, vol in (("fa", tf.fa), ("md", tf.md)):
         out[(name, math.nan)] = float(transform.to_template(np.where(dwi.mask, vol, 0))[wm].mean())
-    for b, r in H.rish_maps(dwi, U.STUDY_LMAX).items():
+    for b, r in H.rish_maps(dwi, U.STUDY_LMAX).items():   # orders 0, 2, 4 (EVAL_ORDERS)
         for k in range(r.shape[3]):
             out[(f"rish_l{2 * k}", float(b))] = float(transform.to_template(r[..., k])[wm].mean())
     return out
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=[28, 34, 26])
     ap.add_argument("--target-voxel", type=float, default=U.SITE_B.voxel_mm)
     ap.add_argument("--target-snr", type=float, default=U.SITE_B.snr)
+    ap.add_argument("--lmax", type=int, default=U.STUDY_LMAX, help="harmonization lmax")
     ap.add_argument("--reference-snr", type=float, default=U.SITE_A.snr)
     ap.add_argument("--template-eval", action="store_true",
                     help="also evaluate in template space: every held-out scan's maps warped "
@@ -72,7 +73,7 @@ def main() -> None:
     cohorts["paired"] = {ref: cohorts["unpaired"][ref],
                          tar: [U.scan(sc.person, sites[1], **kw) for sc in cohorts["unpaired"][ref]]}
     test = U.held_out(opts.n_held_out, opts.seed, sites, **kw)
-    feats = {(d, s): U.features(c[s]) for d, c in cohorts.items() for s in (ref, tar)}
+    feats = {(d, s): U.features(c[s], opts.lmax) for d, c in cohorts.items() for s in (ref, tar)}
     tpl, tpl_aff, tpl_info = H.build_template(feats[("unpaired", ref)])
     reg = {}
     for f in [x for v in feats.values() for x in v]:
@@ -81,8 +82,8 @@ def main() -> None:
     held = [H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff) for f in U.features(test[tar])]
     held_ref = ([H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff)
                  for f in U.features(test[ref])] if opts.template_eval else [])
-    m_ref = [U.measures(sc) for sc in test[ref]]
-    m_bef = [U.measures(sc) for sc in test[tar]]
+    m_ref = [U.measures(sc, lmax=opts.lmax) for sc in test[ref]]
+    m_bef = [U.measures(sc, lmax=opts.lmax) for sc in test[tar]]
     print(f"setup {time.perf_counter() - t0:.0f} s, load1 {load1()}; seed {opts.seed}, "
           f"anatomy {opts.anatomy}, grid {opts.shape}, site A SNR {opts.reference_snr:g}, "
           f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}",
@@ -93,14 +94,14 @@ def main() -> None:
         for d in cohorts:
             t2 = time.perf_counter()
             art = H.fit_harmonization(
-                feats[(d, ref)], feats[(d, tar)], list(U.STUDY_SHELLS), U.STUDY_LMAX,
+                feats[(d, ref)], feats[(d, tar)], list(U.STUDY_SHELLS), opts.lmax,
                 reference_site=ref, target_site=tar, template=(tpl, tpl_aff),
                 template_info=tpl_info, registered={k: (lambda t=t: t) for k, t in reg.items()},
                 scale_estimator=variant)
             fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
             after = [H.apply_harmonization(U.as_dwi(sc), None, art, transform=t)[0]
                      for sc, t in zip(test[tar], held)]
-            m_aft = [U.measures(sc, a) for sc, a in zip(test[tar], after)]
+            m_aft = [U.measures(sc, a, opts.lmax) for sc, a in zip(test[tar], after)]
             res[d] = (U.site_rows(m_ref, m_bef, m_aft), U.group_rows(test[tar], m_bef, m_aft),
                       min(m["fa_corr"] for m in m_aft))
             if opts.template_eval:
