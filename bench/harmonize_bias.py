@@ -9,15 +9,17 @@ the cached held-out transforms. Rows: held-out site effect (Cohen's d after,
 relative difference of the means), held-out group-effect ratio (FA, RISH l2)
 and the minimum FA correlation with the truth, unpaired / paired.
 
-Run: ``.venv/bin/python bench/harmonize_bias.py [--anatomy brain --shape 28 34 26]
-[--seed N] [--variants default matched ...]``.
+Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
+[--variants ratio matched ...] [--target-voxel 2.5 --target-snr 30 ...]``
+(brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
+--shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
+one-signed residual on brains", has the measured rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from dataclasses import replace
 
@@ -133,5 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()

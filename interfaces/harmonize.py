@@ -1122,9 +1122,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         tau_b = tau
         if scale_estimator == "matched":
             means[0] = _site_mean(native[b], counts[target_site])
-        elif scale_estimator == "native-log":   # lambda^2 = exp(mean log ratio): no tau here
-            means = [np.exp(_site_mean(native[b], counts[target_site])), None]
-            means[1], tau_b = np.ones_like(means[0]), 0.0
+        elif scale_estimator == "native-log":   # lambda^2 = exp(mean log ratio); tau is inside
+            log_ratio = _site_mean(native[b], counts[target_site])
+            means, tau_b = [np.exp(log_ratio), np.ones_like(log_ratio)], 0.0
         native.pop(b, None)
         maps[b], taus[b], stats[_shell_key(b)] = scale_maps(
             means[0], means[1], tpl_mask, tpl_affine, tau=tau_b,
