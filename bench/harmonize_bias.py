@@ -64,6 +64,10 @@ def main() -> None:
                     help="also evaluate in template space: every held-out scan's maps warped "
                          "to the template, means over the template's white matter (template "
                          "FA >= WM_FA_THRESHOLD in the template mask), the same at both sites")
+    ap.add_argument("--share-transforms", action="store_true",
+                    help="equal grids only: a person's site-B scans use the transform of their "
+                         "site-A scan (paired fit and held-out), so registration cannot differ "
+                         "between the sites")
     ap.add_argument("--variants", nargs="+", default=list(H.SCALE_ESTIMATORS))
     opts = ap.parse_args()
     t0 = time.perf_counter()
@@ -83,12 +87,20 @@ def main() -> None:
             reg[f.subject] = H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff)
     held = [H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff) for f in U.features(test[tar])]
     held_ref = ([H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff)
-                 for f in U.features(test[ref])] if opts.template_eval else [])
+                 for f in U.features(test[ref])]
+                if opts.template_eval or opts.share_transforms else [])
+    if opts.share_transforms:
+        if opts.target_voxel != sites[0].voxel_mm:
+            raise SystemExit("--share-transforms needs --target-voxel equal to site A's")
+        for a, b in zip(feats[("paired", ref)], feats[("paired", tar)]):
+            reg[b.subject] = reg[a.subject]
+        held = list(held_ref)
     m_ref = [U.measures(sc, lmax=opts.lmax) for sc in test[ref]]
     m_bef = [U.measures(sc, lmax=opts.lmax) for sc in test[tar]]
     print(f"setup {time.perf_counter() - t0:.0f} s, load1 {load1()}; seed {opts.seed}, "
           f"anatomy {opts.anatomy}, grid {opts.shape}, site A SNR {opts.reference_snr:g}, "
-          f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}",
+          f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
+          f"{', shared transforms' if opts.share_transforms else ''}",
           flush=True)
     for variant in opts.variants:
         t1 = time.perf_counter()
