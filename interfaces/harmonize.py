@@ -86,6 +86,19 @@ REGISTRATIONS = ("syn", "affine", "identity")
 #: n x template voxels x orders x shells float32). docs/harmonization.md has
 #: the measured comparison; the mean is the default.
 SITE_MEANS = ("mean", "median")
+#: How the ratio of the site means is formed (docs/harmonization.md, "The
+#: one-signed residual on brains" has the measured comparison; "ratio" is the
+#: default):
+#: "ratio": ``E_ref / E_tar`` of every subject's maps warped to the template
+#: (linear interpolation); "nearest": the same, the target's maps warped by
+#: nearest neighbour (a coarser target is not blurred by upsampling);
+#: "matched": the reference mean resampled through every target subject's
+#: grid and back (the target's interpolation chain), over ``E_tar``;
+#: "native-log": ``exp`` of the mean over target subjects of
+#: ``log(E_ref on the subject's grid / its own RISH)``, the ratio formed on the
+#: subject's grid before any resampling of its data. "matched" and
+#: "native-log" need the "mean" site mean.
+SCALE_ESTIMATORS = ("ratio", "nearest", "matched", "native-log")
 #: Affine stages (dipy ``AffineRegistration``): iterations per pyramid level
 #: (coarse -> fine), smoothing sigmas (voxels) and shrink factors. Small
 #: counts suffice: the stages refine each other from a centre-of-mass start.
@@ -927,6 +940,46 @@ def _read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) ->
 # ----------------------------------------------------------------------------
 # Fit
 # ----------------------------------------------------------------------------
+#: Estimators that form a term on each target subject's own grid.
+_NATIVE_ESTIMATORS = ("matched", "native-log")
+#: Template voxels covered by less than this much warped mask have no site mean.
+_MIN_COVER = 1e-3
+
+
+def _site_mean(total: np.ndarray, cover: np.ndarray) -> np.ndarray:
+    """Mask-normalised site mean: ``total / cover`` per voxel (0 where uncovered)."""
+    out = np.zeros_like(total)
+    np.divide(total, cover[..., None], out=out, where=cover[..., None] > _MIN_COVER)
+    return out
+
+
+def _native_term(t: Transform, mask: np.ndarray, rish: np.ndarray, e_ref: np.ndarray,
+                 estimator: str) -> np.ndarray:
+    """One target subject's term of a :data:`_NATIVE_ESTIMATORS` estimate,
+    (X, Y, Z, orders) on the template grid, summed over subjects and divided
+    by the target's mask cover like the site means.
+
+    The reference mean ``e_ref`` is pulled onto the subject's grid; "matched"
+    pushes it back in the subject's mask (the reference passes through the
+    target's resampling chain); "native-log" pushes ``log(e_ref / (R + tau))``
+    formed there (``tau`` = ``TAU_FRACTION`` x the subject's median R; 0 where
+    either side is not positive).
+    """
+    out = np.empty(t.template_shape + (rish.shape[3],), dtype=np.float32)
+    for k in range(rish.shape[3]):
+        pulled = t.to_subject(e_ref[..., k])
+        if estimator == "matched":
+            val = np.where(mask, pulled, 0)
+        else:
+            r = rish[..., k]
+            tau = TAU_FRACTION * float(np.median(r[mask]))
+            ok = mask & (pulled > 0) & (r + tau > 0)
+            val = np.zeros(r.shape, dtype=np.float32)
+            val[ok] = np.log(pulled[ok] / (r[ok] + tau))
+        out[..., k] = t.to_template(val)
+    return out
+
+
 def check_site_sizes(sizes: Mapping[str, int], min_subjects: int = MIN_SUBJECTS_PER_SITE):
     """Raise unless every site ``{name: number of subjects}`` has enough subjects."""
     for site, n in sizes.items():
@@ -946,7 +999,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       min_subjects: int = MIN_SUBJECTS_PER_SITE, keep_transforms: bool = True,
                       registration_options: dict | None = None, template_info: dict | None = None,
                       registered: Mapping[str, Callable[[], Transform]] | None = None,
-                      site_mean: str = "mean") -> HarmonizationArtefact:
+                      site_mean: str = "mean", scale_estimator: str = "ratio"
+                      ) -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
     ``reference``/``target``: per-subject :class:`SubjectFeatures` (or
@@ -962,7 +1016,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     ``registered``: ``{subject: callable returning its Transform}`` to the
     given ``template``, registered beforehand (the engine registers each
     subject as its own node); ``template_info`` then describes that template.
-    ``site_mean``: one of ``SITE_MEANS`` (the site-mean estimator).
+    ``site_mean``: one of ``SITE_MEANS`` (the site-mean estimator);
+    ``scale_estimator``: one of ``SCALE_ESTIMATORS`` (how the ratio is formed).
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
@@ -976,6 +1031,11 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         raise HarmonizationError(f"reference and target site are both named {reference_site!r}")
     if site_mean not in SITE_MEANS:
         raise ValueError(f"unknown site_mean {site_mean!r} ({', '.join(SITE_MEANS)})")
+    if scale_estimator not in SCALE_ESTIMATORS:
+        raise ValueError(f"unknown scale_estimator {scale_estimator!r} "
+                         f"({', '.join(SCALE_ESTIMATORS)})")
+    if scale_estimator in _NATIVE_ESTIMATORS and site_mean != "mean":
+        raise ValueError(f"scale_estimator {scale_estimator!r} needs site_mean 'mean'")
     check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     opts = dict(registration_options or {})
     if template is None:
@@ -993,6 +1053,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     n_orders = lmax // 2 + 1
     sums, counts, subjects, transforms = {}, {}, [], {}
     stacks = {}                                   # site_mean "median": per-subject values
+    native = ({b: np.zeros(grid + (n_orders,), dtype=np.float32) for b in shells}
+              if scale_estimator in _NATIVE_ESTIMATORS else {})
+    e_ref = None                 # "matched"/"native-log": the reference mean, once complete
     for s_idx, (site, items) in enumerate(((reference_site, reference), (target_site, target))):
         sums[site] = {b: np.zeros(grid + (n_orders,), dtype=np.float32) for b in shells}
         counts[site] = np.zeros(grid, dtype=np.float32)
@@ -1008,10 +1071,11 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             fa = np.where(mask, f.fa, 0).astype(np.float32)
             t = (register_fa(fa, f.affine, tpl_fa, tpl_affine, registration, **opts)
                  if registered is None else registered[f.subject]())
-            cover = np.clip(t.to_template(mask.astype(np.float32)), 0, 1)
+            interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
+            cover = np.clip(t.to_template(mask.astype(np.float32), interp), 0, 1)
             counts[site] += cover
             for b in shells:
-                warped = np.stack([t.to_template(np.where(mask, rish[b][..., k], 0))
+                warped = np.stack([t.to_template(np.where(mask, rish[b][..., k], 0), interp)
                                    for k in range(n_orders)], axis=-1)
                 # RISH is 0 outside the subject mask: sum/count is the
                 # mask-normalised interpolation of the site mean.
@@ -1022,6 +1086,12 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                     value[inside] = warped[inside] / cover[inside][:, None]
                     stacks[site][b].append(value)
                 del warped
+            if s_idx == 1 and scale_estimator in _NATIVE_ESTIMATORS:
+                if e_ref is None:            # the reference site came first: its mean is complete
+                    e_ref = {b: _site_mean(sums[reference_site][b], counts[reference_site])
+                             for b in shells}
+                for b in shells:
+                    native[b] += _native_term(t, mask, rish[b], e_ref[b], scale_estimator)
             subjects.append({"site": site, "site_index": "ref" if s_idx == 0 else "tar",
                              "index": i, "subject": f.subject, "sha256": f.content_hash(),
                              "grid": list(fa.shape), "affine": np.asarray(f.affine).tolist(),
@@ -1040,9 +1110,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     for b in shells:
         means = []
         for site in (reference_site, target_site):
-            c = counts[site]
-            m = np.zeros_like(sums[site][b])
-            np.divide(sums[site][b], c[..., None], out=m, where=c[..., None] > 1e-3)
+            m = _site_mean(sums[site][b], counts[site])
             if site_mean == "median":
                 with warnings.catch_warnings():       # all-NaN voxels: the mean stays
                     warnings.simplefilter("ignore", RuntimeWarning)
@@ -1051,11 +1119,19 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                 stacks[site][b] = None
             means.append(m)
             sums[site][b] = None                      # free as we go
+        tau_b = tau
+        if scale_estimator == "matched":
+            means[0] = _site_mean(native[b], counts[target_site])
+        elif scale_estimator == "native-log":   # lambda^2 = exp(mean log ratio); tau is inside
+            log_ratio = _site_mean(native[b], counts[target_site])
+            means, tau_b = [np.exp(log_ratio), np.ones_like(log_ratio)], 0.0
+        native.pop(b, None)
         maps[b], taus[b], stats[_shell_key(b)] = scale_maps(
-            means[0], means[1], tpl_mask, tpl_affine, tau=tau,
+            means[0], means[1], tpl_mask, tpl_affine, tau=tau_b,
             smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, fill_index=fill)
         del means
     params = {"template": tpl_info, "mask_coverage": MASK_COVERAGE, "site_mean": site_mean,
+              "scale_estimator": scale_estimator,
               "min_subjects": int(min_subjects),
               "registration_options": {
                   "affine_level_iters": list(opts.get("affine_level_iters", AFFINE_LEVEL_ITERS)),

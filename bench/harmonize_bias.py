@@ -1,0 +1,150 @@
+"""Study: where the one-signed residual of RISH harmonization on brains comes from.
+
+The unpaired/paired two-site study of ``bench/harmonize_unpaired.py`` with the
+registrations done once: the reference site (the same persons in both
+designs) gives one template, every scan (fit cohorts of both designs and the
+held-out persons' target scans) is registered to it once, and each variant
+only recomputes the scale maps from the cached warps and applies them with
+the cached held-out transforms. Rows: held-out site effect (Cohen's d after,
+relative difference of the means), held-out group-effect ratio (FA, RISH l2)
+and the minimum FA correlation with the truth, unpaired / paired.
+
+Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
+[--variants ratio matched ...] [--target-voxel 2.5 --target-snr 30 ...]``
+(brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
+--shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
+one-signed residual on brains", has the measured rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from dmriflow.interfaces import harmonize as H
+from dmriflow.interfaces.sim import unpaired as U
+
+
+def load1() -> str:
+    with open("/proc/loadavg") as fh:
+        return fh.read().split()[0]
+
+
+def template_measures(sc, data, transform, wm) -> dict:
+    """White-matter means of FA, MD and RISH l0/l2/l4 per shell of one scan
+    warped to the template, over the template's white matter ``wm``."""
+    from dmriflow.interfaces import dti
+    dwi = U.as_dwi(sc, data)
+    tf = dti.fit_dwi(dwi.select_volumes(dwi.gtab.select_shells(H.dti_shells(dwi.gtab))))
+    out = {}
+    for name, vol in (("fa", tf.fa), ("md", tf.md)):
+        out[(name, math.nan)] = float(transform.to_template(np.where(dwi.mask, vol, 0))[wm].mean())
+    for b, r in H.rish_maps(dwi, U.STUDY_LMAX).items():   # orders 0, 2, 4 (EVAL_ORDERS)
+        for k in range(r.shape[3]):
+            out[(f"rish_l{2 * k}", float(b))] = float(transform.to_template(r[..., k])[wm].mean())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-fit", type=int, default=12)
+    ap.add_argument("--n-held-out", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--anatomy", default="brain", choices=("geometric", "brain"))
+    ap.add_argument("--shape", type=int, nargs=3, default=[28, 34, 26])
+    ap.add_argument("--target-voxel", type=float, default=U.SITE_B.voxel_mm)
+    ap.add_argument("--target-snr", type=float, default=U.SITE_B.snr)
+    ap.add_argument("--lmax", type=int, default=U.STUDY_LMAX, help="harmonization lmax")
+    ap.add_argument("--reference-snr", type=float, default=U.SITE_A.snr)
+    ap.add_argument("--template-eval", action="store_true",
+                    help="also evaluate in template space: every held-out scan's maps warped "
+                         "to the template, means over the template's white matter (template "
+                         "FA >= WM_FA_THRESHOLD in the template mask), the same at both sites")
+    ap.add_argument("--share-transforms", action="store_true",
+                    help="equal grids only: a person's site-B scans use the transform of their "
+                         "site-A scan (paired fit and held-out), so registration cannot differ "
+                         "between the sites")
+    ap.add_argument("--variants", nargs="+", default=list(H.SCALE_ESTIMATORS))
+    opts = ap.parse_args()
+    t0 = time.perf_counter()
+    sites = (replace(U.SITE_A, snr=opts.reference_snr), replace(U.SITE_B, voxel_mm=opts.target_voxel,
+                                           snr=opts.target_snr))
+    ref, tar = sites[0].name, sites[1].name
+    kw = {"anatomy": opts.anatomy, "shape": tuple(opts.shape)}
+    cohorts = {"unpaired": U.unpaired_study(opts.n_fit, opts.seed, sites, **kw)}
+    cohorts["paired"] = {ref: cohorts["unpaired"][ref],
+                         tar: [U.scan(sc.person, sites[1], **kw) for sc in cohorts["unpaired"][ref]]}
+    test = U.held_out(opts.n_held_out, opts.seed, sites, **kw)
+    feats = {(d, s): U.features(c[s], opts.lmax) for d, c in cohorts.items() for s in (ref, tar)}
+    tpl, tpl_aff, tpl_info = H.build_template(feats[("unpaired", ref)])
+    reg = {}
+    for f in [x for v in feats.values() for x in v]:
+        if f.subject not in reg:
+            reg[f.subject] = H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff)
+    held = [H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff) for f in U.features(test[tar])]
+    held_ref = ([H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff)
+                 for f in U.features(test[ref])]
+                if opts.template_eval or opts.share_transforms else [])
+    if opts.share_transforms:
+        if opts.target_voxel != sites[0].voxel_mm:
+            raise SystemExit("--share-transforms needs --target-voxel equal to site A's")
+        for a, b in zip(feats[("paired", ref)], feats[("paired", tar)]):
+            reg[b.subject] = reg[a.subject]
+        held = list(held_ref)
+    m_ref = [U.measures(sc, lmax=opts.lmax) for sc in test[ref]]
+    m_bef = [U.measures(sc, lmax=opts.lmax) for sc in test[tar]]
+    print(f"setup {time.perf_counter() - t0:.0f} s, load1 {load1()}; seed {opts.seed}, "
+          f"anatomy {opts.anatomy}, grid {opts.shape}, site A SNR {opts.reference_snr:g}, "
+          f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
+          f"{', shared transforms' if opts.share_transforms else ''}",
+          flush=True)
+    for variant in opts.variants:
+        t1 = time.perf_counter()
+        res, fit_s = {}, {}
+        for d in cohorts:
+            t2 = time.perf_counter()
+            art = H.fit_harmonization(
+                feats[(d, ref)], feats[(d, tar)], list(U.STUDY_SHELLS), opts.lmax,
+                reference_site=ref, target_site=tar, template=(tpl, tpl_aff),
+                template_info=tpl_info, registered={k: (lambda t=t: t) for k, t in reg.items()},
+                scale_estimator=variant)
+            fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
+            after = [H.apply_harmonization(U.as_dwi(sc), None, art, transform=t)[0]
+                     for sc, t in zip(test[tar], held)]
+            m_aft = [U.measures(sc, a, opts.lmax) for sc, a in zip(test[tar], after)]
+            res[d] = (U.site_rows(m_ref, m_bef, m_aft), U.group_rows(test[tar], m_bef, m_aft),
+                      min(m["fa_corr"] for m in m_aft))
+            if opts.template_eval:
+                wm = art.template_mask & (tpl >= H.WM_FA_THRESHOLD)
+                t_ref = [template_measures(sc, None, t, wm) for sc, t in zip(test[ref], held_ref)]
+                t_bef = [template_measures(sc, None, t, wm) for sc, t in zip(test[tar], held)]
+                t_aft = [template_measures(sc, a, t, wm)
+                         for sc, a, t in zip(test[tar], after, held)]
+                rows = U.site_rows(t_ref, t_bef, t_aft)
+                print(f"  [{variant} {d}, template-space WM ({int(wm.sum())} voxels)] " + "; ".join(
+                    f"{r['metric']}{'' if math.isnan(r['shell']) else ' b%g' % r['shell']} "
+                    f"{r['d_before']:.2f} > {r['d_after']:.2f} ({100 * r['rel_after']:+.1f} %)"
+                    for r in rows), flush=True)
+        cells = []
+        for i, row in enumerate(res["unpaired"][0]):
+            name = row["metric"] + ("" if math.isnan(row["shell"]) else f" b{row['shell']:g}")
+            cells.append(f"{name} " + " / ".join(
+                f"{res[d][0][i]['d_after']:.2f} ({100 * res[d][0][i]['rel_after']:+.1f} %, "
+                f"p {res[d][0][i]['p_after']:.2g})" for d in res))
+        print(f"== {variant} ({time.perf_counter() - t1:.0f} s, load1 {load1()})")
+        print("  " + "\n  ".join(cells))
+        print("  max |d| " + " / ".join(f"{max(abs(r['d_after']) for r in res[d][0]):.2f}"
+                                        for d in res)
+              + "; group FA / l2 ratio " + " / ".join(
+                  f"{res[d][1][0]['ratio']:.3f}, {res[d][1][1]['ratio']:.3f}" for d in res)
+              + "; FA corr min " + " / ".join(f"{res[d][2]:.3f}" for d in res)
+              + "; maps from cached registrations s/subject " + " / ".join(
+                  f"{fit_s[d]:.2f}" for d in res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
