@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the models (issue 15 item 8; bench/gpu.py says what it measures).
 # At most 8 minutes on one GPU: the Python part is killed after GPU_BENCH_LIMIT_S
-# (default 470 s). Results: key=value lines and $OUT/gpu.tsv (OUT defaults to .).
+# (default 470 s). Results: key=value lines and $OUT/gpu.tsv (OUT defaults to build/gpu, which git ignores).
 #   bench/gpu.sh                      # CUDA, grids 32 and 96, bf16
 #   bench/gpu.sh --device cpu --tiny  # the same code path as a CPU dry run (< 1 min)
 set -euo pipefail
@@ -15,4 +15,4 @@ case " $* " in
   *" --device "*) device=() ;;
 esac
 exec timeout --signal=TERM --kill-after=10 "${GPU_BENCH_LIMIT_S:-470}" \
-  "$python" "$here/gpu.py" "${device[@]}" --out "${OUT:-.}" "$@"
+  "$python" "$here/gpu.py" "${device[@]}" --out "${OUT:-build/gpu}" "$@"
