@@ -32,10 +32,12 @@ output and cache: ``setting=full`` with today's full registration pyramids
 forced (``harmonize.*_HALF_LEVEL_MAX_MM`` set to 0 in the child before the
 CLI starts; the engine's workers are forked from it), ``setting=rule`` with
 the grid rule. Per setting: fit wall seconds per subject, CPU seconds per
-subject (user + sys of the child and every process it waited for: less
-sensitive to other load on the machine; / cores = a quiet machine's wall
-time if the work were evenly spread), the largest process's peak RSS
-(``ru_maxrss`` of the children) and load1 before and after. Then the
+subject (user + sys of the child and every process it waited for, the
+engine's pool included: ``RUSAGE_CHILDREN`` of this process before and
+after; less sensitive to other load on the machine; / workers = a quiet
+machine's wall time if the work were evenly spread), peak RSS of the
+largest process and of all of the fit's processes together (sampled from
+/proc every 0.5 s, and ``ru_maxrss``) and load1 before and after. Then the
 end-to-end check on ``--held-out`` other persons scanned at both sites (not
 in the fit): each held-out target scan harmonised with each artefact
 (registered with the artefact's setting), and once more with the full
@@ -85,16 +87,19 @@ import numpy as np
 task, args = sys.argv[1], json.loads(sys.argv[2])
 t0 = time.perf_counter()
 out = {}
+def target_site(args):          # the simulated target site's effect (None: reference)
+    from dmriflow.interfaces.sim import phantom
+    if not args["target"]:
+        return None
+    return phantom.SiteEffect(name="target", snr=args["snr_tar"],
+                              rish_scale={int(k): v for k, v in args["scale"].items()},
+                              rish_lmax=args["lmax"])
 if task == "simulate":
     from dmriflow.interfaces.sim import phantom
     from dmriflow.interfaces.gradients import format_bvals, format_bvecs
     from dmriflow.interfaces.io import save_nifti, write_text
     import nibabel as nib
-    site = None
-    if args["target"]:
-        site = phantom.SiteEffect(name="target", snr=args["snr_tar"],
-                                  rish_scale={int(k): v for k, v in args["scale"].items()},
-                                  rish_lmax=args["lmax"])
+    site = target_site(args)
     s = phantom.simulate_subject(tuple(args["shape"]), seed=args["seed"], snr=args["snr_ref"],
                                  scheme=phantom.hcp_scheme(), voxel_size=args["voxel"],
                                  site=site)
@@ -154,11 +159,7 @@ elif task == "apply":
     out["clipped"] = info["negative_clipped_fraction"]
 elif task == "cohort":
     from dmriflow.interfaces.sim import phantom
-    site = None
-    if args["target"]:
-        site = phantom.SiteEffect(name="target", snr=args["snr_tar"],
-                                  rish_scale={int(k): v for k, v in args["scale"].items()},
-                                  rish_lmax=args["lmax"])
+    site = target_site(args)
     out["labels"] = phantom.write_cohort(
         args["dir"], args["n"], layout="bids", shape=tuple(args["shape"]), seed=args["seed"],
         snr=args["snr_ref"], site=site, subject_prefix=args["prefix"],
