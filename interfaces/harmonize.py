@@ -123,9 +123,9 @@ CC_SIGMA_DIFF = 2.0
 #: pair by pair at 1.25 mm (0.70-0.81x the time); at 2.5 mm it held on 58x70x58
 #: brains but a small grid's known motion lost (FA corr 0.967 < 0.97): not there.
 AFFINE_HALF_LEVEL_MAX_MM = 2.5
-#: SyN: a 2.5 mm half level (HCP's 1.25 mm) costs +0.01-0.04 mm truth error (4
-#: pairs) with the affine's, 2.7-3.1x faster; a 5 mm one lost 0.21 mm: kept there.
-SYN_HALF_LEVEL_MAX_MM = 2.5
+#: SyN: none (0). A 2.5 mm half level (HCP) was 2.7-3.1x faster at +0.01-0.04 mm
+#: truth error, but held-out harmonised RISH lost more than today's jitter.
+SYN_HALF_LEVEL_MAX_MM = 0.0
 #: Shells of an artefact and a subject match when their nominal b-values are
 #: closer than the gradient module's shell gap.
 SHELL_TOLERANCE = SHELL_GAP

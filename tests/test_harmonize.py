@@ -180,7 +180,7 @@ def test_syn_levels_follow_the_grid():
 
 
 @pytest.mark.parametrize("voxel, affine_half, syn_half", [
-    (1.25, True, True),          # HCP: half levels 2.5 mm
+    (1.25, True, False),         # HCP: half level 2.5 mm (SyN: no grid)
     (1.5, False, False),
     (2.5, False, False)])
 def test_registration_pyramid_stops_at_half_resolution_only_on_fine_grids(
