@@ -51,6 +51,24 @@ the mean absolute voxelwise difference from the full-pyramid result
 Run: ``.venv/bin/python bench/harmonize.py [--shape X Y Z] [--per-site N]
 [--keep DIR] [--pipeline [--workers W] [--held-out N]]``. Ends with one line
 of key=value figures (GB = 1e9 bytes).
+
+Measured 2026-12-04, ``--pipeline --shape 56 68 56 --voxel 1.25 --per-site 3
+--held-out 1`` (nice 10, OMP_NUM_THREADS=1, 2 cores shared with 5 other
+jobs; the HCP-size run was not possible on that machine). With both half
+levels (``SYN_HALF_LEVEL_MAX_MM`` = 2.5 then)::
+
+  setting=full affine_levels=[100, 50, 10] syn_levels=[10, 10, 5] workers=2 subjects=6 fit_wall_s=366 fit_s_per_subject=61.0 cpu_s_per_subject=24.9 cpu_s_per_subject_per_core=12.4 peak_rss_gb=1.03 peak_total_rss_gb=1.34 load1_start=7.15 load1_end=9.51
+  setting=rule affine_levels=[100, 50, 0] syn_levels=[10, 10, 0] workers=2 subjects=6 fit_wall_s=191 fit_s_per_subject=31.8 cpu_s_per_subject=16.2 cpu_s_per_subject_per_core=8.1 peak_rss_gb=1.02 peak_total_rss_gb=1.29 load1_start=9.51 load1_end=6.47
+
+and with the adopted rule (affine half level only)::
+
+  setting=full affine_levels=[100, 50, 10] syn_levels=[10, 10, 5] workers=2 subjects=6 fit_wall_s=380 fit_s_per_subject=63.4 cpu_s_per_subject=24.0 cpu_s_per_subject_per_core=12.0 peak_rss_gb=1.01 peak_total_rss_gb=1.35 load1_start=3.44 load1_end=7.51
+  setting=rule affine_levels=[100, 50, 0] syn_levels=[10, 10, 5] workers=2 subjects=6 fit_wall_s=208 fit_s_per_subject=34.6 cpu_s_per_subject=19.3 cpu_s_per_subject_per_core=9.6 peak_rss_gb=1.01 peak_total_rss_gb=1.33 load1_start=7.51 load1_end=4.34
+
+Held-out rows (l0; docs/harmonization.md has the others): both half levels
+err_pct +0.43 / +0.45 / +0.53 (b=1000/2000/3000) vs full +0.37 / +0.31 /
++0.31 and full_jitter +0.38 / +0.32 / +0.32; the adopted rule +0.35 / +0.28
+/ +0.26.
 """
 
 from __future__ import annotations
