@@ -21,8 +21,54 @@ reporting its wall time and peak resident memory (``ru_maxrss``):
 Per-subject fit time = (features time per subject) + (fit wall time / number
 of subjects); the registrations dominate. Peak = the largest child.
 
+``--pipeline``: instead, the fit as a user runs it. A BIDS cohort of
+``--per-site`` subjects per site (``phantom.write_cohort``, .nii.gz, brain
+anatomy, travelling subjects: the target site re-scans the reference
+persons) goes through ``dmriflow harmonize fit --worker cf --n-procs
+WORKERS`` (features, template rounds and final registration one node per
+subject, in parallel; the fit node also evaluates the artefact on the target
+subjects) twice in one run, each in a fresh child process with its own
+output and cache: ``setting=full`` with today's full registration pyramids
+forced (``harmonize.*_HALF_LEVEL_MAX_MM`` set to 0 in the child before the
+CLI starts; the engine's workers are forked from it), ``setting=rule`` with
+the grid rule. Per setting: fit wall seconds per subject, CPU seconds per
+subject (user + sys of the child and every process it waited for, the
+engine's pool included: ``RUSAGE_CHILDREN`` of this process before and
+after; less sensitive to other load on the machine; / workers = a quiet
+machine's wall time if the work were evenly spread), peak RSS of the
+largest process and of all of the fit's processes together (sampled from
+/proc every 0.5 s, and ``ru_maxrss``) and load1 before and after. Then the
+end-to-end check on ``--held-out`` other persons scanned at both sites (not
+in the fit): each held-out target scan harmonised with each artefact
+(registered with the artefact's setting), and once more with the full
+pyramids on its FA plus small noise (``JITTER_FA_SD``: today's own variation
+for an input change that should not matter); reported per setting, shell and
+order: the white-matter (truth label) mean RISH of the harmonised target
+relative to the same person's reference scan (``err_pct``; 0 = perfect) and
+the mean absolute voxelwise difference from the full-pyramid result
+(``vs_full_pct``, % of the reference's WM mean).
+
 Run: ``.venv/bin/python bench/harmonize.py [--shape X Y Z] [--per-site N]
-[--keep DIR]``. Ends with one line of key=value figures (GB = 1e9 bytes).
+[--keep DIR] [--pipeline [--workers W] [--held-out N]]``. Ends with one line
+of key=value figures (GB = 1e9 bytes).
+
+Measured 2026-12-04, ``--pipeline --shape 56 68 56 --voxel 1.25 --per-site 3
+--held-out 1`` (nice 10, OMP_NUM_THREADS=1, 2 cores shared with 5 other
+jobs; the HCP-size run was not possible on that machine). With both half
+levels (``SYN_HALF_LEVEL_MAX_MM`` = 2.5 then)::
+
+  setting=full affine_levels=[100, 50, 10] syn_levels=[10, 10, 5] workers=2 subjects=6 fit_wall_s=366 fit_s_per_subject=61.0 cpu_s_per_subject=24.9 cpu_s_per_subject_per_core=12.4 peak_rss_gb=1.03 peak_total_rss_gb=1.34 load1_start=7.15 load1_end=9.51
+  setting=rule affine_levels=[100, 50, 0] syn_levels=[10, 10, 0] workers=2 subjects=6 fit_wall_s=191 fit_s_per_subject=31.8 cpu_s_per_subject=16.2 cpu_s_per_subject_per_core=8.1 peak_rss_gb=1.02 peak_total_rss_gb=1.29 load1_start=9.51 load1_end=6.47
+
+and with the adopted rule (affine half level only)::
+
+  setting=full affine_levels=[100, 50, 10] syn_levels=[10, 10, 5] workers=2 subjects=6 fit_wall_s=380 fit_s_per_subject=63.4 cpu_s_per_subject=24.0 cpu_s_per_subject_per_core=12.0 peak_rss_gb=1.01 peak_total_rss_gb=1.35 load1_start=3.44 load1_end=7.51
+  setting=rule affine_levels=[100, 50, 0] syn_levels=[10, 10, 5] workers=2 subjects=6 fit_wall_s=208 fit_s_per_subject=34.6 cpu_s_per_subject=19.3 cpu_s_per_subject_per_core=9.6 peak_rss_gb=1.01 peak_total_rss_gb=1.33 load1_start=7.51 load1_end=4.34
+
+Held-out rows (l0; docs/harmonization.md has the others): both half levels
+err_pct +0.43 / +0.45 / +0.53 (b=1000/2000/3000) vs full +0.37 / +0.31 /
++0.31 and full_jitter +0.38 / +0.32 / +0.32; the adopted rule +0.35 / +0.28
+/ +0.26.
 """
 
 from __future__ import annotations
@@ -30,6 +76,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,24 +88,36 @@ HCP_VOXEL_MM = 1.25
 LMAX = 8
 SNR_REF, SNR_TAR = 30.0, 20.0
 SCALE = {0: 0.9, 2: 1.2, 4: 0.85, 6: 0.9, 8: 0.9}
+#: --pipeline: the fit's registration settings, timed in one run.
+PIPELINE_SETTINGS = ("full", "rule")
+#: FA noise (SD, in the mask) of today's own-variation row of the held-out
+#: check (as bench/harmonize_register_speed.py's JITTER_FA_SD).
+JITTER_FA_SD = 0.02
+JITTER_SEED = 7
+#: Seeds: the fit cohort, and the held-out persons (other anatomies).
+COHORT_SEED, HELD_OUT_SEED = 100, 900
 
 CHILD = r"""
 import json, resource, sys, time
+from dataclasses import replace
 from pathlib import Path
 import numpy as np
 task, args = sys.argv[1], json.loads(sys.argv[2])
 t0 = time.perf_counter()
 out = {}
+def target_site(args):          # the simulated target site's effect (None: reference)
+    from dmriflow.interfaces.sim import phantom
+    if not args["target"]:
+        return None
+    return phantom.SiteEffect(name="target", snr=args["snr_tar"],
+                              rish_scale={int(k): v for k, v in args["scale"].items()},
+                              rish_lmax=args["lmax"])
 if task == "simulate":
     from dmriflow.interfaces.sim import phantom
     from dmriflow.interfaces.gradients import format_bvals, format_bvecs
     from dmriflow.interfaces.io import save_nifti, write_text
     import nibabel as nib
-    site = None
-    if args["target"]:
-        site = phantom.SiteEffect(name="target", snr=args["snr_tar"],
-                                  rish_scale={int(k): v for k, v in args["scale"].items()},
-                                  rish_lmax=args["lmax"])
+    site = target_site(args)
     s = phantom.simulate_subject(tuple(args["shape"]), seed=args["seed"], snr=args["snr_ref"],
                                  scheme=phantom.hcp_scheme(), voxel_size=args["voxel"],
                                  site=site)
@@ -116,8 +175,94 @@ elif task == "apply":
     out["registration_s"] = info["timing_s"]["registration"]
     out["scaling_s"] = info["timing_s"]["scaling"]
     out["clipped"] = info["negative_clipped_fraction"]
+elif task == "cohort":
+    from dmriflow.interfaces.sim import phantom
+    site = target_site(args)
+    out["labels"] = phantom.write_cohort(
+        args["dir"], args["n"], layout="bids", shape=tuple(args["shape"]), seed=args["seed"],
+        snr=args["snr_ref"], site=site, subject_prefix=args["prefix"],
+        voxel_size=args["voxel"], anatomy="brain")
+elif task == "cli_fit":
+    import os, threading
+    from dmriflow.interfaces import harmonize as H
+    if args["setting"] == "full":         # today's pyramids on every grid
+        H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = 0.0
+    from dmriflow.pipelines import cli
+    peak = {"largest": 0, "total": 0}
+    done = threading.Event()
+    def rss_kb(pid):
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(ln.split()[1]) for ln in fh if ln.startswith("VmRSS:"))
+    def tree(pid):
+        kids = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                kids += [int(c) for c in fh.read().split()]
+        return [pid] + [p for k in kids for p in tree(k)]
+    def watch():          # every process of the fit: the largest and the sum
+        while not done.wait(0.5):
+            try:
+                rss = [rss_kb(p) for p in tree(os.getpid())]
+            except (OSError, StopIteration):
+                continue
+            peak["largest"] = max(peak["largest"], max(rss))
+            peak["total"] = max(peak["total"], sum(rss))
+    threading.Thread(target=watch, daemon=True).start()
+    out["code"] = cli.main(args["argv"])
+    done.set()
+    out["largest_rss_gb"] = peak["largest"] * 1024 / 1e9
+    out["total_rss_gb"] = peak["total"] * 1024 / 1e9
+elif task == "held_out":
+    import nibabel as nib
+    from dmriflow.interfaces import harmonize as H
+    from dmriflow.interfaces.io import load_dwi
+    def scan(d, label):
+        base = Path(d) / f"sub-{label}" / "dwi" / f"sub-{label}_dwi"
+        truth = Path(d) / "derivatives" / "truth" / f"sub-{label}"
+        dwi = load_dwi(Path(f"{base}.nii.gz"), Path(f"{base}.bval"), Path(f"{base}.bvec"),
+                       truth / "dwi" / f"sub-{label}_desc-brain_mask.nii.gz")
+        wm = np.asarray(nib.load(truth / f"sub-{label}_param-label.nii.gz").dataobj)
+        return dwi, wm == args["wm_label"]
+    ref, wm = scan(args["ref_dir"], args["ref_label"])
+    ref_rish = H.rish_maps(ref, args["lmax"])
+    del ref
+    dwi, _ = scan(args["tar_dir"], args["tar_label"])
+    fa = H.dti_fa(dwi)
+    rows, full = [], {}
+    for name, folder, jitter in args["runs"]:
+        if name.startswith("full"):
+            H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = 0.0
+        else:
+            H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM = args["bounds"]
+        f = fa
+        if jitter:
+            rng = np.random.default_rng(args["jitter_seed"])
+            f = np.where(dwi.mask, fa + rng.normal(0, args["jitter_sd"], fa.shape),
+                         0).astype(np.float32)
+        art = H.HarmonizationArtefact.load(folder)
+        t1 = time.perf_counter()
+        data, info = H.apply_harmonization(dwi, f, art)
+        reg_s = info["timing_s"]["registration"]
+        rish = H.rish_maps(replace(dwi, data=data), args["lmax"])
+        del data
+        for b in sorted(rish):
+            for k in range(rish[b].shape[-1]):
+                r = ref_rish[b][..., k][wm]
+                x = rish[b][..., k][wm]
+                if name == "full":
+                    full[(b, k)] = x
+                diff = (float(np.mean(np.abs(x - full[(b, k)]))) / float(np.mean(r)) * 100
+                        if (b, k) in full else float("nan"))
+                rows.append({"run": name, "shell": b, "order": 2 * k,
+                             "err_pct": (float(np.mean(x)) / float(np.mean(r)) - 1) * 100,
+                             "vs_full_pct": diff, "registration_s": reg_s})
+    out["rows"] = rows
+usage_self = resource.getrusage(resource.RUSAGE_SELF)
+usage_children = resource.getrusage(resource.RUSAGE_CHILDREN)
 out["wall_s"] = time.perf_counter() - t0
-out["maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+out["maxrss_gb"] = usage_self.ru_maxrss * 1024 / 1e9
+out["children_maxrss_gb"] = usage_children.ru_maxrss * 1024 / 1e9
+out["cpu_s"] = sum(u.ru_utime + u.ru_stime for u in (usage_self, usage_children))
 print("RESULT " + json.dumps(out))
 """
 
@@ -136,7 +281,7 @@ def child(task: str, args: dict) -> dict:
 def main() -> None:
     opts, root = _options()
     try:
-        run(opts, root)
+        (run_pipeline if opts.pipeline else run)(opts, root)
     finally:
         if not opts.keep:          # the cohort is ~17 GB of uncompressed NIfTI
             shutil.rmtree(root, ignore_errors=True)
@@ -150,6 +295,12 @@ def _options():
                     help="subjects per site (the fit's minimum is lowered to this: the "
                          "benchmark measures cost, not statistics)")
     ap.add_argument("--keep", help="keep the simulated cohort and artefact here")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="time 'dmriflow harmonize fit' (full pyramids and the grid rule) "
+                         "and check held-out subjects, instead of the library steps")
+    ap.add_argument("--workers", type=int, default=2, help="--pipeline: engine processes")
+    ap.add_argument("--held-out", type=int, default=1,
+                    help="--pipeline: held-out persons (scanned at both sites)")
     ap.add_argument("--no-inplace", action="store_true",
                     help="skip the extra in-place application (peak memory without the copy)")
     opts = ap.parse_args()
@@ -207,6 +358,81 @@ def run(opts, root: Path) -> None:
           f"harm_fit_only_s_per_subject={fit['fit_s'] / n_sub:.1f} "
           + (f"harm_apply_inplace_peak_gb={inplace_peak:.2f} " if inplace_peak else "")
           + f"shape={'x'.join(map(str, opts.shape))} n_subjects={n_sub}")
+
+
+def run_pipeline(opts, root: Path) -> None:
+    """``--pipeline``: the CLI fit per setting, then the held-out check."""
+    from dmriflow.interfaces import harmonize as H
+    from dmriflow.interfaces.sim.phantom import LABELS
+    n, k = opts.per_site, opts.held_out
+    bids, held = root / "bids", root / "held_out"
+    print(f"cohort: {n} + {n} subjects (+ {k} held out at both sites), shape "
+          f"{tuple(opts.shape)} at {opts.voxel} mm, 288 volumes, under {root}", flush=True)
+    common = {"shape": opts.shape, "voxel": opts.voxel, "snr_ref": SNR_REF, "snr_tar": SNR_TAR,
+              "scale": SCALE, "lmax": LMAX}
+    labels = {}
+    for where, count, seed in ((bids, n, COHORT_SEED), (held, k, HELD_OUT_SEED)):
+        for prefix, target in (("a", False), ("b", True)):
+            if not any(where.glob(f"sub-{prefix}*")):
+                r = child("cohort", {**common, "dir": str(where), "n": count, "seed": seed,
+                                     "prefix": prefix, "target": target})
+                print(f"  simulated {where.name} {prefix}: {r['wall_s']:.0f} s", flush=True)
+            labels[(where.name, prefix)] = sorted(p.name[4:] for p in where.glob(f"sub-{prefix}*"))
+    table = root / "sites.tsv"
+    table.write_text("participant_id\tsite\n" + "".join(
+        f"sub-{lbl}\t{'siteA' if lbl.startswith('a') else 'siteB'}\n"
+        for prefix in "ab" for lbl in labels[("bids", prefix)]))
+    figures, artefacts = {}, {}
+    for setting in PIPELINE_SETTINGS:
+        out = root / f"fit-{setting}"
+        shutil.rmtree(out, ignore_errors=True)
+        argv = ["harmonize", "fit", str(bids), str(out), "--reference", "siteA",
+                "--target", "siteB", "--site-column", "site", "--site-table", str(table),
+                "--worker", "cf", "--n-procs", str(opts.workers), "--quiet",
+                "--cache-dir", str(out / "cache")]
+        load0 = os.getloadavg()[0]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        r = child("cli_fit", {"setting": setting, "argv": argv})
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # all waited for, pools too
+        cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        load1 = os.getloadavg()[0]
+        if r["code"] != 0:
+            raise SystemExit(f"harmonize fit ({setting}) exited {r['code']}")
+        artefacts[setting] = str(next((out / "dmriflow" / "harmonization").iterdir()))
+        params = json.loads((Path(artefacts[setting]) / "artefact.json").read_text())
+        levels = params["parameters"]["registration_options"]
+        n_sub = 2 * n
+        peak = max(r["maxrss_gb"], r["children_maxrss_gb"], r["largest_rss_gb"])
+        figures[setting] = r["wall_s"] / n_sub
+        print(f"setting={setting} affine_levels={levels['affine_level_iters']} "
+              f"syn_levels={levels['syn_level_iters']} workers={opts.workers} "
+              f"subjects={n_sub} fit_wall_s={r['wall_s']:.0f} "
+              f"fit_s_per_subject={r['wall_s'] / n_sub:.1f} "
+              f"cpu_s_per_subject={cpu_s / n_sub:.1f} "
+              f"cpu_s_per_subject_per_core={cpu_s / n_sub / opts.workers:.1f} "
+              f"peak_rss_gb={peak:.2f} peak_total_rss_gb={r['total_rss_gb']:.2f} "
+              f"load1_start={load0:.2f} load1_end={load1:.2f}",
+              flush=True)
+        shutil.rmtree(out / "cache", ignore_errors=True)
+    runs = [("full", artefacts["full"], False), ("rule", artefacts["rule"], False),
+            ("full_jitter", artefacts["full"], True)]
+    for ref_label, tar_label in zip(labels[("held_out", "a")], labels[("held_out", "b")]):
+        load0 = os.getloadavg()[0]
+        r = child("held_out", {"ref_dir": str(held), "ref_label": ref_label,
+                               "tar_dir": str(held), "tar_label": tar_label, "lmax": LMAX,
+                               "wm_label": LABELS["wm"], "runs": runs,
+                               "bounds": [H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM],
+                               "jitter_sd": JITTER_FA_SD, "jitter_seed": JITTER_SEED})
+        for row in r["rows"]:
+            print(f"held_out={tar_label} run={row['run']} b={row['shell']:g} "
+                  f"l={row['order']} err_pct={row['err_pct']:+.2f} "
+                  f"vs_full_pct={row['vs_full_pct']:.3f} "
+                  f"registration_s={row['registration_s']:.1f}", flush=True)
+        print(f"  held-out check: {r['wall_s']:.0f} s, peak {r['maxrss_gb']:.2f} GB, "
+              f"load1 {load0:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
+    print(" ".join(f"harm_pipeline_fit_s_per_subject_{k}={v:.1f}" for k, v in figures.items())
+          + f" shape={'x'.join(map(str, opts.shape))} n_subjects={2 * n} "
+          f"workers={opts.workers}")
 
 
 def child_fit(dirs: dict, root: Path, n: int) -> dict:

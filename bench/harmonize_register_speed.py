@@ -84,6 +84,32 @@ the jitter's 0.34-0.57) and takes 0.70-0.81x of today's time at HCP size, 0.57-0
 systematic loss. At 2.5 mm the half level is 5 mm and the loss is 0.21 mm:
 the setting only suits fine (HCP-like) grids. Fewer SyN iterations
 (``syn_fewer``) lose accuracy without saving time; affine only is 4x worse.
+
+Two more HCP-size pairs, 2026-12-04 (``--first 3``, then ``--first 4``, one at
+a time, nice 10, OMP_NUM_THREADS=1; the machine shared with 5 other jobs,
+load ~6-9: wall times are inflated and not comparable between rows here)::
+
+  anatomy=brain grid=145x174x145 voxel_mm=1.25 pairs=1 first=3 setting=today wall_s=228.0 rel_today=0.000 corr=0.9984 truth_mm=0.37 truth_p95_mm=1.00 truth_mm_pairs=0.37 load1=5.80
+  anatomy=brain grid=145x174x145 voxel_mm=1.25 pairs=1 first=3 setting=today_jitter wall_s=251.0 rel_today=0.525 corr=0.9970 truth_mm=0.44 truth_p95_mm=1.16 truth_mm_pairs=0.44 load1=5.80
+  anatomy=brain grid=145x174x145 voxel_mm=1.25 pairs=1 first=3 setting=aff_half wall_s=231.3 rel_today=0.115 corr=0.9984 truth_mm=0.36 truth_p95_mm=0.93 truth_mm_pairs=0.36 load1=5.80
+  anatomy=brain grid=145x174x145 voxel_mm=1.25 pairs=1 first=3 setting=aff_half_syn_half wall_s=65.8 rel_today=0.379 corr=0.9977 truth_mm=0.38 truth_p95_mm=0.98 truth_mm_pairs=0.38 load1=5.80
+  anatomy=brain grid=145x174x145 voxel_mm=1.25 pairs=1 first=4 setting=today wall_s=374.4 rel_today=0.000 corr=0.9983 truth_mm=0.35 truth_p95_mm=1.01 truth_mm_pairs=0.35 load1=5.96
+  anatomy=brain grid=145x174x145 voxel_mm=1.25 pairs=1 first=4 setting=today_jitter wall_s=351.5 rel_today=0.635 corr=0.9972 truth_mm=0.38 truth_p95_mm=1.05 truth_mm_pairs=0.38 load1=5.96
+  anatomy=brain grid=145x174x145 voxel_mm=1.25 pairs=1 first=4 setting=aff_half wall_s=168.0 rel_today=0.016 corr=0.9983 truth_mm=0.35 truth_p95_mm=1.01 truth_mm_pairs=0.35 load1=5.96
+  anatomy=brain grid=145x174x145 voxel_mm=1.25 pairs=1 first=4 setting=aff_half_syn_half wall_s=69.8 rel_today=0.397 corr=0.9975 truth_mm=0.39 truth_p95_mm=1.07 truth_mm_pairs=0.39 load1=5.96
+
+Over the four HCP pairs ``aff_half_syn_half`` changes the mean truth error
+by +0.04, +0.03, +0.01, +0.04 mm (p95 +0.08, +0.06, -0.02, +0.06 mm); the
+jitter moved it by -0.01, -0.03, +0.07, +0.03 mm; its ``rel_today``
+(0.29-0.40) stays below the jitter's (0.45-0.64) in every pair; ``aff_half``
+is equal or better than today in every pair. The SyN half level's loss is
++0.03 mm (1/40 voxel) on average, within the size of today's own variation
+but always of one sign; end to end (``bench/harmonize.py --pipeline`` on a
+1.25 mm grid, held-out subject) it raised the harmonised RISH's error against
+the truth by more than today's jitter did. So ``harmonize.registration_levels``
+skips only the affine's finest level, on grids of at most 1.25 mm
+(``AFFINE_HALF_LEVEL_MAX_MM`` = 2.5); SyN keeps its full pyramid
+(``SYN_HALF_LEVEL_MAX_MM`` = 0), as coarser grids keep both.
 """
 
 from __future__ import annotations

@@ -128,6 +128,17 @@ SYN_LEVEL_ITERS = (10, 10, 5)
 CC_RADIUS_MM = 5.0
 CC_RADIUS = 4                    # voxels at 1.25 mm; kept for callers that set it
 CC_SIGMA_DIFF = 2.0
+#: Fine template grids stop a pyramid at half resolution (its finest level's
+#: iterations set to 0: dipy keeps the half-level affine, upsamples the SyN
+#: field) where the half level's largest voxel side (2 x the template's) is at
+#: most this many mm (:func:`registration_levels`; bench/harmonize_register_speed.py).
+#: Affine: skipping the full level left the brain phantom's truth error equal
+#: pair by pair at 1.25 mm (0.70-0.81x the time); at 2.5 mm it held on 58x70x58
+#: brains but a small grid's known motion lost (FA corr 0.967 < 0.97): not there.
+AFFINE_HALF_LEVEL_MAX_MM = 2.5
+#: SyN: none (0). A 2.5 mm half level (HCP) was 2.7-3.1x faster at +0.01-0.04 mm
+#: truth error, but held-out harmonised RISH lost more than today's jitter.
+SYN_HALF_LEVEL_MAX_MM = 0.0
 #: Shells of an artefact and a subject match when their nominal b-values are
 #: closer than the gradient module's shell gap.
 SHELL_TOLERANCE = SHELL_GAP
@@ -363,9 +374,35 @@ def cc_radius_for(affine) -> int:
     return max(1, int(math.floor(CC_RADIUS_MM / float(zooms.mean()) + 0.5)))
 
 
+def _half_level_kept(iters: Sequence[int], half_level_mm: float, bound_mm: float) -> tuple:
+    """``iters`` with the finest level skipped (0) if the half level is at most ``bound_mm``."""
+    iters = tuple(int(i) for i in iters)
+    if len(iters) > 1 and half_level_mm <= bound_mm + 1e-6:
+        return iters[:-1] + (0,)
+    return iters
+
+
+def registration_levels(static_affine, affine_level_iters: Sequence[int] | None = None,
+                        syn_level_iters: Sequence[int] | None = None) -> dict:
+    """The pyramids :func:`register_fa` uses on a template grid.
+
+    Given iterations are kept as they are; a default (None) is
+    ``AFFINE_LEVEL_ITERS``/``SYN_LEVEL_ITERS`` with the finest level skipped
+    where the grid is fine enough (``AFFINE_HALF_LEVEL_MAX_MM``,
+    ``SYN_HALF_LEVEL_MAX_MM``). Returns ``{"affine_level_iters": [...],
+    "syn_level_iters": [...]}``."""
+    zooms = np.sqrt((_as_affine(static_affine)[:3, :3] ** 2).sum(axis=0))
+    half_mm = 2.0 * float(zooms.max())
+    aff = (_half_level_kept(AFFINE_LEVEL_ITERS, half_mm, AFFINE_HALF_LEVEL_MAX_MM)
+           if affine_level_iters is None else tuple(int(i) for i in affine_level_iters))
+    syn = (_half_level_kept(SYN_LEVEL_ITERS, half_mm, SYN_HALF_LEVEL_MAX_MM)
+           if syn_level_iters is None else tuple(int(i) for i in syn_level_iters))
+    return {"affine_level_iters": list(aff), "syn_level_iters": list(syn)}
+
+
 def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, static_affine,
-                kind: str = "syn", *, affine_level_iters: Sequence[int] = AFFINE_LEVEL_ITERS,
-                syn_level_iters: Sequence[int] = SYN_LEVEL_ITERS,
+                kind: str = "syn", *, affine_level_iters: Sequence[int] | None = None,
+                syn_level_iters: Sequence[int] | None = None,
                 cc_radius: int | None = None, cc_sigma_diff: float = CC_SIGMA_DIFF) -> Transform:
     """Register a subject FA map (moving) to the template FA (static).
 
@@ -374,7 +411,8 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     cross-correlation; window ``cc_radius`` voxels, default
     :func:`cc_radius_for` the template) from that prealignment. ``"affine"``
     stops after the affine stage; ``"identity"`` checks that both are on one
-    grid.
+    grid. Level iterations: :func:`registration_levels` (None: by the
+    template's voxel size).
     """
     if kind not in REGISTRATIONS:
         raise ValueError(f"unknown registration {kind!r} ({', '.join(REGISTRATIONS)})")
@@ -390,6 +428,8 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
                                      transform_centers_of_mass)
     from dipy.align.transforms import (AffineTransform3D, RigidTransform3D,
                                        TranslationTransform3D)
+    levels = registration_levels(static_affine, affine_level_iters, syn_level_iters)
+    affine_level_iters, syn_level_iters = levels["affine_level_iters"], levels["syn_level_iters"]
     prealign = transform_centers_of_mass(static, static_affine, moving, moving_affine).affine
     n = len(affine_level_iters)
     sampling = MI_SAMPLES / static.size if static.size > MI_SAMPLES else None
@@ -1134,8 +1174,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
               "scale_estimator": scale_estimator,
               "min_subjects": int(min_subjects),
               "registration_options": {
-                  "affine_level_iters": list(opts.get("affine_level_iters", AFFINE_LEVEL_ITERS)),
-                  "syn_level_iters": list(opts.get("syn_level_iters", SYN_LEVEL_ITERS)),
+                  **registration_levels(tpl_affine, opts.get("affine_level_iters"),
+                                        opts.get("syn_level_iters")),
                   "cc_radius": int(opts.get("cc_radius") or cc_radius_for(tpl_affine)),
                   "mi_bins": MI_BINS, "mi_samples": MI_SAMPLES},
               "n_subjects": {reference_site: n_ref, target_site: n_tar},

@@ -178,6 +178,46 @@ def test_syn_levels_follow_the_grid():
     assert H._syn_levels((6, 6, 6), (10, 10, 5), 4) == [5]
 
 
+
+@pytest.mark.parametrize("voxel, affine_half, syn_half", [
+    (1.25, True, False),         # HCP: half level 2.5 mm (SyN: no grid)
+    (1.5, False, False),
+    (2.5, False, False)])
+def test_registration_pyramid_stops_at_half_resolution_only_on_fine_grids(
+        monkeypatch, voxel, affine_half, syn_half):
+    """register_fa hands dipy the pyramids of the grid rule: the finest level
+    skipped (0 iterations) only where the half level is within the
+    ``*_HALF_LEVEL_MAX_MM`` bounds; given iterations are kept as they are."""
+    from dipy.align import imaffine, imwarp
+    seen = {}
+
+    def spy(cls, name):
+        init = cls.__init__
+
+        def record(self, *a, **kw):
+            seen[name] = list(kw["level_iters"])
+            init(self, *a, **kw)
+        monkeypatch.setattr(cls, "__init__", record)
+    spy(imaffine.AffineRegistration, "aff")
+    spy(imwarp.SymmetricDiffeomorphicRegistration, "syn")
+    shape = (24, 28, 22)
+    aff = np.diag([voxel, voxel, voxel, 1.0])
+    ijk = np.indices(shape, dtype=np.float32)
+    centre = (np.asarray(shape, dtype=np.float32) - 1) / 2
+    r2 = sum(((ijk[i] - centre[i]) / (0.4 * shape[i])) ** 2 for i in range(3))
+    fa = np.where(r2 < 1, 0.2 + 0.6 * np.abs(np.sin(ijk[0] / 3.0)), 0).astype(np.float32)
+    H.register_fa(np.roll(fa, 1, axis=0), aff, fa, aff, "syn")
+    full_aff, full_syn = list(H.AFFINE_LEVEL_ITERS), list(H.SYN_LEVEL_ITERS)
+    assert seen["aff"] == (full_aff[:-1] + [0] if affine_half else full_aff)
+    syn = H._syn_levels(shape, full_syn[:-1] + [0] if syn_half else full_syn,
+                        H.cc_radius_for(aff))
+    assert seen["syn"] == syn and (syn[-1] == 0) == syn_half
+    levels = H.registration_levels(aff)
+    assert (levels["affine_level_iters"], levels["syn_level_iters"][-1] == 0) == (
+        seen["aff"], syn_half)
+    H.register_fa(fa, aff, fa, aff, "affine", affine_level_iters=full_aff)
+    assert seen["aff"] == full_aff                        # given iterations win
+
 # ----------------------------------------------------------------------------
 # ground truth: fit
 # ----------------------------------------------------------------------------
