@@ -147,8 +147,10 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
     """Fit the artefact on the subjects whose features succeeded, from their
     registrations to the template; evaluate it.
 
-    The evaluation applies the artefact to every target subject and compares
-    white-matter FA, MD and RISH between sites before and after.
+    The evaluation applies the artefact to every target subject (through the
+    transform its registration node computed for the fit: no second
+    registration) and compares white-matter FA, MD and RISH between sites
+    before and after.
     """
     Path(STEP_MARKER).write_text("harmonize-fit")
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
@@ -169,11 +171,15 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
 
     ref_summaries = [summarise_subject(load_series(f["record"]), lmax, subject=f["subject"])
                      for f in ref]
+    transforms = _transforms(registered)
     before, after = [], []
     for f in tar:
         dwi = load_series(f["record"])
         before.append(summarise_subject(dwi, lmax, subject=f["subject"]))
+        # the fit's own registration of this subject (its node's), not a second one
+        own = transforms.get(f["subject"])
         dwi.data, _ = apply_harmonization(dwi, None, artefact, subject=f["subject"],
+                                          transform=None if own is None else own(),
                                           inplace=True)
         after.append(summarise_subject(dwi, lmax, subject=f["subject"], wm_mask=before[-1].wm_mask))
     site_table, preservation = evaluate_harmonization(ref_summaries, before, after, lmax)
