@@ -762,3 +762,15 @@ def test_refit_registers_target_scans_like_the_same_persons_reference_scans():
     # measured: 0.73 of the one-round misplacement on average, every person
     # closer; through the unharmonised FA the transforms would be the same (1.0)
     assert np.all(refit < one) and refit.mean() < 0.85 * one.mean(), (one, refit)
+    # apply repeats the artefact's round: from the first-pass transform it
+    # re-registers through the harmonised FA, then scales the original data
+    s, t0 = tar[0], arts[0].transforms[("siteB", ft[0].subject)]
+    out, info = H.apply_harmonization(as_dwi(s.dwi, s), None, arts[1], transform=t0)
+    t1 = H.register_fa(np.where(s.mask, hfa[ft[0].subject](arts[1], t0), 0).astype(np.float32),
+                       s.affine, arts[1].template_fa, arts[1].template_affine)
+    expect, _ = H.apply_harmonization(as_dwi(s.dwi, s), None, arts[1], transform=t1,
+                                      refit_rounds=0)
+    np.testing.assert_array_equal(out, expect)
+    assert info["refit_rounds"] == 1
+    assert not np.array_equal(out, H.apply_harmonization(as_dwi(s.dwi, s), None, arts[1],
+                                                         transform=t0, refit_rounds=0)[0])
