@@ -149,7 +149,8 @@ def main() -> None:
               + "; group FA / l2 ratio " + " / ".join(
                   f"{res[d][1][0]['ratio']:.3f}, {res[d][1][1]['ratio']:.3f}" for d in res)
               + "; FA corr min " + " / ".join(f"{res[d][2]:.3f}" for d in res)
-              + "; maps from cached registrations s/subject " + " / ".join(
+              + "; maps from cached registrations (+ refit registrations) s/subject "
+              + " / ".join(
                   f"{fit_s[d]:.2f}" for d in res), flush=True)
 
 
