@@ -35,7 +35,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -984,6 +984,11 @@ def _read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) ->
 _NATIVE_ESTIMATORS = ("matched", "native-log")
 #: Template voxels covered by less than this much warped mask have no site mean.
 _MIN_COVER = 1e-3
+#: Rounds of re-registering the target subjects through their harmonised FA
+#: and refitting (0: registered through the scanned FA only). The site effect
+#: changes FA, so target scans registered through their own FA land slightly
+#: off the same anatomy scanned at the reference site (docs/harmonization.md).
+DEFAULT_REFIT_ROUNDS = 0
 
 
 def _site_mean(total: np.ndarray, cover: np.ndarray) -> np.ndarray:
@@ -1039,7 +1044,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       min_subjects: int = MIN_SUBJECTS_PER_SITE, keep_transforms: bool = True,
                       registration_options: dict | None = None, template_info: dict | None = None,
                       registered: Mapping[str, Callable[[], Transform]] | None = None,
-                      site_mean: str = "mean", scale_estimator: str = "ratio"
+                      site_mean: str = "mean", scale_estimator: str = "ratio",
+                      refit_rounds: int = DEFAULT_REFIT_ROUNDS,
+                      harmonised_fa: Mapping[str, Callable] | None = None
                       ) -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
@@ -1058,9 +1065,24 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     subject as its own node); ``template_info`` then describes that template.
     ``site_mean``: one of ``SITE_MEANS`` (the site-mean estimator);
     ``scale_estimator``: one of ``SCALE_ESTIMATORS`` (how the ratio is formed).
+    ``refit_rounds``: after the fit, re-register each target subject through
+    its harmonised FA and fit again (from the original RISH), this many
+    times; ``harmonised_fa[subject](artefact, transform)`` returns that FA on
+    the subject's grid (e.g. :func:`harmonised_fa` of its DWI).
+    :func:`apply_harmonization` repeats the same rounds.
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
+    if refit_rounds:
+        return _refit(reference, target, shells, lmax, refit_rounds, harmonised_fa,
+                      dict(tau=tau, smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range,
+                           reference_site=reference_site, target_site=target_site,
+                           registration=registration, template=template,
+                           template_iterations=template_iterations, min_subjects=min_subjects,
+                           keep_transforms=keep_transforms,
+                           registration_options=registration_options,
+                           template_info=template_info, registered=registered,
+                           site_mean=site_mean, scale_estimator=scale_estimator))
     lmax = sh._check_lmax(lmax)
     if registration not in REGISTRATIONS:
         raise ValueError(f"unknown registration {registration!r} ({', '.join(REGISTRATIONS)})")
@@ -1171,7 +1193,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, fill_index=fill)
         del means
     params = {"template": tpl_info, "mask_coverage": MASK_COVERAGE, "site_mean": site_mean,
-              "scale_estimator": scale_estimator,
+              "scale_estimator": scale_estimator, "refit_rounds": 0,
               "min_subjects": int(min_subjects),
               "registration_options": {
                   **registration_levels(tpl_affine, opts.get("affine_level_iters"),
@@ -1187,6 +1209,41 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         registration=registration, reference_site=reference_site, target_site=target_site,
         subjects=subjects, pipeline_version=pipeline_version(), parameters=params,
         transforms=transforms)
+
+
+def _refit(reference, target, shells, lmax, rounds: int, harmonised_fa, kw: dict
+           ) -> HarmonizationArtefact:
+    """:func:`fit_harmonization` with ``rounds`` re-registrations of the target
+    subjects through their harmonised FA (the reference transforms and the
+    template stay; the site means always come from the original RISH)."""
+    if rounds < 0:
+        raise ValueError(f"refit_rounds must be >= 0, got {rounds}")
+    if kw["registration"] == "identity":
+        raise ValueError("refit_rounds needs a registration (not 'identity')")
+    if harmonised_fa is None:
+        raise ValueError("refit_rounds needs harmonised_fa: {target subject: callable}")
+    keep, opts = kw["keep_transforms"], dict(kw["registration_options"] or {})
+    art = fit_harmonization(reference, target, shells, lmax,
+                            **{**kw, "keep_transforms": True, "refit_rounds": 0})
+    for _ in range(rounds):
+        reg = {s: (lambda t=t: t) for (site, s), t in art.transforms.items()
+               if site == kw["reference_site"]}
+        for item in target:
+            f = _load(item)
+            fa = harmonised_fa[f.subject](art, art.transforms[(kw["target_site"], f.subject)])
+            t = register_fa(np.where(np.asarray(f.mask, dtype=bool), fa, 0).astype(np.float32),
+                            f.affine, art.template_fa, art.template_affine,
+                            kw["registration"], **opts)
+            reg[f.subject] = lambda t=t: t
+            del f
+        art = fit_harmonization(reference, target, shells, lmax, **{
+            **kw, "keep_transforms": True, "refit_rounds": 0, "registered": reg,
+            "template": (art.template_fa, art.template_affine),
+            "template_info": art.parameters["template"]})
+    art.parameters["refit_rounds"] = int(rounds)
+    if not keep:
+        art.transforms = {}
+    return art
 
 
 # ----------------------------------------------------------------------------
@@ -1254,7 +1311,8 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                         transform: Transform | None = None, registration: str | None = None,
                         keep_residual: bool = True, inplace: bool = False,
                         chunk_size: int | None = None, subject: str = "subject",
-                        registration_options: dict | None = None) -> tuple[np.ndarray, dict]:
+                        registration_options: dict | None = None,
+                        refit_rounds: int | None = None) -> tuple[np.ndarray, dict]:
     """Harmonise one subject's DWIs with ``artefact``: (float32 4D data, info).
 
     Per shell and mask voxel: SH coefficients of the b0-normalised signal are
@@ -1273,8 +1331,13 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     already applied to this input (:func:`applied_artefacts` of its
     sidecar); applying the same artefact again is refused unless ``force``.
     ``inplace`` overwrites ``dwi.data`` (halves peak memory).
+    ``refit_rounds`` (None: the artefact's): re-register the subject through
+    its FA harmonised with the current transform this many times before the
+    data are scaled, as the fit did for its target subjects.
     """
     cid = artefact.content_id
+    if refit_rounds is None:
+        refit_rounds = int(artefact.parameters.get("refit_rounds", DEFAULT_REFIT_ROUNDS))
     history = [str(x) for x in applied]
     if cid in history and not force:
         raise HarmonizationError(f"{subject}: artefact {cid[:12]} was already applied to this "
@@ -1305,6 +1368,11 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                                  f"{transform.subject_shape} to {transform.template_shape}, "
                                  f"the data/artefact are {grid} and "
                                  f"{artefact.template_fa.shape}")
+    for _ in range(refit_rounds if transform.kind != "identity" else 0):
+        fa_h = harmonised_fa(dwi, artefact, transform, chunk_size=chunk_size)
+        transform = register_fa(np.where(dwi.mask, fa_h, 0).astype(np.float32), dwi.affine,
+                                artefact.template_fa, artefact.template_affine, transform.kind,
+                                **dict(registration_options or {}))
     t_registered = time.perf_counter()
     out = dwi.data if inplace else dwi.data.copy(order="K")
     flat, rows_idx, order = storage_rows(out, dwi.mask)
@@ -1358,6 +1426,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
         "reference_site": artefact.reference_site, "target_site": artefact.target_site,
         "shells": {_shell_key(b): float(s) for b, s in pairs.items()},
         "lmax": artefact.lmax, "registration": transform.kind,
+        "refit_rounds": int(refit_rounds),
         "prealign": transform.prealign.tolist(), "keep_residual": bool(keep_residual),
         "negative_clipped_fraction": n_clipped / max(n_values, 1),
         "scale_median_in_mask": lam_median, "forced": bool(force and cid in history),
@@ -1367,6 +1436,16 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                      "scaling": time.perf_counter() - t_registered},
     }
     return out, info
+
+
+def harmonised_fa(dwi: DWI, artefact: HarmonizationArtefact, transform: Transform,
+                  chunk_size: int | None = None) -> np.ndarray:
+    """FA (:func:`dti_fa`) of ``dwi`` harmonised with ``artefact`` through
+    ``transform``: the contrast the target subjects are re-registered
+    through when refitting (``refit_rounds``)."""
+    data, _ = apply_harmonization(dwi, None, artefact, transform=transform, force=True,
+                                  chunk_size=chunk_size, refit_rounds=0)
+    return dti_fa(replace(dwi, data=data, rows=None))
 
 
 # ----------------------------------------------------------------------------
