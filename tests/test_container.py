@@ -212,9 +212,23 @@ FOREIGN_UID = 4242
 PODMAN_ULIMITS = ("--ulimit", "nofile=16384:16384", "--ulimit", "nproc=8192:8192")
 
 
+#: A cgroup-v2 hierarchy beside the v1 controllers ("hybrid" layout): crun, podman's
+#: default runtime, refuses to start a container when it holds controllers; runc does not.
+HYBRID_CGROUP_CONTROLLERS = Path("/sys/fs/cgroup/unified/cgroup.controllers")
+
+
+def podman_runtime() -> tuple[str, ...]:
+    """``--runtime runc`` on a host with the hybrid cgroup layout crun refuses
+    (where runc is installed: docker.io brings it), else podman's default."""
+    runc = shutil.which("runc")
+    hybrid = HYBRID_CGROUP_CONTROLLERS.exists() and HYBRID_CGROUP_CONTROLLERS.read_text().strip()
+    return ("--runtime", runc) if hybrid and runc else ()
+
+
 def podman(*args: str, timeout: float = RUN_TIMEOUT_S, check: bool = True,
            **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([PODMAN, *args], capture_output=True, text=True, timeout=timeout, **kw)
+    proc = subprocess.run([PODMAN, *podman_runtime(), *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
     if check and proc.returncode:
         raise AssertionError(f"podman {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
