@@ -269,3 +269,27 @@ def test_3t7t_inference_flags_a_subject_the_ensemble_disagrees_on():
     flag = re.fullmatch(r"ensemble_disagreement (\S+) is outside the model's range "
                         r"0-0\.2749; validation pairs 0\.2227-0\.2499", shifted["range_flags"])
     assert flag and float(flag[1]) == pytest.approx(d, abs=1e-4)
+
+
+def test_3t7t_inference_computes_the_cube_features_once(monkeypatch):
+    """``generate_7t_like`` hands its shell features to the ensemble guard: the
+    cube's features are computed once per subject (they were twice), and the
+    guard's value is the one it measures from the series on its own."""
+    import dataclasses
+
+    from dmriflow.models.ldm import cohort
+    diff, dcard = cards.load_checkpoint(study.SHIPPED_DIFFUSION, device="cpu")
+    dcard = dataclasses.replace(dcard, extra={"samples": 2, "sample_steps": 2})
+    dwi = _series(60_000, "train")
+    alone, _ = cohort.ensemble_guard(dwi.select_volumes(features.shell_volumes(dwi.gtab)[0]))
+    calls = []
+    real = features.shell_features
+
+    def counted(*args, **kwargs):
+        calls.append(args[-1] if len(args) > 4 else kwargs.get("grid"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(features, "shell_features", counted)
+    _, _, extra = cohort.generate_7t_like(diff.float(), dcard, dwi, seed=0)
+    assert calls == [diff.grid]
+    assert extra["info"]["ensemble_disagreement"] == round(alone, 5)

@@ -116,9 +116,9 @@ def range_score(acq: cards.Acquisition, values: dict) -> float:
 def condition_shift(model: rishdiff.RishDiffusion3T7T, s: study.Subject) -> float:
     """RMS of the mask means of the standardised condition channels (mask excluded)."""
     with torch.no_grad():
-        z = model.condition(rishdiff.raw_condition(s.f3, s.sigma3))[0].cpu().numpy()
+        z = model.condition(model.raw_condition(s.f3, s.sigma3))[0].cpu().numpy()
     m = z[rishdiff.N] > 0.5
-    keep = [c for c in range(rishdiff.N_COND) if c != rishdiff.N]
+    keep = [c for c in range(model.n_cond) if c != rishdiff.N]
     means = np.array([z[c][m].mean() for c in keep])
     return float(np.sqrt(np.mean(means ** 2)))
 

@@ -107,9 +107,10 @@ def acquisition(ranges: dict) -> cards.Acquisition:
 
 
 def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | None = None,
-                  grid: int = 32, seed: int = 0, log=print) -> dict:
+                  grid: int = 32, seed: int = 0, sharpness: bool = False, log=print) -> dict:
     """Train both RISH-space models on train-family pairs; write their checkpoints
-    to ``out/rish_3t7t`` and ``out/rish_cnn_3t7t`` (float16-rounded weights)."""
+    to ``out/rish_3t7t`` and ``out/rish_cnn_3t7t`` (float16-rounded weights).
+    ``sharpness``: both get the measured-sharpness condition channel."""
     out = Path(out)
     t0 = time.perf_counter()
     subs = simulate_pairs(SEED_TRAIN + np.arange(n_pairs), "train", grid)
@@ -118,7 +119,7 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     ranges = card_ranges(subs)
     budget = rishdiff.RishBudget(steps=steps, seed=seed)
     torch.manual_seed(seed)
-    diff = rishdiff.RishDiffusion3T7T(grid=grid)
+    diff = rishdiff.RishDiffusion3T7T(grid=grid, sharpness=sharpness)
     rep = rishdiff.fit(diff, pairs, budget, log=log)
     val = simulate_pairs(SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid)
     t1 = time.perf_counter()
@@ -130,7 +131,7 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
                           f"{time.perf_counter() - t1:.0f} s")
     log(f"spread scale {np.round(scale, 3).tolist()} ({rep['calibration']})")
     torch.manual_seed(seed)
-    cnn = rishdiff.RishResidualCNN(grid=grid)
+    cnn = rishdiff.RishResidualCNN(grid=grid, sharpness=sharpness)
     cbudget = rishdiff.RishBudget(steps=cnn_steps or steps, seed=seed)
     crep = rishdiff.fit_cnn(cnn, pairs, cbudget, log=log)
     data = training_data(n_pairs, grid)
@@ -152,11 +153,14 @@ def save_rish_checkpoint(model, report: dict, name: str, folder, ranges: dict, d
                          grid: int) -> None:
     """Write one RISH-space model (float16-rounded weights) and its card to ``folder``."""
     _round_half(model)
+    sharp = {"sharpness": True} if model.sharpness else {}
     card = cards.ModelCard(
-        name=name, version="0.1", architecture=name, kwargs={"grid": grid},
+        name=name, version="0.1", architecture=name, kwargs={"grid": grid, **sharp},
         acquisition=acquisition(ranges),
         normalisation={"input": "log A3 = 0.5 log(R3_l + tau_l) per order, mask, "
-                                "log(sigma / s0); standardised by the cond_mean/cond_std "
+                                "log(sigma / s0)"
+                                + (", measured sharpness (features.sharpness)" if sharp else "")
+                                + "; standardised by the cond_mean/cond_std "
                                 "buffers; output log(A7/A3) / target_std",
                        "tau_fraction": rishdiff.TAU_FRACTION},
         training={"data": data, "budget": report["budget"],
@@ -432,6 +436,8 @@ def main(argv=None) -> int:
     t.add_argument("--pairs", type=int, default=16)
     t.add_argument("--steps", type=int, default=600)
     t.add_argument("--cnn-steps", type=int, default=None)
+    t.add_argument("--sharpness", action="store_true",
+                   help="add the measured-sharpness condition channel to both models")
     e = sub.add_parser("evaluate")
     e.add_argument("out")
     e.add_argument("--seeds", type=int, nargs="+",
@@ -441,7 +447,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "train":
-        train_shipped(a.out, a.pairs, a.steps, a.cnn_steps)
+        train_shipped(a.out, a.pairs, a.steps, a.cnn_steps, sharpness=a.sharpness)
     else:
         c = Path(a.checkpoints)
         r = evaluate(a.seeds, a.out, c / "rish_3t7t", c / "rish_cnn_3t7t",

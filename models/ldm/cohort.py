@@ -207,17 +207,21 @@ def check_input_range(card: cards.ModelCard, dwi, grid: int) -> list[str]:
 GUARD_CHECKPOINT = Path(cards.__file__).resolve().parent / "checkpoints" / "rish_3t7t"
 
 
-def ensemble_guard(dwi, guard=GUARD_CHECKPOINT) -> tuple[float | None, list[str]]:
+def ensemble_guard(dwi, f3: features.ShellFeatures | None = None,
+                   guard=GUARD_CHECKPOINT) -> tuple[float | None, list[str]]:
     """The CNN ensemble's disagreement on one 3T series (b0s + the b=1000
     shell) and the flag when it is outside the range in ``guard``'s card
     (:func:`rishdiff.ensemble_disagreement`). (None, []) when the card has no
-    such range or the series has no noise estimate (< 2 b0s)."""
+    such range or the series has no noise estimate (< 2 b0s). ``f3``: the
+    series' shell features when the caller has them; used when on the
+    members' grid (else computed on it)."""
     guard = Path(guard)
     entry = cards.load_card(guard).acquisition.ranges.get(rishdiff.DISAGREEMENT)
     if entry is None or input_snr(dwi) is None:
         return None, []
     members = rishdiff.guard_members(entry, guard.parent)
-    f3 = features.shell_features(dwi.data, dwi.gtab, dwi.mask, dwi.affine, members[0].grid)
+    if f3 is None or f3.mask.shape != (members[0].grid,) * 3:
+        f3 = features.shell_features(dwi.data, dwi.gtab, dwi.mask, dwi.affine, members[0].grid)
     value = rishdiff.ensemble_disagreement(members, f3, rishdiff.noise_sigma(
         dwi.data, dwi.gtab, dwi.mask), entry)
     acq = cards.Acquisition(shells=[], ranges={rishdiff.DISAGREEMENT: entry})
@@ -297,9 +301,12 @@ def generate_7t_like(model, card: cards.ModelCard, dwi, seed: int = 0):
     idx, shell = features.shell_volumes(dwi.gtab)
     sub = dwi.select_volumes(idx)
     flags = check_input_range(card, sub, model.grid)
-    disagreement, guard_flags = ensemble_guard(sub)
     t0 = time.perf_counter()
     f3 = features.shell_features(sub.data, sub.gtab, sub.mask, sub.affine, model.grid)
+    t_guard = time.perf_counter()
+    disagreement, guard_flags = ensemble_guard(sub, f3)
+    # the timings below are the model's: without the guard's ensemble passes
+    t0 += time.perf_counter() - t_guard
     pred = predict(model, card, sub, f3, seed)
     t_pred = time.perf_counter()
     artefact = harmonize.HarmonizationArtefact(

@@ -42,7 +42,9 @@ class ShellFeatures:
 
     ``rish`` (G, G, G, 3) float32; ``coeffs`` (G, G, G, 15) SH coefficients of
     the b0-normalised signal; ``s0`` mean b0; ``fa``; ``mask``; ``affine`` of
-    the cube; ``gtab`` the b0 + shell table the coefficients came from.
+    the cube; ``gtab`` the b0 + shell table the coefficients came from;
+    ``sharpness`` the cube's measured sharpness (:func:`sharpness`; None with
+    fewer than 2 b0 volumes).
     """
 
     rish: np.ndarray
@@ -52,6 +54,7 @@ class ShellFeatures:
     mask: np.ndarray
     affine: np.ndarray
     gtab: GradientTable
+    sharpness: float | None = None
 
 
 def shell_volumes(gtab: GradientTable, shell: float = SHELL_B) -> tuple[np.ndarray, float]:
@@ -63,6 +66,38 @@ def shell_volumes(gtab: GradientTable, shell: float = SHELL_B) -> tuple[np.ndarr
     if not gtab.b0s_mask.any():
         raise ValueError("no b0 volume: the shell cannot be normalised")
     return gtab.select_shells([near]), near
+
+
+#: Spatial-frequency bands (cycles per cube voxel, radial) of :func:`sharpness`:
+#: the low band holds the anatomy's coarse contrast, the high band what a
+#: 1.2-1.9x coarser point-spread function attenuates (measured: train family
+#: -2.26 to -1.90 over resolution 1.75-1.29, test family -1.87 to -1.55).
+SHARPNESS_LOW_BAND = (0.02, 0.12)
+SHARPNESS_HIGH_BAND = (0.15, 0.25)
+
+
+def sharpness(b0_a: np.ndarray, b0_b: np.ndarray, mask: np.ndarray) -> float:
+    """Effective resolution of a series measured from its data:
+    ``log(E_high / E_low)``, the spectral energy of the masked mean b0 in
+    :data:`SHARPNESS_HIGH_BAND` over that in :data:`SHARPNESS_LOW_BAND`.
+
+    ``b0_a`` and ``b0_b`` are means of two disjoint sets of b0 repeats; the
+    energy is their cross-spectrum ``Re(F_a conj(F_b))``, whose expectation
+    is the noise-free spectrum (the repeats' noise is independent), so the
+    value measures the point-spread function, not the SNR. Higher = sharper.
+    """
+    m = np.asarray(mask, dtype=np.float64)
+    fa = np.fft.fftn(np.asarray(b0_a, np.float64) * m)
+    fb = np.fft.fftn(np.asarray(b0_b, np.float64) * m)
+    cross = np.real(fa * np.conj(fb))
+    k = np.sqrt(sum(g ** 2 for g in np.meshgrid(*[np.fft.fftfreq(n) for n in m.shape],
+                                                 indexing="ij")))
+    low = cross[(k > SHARPNESS_LOW_BAND[0]) & (k <= SHARPNESS_LOW_BAND[1])].sum()
+    high = cross[(k > SHARPNESS_HIGH_BAND[0]) & (k <= SHARPNESS_HIGH_BAND[1])].sum()
+    if not low > 0:
+        raise ValueError("no low-frequency signal in the mask: no sharpness estimate")
+    # noise can make the high-band cross-energy of a very blurred series <= 0
+    return float(np.log(max(high, 1e-6 * low) / low))
 
 
 def cube_grid(affine: np.ndarray, shape, grid: int) -> tuple[np.ndarray, tuple]:
@@ -80,8 +115,12 @@ def shell_features(data: np.ndarray, gtab: GradientTable, mask: np.ndarray,
     m = resample_to_grid(np.asarray(mask, dtype=bool), affine, cube_affine, cube_shape)
     fit = sh.SHModel(sub, LMAX, shell=b).fit(d, m)
     fa = TensorModel(sub).fit(d, fit.mask).fa
+    b0 = d[..., sub.b0s_mask]
+    n = b0.shape[-1]
+    sharp = (sharpness(b0[..., :n // 2].mean(-1), b0[..., n // 2:].mean(-1), fit.mask)
+             if n >= 2 and fit.mask.any() else None)
     return ShellFeatures(rish=fit.rish(), coeffs=fit.coeffs, s0=fit.s0, fa=np.nan_to_num(fa),
-                         mask=fit.mask, affine=cube_affine, gtab=sub)
+                         mask=fit.mask, affine=cube_affine, gtab=sub, sharpness=sharp)
 
 
 def reconstruct(f: ShellFeatures, lam: np.ndarray) -> np.ndarray:

@@ -49,6 +49,11 @@ from dmriflow.models.train import DEFAULT_THREADS, TrainConfig, train
 N = features.N_ORDERS
 #: Condition channels: log A3 per order, the mask, log(sigma / s0).
 N_COND = N + 2
+#: ... plus, for a model built with ``sharpness=True``, the measured sharpness
+#: of the input (:func:`features.sharpness`, constant in the mask): the
+#: training family randomises the blur width, so the model can learn how much
+#: the effective resolution changes the mapping.
+N_COND_SHARP = N_COND + 1
 #: tau_l = TAU_FRACTION * median(R3_l in the mask): the floor under log A.
 TAU_FRACTION = harmonize.TAU_FRACTION
 #: lambda is clipped to this range. Wider below than RISH harmonisation's
@@ -133,14 +138,21 @@ def log_amplitude(rish: np.ndarray, tau: np.ndarray) -> np.ndarray:
     return 0.5 * np.log(np.maximum(rish, 0.0) + tau)
 
 
-def raw_condition(f3: features.ShellFeatures, sigma: float) -> np.ndarray:
-    """(5, G, G, G) float32: log A3 (3), mask, log(sigma / s0); 0 outside the mask."""
+def raw_condition(f3: features.ShellFeatures, sigma: float, sharpness: bool = False
+                  ) -> np.ndarray:
+    """(5, G, G, G) float32: log A3 (3), mask, log(sigma / s0); 0 outside the mask.
+    ``sharpness``: a sixth channel, ``f3.sharpness`` in the mask."""
     m = f3.mask
     tau = taus(f3.rish, m)
     la = log_amplitude(f3.rish, tau).transpose(3, 0, 1, 2)
     s0 = np.maximum(f3.s0, 1e-6 * max(float(f3.s0[m].max()), 1e-12))
     noise = np.log(sigma / s0)
-    out = np.concatenate([la, m[None].astype(np.float64), noise[None]]).astype(np.float32)
+    chans = [la, m[None].astype(np.float64), noise[None]]
+    if sharpness:
+        if f3.sharpness is None:
+            raise ValueError("no sharpness estimate (< 2 b0 volumes): the model needs it")
+        chans.append(np.full((1,) + m.shape, f3.sharpness))
+    out = np.concatenate(chans).astype(np.float32)
     out[:, ~m] = 0.0
     return out
 
@@ -220,13 +232,20 @@ def alpha_bar(t: torch.Tensor) -> torch.Tensor:
 
 class _Normalised(nn.Module):
     """Buffers shared by the diffusion model and the CNN baseline: condition
-    mean/SD per channel (over the training masks) and the target SD per order."""
+    mean/SD per channel (over the training masks) and the target SD per order.
+    ``sharpness``: the condition has the sharpness channel (:func:`raw_condition`)."""
 
-    def __init__(self):
+    def __init__(self, sharpness: bool = False):
         super().__init__()
-        self.register_buffer("cond_mean", torch.zeros(N_COND))
-        self.register_buffer("cond_std", torch.ones(N_COND))
+        self.sharpness = bool(sharpness)
+        self.n_cond = N_COND_SHARP if self.sharpness else N_COND
+        self.register_buffer("cond_mean", torch.zeros(self.n_cond))
+        self.register_buffer("cond_std", torch.ones(self.n_cond))
         self.register_buffer("target_std", torch.ones(N))
+
+    def raw_condition(self, f3: features.ShellFeatures, sigma: float) -> np.ndarray:
+        """This model's unstandardised condition of one subject."""
+        return raw_condition(f3, sigma, self.sharpness)
 
     @property
     def device(self) -> torch.device:
@@ -259,10 +278,11 @@ class _Normalised(nn.Module):
 class RishDiffusion3T7T(_Normalised):
     """Conditional diffusion of the per-order log scale ``log(A7/A3)``."""
 
-    def __init__(self, grid: int = 32, width: int = WIDTH, blocks: int = BLOCKS):
-        super().__init__()
+    def __init__(self, grid: int = 32, width: int = WIDTH, blocks: int = BLOCKS,
+                 sharpness: bool = False):
+        super().__init__(sharpness)
         self.grid = int(grid)
-        self.net = RishNet(N + N_COND, width, blocks, TIME_DIM)
+        self.net = RishNet(N + self.n_cond, width, blocks, TIME_DIM)
         # per-order factor on the sample spread, fitted on validation subjects
         # (:func:`calibrate`); 1 = the raw sample spread
         self.register_buffer("spread_scale", torch.ones(N))
@@ -302,7 +322,7 @@ class RishDiffusion3T7T(_Normalised):
 
     def fit_subject(self, f3: features.ShellFeatures, sigma: float, samples: int = SAMPLES,
                     steps: int = SAMPLE_STEPS, seed: int = 0) -> "RishFit":
-        ys = self.sample(raw_condition(f3, sigma), samples, steps, seed)
+        ys = self.sample(self.raw_condition(f3, sigma), samples, steps, seed)
         return RishFit(ys.transpose(0, 2, 3, 4, 1), f3,
                        self.spread_scale.detach().cpu().numpy().astype(np.float32))
 
@@ -437,11 +457,12 @@ class RishBudget:
     threads: int = DEFAULT_THREADS
 
 
-def training_arrays(pairs: list) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def training_arrays(pairs: list, sharpness: bool = False
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(raw conditions, targets) of (f3, f7, sigma3) training pairs."""
     conds, ys = [], []
     for f3, f7, sigma in pairs:
-        conds.append(raw_condition(f3, sigma))
+        conds.append(raw_condition(f3, sigma, sharpness))
         ys.append(target(f3, f7, f3.mask))
     return conds, ys
 
@@ -485,7 +506,7 @@ def _fit(model: _Normalised, loss, with_generator: bool, pairs: list, budget: Ri
     """The one training loop of both models (same data, patches and budget):
     normalise on the pairs, then ``train`` with ``loss``; ``with_generator``:
     batches carry a seeded generator for the diffusion noise (not the CNN's)."""
-    conds, ys = training_arrays(pairs)
+    conds, ys = training_arrays(pairs, model.sharpness)
     model.set_normalisation(conds, ys)
     cs = _standardised(model, conds)
     ts = [torch.from_numpy(y) for y in ys]
@@ -507,10 +528,11 @@ class RishResidualCNN(_Normalised):
     condition (log A3, mask, noise map) -> ``log lambda`` by MSE regression
     (same network without the time input; zero last layer = identity)."""
 
-    def __init__(self, grid: int = 32, width: int = WIDTH, blocks: int = BLOCKS):
-        super().__init__()
+    def __init__(self, grid: int = 32, width: int = WIDTH, blocks: int = BLOCKS,
+                 sharpness: bool = False):
+        super().__init__(sharpness)
         self.grid = int(grid)
-        self.net = RishNet(N_COND, width, blocks, time_dim=0)
+        self.net = RishNet(self.n_cond, width, blocks, time_dim=0)
 
     def forward(self, cond):
         return self.net(cond)
@@ -518,7 +540,7 @@ class RishResidualCNN(_Normalised):
     @torch.no_grad()
     def predict_lambda(self, f3: features.ShellFeatures, sigma: float) -> np.ndarray:
         """(G, G, G, 3) lambda = exp(predicted log scale), 1 outside the mask."""
-        cond = self.condition(raw_condition(f3, sigma))
+        cond = self.condition(self.raw_condition(f3, sigma))
         y = self(cond) * self.target_std.view(1, -1, 1, 1, 1) * cond[:, N:N + 1]
         y = y.clamp(math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1]))
         return np.exp(y[0].permute(1, 2, 3, 0).cpu().numpy()).astype(np.float32)
