@@ -73,6 +73,8 @@ BIAS_MODELS = ("polynomial", "bump", "none")
 #: Gaussian FWHM (in output voxels) of a point-spread function one voxel wide:
 #: blurring to a voxel ``f`` times larger adds ``sqrt(f^2 - 1)`` voxels of FWHM.
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+#: Second entropy word of a pair's random stream (``SeedSequence([seed, tag])``).
+PAIR_SEED_TAG = 7037
 #: Width of the Gaussian bump bias field, as a fraction of the field of view.
 BUMP_WIDTH = 0.35
 
@@ -298,7 +300,7 @@ def simulate_pair(seed: int, sim_size: int = 32, family: str = "train",
     aspect) of ``voxel_mm``; ``degradation`` defaults to a draw from
     ``family`` seeded by ``seed`` (so a seed fixes the whole pair).
     """
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7037]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), PAIR_SEED_TAG]))
     spec = degradation if degradation is not None else sample_degradation(family, rng)
     shape = tuple(int(n) for n in np.maximum(np.round(_ASPECT * sim_size), 4))
     g3 = scheme3 if scheme3 is not None else single_shell_scheme(DIRS_3T, seed=3)

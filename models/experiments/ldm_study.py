@@ -81,10 +81,25 @@ class Subject:
         return self.f3.mask & self.f7.mask
 
 
-def simulate_pairs(seeds, family: str, grid: int = 32) -> list[Subject]:
+def widened_degradation(seed: int, family: str, resolution) -> degrade.Degradation:
+    """The degradation ``family`` draws at ``seed`` with its resolution factor
+    mapped linearly from the family's range onto ``resolution`` (lo, hi): the
+    same PSF type and bias model, a wider (or other) range of blur widths."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), degrade.PAIR_SEED_TAG]))
+    spec = degrade.sample_degradation(family, rng)
+    lo0, hi0 = degrade.FAMILIES[family]["resolution"]
+    lo, hi = resolution
+    r = lo + (spec.resolution - lo0) / (hi0 - lo0) * (hi - lo)
+    return dataclasses.replace(spec, resolution=max(float(r), 1.0))
+
+
+def simulate_pairs(seeds, family: str, grid: int = 32, resolution=None) -> list[Subject]:
+    """Pairs at ``seeds`` drawn from ``family``; ``resolution`` (lo, hi): with
+    the resolution factor widened onto that range (:func:`widened_degradation`)."""
     out = []
     for s in seeds:
-        p = degrade.simulate_pair(int(s), sim_size=grid, family=family)
+        spec = None if resolution is None else widened_degradation(s, family, resolution)
+        p = degrade.simulate_pair(int(s), sim_size=grid, family=family, degradation=spec)
         sigma = rishdiff.noise_sigma(p.dwi3, p.gtab3, p.mask)
         out.append(Subject(int(s),
                            features.shell_features(p.dwi3, p.gtab3, p.mask, p.affine, grid),
@@ -107,13 +122,15 @@ def acquisition(ranges: dict) -> cards.Acquisition:
 
 
 def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | None = None,
-                  grid: int = 32, seed: int = 0, sharpness: bool = False, log=print) -> dict:
+                  grid: int = 32, seed: int = 0, sharpness: bool = False, resolution=None,
+                  log=print) -> dict:
     """Train both RISH-space models on train-family pairs; write their checkpoints
     to ``out/rish_3t7t`` and ``out/rish_cnn_3t7t`` (float16-rounded weights).
-    ``sharpness``: both get the measured-sharpness condition channel."""
+    ``sharpness``: both get the measured-sharpness condition channel;
+    ``resolution`` (lo, hi): the training pairs' blur widths widened onto it."""
     out = Path(out)
     t0 = time.perf_counter()
-    subs = simulate_pairs(SEED_TRAIN + np.arange(n_pairs), "train", grid)
+    subs = simulate_pairs(SEED_TRAIN + np.arange(n_pairs), "train", grid, resolution)
     log(f"simulated {n_pairs} pairs in {time.perf_counter() - t0:.0f} s")
     pairs = [(s.f3, s.f7, s.sigma3) for s in subs]
     ranges = card_ranges(subs)
@@ -134,7 +151,7 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     cnn = rishdiff.RishResidualCNN(grid=grid, sharpness=sharpness)
     cbudget = rishdiff.RishBudget(steps=cnn_steps or steps, seed=seed)
     crep = rishdiff.fit_cnn(cnn, pairs, cbudget, log=log)
-    data = training_data(n_pairs, grid)
+    data = training_data(n_pairs, grid, resolution)
     for model, report, name, folder in ((diff, rep, "rish-diffusion-3t7t", "rish_3t7t"),
                                         (cnn, crep, "rish-cnn-3t7t", "rish_cnn_3t7t")):
         save_rish_checkpoint(model, report, name, out / folder, ranges, data, grid)
@@ -143,10 +160,12 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     return {"diffusion": rep, "cnn": crep, "ranges": ranges}
 
 
-def training_data(n_pairs: int, grid: int) -> str:
+def training_data(n_pairs: int, grid: int, resolution=None) -> str:
     """The cards' description of the training pairs."""
+    wide = ("" if resolution is None else
+            f" with the resolution factor widened onto {resolution[0]:g}-{resolution[1]:g}")
     return (f"simulated pairs (dmriflow.models.degrade), seeds {SEED_TRAIN}-"
-            f"{SEED_TRAIN + n_pairs - 1}, train degradation family, grid {grid}")
+            f"{SEED_TRAIN + n_pairs - 1}, train degradation family{wide}, grid {grid}")
 
 
 def save_rish_checkpoint(model, report: dict, name: str, folder, ranges: dict, data: str,
@@ -438,6 +457,9 @@ def main(argv=None) -> int:
     t.add_argument("--cnn-steps", type=int, default=None)
     t.add_argument("--sharpness", action="store_true",
                    help="add the measured-sharpness condition channel to both models")
+    t.add_argument("--resolution", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="widen the training pairs' resolution factor onto LO-HI "
+                        "(same Gaussian PSF and polynomial bias)")
     e = sub.add_parser("evaluate")
     e.add_argument("out")
     e.add_argument("--seeds", type=int, nargs="+",
@@ -447,7 +469,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "train":
-        train_shipped(a.out, a.pairs, a.steps, a.cnn_steps, sharpness=a.sharpness)
+        train_shipped(a.out, a.pairs, a.steps, a.cnn_steps, sharpness=a.sharpness,
+                      resolution=a.resolution)
     else:
         c = Path(a.checkpoints)
         r = evaluate(a.seeds, a.out, c / "rish_3t7t", c / "rish_cnn_3t7t",
