@@ -80,10 +80,11 @@ def test_identity_has_zero_skill_and_the_oracle_beats_it(runs):
 def test_calibration_table_rows(runs):
     c = _tsv(runs[0], "calibration")
     assert list(c.columns) == ["method", "map", "nominal", "coverage"]
-    # the sampling model on every map, the noise proxy and the CNN ensemble on
-    # the RISH orders; methods without an interval (identity, template, cnn,
-    # oracle) are absent
-    want = ({("shipped", mp, n) for mp in ev.MAPS for n in study.NOMINALS}
+    # the sampling model (alone and widened by the ensemble's spread) on every
+    # map, the noise proxy and the CNN ensemble on the RISH orders; methods
+    # without an interval (identity, template, cnn, oracle) are absent
+    want = ({(m, mp, n) for m in ("shipped", "shipped_widened") for mp in ev.MAPS
+             for n in study.NOMINALS}
             | {(m, mp, n) for m in ("cnn_noise_proxy", "cnn_ensemble")
                for mp in ev.MAPS[:3] for n in study.NOMINALS})
     assert set(zip(c.method, c["map"], c.nominal)) == want and len(c) == len(want)
@@ -131,12 +132,14 @@ def test_held_out_pairs_are_different_subjects_of_the_test_family():
 
 def test_spread_error_table_and_the_ensemble_members(runs):
     sp = _tsv(runs[0], "spread_error_spearman")
-    assert sorted(sp.method.unique()) == ["cnn_ensemble", "cnn_noise_proxy", "shipped"]
-    assert len(sp) == 3 * len(SEEDS)
+    assert sorted(sp.method.unique()) == ["cnn_ensemble", "cnn_noise_proxy", "shipped",
+                                          "shipped_widened"]
+    assert len(sp) == 4 * len(SEEDS)
     assert sp[["L0", "L2", "L4"]].abs().le(1).all().all()
-    # the ensemble: the shipped CNN as member 0, then 4 seeds, same data and budget
+    # the ensemble: its own 5 seeds (seed 0 the CNN shipped until the sharpness
+    # channel), same data and budget, apart from the `cnn` baseline's checkpoint
     folders = study.member_folders()
-    assert len(folders) == 5 and folders[0] == study.SHIPPED_CNN
+    assert folders == [study.SHIPPED_ENSEMBLE / f"seed-{s}" for s in range(5)]
     budgets = [cards.load_card(f).training for f in folders]
     assert [b["budget"]["seed"] for b in budgets] == [0, 1, 2, 3, 4]
     for b in budgets[1:]:

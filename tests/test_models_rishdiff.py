@@ -4,6 +4,8 @@ ranges and out-of-distribution refusal, calibration and the evaluation.
 Tiny grids and budgets (12^3 cubes, widths 8) so each test runs in seconds.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -192,8 +194,10 @@ def test_shipped_rish_checkpoints_are_small_and_state_their_ranges():
         assert (folder / cards.WEIGHTS_FILE).stat().st_size < 1 * 2**20
         model, card = cards.load_checkpoint(folder, device="cpu")
         # the diffusion card also holds the ensemble's disagreement range (its OOD guard)
-        assert set(card.acquisition.ranges) == {"cube_voxel_mm", "snr"} | (
+        assert set(card.acquisition.ranges) == {"cube_voxel_mm", "snr", rishdiff.SHARPNESS} | (
             {rishdiff.DISAGREEMENT} if folder == study.SHIPPED_DIFFUSION else set())
+        # both take the measured sharpness as an input (the equally-fed comparison)
+        assert model.sharpness and card.kwargs["sharpness"] is True
         assert card.acquisition.field_strength_t == 3.0 and model.grid == card.kwargs["grid"]
 
 
@@ -311,3 +315,69 @@ def test_3t7t_inference_applies_what_evaluate_scores_as_shipped():
     _, _, extra = cohort.generate_7t_like(diff, dcard, dwi, seed=s.seed)
     np.testing.assert_array_equal(extra["rish_cube"], fit.rish())
     assert extra["info"]["samples"] == k == dcard.extra["samples"]
+
+
+# ----------------------------------------------------------------------------
+# The measured sharpness (condition channel of the shipped models)
+# ----------------------------------------------------------------------------
+def _sharpness(resolution: float, snr: float, seed: int = 3) -> float:
+    spec = dg.Degradation(psf="gaussian", resolution=resolution, snr=snr, bias=0.0)
+    p = dg.simulate_pair(seed, 32, degradation=spec)
+    return features.shell_features(p.dwi3, p.gtab3, p.mask, p.affine, 32).sharpness
+
+
+def test_sharpness_measures_the_blur_not_the_noise():
+    """Same anatomy: a 1.8x blur reads ~0.3 lower than a 1.2x one; SNR 15
+    instead of 35 moves it < 0.03 (a tenth of that): the cross-spectrum of
+    the two b0 halves has no noise bias (an auto-spectrum would)."""
+    sharp, blurred = _sharpness(1.2, 35.0), _sharpness(1.8, 35.0)
+    assert sharp - blurred > 0.2
+    assert abs(_sharpness(1.2, 15.0) - sharp) < 0.03
+    assert abs(_sharpness(1.8, 15.0) - blurred) < 0.03
+
+
+def test_sharpness_channel_is_the_estimate_in_the_mask_and_needs_it():
+    rng = np.random.default_rng(1)
+    g = 8
+    mask = np.zeros((g, g, g), bool)
+    mask[2:6, 2:6, 2:6] = True
+    f3 = features.ShellFeatures(rng.uniform(0.1, 1, (g, g, g, 3)).astype(np.float32), None,
+                                np.full((g, g, g), 100.0, np.float32), None, mask, np.eye(4),
+                                None, sharpness=-1.9)
+    plain, sharp = rishdiff.RishResidualCNN(g), rishdiff.RishResidualCNN(g, sharpness=True)
+    a, b = plain.raw_condition(f3, 5.0), sharp.raw_condition(f3, 5.0)
+    assert a.shape[0] == plain.n_cond == rishdiff.N_COND and b.shape[0] == sharp.n_cond == 6
+    np.testing.assert_array_equal(b[:-1], a)
+    np.testing.assert_array_equal(b[-1][mask], np.float32(-1.9))
+    assert not b[-1][~mask].any()
+    with pytest.raises(ValueError, match="no sharpness estimate"):
+        sharp.raw_condition(dataclasses.replace(f3, sharpness=None), 5.0)
+
+
+def test_ensemble_widened_intervals_cover_the_sum_of_two_independent_spreads():
+    """Truth = mean + a part the samples see (SD s1) + a part only the ensemble
+    sees (SD s2): the widened intervals (SD sqrt(s1^2 + s2^2), scale 1) cover
+    the nominal fraction; the samples alone under-cover. The posterior mean
+    is unchanged."""
+    rng = np.random.default_rng(2)
+    g, k = 12, 200                                 # many samples: SDs and z near exact
+    mu = rng.normal(0, 0.3, (g, g, g, 3))
+    s1, s2 = rng.uniform(0.05, 0.3, (2, g, g, g, 3))
+    samples = (mu + s1 * rng.standard_normal((k, g, g, g, 3))).astype(np.float32)
+    members = (mu + s2 * rng.standard_normal((k, g, g, g, 3))).astype(np.float32)
+    truth = mu + np.hypot(s1, s2) * rng.standard_normal((g, g, g, 3))
+    mask = np.ones((g, g, g), bool)
+    rish3 = rng.uniform(0.5, 1.0, (g, g, g, 3)).astype(np.float32)
+    f3 = features.ShellFeatures(rish3, None, None, None, mask, np.eye(4), None)
+    f7 = features.ShellFeatures(np.exp(2 * truth) * rish3, None, None, None, mask, np.eye(4),
+                                None)
+    fit, ens = rishdiff.RishFit(samples, f3), rishdiff.RishFit(members - members.mean(0) + mu, f3)
+    wide = rishdiff.widened(fit, ens)
+    np.testing.assert_allclose(wide.samples.mean(0), samples.mean(0), atol=1e-5)
+    s = study.Subject(0, f3, f7, 1.0, 20.0, {})
+    cov = {(m, n): c for m, n, c in study.coverage(wide, s)}
+    alone = {(m, n): c for m, n, c in study.coverage(fit, s)}
+    for nominal in study.NOMINALS:               # 5k voxels per order: SE < 0.7 %
+        for m in ("L0", "L2", "L4"):
+            assert cov[m, nominal] == pytest.approx(nominal, abs=0.025)
+            assert alone[m, nominal] < nominal - 0.05

@@ -3,10 +3,12 @@
 Issue 15 item 5 asks whether the diffusion model's sample spread beats a deep
 ensemble. The ensemble is the equally-fed CNN (:class:`rishdiff.RishResidualCNN`)
 trained :data:`MEMBERS` times on the same pairs with the same budget, differing
-only in the seed (initial weights, patch draws): member 0 *is* the shipped
-CNN (``checkpoints/rish_cnn_3t7t``, seed 0), members 1-4 are cached as
+only in the seed (initial weights, patch draws): all five are cached as
 ``checkpoints/rish_cnn_ensemble_3t7t/seed-<s>`` (each an ordinary checkpoint
-folder, float16 weights, ~117 KB).
+folder, float16 weights, ~117 KB); seed 0 is the equally-fed CNN shipped
+until 2026-12-04, when the shipped models gained the measured-sharpness
+channel and the ``cnn`` baseline with them (the ensemble, the OOD guard,
+keeps the five-channel members its range was measured with).
 
 Scoring (:func:`rishdiff.ensemble_fit`, ``ldm_study.evaluate``): per subject
 the members' log scales form a :class:`rishdiff.RishFit` (K = 5 "samples"),
@@ -40,7 +42,7 @@ from dmriflow.models import card as cards
 from dmriflow.models.experiments import ldm_study as study
 from dmriflow.models.ldm import rishdiff
 
-#: Members of the ensemble; seeds 1..MEMBERS-1 are trained here, seed 0 is the shipped CNN.
+#: Members of the ensemble; seeds 1..MEMBERS-1 are trained here (seed 0: the first CNN).
 MEMBERS = 5
 EXTRA_SEEDS = tuple(range(1, MEMBERS))
 #: The shipped CNN's budget (its card: 24 pairs, 2000 steps), reused for every member.

@@ -112,7 +112,8 @@ def simulate_pairs(seeds, family: str, grid: int = 32, resolution=None) -> list[
 def card_ranges(subjects: list[Subject]) -> dict:
     """The card's ranges from the training subjects (:func:`rishdiff.training_ranges`)."""
     return rishdiff.training_ranges([rishdiff.cube_voxel_mm(s.f3.affine) for s in subjects],
-                                    [s.snr3 for s in subjects])
+                                    [s.snr3 for s in subjects],
+                                    [s.f3.sharpness for s in subjects])
 
 
 def acquisition(ranges: dict) -> cards.Acquisition:
@@ -233,12 +234,13 @@ def coverage(fit: rishdiff.RishFit, s: Subject, fa_samples: np.ndarray | None = 
     return rows
 
 
-def spread_error_spearman(fit: rishdiff.RishFit, s: Subject) -> dict:
-    """Per order: Spearman correlation of the predicted spread with the actual
-    |error| of the posterior-mean log lambda, over mask voxels."""
+def spread_error_spearman(fit: rishdiff.RishFit, s: Subject, spread=None) -> dict:
+    """Per order: Spearman correlation of the predicted spread (``fit``'s, or
+    ``spread``) with the actual |error| of ``fit``'s posterior-mean log
+    lambda, over mask voxels."""
     m = s.mask
     err = np.abs(np.log(fit.lam) - np.log(_oracle_lambda(s)))
-    sp = fit.spread
+    sp = fit.spread if spread is None else spread
     return {name: float(spearmanr(sp[..., k][m], err[..., k][m])[0])
             for k, name in enumerate(ev.MAPS[:3])}
 
@@ -287,10 +289,13 @@ def proxy_coverage(cnn, c: np.ndarray, s: Subject) -> tuple[list, dict]:
 
 
 def member_folders(cnn_ckpt=SHIPPED_CNN, ensemble_dir=SHIPPED_ENSEMBLE) -> list[Path]:
-    """The CNN ensemble's checkpoint folders: ``cnn_ckpt``, then ``seed-*`` by seed."""
+    """The CNN ensemble's checkpoint folders: ``cnn_ckpt``, then ``seed-*`` by
+    seed; only the ``seed-*`` folders when they include ``seed-0`` (an
+    ensemble kept apart from the ``cnn`` baseline's checkpoint)."""
     extra = sorted(Path(ensemble_dir).glob(f"{MEMBER_PREFIX}*"),
                    key=lambda p: int(p.name[len(MEMBER_PREFIX):]))
-    return [Path(cnn_ckpt)] + extra
+    own = any(p.name == f"{MEMBER_PREFIX}0" for p in extra)
+    return extra if own else [Path(cnn_ckpt)] + extra
 
 
 #: Shared with the OOD study and the inference guard (one definition).
@@ -319,6 +324,21 @@ def ensemble_range(dcard: cards.ModelCard, folders, validation: list[Subject]) -
     if entry is not None and [m["weights_sha256"] for m in entry["members"]] == shas:
         return entry
     return disagreement_range(folders, validation)
+
+
+#: Key of the ensemble-widening factors in the diffusion card's ``extra``.
+WIDENING = "ensemble_widening"
+
+
+def widening_scale(diff, k: int, steps: int, members: list, ens_scale, val: list[Subject]
+                   ) -> np.ndarray:
+    """Per order, the factor making the ensemble-widened intervals
+    (:func:`rishdiff.widened`) cover exactly 90 % on the train-family
+    ``val`` pairs (the diffusion model's calibration pairs and seeds)."""
+    fits = [(rishdiff.widened(diff.fit_subject(v.f3, v.sigma3, k, steps, seed=v.seed),
+                              rishdiff.ensemble_fit(members, v.f3, v.sigma3, ens_scale)), v.f7)
+            for v in val]
+    return rishdiff.spread_scale_for(fits)
 
 
 def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
@@ -357,12 +377,16 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         acq = dataclasses.replace(acq, ranges={**acq.ranges, rishdiff.DISAGREEMENT:
                                                ensemble_range(dcard, folders, val)})
         ens_scale = acq.ranges[rishdiff.DISAGREEMENT]["spread_scale"]
+        widen = dcard.extra.get(WIDENING)
+        widen = (np.asarray(widen["scale"]) if widen else
+                 widening_scale(diff, k, steps, members, ens_scale, val))
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
         f"template in {time.perf_counter() - t0:.0f} s")
     rows, cal, spear, flags = [], [], [], []
     for i, s in enumerate(test):
         ts = time.perf_counter()
-        values = {"cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3}
+        values = {"cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3,
+                  rishdiff.SHARPNESS: s.f3.sharpness}
         if members:
             efit = rishdiff.ensemble_fit(members, s.f3, s.sigma3, ens_scale)
             d = values[rishdiff.DISAGREEMENT] = disagreement(efit)
@@ -397,6 +421,12 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
                  "coverage": c} for mp, nom, c in prow]
         spear.append({"subject": s.seed, "method": "cnn_noise_proxy", **prho})
         if members:
+            wfit = rishdiff.widened(fit, efit, widen)
+            wide_fa = np.stack([features.fa_of(s.f3, v) for v in np.exp(wfit.calibrated())])
+            cal += [{"subject": s.seed, "method": "shipped_widened", "map": mp, "nominal": nom,
+                     "coverage": c} for mp, nom, c in coverage(wfit, s, wide_fa)]
+            spear.append({"subject": s.seed, "method": "shipped_widened",
+                          **spread_error_spearman(fit, s, wfit.spread)})
             cal += [{"subject": s.seed, "method": "cnn_ensemble", "map": mp, "nominal": nom,
                      "coverage": c} for mp, nom, c in coverage(efit, s)]
             spear.append({"subject": s.seed, "method": "cnn_ensemble",

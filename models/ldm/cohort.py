@@ -307,6 +307,7 @@ def generate_7t_like(model, card: cards.ModelCard, dwi, seed: int = 0):
     disagreement, guard_flags = ensemble_guard(sub, f3)
     # the timings below are the model's: without the guard's ensemble passes
     t0 += time.perf_counter() - t_guard
+    flags += cards.range_problems(card.acquisition, {rishdiff.SHARPNESS: f3.sharpness})["flag"]
     pred = predict(model, card, sub, f3, seed)
     t_pred = time.perf_counter()
     artefact = harmonize.HarmonizationArtefact(

@@ -112,12 +112,17 @@ def cube_voxel_mm(affine: np.ndarray) -> float:
 VOXEL_MARGIN = 0.10
 
 
-def training_ranges(cube_voxels, snrs=None) -> dict:
+#: Name of the measured-sharpness range in a card's ``acquisition.ranges``.
+SHARPNESS = "sharpness"
+
+
+def training_ranges(cube_voxels, snrs=None, sharpness=None) -> dict:
     """A card's ``Acquisition.ranges`` from the training inputs: the cube voxel
     size (refused outside the trained range +- VOXEL_MARGIN: the networks'
     receptive fields are in voxels, so another voxel size is another task)
-    and, when measured, the estimated SNR (flagged outside the trained range:
-    the noise map is an input, so lower SNR is extrapolation, not a new task)."""
+    and, when measured, the estimated SNR and the measured sharpness
+    (:func:`features.sharpness`; both flagged outside the trained range:
+    extrapolation of an input, e.g. another point-spread function)."""
     lo, hi = float(min(cube_voxels)), float(max(cube_voxels))
     out = {"cube_voxel_mm": {"trained": [round(lo, 4), round(hi, 4)],
                              "min": round(lo * (1 - VOXEL_MARGIN), 4),
@@ -126,6 +131,10 @@ def training_ranges(cube_voxels, snrs=None) -> dict:
     if snrs:
         out["snr"] = {"trained": [round(min(snrs), 2), round(max(snrs), 2)],
                       "min": round(min(snrs), 2), "max": round(max(snrs), 2), "action": "flag"}
+    sharp = [v for v in (sharpness or []) if v is not None]
+    if sharp:
+        lo, hi = round(min(sharp), 4), round(max(sharp), 4)
+        out[SHARPNESS] = {"trained": [lo, hi], "min": lo, "max": hi, "action": "flag"}
     return out
 
 
@@ -442,6 +451,27 @@ def spread_scale_for(fits: list, level: float = CALIBRATION_LEVEL) -> np.ndarray
         k = fit.samples.shape[0]
     z = interval_z(level, k)
     return np.array([np.quantile(np.concatenate(r), level) / z for r in ratios])
+
+
+# ----------------------------------------------------------------------------
+# Intervals widened by the ensemble's disagreement
+# ----------------------------------------------------------------------------
+def widened(fit: RishFit, ensemble: RishFit, scale=None) -> RishFit:
+    """The sampling model's uncertainty widened where the CNN ensemble disagrees:
+    a :class:`RishFit` with the same sample mean whose per-voxel SD is
+    ``scale * sqrt(spread_fit^2 + spread_ensemble^2)`` (both calibrated on the
+    validation pairs: ``fit.spread_scale`` and the ensemble's ``c_l``), the
+    samples stretched about their mean to that SD. ``scale`` (per order,
+    :func:`spread_scale_for` on validation pairs; None = 1) recalibrates the
+    sum. Under a shift the ensemble's members disagree more (their AUROC for
+    the test family is 1.0) while the diffusion spread shrinks, so the sum
+    widens there. For intervals only: the posterior mean is ``fit.lam``."""
+    mu = fit.samples.mean(axis=0)
+    raw = np.maximum(fit.raw_spread, 1e-6)
+    total = np.sqrt(fit.spread ** 2 + ensemble.spread ** 2)
+    samples = mu + (fit.samples - mu) * (total / raw)
+    return RishFit(samples.astype(np.float32), fit.f3,
+                   None if scale is None else np.asarray(scale, np.float32))
 
 
 # ----------------------------------------------------------------------------
