@@ -328,8 +328,7 @@ def _sharpness(resolution: float, snr: float, seed: int = 3) -> float:
 
 def test_sharpness_measures_the_blur_not_the_noise():
     """Same anatomy: a 1.8x blur reads ~0.3 lower than a 1.2x one; SNR 15
-    instead of 35 moves it < 0.03 (a tenth of that): the cross-spectrum of
-    the two b0 halves has no noise bias (an auto-spectrum would)."""
+    instead of 35 (the training range) moves it < 0.03, a tenth of that."""
     sharp, blurred = _sharpness(1.2, 35.0), _sharpness(1.8, 35.0)
     assert sharp - blurred > 0.2
     assert abs(_sharpness(1.2, 15.0) - sharp) < 0.03

@@ -83,8 +83,11 @@ def sharpness(b0_a: np.ndarray, b0_b: np.ndarray, mask: np.ndarray) -> float:
 
     ``b0_a`` and ``b0_b`` are means of two disjoint sets of b0 repeats; the
     energy is their cross-spectrum ``Re(F_a conj(F_b))``, whose expectation
-    is the noise-free spectrum (the repeats' noise is independent), so the
-    value measures the point-spread function, not the SNR. Higher = sharper.
+    has no noise term (the repeats' noise is independent). Measured: SNR 15
+    instead of 35 moves it < 0.01, a 1.8x instead of 1.2x blur -0.3; at
+    SNR 5 it reads ~0.09 lower (Rician bias of the b0, not removed by the
+    cross-spectrum; an auto-spectrum reads the same to 0.01 at these SNRs,
+    the masked brain edge dominating the high band). Higher = sharper.
     """
     m = np.asarray(mask, dtype=np.float64)
     fa = np.fft.fftn(np.asarray(b0_a, np.float64) * m)
