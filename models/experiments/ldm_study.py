@@ -62,7 +62,8 @@ SHIPPED_DIFFUSION = SHIPPED / "rish_3t7t"
 SHIPPED_CNN = SHIPPED / "rish_cnn_3t7t"
 SHIPPED_LDM = SHIPPED / "ldm_3t7t"
 SHIPPED_FAITHFUL = SHIPPED / "ldm_faithful_3t7t"
-#: The CNN ensemble's extra members (``ldm_ensemble``); member 0 is SHIPPED_CNN.
+#: The CNN ensemble's members (``ldm_ensemble``): ``seed-0`` ... ``seed-4`` (see
+#: :func:`member_folders`; without a ``seed-0`` there, member 0 is the ``cnn``).
 SHIPPED_ENSEMBLE = SHIPPED / "rish_cnn_ensemble_3t7t"
 MEMBER_PREFIX = "seed-"
 
@@ -351,7 +352,8 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     write the TSVs. ``validation_pairs``: train-family pairs that calibrate the
     noise-proxy baseline and the ensemble (the diffusion model's spread scale
     is in its card). ``ensemble_dir``: the CNN ensemble's extra members
-    (:func:`member_folders`, with ``cnn_ckpt`` as member 0; None or no
+    (:func:`member_folders`: its ``seed-*`` folders, ``cnn_ckpt`` first when
+    there is no ``seed-0``; None or no
     member there: no ensemble rows). ``ldm_ckpt`` / ``faithful_ckpt``: the
     latent models (None: no rows)."""
     out = Path(out)
