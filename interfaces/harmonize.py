@@ -107,10 +107,12 @@ SCALE_ESTIMATORS = ("ratio", "nearest", "matched", "native-log")
 #: slightly differently from the same anatomy at the reference site.
 #: "rish-anisotropy": ``sqrt(RISH_l2 / RISH_l0)`` of the lowest harmonised
 #: shell (the b0-normalised anisotropic over isotropic SH energy, FA-like);
-#: "rish-l2": ``sqrt(RISH_l2)`` of that shell. A per-order site scaling
-#: multiplies either by a constant, which the metrics ignore (mutual
+#: "rish-l2": ``sqrt(RISH_l2)`` of that shell (the anisotropic signal);
+#: "rish-l0": ``sqrt(RISH_l0)`` of that shell (the mean diffusion-weighted
+#: signal over b0: no anisotropy, little noise). A per-order site scaling
+#: multiplies each by a constant, which the metrics ignore (mutual
 #: information, local cross-correlation).
-REGISTRATION_CONTRASTS = ("fa", "rish-anisotropy", "rish-l2")
+REGISTRATION_CONTRASTS = ("fa", "rish-anisotropy", "rish-l2", "rish-l0")
 DEFAULT_REGISTRATION_CONTRAST = "fa"
 #: The contrast of artefacts written before the contrast was recorded.
 LEGACY_REGISTRATION_CONTRAST = "fa"
@@ -703,6 +705,8 @@ def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_
         raise HarmonizationError(f"subject {f.subject!r}: no RISH maps for shell b={want:g} "
                                  f"to register through (has {sorted(by_b)})")
     rish = np.asarray(by_b[key], dtype=np.float32)
+    if contrast == "rish-l0":
+        return np.where(mask, np.sqrt(np.maximum(rish[..., 0], 0)), 0).astype(np.float32)
     if rish.shape[-1] < 2:
         raise HarmonizationError(f"contrast {contrast!r} needs RISH order 2 (lmax >= 2)")
     l2 = np.maximum(rish[..., 1], 0)
