@@ -105,14 +105,17 @@ SCALE_ESTIMATORS = ("ratio", "nearest", "matched", "native-log")
 #: the SH) changes FA non-linearly (+11 % in white matter, +21 % in grey
 #: matter on the study's site B), so SyN maps the target site's anatomy
 #: slightly differently from the same anatomy at the reference site.
-#: "rish-anisotropy": ``sqrt(RISH_l2 / RISH_l0)`` of the lowest harmonised
-#: shell (the b0-normalised anisotropic over isotropic SH energy, FA-like);
-#: "rish-l2": ``sqrt(RISH_l2)`` of that shell (the anisotropic signal);
+#: "rish-l2": ``sqrt(RISH_l2)`` of the lowest harmonised shell (the
+#: b0-normalised anisotropic signal);
 #: "rish-l0": ``sqrt(RISH_l0)`` of that shell (the mean diffusion-weighted
 #: signal over b0: no anisotropy, little noise). A per-order site scaling
 #: multiplies each by a constant, which the metrics ignore (mutual
 #: information, local cross-correlation).
-REGISTRATION_CONTRASTS = ("fa", "rish-anisotropy", "rish-l2", "rish-l0")
+#: Not kept: ``sqrt(RISH_l2 / RISH_l0)`` (FA-like): its low-signal voxels
+#: reach 10-14 x its median, and SyN on it did not reproduce (a 0.1 %
+#: intensity jitter moved the transform 0.07 mm, an exact site scaling 0.23
+#: mm; docs/harmonization.md).
+REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0")
 DEFAULT_REGISTRATION_CONTRAST = "fa"
 #: The contrast of artefacts written before the contrast was recorded.
 LEGACY_REGISTRATION_CONTRAST = "fa"
@@ -669,7 +672,7 @@ def build_template(reference: Sequence[SubjectInput], *, iterations: int = TEMPL
             return register_fa(fa, f.affine, tpl, tpl_affine, registration, **opts)
         tpl = template_mean(reference, tpl.shape, register, first_round=it == 0, image=image)
     info = {"source": "reference-site mean", "iterations": int(iterations),
-            "first_subject": first_id, "registration": registration, "contrast": contrast}
+            "first_subject": first_id, "registration": registration}
     return tpl, tpl_affine, info
 
 
@@ -691,9 +694,11 @@ def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_
     0 outside its brain mask, float32.
 
     The RISH contrasts use the lowest of ``shells`` (None: of the subject's
-    RISH shells), the best-SNR shell. ``RISH_l0`` is floored at
-    ``TAU_FRACTION`` x its median in the mask (as the scale maps' tau), so
-    voxels with no signal do not divide by ~0.
+    RISH shells), the best-SNR shell. A RISH image is divided by its
+    median over the mask's non-zero voxels: a site's constant factor then
+    cancels exactly, also in dipy's absolute thresholds (its cross-correlation
+    skips windows whose variance product is below 1e-5, which a scaled
+    small-valued image crosses elsewhere).
     """
     mask = np.asarray(f.mask, dtype=bool)
     if check_registration_contrast(contrast) == "fa":
@@ -705,19 +710,20 @@ def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_
         raise HarmonizationError(f"subject {f.subject!r}: no RISH maps for shell b={want:g} "
                                  f"to register through (has {sorted(by_b)})")
     rish = np.asarray(by_b[key], dtype=np.float32)
-    if contrast == "rish-l0":
-        return np.where(mask, np.sqrt(np.maximum(rish[..., 0], 0)), 0).astype(np.float32)
-    if rish.shape[-1] < 2:
-        raise HarmonizationError(f"contrast {contrast!r} needs RISH order 2 (lmax >= 2)")
-    l2 = np.maximum(rish[..., 1], 0)
-    if contrast == "rish-l2":
-        img = np.sqrt(l2)
-    else:
-        l0 = rish[..., 0]
-        inside = mask & (l0 > 0)
-        floor = TAU_FRACTION * float(np.median(l0[inside])) if inside.any() else 1.0
-        img = np.sqrt(l2 / np.maximum(l0, np.float32(max(floor, np.finfo(np.float32).tiny))))
-    return np.where(mask, img, 0).astype(np.float32)
+    order = 0 if contrast == "rish-l0" else 1
+    if rish.shape[-1] <= order:
+        raise HarmonizationError(f"contrast {contrast!r} needs RISH order {2 * order} "
+                                 f"(lmax >= {2 * order})")
+    return _unit_median(np.sqrt(np.maximum(rish[..., order], 0)), mask)
+
+
+def _unit_median(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``img`` in ``mask`` (0 outside) over its median there (non-zero voxels), float32."""
+    out = np.where(mask, img, 0).astype(np.float32)
+    inside = out > 0
+    if inside.any():
+        out /= np.float32(np.median(out[inside]))
+    return out
 
 
 def _contrast_of(contrast: str, shells: Sequence[float] | None) -> Callable:

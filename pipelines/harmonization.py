@@ -173,8 +173,7 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
     ref = _site(features, sites, reference_site)
     tar = _site(features, sites, target_site)
     info = {"source": "reference-site mean", "iterations": int(template["round"]),
-            "first_subject": template["first_subject"], "registration": registration,
-            "contrast": contrast}
+            "first_subject": template["first_subject"], "registration": registration}
     artefact = fit_harmonization([_loader(f) for f in ref], [_loader(f) for f in tar],
                                  shells, lmax, reference_site=reference_site,
                                  target_site=target_site, registration=registration,
