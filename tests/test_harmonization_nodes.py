@@ -61,7 +61,7 @@ def _digests(folder: Path) -> dict:
 
 
 @pytest.mark.parametrize("registration, contrast", [("syn", "fa"), ("affine", "fa"),
-                                                    ("affine", "rish-anisotropy")])
+                                                    ("affine", "rish-l2")])
 def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration, contrast):
     sites = {}
     entries = []
