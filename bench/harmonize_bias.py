@@ -9,8 +9,13 @@ the cached held-out transforms. Rows: held-out site effect (Cohen's d after,
 relative difference of the means), held-out group-effect ratio (FA, RISH l2)
 and the minimum FA correlation with the truth, unpaired / paired.
 
+``--contrasts fa rish-l0 ...`` repeats everything (template and every
+registration) per registration contrast and adds, on brains, the held-out
+registrations' accuracy against the phantom's known warps.
+
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
-[--variants ratio matched ...] [--refit-rounds 0 1] [--target-voxel 2.5 --target-snr 30 ...]``
+[--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
+[--target-voxel 2.5 --target-snr 30 ...]``
 (brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
 --shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
 one-signed residual on brains", has the measured rows.
