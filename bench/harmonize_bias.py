@@ -205,7 +205,8 @@ def main() -> None:
                 cells.append(f"{name} " + " / ".join(
                     f"{res[d][0][i]['d_after']:.2f} ({100 * res[d][0][i]['rel_after']:+.1f} %, "
                     f"p {res[d][0][i]['p_after']:.2g})" for d in res))
-            print(f"== {variant}, refit rounds {rounds}, contrast {contrast} ({time.perf_counter() - t1:.0f} s, "
+            print(f"== {variant}, refit rounds {rounds}, contrast {contrast} "
+                  f"({time.perf_counter() - t1:.0f} s, "
                   f"load1 {load1()})")
             print("  " + "\n  ".join(cells))
             print("  max |d| " + " / ".join(f"{max(abs(r['d_after']) for r in res[d][0]):.2f}"

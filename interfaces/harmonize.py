@@ -116,6 +116,8 @@ SCALE_ESTIMATORS = ("ratio", "nearest", "matched", "native-log")
 #: intensity jitter moved the transform 0.07 mm, an exact site scaling 0.23
 #: mm; docs/harmonization.md).
 REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0")
+#: The SH order whose RISH each RISH contrast is the square root of.
+RISH_CONTRAST_ORDER = {"rish-l2": 2, "rish-l0": 0}
 DEFAULT_REGISTRATION_CONTRAST = "fa"
 #: The contrast of artefacts written before the contrast was recorded.
 LEGACY_REGISTRATION_CONTRAST = "fa"
@@ -682,6 +684,7 @@ def masked_fa(f: SubjectFeatures) -> np.ndarray:
 
 
 def check_registration_contrast(contrast: str) -> str:
+    """``contrast`` if it is one of ``REGISTRATION_CONTRASTS``, else ValueError."""
     if contrast not in REGISTRATION_CONTRASTS:
         raise ValueError(f"unknown registration contrast {contrast!r} "
                          f"({', '.join(REGISTRATION_CONTRASTS)})")
@@ -710,11 +713,11 @@ def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_
         raise HarmonizationError(f"subject {f.subject!r}: no RISH maps for shell b={want:g} "
                                  f"to register through (has {sorted(by_b)})")
     rish = np.asarray(by_b[key], dtype=np.float32)
-    order = 0 if contrast == "rish-l0" else 1
-    if rish.shape[-1] <= order:
-        raise HarmonizationError(f"contrast {contrast!r} needs RISH order {2 * order} "
-                                 f"(lmax >= {2 * order})")
-    return _unit_median(np.sqrt(np.maximum(rish[..., order], 0)), mask)
+    order = RISH_CONTRAST_ORDER[contrast]
+    if rish.shape[-1] <= order // 2:
+        raise HarmonizationError(f"contrast {contrast!r} needs RISH order {order} "
+                                 f"(lmax >= {order})")
+    return _unit_median(np.sqrt(np.maximum(rish[..., order // 2], 0)), mask)
 
 
 def _unit_median(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -1426,9 +1429,9 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     ``fa``: the subject's FA (None: fitted here) to register to the template,
     unless a ``transform`` is given, when the artefact registers through FA;
     otherwise the subject is registered through the artefact's
-    ``registration_contrast`` (:func:`dwi_registration_image`). ``applied``: content ids of artefacts
-    already applied to this input (:func:`applied_artefacts` of its
-    sidecar); applying the same artefact again is refused unless ``force``.
+    ``registration_contrast`` (:func:`dwi_registration_image`).
+    ``applied``: content ids of artefacts already applied to this input
+    (:func:`applied_artefacts` of its sidecar); applying the same artefact again is refused unless ``force``.
     ``inplace`` overwrites ``dwi.data`` (halves peak memory).
     ``refit_rounds`` (None: the artefact's): re-register the subject through
     its FA harmonised with the current transform this many times before the
