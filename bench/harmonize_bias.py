@@ -9,8 +9,13 @@ the cached held-out transforms. Rows: held-out site effect (Cohen's d after,
 relative difference of the means), held-out group-effect ratio (FA, RISH l2)
 and the minimum FA correlation with the truth, unpaired / paired.
 
+``--contrasts fa rish-l0 ...`` repeats everything (template and every
+registration) per registration contrast and adds, on brains, the held-out
+registrations' accuracy against the phantom's known warps.
+
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
-[--variants ratio matched ...] [--refit-rounds 0 1] [--target-voxel 2.5 --target-snr 30 ...]``
+[--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
+[--target-voxel 2.5 --target-snr 30 ...]``
 (brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
 --shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
 one-signed residual on brains", has the measured rows.
@@ -49,6 +54,48 @@ def template_measures(sc, data, transform, wm) -> dict:
     return out
 
 
+def scan_template_points(sc, shape) -> np.ndarray:
+    """Brain phantom: each voxel's template (MNI) point of one scan, world mm
+    of the study grid (X, Y, Z, 3): the person's known map (phantom seed,
+    the study's field of view ``shape`` x 2.5 mm), as
+    ``bench/harmonize_register_speed.py``'s ``truth_mm``."""
+    from dmriflow.interfaces.sim import brain, phantom
+    s = sc.subject
+    grid = s.mask.shape
+    ijk = np.indices(grid, dtype=np.float64).reshape(3, -1).T
+    xyz = ijk @ np.asarray(s.affine)[:3, :3].T + np.asarray(s.affine)[:3, 3]
+    fov = np.asarray(shape, dtype=np.float64) * U.STUDY_VOXEL_MM
+    m, _ = brain.to_template(xyz, fov, phantom.subject_parameters(sc.person.seed),
+                             sc.person.seed)
+    return (m * brain.anatomy_scale(fov)).reshape(tuple(grid) + (3,)).astype(np.float32)
+
+
+def registration_truth(test, ref, tar, held_ref, held, tpl, shape) -> str:
+    """Registration accuracy of the held-out scans against the known warps:
+    each scan's template points pulled to the template by its transform
+    (``mapped``; a perfect registration maps every scan's same anatomy to a
+    template voxel). ``gap``: mean distance (mm) between a person's site-A and
+    site-B mapped points (median over persons; the site effect's share of the
+    misregistration); ``spread``: per site, the RMS distance of the persons'
+    mapped points from their mean (mean over voxels). Voxels: template
+    voxels inside the template and every compared scan's warped mask."""
+    def mapped(sc, t):
+        pts = scan_template_points(sc, shape)
+        m = np.stack([t.to_template(pts[..., k]) for k in range(3)], axis=-1)
+        return m, t.to_template(sc.subject.mask.astype(np.float32)) > 0.99
+    a = [mapped(sc, t) for sc, t in zip(test[ref], held_ref)]
+    b = [mapped(sc, t) for sc, t in zip(test[tar], held)]
+    inside = (tpl > 0) & np.all([m for _, m in a + b], axis=0)
+    gaps = [float(np.linalg.norm(pa[inside] - pb[inside], axis=1).mean())
+            for (pa, _), (pb, _) in zip(a, b)]
+
+    def spread(items):
+        pts = np.stack([p[inside] for p, _ in items])
+        return float(np.sqrt(np.mean(np.sum((pts - pts.mean(axis=0)) ** 2, axis=2))))
+    return (f"gap A-B {np.median(gaps):.3f} mm (max {max(gaps):.3f}); spread A "
+            f"{spread(a):.3f} / B {spread(b):.3f} mm ({int(inside.sum())} voxels)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-fit", type=int, default=12)
@@ -69,6 +116,10 @@ def main() -> None:
                          "site-A scan (paired fit and held-out), so registration cannot differ "
                          "between the sites")
     ap.add_argument("--variants", nargs="+", default=list(H.SCALE_ESTIMATORS))
+    ap.add_argument("--contrasts", nargs="+", default=[H.DEFAULT_REGISTRATION_CONTRAST],
+                    choices=H.REGISTRATION_CONTRASTS,
+                    help="registration contrasts to compare (template, fit and held-out "
+                         "registrations redone for each)")
     ap.add_argument("--refit-rounds", type=int, nargs="+", default=[H.DEFAULT_REFIT_ROUNDS],
                     help="refit rounds to compare (target scans re-registered through their "
                          "harmonised FA; held-out scans too, in apply)")
@@ -83,75 +134,89 @@ def main() -> None:
                          tar: [U.scan(sc.person, sites[1], **kw) for sc in cohorts["unpaired"][ref]]}
     test = U.held_out(opts.n_held_out, opts.seed, sites, **kw)
     feats = {(d, s): U.features(c[s], opts.lmax) for d, c in cohorts.items() for s in (ref, tar)}
-    tpl, tpl_aff, tpl_info = H.build_template(feats[("unpaired", ref)])
-    reg = {}
-    for f in [x for v in feats.values() for x in v]:
-        if f.subject not in reg:
-            reg[f.subject] = H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff)
-    held = [H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff) for f in U.features(test[tar])]
-    held_ref = ([H.register_fa(H.masked_fa(f), f.affine, tpl, tpl_aff)
-                 for f in U.features(test[ref])]
-                if opts.template_eval or opts.share_transforms else [])
-    if opts.share_transforms:
-        if opts.target_voxel != sites[0].voxel_mm:
-            raise SystemExit("--share-transforms needs --target-voxel equal to site A's")
-        for a, b in zip(feats[("paired", ref)], feats[("paired", tar)]):
-            reg[b.subject] = reg[a.subject]
-        held = list(held_ref)
     m_ref = [U.measures(sc, lmax=opts.lmax) for sc in test[ref]]
     m_bef = [U.measures(sc, lmax=opts.lmax) for sc in test[tar]]
-    print(f"setup {time.perf_counter() - t0:.0f} s, load1 {load1()}; seed {opts.seed}, "
-          f"anatomy {opts.anatomy}, grid {opts.shape}, site A SNR {opts.reference_snr:g}, "
-          f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
-          f"{', shared transforms' if opts.share_transforms else ''}",
-          flush=True)
-    # the harmonised FA of each fit target scan, for the refit rounds
-    hfa = {f.subject: (lambda art, t, sc=sc: H.harmonised_fa(U.as_dwi(sc), art, t))
-           for d, c in cohorts.items() for sc, f in zip(c[tar], feats[(d, tar)])}
-    for variant, rounds in [(v, r) for v in opts.variants for r in opts.refit_rounds]:
-        t1 = time.perf_counter()
-        res, fit_s = {}, {}
-        for d in cohorts:
-            t2 = time.perf_counter()
-            art = H.fit_harmonization(
-                feats[(d, ref)], feats[(d, tar)], list(U.STUDY_SHELLS), opts.lmax,
-                reference_site=ref, target_site=tar, template=(tpl, tpl_aff),
-                template_info=tpl_info, registered={k: (lambda t=t: t) for k, t in reg.items()},
-                scale_estimator=variant, refit_rounds=rounds, harmonised_fa=hfa)
-            fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
-            after = [H.apply_harmonization(U.as_dwi(sc), None, art, transform=t)[0]
-                     for sc, t in zip(test[tar], held)]
-            m_aft = [U.measures(sc, a, opts.lmax) for sc, a in zip(test[tar], after)]
-            res[d] = (U.site_rows(m_ref, m_bef, m_aft), U.group_rows(test[tar], m_bef, m_aft),
-                      min(m["fa_corr"] for m in m_aft))
-            if opts.template_eval:
-                wm = art.template_mask & (tpl >= H.WM_FA_THRESHOLD)
-                t_ref = [template_measures(sc, None, t, wm) for sc, t in zip(test[ref], held_ref)]
-                t_bef = [template_measures(sc, None, t, wm) for sc, t in zip(test[tar], held)]
-                t_aft = [template_measures(sc, a, t, wm)
-                         for sc, a, t in zip(test[tar], after, held)]
-                rows = U.site_rows(t_ref, t_bef, t_aft)
-                print(f"  [{variant} refit {rounds} {d}, template-space WM ({int(wm.sum())} voxels)] " + "; ".join(
-                    f"{r['metric']}{'' if math.isnan(r['shell']) else ' b%g' % r['shell']} "
-                    f"{r['d_before']:.2f} > {r['d_after']:.2f} ({100 * r['rel_after']:+.1f} %)"
-                    for r in rows), flush=True)
-        cells = []
-        for i, row in enumerate(res["unpaired"][0]):
-            name = row["metric"] + ("" if math.isnan(row["shell"]) else f" b{row['shell']:g}")
-            cells.append(f"{name} " + " / ".join(
-                f"{res[d][0][i]['d_after']:.2f} ({100 * res[d][0][i]['rel_after']:+.1f} %, "
-                f"p {res[d][0][i]['p_after']:.2g})" for d in res))
-        print(f"== {variant}, refit rounds {rounds} ({time.perf_counter() - t1:.0f} s, "
-              f"load1 {load1()})")
-        print("  " + "\n  ".join(cells))
-        print("  max |d| " + " / ".join(f"{max(abs(r['d_after']) for r in res[d][0]):.2f}"
-                                        for d in res)
-              + "; group FA / l2 ratio " + " / ".join(
-                  f"{res[d][1][0]['ratio']:.3f}, {res[d][1][1]['ratio']:.3f}" for d in res)
-              + "; FA corr min " + " / ".join(f"{res[d][2]:.3f}" for d in res)
-              + "; maps from cached registrations (+ refit registrations) s/subject "
-              + " / ".join(
-                  f"{fit_s[d]:.2f}" for d in res), flush=True)
+    shells = list(U.STUDY_SHELLS)
+    print(f"data {time.perf_counter() - t0:.0f} s, load1 {load1()}", flush=True)
+    for contrast in opts.contrasts:
+        t0 = time.perf_counter()
+
+        def register(f, contrast=contrast):
+            return H.register_fa(H.registration_image(f, contrast, shells), f.affine, tpl, tpl_aff)
+        tpl, tpl_aff, tpl_info = H.build_template(feats[("unpaired", ref)], contrast=contrast,
+                                                  shells=shells)
+        reg = {}
+        for f in [x for v in feats.values() for x in v]:
+            if f.subject not in reg:
+                reg[f.subject] = register(f)
+        held = [register(f) for f in U.features(test[tar])]
+        held_ref = ([register(f)
+                     for f in U.features(test[ref])]
+                    if opts.template_eval or opts.share_transforms or opts.anatomy == "brain"
+                    else [])
+        if opts.share_transforms:
+            if opts.target_voxel != sites[0].voxel_mm:
+                raise SystemExit("--share-transforms needs --target-voxel equal to site A's")
+            for a, b in zip(feats[("paired", ref)], feats[("paired", tar)]):
+                reg[b.subject] = reg[a.subject]
+            held = list(held_ref)
+        print(f"setup {time.perf_counter() - t0:.0f} s, load1 {load1()}; seed {opts.seed}, "
+              f"anatomy {opts.anatomy}, grid {opts.shape}, site A SNR {opts.reference_snr:g}, "
+              f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
+              f"{', shared transforms' if opts.share_transforms else ''}; registration contrast "
+              f"{contrast}", flush=True)
+        if opts.anatomy == "brain":
+            print("  registration vs the known warps: " + registration_truth(
+                test, ref, tar, held_ref, held, tpl, opts.shape), flush=True)
+        # the harmonised FA of each fit target scan, for the refit rounds
+        hfa = {f.subject: (lambda art, t, sc=sc: H.harmonised_fa(U.as_dwi(sc), art, t))
+               for d, c in cohorts.items() for sc, f in zip(c[tar], feats[(d, tar)])}
+        for variant, rounds in [(v, r) for v in opts.variants for r in opts.refit_rounds]:
+            t1 = time.perf_counter()
+            res, fit_s = {}, {}
+            for d in cohorts:
+                t2 = time.perf_counter()
+                art = H.fit_harmonization(
+                    feats[(d, ref)], feats[(d, tar)], list(U.STUDY_SHELLS), opts.lmax,
+                    reference_site=ref, target_site=tar, template=(tpl, tpl_aff),
+                    template_info=tpl_info, registered={k: (lambda t=t: t) for k, t in reg.items()},
+                    scale_estimator=variant, refit_rounds=rounds, harmonised_fa=hfa,
+                    registration_contrast=contrast)
+                fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
+                after = [H.apply_harmonization(U.as_dwi(sc), None, art, transform=t)[0]
+                         for sc, t in zip(test[tar], held)]
+                m_aft = [U.measures(sc, a, opts.lmax) for sc, a in zip(test[tar], after)]
+                res[d] = (U.site_rows(m_ref, m_bef, m_aft), U.group_rows(test[tar], m_bef, m_aft),
+                          min(m["fa_corr"] for m in m_aft))
+                if opts.template_eval:
+                    wm = art.template_mask & (tpl >= H.WM_FA_THRESHOLD)
+                    t_ref = [template_measures(sc, None, t, wm) for sc, t in zip(test[ref], held_ref)]
+                    t_bef = [template_measures(sc, None, t, wm) for sc, t in zip(test[tar], held)]
+                    t_aft = [template_measures(sc, a, t, wm)
+                             for sc, a, t in zip(test[tar], after, held)]
+                    rows = U.site_rows(t_ref, t_bef, t_aft)
+                    print(f"  [{variant} refit {rounds} {d}, template-space WM ({int(wm.sum())} voxels)] " + "; ".join(
+                        f"{r['metric']}{'' if math.isnan(r['shell']) else ' b%g' % r['shell']} "
+                        f"{r['d_before']:.2f} > {r['d_after']:.2f} ({100 * r['rel_after']:+.1f} %)"
+                        for r in rows), flush=True)
+            cells = []
+            for i, row in enumerate(res["unpaired"][0]):
+                name = row["metric"] + ("" if math.isnan(row["shell"]) else f" b{row['shell']:g}")
+                cells.append(f"{name} " + " / ".join(
+                    f"{res[d][0][i]['d_after']:.2f} ({100 * res[d][0][i]['rel_after']:+.1f} %, "
+                    f"p {res[d][0][i]['p_after']:.2g})" for d in res))
+            print(f"== {variant}, refit rounds {rounds}, contrast {contrast} "
+                  f"({time.perf_counter() - t1:.0f} s, "
+                  f"load1 {load1()})")
+            print("  " + "\n  ".join(cells))
+            print("  max |d| " + " / ".join(f"{max(abs(r['d_after']) for r in res[d][0]):.2f}"
+                                            for d in res)
+                  + "; group FA / l2 ratio " + " / ".join(
+                      f"{res[d][1][0]['ratio']:.3f}, {res[d][1][1]['ratio']:.3f}" for d in res)
+                  + "; FA corr min " + " / ".join(f"{res[d][2]:.3f}" for d in res)
+                  + "; maps from cached registrations (+ refit registrations) s/subject "
+                  + " / ".join(
+                      f"{fit_s[d]:.2f}" for d in res), flush=True)
 
 
 if __name__ == "__main__":

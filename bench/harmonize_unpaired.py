@@ -11,7 +11,8 @@ Prints every row before/after, the two designs side by side: the site effect
 (held-out, Cohen's d target - reference, Welch p, relative difference of the
 means), the group effect at the target site (held-out and in-sample) and at
 the reference site, FA correlation with the truth, and fit/apply time per
-subject. Run: ``.venv/bin/python bench/harmonize_unpaired.py [--seed N] [--site-mean median]``.
+subject. Run: ``.venv/bin/python bench/harmonize_unpaired.py [--seed N] [--site-mean median]
+[--contrast rish-l2]``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import math
 from dataclasses import replace
 
+from dmriflow.interfaces import harmonize as H
 from dmriflow.interfaces.sim import unpaired as U
 
 DESIGNS = ("unpaired", "paired")
@@ -43,15 +45,19 @@ def main() -> None:
     ap.add_argument("--target-voxel", type=float, default=U.SITE_B.voxel_mm,
                     help="site B's voxel size (mm)")
     ap.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
+    ap.add_argument("--contrast", default=H.DEFAULT_REGISTRATION_CONTRAST,
+                    choices=H.REGISTRATION_CONTRASTS, help="registration contrast")
     opts = ap.parse_args()
     designs = tuple(opts.designs)
     sites = (U.SITE_A, replace(U.SITE_B, voxel_mm=opts.target_voxel))
     res = {d: U.validate(d, opts.n_fit, opts.n_held_out, opts.seed, sites,
                          anatomy=opts.anatomy, shape=opts.shape,
-                         registration=opts.registration, site_mean=opts.site_mean)
+                         registration=opts.registration, site_mean=opts.site_mean,
+                         registration_contrast=opts.contrast)
            for d in designs}
     print(f"fit {opts.n_fit} persons per site, held-out {opts.n_held_out} persons at both "
-          f"sites, seed {opts.seed}, registration {opts.registration}, site mean "
+          f"sites, seed {opts.seed}, registration {opts.registration} through {opts.contrast}, "
+          f"site mean "
           f"{opts.site_mean}, anatomy {opts.anatomy}, grid {' x '.join(map(str, opts.shape))}, "
           f"site B voxel {opts.target_voxel:g} mm")
     head = " | ".join(f"{d:^40s}" for d in designs)

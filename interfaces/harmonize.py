@@ -99,6 +99,28 @@ SITE_MEANS = ("mean", "median")
 #: subject's grid before any resampling of its data. "matched" and
 #: "native-log" need the "mean" site mean.
 SCALE_ESTIMATORS = ("ratio", "nearest", "matched", "native-log")
+#: The image every subject is registered to the template through (and the
+#: template is built from; docs/harmonization.md, "Registration contrast"):
+#: "fa": DTI FA in the brain mask. The site effect (a per-order scaling of
+#: the SH) changes FA non-linearly (+11 % in white matter, +21 % in grey
+#: matter on the study's site B), so SyN maps the target site's anatomy
+#: slightly differently from the same anatomy at the reference site.
+#: "rish-l2": ``sqrt(RISH_l2)`` of the lowest harmonised shell (the
+#: b0-normalised anisotropic signal);
+#: "rish-l0": ``sqrt(RISH_l0)`` of that shell (the mean diffusion-weighted
+#: signal over b0: no anisotropy, little noise). A per-order site scaling
+#: multiplies each by a constant, which the metrics ignore (mutual
+#: information, local cross-correlation).
+#: Not kept: ``sqrt(RISH_l2 / RISH_l0)`` (FA-like): its low-signal voxels
+#: reach 10-14 x its median, and SyN on it did not reproduce (a 0.1 %
+#: intensity jitter moved the transform 0.07 mm, an exact site scaling 0.23
+#: mm; docs/harmonization.md).
+REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0")
+#: The SH order whose RISH each RISH contrast is the square root of.
+RISH_CONTRAST_ORDER = {"rish-l2": 2, "rish-l0": 0}
+DEFAULT_REGISTRATION_CONTRAST = "fa"
+#: The contrast of artefacts written before the contrast was recorded.
+LEGACY_REGISTRATION_CONTRAST = "fa"
 #: Affine stages (dipy ``AffineRegistration``): iterations per pyramid level
 #: (coarse -> fine), smoothing sigmas (voxels) and shrink factors. Small
 #: counts suffice: the stages refine each other from a centre-of-mass start.
@@ -149,7 +171,12 @@ WM_FA_THRESHOLD = 0.3
 EVAL_ORDERS = (0, 2, 4)
 #: Artefact folder layout and format.
 ARTEFACT_FORMAT = "dmriflow-rish-harmonization"
-ARTEFACT_FORMAT_VERSION = 1
+#: Version 2 records the registration contrast; version 1 artefacts (no
+#: contrast: FA) are still read. The content id hashes the same layout in
+#: both (``CONTENT_ID_LAYOUT``), so version 1 ids stay valid.
+ARTEFACT_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
+CONTENT_ID_LAYOUT = 1
 ARTEFACT_JSON = "artefact.json"
 #: Sidecar key under which applied artefact content ids are listed (oldest first).
 SIDECAR_KEY = "RISHHarmonizationApplied"
@@ -621,9 +648,12 @@ def _check_subject(f: SubjectFeatures, site: str, shells: Sequence[float], lmax:
 # Template
 # ----------------------------------------------------------------------------
 def build_template(reference: Sequence[SubjectInput], *, iterations: int = TEMPLATE_ITERATIONS,
-                   registration: str = "syn", registration_options: dict | None = None
+                   registration: str = "syn", registration_options: dict | None = None,
+                   contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                   shells: Sequence[float] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """FA template from the reference site: (FA float32, affine, info).
+    """Template from the reference site: (image float32, affine, info), in the
+    registration ``contrast`` (:func:`registration_image` of ``shells``).
 
     Round 1 registers every reference subject to the first one and averages
     the warped FA maps; each further round registers all of them to the
@@ -634,34 +664,88 @@ def build_template(reference: Sequence[SubjectInput], *, iterations: int = TEMPL
     opts = dict(registration_options or {})
     if iterations < 1:
         raise ValueError(f"template iterations must be >= 1, got {iterations}")
+    image = _contrast_of(contrast, shells)
     first = _load(reference[0])
-    tpl = np.where(first.mask, first.fa, 0).astype(np.float32)
+    tpl = image(first)
     tpl_affine, first_id = _as_affine(first.affine), first.subject
     del first
     for it in range(iterations):
         def register(f, fa, tpl=tpl):
             return register_fa(fa, f.affine, tpl, tpl_affine, registration, **opts)
-        tpl = template_mean(reference, tpl.shape, register, first_round=it == 0)
+        tpl = template_mean(reference, tpl.shape, register, first_round=it == 0, image=image)
     info = {"source": "reference-site mean", "iterations": int(iterations),
             "first_subject": first_id, "registration": registration}
     return tpl, tpl_affine, info
 
 
 def masked_fa(f: SubjectFeatures) -> np.ndarray:
-    """A subject's FA, 0 outside its brain mask (what is registered), float32."""
+    """A subject's FA, 0 outside its brain mask, float32."""
     return np.where(np.asarray(f.mask, dtype=bool), f.fa, 0).astype(np.float32)
 
 
+def check_registration_contrast(contrast: str) -> str:
+    """``contrast`` if it is one of ``REGISTRATION_CONTRASTS``, else ValueError."""
+    if contrast not in REGISTRATION_CONTRASTS:
+        raise ValueError(f"unknown registration contrast {contrast!r} "
+                         f"({', '.join(REGISTRATION_CONTRASTS)})")
+    return contrast
+
+
+def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                       shells: Sequence[float] | None = None) -> np.ndarray:
+    """The image a subject is registered through (``REGISTRATION_CONTRASTS``),
+    0 outside its brain mask, float32.
+
+    The RISH contrasts use the lowest of ``shells`` (None: of the subject's
+    RISH shells), the best-SNR shell. A RISH image is divided by its
+    median over the mask's non-zero voxels: a site's constant factor then
+    cancels exactly, also in dipy's absolute thresholds (its cross-correlation
+    skips windows whose variance product is below 1e-5, which a scaled
+    small-valued image crosses elsewhere).
+    """
+    mask = np.asarray(f.mask, dtype=bool)
+    if check_registration_contrast(contrast) == "fa":
+        return masked_fa(f)
+    by_b = {float(b): v for b, v in f.rish.items()}
+    want = min(float(b) for b in (shells or by_b))
+    key = match_shell(want, by_b)
+    if key is None:
+        raise HarmonizationError(f"subject {f.subject!r}: no RISH maps for shell b={want:g} "
+                                 f"to register through (has {sorted(by_b)})")
+    rish = np.asarray(by_b[key], dtype=np.float32)
+    order = RISH_CONTRAST_ORDER[contrast]
+    if rish.shape[-1] <= order // 2:
+        raise HarmonizationError(f"contrast {contrast!r} needs RISH order {order} "
+                                 f"(lmax >= {order})")
+    return _unit_median(np.sqrt(np.maximum(rish[..., order // 2], 0)), mask)
+
+
+def _unit_median(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``img`` in ``mask`` (0 outside) over its median there (non-zero voxels), float32."""
+    out = np.where(mask, img, 0).astype(np.float32)
+    inside = out > 0
+    if inside.any():
+        out /= np.float32(np.median(out[inside]))
+    return out
+
+
+def _contrast_of(contrast: str, shells: Sequence[float] | None) -> Callable:
+    """``features -> registration image`` for one contrast and shell list."""
+    check_registration_contrast(contrast)
+    return lambda f: registration_image(f, contrast, shells)
+
+
 def template_mean(reference: Sequence[SubjectInput], shape, register: Callable,
-                  first_round: bool = False) -> np.ndarray:
-    """One template round: the mean of the reference FA maps warped to the
-    template grid ``shape``. ``register(features, masked_fa)`` returns the
-    subject's :class:`Transform` (computed, or registered earlier by a
-    per-subject node); in the first round the first subject is the template."""
+                  first_round: bool = False, image: Callable = masked_fa) -> np.ndarray:
+    """One template round: the mean of the reference subjects' registration
+    images (``image(features)``, default FA) warped to the template grid
+    ``shape``. ``register(features, image)`` returns the subject's
+    :class:`Transform` (computed, or registered earlier by a per-subject
+    node); in the first round the first subject is the template."""
     total = np.zeros(tuple(shape), dtype=np.float32)
     for k, item in enumerate(reference):
         f = _load(item)
-        fa = masked_fa(f)
+        fa = image(f)
         if first_round and k == 0:
             total += fa
             continue
@@ -745,7 +829,7 @@ def _shell_key(b: float) -> str:
 def _content_id(template_affine, template_shape, shells, lmax, maps: dict) -> str:
     """sha256 of the scale maps and the grid/shell/order layout they live on."""
     h = hashlib.sha256()
-    head = {"format": ARTEFACT_FORMAT, "version": ARTEFACT_FORMAT_VERSION,
+    head = {"format": ARTEFACT_FORMAT, "version": CONTENT_ID_LAYOUT,
             "shells": [_shell_key(b) for b in shells], "lmax": int(lmax),
             "shape": [int(n) for n in template_shape],
             "affine": np.round(np.asarray(template_affine, np.float64), 6).tolist()}
@@ -767,6 +851,8 @@ class HarmonizationArtefact:
     subject, sha256, transform parameters). ``transforms``: the subjects'
     :class:`Transform` keyed by (site, subject), when kept. ``content_id``
     (sha256 of the scale maps and their layout) is computed when empty.
+    ``registration_contrast``: the image subjects are registered through
+    (``REGISTRATION_CONTRASTS``); ``template_fa`` holds the template in it.
     """
 
     template_fa: np.ndarray
@@ -787,8 +873,10 @@ class HarmonizationArtefact:
     parameters: dict = field(default_factory=dict)
     transforms: dict = field(default_factory=dict, repr=False)
     content_id: str = ""
+    registration_contrast: str = LEGACY_REGISTRATION_CONTRAST
 
     def __post_init__(self):
+        check_registration_contrast(self.registration_contrast)
         self.shells = [float(b) for b in self.shells]
         self.scale_maps = {float(b): np.asarray(m, dtype=np.float32)
                            for b, m in self.scale_maps.items()}
@@ -837,6 +925,7 @@ class HarmonizationArtefact:
             "smoothing_fwhm_mm": float(self.smoothing_fwhm_mm),
             "scale_range": [float(v) for v in self.scale_range],
             "registration": self.registration,
+            "registration_contrast": self.registration_contrast,
             "template_affine": self.template_affine.tolist(),
             "template_shape": list(self.template_fa.shape),
             "subjects": self.subjects, "parameters": self.parameters, "files": files,
@@ -896,9 +985,10 @@ class HarmonizationArtefact:
         if meta.get("format") != ARTEFACT_FORMAT:
             raise InputError(meta_path, f"not a {ARTEFACT_FORMAT} artefact "
                                         f"(format {meta.get('format')!r})")
-        if meta.get("format_version") != ARTEFACT_FORMAT_VERSION:
+        if meta.get("format_version") not in READABLE_FORMAT_VERSIONS:
             raise InputError(meta_path, f"artefact format version {meta.get('format_version')}"
-                                        f" is not supported (expected {ARTEFACT_FORMAT_VERSION})")
+                                        f" is not supported (expected one of "
+                                        f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))})")
         need = ("content_id", "shells", "lmax", "files", "template_affine", "subjects",
                 "reference_site", "target_site", "tau", "tau_values", "registration")
         missing = [k for k in need if k not in meta]
@@ -934,7 +1024,9 @@ class HarmonizationArtefact:
                        reference_site=meta["reference_site"], target_site=meta["target_site"],
                        subjects=meta["subjects"], pipeline_version=meta.get("pipeline_version", ""),
                        parameters=meta.get("parameters", {}), transforms=trans,
-                       content_id=meta["content_id"])
+                       content_id=meta["content_id"],
+                       registration_contrast=meta.get("registration_contrast",
+                                                      LEGACY_REGISTRATION_CONTRAST))
         except ValueError as exc:
             raise InputError(meta_path, f"invalid artefact ({exc})") from None
 
@@ -1046,7 +1138,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       registered: Mapping[str, Callable[[], Transform]] | None = None,
                       site_mean: str = "mean", scale_estimator: str = "ratio",
                       refit_rounds: int = DEFAULT_REFIT_ROUNDS,
-                      harmonised_fa: Mapping[str, Callable] | None = None
+                      harmonised_fa: Mapping[str, Callable] | None = None,
+                      registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST
                       ) -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
@@ -1070,6 +1163,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     times; ``harmonised_fa[subject](artefact, transform)`` returns that FA on
     the subject's grid (e.g. :func:`harmonised_fa` of its DWI).
     :func:`apply_harmonization` repeats the same rounds.
+    ``registration_contrast``: the image every subject is registered through
+    and the template is built from (``REGISTRATION_CONTRASTS``; a given
+    ``template``/``registered`` must be in it); recorded in the artefact.
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
@@ -1082,7 +1178,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                            keep_transforms=keep_transforms,
                            registration_options=registration_options,
                            template_info=template_info, registered=registered,
-                           site_mean=site_mean, scale_estimator=scale_estimator))
+                           site_mean=site_mean, scale_estimator=scale_estimator,
+                           registration_contrast=registration_contrast))
     lmax = sh._check_lmax(lmax)
     if registration not in REGISTRATIONS:
         raise ValueError(f"unknown registration {registration!r} ({', '.join(REGISTRATIONS)})")
@@ -1100,10 +1197,11 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         raise ValueError(f"scale_estimator {scale_estimator!r} needs site_mean 'mean'")
     check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     opts = dict(registration_options or {})
+    image = _contrast_of(registration_contrast, shells)
     if template is None:
         tpl_fa, tpl_affine, tpl_info = build_template(
             reference, iterations=template_iterations, registration=registration,
-            registration_options=opts)
+            registration_options=opts, contrast=registration_contrast, shells=shells)
     else:
         tpl_fa, tpl_affine = np.asarray(template[0], dtype=np.float32), _as_affine(template[1])
         if tpl_fa.ndim != 3:
@@ -1130,8 +1228,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             seen.add(f.subject)
             rish = _check_subject(f, site, shells, lmax)
             mask = np.asarray(f.mask, dtype=bool)
-            fa = np.where(mask, f.fa, 0).astype(np.float32)
-            t = (register_fa(fa, f.affine, tpl_fa, tpl_affine, registration, **opts)
+            t = (register_fa(image(f), f.affine, tpl_fa, tpl_affine, registration, **opts)
                  if registered is None else registered[f.subject]())
             interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
             cover = np.clip(t.to_template(mask.astype(np.float32), interp), 0, 1)
@@ -1156,7 +1253,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                     native[b] += _native_term(t, mask, rish[b], e_ref[b], scale_estimator)
             subjects.append({"site": site, "site_index": "ref" if s_idx == 0 else "tar",
                              "index": i, "subject": f.subject, "sha256": f.content_hash(),
-                             "grid": list(fa.shape), "affine": np.asarray(f.affine).tolist(),
+                             "grid": list(mask.shape), "affine": np.asarray(f.affine).tolist(),
                              "prealign": t.prealign.tolist(), "registration": t.kind})
             if keep_transforms and t.kind != "identity":
                 transforms[(site, f.subject)] = t
@@ -1208,7 +1305,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         smoothing_fwhm_mm=float(smoothing_fwhm_mm), scale_range=tuple(scale_range),
         registration=registration, reference_site=reference_site, target_site=target_site,
         subjects=subjects, pipeline_version=pipeline_version(), parameters=params,
-        transforms=transforms)
+        transforms=transforms, registration_contrast=registration_contrast)
 
 
 def _refit(reference, target, shells, lmax, rounds: int, harmonised_fa, kw: dict
@@ -1222,6 +1319,9 @@ def _refit(reference, target, shells, lmax, rounds: int, harmonised_fa, kw: dict
         raise ValueError("refit_rounds needs a registration (not 'identity')")
     if harmonised_fa is None:
         raise ValueError("refit_rounds needs harmonised_fa: {target subject: callable}")
+    if kw["registration_contrast"] != "fa":
+        raise ValueError("refit_rounds re-registers through the harmonised FA: it needs "
+                         "registration_contrast 'fa'")
     keep, opts = kw["keep_transforms"], dict(kw["registration_options"] or {})
     art = fit_harmonization(reference, target, shells, lmax,
                             **{**kw, "keep_transforms": True, "refit_rounds": 0})
@@ -1327,9 +1427,11 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     unchanged.
 
     ``fa``: the subject's FA (None: fitted here) to register to the template,
-    unless a ``transform`` is given. ``applied``: content ids of artefacts
-    already applied to this input (:func:`applied_artefacts` of its
-    sidecar); applying the same artefact again is refused unless ``force``.
+    unless a ``transform`` is given, when the artefact registers through FA;
+    otherwise the subject is registered through the artefact's
+    ``registration_contrast`` (:func:`dwi_registration_image`).
+    ``applied``: content ids of artefacts already applied to this input
+    (:func:`applied_artefacts` of its sidecar); applying the same artefact again is refused unless ``force``.
     ``inplace`` overwrites ``dwi.data`` (halves peak memory).
     ``refit_rounds`` (None: the artefact's): re-register the subject through
     its FA harmonised with the current transform this many times before the
@@ -1354,12 +1456,8 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
             transform = Transform("identity", np.eye(4), artefact.template_fa.shape,
                                   artefact.template_affine, grid, dwi.affine)
         else:
-            if fa is None:
-                fa = dti_fa(dwi)
-            fa = np.asarray(fa, dtype=np.float32)
-            if fa.shape != grid:
-                raise HarmonizationError(f"{source}: FA shape {fa.shape} != DWI grid {grid}")
-            transform = register_fa(np.where(dwi.mask, fa, 0), dwi.affine, artefact.template_fa,
+            transform = register_fa(dwi_registration_image(dwi, artefact, fa, subject),
+                                    dwi.affine, artefact.template_fa,
                                     artefact.template_affine, kind,
                                     **dict(registration_options or {}))
     elif transform.subject_shape != tuple(grid) or transform.template_shape != \
@@ -1368,6 +1466,10 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                                  f"{transform.subject_shape} to {transform.template_shape}, "
                                  f"the data/artefact are {grid} and "
                                  f"{artefact.template_fa.shape}")
+    if refit_rounds and artefact.registration_contrast != "fa":
+        raise HarmonizationError(f"{source}: refit rounds re-register through the harmonised "
+                                 f"FA; the artefact registers through "
+                                 f"{artefact.registration_contrast!r}")
     for _ in range(refit_rounds if transform.kind != "identity" else 0):
         fa_h = harmonised_fa(dwi, artefact, transform, chunk_size=chunk_size)
         transform = register_fa(np.where(dwi.mask, fa_h, 0).astype(np.float32), dwi.affine,
@@ -1436,6 +1538,27 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                      "scaling": time.perf_counter() - t_registered},
     }
     return out, info
+
+
+def dwi_registration_image(dwi: DWI, artefact: HarmonizationArtefact,
+                           fa: np.ndarray | None = None, subject: str = "subject") -> np.ndarray:
+    """The image ``dwi`` is registered to ``artefact``'s template through: its
+    ``registration_contrast`` (:func:`registration_image`), from ``fa`` (None:
+    fitted here) or from RISH maps at the artefact's lmax and lowest shell, as
+    the fit computed them for its subjects."""
+    source = dwi.paths.get("dwi", subject) if dwi.paths else subject
+    grid = dwi.mask.shape
+    rish = {}
+    if artefact.registration_contrast == "fa":
+        fa = np.asarray(dti_fa(dwi) if fa is None else fa, dtype=np.float32)
+        if fa.shape != grid:
+            raise HarmonizationError(f"{source}: FA shape {fa.shape} != DWI grid {grid}")
+    else:
+        lowest = min(artefact.shells)
+        shell = match_artefact_shells(dwi.gtab, artefact, source)[lowest]
+        rish = {lowest: rish_maps(dwi, artefact.lmax, [shell])[shell]}
+    f = SubjectFeatures(subject, fa, dwi.affine, dwi.mask, rish)
+    return registration_image(f, artefact.registration_contrast, artefact.shells)
 
 
 def harmonised_fa(dwi: DWI, artefact: HarmonizationArtefact, transform: Transform,

@@ -21,11 +21,11 @@ from pydra.compose import python, workflow
 
 from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
-from dmriflow.interfaces.harmonize import (TEMPLATE_ITERATIONS, SubjectFeatures, Transform,
-                                           apply_harmonization, check_site_sizes,
-                                           evaluate_harmonization, fit_harmonization,
-                                           masked_fa, register_fa, subject_features,
-                                           summarise_subject, template_mean)
+from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, TEMPLATE_ITERATIONS,
+                                           SubjectFeatures, Transform, apply_harmonization,
+                                           check_site_sizes, evaluate_harmonization,
+                                           fit_harmonization, register_fa, registration_image,
+                                           subject_features, summarise_subject, template_mean)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
@@ -89,13 +89,17 @@ def _transforms(registered: list[dict]) -> dict:
 
 
 def template_start_step(features: list[dict], sites: dict, reference_site: str,
-                        target_site: str, pipeline_version: str = "") -> dict:
-    """Round 0 of the template: the first reference subject's masked FA."""
+                        target_site: str, shells: list | None = None,
+                        contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                        pipeline_version: str = "") -> dict:
+    """Round 0 of the template: the first reference subject's registration
+    image (``contrast`` of ``shells``)."""
     ref = _site(features, sites, reference_site)
     check_site_sizes({reference_site: len(ref),
                       target_site: len(_site(features, sites, target_site))})
     first = _loader(ref[0])()
-    return {"fa": _save(masked_fa(first), first.affine, "template_fa.nii.gz"), "round": 0,
+    return {"fa": _save(registration_image(first, contrast, shells), first.affine,
+                        "template_fa.nii.gz"), "round": 0,
             "first_subject": first.subject}
 
 
@@ -103,8 +107,11 @@ TemplateStart = python.define(template_start_step, outputs=["template"], name="T
 
 
 def register_subject_step(entry: dict, template: dict, sites: dict, register_sites: list,
-                          registration: str = "syn", pipeline_version: str = "") -> dict:
-    """Register one subject's masked FA to the template (one node per subject).
+                          registration: str = "syn", shells: list | None = None,
+                          contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                          pipeline_version: str = "") -> dict:
+    """Register one subject's registration image (``contrast`` of ``shells``)
+    to the template (one node per subject).
 
     Subjects outside ``register_sites``, failed ones and, in the first
     template round, the first reference subject (the template itself) pass
@@ -117,7 +124,8 @@ def register_subject_step(entry: dict, template: dict, sites: dict, register_sit
     f = _loader(entry)()
     tpl_fa, tpl_affine = _template(template)
     prefix = Path.cwd() / "transform"
-    register_fa(masked_fa(f), f.affine, tpl_fa, tpl_affine, registration).save(prefix)
+    register_fa(registration_image(f, contrast, shells), f.affine, tpl_fa, tpl_affine,
+                registration).save(prefix)
     return {**out, "transform": str(prefix.resolve())}
 
 
@@ -126,13 +134,17 @@ RegisterSubject = python.define(register_subject_step, outputs=["registered"],
 
 
 def template_mean_step(features: list[dict], sites: dict, reference_site: str, template: dict,
-                       registered: list[dict], pipeline_version: str = "") -> dict:
-    """One template round: the mean of the registered reference FA maps."""
+                       registered: list[dict], shells: list | None = None,
+                       contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                       pipeline_version: str = "") -> dict:
+    """One template round: the mean of the registered reference subjects'
+    registration images."""
     tpl_fa, tpl_affine = _template(template)
     transforms = _transforms(registered)
     mean = template_mean([_loader(f) for f in _site(features, sites, reference_site)],
                          tpl_fa.shape, lambda f, fa: transforms[f.subject](),
-                         first_round=template["round"] == 0)
+                         first_round=template["round"] == 0,
+                         image=lambda f: registration_image(f, contrast, shells))
     return {"fa": _save(mean, tpl_affine, "template_fa.nii.gz"), "round": template["round"] + 1,
             "first_subject": template["first_subject"]}
 
@@ -143,6 +155,7 @@ TemplateMean = python.define(template_mean_step, outputs=["template"], name="Tem
 def fit_harmonization_step(features: list[dict], sites: dict, reference_site: str, target_site: str,
                            shells: list, lmax: int, template: dict, registered: list[dict],
                            registration: str = "syn", smoothing_fwhm_mm: float = 0.0,
+                           contrast: str = DEFAULT_REGISTRATION_CONTRAST,
                            pipeline_version: str = "") -> dict:
     """Fit the artefact on the subjects whose features succeeded, from their
     registrations to the template; evaluate it.
@@ -166,7 +179,8 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
                                  target_site=target_site, registration=registration,
                                  smoothing_fwhm_mm=smoothing_fwhm_mm,
                                  template=_template(template), template_info=info,
-                                 registered=_transforms(registered))
+                                 registered=_transforms(registered),
+                                 registration_contrast=contrast)
     folder = artefact.save(Path.cwd() / "artefact")
 
     ref_summaries = [summarise_subject(load_series(f["record"]), lmax, subject=f["subject"])
@@ -215,31 +229,34 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                                reference_site: str, target_site: str, shells: list,
                                lmax: int = DEFAULT_HARMONIZATION_LMAX, registration: str = "syn",
                                smoothing_fwhm_mm: float = 0.0,
+                               contrast: str = DEFAULT_REGISTRATION_CONTRAST,
                                pipeline_version: str = "") -> dict:
     per = FeaturesWorkflow(options=options, shells=shells, lmax=lmax,
                            pipeline_version=pipeline_version)
     feats = workflow.add(per.split("subject", subject=subjects).combine("subject"),
                          name="features")
     common = dict(sites=sites, pipeline_version=pipeline_version)
+    image = dict(shells=shells, contrast=contrast)       # what is registered
     tpl = workflow.add(TemplateStart(features=feats.features, reference_site=reference_site,
-                                     target_site=target_site, **common), name="template_0")
+                                     target_site=target_site, **image, **common),
+                       name="template_0")
     for r in range(1, TEMPLATE_ITERATIONS + 1):
         reg = workflow.add(RegisterSubject(template=tpl.template, register_sites=[reference_site],
-                                           registration=registration, **common)
+                                           registration=registration, **image, **common)
                            .split("entry", entry=feats.features).combine("entry"),
                            name=f"register_template_{r}")
         tpl = workflow.add(TemplateMean(features=feats.features, reference_site=reference_site,
                                         template=tpl.template, registered=reg.registered,
-                                        **common), name=f"template_{r}")
+                                        **image, **common), name=f"template_{r}")
     reg = workflow.add(RegisterSubject(template=tpl.template,
                                        register_sites=[reference_site, target_site],
-                                       registration=registration, **common)
+                                       registration=registration, **image, **common)
                        .split("entry", entry=feats.features).combine("entry"), name="register")
     fit = workflow.add(FitHarmonization(features=feats.features, sites=sites,
                                         reference_site=reference_site, target_site=target_site,
                                         shells=shells, lmax=lmax, registration=registration,
                                         template=tpl.template, registered=reg.registered,
-                                        smoothing_fwhm_mm=smoothing_fwhm_mm,
+                                        smoothing_fwhm_mm=smoothing_fwhm_mm, contrast=contrast,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
     return fit.result
 

@@ -60,8 +60,9 @@ def _digests(folder: Path) -> dict:
             for p in sorted(folder.rglob("*.nii.gz"))}
 
 
-@pytest.mark.parametrize("registration", ["syn", "affine"])
-def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration):
+@pytest.mark.parametrize("registration, contrast", [("syn", "fa"), ("affine", "fa"),
+                                                    ("affine", "rish-l2")])
+def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration, contrast):
     sites = {}
     entries = []
     for k, site in enumerate([phantom.SiteEffect(name="siteA")] * N_PER_SITE
@@ -69,7 +70,7 @@ def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration):
         f = _features(20 + k % N_PER_SITE, site)
         sites[f.subject] = site.name
         entries.append(_entry(f, tmp_path / "features" / f.subject))
-    common = dict(sites=sites)
+    common = dict(sites=sites, shells=[BVAL], contrast=contrast)
     tpl = _in(tmp_path / "t0", P.template_start_step, features=entries, reference_site="siteA",
               target_site="siteB", **common)
     for r in range(1, H.TEMPLATE_ITERATIONS + 1):
@@ -87,8 +88,10 @@ def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration):
             "first_subject": tpl["first_subject"], "registration": registration}
     nodes = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration=registration,
                                 template=P._template(tpl), template_info=info,
-                                registered=P._transforms(reg))
-    serial = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration=registration)
+                                registered=P._transforms(reg), registration_contrast=contrast)
+    serial = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration=registration,
+                                 registration_contrast=contrast)
+    assert nodes.registration_contrast == serial.registration_contrast == contrast
     print("tpl", np.abs(nodes.template_fa - serial.template_fa).max(), nodes.template_affine, serial.template_affine)
     assert nodes.content_id == serial.content_id
     assert nodes.parameters == serial.parameters

@@ -12,6 +12,7 @@ Expensive objects (simulation, fits, applications) are module-scoped.
 
 from __future__ import annotations
 
+import functools
 import pickle
 
 import nibabel as nib
@@ -814,3 +815,134 @@ def test_refit_registers_target_scans_like_the_same_persons_reference_scans():
     assert info["refit_rounds"] == 1
     assert not np.array_equal(out, H.apply_harmonization(as_dwi(s.dwi, s), None, arts[1],
                                                          transform=t0, refit_rounds=0)[0])
+
+
+# ----------------------------------------------------------------------------
+# registration contrast
+# ----------------------------------------------------------------------------
+CONTRAST_SHAPE = (16, 18, 14)
+#: Relative intensity jitter (SD) of the reproducibility registration: far
+#: below any tissue contrast, so a transform it moves is the registration's
+#: own variation, not a change of anatomy.
+CONTRAST_JITTER = 1e-3
+
+
+def _noise_free(seed, site=None, shells=(BVAL,)):
+    s = phantom.simulate_subject(CONTRAST_SHAPE, seed=seed, snr=None, scheme=scheme(shells),
+                                 site=site or phantom.SiteEffect(name="siteA"))
+    return s, H.subject_features(as_dwi(s.dwi, s), f"s{seed}{s.site}", LMAX)
+
+
+def _mapped_points(t: H.Transform, s) -> np.ndarray:
+    """The subject's voxel centres (world mm) pulled to the template by ``t``."""
+    ijk = np.indices(s.mask.shape, dtype=np.float64).reshape(3, -1).T
+    xyz = (ijk @ s.affine[:3, :3].T + s.affine[:3, 3]).T.reshape((3,) + s.mask.shape)
+    return np.stack([t.to_template(c.astype(np.float32)) for c in xyz], axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _site_and_jitter_mm(contrast: str) -> tuple[float, float]:
+    """Registration (SyN) of one anatomy (noise-free, one grid) without and
+    with the site's per-order SH scaling (the DWI scaled, FA and RISH
+    recomputed from it) to another subject, all in ``contrast``: RMS over the
+    template mask of the distance between the subject's voxel centres mapped
+    by the two transforms (``site``), and by the unscaled image's transform
+    and that of the same image with a ``CONTRAST_JITTER`` intensity jitter
+    (``jitter``: the registration's own reproducibility)."""
+    sa, fa_site = _noise_free(31)
+    sb, fb_site = _noise_free(31, phantom.SiteEffect(name="siteB", rish_scale=SCALE))
+    st, ft = _noise_free(32)
+    rng = np.random.default_rng(0)
+    tpl = H.registration_image(ft, contrast)
+    inside = tpl > 0
+
+    def reg(img, s):
+        return _mapped_points(H.register_fa(img, s.affine, tpl, st.affine), s)
+    ia = H.registration_image(fa_site, contrast)
+    jitter = np.where(ia > 0, ia * (1 + CONTRAST_JITTER * rng.standard_normal(ia.shape)),
+                      0).astype(np.float32)
+    a, b, j = reg(ia, sa), reg(H.registration_image(fb_site, contrast), sb), reg(jitter, sa)
+
+    def rms(x, y):
+        return float(np.sqrt(np.mean(np.sum((x - y) ** 2, axis=-1)[inside])))
+    return rms(a, b), rms(a, j)
+
+
+@pytest.mark.parametrize("contrast", [c for c in H.REGISTRATION_CONTRASTS if c != "fa"])
+def test_rish_contrast_registration_ignores_a_per_order_site_scaling(contrast):
+    """A RISH contrast is only multiplied by a constant by the site's SH
+    scaling, so the transforms with and without it agree better than the
+    registration reproduces itself (a 0.1 % intensity jitter); through FA,
+    whose contrast the scaling changes, they differ by more than twice that
+    (:func:`_site_and_jitter_mm`). Measured: site 0.005 / jitter 0.013 mm
+    (rish-l2), 0.002 / 0.22 (rish-l0), FA 0.10 / 0.024."""
+    site, jitter = _site_and_jitter_mm(contrast)
+    assert site < jitter, (contrast, site, jitter)
+    site_fa, jitter_fa = _site_and_jitter_mm("fa")
+    assert site_fa > 2 * jitter_fa, (site_fa, jitter_fa)
+
+
+@pytest.fixture(scope="module")
+def contrast_artefact():
+    """An affine fit through ``rish-l2`` on noise-free two-shell phantoms (3 + 3)."""
+    shells = (BVAL, 2000.0)
+    site = phantom.SiteEffect(name="siteB", rish_scale=SCALE)
+    ref = [_noise_free(k, shells=shells) for k in (41, 42, 43)]
+    tar = [_noise_free(k, site, shells=shells) for k in (44, 45, 46)]
+    art = H.fit_harmonization([f for _, f in ref], [f for _, f in tar], list(shells), LMAX,
+                              registration="affine", template_iterations=1,
+                              registration_contrast="rish-l2")
+    return art, tar
+
+
+def test_artefact_records_the_contrast_and_apply_registers_through_it(contrast_artefact,
+                                                                      tmp_path):
+    """The contrast is written, read back, and used by apply for a subject it
+    registers itself: the result equals apply with the transform registered
+    through that contrast (of the lowest shell, RISH at the artefact's lmax),
+    and differs from registering through FA (what ignoring it would do)."""
+    art, tar = contrast_artefact
+    assert art.registration_contrast == "rish-l2"
+    folder = art.save(tmp_path / "harm")
+    meta = H._read_json(folder / H.ARTEFACT_JSON, "artefact")
+    assert meta["registration_contrast"] == "rish-l2"
+    assert meta["format_version"] == H.ARTEFACT_FORMAT_VERSION
+    back = H.HarmonizationArtefact.load(folder)
+    assert back.registration_contrast == "rish-l2" and back.content_id == art.content_id
+    s, f = tar[0]
+    out, info = H.apply_harmonization(as_dwi(s.dwi, s), None, back)
+
+    def through(img):
+        t = H.register_fa(img, s.affine, back.template_fa, back.template_affine, "affine")
+        return H.apply_harmonization(as_dwi(s.dwi, s), None, back, transform=t)[0]
+    np.testing.assert_array_equal(out, through(H.registration_image(f, "rish-l2",
+                                                                    back.shells)))
+    assert not np.array_equal(out, through(H.masked_fa(f)))
+    with pytest.raises(H.HarmonizationError, match="re-register through the harmonised FA"):
+        H.apply_harmonization(as_dwi(s.dwi, s), None, back, refit_rounds=1)
+
+
+def test_artefact_without_contrast_reads_as_fa(contrast_artefact, tmp_path):
+    """A format-version-1 artefact (no contrast recorded, written before the
+    option; here the rish-l2 fit's files with the field removed) loads with
+    its content id intact and registers through FA; an unknown format version
+    is refused."""
+    import json
+    art = contrast_artefact[0]
+    folder = art.save(tmp_path / "harm")
+    meta = json.loads((folder / H.ARTEFACT_JSON).read_text())
+    del meta["registration_contrast"]
+    meta["format_version"] = 1
+    (folder / H.ARTEFACT_JSON).write_text(json.dumps(meta))
+    old = H.HarmonizationArtefact.load(folder)
+    assert old.registration_contrast == "fa"
+    assert old.content_id == art.content_id
+    s, f = contrast_artefact[1][0]
+    out, _ = H.apply_harmonization(as_dwi(s.dwi, s), None, old)
+    t = H.register_fa(H.masked_fa(f), s.affine, old.template_fa, old.template_affine, "affine")
+    np.testing.assert_array_equal(out, H.apply_harmonization(as_dwi(s.dwi, s), None, old,
+                                                             transform=t)[0])
+    meta["format_version"] = 3
+    (folder / H.ARTEFACT_JSON).write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="format version 3 is not supported"):
+        H.HarmonizationArtefact.load(folder)

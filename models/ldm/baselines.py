@@ -68,8 +68,11 @@ class TemplateLambda:
     def scales(self, f3: features.ShellFeatures) -> np.ndarray:
         """The template lambda maps warped into a 3T subject (G, G, G, 3)."""
         a = self.artefact
-        t = harmonize.register_fa(np.where(f3.mask, f3.fa, 0), f3.affine, a.template_fa,
-                                  a.template_affine, self.registration)
+        f = harmonize.SubjectFeatures("subject", f3.fa, f3.affine, f3.mask,
+                                      {features.SHELL_B: f3.rish})
+        t = harmonize.register_fa(harmonize.registration_image(f, a.registration_contrast,
+                                                               a.shells),
+                                  f3.affine, a.template_fa, a.template_affine, self.registration)
         return harmonize.warp_scale_maps(a, t)[features.SHELL_B]
 
     def predict(self, f3: features.ShellFeatures) -> np.ndarray:
