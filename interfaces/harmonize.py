@@ -628,28 +628,13 @@ def _check_subject(f: SubjectFeatures, site: str, shells: Sequence[float], lmax:
 def build_template(reference: Sequence[SubjectInput], *, iterations: int = TEMPLATE_ITERATIONS,
                    registration: str = "syn", registration_options: dict | None = None
                    ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """FA template from the reference site: (FA float32, affine, info)
-    (:func:`template_and_transforms` without the transforms)."""
-    return template_and_transforms(reference, iterations=iterations, registration=registration,
-                                   registration_options=registration_options)[:3]
-
-
-def template_and_transforms(reference: Sequence[SubjectInput], *,
-                            iterations: int = TEMPLATE_ITERATIONS, registration: str = "syn",
-                            registration_options: dict | None = None
-                            ) -> tuple[np.ndarray, np.ndarray, dict, dict]:
-    """FA template from the reference site, and the reference subjects'
-    transforms of its last round: (FA float32, affine, info, {subject: Transform}).
+    """FA template from the reference site: (FA float32, affine, info).
 
     Round 1 registers every reference subject to the first one and averages
     the warped FA maps; each further round registers all of them to the
     previous mean. The template keeps the first subject's grid and space (its
     shape: no shape averaging of the deformations), so the first reference
-    subject should be a typical one. The last round's transforms map into
-    the grid and space of the mean they produce, the template: the fit uses
-    them for the reference site (:data:`REFERENCE_TRANSFORMS`) instead of
-    registering every reference subject again. The first round does not
-    register the first subject: with ``iterations`` 1 it has no transform.
+    subject should be a typical one.
     """
     opts = dict(registration_options or {})
     if iterations < 1:
@@ -659,27 +644,12 @@ def template_and_transforms(reference: Sequence[SubjectInput], *,
     tpl_affine, first_id = _as_affine(first.affine), first.subject
     del first
     for it in range(iterations):
-        transforms = {}
-
         def register(f, fa, tpl=tpl):
-            t = transforms[f.subject] = register_fa(fa, f.affine, tpl, tpl_affine, registration,
-                                                    **opts)
-            return t
+            return register_fa(fa, f.affine, tpl, tpl_affine, registration, **opts)
         tpl = template_mean(reference, tpl.shape, register, first_round=it == 0)
-    return tpl, tpl_affine, template_info(iterations, first_id, registration), transforms
-
-
-#: How the fit registers the reference subjects to the template it builds: the
-#: transforms of the template's last round (recorded in the artefact's
-#: ``parameters.template.reference_transforms``).
-REFERENCE_TRANSFORMS = "last template round"
-
-
-def template_info(iterations: int, first_subject: str, registration: str) -> dict:
-    """The artefact's description of a template built from the reference site."""
-    return {"source": "reference-site mean", "iterations": int(iterations),
-            "first_subject": first_subject, "registration": registration,
-            "reference_transforms": REFERENCE_TRANSFORMS}
+    info = {"source": "reference-site mean", "iterations": int(iterations),
+            "first_subject": first_id, "registration": registration}
+    return tpl, tpl_affine, info
 
 
 def masked_fa(f: SubjectFeatures) -> np.ndarray:
@@ -1097,11 +1067,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     turn off for large cohorts, the affine parameters are always kept).
     ``registered``: ``{subject: callable returning its Transform}`` to the
     given ``template``, registered beforehand (the engine registers each
-    subject as its own node; subjects without one are registered here);
-    ``template_info`` then describes that template. A template built here
-    gives the reference subjects the transforms of its last round
-    (:func:`template_and_transforms`): only the target subjects are registered
-    to the final template.
+    subject as its own node); ``template_info`` then describes that template.
     ``site_mean``: one of ``SITE_MEANS`` (the site-mean estimator);
     ``scale_estimator``: one of ``SCALE_ESTIMATORS`` (how the ratio is formed).
     ``refit_rounds``: after the fit, re-register each target subject through
@@ -1139,21 +1105,17 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         raise ValueError(f"scale_estimator {scale_estimator!r} needs site_mean 'mean'")
     check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     opts = dict(registration_options or {})
-    if registered is not None and template is None:
-        raise ValueError("precomputed transforms need the template they map to")
-    # per site: {subject: callable returning its Transform}; the others are registered here
-    given = [dict(registered or {}), dict(registered or {})]
     if template is None:
-        tpl_fa, tpl_affine, tpl_info, last_round = template_and_transforms(
+        tpl_fa, tpl_affine, tpl_info = build_template(
             reference, iterations=template_iterations, registration=registration,
             registration_options=opts)
-        given[0] = {s: (lambda t=t: t) for s, t in last_round.items()}
-        del last_round
     else:
         tpl_fa, tpl_affine = np.asarray(template[0], dtype=np.float32), _as_affine(template[1])
         if tpl_fa.ndim != 3:
             raise ValueError(f"template FA must be 3D, got {tpl_fa.shape}")
         tpl_info = dict(template_info or {"source": "given"})
+    if registered is not None and template is None:
+        raise ValueError("precomputed transforms need the template they map to")
     grid = tpl_fa.shape
     n_orders = lmax // 2 + 1
     sums, counts, subjects, transforms = {}, {}, [], {}
@@ -1174,9 +1136,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             rish = _check_subject(f, site, shells, lmax)
             mask = np.asarray(f.mask, dtype=bool)
             fa = np.where(mask, f.fa, 0).astype(np.float32)
-            own = given[s_idx].get(f.subject)
             t = (register_fa(fa, f.affine, tpl_fa, tpl_affine, registration, **opts)
-                 if own is None else own())
+                 if registered is None else registered[f.subject]())
             interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
             cover = np.clip(t.to_template(mask.astype(np.float32), interp), 0, 1)
             counts[site] += cover

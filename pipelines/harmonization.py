@@ -1,15 +1,12 @@
 """RISH harmonization in the engine: per-subject features, the fit, and apply.
 
-``harmonize fit`` maps a features node (FA + per-shell RISH, and the
-subject's summary for the evaluation) over subjects in parallel, builds the
-FA template in rounds (each round: every reference subject registered as its
-own node, then one node averages them), registers every target subject to the
-final template as its own node (the reference subjects keep the last round's
-transforms), then one node combines the registered features into the scale
-maps and stores the artefact; one node per target subject harmonises its
-series and summarises it, and a last node writes the evaluation (site effect
-before/after on the fitting cohort, anatomy preservation).
-The per-subject apply step (``dmriflow run --harmonization``,
+``harmonize fit`` maps a features node (FA + per-shell RISH) over subjects in
+parallel, builds the FA template in rounds (each round: every reference
+subject registered as its own node, then one node averages them), registers
+every subject to the final template as its own node (cached per subject,
+parallel under the workers), then one node combines the registered features
+into the scale maps, stores the artefact and evaluates it (site effect
+before/after on the fitting cohort). The per-subject apply step (``dmriflow run --harmonization``,
 ``dmriflow harmonize apply``) is the registered step
 :mod:`dmriflow.interfaces.steps.harmonize`.
 """
@@ -29,7 +26,7 @@ from dmriflow.interfaces.harmonize import (TEMPLATE_ITERATIONS, HarmonizationArt
                                            Transform, apply_harmonization, check_site_sizes,
                                            dti_tensor, evaluate_harmonization, fit_harmonization,
                                            masked_fa, register_fa, subject_features,
-                                           summarise_subject, template_info, template_mean)
+                                           summarise_subject, template_mean)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
@@ -169,13 +166,11 @@ TemplateMean = python.define(template_mean_step, outputs=["template"], name="Tem
 
 def fit_harmonization_step(features: list[dict], sites: dict, reference_site: str, target_site: str,
                            shells: list, lmax: int, template: dict, registered: list[dict],
-                           template_registered: list[dict], registration: str = "syn",
-                           smoothing_fwhm_mm: float = 0.0, pipeline_version: str = "") -> dict:
+                           registration: str = "syn", smoothing_fwhm_mm: float = 0.0,
+                           pipeline_version: str = "") -> dict:
     """Fit the artefact on the subjects whose features succeeded, from their
-    registrations to the template: the reference subjects' of the template's
-    last round (``template_registered``, as the serial fit), the target
-    subjects' to the template (``registered``). Evaluated by
-    :func:`harmonised_summary_step` and :func:`evaluate_fit_step`."""
+    registrations to the template (evaluated by :func:`harmonised_summary_step`
+    and :func:`evaluate_fit_step`)."""
     Path(STEP_MARKER).write_text("harmonize-fit")
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
                 for f in features if f.get("status") != "ok"]
@@ -183,14 +178,14 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
         Path(FAILED_MARKER).write_text("harmonize-fit")
     ref = _site(features, sites, reference_site)
     tar = _site(features, sites, target_site)
-    info = template_info(template["round"], template["first_subject"], registration)
+    info = {"source": "reference-site mean", "iterations": int(template["round"]),
+            "first_subject": template["first_subject"], "registration": registration}
     artefact = fit_harmonization([_loader(f) for f in ref], [_loader(f) for f in tar],
                                  shells, lmax, reference_site=reference_site,
                                  target_site=target_site, registration=registration,
                                  smoothing_fwhm_mm=smoothing_fwhm_mm,
                                  template=_template(template), template_info=info,
-                                 registered={**_transforms(template_registered),
-                                             **_transforms(registered)})
+                                 registered=_transforms(registered))
     folder = artefact.save(Path.cwd() / "artefact")
     return {"artefact": str(folder.resolve()), "content_id": artefact.content_id,
             "n_reference": len(ref), "n_target": len(tar), "excluded": excluded}
@@ -317,16 +312,14 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
         tpl = workflow.add(TemplateMean(features=feats.features, reference_site=reference_site,
                                         template=tpl.template, registered=reg.registered,
                                         **common), name=f"template_{r}")
-    last_round = reg
-    # the reference subjects keep the last round's transforms (into the template's space)
-    reg = workflow.add(RegisterSubject(template=tpl.template, register_sites=[target_site],
+    reg = workflow.add(RegisterSubject(template=tpl.template,
+                                       register_sites=[reference_site, target_site],
                                        registration=registration, **common)
                        .split("entry", entry=feats.features).combine("entry"), name="register")
     fit = workflow.add(FitHarmonization(features=feats.features, sites=sites,
                                         reference_site=reference_site, target_site=target_site,
                                         shells=shells, lmax=lmax, registration=registration,
                                         template=tpl.template, registered=reg.registered,
-                                        template_registered=last_round.registered,
                                         smoothing_fwhm_mm=smoothing_fwhm_mm,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
     after = workflow.add(HarmonisedSummary(fit=fit.result, target_site=target_site, lmax=lmax,
