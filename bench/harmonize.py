@@ -38,7 +38,9 @@ engine's pool included: ``RUSAGE_CHILDREN`` of this process before and
 after; less sensitive to other load on the machine; / workers = a quiet
 machine's wall time if the work were evenly spread), peak RSS of the
 largest process and of all of the fit's processes together (sampled from
-/proc every 0.5 s, and ``ru_maxrss``) and load1 before and after. Then the
+/proc every 0.5 s, and ``ru_maxrss``) and load1 before and after; then a
+``phases`` line: the wall seconds of each phase of the fit, from the times
+its cache's nodes wrote their results (:func:`fit_phases`). Then the
 end-to-end check on ``--held-out`` other persons scanned at both sites (not
 in the fit): each held-out target scan harmonised with each artefact
 (registered with the artefact's setting), and once more with the full
