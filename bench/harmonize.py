@@ -423,8 +423,10 @@ def run_pipeline(opts, root: Path) -> None:
               f"peak_rss_gb={peak:.2f} peak_total_rss_gb={r['total_rss_gb']:.2f} "
               f"load1_start={load0:.2f} load1_end={load1:.2f}",
               flush=True)
-        print(f"phases setting={setting} " + " ".join(
-            f"{k}_s={v:.0f}" for k, v in fit_phases(out / "cache", started).items()), flush=True)
+        phases = fit_phases(out / "cache", started)
+        n_reg = phases.pop("registrations_n")
+        print(f"phases setting={setting} " + " ".join(f"{k}_s={v:.0f}" for k, v in phases.items())
+              + f" registration_nodes={n_reg}", flush=True)
         if not opts.keep:
             shutil.rmtree(out / "cache", ignore_errors=True)
     held_pairs = (zip(labels[("held_out", "a")], labels[("held_out", "b")])
