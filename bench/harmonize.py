@@ -25,9 +25,10 @@ of subjects); the registrations dominate. Peak = the largest child.
 ``--per-site`` subjects per site (``phantom.write_cohort``, .nii.gz, brain
 anatomy, travelling subjects: the target site re-scans the reference
 persons) goes through ``dmriflow harmonize fit --worker cf --n-procs
-WORKERS`` (features, template rounds and final registration one node per
-subject, in parallel; the fit node also evaluates the artefact on the target
-subjects) twice in one run, each in a fresh child process with its own
+WORKERS`` (features with each subject's summary before harmonization,
+template rounds, final registration and the summary after harmonization one
+node per subject, in parallel; then the fit and the evaluation's tables)
+twice in one run, each in a fresh child process with its own
 output and cache: ``setting=full`` with today's full registration pyramids
 forced (``harmonize.*_HALF_LEVEL_MAX_MM`` set to 0 in the child before the
 CLI starts; the engine's workers are forked from it), ``setting=rule`` with
@@ -37,7 +38,9 @@ engine's pool included: ``RUSAGE_CHILDREN`` of this process before and
 after; less sensitive to other load on the machine; / workers = a quiet
 machine's wall time if the work were evenly spread), peak RSS of the
 largest process and of all of the fit's processes together (sampled from
-/proc every 0.5 s, and ``ru_maxrss``) and load1 before and after. Then the
+/proc every 0.5 s, and ``ru_maxrss``) and load1 before and after; then a
+``phases`` line: the wall seconds of each phase of the fit, from the times
+its cache's nodes wrote their results (:func:`fit_phases`). Then the
 end-to-end check on ``--held-out`` other persons scanned at both sites (not
 in the fit): each held-out target scan harmonised with each artefact
 (registered with the artefact's setting), and once more with the full
@@ -81,6 +84,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HCP_SHAPE = (145, 174, 145)
@@ -294,7 +298,8 @@ def _options():
     ap.add_argument("--per-site", type=int, default=2,
                     help="subjects per site (the fit's minimum is lowered to this: the "
                          "benchmark measures cost, not statistics)")
-    ap.add_argument("--keep", help="keep the simulated cohort and artefact here")
+    ap.add_argument("--keep", help="keep the simulated cohort and artefact here (--pipeline: "
+                                   "and each fit's cache)")
     ap.add_argument("--pipeline", action="store_true",
                     help="time 'dmriflow harmonize fit' (full pyramids and the grid rule) "
                          "and check held-out subjects, instead of the library steps")
@@ -396,6 +401,7 @@ def run_pipeline(opts, root: Path) -> None:
                 "--cache-dir", str(out / "cache")]
         load0 = os.getloadavg()[0]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.time()
         r = child("cli_fit", {"setting": setting, "argv": argv})
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # all waited for, pools too
         cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
@@ -417,7 +423,12 @@ def run_pipeline(opts, root: Path) -> None:
               f"peak_rss_gb={peak:.2f} peak_total_rss_gb={r['total_rss_gb']:.2f} "
               f"load1_start={load0:.2f} load1_end={load1:.2f}",
               flush=True)
-        shutil.rmtree(out / "cache", ignore_errors=True)
+        phases = fit_phases(out / "cache", started)
+        n_reg = phases.pop("registrations_n")
+        print(f"phases setting={setting} " + " ".join(f"{k}_s={v:.0f}" for k, v in phases.items())
+              + f" registration_nodes={n_reg}", flush=True)
+        if not opts.keep:
+            shutil.rmtree(out / "cache", ignore_errors=True)
     held_pairs = (zip(labels[("held_out", "a")], labels[("held_out", "b")])
                   if set(PIPELINE_SETTINGS) <= set(artefacts) else ())
     runs = [("full", artefacts.get("full"), False), ("rule", artefacts.get("rule"), False),
@@ -439,6 +450,34 @@ def run_pipeline(opts, root: Path) -> None:
     print(" ".join(f"harm_pipeline_fit_s_per_subject_{k}={v:.1f}" for k, v in figures.items())
           + f" shape={'x'.join(map(str, opts.shape))} n_subjects={2 * n} "
           f"workers={opts.workers}")
+
+
+#: --pipeline: the fit's phases in order, each named by a file only its nodes write.
+PHASE_FILES = (("features", "fa.nii.gz"), ("template_rounds", "template_fa.nii.gz"),
+               ("registrations", "transform.json"), ("fit", "artefact"),
+               ("summaries_after", "fa_harmonised.nii.gz"),
+               ("tables", "harmonization_site_effect.tsv"))
+
+
+def fit_phases(cache: Path, started: float) -> dict:
+    """Wall seconds of each phase of a ``harmonize fit`` from its cache: each
+    phase ends when its last node wrote its result (``_result.pklz``); the
+    final registrations are those that ended after the last template round.
+    A phase whose nodes are absent (an older cache) is left out."""
+    ends = {name: [] for name, _ in PHASE_FILES}
+    for node in cache.iterdir():
+        result = node / "_result.pklz"
+        for name, marker in PHASE_FILES:
+            if result.exists() and (node / marker).exists():
+                ends[name].append(result.stat().st_mtime)
+    out, last = {}, started
+    for name, _ in PHASE_FILES:
+        if ends[name]:
+            end = max(ends[name])
+            out[name] = end - last
+            last = end
+    out["registrations_n"] = len(ends["registrations"])
+    return out
 
 
 def child_fit(dirs: dict, root: Path, n: int) -> dict:

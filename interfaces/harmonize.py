@@ -529,12 +529,17 @@ class SubjectFeatures:
 SubjectInput = SubjectFeatures | Callable[[], SubjectFeatures]
 
 
-def dti_fa(dwi: DWI, max_bval: float = DTI_MAX_BVAL) -> np.ndarray:
-    """FA (float32, 0 outside the mask) from the b0s and shells up to ``max_bval``."""
+def dti_tensor(dwi: DWI, max_bval: float = DTI_MAX_BVAL):
+    """The tensor fit (:class:`~dmriflow.interfaces.dti.TensorFit`: FA, MD ...
+    float32, 0 outside the mask) to the b0s and shells up to ``max_bval``."""
     from . import dti
     shells = dti_shells(dwi.gtab, max_bval)
-    sub = dwi.select_volumes(dwi.gtab.select_shells(shells))
-    return dti.fit_dwi(sub).fa
+    return dti.fit_dwi(dwi.select_volumes(dwi.gtab.select_shells(shells)))
+
+
+def dti_fa(dwi: DWI, max_bval: float = DTI_MAX_BVAL) -> np.ndarray:
+    """FA (float32, 0 outside the mask) from the b0s and shells up to ``max_bval``."""
+    return dti_tensor(dwi, max_bval).fa
 
 
 def rish_maps(dwi: DWI, lmax: int, shells: Sequence[float] | None = None,
@@ -1607,16 +1612,31 @@ class SubjectSummary:
     wm_mask: np.ndarray
     values: dict
 
+    def values_record(self) -> list:
+        """``values`` as JSON-ready ``[metric, shell or None, mean]`` rows, in order."""
+        return [[m, None if math.isnan(b) else b, v] for (m, b), v in self.values.items()]
+
+    @staticmethod
+    def values_from_record(rows: Sequence) -> dict:
+        """The ``values`` dict of :meth:`values_record`'s rows (JSON floats
+        round-trip exactly)."""
+        return {(m, math.nan if b is None else float(b)): float(v) for m, b, v in rows}
+
 
 def summarise_subject(dwi: DWI, lmax: int, *, subject: str = "",
                       wm_mask: np.ndarray | None = None,
-                      orders: Sequence[int] = EVAL_ORDERS) -> SubjectSummary:
+                      orders: Sequence[int] = EVAL_ORDERS, tensor=None,
+                      rish: Mapping | None = None) -> SubjectSummary:
     """White-matter means of FA, MD (DTI on b <= DTI_MAX_BVAL) and RISH per
     shell and order; WM = FA >= WM_FA_THRESHOLD in the mask unless given
-    (pass the pre-harmonization WM mask when summarising harmonised data)."""
-    from . import dti
-    shells = dti_shells(dwi.gtab)
-    tf = dti.fit_dwi(dwi.select_volumes(dwi.gtab.select_shells(shells)))
+    (pass the pre-harmonization WM mask when summarising harmonised data).
+
+    ``tensor`` (:func:`dti_tensor` of ``dwi``) and ``rish`` (:func:`rish_maps`
+    of ``dwi`` at ``lmax``, every shell) are fitted here unless given, e.g.
+    by the features of the same series: the summary is then computed
+    without fitting either a second time.
+    """
+    tf = dti_tensor(dwi) if tensor is None else tensor
     fa, md = tf.fa, tf.md
     if wm_mask is None:
         wm_mask = dwi.mask & (fa >= WM_FA_THRESHOLD)
@@ -1625,7 +1645,7 @@ def summarise_subject(dwi: DWI, lmax: int, *, subject: str = "",
         raise HarmonizationError(f"{subject or 'subject'}: empty white-matter mask")
     values = {("fa", math.nan): float(fa[wm_mask].mean()),
               ("md", math.nan): float(md[wm_mask].mean())}
-    for b, r in rish_maps(dwi, lmax).items():
+    for b, r in (rish_maps(dwi, lmax) if rish is None else rish).items():
         for o in orders:
             if o <= lmax:
                 values[(f"rish_l{o}", float(b))] = float(r[..., o // 2][wm_mask].mean())

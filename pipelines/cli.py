@@ -458,7 +458,10 @@ def cmd_harmonize(args) -> int:
     print(f"report: {shown(result['report'])}")
     for row in result["excluded"]:
         print(f"EXCLUDED {row['subject']}: {row['error']}")
-    return EXIT_SUBJECTS_FAILED if result["excluded"] else EXIT_OK
+    for row in result["not_evaluated"]:
+        print(f"NOT EVALUATED {row['subject']} (in the fit, not in the evaluation tables): "
+              f"{row['error']}")
+    return EXIT_SUBJECTS_FAILED if result["excluded"] or result["not_evaluated"] else EXIT_OK
 
 
 def cmd_status(args) -> int:

@@ -22,9 +22,11 @@ from pydra.compose import python, workflow
 from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
 from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, TEMPLATE_ITERATIONS,
-                                           SubjectFeatures, Transform, apply_harmonization,
-                                           check_site_sizes, evaluate_harmonization,
-                                           fit_harmonization, register_fa, registration_image,
+                                           HarmonizationArtefact, HarmonizationError,
+                                           SubjectFeatures, SubjectSummary, Transform,
+                                           apply_harmonization, check_site_sizes, dti_tensor,
+                                           evaluate_harmonization, fit_harmonization,
+                                           register_fa, registration_image,
                                            subject_features, summarise_subject, template_mean)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
@@ -42,15 +44,38 @@ def _save(arr, affine, name: str) -> str:
 @guarded("features")
 def harmonization_features_step(subject: str, record: dict, shells: list, lmax: int,
                                 pipeline_version: str = "") -> dict:
-    """FA and per-shell RISH maps of one subject, as files, for the fit."""
+    """FA and per-shell RISH maps of one subject, as files, for the fit; and
+    its summary for the evaluation before harmonization (:func:`_summary_record`),
+    from the same tensor fit and, when the fit uses every shell, the same
+    RISH maps."""
     data = load_series(record)
     hashes = {k: v["sha256"] for k, v in record["inputs"].items()}
-    f = subject_features(data, subject, lmax, shells=shells, sha256=hashes)
+    tensor = dti_tensor(data)
+    f = subject_features(data, subject, lmax, shells=shells, fa=tensor.fa, sha256=hashes)
+    every_shell = [float(b) for b in f.rish] == [float(b) for b in data.gtab.shells]
+    summary = _summary_record(
+        lambda: summarise_subject(data, lmax, subject=subject, tensor=tensor,
+                                  rish=f.rish if every_shell else None),
+        lambda s: {"wm_mask": _save(s.wm_mask.astype(np.uint8), f.affine, "wm_mask.nii.gz")})
     return {"subject": subject, "status": "ok", "sha256": hashes, "record": record,
             "fa": _save(f.fa, f.affine, "fa.nii.gz"),
             "mask": _save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
             "rish": {f"{b:g}": _save(r, f.affine, f"rish_b{b:g}.nii.gz")
-                     for b, r in f.rish.items()}}
+                     for b, r in f.rish.items()},
+            "summary": summary}
+
+
+def _summary_record(summarise, save) -> dict:
+    """The evaluation's record of one subject: ``{"values": rows, **save(summary)}``
+    (``save`` writes the maps the evaluation needs as files) of
+    ``summarise()``, a :class:`SubjectSummary`; ``{"error": reason}`` when it
+    cannot be summarised (an empty white-matter mask): the subject is then
+    left out of the evaluation only, not the fit."""
+    try:
+        s = summarise()
+    except HarmonizationError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"values": s.values_record(), **save(s)}
 
 
 HarmonizationFeatures = python.define(harmonization_features_step,
@@ -158,13 +183,8 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
                            contrast: str = DEFAULT_REGISTRATION_CONTRAST,
                            pipeline_version: str = "") -> dict:
     """Fit the artefact on the subjects whose features succeeded, from their
-    registrations to the template; evaluate it.
-
-    The evaluation applies the artefact to every target subject (through the
-    transform its registration node computed for the fit: no second
-    registration) and compares white-matter FA, MD and RISH between sites
-    before and after.
-    """
+    registrations to the template (evaluated by :func:`harmonised_summary_step`
+    and :func:`evaluate_fit_step`)."""
     Path(STEP_MARKER).write_text("harmonize-fit")
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
                 for f in features if f.get("status") != "ok"]
@@ -182,32 +202,94 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
                                  registered=_transforms(registered),
                                  registration_contrast=contrast)
     folder = artefact.save(Path.cwd() / "artefact")
-
-    ref_summaries = [summarise_subject(load_series(f["record"]), lmax, subject=f["subject"])
-                     for f in ref]
-    transforms = _transforms(registered)
-    before, after = [], []
-    for f in tar:
-        dwi = load_series(f["record"])
-        before.append(summarise_subject(dwi, lmax, subject=f["subject"]))
-        # the fit's own registration of this subject (its node's), not a second one
-        own = transforms.get(f["subject"])
-        dwi.data, _ = apply_harmonization(dwi, None, artefact, subject=f["subject"],
-                                          transform=None if own is None else own(),
-                                          inplace=True)
-        after.append(summarise_subject(dwi, lmax, subject=f["subject"], wm_mask=before[-1].wm_mask))
-    site_table, preservation = evaluate_harmonization(ref_summaries, before, after, lmax)
-    site_tsv = Path.cwd() / "harmonization_site_effect.tsv"
-    pres_tsv = Path.cwd() / "harmonization_preservation.tsv"
-    io.write_text(site_table.to_csv(sep="\t", index=False, na_rep="n/a"), site_tsv)
-    io.write_text(preservation.to_csv(sep="\t", index=False, na_rep="n/a"), pres_tsv)
     return {"artefact": str(folder.resolve()), "content_id": artefact.content_id,
-            "site_effect": str(site_tsv), "preservation": str(pres_tsv),
             "n_reference": len(ref), "n_target": len(tar), "excluded": excluded}
 
 
 FitHarmonization = python.define(fit_harmonization_step,
                                  outputs=["result"], name="FitHarmonization")
+
+
+def harmonised_summary_step(entry: dict, fit: dict, sites: dict, target_site: str, lmax: int,
+                            registered: list[dict], pipeline_version: str = "") -> dict:
+    """The evaluation after harmonization of one target subject (one node per
+    subject): its series harmonised with the fitted artefact through the
+    transform its registration node computed for the fit (no second
+    registration), summarised in its pre-harmonization white matter.
+
+    Other subjects, and target subjects without a summary before, pass with
+    no summary; a subject that fails is left out of the evaluation only.
+    """
+    summary = entry.get("summary") or {}
+    if (entry.get("status") != "ok" or sites.get(entry["subject"]) != target_site
+            or "values" not in summary):
+        return {"subject": entry["subject"], "status": "ok", "summary": None}
+    own = _transforms(registered).get(entry["subject"])
+    return _harmonised_summary(subject=entry["subject"], entry=entry, artefact=fit["artefact"],
+                               transform=None if own is None else own(), lmax=lmax)
+
+
+@guarded("harmonize-evaluate")
+def _harmonised_summary(subject: str, entry: dict, artefact: str, transform, lmax: int) -> dict:
+    dwi = load_series(entry["record"])
+    dwi.data, _ = apply_harmonization(dwi, None, HarmonizationArtefact.load(artefact),
+                                      subject=subject, transform=transform, inplace=True)
+    wm = np.asarray(nib.load(entry["summary"]["wm_mask"]).dataobj) > 0
+    summary = _summary_record(
+        lambda: summarise_subject(dwi, lmax, subject=subject, wm_mask=wm),
+        lambda s: {"fa": _save(s.fa, dwi.affine, "fa_harmonised.nii.gz")})
+    return {"subject": subject, "status": "ok", "summary": summary}
+
+
+HarmonisedSummary = python.define(harmonised_summary_step, outputs=["summary"],
+                                  name="HarmonisedSummary")
+
+
+def _subject_summary(entry: dict, values: list, fa: str) -> SubjectSummary:
+    """A :class:`SubjectSummary` from a features record and summary files."""
+    return SubjectSummary(
+        entry["subject"], np.asarray(nib.load(fa).dataobj, dtype=np.float32),
+        np.asarray(nib.load(entry["mask"]).dataobj) > 0,
+        np.asarray(nib.load(entry["summary"]["wm_mask"]).dataobj) > 0,
+        SubjectSummary.values_from_record(values))
+
+
+def evaluate_fit_step(fit: dict, features: list[dict], summaries: list[dict], sites: dict,
+                      reference_site: str, target_site: str, lmax: int,
+                      pipeline_version: str = "") -> dict:
+    """Site effect before/after and anatomy preservation on the fitting cohort
+    (:func:`evaluate_harmonization` of the per-subject summaries): the two
+    TSVs, added to the fit's result with the subjects left out of them."""
+    Path(STEP_MARKER).write_text("harmonize-evaluate")
+    after = {s["subject"]: s for s in summaries}
+    not_evaluated = []
+
+    def evaluated(entry: dict, when: dict) -> bool:
+        error = (when.get("error") if when.get("status") == "failed"
+                 else (when.get("summary") or {}).get("error"))
+        if error:
+            not_evaluated.append({"subject": entry["subject"], "error": error})
+        return not error
+
+    ref = [f for f in _site(features, sites, reference_site) if evaluated(f, f)]
+    tar = [f for f in _site(features, sites, target_site)
+           if evaluated(f, f) and evaluated(f, after[f["subject"]])]
+    if not_evaluated:
+        Path(FAILED_MARKER).write_text("harmonize-evaluate")
+    site_table, preservation = evaluate_harmonization(
+        [_subject_summary(f, f["summary"]["values"], f["fa"]) for f in ref],
+        [_subject_summary(f, f["summary"]["values"], f["fa"]) for f in tar],
+        [_subject_summary(f, after[f["subject"]]["summary"]["values"],
+                          after[f["subject"]]["summary"]["fa"]) for f in tar], lmax)
+    site_tsv = Path.cwd() / "harmonization_site_effect.tsv"
+    pres_tsv = Path.cwd() / "harmonization_preservation.tsv"
+    io.write_text(site_table.to_csv(sep="\t", index=False, na_rep="n/a"), site_tsv)
+    io.write_text(preservation.to_csv(sep="\t", index=False, na_rep="n/a"), pres_tsv)
+    return {**fit, "site_effect": str(site_tsv), "preservation": str(pres_tsv),
+            "not_evaluated": not_evaluated}
+
+
+EvaluateFit = python.define(evaluate_fit_step, outputs=["result"], name="EvaluateFit")
 
 
 def features_workflow(subject: Subject, options: dict, shells: list | None = None,
@@ -258,7 +340,16 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                                         template=tpl.template, registered=reg.registered,
                                         smoothing_fwhm_mm=smoothing_fwhm_mm, contrast=contrast,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
-    return fit.result
+    after = workflow.add(HarmonisedSummary(fit=fit.result, target_site=target_site, lmax=lmax,
+                                           registered=reg.registered, **common)
+                         .split("entry", entry=feats.features).combine("entry"),
+                         name="harmonised_summary")
+    evaluation = workflow.add(EvaluateFit(fit=fit.result, features=feats.features,
+                                          summaries=after.summary, sites=sites,
+                                          reference_site=reference_site, target_site=target_site,
+                                          lmax=lmax, pipeline_version=pipeline_version),
+                              hooks=PROGRESS)
+    return evaluation.result
 
 
 HarmonizationFitWorkflow = workflow.define(harmonization_fit_workflow,

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from dmriflow.interfaces import harmonize as H
+from dmriflow.interfaces import io, stepfiles
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI
 from dmriflow.interfaces.sim import phantom
 from dmriflow.pipelines import harmonization as P
+from dmriflow.pipelines.steps import load_series
 
 SHAPE = (20, 24, 18)
 LMAX = 4
@@ -96,3 +100,128 @@ def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration, cont
     assert nodes.parameters == serial.parameters
     a, b = nodes.save(tmp_path / "nodes"), serial.save(tmp_path / "serial")
     assert _digests(a) == _digests(b)
+
+
+# ----------------------------------------------------------------------------
+# The evaluation: per-subject summary nodes give the serial evaluation's tables
+# ----------------------------------------------------------------------------
+EVAL_SHELLS = (BVAL, 2000.0)
+
+
+def _record(k: int, site, folder: Path) -> dict:
+    """A subject's record with its series as files (two shells), as Validate hands it on."""
+    scheme = phantom.hcp_scheme(n_b0=4, shells=EVAL_SHELLS, n_dirs=30)
+    s = phantom.simulate_subject(SHAPE, seed=20 + k, snr=40.0, scheme=scheme, site=site)
+    dwi = DWI(np.asfortranarray(s.dwi, dtype=np.float32), s.gtab, s.mask, s.affine, None, {})
+    folder.mkdir(parents=True)
+    mask = str(io.save_nifti(s.mask.astype(np.uint8), s.affine, folder / "mask.nii.gz"))
+    return {"series": stepfiles.write_series(dwi, folder, mask),
+            "inputs": {"dwi": {"sha256": f"{k:064x}"}}}
+
+
+def _nodes(tmp_path: Path, shells: list, records: dict, sites: dict) -> tuple:
+    """Features, template rounds, registrations and the fit as the engine's nodes."""
+    entries = [_in(tmp_path / "features" / s, P.harmonization_features_step, subject=s,
+                   record=r, shells=shells, lmax=LMAX) for s, r in records.items()]
+    common = dict(sites=sites)
+    tpl = _in(tmp_path / "t0", P.template_start_step, features=entries, reference_site="siteA",
+              target_site="siteB", **common)
+    for r in range(1, H.TEMPLATE_ITERATIONS + 1):
+        reg = [_in(tmp_path / f"r{r}" / e["subject"], P.register_subject_step, entry=e,
+                   template=tpl, register_sites=["siteA"], registration="affine", **common)
+               for e in entries]
+        tpl = _in(tmp_path / f"t{r}", P.template_mean_step, features=entries,
+                  reference_site="siteA", template=tpl, registered=reg, **common)
+    reg = [_in(tmp_path / "reg" / e["subject"], P.register_subject_step, entry=e, template=tpl,
+               register_sites=["siteA", "siteB"], registration="affine", **common)
+           for e in entries]
+    fit = _in(tmp_path / "fit", P.fit_harmonization_step, features=entries, reference_site="siteA",
+              target_site="siteB", shells=shells, lmax=LMAX, template=tpl, registered=reg,
+              registration="affine", **common)
+    return entries, tpl, reg, fit
+
+
+def _evaluate(tmp_path: Path, entries, reg, fit, sites, name="eval") -> dict:
+    after = [_in(tmp_path / f"{name}-after" / e["subject"], P.harmonised_summary_step, entry=e,
+                 fit=fit, sites=sites, target_site="siteB", lmax=LMAX, registered=reg)
+             for e in entries]
+    return _in(tmp_path / name, P.evaluate_fit_step, fit=fit, features=entries, summaries=after,
+               sites=sites, reference_site="siteA", target_site="siteB", lmax=LMAX)
+
+
+def _serial_tables(entries, tpl, reg, sites, shells) -> tuple[str, str]:
+    """The evaluation as the fit node computed it before the per-subject nodes:
+    every series read again, summarised before, harmonised through the fit's
+    own transform and summarised in the same white matter, one by one."""
+    ref = [e for e in entries if sites[e["subject"]] == "siteA"]
+    tar = [e for e in entries if sites[e["subject"]] == "siteB"]
+    info = {"source": "reference-site mean", "iterations": H.TEMPLATE_ITERATIONS,
+            "first_subject": tpl["first_subject"], "registration": "affine"}
+    art = H.fit_harmonization([P._loader(e) for e in ref], [P._loader(e) for e in tar], shells,
+                              LMAX, reference_site="siteA", target_site="siteB",
+                              registration="affine", template=P._template(tpl),
+                              template_info=info, registered=P._transforms(reg))
+    transforms = P._transforms(reg)
+    ref_s = [H.summarise_subject(load_series(e["record"]), LMAX, subject=e["subject"])
+             for e in ref]
+    before, after = [], []
+    for e in tar:
+        dwi = load_series(e["record"])
+        before.append(H.summarise_subject(dwi, LMAX, subject=e["subject"]))
+        dwi.data, _ = H.apply_harmonization(dwi, None, art, subject=e["subject"],
+                                            transform=transforms[e["subject"]](), inplace=True)
+        after.append(H.summarise_subject(dwi, LMAX, subject=e["subject"],
+                                         wm_mask=before[-1].wm_mask))
+    site, pres = H.evaluate_harmonization(ref_s, before, after, LMAX)
+    return tuple(t.to_csv(sep="\t", index=False, na_rep="n/a") for t in (site, pres))
+
+
+@pytest.fixture(scope="module")
+def eval_cohort(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    records, sites = {}, {}
+    for k, site in enumerate([phantom.SiteEffect(name="siteA")] * N_PER_SITE
+                             + [TARGET] * N_PER_SITE):
+        name = f"{site.name}{k % N_PER_SITE}"
+        sites[name] = site.name
+        # the same anatomies at both sites (travelling subjects)
+        records[name] = _record(k % N_PER_SITE, site, tmp / "series" / name)
+    return tmp, records, sites
+
+
+@pytest.mark.parametrize("shells", [[BVAL, 2000.0], [2000.0, BVAL]],
+                         ids=["features-rish", "own-rish"])
+def test_evaluation_nodes_give_the_serial_tables(eval_cohort, tmp_path, shells):
+    """The per-subject summaries (before: in the features node, from its tensor
+    and, when it fits every shell in the series' order, its RISH maps, else
+    RISH fitted again; after: one node per target subject) combine into the
+    TSVs the serial evaluation writes, to the last digit."""
+    _, records, sites = eval_cohort
+    entries, tpl, reg, fit = _nodes(tmp_path, shells, records, sites)
+    result = _evaluate(tmp_path, entries, reg, fit, sites)
+    site, pres = _serial_tables(entries, tpl, reg, sites, shells)
+    assert Path(result["site_effect"]).read_text() == site
+    assert Path(result["preservation"]).read_text() == pres
+    assert result["not_evaluated"] == [] and result["content_id"] == fit["content_id"]
+    table = pd.read_csv(result["site_effect"], sep="\t")
+    assert set(table["shell"].dropna()) == set(EVAL_SHELLS)     # every shell, not the fit's
+    rish = table[table["metric"] == "rish_l2"]
+    assert (rish["d_after"].abs() < rish["d_before"].abs()).all()   # the site effect shrinks
+    assert json.loads(json.dumps(entries[0]["summary"])) == entries[0]["summary"]
+
+
+def test_one_subjects_failed_evaluation_leaves_the_others(eval_cohort, tmp_path):
+    """A target subject whose harmonised summary fails (its series gone) is left
+    out of the tables only and named; the others are evaluated."""
+    _, records, sites = eval_cohort
+    entries, _, reg, fit = _nodes(tmp_path, list(EVAL_SHELLS), records, sites)
+    broken = next(e for e in entries if sites[e["subject"]] == "siteB")
+    moved = {**broken, "record": {**broken["record"], "series": {
+        **broken["record"]["series"], "dwi": str(tmp_path / "missing.nii.gz")}}}
+    entries = [moved if e is broken else e for e in entries]
+    result = _evaluate(tmp_path, entries, reg, fit, sites, name="broken")
+    assert [r["subject"] for r in result["not_evaluated"]] == [broken["subject"]]
+    table = pd.read_csv(result["site_effect"], sep="\t")
+    assert (table["n_tar"] == N_PER_SITE - 1).all() and (table["n_ref"] == N_PER_SITE).all()
+    pres = pd.read_csv(result["preservation"], sep="\t")
+    assert broken["subject"] not in set(pres["subject"])
