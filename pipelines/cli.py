@@ -447,7 +447,8 @@ def cmd_harmonize(args) -> int:
                                        fit.reference, fit.target, shells=fit.shells,
                                        lmax=fit.harmonization_lmax,
                                        registration=fit.registration,
-                                       smoothing_fwhm_mm=fit.smoothing_fwhm)
+                                       smoothing_fwhm_mm=fit.smoothing_fwhm,
+                                       contrast=fit.registration_contrast)
     except RuntimeError as exc:   # the fit node failed: its error text, no traceback
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

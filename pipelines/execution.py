@@ -1112,7 +1112,8 @@ def run_harmonization_fit(subjects: list[SubjectInputs], output_dir, config: Run
 def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunConfig,
                        sites: dict[str, str], reference_site: str, target_site: str,
                        shells: list[float] | None = None, lmax: int | None = None,
-                       registration: str = "syn", smoothing_fwhm_mm: float = 0.0) -> dict:
+                       registration: str = "syn", smoothing_fwhm_mm: float = 0.0,
+                       contrast: str = "fa") -> dict:
 
     output_dir = Path(output_dir).resolve()
     chosen = [s for s in subjects if sites.get(s.key) in (reference_site, target_site)]
@@ -1129,13 +1130,15 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     root = cache_root(output_dir, config)
     clean_cache(root)
     _log(config, f"harmonization fit: {reference_site} (reference) vs {target_site} (target), "
-                 f"shells {shells}, lmax {lmax}, registration {registration}")
+                 f"shells {shells}, lmax {lmax}, registration {registration} "
+                 f"through {contrast}")
     # the methods text states the fit as run: the shells and order it resolved
     fit_config = copy.copy(config)
     fit_config.cohort = {**config.cohort, "harmonization_fit": replace(
         config.cohort["harmonization_fit"], reference=reference_site, target=target_site,
         shells=[float(b) for b in shells], harmonization_lmax=int(lmax),
-        registration=registration, smoothing_fwhm=smoothing_fwhm_mm)}
+        registration=registration, smoothing_fwhm=smoothing_fwhm_mm,
+        registration_contrast=contrast)}
     write_methods(fit_config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(chosen),
                   sum(bool(getattr(s, "mask", None)) for s in chosen), command=FIT_COMMAND)
     options = {**config.options_record(), "harmonize": {}}   # features of the acquired series
@@ -1144,6 +1147,7 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
         sites={s.key: sites[s.key] for s in runnable},
         reference_site=reference_site, target_site=target_site, shells=list(shells),
         lmax=lmax, registration=registration, smoothing_fwhm_mm=smoothing_fwhm_mm,
+        contrast=contrast,
         pipeline_version=version)
     with submitter(config, root) as sub:
         res = sub(task, raise_errors=False)

@@ -204,7 +204,21 @@ def test_fit_evaluates_through_the_registrations_it_fitted_with(two_sites, tmp_p
     monkeypatch.setattr(harmonize, "register_fa", counted)
     code = cli.main(["harmonize", "fit", str(root), str(tmp_path / "out"), "--reference", "siteA",
                      "--target", "siteB", "--site-column", "site", "--site-table", str(table),
-                     "--registration", "affine", "--worker", "debug", "--quiet",
-                     "--cache-dir", str(tmp_path / "cache")])
+                     "--registration", "affine", "--registration-contrast", "rish-l0",
+                     "--worker", "debug", "--quiet", "--cache-dir", str(tmp_path / "cache")])
     assert code == cli.EXIT_OK
     assert calls == []
+    # the command line's contrast reached the fit and is recorded for apply
+    folder, = (tmp_path / "out" / "dmriflow" / "harmonization").iterdir()
+    assert HarmonizationArtefact.load(folder).registration_contrast == "rish-l0"
+
+
+def test_the_command_offers_the_library_contrasts():
+    """The step's option lists the contrasts the library registers through
+    (declared beside the option so the command line never imports numpy)."""
+    from dmriflow.interfaces import harmonize
+    from dmriflow.interfaces.steps import harmonization_fit
+    assert harmonization_fit.REGISTRATION_CONTRASTS == harmonize.REGISTRATION_CONTRASTS
+    assert harmonization_fit.REGISTRATIONS == harmonize.REGISTRATIONS
+    with pytest.raises(ValueError, match="registration_contrast"):
+        harmonization_fit.Options(reference="a", target="b", registration_contrast="t1")

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 
 from .base import CohortStep, check_choice, option, register
 
-#: Registration of each subject's FA to the template.
+#: Registration of each subject to the template.
 REGISTRATIONS = ("syn", "affine", "identity")
+#: The image each subject is registered through (interfaces/harmonize.py,
+#: REGISTRATION_CONTRASTS; docs/harmonization.md, "Registration contrast").
+REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0")
 #: The command that runs the fit (and shows its options).
 COMMAND = "harmonize fit"
 
@@ -32,9 +35,15 @@ class Options:
     registration: str = option("syn", "registration of each subject to the template",
                                choices=REGISTRATIONS)
     smoothing_fwhm: float = option(0.0, "scale-map smoothing (mm)", units="mm")
+    registration_contrast: str = option("fa", "image each subject is registered through: FA, or "
+                                              "sqrt(RISH l2) / sqrt(RISH l0) of the lowest shell, "
+                                              "which a per-order site scaling only rescales",
+                                        choices=REGISTRATION_CONTRASTS)
 
     def __post_init__(self):
         check_choice("registration", self.registration, REGISTRATIONS)
+        check_choice("registration_contrast", self.registration_contrast,
+                     REGISTRATION_CONTRASTS)
         if self.smoothing_fwhm < 0:
             raise ValueError("smoothing_fwhm must be >= 0")
 
