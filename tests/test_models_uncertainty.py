@@ -110,6 +110,28 @@ def test_range_score_is_zero_inside_and_the_log_distance_outside():
     assert ood.range_score(cards.Acquisition(shells=[1000.0]), {"snr": 1.0}) == 0.0
 
 
+def test_range_score_measures_the_sharpness_as_a_difference_and_evaluate_shares_the_values():
+    """The sharpness is itself a (negative) logarithm: its distance outside the
+    card's range is the plain difference, on either side; it is one of the
+    measured values the OOD study and ``evaluate`` check (``card_values``)."""
+    lo, hi = -2.246, -1.7498                            # the shipped card's range
+    acq = cards.Acquisition(shells=[1000.0], ranges={
+        rishdiff.SHARPNESS: {"min": lo, "max": hi, "action": "flag"},
+        "snr": {"min": 11.0, "max": 30.0, "action": "flag"}})
+    assert ood.range_score(acq, {rishdiff.SHARPNESS: -2.0, "snr": 20.0}) == 0.0
+    assert ood.range_score(acq, {rishdiff.SHARPNESS: -1.55, "snr": 20.0}) == pytest.approx(
+        -1.55 - hi)                                     # sharper than trained (test family)
+    assert ood.range_score(acq, {rishdiff.SHARPNESS: -2.5, "snr": 20.0}) == pytest.approx(
+        lo + 2.5)                                       # blurrier than trained
+    assert ood.range_score(acq, {rishdiff.SHARPNESS: -1.55, "snr": 5.5}) == pytest.approx(
+        math.log(2.0))                                  # the farther quantity
+    s = ood.shifted_subject(70_902, "snr", 1.0, 16)
+    values = study.card_values(s)
+    assert s.f3.sharpness is not None
+    assert values[rishdiff.SHARPNESS] == s.f3.sharpness
+    assert values["snr"] == s.snr3
+
+
 def test_graded_shifts_change_what_they_say_and_nothing_else():
     seed, g = 70_900, 16
     base = ood.shifted_subject(seed, "snr", 1.0, g)

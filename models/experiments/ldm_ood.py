@@ -18,11 +18,13 @@ unshifted pairs go through the same code with factor 1):
 Scores (higher = less familiar), each computed from what the card or the
 model exposes:
 
-* ``card_range``: how far the measured cube voxel and SNR lie outside the
-  card's ``acquisition.ranges`` - max over quantities of
-  ``|log(value / nearest bound)|``, 0 inside (ties at 0 count 1/2 in the AUROC);
-* ``condition_shift``: RMS over the 4 non-mask condition channels (log A3 per
-  order, log sigma/s0) of their mask mean after the model's own
+* ``card_range``: how far the measured cube voxel, SNR and sharpness lie
+  outside the card's ``acquisition.ranges`` - max over quantities of
+  ``|log(value / nearest bound)|`` (for the sharpness, itself a logarithm,
+  ``|value - nearest bound|``), 0 inside (ties at 0 count 1/2 in the AUROC);
+* ``condition_shift``: RMS over the non-mask condition channels (log A3 per
+  order, log sigma/s0, and the sharpness for a model that takes it) of their
+  mask mean after the model's own
   standardisation (``cond_mean``/``cond_std`` over the training masks);
 * ``predicted_spread``: mean calibrated sample SD of ``log lambda`` in the mask;
 * ``ensemble_spread``: mean member SD of the CNN ensemble (when given).
@@ -93,23 +95,25 @@ def shifted_subject(seed: int, shift: str, factor: float, grid: int = 32) -> stu
                          p.degradation.describe())
 
 
-def card_values(s: study.Subject) -> dict:
-    """The measured quantities the card has ranges for."""
-    return {"cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3}
+#: Card ranges whose quantity is already a logarithm (and may be negative):
+#: their distance outside the range is the plain difference, not a log ratio.
+LOG_QUANTITIES = (rishdiff.SHARPNESS,)
 
 
 def range_score(acq: cards.Acquisition, values: dict) -> float:
-    """Max over the card's ranges of ``|log(value / nearest bound)|`` outside it; 0 inside."""
+    """Max over the card's ranges of the distance outside it in log units -
+    ``|log(value / nearest bound)|``, or ``|value - nearest bound|`` for a
+    quantity already in log units (:data:`LOG_QUANTITIES`); 0 inside."""
     out = 0.0
     for name, rng in (acq.ranges or {}).items():
         v = values.get(name)
         if v is None:
             continue
-        lo, hi = float(rng.get("min", 0.0)), float(rng.get("max", math.inf))
-        if v < lo:
-            out = max(out, math.log(lo / v))
-        elif v > hi:
-            out = max(out, math.log(v / hi))
+        lo, hi = float(rng.get("min", -math.inf)), float(rng.get("max", math.inf))
+        if lo <= v <= hi:
+            continue
+        bound = lo if v < lo else hi
+        out = max(out, abs(v - bound) if name in LOG_QUANTITIES else abs(math.log(v / bound)))
     return out
 
 
@@ -125,10 +129,12 @@ def condition_shift(model: rishdiff.RishDiffusion3T7T, s: study.Subject) -> floa
 
 def scores(diff, dcard, members, ens_scale, s: study.Subject, samples: int, steps: int) -> dict:
     """Every OOD score of one subject, and the card's decision on it."""
-    values = card_values(s)
+    values = study.card_values(s)
     problems = cards.range_problems(dcard.acquisition, values)
     fit = diff.fit_subject(s.f3, s.sigma3, samples=samples, steps=steps, seed=s.seed)
+    sharp = values[rishdiff.SHARPNESS]
     out = {"cube_voxel_mm": round(values["cube_voxel_mm"], 4), "snr": round(s.snr3, 3),
+           "sharpness": None if sharp is None else round(sharp, 4),
            "card": "refused" if problems["refuse"] else
                    "flagged" if problems["flag"] else "accepted",
            "card_range": range_score(dcard.acquisition, values),

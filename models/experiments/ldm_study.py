@@ -110,6 +110,13 @@ def simulate_pairs(seeds, family: str, grid: int = 32, resolution=None) -> list[
     return out
 
 
+def card_values(s: Subject) -> dict:
+    """The measured quantities of ``s`` that a card has ranges for (cube
+    voxel, 3T SNR, measured sharpness; None where not measured)."""
+    return {"cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3,
+            rishdiff.SHARPNESS: s.f3.sharpness}
+
+
 def card_ranges(subjects: list[Subject]) -> dict:
     """The card's ranges from the training subjects (:func:`rishdiff.training_ranges`)."""
     return rishdiff.training_ranges([rishdiff.cube_voxel_mm(s.f3.affine) for s in subjects],
@@ -387,8 +394,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     rows, cal, spear, flags = [], [], [], []
     for i, s in enumerate(test):
         ts = time.perf_counter()
-        values = {"cube_voxel_mm": rishdiff.cube_voxel_mm(s.f3.affine), "snr": s.snr3,
-                  rishdiff.SHARPNESS: s.f3.sharpness}
+        values = card_values(s)
         if members:
             efit = rishdiff.ensemble_fit(members, s.f3, s.sigma3, ens_scale)
             d = values[rishdiff.DISAGREEMENT] = disagreement(efit)
