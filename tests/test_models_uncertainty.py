@@ -176,7 +176,7 @@ def test_ood_study_writes_one_auroc_per_shift_factor_and_score(tmp_path):
                       log=lambda s: None)
     per = r["scores"]
     assert len(per) == 2 + 2 * 2 + 1
-    # SNR x 0.3 puts every train-family subject (SNR 15-35) below the card's 11.09
+    # SNR x 0.3 puts every train-family subject (SNR 15-35) below the card's 11.2
     assert (per[per["shift"] == "snr"].card == "flagged").all()
     bsub = per[per["shift"] == "bvalue"].set_index("subject")
     nsub = per[per["shift"] == "none"].set_index("subject")
