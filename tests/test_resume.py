@@ -2,7 +2,8 @@
 
 ``dmriflow run`` (cf worker, 2 processes) runs as a subprocess in its own
 process group; the whole group is killed as soon as the first subject's
-status file exists. Then: nothing half-written is visible under OUTPUT, a
+status file exists, while one subject is held at its read (so the kill
+lands mid-run whatever the machine's speed). Then: nothing half-written is visible under OUTPUT, a
 status file exists only for complete subjects, and a rerun finishes the
 cohort without recomputing finished subjects and gives the same group table
 as an uninterrupted run.
@@ -25,18 +26,31 @@ import pytest
 from dmriflow.pipelines.derivatives import derivative_file
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 
-#: Small subjects; the last one is larger, so it is still running when the
-#: first subjects have finished (the kill then lands mid-run every time).
 SMALL_SHAPE = (18, 22, 16)
-LARGE_SHAPE = (44, 52, 36)
 N_SMALL = 4
+#: The subject the killed run holds at its read until the kill: its folder.
+HELD_SUBJECT = "9901"
 #: The source hash is pinned in the child processes: other work in the same
 #: checkout (editor saves, new files) must not change the pipeline version
 #: between the killed run and the resume.
 PINNED_SOURCE_HASH = "resume-test"
-RUNNER = ("import sys\n"
+#: With HOLD_ENV set to a path, the held subject's read (both of io's read
+#: paths) waits until that file exists: the workers are forked, so the patch
+#: made here reaches them. The test never creates it; the kill ends the wait.
+HOLD_ENV = "DMRIFLOW_TEST_HOLD"
+RUNNER = ("import os, sys, time\n"
           "from dmriflow.interfaces import io\n"
           f"io.source_hash = lambda: {PINNED_SOURCE_HASH!r}\n"
+          f"release = os.environ.get({HOLD_ENV!r})\n"
+          "def held(read):\n"
+          "    def wait_then_read(dwi, *args, **kwargs):\n"
+          f"        while {HELD_SUBJECT!r} in os.fspath(dwi).split(os.sep) \\\n"
+          "                and not os.path.exists(release):\n"
+          "            time.sleep(0.05)\n"
+          "        return read(dwi, *args, **kwargs)\n"
+          "    return wait_then_read\n"
+          "if release:\n"
+          "    io.load_dwi_rows, io.decode_dwi = held(io.load_dwi_rows), held(io.decode_dwi)\n"
           "from dmriflow.pipelines.cli import main\n"
           "sys.exit(main(sys.argv[1:]))\n")
 KILL_TIMEOUT_S = 120
@@ -52,15 +66,18 @@ def scheme():
 
 def make_cohort(root: Path) -> Path:
     write_cohort(root, N_SMALL, shape=SMALL_SHAPE, seed=0, scheme=scheme())
-    write_cohort(root, 1, shape=LARGE_SHAPE, seed=9, scheme=scheme(), subject_prefix="99")
+    held = write_cohort(root, 1, shape=SMALL_SHAPE, seed=9, scheme=scheme(), subject_prefix="99")
+    assert held == [HELD_SUBJECT]
     return root
 
 
-def start(*args, log: Path) -> subprocess.Popen:
-    """``dmriflow ARGS`` in a new session (its own process group)."""
+def start(*args, log: Path, hold: Path | None = None) -> subprocess.Popen:
+    """``dmriflow ARGS`` in a new session (its own process group); with
+    ``hold``, the held subject waits at its read until that file exists."""
+    env = {**os.environ, HOLD_ENV: str(hold)} if hold else None
     return subprocess.Popen([sys.executable, "-c", RUNNER, *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-                            start_new_session=True)
+                            start_new_session=True, env=env)
 
 
 def run(*args, log: Path) -> int:
@@ -78,9 +95,11 @@ def status_files(out: Path) -> dict[str, Path]:
 
 
 def kill_mid_run(cohort: Path, out: Path, log: Path, sig: int) -> set[str]:
-    """Start a run; send ``sig`` to its process group once a status file exists
-    (SIGINT: what Ctrl-C in a terminal does)."""
-    proc = start("run", cohort, out, "--worker", "cf", "--n-procs", "2", log=log)
+    """Start a run that holds one subject at its read; send ``sig`` to its
+    process group once a status file exists (SIGINT: what Ctrl-C in a
+    terminal does)."""
+    proc = start("run", cohort, out, "--worker", "cf", "--n-procs", "2", log=log,
+                 hold=out.parent / f"{out.name}.never-released")
     deadline = time.monotonic() + KILL_TIMEOUT_S
     try:
         while not status_files(out):
@@ -168,6 +187,7 @@ def test_killed_run_resumes_without_recomputing_finished_subjects(reference, sig
     finished = kill_mid_run(cohort, out, log, sig)
     planned = {f"sub-{d.name}" for d in cohort.iterdir() if d.name.isdigit()}
     assert finished and finished < planned, "the kill must land mid-run"
+    assert f"sub-{HELD_SUBJECT}" not in finished, "the held subject was not held"
     assert_nothing_half_written(out)
     before = {s: snapshot(out, s) for s in finished}
     # what the kill left: the engine's soft locks and job files, temporary files
