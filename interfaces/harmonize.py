@@ -111,13 +111,18 @@ SCALE_ESTIMATORS = ("ratio", "nearest", "matched", "native-log")
 #: signal over b0: no anisotropy, little noise). A per-order site scaling
 #: multiplies each by a constant, which the metrics ignore (mutual
 #: information, local cross-correlation).
+#: "rish-l0l2": the mean of the two images above, each over its own median
+#: (so still exactly invariant to a per-order site scaling): the mean
+#: signal's low-noise shape with the anisotropic signal's white-matter
+#: contrast, in one image for both the affine stage and SyN.
 #: Not kept: ``sqrt(RISH_l2 / RISH_l0)`` (FA-like): its low-signal voxels
 #: reach 10-14 x its median, and SyN on it did not reproduce (a 0.1 %
 #: intensity jitter moved the transform 0.07 mm, an exact site scaling 0.23
 #: mm; docs/harmonization.md).
-REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0")
-#: The SH order whose RISH each RISH contrast is the square root of.
-RISH_CONTRAST_ORDER = {"rish-l2": 2, "rish-l0": 0}
+REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0", "rish-l0l2")
+#: The SH orders whose RISH each RISH contrast averages the (unit-median)
+#: square roots of.
+RISH_CONTRAST_ORDERS = {"rish-l2": (2,), "rish-l0": (0,), "rish-l0l2": (0, 2)}
 DEFAULT_REGISTRATION_CONTRAST = "fa"
 #: The contrast of artefacts written before the contrast was recorded.
 LEGACY_REGISTRATION_CONTRAST = "fa"
@@ -718,11 +723,12 @@ def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_
         raise HarmonizationError(f"subject {f.subject!r}: no RISH maps for shell b={want:g} "
                                  f"to register through (has {sorted(by_b)})")
     rish = np.asarray(by_b[key], dtype=np.float32)
-    order = RISH_CONTRAST_ORDER[contrast]
-    if rish.shape[-1] <= order // 2:
-        raise HarmonizationError(f"contrast {contrast!r} needs RISH order {order} "
-                                 f"(lmax >= {order})")
-    return _unit_median(np.sqrt(np.maximum(rish[..., order // 2], 0)), mask)
+    orders = RISH_CONTRAST_ORDERS[contrast]
+    if rish.shape[-1] <= max(orders) // 2:
+        raise HarmonizationError(f"contrast {contrast!r} needs RISH order {max(orders)} "
+                                 f"(lmax >= {max(orders)})")
+    images = [_unit_median(np.sqrt(np.maximum(rish[..., o // 2], 0)), mask) for o in orders]
+    return (sum(images) / np.float32(len(images))).astype(np.float32)
 
 
 def _unit_median(img: np.ndarray, mask: np.ndarray) -> np.ndarray:

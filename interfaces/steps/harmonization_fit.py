@@ -15,7 +15,7 @@ from .base import CohortStep, check_choice, option, register
 REGISTRATIONS = ("syn", "affine", "identity")
 #: The image each subject is registered through (interfaces/harmonize.py,
 #: REGISTRATION_CONTRASTS; docs/harmonization.md, "Registration contrast").
-REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0")
+REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0", "rish-l0l2")
 #: The command that runs the fit (and shows its options).
 COMMAND = "harmonize fit"
 
