@@ -515,6 +515,11 @@ class SubjectFeatures:
     mask: np.ndarray
     rish: dict
     sha256: str | dict | None = None
+    #: ``(sigma / S0)^2`` per voxel and ``{shell: per-order gain}`` of the RISH
+    #: noise floor (:func:`relative_noise_variance`, :func:`rish_noise_gain`;
+    #: None: not estimated, e.g. fewer than ``NOISE_MIN_B0`` b0 volumes).
+    noise_var: np.ndarray | None = None
+    noise_gain: dict | None = None
 
     def content_hash(self):
         """The given ``sha256``, else sha256 over the arrays (FA, mask, affine, RISH)."""
@@ -526,6 +531,8 @@ class SubjectFeatures:
         for b in sorted(self.rish):
             h.update(f"{float(b):g}".encode())
             h.update(np.ascontiguousarray(self.rish[b], dtype=np.float32).tobytes())
+        if self.noise_var is not None:
+            h.update(np.ascontiguousarray(self.noise_var, dtype=np.float32).tobytes())
         return h.hexdigest()
 
 
@@ -586,6 +593,75 @@ def rish_maps(dwi: DWI, lmax: int, shells: Sequence[float] | None = None,
     return {b: r.reshape(dwi.mask.shape + (starts.size,)) for b, r in out.items()}
 
 
+#: Noise floor of RISH (issue 17, item 3: noise-aware scale maps). Noise of
+#: variance ``sigma^2`` per DWI adds, through the SH least-squares fit of a
+#: shell (pseudo-inverse ``P``), ``(sigma / S0)^2 * sum over order-l rows of
+#: |P_j|^2`` to the expected b0-normalised ``R_l`` (:func:`rish_noise_gain`):
+#: with ~N uniform directions about ``(2l + 1) 4 pi / N`` per unit relative
+#: variance, the same for every order's coefficient, so it is the larger
+#: share of l4 and of high b. Removed before the site means, a site's RISH
+#: is not "corrected" for its noise level. Debiased RISH is kept at least
+#: this share of the measured (a voxel whose noise estimate exceeds its
+#: RISH keeps a small positive value, so ratios stay defined).
+NOISE_FLOOR_MIN_FRACTION = 0.05
+#: Fewest b0 volumes the noise estimate needs (their spread per voxel).
+NOISE_MIN_B0 = 2
+
+
+def rish_noise_gain(gtab: GradientTable, lmax: int, shells: Sequence[float]) -> dict:
+    """``{shell: (lmax/2 + 1,) float64}``: the expected noise term of each
+    order's b0-normalised RISH per unit relative noise variance
+    ``(sigma / S0)^2`` - the summed squared norms of that order's rows of the
+    shell's SH pseudo-inverse (the same fit as :func:`rish_maps`)."""
+    starts = np.array([sh.n_coeffs(l - 2) if l else 0 for l in range(0, lmax + 1, 2)])
+    return {b: np.add.reduceat(np.square(sh.SHModel(gtab, lmax, shell=b).pinv).sum(axis=1),
+                               starts) for b in shells}
+
+
+def relative_noise_variance(dwi: DWI) -> tuple[np.ndarray, float]:
+    """``((sigma / S0)^2`` per mask voxel (X, Y, Z) float32, 0 elsewhere; ``sigma``).
+
+    ``sigma``: the subject's noise standard deviation, the square root of the
+    mean over the mask of each voxel's unbiased variance across the b0
+    volumes (one sigma per subject: a spatially uniform noise level; the b0s
+    must be motion-corrected). ``S0``: the voxel's mean b0, the RISH
+    normalisation. Raises HarmonizationError with fewer than
+    ``NOISE_MIN_B0`` b0 volumes."""
+    b0 = np.flatnonzero(dwi.gtab.b0s_mask)
+    if b0.size < NOISE_MIN_B0:
+        raise HarmonizationError(f"{dwi.paths.get('dwi', 'DWI')}: the RISH noise floor needs "
+                                 f">= {NOISE_MIN_B0} b0 volumes, has {b0.size}")
+    s0 = np.zeros(int(np.prod(dwi.mask.shape)), dtype=np.float64)
+    where_all, pos, var_sum, n = dwi.masked_index(), 0, 0.0, 0
+    for rows in dwi.masked(max(1024, sh.CHUNK_BYTES // (4 * len(dwi.gtab)))):
+        v = rows[:, b0].astype(np.float64)
+        s0[where_all[pos:pos + rows.shape[0]]] = v.mean(axis=1)
+        pos += rows.shape[0]
+        var_sum += float(v.var(axis=1, ddof=1).sum())
+        n += rows.shape[0]
+    sigma2 = var_sum / max(n, 1)
+    rel = np.zeros_like(s0)
+    np.divide(sigma2, np.square(s0), out=rel, where=s0 > 0)
+    return rel.reshape(dwi.mask.shape).astype(np.float32), math.sqrt(sigma2)
+
+
+def noise_term(noise_var: np.ndarray, gain: np.ndarray) -> np.ndarray:
+    """The expected noise share of RISH (X, Y, Z, orders): ``noise_var * gain``
+    (:func:`relative_noise_variance`, :func:`rish_noise_gain`)."""
+    return (np.asarray(noise_var, dtype=np.float32)[..., None]
+            * np.asarray(gain, dtype=np.float32))
+
+
+def debiased_rish(rish: np.ndarray, noise: np.ndarray,
+                  min_fraction: float = NOISE_FLOOR_MIN_FRACTION) -> np.ndarray:
+    """RISH less its expected noise share ``noise`` (:func:`noise_term`), at
+    least ``min_fraction`` of the measured. Applied to means (site means of
+    RISH and of the noise share): clipping single noisy voxels would bias
+    their mean upwards where the noise is most of the signal (l4)."""
+    r = np.asarray(rish, dtype=np.float32)
+    return np.maximum(r - noise, np.float32(min_fraction) * r)
+
+
 def subject_features(dwi: DWI, subject: str, lmax: int, *, shells: Sequence[float] | None = None,
                      fa: np.ndarray | None = None, sha256=None) -> SubjectFeatures:
     """FA (DTI on b <= DTI_MAX_BVAL unless given) and per-shell RISH of one DWI.
@@ -598,11 +674,15 @@ def subject_features(dwi: DWI, subject: str, lmax: int, *, shells: Sequence[floa
     if fa is None:
         fa = dti_fa(dwi)
     rish = rish_maps(dwi, lmax, names)
+    noise_var = noise_gain = None
+    if np.count_nonzero(dwi.gtab.b0s_mask) >= NOISE_MIN_B0:
+        noise_var = relative_noise_variance(dwi)[0]
+        noise_gain = rish_noise_gain(dwi.gtab, lmax, list(rish))
     if sha256 is None and dwi.paths:
         sha256 = {k: file_sha256(p) for k, p in sorted(dwi.paths.items())
                   if p and os.path.isfile(p)} or None
     return SubjectFeatures(subject, np.asarray(fa, dtype=np.float32), dwi.affine, dwi.mask,
-                           rish, sha256)
+                           rish, sha256, noise_var, noise_gain)
 
 
 def _select_shells(dwi: DWI, shells: Sequence[float]) -> list[float]:
@@ -1128,6 +1208,16 @@ def _native_term(t: Transform, mask: np.ndarray, rish: np.ndarray, e_ref: np.nda
     return out
 
 
+def _noise_terms(f: SubjectFeatures, shells: Sequence[float], site: str) -> dict:
+    """``{shell: noise share of RISH}`` of one subject (:func:`noise_term`)."""
+    if f.noise_var is None or not f.noise_gain:
+        raise HarmonizationError(f"site {site!r}, subject {f.subject!r}: no noise estimate "
+                                 f"for the RISH noise floor (needs >= {NOISE_MIN_B0} b0 "
+                                 f"volumes)")
+    gains = {float(b): g for b, g in f.noise_gain.items()}
+    return {b: noise_term(f.noise_var, gains[match_shell(b, gains)]) for b in shells}
+
+
 def check_site_sizes(sizes: Mapping[str, int], min_subjects: int = MIN_SUBJECTS_PER_SITE):
     """Raise unless every site ``{name: number of subjects}`` has enough subjects."""
     for site, n in sizes.items():
@@ -1150,8 +1240,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       site_mean: str = "mean", scale_estimator: str = "ratio",
                       refit_rounds: int = DEFAULT_REFIT_ROUNDS,
                       harmonised_fa: Mapping[str, Callable] | None = None,
-                      registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST
-                      ) -> HarmonizationArtefact:
+                      registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                      noise_floor: bool = False) -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
     ``reference``/``target``: per-subject :class:`SubjectFeatures` (or
@@ -1177,6 +1267,11 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     ``registration_contrast``: the image every subject is registered through
     and the template is built from (``REGISTRATION_CONTRASTS``; a given
     ``template``/``registered`` must be in it); recorded in the artefact.
+    ``noise_floor``: each site mean of RISH less the mean of its subjects'
+    expected noise shares (:func:`noise_term`, :func:`debiased_rish`; the
+    features need ``noise_var``/``noise_gain``), so the scale maps carry the
+    sites' signal, not their noise levels ("mean" site mean, "ratio" or
+    "nearest" estimator).
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
@@ -1190,7 +1285,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                            registration_options=registration_options,
                            template_info=template_info, registered=registered,
                            site_mean=site_mean, scale_estimator=scale_estimator,
-                           registration_contrast=registration_contrast))
+                           registration_contrast=registration_contrast,
+                           noise_floor=noise_floor))
     lmax = sh._check_lmax(lmax)
     if registration not in REGISTRATIONS:
         raise ValueError(f"unknown registration {registration!r} ({', '.join(REGISTRATIONS)})")
@@ -1206,6 +1302,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                          f"({', '.join(SCALE_ESTIMATORS)})")
     if scale_estimator in _NATIVE_ESTIMATORS and site_mean != "mean":
         raise ValueError(f"scale_estimator {scale_estimator!r} needs site_mean 'mean'")
+    if noise_floor and (scale_estimator in _NATIVE_ESTIMATORS or site_mean != "mean"):
+        raise ValueError("noise_floor removes the noise share from the site means: it needs "
+                         "site_mean 'mean' and scale_estimator 'ratio' or 'nearest'")
     check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     opts = dict(registration_options or {})
     image = _contrast_of(registration_contrast, shells)
@@ -1223,6 +1322,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     grid = tpl_fa.shape
     n_orders = lmax // 2 + 1
     sums, counts, subjects, transforms = {}, {}, [], {}
+    noise_sums = {}                                # noise_floor: the site means' noise share
     stacks = {}                                   # site_mean "median": per-subject values
     native = ({b: np.zeros(grid + (n_orders,), dtype=np.float32) for b in shells}
               if scale_estimator in _NATIVE_ESTIMATORS else {})
@@ -1230,6 +1330,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     for s_idx, (site, items) in enumerate(((reference_site, reference), (target_site, target))):
         sums[site] = {b: np.zeros(grid + (n_orders,), dtype=np.float32) for b in shells}
         counts[site] = np.zeros(grid, dtype=np.float32)
+        noise_sums[site] = {b: np.zeros(grid + (n_orders,), dtype=np.float32)
+                            for b in shells} if noise_floor else {}
         stacks[site] = {b: [] for b in shells}
         seen = set()
         for i, item in enumerate(items):
@@ -1238,6 +1340,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                 raise HarmonizationError(f"site {site!r}: subject {f.subject!r} is listed twice")
             seen.add(f.subject)
             rish = _check_subject(f, site, shells, lmax)
+            noise = _noise_terms(f, shells, site) if noise_floor else {}
             mask = np.asarray(f.mask, dtype=bool)
             t = (register_fa(image(f), f.affine, tpl_fa, tpl_affine, registration, **opts)
                  if registered is None else registered[f.subject]())
@@ -1250,6 +1353,10 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                 # RISH is 0 outside the subject mask: sum/count is the
                 # mask-normalised interpolation of the site mean.
                 sums[site][b] += warped
+                if noise_floor:
+                    noise_sums[site][b] += np.stack(
+                        [t.to_template(np.where(mask, noise[b][..., k], 0), interp)
+                         for k in range(n_orders)], axis=-1)
                 if site_mean == "median":
                     value = np.full(warped.shape, np.nan, dtype=np.float32)
                     inside = cover >= 0.5
@@ -1287,6 +1394,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                     med = np.nanmedian(np.stack(stacks[site][b]), axis=0)
                 m = np.where(np.isfinite(med), med, m).astype(np.float32)
                 stacks[site][b] = None
+            if noise_floor:
+                m = debiased_rish(m, _site_mean(noise_sums[site][b], counts[site]))
+                noise_sums[site][b] = None
             means.append(m)
             sums[site][b] = None                      # free as we go
         tau_b = tau
@@ -1302,6 +1412,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         del means
     params = {"template": tpl_info, "mask_coverage": MASK_COVERAGE, "site_mean": site_mean,
               "scale_estimator": scale_estimator, "refit_rounds": 0,
+              "noise_floor": bool(noise_floor),
               "min_subjects": int(min_subjects),
               "registration_options": {
                   **registration_levels(tpl_affine, opts.get("affine_level_iters"),
