@@ -15,6 +15,7 @@ registrations' accuracy against the phantom's known warps.
 
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
 [--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
+[--noise-floor 0 1]
 [--target-voxel 2.5 --target-snr 30 ...]``
 (brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
 --shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
@@ -123,6 +124,10 @@ def main() -> None:
     ap.add_argument("--refit-rounds", type=int, nargs="+", default=[H.DEFAULT_REFIT_ROUNDS],
                     help="refit rounds to compare (target scans re-registered through their "
                          "harmonised FA; held-out scans too, in apply)")
+    ap.add_argument("--noise-floor", type=int, nargs="+", default=[0], choices=(0, 1),
+                    help="fit without (0) / with (1) the RISH noise floor removed from the "
+                         "site means (fit_harmonization(noise_floor=...); 'ratio' and "
+                         "'nearest' only)")
     opts = ap.parse_args()
     t0 = time.perf_counter()
     sites = (replace(U.SITE_A, snr=opts.reference_snr), replace(U.SITE_B, voxel_mm=opts.target_voxel,
@@ -171,7 +176,8 @@ def main() -> None:
         # the harmonised FA of each fit target scan, for the refit rounds
         hfa = {f.subject: (lambda art, t, sc=sc: H.harmonised_fa(U.as_dwi(sc), art, t))
                for d, c in cohorts.items() for sc, f in zip(c[tar], feats[(d, tar)])}
-        for variant, rounds in [(v, r) for v in opts.variants for r in opts.refit_rounds]:
+        for variant, rounds, floor in [(v, r, n) for v in opts.variants
+                                       for r in opts.refit_rounds for n in opts.noise_floor]:
             t1 = time.perf_counter()
             res, fit_s = {}, {}
             for d in cohorts:
@@ -181,7 +187,7 @@ def main() -> None:
                     reference_site=ref, target_site=tar, template=(tpl, tpl_aff),
                     template_info=tpl_info, registered={k: (lambda t=t: t) for k, t in reg.items()},
                     scale_estimator=variant, refit_rounds=rounds, harmonised_fa=hfa,
-                    registration_contrast=contrast)
+                    registration_contrast=contrast, noise_floor=bool(floor))
                 fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
                 after = [H.apply_harmonization(U.as_dwi(sc), None, art, transform=t)[0]
                          for sc, t in zip(test[tar], held)]
@@ -205,7 +211,8 @@ def main() -> None:
                 cells.append(f"{name} " + " / ".join(
                     f"{res[d][0][i]['d_after']:.2f} ({100 * res[d][0][i]['rel_after']:+.1f} %, "
                     f"p {res[d][0][i]['p_after']:.2g})" for d in res))
-            print(f"== {variant}, refit rounds {rounds}, contrast {contrast} "
+            print(f"== {variant}, refit rounds {rounds}, contrast {contrast}"
+                  f"{', noise floor removed' if floor else ''} "
                   f"({time.perf_counter() - t1:.0f} s, "
                   f"load1 {load1()})")
             print("  " + "\n  ".join(cells))
