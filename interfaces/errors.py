@@ -20,3 +20,9 @@ class InputError(ValueError):
 class UsageError(ValueError):
     """A command-line value that matches nothing in the input (e.g. a participant
     label no subject has): a usage mistake, exit status 64, naming the value."""
+
+
+def check_choice(name: str, value, choices) -> None:
+    """A ValueError naming the option when ``value`` is not one of ``choices``."""
+    if choices and value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -43,7 +43,9 @@ import numpy as np
 
 from . import sh
 from .dti import DTI_MAX_BVAL, dti_shells
-from .errors import InputError
+from .errors import InputError, check_choice
+from .harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, REGISTRATION_CONTRASTS,
+                                REGISTRATIONS)
 from .gradients import SHELL_GAP, GradientTable, match_shell
 from .io import (DWI, atomic_write, file_sha256, pipeline_version, save_nifti, storage_rows,
                  write_json)
@@ -76,9 +78,6 @@ MASK_COVERAGE = 0.5
 #: round 2 (one rebuild) to the round-1 mean, which removes most of the first
 #: subject's intensity bias (its shape stays the template's shape).
 TEMPLATE_ITERATIONS = 2
-#: Registration kinds: full (affine + SyN), affine only, or none (subjects
-#: already on the template grid).
-REGISTRATIONS = ("syn", "affine", "identity")
 #: Site-mean estimators of the RISH maps in template space: "mean" (the
 #: mask-normalised mean, one subject in memory at a time) or "median" (the
 #: voxel-wise median of each subject's mask-normalised value where its warped
@@ -99,31 +98,9 @@ SITE_MEANS = ("mean", "median")
 #: subject's grid before any resampling of its data. "matched" and
 #: "native-log" need the "mean" site mean.
 SCALE_ESTIMATORS = ("ratio", "nearest", "matched", "native-log")
-#: The image every subject is registered to the template through (and the
-#: template is built from; docs/harmonization.md, "Registration contrast"):
-#: "fa": DTI FA in the brain mask. The site effect (a per-order scaling of
-#: the SH) changes FA non-linearly (+11 % in white matter, +21 % in grey
-#: matter on the study's site B), so SyN maps the target site's anatomy
-#: slightly differently from the same anatomy at the reference site.
-#: "rish-l2": ``sqrt(RISH_l2)`` of the lowest harmonised shell (the
-#: b0-normalised anisotropic signal);
-#: "rish-l0": ``sqrt(RISH_l0)`` of that shell (the mean diffusion-weighted
-#: signal over b0: no anisotropy, little noise). A per-order site scaling
-#: multiplies each by a constant, which the metrics ignore (mutual
-#: information, local cross-correlation).
-#: "rish-l0l2": the mean of the two images above, each over its own median
-#: (so still exactly invariant to a per-order site scaling): the mean
-#: signal's low-noise shape with the anisotropic signal's white-matter
-#: contrast, in one image for both the affine stage and SyN.
-#: Not kept: ``sqrt(RISH_l2 / RISH_l0)`` (FA-like): its low-signal voxels
-#: reach 10-14 x its median, and SyN on it did not reproduce (a 0.1 %
-#: intensity jitter moved the transform 0.07 mm, an exact site scaling 0.23
-#: mm; docs/harmonization.md).
-REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0", "rish-l0l2")
 #: The SH orders whose RISH each RISH contrast averages the (unit-median)
 #: square roots of.
 RISH_CONTRAST_ORDERS = {"rish-l2": (2,), "rish-l0": (0,), "rish-l0l2": (0, 2)}
-DEFAULT_REGISTRATION_CONTRAST = "fa"
 #: The contrast of artefacts written before the contrast was recorded.
 LEGACY_REGISTRATION_CONTRAST = "fa"
 #: Affine stages (dipy ``AffineRegistration``): iterations per pyramid level
@@ -775,9 +752,7 @@ def masked_fa(f: SubjectFeatures) -> np.ndarray:
 
 def check_registration_contrast(contrast: str) -> str:
     """``contrast`` if it is one of ``REGISTRATION_CONTRASTS``, else ValueError."""
-    if contrast not in REGISTRATION_CONTRASTS:
-        raise ValueError(f"unknown registration contrast {contrast!r} "
-                         f"({', '.join(REGISTRATION_CONTRASTS)})")
+    check_choice("registration_contrast", contrast, REGISTRATION_CONTRASTS)
     return contrast
 
 

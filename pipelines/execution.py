@@ -32,11 +32,11 @@ import pandas as pd
 from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.bids_names import parse_entities
 from dmriflow.interfaces.environment import environment
-from dmriflow.interfaces.errors import InputError
+from dmriflow.interfaces.errors import InputError, check_choice
 from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
 from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
                                        option_owner)
-from dmriflow.interfaces.steps.base import check_choice, field_default, option
+from dmriflow.interfaces.steps.base import field_default, option
 from dmriflow.pipelines.census_cache import cached_row_of
 from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_entry,
                                             recorded_frame, retire_export, source_uri,

@@ -99,12 +99,6 @@ def flag_of(f: dataclasses.Field, info: OptionInfo) -> str:
     return info.flag or "--" + f.name.replace("_", "-")
 
 
-def check_choice(name: str, value, choices) -> None:
-    """A ValueError naming the option when ``value`` is not one of ``choices``."""
-    if choices and value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
-
-
 @dataclass
 class NoOptions:
     """Options of a step that has none."""

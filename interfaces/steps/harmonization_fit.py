@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import CohortStep, check_choice, option, register
+from ..errors import check_choice
+from ..harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, REGISTRATION_CONTRASTS,
+                                 REGISTRATIONS)
+from .base import CohortStep, option, register
 
-#: Registration of each subject to the template.
-REGISTRATIONS = ("syn", "affine", "identity")
-#: The image each subject is registered through (interfaces/harmonize.py,
-#: REGISTRATION_CONTRASTS; docs/harmonization.md, "Registration contrast").
-REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0", "rish-l0l2")
 #: The command that runs the fit (and shows its options).
 COMMAND = "harmonize fit"
 
@@ -35,10 +33,10 @@ class Options:
     registration: str = option("syn", "registration of each subject to the template",
                                choices=REGISTRATIONS)
     smoothing_fwhm: float = option(0.0, "scale-map smoothing (mm)", units="mm")
-    registration_contrast: str = option("fa", "image each subject is registered through: FA, or "
-                                              "sqrt(RISH l2) / sqrt(RISH l0) of the lowest shell, "
-                                              "which a per-order site scaling only rescales",
-                                        choices=REGISTRATION_CONTRASTS)
+    registration_contrast: str = option(
+        DEFAULT_REGISTRATION_CONTRAST, "image each subject is registered through: FA, or "
+        "sqrt(RISH l2) / sqrt(RISH l0) of the lowest shell or their mean (rish-l0l2), which a "
+        "per-order site scaling only rescales", choices=REGISTRATION_CONTRASTS)
 
     def __post_init__(self):
         check_choice("registration", self.registration, REGISTRATIONS)

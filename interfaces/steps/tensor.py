@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from .. import stepfiles
 from ..dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, FIT_METHODS
-from .base import Product, Derivative, Schema, Step, check_choice, option, register
+from ..errors import check_choice
+from .base import Product, Derivative, Schema, Step, option, register
 
 #: BIDS model label of the tensor maps.
 MODEL = "tensor"
