@@ -576,10 +576,10 @@ def rish_maps(dwi: DWI, lmax: int, shells: Sequence[float] | None = None,
 #: |P_j|^2`` to the expected b0-normalised ``R_l`` (:func:`rish_noise_gain`):
 #: with ~N uniform directions about ``(2l + 1) 4 pi / N`` per unit relative
 #: variance, the same for every order's coefficient, so it is the larger
-#: share of l4 and of high b. Removed before the site means, a site's RISH
-#: is not "corrected" for its noise level. Debiased RISH is kept at least
-#: this share of the measured (a voxel whose noise estimate exceeds its
-#: RISH keeps a small positive value, so ratios stay defined).
+#: share of l4 and of high b. Removed from the site means, a site's RISH is
+#: not "corrected" for its noise level. A debiased site mean is kept at
+#: least this share of the measured one (a voxel whose noise estimate
+#: exceeds its RISH keeps a small positive value, so ratios stay defined).
 NOISE_FLOOR_MIN_FRACTION = 0.05
 #: Fewest b0 volumes the noise estimate needs (their spread per voxel).
 NOISE_MIN_B0 = 2
