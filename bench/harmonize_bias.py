@@ -124,6 +124,10 @@ def main() -> None:
     ap.add_argument("--refit-rounds", type=int, nargs="+", default=[H.DEFAULT_REFIT_ROUNDS],
                     help="refit rounds to compare (target scans re-registered through their "
                          "harmonised FA; held-out scans too, in apply)")
+    ap.add_argument("--signal-eval", action="store_true",
+                    help="also evaluate the signal: every held-out scan's noise-free data "
+                         "(harmonised with the same artefact and transform), the site rows "
+                         "of their RISH/FA/MD")
     ap.add_argument("--noise-floor", type=int, nargs="+", default=[0], choices=(0, 1),
                     help="fit without (0) / with (1) the RISH noise floor removed from the "
                          "site means (fit_harmonization(noise_floor=...); 'ratio' and "
@@ -141,6 +145,9 @@ def main() -> None:
     feats = {(d, s): U.features(c[s], opts.lmax) for d, c in cohorts.items() for s in (ref, tar)}
     m_ref = [U.measures(sc, lmax=opts.lmax) for sc in test[ref]]
     m_bef = [U.measures(sc, lmax=opts.lmax) for sc in test[tar]]
+    if opts.signal_eval:
+        s_ref = [U.measures(sc, sc.subject.noise_free, opts.lmax) for sc in test[ref]]
+        s_bef = [U.measures(sc, sc.subject.noise_free, opts.lmax) for sc in test[tar]]
     shells = list(U.STUDY_SHELLS)
     print(f"data {time.perf_counter() - t0:.0f} s, load1 {load1()}", flush=True)
     for contrast in opts.contrasts:
@@ -194,6 +201,14 @@ def main() -> None:
                 m_aft = [U.measures(sc, a, opts.lmax) for sc, a in zip(test[tar], after)]
                 res[d] = (U.site_rows(m_ref, m_bef, m_aft), U.group_rows(test[tar], m_bef, m_aft),
                           min(m["fa_corr"] for m in m_aft))
+                if opts.signal_eval:
+                    s_aft = [U.measures(sc, H.apply_harmonization(
+                        U.as_dwi(sc, sc.subject.noise_free), None, art, transform=t)[0],
+                        opts.lmax) for sc, t in zip(test[tar], held)]
+                    print(f"  [{variant} {d}, noise-free signal] " + "; ".join(
+                        f"{r['metric']}{'' if math.isnan(r['shell']) else ' b%g' % r['shell']} "
+                        f"{r['d_before']:.2f} > {r['d_after']:.2f} ({100 * r['rel_after']:+.1f} %)"
+                        for r in U.site_rows(s_ref, s_bef, s_aft)), flush=True)
                 if opts.template_eval:
                     wm = art.template_mask & (tpl >= H.WM_FA_THRESHOLD)
                     t_ref = [template_measures(sc, None, t, wm) for sc, t in zip(test[ref], held_ref)]
