@@ -205,7 +205,8 @@ def main() -> None:
                     s_aft = [U.measures(sc, H.apply_harmonization(
                         U.as_dwi(sc, sc.subject.noise_free), None, art, transform=t)[0],
                         opts.lmax) for sc, t in zip(test[tar], held)]
-                    print(f"  [{variant} {d}, noise-free signal] " + "; ".join(
+                    print(f"  [{variant} {d}{', noise floor removed' if floor else ''}, "
+                          f"noise-free signal] " + "; ".join(
                         f"{r['metric']}{'' if math.isnan(r['shell']) else ' b%g' % r['shell']} "
                         f"{r['d_before']:.2f} > {r['d_after']:.2f} ({100 * r['rel_after']:+.1f} %)"
                         for r in U.site_rows(s_ref, s_bef, s_aft)), flush=True)
