@@ -40,6 +40,13 @@ def load1() -> str:
         return fh.read().split()[0]
 
 
+def before_after(rows) -> str:
+    """Site rows as ``metric [bN] d_before > d_after (rel_after %)``, joined by '; '."""
+    return "; ".join(
+        f"{r['metric']}{'' if math.isnan(r['shell']) else ' b%g' % r['shell']} "
+        f"{r['d_before']:.2f} > {r['d_after']:.2f} ({100 * r['rel_after']:+.1f} %)" for r in rows)
+
+
 def template_measures(sc, data, transform, wm) -> dict:
     """White-matter means of FA, MD and RISH l0/l2/l4 per shell of one scan
     warped to the template, over the template's white matter ``wm``."""
@@ -206,10 +213,8 @@ def main() -> None:
                         U.as_dwi(sc, sc.subject.noise_free), None, art, transform=t)[0],
                         opts.lmax) for sc, t in zip(test[tar], held)]
                     print(f"  [{variant} {d}{', noise floor removed' if floor else ''}, "
-                          f"noise-free signal] " + "; ".join(
-                        f"{r['metric']}{'' if math.isnan(r['shell']) else ' b%g' % r['shell']} "
-                        f"{r['d_before']:.2f} > {r['d_after']:.2f} ({100 * r['rel_after']:+.1f} %)"
-                        for r in U.site_rows(s_ref, s_bef, s_aft)), flush=True)
+                          f"noise-free signal] " + before_after(U.site_rows(s_ref, s_bef, s_aft)),
+                          flush=True)
                 if opts.template_eval:
                     wm = art.template_mask & (tpl >= H.WM_FA_THRESHOLD)
                     t_ref = [template_measures(sc, None, t, wm) for sc, t in zip(test[ref], held_ref)]
@@ -217,10 +222,8 @@ def main() -> None:
                     t_aft = [template_measures(sc, a, t, wm)
                              for sc, a, t in zip(test[tar], after, held)]
                     rows = U.site_rows(t_ref, t_bef, t_aft)
-                    print(f"  [{variant} refit {rounds} {d}, template-space WM ({int(wm.sum())} voxels)] " + "; ".join(
-                        f"{r['metric']}{'' if math.isnan(r['shell']) else ' b%g' % r['shell']} "
-                        f"{r['d_before']:.2f} > {r['d_after']:.2f} ({100 * r['rel_after']:+.1f} %)"
-                        for r in rows), flush=True)
+                    print(f"  [{variant} refit {rounds} {d}, template-space WM "
+                          f"({int(wm.sum())} voxels)] " + before_after(rows), flush=True)
             cells = []
             for i, row in enumerate(res["unpaired"][0]):
                 name = row["metric"] + ("" if math.isnan(row["shell"]) else f" b{row['shell']:g}")
