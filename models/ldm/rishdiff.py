@@ -147,7 +147,7 @@ def clipped_inputs(ranges: dict, f3: features.ShellFeatures, sigma: float, snr: 
     equally-fed CNN and a second diffusion seed then overshoot L2/L4 by
     factors of 2-90 on test-family inputs sharper than training (docs/models.md,
     2026-12-05). Used by evaluate's ``cnn_clipped`` row; the shipped model is
-    fed the measured values (clipping costs it 5-9 % NMSE)."""
+    fed the measured values (clipping costs it 2-9 % NMSE)."""
     def clip(name, v):
         r = ranges.get(name)
         return v if r is None or v is None else float(np.clip(v, r["min"], r["max"]))
