@@ -12,11 +12,15 @@
   ``subjects.tsv`` (per subject), ``paired_tests.tsv`` (paired Wilcoxon tests of the
   shipped model against each baseline), ``spread_error_spearman.tsv`` (per
   subject and method with an uncertainty) and ``flags.tsv`` - ``dmriflow
-  evaluate 3t7t``.
+  evaluate 3t7t``;
+* :func:`record_metrics` - writes evaluate's rows into the checkpoints' cards
+  (``evaluate --record``; ``train`` does it on ``--heldout`` seeds).
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
 sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
-train-family pairs), ``cnn`` (the equally-fed CNN), ``oracle`` (true 7T
+train-family pairs), ``cnn`` (the equally-fed CNN), ``cnn_clipped`` (the same
+CNN fed its sharpness and SNR clipped into its card's ranges,
+:func:`model_view`), ``oracle`` (true 7T
 RISH), ``cnn_ensemble`` (posterior mean of the 5-CNN ensemble,
 :mod:`.ldm_ensemble`, when its members are there), ``ldm_paired_concatenation``
 (the earlier latent model, when its checkpoint is given), ``ldm_faithful``
