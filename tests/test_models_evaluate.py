@@ -21,8 +21,8 @@ from dmriflow.models.ldm import rishdiff
 SEEDS = [study.SEED_HELDOUT + 201, study.SEED_HELDOUT + 202]
 SMALL = dict(ldm_ckpt=None, samples=3, grid=16, template_pairs=3, validation_pairs=2,
              log=lambda s: None)
-METHODS = ["shipped", "shipped_sample", "identity", "template_lambda", "cnn", "oracle",
-           "cnn_ensemble", "ldm_faithful", "ldm_faithful_rescaled"]
+METHODS = ["shipped", "shipped_sample", "identity", "template_lambda", "cnn", "cnn_clipped",
+           "oracle", "cnn_ensemble", "ldm_faithful", "ldm_faithful_rescaled"]
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,49 @@ def test_an_input_the_ensemble_disagrees_on_is_flagged(tmp_path):
     d = f.ensemble_disagreement.iloc[0]
     assert f"ensemble_disagreement {d:.4g} is outside the model's range 0-0; validation " \
         "pairs 0.2227-0.2499" in f["flags"].iloc[0]
+
+
+def test_evaluate_records_its_rows_on_the_cards(runs, tmp_path):
+    """record_metrics writes evaluate's tables into both cards (the rows the
+    previous session pasted by hand): every method and map of metrics.tsv
+    with its NMSE/SSIM/skill, the shipped model's coverage at each nominal
+    level, and the split naming the seeds; the weights stay the same."""
+    import shutil
+    folders = [tmp_path / p.name for p in (study.SHIPPED_DIFFUSION, study.SHIPPED_CNN)]
+    for src, dst in zip((study.SHIPPED_DIFFUSION, study.SHIPPED_CNN), folders):
+        shutil.copytree(src, dst)
+    result = {"metrics": _tsv(runs[0], "metrics"), "calibration": _tsv(runs[0], "calibration")}
+    study.record_metrics(folders, result, SEEDS)
+    split = f"held-out (2, test degradation family, seeds {SEEDS[0]}-{SEEDS[1]})"
+    for folder in folders:
+        card = cards.load_card(folder)
+        cards.load_checkpoint(folder, device="cpu")       # sha256 still matches
+        scores = pd.DataFrame([r for r in card.metrics if "nmse" in r])
+        cover = pd.DataFrame([r for r in card.metrics if "coverage" in r])
+        assert set(scores.split) == set(cover.split) == {split}
+        m = result["metrics"].set_index(["method", "map"])
+        got = scores.set_index(["method", "map"])
+        assert sorted(got.index) == sorted(m.index)
+        for col in ("nmse", "ssim", "skill"):
+            np.testing.assert_allclose(got.loc[m.index, col], m[col], atol=0.5e-4)
+        c = result["calibration"]
+        c = c[c.method == "shipped"].set_index(["map", "nominal"])["coverage"]
+        assert set(cover.method) == {"shipped"}
+        np.testing.assert_allclose(cover.set_index(["map", "nominal"]).loc[c.index, "coverage"],
+                                   c, atol=0.5e-4)
+
+
+def test_cnn_clipped_is_the_cnn_fed_inputs_inside_its_ranges(runs):
+    """``cnn_clipped``: the equally-fed CNN with sharpness and SNR clipped into
+    its card's ranges (both test subjects are sharper than training, one
+    below its SNR range); ``cnn`` keeps the measured inputs."""
+    cnn, card = cards.load_checkpoint(study.SHIPPED_CNN, device="cpu")
+    cnn.float()
+    per = _tsv(runs[0], "subjects").set_index(["subject", "method", "map"])["nmse"]
+    for s in study.simulate_pairs(SEEDS, "test", SMALL["grid"]):
+        fed = study.model_view(s, card.acquisition.ranges)
+        assert fed.f3.sharpness != s.f3.sharpness                # the clip is active
+        for method, v in (("cnn", s), ("cnn_clipped", fed)):
+            want = study._scores(cnn.predict_lambda(v.f3, v.sigma3), s)
+            for mp in ev.MAPS:
+                assert per[(s.seed, method, mp)] == pytest.approx(want[f"nmse_{mp}"], rel=1e-5)

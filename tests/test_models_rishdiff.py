@@ -380,3 +380,23 @@ def test_ensemble_widened_intervals_cover_the_sum_of_two_independent_spreads():
         for m in ("L0", "L2", "L4"):
             assert cov[m, nominal] == pytest.approx(nominal, abs=0.025)
             assert alone[m, nominal] < nominal - 0.05
+
+
+def test_scalar_inputs_are_clipped_into_the_cards_ranges(pair):
+    """Sharpness and the SNR the noise estimate implies are held inside the
+    trained ranges (the models never extrapolate a constant channel); inside
+    the ranges nothing changes."""
+    _, f3, _ = pair
+    ranges = {"snr": {"min": 11.2, "max": 32.65}, rishdiff.SHARPNESS: {"min": -2.2, "max": -1.75}}
+    inside = dataclasses.replace(f3, sharpness=-2.0)
+    g, s = rishdiff.clipped_inputs(ranges, inside, 3.0, 20.0)
+    assert g is inside and s == 3.0
+    sharp = dataclasses.replace(f3, sharpness=-1.5)
+    g, s = rishdiff.clipped_inputs(ranges, sharp, 3.0, 8.0)
+    assert g.sharpness == -1.75 and np.array_equal(g.rish, f3.rish)
+    # SNR 8 -> 11.2: the reference b0 (snr x sigma) is kept, sigma shrinks
+    assert s * 11.2 == pytest.approx(3.0 * 8.0, rel=1e-12)
+    g, s = rishdiff.clipped_inputs(ranges, dataclasses.replace(f3, sharpness=-3.0), 3.0, 40.0)
+    assert g.sharpness == -2.2 and s * 32.65 == pytest.approx(3.0 * 40.0, rel=1e-12)
+    g, s = rishdiff.clipped_inputs({}, sharp, 3.0, 8.0)            # no ranges: as measured
+    assert g is sharp and s == 3.0

@@ -12,11 +12,15 @@
   ``subjects.tsv`` (per subject), ``paired_tests.tsv`` (paired Wilcoxon tests of the
   shipped model against each baseline), ``spread_error_spearman.tsv`` (per
   subject and method with an uncertainty) and ``flags.tsv`` - ``dmriflow
-  evaluate 3t7t``.
+  evaluate 3t7t``;
+* :func:`record_metrics` - writes evaluate's rows into the checkpoints' cards
+  (``evaluate --record``; ``train`` does it on ``--heldout`` seeds).
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
 sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
-train-family pairs), ``cnn`` (the equally-fed CNN), ``oracle`` (true 7T
+train-family pairs), ``cnn`` (the equally-fed CNN), ``cnn_clipped`` (the same
+CNN fed its sharpness and SNR clipped into its card's ranges,
+:func:`model_view`), ``oracle`` (true 7T
 RISH), ``cnn_ensemble`` (posterior mean of the 5-CNN ensemble,
 :mod:`.ldm_ensemble`, when its members are there), ``ldm_paired_concatenation``
 (the earlier latent model, when its checkpoint is given), ``ldm_faithful``
@@ -110,6 +114,14 @@ def simulate_pairs(seeds, family: str, grid: int = 32, resolution=None) -> list[
     return out
 
 
+def model_view(s: Subject, ranges: dict) -> Subject:
+    """``s`` as the models are fed it: sharpness and noise estimate clipped into
+    the card's ``ranges`` (:func:`rishdiff.clipped_inputs`); ``snr3`` stays the
+    measured one (the range flags read it)."""
+    f3, sigma = rishdiff.clipped_inputs(ranges, s.f3, s.sigma3, s.snr3)
+    return dataclasses.replace(s, f3=f3, sigma3=sigma)
+
+
 def card_values(s: Subject) -> dict:
     """The measured quantities of ``s`` that a card has ranges for (cube
     voxel, 3T SNR, measured sharpness; None where not measured)."""
@@ -143,10 +155,9 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     log(f"simulated {n_pairs} pairs in {time.perf_counter() - t0:.0f} s")
     pairs = [(s.f3, s.f7, s.sigma3) for s in subs]
     ranges = card_ranges(subs)
-    budget = rishdiff.RishBudget(steps=steps, seed=seed)
     torch.manual_seed(seed)
     diff = rishdiff.RishDiffusion3T7T(grid=grid, sharpness=sharpness)
-    rep = rishdiff.fit(diff, pairs, budget, log=log)
+    rep = rishdiff.fit(diff, pairs, rishdiff.RishBudget(steps=steps, seed=seed), log=log)
     val = simulate_pairs(SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid)
     t1 = time.perf_counter()
     scale = rishdiff.calibrate(diff, [(s.f3, s.f7, s.sigma3, s.seed) for s in val])
@@ -367,7 +378,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     diff, dcard = cards.load_checkpoint(diffusion_ckpt, device="cpu")
-    cnn, _ = cards.load_checkpoint(cnn_ckpt, device="cpu")
+    cnn, cnn_card = cards.load_checkpoint(cnn_ckpt, device="cpu")
     ldm, faithful = (cards.load_checkpoint(c, device="cpu")[0] if c else None
                      for c in (ldm_ckpt, faithful_ckpt))
     for m in (diff, cnn, ldm, faithful):
@@ -404,9 +415,11 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
                       **({"ensemble_disagreement": round(d, 4)} if members else {}),
                       "flags": "; ".join(msgs)})
         fit = diff.fit_subject(s.f3, s.sigma3, samples=k, steps=steps, seed=s.seed)
+        fed = model_view(s, cnn_card.acquisition.ranges)
         lams = {"shipped": fit.lam, "shipped_sample": fit.lam_sample(0),
                 "identity": np.ones_like(s.f3.rish), "template_lambda": template.scales(s.f3),
-                "cnn": cnn.predict_lambda(s.f3, s.sigma3), "oracle": _oracle_lambda(s)}
+                "cnn": cnn.predict_lambda(s.f3, s.sigma3),
+                "cnn_clipped": cnn.predict_lambda(fed.f3, fed.sigma3), "oracle": _oracle_lambda(s)}
         if members:
             lams["cnn_ensemble"] = efit.lam
         if ldm is not None:
@@ -485,6 +498,59 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
             "spearman": sp, "flags": pd.DataFrame(flags), "seconds": seconds}
 
 
+def evaluate_checkpoints(checkpoints, out, seeds, family: str = "test", record: bool = False,
+                         latent: bool = True, log=print) -> dict:
+    """:func:`evaluate` on the RISH-space checkpoints in the folder
+    ``checkpoints`` (its CNN ensemble when there; ``latent``: the shipped
+    latent models' rows too); ``record``: the rows written into both cards
+    (:func:`record_metrics`)."""
+    c = Path(checkpoints)
+    folders = [c / SHIPPED_DIFFUSION.name, c / SHIPPED_CNN.name]
+    ldm, faithful = (p if latent and p.exists() else None
+                     for p in (SHIPPED_LDM, SHIPPED_FAITHFUL))
+    r = evaluate(seeds, out, *folders, ldm, family=family,
+                 ensemble_dir=c / SHIPPED_ENSEMBLE.name, faithful_ckpt=faithful, log=log)
+    if record:
+        record_metrics(folders, r, seeds, family)
+    return r
+
+
+#: Digits the cards' metrics rows keep.
+CARD_DIGITS = 4
+
+
+def card_rows(metrics: pd.DataFrame, calib: pd.DataFrame, split: str) -> list[dict]:
+    """A card's ``metrics`` table from evaluate's tables: every method's mean
+    NMSE/SSIM/skill per map, then the shipped model's interval coverage."""
+    rows = [{"split": split, "method": r.method, "map": r.map,
+             **{c: round(float(getattr(r, c)), CARD_DIGITS) for c in ("nmse", "ssim", "skill")}}
+            for r in metrics.itertuples()]
+    rows += [{"split": split, "method": r.method, "map": r.map, "nominal": float(r.nominal),
+              "coverage": round(float(r.coverage), CARD_DIGITS)}
+             for r in calib[calib.method == "shipped"].itertuples()]
+    return rows
+
+
+def heldout_split(seeds, family: str = "test") -> str:
+    """The ``split`` a card's rows carry: how many subjects, which family and seeds."""
+    seeds = sorted(int(s) for s in seeds)
+    span = (f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
+            else "seeds " + ", ".join(map(str, seeds)))
+    return f"held-out ({len(seeds)}, {family} degradation family, {span})"
+
+
+def record_metrics(folders, result: dict, seeds, family: str = "test") -> list[dict]:
+    """Write evaluate's ``result`` (on ``seeds``) into the cards of the
+    checkpoint ``folders`` as their ``metrics`` table (weights unchanged);
+    returns the rows."""
+    rows = card_rows(result["metrics"], result["calibration"], heldout_split(seeds, family))
+    for folder in folders:
+        card = cards.load_card(folder)
+        card.metrics = rows
+        cards.write_card(card, folder)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -498,23 +564,32 @@ def main(argv=None) -> int:
     t.add_argument("--resolution", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="widen the training pairs' resolution factor onto LO-HI "
                         "(same Gaussian PSF and polynomial bias)")
+    t.add_argument("--heldout", type=int, default=12, metavar="N",
+                   help="score the new checkpoints on N held-out test-family seeds from "
+                        f"{SEED_HELDOUT} and record the rows on their cards (0: none)")
     e = sub.add_parser("evaluate")
     e.add_argument("out")
     e.add_argument("--seeds", type=int, nargs="+",
                    default=list(SEED_HELDOUT + np.arange(12)))
     e.add_argument("--checkpoints", default=str(SHIPPED))
     e.add_argument("--family", default="test", choices=sorted(degrade.FAMILIES))
+    e.add_argument("--record", action="store_true",
+                   help="write the rows into the evaluated checkpoints' cards")
+    e.add_argument("--no-latent", action="store_true",
+                   help="without the latent models' rows (they do not depend on the "
+                        "RISH-space checkpoints)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.cmd == "train":
         train_shipped(a.out, a.pairs, a.steps, a.cnn_steps, sharpness=a.sharpness,
                       resolution=a.resolution)
+        if a.heldout:
+            seeds = list(SEED_HELDOUT + np.arange(a.heldout))
+            evaluate_checkpoints(a.out, Path(a.out) / "heldout", seeds, record=True,
+                                 latent=False)
     else:
-        c = Path(a.checkpoints)
-        r = evaluate(a.seeds, a.out, c / "rish_3t7t", c / "rish_cnn_3t7t",
-                     SHIPPED_LDM if SHIPPED_LDM.exists() else None, family=a.family,
-                     ensemble_dir=c / SHIPPED_ENSEMBLE.name,
-                     faithful_ckpt=SHIPPED_FAITHFUL if SHIPPED_FAITHFUL.exists() else None)
+        r = evaluate_checkpoints(a.checkpoints, a.out, a.seeds, a.family, a.record,
+                                 latent=not a.no_latent)
         print(r["metrics"].to_string())
         print(r["calibration"].to_string())
         print(r["tests"].to_string())

@@ -138,6 +138,25 @@ def training_ranges(cube_voxels, snrs=None, sharpness=None) -> dict:
     return out
 
 
+def clipped_inputs(ranges: dict, f3: features.ShellFeatures, sigma: float, snr: float | None
+                   ) -> tuple[features.ShellFeatures, float]:
+    """(f3, sigma) as the models are fed them: the measured sharpness and the
+    SNR the noise estimate implies (``snr``; sigma scaled by snr / clipped
+    snr) clipped into the card's trained ``ranges`` (unchanged without one).
+    Outside those ranges a network extrapolates a constant input channel; the
+    equally-fed CNN and a second diffusion seed then overshoot L2/L4 by
+    factors of 2-90 on test-family inputs sharper than training (docs/models.md,
+    2026-12-05). Used by evaluate's ``cnn_clipped`` row; the shipped model is
+    fed the measured values (clipping costs it 2-9 % NMSE)."""
+    def clip(name, v):
+        r = ranges.get(name)
+        return v if r is None or v is None else float(np.clip(v, r["min"], r["max"]))
+    if snr is not None and snr > 0:
+        sigma = float(sigma) * snr / clip("snr", snr)
+    sharp = clip(SHARPNESS, f3.sharpness)
+    return (f3 if sharp == f3.sharpness else replace(f3, sharpness=sharp)), sigma
+
+
 def taus(rish: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Per order ``TAU_FRACTION * median(R_l)`` in the mask (the log floor)."""
     return TAU_FRACTION * np.median(np.asarray(rish)[mask], axis=0) + 1e-12
