@@ -189,8 +189,8 @@ elif task == "cohort":
 elif task == "cli_fit":
     import os, threading
     from dmriflow.interfaces import harmonize as H
-    if args["setting"] == "full":         # today's pyramids on every grid
-        H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = 0.0
+    if args["setting"] == "full":         # today's pyramids on every image's own grid
+        H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = H.REGISTRATION_GRID_MM = 0.0
     from dmriflow.pipelines import cli
     peak = {"largest": 0, "total": 0}
     done = threading.Event()
@@ -235,9 +235,10 @@ elif task == "held_out":
     rows, full = [], {}
     for name, folder, jitter in args["runs"]:
         if name.startswith("full"):
-            H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = 0.0
+            H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = H.REGISTRATION_GRID_MM = 0.0
         else:
-            H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM = args["bounds"]
+            (H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM,
+             H.REGISTRATION_GRID_MM) = args["bounds"]
         f = fa
         if jitter:
             rng = np.random.default_rng(args["jitter_seed"])
@@ -415,7 +416,8 @@ def run_pipeline(opts, root: Path) -> None:
         peak = max(r["maxrss_gb"], r["children_maxrss_gb"], r["largest_rss_gb"])
         figures[setting] = r["wall_s"] / n_sub
         print(f"setting={setting} affine_levels={levels['affine_level_iters']} "
-              f"syn_levels={levels['syn_level_iters']} workers={opts.workers} "
+              f"syn_levels={levels['syn_level_iters']} "
+              f"grid_factor={levels.get('grid_factor', 1)} workers={opts.workers} "
               f"subjects={n_sub} fit_wall_s={r['wall_s']:.0f} "
               f"fit_s_per_subject={r['wall_s'] / n_sub:.1f} "
               f"cpu_s_per_subject={cpu_s / n_sub:.1f} "
@@ -438,7 +440,8 @@ def run_pipeline(opts, root: Path) -> None:
         r = child("held_out", {"ref_dir": str(held), "ref_label": ref_label,
                                "tar_dir": str(held), "tar_label": tar_label, "lmax": LMAX,
                                "wm_label": LABELS["wm"], "runs": runs,
-                               "bounds": [H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM],
+                               "bounds": [H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM,
+                                          H.REGISTRATION_GRID_MM],
                                "jitter_sd": JITTER_FA_SD, "jitter_seed": JITTER_SEED})
         for row in r["rows"]:
             print(f"held_out={tar_label} run={row['run']} b={row['shell']:g} "

@@ -151,8 +151,8 @@ SETTINGS = {
     "aff_half_syn_half": ("syn", (100, 50, 0), (10, 10, 0), 0.0),
     "aff_fewer_syn_half": ("syn", (50, 25, 0), (10, 10, 0), 0.0),
     "affine_only": ("affine", H.AFFINE_LEVEL_ITERS, H.SYN_LEVEL_ITERS, 0.0),
-    "grid2": ("syn", None, None, 2.5),
-    "grid2_syn10": ("syn", None, (10, 10, 10), 2.5),
+    "grid2": ("syn", None, H.SYN_LEVEL_ITERS, 2.5),
+    "grid2_syn10": ("syn", None, H.GRID_SYN_LEVEL_ITERS, 2.5),
     "grid2_syn20": ("syn", None, (10, 10, 20), 2.5),
 }
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import pytest
 
 from dmriflow.interfaces import harmonize as H
 from dmriflow.interfaces.sim import brain, phantom
@@ -73,15 +72,16 @@ def test_grid_factor_and_block_mean_grid():
     np.testing.assert_allclose(coarse_aff[:3, :3], aff[:3, :3] * f)
 
 
-@pytest.mark.slow
 def test_coarse_grid_registration_recovers_the_known_warp():
-    """SyN on the 2x grid maps the full grids (transform shapes = the images')
-    and recovers the phantom's known per-person map to within a quarter of a
-    coarse voxel on average, as the full grid does to within an eighth of
-    one; an affine alone (no warp) misses it by more than a quarter. Measured
-    (48 x 58 x 48 at 1.25 mm): see docs/harmonization.md, *Speed*."""
+    """SyN on the 2x grid maps the full grids (transform shapes = the
+    images') and recovers the phantom's known per-person map to within a
+    quarter of a coarse voxel on average; the affine stage alone (no warp)
+    misses it by more. Measured (48 x 58 x 48 at 1.25 mm, a half-size brain:
+    its warp is finer on the grid than an HCP brain's): 0.43 mm on the
+    coarse grid, 0.24 mm on the full grid, affine alone 0.75 / 0.76 mm."""
     coarse_mm, shapes = _truth_error_mm("syn", GRID_MM)
     assert shapes == (SHAPE, SHAPE)
     assert coarse_mm < GRID_MM / 4, coarse_mm
-    affine_mm, _ = _truth_error_mm("affine", 0.0)
+    affine_mm, shapes = _truth_error_mm("affine", GRID_MM)
+    assert shapes == (SHAPE, SHAPE)
     assert affine_mm > GRID_MM / 4, affine_mm
