@@ -30,9 +30,11 @@ template rounds, final registration and the summary after harmonization one
 node per subject, in parallel; then the fit and the evaluation's tables)
 twice in one run, each in a fresh child process with its own
 output and cache: ``setting=full`` with today's full registration pyramids
-forced (``harmonize.*_HALF_LEVEL_MAX_MM`` set to 0 in the child before the
-CLI starts; the engine's workers are forked from it), ``setting=rule`` with
-the grid rule. Per setting: fit wall seconds per subject, CPU seconds per
+forced on each image's own grid (``harmonize.*_HALF_LEVEL_MAX_MM`` and
+``REGISTRATION_GRID_MM`` set to 0 in the child before the CLI starts; the
+engine's workers are forked from it), ``setting=rule`` with today's
+defaults (the registration grid and the pyramid rule; ``grid_factor`` in
+its row). Per setting: fit wall seconds per subject, CPU seconds per
 subject (user + sys of the child and every process it waited for, the
 engine's pool included: ``RUSAGE_CHILDREN`` of this process before and
 after; less sensitive to other load on the machine; / workers = a quiet
