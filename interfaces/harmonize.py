@@ -169,7 +169,8 @@ SYN_HALF_LEVEL_MAX_MM = 0.0
 #: them). 0: the images' own grids. 2.5: HCP's 1.25 mm is registered at 2.5
 #: mm, 2.5 mm grids on their own. Measured on HCP-size brain phantoms
 #: (bench/harmonize_register_speed.py, ``grid2_syn10``): truth error 0.37 /
-#: 0.43 mm against the full grid's 0.40 / 0.42 (pairs 1, 2), at 0.49x its CPU.
+#: 0.43 / 0.42 mm against the full grid's 0.40 / 0.42 / 0.36 (pairs 1-3;
+#: today's own jitter moved it -0.01 / -0.03 / +0.07), at 0.42-0.49x its CPU.
 REGISTRATION_GRID_MM = 2.5
 #: SyN iterations per level on a coarsened registration grid (factor > 1),
 #: unless given: its finest level (the coarse grid itself) gets 10, not 5 as
