@@ -54,7 +54,8 @@ the mean absolute voxelwise difference from the full-pyramid result
 (``vs_full_pct``, % of the reference's WM mean).
 
 Run: ``.venv/bin/python bench/harmonize.py [--shape X Y Z] [--per-site N]
-[--keep DIR] [--pipeline [--workers W] [--held-out N] [--settings full rule]]``. Ends with one line
+[--keep DIR] [--pipeline [--workers W] [--held-out N] [--settings full rule]
+[--grid-mm MM]]``. Ends with one line
 of key=value figures (GB = 1e9 bytes).
 
 Measured 2026-12-04, ``--pipeline --shape 56 68 56 --voxel 1.25 --per-site 3
@@ -193,6 +194,8 @@ elif task == "cli_fit":
     from dmriflow.interfaces import harmonize as H
     if args["setting"] == "full":         # today's pyramids on every image's own grid
         H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = H.REGISTRATION_GRID_MM = 0.0
+    elif args["grid_mm"] is not None:     # --grid-mm: the rule on another registration grid
+        H.REGISTRATION_GRID_MM = args["grid_mm"]
     from dmriflow.pipelines import cli
     peak = {"largest": 0, "total": 0}
     done = threading.Event()
@@ -313,6 +316,9 @@ def _options():
                     default=list(PIPELINE_SETTINGS),
                     help="--pipeline: the registration settings to time (the held-out "
                          "check compares both, so it runs only when both are timed)")
+    ap.add_argument("--grid-mm", type=float, default=None,
+                    help="--pipeline: the rule setting's registration grid "
+                         "(harmonize.REGISTRATION_GRID_MM; default: the library's)")
     ap.add_argument("--no-inplace", action="store_true",
                     help="skip the extra in-place application (peak memory without the copy)")
     opts = ap.parse_args()
@@ -405,7 +411,7 @@ def run_pipeline(opts, root: Path) -> None:
         load0 = os.getloadavg()[0]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.time()
-        r = child("cli_fit", {"setting": setting, "argv": argv})
+        r = child("cli_fit", {"setting": setting, "argv": argv, "grid_mm": opts.grid_mm})
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # all waited for, pools too
         cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         load1 = os.getloadavg()[0]
@@ -443,7 +449,8 @@ def run_pipeline(opts, root: Path) -> None:
                                "tar_dir": str(held), "tar_label": tar_label, "lmax": LMAX,
                                "wm_label": LABELS["wm"], "runs": runs,
                                "bounds": [H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM,
-                                          H.REGISTRATION_GRID_MM],
+                                          H.REGISTRATION_GRID_MM if opts.grid_mm is None
+                                          else opts.grid_mm],
                                "jitter_sd": JITTER_FA_SD, "jitter_seed": JITTER_SEED})
         for row in r["rows"]:
             print(f"held_out={tar_label} run={row['run']} b={row['shell']:g} "

@@ -166,12 +166,17 @@ SYN_HALF_LEVEL_MAX_MM = 0.0
 #: the image's largest voxel side) is at most this many mm, registered there
 #: (pyramids and CC window of that grid), and the transform is mapped back to
 #: the full grids (the SyN fields stay on the coarse grid; dipy interpolates
-#: them). 0: the images' own grids. 2.5: HCP's 1.25 mm is registered at 2.5
-#: mm, 2.5 mm grids on their own. Measured on HCP-size brain phantoms
-#: (bench/harmonize_register_speed.py, ``grid2_syn10``): truth error 0.37 /
-#: 0.43 / 0.42 mm against the full grid's 0.40 / 0.42 / 0.36 (pairs 1-3;
-#: today's own jitter moved it -0.01 / -0.03 / +0.07), at 0.42-0.49x its CPU.
-REGISTRATION_GRID_MM = 2.5
+#: them). 0 (default): the images' own grids. 2.5: HCP's 1.25 mm is
+#: registered at 2.5 mm, 2.5 mm grids on their own. Measured with 2.5 on
+#: HCP-size brain phantoms (bench/harmonize_register_speed.py,
+#: ``grid2_syn10``): truth error 0.37 / 0.43 / 0.42 mm against the full
+#: grid's 0.40 / 0.42 / 0.36 (pairs 1-3; today's own jitter moved it -0.01 /
+#: -0.03 / +0.07), at 0.42-0.49x its CPU; HCP fit 108.2 s per subject against
+#: 116.6. Not the default: on a half-size brain at 1.25 mm (bench/harmonize.py
+#: --pipeline --shape 56 68 56) the held-out harmonised RISH l0 error rose
+#: from +0.37 / +0.31 / +0.31 % to +0.42 / +0.52 / +0.60 % (jitter +0.38 /
+#: +0.32 / +0.32), as the SyN half level's did (docs/harmonization.md, Speed).
+REGISTRATION_GRID_MM = 0.0
 #: SyN iterations per level on a coarsened registration grid (factor > 1),
 #: unless given: its finest level (the coarse grid itself) gets 10, not 5 as
 #: on a full grid; 5 left pair 2's truth error at 0.46 mm instead of 0.43.

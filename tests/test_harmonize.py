@@ -218,11 +218,12 @@ def test_registration_pyramid_stops_at_half_resolution_only_on_fine_grids(
         seen["aff"], syn_half)
     H.register_fa(fa, aff, fa, aff, "affine", affine_level_iters=full_aff, grid_mm=0.0)
     assert seen["aff"] == full_aff                        # given iterations win
-    # the default registration grid: pyramids of the coarse grid, as recorded
-    factor = H.registration_grid_factor(aff)
-    record = H.registration_record(aff)
+    # a 2.5 mm registration grid: pyramids of the coarse grid, as recorded
+    grid = {"grid_mm": 2.5}
+    factor = H.registration_grid_factor(aff, **grid)
+    record = H.registration_record(aff, grid)
     assert record["grid_factor"] == factor == (2 if voxel == 1.25 else 1)
-    H.register_fa(np.roll(fa, 1, axis=0), aff, fa, aff, "syn")
+    H.register_fa(np.roll(fa, 1, axis=0), aff, fa, aff, "syn", **grid)
     coarse = [-(-n // factor) for n in shape]
     assert seen["aff"] == record["affine_level_iters"]
     assert seen["syn"] == H._syn_levels(coarse, record["syn_level_iters"], record["cc_radius"])
