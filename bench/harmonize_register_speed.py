@@ -135,10 +135,13 @@ Against ``aff_half`` (the rule until then) ``grid2_syn10`` moves the truth
 error by -0.03, +0.01, +0.06 mm (p95 -0.24, -0.05, +0.08 mm) at 0.42-0.49x
 its CPU (18.7-18.8 s against 38.4-44.4 s); today's own jitter moved it by
 -0.01, -0.03, +0.07 mm in the same pairs (rows above). ``grid2`` (5 SyN
-iterations on the coarse grid) lost 0.04 mm in pair 2: the default is
+iterations on the coarse grid) lost 0.04 mm in pair 2: the grid option is
 ``grid2_syn10`` (``REGISTRATION_GRID_MM`` = 2.5, ``GRID_SYN_LEVEL_ITERS``).
 ``rel_today`` (0.43-0.51) is at the jitter's size (0.45-0.53), not below it
-as the affine half level's was.
+as the affine half level's was. It is not the default: end to end on a
+half-size brain at 1.25 mm (``bench/harmonize.py --pipeline --shape 56 68
+56 --grid-mm 2.5``) the held-out harmonised RISH lost more than today's
+jitter (docs/harmonization.md, *Speed*).
 """
 
 from __future__ import annotations
