@@ -30,9 +30,11 @@ template rounds, final registration and the summary after harmonization one
 node per subject, in parallel; then the fit and the evaluation's tables)
 twice in one run, each in a fresh child process with its own
 output and cache: ``setting=full`` with today's full registration pyramids
-forced (``harmonize.*_HALF_LEVEL_MAX_MM`` set to 0 in the child before the
-CLI starts; the engine's workers are forked from it), ``setting=rule`` with
-the grid rule. Per setting: fit wall seconds per subject, CPU seconds per
+forced on each image's own grid (``harmonize.*_HALF_LEVEL_MAX_MM`` and
+``REGISTRATION_GRID_MM`` set to 0 in the child before the CLI starts; the
+engine's workers are forked from it), ``setting=rule`` with today's
+defaults (the registration grid and the pyramid rule; ``grid_factor`` in
+its row). Per setting: fit wall seconds per subject, CPU seconds per
 subject (user + sys of the child and every process it waited for, the
 engine's pool included: ``RUSAGE_CHILDREN`` of this process before and
 after; less sensitive to other load on the machine; / workers = a quiet
@@ -52,7 +54,8 @@ the mean absolute voxelwise difference from the full-pyramid result
 (``vs_full_pct``, % of the reference's WM mean).
 
 Run: ``.venv/bin/python bench/harmonize.py [--shape X Y Z] [--per-site N]
-[--keep DIR] [--pipeline [--workers W] [--held-out N] [--settings full rule]]``. Ends with one line
+[--keep DIR] [--pipeline [--workers W] [--held-out N] [--settings full rule]
+[--grid-mm MM]]``. Ends with one line
 of key=value figures (GB = 1e9 bytes).
 
 Measured 2026-12-04, ``--pipeline --shape 56 68 56 --voxel 1.25 --per-site 3
@@ -189,8 +192,10 @@ elif task == "cohort":
 elif task == "cli_fit":
     import os, threading
     from dmriflow.interfaces import harmonize as H
-    if args["setting"] == "full":         # today's pyramids on every grid
-        H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = 0.0
+    if args["setting"] == "full":         # today's pyramids on every image's own grid
+        H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = H.REGISTRATION_GRID_MM = 0.0
+    elif args["grid_mm"] is not None:     # --grid-mm: the rule on another registration grid
+        H.REGISTRATION_GRID_MM = args["grid_mm"]
     from dmriflow.pipelines import cli
     peak = {"largest": 0, "total": 0}
     done = threading.Event()
@@ -235,9 +240,10 @@ elif task == "held_out":
     rows, full = [], {}
     for name, folder, jitter in args["runs"]:
         if name.startswith("full"):
-            H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = 0.0
+            H.AFFINE_HALF_LEVEL_MAX_MM = H.SYN_HALF_LEVEL_MAX_MM = H.REGISTRATION_GRID_MM = 0.0
         else:
-            H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM = args["bounds"]
+            (H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM,
+             H.REGISTRATION_GRID_MM) = args["bounds"]
         f = fa
         if jitter:
             rng = np.random.default_rng(args["jitter_seed"])
@@ -310,6 +316,9 @@ def _options():
                     default=list(PIPELINE_SETTINGS),
                     help="--pipeline: the registration settings to time (the held-out "
                          "check compares both, so it runs only when both are timed)")
+    ap.add_argument("--grid-mm", type=float, default=None,
+                    help="--pipeline: the rule setting's registration grid "
+                         "(harmonize.REGISTRATION_GRID_MM; default: the library's)")
     ap.add_argument("--no-inplace", action="store_true",
                     help="skip the extra in-place application (peak memory without the copy)")
     opts = ap.parse_args()
@@ -402,7 +411,7 @@ def run_pipeline(opts, root: Path) -> None:
         load0 = os.getloadavg()[0]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.time()
-        r = child("cli_fit", {"setting": setting, "argv": argv})
+        r = child("cli_fit", {"setting": setting, "argv": argv, "grid_mm": opts.grid_mm})
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # all waited for, pools too
         cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         load1 = os.getloadavg()[0]
@@ -415,7 +424,8 @@ def run_pipeline(opts, root: Path) -> None:
         peak = max(r["maxrss_gb"], r["children_maxrss_gb"], r["largest_rss_gb"])
         figures[setting] = r["wall_s"] / n_sub
         print(f"setting={setting} affine_levels={levels['affine_level_iters']} "
-              f"syn_levels={levels['syn_level_iters']} workers={opts.workers} "
+              f"syn_levels={levels['syn_level_iters']} "
+              f"grid_factor={levels.get('grid_factor', 1)} workers={opts.workers} "
               f"subjects={n_sub} fit_wall_s={r['wall_s']:.0f} "
               f"fit_s_per_subject={r['wall_s'] / n_sub:.1f} "
               f"cpu_s_per_subject={cpu_s / n_sub:.1f} "
@@ -438,7 +448,9 @@ def run_pipeline(opts, root: Path) -> None:
         r = child("held_out", {"ref_dir": str(held), "ref_label": ref_label,
                                "tar_dir": str(held), "tar_label": tar_label, "lmax": LMAX,
                                "wm_label": LABELS["wm"], "runs": runs,
-                               "bounds": [H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM],
+                               "bounds": [H.AFFINE_HALF_LEVEL_MAX_MM, H.SYN_HALF_LEVEL_MAX_MM,
+                                          H.REGISTRATION_GRID_MM if opts.grid_mm is None
+                                          else opts.grid_mm],
                                "jitter_sd": JITTER_FA_SD, "jitter_seed": JITTER_SEED})
         for row in r["rows"]:
             print(f"held_out={tar_label} run={row['run']} b={row['shell']:g} "

@@ -207,7 +207,7 @@ def test_registration_pyramid_stops_at_half_resolution_only_on_fine_grids(
     centre = (np.asarray(shape, dtype=np.float32) - 1) / 2
     r2 = sum(((ijk[i] - centre[i]) / (0.4 * shape[i])) ** 2 for i in range(3))
     fa = np.where(r2 < 1, 0.2 + 0.6 * np.abs(np.sin(ijk[0] / 3.0)), 0).astype(np.float32)
-    H.register_fa(np.roll(fa, 1, axis=0), aff, fa, aff, "syn")
+    H.register_fa(np.roll(fa, 1, axis=0), aff, fa, aff, "syn", grid_mm=0.0)   # own grid
     full_aff, full_syn = list(H.AFFINE_LEVEL_ITERS), list(H.SYN_LEVEL_ITERS)
     assert seen["aff"] == (full_aff[:-1] + [0] if affine_half else full_aff)
     syn = H._syn_levels(shape, full_syn[:-1] + [0] if syn_half else full_syn,
@@ -216,8 +216,19 @@ def test_registration_pyramid_stops_at_half_resolution_only_on_fine_grids(
     levels = H.registration_levels(aff)
     assert (levels["affine_level_iters"], levels["syn_level_iters"][-1] == 0) == (
         seen["aff"], syn_half)
-    H.register_fa(fa, aff, fa, aff, "affine", affine_level_iters=full_aff)
+    H.register_fa(fa, aff, fa, aff, "affine", affine_level_iters=full_aff, grid_mm=0.0)
     assert seen["aff"] == full_aff                        # given iterations win
+    # a 2.5 mm registration grid: pyramids of the coarse grid, as recorded
+    grid = {"grid_mm": 2.5}
+    factor = H.registration_grid_factor(aff, **grid)
+    record = H.registration_record(aff, grid)
+    assert record["grid_factor"] == factor == (2 if voxel == 1.25 else 1)
+    H.register_fa(np.roll(fa, 1, axis=0), aff, fa, aff, "syn", **grid)
+    coarse = [-(-n // factor) for n in shape]
+    assert seen["aff"] == record["affine_level_iters"]
+    assert seen["syn"] == H._syn_levels(coarse, record["syn_level_iters"], record["cc_radius"])
+    if factor > 1:
+        assert record["syn_level_iters"] == list(H.GRID_SYN_LEVEL_ITERS)
 
 # ----------------------------------------------------------------------------
 # ground truth: fit
