@@ -107,7 +107,11 @@ def kill_mid_run(cohort: Path, out: Path, log: Path, sig: int) -> set[str]:
             assert time.monotonic() < deadline, "no subject finished in time"
             time.sleep(0.005)
         os.killpg(proc.pid, sig)
-        proc.wait(timeout=INTERRUPT_TIMEOUT_S)
+        try:
+            proc.wait(timeout=INTERRUPT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the run was still alive {INTERRUPT_TIMEOUT_S} s after "
+                                 f"{signal.Signals(sig).name}:\n{log.read_text()[-4000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
