@@ -149,7 +149,8 @@ def main() -> None:
     cohorts["paired"] = {ref: cohorts["unpaired"][ref],
                          tar: [U.scan(sc.person, sites[1], **kw) for sc in cohorts["unpaired"][ref]]}
     test = U.held_out(opts.n_held_out, opts.seed, sites, **kw)
-    feats = {(d, s): U.features(c[s], opts.lmax) for d, c in cohorts.items() for s in (ref, tar)}
+    feats = {(d, s): U.features(c[s], opts.lmax, noise_floor=1 in opts.noise_floor)
+             for d, c in cohorts.items() for s in (ref, tar)}
     m_ref = [U.measures(sc, lmax=opts.lmax) for sc in test[ref]]
     m_bef = [U.measures(sc, lmax=opts.lmax) for sc in test[tar]]
     if opts.signal_eval:

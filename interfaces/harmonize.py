@@ -743,19 +743,23 @@ def debiased_rish(rish: np.ndarray, noise: np.ndarray,
 
 
 def subject_features(dwi: DWI, subject: str, lmax: int, *, shells: Sequence[float] | None = None,
-                     fa: np.ndarray | None = None, sha256=None) -> SubjectFeatures:
+                     fa: np.ndarray | None = None, sha256=None,
+                     noise_floor: bool = False) -> SubjectFeatures:
     """FA (DTI on b <= DTI_MAX_BVAL unless given) and per-shell RISH of one DWI.
 
     ``sha256`` defaults to the hashes of the DWI's files when it was loaded
     from disk (``dwi.paths``). FA comes first, so its volume selection is
     freed before the RISH maps are computed (:func:`rish_maps`).
+    ``noise_floor``: also estimate the RISH noise floor (``noise_var``,
+    ``noise_gain``; one more pass over the b0 volumes) for
+    ``fit_harmonization(noise_floor=True)``; needs ``NOISE_MIN_B0`` b0s.
     """
     names = _select_shells(dwi, shells) if shells else None
     if fa is None:
         fa = dti_fa(dwi)
     rish = rish_maps(dwi, lmax, names)
     noise_var = noise_gain = None
-    if np.count_nonzero(dwi.gtab.b0s_mask) >= NOISE_MIN_B0:
+    if noise_floor:
         noise_var = relative_noise_variance(dwi)[0]
         noise_gain = rish_noise_gain(dwi.gtab, lmax, list(rish))
     if sha256 is None and dwi.paths:

@@ -69,16 +69,17 @@ def cohort():
     return ref, tar
 
 
-def features(subjects, prefix, noise_free=False):
+def features(subjects, prefix, noise_free=False, noise_floor=False):
     return [H.subject_features(as_dwi(s.noise_free if noise_free else s.dwi, s),
-                               f"{prefix}{i + 1:02d}", LMAX) for i, s in enumerate(subjects)]
+                               f"{prefix}{i + 1:02d}", LMAX, noise_floor=noise_floor)
+            for i, s in enumerate(subjects)]
 
 
 @pytest.fixture(scope="module")
 def fitted(cohort):
     """Noisy fit (default SyN registration), applied to every target subject."""
     ref, tar = cohort
-    fr, ft = features(ref, "ref"), features(tar, "tar")
+    fr, ft = features(ref, "ref", noise_floor=True), features(tar, "tar", noise_floor=True)
     art = H.fit_harmonization(fr, ft, [BVAL], LMAX, reference_site="siteA",
                               target_site="siteB")
     after, infos, transforms = [], [], []

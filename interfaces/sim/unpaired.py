@@ -307,10 +307,12 @@ def measures(sc: Scan, data: np.ndarray | None = None, lmax: int = STUDY_LMAX) -
     return out
 
 
-def features(scans: Sequence[Scan], lmax: int = STUDY_LMAX) -> list:
-    """The harmonization fit's inputs (FA + RISH) of the scans."""
+def features(scans: Sequence[Scan], lmax: int = STUDY_LMAX, noise_floor: bool = False) -> list:
+    """The harmonization fit's inputs (FA + RISH; with ``noise_floor`` the
+    RISH noise estimate too) of the scans."""
     from .. import harmonize as H
-    return [H.subject_features(as_dwi(sc), sc.label, lmax) for sc in scans]
+    return [H.subject_features(as_dwi(sc), sc.label, lmax, noise_floor=noise_floor)
+            for sc in scans]
 
 
 def harmonise(scans: Sequence[Scan], artefact) -> list[np.ndarray]:
