@@ -38,7 +38,13 @@ PINNED_SOURCE_HASH = "resume-test"
 #: paths) waits until that file exists: the workers are forked, so the patch
 #: made here reaches them. The test never creates it; the kill ends the wait.
 HOLD_ENV = "DMRIFLOW_TEST_HOLD"
-RUNNER = ("import os, sys, time\n"
+#: The runner also gives SIGINT its default (KeyboardInterrupt), as a shell
+#: does for a command typed at a terminal: a test session started in the
+#: background (``pytest ... &`` in a script, nohup) inherits SIGINT ignored,
+#: and an ignored disposition survives exec - the Ctrl-C case then tested
+#: nothing (the run finished or outlived the timeout).
+RUNNER = ("import os, signal, sys, time\n"
+          "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
           "from dmriflow.interfaces import io\n"
           f"io.source_hash = lambda: {PINNED_SOURCE_HASH!r}\n"
           f"release = os.environ.get({HOLD_ENV!r})\n"
