@@ -201,6 +201,11 @@ def _as_affine(a) -> np.ndarray:
     return a
 
 
+def _voxel_mm(affine) -> np.ndarray:
+    """Voxel side lengths (mm) of a 4x4 voxel-to-world affine."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
 def _same_grid(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-3) -> bool:
     return (tuple(shape_a) == tuple(shape_b)
             and np.allclose(affine_a, affine_b, atol=atol))
@@ -417,7 +422,7 @@ def _syn_levels(shape, level_iters: Sequence[int], radius: int) -> list[int]:
 def cc_radius_for(affine) -> int:
     """The SyN cross-correlation window radius (voxels) for a template grid:
     ``CC_RADIUS_MM`` over its mean voxel size, at least 1."""
-    zooms = np.sqrt((_as_affine(affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = _voxel_mm(_as_affine(affine))
     return max(1, int(math.floor(CC_RADIUS_MM / float(zooms.mean()) + 0.5)))
 
 
@@ -438,7 +443,7 @@ def registration_levels(static_affine, affine_level_iters: Sequence[int] | None 
     where the grid is fine enough (``AFFINE_HALF_LEVEL_MAX_MM``,
     ``SYN_HALF_LEVEL_MAX_MM``). Returns ``{"affine_level_iters": [...],
     "syn_level_iters": [...]}``."""
-    zooms = np.sqrt((_as_affine(static_affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = _voxel_mm(_as_affine(static_affine))
     half_mm = 2.0 * float(zooms.max())
     aff = (_half_level_kept(AFFINE_LEVEL_ITERS, half_mm, AFFINE_HALF_LEVEL_MAX_MM)
            if affine_level_iters is None else tuple(int(i) for i in affine_level_iters))
@@ -451,7 +456,7 @@ def registration_grid_factor(affine, grid_mm: float | None = None) -> int:
     """The block size (voxels, >= 1) that brings an image's largest voxel side
     to at most ``grid_mm`` (default ``REGISTRATION_GRID_MM``); 1 = its own grid."""
     grid_mm = REGISTRATION_GRID_MM if grid_mm is None else float(grid_mm)
-    zooms = np.sqrt((_as_affine(affine)[:3, :3] ** 2).sum(axis=0))
+    zooms = _voxel_mm(_as_affine(affine))
     return max(1, int(math.floor(grid_mm / float(zooms.max()) + 1e-6)))
 
 
@@ -490,7 +495,7 @@ def registration_record(static_affine, options: dict | None = None) -> dict:
     opts = dict(options or {})
     factor = registration_grid_factor(static_affine, opts.get("grid_mm"))
     grid_affine = block_grid_affine(static_affine, factor)
-    zooms = np.sqrt((grid_affine[:3, :3] ** 2).sum(axis=0))
+    zooms = _voxel_mm(grid_affine)
     return {**registration_levels(grid_affine, opts.get("affine_level_iters"),
                                   _grid_syn_iters(factor, opts.get("syn_level_iters"))),
             "cc_radius": int(opts.get("cc_radius") or cc_radius_for(grid_affine)),
@@ -653,12 +658,12 @@ def rish_maps(dwi: DWI, lmax: int, shells: Sequence[float] | None = None,
     k = sh.n_coeffs(lmax)
     weights = np.concatenate([m.projection()[:, :k] for m in models]
                              + [models[0].projection()[:, -1:]], axis=1).astype(np.float32)
-    starts = np.array([sh.n_coeffs(l - 2) if l else 0 for l in range(0, lmax + 1, 2)])
+    starts = sh._order_starts(lmax)
     n_vox = int(np.prod(dwi.mask.shape))
     out = {b: np.zeros((n_vox, starts.size), dtype=np.float32) for b in shells}
     where_all = dwi.masked_index()
     if chunk_size is None:
-        chunk_size = max(1024, sh.CHUNK_BYTES // (4 * len(gtab)))
+        chunk_size = sh._chunk_voxels(len(gtab), None)
     pos = 0
     for rows in dwi.masked(int(chunk_size)):
         proj = rows @ weights
@@ -693,7 +698,7 @@ def rish_noise_gain(gtab: GradientTable, lmax: int, shells: Sequence[float]) -> 
     order's b0-normalised RISH per unit relative noise variance
     ``(sigma / S0)^2`` - the summed squared norms of that order's rows of the
     shell's SH pseudo-inverse (the same fit as :func:`rish_maps`)."""
-    starts = np.array([sh.n_coeffs(l - 2) if l else 0 for l in range(0, lmax + 1, 2)])
+    starts = sh._order_starts(lmax)
     return {b: np.add.reduceat(np.square(sh.SHModel(gtab, lmax, shell=b).pinv).sum(axis=1),
                                starts) for b in shells}
 
@@ -713,7 +718,7 @@ def relative_noise_variance(dwi: DWI) -> tuple[np.ndarray, float]:
                                  f">= {NOISE_MIN_B0} b0 volumes, has {b0.size}")
     s0 = np.zeros(int(np.prod(dwi.mask.shape)), dtype=np.float64)
     where_all, pos, var_sum, n = dwi.masked_index(), 0, 0.0, 0
-    for rows in dwi.masked(max(1024, sh.CHUNK_BYTES // (4 * len(dwi.gtab)))):
+    for rows in dwi.masked(sh._chunk_voxels(len(dwi.gtab), None)):
         v = rows[:, b0].astype(np.float64)
         s0[where_all[pos:pos + rows.shape[0]]] = v.mean(axis=1)
         pos += rows.shape[0]
@@ -971,7 +976,7 @@ def scale_maps(e_ref: np.ndarray, e_tar: np.ndarray, mask: np.ndarray, affine, *
                                  "overlap in template space (registration failed?)")
     if fill_index is None:
         fill_index = _nearest_fill_index(mask)
-    zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    zooms = _voxel_mm(affine)
     lam = np.ones(e_ref.shape, dtype=np.float32)
     taus, clipped = [], 0
     for k in range(e_ref.shape[3]):
