@@ -176,7 +176,7 @@ def rish_bound(rows: np.ndarray, model: sh.SHModel, c_ref: np.ndarray) -> np.nda
     k = model.n_coef
     s0 = raw[:, k:k + 1]
     dc = (d[:, :k] + np.abs(raw[:, :k]) * d[:, k:k + 1] / s0) / s0 + U32 * np.abs(c_ref)
-    starts = sh._order_starts(model.lmax)
+    starts = sh.order_starts(model.lmax)
     per = 2 * np.abs(c_ref) * dc + dc ** 2
     bound = np.add.reduceat(per, starts, axis=1)
     r = np.add.reduceat(c_ref.astype(np.float64) ** 2, starts, axis=1)

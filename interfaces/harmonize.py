@@ -243,8 +243,7 @@ class Transform:
     _cache: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.kind not in REGISTRATIONS:
-            raise ValueError(f"unknown transform kind {self.kind!r} ({', '.join(REGISTRATIONS)})")
+        check_choice("transform kind", self.kind, REGISTRATIONS)
         self.prealign = _as_affine(self.prealign)
         self.template_affine = _as_affine(self.template_affine)
         self.subject_affine = _as_affine(self.subject_affine)
@@ -521,8 +520,7 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     :func:`block_mean`; levels and CC window by the coarse template grid);
     the transform returned maps the full grids.
     """
-    if kind not in REGISTRATIONS:
-        raise ValueError(f"unknown registration {kind!r} ({', '.join(REGISTRATIONS)})")
+    check_choice("registration", kind, REGISTRATIONS)
     moving_affine, static_affine = _as_affine(moving_affine), _as_affine(static_affine)
     moving = np.asarray(moving_fa, dtype=np.float32)
     static = np.asarray(static_fa, dtype=np.float32)
@@ -658,12 +656,12 @@ def rish_maps(dwi: DWI, lmax: int, shells: Sequence[float] | None = None,
     k = sh.n_coeffs(lmax)
     weights = np.concatenate([m.projection()[:, :k] for m in models]
                              + [models[0].projection()[:, -1:]], axis=1).astype(np.float32)
-    starts = sh._order_starts(lmax)
+    starts = sh.order_starts(lmax)
     n_vox = int(np.prod(dwi.mask.shape))
     out = {b: np.zeros((n_vox, starts.size), dtype=np.float32) for b in shells}
     where_all = dwi.masked_index()
     if chunk_size is None:
-        chunk_size = sh._chunk_voxels(len(gtab), None)
+        chunk_size = sh.chunk_voxels(len(gtab), None)
     pos = 0
     for rows in dwi.masked(int(chunk_size)):
         proj = rows @ weights
@@ -698,7 +696,7 @@ def rish_noise_gain(gtab: GradientTable, lmax: int, shells: Sequence[float]) -> 
     order's b0-normalised RISH per unit relative noise variance
     ``(sigma / S0)^2`` - the summed squared norms of that order's rows of the
     shell's SH pseudo-inverse (the same fit as :func:`rish_maps`)."""
-    starts = sh._order_starts(lmax)
+    starts = sh.order_starts(lmax)
     return {b: np.add.reduceat(np.square(sh.SHModel(gtab, lmax, shell=b).pinv).sum(axis=1),
                                starts) for b in shells}
 
@@ -718,7 +716,7 @@ def relative_noise_variance(dwi: DWI) -> tuple[np.ndarray, float]:
                                  f">= {NOISE_MIN_B0} b0 volumes, has {b0.size}")
     s0 = np.zeros(int(np.prod(dwi.mask.shape)), dtype=np.float64)
     where_all, pos, var_sum, n = dwi.masked_index(), 0, 0.0, 0
-    for rows in dwi.masked(sh._chunk_voxels(len(dwi.gtab), None)):
+    for rows in dwi.masked(sh.chunk_voxels(len(dwi.gtab), None)):
         v = rows[:, b0].astype(np.float64)
         s0[where_all[pos:pos + rows.shape[0]]] = v.mean(axis=1)
         pos += rows.shape[0]
@@ -1374,9 +1372,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                            site_mean=site_mean, scale_estimator=scale_estimator,
                            registration_contrast=registration_contrast,
                            noise_floor=noise_floor))
-    lmax = sh._check_lmax(lmax)
-    if registration not in REGISTRATIONS:
-        raise ValueError(f"unknown registration {registration!r} ({', '.join(REGISTRATIONS)})")
+    lmax = sh.check_lmax(lmax)
+    check_choice("registration", registration, REGISTRATIONS)
     shells = [float(b) for b in shells]
     if not shells:
         raise HarmonizationError("no shell to harmonise")
@@ -1706,7 +1703,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
         pinv = sh.sh_pinv(basis, artefact.lmax)
         per_coeff = sh.order_of_coeff(artefact.lmax) // 2
         ops.append((b, idx, pinv.T.astype(np.float32), basis.T.astype(np.float32), per_coeff))
-    chunk = sh._chunk_voxels(out.shape[-1], chunk_size)
+    chunk = sh.chunk_voxels(out.shape[-1], chunk_size)
     n_clipped = n_values = 0
     for i in range(0, rows_idx.size, chunk):
         where = rows_idx[i:i + chunk]

@@ -71,7 +71,7 @@ DEFAULT_LB_LAMBDA = 0.0
 # ----------------------------------------------------------------------------
 def n_coeffs(lmax: int) -> int:
     """Number of coefficients of the even real basis up to order ``lmax``."""
-    lmax = _check_lmax(lmax)
+    lmax = check_lmax(lmax)
     return (lmax + 1) * (lmax + 2) // 2
 
 
@@ -85,7 +85,7 @@ def max_order_for(n_dirs: int, cap: int = MAX_SH_ORDER) -> int:
     n_dirs = int(n_dirs)
     if n_dirs < 1:
         raise ValueError(f"need at least one direction to fit SH, got {n_dirs}")
-    cap = _check_lmax(cap)
+    cap = check_lmax(cap)
     lmax = 0
     while lmax + 2 <= cap and n_coeffs(lmax + 2) <= n_dirs:
         lmax += 2
@@ -94,7 +94,7 @@ def max_order_for(n_dirs: int, cap: int = MAX_SH_ORDER) -> int:
 
 def sh_indices(lmax: int) -> tuple[np.ndarray, np.ndarray]:
     """(l, m) of each coefficient, in storage order (int arrays)."""
-    lmax = _check_lmax(lmax)
+    lmax = check_lmax(lmax)
     ls = np.concatenate([np.full(2 * l + 1, l) for l in range(0, lmax + 1, 2)])
     ms = np.concatenate([np.arange(-l, l + 1) for l in range(0, lmax + 1, 2)])
     return ls, ms
@@ -105,7 +105,7 @@ def order_of_coeff(lmax: int) -> np.ndarray:
     return sh_indices(lmax)[0]
 
 
-def _check_lmax(lmax) -> int:
+def check_lmax(lmax) -> int:
     if int(lmax) != lmax or lmax < 0 or lmax % 2:
         raise ValueError(f"SH order must be a non-negative even integer, got {lmax!r}")
     return int(lmax)
@@ -128,7 +128,7 @@ def sh_basis(bvecs, lmax: int) -> np.ndarray:
     the convention. Computed with the stable normalised Legendre recursion
     (no factorials), accurate to ~1e-14 for any order used here.
     """
-    lmax = _check_lmax(lmax)
+    lmax = check_lmax(lmax)
     v = _unit_directions(bvecs)
     x, y, z = v.T
     cos_t = np.clip(z, -1.0, 1.0)
@@ -195,7 +195,7 @@ def sh_pinv(basis: np.ndarray, lmax: int, lb_lambda: float = DEFAULT_LB_LAMBDA) 
 # ----------------------------------------------------------------------------
 # RISH and per-order scaling
 # ----------------------------------------------------------------------------
-def _order_starts(lmax: int) -> np.ndarray:
+def order_starts(lmax: int) -> np.ndarray:
     """Index of the first coefficient of each even order (for reduceat)."""
     return np.array([n_coeffs(l - 2) if l else 0 for l in range(0, lmax + 1, 2)])
 
@@ -214,13 +214,13 @@ def _lmax_of(n_coef: int) -> int:
 
 def _check_coeffs(coeffs: np.ndarray, lmax: int | None) -> int:
     found = _lmax_of(coeffs.shape[-1])
-    if lmax is not None and _check_lmax(lmax) != found:
+    if lmax is not None and check_lmax(lmax) != found:
         raise ValueError(f"coefficients have {coeffs.shape[-1]} terms (lmax {found}), "
                          f"not lmax {lmax}")
     return found
 
 
-def _chunk_voxels(n_values: int, chunk_size: int | None) -> int:
+def chunk_voxels(n_values: int, chunk_size: int | None) -> int:
     """Voxels per chunk: ``chunk_size`` or CHUNK_BYTES worth of float32 rows."""
     if chunk_size is None:
         return max(1024, CHUNK_BYTES // (4 * max(1, n_values)))
@@ -239,10 +239,10 @@ def rish(coeffs: np.ndarray, lmax: int | None = None,
     """
     coeffs = np.asarray(coeffs)
     lmax = _check_coeffs(coeffs, lmax)
-    starts = _order_starts(lmax)
+    starts = order_starts(lmax)
     flat = coeffs.reshape(-1, coeffs.shape[-1])
     out = np.empty((flat.shape[0], starts.size), dtype=np.float32)
-    chunk_size = _chunk_voxels(flat.shape[1], chunk_size)
+    chunk_size = chunk_voxels(flat.shape[1], chunk_size)
     for i in range(0, flat.shape[0], chunk_size):
         out[i:i + chunk_size] = _rish_rows(flat[i:i + chunk_size], starts)
     return out.reshape(coeffs.shape[:-1] + (starts.size,))
@@ -387,7 +387,7 @@ class SHModel:
             self.normalise = False
             self.bval = None
         self.bvecs = _unit_directions(bvecs)
-        self.lmax = max_order_for(len(self.bvecs)) if lmax is None else _check_lmax(lmax)
+        self.lmax = max_order_for(len(self.bvecs)) if lmax is None else check_lmax(lmax)
         self.lb_lambda = float(lb_lambda)
         self.basis = sh_basis(self.bvecs, self.lmax)
         self.pinv = sh_pinv(self.basis, self.lmax, self.lb_lambda)
@@ -428,7 +428,7 @@ class SHModel:
         flat, idx = _mask_rows(data, mask)
         c_idx = np.flatnonzero(mask.ravel())
         k = self.n_coef
-        chunk_size = _chunk_voxels(self.n_volumes, chunk_size)
+        chunk_size = chunk_voxels(self.n_volumes, chunk_size)
         project = _Projector(self.projection(), device)
         coeffs = np.zeros((flat.shape[0], k), dtype=np.float32)
         s0 = np.zeros(flat.shape[0], dtype=np.float32) if self.normalise else None
@@ -499,7 +499,7 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
         blocks.append(next(iter(models.values())).projection()[:, -1:])
     project = _Projector(np.concatenate(blocks, axis=1), device)
     edges = np.cumsum([0] + [m.n_coef for m in models.values()])
-    starts = {b: _order_starts(m.lmax) for b, m in models.items()}
+    starts = {b: order_starts(m.lmax) for b, m in models.items()}
 
     vshape = dwi.mask.shape
     n_vox = int(np.prod(vshape))
@@ -509,7 +509,7 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
     rishes = {b: np.zeros((n_vox, s.size), dtype=np.float32) for b, s in starts.items()}
     s0 = np.zeros(n_vox, dtype=np.float32) if normalise else None
     start = 0
-    for rows in dwi.masked(_chunk_voxels(len(gtab), chunk_size)):
+    for rows in dwi.masked(chunk_voxels(len(gtab), chunk_size)):
         out = project(rows)
         where = c_idx[start:start + rows.shape[0]]
         start += rows.shape[0]
