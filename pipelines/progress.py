@@ -93,12 +93,15 @@ def loggable(text: str, root: str | None = None) -> str:
 def log_line(text: str, to_stderr: bool = True) -> None:
     """One timestamped line to stderr (optional) and to the run's log file.
 
-    Each line is one small append (O_APPEND), so lines of several worker
-    processes never mix; a log that cannot be written never fails a step.
+    Each line is one small append (O_APPEND), and one write to stderr with its
+    newline (``print`` writes the newline apart, and the terminal showed two
+    workers' lines run together), so lines of several worker processes never
+    mix; a log that cannot be written never fails a step.
     """
     line = f"[dmriflow {time.strftime('%H:%M:%S')}] {text}"
     if to_stderr:
-        print(line, file=sys.stderr, flush=True)
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
     path = os.environ.get(LOG_ENV)
     if path:
         try:

@@ -182,3 +182,28 @@ def test_every_reference_key_names_a_registered_step_and_option():
         for f, info in options_of(step.Options):
             assert flag_of(f, info).startswith("-")
     assert dataclasses.is_dataclass(REGISTRY["tensor"].Options)
+
+
+def test_a_progress_line_reaches_stderr_in_one_write(monkeypatch, tmp_path):
+    """Worker processes share stderr: a line and its newline written apart let
+    another worker's line land between them (seen in `make demo`: two lines run
+    together, then an empty one). Each line must be a single write."""
+    from dmriflow.pipelines import progress
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+            return len(s)
+
+        def flush(self):
+            pass
+
+    err = Recorder()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setenv(progress.LOG_ENV, str(tmp_path / "run.log"))
+    progress.log_line("Export sub-01: done")
+    assert len(err.writes) == 1 and PLAIN.match(err.writes[0]) and err.writes[0].endswith("\n")
+    assert PLAIN.match((tmp_path / "run.log").read_text())
