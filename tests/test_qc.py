@@ -463,8 +463,17 @@ def test_fitting_a_volume_subset_needs_no_copy_and_gives_the_same_fit(phantoms):
     idx = np.flatnonzero(np.arange(len(dwi.gtab)) % 3 != 1)
     a = fit_dwi(dwi, volumes=idx, fit_method="OLS")
     b = fit_dwi(dwi.select_volumes(idx), fit_method="OLS")
-    np.testing.assert_array_equal(a.evals, b.evals)
-    np.testing.assert_array_equal(a.v1, b.v1)
+    # The same fit up to float32 rounding, not bit for bit: BLAS picks its
+    # kernels by memory layout (a view vs a copy), and on some CPUs (AMD EPYC
+    # here) 0.2 % of the eigenvalues moved by up to 5.8 eps max|lambda|. Bound:
+    # each eigenvalue sums n volumes' terms (n eps max|lambda|); V1 turns by at
+    # most that over its gap to the second eigenvalue (first-order perturbation;
+    # measured: 0.11 of the bound at most).
+    tol = len(idx) * np.finfo(np.float32).eps * np.abs(a.evals).max()
+    np.testing.assert_allclose(a.evals, b.evals, rtol=0, atol=tol)
+    gap = a.evals[..., 0] - a.evals[..., 1]
+    angle = np.linalg.norm(np.cross(a.v1.astype(np.float64), b.v1.astype(np.float64)), axis=-1)
+    assert np.all(angle <= tol / np.maximum(gap, tol)), angle.max()
 
 
 def test_an_excluded_zero_b0_does_not_enter_the_noise_estimate(phantoms, tmp_path):
