@@ -15,6 +15,10 @@
   evaluate 3t7t``;
 * :func:`record_metrics` - writes evaluate's rows into the checkpoints' cards
   (``evaluate --record``; ``train`` does it on ``--heldout`` seeds).
+* :func:`recalibrate` - refits the diffusion checkpoint's spread scale on
+  pairs of a family other than the report one and records family and seeds
+  on its card (``calibrate``; measured 2026-12-05 with the held-out-PSF
+  family ``calib``, not shipped: docs/models.md).
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
 sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
@@ -370,7 +374,7 @@ def widening_scale(diff, k: int, steps: int, members: list, ens_scale, val: list
 
 def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
              ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
-             template_pairs: int = TEMPLATE_PAIRS, family: str = "test",
+             template_pairs: int = TEMPLATE_PAIRS, family: str = REPORT_FAMILY,
              validation_pairs: int = VALIDATION_PAIRS, ensemble_dir=SHIPPED_ENSEMBLE,
              faithful_ckpt=SHIPPED_FAITHFUL, log=print) -> dict:
     """Score every method on held-out pairs at ``seeds`` (``family``: the test
@@ -543,8 +547,8 @@ def recalibrate(folder, seeds=None, family: str = CALIBRATION_FAMILY, log=print)
     return scale
 
 
-def evaluate_checkpoints(checkpoints, out, seeds, family: str = "test", record: bool = False,
-                         latent: bool = True, log=print) -> dict:
+def evaluate_checkpoints(checkpoints, out, seeds, family: str = REPORT_FAMILY,
+                         record: bool = False, latent: bool = True, log=print) -> dict:
     """:func:`evaluate` on the RISH-space checkpoints in the folder
     ``checkpoints`` (its CNN ensemble when there; ``latent``: the shipped
     latent models' rows too); ``record``: the rows written into both cards
@@ -576,12 +580,12 @@ def card_rows(metrics: pd.DataFrame, calib: pd.DataFrame, split: str) -> list[di
     return rows
 
 
-def heldout_split(seeds, family: str = "test") -> str:
+def heldout_split(seeds, family: str = REPORT_FAMILY) -> str:
     """The ``split`` a card's rows carry: how many subjects, which family and seeds."""
     return f"held-out ({len(seeds)}, {family} degradation family, {seed_span(seeds)})"
 
 
-def record_metrics(folders, result: dict, seeds, family: str = "test") -> list[dict]:
+def record_metrics(folders, result: dict, seeds, family: str = REPORT_FAMILY) -> list[dict]:
     """Write evaluate's ``result`` (on ``seeds``) into the cards of the
     checkpoint ``folders`` as their ``metrics`` table (weights unchanged);
     returns the rows."""
@@ -614,7 +618,7 @@ def main(argv=None) -> int:
     e.add_argument("--seeds", type=int, nargs="+",
                    default=list(SEED_HELDOUT + np.arange(12)))
     e.add_argument("--checkpoints", default=str(SHIPPED))
-    e.add_argument("--family", default="test", choices=sorted(degrade.FAMILIES))
+    e.add_argument("--family", default=REPORT_FAMILY, choices=sorted(degrade.FAMILIES))
     e.add_argument("--record", action="store_true",
                    help="write the rows into the evaluated checkpoints' cards")
     e.add_argument("--no-latent", action="store_true",
