@@ -626,7 +626,9 @@ def main(argv=None) -> int:
                         "RISH-space checkpoints)")
     c = sub.add_parser("calibrate", help="refit the diffusion checkpoint's spread scale on "
                                          "pairs of a non-report family and record it on its card")
-    c.add_argument("checkpoint", nargs="?", default=str(SHIPPED_DIFFUSION))
+    c.add_argument("checkpoint", help="a rish-diffusion-3t7t checkpoint folder (rewritten; "
+                                      "no default, so the shipped one is never changed by "
+                                      "accident)")
     c.add_argument("--family", default=CALIBRATION_FAMILY,
                    choices=sorted(f for f in degrade.FAMILIES if f != REPORT_FAMILY))
     c.add_argument("--seeds", type=int, nargs="+",
