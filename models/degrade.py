@@ -13,12 +13,15 @@ offline (SCIENCE.md section 4), so pairs are simulated:
   by :func:`degrade`: small misregistration, coarser resolution, a smooth
   bias field and Rician noise.
 
-Two degradation *families* exist: ``"train"`` (Gaussian point-spread function
-+ decimation, polynomial bias) and ``"test"`` (k-space truncation, i.e. a
+Three degradation *families* exist: ``"train"`` (Gaussian point-spread function
++ decimation, polynomial bias), ``"test"`` (k-space truncation, i.e. a
 sinc PSF with Gibbs ringing, a Gaussian-bump bias and a noise range that
-extends below the training range). Training randomises within its family;
-the held-out evaluation uses the other one, so a model that merely memorises
-the training degradation is not rewarded.
+extends below the training range) and ``"calib"`` (a box PSF - block
+averaging over the coarser voxel - with its own ranges; see
+:data:`FAMILIES`). Training randomises within its family; the held-out
+evaluation uses the test one, so a model that merely memorises the training
+degradation is not rewarded; the calibration family is a *third* shift that
+the uncertainty can be calibrated on without looking at the test family.
 
 What this can and cannot show: a learned model recovering the 7T member
 from the 3T-like one proves it learns a *known* mapping under a shifted
@@ -62,13 +65,25 @@ SNR_7T = 60.0
 #: resolution: 3T voxel size / source voxel size; snr: of the 3T-like output
 #: (reference b0 / sigma); bias: peak relative amplitude of the smooth
 #: multiplicative field; shift_vox / rotation_deg: misregistration per axis.
+#: ``"calib"`` exists only to calibrate the uncertainty under a shift (never to
+#: train or to report): a PSF type neither of the others has (``"box"``), the
+#: training family's resolution range (the shift is the PSF's shape, not its
+#: width), an SNR range from inside the training one to below it (12-30: lower
+#: SNR than trained is the usual direction of a deployment shift, and the
+#: calibration must see some), a stronger polynomial bias (0-0.3; the features
+#: are b0-normalised, so the bias matters through the noise floor only) and a
+#: misregistration between the other two families'.
 FAMILIES = {
     "train": {"resolution": (1.2, 1.8), "snr": (15.0, 35.0), "bias": (0.0, 0.2),
               "shift_vox": 0.5, "rotation_deg": 1.5, "psf": "gaussian", "bias_model": "polynomial"},
     "test": {"resolution": (1.3, 1.9), "snr": (10.0, 25.0), "bias": (0.1, 0.3),
              "shift_vox": 0.7, "rotation_deg": 2.0, "psf": "kspace", "bias_model": "bump"},
+    "calib": {"resolution": (1.2, 1.8), "snr": (12.0, 30.0), "bias": (0.0, 0.3),
+              "shift_vox": 0.6, "rotation_deg": 1.75, "psf": "box", "bias_model": "polynomial"},
 }
-PSFS = ("gaussian", "kspace", "none")
+#: Point-spread functions: ``gaussian`` (:func:`blur_decimate`), ``kspace``
+#: (:func:`kspace_truncate`), ``box`` (:func:`box_decimate`), ``none``.
+PSFS = ("gaussian", "kspace", "box", "none")
 BIAS_MODELS = ("polynomial", "bump", "none")
 #: Gaussian FWHM (in output voxels) of a point-spread function one voxel wide:
 #: blurring to a voxel ``f`` times larger adds ``sqrt(f^2 - 1)`` voxels of FWHM.
@@ -144,21 +159,52 @@ def misregister(data: np.ndarray, shift_vox, rotation_deg) -> np.ndarray:
         v, rot, offset=offset, order=1, mode="nearest", output=np.float32))
 
 
+def _decimated(data: np.ndarray, factor: float, blur) -> np.ndarray:
+    """``blur`` (a 3D volume -> volume) sampled on a grid ``factor`` times
+    coarser and interpolated back (trilinear) to the input grid."""
+    shape = np.asarray(data.shape[:3])
+    coarse = np.maximum(np.round(shape / factor), 2).astype(int)
+
+    def one(v):
+        low = ndimage.zoom(blur(v), coarse / shape, order=1, mode="nearest", grid_mode=True)
+        return ndimage.zoom(low, shape / np.asarray(low.shape), order=1, mode="nearest",
+                            grid_mode=True)
+    return _volumes(data, one)
+
+
 def blur_decimate(data: np.ndarray, factor: float) -> np.ndarray:
     """Gaussian PSF of a voxel ``factor`` times larger, sampled on that coarser
     grid and interpolated back (trilinear) to the input grid."""
     if factor <= 1.0:
         return np.asarray(data, dtype=np.float32).copy()
     sigma = math.sqrt(factor ** 2 - 1.0) * FWHM_TO_SIGMA
-    shape = np.asarray(data.shape[:3])
-    coarse = np.maximum(np.round(shape / factor), 2).astype(int)
+    return _decimated(data, factor, lambda v: ndimage.gaussian_filter(v, sigma, mode="nearest"))
 
-    def one(v):
-        low = ndimage.zoom(ndimage.gaussian_filter(v, sigma, mode="nearest"),
-                           coarse / shape, order=1, mode="nearest", grid_mode=True)
-        return ndimage.zoom(low, shape / np.asarray(low.shape), order=1, mode="nearest",
-                            grid_mode=True)
-    return _volumes(data, one)
+
+def box_kernel(width: float) -> np.ndarray:
+    """1D box of ``width`` voxels (may be fractional) centred on a voxel: each
+    tap is the overlap of its voxel with ``[-width/2, width/2]``; sums to 1."""
+    half = width / 2.0
+    n = int(math.ceil(half - 0.5))
+    j = np.arange(-n, n + 1, dtype=np.float64)
+    w = np.clip(np.minimum(j + 0.5, half) - np.maximum(j - 0.5, -half), 0.0, None)
+    return w / w.sum()
+
+
+def box_decimate(data: np.ndarray, factor: float) -> np.ndarray:
+    """Box PSF: the average over a voxel ``factor`` times larger (a block
+    average, sharp-edged, with a sinc-shaped transfer function that neither
+    the Gaussian nor the k-space truncation has), sampled on that coarser grid
+    and interpolated back (trilinear) to the input grid."""
+    if factor <= 1.0:
+        return np.asarray(data, dtype=np.float32).copy()
+    k = box_kernel(factor)
+
+    def blur(v):
+        for axis in range(3):
+            v = ndimage.convolve1d(v, k, axis=axis, mode="nearest")
+        return v
+    return _decimated(data, factor, blur)
 
 
 def kspace_truncate(data: np.ndarray, factor: float) -> np.ndarray:
@@ -239,6 +285,8 @@ def degrade(data: np.ndarray, gtab: GradientTable, mask: np.ndarray, spec: Degra
         out = blur_decimate(out, spec.resolution)
     elif spec.psf == "kspace":
         out = kspace_truncate(out, spec.resolution)
+    elif spec.psf == "box":
+        out = box_decimate(out, spec.resolution)
     np.maximum(out, 0.0, out=out)
     out = out * bias_field(out.shape[:3], spec.bias_model, spec.bias, spec.bias_coeffs)[..., None]
     return add_rician(out, sigma, rng), float(sigma)

@@ -56,6 +56,47 @@ def test_blur_decimate_removes_fine_detail_and_keeps_coarse():
     assert np.array_equal(dg.blur_decimate(coarse, 1.0), coarse)
 
 
+def test_box_psf_is_a_block_average_unlike_the_other_families_psfs():
+    """The calibration family's PSF: the box taps are the voxels' overlaps with
+    the wider voxel; a constant is kept, fine detail removed, coarse detail
+    kept; it is neither the Gaussian nor the k-space PSF of the same width."""
+    np.testing.assert_allclose(dg.box_kernel(1.5), [1 / 6, 2 / 3, 1 / 6], rtol=1e-12)
+    np.testing.assert_allclose(dg.box_kernel(2.0), [0.25, 0.5, 0.25], rtol=1e-12)
+    np.testing.assert_allclose(dg.box_kernel(3.0), [1 / 3] * 3, rtol=1e-12)
+    assert np.array_equal(dg.box_kernel(1.0), [1.0])
+    x = np.arange(32, dtype=np.float32)
+    vol = lambda period: np.broadcast_to(np.sin(2 * np.pi * x / period)[:, None, None],
+                                         (32, 8, 8)).copy()
+    fine, coarse, inner = vol(2.5), vol(16.0), slice(4, 28)
+    assert np.std(dg.box_decimate(fine, 1.8)[inner]) < 0.3 * np.std(fine[inner])
+    kept = dg.box_decimate(coarse, 1.8)[inner]
+    assert np.corrcoef(kept.ravel(), coarse[inner].ravel())[0, 1] > 0.99
+    const = np.full((12, 10, 8), 3.5, np.float32)
+    np.testing.assert_allclose(dg.box_decimate(const, 1.6), const, rtol=1e-6)
+    v = np.random.default_rng(2).standard_normal((16, 16, 16)).astype(np.float32)
+    box = dg.box_decimate(v, 1.6)
+    for other in (dg.blur_decimate(v, 1.6), dg.kspace_truncate(v, 1.6)):
+        assert np.abs(box - other).mean() > 0.1 * np.abs(box).mean()
+
+
+def test_calibration_family_has_its_own_psf_and_simulates_with_it():
+    rng = np.random.default_rng(4)
+    fam = dg.FAMILIES["calib"]
+    assert fam["psf"] not in {dg.FAMILIES["train"]["psf"], dg.FAMILIES["test"]["psf"]}
+    draws = [dg.sample_degradation("calib", rng) for _ in range(50)]
+    assert {d.psf for d in draws} == {"box"} and {d.family for d in draws} == {"calib"}
+    assert all(fam["snr"][0] <= d.snr <= fam["snr"][1] for d in draws)
+    p = dg.simulate_pair(11, sim_size=16, family="calib")
+    assert p.degradation.psf == "box" and np.isfinite(p.dwi3).all()
+    # without noise, bias and motion the 3T member is the box-blurred noise-free series
+    plain = dg.simulate_pair(11, sim_size=16, degradation=_no_degradation())
+    boxed = dg.simulate_pair(11, sim_size=16, degradation=_no_degradation(psf="box",
+                                                                          resolution=1.5))
+    np.testing.assert_allclose(boxed.dwi3, np.maximum(dg.box_decimate(plain.dwi3, 1.5), 0),
+                               rtol=1e-6, atol=1e-6)
+    assert not np.allclose(boxed.dwi3, plain.dwi3, atol=1e-3)
+
+
 def test_bias_fields_have_the_stated_amplitude():
     f = dg.bias_field((16, 18, 14), "polynomial", 0.2, np.linspace(-1, 1, 9))
     assert np.isclose(np.abs(f - 1).max(), 0.2, rtol=1e-5) and f.min() > 0

@@ -219,26 +219,28 @@ def test_cli_evaluate_3t7t_passes_seeds_and_folder(tmp_path, monkeypatch, capsys
     assert "shipped" in capsys.readouterr().out
 
 
-def test_calibration_recovers_a_known_under_dispersion():
-    """Samples 3x narrower than the truth's spread: the fitted spread scale is
-    ~3 and the calibrated 90 % intervals then cover ~90 %."""
-    rng = np.random.default_rng(3)
-    g, k = 16, 8
+class _UnderDispersed:
+    """A sampler whose K samples per voxel are ``under`` times narrower than
+    the spread of the truth about their centre (``f3.extra_mu``/``extra_sd``)."""
+
+    def __init__(self, under: float):
+        self.under = under
+        self.spread_scale = torch.ones(3)
+
+    def fit_subject(self, f3, sigma, samples, steps, seed=0):
+        r = np.random.default_rng(seed)
+        raw = f3.extra_mu + (f3.extra_sd / self.under) * r.standard_normal(
+            (samples,) + f3.extra_mu.shape)
+        return rishdiff.RishFit(raw.astype(np.float32), f3, self.spread_scale.numpy().copy())
+
+
+def _gaussian_subjects(rng, g: int, n: int, seed0: int) -> list:
+    """``n`` (f3, f7, sigma, seed) subjects on a g^3 mask whose true log scale
+    per voxel is N(mu, sd^2); mu and sd ride on f3 for :class:`_UnderDispersed`."""
     mask = np.ones((g, g, g), bool)
-    rish3 = rng.uniform(0.5, 1.0, (g, g, g, 3)).astype(np.float32)
-
-    class Stub:
-        spread_scale = torch.ones(3)
-
-        def fit_subject(self, f3, sigma, samples, steps, seed=0):
-            r = np.random.default_rng(seed)
-            mu, sd = f3.extra_mu, f3.extra_sd
-            raw = mu + (sd / 3) * r.standard_normal((samples,) + mu.shape)
-            return rishdiff.RishFit(raw.astype(np.float32), f3,
-                                    self.spread_scale.numpy().copy())
-
-    subjects = []
-    for seed in range(3):
+    out = []
+    for j in range(n):
+        rish3 = rng.uniform(0.5, 1.0, (g, g, g, 3)).astype(np.float32)
         mu = rng.normal(0, 0.2, (g, g, g, 3))
         sd = rng.uniform(0.05, 0.2, (g, g, g, 3))
         truth = mu + sd * rng.standard_normal((g, g, g, 3))
@@ -246,14 +248,73 @@ def test_calibration_recovers_a_known_under_dispersion():
         f3.extra_mu, f3.extra_sd = mu, sd
         f7 = features.ShellFeatures(np.exp(2 * truth) * rish3, None, None, None, mask,
                                     np.eye(4), None)
-        subjects.append((f3, f7, 1.0, 100 + seed))
-    stub = Stub()
-    scale = rishdiff.calibrate(stub, subjects, samples=k, steps=1)
+        out.append((f3, f7, 1.0, seed0 + j))
+    return out
+
+
+def test_calibration_recovers_a_known_under_dispersion():
+    """Samples 3x narrower than the truth's spread: the fitted spread scale is
+    ~3 and the calibrated 90 % intervals then cover ~90 %."""
+    rng = np.random.default_rng(3)
+    subjects = _gaussian_subjects(rng, 16, 3, 100)
+    stub = _UnderDispersed(3.0)
+    scale = rishdiff.calibrate(stub, subjects, samples=8, steps=1)
     assert np.allclose(scale, 3.0, rtol=0.08)
     f3, f7, _, seed = subjects[0]
-    fit = stub.fit_subject(f3, 1.0, k, 1, seed=seed + 7)
+    fit = stub.fit_subject(f3, 1.0, 8, 1, seed=seed + 7)
     cov = dict(((m, n), c) for m, n, c in study.coverage(fit, study.Subject(0, f3, f7, 1, 1, {})))
     assert cov["L2", 0.9] == pytest.approx(0.9, abs=0.02)
+
+
+def test_calibration_recovers_a_known_factor_within_its_sampling_error():
+    """Per voxel, truth - sample mean ~ N(0, sd^2 (1 + 1/(u^2 K))) and the
+    sample SD ~ (sd/u) chi_{K-1}/sqrt(K-1), so |error| / SD is
+    c |t_{K-1}| with c = u sqrt(1 + 1/(u^2 K)), and the fitted factor
+    (0.9 quantile / (t_{0.95,K-1} sqrt(1 + 1/K))) is
+    u sqrt((1 + 1/(u^2 K)) / (1 + 1/K)). Its relative standard error from n
+    pooled voxels is that of a sample quantile,
+    sqrt(p (1 - p) / n) / (2 f_t(t_p) t_p); the test allows 4 of them."""
+    from scipy import stats
+    g, k, under, n_subjects = 16, 12, 4.0, 2
+    subjects = _gaussian_subjects(np.random.default_rng(11), g, n_subjects, 200)
+    scale = rishdiff.calibrate(_UnderDispersed(under), subjects, samples=k, steps=1)
+    want = under * np.sqrt((1 + 1 / (under ** 2 * k)) / (1 + 1 / k))
+    level = rishdiff.CALIBRATION_LEVEL
+    tp = stats.t.ppf(0.5 + level / 2, k - 1)
+    rel_se = np.sqrt(level * (1 - level) / (n_subjects * g ** 3)) / (
+        2 * stats.t.pdf(tp, k - 1) * tp)
+    assert rel_se < 0.012                                 # the check is a sharp one
+    np.testing.assert_array_less(np.abs(scale / want - 1), 4 * rel_se)
+
+
+def test_recalibrate_writes_the_family_scale_into_the_checkpoint(tmp_path):
+    """``ldm_study calibrate``: the scale the card records is the one
+    :func:`rishdiff.spread_scale_for` gives on the named family's pairs with
+    the card's K and steps, the buffer holds it (float16), every other
+    weight is unchanged, and the report family is refused."""
+    study.train_shipped(tmp_path, n_pairs=2, steps=2, grid=16, log=lambda s: None)
+    folder = tmp_path / "rish_3t7t"
+    before, card0 = cards.load_checkpoint(folder, device="cpu")
+    seeds = [study.SEED_CALIBRATION, study.SEED_CALIBRATION + 1]
+    assert study.main(["calibrate", str(folder), "--seeds", *map(str, seeds)]) == 0
+    after, card = cards.load_checkpoint(folder, device="cpu")
+    assert card.training["calibration_family"] == study.CALIBRATION_FAMILY == "calib"
+    assert card.training["calibration_seeds"] == seeds
+    assert f"2 calib-family pairs (seeds {seeds[0]}-{seeds[1]})" in card.training["calibration"]
+    assert card.weights_sha256 != card0.weights_sha256
+    k, steps = rishdiff.sampling(card)
+    before.float().spread_scale.fill_(1.0)
+    subs = study.simulate_pairs(seeds, "calib", 16)
+    want = rishdiff.spread_scale_for(
+        [(before.fit_subject(s.f3, s.sigma3, k, steps, seed=s.seed), s.f7) for s in subs])
+    np.testing.assert_allclose(card.training["spread_scale"], want, rtol=1e-5)
+    np.testing.assert_allclose(after.spread_scale.float().numpy(), np.float16(want), rtol=1e-3)
+    b, a = before.state_dict(), after.state_dict()
+    for name in b:
+        if name != "spread_scale":
+            assert torch.equal(b[name].half(), a[name].half()), name
+    with pytest.raises(ValueError, match="held-out report"):
+        study.recalibrate(folder, seeds, family=study.REPORT_FAMILY)
 
 
 # ----------------------------------------------------------------------------

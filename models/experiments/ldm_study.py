@@ -15,6 +15,10 @@
   evaluate 3t7t``;
 * :func:`record_metrics` - writes evaluate's rows into the checkpoints' cards
   (``evaluate --record``; ``train`` does it on ``--heldout`` seeds).
+* :func:`recalibrate` - refits the diffusion checkpoint's spread scale on
+  pairs of a family other than the report one and records family and seeds
+  on its card (``calibrate``; measured 2026-12-05 with the held-out-PSF
+  family ``calib``, not shipped: docs/models.md).
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
 sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
@@ -61,6 +65,14 @@ TEMPLATE_PAIRS = 4
 #: Validation pairs (train family) that calibrate the spread.
 VALIDATION_PAIRS = 6
 SEED_VALIDATION = SEED_TRAIN + 1000
+#: Pairs of the held-out-PSF family ``degrade.FAMILIES["calib"]`` that
+#: :func:`recalibrate` fits the diffusion model's spread scale on by default
+#: (seeds disjoint from the training, validation and held-out ones).
+CALIBRATION_FAMILY = "calib"
+CALIBRATION_PAIRS = 10
+SEED_CALIBRATION = SEED_TRAIN + 2000
+#: The family the held-out evaluation reports on: never used to calibrate.
+REPORT_FAMILY = "test"
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED_DIFFUSION = SHIPPED / "rish_3t7t"
 SHIPPED_CNN = SHIPPED / "rish_cnn_3t7t"
@@ -362,7 +374,7 @@ def widening_scale(diff, k: int, steps: int, members: list, ens_scale, val: list
 
 def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
              ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
-             template_pairs: int = TEMPLATE_PAIRS, family: str = "test",
+             template_pairs: int = TEMPLATE_PAIRS, family: str = REPORT_FAMILY,
              validation_pairs: int = VALIDATION_PAIRS, ensemble_dir=SHIPPED_ENSEMBLE,
              faithful_ckpt=SHIPPED_FAITHFUL, log=print) -> dict:
     """Score every method on held-out pairs at ``seeds`` (``family``: the test
@@ -498,8 +510,45 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
             "spearman": sp, "flags": pd.DataFrame(flags), "seconds": seconds}
 
 
-def evaluate_checkpoints(checkpoints, out, seeds, family: str = "test", record: bool = False,
-                         latent: bool = True, log=print) -> dict:
+def seed_span(seeds) -> str:
+    """``seeds A-B`` for a contiguous run, else the seeds listed."""
+    seeds = sorted(int(s) for s in seeds)
+    return (f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
+            else "seeds " + ", ".join(map(str, seeds)))
+
+
+def recalibrate(folder, seeds=None, family: str = CALIBRATION_FAMILY, log=print) -> np.ndarray:
+    """Refit the spread scale of the diffusion checkpoint in ``folder`` on
+    ``family`` pairs at ``seeds`` (:func:`rishdiff.calibrate`, with the K and
+    steps the card applies, on the card's grid) and write it: the model's
+    ``spread_scale`` buffer (float16, so the weights file and its sha256
+    change, nothing else in it) and the card's ``training`` entries
+    ``spread_scale``, ``calibration``, ``calibration_family`` and
+    ``calibration_seeds``. The report family is refused: it must not choose
+    anything. Returns the scale."""
+    if family == REPORT_FAMILY:
+        raise ValueError(f"the {REPORT_FAMILY!r} family is the held-out report; calibrate on "
+                         f"another ({', '.join(f for f in degrade.FAMILIES if f != family)})")
+    seeds = [int(s) for s in (SEED_CALIBRATION + np.arange(CALIBRATION_PAIRS)
+                              if seeds is None else seeds)]
+    model, card = cards.load_checkpoint(folder, device="cpu")
+    model.float()
+    k, steps = rishdiff.sampling(card)
+    t0 = time.perf_counter()
+    subs = simulate_pairs(seeds, family, int(card.kwargs["grid"]))
+    scale = rishdiff.calibrate(model, [(s.f3, s.f7, s.sigma3, s.seed) for s in subs], k, steps)
+    card.training.update(
+        spread_scale=scale.tolist(), calibration_family=family, calibration_seeds=seeds,
+        calibration=(f"{len(seeds)} {family}-family pairs ({seed_span(seeds)}), "
+                     f"{rishdiff.CALIBRATION_LEVEL:.0%} level, K {k}, {steps} steps, "
+                     f"{time.perf_counter() - t0:.0f} s"))
+    cards.save_checkpoint(model.half(), card, folder)
+    log(f"spread scale {np.round(scale, 3).tolist()} ({card.training['calibration']})")
+    return scale
+
+
+def evaluate_checkpoints(checkpoints, out, seeds, family: str = REPORT_FAMILY,
+                         record: bool = False, latent: bool = True, log=print) -> dict:
     """:func:`evaluate` on the RISH-space checkpoints in the folder
     ``checkpoints`` (its CNN ensemble when there; ``latent``: the shipped
     latent models' rows too); ``record``: the rows written into both cards
@@ -531,15 +580,12 @@ def card_rows(metrics: pd.DataFrame, calib: pd.DataFrame, split: str) -> list[di
     return rows
 
 
-def heldout_split(seeds, family: str = "test") -> str:
+def heldout_split(seeds, family: str = REPORT_FAMILY) -> str:
     """The ``split`` a card's rows carry: how many subjects, which family and seeds."""
-    seeds = sorted(int(s) for s in seeds)
-    span = (f"seeds {seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1))
-            else "seeds " + ", ".join(map(str, seeds)))
-    return f"held-out ({len(seeds)}, {family} degradation family, {span})"
+    return f"held-out ({len(seeds)}, {family} degradation family, {seed_span(seeds)})"
 
 
-def record_metrics(folders, result: dict, seeds, family: str = "test") -> list[dict]:
+def record_metrics(folders, result: dict, seeds, family: str = REPORT_FAMILY) -> list[dict]:
     """Write evaluate's ``result`` (on ``seeds``) into the cards of the
     checkpoint ``folders`` as their ``metrics`` table (weights unchanged);
     returns the rows."""
@@ -572,15 +618,26 @@ def main(argv=None) -> int:
     e.add_argument("--seeds", type=int, nargs="+",
                    default=list(SEED_HELDOUT + np.arange(12)))
     e.add_argument("--checkpoints", default=str(SHIPPED))
-    e.add_argument("--family", default="test", choices=sorted(degrade.FAMILIES))
+    e.add_argument("--family", default=REPORT_FAMILY, choices=sorted(degrade.FAMILIES))
     e.add_argument("--record", action="store_true",
                    help="write the rows into the evaluated checkpoints' cards")
     e.add_argument("--no-latent", action="store_true",
                    help="without the latent models' rows (they do not depend on the "
                         "RISH-space checkpoints)")
+    c = sub.add_parser("calibrate", help="refit the diffusion checkpoint's spread scale on "
+                                         "pairs of a non-report family and record it on its card")
+    c.add_argument("checkpoint", help="a rish-diffusion-3t7t checkpoint folder (rewritten; "
+                                      "no default, so the shipped one is never changed by "
+                                      "accident)")
+    c.add_argument("--family", default=CALIBRATION_FAMILY,
+                   choices=sorted(f for f in degrade.FAMILIES if f != REPORT_FAMILY))
+    c.add_argument("--seeds", type=int, nargs="+",
+                   default=list(SEED_CALIBRATION + np.arange(CALIBRATION_PAIRS)))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    if a.cmd == "train":
+    if a.cmd == "calibrate":
+        recalibrate(a.checkpoint, a.seeds, a.family)
+    elif a.cmd == "train":
         train_shipped(a.out, a.pairs, a.steps, a.cnn_steps, sharpness=a.sharpness,
                       resolution=a.resolution)
         if a.heldout:
