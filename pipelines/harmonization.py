@@ -27,11 +27,12 @@ from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, TEMPLA
                                            apply_harmonization, check_site_sizes, dti_tensor,
                                            evaluate_harmonization, fit_harmonization,
                                            register_fa, registration_image,
-                                           subject_features, summarise_subject, template_mean)
+                                           subject_features, summarise_subject, template_mean,
+                                           with_values)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
-from dmriflow.pipelines.workflows import add_series_steps
+from dmriflow.pipelines.workflows import add_series_steps, enabled
 
 #: Default highest SH order harmonised (as the shells' directions allow).
 DEFAULT_HARMONIZATION_LMAX = 8
@@ -232,8 +233,9 @@ def harmonised_summary_step(entry: dict, fit: dict, sites: dict, target_site: st
 @guarded("harmonize-evaluate")
 def _harmonised_summary(subject: str, entry: dict, artefact: str, transform, lmax: int) -> dict:
     dwi = load_series(entry["record"])
-    dwi.data, _ = apply_harmonization(dwi, None, HarmonizationArtefact.load(artefact),
-                                      subject=subject, transform=transform, inplace=True)
+    dwi = with_values(dwi, apply_harmonization(dwi, None, HarmonizationArtefact.load(artefact),
+                                               subject=subject, transform=transform,
+                                               inplace=True)[0])
     wm = np.asarray(nib.load(entry["summary"]["wm_mask"]).dataobj) > 0
     summary = _summary_record(
         lambda: summarise_subject(dwi, lmax, subject=subject, wm_mask=wm),
@@ -296,8 +298,12 @@ def features_workflow(subject: Subject, options: dict, shells: list | None = Non
                       lmax: int = DEFAULT_HARMONIZATION_LMAX,
                       pipeline_version: str = "") -> dict:
     """Validate -> [Preprocess] -> features of one subject (``options`` without
-    an artefact to apply: the fit reads the series as acquired)."""
-    record = add_series_steps(subject, options, pipeline_version)
+    an artefact to apply: the fit reads the series as acquired). The features
+    and the summaries read mask voxels only, so with no series step Validate
+    keeps only the mask rows (:func:`~dmriflow.interfaces.io.load_dwi_rows`):
+    the nodes map a third of the grid instead of reading the whole of it."""
+    record = add_series_steps(subject, options, pipeline_version,
+                              rows_only=not enabled(options, ("series",)))
     return workflow.add(HarmonizationFeatures(subject=subject.key, record=record, shells=shells,
                                               lmax=lmax, pipeline_version=pipeline_version),
                         hooks=PROGRESS).features
