@@ -1615,7 +1615,9 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                         chunk_size: int | None = None, subject: str = "subject",
                         registration_options: dict | None = None,
                         refit_rounds: int | None = None) -> tuple[np.ndarray, dict]:
-    """Harmonise one subject's DWIs with ``artefact``: (float32 4D data, info).
+    """Harmonise one subject's DWIs with ``artefact``: (float32 4D data, info);
+    for a series held as mask rows only (``dwi.data`` None), the harmonised
+    rows instead (a new array; :func:`with_values` puts either back in a DWI).
 
     Per shell and mask voxel: SH coefficients of the b0-normalised signal are
     scaled per order by the subject-space lambda maps and the DWIs rebuilt
@@ -1678,10 +1680,16 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                                 artefact.template_fa, artefact.template_affine, transform.kind,
                                 **dict(registration_options or {}))
     t_registered = time.perf_counter()
-    out = dwi.data if inplace else dwi.data.copy(order="K")
-    flat, rows_idx, order = storage_rows(out, dwi.mask)
-    if not np.shares_memory(flat, out):   # results are written through the view
-        raise ValueError("data must be C- or F-contiguous")
+    if dwi.data is None:       # mask rows only: harmonised into a copy (a read-only map)
+        out = np.array(dwi.rows, dtype=np.float32, order="F")
+        flat, rows_idx, order = out, np.arange(out.shape[0]), "F"
+        grid_idx = np.flatnonzero(dwi.mask.ravel(order="F"))   # the voxel of each row
+    else:
+        out = dwi.data if inplace else dwi.data.copy(order="K")
+        flat, rows_idx, order = storage_rows(out, dwi.mask)
+        grid_idx = rows_idx
+        if not np.shares_memory(flat, out):   # results are written through the view
+            raise ValueError("data must be C- or F-contiguous")
     gtab = dwi.gtab
     b0 = np.flatnonzero(gtab.b0s_mask)
     if b0.size == 0:
@@ -1690,7 +1698,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     # scale maps at the mask voxels (storage order): (n_vox, n_orders) per shell
     lam_rows, lam_median = {}, {}
     for b, vol in warp_scale_maps(artefact, transform).items():
-        lr = np.stack([vol[..., k].ravel(order=order)[rows_idx] for k in range(n_orders)],
+        lr = np.stack([vol[..., k].ravel(order=order)[grid_idx] for k in range(n_orders)],
                       axis=1)
         del vol
         lam_rows[b] = lr
@@ -1770,7 +1778,13 @@ def harmonised_fa(dwi: DWI, artefact: HarmonizationArtefact, transform: Transfor
     through when refitting (``refit_rounds``)."""
     data, _ = apply_harmonization(dwi, None, artefact, transform=transform, force=True,
                                   chunk_size=chunk_size, refit_rounds=0)
-    return dti_fa(replace(dwi, data=data, rows=None))
+    return dti_fa(with_values(dwi, data))
+
+
+def with_values(dwi: DWI, values: np.ndarray) -> DWI:
+    """``dwi`` holding ``values`` (what :func:`apply_harmonization` returned):
+    4D data, or mask rows for a series held as rows."""
+    return replace(dwi, rows=values) if dwi.data is None else replace(dwi, data=values, rows=None)
 
 
 # ----------------------------------------------------------------------------

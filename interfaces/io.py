@@ -369,12 +369,20 @@ def decode_dwi(dwi_path, out_dir, codec_name: str = codec.DEFAULT_CODEC) -> Deco
 ROWS_NAME = "dwi_rows.npy"
 
 
+#: Stored voxel types whose every value float32 holds exactly: their mask rows
+#: are cut from the inflated stream as float32, the values ``read_array`` gives.
+#: Scanner data are mostly 16-bit integers (dcm2niix), HCP's float32.
+ROWS_DTYPES = tuple(np.dtype(t) for t in (np.float32, np.int16, np.uint16, np.int8, np.uint8))
+
+
 def rows_readable(img: nib.Nifti1Image) -> bool:
-    """True when an image's stored bytes are its float32 values (native float32,
-    no scaling): then its mask rows can be cut from the inflated stream."""
-    slope, inter = img.header.get_slope_inter()
-    return (img.get_data_dtype() == np.dtype(np.float32) and slope in (None, 1.0)
-            and inter in (None, 0.0) and len(img.shape) == 4)
+    """True when an image's stored values are its float32 values exactly: a
+    :data:`ROWS_DTYPES` type (either byte order) without scaling; then its
+    mask rows can be cut from the inflated stream."""
+    # the proxy's scaling: a loaded image's header has had it reset to NaN
+    slope, inter = (getattr(img.dataobj, k, None) for k in ("slope", "inter"))
+    return (img.get_data_dtype().newbyteorder("=") in ROWS_DTYPES
+            and slope in (None, 1.0) and inter in (None, 0.0) and len(img.shape) == 4)
 
 
 @dataclass
@@ -389,13 +397,16 @@ class RowsRead:
 
 class _VolumeStream:
     """Cuts an inflated NIfTI byte stream into its volumes (F order, one reused
-    buffer) and hands each to ``on_volume(k, vol)``; bytes after the last
-    volume are ignored, as nibabel does."""
+    buffer of the stored type ``dtype``) and hands each to ``on_volume(k, vol)``
+    as float32 (converted when stored otherwise: exact for :data:`ROWS_DTYPES`);
+    bytes after the last volume are ignored, as nibabel does."""
 
-    def __init__(self, offset: int, shape, on_volume):
+    def __init__(self, offset: int, shape, on_volume, dtype=np.float32):
         self.skip, self.n, self.k, self.fill = int(offset), int(shape[3]), 0, 0
-        self.vol = np.empty(tuple(shape[:3]), np.float32, order="F")
-        self.buf = memoryview(self.vol.reshape(-1, order="F").view(np.uint8))
+        self.raw = np.empty(tuple(shape[:3]), np.dtype(dtype), order="F")
+        self.vol = self.raw if self.raw.dtype == np.float32 else \
+            np.empty(self.raw.shape, np.float32, order="F")
+        self.buf = memoryview(self.raw.reshape(-1, order="F").view(np.uint8))
         self.on_volume = on_volume
 
     def write(self, data) -> None:
@@ -408,13 +419,15 @@ class _VolumeStream:
             self.buf[self.fill:self.fill + take] = mv[:take]
             self.fill, mv = self.fill + take, mv[take:]
             if self.fill == len(self.buf):
+                if self.vol is not self.raw:
+                    self.vol[...] = self.raw
                 self.on_volume(self.k, self.vol)
                 self.k, self.fill = self.k + 1, 0
 
 
 def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
                   codec_name: str = codec.DEFAULT_CODEC) -> tuple[DWI, RowsRead]:
-    """Validate a gzip-compressed float32 DWI in ONE read, keeping its mask rows.
+    """Validate a gzip-compressed DWI in ONE read, keeping its mask rows (float32).
 
     The same checks as :func:`load_dwi` (same messages), but the file is read
     once (:func:`codec.inflate`: sha256, every gzip member's CRC32 and length),
@@ -430,7 +443,7 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
     dwi_path = os.fspath(dwi_path)
     gtab = _checked_gradients(img, dwi_path, bval_path, bvec_path)
     if not rows_readable(img):
-        raise ValueError(f"{dwi_path}: not native float32 without scaling (use load_dwi)")
+        raise ValueError(f"{dwi_path}: not stored as exact float32 values (use load_dwi)")
     mask = load_mask(mask_path, img)
     shape = img.shape
     idx = np.flatnonzero(mask.ravel(order="F"))
@@ -459,7 +472,7 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
                     b0[..., b0_slot[k]] = vol
                     np.add(acc, vol, out=acc)
 
-            stream = _VolumeStream(img.dataobj.offset, shape, on_volume)
+            stream = _VolumeStream(img.dataobj.offset, shape, on_volume, img.get_data_dtype())
             try:
                 found["decoded"] = codec.inflate(dwi_path, stream.write, codec_name)
             except codec.CorruptGzipError as exc:

@@ -151,7 +151,9 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
     The DWI is read in one pass (sha256, gzip CRC32 and length checked) and
     handed on as the series later steps memory-map instead of inflating the
     input again: with ``rows_only`` (the fits are its only readers), a given
-    mask and float32 data, only the mask rows (``out_dir/dwi_rows.npy``, see
+    mask and values float32 holds exactly (float32 or unscaled 8/16-bit
+    integers, :func:`io.rows_readable`), only the mask rows as float32
+    (``out_dir/dwi_rows.npy``, see
     :func:`io.load_dwi_rows`; series key ``"rows"``); else the whole image
     uncompressed (``out_dir/dwi.nii``, :func:`io.decode_dwi`; key ``"copy"``;
     none for an uncompressed input).

@@ -21,17 +21,19 @@ from pydra.compose import python, workflow
 
 from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
-from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, TEMPLATE_ITERATIONS,
+from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
+                                           TEMPLATE_ITERATIONS,
                                            HarmonizationArtefact, HarmonizationError,
                                            SubjectFeatures, SubjectSummary, Transform,
                                            apply_harmonization, check_site_sizes, dti_tensor,
                                            evaluate_harmonization, fit_harmonization,
                                            register_fa, registration_image,
-                                           subject_features, summarise_subject, template_mean)
+                                           subject_features, summarise_subject, template_mean,
+                                           with_values)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
-from dmriflow.pipelines.workflows import add_series_steps
+from dmriflow.pipelines.workflows import add_series_steps, enabled
 
 #: Default highest SH order harmonised (as the shells' directions allow).
 DEFAULT_HARMONIZATION_LMAX = 8
@@ -82,17 +84,24 @@ HarmonizationFeatures = python.define(harmonization_features_step,
                                       outputs=["features"], name="HarmonizationFeatures")
 
 
-def _loader(entry: dict):
-    """A callable returning the SubjectFeatures of a features record (lazy load)."""
+def _loader(entry: dict, rish: bool = True):
+    """A callable returning the SubjectFeatures of a features record (lazy load);
+    without the RISH maps unless ``rish`` (registering through FA reads none
+    of them: an HCP subject's are 0.2 GB inflated per load)."""
     def load():
         fa = nib.load(entry["fa"])
         return SubjectFeatures(
             subject=entry["subject"], fa=np.asarray(fa.dataobj, dtype=np.float32),
             affine=fa.affine, mask=np.asarray(nib.load(entry["mask"]).dataobj) > 0,
             rish={float(b): np.asarray(nib.load(p).dataobj, dtype=np.float32)
-                  for b, p in entry["rish"].items()},
+                  for b, p in entry["rish"].items()} if rish else {},
             sha256=entry["sha256"])
     return load
+
+
+def _image_loader(entry: dict, contrast: str):
+    """:func:`_loader` with the RISH maps only when ``contrast`` is made of them."""
+    return _loader(entry, rish=contrast in RISH_CONTRAST_ORDERS)
 
 
 def _site(features: list[dict], sites: dict, site: str) -> list[dict]:
@@ -122,7 +131,7 @@ def template_start_step(features: list[dict], sites: dict, reference_site: str,
     ref = _site(features, sites, reference_site)
     check_site_sizes({reference_site: len(ref),
                       target_site: len(_site(features, sites, target_site))})
-    first = _loader(ref[0])()
+    first = _image_loader(ref[0], contrast)()
     return {"fa": _save(registration_image(first, contrast, shells), first.affine,
                         "template_fa.nii.gz"), "round": 0,
             "first_subject": first.subject}
@@ -146,7 +155,7 @@ def register_subject_step(entry: dict, template: dict, sites: dict, register_sit
     if (entry.get("status") != "ok" or sites.get(entry["subject"]) not in register_sites
             or (template["round"] == 0 and entry["subject"] == template["first_subject"])):
         return out
-    f = _loader(entry)()
+    f = _image_loader(entry, contrast)()
     tpl_fa, tpl_affine = _template(template)
     prefix = Path.cwd() / "transform"
     register_fa(registration_image(f, contrast, shells), f.affine, tpl_fa, tpl_affine,
@@ -166,7 +175,8 @@ def template_mean_step(features: list[dict], sites: dict, reference_site: str, t
     registration images."""
     tpl_fa, tpl_affine = _template(template)
     transforms = _transforms(registered)
-    mean = template_mean([_loader(f) for f in _site(features, sites, reference_site)],
+    mean = template_mean([_image_loader(f, contrast)
+                          for f in _site(features, sites, reference_site)],
                          tpl_fa.shape, lambda f, fa: transforms[f.subject](),
                          first_round=template["round"] == 0,
                          image=lambda f: registration_image(f, contrast, shells))
@@ -232,8 +242,9 @@ def harmonised_summary_step(entry: dict, fit: dict, sites: dict, target_site: st
 @guarded("harmonize-evaluate")
 def _harmonised_summary(subject: str, entry: dict, artefact: str, transform, lmax: int) -> dict:
     dwi = load_series(entry["record"])
-    dwi.data, _ = apply_harmonization(dwi, None, HarmonizationArtefact.load(artefact),
-                                      subject=subject, transform=transform, inplace=True)
+    dwi = with_values(dwi, apply_harmonization(dwi, None, HarmonizationArtefact.load(artefact),
+                                               subject=subject, transform=transform,
+                                               inplace=True)[0])
     wm = np.asarray(nib.load(entry["summary"]["wm_mask"]).dataobj) > 0
     summary = _summary_record(
         lambda: summarise_subject(dwi, lmax, subject=subject, wm_mask=wm),
@@ -296,8 +307,12 @@ def features_workflow(subject: Subject, options: dict, shells: list | None = Non
                       lmax: int = DEFAULT_HARMONIZATION_LMAX,
                       pipeline_version: str = "") -> dict:
     """Validate -> [Preprocess] -> features of one subject (``options`` without
-    an artefact to apply: the fit reads the series as acquired)."""
-    record = add_series_steps(subject, options, pipeline_version)
+    an artefact to apply: the fit reads the series as acquired). The features
+    and the summaries read mask voxels only, so with no series step Validate
+    keeps only the mask rows (:func:`~dmriflow.interfaces.io.load_dwi_rows`):
+    the nodes map a third of the grid instead of reading the whole of it."""
+    record = add_series_steps(subject, options, pipeline_version,
+                              rows_only=not enabled(options, ("series",)))
     return workflow.add(HarmonizationFeatures(subject=subject.key, record=record, shells=shells,
                                               lmax=lmax, pipeline_version=pipeline_version),
                         hooks=PROGRESS).features

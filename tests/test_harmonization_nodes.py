@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -225,3 +226,45 @@ def test_one_subjects_failed_evaluation_leaves_the_others(eval_cohort, tmp_path)
     assert (table["n_tar"] == N_PER_SITE - 1).all() and (table["n_ref"] == N_PER_SITE).all()
     pres = pd.read_csv(result["preservation"], sep="\t")
     assert broken["subject"] not in set(pres["subject"])
+
+
+def _arrays(folder: Path) -> dict:
+    """The voxel bytes of every NIfTI under ``folder``, by relative path."""
+    return {str(p.relative_to(folder)): np.asanyarray(nib.load(p).dataobj).tobytes()
+            for p in sorted(folder.rglob("*.nii.gz"))}
+
+
+def test_fit_from_mask_rows_equals_fit_from_the_grid(eval_cohort, tmp_path):
+    """The fit's features and harmonised summaries read a series Validate kept
+    as mask rows (the default with no series step) exactly as one it kept
+    whole (its uncompressed copy, the path before): the same features and
+    summary maps, artefact (content id and files) and evaluation TSVs, byte
+    for byte."""
+    _, records, sites = eval_cohort
+    runs = {}
+    for rows_only in (False, True):
+        root = tmp_path / ("rows" if rows_only else "grid")
+        validated = {}
+        for name, r in records.items():
+            (root / "validate" / name).mkdir(parents=True)
+            s = r["series"]
+            validated[name] = stepfiles.validate_subject(
+                name, s["dwi"], s["bval"], s["bvec"], s["mask"],
+                out_dir=root / "validate" / name, rows_only=rows_only)
+            assert ("rows" in validated[name]["series"]) == rows_only
+        entries, _, reg, fit = _nodes(root, list(EVAL_SHELLS), validated, sites)
+        result = _evaluate(root, entries, reg, fit, sites)
+        assert not result["not_evaluated"]
+        runs[rows_only] = {
+            "content_id": fit["content_id"],
+            "maps": {k: v for k, v in _arrays(root).items() if not k.startswith("validate")},
+            "values": [e["summary"]["values"] for e in entries],
+            "tables": [Path(result[k]).read_text() for k in ("site_effect", "preservation")]}
+    grid, rows = runs[False], runs[True]
+    assert any(k.startswith("eval-after") for k in grid["maps"])   # summaries after were run
+    assert grid["content_id"] == rows["content_id"]
+    assert grid["maps"].keys() == rows["maps"].keys()
+    for key in grid["maps"]:
+        assert grid["maps"][key] == rows["maps"][key], key
+    assert grid["values"] == rows["values"]
+    assert grid["tables"] == rows["tables"]

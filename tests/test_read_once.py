@@ -172,28 +172,40 @@ def maps_as_arrays(result: dict) -> dict:
     return {k: np.asanyarray(nib.load(p).dataobj) for k, p in flat.items()}
 
 
+def stored_as(files: dict, dtype: str, folder: Path) -> dict:
+    """``files`` with the DWI stored as ``dtype``: "float32" (as written),
+    "int16" (rounded integers, no slope: as scanners write them) or
+    "int16-scaled" (nibabel picks a slope)."""
+    if dtype == "float32":
+        return files
+    img = nib.load(files["dwi"])
+    arr = img.get_fdata(dtype=np.float32)
+    hdr = img.header.copy()
+    hdr.set_data_dtype(np.int16)
+    stored = folder / "data.nii.gz"
+    folder.mkdir()
+    if dtype == "int16":
+        nib.save(nib.Nifti1Image(np.rint(arr).astype(np.int16), img.affine, hdr), stored)
+        assert nib.load(stored).header.get_slope_inter() == (None, None)
+    else:
+        nib.save(nib.Nifti1Image(arr, img.affine, hdr), stored)
+        assert nib.load(stored).dataobj.slope != 1.0
+    return {**files, "dwi": stored}
+
+
 @pytest.mark.parametrize("rows_only", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "int16"])
+@pytest.mark.parametrize("dtype", ["float32", "int16", "int16-scaled"])
 def test_shared_series_gives_byte_identical_derivatives(cohort, tmp_path, dtype, rows_only):
     """FA (all tensor maps) and RISH from Validate's shared series equal, bit for
     bit, the maps computed from the .nii.gz read directly (today's path): for
-    the mask rows (float32) and the uncompressed copy (float32, and a scaled
-    int16 input, which the copy keeps as int16 + scaling)."""
-    files = subject_files(cohort, 1)
-    if dtype == "int16":
-        img = nib.load(files["dwi"])
-        arr = img.get_fdata(dtype=np.float32)
-        hdr = img.header.copy()
-        hdr.set_data_dtype(np.int16)
-        scaled = tmp_path / "in" / "data.nii.gz"
-        scaled.parent.mkdir()
-        nib.save(nib.Nifti1Image(arr, img.affine, hdr), scaled)   # nibabel picks a slope
-        assert nib.load(scaled).dataobj.slope != 1.0
-        files = {**files, "dwi": scaled}
+    the mask rows (float32, and unscaled int16 as scanners write it, converted
+    to float32 as the volumes arrive) and the uncompressed copy (float32, and
+    a scaled int16 input, which the copy keeps as int16 + scaling)."""
+    files = stored_as(subject_files(cohort, 1), dtype, tmp_path / "in")
     direct = {k: str(v) for k, v in files.items()}
     rec = stepfiles.validate_subject("s", *(files[k] for k in ("dwi", "bval", "bvec", "mask")),
                                      out_dir=tmp_path / "validate", rows_only=rows_only)
-    as_rows = rows_only and dtype == "float32"
+    as_rows = rows_only and dtype != "int16-scaled"
     assert rec["series"].get("rows", "").endswith(io.ROWS_NAME) == as_rows
     assert rec["series"].get("copy", "").endswith(io.DECODED_NAME) != as_rows
     if as_rows:
@@ -213,12 +225,16 @@ def test_shared_series_gives_byte_identical_derivatives(cohort, tmp_path, dtype,
             assert old[key].tobytes() == new[key].tobytes(), key
 
 
-def test_rows_record_matches_grid_record(cohort, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "int16"])
+def test_rows_record_matches_grid_record(cohort, tmp_path, dtype):
     """Census, hashes and QC figures (b0 noise and SNR) are the same whichever
-    way Validate keeps the series."""
-    files = [subject_files(cohort, 2)[k] for k in ("dwi", "bval", "bvec", "mask")]
+    way Validate keeps the series (an int16 input's rows converted as they
+    arrive, the copy by nibabel)."""
+    stored = stored_as(subject_files(cohort, 2), dtype, tmp_path / "in")
+    files = [stored[k] for k in ("dwi", "bval", "bvec", "mask")]
     grid = stepfiles.validate_subject("s", *files, out_dir=tmp_path / "g")
     rows = stepfiles.validate_subject("s", *files, out_dir=tmp_path / "r", rows_only=True)
+    assert "rows" in rows["series"] and "rows" not in grid["series"]
     for key in ("census", "inputs", "qc", "mask_voxels", "mask_source"):
         assert grid[key] == rows[key], key
     assert rows["read"]["decoded_bytes"] == np.load(rows["series"]["rows"]).nbytes + 128
