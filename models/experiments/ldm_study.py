@@ -18,7 +18,7 @@
 * :func:`recalibrate` - refits the diffusion checkpoint's spread scale on
   pairs of a family other than the report one and records family and seeds
   on its card (``calibrate``; measured 2026-12-05 with the held-out-PSF
-  family ``calib``, not shipped: docs/models.md).
+  family ``calib``, not shipped: docs/models-studies.md).
 
 Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
 sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on

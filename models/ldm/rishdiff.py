@@ -145,7 +145,7 @@ def clipped_inputs(ranges: dict, f3: features.ShellFeatures, sigma: float, snr: 
     snr) clipped into the card's trained ``ranges`` (unchanged without one).
     Outside those ranges a network extrapolates a constant input channel; the
     equally-fed CNN and a second diffusion seed then overshoot L2/L4 by
-    factors of 2-90 on test-family inputs sharper than training (docs/models.md,
+    factors of 2-90 on test-family inputs sharper than training (docs/models-studies.md,
     2026-12-05). Used by evaluate's ``cnn_clipped`` row; the shipped model is
     fed the measured values (clipping costs it 2-9 % NMSE)."""
     def clip(name, v):
