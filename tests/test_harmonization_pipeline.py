@@ -167,6 +167,36 @@ def test_a_moved_artefact_keeps_the_cache_and_is_named_where_it_is(fitted, two_s
     assert key(copy) != key(moved)
 
 
+def test_drop_series_deletes_the_fits_series_copies_and_a_rerun_gives_the_same_artefact(
+        two_sites, tmp_path):
+    """``harmonize fit --drop-series`` deletes the series copies of the fit's
+    Validate nodes once the artefact is written (it accepted the flag and
+    ignored it before); a rerun reads the inputs again and fits the same
+    artefact; the inputs are never touched."""
+    from dmriflow.interfaces import io
+
+    root, table = two_sites
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    series = lambda: [p for name in (io.DECODED_NAME, io.ROWS_NAME)  # noqa: E731
+                      for p in cache.glob(f"*/{name}")]
+    inputs = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+    def fit(*extra):
+        code = cli.main(["harmonize", "fit", str(root), str(out), "--reference", "siteA",
+                         "--target", "siteB", "--site-column", "site", "--site-table",
+                         str(table), "--participant-label", "a01", "a02", "a03", "b01", "b02",
+                         "b03", "--registration", "affine", "--worker", "cf", "--quiet",
+                         "--cache-dir", str(cache), *extra])
+        assert code == cli.EXIT_OK
+        folder, = (out / "dmriflow" / "harmonization").iterdir()
+        return HarmonizationArtefact.load(folder).content_id
+
+    first = fit("--drop-series")
+    assert series() == []
+    assert fit() == first and len(series()) == 6      # read again, the same fit
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == inputs
+
+
 def test_fit_writes_its_methods_text(fitted):
     """``harmonize fit`` writes its own methods text (the same machinery as a
     run's): the series steps it read, the fit with the shells and order it
