@@ -49,7 +49,7 @@ from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.errors import InputError, UsageError
 from dmriflow.interfaces.io import read_sidecar
 from dmriflow.interfaces.stepfiles import load_subject
-from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY
+from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY, fit_reads
 from dmriflow.interfaces.steps.base import ALL_COMMANDS, flag_of, option_type, options_of
 from dmriflow.interfaces.steps.image_gradient import resolve_timing
 from dmriflow.pipelines.derivatives import recorded_frame, write_subjects_table
@@ -58,6 +58,7 @@ from dmriflow.pipelines.execution import (STEP_WORDS, EngineOptions, RunConfig, 
                                           run_cohort, run_harmonization_fit, run_holder,
                                           status_table)
 from dmriflow.pipelines.image_gradient import group_from_status
+from dmriflow.pipelines.methods import FIT_COMMAND
 from dmriflow.pipelines.inputs import census, discover, read_filter_file, site_labels
 from dmriflow.pipelines.progress import terminal_path, terminal_text
 
@@ -105,6 +106,8 @@ def _add_generated_options(p: argparse.ArgumentParser, *commands: str) -> None:
     (e.g. "harmonize", "harmonize fit"), one argument group per step,
     generated from their Options declarations."""
     for section, cls, shown_by in option_sources():
+        if FIT_COMMAND in commands and section in REGISTRY and not fit_reads(section):
+            continue                    # a step the fit does not go through
         group = p.add_argument_group(f"{section} options")
         for f, info in options_of(cls):
             if not info.cli or not set(commands) & set(info.commands or shown_by):
@@ -209,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     _add_selection(p)
-    _add_generated_options(p, "harmonize", "harmonize fit")
+    _add_generated_options(p, "harmonize", FIT_COMMAND)
     p = hsub.add_parser("apply", help="apply an artefact to a cohort, then fit DTI and RISH")
     p.add_argument("artefact", help="artefact folder written by 'harmonize fit'")
     p.add_argument("input")

@@ -26,14 +26,16 @@ from pathlib import Path
 
 from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces import steps as steps_package
-from dmriflow.interfaces.steps import COHORT_REGISTRY, REGISTRY, STEP_MODULES, cohort_steps
+from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, STEP_MODULES, cohort_steps,
+                                       fit_reads)
 from dmriflow.interfaces.steps.base import field_default, flag_of, options_of
+from dmriflow.interfaces.steps.harmonization_fit import COMMAND as FIT_STEP_COMMAND
 from dmriflow.pipelines.derivatives import PACKAGE_URI, external_path
 
 #: The file, under OUTPUT/dmriflow/logs: a run's, and ``dmriflow harmonize fit``'s
 #: (its own, so a fit and a run on one OUTPUT keep both).
 METHODS_FILE = "methods.md"
-FIT_COMMAND = "harmonize fit"
+FIT_COMMAND = FIT_STEP_COMMAND
 METHODS_FILES = {"run": METHODS_FILE, FIT_COMMAND: "methods-harmonize-fit.md"}
 #: Software whose version the text states (the numerics and the engine).
 METHODS_PACKAGES = ("dipy", "nibabel", "numpy", "scipy", "pydra", "torch")
@@ -185,8 +187,7 @@ def ran_steps(config, command: str = "run") -> tuple[dict, dict]:
     it reads (the series as acquired: no artefact applied, no product step)."""
     subject = {name: config.steps[name] for name in config.enabled_steps()}
     if command == FIT_COMMAND:
-        subject = {name: o for name, o in subject.items()
-                   if REGISTRY[name].kind in ("source", "series") and name != "harmonize"}
+        subject = {name: o for name, o in subject.items() if fit_reads(name)}
     cohort = {s.name: config.cohort[s.name] for s in cohort_steps(config.steps, command)}
     return subject, cohort
 

@@ -250,3 +250,24 @@ def test_the_command_refuses_an_unknown_contrast():
     from dmriflow.interfaces.steps import harmonization_fit
     with pytest.raises(ValueError, match="registration_contrast"):
         harmonization_fit.Options(reference="a", target="b", registration_contrast="t1")
+
+
+def test_fit_offers_only_the_options_it_goes_through(tmp_path, capsys):
+    """``harmonize fit`` reads each series as acquired (source and series
+    steps) and computes its own features: a product step's option (the tensor
+    fit's method, the run's SH order) changed nothing and is now a usage error
+    instead of being accepted and ignored; a series step's option still works,
+    and ``harmonize apply`` (which runs the product steps) keeps them."""
+    from dmriflow.interfaces.steps import REGISTRY, fit_reads
+    assert [n for n in REGISTRY if fit_reads(n)] == ["validate", "preprocess", "motion"]
+    base = ["harmonize", "fit", str(tmp_path), str(tmp_path / "out"), "--reference", "a",
+            "--target", "b"]
+    for flag in (["--fit-method", "OLS"], ["--lmax", "4"], ["--snr-map"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args(base + flag)
+        assert exc.value.code == cli.EXIT_USAGE
+        assert "unrecognized arguments: " + flag[0] in capsys.readouterr().err
+    assert cli.build_parser().parse_args(base + ["--denoise"]).denoise is True
+    apply = cli.build_parser().parse_args(["harmonize", "apply", "art", "in", "out",
+                                           "--fit-method", "OLS", "--lmax", "4"])
+    assert (apply.fit_method, apply.lmax) == ("OLS", 4)

@@ -40,3 +40,12 @@ def option_owner(registry: dict = REGISTRY) -> dict[str, str]:
 def cohort_steps(options: dict, command: str = "run") -> list[CohortStep]:
     """The cohort steps of ``command`` that a run with ``options`` goes through."""
     return [s for s in COHORT_REGISTRY.values() if command in s.commands and s.enabled(options)]
+
+
+def fit_reads(name: str) -> bool:
+    """Whether ``harmonize fit`` goes through subject step ``name``. The fit reads
+    each series as acquired: its source and series steps, not the ``harmonize``
+    step (no artefact is applied) and no product step (the fit computes its own
+    features, so product options would change nothing)."""
+    step = REGISTRY[name]
+    return step.kind in ("source", "series") and name != "harmonize"
