@@ -136,7 +136,7 @@ class EngineOptions:
                               metavar="ARGS")
     gpu_sbatch_args: str = option("", "sbatch arguments of the GPU phase's jobs (--inference), "
                                       "e.g. --gpu-sbatch-args='--partition=gpu --gres=gpu:1'",
-                                  metavar="ARGS")
+                                  metavar="ARGS", commands=("run", "demo"))
     drop_series: bool = option(
         False, "delete each subject's series copies in the cache once it is done (Validate's "
                "float32 series: 1.2 GB of mask rows per HCP subject, 4.2 GB where a step needs "
