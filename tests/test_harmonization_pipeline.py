@@ -262,7 +262,7 @@ def test_fit_offers_only_the_options_it_goes_through(tmp_path, capsys):
     assert [n for n in REGISTRY if fit_reads(n)] == ["validate", "preprocess", "motion"]
     base = ["harmonize", "fit", str(tmp_path), str(tmp_path / "out"), "--reference", "a",
             "--target", "b"]
-    for flag in (["--fit-method", "OLS"], ["--lmax", "4"], ["--snr-map"]):
+    for flag in (["--fit-method", "OLS"], ["--lmax", "4"], ["--snr-map"], ["--gpu-sbatch-args=x"]):
         with pytest.raises(SystemExit) as exc:
             cli.build_parser().parse_args(base + flag)
         assert exc.value.code == cli.EXIT_USAGE
