@@ -44,17 +44,18 @@ _OPENBLAS_SUFFIXES = ("", "64_", "_64")
 
 
 def _blas_setters(lib) -> tuple:
-    """(per-thread, process-wide) thread-count setters of one loaded BLAS, or
-    (None, None) where it has no per-thread control."""
-    globals_ = [f"{p}openblas_set_num_threads{x}" for p in _OPENBLAS_PREFIXES
-                for x in _OPENBLAS_SUFFIXES] + ["MKL_Set_Num_Threads"]
-    for local, names in (("openblas_set_num_threads_local", globals_[:-1]),
-                         ("MKL_Set_Num_Threads_Local", globals_[-1:])):
-        fn = getattr(lib, local, None)
-        if fn is None:
-            continue
-        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    """(per-thread, process-wide) thread-count setters of one loaded BLAS,
+    each None where the library has none (OpenBLAS < 0.3.27: no per-thread one)."""
+    openblas = [f"{p}openblas_set_num_threads{x}" for p in _OPENBLAS_PREFIXES
+                for x in _OPENBLAS_SUFFIXES]
+    for local, names in (("openblas_set_num_threads_local", openblas),
+                         ("MKL_Set_Num_Threads_Local", ["MKL_Set_Num_Threads"])):
         put = next((g for g in (getattr(lib, n, None) for n in names) if g is not None), None)
+        fn = getattr(lib, local, None)
+        if fn is None and put is None:
+            continue
+        if fn is not None:
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
         if put is not None:
             put.argtypes, put.restype = [ctypes.c_int], None
         return fn, put
@@ -62,8 +63,8 @@ def _blas_setters(lib) -> tuple:
 
 
 def _find_blas() -> list:
-    """(path, per-thread setter, process-wide setter) of every OpenBLAS/MKL
-    loaded (numpy's and scipy's wheels each bring their own OpenBLAS).
+    """(path, per-thread setter or None, process-wide setter or None) of every
+    OpenBLAS/MKL loaded (numpy's and scipy's wheels each bring their own OpenBLAS).
 
     OpenBLAS >= 0.3.27 (``openblas_set_num_threads_local``) and MKL
     (``MKL_Set_Num_Threads_Local``) let one thread pin its own BLAS thread
@@ -79,7 +80,7 @@ def _find_blas() -> list:
         except OSError:
             continue
         local, put = _blas_setters(lib)
-        if local is not None:
+        if local is not None or put is not None:
             found.append((path, local, put))
     return found
 
@@ -174,7 +175,7 @@ def blas_local_setters() -> list:
             for _, _, put in found:
                 if put is not None:
                     put(BLAS_THREADS)
-            _BLAS["local"] = [local for _, local, _ in found]
+            _BLAS["local"] = [local for _, local, _ in found if local is not None]
         return _BLAS["local"]
 
 
@@ -186,8 +187,8 @@ def pin_blas_threads() -> None:
     Why: OpenBLAS splits a product over its threads differently with 1 and
     2 threads, and the rounding differs: the RISH maps of a small phantom
     (one float32 product in the calling thread) and the artefact fitted from
-    them changed with the BLAS thread count, and so did the registrations
-    built on them (tests/test_thread_reproducibility.py). Parallel work runs
+    them changed with the BLAS thread count, and so did the refit's
+    registrations through the harmonised FA (tests/test_thread_reproducibility.py). Parallel work runs
     in workers with one BLAS thread each (:func:`map_chunks`), so no fit
     here needs BLAS threads."""
     for module in ("numpy", "scipy.linalg"):    # load numpy's BLAS and scipy's own
