@@ -1,6 +1,7 @@
 """The one chunked parallel map (interfaces/parallel.py)."""
 
 import ctypes
+import importlib
 import sys
 import threading
 import time
@@ -160,7 +161,7 @@ def test_workers_run_openmp_teams_of_one():
     per core unless told otherwise; map_chunks' workers (single_blas) must
     run teams of one (two workers with teams of two spin-waited: Gibbs
     removal took 3.6x the CPU time). The caller's setting is left alone."""
-    import torch  # noqa: F401  (loads the OpenMP runtime)
+    importlib.import_module("torch")     # loads the OpenMP runtime
     libs = parallel._loaded_libraries(lambda name: name.startswith(("libgomp", "libiomp")))
     assert libs, "torch's OpenMP runtime is not loaded"
     team = ctypes.CDLL(libs[0]).omp_get_max_threads
