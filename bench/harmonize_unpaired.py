@@ -12,7 +12,7 @@ Prints every row before/after, the two designs side by side: the site effect
 means), the group effect at the target site (held-out and in-sample) and at
 the reference site, FA correlation with the truth, and fit/apply time per
 subject. Run: ``.venv/bin/python bench/harmonize_unpaired.py [--seed N] [--site-mean median]
-[--contrast rish-l2]``.
+[--contrast rish-l2] [--template-iterations 1]``.
 """
 
 from __future__ import annotations
@@ -47,19 +47,22 @@ def main() -> None:
     ap.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
     ap.add_argument("--contrast", default=H.DEFAULT_REGISTRATION_CONTRAST,
                     choices=H.REGISTRATION_CONTRASTS, help="registration contrast")
+    ap.add_argument("--template-iterations", type=int, default=H.TEMPLATE_ITERATIONS,
+                    help="template rounds (default %(default)s)")
     opts = ap.parse_args()
     designs = tuple(opts.designs)
     sites = (U.SITE_A, replace(U.SITE_B, voxel_mm=opts.target_voxel))
     res = {d: U.validate(d, opts.n_fit, opts.n_held_out, opts.seed, sites,
                          anatomy=opts.anatomy, shape=opts.shape,
                          registration=opts.registration, site_mean=opts.site_mean,
-                         registration_contrast=opts.contrast)
+                         registration_contrast=opts.contrast,
+                         template_iterations=opts.template_iterations)
            for d in designs}
     print(f"fit {opts.n_fit} persons per site, held-out {opts.n_held_out} persons at both "
           f"sites, seed {opts.seed}, registration {opts.registration} through {opts.contrast}, "
           f"site mean "
           f"{opts.site_mean}, anatomy {opts.anatomy}, grid {' x '.join(map(str, opts.shape))}, "
-          f"site B voxel {opts.target_voxel:g} mm")
+          f"site B voxel {opts.target_voxel:g} mm, template rounds {opts.template_iterations}")
     head = " | ".join(f"{d:^40s}" for d in designs)
     print(f"{'table':16s} {'metric':14s} {'shell':>5s} | {head}")
     print(f"{'':37s} | " + " | ".join(

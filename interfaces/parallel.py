@@ -1,8 +1,12 @@
 """Threads for the numerics: how many, BLAS inside them, and the one chunked map.
 
 * :func:`available_threads` - the one place the thread count comes from;
-* :func:`single_threaded_blas` - one BLAS thread in a worker (parallelism
-  comes from the workers; BLAS threads inside several workers fight);
+* :func:`pin_blas_threads` - one BLAS thread process-wide, always (run when
+  ``dmriflow.interfaces`` is imported): parallelism comes from the workers,
+  and a BLAS reduction split over threads rounds differently, so results
+  would depend on the thread count the machine gives;
+* :func:`single_threaded_blas` - one BLAS thread, and OpenMP teams of one, in
+  a worker (BLAS threads inside several workers fight);
 * :func:`map_chunks` - the one chunked parallel map (collecting the results,
   or reducing them in order): every loop that spreads
   chunks of voxels (or volumes, or slabs) over worker threads runs through it.
@@ -11,6 +15,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import sys
 import threading
@@ -32,9 +37,34 @@ def available_threads() -> int:
     return max(1, n)
 
 
-def _find_openblas_local_setters() -> list:
-    """The per-thread BLAS thread-count setters of every OpenBLAS/MKL loaded
-    (numpy's and scipy's wheels each bring their own OpenBLAS).
+#: Name affixes of OpenBLAS builds' process-wide setter (scipy-openblas wheels:
+#: ``scipy_openblas_set_num_threads64_``); the per-thread one has none.
+_OPENBLAS_PREFIXES = ("", "scipy_")
+_OPENBLAS_SUFFIXES = ("", "64_", "_64")
+
+
+def _blas_setters(lib) -> tuple:
+    """(per-thread, process-wide) thread-count setters of one loaded BLAS,
+    each None where the library has none (OpenBLAS < 0.3.27: no per-thread one)."""
+    openblas = [f"{p}openblas_set_num_threads{x}" for p in _OPENBLAS_PREFIXES
+                for x in _OPENBLAS_SUFFIXES]
+    for local, names in (("openblas_set_num_threads_local", openblas),
+                         ("MKL_Set_Num_Threads_Local", ["MKL_Set_Num_Threads"])):
+        put = next((g for g in (getattr(lib, n, None) for n in names) if g is not None), None)
+        fn = getattr(lib, local, None)
+        if fn is None and put is None:
+            continue
+        if fn is not None:
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+        if put is not None:
+            put.argtypes, put.restype = [ctypes.c_int], None
+        return fn, put
+    return None, None
+
+
+def _find_blas() -> list:
+    """(path, per-thread setter or None, process-wide setter or None) of every
+    OpenBLAS/MKL loaded (numpy's and scipy's wheels each bring their own OpenBLAS).
 
     OpenBLAS >= 0.3.27 (``openblas_set_num_threads_local``) and MKL
     (``MKL_Set_Num_Threads_Local``) let one thread pin its own BLAS thread
@@ -43,20 +73,16 @@ def _find_openblas_local_setters() -> list:
     falls back to one worker (BLAS threads inside two workers fight over the
     cores: 0.29 s instead of 0.15 s per 200k voxels in our first measurement).
     """
-    libs = _loaded_libraries(lambda name: "openblas" in name or name.startswith("libmkl_rt"))
-    setters = []
-    for path in libs:
+    found = []
+    for path in _loaded_libraries(lambda name: "openblas" in name or name.startswith("libmkl_rt")):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for symbol in ("openblas_set_num_threads_local", "MKL_Set_Num_Threads_Local"):
-            fn = getattr(lib, symbol, None)
-            if fn is not None:
-                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                setters.append(fn)
-                break
-    return setters
+        local, put = _blas_setters(lib)
+        if local is not None or put is not None:
+            found.append((path, local, put))
+    return found
 
 
 def _find_openmp_local_setters() -> list:
@@ -100,8 +126,10 @@ def _loaded_libraries(wanted) -> list:
     return sorted(found)
 
 
-_BLAS_LOCAL: list = []
-_BLAS_LOCAL_LOOKED_UP = False
+#: BLAS thread count of every thread of a dmriflow process (pin_blas_threads).
+BLAS_THREADS = 1
+_BLAS: dict = {"modules": -1, "local": []}
+_BLAS_LOCK = threading.Lock()
 _OMP_LOCAL: list = []
 _OMP_LOOKED_UP = False
 _OMP_LOOKED_UP_WITH_TORCH = False
@@ -132,14 +160,41 @@ def single_threaded_blas():
             setter(p)
 
 
-def blas_local_setters(rescan: bool = False) -> list:
-    """The BLAS libraries' per-thread thread-count setters (looked up once;
-    ``rescan`` looks again, for a BLAS loaded since, e.g. scipy's)."""
-    global _BLAS_LOCAL, _BLAS_LOCAL_LOOKED_UP
-    if rescan or not _BLAS_LOCAL_LOOKED_UP:
-        _BLAS_LOCAL = _find_openblas_local_setters()
-        _BLAS_LOCAL_LOOKED_UP = True
-    return _BLAS_LOCAL
+def blas_local_setters() -> list:
+    """The per-thread thread-count setters of every BLAS loaded.
+
+    Looked up again whenever modules were imported since the last look (a
+    BLAS comes with an extension module: scipy's own OpenBLAS with
+    ``scipy.linalg``), so a BLAS loaded later is controlled too; every BLAS
+    found is pinned to ``BLAS_THREADS`` process-wide (:func:`pin_blas_threads`).
+    """
+    with _BLAS_LOCK:
+        if len(sys.modules) != _BLAS["modules"]:
+            _BLAS["modules"] = len(sys.modules)
+            found = _find_blas()
+            for _, _, put in found:
+                if put is not None:
+                    put(BLAS_THREADS)
+            _BLAS["local"] = [local for _, local, _ in found if local is not None]
+        return _BLAS["local"]
+
+
+def pin_blas_threads() -> None:
+    """One BLAS thread (``BLAS_THREADS``) process-wide, in numpy's BLAS and
+    scipy's (imported here so that its own OpenBLAS is loaded and pinned too),
+    whatever OPENBLAS_NUM_THREADS / OMP_NUM_THREADS (``--omp-nthreads``) say.
+
+    Why: OpenBLAS splits a product over its threads differently with 1 and
+    2 threads, and the rounding differs: the RISH maps of a small phantom
+    (one float32 product in the calling thread) and the artefact fitted from
+    them changed with the BLAS thread count, and so did the refit's
+    registrations through the harmonised FA (tests/test_thread_reproducibility.py). Parallel work runs
+    in workers with one BLAS thread each (:func:`map_chunks`), so no fit
+    here needs BLAS threads."""
+    for module in ("numpy", "scipy.linalg"):    # load numpy's BLAS and scipy's own
+        importlib.import_module(module)
+    _BLAS["modules"] = -1
+    blas_local_setters()
 
 
 def blas_local_setter():

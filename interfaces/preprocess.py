@@ -16,8 +16,7 @@ from dataclasses import replace
 import numpy as np
 
 from .io import mean_b0_map
-from .parallel import (available_threads, blas_local_setters, map_chunks,
-                       single_threaded_blas)
+from .parallel import available_threads, map_chunks
 
 #: median_otsu settings on the mean b0: median filter radius and passes.
 MEDIAN_RADIUS = 2
@@ -345,7 +344,6 @@ def _lapack(name: str, nargs: int):
         cap = cl.__pyx_capi__[name]
         ptr = api.PyCapsule_GetPointer(cap, api.PyCapsule_GetName(cap))
         fn = _LAPACK[name] = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * nargs))(ptr)
-        blas_local_setters(rescan=True)       # scipy's own OpenBLAS is loaded now
     return fn
 
 

@@ -117,8 +117,9 @@ class EngineOptions:
                                          "must be on a path every SLURM node sees",
                                    aliases=("-w", "--work-dir"))
     omp_nthreads: int | None = option(
-        None, "threads per worker process for numpy, BLAS and torch (sets OMP_NUM_THREADS, "
-              "OPENBLAS_NUM_THREADS, MKL_NUM_THREADS for the workers; default: unset)",
+        None, "threads per worker process: numpy worker threads and torch (sets OMP_NUM_THREADS, "
+              "OPENBLAS_NUM_THREADS, MKL_NUM_THREADS for the workers; BLAS itself runs one "
+              "thread per worker thread, so results do not depend on N; default: unset)",
         metavar="N")
     mem: float | None = option(
         None, "memory for the run in GB: fewer cf processes so that the concurrent subjects' "

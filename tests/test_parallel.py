@@ -1,6 +1,8 @@
 """The one chunked parallel map (interfaces/parallel.py)."""
 
 import ctypes
+import importlib
+import sys
 import threading
 import time
 
@@ -159,7 +161,7 @@ def test_workers_run_openmp_teams_of_one():
     per core unless told otherwise; map_chunks' workers (single_blas) must
     run teams of one (two workers with teams of two spin-waited: Gibbs
     removal took 3.6x the CPU time). The caller's setting is left alone."""
-    import torch  # noqa: F401  (loads the OpenMP runtime)
+    importlib.import_module("torch")     # loads the OpenMP runtime
     libs = parallel._loaded_libraries(lambda name: name.startswith(("libgomp", "libiomp")))
     assert libs, "torch's OpenMP runtime is not loaded"
     team = ctypes.CDLL(libs[0]).omp_get_max_threads
@@ -167,3 +169,24 @@ def test_workers_run_openmp_teams_of_one():
     before = team()
     assert map_chunks(lambda _: team(), range(6), n_threads=2) == [1] * 6
     assert team() == before
+
+
+def test_blas_is_looked_up_again_after_an_import_and_pinned(monkeypatch):
+    """A BLAS loaded after the first look (scipy's own OpenBLAS comes with
+    scipy.linalg) must be controlled too: the setters are looked up again
+    once modules were imported since, and each BLAS found is pinned to one
+    thread process-wide."""
+    pinned = []
+
+    def fake_find():
+        return [("libopenblas.so", lambda n: 0, pinned.append)]
+    monkeypatch.setattr(parallel, "_find_blas", fake_find)
+    monkeypatch.setitem(parallel._BLAS, "modules", -1)
+    first = parallel.blas_local_setters()
+    assert len(first) == 1 and pinned == [parallel.BLAS_THREADS]
+    assert parallel.blas_local_setters() is first and len(pinned) == 1   # nothing new imported
+    monkeypatch.setitem(sys.modules, "a_module_with_a_blas", object())
+    assert len(parallel.blas_local_setters()) == 1 and len(pinned) == 2
+    monkeypatch.undo()
+    parallel.pin_blas_threads()                    # the real libraries again
+
