@@ -4,9 +4,10 @@
 parallel, builds the FA template in rounds (each round: every reference
 subject registered as its own node, then one node averages them), registers
 every subject to the final template as its own node (cached per subject,
-parallel under the workers), then one node combines the registered features
-into the scale maps, stores the artefact and evaluates it (site effect
-before/after on the fitting cohort). The per-subject apply step (``dmriflow run --harmonization``,
+parallel under the workers), warps each subject's RISH to the template as its
+own node, then one node sums them per site into the scale maps and stores the
+artefact, and the evaluation (site effect before/after on the fitting cohort)
+harmonises each target subject as its own node. The per-subject apply step (``dmriflow run --harmonization``,
 ``dmriflow harmonize apply``) is the registered step
 :mod:`dmriflow.interfaces.steps.harmonize`.
 """
@@ -24,11 +25,11 @@ from dmriflow.interfaces.gradients import read_gradients
 from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
                                            TEMPLATE_ITERATIONS,
                                            HarmonizationArtefact, HarmonizationError,
-                                           SubjectFeatures, SubjectSummary, Transform,
-                                           apply_harmonization, check_site_sizes, dti_tensor,
-                                           evaluate_harmonization, fit_harmonization,
-                                           register_fa, registration_image,
-                                           subject_features, summarise_subject, template_mean,
+                                           SubjectFeatures, SubjectSummary, SubjectTerms,
+                                           Transform, apply_harmonization, check_site_sizes,
+                                           dti_tensor, evaluate_harmonization, fit_from_terms,
+                                           register_fa, registration_image, subject_features,
+                                           subject_terms, summarise_subject, template_mean,
                                            with_values)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
@@ -187,14 +188,37 @@ def template_mean_step(features: list[dict], sites: dict, reference_site: str, t
 TemplateMean = python.define(template_mean_step, outputs=["template"], name="TemplateMean")
 
 
+def fit_subject_step(entry: dict, sites: dict, reference_site: str, target_site: str,
+                     shells: list, lmax: int, registered: list[dict],
+                     pipeline_version: str = "") -> dict:
+    """One subject's share of the fit (one node per subject, in parallel): its
+    RISH and mask warped to the template through the transform its
+    registration node computed (:func:`subject_terms`), saved for the final
+    :func:`fit_harmonization_step`. Subjects of neither site and failed ones
+    pass with no terms."""
+    out = {"subject": entry["subject"], "terms": None}
+    site = sites.get(entry["subject"])
+    if entry.get("status") != "ok" or site not in (reference_site, target_site):
+        return out
+    transform = _transforms(registered)[entry["subject"]]()
+    terms = subject_terms(_loader(entry)(), transform, shells, lmax, site)
+    return {**out, "terms": terms.save(Path.cwd())}
+
+
+FitSubject = python.define(fit_subject_step, outputs=["terms"], name="FitSubject")
+
+
 def fit_harmonization_step(features: list[dict], sites: dict, reference_site: str, target_site: str,
                            shells: list, lmax: int, template: dict, registered: list[dict],
-                           registration: str = "syn", smoothing_fwhm_mm: float = 0.0,
+                           terms: list[dict], registration: str = "syn",
+                           smoothing_fwhm_mm: float = 0.0,
                            contrast: str = DEFAULT_REGISTRATION_CONTRAST,
                            pipeline_version: str = "") -> dict:
-    """Fit the artefact on the subjects whose features succeeded, from their
-    registrations to the template (evaluated by :func:`harmonised_summary_step`
-    and :func:`evaluate_fit_step`)."""
+    """Fit the artefact on the subjects whose features succeeded: their
+    :func:`fit_subject_step` terms summed per site in the serial fit's order
+    (:func:`fit_from_terms`), the scale maps, and the artefact written and
+    verified once (evaluated by :func:`harmonised_summary_step` and
+    :func:`evaluate_fit_step`)."""
     Path(STEP_MARKER).write_text("harmonize-fit")
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
                 for f in features if f.get("status") != "ok"]
@@ -202,15 +226,16 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
         Path(FAILED_MARKER).write_text("harmonize-fit")
     ref = _site(features, sites, reference_site)
     tar = _site(features, sites, target_site)
+    saved = {t["subject"]: t["terms"] for t in terms if t.get("terms")}
     info = {"source": "reference-site mean", "iterations": int(template["round"]),
             "first_subject": template["first_subject"], "registration": registration}
-    artefact = fit_harmonization([_loader(f) for f in ref], [_loader(f) for f in tar],
-                                 shells, lmax, reference_site=reference_site,
-                                 target_site=target_site, registration=registration,
-                                 smoothing_fwhm_mm=smoothing_fwhm_mm,
-                                 template=_template(template), template_info=info,
-                                 registered=_transforms(registered),
-                                 registration_contrast=contrast)
+    artefact = fit_from_terms([lambda f=f: SubjectTerms.load(saved[f["subject"]]) for f in ref],
+                              [lambda f=f: SubjectTerms.load(saved[f["subject"]]) for f in tar],
+                              shells, lmax, template=_template(template), template_info=info,
+                              transforms=_transforms(registered), reference_site=reference_site,
+                              target_site=target_site, registration=registration,
+                              smoothing_fwhm_mm=smoothing_fwhm_mm,
+                              registration_contrast=contrast)
     folder = artefact.save(Path.cwd() / "artefact")
     return {"artefact": str(folder.resolve()), "content_id": artefact.content_id,
             "n_reference": len(ref), "n_target": len(tar), "excluded": excluded}
@@ -349,10 +374,15 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                                        register_sites=[reference_site, target_site],
                                        registration=registration, **image, **common)
                        .split("entry", entry=feats.features).combine("entry"), name="register")
-    fit = workflow.add(FitHarmonization(features=feats.features, sites=sites,
-                                        reference_site=reference_site, target_site=target_site,
+    sides = dict(reference_site=reference_site, target_site=target_site)
+    terms = workflow.add(FitSubject(registered=reg.registered, shells=shells, lmax=lmax,
+                                    **sides, **common)
+                         .split("entry", entry=feats.features).combine("entry"),
+                         name="fit_subject")
+    fit = workflow.add(FitHarmonization(features=feats.features, sites=sites, **sides,
                                         shells=shells, lmax=lmax, registration=registration,
                                         template=tpl.template, registered=reg.registered,
+                                        terms=terms.terms,
                                         smoothing_fwhm_mm=smoothing_fwhm_mm, contrast=contrast,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
     after = workflow.add(HarmonisedSummary(fit=fit.result, target_site=target_site, lmax=lmax,

@@ -91,16 +91,31 @@ def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration, cont
     tar = [P._loader(e) for e in entries if sites[e["subject"]] == "siteB"]
     info = {"source": "reference-site mean", "iterations": H.TEMPLATE_ITERATIONS,
             "first_subject": tpl["first_subject"], "registration": registration}
+    names = dict(reference_site="siteA", target_site="siteB")
     nodes = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration=registration,
                                 template=P._template(tpl), template_info=info,
-                                registered=P._transforms(reg), registration_contrast=contrast)
+                                registered=P._transforms(reg), registration_contrast=contrast,
+                                **names)
     serial = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration=registration,
-                                 registration_contrast=contrast)
+                                 registration_contrast=contrast, **names)
     assert nodes.registration_contrast == serial.registration_contrast == contrast
     assert nodes.content_id == serial.content_id
     assert nodes.parameters == serial.parameters
     a, b = nodes.save(tmp_path / "nodes"), serial.save(tmp_path / "serial")
     assert _digests(a) == _digests(b)
+    # the engine's split fit: one FitSubject node per subject, the sums in FitHarmonization
+    split = _fit_nodes(tmp_path / "split", entries, tpl, reg, [BVAL], registration,
+                       sites=sites, contrast=contrast)
+    assert split["content_id"] == serial.content_id
+    engine = H.HarmonizationArtefact.load(split["artefact"], transforms=True)
+    assert engine.parameters == serial.parameters and engine.subjects == _subjects(b)
+    assert _digests(Path(split["artefact"])) == _digests(b)
+    assert engine.transforms.keys() == serial.transforms.keys()
+
+
+def _subjects(folder: Path) -> list:
+    """The subject list an artefact folder records."""
+    return json.loads((folder / H.ARTEFACT_JSON).read_text())["subjects"]
 
 
 # ----------------------------------------------------------------------------
@@ -136,10 +151,20 @@ def _nodes(tmp_path: Path, shells: list, records: dict, sites: dict) -> tuple:
     reg = [_in(tmp_path / "reg" / e["subject"], P.register_subject_step, entry=e, template=tpl,
                register_sites=["siteA", "siteB"], registration="affine", **common)
            for e in entries]
-    fit = _in(tmp_path / "fit", P.fit_harmonization_step, features=entries, reference_site="siteA",
-              target_site="siteB", shells=shells, lmax=LMAX, template=tpl, registered=reg,
-              registration="affine", **common)
+    fit = _fit_nodes(tmp_path, entries, tpl, reg, shells, "affine", sites=sites)
     return entries, tpl, reg, fit
+
+
+def _fit_nodes(tmp_path: Path, entries, tpl, reg, shells, registration, sites,
+               contrast=H.DEFAULT_REGISTRATION_CONTRAST) -> dict:
+    """The fit as the engine runs it: one FitSubject node per subject, then FitHarmonization."""
+    sides = dict(reference_site="siteA", target_site="siteB")
+    terms = [_in(tmp_path / "fit-subject" / e["subject"], P.fit_subject_step, entry=e,
+                 shells=shells, lmax=LMAX, registered=reg, sites=sites, **sides)
+             for e in entries]
+    return _in(tmp_path / "fit", P.fit_harmonization_step, features=entries, shells=shells,
+               lmax=LMAX, template=tpl, registered=reg, terms=terms, registration=registration,
+               sites=sites, contrast=contrast, **sides)
 
 
 def _evaluate(tmp_path: Path, entries, reg, fit, sites, name="eval") -> dict:
