@@ -24,7 +24,7 @@ from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
 from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
                                            TEMPLATE_ITERATIONS,
-                                           HarmonizationArtefact, HarmonizationError,
+                                           HarmonizationArtefact, artefact_fingerprint, HarmonizationError,
                                            SubjectFeatures, SubjectSummary, SubjectTerms,
                                            Transform, apply_harmonization, check_site_sizes,
                                            dti_tensor, evaluate_harmonization, fit_from_terms,
@@ -238,6 +238,7 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
                               registration_contrast=contrast)
     folder = artefact.save(Path.cwd() / "artefact")
     return {"artefact": str(folder.resolve()), "content_id": artefact.content_id,
+            "fingerprint": artefact_fingerprint(folder),
             "n_reference": len(ref), "n_target": len(tar), "excluded": excluded}
 
 
@@ -261,15 +262,20 @@ def harmonised_summary_step(entry: dict, fit: dict, sites: dict, target_site: st
         return {"subject": entry["subject"], "status": "ok", "summary": None}
     own = _transforms(registered).get(entry["subject"])
     return _harmonised_summary(subject=entry["subject"], entry=entry, artefact=fit["artefact"],
+                               fingerprint=fit["fingerprint"],
                                transform=None if own is None else own(), lmax=lmax)
 
 
 @guarded("harmonize-evaluate")
-def _harmonised_summary(subject: str, entry: dict, artefact: str, transform, lmax: int) -> dict:
+def _harmonised_summary(subject: str, entry: dict, artefact: str, fingerprint: str, transform,
+                        lmax: int) -> dict:
+    """One target subject harmonised and summarised; the artefact read as the
+    fit wrote it (``fingerprint``: its JSON's sha256, so every file is checked
+    against the hashes the fit listed and the content id is the fit's)."""
     dwi = load_series(entry["record"])
-    dwi = with_values(dwi, apply_harmonization(dwi, None, HarmonizationArtefact.load(artefact),
-                                               subject=subject, transform=transform,
-                                               inplace=True)[0])
+    art = HarmonizationArtefact.load(artefact, fingerprint=fingerprint)
+    dwi = with_values(dwi, apply_harmonization(dwi, None, art, subject=subject,
+                                               transform=transform, inplace=True)[0])
     wm = np.asarray(nib.load(entry["summary"]["wm_mask"]).dataobj) > 0
     summary = _summary_record(
         lambda: summarise_subject(dwi, lmax, subject=subject, wm_mask=wm),
