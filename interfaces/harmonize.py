@@ -479,12 +479,20 @@ def block_grid_affine(affine, factor: int) -> np.ndarray:
     return _as_affine(affine) @ scale
 
 
-def _grid_syn_iters(factor: int, syn_level_iters):
-    """Given SyN iterations, else ``GRID_SYN_LEVEL_ITERS`` on a coarsened grid
-    (None on a full one: :func:`registration_levels` decides)."""
-    if syn_level_iters is None and factor > 1:
-        return GRID_SYN_LEVEL_ITERS
-    return syn_level_iters
+def registration_grids(static_affine, moving_affine=None, grid_mm: float | None = None,
+                       syn_level_iters=None) -> tuple[int, int, Sequence[int] | None]:
+    """The block factors of the moving and the static (template) image's
+    registration grids (:func:`registration_grid_factor`; the moving one is
+    the static one's when not given) and the SyN iterations to run there:
+    the given ones, else ``GRID_SYN_LEVEL_ITERS`` when either grid is
+    coarsened (None on full grids: :func:`registration_levels` decides).
+    What :func:`register_fa` does and :func:`registration_record` records."""
+    static = registration_grid_factor(static_affine, grid_mm)
+    moving = static if moving_affine is None else registration_grid_factor(moving_affine,
+                                                                           grid_mm)
+    if syn_level_iters is None and max(moving, static) > 1:
+        syn_level_iters = GRID_SYN_LEVEL_ITERS
+    return moving, static, syn_level_iters
 
 
 def registration_record(static_affine, options: dict | None = None) -> dict:
@@ -492,11 +500,11 @@ def registration_record(static_affine, options: dict | None = None) -> dict:
     the artefact: the registration grid's factor and voxel, and the pyramids
     and CC window on that grid."""
     opts = dict(options or {})
-    factor = registration_grid_factor(static_affine, opts.get("grid_mm"))
+    _, factor, syn_level_iters = registration_grids(static_affine, None, opts.get("grid_mm"),
+                                                    opts.get("syn_level_iters"))
     grid_affine = block_grid_affine(static_affine, factor)
     zooms = _voxel_mm(grid_affine)
-    return {**registration_levels(grid_affine, opts.get("affine_level_iters"),
-                                  _grid_syn_iters(factor, opts.get("syn_level_iters"))),
+    return {**registration_levels(grid_affine, opts.get("affine_level_iters"), syn_level_iters),
             "cc_radius": int(opts.get("cc_radius") or cc_radius_for(grid_affine)),
             "grid_factor": factor, "grid_voxel_mm": [round(float(z), 6) for z in zooms],
             "mi_bins": MI_BINS, "mi_samples": MI_SAMPLES}
@@ -529,14 +537,13 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     if kind == "identity":
         return Transform("identity", np.eye(4), static.shape, static_affine, moving.shape,
                          moving_affine)
-    factors = (registration_grid_factor(moving_affine, grid_mm),
-               registration_grid_factor(static_affine, grid_mm))
+    *factors, grid_syn_iters = registration_grids(static_affine, moving_affine, grid_mm,
+                                                  syn_level_iters)
     if max(factors) > 1:
         coarse = register_fa(*block_mean(moving, moving_affine, factors[0]),
                              *block_mean(static, static_affine, factors[1]), kind,
                              affine_level_iters=affine_level_iters,
-                             syn_level_iters=_grid_syn_iters(max(factors), syn_level_iters),
-                             cc_radius=cc_radius,
+                             syn_level_iters=grid_syn_iters, cc_radius=cc_radius,
                              cc_sigma_diff=cc_sigma_diff, grid_mm=0.0)
         return coarse.on_grids(static.shape, static_affine, moving.shape, moving_affine)
     from dipy.align.imaffine import (AffineRegistration, MutualInformationMetric,
@@ -1884,14 +1891,13 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     t_registered = time.perf_counter()
     if dwi.data is None:       # mask rows only: harmonised into a copy (a read-only map)
         out = np.array(dwi.rows, dtype=np.float32, order="F")
-        flat, rows_idx, order = out, np.arange(out.shape[0]), "F"
-        grid_idx = np.flatnonzero(dwi.mask.ravel(order="F"))   # the voxel of each row
+        flat, rows_idx = out, np.arange(out.shape[0])
     else:
         out = dwi.data if inplace else dwi.data.copy(order="K")
-        flat, rows_idx, order = storage_rows(out, dwi.mask)
-        grid_idx = rows_idx
+        flat, rows_idx, _ = storage_rows(out, dwi.mask)
         if not np.shares_memory(flat, out):   # results are written through the view
             raise ValueError("data must be C- or F-contiguous")
+    voxels = dwi.masked_index()       # the (C-order) voxel of each row, in row order
     gtab = dwi.gtab
     b0 = np.flatnonzero(gtab.b0s_mask)
     if b0.size == 0:
@@ -1900,8 +1906,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     # scale maps at the mask voxels (storage order): (n_vox, n_orders) per shell
     lam_rows, lam_median = {}, {}
     for b, vol in warp_scale_maps(artefact, transform).items():
-        lr = np.stack([vol[..., k].ravel(order=order)[grid_idx] for k in range(n_orders)],
-                      axis=1)
+        lr = np.stack([vol[..., k].reshape(-1)[voxels] for k in range(n_orders)], axis=1)
         del vol
         lam_rows[b] = lr
         lam_median[_shell_key(b)] = {f"l{2 * k}": float(np.median(lr[:, k])) if lr.size else None
