@@ -7,8 +7,8 @@ every subject to the final template as its own node (cached per subject,
 parallel under the workers), warps each subject's RISH to the template as its
 own node, then one node sums them per site into the scale maps and stores the
 artefact, and the evaluation (site effect before/after on the fitting cohort)
-harmonises each target subject as its own node. The per-subject apply step (``dmriflow run --harmonization``,
-``dmriflow harmonize apply``) is the registered step
+harmonises each target subject as its own node. The per-subject apply step
+(``dmriflow run --harmonization``, ``dmriflow harmonize apply``) is the registered step
 :mod:`dmriflow.interfaces.steps.harmonize`.
 """
 
@@ -23,12 +23,12 @@ from pydra.compose import python, workflow
 from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
 from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
-                                           TEMPLATE_ITERATIONS,
-                                           HarmonizationArtefact, artefact_fingerprint, HarmonizationError,
-                                           SubjectFeatures, SubjectSummary, SubjectTerms,
+                                           TEMPLATE_ITERATIONS, HarmonizationArtefact,
+                                           HarmonizationError, SubjectFeatures, SubjectSummary, SubjectTerms,
                                            Transform, apply_harmonization, check_site_sizes,
                                            dti_tensor, evaluate_harmonization, fit_from_terms,
-                                           register_fa, registration_image, subject_features,
+                                           artefact_fingerprint, register_fa,
+                                           registration_image, subject_features,
                                            subject_terms, summarise_subject, template_mean,
                                            with_values)
 from dmriflow.interfaces.sh import max_order_for

@@ -37,7 +37,8 @@ OTHER_CLOUDPICKLE = "cloudpickle==3.1.1 --hash=sha256:" \
 KNOWN_TASKS = {"Validate", "Preprocess", "FitTensor", "FitRish", "Export", "GroupTable",
                "Harmonize", "HarmonizationFeatures", "FitSubject", "FitHarmonization",
                "FeaturesWorkflow", "HarmonizationFitWorkflow", "Inference", "InferenceSubject",
-               "InferencePhase", "ImageGradient", "ImageGradientGroup", "SubjectWorkflow", "CohortWorkflow"}
+               "InferencePhase", "ImageGradient", "ImageGradientGroup", "SubjectWorkflow",
+               "CohortWorkflow"}
 #: ... and the generated task of every registered step (e.g. SnrMap).
 KNOWN_TASKS |= {step.task for step in REGISTRY.values()}
 CHILD_TIMEOUT_S = 300
