@@ -24,13 +24,12 @@ from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
 from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
                                            TEMPLATE_ITERATIONS, HarmonizationArtefact,
-                                           HarmonizationError, SubjectFeatures, SubjectSummary, SubjectTerms,
-                                           Transform, apply_harmonization, check_site_sizes,
-                                           dti_tensor, evaluate_harmonization, fit_from_terms,
-                                           artefact_fingerprint, register_fa,
-                                           registration_image, subject_features,
-                                           subject_terms, summarise_subject, template_mean,
-                                           with_values)
+                                           HarmonizationError, SubjectFeatures, SubjectSummary,
+                                           SubjectTerms, Transform, apply_harmonization,
+                                           artefact_fingerprint, check_site_sizes, dti_tensor,
+                                           evaluate_harmonization, fit_from_terms, register_fa,
+                                           registration_image, subject_features, subject_terms,
+                                           summarise_subject, template_mean, with_values)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
