@@ -464,9 +464,12 @@ def run_pipeline(opts, root: Path) -> None:
           f"workers={opts.workers}")
 
 
-#: --pipeline: the fit's phases in order, each named by a file only its nodes write.
+#: --pipeline: the fit's phases in order, each named by a file only its nodes write
+#: (``fit_subjects``: the per-subject FitSubject nodes, since session 9; ``fit``
+#: then is the final FitHarmonization node alone).
 PHASE_FILES = (("features", "fa.nii.gz"), ("template_rounds", "template_fa.nii.gz"),
-               ("registrations", "transform.json"), ("fit", "artefact"),
+               ("registrations", "transform.json"), ("fit_subjects", "cover.npy"),
+               ("fit", "artefact"),
                ("summaries_after", "fa_harmonised.nii.gz"),
                ("tables", "harmonization_site_effect.tsv"))
 

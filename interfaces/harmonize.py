@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import sh
+from . import codec, sh
 from .dti import DTI_MAX_BVAL, dti_shells
 from .errors import InputError, check_choice
 from .harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, REGISTRATION_CONTRASTS,
@@ -479,12 +479,20 @@ def block_grid_affine(affine, factor: int) -> np.ndarray:
     return _as_affine(affine) @ scale
 
 
-def _grid_syn_iters(factor: int, syn_level_iters):
-    """Given SyN iterations, else ``GRID_SYN_LEVEL_ITERS`` on a coarsened grid
-    (None on a full one: :func:`registration_levels` decides)."""
-    if syn_level_iters is None and factor > 1:
-        return GRID_SYN_LEVEL_ITERS
-    return syn_level_iters
+def registration_grids(static_affine, moving_affine=None, grid_mm: float | None = None,
+                       syn_level_iters=None) -> tuple[int, int, Sequence[int] | None]:
+    """The block factors of the moving and the static (template) image's
+    registration grids (:func:`registration_grid_factor`; the moving one is
+    the static one's when not given) and the SyN iterations to run there:
+    the given ones, else ``GRID_SYN_LEVEL_ITERS`` when either grid is
+    coarsened (None on full grids: :func:`registration_levels` decides).
+    What :func:`register_fa` does and :func:`registration_record` records."""
+    static = registration_grid_factor(static_affine, grid_mm)
+    moving = static if moving_affine is None else registration_grid_factor(moving_affine,
+                                                                           grid_mm)
+    if syn_level_iters is None and max(moving, static) > 1:
+        syn_level_iters = GRID_SYN_LEVEL_ITERS
+    return moving, static, syn_level_iters
 
 
 def registration_record(static_affine, options: dict | None = None) -> dict:
@@ -492,11 +500,11 @@ def registration_record(static_affine, options: dict | None = None) -> dict:
     the artefact: the registration grid's factor and voxel, and the pyramids
     and CC window on that grid."""
     opts = dict(options or {})
-    factor = registration_grid_factor(static_affine, opts.get("grid_mm"))
+    _, factor, syn_level_iters = registration_grids(static_affine, None, opts.get("grid_mm"),
+                                                    opts.get("syn_level_iters"))
     grid_affine = block_grid_affine(static_affine, factor)
     zooms = _voxel_mm(grid_affine)
-    return {**registration_levels(grid_affine, opts.get("affine_level_iters"),
-                                  _grid_syn_iters(factor, opts.get("syn_level_iters"))),
+    return {**registration_levels(grid_affine, opts.get("affine_level_iters"), syn_level_iters),
             "cc_radius": int(opts.get("cc_radius") or cc_radius_for(grid_affine)),
             "grid_factor": factor, "grid_voxel_mm": [round(float(z), 6) for z in zooms],
             "mi_bins": MI_BINS, "mi_samples": MI_SAMPLES}
@@ -529,14 +537,13 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     if kind == "identity":
         return Transform("identity", np.eye(4), static.shape, static_affine, moving.shape,
                          moving_affine)
-    factors = (registration_grid_factor(moving_affine, grid_mm),
-               registration_grid_factor(static_affine, grid_mm))
+    *factors, grid_syn_iters = registration_grids(static_affine, moving_affine, grid_mm,
+                                                  syn_level_iters)
     if max(factors) > 1:
         coarse = register_fa(*block_mean(moving, moving_affine, factors[0]),
                              *block_mean(static, static_affine, factors[1]), kind,
                              affine_level_iters=affine_level_iters,
-                             syn_level_iters=_grid_syn_iters(max(factors), syn_level_iters),
-                             cc_radius=cc_radius,
+                             syn_level_iters=grid_syn_iters, cc_radius=cc_radius,
                              cc_sigma_diff=cc_sigma_diff, grid_mm=0.0)
         return coarse.on_grids(static.shape, static_affine, moving.shape, moving_affine)
     from dipy.align.imaffine import (AffineRegistration, MutualInformationMetric,
@@ -1050,6 +1057,9 @@ class HarmonizationArtefact:
     transforms: dict = field(default_factory=dict, repr=False)
     content_id: str = ""
     registration_contrast: str = LEGACY_REGISTRATION_CONTRAST
+    #: True only from :meth:`load` with the writer's fingerprint: the content id
+    #: is the one its verified JSON states (not recomputed from the maps).
+    verified: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
         check_registration_contrast(self.registration_contrast)
@@ -1069,6 +1079,8 @@ class HarmonizationArtefact:
                                  f"expected {want}")
         if self.template_mask.shape != self.template_fa.shape:
             raise ValueError("template mask and FA differ in shape")
+        if self.verified and self.content_id:
+            return
         cid = self.compute_content_id()
         if not self.content_id:
             self.content_id = cid
@@ -1148,16 +1160,23 @@ class HarmonizationArtefact:
         return atomic_write(directory, fill, folder=True)
 
     @classmethod
-    def load(cls, directory, transforms: bool = False) -> "HarmonizationArtefact":
+    def load(cls, directory, transforms: bool = False,
+             fingerprint: str | None = None) -> "HarmonizationArtefact":
         """Read and validate an artefact folder (never unpickles anything).
 
         Checks the format, every file's sha256, data types and shapes, and
         recomputes the content id from the scale maps. ``transforms`` also
-        loads the fit subjects' transforms.
+        loads the fit subjects' transforms. ``fingerprint``: the sha256 of
+        ``artefact.json`` as its writer handed it on (:func:`artefact_fingerprint`
+        when the fit saved it); the JSON must match it, and then the content
+        id it states is taken, not recomputed (every file is still checked
+        against the sha256 the JSON lists: a tampered or half-written file is
+        refused either way). At HCP size the recomputation is about half of a
+        load (the maps are transposed from NIfTI's F order to hash them).
         """
         directory = Path(directory)
         meta_path = directory / ARTEFACT_JSON
-        meta = _read_json(meta_path, "artefact")
+        meta = _read_json(meta_path, "artefact", sha256=fingerprint)
         if meta.get("format") != ARTEFACT_FORMAT:
             raise InputError(meta_path, f"not a {ARTEFACT_FORMAT} artefact "
                                         f"(format {meta.get('format')!r})")
@@ -1202,7 +1221,8 @@ class HarmonizationArtefact:
                        parameters=meta.get("parameters", {}), transforms=trans,
                        content_id=meta["content_id"],
                        registration_contrast=meta.get("registration_contrast",
-                                                      LEGACY_REGISTRATION_CONTRAST))
+                                                      LEGACY_REGISTRATION_CONTRAST),
+                       verified=fingerprint is not None)
         except ValueError as exc:
             raise InputError(meta_path, f"invalid artefact ({exc})") from None
 
@@ -1218,12 +1238,16 @@ def artefact_fingerprint(directory) -> str | None:
         return None
 
 
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: Path, what: str, sha256: str | None = None) -> dict:
+    """A JSON object file; with ``sha256``, only if its bytes have that hash."""
     if not path.is_file():
         raise InputError(path, f"{what} JSON not found")
     try:
-        with open(path, encoding="utf-8") as fh:
-            meta = json.load(fh)
+        raw = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+            raise InputError(path, f"{what} JSON changed since it was written (sha256 mismatch "
+                                   f"with the fingerprint handed on)")
+        meta = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(path, f"cannot read the {what} JSON ({exc})") from None
     if not isinstance(meta, dict):
@@ -1232,13 +1256,31 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) -> np.ndarray:
-    """A NIfTI's stored array (exact dtype, no scaling) after checking its sha256."""
+    """A NIfTI's stored array (exact dtype, no scaling) after checking its sha256.
+
+    A ``.nii.gz`` is read once (:func:`codec.inflate`, ISA-L where installed:
+    the file's sha256, the inflated bytes and every gzip member's CRC32 in
+    one pass) instead of hashing the file and then inflating it again with
+    Python's gzip (at HCP size 2-3x the time)."""
     import nibabel as nib
     if not path.is_file():
         raise InputError(path, f"{what} file is missing")
-    if file_sha256(path) != sha256:
-        raise InputError(path, f"{what} file changed since it was written (sha256 mismatch)")
-    img = nib.load(path)
+    if not codec.is_gzip(path):
+        if file_sha256(path) != sha256:
+            raise InputError(path, f"{what} file changed since it was written (sha256 mismatch)")
+        img = nib.load(path)
+    else:
+        raw = bytearray()
+        try:
+            found = codec.inflate(path, raw.extend)
+        except codec.CorruptGzipError as exc:
+            found = None
+            if file_sha256(path) == sha256:        # written damaged: say so
+                raise InputError(path, f"{what} is not a valid gzip file: {exc}") from None
+        if found is None or found.sha256 != sha256:
+            raise InputError(path, f"{what} file changed since it was written (sha256 mismatch)")
+        img = nib.Nifti1Image.from_bytes(bytes(raw))
+        del raw
     arr = np.asanyarray(img.dataobj)
     if arr.dtype != np.dtype(dtype):
         raise InputError(path, f"{what} is stored as {arr.dtype}, expected {np.dtype(dtype)}")
@@ -1374,6 +1416,59 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                            noise_floor=noise_floor))
     lmax = sh.check_lmax(lmax)
     check_choice("registration", registration, REGISTRATIONS)
+    shells = _check_fit_options(shells, reference_site, target_site, site_mean,
+                                scale_estimator, noise_floor)
+    check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
+    opts = dict(registration_options or {})
+    image = _contrast_of(registration_contrast, shells)
+    if template is None:
+        tpl_fa, tpl_affine, tpl_info = build_template(
+            reference, iterations=template_iterations, registration=registration,
+            registration_options=opts, contrast=registration_contrast, shells=shells)
+    else:
+        tpl_fa, tpl_affine, tpl_info = _given_template(template, template_info)
+    if registered is not None and template is None:
+        raise ValueError("precomputed transforms need the template they map to")
+    sums = _SiteSums(tpl_fa.shape, shells, lmax, (reference_site, target_site),
+                     noise_floor=noise_floor, median=site_mean == "median")
+    transforms = {}
+    native = ({b: np.zeros(tpl_fa.shape + (lmax // 2 + 1,), dtype=np.float32) for b in shells}
+              if scale_estimator in _NATIVE_ESTIMATORS else {})
+    e_ref = None                 # "matched"/"native-log": the reference mean, once complete
+    for s_idx, (site, items) in enumerate(((reference_site, reference), (target_site, target))):
+        for i, item in enumerate(items):
+            f = _load(item)
+            sums.check_new(site, f.subject)
+            rish = _check_subject(f, site, shells, lmax)
+            if noise_floor:
+                _noise_terms(f, shells, site)
+            t = (register_fa(image(f), f.affine, tpl_fa, tpl_affine, registration, **opts)
+                 if registered is None else registered[f.subject]())
+            interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
+            sums.add(site, subject_terms(f, t, shells, lmax, site, interpolation=interp,
+                                         noise_floor=noise_floor))
+            if s_idx == 1 and scale_estimator in _NATIVE_ESTIMATORS:
+                if e_ref is None:            # the reference site came first: its mean is complete
+                    e_ref = {b: _site_mean(sums.sums[reference_site][b],
+                                           sums.counts[reference_site]) for b in shells}
+                mask = np.asarray(f.mask, dtype=bool)
+                for b in shells:
+                    native[b] += _native_term(t, mask, rish[b], e_ref[b], scale_estimator)
+            if keep_transforms and t.kind != "identity":
+                transforms[(site, f.subject)] = t
+            del f, rish, t
+    return _artefact_from_sums(
+        sums, native, tpl_fa, tpl_affine, tpl_info, shells, lmax, tau=tau,
+        smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, registration=registration,
+        site_mean=site_mean, scale_estimator=scale_estimator, noise_floor=noise_floor,
+        min_subjects=min_subjects, registration_options=opts, transforms=transforms,
+        registration_contrast=registration_contrast)
+
+
+def _check_fit_options(shells, reference_site: str, target_site: str, site_mean: str,
+                       scale_estimator: str, noise_floor: bool) -> list[float]:
+    """The fit's option checks (shared by :func:`fit_harmonization` and
+    :func:`fit_from_terms`); returns the shells as floats."""
     shells = [float(b) for b in shells]
     if not shells:
         raise HarmonizationError("no shell to harmonise")
@@ -1389,105 +1484,171 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     if noise_floor and (scale_estimator in _NATIVE_ESTIMATORS or site_mean != "mean"):
         raise ValueError("noise_floor removes the noise share from the site means: it needs "
                          "site_mean 'mean' and scale_estimator 'ratio' or 'nearest'")
-    check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
-    opts = dict(registration_options or {})
-    image = _contrast_of(registration_contrast, shells)
-    if template is None:
-        tpl_fa, tpl_affine, tpl_info = build_template(
-            reference, iterations=template_iterations, registration=registration,
-            registration_options=opts, contrast=registration_contrast, shells=shells)
-    else:
-        tpl_fa, tpl_affine = np.asarray(template[0], dtype=np.float32), _as_affine(template[1])
-        if tpl_fa.ndim != 3:
-            raise ValueError(f"template FA must be 3D, got {tpl_fa.shape}")
-        tpl_info = dict(template_info or {"source": "given"})
-    if registered is not None and template is None:
-        raise ValueError("precomputed transforms need the template they map to")
-    grid = tpl_fa.shape
+    return shells
+
+
+def _given_template(template, template_info: dict | None) -> tuple:
+    """``(fa, affine, info)`` of a template given as ``(fa, affine)``."""
+    tpl_fa, tpl_affine = np.asarray(template[0], dtype=np.float32), _as_affine(template[1])
+    if tpl_fa.ndim != 3:
+        raise ValueError(f"template FA must be 3D, got {tpl_fa.shape}")
+    return tpl_fa, tpl_affine, dict(template_info or {"source": "given"})
+
+
+@dataclass
+class SubjectTerms:
+    """One subject's share of its site's sums on the template grid: the warped
+    mask ``cover`` (X, Y, Z) and the warped masked RISH ``{shell: (X, Y, Z,
+    orders)}`` (``noise``: its noise shares, with ``noise_floor``), all
+    float32, and its entry in the artefact's subject list (``record``). The
+    engine computes these in one node per subject and sums them in a final
+    one (:func:`fit_from_terms`), in the order the serial fit adds them."""
+
+    cover: np.ndarray
+    warped: dict
+    record: dict
+    noise: dict = field(default_factory=dict)
+
+    #: File names of :meth:`save` (the shell's key goes in ``{}``).
+    COVER_FILE = "cover.npy"
+    WARPED_FILE = "warped_b{}.npy"
+    NOISE_FILE = "noise_b{}.npy"
+
+    def save(self, folder) -> dict:
+        """Write the arrays as ``.npy`` (uncompressed: the final node reads each
+        once) and return ``{"cover", "warped", "noise", "record"}`` with paths."""
+        folder = Path(folder)
+
+        def put(name, arr):
+            return str(atomic_write(folder / name, lambda tmp: _save_npy(tmp, arr)).resolve())
+
+        return {"cover": put(self.COVER_FILE, self.cover),
+                "warped": {_shell_key(b): put(self.WARPED_FILE.format(_shell_key(b)), w)
+                           for b, w in self.warped.items()},
+                "noise": {_shell_key(b): put(self.NOISE_FILE.format(_shell_key(b)), w)
+                          for b, w in self.noise.items()},
+                "record": self.record}
+
+    @classmethod
+    def load(cls, saved: dict) -> "SubjectTerms":
+        """The terms :meth:`save` wrote (never unpickles)."""
+        def get(p):
+            return np.load(p, allow_pickle=False)
+        return cls(cover=get(saved["cover"]),
+                   warped={float(b): get(p) for b, p in saved["warped"].items()},
+                   record=dict(saved["record"]),
+                   noise={float(b): get(p) for b, p in saved.get("noise", {}).items()})
+
+
+def _save_npy(path, arr) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, np.asarray(arr), allow_pickle=False)
+
+
+def subject_terms(f: SubjectFeatures, t: Transform, shells: Sequence[float], lmax: int,
+                  site: str, *, interpolation: str = "linear",
+                  noise_floor: bool = False) -> SubjectTerms:
+    """One subject's :class:`SubjectTerms` through its transform ``t`` to the
+    template (``interpolation`` of the RISH and the mask)."""
+    rish = _check_subject(f, site, shells, lmax)
+    noise = _noise_terms(f, shells, site) if noise_floor else {}
+    mask = np.asarray(f.mask, dtype=bool)
     n_orders = lmax // 2 + 1
-    sums, counts, subjects, transforms = {}, {}, [], {}
-    noise_sums = {}                                # noise_floor: the site means' noise share
-    stacks = {}                                   # site_mean "median": per-subject values
-    native = ({b: np.zeros(grid + (n_orders,), dtype=np.float32) for b in shells}
-              if scale_estimator in _NATIVE_ESTIMATORS else {})
-    e_ref = None                 # "matched"/"native-log": the reference mean, once complete
-    for s_idx, (site, items) in enumerate(((reference_site, reference), (target_site, target))):
-        sums[site] = {b: np.zeros(grid + (n_orders,), dtype=np.float32) for b in shells}
-        counts[site] = np.zeros(grid, dtype=np.float32)
-        noise_sums[site] = {b: np.zeros(grid + (n_orders,), dtype=np.float32)
-                            for b in shells} if noise_floor else {}
-        stacks[site] = {b: [] for b in shells}
-        seen = set()
-        for i, item in enumerate(items):
-            f = _load(item)
-            if f.subject in seen:
-                raise HarmonizationError(f"site {site!r}: subject {f.subject!r} is listed twice")
-            seen.add(f.subject)
-            rish = _check_subject(f, site, shells, lmax)
-            noise = _noise_terms(f, shells, site) if noise_floor else {}
-            mask = np.asarray(f.mask, dtype=bool)
-            t = (register_fa(image(f), f.affine, tpl_fa, tpl_affine, registration, **opts)
-                 if registered is None else registered[f.subject]())
-            interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
-            cover = np.clip(t.to_template(mask.astype(np.float32), interp), 0, 1)
-            counts[site] += cover
-            for b in shells:
-                warped = np.stack([t.to_template(np.where(mask, rish[b][..., k], 0), interp)
-                                   for k in range(n_orders)], axis=-1)
-                # RISH is 0 outside the subject mask: sum/count is the
-                # mask-normalised interpolation of the site mean.
-                sums[site][b] += warped
-                if noise_floor:
-                    noise_sums[site][b] += np.stack(
-                        [t.to_template(np.where(mask, noise[b][..., k], 0), interp)
+
+    def warp(maps):
+        # RISH is 0 outside the subject mask: sum/count is the mask-normalised
+        # interpolation of the site mean.
+        return np.stack([t.to_template(np.where(mask, maps[..., k], 0), interpolation)
                          for k in range(n_orders)], axis=-1)
-                if site_mean == "median":
-                    value = np.full(warped.shape, np.nan, dtype=np.float32)
-                    inside = cover >= 0.5
-                    value[inside] = warped[inside] / cover[inside][:, None]
-                    stacks[site][b].append(value)
-                del warped
-            if s_idx == 1 and scale_estimator in _NATIVE_ESTIMATORS:
-                if e_ref is None:            # the reference site came first: its mean is complete
-                    e_ref = {b: _site_mean(sums[reference_site][b], counts[reference_site])
-                             for b in shells}
-                for b in shells:
-                    native[b] += _native_term(t, mask, rish[b], e_ref[b], scale_estimator)
-            subjects.append({"site": site, "site_index": "ref" if s_idx == 0 else "tar",
-                             "index": i, "subject": f.subject, "sha256": f.content_hash(),
-                             "grid": list(mask.shape), "affine": np.asarray(f.affine).tolist(),
-                             "prealign": t.prealign.tolist(), "registration": t.kind})
-            if keep_transforms and t.kind != "identity":
-                transforms[(site, f.subject)] = t
-            del f, rish, t
-    n_ref, n_tar = len(reference), len(target)
-    tpl_mask = ((counts[reference_site] >= MASK_COVERAGE * n_ref)
-                & (counts[target_site] >= MASK_COVERAGE * n_tar))
+
+    cover = np.clip(t.to_template(mask.astype(np.float32), interpolation), 0, 1)
+    return SubjectTerms(
+        cover=cover, warped={float(b): warp(rish[b]) for b in shells},
+        noise={float(b): warp(noise[b]) for b in shells} if noise_floor else {},
+        record={"subject": f.subject, "sha256": f.content_hash(), "grid": list(mask.shape),
+                "affine": np.asarray(f.affine).tolist(), "prealign": t.prealign.tolist(),
+                "registration": t.kind})
+
+
+class _SiteSums:
+    """Per-site float32 sums of the subjects' :class:`SubjectTerms`, added in
+    order (the order fixes the sums' last bits), and the artefact's subject list."""
+
+    def __init__(self, grid, shells, lmax: int, sites, *, noise_floor: bool = False,
+                 median: bool = False):
+        n_orders = lmax // 2 + 1
+        self.shells, self.sites, self.median = list(shells), list(sites), median
+
+        def zeros():
+            return {b: np.zeros(tuple(grid) + (n_orders,), dtype=np.float32) for b in shells}
+
+        self.sums = {s: zeros() for s in sites}
+        self.counts = {s: np.zeros(grid, dtype=np.float32) for s in sites}
+        self.noise = {s: zeros() if noise_floor else {} for s in sites}
+        self.stacks = {s: {b: [] for b in shells} for s in sites}   # "median": per subject
+        self.seen = {s: [] for s in sites}
+        self.subjects = []
+
+    def check_new(self, site: str, subject: str) -> None:
+        if subject in self.seen[site]:
+            raise HarmonizationError(f"site {site!r}: subject {subject!r} is listed twice")
+
+    def add(self, site: str, terms: SubjectTerms) -> None:
+        self.check_new(site, terms.record["subject"])
+        s_idx = self.sites.index(site)
+        self.subjects.append({"site": site, "site_index": "ref" if s_idx == 0 else "tar",
+                              "index": len(self.seen[site]), **terms.record})
+        self.seen[site].append(terms.record["subject"])
+        self.counts[site] += terms.cover
+        for b in self.shells:
+            warped = terms.warped[b]
+            self.sums[site][b] += warped
+            if self.noise[site]:
+                self.noise[site][b] += terms.noise[b]
+            if self.median:
+                value = np.full(warped.shape, np.nan, dtype=np.float32)
+                inside = terms.cover >= 0.5
+                value[inside] = warped[inside] / terms.cover[inside][:, None]
+                self.stacks[site][b].append(value)
+
+    def site_mean(self, site: str, b: float, site_mean: str) -> np.ndarray:
+        """The site's mean RISH of shell ``b`` (freeing its sums)."""
+        m = _site_mean(self.sums[site][b], self.counts[site])
+        if site_mean == "median":
+            with warnings.catch_warnings():       # all-NaN voxels: the mean stays
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = np.nanmedian(np.stack(self.stacks[site][b]), axis=0)
+            m = np.where(np.isfinite(med), med, m).astype(np.float32)
+            self.stacks[site][b] = None
+        if self.noise[site]:
+            m = debiased_rish(m, _site_mean(self.noise[site][b], self.counts[site]))
+            self.noise[site][b] = None
+        self.sums[site][b] = None                      # free as we go
+        return m
+
+
+def _artefact_from_sums(sums: _SiteSums, native: dict, tpl_fa, tpl_affine, tpl_info: dict,
+                        shells, lmax: int, *, tau: float, smoothing_fwhm_mm: float,
+                        scale_range, registration: str, site_mean: str, scale_estimator: str,
+                        noise_floor: bool, min_subjects: int, registration_options: dict,
+                        transforms: dict, registration_contrast: str) -> HarmonizationArtefact:
+    """The scale maps and the artefact from the completed site sums."""
+    reference_site, target_site = sums.sites
+    n_ref, n_tar = len(sums.seen[reference_site]), len(sums.seen[target_site])
+    tpl_mask = ((sums.counts[reference_site] >= MASK_COVERAGE * n_ref)
+                & (sums.counts[target_site] >= MASK_COVERAGE * n_tar))
     if not tpl_mask.any():
         raise HarmonizationError("the template mask is empty: the two sites' warped brain "
                                  "masks do not overlap (registration failed?)")
     fill = _nearest_fill_index(tpl_mask)
     maps, taus, stats = {}, {}, {}
     for b in shells:
-        means = []
-        for site in (reference_site, target_site):
-            m = _site_mean(sums[site][b], counts[site])
-            if site_mean == "median":
-                with warnings.catch_warnings():       # all-NaN voxels: the mean stays
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    med = np.nanmedian(np.stack(stacks[site][b]), axis=0)
-                m = np.where(np.isfinite(med), med, m).astype(np.float32)
-                stacks[site][b] = None
-            if noise_floor:
-                m = debiased_rish(m, _site_mean(noise_sums[site][b], counts[site]))
-                noise_sums[site][b] = None
-            means.append(m)
-            sums[site][b] = None                      # free as we go
+        means = [sums.site_mean(site, b, site_mean) for site in (reference_site, target_site)]
         tau_b = tau
         if scale_estimator == "matched":
-            means[0] = _site_mean(native[b], counts[target_site])
+            means[0] = _site_mean(native[b], sums.counts[target_site])
         elif scale_estimator == "native-log":   # lambda^2 = exp(mean log ratio); tau is inside
-            log_ratio = _site_mean(native[b], counts[target_site])
+            log_ratio = _site_mean(native[b], sums.counts[target_site])
             means, tau_b = [np.exp(log_ratio), np.ones_like(log_ratio)], 0.0
         native.pop(b, None)
         maps[b], taus[b], stats[_shell_key(b)] = scale_maps(
@@ -1498,7 +1659,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
               "scale_estimator": scale_estimator, "refit_rounds": 0,
               "noise_floor": bool(noise_floor),
               "min_subjects": int(min_subjects),
-              "registration_options": registration_record(tpl_affine, opts),
+              "registration_options": registration_record(tpl_affine, registration_options),
               "n_subjects": {reference_site: n_ref, target_site: n_tar},
               "stats": stats, "template_mask_voxels": int(tpl_mask.sum())}
     return HarmonizationArtefact(
@@ -1506,8 +1667,56 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         scale_maps=maps, shells=shells, lmax=lmax, tau=float(tau), tau_values=taus,
         smoothing_fwhm_mm=float(smoothing_fwhm_mm), scale_range=tuple(scale_range),
         registration=registration, reference_site=reference_site, target_site=target_site,
-        subjects=subjects, pipeline_version=pipeline_version(), parameters=params,
+        subjects=sums.subjects, pipeline_version=pipeline_version(), parameters=params,
         transforms=transforms, registration_contrast=registration_contrast)
+
+
+def fit_from_terms(reference: Sequence[Callable[[], SubjectTerms]],
+                   target: Sequence[Callable[[], SubjectTerms]], shells: Sequence[float],
+                   lmax: int, *, template, template_info: dict | None = None,
+                   transforms: Mapping[str, Callable[[], Transform]] | None = None,
+                   tau: float = TAU_FRACTION,
+                   smoothing_fwhm_mm: float = DEFAULT_SMOOTHING_FWHM_MM,
+                   scale_range: tuple[float, float] = SCALE_RANGE,
+                   reference_site: str = "reference", target_site: str = "target",
+                   registration: str = "syn", min_subjects: int = MIN_SUBJECTS_PER_SITE,
+                   registration_options: dict | None = None, site_mean: str = "mean",
+                   scale_estimator: str = "ratio", noise_floor: bool = False,
+                   registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST
+                   ) -> HarmonizationArtefact:
+    """:func:`fit_harmonization` given each subject's :class:`SubjectTerms`
+    (callables returning them, one loaded at a time) through transforms to
+    ``template`` computed beforehand (the engine: one node per subject): the
+    same sums in the same order, so the same artefact, bit for bit.
+    ``transforms``: ``{subject: callable returning its Transform}`` to keep
+    in the artefact (None: none kept). Not for the estimators that form a
+    term on each subject's grid (``"matched"``, ``"native-log"``)."""
+    lmax = sh.check_lmax(lmax)
+    check_choice("registration", registration, REGISTRATIONS)
+    shells = _check_fit_options(shells, reference_site, target_site, site_mean,
+                                scale_estimator, noise_floor)
+    if scale_estimator in _NATIVE_ESTIMATORS:
+        raise ValueError(f"scale_estimator {scale_estimator!r} forms its terms on each "
+                         f"subject's grid: use fit_harmonization")
+    check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
+    tpl_fa, tpl_affine, tpl_info = _given_template(template, template_info)
+    sums = _SiteSums(tpl_fa.shape, shells, lmax, (reference_site, target_site),
+                     noise_floor=noise_floor, median=site_mean == "median")
+    kept = {}
+    for site, items in ((reference_site, reference), (target_site, target)):
+        for item in items:
+            terms = item()
+            sums.add(site, terms)
+            subject = terms.record["subject"]
+            if transforms is not None and terms.record["registration"] != "identity":
+                kept[(site, subject)] = transforms[subject]()
+            del terms
+    return _artefact_from_sums(
+        sums, {}, tpl_fa, tpl_affine, tpl_info, shells, lmax, tau=tau,
+        smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, registration=registration,
+        site_mean=site_mean, scale_estimator=scale_estimator, noise_floor=noise_floor,
+        min_subjects=min_subjects, registration_options=dict(registration_options or {}),
+        transforms=kept, registration_contrast=registration_contrast)
 
 
 def _refit(reference, target, shells, lmax, rounds: int, harmonised_fa, kw: dict
@@ -1682,14 +1891,13 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     t_registered = time.perf_counter()
     if dwi.data is None:       # mask rows only: harmonised into a copy (a read-only map)
         out = np.array(dwi.rows, dtype=np.float32, order="F")
-        flat, rows_idx, order = out, np.arange(out.shape[0]), "F"
-        grid_idx = np.flatnonzero(dwi.mask.ravel(order="F"))   # the voxel of each row
+        flat, rows_idx = out, np.arange(out.shape[0])
     else:
         out = dwi.data if inplace else dwi.data.copy(order="K")
-        flat, rows_idx, order = storage_rows(out, dwi.mask)
-        grid_idx = rows_idx
+        flat, rows_idx, _ = storage_rows(out, dwi.mask)
         if not np.shares_memory(flat, out):   # results are written through the view
             raise ValueError("data must be C- or F-contiguous")
+    voxels = dwi.masked_index()       # the (C-order) voxel of each row, in row order
     gtab = dwi.gtab
     b0 = np.flatnonzero(gtab.b0s_mask)
     if b0.size == 0:
@@ -1698,8 +1906,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     # scale maps at the mask voxels (storage order): (n_vox, n_orders) per shell
     lam_rows, lam_median = {}, {}
     for b, vol in warp_scale_maps(artefact, transform).items():
-        lr = np.stack([vol[..., k].ravel(order=order)[grid_idx] for k in range(n_orders)],
-                      axis=1)
+        lr = np.stack([vol[..., k].reshape(-1)[voxels] for k in range(n_orders)], axis=1)
         del vol
         lam_rows[b] = lr
         lam_median[_shell_key(b)] = {f"l{2 * k}": float(np.median(lr[:, k])) if lr.size else None

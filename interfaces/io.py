@@ -179,7 +179,7 @@ class DWI:
         if self.data is not None:
             return np.asarray(self.data[at], np.float32)
         pos = int(np.ravel_multi_index(at, self.mask.shape, order="F"))
-        row = np.searchsorted(np.flatnonzero(self.mask.ravel(order="F")), pos)
+        row = np.searchsorted(mask_rows_index(self.mask), pos)
         return np.asarray(self.rows[row], np.float32)
 
     def masked_index(self) -> np.ndarray:
@@ -190,7 +190,7 @@ class DWI:
         order = "F" if self.data is None else _flat_view(self.data)[1]
         if order == "C":
             return np.flatnonzero(self.mask.ravel())
-        f_idx = np.flatnonzero(self.mask.ravel(order="F"))
+        f_idx = mask_rows_index(self.mask)
         return np.ravel_multi_index(np.unravel_index(f_idx, self.mask.shape, order="F"),
                                     self.mask.shape)
 
@@ -213,6 +213,12 @@ class DWI:
         if chunk is None:
             return flat[idx]
         return (flat[idx[i:i + chunk]] for i in range(0, idx.size, chunk))
+
+
+def mask_rows_index(mask: np.ndarray) -> np.ndarray:
+    """F-order flat indices of the mask voxels: the voxel of each row of a
+    series kept as mask rows (:func:`load_dwi_rows`), in row order."""
+    return np.flatnonzero(np.asarray(mask).ravel(order="F"))
 
 
 def storage_rows(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
@@ -446,7 +452,7 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
         raise ValueError(f"{dwi_path}: not stored as exact float32 values (use load_dwi)")
     mask = load_mask(mask_path, img)
     shape = img.shape
-    idx = np.flatnonzero(mask.ravel(order="F"))
+    idx = mask_rows_index(mask)
     column = np.empty(idx.size, np.float32)          # one volume's mask voxels
     b0_idx = np.flatnonzero(gtab.b0s_mask)
     if b0_idx.size == 0:

@@ -4,10 +4,11 @@
 parallel, builds the FA template in rounds (each round: every reference
 subject registered as its own node, then one node averages them), registers
 every subject to the final template as its own node (cached per subject,
-parallel under the workers), then one node combines the registered features
-into the scale maps, stores the artefact and evaluates it (site effect
-before/after on the fitting cohort). The per-subject apply step (``dmriflow run --harmonization``,
-``dmriflow harmonize apply``) is the registered step
+parallel under the workers), warps each subject's RISH to the template as its
+own node, then one node sums them per site into the scale maps and stores the
+artefact, and the evaluation (site effect before/after on the fitting cohort)
+harmonises each target subject as its own node. The per-subject apply step
+(``dmriflow run --harmonization``, ``dmriflow harmonize apply``) is the registered step
 :mod:`dmriflow.interfaces.steps.harmonize`.
 """
 
@@ -22,14 +23,13 @@ from pydra.compose import python, workflow
 from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
 from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
-                                           TEMPLATE_ITERATIONS,
-                                           HarmonizationArtefact, HarmonizationError,
-                                           SubjectFeatures, SubjectSummary, Transform,
-                                           apply_harmonization, check_site_sizes, dti_tensor,
-                                           evaluate_harmonization, fit_harmonization,
-                                           register_fa, registration_image,
-                                           subject_features, summarise_subject, template_mean,
-                                           with_values)
+                                           TEMPLATE_ITERATIONS, HarmonizationArtefact,
+                                           HarmonizationError, SubjectFeatures, SubjectSummary,
+                                           SubjectTerms, Transform, apply_harmonization,
+                                           artefact_fingerprint, check_site_sizes, dti_tensor,
+                                           evaluate_harmonization, fit_from_terms, register_fa,
+                                           registration_image, subject_features, subject_terms,
+                                           summarise_subject, template_mean, with_values)
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
@@ -187,14 +187,37 @@ def template_mean_step(features: list[dict], sites: dict, reference_site: str, t
 TemplateMean = python.define(template_mean_step, outputs=["template"], name="TemplateMean")
 
 
+def fit_subject_step(entry: dict, sites: dict, reference_site: str, target_site: str,
+                     shells: list, lmax: int, registered: list[dict],
+                     pipeline_version: str = "") -> dict:
+    """One subject's share of the fit (one node per subject, in parallel): its
+    RISH and mask warped to the template through the transform its
+    registration node computed (:func:`subject_terms`), saved for the final
+    :func:`fit_harmonization_step`. Subjects of neither site and failed ones
+    pass with no terms."""
+    out = {"subject": entry["subject"], "terms": None}
+    site = sites.get(entry["subject"])
+    if entry.get("status") != "ok" or site not in (reference_site, target_site):
+        return out
+    transform = _transforms(registered)[entry["subject"]]()
+    terms = subject_terms(_loader(entry)(), transform, shells, lmax, site)
+    return {**out, "terms": terms.save(Path.cwd())}
+
+
+FitSubject = python.define(fit_subject_step, outputs=["terms"], name="FitSubject")
+
+
 def fit_harmonization_step(features: list[dict], sites: dict, reference_site: str, target_site: str,
                            shells: list, lmax: int, template: dict, registered: list[dict],
-                           registration: str = "syn", smoothing_fwhm_mm: float = 0.0,
+                           terms: list[dict], registration: str = "syn",
+                           smoothing_fwhm_mm: float = 0.0,
                            contrast: str = DEFAULT_REGISTRATION_CONTRAST,
                            pipeline_version: str = "") -> dict:
-    """Fit the artefact on the subjects whose features succeeded, from their
-    registrations to the template (evaluated by :func:`harmonised_summary_step`
-    and :func:`evaluate_fit_step`)."""
+    """Fit the artefact on the subjects whose features succeeded: their
+    :func:`fit_subject_step` terms summed per site in the serial fit's order
+    (:func:`fit_from_terms`), the scale maps, and the artefact written and
+    verified once (evaluated by :func:`harmonised_summary_step` and
+    :func:`evaluate_fit_step`)."""
     Path(STEP_MARKER).write_text("harmonize-fit")
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
                 for f in features if f.get("status") != "ok"]
@@ -202,17 +225,19 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
         Path(FAILED_MARKER).write_text("harmonize-fit")
     ref = _site(features, sites, reference_site)
     tar = _site(features, sites, target_site)
+    saved = {t["subject"]: t["terms"] for t in terms if t.get("terms")}
     info = {"source": "reference-site mean", "iterations": int(template["round"]),
             "first_subject": template["first_subject"], "registration": registration}
-    artefact = fit_harmonization([_loader(f) for f in ref], [_loader(f) for f in tar],
-                                 shells, lmax, reference_site=reference_site,
-                                 target_site=target_site, registration=registration,
-                                 smoothing_fwhm_mm=smoothing_fwhm_mm,
-                                 template=_template(template), template_info=info,
-                                 registered=_transforms(registered),
-                                 registration_contrast=contrast)
+    artefact = fit_from_terms([lambda f=f: SubjectTerms.load(saved[f["subject"]]) for f in ref],
+                              [lambda f=f: SubjectTerms.load(saved[f["subject"]]) for f in tar],
+                              shells, lmax, template=_template(template), template_info=info,
+                              transforms=_transforms(registered), reference_site=reference_site,
+                              target_site=target_site, registration=registration,
+                              smoothing_fwhm_mm=smoothing_fwhm_mm,
+                              registration_contrast=contrast)
     folder = artefact.save(Path.cwd() / "artefact")
     return {"artefact": str(folder.resolve()), "content_id": artefact.content_id,
+            "fingerprint": artefact_fingerprint(folder),
             "n_reference": len(ref), "n_target": len(tar), "excluded": excluded}
 
 
@@ -236,15 +261,20 @@ def harmonised_summary_step(entry: dict, fit: dict, sites: dict, target_site: st
         return {"subject": entry["subject"], "status": "ok", "summary": None}
     own = _transforms(registered).get(entry["subject"])
     return _harmonised_summary(subject=entry["subject"], entry=entry, artefact=fit["artefact"],
+                               fingerprint=fit["fingerprint"],
                                transform=None if own is None else own(), lmax=lmax)
 
 
 @guarded("harmonize-evaluate")
-def _harmonised_summary(subject: str, entry: dict, artefact: str, transform, lmax: int) -> dict:
+def _harmonised_summary(subject: str, entry: dict, artefact: str, fingerprint: str, transform,
+                        lmax: int) -> dict:
+    """One target subject harmonised and summarised; the artefact read as the
+    fit wrote it (``fingerprint``: its JSON's sha256, so every file is checked
+    against the hashes the fit listed and the content id is the fit's)."""
     dwi = load_series(entry["record"])
-    dwi = with_values(dwi, apply_harmonization(dwi, None, HarmonizationArtefact.load(artefact),
-                                               subject=subject, transform=transform,
-                                               inplace=True)[0])
+    art = HarmonizationArtefact.load(artefact, fingerprint=fingerprint)
+    dwi = with_values(dwi, apply_harmonization(dwi, None, art, subject=subject,
+                                               transform=transform, inplace=True)[0])
     wm = np.asarray(nib.load(entry["summary"]["wm_mask"]).dataobj) > 0
     summary = _summary_record(
         lambda: summarise_subject(dwi, lmax, subject=subject, wm_mask=wm),
@@ -349,10 +379,15 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                                        register_sites=[reference_site, target_site],
                                        registration=registration, **image, **common)
                        .split("entry", entry=feats.features).combine("entry"), name="register")
-    fit = workflow.add(FitHarmonization(features=feats.features, sites=sites,
-                                        reference_site=reference_site, target_site=target_site,
+    sides = dict(reference_site=reference_site, target_site=target_site)
+    terms = workflow.add(FitSubject(registered=reg.registered, shells=shells, lmax=lmax,
+                                    **sides, **common)
+                         .split("entry", entry=feats.features).combine("entry"),
+                         name="fit_subject")
+    fit = workflow.add(FitHarmonization(features=feats.features, sites=sites, **sides,
                                         shells=shells, lmax=lmax, registration=registration,
                                         template=tpl.template, registered=reg.registered,
+                                        terms=terms.terms,
                                         smoothing_fwhm_mm=smoothing_fwhm_mm, contrast=contrast,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
     after = workflow.add(HarmonisedSummary(fit=fit.result, target_site=target_site, lmax=lmax,

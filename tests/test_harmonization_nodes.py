@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -91,16 +92,31 @@ def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration, cont
     tar = [P._loader(e) for e in entries if sites[e["subject"]] == "siteB"]
     info = {"source": "reference-site mean", "iterations": H.TEMPLATE_ITERATIONS,
             "first_subject": tpl["first_subject"], "registration": registration}
+    names = dict(reference_site="siteA", target_site="siteB")
     nodes = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration=registration,
                                 template=P._template(tpl), template_info=info,
-                                registered=P._transforms(reg), registration_contrast=contrast)
+                                registered=P._transforms(reg), registration_contrast=contrast,
+                                **names)
     serial = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration=registration,
-                                 registration_contrast=contrast)
+                                 registration_contrast=contrast, **names)
     assert nodes.registration_contrast == serial.registration_contrast == contrast
     assert nodes.content_id == serial.content_id
     assert nodes.parameters == serial.parameters
     a, b = nodes.save(tmp_path / "nodes"), serial.save(tmp_path / "serial")
     assert _digests(a) == _digests(b)
+    # the engine's split fit: one FitSubject node per subject, the sums in FitHarmonization
+    split = _fit_nodes(tmp_path / "split", entries, tpl, reg, [BVAL], registration,
+                       sites=sites, contrast=contrast)
+    assert split["content_id"] == serial.content_id
+    engine = H.HarmonizationArtefact.load(split["artefact"], transforms=True)
+    assert engine.parameters == serial.parameters and engine.subjects == _subjects(b)
+    assert _digests(Path(split["artefact"])) == _digests(b)
+    assert engine.transforms.keys() == serial.transforms.keys()
+
+
+def _subjects(folder: Path) -> list:
+    """The subject list an artefact folder records."""
+    return json.loads((folder / H.ARTEFACT_JSON).read_text())["subjects"]
 
 
 # ----------------------------------------------------------------------------
@@ -136,10 +152,20 @@ def _nodes(tmp_path: Path, shells: list, records: dict, sites: dict) -> tuple:
     reg = [_in(tmp_path / "reg" / e["subject"], P.register_subject_step, entry=e, template=tpl,
                register_sites=["siteA", "siteB"], registration="affine", **common)
            for e in entries]
-    fit = _in(tmp_path / "fit", P.fit_harmonization_step, features=entries, reference_site="siteA",
-              target_site="siteB", shells=shells, lmax=LMAX, template=tpl, registered=reg,
-              registration="affine", **common)
+    fit = _fit_nodes(tmp_path, entries, tpl, reg, shells, "affine", sites=sites)
     return entries, tpl, reg, fit
+
+
+def _fit_nodes(tmp_path: Path, entries, tpl, reg, shells, registration, sites,
+               contrast=H.DEFAULT_REGISTRATION_CONTRAST) -> dict:
+    """The fit as the engine runs it: one FitSubject node per subject, then FitHarmonization."""
+    sides = dict(reference_site="siteA", target_site="siteB")
+    terms = [_in(tmp_path / "fit-subject" / e["subject"], P.fit_subject_step, entry=e,
+                 shells=shells, lmax=LMAX, registered=reg, sites=sites, **sides)
+             for e in entries]
+    return _in(tmp_path / "fit", P.fit_harmonization_step, features=entries, shells=shells,
+               lmax=LMAX, template=tpl, registered=reg, terms=terms, registration=registration,
+               sites=sites, contrast=contrast, **sides)
 
 
 def _evaluate(tmp_path: Path, entries, reg, fit, sites, name="eval") -> dict:
@@ -268,3 +294,51 @@ def test_fit_from_mask_rows_equals_fit_from_the_grid(eval_cohort, tmp_path):
         assert grid["maps"][key] == rows["maps"][key], key
     assert grid["values"] == rows["values"]
     assert grid["tables"] == rows["tables"]
+
+
+def _tamper_voxel(folder: Path) -> None:
+    """One voxel of a scale map changed (the file re-written, the JSON left)."""
+    scale = next(folder.glob("scale_b*.nii.gz"))
+    img = nib.load(scale)
+    data = np.asarray(img.dataobj).copy()
+    data[data.shape[0] // 2, data.shape[1] // 2, data.shape[2] // 2, 1] *= 2
+    io.save_nifti(data, img.affine, scale)
+
+
+def _tamper_cut(folder: Path) -> None:
+    """A scale map cut short (half-written)."""
+    scale = next(folder.glob("scale_b*.nii.gz"))
+    raw = scale.read_bytes()
+    scale.write_bytes(raw[:len(raw) // 2])
+
+
+def _tamper_relisted(folder: Path) -> None:
+    """A changed scale map whose new sha256 is listed in the JSON (the content id left)."""
+    _tamper_voxel(folder)
+    meta = json.loads((folder / H.ARTEFACT_JSON).read_text())
+    for entry in meta["files"].values():
+        entry["sha256"] = io.file_sha256(folder / entry["file"])
+    (folder / H.ARTEFACT_JSON).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("tamper", [_tamper_voxel, _tamper_cut, _tamper_relisted],
+                         ids=["voxel", "cut", "relisted"])
+def test_harmonised_summary_refuses_a_changed_artefact(eval_cohort, tmp_path, tamper):
+    """The summary nodes read the artefact with the fingerprint the fit handed
+    on (its JSON's sha256) instead of recomputing the content id: a changed,
+    cut or consistently re-listed scale map still fails the subject, and the
+    untouched artefact gives the fit's content id."""
+    _, records, sites = eval_cohort
+    entries, _, reg, fit = _nodes(tmp_path, list(EVAL_SHELLS), records, sites)
+    assert H.HarmonizationArtefact.load(fit["artefact"], fingerprint=fit["fingerprint"]
+                                        ).content_id == fit["content_id"]
+    target = next(e for e in entries if sites[e["subject"]] == "siteB")
+    kw = dict(entry=target, sites=sites, target_site="siteB", lmax=LMAX, registered=reg)
+    ok = _in(tmp_path / "after-ok", P.harmonised_summary_step, fit=fit, **kw)
+    assert ok["status"] == "ok" and "values" in ok["summary"], ok.get("traceback")
+    changed = tmp_path / "changed"
+    shutil.copytree(fit["artefact"], changed)
+    tamper(changed)
+    bad = _in(tmp_path / "after-bad", P.harmonised_summary_step,
+              fit={**fit, "artefact": str(changed)}, **kw)
+    assert bad["status"] == "failed" and "sha256 mismatch" in bad["error"]

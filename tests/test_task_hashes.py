@@ -35,9 +35,10 @@ OTHER_CLOUDPICKLE = "cloudpickle==3.1.1 --hash=sha256:" \
     "c8c5a44295039331ee9dad40ba100a9c7297b6f988e50e87ccdf3765a668350e"
 #: Tasks that must be found (the enumeration itself is checked with these).
 KNOWN_TASKS = {"Validate", "Preprocess", "FitTensor", "FitRish", "Export", "GroupTable",
-               "Harmonize", "HarmonizationFeatures", "FitHarmonization", "FeaturesWorkflow",
-               "HarmonizationFitWorkflow", "Inference", "InferenceSubject", "InferencePhase",
-               "ImageGradient", "ImageGradientGroup", "SubjectWorkflow", "CohortWorkflow"}
+               "Harmonize", "HarmonizationFeatures", "FitSubject", "FitHarmonization",
+               "FeaturesWorkflow", "HarmonizationFitWorkflow", "Inference", "InferenceSubject",
+               "InferencePhase", "ImageGradient", "ImageGradientGroup", "SubjectWorkflow",
+               "CohortWorkflow"}
 #: ... and the generated task of every registered step (e.g. SnrMap).
 KNOWN_TASKS |= {step.task for step in REGISTRY.values()}
 CHILD_TIMEOUT_S = 300
