@@ -13,7 +13,7 @@ offline (SCIENCE.md section 4), so pairs are simulated:
   by :func:`degrade`: small misregistration, coarser resolution, a smooth
   bias field and Rician noise.
 
-Three degradation *families* exist: ``"train"`` (Gaussian point-spread function
+The three original degradation *families*: ``"train"`` (Gaussian point-spread function
 + decimation, polynomial bias), ``"test"`` (k-space truncation, i.e. a
 sinc PSF with Gibbs ringing, a Gaussian-bump bias and a noise range that
 extends below the training range) and ``"calib"`` (a box PSF - block
@@ -22,6 +22,10 @@ averaging over the coarser voxel - with its own ranges; see
 evaluation uses the test one, so a model that merely memorises the training
 degradation is not rewarded; the calibration family is a *third* shift that
 the uncertainty can be calibrated on without looking at the test family.
+A fourth, ``"train-mixed"``, is the train family with the PSF drawn per pair
+between the Gaussian and an *apodised* k-space truncation (a Tukey k-space
+filter, as vendor reconstructions apply; never the test family's rectangular
+one): training over PSF types rather than widening for one.
 
 What this can and cannot show: a learned model recovering the 7T member
 from the 3T-like one proves it learns a *known* mapping under a shifted
@@ -34,7 +38,7 @@ synthetic degradation does not contain.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage
@@ -73,6 +77,11 @@ SNR_7T = 60.0
 #: calibration must see some), a stronger polynomial bias (0-0.3; the features
 #: are b0-normalised, so the bias matters through the noise floor only) and a
 #: misregistration between the other two families'.
+#: ``"train-mixed"``: the train family's ranges and bias with ``psf`` a tuple,
+#: one of which is drawn per pair (after every other draw, so a seed keeps the
+#: train family's resolution, SNR, bias and motion); ``taper`` is the range the
+#: apodised PSF's Tukey fraction is drawn from (:data:`KSPACE_TAPER`).
+KSPACE_TAPER = (0.5, 1.0)
 FAMILIES = {
     "train": {"resolution": (1.2, 1.8), "snr": (15.0, 35.0), "bias": (0.0, 0.2),
               "shift_vox": 0.5, "rotation_deg": 1.5, "psf": "gaussian", "bias_model": "polynomial"},
@@ -80,10 +89,18 @@ FAMILIES = {
              "shift_vox": 0.7, "rotation_deg": 2.0, "psf": "kspace", "bias_model": "bump"},
     "calib": {"resolution": (1.2, 1.8), "snr": (12.0, 30.0), "bias": (0.0, 0.3),
               "shift_vox": 0.6, "rotation_deg": 1.75, "psf": "box", "bias_model": "polynomial"},
+    "train-mixed": {"resolution": (1.2, 1.8), "snr": (15.0, 35.0), "bias": (0.0, 0.2),
+                    "shift_vox": 0.5, "rotation_deg": 1.5, "psf": ("gaussian", "kspace-apodised"),
+                    "taper": KSPACE_TAPER, "bias_model": "polynomial"},
 }
 #: Point-spread functions: ``gaussian`` (:func:`blur_decimate`), ``kspace``
-#: (:func:`kspace_truncate`), ``box`` (:func:`box_decimate`), ``none``.
-PSFS = ("gaussian", "kspace", "box", "none")
+#: (:func:`kspace_truncate`, rectangular), ``kspace-apodised`` (the same with a
+#: Tukey k-space filter of fraction ``Degradation.taper``), ``box``
+#: (:func:`box_decimate`), ``none``.
+PSFS = ("gaussian", "kspace", "kspace-apodised", "box", "none")
+#: The PSF whose k-space filter is tapered: its ``taper`` must be in (0, 1]
+#: (0 would be the test family's rectangular truncation); every other PSF has 0.
+APODISED = "kspace-apodised"
 BIAS_MODELS = ("polynomial", "bump", "none")
 #: Gaussian FWHM (in output voxels) of a point-spread function one voxel wide:
 #: blurring to a voxel ``f`` times larger adds ``sqrt(f^2 - 1)`` voxels of FWHM.
@@ -92,6 +109,13 @@ FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 PAIR_SEED_TAG = 7037
 #: Width of the Gaussian bump bias field, as a fraction of the field of view.
 BUMP_WIDTH = 0.35
+#: Why KSPACE_TAPER is 0.5-1.0: a Tukey window of fraction ``a`` is flat over
+#: the inner ``1 - a`` of the kept band and falls as a raised cosine to 0 at
+#: its edge (``a = 1``: Hann). Vendor reconstructions apply such k-space
+#: filters (Hann/Hamming/Fermi-like) to suppress Gibbs ringing; the range
+#: starts at 0.5 so that every draw is clearly apodised (its first sidelobe
+#: and its sharpness well apart from the rectangular window's), which keeps
+#: the test family's rectangular truncation (``a = 0``) out of training.
 
 
 @dataclass(frozen=True)
@@ -107,10 +131,14 @@ class Degradation:
     bias_coeffs: tuple = ()
     shift_vox: tuple = (0.0, 0.0, 0.0)
     rotation_deg: tuple = (0.0, 0.0, 0.0)
+    taper: float = 0.0
 
     def __post_init__(self):
         if self.psf not in PSFS:
             raise ValueError(f"psf must be one of {PSFS}, got {self.psf!r}")
+        if (self.psf == APODISED) != (0.0 < self.taper <= 1.0) or not 0.0 <= self.taper <= 1.0:
+            raise ValueError(f"taper must be in (0, 1] for psf {APODISED!r} and 0 otherwise, "
+                             f"got {self.taper} with psf {self.psf!r}")
         if self.bias_model not in BIAS_MODELS:
             raise ValueError(f"bias_model must be one of {BIAS_MODELS}, got {self.bias_model!r}")
         if self.resolution < 1.0:
@@ -128,13 +156,17 @@ def sample_degradation(family: str, rng: np.random.Generator) -> Degradation:
         raise ValueError(f"unknown degradation family {family!r} ({', '.join(FAMILIES)})")
     f = FAMILIES[family]
     n_coeffs = 9 if f["bias_model"] == "polynomial" else 4   # bump: centre (3) + sign
-    return Degradation(
-        family=family, psf=f["psf"], resolution=float(rng.uniform(*f["resolution"])),
+    spec = Degradation(
+        family=family, psf="none", resolution=float(rng.uniform(*f["resolution"])),
         snr=float(rng.uniform(*f["snr"])), bias_model=f["bias_model"],
         bias=float(rng.uniform(*f["bias"])),
         bias_coeffs=tuple(float(c) for c in rng.uniform(-1, 1, n_coeffs)),
         shift_vox=tuple(float(s) for s in rng.uniform(-1, 1, 3) * f["shift_vox"]),
         rotation_deg=tuple(float(a) for a in rng.uniform(-1, 1, 3) * f["rotation_deg"]))
+    # PSF drawn last: a family with one PSF draws nothing more (its streams unchanged)
+    psf = f["psf"] if isinstance(f["psf"], str) else str(f["psf"][rng.integers(len(f["psf"]))])
+    taper = float(rng.uniform(*f["taper"])) if psf == APODISED else 0.0
+    return replace(spec, psf=psf, taper=taper)
 
 
 # ----------------------------------------------------------------------------
@@ -207,15 +239,32 @@ def box_decimate(data: np.ndarray, factor: float) -> np.ndarray:
     return _decimated(data, factor, blur)
 
 
-def kspace_truncate(data: np.ndarray, factor: float) -> np.ndarray:
+def kspace_window(n: int, factor: float, taper: float = 0.0) -> np.ndarray:
+    """1D k-space filter over ``np.fft.fftfreq(n)``: the band ``|f| <= fc``,
+    ``fc = 0.5 / factor``, kept; with ``taper`` a > 0 a Tukey window - 1 for
+    ``|f| <= (1 - a) fc``, then ``cos^2`` falling to 0 at ``fc`` (a = 1: Hann)."""
+    f = np.abs(np.fft.fftfreq(n))
+    fc = 0.5 / max(factor, 1.0)
+    w = (f <= fc).astype(np.float64)
+    if taper > 0:
+        edge = (1.0 - taper) * fc
+        ramp = (f > edge) & (f <= fc)
+        w[ramp] = np.cos(0.5 * np.pi * (f[ramp] - edge) / (taper * fc)) ** 2
+    return w
+
+
+def kspace_truncate(data: np.ndarray, factor: float, taper: float = 0.0) -> np.ndarray:
     """Keep the central ``1/factor`` of k-space along each axis (zero-filled
     reconstruction on the input grid): a sinc PSF ``factor`` voxels wide,
-    with Gibbs ringing at edges."""
-    if factor <= 1.0:
+    with Gibbs ringing at edges; ``taper`` > 0: the band apodised by a
+    separable Tukey filter (:func:`kspace_window`; applied at ``factor`` 1
+    too, as a reconstruction filter is), a wider PSF with little ringing."""
+    if factor <= 1.0 and taper == 0:
         return np.asarray(data, dtype=np.float32).copy()
-    shape = data.shape[:3]
-    keep = [np.abs(np.fft.fftfreq(n)) <= 0.5 / factor for n in shape]
-    window = keep[0][:, None, None] & keep[1][None, :, None] & keep[2][None, None, :]
+    w = [kspace_window(n, factor, taper) for n in data.shape[:3]]
+    if taper == 0:
+        w = [a > 0 for a in w]          # the rectangular band as a mask (exactly as before)
+    window = w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :]
     return _volumes(data, lambda v: np.fft.ifftn(np.fft.fftn(v) * window).real)
 
 
@@ -283,8 +332,8 @@ def degrade(data: np.ndarray, gtab: GradientTable, mask: np.ndarray, spec: Degra
         out = misregister(out, spec.shift_vox, spec.rotation_deg)
     if spec.psf == "gaussian":
         out = blur_decimate(out, spec.resolution)
-    elif spec.psf == "kspace":
-        out = kspace_truncate(out, spec.resolution)
+    elif spec.psf in ("kspace", APODISED):
+        out = kspace_truncate(out, spec.resolution, spec.taper)
     elif spec.psf == "box":
         out = box_decimate(out, spec.resolution)
     np.maximum(out, 0.0, out=out)

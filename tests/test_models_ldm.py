@@ -43,6 +43,82 @@ def test_kspace_truncation_keeps_exactly_the_central_band():
     assert np.abs(fout[~band]).max() < 1e-3 * np.abs(fin[~band]).max()
 
 
+def _cosine_gain(k: int, factor: float, taper: float, n: int = 64) -> float:
+    """Amplitude gain of the k-space PSF on a cosine of ``k`` cycles over ``n``
+    voxels along axis 0 (constant along the others)."""
+    x = np.arange(n)
+    v = np.broadcast_to(np.cos(2 * np.pi * k * x / n)[:, None, None], (n, 4, 4)).astype(np.float32)
+    out = dg.kspace_truncate(v, factor, taper)
+    return float(np.sum(out * v) / np.sum(v * v))
+
+
+@pytest.mark.parametrize("taper, edge", [(0.5, 8), (0.75, 4), (1.0, 0)])
+def test_apodised_kspace_psf_has_the_tukey_transfer_function(taper, edge):
+    """n = 64, factor 2: the band ends at fc = 16 cycles; a Tukey fraction a
+    keeps bins <= (1 - a) 16 = ``edge`` at gain 1 and falls as cos^2 to 0 at
+    16 - values derived by hand: 1/2 halfway, cos^2(pi/8) a quarter and
+    sin^2(pi/8) three quarters into the taper, 0 at and beyond fc."""
+    width = 16 - edge
+    assert _cosine_gain(edge, 2.0, taper) == pytest.approx(1.0, abs=1e-5)
+    assert _cosine_gain(edge + width // 4, 2.0, taper) == pytest.approx(
+        math.cos(math.pi / 8) ** 2, abs=1e-5)
+    assert _cosine_gain(edge + width // 2, 2.0, taper) == pytest.approx(0.5, abs=1e-5)
+    assert _cosine_gain(edge + 3 * width // 4, 2.0, taper) == pytest.approx(
+        math.sin(math.pi / 8) ** 2, abs=1e-5)
+    for k in (16, 20, 31):
+        assert abs(_cosine_gain(k, 2.0, taper)) < 1e-5
+    # the rectangular window (the test family's) keeps the whole band at gain 1
+    assert _cosine_gain(edge + width // 2, 2.0, 0.0) == pytest.approx(1.0, abs=1e-5)
+    # separable in 3D: the filter of a random volume is the product of the axes'
+    v = np.random.default_rng(3).standard_normal((20, 24, 16)).astype(np.float32)
+    w = [dg.kspace_window(n, 1.6, taper) for n in v.shape]
+    expected = np.fft.fftn(v) * (w[0][:, None, None] * w[1][None, :, None] * w[2][None, None, :])
+    np.testing.assert_allclose(np.fft.fftn(dg.kspace_truncate(v, 1.6, taper)), expected,
+                               atol=1e-3)
+    # a reconstruction filter applies at the native resolution too; a constant passes
+    assert _cosine_gain(24, 1.0, taper) < 0.99 and _cosine_gain(24, 1.0, 0.0) == 1.0
+    assert _cosine_gain(24, 0.8, taper) == pytest.approx(_cosine_gain(24, 1.0, taper), abs=1e-6)
+    const = np.full((12, 10, 8), 2.5, np.float32)
+    np.testing.assert_allclose(dg.kspace_truncate(const, 1.7, taper), const, rtol=1e-5)
+
+
+def test_mixed_training_family_draws_the_psf_per_pair_and_never_the_held_out_ones():
+    """``train-mixed``: Gaussian or apodised k-space per pair, Tukey fraction
+    inside KSPACE_TAPER, never the test family's rectangular truncation or the
+    calibration family's box; a seed keeps the train family's other draws."""
+    fam = dg.FAMILIES["train-mixed"]
+    assert not {dg.FAMILIES["test"]["psf"], dg.FAMILIES["calib"]["psf"]} & set(fam["psf"])
+    assert fam["taper"][0] > 0
+    draws, same = [], []
+    for seed in range(200):
+        rng = lambda: np.random.default_rng(np.random.SeedSequence([seed, dg.PAIR_SEED_TAG]))
+        d, t = dg.sample_degradation("train-mixed", rng()), dg.sample_degradation("train", rng())
+        draws.append(d)
+        same.append(_same_draws_but_psf(d, t))
+    assert all(same)
+    assert {d.psf for d in draws} == set(fam["psf"])
+    tapers = [d.taper for d in draws if d.psf == dg.APODISED]
+    assert fam["taper"][0] <= min(tapers) and max(tapers) <= fam["taper"][1]
+    assert all(d.taper == 0 for d in draws if d.psf != dg.APODISED)
+    with pytest.raises(ValueError, match="taper"):
+        dg.Degradation(psf=dg.APODISED, taper=0.0)
+    with pytest.raises(ValueError, match="taper"):
+        dg.Degradation(psf="kspace", taper=0.5)
+    # without noise, bias and motion the 3T member is the apodised noise-free series
+    plain = dg.simulate_pair(11, sim_size=16, degradation=_no_degradation())
+    apod = dg.simulate_pair(11, sim_size=16, degradation=_no_degradation(
+        psf=dg.APODISED, resolution=1.5, taper=0.7))
+    np.testing.assert_allclose(apod.dwi3, np.maximum(dg.kspace_truncate(plain.dwi3, 1.5, 0.7), 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _same_draws_but_psf(mixed, train) -> bool:
+    """Every draw of ``mixed`` but the PSF (and its taper) equals ``train``'s."""
+    skip = {"family", "psf", "taper"}
+    return all(getattr(mixed, f) == getattr(train, f) for f in mixed.__dataclass_fields__
+               if f not in skip)
+
+
 def test_blur_decimate_removes_fine_detail_and_keeps_coarse():
     x = np.arange(32, dtype=np.float32)
     vol = lambda period: np.broadcast_to(np.sin(2 * np.pi * x / period)[:, None, None],

@@ -221,6 +221,27 @@ def test_members_and_shipped_models_are_written_as_loadable_checkpoints(tmp_path
         study.load_members([tmp_path / "ship" / "rish_cnn_3t7t", tmp_path / "ship" / "rish_3t7t"])
 
 
+def test_training_refuses_the_report_and_calibration_families(tmp_path):
+    """Only :data:`study.TRAINING_FAMILIES` train: the test family is the
+    report and ``calib`` the shift the spread is checked on, so both must stay
+    unseen (function and command line); the card names the PSFs drawn."""
+    assert set(study.TRAINING_FAMILIES) == set(dg.FAMILIES) - {study.REPORT_FAMILY,
+                                                                study.CALIBRATION_FAMILY}
+    for family in (study.REPORT_FAMILY, study.CALIBRATION_FAMILY):
+        with pytest.raises(ValueError, match="stay unseen"):
+            study.train_shipped(tmp_path / family, n_pairs=2, steps=2, grid=16, family=family,
+                                log=lambda s: None)
+        with pytest.raises(SystemExit):
+            study.main(["train", str(tmp_path / family), "--family", family])
+    assert not list(tmp_path.iterdir())
+    text = study.training_data(24, 32, (1.0, 1.8), "train-mixed")
+    counts = dict(re.findall(r"([a-z-]+) (\d+)", text.split("PSF per pair: ")[1].split(")")[0]))
+    psfs = [study.widened_degradation(s, "train-mixed", (1.0, 1.8)).psf
+            for s in study.SEED_TRAIN + np.arange(24)]
+    assert {k: int(v) for k, v in counts.items()} == {p: psfs.count(p) for p in set(psfs)}
+    assert set(psfs) == set(dg.FAMILIES["train-mixed"]["psf"])
+
+
 # ----------------------------------------------------------------------------
 # The ensemble-disagreement range on the card, and the inference flag
 # ----------------------------------------------------------------------------

@@ -73,6 +73,11 @@ CALIBRATION_PAIRS = 10
 SEED_CALIBRATION = SEED_TRAIN + 2000
 #: The family the held-out evaluation reports on: never used to calibrate.
 REPORT_FAMILY = "test"
+#: Families a model may be trained on: neither the report family nor the
+#: calibration one (that must stay an unseen shift). ``train-mixed`` draws the
+#: PSF per pair (Gaussian or apodised k-space, ``degrade.FAMILIES``).
+TRAINING_FAMILIES = tuple(f for f in degrade.FAMILIES if f not in (REPORT_FAMILY,
+                                                                    CALIBRATION_FAMILY))
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"
 SHIPPED_DIFFUSION = SHIPPED / "rish_3t7t"
 SHIPPED_CNN = SHIPPED / "rish_cnn_3t7t"
@@ -156,25 +161,31 @@ def acquisition(ranges: dict) -> cards.Acquisition:
 
 def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | None = None,
                   grid: int = 32, seed: int = 0, sharpness: bool = False, resolution=None,
-                  log=print) -> dict:
-    """Train both RISH-space models on train-family pairs; write their checkpoints
-    to ``out/rish_3t7t`` and ``out/rish_cnn_3t7t`` (float16-rounded weights).
-    ``sharpness``: both get the measured-sharpness condition channel;
-    ``resolution`` (lo, hi): the training pairs' blur widths widened onto it."""
+                  family: str = "train", log=print) -> dict:
+    """Train both RISH-space models on ``family`` pairs (one of
+    :data:`TRAINING_FAMILIES`; the spread is calibrated on validation pairs of
+    the same family); write their checkpoints to ``out/rish_3t7t`` and
+    ``out/rish_cnn_3t7t`` (float16-rounded weights). ``sharpness``: both get
+    the measured-sharpness condition channel; ``resolution`` (lo, hi): the
+    training pairs' blur widths widened onto it."""
+    if family not in TRAINING_FAMILIES:
+        raise ValueError(f"training family must be one of {TRAINING_FAMILIES} (the "
+                         f"{REPORT_FAMILY!r} and {CALIBRATION_FAMILY!r} families stay unseen), "
+                         f"got {family!r}")
     out = Path(out)
     t0 = time.perf_counter()
-    subs = simulate_pairs(SEED_TRAIN + np.arange(n_pairs), "train", grid, resolution)
+    subs = simulate_pairs(SEED_TRAIN + np.arange(n_pairs), family, grid, resolution)
     log(f"simulated {n_pairs} pairs in {time.perf_counter() - t0:.0f} s")
     pairs = [(s.f3, s.f7, s.sigma3) for s in subs]
     ranges = card_ranges(subs)
     torch.manual_seed(seed)
     diff = rishdiff.RishDiffusion3T7T(grid=grid, sharpness=sharpness)
     rep = rishdiff.fit(diff, pairs, rishdiff.RishBudget(steps=steps, seed=seed), log=log)
-    val = simulate_pairs(SEED_VALIDATION + np.arange(VALIDATION_PAIRS), "train", grid)
+    val = simulate_pairs(SEED_VALIDATION + np.arange(VALIDATION_PAIRS), family, grid)
     t1 = time.perf_counter()
     scale = rishdiff.calibrate(diff, [(s.f3, s.f7, s.sigma3, s.seed) for s in val])
     rep["spread_scale"] = scale.tolist()
-    rep["calibration"] = (f"{VALIDATION_PAIRS} train-family validation pairs (seeds "
+    rep["calibration"] = (f"{VALIDATION_PAIRS} {family}-family validation pairs (seeds "
                           f"{SEED_VALIDATION}-{SEED_VALIDATION + VALIDATION_PAIRS - 1}), "
                           f"{rishdiff.CALIBRATION_LEVEL:.0%} level, "
                           f"{time.perf_counter() - t1:.0f} s")
@@ -183,7 +194,7 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     cnn = rishdiff.RishResidualCNN(grid=grid, sharpness=sharpness)
     cbudget = rishdiff.RishBudget(steps=cnn_steps or steps, seed=seed)
     crep = rishdiff.fit_cnn(cnn, pairs, cbudget, log=log)
-    data = training_data(n_pairs, grid, resolution)
+    data = training_data(n_pairs, grid, resolution, family)
     for model, report, name, folder in ((diff, rep, "rish-diffusion-3t7t", "rish_3t7t"),
                                         (cnn, crep, "rish-cnn-3t7t", "rish_cnn_3t7t")):
         save_rish_checkpoint(model, report, name, out / folder, ranges, data, grid)
@@ -192,12 +203,19 @@ def train_shipped(out, n_pairs: int = 16, steps: int = 600, cnn_steps: int | Non
     return {"diffusion": rep, "cnn": crep, "ranges": ranges}
 
 
-def training_data(n_pairs: int, grid: int, resolution=None) -> str:
-    """The cards' description of the training pairs."""
+def training_data(n_pairs: int, grid: int, resolution=None, family: str = "train") -> str:
+    """The cards' description of the training pairs (with the PSFs drawn when
+    the family has several)."""
     wide = ("" if resolution is None else
             f" with the resolution factor widened onto {resolution[0]:g}-{resolution[1]:g}")
+    psf = degrade.FAMILIES[family]["psf"]
+    if not isinstance(psf, str):
+        drawn = [widened_degradation(s, family, resolution or
+                                     degrade.FAMILIES[family]["resolution"]).psf
+                 for s in SEED_TRAIN + np.arange(n_pairs)]
+        wide += " (PSF per pair: " + ", ".join(f"{p} {drawn.count(p)}" for p in psf) + ")"
     return (f"simulated pairs (dmriflow.models.degrade), seeds {SEED_TRAIN}-"
-            f"{SEED_TRAIN + n_pairs - 1}, train degradation family{wide}, grid {grid}")
+            f"{SEED_TRAIN + n_pairs - 1}, {family} degradation family{wide}, grid {grid}")
 
 
 def save_rish_checkpoint(model, report: dict, name: str, folder, ranges: dict, data: str,
@@ -609,7 +627,10 @@ def main(argv=None) -> int:
                    help="add the measured-sharpness condition channel to both models")
     t.add_argument("--resolution", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="widen the training pairs' resolution factor onto LO-HI "
-                        "(same Gaussian PSF and polynomial bias)")
+                        "(same PSF types and polynomial bias)")
+    t.add_argument("--family", default="train", choices=TRAINING_FAMILIES,
+                   help="degradation family of the training and validation pairs "
+                        "(train-mixed: Gaussian or apodised k-space PSF per pair)")
     t.add_argument("--heldout", type=int, default=12, metavar="N",
                    help="score the new checkpoints on N held-out test-family seeds from "
                         f"{SEED_HELDOUT} and record the rows on their cards (0: none)")
@@ -639,7 +660,7 @@ def main(argv=None) -> int:
         recalibrate(a.checkpoint, a.seeds, a.family)
     elif a.cmd == "train":
         train_shipped(a.out, a.pairs, a.steps, a.cnn_steps, sharpness=a.sharpness,
-                      resolution=a.resolution)
+                      resolution=a.resolution, family=a.family)
         if a.heldout:
             seeds = list(SEED_HELDOUT + np.arange(a.heldout))
             evaluate_checkpoints(a.out, Path(a.out) / "heldout", seeds, record=True,
