@@ -4,7 +4,8 @@
   members' features on the cube plus the 3T member's noise estimate and SNR
   (on the native grid, as an inference run would see them);
 * :func:`train_shipped` - trains the residual diffusion model and the
-  equally-fed CNN on train-family pairs and writes both checkpoints
+  equally-fed CNN on train-family pairs (``--family train-mixed``: the PSF
+  drawn per pair, Gaussian or apodised k-space) and writes both checkpoints
   (``python -m dmriflow.models.experiments.ldm_study train OUT``);
 * :func:`evaluate` - scores every method on the given seeds (test family):
   ``metrics.tsv`` (method, map, nmse, ssim, skill = 1 - NMSE/NMSE_identity,
