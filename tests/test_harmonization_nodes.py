@@ -53,10 +53,7 @@ def _entry(f: H.SubjectFeatures, folder: Path) -> dict:
     os.chdir(folder)
     try:
         return {"subject": f.subject, "status": "ok", "sha256": f.content_hash(),
-                "fa": P._save(f.fa, f.affine, "fa.nii.gz"),
-                "mask": P._save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
-                "rish": {f"{b:g}": P._save(r, f.affine, f"rish_b{b:g}.nii.gz")
-                         for b, r in f.rish.items()}}
+                **P.feature_files(f)}
     finally:
         os.chdir(cwd)
 
