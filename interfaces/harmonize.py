@@ -241,6 +241,7 @@ class Transform:
     backward: np.ndarray | None = None
     syn_geometry: dict | None = None
     _cache: object = field(default=None, repr=False, compare=False)
+
     def __post_init__(self):
         check_choice("transform kind", self.kind, REGISTRATIONS)
         self.prealign = _as_affine(self.prealign)
@@ -402,7 +403,7 @@ class Transform:
                 if not entry:
                     raise InputError(meta_path, f"SyN transform lists no {name} field")
                 kw[name] = read_checked_nifti(prefix.parent / entry["file"], entry["sha256"],
-                                               f"{name} displacement field")
+                                              f"{name} displacement field")
         try:
             return cls(**kw)
         except (ValueError, TypeError) as exc:
@@ -438,8 +439,8 @@ class SavedTransform:
     def save(self, prefix) -> list[Path]:
         """:meth:`Transform.save`'s files under ``prefix``, copied."""
         prefix, meta, written = Path(prefix), self.meta, []
-        for name, entry in (meta.get("fields") or {}).items():
-            src = self.prefix.parent / entry["file"]
+        for name, entry in sorted((meta.get("fields") or {}).items(), reverse=True):
+            src = self.prefix.parent / entry["file"]       # forward, then backward
             p = copy_file(src, _field_file(prefix, name))
             if file_sha256(p) != entry["sha256"]:
                 p.unlink()
