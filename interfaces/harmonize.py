@@ -47,8 +47,8 @@ from .errors import InputError, check_choice
 from .harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, REGISTRATION_CONTRASTS,
                                 REGISTRATIONS)
 from .gradients import SHELL_GAP, GradientTable, match_shell
-from .io import (DWI, atomic_write, file_sha256, pipeline_version, save_nifti, storage_rows,
-                 write_json)
+from .io import (DWI, atomic_write, copy_file, file_sha256, pipeline_version, save_nifti,
+                 storage_rows, write_json)
 
 # ----------------------------------------------------------------------------
 # Named constants
@@ -380,7 +380,7 @@ class Transform:
             aff = self.syn_geometry["disp_grid2world"]
             for name in ("forward", "backward"):
                 p = save_nifti(getattr(self, name), np.eye(4) if aff is None else aff,
-                               prefix.parent / f"{prefix.name}_{name}.nii.gz")
+                               _field_file(prefix, name))
                 meta["fields"][name] = {"file": p.name, "sha256": file_sha256(p)}
                 written.append(p)
         written.append(write_json(meta, prefix.parent / f"{prefix.name}.json"))
@@ -402,12 +402,54 @@ class Transform:
                 entry = (meta.get("fields") or {}).get(name)
                 if not entry:
                     raise InputError(meta_path, f"SyN transform lists no {name} field")
-                kw[name] = _read_checked_nifti(prefix.parent / entry["file"], entry["sha256"],
-                                               f"{name} displacement field")
+                kw[name] = read_checked_nifti(prefix.parent / entry["file"], entry["sha256"],
+                                              f"{name} displacement field")
         try:
             return cls(**kw)
         except (ValueError, TypeError) as exc:
             raise InputError(meta_path, f"invalid transform ({exc})") from None
+
+
+def _field_file(prefix: Path, name: str) -> Path:
+    """Where :meth:`Transform.save` writes the ``name`` ("forward"/"backward") field."""
+    return prefix.parent / f"{prefix.name}_{name}.nii.gz"
+
+
+@dataclass(frozen=True)
+class SavedTransform:
+    """A transform as :meth:`Transform.save` wrote it, kept as its files: an
+    artefact stores it (:meth:`save`) by copying them, the SyN fields
+    checked against the sha256 its JSON lists, instead of decoding and
+    re-encoding two HCP-size fields (the same bytes: the encoding is
+    deterministic). :meth:`load` gives the :class:`Transform`."""
+
+    prefix: Path
+
+    @property
+    def meta(self) -> dict:
+        return _read_json(self.prefix.parent / f"{self.prefix.name}.json", "transform")
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    def load(self) -> Transform:
+        return Transform.load(self.prefix)
+
+    def save(self, prefix) -> list[Path]:
+        """:meth:`Transform.save`'s files under ``prefix``, copied."""
+        prefix, meta, written = Path(prefix), self.meta, []
+        for name, entry in sorted((meta.get("fields") or {}).items(), reverse=True):
+            src = self.prefix.parent / entry["file"]       # forward, then backward
+            p = copy_file(src, _field_file(prefix, name))
+            if file_sha256(p) != entry["sha256"]:
+                p.unlink()
+                raise InputError(src, f"{name} displacement field changed since it was "
+                                      f"written (sha256 mismatch)")
+            meta["fields"][name] = {"file": p.name, "sha256": entry["sha256"]}
+            written.append(p)
+        written.append(write_json(meta, prefix.parent / f"{prefix.name}.json"))
+        return written
 
 
 def _syn_levels(shape, level_iters: Sequence[int], radius: int) -> list[int]:
@@ -1195,7 +1237,7 @@ class HarmonizationArtefact:
             entry = files.get(what)
             if not entry:
                 raise InputError(meta_path, f"artefact lists no {what} file")
-            return _read_checked_nifti(directory / entry["file"], entry["sha256"], what, dtype)
+            return read_checked_nifti(directory / entry["file"], entry["sha256"], what, dtype)
 
         shells = [float(b) for b in meta["shells"]]
         maps = {b: get(f"scale_{_shell_key(b)}", np.float32) for b in shells}
@@ -1255,7 +1297,7 @@ def _read_json(path: Path, what: str, sha256: str | None = None) -> dict:
     return meta
 
 
-def _read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) -> np.ndarray:
+def read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) -> np.ndarray:
     """A NIfTI's stored array (exact dtype, no scaling) after checking its sha256.
 
     A ``.nii.gz`` is read once (:func:`codec.inflate`, ISA-L where installed:
@@ -1279,12 +1321,38 @@ def _read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) ->
                 raise InputError(path, f"{what} is not a valid gzip file: {exc}") from None
         if found is None or found.sha256 != sha256:
             raise InputError(path, f"{what} file changed since it was written (sha256 mismatch)")
-        img = nib.Nifti1Image.from_bytes(bytes(raw))
-        del raw
+        return _nifti_array(raw, path, what, dtype)
     arr = np.asanyarray(img.dataobj)
     if arr.dtype != np.dtype(dtype):
         raise InputError(path, f"{what} is stored as {arr.dtype}, expected {np.dtype(dtype)}")
     return np.asarray(arr)
+
+
+#: Bytes of a NIfTI-1 header (``sizeof_hdr``); the data start at ``vox_offset`` >= 352.
+NIFTI1_HEADER_BYTES = 348
+
+
+def _nifti_array(raw: bytearray, path: Path, what: str, dtype) -> np.ndarray:
+    """The stored array of an inflated single-file NIfTI-1 ``raw``, a view of
+    its bytes (no copy). ``Nifti1Image.from_bytes`` held two more copies
+    while it parsed (``bytes(raw)``, then the array nibabel reads into)."""
+    import nibabel as nib
+    try:
+        hdr = nib.Nifti1Header(bytes(raw[:NIFTI1_HEADER_BYTES]))
+        shape, stored = hdr.get_data_shape(), hdr.get_data_dtype()
+        offset = int(hdr.get_data_offset())
+    except Exception as exc:  # noqa: BLE001 - nibabel's header errors vary
+        raise InputError(path, f"{what} is not a NIfTI-1 file ({exc})") from None
+    if stored != np.dtype(dtype):
+        raise InputError(path, f"{what} is stored as {stored}, expected {np.dtype(dtype)}")
+    if hdr.get_slope_inter() not in ((None, None), (1.0, 0.0)):   # dmriflow writes none
+        raise InputError(path, f"{what} is stored with a scale factor, expected raw "
+                               f"{np.dtype(dtype)}")
+    size = int(np.prod(shape, dtype=np.int64)) * stored.itemsize
+    if offset < NIFTI1_HEADER_BYTES or len(raw) < offset + size:
+        raise InputError(path, f"{what} holds {len(raw)} bytes, its header needs "
+                               f"{offset + size}")
+    return np.ndarray(shape, np.dtype(dtype), buffer=raw, offset=offset, order="F")
 
 
 # ----------------------------------------------------------------------------
@@ -1439,14 +1507,13 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         for i, item in enumerate(items):
             f = _load(item)
             sums.check_new(site, f.subject)
+            # checked before the registration (a bad subject fails early), used after it
             rish = _check_subject(f, site, shells, lmax)
-            if noise_floor:
-                _noise_terms(f, shells, site)
+            noise = _noise_terms(f, shells, site) if noise_floor else {}
             t = (register_fa(image(f), f.affine, tpl_fa, tpl_affine, registration, **opts)
                  if registered is None else registered[f.subject]())
             interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
-            sums.add(site, subject_terms(f, t, shells, lmax, site, interpolation=interp,
-                                         noise_floor=noise_floor))
+            sums.add(site, _warped_terms(f, t, rish, noise, lmax, interpolation=interp))
             if s_idx == 1 and scale_estimator in _NATIVE_ESTIMATORS:
                 if e_ref is None:            # the reference site came first: its mean is complete
                     e_ref = {b: _site_mean(sums.sums[reference_site][b],
@@ -1456,7 +1523,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                     native[b] += _native_term(t, mask, rish[b], e_ref[b], scale_estimator)
             if keep_transforms and t.kind != "identity":
                 transforms[(site, f.subject)] = t
-            del f, rish, t
+            del f, rish, noise, t
     return _artefact_from_sums(
         sums, native, tpl_fa, tpl_affine, tpl_info, shells, lmax, tau=tau,
         smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, registration=registration,
@@ -1513,6 +1580,8 @@ class SubjectTerms:
     COVER_FILE = "cover.npy"
     WARPED_FILE = "warped_b{}.npy"
     NOISE_FILE = "noise_b{}.npy"
+    #: Every file :meth:`save` may write, as glob patterns.
+    FILE_PATTERNS = (COVER_FILE, WARPED_FILE.format("*"), NOISE_FILE.format("*"))
 
     def save(self, folder) -> dict:
         """Write the arrays as ``.npy`` (uncompressed: the final node reads each
@@ -1550,8 +1619,16 @@ def subject_terms(f: SubjectFeatures, t: Transform, shells: Sequence[float], lma
                   noise_floor: bool = False) -> SubjectTerms:
     """One subject's :class:`SubjectTerms` through its transform ``t`` to the
     template (``interpolation`` of the RISH and the mask)."""
-    rish = _check_subject(f, site, shells, lmax)
-    noise = _noise_terms(f, shells, site) if noise_floor else {}
+    return _warped_terms(f, t, _check_subject(f, site, shells, lmax),
+                         _noise_terms(f, shells, site) if noise_floor else {}, lmax,
+                         interpolation=interpolation)
+
+
+def _warped_terms(f: SubjectFeatures, t: Transform, rish: dict, noise: dict, lmax: int, *,
+                  interpolation: str = "linear") -> SubjectTerms:
+    """:func:`subject_terms` from the subject's checked RISH ``{shell: maps}``
+    (:func:`_check_subject`) and noise shares (:func:`_noise_terms`; empty:
+    no noise floor), computed once by the caller."""
     mask = np.asarray(f.mask, dtype=bool)
     n_orders = lmax // 2 + 1
 
@@ -1563,8 +1640,8 @@ def subject_terms(f: SubjectFeatures, t: Transform, shells: Sequence[float], lma
 
     cover = np.clip(t.to_template(mask.astype(np.float32), interpolation), 0, 1)
     return SubjectTerms(
-        cover=cover, warped={float(b): warp(rish[b]) for b in shells},
-        noise={float(b): warp(noise[b]) for b in shells} if noise_floor else {},
+        cover=cover, warped={float(b): warp(r) for b, r in rish.items()},
+        noise={float(b): warp(w) for b, w in noise.items()},
         record={"subject": f.subject, "sha256": f.content_hash(), "grid": list(mask.shape),
                 "affine": np.asarray(f.affine).tolist(), "prealign": t.prealign.tolist(),
                 "registration": t.kind})

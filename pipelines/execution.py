@@ -33,7 +33,7 @@ from dmriflow.interfaces import __version__, io
 from dmriflow.interfaces.bids_names import parse_entities
 from dmriflow.interfaces.environment import environment
 from dmriflow.interfaces.errors import InputError, check_choice
-from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE
+from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE, SubjectTerms
 from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
                                        option_owner)
 from dmriflow.interfaces.steps.base import field_default, option
@@ -45,7 +45,8 @@ from dmriflow.pipelines.derivatives import (derivative_file, failed_row, plan_en
                                             write_subjects_table)
 from dmriflow.pipelines.engine import ERROR_FILE, errors_of
 from dmriflow.pipelines.file_hashes import prune as prune_file_hashes
-from dmriflow.pipelines.harmonization import HarmonizationFitWorkflow, common_shells_and_lmax
+from dmriflow.pipelines.harmonization import (FIT_SUBJECT_STEP, HarmonizationFitWorkflow,
+                                              common_shells_and_lmax)
 from dmriflow.pipelines.inference import pin_checkpoint, run_inference_phase
 from dmriflow.pipelines.inputs import SubjectInputs, assign_protocols, census
 from dmriflow.pipelines.locks import (BRIEF_WAIT_S, COHORT_LOCK, JOURNAL_PATTERN, RUN_JOURNAL,
@@ -141,7 +142,9 @@ class EngineOptions:
     drop_series: bool = option(
         False, "delete each subject's series copies in the cache once it is done (Validate's "
                "float32 series: 1.2 GB of mask rows per HCP subject, 4.2 GB where a step needs "
-               "the whole grid; a later run that needs them reads the input again)")
+               "the whole grid; a later run that needs them reads the input again); harmonize "
+               "fit: also its per-subject terms once the artefact is written (235 MB per HCP "
+               "subject)")
     quiet: bool = option(False, "no progress lines")
     rerun_failed: bool = option(
         False, "run only the subjects of OUTPUT's last plan that are not done (failed, "
@@ -968,21 +971,28 @@ def _write_report(output_dir: Path, config: RunConfig) -> Path | None:
 #: Steps that write a subject's series into their node folder, and its file names there.
 SERIES_STEPS = ("validate", "preprocess", "harmonize")
 SERIES_FILES = (io.DECODED_NAME, io.ROWS_NAME, "dwi.nii.gz")
+#: What ``--drop-series`` deletes, by step marker: file name patterns in the node
+#: folder. The fit's per-subject terms are read by its fit node only (235 MB per
+#: HCP subject).
+DROPPED_FILES = {**dict.fromkeys(SERIES_STEPS, SERIES_FILES),
+                 FIT_SUBJECT_STEP: SubjectTerms.FILE_PATTERNS}
 
 
 def drop_series_files(root: Path, units: set[str] | None = None) -> int:
     """Delete the series files of every series step's node folder (after a run:
     the Export steps of a first run already dropped theirs, a cached rerun's
-    recomputed Validate left new ones); each folder is marked so that the
-    next run removes it (:func:`clean_cache`). Given ``units``, only their
-    node folders. Returns bytes freed."""
+    recomputed Validate left new ones) and the fit's per-subject terms
+    (:data:`DROPPED_FILES`); each folder is marked so that the next run
+    removes it (:func:`clean_cache`). Given ``units``, only their node
+    folders. Returns bytes freed."""
     freed = 0
     for marker in root.glob("*/" + STEP_MARKER):
-        if marker.read_text() not in SERIES_STEPS:
+        patterns = DROPPED_FILES.get(marker.read_text(), ())
+        if not patterns:
             continue
         if units is not None and not node_units(marker.parent) & units:
             continue
-        for path in (marker.parent / name for name in SERIES_FILES):
+        for path in (p for pattern in patterns for p in sorted(marker.parent.glob(pattern))):
             if path.is_file():
                 (marker.parent / DROPPED_MARKER).write_text(path.name)
                 freed += path.stat().st_size
@@ -994,7 +1004,8 @@ def _drop_series(root: Path, units: set[str] | None, config: RunConfig) -> None:
     """``--drop-series`` after a run: :func:`drop_series_files`, and say how much."""
     freed = drop_series_files(root, units)
     if freed:
-        _log(config, f"--drop-series: {freed / 1e9:.2f} GB of series copies deleted")
+        _log(config, f"--drop-series: {freed / 1e9:.2f} GB of series copies (and fit terms) "
+                     f"deleted")
 
 
 def remove_steps(root: Path, steps: tuple[str, ...], units: set[str] | None = None) -> int:

@@ -24,12 +24,14 @@ from dmriflow.interfaces import io
 from dmriflow.interfaces.gradients import read_gradients
 from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
                                            TEMPLATE_ITERATIONS, HarmonizationArtefact,
-                                           HarmonizationError, SubjectFeatures, SubjectSummary,
-                                           SubjectTerms, Transform, apply_harmonization,
-                                           artefact_fingerprint, check_site_sizes, dti_tensor,
-                                           evaluate_harmonization, fit_from_terms, register_fa,
+                                           HarmonizationError, SavedTransform,
+                                           SubjectFeatures, SubjectSummary, SubjectTerms,
+                                           Transform, apply_harmonization, artefact_fingerprint,
+                                           check_site_sizes, dti_tensor, evaluate_harmonization,
+                                           fit_from_terms, read_checked_nifti, register_fa,
                                            registration_image, subject_features, subject_terms,
                                            summarise_subject, template_mean, with_values)
+from dmriflow.interfaces.io import file_sha256
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
 from dmriflow.pipelines.steps import FAILED_MARKER, STEP_MARKER, Subject, guarded, load_series
@@ -37,6 +39,8 @@ from dmriflow.pipelines.workflows import add_series_steps, enabled
 
 #: Default highest SH order harmonised (as the shells' directions allow).
 DEFAULT_HARMONIZATION_LMAX = 8
+#: Step marker of the FitSubject nodes (``--drop-series`` deletes their terms).
+FIT_SUBJECT_STEP = "harmonize-fit-subject"
 
 
 def _save(arr, affine, name: str) -> str:
@@ -60,11 +64,20 @@ def harmonization_features_step(subject: str, record: dict, shells: list, lmax: 
                                   rish=f.rish if every_shell else None),
         lambda s: {"wm_mask": _save(s.wm_mask.astype(np.uint8), f.affine, "wm_mask.nii.gz")})
     return {"subject": subject, "status": "ok", "sha256": hashes, "record": record,
-            "fa": _save(f.fa, f.affine, "fa.nii.gz"),
-            "mask": _save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
-            "rish": {f"{b:g}": _save(r, f.affine, f"rish_b{b:g}.nii.gz")
-                     for b, r in f.rish.items()},
-            "summary": summary}
+            **feature_files(f), "summary": summary}
+
+
+def feature_files(f: SubjectFeatures) -> dict:
+    """A subject's FA, mask and RISH maps saved in the cwd: their paths
+    (``fa``, ``mask``, ``rish``) and each file's sha256 (``files_sha256``),
+    which the nodes that read them check (:func:`_loader`)."""
+    files = {"fa": _save(f.fa.astype(np.float32, copy=False), f.affine, "fa.nii.gz"),
+             "mask": _save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
+             "rish": {f"{b:g}": _save(r.astype(np.float32, copy=False), f.affine,
+                                      f"rish_b{b:g}.nii.gz")
+                      for b, r in f.rish.items()}}
+    paths = [files["fa"], files["mask"], *files["rish"].values()]
+    return {**files, "files_sha256": {p: file_sha256(p) for p in paths}}
 
 
 def _summary_record(summarise, save) -> dict:
@@ -87,13 +100,19 @@ HarmonizationFeatures = python.define(harmonization_features_step,
 def _loader(entry: dict, rish: bool = True):
     """A callable returning the SubjectFeatures of a features record (lazy load);
     without the RISH maps unless ``rish`` (registering through FA reads none
-    of them: an HCP subject's are 0.2 GB inflated per load)."""
+    of them: an HCP subject's are 0.2 GB inflated per load). Each file is read
+    in one ISA-L pass that checks it against the sha256 its features node
+    recorded (:func:`~dmriflow.interfaces.harmonize.read_checked_nifti`)."""
+    def read(path: str, what: str, dtype) -> np.ndarray:
+        return read_checked_nifti(Path(path), entry["files_sha256"][path],
+                                  f"{entry['subject']} {what}", dtype)
+
     def load():
-        fa = nib.load(entry["fa"])
         return SubjectFeatures(
-            subject=entry["subject"], fa=np.asarray(fa.dataobj, dtype=np.float32),
-            affine=fa.affine, mask=np.asarray(nib.load(entry["mask"]).dataobj) > 0,
-            rish={float(b): np.asarray(nib.load(p).dataobj, dtype=np.float32)
+            subject=entry["subject"], fa=read(entry["fa"], "FA", np.float32),
+            affine=nib.load(entry["fa"]).affine,
+            mask=read(entry["mask"], "mask", np.uint8) > 0,
+            rish={float(b): read(p, f"RISH b={b}", np.float32)
                   for b, p in entry["rish"].items()} if rish else {},
             sha256=entry["sha256"])
     return load
@@ -116,9 +135,12 @@ def _template(template: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(img.dataobj, dtype=np.float32), img.affine
 
 
-def _transforms(registered: list[dict]) -> dict:
-    """``{subject: callable loading its Transform}`` of the registration nodes."""
-    return {r["subject"]: (lambda p=r["transform"]: Transform.load(p))
+def _transforms(registered: list[dict], saved: bool = False) -> dict:
+    """``{subject: callable loading its Transform}`` of the registration nodes;
+    ``saved``: its :class:`SavedTransform` instead (its files, copied into
+    the artefact without decoding the SyN fields)."""
+    load = SavedTransform if saved else Transform.load
+    return {r["subject"]: (lambda p=r["transform"]: load(Path(p)))
             for r in registered if r.get("transform")}
 
 
@@ -199,6 +221,7 @@ def fit_subject_step(entry: dict, sites: dict, reference_site: str, target_site:
     site = sites.get(entry["subject"])
     if entry.get("status") != "ok" or site not in (reference_site, target_site):
         return out
+    Path(STEP_MARKER).write_text(FIT_SUBJECT_STEP)
     transform = _transforms(registered)[entry["subject"]]()
     terms = subject_terms(_loader(entry)(), transform, shells, lmax, site)
     return {**out, "terms": terms.save(Path.cwd())}
@@ -231,7 +254,8 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
     artefact = fit_from_terms([lambda f=f: SubjectTerms.load(saved[f["subject"]]) for f in ref],
                               [lambda f=f: SubjectTerms.load(saved[f["subject"]]) for f in tar],
                               shells, lmax, template=_template(template), template_info=info,
-                              transforms=_transforms(registered), reference_site=reference_site,
+                              transforms=_transforms(registered, saved=True),
+                              reference_site=reference_site,
                               target_site=target_site, registration=registration,
                               smoothing_fwhm_mm=smoothing_fwhm_mm,
                               registration_contrast=contrast)

@@ -61,8 +61,9 @@ BRIEF_WAIT_S = 300.0
 POLL_S = 0.2
 #: Pydra job file of a node folder (its task with the inputs it ran on).
 JOB_FILE = "_job.pklz"
-#: Task inputs that name the units a node belongs to.
-UNIT_INPUTS = ("subject", "subjects", "rows", "extra_rows")
+#: Task inputs that name the units a node belongs to (``entry``: a features record,
+#: input of the harmonization fit's per-subject nodes).
+UNIT_INPUTS = ("subject", "subjects", "rows", "extra_rows", "entry")
 
 
 class RunInProgress(RuntimeError):

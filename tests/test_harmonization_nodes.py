@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from dmriflow.interfaces import harmonize as H
+from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces import io, stepfiles
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI
@@ -53,10 +54,7 @@ def _entry(f: H.SubjectFeatures, folder: Path) -> dict:
     os.chdir(folder)
     try:
         return {"subject": f.subject, "status": "ok", "sha256": f.content_hash(),
-                "fa": P._save(f.fa, f.affine, "fa.nii.gz"),
-                "mask": P._save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
-                "rish": {f"{b:g}": P._save(r, f.affine, f"rish_b{b:g}.nii.gz")
-                         for b, r in f.rish.items()}}
+                **P.feature_files(f)}
     finally:
         os.chdir(cwd)
 
@@ -104,9 +102,11 @@ def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration, cont
     assert nodes.parameters == serial.parameters
     a, b = nodes.save(tmp_path / "nodes"), serial.save(tmp_path / "serial")
     assert _digests(a) == _digests(b)
-    # the engine's split fit: one FitSubject node per subject, the sums in FitHarmonization
+    # the engine's split fit: one FitSubject node per subject, the sums in FitHarmonization;
+    # the fit node copies the registration nodes' transform files (SavedTransform)
+    # instead of decoding their SyN fields and encoding them again
     split = _fit_nodes(tmp_path / "split", entries, tpl, reg, [BVAL], registration,
-                       sites=sites, contrast=contrast)
+                       sites=sites, contrast=contrast, fit_without_transforms=True)
     assert split["content_id"] == serial.content_id
     engine = H.HarmonizationArtefact.load(split["artefact"], transforms=True)
     assert engine.parameters == serial.parameters and engine.subjects == _subjects(b)
@@ -157,15 +157,54 @@ def _nodes(tmp_path: Path, shells: list, records: dict, sites: dict) -> tuple:
 
 
 def _fit_nodes(tmp_path: Path, entries, tpl, reg, shells, registration, sites,
-               contrast=H.DEFAULT_REGISTRATION_CONTRAST) -> dict:
-    """The fit as the engine runs it: one FitSubject node per subject, then FitHarmonization."""
+               contrast=H.DEFAULT_REGISTRATION_CONTRAST,
+               fit_without_transforms: bool = False) -> dict:
+    """The fit as the engine runs it: one FitSubject node per subject, then
+    FitHarmonization (``fit_without_transforms``: with Transform.load and
+    Transform.save failing while it runs)."""
     sides = dict(reference_site="siteA", target_site="siteB")
     terms = [_in(tmp_path / "fit-subject" / e["subject"], P.fit_subject_step, entry=e,
                  shells=shells, lmax=LMAX, registered=reg, sites=sites, **sides)
              for e in entries]
-    return _in(tmp_path / "fit", P.fit_harmonization_step, features=entries, shells=shells,
-               lmax=LMAX, template=tpl, registered=reg, terms=terms, registration=registration,
-               sites=sites, contrast=contrast, **sides)
+    with pytest.MonkeyPatch.context() as mp:
+        if fit_without_transforms:
+            def refuse(*args, **kwargs):
+                raise AssertionError("the fit node decoded or encoded a transform")
+            mp.setattr(H.Transform, "load", refuse)
+            mp.setattr(H.Transform, "save", refuse)
+        return _in(tmp_path / "fit", P.fit_harmonization_step, features=entries,
+                   shells=shells, lmax=LMAX, template=tpl, registered=reg, terms=terms,
+                   registration=registration, sites=sites, contrast=contrast, **sides)
+
+
+def test_the_fit_node_refuses_a_changed_transform_field(tmp_path):
+    """The fit node copies each registration node's SyN field files into the
+    artefact, checked against the sha256 the transform's JSON lists: a field
+    re-written with one voxel changed (a valid gzip file) is refused, as
+    decoding it was."""
+    sites, entries = {}, []
+    for k, site in enumerate([phantom.SiteEffect(name="siteA")] * N_PER_SITE
+                             + [TARGET] * N_PER_SITE):
+        f = _features(20 + k % N_PER_SITE, site)
+        sites[f.subject] = site.name
+        entries.append(_entry(f, tmp_path / "features" / f.subject))
+    tpl = _in(tmp_path / "t0", P.template_start_step, features=entries, reference_site="siteA",
+              target_site="siteB", sites=sites)
+    tpl = {**tpl, "round": H.TEMPLATE_ITERATIONS}       # registered to the first subject
+    reg = [_in(tmp_path / "reg" / e["subject"], P.register_subject_step, entry=e, template=tpl,
+               register_sites=["siteA", "siteB"], registration="syn", sites=sites)
+           for e in entries]
+    sides = dict(reference_site="siteA", target_site="siteB", sites=sites)
+    terms = [_in(tmp_path / "fit-subject" / e["subject"], P.fit_subject_step, entry=e,
+                 shells=[BVAL], lmax=LMAX, registered=reg, **sides) for e in entries]
+    field = Path(reg[-1]["transform"] + "_forward.nii.gz")
+    img = nib.load(field)
+    data = np.asarray(img.dataobj).copy()
+    data[tuple(n // 2 for n in data.shape[:3])] += 1.0
+    io.save_nifti(data, img.affine, field)
+    with pytest.raises(InputError, match="forward displacement field changed"):
+        _in(tmp_path / "fit", P.fit_harmonization_step, features=entries, shells=[BVAL],
+            lmax=LMAX, template=tpl, registered=reg, terms=terms, registration="syn", **sides)
 
 
 def _evaluate(tmp_path: Path, entries, reg, fit, sites, name="eval") -> dict:
@@ -252,6 +291,29 @@ def test_one_subjects_failed_evaluation_leaves_the_others(eval_cohort, tmp_path)
     assert (table["n_tar"] == N_PER_SITE - 1).all() and (table["n_ref"] == N_PER_SITE).all()
     pres = pd.read_csv(result["preservation"], sep="\t")
     assert broken["subject"] not in set(pres["subject"])
+
+
+def test_fit_subject_refuses_a_changed_features_file(eval_cohort, tmp_path):
+    """The fit's nodes read a features node's FA, mask and RISH maps through
+    the checked reader (one ISA-L pass: sha256, inflate, CRC32) against the
+    sha256 the features node recorded: a RISH map re-written with one voxel
+    changed (a valid gzip file) is refused. Python's gzip read it silently
+    before. The untouched files read as nibabel reads them."""
+    _, records, _ = eval_cohort
+    name = next(iter(records))
+    entry = _in(tmp_path / "features", P.harmonization_features_step, subject=name,
+                record=records[name], shells=[BVAL], lmax=LMAX)
+    f = P._loader(entry)()
+    assert np.array_equal(f.fa, np.asarray(nib.load(entry["fa"]).dataobj))
+    assert np.array_equal(f.mask, np.asarray(nib.load(entry["mask"]).dataobj) > 0)
+    rish = entry["rish"][f"{BVAL:g}"]
+    img = nib.load(rish)
+    assert np.array_equal(f.rish[BVAL], np.asarray(img.dataobj))
+    data = np.asarray(img.dataobj).copy()
+    data[tuple(n // 2 for n in data.shape[:3]) + (1,)] *= 2
+    io.save_nifti(data, img.affine, rish)
+    with pytest.raises(InputError, match="changed since it was written"):
+        P._loader(entry)()
 
 
 def _arrays(folder: Path) -> dict:

@@ -170,15 +170,19 @@ def test_a_moved_artefact_keeps_the_cache_and_is_named_where_it_is(fitted, two_s
 def test_drop_series_deletes_the_fits_series_copies_and_a_rerun_gives_the_same_artefact(
         two_sites, tmp_path):
     """``harmonize fit --drop-series`` deletes the series copies of the fit's
-    Validate nodes once the artefact is written (it accepted the flag and
-    ignored it before); a rerun reads the inputs again and fits the same
-    artefact; the inputs are never touched."""
+    Validate nodes and the FitSubject nodes' terms once the artefact is
+    written (it accepted the flag and ignored it before; then kept the
+    terms); a rerun reads the inputs again, recomputes the terms and fits
+    the same artefact; the inputs are never touched."""
     from dmriflow.interfaces import io
+    from dmriflow.interfaces.harmonize import SubjectTerms
 
     root, table = two_sites
     out, cache = tmp_path / "out", tmp_path / "cache"
     series = lambda: [p for name in (io.DECODED_NAME, io.ROWS_NAME)  # noqa: E731
                       for p in cache.glob(f"*/{name}")]
+    terms = lambda: [p for name in SubjectTerms.FILE_PATTERNS  # noqa: E731
+                     for p in cache.glob(f"*/{name}")]
     inputs = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
     def fit(*extra):
@@ -192,8 +196,9 @@ def test_drop_series_deletes_the_fits_series_copies_and_a_rerun_gives_the_same_a
         return HarmonizationArtefact.load(folder).content_id
 
     first = fit("--drop-series")
-    assert series() == []
+    assert series() == [] and terms() == []
     assert fit() == first and len(series()) == 6      # read again, the same fit
+    assert len(terms()) == 6 * 2                      # cover + one shell's RISH each
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == inputs
 
 
