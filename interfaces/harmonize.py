@@ -1298,49 +1298,56 @@ def _read_json(path: Path, what: str, sha256: str | None = None) -> dict:
 
 
 def read_checked_nifti(path: Path, sha256: str, what: str, dtype=np.float32) -> np.ndarray:
-    """A NIfTI's stored array (exact dtype, no scaling) after checking its sha256.
+    """A NIfTI's stored array (exact dtype, no scaling) after checking its sha256
+    (:func:`read_checked_image` without the affine)."""
+    return read_checked_image(path, sha256, what, dtype)[0]
 
-    A ``.nii.gz`` is read once (:func:`codec.inflate`, ISA-L where installed:
-    the file's sha256, the inflated bytes and every gzip member's CRC32 in
-    one pass) instead of hashing the file and then inflating it again with
-    Python's gzip (at HCP size 2-3x the time)."""
-    import nibabel as nib
+
+def read_checked_image(path: Path, sha256: str, what: str,
+                       dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI's stored array (exact dtype, no scaling) and its affine, after
+    checking the file's sha256.
+
+    The file is read once: a ``.nii.gz`` through :func:`codec.inflate` (ISA-L
+    where installed: the file's sha256, the inflated bytes and every gzip
+    member's CRC32 in one pass) instead of hashing the file and then
+    inflating it again with Python's gzip (at HCP size 2-3x the time); an
+    uncompressed ``.nii`` is hashed in memory. Either way the array is
+    parsed in place (:func:`_nifti_array`)."""
     if not path.is_file():
         raise InputError(path, f"{what} file is missing")
     if not codec.is_gzip(path):
-        if file_sha256(path) != sha256:
-            raise InputError(path, f"{what} file changed since it was written (sha256 mismatch)")
-        img = nib.load(path)
+        raw = bytearray(path.read_bytes())
+        found = hashlib.sha256(raw).hexdigest()
     else:
         raw = bytearray()
         try:
-            found = codec.inflate(path, raw.extend)
+            found = codec.inflate(path, raw.extend).sha256
         except codec.CorruptGzipError as exc:
             found = None
             if file_sha256(path) == sha256:        # written damaged: say so
                 raise InputError(path, f"{what} is not a valid gzip file: {exc}") from None
-        if found is None or found.sha256 != sha256:
-            raise InputError(path, f"{what} file changed since it was written (sha256 mismatch)")
-        return _nifti_array(raw, path, what, dtype)
-    arr = np.asanyarray(img.dataobj)
-    if arr.dtype != np.dtype(dtype):
-        raise InputError(path, f"{what} is stored as {arr.dtype}, expected {np.dtype(dtype)}")
-    return np.asarray(arr)
+    if found != sha256:
+        raise InputError(path, f"{what} file changed since it was written (sha256 mismatch)")
+    return _nifti_array(raw, path, what, dtype)
 
 
 #: Bytes of a NIfTI-1 header (``sizeof_hdr``); the data start at ``vox_offset`` >= 352.
 NIFTI1_HEADER_BYTES = 348
 
 
-def _nifti_array(raw: bytearray, path: Path, what: str, dtype) -> np.ndarray:
+def _nifti_array(raw: bytearray, path: Path, what: str,
+                 dtype) -> tuple[np.ndarray, np.ndarray]:
     """The stored array of an inflated single-file NIfTI-1 ``raw``, a view of
-    its bytes (no copy). ``Nifti1Image.from_bytes`` held two more copies
-    while it parsed (``bytes(raw)``, then the array nibabel reads into)."""
+    its bytes (no copy), and the header's affine (nibabel's ``img.affine``).
+    ``Nifti1Image.from_bytes`` held two more copies while it parsed
+    (``bytes(raw)``, then the array nibabel reads into)."""
     import nibabel as nib
     try:
         hdr = nib.Nifti1Header(bytes(raw[:NIFTI1_HEADER_BYTES]))
         shape, stored = hdr.get_data_shape(), hdr.get_data_dtype()
         offset = int(hdr.get_data_offset())
+        affine = hdr.get_best_affine()
     except Exception as exc:  # noqa: BLE001 - nibabel's header errors vary
         raise InputError(path, f"{what} is not a NIfTI-1 file ({exc})") from None
     if stored != np.dtype(dtype):
@@ -1352,7 +1359,7 @@ def _nifti_array(raw: bytearray, path: Path, what: str, dtype) -> np.ndarray:
     if offset < NIFTI1_HEADER_BYTES or len(raw) < offset + size:
         raise InputError(path, f"{what} holds {len(raw)} bytes, its header needs "
                                f"{offset + size}")
-    return np.ndarray(shape, np.dtype(dtype), buffer=raw, offset=offset, order="F")
+    return np.ndarray(shape, np.dtype(dtype), buffer=raw, offset=offset, order="F"), affine
 
 
 # ----------------------------------------------------------------------------

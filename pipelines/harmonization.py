@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from pydra.compose import python, workflow
 
 from dmriflow.interfaces import io
+from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import read_gradients
 from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
                                            TEMPLATE_ITERATIONS, HarmonizationArtefact,
@@ -28,7 +28,7 @@ from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_C
                                            SubjectFeatures, SubjectSummary, SubjectTerms,
                                            Transform, apply_harmonization, artefact_fingerprint,
                                            check_site_sizes, dti_tensor, evaluate_harmonization,
-                                           fit_from_terms, read_checked_nifti, register_fa,
+                                           fit_from_terms, read_checked_image, register_fa,
                                            registration_image, subject_features, subject_terms,
                                            summarise_subject, template_mean, with_values)
 from dmriflow.interfaces.io import file_sha256
@@ -45,6 +45,22 @@ FIT_SUBJECT_STEP = "harmonize-fit-subject"
 
 def _save(arr, affine, name: str) -> str:
     return str(io.save_nifti(np.asarray(arr), affine, Path.cwd() / name).resolve())
+
+
+def _hashed(files: dict) -> dict:
+    """``files`` (name -> path, or name -> {key: path}) with ``files_sha256``
+    (path -> sha256) added: the nodes that read them check each
+    (:func:`_read`)."""
+    paths = [q for v in files.values() for q in (v.values() if isinstance(v, dict) else [v])]
+    return {**files, "files_sha256": {q: file_sha256(q) for q in paths}}
+
+
+def _read(record: dict, path: str, what: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """A map a node of this workflow wrote (array, affine), read in one ISA-L
+    pass and checked against the sha256 ``record`` lists for it
+    (:func:`_hashed`; :func:`~dmriflow.interfaces.harmonize.read_checked_image`):
+    a cached file changed since is refused, naming it."""
+    return read_checked_image(Path(path), record["files_sha256"][path], what, dtype)
 
 
 @guarded("features")
@@ -71,13 +87,11 @@ def feature_files(f: SubjectFeatures) -> dict:
     """A subject's FA, mask and RISH maps saved in the cwd: their paths
     (``fa``, ``mask``, ``rish``) and each file's sha256 (``files_sha256``),
     which the nodes that read them check (:func:`_loader`)."""
-    files = {"fa": _save(f.fa.astype(np.float32, copy=False), f.affine, "fa.nii.gz"),
-             "mask": _save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
-             "rish": {f"{b:g}": _save(r.astype(np.float32, copy=False), f.affine,
-                                      f"rish_b{b:g}.nii.gz")
-                      for b, r in f.rish.items()}}
-    paths = [files["fa"], files["mask"], *files["rish"].values()]
-    return {**files, "files_sha256": {p: file_sha256(p) for p in paths}}
+    return _hashed({"fa": _save(f.fa.astype(np.float32, copy=False), f.affine, "fa.nii.gz"),
+                    "mask": _save(f.mask.astype(np.uint8), f.affine, "mask.nii.gz"),
+                    "rish": {f"{b:g}": _save(r.astype(np.float32, copy=False), f.affine,
+                                             f"rish_b{b:g}.nii.gz")
+                             for b, r in f.rish.items()}})
 
 
 def _summary_record(summarise, save) -> dict:
@@ -90,7 +104,7 @@ def _summary_record(summarise, save) -> dict:
         s = summarise()
     except HarmonizationError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"values": s.values_record(), **save(s)}
+    return {"values": s.values_record(), **_hashed(save(s))}
 
 
 HarmonizationFeatures = python.define(harmonization_features_step,
@@ -102,17 +116,16 @@ def _loader(entry: dict, rish: bool = True):
     without the RISH maps unless ``rish`` (registering through FA reads none
     of them: an HCP subject's are 0.2 GB inflated per load). Each file is read
     in one ISA-L pass that checks it against the sha256 its features node
-    recorded (:func:`~dmriflow.interfaces.harmonize.read_checked_nifti`)."""
-    def read(path: str, what: str, dtype) -> np.ndarray:
-        return read_checked_nifti(Path(path), entry["files_sha256"][path],
-                                  f"{entry['subject']} {what}", dtype)
+    recorded (:func:`_read`)."""
+    def read(path: str, what: str, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+        return _read(entry, path, f"{entry['subject']} {what}", dtype)
 
     def load():
+        fa, affine = read(entry["fa"], "FA")
         return SubjectFeatures(
-            subject=entry["subject"], fa=read(entry["fa"], "FA", np.float32),
-            affine=nib.load(entry["fa"]).affine,
-            mask=read(entry["mask"], "mask", np.uint8) > 0,
-            rish={float(b): read(p, f"RISH b={b}", np.float32)
+            subject=entry["subject"], fa=fa, affine=affine,
+            mask=read(entry["mask"], "mask", np.uint8)[0] > 0,
+            rish={float(b): read(p, f"RISH b={b}")[0]
                   for b, p in entry["rish"].items()} if rish else {},
             sha256=entry["sha256"])
     return load
@@ -129,10 +142,11 @@ def _site(features: list[dict], sites: dict, site: str) -> list[dict]:
 
 
 def _template(template: dict) -> tuple[np.ndarray, np.ndarray]:
-    """A template node's FA and affine. C-ordered, as the serial fit's mean is:
-    dipy's registration sums in memory order, so the layout changes its last bits."""
-    img = nib.load(template["fa"])
-    return np.ascontiguousarray(img.dataobj, dtype=np.float32), img.affine
+    """A template node's image and affine, checked (:func:`_read`). C-ordered,
+    as the serial fit's mean is: dipy's registration sums in memory order,
+    so the layout changes its last bits."""
+    img, affine = _read(template, template["fa"], "template")
+    return np.ascontiguousarray(img), affine
 
 
 def _transforms(registered: list[dict], saved: bool = False) -> dict:
@@ -154,9 +168,9 @@ def template_start_step(features: list[dict], sites: dict, reference_site: str,
     check_site_sizes({reference_site: len(ref),
                       target_site: len(_site(features, sites, target_site))})
     first = _image_loader(ref[0], contrast)()
-    return {"fa": _save(registration_image(first, contrast, shells), first.affine,
-                        "template_fa.nii.gz"), "round": 0,
-            "first_subject": first.subject}
+    return {**_hashed({"fa": _save(registration_image(first, contrast, shells), first.affine,
+                                   "template_fa.nii.gz")}),
+            "round": 0, "first_subject": first.subject}
 
 
 TemplateStart = python.define(template_start_step, outputs=["template"], name="TemplateStart")
@@ -202,8 +216,8 @@ def template_mean_step(features: list[dict], sites: dict, reference_site: str, t
                          tpl_fa.shape, lambda f, fa: transforms[f.subject](),
                          first_round=template["round"] == 0,
                          image=lambda f: registration_image(f, contrast, shells))
-    return {"fa": _save(mean, tpl_affine, "template_fa.nii.gz"), "round": template["round"] + 1,
-            "first_subject": template["first_subject"]}
+    return {**_hashed({"fa": _save(mean, tpl_affine, "template_fa.nii.gz")}),
+            "round": template["round"] + 1, "first_subject": template["first_subject"]}
 
 
 TemplateMean = python.define(template_mean_step, outputs=["template"], name="TemplateMean")
@@ -299,10 +313,12 @@ def _harmonised_summary(subject: str, entry: dict, artefact: str, fingerprint: s
     art = HarmonizationArtefact.load(artefact, fingerprint=fingerprint)
     dwi = with_values(dwi, apply_harmonization(dwi, None, art, subject=subject,
                                                transform=transform, inplace=True)[0])
-    wm = np.asarray(nib.load(entry["summary"]["wm_mask"]).dataobj) > 0
+    wm = _read(entry["summary"], entry["summary"]["wm_mask"], f"{subject} white-matter mask",
+               np.uint8)[0] > 0
     summary = _summary_record(
         lambda: summarise_subject(dwi, lmax, subject=subject, wm_mask=wm),
-        lambda s: {"fa": _save(s.fa, dwi.affine, "fa_harmonised.nii.gz")})
+        lambda s: {"fa": _save(s.fa.astype(np.float32, copy=False), dwi.affine,
+                               "fa_harmonised.nii.gz")})
     return {"subject": subject, "status": "ok", "summary": summary}
 
 
@@ -310,13 +326,18 @@ HarmonisedSummary = python.define(harmonised_summary_step, outputs=["summary"],
                                   name="HarmonisedSummary")
 
 
-def _subject_summary(entry: dict, values: list, fa: str) -> SubjectSummary:
-    """A :class:`SubjectSummary` from a features record and summary files."""
+def _subject_summary(entry: dict, summary: dict, fa_record: dict) -> SubjectSummary:
+    """A :class:`SubjectSummary` from a features record, the summary record
+    holding its values, and the record listing the FA to use (the features'
+    before harmonization, the harmonised summary's after); every file checked
+    (:func:`_read`)."""
+    name = entry["subject"]
     return SubjectSummary(
-        entry["subject"], np.asarray(nib.load(fa).dataobj, dtype=np.float32),
-        np.asarray(nib.load(entry["mask"]).dataobj) > 0,
-        np.asarray(nib.load(entry["summary"]["wm_mask"]).dataobj) > 0,
-        SubjectSummary.values_from_record(values))
+        name, _read(fa_record, fa_record["fa"], f"{name} FA")[0],
+        _read(entry, entry["mask"], f"{name} mask", np.uint8)[0] > 0,
+        _read(entry["summary"], entry["summary"]["wm_mask"], f"{name} white-matter mask",
+              np.uint8)[0] > 0,
+        SubjectSummary.values_from_record(summary["values"]))
 
 
 def evaluate_fit_step(fit: dict, features: list[dict], summaries: list[dict], sites: dict,
@@ -336,16 +357,28 @@ def evaluate_fit_step(fit: dict, features: list[dict], summaries: list[dict], si
             not_evaluated.append({"subject": entry["subject"], "error": error})
         return not error
 
-    ref = [f for f in _site(features, sites, reference_site) if evaluated(f, f)]
-    tar = [f for f in _site(features, sites, target_site)
-           if evaluated(f, f) and evaluated(f, after[f["subject"]])]
+    def summaries_of(entry: dict, when: list[dict]) -> list[SubjectSummary] | None:
+        """The subject's summaries (before, and after for a target subject), or
+        None - it is left out, named - when a record has an error or a file
+        it lists fails its check."""
+        if not all(evaluated(entry, w) for w in when):
+            return None
+        try:
+            return [_subject_summary(entry, w["summary"], w if w is entry else w["summary"])
+                    for w in when]
+        except InputError as exc:
+            not_evaluated.append({"subject": entry["subject"],
+                                  "error": f"{type(exc).__name__}: {exc}"})
+            return None
+
+    ref = [s[0] for f in _site(features, sites, reference_site)
+           if (s := summaries_of(f, [f])) is not None]
+    tar = [s for f in _site(features, sites, target_site)
+           if (s := summaries_of(f, [f, after[f["subject"]]])) is not None]
     if not_evaluated:
         Path(FAILED_MARKER).write_text("harmonize-evaluate")
-    site_table, preservation = evaluate_harmonization(
-        [_subject_summary(f, f["summary"]["values"], f["fa"]) for f in ref],
-        [_subject_summary(f, f["summary"]["values"], f["fa"]) for f in tar],
-        [_subject_summary(f, after[f["subject"]]["summary"]["values"],
-                          after[f["subject"]]["summary"]["fa"]) for f in tar], lmax)
+    site_table, preservation = evaluate_harmonization(ref, [s[0] for s in tar],
+                                                      [s[1] for s in tar], lmax)
     site_tsv = Path.cwd() / "harmonization_site_effect.tsv"
     pres_tsv = Path.cwd() / "harmonization_preservation.tsv"
     io.write_text(site_table.to_csv(sep="\t", index=False, na_rep="n/a"), site_tsv)

@@ -305,6 +305,7 @@ def test_fit_subject_refuses_a_changed_features_file(eval_cohort, tmp_path):
                 record=records[name], shells=[BVAL], lmax=LMAX)
     f = P._loader(entry)()
     assert np.array_equal(f.fa, np.asarray(nib.load(entry["fa"]).dataobj))
+    assert np.array_equal(f.affine, nib.load(entry["fa"]).affine)
     assert np.array_equal(f.mask, np.asarray(nib.load(entry["mask"]).dataobj) > 0)
     rish = entry["rish"][f"{BVAL:g}"]
     img = nib.load(rish)
@@ -314,6 +315,59 @@ def test_fit_subject_refuses_a_changed_features_file(eval_cohort, tmp_path):
     io.save_nifti(data, img.affine, rish)
     with pytest.raises(InputError, match="changed since it was written"):
         P._loader(entry)()
+
+
+def _change_one_voxel(path: str) -> None:
+    """``path`` re-written (a valid NIfTI) with one voxel changed."""
+    img = nib.load(path)
+    data = np.asarray(img.dataobj).copy()
+    idx = tuple(int(i[0]) for i in np.nonzero(data))        # a voxel inside (masks: a 1)
+    data[idx] = 0
+    io.save_nifti(data, img.affine, path)
+
+
+@pytest.mark.parametrize("which", ["wm_mask", "fa_harmonised", "fa_reference"])
+def test_evaluation_leaves_out_a_subject_whose_file_changed(eval_cohort, tmp_path, which):
+    """The evaluation reads every map it uses (white-matter mask, FA before and
+    after, brain mask) checked against the sha256 the node that wrote it
+    recorded: one subject's file changed in the cache (here a target
+    subject's white-matter mask or harmonised FA, or a reference subject's
+    FA) leaves that subject out, named with the file, and the others are
+    evaluated; nibabel read the changed file silently before."""
+    _, records, sites = eval_cohort
+    entries, _, reg, fit = _nodes(tmp_path, list(EVAL_SHELLS), records, sites)
+    after = [_in(tmp_path / "after" / e["subject"], P.harmonised_summary_step, entry=e,
+                 fit=fit, sites=sites, target_site="siteB", lmax=LMAX, registered=reg)
+             for e in entries]
+    site = "siteA" if which == "fa_reference" else "siteB"
+    k = next(i for i, e in enumerate(entries) if sites[e["subject"]] == site)
+    path = {"wm_mask": entries[k]["summary"]["wm_mask"], "fa_reference": entries[k]["fa"],
+            "fa_harmonised": (after[k]["summary"] or {}).get("fa")}[which]
+    _change_one_voxel(path)
+    result = _in(tmp_path / "eval", P.evaluate_fit_step, fit=fit, features=entries,
+                 summaries=after, sites=sites, reference_site="siteA", target_site="siteB",
+                 lmax=LMAX)
+    assert [r["subject"] for r in result["not_evaluated"]] == [entries[k]["subject"]]
+    assert f"{path}: " in result["not_evaluated"][0]["error"]
+    assert "changed since it was written" in result["not_evaluated"][0]["error"]
+    table = pd.read_csv(result["site_effect"], sep="\t")
+    n_ref, n_tar = (N_PER_SITE - 1, N_PER_SITE) if site == "siteA" else (N_PER_SITE, N_PER_SITE - 1)
+    assert (table["n_ref"] == n_ref).all() and (table["n_tar"] == n_tar).all()
+
+
+def test_registration_refuses_a_changed_template(eval_cohort, tmp_path):
+    """A template node's image is read checked against the sha256 it recorded:
+    a template changed in the cache is refused by the registration nodes
+    (one voxel: a valid NIfTI, which nibabel read silently before)."""
+    _, records, sites = eval_cohort
+    entries, tpl, _, _ = _nodes(tmp_path, [BVAL], records, sites)
+    img, affine = P._template(tpl)
+    assert np.array_equal(img, np.asarray(nib.load(tpl["fa"]).dataobj))
+    assert np.array_equal(affine, nib.load(tpl["fa"]).affine)
+    _change_one_voxel(tpl["fa"])
+    with pytest.raises(InputError, match="template file changed since it was written"):
+        _in(tmp_path / "reg-bad", P.register_subject_step, entry=entries[-1], template=tpl,
+            register_sites=["siteA", "siteB"], registration="affine", sites=sites)
 
 
 def _arrays(folder: Path) -> dict:

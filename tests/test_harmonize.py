@@ -1072,6 +1072,30 @@ def test_fit_checks_each_subject_and_forms_its_noise_terms_once(monkeypatch):
     assert split.content_id == art.content_id
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_checked_image_read_is_nibabels_and_refuses_a_changed_file(tmp_path, suffix):
+    """read_checked_image gives nibabel's array and affine (an oblique one,
+    so sform and qform matter) from a compressed or an uncompressed file,
+    both parsed by the same in-place reader; the file with one voxel
+    changed (still a valid NIfTI) is refused, naming it."""
+    from dmriflow.interfaces.io import file_sha256, save_nifti
+    rot = np.array([[0.96, -0.28, 0.0], [0.28, 0.96, 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([1.25, 1.5, 2.0])
+    affine[:3, 3] = [-90.0, 12.5, -40.0]
+    data = np.random.default_rng(0).random((5, 6, 7, 2), dtype=np.float32)
+    path = save_nifti(data, affine, tmp_path / f"map{suffix}")
+    sha = file_sha256(path)
+    arr, aff = H.read_checked_image(path, sha, "map")
+    img = nib.load(path)
+    assert np.array_equal(arr, np.asarray(img.dataobj)) and arr.dtype == np.float32
+    assert np.array_equal(aff, img.affine)
+    data[2, 3, 4, 1] += 1.0
+    save_nifti(data, affine, path)
+    with pytest.raises(InputError, match=f"map{suffix}: map file changed since it was written"):
+        H.read_checked_image(path, sha, "map")
+
+
 def test_checked_nifti_read_holds_one_copy_of_the_map(tmp_path):
     """read_checked_nifti parses the inflated bytes in place: the array is a
     view of them. Traced peak memory: the map once, plus the bytearray's
