@@ -958,7 +958,7 @@ def _site_and_jitter_mm(contrast: str) -> tuple[float, float]:
     return rms(a, b), rms(a, j)
 
 
-@pytest.mark.parametrize("contrast", [c for c in H.REGISTRATION_CONTRASTS if c != "fa"])
+@pytest.mark.parametrize("contrast", list(H.RISH_CONTRAST_ORDERS))
 def test_rish_contrast_registration_ignores_a_per_order_site_scaling(contrast):
     """A RISH contrast is only multiplied by a constant by the site's SH
     scaling, so the transforms with and without it agree better than the
