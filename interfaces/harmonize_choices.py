@@ -34,11 +34,12 @@ REGISTRATIONS = ("syn", "affine", "identity")
 #: scale maps are still fitted from the original RISH. Library only: the
 #: target subjects' DWI must reach the fit (``fit_harmonization(
 #: site_scaled_fa=...)``); the engine refuses it (``LIBRARY_ONLY_CONTRASTS``).
-#: Measured (bench/harmonize_bias.py): brain largest |d| 0.76 / 0.76 -> 0.46
-#: / 0.46 (seed 0) and 0.84 / 0.70 -> 0.61 / 0.45 (seed 100), the noise-free
-#: paired residual gone (0.04, as with shared transforms); but less group
-#: effect than FA at seed 100 and geometric seed 0 worse (0.26 -> 0.37
-#: paired), so an option, not the default.
+#: Measured (bench/harmonize_bias.py, against FA re-run beside it): brain
+#: largest |d| 0.75 / 0.75 -> 0.46 / 0.46 (seed 0) and 0.85 / 0.70 -> 0.61 /
+#: 0.45 (seed 100), the noise-free paired residual gone (0.04, as with
+#: shared transforms); but less group effect than FA in every brain cell
+#: (up to -0.043) and geometric seed 0 worse (0.26 -> 0.37 paired), so an
+#: option, not the default.
 #: Not kept: ``sqrt(RISH_l2 / RISH_l0)`` (FA-like): its low-signal voxels
 #: reach 10-14 x its median, and SyN on it did not reproduce (a 0.1 %
 #: intensity jitter moved the transform 0.07 mm, an exact site scaling 0.23
