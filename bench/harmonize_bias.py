@@ -11,7 +11,10 @@ and the minimum FA correlation with the truth, unpaired / paired.
 
 ``--contrasts fa rish-l0 ...`` repeats everything (template and every
 registration) per registration contrast and adds, on brains, the held-out
-registrations' accuracy against the phantom's known warps.
+registrations' accuracy against the phantom's known warps. ``fa-sitescaled``
+registers each design's target scans (fit and held-out) through their FA
+after that design's global site factors, so its held-out transforms and
+accuracy rows are per design.
 
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
 [--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
@@ -161,15 +164,30 @@ def main() -> None:
     for contrast in opts.contrasts:
         t0 = time.perf_counter()
 
-        def register(f, contrast=contrast):
-            return H.register_fa(H.registration_image(f, contrast, shells), f.affine, tpl, tpl_aff)
+        site_scaled = contrast == H.SITE_SCALED_CONTRAST
+
+        def register(f, contrast=contrast, factors=None, sc=None):
+            """``factors``: a target scan ``sc`` through its site-scaled FA."""
+            img = (H.registration_image(f, contrast, shells) if factors is None else np.where(
+                f.mask, H.site_scaled_fa(U.as_dwi(sc), factors, opts.lmax), 0).astype(np.float32))
+            return H.register_fa(img, f.affine, tpl, tpl_aff)
         tpl, tpl_aff, tpl_info = H.build_template(feats[("unpaired", ref)], contrast=contrast,
                                                   shells=shells)
+        # the global site factors of each design's fit cohort (fa-sitescaled only)
+        factors = {d: H.site_scaling_factors(feats[(d, ref)], feats[(d, tar)], shells, opts.lmax)
+                   for d in cohorts} if site_scaled else {d: None for d in cohorts}
         reg = {}
-        for f in [x for v in feats.values() for x in v]:
-            if f.subject not in reg:
-                reg[f.subject] = register(f)
-        held = [register(f) for f in U.features(test[tar])]
+        for d, c in cohorts.items():
+            for s, g in ((ref, None), (tar, factors[d])):
+                for sc, f in zip(c[s], feats[(d, s)]):
+                    if f.subject not in reg:
+                        reg[f.subject] = register(f, factors=g, sc=sc)
+        held_feats = U.features(test[tar])
+        # held-out target transforms per design (one set unless they depend on its factors)
+        held_d = {d: [register(f, factors=factors[d], sc=sc)
+                      for sc, f in zip(test[tar], held_feats)]
+                  for d in (cohorts if site_scaled else ["unpaired"])}
+        held_d.setdefault("paired", held_d["unpaired"])
         held_ref = ([register(f)
                      for f in U.features(test[ref])]
                     if opts.template_eval or opts.share_transforms or opts.anatomy == "brain"
@@ -179,15 +197,22 @@ def main() -> None:
                 raise SystemExit("--share-transforms needs --target-voxel equal to site A's")
             for a, b in zip(feats[("paired", ref)], feats[("paired", tar)]):
                 reg[b.subject] = reg[a.subject]
-            held = list(held_ref)
+            held_d = {d: list(held_ref) for d in cohorts}
         print(f"setup {time.perf_counter() - t0:.0f} s, load1 {load1()}; seed {opts.seed}, "
               f"anatomy {opts.anatomy}, grid {opts.shape}, site A SNR {opts.reference_snr:g}, "
               f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
               f"{', shared transforms' if opts.share_transforms else ''}; registration contrast "
               f"{contrast}", flush=True)
         if opts.anatomy == "brain":
-            print("  registration vs the known warps: " + registration_truth(
-                test, ref, tar, held_ref, held, tpl, opts.shape), flush=True)
+            for d in (cohorts if site_scaled else ["unpaired"]):
+                print(f"  registration vs the known warps{f' ({d} factors)' if site_scaled else ''}"
+                      f": " + registration_truth(test, ref, tar, held_ref, held_d[d], tpl,
+                                                 opts.shape), flush=True)
+        if site_scaled:
+            for d in cohorts:
+                print(f"  site factors ({d}): " + "; ".join(
+                    f"b{b:g} " + " ".join(f"l{2 * k} {v:.4f}" for k, v in enumerate(g))
+                    for b, g in factors[d].items()), flush=True)
         # the harmonised FA of each fit target scan, for the refit rounds
         hfa = {f.subject: (lambda art, t, sc=sc: H.harmonised_fa(U.as_dwi(sc), art, t))
                for d, c in cohorts.items() for sc, f in zip(c[tar], feats[(d, tar)])}
@@ -204,6 +229,10 @@ def main() -> None:
                     scale_estimator=variant, refit_rounds=rounds, harmonised_fa=hfa,
                     registration_contrast=contrast, noise_floor=bool(floor))
                 fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
+                held = held_d[d]
+                if site_scaled and not all(np.array_equal(art.site_factors[b], factors[d][b])
+                                           for b in shells):
+                    raise SystemExit("the artefact's site factors differ from the bench's")
                 after = [H.apply_harmonization(U.as_dwi(sc), None, art, transform=t)[0]
                          for sc, t in zip(test[tar], held)]
                 m_aft = [U.measures(sc, a, opts.lmax) for sc, a in zip(test[tar], after)]

@@ -44,8 +44,8 @@ import numpy as np
 from . import codec, sh
 from .dti import DTI_MAX_BVAL, dti_shells
 from .errors import InputError, check_choice
-from .harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, REGISTRATION_CONTRASTS,
-                                REGISTRATIONS)
+from .harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, LIBRARY_ONLY_CONTRASTS,
+                                REGISTRATION_CONTRASTS, REGISTRATIONS)
 from .gradients import SHELL_GAP, GradientTable, match_shell
 from .io import (DWI, atomic_write, copy_file, file_sha256, pipeline_version, save_nifti,
                  storage_rows, write_json)
@@ -101,6 +101,10 @@ SCALE_ESTIMATORS = ("ratio", "nearest", "matched", "native-log")
 #: The SH orders whose RISH each RISH contrast averages the (unit-median)
 #: square roots of.
 RISH_CONTRAST_ORDERS = {"rish-l2": (2,), "rish-l0": (0,), "rish-l0l2": (0, 2)}
+#: The contrast whose target subjects register through the FA of their DWI
+#: after the global site scaling (:func:`site_scaling_factors`,
+#: :func:`site_scaled_fa`); its reference subjects and template use FA.
+SITE_SCALED_CONTRAST = "fa-sitescaled"
 #: The contrast of artefacts written before the contrast was recorded.
 LEGACY_REGISTRATION_CONTRAST = "fa"
 #: Affine stages (dipy ``AffineRegistration``): iterations per pyramid level
@@ -926,9 +930,13 @@ def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_
     cancels exactly, also in dipy's absolute thresholds (its cross-correlation
     skips windows whose variance product is below 1e-5, which a scaled
     small-valued image crosses elsewhere).
+    ``SITE_SCALED_CONTRAST``: FA, the image of the reference site and the
+    template; a target subject registers through :func:`site_scaled_fa` of
+    its DWI instead, which features do not hold (:func:`fit_harmonization`
+    and :func:`apply_harmonization` do that).
     """
     mask = np.asarray(f.mask, dtype=bool)
-    if check_registration_contrast(contrast) == "fa":
+    if check_registration_contrast(contrast) in ("fa", SITE_SCALED_CONTRAST):
         return masked_fa(f)
     by_b = {float(b): v for b, v in f.rish.items()}
     want = min(float(b) for b in (shells or by_b))
@@ -1051,19 +1059,29 @@ def _shell_key(b: float) -> str:
     return f"{float(b):g}"
 
 
-def _content_id(template_affine, template_shape, shells, lmax, maps: dict) -> str:
-    """sha256 of the scale maps and the grid/shell/order layout they live on."""
+def _content_id(template_affine, template_shape, shells, lmax, maps: dict,
+                site_factors: dict | None = None) -> str:
+    """sha256 of the scale maps and the grid/shell/order layout they live on
+    (and of the global site factors, when the contrast has them: apply
+    registers through them)."""
     h = hashlib.sha256()
     head = {"format": ARTEFACT_FORMAT, "version": CONTENT_ID_LAYOUT,
             "shells": [_shell_key(b) for b in shells], "lmax": int(lmax),
             "shape": [int(n) for n in template_shape],
             "affine": np.round(np.asarray(template_affine, np.float64), 6).tolist()}
+    if site_factors:
+        head["site_factors"] = _factors_record(site_factors)
     h.update(json.dumps(head, sort_keys=True).encode())
     for b in shells:
         m = np.ascontiguousarray(maps[b], dtype=np.float32)
         h.update(f"{_shell_key(b)}:{m.shape}".encode())
         h.update(m.tobytes())
     return h.hexdigest()
+
+
+def _factors_record(site_factors: Mapping) -> dict:
+    """``{shell key: [g_l0, g_l2, ...]}`` (JSON, and the content id's input)."""
+    return {_shell_key(b): [float(v) for v in g] for b, g in sorted(site_factors.items())}
 
 
 @dataclass
@@ -1078,6 +1096,9 @@ class HarmonizationArtefact:
     (sha256 of the scale maps and their layout) is computed when empty.
     ``registration_contrast``: the image subjects are registered through
     (``REGISTRATION_CONTRASTS``); ``template_fa`` holds the template in it.
+    ``site_factors``: ``{shell: (lmax/2 + 1,) float64}`` global SH factors
+    per order (:func:`site_scaling_factors`) a target subject is scaled by
+    before registration, for ``SITE_SCALED_CONTRAST`` only (empty otherwise).
     """
 
     template_fa: np.ndarray
@@ -1099,6 +1120,7 @@ class HarmonizationArtefact:
     transforms: dict = field(default_factory=dict, repr=False)
     content_id: str = ""
     registration_contrast: str = LEGACY_REGISTRATION_CONTRAST
+    site_factors: dict = field(default_factory=dict)
     #: True only from :meth:`load` with the writer's fingerprint: the content id
     #: is the one its verified JSON states (not recomputed from the maps).
     verified: bool = field(default=False, repr=False, compare=False)
@@ -1121,6 +1143,21 @@ class HarmonizationArtefact:
                                  f"expected {want}")
         if self.template_mask.shape != self.template_fa.shape:
             raise ValueError("template mask and FA differ in shape")
+        self.site_factors = {float(b): np.asarray(g, dtype=np.float64)
+                             for b, g in (self.site_factors or {}).items()}
+        if (self.registration_contrast == SITE_SCALED_CONTRAST) != bool(self.site_factors):
+            raise ValueError(f"site factors are recorded for contrast "
+                             f"{SITE_SCALED_CONTRAST!r} only (contrast "
+                             f"{self.registration_contrast!r}, "
+                             f"{len(self.site_factors)} shell(s) of factors)")
+        for b, g in self.site_factors.items():
+            if (match_shell(b, self.shells) is None or g.shape != (self.lmax // 2 + 1,)
+                    or not np.all(np.isfinite(g) & (g > 0))):
+                raise ValueError(f"site factors of shell b={b:g} must be lmax/2 + 1 positive "
+                                 f"values for an artefact shell, got {g.tolist()}")
+        if self.site_factors and sorted(self.site_factors) != sorted(self.shells):
+            raise ValueError(f"site factors for shells {sorted(self.site_factors)} but shells "
+                             f"{self.shells}")
         if self.verified and self.content_id:
             return
         cid = self.compute_content_id()
@@ -1132,7 +1169,7 @@ class HarmonizationArtefact:
 
     def compute_content_id(self) -> str:
         return _content_id(self.template_affine, self.template_fa.shape, self.shells,
-                           self.lmax, self.scale_maps)
+                           self.lmax, self.scale_maps, self.site_factors)
 
     def scale_map(self, shell: float, order: int) -> np.ndarray:
         """lambda_l of one shell and order (3D view)."""
@@ -1156,6 +1193,7 @@ class HarmonizationArtefact:
             "scale_range": [float(v) for v in self.scale_range],
             "registration": self.registration,
             "registration_contrast": self.registration_contrast,
+            **({"site_factors": _factors_record(self.site_factors)} if self.site_factors else {}),
             "template_affine": self.template_affine.tolist(),
             "template_shape": list(self.template_fa.shape),
             "subjects": self.subjects, "parameters": self.parameters, "files": files,
@@ -1264,6 +1302,8 @@ class HarmonizationArtefact:
                        content_id=meta["content_id"],
                        registration_contrast=meta.get("registration_contrast",
                                                       LEGACY_REGISTRATION_CONTRAST),
+                       site_factors={float(b): g for b, g in
+                                     meta.get("site_factors", {}).items()},
                        verified=fingerprint is not None)
         except ValueError as exc:
             raise InputError(meta_path, f"invalid artefact ({exc})") from None
@@ -1429,6 +1469,45 @@ def check_site_sizes(sizes: Mapping[str, int], min_subjects: int = MIN_SUBJECTS_
                                      f"mean RISH maps")
 
 
+def site_scaling_factors(reference: Sequence[SubjectInput], target: Sequence[SubjectInput],
+                         shells: Sequence[float], lmax: int, site_mean: str = "mean") -> dict:
+    """The global site scaling of ``SITE_SCALED_CONTRAST``: ``{shell: (lmax/2
+    + 1,) float64}``, per order ``g = sqrt(reference site mean / target site
+    mean)`` of each subject's mean RISH over its own brain mask.
+
+    A whole-brain scalar needs no registration, so the factors carry no
+    misregistration; a per-order site scaling ``s_l`` of the SH multiplies
+    every voxel's RISH_l by ``s_l^2``, so any such mean by the same, and
+    ``g`` = ``1 / s_l`` for equal anatomy. The per-subject mean over the
+    mask (a median would be as exact under that model): it uses every
+    voxel, so it varies least with noise, and needs no choice of tissue.
+    Across subjects ``site_mean`` ("mean" or "median", as the fit's site
+    means). Measured RISH: its noise floor (largest at l4) and the sites'
+    partial-volume difference are in the factors.
+    """
+    reduce = np.median if site_mean == "median" else np.mean
+    means = []
+    for site, items in (("reference", reference), ("target", target)):
+        per = []
+        for item in items:
+            f = _load(item)
+            rish = _check_subject(f, site, shells, lmax)
+            mask = np.asarray(f.mask, dtype=bool)
+            if not mask.any():
+                raise HarmonizationError(f"site {site!r}, subject {f.subject!r}: empty mask")
+            per.append({b: rish[b][mask].mean(axis=0, dtype=np.float64) for b in shells})
+            del f, rish
+        means.append({b: reduce([p[b] for p in per], axis=0) for b in shells})
+    out = {}
+    for b in shells:
+        ref, tar = means[0][b], means[1][b]
+        if not np.all((ref > 0) & (tar > 0)):
+            raise HarmonizationError(f"shell b={b:g}: a site's mean RISH is not positive "
+                                     f"(reference {ref.tolist()}, target {tar.tolist()})")
+        out[b] = np.sqrt(ref / tar)
+    return out
+
+
 def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[SubjectInput],
                       shells: Sequence[float], lmax: int, *, tau: float = TAU_FRACTION,
                       smoothing_fwhm_mm: float = DEFAULT_SMOOTHING_FWHM_MM,
@@ -1443,7 +1522,9 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       refit_rounds: int = DEFAULT_REFIT_ROUNDS,
                       harmonised_fa: Mapping[str, Callable] | None = None,
                       registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST,
-                      noise_floor: bool = False) -> HarmonizationArtefact:
+                      noise_floor: bool = False,
+                      site_scaled_fa: Mapping[str, Callable] | None = None
+                      ) -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
     ``reference``/``target``: per-subject :class:`SubjectFeatures` (or
@@ -1474,6 +1555,11 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     features need ``noise_var``/``noise_gain``), so the scale maps carry the
     sites' signal, not their noise levels ("mean" site mean, "ratio" or
     "nearest" estimator).
+    ``site_scaled_fa``: for ``SITE_SCALED_CONTRAST`` (unless ``registered``),
+    ``{target subject: callable(factors) -> FA}`` on the subject's grid of
+    its DWI scaled by the global factors (e.g. :func:`site_scaled_fa` of its
+    DWI); the factors (:func:`site_scaling_factors`, one more pass over the
+    subjects) are recorded in the artefact.
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
@@ -1496,6 +1582,13 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     opts = dict(registration_options or {})
     image = _contrast_of(registration_contrast, shells)
+    factors = {}
+    if registration_contrast == SITE_SCALED_CONTRAST:
+        if registered is None and site_scaled_fa is None:
+            raise ValueError(f"registration_contrast {SITE_SCALED_CONTRAST!r} registers the "
+                             f"target subjects through the FA of their site-scaled DWI: it "
+                             f"needs site_scaled_fa {{target subject: callable(factors)}}")
+        factors = site_scaling_factors(reference, target, shells, lmax, site_mean)
     if template is None:
         tpl_fa, tpl_affine, tpl_info = build_template(
             reference, iterations=template_iterations, registration=registration,
@@ -1517,8 +1610,13 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             # checked before the registration (a bad subject fails early), used after it
             rish = _check_subject(f, site, shells, lmax)
             noise = _noise_terms(f, shells, site) if noise_floor else {}
-            t = (register_fa(image(f), f.affine, tpl_fa, tpl_affine, registration, **opts)
-                 if registered is None else registered[f.subject]())
+            if registered is not None:
+                t = registered[f.subject]()
+            else:
+                img = (image(f) if s_idx == 0 or not factors else np.where(
+                    np.asarray(f.mask, dtype=bool), site_scaled_fa[f.subject](factors),
+                    0).astype(np.float32))
+                t = register_fa(img, f.affine, tpl_fa, tpl_affine, registration, **opts)
             interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
             sums.add(site, _warped_terms(f, t, rish, noise, lmax, interpolation=interp))
             if s_idx == 1 and scale_estimator in _NATIVE_ESTIMATORS:
@@ -1536,7 +1634,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         smoothing_fwhm_mm=smoothing_fwhm_mm, scale_range=scale_range, registration=registration,
         site_mean=site_mean, scale_estimator=scale_estimator, noise_floor=noise_floor,
         min_subjects=min_subjects, registration_options=opts, transforms=transforms,
-        registration_contrast=registration_contrast)
+        registration_contrast=registration_contrast, site_factors=factors)
 
 
 def _check_fit_options(shells, reference_site: str, target_site: str, site_mean: str,
@@ -1715,7 +1813,8 @@ def _artefact_from_sums(sums: _SiteSums, native: dict, tpl_fa, tpl_affine, tpl_i
                         shells, lmax: int, *, tau: float, smoothing_fwhm_mm: float,
                         scale_range, registration: str, site_mean: str, scale_estimator: str,
                         noise_floor: bool, min_subjects: int, registration_options: dict,
-                        transforms: dict, registration_contrast: str) -> HarmonizationArtefact:
+                        transforms: dict, registration_contrast: str,
+                        site_factors: dict | None = None) -> HarmonizationArtefact:
     """The scale maps and the artefact from the completed site sums."""
     reference_site, target_site = sums.sites
     n_ref, n_tar = len(sums.seen[reference_site]), len(sums.seen[target_site])
@@ -1752,7 +1851,8 @@ def _artefact_from_sums(sums: _SiteSums, native: dict, tpl_fa, tpl_affine, tpl_i
         smoothing_fwhm_mm=float(smoothing_fwhm_mm), scale_range=tuple(scale_range),
         registration=registration, reference_site=reference_site, target_site=target_site,
         subjects=sums.subjects, pipeline_version=pipeline_version(), parameters=params,
-        transforms=transforms, registration_contrast=registration_contrast)
+        transforms=transforms, registration_contrast=registration_contrast,
+        site_factors=site_factors or {})
 
 
 def fit_from_terms(reference: Sequence[Callable[[], SubjectTerms]],
@@ -1782,6 +1882,10 @@ def fit_from_terms(reference: Sequence[Callable[[], SubjectTerms]],
     if scale_estimator in _NATIVE_ESTIMATORS:
         raise ValueError(f"scale_estimator {scale_estimator!r} forms its terms on each "
                          f"subject's grid: use fit_harmonization")
+    if registration_contrast in LIBRARY_ONLY_CONTRASTS:
+        raise ValueError(f"registration_contrast {registration_contrast!r} registers the "
+                         f"target subjects through their site-scaled DWI, which terms do not "
+                         f"hold: use fit_harmonization")
     check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     tpl_fa, tpl_affine, tpl_info = _given_template(template, template_info)
     sums = _SiteSums(tpl_fa.shape, shells, lmax, (reference_site, target_site),
@@ -1973,19 +2077,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
                                 artefact.template_fa, artefact.template_affine, transform.kind,
                                 **dict(registration_options or {}))
     t_registered = time.perf_counter()
-    if dwi.data is None:       # mask rows only: harmonised into a copy (a read-only map)
-        out = np.array(dwi.rows, dtype=np.float32, order="F")
-        flat, rows_idx = out, np.arange(out.shape[0])
-    else:
-        out = dwi.data if inplace else dwi.data.copy(order="K")
-        flat, rows_idx, _ = storage_rows(out, dwi.mask)
-        if not np.shares_memory(flat, out):   # results are written through the view
-            raise ValueError("data must be C- or F-contiguous")
     voxels = dwi.masked_index()       # the (C-order) voxel of each row, in row order
-    gtab = dwi.gtab
-    b0 = np.flatnonzero(gtab.b0s_mask)
-    if b0.size == 0:
-        raise HarmonizationError(f"{source}: no b0 volume to normalise the signal")
     n_orders = artefact.lmax // 2 + 1
     # scale maps at the mask voxels (storage order): (n_vox, n_orders) per shell
     lam_rows, lam_median = {}, {}
@@ -1995,12 +2087,56 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
         lam_rows[b] = lr
         lam_median[_shell_key(b)] = {f"l{2 * k}": float(np.median(lr[:, k])) if lr.size else None
                                      for k in range(n_orders)}
+    out, n_clipped, n_values = scale_sh(dwi, lam_rows, artefact.lmax, pairs,
+                                        keep_residual=keep_residual, inplace=inplace,
+                                        chunk_size=chunk_size, source=source)
+    info = {
+        "artefact_content_id": cid, "applied": history + [cid],
+        "reference_site": artefact.reference_site, "target_site": artefact.target_site,
+        "shells": {_shell_key(b): float(s) for b, s in pairs.items()},
+        "lmax": artefact.lmax, "registration": transform.kind,
+        "refit_rounds": int(refit_rounds),
+        "prealign": transform.prealign.tolist(), "keep_residual": bool(keep_residual),
+        "negative_clipped_fraction": n_clipped / max(n_values, 1),
+        "scale_median_in_mask": lam_median, "forced": bool(force and cid in history),
+        "pipeline_version": pipeline_version(), "artefact_pipeline_version":
+            artefact.pipeline_version,
+        "timing_s": {"registration": t_registered - t_start,
+                     "scaling": time.perf_counter() - t_registered},
+    }
+    return out, info
+
+
+def scale_sh(dwi: DWI, lam_rows: Mapping[float, np.ndarray], lmax: int,
+             pairs: Mapping[float, float], *, keep_residual: bool = True, inplace: bool = False,
+             chunk_size: int | None = None, source: str = "subject"
+             ) -> tuple[np.ndarray, int, int]:
+    """Scale each shell's SH per order: (data or mask rows, negatives clipped,
+    values scaled) - the scaling step of :func:`apply_harmonization`.
+
+    ``lam_rows[shell]``: (mask voxels in storage order, lmax/2 + 1) factors
+    per voxel (a broadcast view for one global factor per order);
+    ``pairs``: {factor shell: the DWI's shell}. See
+    :func:`apply_harmonization` for ``keep_residual``/``inplace``.
+    """
+    if dwi.data is None:       # mask rows only: harmonised into a copy (a read-only map)
+        out = np.array(dwi.rows, dtype=np.float32, order="F")
+        flat, rows_idx = out, np.arange(out.shape[0])
+    else:
+        out = dwi.data if inplace else dwi.data.copy(order="K")
+        flat, rows_idx, _ = storage_rows(out, dwi.mask)
+        if not np.shares_memory(flat, out):   # results are written through the view
+            raise ValueError("data must be C- or F-contiguous")
+    gtab = dwi.gtab
+    b0 = np.flatnonzero(gtab.b0s_mask)
+    if b0.size == 0:
+        raise HarmonizationError(f"{source}: no b0 volume to normalise the signal")
     ops = []
     for b, s in pairs.items():
         idx = np.flatnonzero(gtab.shell_of == s)
-        basis = sh.sh_basis(gtab.bvecs[idx], artefact.lmax)
-        pinv = sh.sh_pinv(basis, artefact.lmax)
-        per_coeff = sh.order_of_coeff(artefact.lmax) // 2
+        basis = sh.sh_basis(gtab.bvecs[idx], lmax)
+        pinv = sh.sh_pinv(basis, lmax)
+        per_coeff = sh.order_of_coeff(lmax) // 2
         ops.append((b, idx, pinv.T.astype(np.float32), basis.T.astype(np.float32), per_coeff))
     chunk = sh.chunk_voxels(out.shape[-1], chunk_size)
     n_clipped = n_values = 0
@@ -2024,21 +2160,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
             new[~ok] = sig[~ok]
             rows[:, idx] = new
         flat[where] = rows
-    info = {
-        "artefact_content_id": cid, "applied": history + [cid],
-        "reference_site": artefact.reference_site, "target_site": artefact.target_site,
-        "shells": {_shell_key(b): float(s) for b, s in pairs.items()},
-        "lmax": artefact.lmax, "registration": transform.kind,
-        "refit_rounds": int(refit_rounds),
-        "prealign": transform.prealign.tolist(), "keep_residual": bool(keep_residual),
-        "negative_clipped_fraction": n_clipped / max(n_values, 1),
-        "scale_median_in_mask": lam_median, "forced": bool(force and cid in history),
-        "pipeline_version": pipeline_version(), "artefact_pipeline_version":
-            artefact.pipeline_version,
-        "timing_s": {"registration": t_registered - t_start,
-                     "scaling": time.perf_counter() - t_registered},
-    }
-    return out, info
+    return out, n_clipped, n_values
 
 
 def dwi_registration_image(dwi: DWI, artefact: HarmonizationArtefact,
@@ -2046,11 +2168,15 @@ def dwi_registration_image(dwi: DWI, artefact: HarmonizationArtefact,
     """The image ``dwi`` is registered to ``artefact``'s template through: its
     ``registration_contrast`` (:func:`registration_image`), from ``fa`` (None:
     fitted here) or from RISH maps at the artefact's lmax and lowest shell, as
-    the fit computed them for its subjects."""
+    the fit computed them for its subjects; for ``SITE_SCALED_CONTRAST`` the
+    FA of ``dwi`` scaled by the artefact's site factors (a given ``fa``, of
+    the unscaled data, is not used)."""
     source = dwi.paths.get("dwi", subject) if dwi.paths else subject
     grid = dwi.mask.shape
     rish = {}
-    if artefact.registration_contrast == "fa":
+    if artefact.registration_contrast == SITE_SCALED_CONTRAST:
+        fa = site_scaled_fa(dwi, artefact.site_factors, artefact.lmax, source=source)
+    elif artefact.registration_contrast == "fa":
         fa = np.asarray(dti_fa(dwi) if fa is None else fa, dtype=np.float32)
         if fa.shape != grid:
             raise HarmonizationError(f"{source}: FA shape {fa.shape} != DWI grid {grid}")
@@ -2060,6 +2186,20 @@ def dwi_registration_image(dwi: DWI, artefact: HarmonizationArtefact,
         rish = {lowest: rish_maps(dwi, artefact.lmax, [shell])[shell]}
     f = SubjectFeatures(subject, fa, dwi.affine, dwi.mask, rish)
     return registration_image(f, artefact.registration_contrast, artefact.shells)
+
+
+def site_scaled_fa(dwi: DWI, factors: Mapping[float, np.ndarray], lmax: int,
+                   chunk_size: int | None = None, source: str = "subject") -> np.ndarray:
+    """FA (:func:`dti_fa`) of ``dwi`` with each shell's SH scaled per order by
+    one global factor (``{shell: (lmax/2 + 1,)}``, :func:`site_scaling_factors`):
+    the image a target subject registers through for ``SITE_SCALED_CONTRAST``.
+    Shells without a factor are left as they are."""
+    pairs = {float(b): _select_shells(dwi, [b])[0] for b in factors}
+    n_vox = int(dwi.masked_index().size)
+    lam = {b: np.broadcast_to(np.asarray(g, dtype=np.float32), (n_vox, lmax // 2 + 1))
+           for b, g in factors.items()}
+    data = scale_sh(dwi, lam, lmax, pairs, chunk_size=chunk_size, source=source)[0]
+    return dti_fa(with_values(dwi, data))
 
 
 def harmonised_fa(dwi: DWI, artefact: HarmonizationArtefact, transform: Transform,

@@ -257,6 +257,21 @@ def test_the_command_refuses_an_unknown_contrast():
         harmonization_fit.Options(reference="a", target="b", registration_contrast="t1")
 
 
+def test_the_command_refuses_the_library_only_contrast(capsys):
+    """``fa-sitescaled`` registers target subjects through their site-scaled
+    DWI, which the engine's per-subject nodes do not have: the step refuses
+    it by name (not as an unknown value), and the command line does not offer it."""
+    from dmriflow.interfaces.steps import harmonization_fit
+    with pytest.raises(ValueError, match="not run by the engine"):
+        harmonization_fit.Options(reference="a", target="b",
+                                  registration_contrast="fa-sitescaled")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["harmonize", "fit", "in", "out", "--reference", "a",
+                                       "--target", "b", "--registration-contrast",
+                                       "fa-sitescaled"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_fit_offers_only_the_options_it_goes_through(tmp_path, capsys):
     """``harmonize fit`` reads each series as acquired (source and series
     steps) and computes its own features: a product step's option (the tensor

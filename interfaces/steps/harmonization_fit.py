@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import check_choice
-from ..harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, REGISTRATION_CONTRASTS,
-                                 REGISTRATIONS)
+from ..harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, ENGINE_REGISTRATION_CONTRASTS,
+                                 LIBRARY_ONLY_CONTRASTS, REGISTRATIONS)
 from .base import CohortStep, option, register
 
 #: The command that runs the fit (and shows its options).
@@ -36,12 +36,18 @@ class Options:
     registration_contrast: str = option(
         DEFAULT_REGISTRATION_CONTRAST, "image each subject is registered through: FA, or "
         "sqrt(RISH l2) / sqrt(RISH l0) of the lowest shell or their mean (rish-l0l2), which a "
-        "per-order site scaling only rescales", choices=REGISTRATION_CONTRASTS)
+        "per-order site scaling only rescales", choices=ENGINE_REGISTRATION_CONTRASTS)
 
     def __post_init__(self):
         check_choice("registration", self.registration, REGISTRATIONS)
+        if self.registration_contrast in LIBRARY_ONLY_CONTRASTS:
+            raise ValueError(f"registration_contrast {self.registration_contrast!r} is not run "
+                             f"by the engine: the target subjects' DWI must reach their "
+                             f"registration (a site-scaled FA), which the per-subject nodes "
+                             f"do not have; fit it with the library (fit_harmonization with "
+                             f"site_scaled_fa)")
         check_choice("registration_contrast", self.registration_contrast,
-                     REGISTRATION_CONTRASTS)
+                     ENGINE_REGISTRATION_CONTRASTS)
         if self.smoothing_fwhm < 0:
             raise ValueError("smoothing_fwhm must be >= 0")
 
