@@ -209,3 +209,45 @@ def test_cnn_clipped_is_the_cnn_fed_inputs_inside_its_ranges(runs):
             want = study._scores(cnn.predict_lambda(v.f3, v.sigma3), s)
             for mp in ev.MAPS:
                 assert per[(s.seed, method, mp)] == pytest.approx(want[f"nmse_{mp}"], rel=1e-5)
+
+
+def test_shipped_clipped_is_the_diffusion_model_fed_inputs_inside_its_ranges(runs, tmp_path,
+                                                                             monkeypatch):
+    """``evaluate --clipped`` adds ``shipped_clipped``: the diffusion model's
+    posterior mean (and its calibrated intervals) with the sharpness and SNR
+    clipped into its own card's ranges, recomputed here from the checkpoint;
+    every other row equals the run without the option to the digit. The CLI
+    flag reaches :func:`evaluate`."""
+    out = tmp_path / "clipped"
+    study.evaluate(SEEDS[:1], out, clipped=True, **SMALL)
+    diff, dcard = cards.load_checkpoint(study.SHIPPED_DIFFUSION, device="cpu")
+    diff.float()
+    k, steps = rishdiff.sampling(dcard, SMALL["samples"])
+    s = study.simulate_pairs(SEEDS[:1], "test", SMALL["grid"])[0]
+    fed = study.model_view(s, dcard.acquisition.ranges)
+    assert fed.f3.sharpness != s.f3.sharpness                    # the clip is active
+    fit = diff.fit_subject(fed.f3, fed.sigma3, samples=k, steps=steps, seed=s.seed)
+    per = _tsv(out, "subjects").set_index(["method", "map"])["nmse"]
+    want = study._scores(fit.lam, s)
+    for mp in ev.MAPS:
+        assert per[(study.SHIPPED_CLIPPED, mp)] == pytest.approx(want[f"nmse_{mp}"], rel=1e-5)
+    assert per[(study.SHIPPED_CLIPPED, "L2")] != pytest.approx(per[("shipped", "L2")], rel=1e-3)
+    cal = _tsv(out, "calibration")
+    got = cal[cal.method == study.SHIPPED_CLIPPED].set_index(["map", "nominal"])["coverage"]
+    expected = study.coverage(fit, s, study.fa_samples(fit, s))
+    assert len(got) == len(expected)
+    for mp, nom, c in expected:
+        assert got[(mp, nom)] == pytest.approx(c, abs=1e-6)
+    plain = _tsv(runs[1], "metrics").set_index(["method", "map"])
+    both = _tsv(out, "metrics").set_index(["method", "map"])
+    assert sorted(set(both.index) - set(plain.index)) == [(study.SHIPPED_CLIPPED, mp)
+                                                          for mp in sorted(ev.MAPS)]
+    pd.testing.assert_frame_equal(both.loc[plain.index], plain)
+    tables = {key: _tsv(runs[1], name) for key, name in (
+        ("metrics", "metrics"), ("calibration", "calibration"), ("tests", "paired_tests"),
+        ("spearman", "spread_error_spearman"))}
+    seen = {}
+    monkeypatch.setattr(study, "evaluate_checkpoints",
+                        lambda *a, **kw: seen.update(kw) or tables)
+    assert study.main(["evaluate", str(tmp_path / "cli"), "--no-latent", "--clipped"]) == 0
+    assert seen["clipped"] is True and seen["latent"] is False

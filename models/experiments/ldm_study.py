@@ -25,7 +25,9 @@ Methods: ``shipped`` (posterior mean of K samples), ``shipped_sample`` (one
 sample), ``identity``, ``template_lambda`` (classical RISH mapping fitted on
 train-family pairs), ``cnn`` (the equally-fed CNN), ``cnn_clipped`` (the same
 CNN fed its sharpness and SNR clipped into its card's ranges,
-:func:`model_view`), ``oracle`` (true 7T
+:func:`model_view`), ``shipped_clipped`` (``evaluate --clipped`` only: the
+diffusion model's posterior mean with its inputs clipped the same way into its
+own card's ranges; coverage and spread-error rows too), ``oracle`` (true 7T
 RISH), ``cnn_ensemble`` (posterior mean of the 5-CNN ensemble,
 :mod:`.ldm_ensemble`, when its members are there), ``ldm_paired_concatenation``
 (the earlier latent model, when its checkpoint is given), ``ldm_faithful``
@@ -284,6 +286,12 @@ def coverage(fit: rishdiff.RishFit, s: Subject, fa_samples: np.ndarray | None = 
     return rows
 
 
+def fa_samples(fit: rishdiff.RishFit, s: Subject) -> np.ndarray:
+    """(K, G, G, G) FA of the DWIs rebuilt from each calibrated sample of ``fit``
+    (the FA intervals :func:`coverage` reads)."""
+    return np.stack([features.fa_of(s.f3, v) for v in np.exp(fit.calibrated())])
+
+
 def spread_error_spearman(fit: rishdiff.RishFit, s: Subject, spread=None) -> dict:
     """Per order: Spearman correlation of the predicted spread (``fit``'s, or
     ``spread``) with the actual |error| of ``fit``'s posterior-mean log
@@ -379,6 +387,10 @@ def ensemble_range(dcard: cards.ModelCard, folders, validation: list[Subject]) -
 #: Key of the ensemble-widening factors in the diffusion card's ``extra``.
 WIDENING = "ensemble_widening"
 
+#: The diffusion model fed its inputs clipped into its card's ranges
+#: (``evaluate --clipped``; the ``shipped`` rows keep the measured inputs).
+SHIPPED_CLIPPED = "shipped_clipped"
+
 
 def widening_scale(diff, k: int, steps: int, members: list, ens_scale, val: list[Subject]
                    ) -> np.ndarray:
@@ -395,7 +407,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
              ldm_ckpt=SHIPPED_LDM, samples: int | None = None, grid: int = 32,
              template_pairs: int = TEMPLATE_PAIRS, family: str = REPORT_FAMILY,
              validation_pairs: int = VALIDATION_PAIRS, ensemble_dir=SHIPPED_ENSEMBLE,
-             faithful_ckpt=SHIPPED_FAITHFUL, log=print) -> dict:
+             faithful_ckpt=SHIPPED_FAITHFUL, clipped: bool = False, log=print) -> dict:
     """Score every method on held-out pairs at ``seeds`` (``family``: the test
     degradation family by default; "train" for the in-distribution check);
     write the TSVs. ``validation_pairs``: train-family pairs that calibrate the
@@ -404,7 +416,10 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
     (:func:`member_folders`: its ``seed-*`` folders, ``cnn_ckpt`` first when
     there is no ``seed-0``; None or no
     member there: no ensemble rows). ``ldm_ckpt`` / ``faithful_ckpt``: the
-    latent models (None: no rows)."""
+    latent models (None: no rows). ``clipped``: also the :data:`SHIPPED_CLIPPED`
+    rows (a second posterior per subject, fed :func:`model_view` of the
+    diffusion card's ranges), so a recipe's draws can be compared clipped and
+    not on the same subjects."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -451,6 +466,10 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
                 "identity": np.ones_like(s.f3.rish), "template_lambda": template.scales(s.f3),
                 "cnn": cnn.predict_lambda(s.f3, s.sigma3),
                 "cnn_clipped": cnn.predict_lambda(fed.f3, fed.sigma3), "oracle": _oracle_lambda(s)}
+        if clipped:
+            dfed = model_view(s, dcard.acquisition.ranges)
+            cfit = diff.fit_subject(dfed.f3, dfed.sigma3, samples=k, steps=steps, seed=s.seed)
+            lams[SHIPPED_CLIPPED] = cfit.lam
         if members:
             lams["cnn_ensemble"] = efit.lam
         if ldm is not None:
@@ -463,20 +482,22 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         for name, lam in lams.items():
             for map_, v in _scores(lam, s).items():
                 rows.append({"subject": s.seed, "method": name, "metric": map_, "value": v})
-        widened = np.exp(fit.calibrated())
-        fa_samples = np.stack([features.fa_of(s.f3, widened[j]) for j in range(k)])
         cal += [{"subject": s.seed, "method": "shipped", "map": mp, "nominal": nom,
-                 "coverage": c} for mp, nom, c in coverage(fit, s, fa_samples)]
+                 "coverage": c} for mp, nom, c in coverage(fit, s, fa_samples(fit, s))]
         spear.append({"subject": s.seed, "method": "shipped", **spread_error_spearman(fit, s)})
+        if clipped:
+            cal += [{"subject": s.seed, "method": SHIPPED_CLIPPED, "map": mp, "nominal": nom,
+                     "coverage": c} for mp, nom, c in coverage(cfit, s, fa_samples(cfit, s))]
+            spear.append({"subject": s.seed, "method": SHIPPED_CLIPPED,
+                          **spread_error_spearman(cfit, s)})
         prow, prho = proxy_coverage(cnn, proxy_scale, s)
         cal += [{"subject": s.seed, "method": "cnn_noise_proxy", "map": mp, "nominal": nom,
                  "coverage": c} for mp, nom, c in prow]
         spear.append({"subject": s.seed, "method": "cnn_noise_proxy", **prho})
         if members:
             wfit = rishdiff.widened(fit, efit, widen)
-            wide_fa = np.stack([features.fa_of(s.f3, v) for v in np.exp(wfit.calibrated())])
             cal += [{"subject": s.seed, "method": "shipped_widened", "map": mp, "nominal": nom,
-                     "coverage": c} for mp, nom, c in coverage(wfit, s, wide_fa)]
+                     "coverage": c} for mp, nom, c in coverage(wfit, s, fa_samples(wfit, s))]
             spear.append({"subject": s.seed, "method": "shipped_widened",
                           **spread_error_spearman(fit, s, wfit.spread)})
             cal += [{"subject": s.seed, "method": "cnn_ensemble", "map": mp, "nominal": nom,
@@ -567,17 +588,19 @@ def recalibrate(folder, seeds=None, family: str = CALIBRATION_FAMILY, log=print)
 
 
 def evaluate_checkpoints(checkpoints, out, seeds, family: str = REPORT_FAMILY,
-                         record: bool = False, latent: bool = True, log=print) -> dict:
+                         record: bool = False, latent: bool = True, clipped: bool = False,
+                         log=print) -> dict:
     """:func:`evaluate` on the RISH-space checkpoints in the folder
     ``checkpoints`` (its CNN ensemble when there; ``latent``: the shipped
-    latent models' rows too); ``record``: the rows written into both cards
-    (:func:`record_metrics`)."""
+    latent models' rows too; ``clipped``: the :data:`SHIPPED_CLIPPED` rows too);
+    ``record``: the rows written into both cards (:func:`record_metrics`)."""
     c = Path(checkpoints)
     folders = [c / SHIPPED_DIFFUSION.name, c / SHIPPED_CNN.name]
     ldm, faithful = (p if latent and p.exists() else None
                      for p in (SHIPPED_LDM, SHIPPED_FAITHFUL))
     r = evaluate(seeds, out, *folders, ldm, family=family,
-                 ensemble_dir=c / SHIPPED_ENSEMBLE.name, faithful_ckpt=faithful, log=log)
+                 ensemble_dir=c / SHIPPED_ENSEMBLE.name, faithful_ckpt=faithful,
+                 clipped=clipped, log=log)
     if record:
         record_metrics(folders, r, seeds, family)
     return r
@@ -646,6 +669,9 @@ def main(argv=None) -> int:
     e.add_argument("--no-latent", action="store_true",
                    help="without the latent models' rows (they do not depend on the "
                         "RISH-space checkpoints)")
+    e.add_argument("--clipped", action="store_true",
+                   help=f"also score the diffusion model fed its sharpness and SNR clipped "
+                        f"into its card's ranges ({SHIPPED_CLIPPED!r} rows)")
     c = sub.add_parser("calibrate", help="refit the diffusion checkpoint's spread scale on "
                                          "pairs of a non-report family and record it on its card")
     c.add_argument("checkpoint", help="a rish-diffusion-3t7t checkpoint folder (rewritten; "
@@ -668,7 +694,7 @@ def main(argv=None) -> int:
                                  latent=False)
     else:
         r = evaluate_checkpoints(a.checkpoints, a.out, a.seeds, a.family, a.record,
-                                 latent=not a.no_latent)
+                                 latent=not a.no_latent, clipped=a.clipped)
         print(r["metrics"].to_string())
         print(r["calibration"].to_string())
         print(r["tests"].to_string())
