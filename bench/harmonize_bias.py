@@ -168,8 +168,8 @@ def main() -> None:
 
         def register(f, contrast=contrast, factors=None, sc=None):
             """``factors``: a target scan ``sc`` through its site-scaled FA."""
-            img = (H.registration_image(f, contrast, shells) if factors is None else np.where(
-                f.mask, H.site_scaled_fa(U.as_dwi(sc), factors, opts.lmax), 0).astype(np.float32))
+            img = (H.registration_image(f, contrast, shells) if factors is None else
+                   H.masked_fa(f, H.site_scaled_fa(U.as_dwi(sc), factors, opts.lmax)))
             return H.register_fa(img, f.affine, tpl, tpl_aff)
         tpl, tpl_aff, tpl_info = H.build_template(feats[("unpaired", ref)], contrast=contrast,
                                                   shells=shells)

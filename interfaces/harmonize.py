@@ -908,9 +908,11 @@ def build_template(reference: Sequence[SubjectInput], *, iterations: int = TEMPL
     return tpl, tpl_affine, info
 
 
-def masked_fa(f: SubjectFeatures) -> np.ndarray:
-    """A subject's FA, 0 outside its brain mask, float32."""
-    return np.where(np.asarray(f.mask, dtype=bool), f.fa, 0).astype(np.float32)
+def masked_fa(f: SubjectFeatures, fa: np.ndarray | None = None) -> np.ndarray:
+    """A subject's FA (or ``fa`` on its grid, e.g. :func:`site_scaled_fa`'s),
+    0 outside its brain mask, float32."""
+    return np.where(np.asarray(f.mask, dtype=bool), f.fa if fa is None else fa,
+                    0).astype(np.float32)
 
 
 def check_registration_contrast(contrast: str) -> str:
@@ -1151,10 +1153,9 @@ class HarmonizationArtefact:
                              f"{self.registration_contrast!r}, "
                              f"{len(self.site_factors)} shell(s) of factors)")
         for b, g in self.site_factors.items():
-            if (match_shell(b, self.shells) is None or g.shape != (self.lmax // 2 + 1,)
-                    or not np.all(np.isfinite(g) & (g > 0))):
+            if g.shape != (self.lmax // 2 + 1,) or not np.all(np.isfinite(g) & (g > 0)):
                 raise ValueError(f"site factors of shell b={b:g} must be lmax/2 + 1 positive "
-                                 f"values for an artefact shell, got {g.tolist()}")
+                                 f"values, got {g.tolist()}")
         if self.site_factors and sorted(self.site_factors) != sorted(self.shells):
             raise ValueError(f"site factors for shells {sorted(self.site_factors)} but shells "
                              f"{self.shells}")
@@ -1613,9 +1614,8 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
             if registered is not None:
                 t = registered[f.subject]()
             else:
-                img = (image(f) if s_idx == 0 or not factors else np.where(
-                    np.asarray(f.mask, dtype=bool), site_scaled_fa[f.subject](factors),
-                    0).astype(np.float32))
+                img = (image(f) if s_idx == 0 or not factors
+                       else masked_fa(f, site_scaled_fa[f.subject](factors)))
                 t = register_fa(img, f.affine, tpl_fa, tpl_affine, registration, **opts)
             interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
             sums.add(site, _warped_terms(f, t, rish, noise, lmax, interpolation=interp))
