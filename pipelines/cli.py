@@ -61,6 +61,7 @@ from dmriflow.pipelines.image_gradient import group_from_status
 from dmriflow.pipelines.methods import FIT_COMMAND
 from dmriflow.pipelines.inputs import census, discover, read_filter_file, site_labels
 from dmriflow.pipelines.progress import terminal_path, terminal_text
+from dmriflow.pipelines.workflows import rows_only
 
 EXIT_OK, EXIT_INPUT, EXIT_SUBJECTS_FAILED, EXIT_BUSY = 0, 1, 2, 3
 #: A command-line mistake (sysexits' EX_USAGE), apart from 2 = some subjects failed.
@@ -73,10 +74,14 @@ LEVELS = ("participant", "group")
 #: The verbs of the command line (a BIDS-App INPUT never shadows one of them).
 VERBS = ("run", "participant", "group", "harmonize", "status", "report", "simulate",
          "train", "evaluate", "demo")
-#: A subject's peak memory as a multiple of its series held as float32 (README,
-#: bench/memory.py: DTI peaks at 1.11x the input; a preprocessing or harmonization
-#: step holds a second copy of the series beside the first).
-PEAK_PER_SERIES = 2.0
+#: A subject's peak memory as a multiple of its series held as float32, by
+#: what the run does with the series. Fits only (Validate keeps mask rows,
+#: :func:`~dmriflow.pipelines.workflows.rows_only`): the largest measured on an
+#: HCP-size subject, bench/memory.py's DTI on the whole series (1.11x in 2026-11,
+#: 1.01x on 2026-12-05; bench/cohort.py --hcp's largest worker 1.02x, bench/e2e.py
+#: 0.37x from .nii.gz). A series step (preprocessing, harmonization) or a step
+#: reading the whole grid holds a second series-sized copy beside the first: 2x.
+PEAK_PER_SERIES = {"fits": 1.11, "copy": 2.0}
 FLOAT32_BYTES = 4
 BYTES_PER_GB = 1e9
 #: Thread-count variables the workers' numpy/BLAS/torch read (``--omp-nthreads``).
@@ -319,10 +324,17 @@ def series_gb(dwi) -> float:
     return math.prod(shape) * FLOAT32_BYTES / BYTES_PER_GB
 
 
-def processes_for_memory(subjects, n_procs: int, mem_gb: float) -> tuple[int, float]:
+def peak_per_series(options: dict) -> float:
+    """``PEAK_PER_SERIES`` for a run with these step options (``{step: options}``)."""
+    return PEAK_PER_SERIES["fits" if rows_only(options) else "copy"]
+
+
+def processes_for_memory(subjects, n_procs: int, mem_gb: float,
+                         per_series: float = PEAK_PER_SERIES["copy"]) -> tuple[int, float]:
     """(processes, estimated peak GB of the largest subject): at most ``n_procs``,
-    and few enough that that many of the largest subjects fit in ``mem_gb``."""
-    peak = PEAK_PER_SERIES * max((series_gb(s.dwi) for s in subjects), default=0.0)
+    and few enough that that many of the largest subjects fit in ``mem_gb``;
+    a subject's peak is ``per_series`` x its float32 series (:func:`peak_per_series`)."""
+    peak = per_series * max((series_gb(s.dwi) for s in subjects), default=0.0)
     fit = int(mem_gb // peak) if peak > 0 else n_procs
     return max(1, min(n_procs, fit)), peak
 
@@ -333,10 +345,11 @@ def _apply_resources(subjects, config) -> None:
         for name in THREAD_VARIABLES:
             os.environ[name] = str(config.omp_nthreads)
     if config.mem:
-        n, peak = processes_for_memory(subjects, config.n_procs, config.mem)
+        per_series = peak_per_series(config.options_record())
+        n, peak = processes_for_memory(subjects, config.n_procs, config.mem, per_series)
         if n < config.n_procs or config.verbose:
             print(f"--mem {config.mem:g} GB: {n} process(es) (largest subject's estimated "
-                  f"peak {peak:.2f} GB = {PEAK_PER_SERIES:g}x its float32 series)")
+                  f"peak {peak:.2f} GB = {per_series:g}x its float32 series)")
         if peak > config.mem:
             print(f"warning: the largest subject's estimated peak ({peak:.2f} GB) exceeds "
                   f"--mem {config.mem:g} GB; running one process", file=sys.stderr)

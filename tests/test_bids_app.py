@@ -208,16 +208,26 @@ def test_group_aggregates_what_is_done_without_computing(tmp_path, capsys):
 def test_mem_limits_processes_and_omp_sets_worker_threads(tmp_path, monkeypatch):
     cohort = bids_cohort(tmp_path / "in", 2)
     units = discover(cohort)
-    peak = cli.PEAK_PER_SERIES * cli.series_gb(units[0].dwi)
-    assert peak == pytest.approx(cli.PEAK_PER_SERIES * 12 * 14 * 10 * 14 * 4 / 1e9)
+    series = cli.series_gb(units[0].dwi)
+    assert series == pytest.approx(12 * 14 * 10 * 14 * 4 / 1e9)
+    peak = cli.PEAK_PER_SERIES["copy"] * series
     assert cli.processes_for_memory(units, 4, 100.0) == (4, peak)
     assert cli.processes_for_memory(units, 4, 2.5 * peak) == (2, peak)
     assert cli.processes_for_memory(units, 4, 0.5 * peak) == (1, peak)
+    # the default run only fits (Validate keeps mask rows); a series step holds a copy
+    fits = cli.PEAK_PER_SERIES["fits"]
+    assert fits < cli.PEAK_PER_SERIES["copy"]
+    assert cli.peak_per_series(RunConfig(worker="cf").options_record()) == fits
+    assert cli.peak_per_series(RunConfig(worker="cf", denoise=True).options_record()) == \
+        cli.PEAK_PER_SERIES["copy"]
     for name in cli.THREAD_VARIABLES:
         monkeypatch.delenv(name, raising=False)
-    config = RunConfig(worker="cf", n_procs=4, omp_nthreads=3, mem=2.5 * peak)
+    config = RunConfig(worker="cf", n_procs=4, omp_nthreads=3, mem=2.5 * fits * series)
     cli._apply_resources(units, config)
     assert config.n_procs == 2
+    denoising = RunConfig(worker="cf", n_procs=4, denoise=True, mem=2.5 * fits * series)
+    cli._apply_resources(units, denoising)
+    assert denoising.n_procs == 1
     assert all(__import__("os").environ[name] == "3" for name in cli.THREAD_VARIABLES)
 
 
