@@ -1,34 +1,52 @@
 """GPU check of the models (issue 15 item 8): smoke-train every training loop on
 the device, training samples/s per stage at two grids, and DDIM time and peak
-memory per subject at the largest grid, with bf16 autocast on CUDA.
+memory per subject at the largest grid, with bf16 autocast on CUDA. How to run
+it on the lent GPU machine: bench/gpu.sh's header.
 
 1. smoke: every training loop the package has (latent model: 3T/7T VQ-VAE,
-   latent denoiser, SR; its RISH CNN baseline; the dti6 MLP and patch CNN;
+   latent denoiser, SR; the faithful latent model: shared VQ-VAE,
+   class-conditioned denoiser; the RISH CNN baseline; the dti6 MLP and patch CNN;
    direction synthesis; the RISH-space diffusion model and its equally-fed
    CNN) runs a few steps through its own entry point on ``--device``; the
    check fails unless the model ends on that device and the loss is finite.
    These loops use the package's ``train`` (bf16 autocast on CUDA).
 2. throughput: samples/s of each stage (one optimizer step = forward,
    backward, AdamW) at each ``--grids`` size, after a warm-up step; batch
-   sizes are the training budgets'.
-3. inference at the largest grid: the latent model's DDIM (20 steps,
-   guidance: 40 denoiser passes) and the RISH diffusion model's 12 samples of
-   8 steps, seconds per subject and peak memory (CUDA: max allocated; CPU:
-   the process's peak RSS). Untrained weights: the time does not depend on
-   their values.
+   sizes are the training budgets'. Stages: the paired latent model's
+   VQ-VAE, denoiser and SR, its RISH CNN baseline, the faithful model's
+   shared VQ-VAE (with its dead-code reset) and class-conditioned denoiser,
+   the RISH diffusion model and its equally-fed CNN.
+3. inference at the largest grid, seconds per subject and peak memory (CUDA:
+   max allocated; CPU: the process's peak RSS), after a warm-up run of the
+   fewest steps: the paired latent model's DDIM (20 steps, guidance: 40
+   denoiser passes); the faithful model's translation as ``predict`` does it
+   (encode, DDIM inversion of the 3T latent under the 3T label, 50 steps,
+   then 50 DDIM steps under the 7T label with guidance, each a batched
+   conditional + unconditional pass, then decode); the RISH diffusion
+   model's 12 samples of 8 steps. Untrained weights: the time does not
+   depend on their values.
+
+Time budget (``--budget-s``, which gpu.sh sets to its hard limit less a
+margin): after the smoke test, each timed unit (a stage at a grid, a model's
+inference) gets an equal share of the time left; a unit whose warm-up shows
+that its timed steps would not fit runs as many as fit (at least one, or the
+fewest DDIM steps) and its row says ``scaled_from=`` the count asked for. The
+total row counts the scaled rows.
 
 Every result is a ``key=value`` line on stdout (the last: ``part=total``)
 and, with ``--out DIR``, a row of ``DIR/gpu.tsv``. ``--tiny`` shrinks grids
-and steps to a CPU dry run of the same code path (under a minute); without
+and steps to a CPU dry run of the same code path (about a minute); without
 CUDA, the default ``--device auto`` runs that dry run (so ``make bench``,
 which runs every ``bench/*.py``, passes on a CPU machine).
-Usage: ``bench/gpu.sh [--device cuda|cpu] [--tiny] [--out DIR]``.
+Usage: ``bench/gpu.sh [--device cuda|cpu] [--tiny] [--budget-s S] [--out DIR]``
+(gpu.sh passes ``--budget-s`` and ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import resource
 import sys
@@ -41,8 +59,12 @@ import torch
 from dmriflow.models import train as training
 from dmriflow.models.train import TrainConfig
 
-#: Shipped training budgets' batch sizes (see each model's Budget).
+#: Shipped training budgets' batch sizes (see each model's Budget; the faithful
+#: model's come from its FaithfulBudget).
 BATCH = 4
+#: The fewest sampling steps a warm-up or a scaled inference runs (DDIM, RISH DDPM).
+LEAST_DDIM_STEPS = 2
+LEAST_RISH_STEPS = 1
 
 
 def sync(dev: torch.device) -> None:
@@ -69,20 +91,54 @@ def autocast(dev: torch.device, bf16: bool):
 
 
 class Report:
-    """Collects ``key=value`` rows, prints each at once, writes them as a TSV."""
+    """Collects ``key=value`` rows, prints each at once and, with ``path``,
+    rewrites them as a TSV after every row (rows survive gpu.sh's hard kill)."""
 
-    def __init__(self):
+    def __init__(self, path: Path | None = None):
         self.rows = []
+        self.path = path
 
     def __call__(self, **row):
         self.rows.append(row)
         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        if self.path is not None:
+            self.write(self.path)
 
     def write(self, path: Path) -> None:
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         lines = ["\t".join(keys)] + ["\t".join(str(r.get(k, "")) for k in keys)
                                      for r in self.rows]
         path.write_text("\n".join(lines) + "\n")
+
+
+class Budget:
+    """Wall-clock budget of the timed units: each gets an equal share of the
+    time left, so the run ends before gpu.sh's hard limit (no limit: ``None``)."""
+
+    def __init__(self, seconds: float | None, units: int):
+        self.end = None if seconds is None else time.perf_counter() + seconds
+        self.units = units
+        self.scaled = 0
+
+    def share(self) -> float:
+        """Seconds the next unit may take (inf without a limit); counts it off."""
+        left = math.inf if self.end is None else max(0.0, self.end - time.perf_counter())
+        share = left / max(1, self.units)
+        self.units -= 1
+        return share
+
+    def steps(self, wanted: int, least: int, per_step: float, seconds: float) -> int:
+        """Steps of ``per_step`` seconds that fit ``seconds`` (``wanted`` at most,
+        ``least`` at least); a cut is counted."""
+        n = wanted if per_step * wanted <= seconds else max(least, int(seconds // per_step))
+        n = min(n, wanted)
+        self.scaled += n < wanted
+        return n
+
+
+def _scaled(n: int, wanted: int) -> dict:
+    """The row's note of a cut step count (nothing when none was cut)."""
+    return {"scaled_from": wanted} if n < wanted else {}
 
 
 # ----------------------------------------------------------------------------
@@ -172,8 +228,11 @@ def smoke(dev: torch.device, grid: int, steps: int, report) -> bool:
 # ----------------------------------------------------------------------------
 # 2. training throughput per stage
 # ----------------------------------------------------------------------------
-def time_steps(net, loss_fn, batch, steps: int, dev, bf16: bool) -> float:
-    """Seconds per optimizer step (after one warm-up step)."""
+def time_steps(net, loss_fn, batch, steps: int, dev, bf16: bool,
+               budget: Budget) -> tuple[float, int]:
+    """(seconds per optimizer step, timed steps): one warm-up step, then
+    ``steps`` or as many as fit the budget's share."""
+    share = budget.share()
     net.to(dev).train()
     batch = training.to_device(batch, dev)
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
@@ -184,22 +243,31 @@ def time_steps(net, loss_fn, batch, steps: int, dev, bf16: bool) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    t = time.perf_counter()
     one()
     sync(dev)
+    warm = time.perf_counter() - t
+    n = budget.steps(steps, 1, warm, share - warm)
     t = time.perf_counter()
-    for _ in range(steps):
+    for _ in range(n):
         one()
     sync(dev)
-    return (time.perf_counter() - t) / steps
+    return (time.perf_counter() - t) / n, n
 
 
-def throughput(dev, grid: int, steps: int, bf16: bool, report) -> None:
-    from dmriflow.models.ldm import diffusion, rishdiff, sr, vqvae
+#: Timed stages per grid (the rows of :func:`throughput`).
+THROUGHPUT_STAGES = 8
+
+
+def throughput(dev, grid: int, steps: int, bf16: bool, report, budget: Budget) -> None:
+    from dmriflow.models.ldm import diffusion, faithful, rishdiff, sr, vqvae
     from dmriflow.models.ldm.baselines import RishCNN
     from dmriflow.models.ldm.model import LatentDiffusion3T7T
 
     g, b = grid, BATCH
     model = LatentDiffusion3T7T(grid=g)
+    fmodel = faithful.FaithfulLatentDiffusion3T7T(grid=g)
+    fbudget = faithful.FaithfulBudget()
     lat = g // vqvae.DOWNSAMPLE
     sched = diffusion.train_scheduler()
     gen = torch.Generator().manual_seed(0)
@@ -209,25 +277,37 @@ def throughput(dev, grid: int, steps: int, bf16: bool, report) -> None:
     cond = torch.randn(b, rishdiff.N_COND, g, g, g, generator=gen)
     cond[:, rishdiff.N] = 1.0
     y0 = torch.randn(b, rishdiff.N, g, g, g, generator=gen)
+    fb, zb = fbudget.vq_batch, fbudget.diffusion_batch
+    fx = torch.rand(fb, 3, g, g, g, generator=gen)
+    fz = torch.randn(zb, vqvae.EMBEDDING_DIM, lat, lat, lat, generator=gen)
+    flabels = torch.arange(zb) % 2 + diffusion.LABEL_3T     # half 3T, half 7T latents
+    reset = vqvae.DeadCodeReset(vqvae.NUM_EMBEDDINGS, fbudget.dead_after)
     stages = [
         ("ldm vqvae", model.vq3, vqvae.vqvae_loss, x),
         ("ldm denoiser", model.denoiser,
          lambda n, zz: diffusion.diffusion_loss(n, zz, zz, zz, sched), z),
         ("ldm sr", model.sr, lambda n, xx: sr.mse_loss(n, xx, xx), x),
         ("ldm rish cnn baseline", RishCNN(), lambda n, bb: sr.mse_loss(n, *bb), (x, x, m)),
+        ("ldm faithful vqvae (shared, dead-code reset)", fmodel.vq,
+         lambda n, xx: vqvae.vqvae_loss(n, xx, reset), fx),
+        ("ldm faithful denoiser (class-conditioned)", fmodel.denoiser,
+         lambda n, bb: faithful.class_diffusion_loss(n, bb[0], bb[1], sched, bb[2]),
+         (fz, flabels, torch.Generator().manual_seed(2))),
         ("rish diffusion", rishdiff.RishDiffusion3T7T(grid=g), rishdiff.diffusion_loss,
          (cond, y0, torch.Generator().manual_seed(1))),
         ("rish equally-fed cnn", rishdiff.RishResidualCNN(grid=g), rishdiff.cnn_loss,
          (cond, y0)),
     ]
+    assert len(stages) == THROUGHPUT_STAGES
     for name, net, loss, batch in stages:
         reset_peak(dev)
-        s = time_steps(net, loss, batch, steps, dev, bf16)
-        report(part="train", stage=name, grid=g, batch=b, bf16=bf16 and dev.type == "cuda",
-               s_per_step=f"{s:.4f}", samples_per_s=f"{b / s:.2f}",
-               peak_mb=f"{peak_mb(dev):.0f}")
+        bs = (batch[0] if isinstance(batch, tuple) else batch).shape[0]
+        s, n = time_steps(net, loss, batch, steps, dev, bf16, budget)
+        report(part="train", stage=name, grid=g, batch=bs, bf16=bf16 and dev.type == "cuda",
+               timed_steps=n, s_per_step=f"{s:.4f}", samples_per_s=f"{bs / s:.2f}",
+               peak_mb=f"{peak_mb(dev):.0f}", **_scaled(n, steps))
         net.to("cpu")
-    del model
+    del model, fmodel
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -235,46 +315,80 @@ def throughput(dev, grid: int, steps: int, bf16: bool, report) -> None:
 # ----------------------------------------------------------------------------
 # 3. inference per subject at the largest grid
 # ----------------------------------------------------------------------------
-def inference(dev, grid: int, bf16: bool, report, ddim_steps=None) -> None:
-    from dmriflow.models.ldm import diffusion, features, rishdiff
+#: Timed inference units (the rows of :func:`inference`).
+INFERENCE_MODELS = 3
+
+
+def time_inference(run, steps: int, least: int, dev, budget: Budget) -> tuple[float, int]:
+    """(seconds, steps) of ``run(steps)`` for one subject: a warm-up with
+    ``least`` steps (same shapes, so the kernels are chosen and the per-step
+    time is bounded), then ``steps`` or as many as fit the budget's share;
+    the peak memory is reset before the timed run."""
+    share = budget.share()
+    sync(dev)
+    t = time.perf_counter()
+    run(least)
+    sync(dev)
+    warm = time.perf_counter() - t
+    n = budget.steps(steps, least, warm / least, share - warm)
+    reset_peak(dev)
+    t = time.perf_counter()
+    run(n)
+    sync(dev)
+    return time.perf_counter() - t, n
+
+
+def inference(dev, grid: int, bf16: bool, report, budget: Budget, ddim_steps=None) -> None:
+    """Per-subject sampling time and peak memory of the three generative models."""
+    from dmriflow.models.ldm import diffusion, faithful, features, rishdiff
     from dmriflow.models.ldm.model import LatentDiffusion3T7T
 
     g = grid
     rng = np.random.default_rng(0)
     rish = rng.uniform(0.1, 1.0, (g, g, g, 3)).astype(np.float32)
     mask = np.ones((g, g, g), bool)
+    on_cuda_bf16 = bf16 and dev.type == "cuda"
+
     steps = ddim_steps or diffusion.DDIM_STEPS
     model = LatentDiffusion3T7T(grid=g).to(dev).eval()
-    for label in ("warm-up", "timed"):
-        reset_peak(dev)
-        sync(dev)
-        t = time.perf_counter()
+
+    def paired(n):
         with torch.no_grad(), autocast(dev, bf16):
-            model.predict(rish, mask, steps=steps)
-        sync(dev)
-        sec = time.perf_counter() - t
-    report(part="inference", model="latent ddim", grid=g, ddim_steps=steps,
-           denoiser_passes=2 * steps, bf16=bf16 and dev.type == "cuda",
-           seconds_per_subject=f"{sec:.3f}", peak_mb=f"{peak_mb(dev):.0f}")
+            model.predict(rish, mask, steps=n)
+    sec, n = time_inference(paired, steps, LEAST_DDIM_STEPS, dev, budget)
+    report(part="inference", model="latent ddim", grid=g, ddim_steps=n,
+           denoiser_passes=2 * n, bf16=on_cuda_bf16, seconds_per_subject=f"{sec:.3f}",
+           peak_mb=f"{peak_mb(dev):.0f}", **_scaled(n, steps))
     model.to("cpu")
-    del model
+
+    steps = ddim_steps or faithful.DDIM_STEPS
+    fmodel = faithful.FaithfulLatentDiffusion3T7T(grid=g).to(dev).eval()
+
+    def translate(n):
+        with torch.no_grad(), autocast(dev, bf16):
+            fmodel.predict(rish, mask, guidance=faithful.GUIDANCE, steps=n)
+    sec, n = time_inference(translate, steps, LEAST_DDIM_STEPS, dev, budget)
+    report(part="inference", model="faithful ldm translation", grid=g, ddim_steps=n,
+           inversion_passes=n - 1, guided_passes=n, guidance=faithful.GUIDANCE, bf16=on_cuda_bf16,
+           seconds_per_subject=f"{sec:.3f}", peak_mb=f"{peak_mb(dev):.0f}",
+           **_scaled(n, steps))
+    fmodel.to("cpu")
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
     diff = rishdiff.RishDiffusion3T7T(grid=g).to(dev).eval()
     f3 = features.ShellFeatures(rish, None, np.full((g, g, g), 1000.0, np.float32), None,
                                 mask, np.eye(4), None)
     raw = rishdiff.raw_condition(f3, 20.0)
-    k, n = rishdiff.SAMPLES, rishdiff.SAMPLE_STEPS
-    for label in ("warm-up", "timed"):
-        reset_peak(dev)
-        sync(dev)
-        t = time.perf_counter()
+    k, steps = rishdiff.SAMPLES, rishdiff.SAMPLE_STEPS
+
+    def rish_samples(n):
         with autocast(dev, bf16):
             diff.sample(raw, samples=k, steps=n)
-        sync(dev)
-        sec = time.perf_counter() - t
+    sec, n = time_inference(rish_samples, steps, LEAST_RISH_STEPS, dev, budget)
     report(part="inference", model="rish diffusion", grid=g, samples=k, steps=n,
-           bf16=bf16 and dev.type == "cuda", seconds_per_subject=f"{sec:.3f}",
-           peak_mb=f"{peak_mb(dev):.0f}")
+           bf16=on_cuda_bf16, seconds_per_subject=f"{sec:.3f}",
+           peak_mb=f"{peak_mb(dev):.0f}", **_scaled(n, steps))
 
 
 def main(argv=None) -> int:
@@ -287,8 +401,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per stage")
     ap.add_argument("--smoke-steps", type=int, default=3)
     ap.add_argument("--no-bf16", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds the whole run may take (timed steps are cut to fit; "
+                         "default: no limit)")
     ap.add_argument("--out", default=None, help="folder for gpu.tsv (default: none)")
     a = ap.parse_args(argv)
+    budget = Budget(a.budget_s, 0)
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
         a.tiny = a.tiny or a.device == "cpu"
@@ -300,22 +418,25 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
     grids = [16, 32] if a.tiny else sorted(a.grids)
     steps, smoke_steps = (1, 1) if a.tiny else (a.steps, a.smoke_steps)
+    budget.units = THROUGHPUT_STAGES * len(grids) + INFERENCE_MODELS
     bf16 = not a.no_bf16
-    report = Report()
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    report(part="env", device=str(dev), name=name.replace(" ", "_"), torch=torch.__version__,
-           bf16=bf16 and dev.type == "cuda", load_average_1min=f"{os.getloadavg()[0]:.1f}",
-           tiny=a.tiny)
-    t0 = time.perf_counter()
-    ok = smoke(dev, grids[0], smoke_steps, report)
-    for g in grids:
-        throughput(dev, g, steps, bf16, report)
-    inference(dev, grids[-1], bf16, report, ddim_steps=2 if a.tiny else None)
-    report(part="total", ok=ok, seconds=f"{time.perf_counter() - t0:.1f}")
+    out = None
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        report.write(out / "gpu.tsv")
+    report = Report(out / "gpu.tsv" if out else None)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    report(part="env", device=str(dev), name=name.replace(" ", "_"), torch=torch.__version__,
+           bf16=bf16 and dev.type == "cuda", load_average_1min=f"{os.getloadavg()[0]:.1f}",
+           tiny=a.tiny, budget_s=a.budget_s)
+    t0 = time.perf_counter()
+    ok = smoke(dev, grids[0], smoke_steps, report)
+    for g in grids:
+        throughput(dev, g, steps, bf16, report, budget)
+    inference(dev, grids[-1], bf16, report, budget,
+              ddim_steps=LEAST_DDIM_STEPS if a.tiny else None)
+    report(part="total", ok=ok, scaled_rows=budget.scaled,
+           seconds=f"{time.perf_counter() - t0:.1f}")
     return 0 if ok else 1
 
 

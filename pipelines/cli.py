@@ -270,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", required=True,
                    help="one held-out pair (test degradation family) per seed")
     p.add_argument("--out", required=True,
-                   help="folder for metrics.tsv, calibration.tsv, subjects.tsv, paired_tests.tsv")
+                   help="folder for the tables: metrics.tsv (mean over subjects), "
+                        "calibration.tsv (interval coverage), subjects.tsv (per subject), "
+                        "paired_tests.tsv (shipped vs each baseline), "
+                        "spread_error_spearman.tsv (predicted spread vs error), "
+                        "flags.tsv (per subject: SNR, inputs outside the card's ranges)")
 
     p = sub.add_parser("demo", help="simulate the built-in cohort and run the pipeline on it")
     p.add_argument("output", nargs="?", default="demo-output")

@@ -103,6 +103,31 @@ def test_ldm_all_stages_train_on_the_model_device(on_meta):
     assert model.amp_scale.device == META
 
 
+def test_faithful_ldm_both_stages_train_on_the_model_device(on_meta):
+    """The shared VQ-VAE (with its dead-code reset and code count) and the
+    class-conditioned denoiser. The reset's count of dead codes has no value
+    on meta: torch's flag for a data-independent ``nonzero`` makes every code
+    dead there, so the re-seeding runs on every step (its device handling is
+    exercised, not skipped)."""
+    from torch.fx.experimental import _config as fx_config
+    from dmriflow.models.ldm import faithful, vqvae
+    rng = np.random.default_rng(5)
+    g = 16
+    mask = np.zeros((g, g, g), bool)
+    mask[3:13, 3:13, 3:13] = True
+    maps = [rng.uniform(0.1, 1.0, (g, g, g, 3)).astype(np.float32) for _ in range(4)]
+    model = faithful.FaithfulLatentDiffusion3T7T(grid=g, vq_widths=(8, 16),
+                                                 unet_channels=(16, 16, 16))
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        report = faithful.fit(model, [(maps[0], mask)],
+                              [(maps[1], maps[2], mask), (maps[2], maps[3], mask)],
+                              faithful.FaithfulBudget(vq_steps=2, diffusion_steps=1,
+                                                      vq_batch=2, diffusion_batch=2))
+    assert on_meta["n"] == 3                          # vq twice, denoiser once
+    assert report["vq"]["codes_reset"] == 2 * vqvae.NUM_EMBEDDINGS
+    assert model.amp_scale.device == META and model.latent_scale.device == META
+
+
 def test_rish_cnn_baseline_trains_on_the_model_device(on_meta):
     from dmriflow.models.ldm import baselines
     rng = np.random.default_rng(1)

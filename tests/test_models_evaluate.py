@@ -251,3 +251,13 @@ def test_shipped_clipped_is_the_diffusion_model_fed_inputs_inside_its_ranges(run
                         lambda *a, **kw: seen.update(kw) or tables)
     assert study.main(["evaluate", str(tmp_path / "cli"), "--no-latent", "--clipped"]) == 0
     assert seen["clipped"] is True and seen["latent"] is False
+
+
+def test_the_cli_help_names_every_table_evaluate_writes(runs):
+    """``dmriflow evaluate 3t7t --out``'s help lists exactly the files a run writes."""
+    import argparse
+    import re
+    from dmriflow.pipelines.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    out = next(a for a in sub.choices["evaluate"]._actions if a.dest == "out")
+    assert set(re.findall(r"\w+\.tsv", out.help)) == {p.name for p in runs[0].iterdir()}

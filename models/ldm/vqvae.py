@@ -55,7 +55,11 @@ class DeadCodeReset:
     A dead code is moved onto a randomly chosen encoder output of the current
     batch (its EMA statistics restarted as one vector's), so that it competes
     again: the standard remedy for codebook collapse (e.g. Dhariwal et al.
-    2020, Jukebox). Keeps its per-code idle counters (not part of the model).
+    2020, Jukebox). Keeps its per-code idle counters (not part of the model)
+    on the codebook's device, so a step moves nothing to the host but the
+    number of dead codes (which sizes the draw). The draw itself is made on
+    the CPU generator (seeded per step by ``train``): the same batch positions
+    are picked whatever the device.
     """
 
     def __init__(self, num_embeddings: int = NUM_EMBEDDINGS,
@@ -69,20 +73,20 @@ class DeadCodeReset:
         """Update the counters with this step's ``indices``; re-seed dead codes
         from ``z_e`` (B, D, ...); return how many were re-seeded."""
         q = vq.quantizer.quantizer
+        self.idle = self.idle.to(q.ema_w.device)
         used = torch.zeros_like(self.idle, dtype=torch.bool)
-        used[indices.reshape(-1).cpu()] = True
+        used[indices.reshape(-1).to(used.device)] = True
         self.idle = torch.where(used, torch.zeros_like(self.idle), self.idle + 1)
         dead = torch.nonzero(self.idle >= self.dead_after).reshape(-1)
         if dead.numel() == 0:
             return 0
         flat = z_e.movedim(1, -1).reshape(-1, z_e.shape[1])
-        pick = flat[torch.randint(0, flat.shape[0], (dead.numel(),))].to(q.ema_w.dtype)
-        dev = q.ema_w.device
-        dead = dead.to(dev)
+        draw = torch.randint(0, flat.shape[0], (dead.numel(),)).to(flat.device)
+        pick = flat[draw].to(q.ema_w.dtype)
         q.embedding.weight.data[dead] = pick
         q.ema_w.data[dead] = pick
         q.ema_cluster_size.data[dead] = 1.0
-        self.idle[dead.cpu()] = 0
+        self.idle[dead] = 0
         self.resets += int(dead.numel())
         return int(dead.numel())
 
@@ -104,17 +108,24 @@ def vqvae_loss(vq: VQVAE, x: torch.Tensor, reset: DeadCodeReset | None = None) -
 def code_usage(vq: VQVAE, images, batch: int = 8) -> dict:
     """Codes the quantised latents of ``images`` (N, C, ...) use: the count of
     distinct codes and the perplexity ``exp(entropy)`` of their histogram
-    (= the count when every used code is equally frequent)."""
+    (= the count when every used code is equally frequent). The histogram is
+    accumulated on the model's device; on the "meta" device (shape-only dry
+    runs, the device tests) it has no values and both figures are NaN."""
     was_training = vq.training
     vq.eval()     # an EMA quantiser in training mode would update its codebook
     try:
         dev = next(vq.parameters()).device
-        counts = torch.zeros(vq.quantizer.quantizer.num_embeddings, dtype=torch.float64)
+        counts = torch.zeros(vq.quantizer.quantizer.num_embeddings, dtype=torch.float64,
+                             device=dev)
         for i in range(0, images.shape[0], batch):
-            idx = vq.index_quantize(images[i:i + batch].to(dev)).reshape(-1).cpu()
-            counts += torch.bincount(idx, minlength=counts.numel()).double()
+            idx = vq.index_quantize(images[i:i + batch].to(dev)).reshape(-1)
+            counts.index_add_(0, idx, torch.ones(idx.shape, dtype=counts.dtype, device=dev))
     finally:
         vq.train(was_training)
+    if dev.type == "meta":
+        return {"codes_used": float("nan"), "num_embeddings": int(counts.numel()),
+                "perplexity": float("nan")}
+    counts = counts.cpu()
     p = counts / counts.sum()
     nz = p[p > 0]
     return {"codes_used": int((counts > 0).sum()), "num_embeddings": int(counts.numel()),
