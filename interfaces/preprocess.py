@@ -444,6 +444,85 @@ def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, to
     return _reconstruct(A, mean, Vk, theta, n, N), var, theta
 
 
+#: Patches per float64 eigenvalue batch in :func:`mppca_device_tolerance`.
+_TOLERANCE_BATCH = 256
+
+
+def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATCH_RADIUS,
+                           stride: int = 1, estimator: str = DEFAULT_ESTIMATOR):
+    """How far the device path's result may be from the LAPACK path's
+    (``ref``, ``sigma_ref``) by float32 eigen-decomposition error alone:
+    (series bound, sigma bound, voxels where they hold), per voxel.
+
+    Both paths decompose the same float32 Gram matrix C of each patch
+    (r x r) with a backward-stable solver: each returns the exact eigenpairs
+    of C + E, ||E|| <= delta = gamma_r ||C|| (r u, Householder reduction's
+    bound; ||C|| = the largest eigenvalue, from a float64 decomposition
+    here). So (Weyl) every eigenvalue differs by <= 2 delta between the
+    paths, the noise variance (a mean of eigenvalues / q) by <= 2 delta / q,
+    and the MP split cannot differ unless a criterion lies within that of its
+    threshold (those patches are ambiguous; their voxels are left out). With
+    the same split the kept subspaces differ by sin(theta) <= 2 delta /
+    (gap - 2 delta) (Davis-Kahan; gap = smallest kept - largest dropped
+    eigenvalue), so a patch row a moves by <= ||a|| that, plus the float32
+    products a V V^T (gamma_2r sqrt(r) ||a||). A voxel's value is the same
+    weighted mean of its K patches' rows: it moves by at most the largest of
+    their bounds plus the float32 sum (gamma_K |value|); sigma =
+    sqrt(weighted mean variance) by <= (variance bound) / sigma plus its own
+    rounding. Costs one float64 eigenvalue decomposition per patch (CPU)."""
+    import torch
+    X, Y, Z, N = data.shape
+    pr = _radius3(patch_radius, (X, Y, Z), N)
+    size = 2 * pr + 1
+    n = int(np.prod(size))
+    q, r, m = max(N, n), min(N, n), min(min(N, n), n - 1)
+    u = float(np.finfo(np.float32).eps) / 2
+    starts = _patch_starts(mask, pr, size, stride)
+    row_b, var_b, amb = [], [], []
+    for b in range(0, len(starts), _TOLERANCE_BATCH):
+        s = starts[b:b + _TOLERANCE_BATCH]
+        P = np.stack([data[x:x + size[0], y:y + size[1], z:z + size[2]].reshape(n, N)
+                      for x, y, z in s]).astype(np.float64)
+        A = P - P.mean(axis=1, keepdims=True)
+        L = np.linalg.eigvalsh(A.transpose(0, 2, 1) @ A if N <= n else A @ A.transpose(0, 2, 1))
+        var, keep = _classify(torch.from_numpy(L / q), n, N, estimator)
+        var, keep = var.double().numpy(), keep.numpy()
+        delta = r * u / (1 - r * u) * np.abs(L).max(axis=1)
+        dl = 2 * delta / q                             # eigenvalue / q, between the paths
+        # the split's criteria (as _classify) and how far each is from flipping
+        c = np.arange(m)
+        Lt = L[:, r - m:] / q
+        gam = (c + 1) / q if estimator == "veraart" else (c + 1) / (q - (m - c - 1))
+        margin = 4 * np.sqrt(gam) * np.cumsum(Lt, axis=1) / (c + 1) - (Lt - Lt[:, :1])
+        a = (np.abs(margin) <= (4 * np.sqrt(gam) + 2) * dl[:, None]).any(axis=1)
+        if estimator == "veraart":
+            t = (1 + math.sqrt(min(N, n) / q)) ** 2
+            a |= (np.abs(L / q - t * var[:, None]) <= (1 + t) * dl[:, None]).any(axis=1)
+        rows = np.arange(len(L))
+        gap = np.where(keep > 0, L[rows, r - keep] - L[rows, np.maximum(r - keep - 1, 0)], np.inf)
+        g2r = 2 * r * u / (1 - 2 * r * u)
+        norm = np.linalg.norm(A, axis=2).max(axis=1)
+        row_b.append(norm * (2 * delta / np.maximum(gap - 2 * delta, 1e-300)
+                             + g2r * math.sqrt(r)))
+        var_b.append(dl)
+        amb.append(a | (keep > 0) & (gap <= 2 * delta))
+    den_b = np.zeros((X, Y, Z))
+    v_b = np.zeros((X, Y, Z))
+    count = np.zeros((X, Y, Z))
+    clear = np.ones((X, Y, Z), dtype=bool)
+    for (x, y, z), rb, vb, a in zip(starts, np.concatenate(row_b), np.concatenate(var_b),
+                                    np.concatenate(amb)):
+        sl = np.s_[x:x + size[0], y:y + size[1], z:z + size[2]]
+        np.maximum(den_b[sl], rb, out=den_b[sl])
+        np.maximum(v_b[sl], vb, out=v_b[sl])
+        count[sl] += 1
+        clear[sl] &= ~a
+    gk = count * u / (1 - count * u)
+    den_tol = den_b + gk * np.abs(ref).max(axis=-1)
+    sig_tol = v_b / np.maximum(sigma_ref, 1e-30) + 4 * u * sigma_ref
+    return den_tol, sig_tol, clear & mask
+
+
 _LAPACK = {}
 #: The LAPACK routines MP-PCA calls, with their argument counts.
 _LAPACK_ROUTINES = (("ssytrd", 10), ("ssterf", 4), ("sstein", 13), ("sormtr", 13))
