@@ -231,6 +231,34 @@ def test_mppca_device_path_stays_on_the_device(phantom, monkeypatch):
     assert pp.mppca(data, m, stride=2, return_sigma=False, device="cpu").shape == data.shape
 
 
+def test_mppca_device_path_pure_noise(monkeypatch):
+    """Pure Gaussian noise on a constant: patches keep no component (the
+    device path's mean-only branch, one patch per batch), within the derived
+    bound everywhere, and the known sigma recovered (measured 0.988)."""
+    rng = np.random.default_rng(1)
+    sigma = 5.0
+    data = (100 + rng.normal(0, sigma, (12, 12, 10, 30))).astype(np.float32)
+    ref, sref = pp.mppca(data, None, stride=2)
+    kmax = []
+    real = pp._classify
+
+    def spy(L, *args):
+        var, keep = real(L, *args)
+        kmax.append(int(keep.max()))
+        return var, keep
+
+    monkeypatch.setattr(pp, "_classify", spy)
+    monkeypatch.setattr(pp, "DEVICE_BATCH_BYTES", 1)
+    den, s = pp.mppca(data, None, stride=2, device="cpu")
+    assert kmax.count(0) > len(kmax) // 2                     # measured 95 of 100
+    den_tol, s_tol, v = pp.mppca_device_tolerance(data, np.ones(data.shape[:3], bool), ref,
+                                                  sref, stride=2)
+    assert v.all()
+    assert np.all(np.abs(den.astype(np.float64) - ref).max(axis=-1) <= den_tol)
+    assert np.all(np.abs(s.astype(np.float64) - sref) <= s_tol)
+    assert abs(np.median(s) / sigma - 1) < SIGMA_MEDIAN_TOL
+
+
 def test_preprocess_is_deterministic_across_threads_and_runs(phantom, monkeypatch):
     """Same input, same bytes: the overlapping patches' sums are added in one
     order whatever the thread schedule. Before, two runs differed in the last
