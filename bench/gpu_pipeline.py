@@ -377,7 +377,7 @@ def main() -> int:
                                           f"one run")
     else:
         mp_s, mp_peak, mp_scope = predicted, crop_peak, "extrapolated"
-        rows["mppca device (subject, extrapolated)"] = (
+        rows["mppca device (extrapolated)"] = (
             mp_s, float("nan"), f"NOT run: {MPPCA_SAFETY}x the crop's rate x {n_mask} mask "
                                 f"voxels exceeds the {left:.0f} s left")
 
