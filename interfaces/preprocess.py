@@ -120,18 +120,10 @@ def _classify(L, n: int, N: int, estimator: str):
     (Exp2); the largest such c wins (dipy's loop and MRtrix3's scan both find
     it). Returns (var (B,) float32, keep (B,) int64)."""
     import torch
-    B, r = L.shape
-    q = max(N, n)
-    m = min(r, n - 1)                      # demeaning removes one dimension
+    B = L.shape[0]
     Ld = L.double()
-    Lt = Ld[:, r - m:]
-    c = torch.arange(m, dtype=torch.float64, device=L.device)
-    var_c = torch.cumsum(Lt, dim=1) / (c + 1)
-    if estimator == "veraart":
-        gam = (c + 1) / q
-    else:                                   # Cordero-Grande: q minus signal comps
-        gam = (c + 1) / (q - (m - c - 1))
-    margin = 4.0 * torch.sqrt(gam) * var_c - (Lt - Lt[:, :1])
+    c, _, var_c, margin = _mp_criteria(Ld, n, N, estimator)
+    m = c.shape[0]
     noise = margin >= 0
     # the largest c that still looks like noise (c = 0 always does)
     cstar = torch.where(noise, c.expand(B, m), torch.zeros((), dtype=c.dtype, device=c.device)
@@ -139,11 +131,35 @@ def _classify(L, n: int, N: int, estimator: str):
     var = var_c.gather(1, cstar[:, None])[:, 0]
     if estimator == "veraart":
         # dipy: keep eigenvalues above the Marchenko-Pastur upper edge
-        t = (1.0 + math.sqrt(min(N, n) / q)) ** 2
-        keep = (Ld >= (t * var)[:, None]).sum(dim=1)
+        keep = (Ld >= (_mp_edge(n, N) * var)[:, None]).sum(dim=1)
     else:                                   # MRtrix3: drop the classified noise
         keep = m - (cstar + 1)
     return var.float(), keep
+
+
+def _mp_edge(n: int, N: int) -> float:
+    """(1 + sqrt(min(N, n) / q))^2: the MP distribution's upper edge over the
+    noise variance; eigenvalues / q above it times the variance are signal
+    ("veraart", as dipy)."""
+    return (1.0 + math.sqrt(min(N, n) / max(N, n))) ** 2
+
+
+def _mp_criteria(Ld, n: int, N: int, estimator: str):
+    """The noise criterion of :func:`_classify` for each candidate c (the
+    c+1 smallest of the m = min(r, n - 1) usable eigenvalues, float64 torch
+    ``Ld`` (B, r) / q): (c, gamma_c, var_c, margin), noise while margin >= 0."""
+    import torch
+    r = Ld.shape[1]
+    q = max(N, n)
+    m = min(r, n - 1)                      # demeaning removes one dimension
+    Lt = Ld[:, r - m:]
+    c = torch.arange(m, dtype=torch.float64, device=Ld.device)
+    var_c = torch.cumsum(Lt, dim=1) / (c + 1)
+    if estimator == "veraart":
+        gam = (c + 1) / q
+    else:                                   # Cordero-Grande: q minus signal comps
+        gam = (c + 1) / (q - (m - c - 1))
+    return c, gam, var_c, 4.0 * torch.sqrt(gam) * var_c - (Lt - Lt[:, :1])
 
 
 @contextmanager
@@ -481,7 +497,7 @@ def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATC
     pr = _radius3(patch_radius, (X, Y, Z), N)
     size = 2 * pr + 1
     n = int(np.prod(size))
-    q, r, m = max(N, n), min(N, n), min(min(N, n), n - 1)
+    q, r = max(N, n), min(N, n)
     u = float(np.finfo(np.float32).eps) / 2
     starts = _patch_starts(mask, pr, size, stride)
     row_b, var_b, amb = [], [], []
@@ -495,14 +511,13 @@ def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATC
         var, keep = var.double().numpy(), keep.numpy()
         delta = r * u / (1 - r * u) * np.abs(L).max(axis=1)
         dl = 2 * delta / q                             # eigenvalue / q, between the paths
-        # the split's criteria (as _classify) and how far each is from flipping
-        c = np.arange(m)
-        Lt = L[:, r - m:] / q
-        gam = (c + 1) / q if estimator == "veraart" else (c + 1) / (q - (m - c - 1))
-        margin = 4 * np.sqrt(gam) * np.cumsum(Lt, axis=1) / (c + 1) - (Lt - Lt[:, :1])
+        # the split's criteria and how far each is from flipping: var_c moves
+        # by <= dl, L_c - L_0 by <= 2 dl
+        _, gam, _, margin = (x.numpy() for x in _mp_criteria(torch.from_numpy(L / q), n, N,
+                                                              estimator))
         a = (np.abs(margin) <= (4 * np.sqrt(gam) + 2) * dl[:, None]).any(axis=1)
         if estimator == "veraart":
-            t = (1 + math.sqrt(min(N, n) / q)) ** 2
+            t = _mp_edge(n, N)
             a |= (np.abs(L / q - t * var[:, None]) <= (1 + t) * dl[:, None]).any(axis=1)
         rows = np.arange(len(L))
         # no kept component: nothing to rotate (the row is the mean)
