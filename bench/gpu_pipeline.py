@@ -36,9 +36,10 @@ the b0 normalisation and the squares. MP-PCA: on a small crop (``--mppca-check``
 voxels square in x, y, patch size + 2 slices) the device's series and noise
 map against the CPU path's, per voxel within
 ``preprocess.mppca_device_tolerance`` (the float32 eigen-decomposition
-bound: Weyl for eigenvalues, Davis-Kahan for the kept subspace; voxels whose
-MP split lies within the bound of flipping are left out, their share
-printed). A wrong device answer exits non-zero.
+bound: Weyl for eigenvalues, Davis-Kahan for the kept subspace) wherever every
+patch was split alike by the two runs (``mppca_compare_paths`` records the
+splits); a patch split differently where that bound says it cannot be fails
+the check too. A wrong device answer exits non-zero.
 
 bf16: tried only for the SH projection (a plain matrix product; the tensor
 fit's log-domain solve and MP-PCA's eigenvalue split need float32): the
@@ -70,7 +71,8 @@ from memory import HCP_SHAPE, SNR, ellipsoid, gradients  # bench/memory.py
 from dmriflow.interfaces import dti, sh
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI
-from dmriflow.interfaces.preprocess import _radius3, mppca, mppca_device_tolerance
+from dmriflow.interfaces.preprocess import (_radius3, mppca, mppca_compare_paths,
+                                            mppca_device_tolerance)
 
 #: the whole run stops here (the device check's budget)
 HARD_LIMIT_S = 480
@@ -230,18 +232,23 @@ def check_mppca(dwi: DWI, device: str, side: int) -> tuple[dict, bool]:
     lo = [max(0, (e - w) // 2) for e, w in ((X, side), (Y, side), (Z, size_z + 2))]
     sl = (slice(lo[0], lo[0] + side), slice(lo[1], lo[1] + side), slice(lo[2], lo[2] + size_z + 2))
     data, mask = np.ascontiguousarray(dwi.data[sl]), dwi.mask[sl]
-    ref, s_ref = mppca(data, mask, **mppca_kwargs())
-    den, s = mppca(data, mask, device=device, **mppca_kwargs())
-    den_tol, s_tol, clear = mppca_device_tolerance(data, mask, ref, s_ref, patch_radius=None,
-                                                   stride=MPPCA_STRIDE)
+    ref, s_ref, den, s, same = mppca_compare_paths(data, mask, device, **mppca_kwargs())
+    den_tol, s_tol, clear, unexpected = mppca_device_tolerance(
+        data, mask, ref, s_ref, patch_radius=None, stride=MPPCA_STRIDE, same_split=same)
     err = np.abs(den.astype(np.float64) - ref).max(axis=-1)[clear] / den_tol[clear]
     s_err = np.abs(s.astype(np.float64) - s_ref)[clear] / s_tol[clear]
     out = {"mppca_err_over_bound": float(err.max()) if err.size else 0.0,
            "mppca_sigma_err_over_bound": float(s_err.max()) if s_err.size else 0.0,
            "mppca_clear": float(clear.sum() / max(1, mask.sum())),
-           "mppca_check_voxels": int(mask.sum())}
+           "mppca_check_voxels": int(mask.sum()), "mppca_split_differs": int((~same).sum()),
+           "mppca_split_unexpected": unexpected, "mppca_patches": int(same.size)}
+    # for scale, over every mask voxel (flipped splits included): in units of the noise
+    noise = float(np.median(s_ref[mask])) if mask.any() else 1.0
+    diff = np.abs(den.astype(np.float64) - ref).max(axis=-1)[mask] / max(noise, 1e-30)
+    out["mppca_max_diff_sigma"] = float(diff.max()) if diff.size else 0.0
+    out["mppca_share_over_1e-3_sigma"] = float(np.mean(diff > 1e-3)) if diff.size else 0.0
     bad = out["mppca_err_over_bound"] > 1 or out["mppca_sigma_err_over_bound"] > 1 \
-        or not clear.any()
+        or unexpected > 0 or not clear.any()
     return out, bad
 
 
@@ -396,9 +403,14 @@ def main() -> int:
           f"failed-flag mismatch {chk_dti['failed_mismatch']:.1e}; "
           f"RISH max {chk_rish['rish_err_over_bound']:.2e}")
     print(f"MP-PCA check on a {args.mppca_check}x{args.mppca_check} crop "
-          f"({chk_mp['mppca_check_voxels']} mask voxels, {chk_mp['mppca_clear']:.0%} clear of "
-          f"the split's bound) vs the CPU path: series {chk_mp['mppca_err_over_bound']:.2e}, "
-          f"sigma {chk_mp['mppca_sigma_err_over_bound']:.2e} of the float32 bound")
+          f"({chk_mp['mppca_check_voxels']} mask voxels) vs the CPU path: "
+          f"{chk_mp['mppca_split_differs']} of {chk_mp['mppca_patches']} patches split "
+          f"differently ({chk_mp['mppca_split_unexpected']} where the float32 bound says they "
+          f"cannot be), {chk_mp['mppca_clear']:.0%} of the voxels in patches split alike: "
+          f"series {chk_mp['mppca_err_over_bound']:.2e}, sigma "
+          f"{chk_mp['mppca_sigma_err_over_bound']:.2e} of the float32 bound; over all its mask "
+          f"voxels max |difference| {chk_mp['mppca_max_diff_sigma']:.2e} sigma, "
+          f"{chk_mp['mppca_share_over_1e-3_sigma']:.1%} of them > 1e-3 sigma")
     ok = not (bad_dti or bad_rish or bad_mp)
     total = time.perf_counter() - t_start
     print(f"device={args.device} shape={'x'.join(map(str, args.shape))} "

@@ -470,11 +470,40 @@ def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, to
 _TOLERANCE_BATCH = 256
 
 
+def mppca_compare_paths(data, mask, device, **kwargs):
+    """Both paths of :func:`mppca` on the same input, each patch's MP split
+    recorded: (ref, sigma_ref) of the LAPACK path, (den, sigma) of the
+    ``device`` path, and per patch (in ``_patch_starts`` order) whether both
+    kept the same number of components, for :func:`mppca_device_tolerance`.
+    The LAPACK path runs on one thread (its batches then come in order); the
+    module's ``_classify`` is swapped for a recording one meanwhile (not for
+    use beside other MP-PCA runs in the same process)."""
+    global _classify
+    real, keeps = _classify, []
+
+    def recording(L, n, N, estimator):
+        var, keep = real(L, n, N, estimator)
+        keeps[-1].append(keep.cpu().numpy())
+        return var, keep
+
+    _classify = recording
+    try:
+        keeps.append([])
+        ref, sigma_ref = mppca(data, mask, n_threads=1, **kwargs)
+        keeps.append([])
+        den, sigma = mppca(data, mask, device=device, **kwargs)
+    finally:
+        _classify = real
+    k_ref, k_dev = (np.concatenate(k) if k else np.zeros(0, np.int64) for k in keeps)
+    return ref, sigma_ref, den, sigma, k_ref == k_dev
+
+
 def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATCH_RADIUS,
-                           stride: int = 1, estimator: str = DEFAULT_ESTIMATOR):
+                           stride: int = 1, estimator: str = DEFAULT_ESTIMATOR,
+                           same_split=None):
     """How far the device path's result may be from the LAPACK path's
     (``ref``, ``sigma_ref``) by float32 eigen-decomposition error alone:
-    (series bound, sigma bound, voxels where they hold), per voxel.
+    (series bound, sigma bound, voxels where they hold, unexpected splits), per voxel.
 
     Both paths decompose the same float32 Gram matrix C of each patch
     (r x r) with a backward-stable solver: each returns the exact eigenpairs
@@ -491,7 +520,14 @@ def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATC
     weighted mean of its K patches' rows: it moves by at most the largest of
     their bounds plus the float32 sum (gamma_K |value|); sigma =
     sqrt(weighted mean variance) by <= (variance bound) / sigma plus its own
-    rounding. Costs one float64 eigenvalue decomposition per patch (CPU)."""
+    rounding. Costs one float64 eigenvalue decomposition per patch (CPU).
+
+    ``same_split`` (per patch, from :func:`mppca_compare_paths`): the voxels
+    compared are those whose every patch the two runs split alike, and the
+    last value counts the patches split differently where the bound says
+    they cannot be (0 unless an eigenvalue erred beyond float32 error).
+    Without it, the voxels whose every patch the bound says cannot flip (few
+    when the eigenvalues are many: 0 % of a 288-volume crop), and 0."""
     import torch
     X, Y, Z, N = data.shape
     pr = _radius3(patch_radius, (X, Y, Z), N)
@@ -500,7 +536,7 @@ def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATC
     q, r = max(N, n), min(N, n)
     u = float(np.finfo(np.float32).eps) / 2
     starts = _patch_starts(mask, pr, size, stride)
-    row_b, var_b, amb = [], [], []
+    row_b, var_b, amb, tight = [], [], [], []
     for b in range(0, len(starts), _TOLERANCE_BATCH):
         s = starts[b:b + _TOLERANCE_BATCH]
         P = np.stack([data[x:x + size[0], y:y + size[1], z:z + size[2]].reshape(n, N)
@@ -530,21 +566,31 @@ def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATC
                                  + g2r * math.sqrt(r)))
         var_b.append(dl)
         amb.append(a | (keep > 0) & (gap <= 2 * delta))
+        tight.append((keep > 0) & (gap <= 2 * delta))
     den_b = np.zeros((X, Y, Z))
     v_b = np.zeros((X, Y, Z))
     count = np.zeros((X, Y, Z))
     clear = np.ones((X, Y, Z), dtype=bool)
+    possible = np.concatenate(amb) if amb else np.zeros(0, bool)
+    if same_split is None:
+        alike, unexpected = ~possible, 0
+    else:
+        same_split = np.asarray(same_split, dtype=bool)
+        if same_split.shape != possible.shape:
+            raise ValueError(f"same_split has {same_split.size} patches, not {possible.size}")
+        alike = same_split & ~np.concatenate(tight)
+        unexpected = int((~same_split & ~possible).sum())
     for (x, y, z), rb, vb, a in zip(starts, np.concatenate(row_b), np.concatenate(var_b),
-                                    np.concatenate(amb)):
+                                    alike):
         sl = np.s_[x:x + size[0], y:y + size[1], z:z + size[2]]
         np.maximum(den_b[sl], rb, out=den_b[sl])
         np.maximum(v_b[sl], vb, out=v_b[sl])
         count[sl] += 1
-        clear[sl] &= ~a
+        clear[sl] &= a
     gk = count * u / (1 - count * u)
     den_tol = den_b + gk * np.abs(ref).max(axis=-1)
     sig_tol = v_b / np.maximum(sigma_ref, 1e-30) + 4 * u * sigma_ref
-    return den_tol, sig_tol, clear & mask
+    return den_tol, sig_tol, clear & mask, unexpected
 
 
 _LAPACK = {}
