@@ -11,9 +11,13 @@ calls what the pipeline's node calls, with the device named:
   chunk, the eigen-decomposition runs on the host);
 * ``sh_rish``: ``sh.fit_shells(dwi, coefficients=False, device=D)`` + every
   shell's RISH maps (the RISH node; the projection runs on the device);
-* ``mppca``: ``preprocess.mppca`` (automatic patch radius and stride 2, the
-  pipeline's defaults) on a
-  z-slab crop, on the CPU: it has no device path (float32 LAPACK per patch).
+* ``mppca``: ``preprocess.mppca(..., device=D)`` (automatic patch radius and
+  stride 2, the pipeline's defaults; z-slabs copied to the device one at a
+  time, batched float32 ``eigh`` there) on a ``--mppca-slices`` z-slab crop,
+  then on the whole subject if the crop's rate says it fits the time left
+  (else the crop's figure, extrapolated by mask voxels, is stated as such);
+  the CPU path (float32 LAPACK per patch, all cores) on the same crop for
+  the ratio. Each is one run (after a warm-up on the check crop).
 
 Stage times exclude file I/O but include the host<->device copies the
 library makes; ``h2d_s`` is one copy of the mask rows to the device, for
@@ -28,7 +32,14 @@ own float32 eigenvalue resolution (``TensorModel.min_eigenvalue``) and FA to
 that times FA's Lipschitz constant over |lambda|, at the 99.9th percentile
 of voxels; each RISH value to its own bound from
 the float32 matrix-product error ``gamma_N |rows| |W|`` propagated through
-the b0 normalisation and the squares. A wrong device answer exits non-zero.
+the b0 normalisation and the squares. MP-PCA: on a small crop (``--mppca-check``
+voxels square in x, y, patch size + 2 slices) the device's series and noise
+map against the CPU path's, per voxel within
+``preprocess.mppca_device_tolerance`` (the float32 eigen-decomposition
+bound: Weyl for eigenvalues, Davis-Kahan for the kept subspace) wherever every
+patch was split alike by the two runs (``mppca_compare_paths`` records the
+splits); a patch split differently where that bound says it cannot be fails
+the check too. A wrong device answer exits non-zero.
 
 bf16: tried only for the SH projection (a plain matrix product; the tensor
 fit's log-domain solve and MP-PCA's eigenvalue split need float32): the
@@ -60,7 +71,8 @@ from memory import HCP_SHAPE, SNR, ellipsoid, gradients  # bench/memory.py
 from dmriflow.interfaces import dti, sh
 from dmriflow.interfaces.gradients import GradientTable
 from dmriflow.interfaces.io import DWI
-from dmriflow.interfaces.preprocess import mppca
+from dmriflow.interfaces.preprocess import (_radius3, mppca, mppca_compare_paths,
+                                            mppca_device_tolerance)
 
 #: the whole run stops here (the device check's budget)
 HARD_LIMIT_S = 480
@@ -78,6 +90,10 @@ FA_LIPSCHITZ = 2 * np.sqrt(1.5) * np.sqrt(3)
 FAILED_MISMATCH = 1e-3
 #: MP-PCA stride (preprocess_dwi's default)
 MPPCA_STRIDE = 2
+#: seconds kept back for the report after the whole-subject MP-PCA, and the
+#: safety factor on its predicted time
+MPPCA_RESERVE_S = 20
+MPPCA_SAFETY = 1.5
 
 
 def make_subject(shape, seed: int) -> DWI:
@@ -202,6 +218,55 @@ def check_rish(dev_fits, sub: DWI, z0, z1) -> dict:
     return {"rish_err_over_bound": worst}, bad
 
 
+def mppca_kwargs() -> dict:
+    """The pipeline's MP-PCA settings."""
+    return {"patch_radius": None, "stride": MPPCA_STRIDE, "outside": "keep"}
+
+
+def check_mppca(dwi: DWI, device: str, side: int) -> tuple[dict, bool]:
+    """Device MP-PCA vs the CPU path on a centred crop (``side`` x ``side``
+    voxels, patch size + 2 slices), per voxel within the derived float32
+    bound; True when beyond it."""
+    X, Y, Z, N = dwi.data.shape
+    size_z = 2 * int(_radius3(None, (X, Y, Z), N)[2]) + 1
+    lo = [max(0, (e - w) // 2) for e, w in ((X, side), (Y, side), (Z, size_z + 2))]
+    sl = (slice(lo[0], lo[0] + side), slice(lo[1], lo[1] + side), slice(lo[2], lo[2] + size_z + 2))
+    data, mask = np.ascontiguousarray(dwi.data[sl]), dwi.mask[sl]
+    ref, s_ref, den, s, same = mppca_compare_paths(data, mask, device, **mppca_kwargs())
+    den_tol, s_tol, clear, unexpected = mppca_device_tolerance(
+        data, mask, ref, s_ref, patch_radius=None, stride=MPPCA_STRIDE, same_split=same)
+    err = np.abs(den.astype(np.float64) - ref).max(axis=-1)[clear] / den_tol[clear]
+    s_err = np.abs(s.astype(np.float64) - s_ref)[clear] / s_tol[clear]
+    out = {"mppca_err_over_bound": float(err.max()) if err.size else 0.0,
+           "mppca_sigma_err_over_bound": float(s_err.max()) if s_err.size else 0.0,
+           "mppca_clear": float(clear.sum() / max(1, mask.sum())),
+           "mppca_check_voxels": int(mask.sum()), "mppca_split_differs": int((~same).sum()),
+           "mppca_split_unexpected": unexpected, "mppca_patches": int(same.size)}
+    # for scale, over every mask voxel (flipped splits included): in units of the noise
+    noise = float(np.median(s_ref[mask])) if mask.any() else 1.0
+    diff = np.abs(den.astype(np.float64) - ref).max(axis=-1)[mask] / max(noise, 1e-30)
+    out["mppca_max_diff_sigma"] = float(diff.max()) if diff.size else 0.0
+    out["mppca_share_over_1e-3_sigma"] = float(np.mean(diff > 1e-3)) if diff.size else 0.0
+    bad = out["mppca_err_over_bound"] > 1 or out["mppca_sigma_err_over_bound"] > 1 \
+        or unexpected > 0 or not clear.any()
+    return out, bad
+
+
+def run_mppca(torch, device: str, dwi: DWI, z0: int, z1: int) -> tuple[float, float]:
+    """One device MP-PCA of slices [z0, z1): (seconds, peak device GB)."""
+    cuda = device.startswith("cuda")
+    part = dwi if (z0, z1) == (0, dwi.data.shape[2]) else slab(dwi, z0, z1)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    mppca(part.data, part.mask, device=device, **mppca_kwargs())
+    if cuda:
+        torch.cuda.synchronize()
+    sec = time.perf_counter() - t
+    return sec, (torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"))
+
+
 def bf16_projection(torch, device: str, dwi: DWI, timer: Timer) -> dict:
     """SH projection of all shells on device-resident rows, float32 vs bfloat16."""
     models = [sh.SHModel(dwi.gtab, shell=b) for b in dwi.gtab.shells]
@@ -219,7 +284,6 @@ def bf16_projection(torch, device: str, dwi: DWI, timer: Timer) -> dict:
     n = rows.shape[1]
     bound = n * U32 * (torch.abs(x) @ torch.abs(w))     # float32 product error bound
     ratio = float((torch.abs(y16.float() - y32) / bound.clamp_min(1e-30)).max())
-    del x, xb, y16, y32, bound
     return {"h2d_s": h2d, "sh_resident_fp32_s": t32, "sh_resident_bf16_s": t16,
             "bf16_err_over_fp32_bound": ratio, "bf16_usable": ratio <= 1.0}
 
@@ -233,6 +297,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--check-slices", type=int, default=4)
     ap.add_argument("--mppca-slices", type=int, default=10)
+    ap.add_argument("--mppca-check", type=int, default=32,
+                    help="side (voxels) of the MP-PCA check crop")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -292,18 +358,35 @@ def main() -> int:
 
     print(f"dti {rows['dti'][0]:.3f} s, sh_rish {rows['sh_rish'][0]:.3f} s, check "
           f"{'FAIL' if bad_dti or bad_rish else 'pass'}; MP-PCA next", flush=True)
-    # last: the slowest stage, and CPU-only (no device path)
+    # last: the slowest stage. The check first (it also warms the device path up)
+    chk_mp, bad_mp = check_mppca(dwi, args.device, args.mppca_check)
     z0 = max(0, Z // 2 - args.mppca_slices // 2)
-    crop = slab(dwi, z0, min(Z, z0 + args.mppca_slices))
-    t = time.perf_counter()
-    mppca(crop.data, crop.mask, patch_radius=None, stride=MPPCA_STRIDE, outside="keep")
-    mp_s = time.perf_counter() - t
+    z1 = min(Z, z0 + args.mppca_slices)
+    crop = slab(dwi, z0, z1)
     n_crop = int(crop.mask.sum())
+    t = time.perf_counter()
+    mppca(crop.data, crop.mask, **mppca_kwargs())
+    cpu_s = time.perf_counter() - t
     del crop
-    rows["mppca (CPU, no device path)"] = (
-        mp_s, float("nan"), f"{args.mppca_slices}-slice crop, {n_crop} mask voxels, one run; "
-                            f"{n_crop / mp_s:.0f} voxels/s -> ~{n_mask * mp_s / n_crop:.0f} s "
-                            f"for the subject")
+    crop_s, crop_peak = run_mppca(torch, args.device, dwi, z0, z1)
+    rows["mppca CPU path (crop)"] = (cpu_s, float("nan"), f"{z1 - z0}-slice crop, {n_crop} mask "
+                                     f"voxels, LAPACK, all cores, one run")
+    rows["mppca device (crop)"] = (crop_s, crop_peak, f"same crop, one run, "
+                                   f"{cpu_s / crop_s:.2f}x the CPU path")
+    predicted = crop_s * n_mask / max(1, n_crop)
+    left = HARD_LIMIT_S - (time.perf_counter() - t_start) - MPPCA_RESERVE_S
+    if MPPCA_SAFETY * predicted <= left:
+        print(f"MP-PCA: crop {crop_s:.1f} s, whole subject predicted {predicted:.0f} s: "
+              f"running it", flush=True)
+        mp_s, mp_peak = run_mppca(torch, args.device, dwi, 0, Z)
+        mp_scope = "subject"
+        rows["mppca device (subject)"] = (mp_s, mp_peak, f"whole subject, {n_mask} mask voxels, "
+                                          f"one run")
+    else:
+        mp_s, mp_peak, mp_scope = predicted, crop_peak, "extrapolated"
+        rows["mppca device (extrapolated)"] = (
+            mp_s, float("nan"), f"NOT run: {MPPCA_SAFETY}x the crop's rate x {n_mask} mask "
+                                f"voxels exceeds the {left:.0f} s left")
 
     print(f"\n{'stage':34s} {'median s':>9s} {'peak GPU GB':>12s}  notes")
     for k, (sec, pk, note) in rows.items():
@@ -319,12 +402,24 @@ def main() -> int:
           f"MD q{CHECK_QUANTILE} {chk_dti['md_q']:.2e} (max {chk_dti['md_max']:.2e}); "
           f"failed-flag mismatch {chk_dti['failed_mismatch']:.1e}; "
           f"RISH max {chk_rish['rish_err_over_bound']:.2e}")
-    ok = not (bad_dti or bad_rish)
+    print(f"MP-PCA check on a {args.mppca_check}x{args.mppca_check} crop "
+          f"({chk_mp['mppca_check_voxels']} mask voxels) vs the CPU path: "
+          f"{chk_mp['mppca_split_differs']} of {chk_mp['mppca_patches']} patches split "
+          f"differently ({chk_mp['mppca_split_unexpected']} where the float32 bound says they "
+          f"cannot be), {chk_mp['mppca_clear']:.0%} of the voxels in patches split alike: "
+          f"series {chk_mp['mppca_err_over_bound']:.2e}, sigma "
+          f"{chk_mp['mppca_sigma_err_over_bound']:.2e} of the float32 bound; over all its mask "
+          f"voxels max |difference| {chk_mp['mppca_max_diff_sigma']:.2e} sigma, "
+          f"{chk_mp['mppca_share_over_1e-3_sigma']:.1%} of them > 1e-3 sigma")
+    ok = not (bad_dti or bad_rish or bad_mp)
     total = time.perf_counter() - t_start
     print(f"device={args.device} shape={'x'.join(map(str, args.shape))} "
           f"dti_s={rows['dti'][0]:.4f} sh_rish_s={rows['sh_rish'][0]:.4f} "
           f"dti_rish_s={rows['dti'][0] + rows['sh_rish'][0]:.4f} "
-          f"mppca_cpu_crop_s={mp_s:.3f} peak_gpu_gb={max(rows['dti'][1], rows['sh_rish'][1]):.2f} "
+          f"mppca_cpu_crop_s={cpu_s:.3f} mppca_dev_crop_s={crop_s:.3f} "
+          f"mppca_dev_s={mp_s:.2f} mppca_scope={mp_scope} mppca_peak_gpu_gb={mp_peak:.2f} "
+          f"mppca_check={chk_mp['mppca_err_over_bound']:.2e} "
+          f"peak_gpu_gb={max(rows['dti'][1], rows['sh_rish'][1]):.2f} "
           f"bf16_usable={int(bf['bf16_usable'])} check={'pass' if ok else 'FAIL'} "
           f"total_s={total:.1f}")
     return 0 if ok else 1

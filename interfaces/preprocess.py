@@ -58,6 +58,22 @@ BATCH_BYTES = 24 << 20
 #: Bytes of the z-slab of input copied (C-ordered, volumes last) per pass; the
 #: slab's accumulator is as large again.
 SLAB_BYTES = 384 << 20
+#: With a ``device``: bytes of patch data per batched ``torch.linalg.eigh``
+#: call (one launch per batch: a GPU wants thousands of patches in flight) and
+#: of the input z-slab held on the device per pass. Device memory is bounded
+#: by ~2 x DEVICE_SLAB_BYTES (slab + accumulator) + 6 x DEVICE_BATCH_BYTES
+#: (patches, their reconstruction, Gram matrices, eigenvectors, eigh's
+#: workspace): ~3.5 GiB whatever the subject.
+DEVICE_BATCH_BYTES = 256 << 20
+DEVICE_SLAB_BYTES = 1 << 30
+#: dtype of the device path's eigen-decomposition ("float32" or "float64").
+#: float32 loses nothing against the truth, but splits more patches on the
+#: other side of the MP threshold than the LAPACK path's eigenvalue solver:
+#: on bench/denoise.py's block (stride 2) against a float64 eigh, 6728 of
+#: 147k voxels moved by > 1e-3 sigma (max 0.34 sigma; LAPACK path 311, max
+#: 0.17), RMSE against the noise-free block 44.070 vs 44.072 (float64 44.072);
+#: float64 took 1.6x float32's time on the CPU.
+DEVICE_EIGH_DTYPE = "float32"
 
 
 def auto_patch_radius(n_volumes: int) -> int:
@@ -104,29 +120,46 @@ def _classify(L, n: int, N: int, estimator: str):
     (Exp2); the largest such c wins (dipy's loop and MRtrix3's scan both find
     it). Returns (var (B,) float32, keep (B,) int64)."""
     import torch
-    B, r = L.shape
+    B = L.shape[0]
+    Ld = L.double()
+    c, _, var_c, margin = _mp_criteria(Ld, n, N, estimator)
+    m = c.shape[0]
+    noise = margin >= 0
+    # the largest c that still looks like noise (c = 0 always does)
+    cstar = torch.where(noise, c.expand(B, m), torch.zeros((), dtype=c.dtype, device=c.device)
+                        ).amax(dim=1).long()
+    var = var_c.gather(1, cstar[:, None])[:, 0]
+    if estimator == "veraart":
+        # dipy: keep eigenvalues above the Marchenko-Pastur upper edge
+        keep = (Ld >= (_mp_edge(n, N) * var)[:, None]).sum(dim=1)
+    else:                                   # MRtrix3: drop the classified noise
+        keep = m - (cstar + 1)
+    return var.float(), keep
+
+
+def _mp_edge(n: int, N: int) -> float:
+    """(1 + sqrt(min(N, n) / q))^2: the MP distribution's upper edge over the
+    noise variance; eigenvalues / q above it times the variance are signal
+    ("veraart", as dipy)."""
+    return (1.0 + math.sqrt(min(N, n) / max(N, n))) ** 2
+
+
+def _mp_criteria(Ld, n: int, N: int, estimator: str):
+    """The noise criterion of :func:`_classify` for each candidate c (the
+    c+1 smallest of the m = min(r, n - 1) usable eigenvalues, float64 torch
+    ``Ld`` (B, r) / q): (c, gamma_c, var_c, margin), noise while margin >= 0."""
+    import torch
+    r = Ld.shape[1]
     q = max(N, n)
     m = min(r, n - 1)                      # demeaning removes one dimension
-    Ld = L.double()
     Lt = Ld[:, r - m:]
-    c = torch.arange(m, dtype=torch.float64)
+    c = torch.arange(m, dtype=torch.float64, device=Ld.device)
     var_c = torch.cumsum(Lt, dim=1) / (c + 1)
     if estimator == "veraart":
         gam = (c + 1) / q
     else:                                   # Cordero-Grande: q minus signal comps
         gam = (c + 1) / (q - (m - c - 1))
-    margin = 4.0 * torch.sqrt(gam) * var_c - (Lt - Lt[:, :1])
-    noise = margin >= 0
-    # the largest c that still looks like noise (c = 0 always does)
-    cstar = torch.where(noise, c.expand(B, m), torch.zeros(())).amax(dim=1).long()
-    var = var_c.gather(1, cstar[:, None])[:, 0]
-    if estimator == "veraart":
-        # dipy: keep eigenvalues above the Marchenko-Pastur upper edge
-        t = (1.0 + math.sqrt(min(N, n) / q)) ** 2
-        keep = (Ld >= (t * var)[:, None]).sum(dim=1)
-    else:                                   # MRtrix3: drop the classified noise
-        keep = m - (cstar + 1)
-    return var.float(), keep
+    return c, gam, var_c, 4.0 * torch.sqrt(gam) * var_c - (Lt - Lt[:, :1])
 
 
 @contextmanager
@@ -143,7 +176,7 @@ def _torch_threads(n_threads: int | None):
 def mppca(data: np.ndarray, mask: np.ndarray | None = None,
           patch_radius: int | tuple | None = DEFAULT_PATCH_RADIUS,
           return_sigma: bool = True, stride: int = 1, estimator: str = DEFAULT_ESTIMATOR,
-          outside: str = "zero", n_threads: int | None = None):
+          outside: str = "zero", n_threads: int | None = None, device=None):
     """Marchenko-Pastur PCA denoising (Veraart et al. 2016) over local patches.
 
     Every patch of (2r+1)^3 voxels is a matrix (n voxels x N volumes),
@@ -179,6 +212,17 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     divides by n, the same when N <= n, but overestimates the noise by N/n
     when a patch has fewer voxels than there are volumes).
 
+    ``device`` (e.g. "cuda", or "cpu" to run that code on the host): the
+    same algorithm in torch there instead of the LAPACK workers: each z-slab
+    of the input is copied to the device, its patches gathered there, one
+    batched ``torch.linalg.eigh`` per batch (all eigenvectors; float32, see
+    ``DEVICE_EIGH_DTYPE``), the same classification, weights and
+    accumulation, the finished planes copied back. Device memory stays under
+    ~2 x ``DEVICE_SLAB_BYTES`` + 6 x ``DEVICE_BATCH_BYTES`` (~3.5 GiB) for
+    any subject. On CUDA the scatter-add's float sums are in no fixed order
+    (last-bit differences between runs); ``n_threads`` sets torch's threads
+    when the device is the CPU. ``None`` (default): the LAPACK path.
+
     Returns the denoised series (float32, clipped at 0, ``outside`` the mask
     zero or the input) and, with ``return_sigma``, the noise standard
     deviation map (float32, 0 outside the mask).
@@ -204,87 +248,175 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
         warnings.warn(f"MP-PCA patch of {n} voxels for {N} volumes: fewer samples than "
                       f"dimensions weakens the noise estimate (patch_radius "
                       f"{auto_patch_radius(N)} would avoid it)", stacklevel=2)
-    step = np.minimum(max(1, int(stride)), pr + 1)
-    centres = _lattice_centres(mask, step)
-    # patch corners; centres within r of the border share the innermost patch
-    # (MRtrix3 shifts them inwards), which is used once: the set of patches is
-    # then dipy's (interior centres only), plus border coverage where dipy has none
-    starts = np.clip(centres - pr, 0, np.asarray((X, Y, Z)) - size)
-    starts = np.unique(starts, axis=0)
-    order = np.argsort(starts[:, 2], kind="stable")
-    starts = np.ascontiguousarray(starts[order], dtype=np.int64)
-
+    starts = _patch_starts(mask, pr, size, stride)
     layout = "F" if data.flags.f_contiguous and not data.flags.c_contiguous else "C"
     out = np.zeros(data.shape, dtype=np.float32, order=layout)
     if outside == "keep":
         np.copyto(out, data, casting="same_kind")
     sigma = np.zeros((X, Y, Z), dtype=np.float32) if return_sigma else None
-    # patch-voxel offsets in a C-ordered (X, Y, zs) slab
-    plane = X * Y
+
+    def flush(parts, z0):
+        _flush(*(p.cpu() for p in parts), z0, out, sigma, data, mask, outside)
+
+    if device is not None:
+        with _torch_threads(n_threads) as torch:
+            _mppca_device(data, starts, size, estimator, flush, torch.device(device), torch)
+        return (out, sigma) if return_sigma else out
+
     r = min(N, n)
     batch = max(1, BATCH_BYTES // (n * N * 4))
-    zs_max = max(int(size[2]) + 1, SLAB_BYTES // max(1, plane * N * 4))
-
+    zs_max = max(int(size[2]) + 1, SLAB_BYTES // max(1, X * Y * N * 4))
     n_workers = max(1, int(n_threads or available_threads()))
     for name, nargs in _LAPACK_ROUTINES:      # before the workers pin their BLAS threads
         _lapack(name, nargs)
     with _torch_threads(1) as torch:     # one thread per worker: no OpenMP barriers
-        acc = wsum = vsum = None
-        acc_lo = 0
-        i, n_starts = 0, starts.shape[0]
-        while i < n_starts:
-            z_lo = int(starts[i, 2])
-            # this slab: patches starting at z in [z_lo, z_lo + zs_max - size_z]
-            j = int(np.searchsorted(starts[:, 2], z_lo + zs_max - int(size[2]), side="right"))
-            z_hi = int(starts[j - 1, 2]) + int(size[2])
+        accs, acc_lo = None, 0
+        for i, j, z_lo, z_hi in _slabs(starts, int(size[2]), zs_max):
             zs = z_hi - z_lo
             # input slab, C-ordered with volumes last (contiguous per voxel)
             slab = np.ascontiguousarray(data[:, :, z_lo:z_hi, :], dtype=np.float32)
-            # rolling accumulators over [z_lo, z_hi); planes below z_lo are final
-            new = (torch.zeros((X, Y, zs, N), dtype=torch.float32),
-                   torch.zeros((X, Y, zs), dtype=torch.float64),
-                   torch.zeros((X, Y, zs), dtype=torch.float64))
-            if acc is not None:
-                k0 = z_lo - acc_lo
-                carry = acc.shape[2] - k0
-                for dst, src in zip(new, (acc, wsum, vsum)):
-                    if carry > 0:
-                        dst[:, :, :carry] = src[:, :, k0:]
-                _flush(acc[:, :, :k0], wsum[:, :, :k0], vsum[:, :, :k0], acc_lo,
-                       out, sigma, data, mask, outside)
-            (acc, wsum, vsum), acc_lo = new, z_lo
-            offs = torch.from_numpy((np.arange(size[0])[:, None, None] * (Y * zs)
-                                     + np.arange(size[1])[None, :, None] * zs
-                                     + np.arange(size[2])[None, None, :]).ravel())
+            accs, acc_lo = _roll(accs, acc_lo, z_lo, (X, Y, zs, N), flush, torch, None)
+            offs = _patch_offsets(size, Y, zs, torch, None)
             voxels = torch.from_numpy(slab).view(-1, N)
-            targets = (acc.view(-1, N), wsum.view(-1), vsum.view(-1))
+            targets = tuple(a.view(-1, *a.shape[3:]) for a in accs)
 
             def work(s, voxels=voxels, offs=offs, zs=zs, z_lo=z_lo):
-                sx, sy, sz = s[:, 0], s[:, 1], s[:, 2] - z_lo
-                base = torch.from_numpy(sx * (Y * zs) + sy * zs + sz)
-                idx = (base[:, None] + offs[None, :]).reshape(-1)
+                idx = _patch_index(torch.from_numpy(s), offs, Y, zs, z_lo)
                 # rows of N contiguous floats: a fast gather
                 patches = voxels.index_select(0, idx).view(-1, n, N)
                 est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
-                th = theta.double().repeat_interleave(n)
-                return idx, est.reshape(-1, N), th, th * var.double().repeat_interleave(n)
+                return (idx, *_weighted(est, var, theta, n, N))
 
             def add(res, targets=targets):
                 # in the batches' order (map_chunks' reduce): the float sums of
                 # overlapping patches, and so the denoised series, are the same
                 # bytes on every run whatever the thread schedule (Gibbs
                 # removal's shift choice can amplify a last-bit difference)
-                idx, est, th, thv = res
-                targets[0].index_add_(0, idx, est)
-                targets[1].index_add_(0, idx, th)
-                targets[2].index_add_(0, idx, thv)
+                _accumulate(targets, *res)
 
             map_chunks(work, [starts[b:min(j, b + batch)] for b in range(i, j, batch)],
                        n_workers, single_blas=True, reduce=add)
-            i = j
-        if acc is not None:
-            _flush(acc, wsum, vsum, acc_lo, out, sigma, data, mask, outside)
+        if accs is not None:
+            flush(accs, acc_lo)
     return (out, sigma) if return_sigma else out
+
+
+def _patch_starts(mask: np.ndarray, pr: np.ndarray, size: np.ndarray, stride: int) -> np.ndarray:
+    """(K, 3) int64 patch corners, sorted by z: one per lattice centre; centres
+    within r of the border share the innermost patch (MRtrix3 shifts them
+    inwards), which is used once: the set of patches is then dipy's (interior
+    centres only), plus border coverage where dipy has none."""
+    step = np.minimum(max(1, int(stride)), pr + 1)
+    centres = _lattice_centres(mask, step)
+    starts = np.clip(centres - pr, 0, np.asarray(mask.shape) - size)
+    starts = np.unique(starts, axis=0)
+    order = np.argsort(starts[:, 2], kind="stable")
+    return np.ascontiguousarray(starts[order], dtype=np.int64)
+
+
+def _slabs(starts: np.ndarray, size_z: int, zs_max: int):
+    """(i, j, z_lo, z_hi) per pass: patches starts[i:j] (those starting at z in
+    [z_lo, z_lo + zs_max - size_z]) lie in the z-slab [z_lo, z_hi)."""
+    i, n_starts = 0, starts.shape[0]
+    while i < n_starts:
+        z_lo = int(starts[i, 2])
+        j = int(np.searchsorted(starts[:, 2], z_lo + zs_max - size_z, side="right"))
+        yield i, j, z_lo, int(starts[j - 1, 2]) + size_z
+        i = j
+
+
+def _roll(accs, acc_lo: int, z_lo: int, shape, flush, torch, device):
+    """The next slab's accumulators (denoised sum (X, Y, zs, N) float32,
+    weight and weighted-variance sums (X, Y, zs) float64) over [z_lo, z_lo +
+    zs), with what ``accs`` (from ``acc_lo``) holds there carried over; its
+    planes below z_lo are final and go to ``flush(parts, z0)``."""
+    new = (torch.zeros(shape, dtype=torch.float32, device=device),
+           torch.zeros(shape[:3], dtype=torch.float64, device=device),
+           torch.zeros(shape[:3], dtype=torch.float64, device=device))
+    if accs is not None:
+        k0 = z_lo - acc_lo
+        carry = accs[0].shape[2] - k0
+        for dst, src in zip(new, accs):
+            if carry > 0:
+                dst[:, :, :carry] = src[:, :, k0:]
+        flush(tuple(a[:, :, :k0] for a in accs), acc_lo)
+    return new, z_lo
+
+
+def _patch_offsets(size, Y: int, zs: int, torch, device):
+    """Flat offsets of a patch's voxels from its corner in a C-ordered (X, Y, zs) slab."""
+    offs = torch.from_numpy((np.arange(size[0])[:, None, None] * (Y * zs)
+                             + np.arange(size[1])[None, :, None] * zs
+                             + np.arange(size[2])[None, None, :]).ravel())
+    return offs if device is None else offs.to(device)
+
+
+def _patch_index(s, offs, Y: int, zs: int, z_lo: int):
+    """(B * n,) slab rows of the patches with corners ``s`` (B, 3), corner-major."""
+    base = s[:, 0] * (Y * zs) + s[:, 1] * zs + (s[:, 2] - z_lo)
+    return (base[:, None] + offs[None, :]).reshape(-1)
+
+
+def _weighted(est, var, theta, n: int, N: int):
+    """Per patch voxel: its theta-weighted estimate (B * n, N), theta and
+    theta * var (B * n,) float64, for :func:`_accumulate`."""
+    th = theta.double().repeat_interleave(n)
+    return est.reshape(-1, N), th, th * var.double().repeat_interleave(n)
+
+
+def _accumulate(targets, idx, est, th, thv) -> None:
+    """Scatter-add one batch into the flat accumulators (sum, weights, variances)."""
+    targets[0].index_add_(0, idx, est)
+    targets[1].index_add_(0, idx, th)
+    targets[2].index_add_(0, idx, thv)
+
+
+def _mppca_device(data, starts, size, estimator: str, flush, device, torch) -> None:
+    """:func:`mppca`'s passes with torch on ``device``: each z-slab of ``data``
+    is copied there, its patches are gathered, denoised by
+    :func:`_denoise_batch_torch` and scatter-added into the slab's
+    accumulators there; finished planes go to ``flush`` (on the host)."""
+    X, Y, Z, N = data.shape
+    n = int(np.prod(size))
+    batch = max(1, DEVICE_BATCH_BYTES // (n * N * 4))
+    zs_max = max(int(size[2]) + 1, DEVICE_SLAB_BYTES // max(1, X * Y * N * 4))
+    eigh_dtype = getattr(torch, DEVICE_EIGH_DTYPE)
+    accs, acc_lo = None, 0
+    for i, j, z_lo, z_hi in _slabs(starts, int(size[2]), zs_max):
+        zs = z_hi - z_lo
+        voxels = torch.from_numpy(np.ascontiguousarray(data[:, :, z_lo:z_hi, :],
+                                                       dtype=np.float32)).to(device).view(-1, N)
+        accs, acc_lo = _roll(accs, acc_lo, z_lo, (X, Y, zs, N), flush, torch, device)
+        targets = tuple(a.view(-1, *a.shape[3:]) for a in accs)
+        offs = _patch_offsets(size, Y, zs, torch, device)
+        corners = torch.from_numpy(starts[i:j]).to(device)
+        for b in range(0, j - i, batch):
+            idx = _patch_index(corners[b:b + batch], offs, Y, zs, z_lo)
+            patches = voxels.index_select(0, idx).view(-1, n, N)
+            est, var, theta = _denoise_batch_torch(patches, n, N, estimator, eigh_dtype, torch)
+            _accumulate(targets, idx, *_weighted(est, var, theta, n, N))
+        del voxels
+    if accs is not None:
+        flush(accs, acc_lo)
+
+
+def _gram(A, n: int, N: int):
+    """Gram matrices of demeaned patches (B, n, N) on the smaller side:
+    (B, N, N) when N <= n, else (B, n, n) (same nonzero eigenvalues)."""
+    if N <= n:
+        return (A.transpose(1, 2) @ A).contiguous()
+    return (A @ A.transpose(1, 2)).contiguous()
+
+
+def _reconstruct(A, mean, Vk, theta, n: int, N: int):
+    """theta * (A projected on the columns of Vk (B, r, k), plus the mean)."""
+    if N <= n:
+        est = (A @ Vk) @ Vk.transpose(1, 2)
+    else:
+        est = Vk @ (Vk.transpose(1, 2) @ A)
+    est += mean
+    est *= theta[:, None, None]
+    return est
 
 
 def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
@@ -293,10 +425,7 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     mean = patches.mean(dim=1, keepdim=True)
     A = patches.sub_(mean)                            # the gathered copy is ours
     q = max(N, n)
-    if N <= n:
-        C = (A.transpose(1, 2) @ A).contiguous()      # (B, N, N)
-    else:
-        C = (A @ A.transpose(1, 2)).contiguous()      # (B, n, n)
+    C = _gram(A, n, N)
     # float32 LAPACK, per patch: Householder tridiagonalisation, all
     # eigenvalues by tridiagonal QR (the accurate eigenvalues-only solver) for
     # the noise classification, then only the kept eigenvectors (inverse
@@ -314,13 +443,154 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     # (B, r, kmax): the top keep[b] eigenvectors in the last columns, zeros before
     Vk = torch.from_numpy(_lapack_top_vectors(Cn, d, e, tau, Ln, keep.numpy(), kmax)
                           ).transpose(1, 2)
-    if N <= n:
-        est = (A @ Vk) @ Vk.transpose(1, 2)
+    return _reconstruct(A, mean, Vk, theta, n, N), var, theta
+
+
+def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, torch):
+    """:func:`_denoise_batch` with one batched ``torch.linalg.eigh`` (in
+    ``eigh_dtype``) on the patches' device instead of per-patch LAPACK."""
+    mean = patches.mean(dim=1, keepdim=True)
+    A = patches.sub_(mean)
+    q = max(N, n)
+    L, V = torch.linalg.eigh(_gram(A, n, N).to(eigh_dtype))      # ascending
+    var, keep = _classify(L / q, n, N, estimator)
+    kmax = int(keep.max()) if keep.numel() else 0
+    theta = 1.0 / (1.0 + keep.float())
+    if kmax == 0:
+        return mean.expand_as(A) * theta[:, None, None], var, theta
+    # the top keep[b] eigenvectors in the last of kmax columns, zeros before
+    r = V.shape[-1]
+    cols = torch.arange(kmax, device=keep.device)
+    Vk = (V[:, :, r - kmax:].float()
+          * (cols[None, :] >= (kmax - keep)[:, None]).float()[:, None, :])
+    return _reconstruct(A, mean, Vk, theta, n, N), var, theta
+
+
+#: Patches per float64 eigenvalue batch in :func:`mppca_device_tolerance`.
+_TOLERANCE_BATCH = 256
+
+
+def mppca_compare_paths(data, mask, device, **kwargs):
+    """Both paths of :func:`mppca` on the same input, each patch's MP split
+    recorded: (ref, sigma_ref) of the LAPACK path, (den, sigma) of the
+    ``device`` path, and per patch (in ``_patch_starts`` order) whether both
+    kept the same number of components, for :func:`mppca_device_tolerance`.
+    The LAPACK path runs on one thread (its batches then come in order); the
+    module's ``_classify`` is swapped for a recording one meanwhile (not for
+    use beside other MP-PCA runs in the same process)."""
+    global _classify
+    real, keeps = _classify, []
+
+    def recording(L, n, N, estimator):
+        var, keep = real(L, n, N, estimator)
+        keeps[-1].append(keep.cpu().numpy())
+        return var, keep
+
+    _classify = recording
+    try:
+        keeps.append([])
+        ref, sigma_ref = mppca(data, mask, n_threads=1, **kwargs)
+        keeps.append([])
+        den, sigma = mppca(data, mask, device=device, **kwargs)
+    finally:
+        _classify = real
+    k_ref, k_dev = (np.concatenate(k) if k else np.zeros(0, np.int64) for k in keeps)
+    return ref, sigma_ref, den, sigma, k_ref == k_dev
+
+
+def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATCH_RADIUS,
+                           stride: int = 1, estimator: str = DEFAULT_ESTIMATOR,
+                           same_split=None):
+    """How far the device path's result may be from the LAPACK path's
+    (``ref``, ``sigma_ref``) by float32 eigen-decomposition error alone:
+    (series bound, sigma bound, voxels where they hold, unexpected splits), per voxel.
+
+    Both paths decompose the same float32 Gram matrix C of each patch
+    (r x r) with a backward-stable solver: each returns the exact eigenpairs
+    of C + E, ||E|| <= delta = gamma_r ||C|| (r u, Householder reduction's
+    bound; ||C|| = the largest eigenvalue, from a float64 decomposition
+    here). So (Weyl) every eigenvalue differs by <= 2 delta between the
+    paths, the noise variance (a mean of eigenvalues / q) by <= 2 delta / q,
+    and the MP split cannot differ unless a criterion lies within that of its
+    threshold (those patches are ambiguous; their voxels are left out). With
+    the same split the kept subspaces differ by sin(theta) <= 2 delta /
+    (gap - 2 delta) (Davis-Kahan; gap = smallest kept - largest dropped
+    eigenvalue), so a patch row a moves by <= ||a|| that, plus the float32
+    products a V V^T (gamma_2r sqrt(r) ||a||). A voxel's value is the same
+    weighted mean of its K patches' rows: it moves by at most the largest of
+    their bounds plus the float32 sum (gamma_K |value|); sigma =
+    sqrt(weighted mean variance) by <= (variance bound) / sigma plus its own
+    rounding. Costs one float64 eigenvalue decomposition per patch (CPU).
+
+    ``same_split`` (per patch, from :func:`mppca_compare_paths`): the voxels
+    compared are those whose every patch the two runs split alike, and the
+    last value counts the patches split differently where the bound says
+    they cannot be (0 unless an eigenvalue erred beyond float32 error).
+    Without it, the voxels whose every patch the bound says cannot flip (few
+    when the eigenvalues are many: 0 % of a 288-volume crop), and 0."""
+    import torch
+    X, Y, Z, N = data.shape
+    pr = _radius3(patch_radius, (X, Y, Z), N)
+    size = 2 * pr + 1
+    n = int(np.prod(size))
+    q, r = max(N, n), min(N, n)
+    u = float(np.finfo(np.float32).eps) / 2
+    starts = _patch_starts(mask, pr, size, stride)
+    row_b, var_b, amb, tight = [], [], [], []
+    for b in range(0, len(starts), _TOLERANCE_BATCH):
+        s = starts[b:b + _TOLERANCE_BATCH]
+        P = np.stack([data[x:x + size[0], y:y + size[1], z:z + size[2]].reshape(n, N)
+                      for x, y, z in s]).astype(np.float64)
+        A = P - P.mean(axis=1, keepdims=True)
+        L = np.linalg.eigvalsh(A.transpose(0, 2, 1) @ A if N <= n else A @ A.transpose(0, 2, 1))
+        var, keep = _classify(torch.from_numpy(L / q), n, N, estimator)
+        var, keep = var.double().numpy(), keep.numpy()
+        delta = r * u / (1 - r * u) * np.abs(L).max(axis=1)
+        dl = 2 * delta / q                             # eigenvalue / q, between the paths
+        # the split's criteria and how far each is from flipping: var_c moves
+        # by <= dl, L_c - L_0 by <= 2 dl
+        _, gam, _, margin = (x.numpy() for x in _mp_criteria(torch.from_numpy(L / q), n, N,
+                                                              estimator))
+        a = (np.abs(margin) <= (4 * np.sqrt(gam) + 2) * dl[:, None]).any(axis=1)
+        if estimator == "veraart":
+            t = _mp_edge(n, N)
+            a |= (np.abs(L / q - t * var[:, None]) <= (1 + t) * dl[:, None]).any(axis=1)
+        rows = np.arange(len(L))
+        # no kept component: nothing to rotate (the row is the mean)
+        gap = np.where(keep > 0, L[rows, np.minimum(r - keep, r - 1)]
+                       - L[rows, np.maximum(r - keep - 1, 0)], np.inf)
+        g2r = 2 * r * u / (1 - 2 * r * u)
+        norm = np.linalg.norm(A, axis=2).max(axis=1)
+        with np.errstate(over="ignore"):               # inf where the split is ambiguous
+            row_b.append(norm * (2 * delta / np.maximum(gap - 2 * delta, 1e-300)
+                                 + g2r * math.sqrt(r)))
+        var_b.append(dl)
+        amb.append(a | (keep > 0) & (gap <= 2 * delta))
+        tight.append((keep > 0) & (gap <= 2 * delta))
+    den_b = np.zeros((X, Y, Z))
+    v_b = np.zeros((X, Y, Z))
+    count = np.zeros((X, Y, Z))
+    clear = np.ones((X, Y, Z), dtype=bool)
+    possible = np.concatenate(amb) if amb else np.zeros(0, bool)
+    if same_split is None:
+        alike, unexpected = ~possible, 0
     else:
-        est = Vk @ (Vk.transpose(1, 2) @ A)
-    est += mean
-    est *= theta[:, None, None]
-    return est, var, theta
+        same_split = np.asarray(same_split, dtype=bool)
+        if same_split.shape != possible.shape:
+            raise ValueError(f"same_split has {same_split.size} patches, not {possible.size}")
+        alike = same_split & ~np.concatenate(tight)
+        unexpected = int((~same_split & ~possible).sum())
+    for (x, y, z), rb, vb, a in zip(starts, np.concatenate(row_b), np.concatenate(var_b),
+                                    alike):
+        sl = np.s_[x:x + size[0], y:y + size[1], z:z + size[2]]
+        np.maximum(den_b[sl], rb, out=den_b[sl])
+        np.maximum(v_b[sl], vb, out=v_b[sl])
+        count[sl] += 1
+        clear[sl] &= a
+    gk = count * u / (1 - count * u)
+    den_tol = den_b + gk * np.abs(ref).max(axis=-1)
+    sig_tol = v_b / np.maximum(sigma_ref, 1e-30) + 4 * u * sigma_ref
+    return den_tol, sig_tol, clear & mask, unexpected
 
 
 _LAPACK = {}
