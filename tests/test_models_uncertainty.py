@@ -211,6 +211,15 @@ def test_members_and_shipped_models_are_written_as_loadable_checkpoints(tmp_path
     assert card.architecture == "rish-cnn-3t7t" and card.training["budget"]["seed"] == 3
     assert card.training["budget"]["steps"] == 2 and "seed" not in card.kwargs
     assert card.acquisition.ranges["cube_voxel_mm"]["trained"] == [3.125, 3.125]
+    # the members are fed as the shipped CNN they are compared with: its
+    # sharpness channel, its widened blur widths, its pairs and budget
+    shipped = cards.load_card(study.SHIPPED_CNN)
+    assert card.kwargs == {"grid": 16, "sharpness": True}
+    assert "sharpness" in card.acquisition.ranges
+    assert shipped.kwargs == {"grid": 32, "sharpness": ldm_ensemble.SHARPNESS}
+    assert study.training_data(ldm_ensemble.PAIRS, 32, ldm_ensemble.RESOLUTION) == \
+        shipped.training["data"]
+    assert shipped.training["budget"]["steps"] == ldm_ensemble.STEPS
     rep = study.train_shipped(tmp_path / "ship", n_pairs=2, steps=2, grid=16,
                               log=lambda s: None)
     d, dcard = cards.load_checkpoint(tmp_path / "ship" / "rish_3t7t", device="cpu")
