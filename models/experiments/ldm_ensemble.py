@@ -5,10 +5,12 @@ ensemble. The ensemble is the equally-fed CNN (:class:`rishdiff.RishResidualCNN`
 trained :data:`MEMBERS` times on the same pairs with the same budget, differing
 only in the seed (initial weights, patch draws): all five are cached as
 ``checkpoints/rish_cnn_ensemble_3t7t/seed-<s>`` (each an ordinary checkpoint
-folder, float16 weights, ~117 KB); seed 0 is the equally-fed CNN shipped
-until 2026-12-04, when the shipped models gained the measured-sharpness
-channel and the ``cnn`` baseline with them (the ensemble, the OOD guard,
-keeps the five-channel members its range was measured with).
+folder, float16 weights, ~118 KB). Every member is fed as the shipped ``cnn``
+baseline it stands beside (the recipe :data:`PAIRS`, :data:`STEPS`,
+:data:`SHARPNESS`, :data:`RESOLUTION`): seed 0 is that CNN
+(``rish_cnn_3t7t``, trained by ``ldm_study train`` with seed 0), seeds 1-4
+are trained here. Until 2026-12-05 the members were the five-channel CNNs
+of the first recipe (no sharpness input, unwidened blur widths).
 
 Scoring (:func:`rishdiff.ensemble_fit`, ``ldm_study.evaluate``): per subject
 the members' log scales form a :class:`rishdiff.RishFit` (K = 5 "samples"),
@@ -42,7 +44,7 @@ from dmriflow.models import card as cards
 from dmriflow.models.experiments import ldm_study as study
 from dmriflow.models.ldm import rishdiff
 
-#: Members of the ensemble; seeds 1..MEMBERS-1 are trained here (seed 0: the first CNN).
+#: Members of the ensemble; seeds 1..MEMBERS-1 are trained here (seed 0: the shipped CNN).
 MEMBERS = 5
 EXTRA_SEEDS = tuple(range(1, MEMBERS))
 #: The shipped CNN's recipe (its card: 24 pairs, 2000 steps, the measured-sharpness
