@@ -211,6 +211,15 @@ def test_members_and_shipped_models_are_written_as_loadable_checkpoints(tmp_path
     assert card.architecture == "rish-cnn-3t7t" and card.training["budget"]["seed"] == 3
     assert card.training["budget"]["steps"] == 2 and "seed" not in card.kwargs
     assert card.acquisition.ranges["cube_voxel_mm"]["trained"] == [3.125, 3.125]
+    # the members are fed as the shipped CNN they are compared with: its
+    # sharpness channel, its widened blur widths, its pairs and budget
+    shipped = cards.load_card(study.SHIPPED_CNN)
+    assert card.kwargs == {"grid": 16, "sharpness": True}
+    assert "sharpness" in card.acquisition.ranges
+    assert shipped.kwargs == {"grid": 32, "sharpness": ldm_ensemble.SHARPNESS}
+    assert study.training_data(ldm_ensemble.PAIRS, 32, ldm_ensemble.RESOLUTION) == \
+        shipped.training["data"]
+    assert shipped.training["budget"]["steps"] == ldm_ensemble.STEPS
     rep = study.train_shipped(tmp_path / "ship", n_pairs=2, steps=2, grid=16,
                               log=lambda s: None)
     d, dcard = cards.load_checkpoint(tmp_path / "ship" / "rish_3t7t", device="cpu")
@@ -292,9 +301,9 @@ def _series(seed: int, family: str):
 
 def test_3t7t_inference_flags_a_subject_the_ensemble_disagrees_on():
     """``--inference 3t7t`` measures the shipped ensemble's disagreement on each
-    subject: an unseen train-family pair (seed 60000, disagreement 0.222) is
+    subject: an unseen train-family pair (seed 60000, disagreement 0.234) is
     not flagged; a test-family pair (seed 50000: k-space PSF and bump bias,
-    SNR 18 - inside the card's SNR range, 0.313) is flagged with its value and
+    SNR 18 - inside the card's SNR range, 0.717) is flagged with its value and
     the card's range (and for its sharpness, above the training pairs')."""
     from dmriflow.interfaces.inference import THREE_T_TO_7T, run_inference
     limit = cards.load_card(study.SHIPPED_DIFFUSION).acquisition.ranges[
@@ -313,7 +322,7 @@ def test_3t7t_inference_flags_a_subject_the_ensemble_disagrees_on():
     flag = re.fullmatch(r"sharpness (\S+) is outside the model's range -2\.246--1\.75; "
                         r"training data -2\.246--1\.75; "
                         r"ensemble_disagreement (\S+) is outside the model's range "
-                        r"0-0\.2749; validation pairs 0\.2227-0\.2499", shifted["range_flags"])
+                        r"0-0\.3015; validation pairs 0\.2299-0\.274", shifted["range_flags"])
     assert flag and float(flag[2]) == pytest.approx(d, abs=1e-4) and float(flag[1]) > -1.75
 
 

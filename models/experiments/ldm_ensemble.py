@@ -5,10 +5,12 @@ ensemble. The ensemble is the equally-fed CNN (:class:`rishdiff.RishResidualCNN`
 trained :data:`MEMBERS` times on the same pairs with the same budget, differing
 only in the seed (initial weights, patch draws): all five are cached as
 ``checkpoints/rish_cnn_ensemble_3t7t/seed-<s>`` (each an ordinary checkpoint
-folder, float16 weights, ~117 KB); seed 0 is the equally-fed CNN shipped
-until 2026-12-04, when the shipped models gained the measured-sharpness
-channel and the ``cnn`` baseline with them (the ensemble, the OOD guard,
-keeps the five-channel members its range was measured with).
+folder, float16 weights, ~118 KB). Every member is fed as the shipped ``cnn``
+baseline it stands beside (the recipe :data:`PAIRS`, :data:`STEPS`,
+:data:`SHARPNESS`, :data:`RESOLUTION`): seed 0 is that CNN
+(``rish_cnn_3t7t``, trained by ``ldm_study train`` with seed 0), seeds 1-4
+are trained here. Until 2026-12-05 the members were the five-channel CNNs
+of the first recipe (no sharpness input, unwidened blur widths).
 
 Scoring (:func:`rishdiff.ensemble_fit`, ``ldm_study.evaluate``): per subject
 the members' log scales form a :class:`rishdiff.RishFit` (K = 5 "samples"),
@@ -42,30 +44,38 @@ from dmriflow.models import card as cards
 from dmriflow.models.experiments import ldm_study as study
 from dmriflow.models.ldm import rishdiff
 
-#: Members of the ensemble; seeds 1..MEMBERS-1 are trained here (seed 0: the first CNN).
+#: Members of the ensemble; seeds 1..MEMBERS-1 are trained here (seed 0: the shipped CNN).
 MEMBERS = 5
 EXTRA_SEEDS = tuple(range(1, MEMBERS))
-#: The shipped CNN's budget (its card: 24 pairs, 2000 steps), reused for every member.
+#: The shipped CNN's recipe (its card: 24 pairs, 2000 steps, the measured-sharpness
+#: channel, blur widths widened onto 1.0-1.8x; ``ldm_study train --pairs 24 --steps
+#: 2000 --sharpness --resolution 1.0 1.8``), reused for every member so the
+#: ensemble is fed as the model it is compared with.
 PAIRS, STEPS = 24, 2000
+SHARPNESS, RESOLUTION = True, (1.0, 1.8)
 
 
 def train_members(out, seeds=EXTRA_SEEDS, n_pairs: int = PAIRS, steps: int = STEPS,
-                  grid: int = 32, log=print) -> list[dict]:
-    """Train one equally-fed CNN per seed on the shipped CNN's pairs and budget;
+                  grid: int = 32, sharpness: bool = SHARPNESS, resolution=RESOLUTION,
+                  log=print) -> list[dict]:
+    """Train one equally-fed CNN per seed on the shipped CNN's pairs, inputs and
+    budget (``sharpness``, ``resolution``: as :func:`study.train_shipped`);
     write ``out/seed-<s>`` checkpoints."""
     out = Path(out)
     t0 = time.perf_counter()
-    subs = study.simulate_pairs(study.SEED_TRAIN + np.arange(n_pairs), "train", grid)
+    subs = study.simulate_pairs(study.SEED_TRAIN + np.arange(n_pairs), "train", grid,
+                                resolution)
     log(f"simulated {n_pairs} pairs in {time.perf_counter() - t0:.0f} s")
     pairs = [(s.f3, s.f7, s.sigma3) for s in subs]
     ranges = study.card_ranges(subs)
+    data = study.training_data(n_pairs, grid, resolution)
     reports = []
     for seed in seeds:
         torch.manual_seed(seed)
-        cnn = rishdiff.RishResidualCNN(grid=grid)
+        cnn = rishdiff.RishResidualCNN(grid=grid, sharpness=sharpness)
         rep = rishdiff.fit_cnn(cnn, pairs, rishdiff.RishBudget(steps=steps, seed=seed), log=log)
         study.save_rish_checkpoint(cnn, rep, "rish-cnn-3t7t", out / f"{study.MEMBER_PREFIX}{seed}",
-                                   ranges, study.training_data(n_pairs, grid), grid)
+                                   ranges, data, grid)
         log(f"member seed {seed}: {steps} steps in {rep['seconds']:.0f} s, "
             f"final loss {rep['history'][-1]['loss']:.4f}")
         reports.append(rep)
@@ -98,6 +108,11 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=PAIRS)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--seeds", type=int, nargs="+", default=list(EXTRA_SEEDS))
+    ap.add_argument("--sharpness", action=argparse.BooleanOptionalAction, default=SHARPNESS,
+                    help="the measured-sharpness condition channel (the shipped CNN has it)")
+    ap.add_argument("--resolution", type=float, nargs=2, default=RESOLUTION,
+                    metavar=("LO", "HI"), help="training blur widths widened onto LO-HI "
+                                               "(the shipped CNN's 1.0 1.8)")
     ap.add_argument("--record-range", action="store_true",
                     help="train nothing: record the disagreement range of the ensemble in "
                          "OUT (a checkpoints folder) into OUT/rish_3t7t's card")
@@ -106,7 +121,8 @@ def main(argv=None) -> int:
     if a.record_range:
         record_range(a.out)
     else:
-        train_members(a.out, a.seeds, a.pairs, a.steps)
+        train_members(a.out, a.seeds, a.pairs, a.steps, sharpness=a.sharpness,
+                      resolution=tuple(a.resolution))
     return 0
 
 

@@ -446,6 +446,9 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         widen = dcard.extra.get(WIDENING)
         widen = (np.asarray(widen["scale"]) if widen else
                  widening_scale(diff, k, steps, members, ens_scale, val))
+        e = acq.ranges[rishdiff.DISAGREEMENT]
+        log(f"ensemble of {len(members)}: spread scale {ens_scale}, disagreement range "
+            f"0-{e['max']} (validation {e['trained']}), widening {np.round(widen, 4).tolist()}")
     log(f"simulated {len(test)} held-out + {template_pairs} template pairs, fitted the "
         f"template in {time.perf_counter() - t0:.0f} s")
     rows, cal, spear, flags = [], [], [], []
