@@ -247,6 +247,8 @@ def main() -> None:
                     help="--hcp: also MP-PCA denoising and Gibbs removal")
     ap.add_argument("--tmp", help="scratch folder (default: system temporary folder)")
     args = ap.parse_args()
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dmriflow-bench-cohort-", dir=args.tmp) as tmp:
         (hcp_mode if args.hcp else cohort_mode)(args, Path(tmp))
 

@@ -384,9 +384,6 @@ def ensemble_range(dcard: cards.ModelCard, folders, validation: list[Subject]) -
     return disagreement_range(folders, validation)
 
 
-#: Key of the ensemble-widening factors in the diffusion card's ``extra``.
-WIDENING = "ensemble_widening"
-
 #: The diffusion model fed its inputs clipped into its card's ranges
 #: (``evaluate --clipped``; the ``shipped`` rows keep the measured inputs).
 SHIPPED_CLIPPED = "shipped_clipped"
@@ -443,9 +440,7 @@ def evaluate(seeds, out, diffusion_ckpt=SHIPPED_DIFFUSION, cnn_ckpt=SHIPPED_CNN,
         acq = dataclasses.replace(acq, ranges={**acq.ranges, rishdiff.DISAGREEMENT:
                                                ensemble_range(dcard, folders, val)})
         ens_scale = acq.ranges[rishdiff.DISAGREEMENT]["spread_scale"]
-        widen = dcard.extra.get(WIDENING)
-        widen = (np.asarray(widen["scale"]) if widen else
-                 widening_scale(diff, k, steps, members, ens_scale, val))
+        widen = widening_scale(diff, k, steps, members, ens_scale, val)
         e = acq.ranges[rishdiff.DISAGREEMENT]
         log(f"ensemble of {len(members)}: spread scale {ens_scale}, disagreement range "
             f"0-{e['max']} (validation {e['trained']}), widening {np.round(widen, 4).tolist()}")
