@@ -363,7 +363,7 @@ def group_rows(scans: Sequence[Scan], before: Sequence[dict], after: Sequence[di
 def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, seed: int = 0,
              sites: Sequence[Site] = (SITE_A, SITE_B), in_sample: bool = True,
              anatomy: str = "geometric", shape: Sequence[int] = STUDY_SHAPE,
-             **fit_options) -> dict:
+             fit_cohort: bool = False, **fit_options) -> dict:
     """Fit a harmonization on a ``design`` ("unpaired" or "paired") cohort of
     ``n_fit`` persons per site and evaluate it on ``n_held_out`` other
     persons scanned at both sites (reference scan = the truth of each person's
@@ -376,8 +376,10 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
     (held-out target scans, before/after), the timings (s per subject), the
     artefact, and ``site_with(artefact)``: the held-out site table with another
     artefact applied instead (e.g. a deliberately wrong one, so a test can
-    show that its checks would catch it). ``fit_options`` go to
-    :func:`harmonize.fit_harmonization`.
+    show that its checks would catch it). ``fit_cohort``: also ``fit_cohort``,
+    the evaluation ``dmriflow harmonize fit`` reports on the fit cohort, per
+    white-matter definition (:func:`fit_cohort_evaluation`). ``fit_options``
+    go to :func:`harmonize.fit_harmonization`.
     """
     import time
     from .. import harmonize as H
@@ -411,7 +413,8 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
             "group_reference": group_rows(test[ref_site], m_ref, m_ref),
             "fa_corr": [{"subject": sc.label, "before": b["fa_corr"], "after": a["fa_corr"]}
                         for sc, b, a in zip(test[tar_site], m_bef, m_aft)],
-            "fit_s_per_subject": t_fit, "apply_s_per_subject": t_apply, "artefact": art}
+            "fit_s_per_subject": t_fit, "apply_s_per_subject": t_apply, "artefact": art,
+            "fit_cohort": fit_cohort_evaluation(fit, feats, art) if fit_cohort else {}}
 
 
 #: The white matter of the truth's label: the same anatomy at both sites,
