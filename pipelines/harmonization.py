@@ -9,8 +9,9 @@ own node, then one node sums them per site into the scale maps and stores the
 artefact, and the evaluation (site effect before/after on the fitting cohort)
 summarises each subject as its own node (a target subject harmonised too) in
 white matter defined once in template space from the reference site
-(``EVAL_MASKS``), brought to the subject through its registration. The per-subject apply step
-(``dmriflow run --harmonization``, ``dmriflow harmonize apply``) is the registered step
+(``EVAL_MASKS``), brought to the subject through its registration. The
+per-subject apply step (``dmriflow run --harmonization``, ``dmriflow
+harmonize apply``) is the registered step
 :mod:`dmriflow.interfaces.steps.harmonize`.
 """
 
