@@ -246,7 +246,7 @@ def main() -> None:
                           f"noise-free signal] " + before_after(U.site_rows(s_ref, s_bef, s_aft)),
                           flush=True)
                 if opts.template_eval:
-                    wm = art.template_mask & (tpl >= H.WM_FA_THRESHOLD)
+                    wm = H.template_wm_mask([tpl], art.template_mask)
                     t_ref = [template_measures(sc, None, t, wm) for sc, t in zip(test[ref], held_ref)]
                     t_bef = [template_measures(sc, None, t, wm) for sc, t in zip(test[tar], held)]
                     t_aft = [template_measures(sc, a, t, wm)

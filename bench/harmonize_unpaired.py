@@ -11,8 +11,12 @@ Prints every row before/after, the two designs side by side: the site effect
 (held-out, Cohen's d target - reference, Welch p, relative difference of the
 means), the group effect at the target site (held-out and in-sample) and at
 the reference site, FA correlation with the truth, and fit/apply time per
-subject. Run: ``.venv/bin/python bench/harmonize_unpaired.py [--seed N] [--site-mean median]
-[--contrast rish-l2] [--template-iterations 1]``.
+subject. ``--fit-cohort`` adds the evaluation ``dmriflow harmonize fit``
+reports (site effect before/after on the fit cohort's own persons, no
+truth) with each white-matter definition: the engine's (reference-defined
+in template space), each scan's own FA mask (the engine's before), and the
+truth's label. Run: ``.venv/bin/python bench/harmonize_unpaired.py [--seed N] [--site-mean median]
+[--contrast rish-l2] [--template-iterations 1] [--fit-cohort]``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def main() -> None:
                     choices=H.REGISTRATION_CONTRASTS, help="registration contrast")
     ap.add_argument("--template-iterations", type=int, default=H.TEMPLATE_ITERATIONS,
                     help="template rounds (default %(default)s)")
+    ap.add_argument("--fit-cohort", action="store_true",
+                    help="also the fit cohort's evaluation per white-matter definition")
     opts = ap.parse_args()
     designs = tuple(opts.designs)
     sites = (U.SITE_A, replace(U.SITE_B, voxel_mm=opts.target_voxel))
@@ -56,7 +62,8 @@ def main() -> None:
                          anatomy=opts.anatomy, shape=opts.shape,
                          registration=opts.registration, site_mean=opts.site_mean,
                          registration_contrast=opts.contrast,
-                         template_iterations=opts.template_iterations)
+                         template_iterations=opts.template_iterations,
+                         fit_cohort=opts.fit_cohort)
            for d in designs}
     print(f"fit {opts.n_fit} persons per site, held-out {opts.n_held_out} persons at both "
           f"sites, seed {opts.seed}, registration {opts.registration} through {opts.contrast}, "
@@ -84,6 +91,12 @@ def main() -> None:
               f"{min(x['before'] for x in c):.3f} after {min(x['after'] for x in c):.3f}; "
               f"mean before {sum(x['before'] for x in c) / len(c):.3f} after "
               f"{sum(x['after'] for x in c) / len(c):.3f}")
+    for d in designs:
+        for mask, table in res[d]["fit_cohort"].items():
+            print(f"{d} fit cohort, wm_mask {mask}: " + "; ".join(
+                f"{r.metric} {_shell(r.shell)} {r.d_before:.2f}>{r.d_after:.2f}"
+                for r in table.itertuples()) + f" | max |d| before "
+                f"{table['d_before'].abs().max():.2f} after {table['d_after'].abs().max():.2f}")
     print(" ".join(f"harm_{d}_fit_s_per_subject={res[d]['fit_s_per_subject']:.2f} "
                    f"harm_{d}_apply_s_per_subject={res[d]['apply_s_per_subject']:.2f}"
                    for d in designs))

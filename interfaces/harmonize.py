@@ -175,6 +175,28 @@ SHELL_TOLERANCE = SHELL_GAP
 WM_FA_THRESHOLD = 0.3
 #: RISH orders reported by :func:`evaluate_harmonization`.
 EVAL_ORDERS = (0, 2, 4)
+#: The evaluation's white matter on a subject's grid: the template-space one
+#: (:func:`template_wm_mask`) resampled linearly as a 0/1 map, kept where at
+#: least this (:func:`subject_wm_mask`): its boundary sits at the same world
+#: position whatever the subject's grid, where nearest neighbour would move it
+#: by up to half a template voxel with the grid's offset.
+EVAL_MASK_MIN_FRACTION = 0.5
+#: How the evaluation's white-matter masks were defined (the site table's
+#: ``wm_mask`` column): "reference-template", once in template space from the
+#: reference site (:func:`template_wm_mask`, :func:`subject_wm_mask`), the
+#: same anatomy for every subject; "own-fa", each subject's own FA >=
+#: ``WM_FA_THRESHOLD`` (a noisier site's FA moves its own mask, which then
+#: counts as site effect).
+EVAL_MASK_REFERENCE = "reference-template"
+EVAL_MASK_OWN = "own-fa"
+EVAL_MASKS = {
+    EVAL_MASK_REFERENCE: f"white matter defined once in template space from the reference "
+                          f"site (its subjects' mean FA, each warped through its registration, "
+                          f">= {WM_FA_THRESHOLD:g} within the template mask), brought to each "
+                          f"subject's grid through its registration (linear, kept where >= "
+                          f"{EVAL_MASK_MIN_FRACTION:g}) and intersected with its brain mask",
+    EVAL_MASK_OWN: f"each subject's own white matter: FA >= {WM_FA_THRESHOLD:g} in its brain mask, "
+              f"before harmonization"}
 #: Artefact folder layout and format.
 ARTEFACT_FORMAT = "dmriflow-rish-harmonization"
 #: Version 2 records the registration contrast; version 1 artefacts (no
@@ -2256,13 +2278,67 @@ class SubjectSummary:
 
     def values_record(self) -> list:
         """``values`` as JSON-ready ``[metric, shell or None, mean]`` rows, in order."""
-        return [[m, None if math.isnan(b) else b, v] for (m, b), v in self.values.items()]
+        return self.record_of(self.values)
+
+    @staticmethod
+    def record_of(values: Mapping) -> list:
+        """A ``values`` dict (:func:`summary_values`) as :meth:`values_record`'s rows."""
+        return [[m, None if math.isnan(b) else b, v] for (m, b), v in values.items()]
 
     @staticmethod
     def values_from_record(rows: Sequence) -> dict:
         """The ``values`` dict of :meth:`values_record`'s rows (JSON floats
         round-trip exactly)."""
         return {(m, math.nan if b is None else float(b)): float(v) for m, b, v in rows}
+
+
+def warped_fa(f: SubjectFeatures, t: Transform) -> np.ndarray:
+    """A reference subject's FA (0 outside its brain mask) on the template grid
+    through its registration ``t``: its share of :func:`template_wm_mask`."""
+    return t.to_template(masked_fa(f))
+
+
+def template_wm_mask(reference_fa: Sequence, template_mask: np.ndarray) -> np.ndarray:
+    """The evaluation's white matter in template space, defined once from the
+    reference site: the mean of the reference subjects' FA on the template
+    grid (:func:`warped_fa`; arrays or callables loading them) >=
+    ``WM_FA_THRESHOLD``, within the template mask. Every subject of both
+    sites is then evaluated in it (:func:`subject_wm_mask`), so the sites'
+    masks differ by registration only, not by their own FA's noise."""
+    total, n = None, 0
+    for item in reference_fa:
+        arr = np.asarray(item() if callable(item) else item, dtype=np.float32)
+        total = arr.copy() if total is None else total + arr
+        n += 1
+    if not n:
+        raise HarmonizationError("no reference subject to define the evaluation's white matter")
+    return np.asarray(template_mask, dtype=bool) & (total / np.float32(n) >= WM_FA_THRESHOLD)
+
+
+def subject_wm_mask(template_wm: np.ndarray, t: Transform, mask: np.ndarray) -> np.ndarray:
+    """The template-space white matter (:func:`template_wm_mask`) on a
+    subject's grid through its registration ``t`` (linear, kept where >=
+    ``EVAL_MASK_MIN_FRACTION``), within its brain ``mask``."""
+    on_subject = t.to_subject(np.asarray(template_wm, dtype=np.float32))
+    return np.asarray(mask, dtype=bool) & (on_subject >= EVAL_MASK_MIN_FRACTION)
+
+
+def summary_values(fa: np.ndarray, md: np.ndarray, rish: Mapping, wm_mask: np.ndarray,
+                   lmax: int, *, orders: Sequence[int] = EVAL_ORDERS,
+                   subject: str = "") -> dict:
+    """``{(metric, shell): mean}`` over ``wm_mask`` of FA, MD and the RISH maps
+    ``{shell: (X, Y, Z, orders)}`` per order (shell NaN for the tensor metrics);
+    an empty mask is a HarmonizationError."""
+    wm_mask = np.asarray(wm_mask, dtype=bool)
+    if not wm_mask.any():
+        raise HarmonizationError(f"{subject or 'subject'}: empty white-matter mask")
+    values = {("fa", math.nan): float(fa[wm_mask].mean()),
+              ("md", math.nan): float(md[wm_mask].mean())}
+    for b, r in rish.items():
+        for o in orders:
+            if o <= lmax:
+                values[(f"rish_l{o}", float(b))] = float(r[..., o // 2][wm_mask].mean())
+    return values
 
 
 def summarise_subject(dwi: DWI, lmax: int, *, subject: str = "",
@@ -2283,34 +2359,32 @@ def summarise_subject(dwi: DWI, lmax: int, *, subject: str = "",
     if wm_mask is None:
         wm_mask = dwi.mask & (fa >= WM_FA_THRESHOLD)
     wm_mask = np.asarray(wm_mask, dtype=bool)
-    if not wm_mask.any():
-        raise HarmonizationError(f"{subject or 'subject'}: empty white-matter mask")
-    values = {("fa", math.nan): float(fa[wm_mask].mean()),
-              ("md", math.nan): float(md[wm_mask].mean())}
-    for b, r in (rish_maps(dwi, lmax) if rish is None else rish).items():
-        for o in orders:
-            if o <= lmax:
-                values[(f"rish_l{o}", float(b))] = float(r[..., o // 2][wm_mask].mean())
+    values = summary_values(fa, md, rish_maps(dwi, lmax) if rish is None else rish, wm_mask,
+                            lmax, orders=orders, subject=subject)
     return SubjectSummary(subject, fa, dwi.mask.copy(), wm_mask, values)
 
 
 def evaluate_harmonization(reference: Sequence, target_before: Sequence,
                            target_after: Sequence, lmax: int, *,
-                           reference_after: Sequence | None = None):
+                           reference_after: Sequence | None = None,
+                           wm_mask: str = EVAL_MASK_OWN):
     """Site effect before vs after harmonization, and anatomy preservation.
 
     Each list holds DWIs or :class:`SubjectSummary` (the same subjects, in the
     same order, in ``target_before`` and ``target_after``; harmonised data are
     summarised in the WM mask of their pre-harmonization data).
     ``reference_after`` (when the reference site was harmonised too) defaults
-    to ``reference``.
+    to ``reference``. ``wm_mask``: how the summaries' white matter was
+    defined (a key of ``EVAL_MASKS``; DWIs are summarised in their own,
+    "own-fa"), recorded in every row.
 
     Returns (site table: metric, shell, n_ref, n_tar, d_before, p_before,
-    d_after, p_after, mean_ref_before/after, mean_tar_before/after;
+    d_after, p_after, mean_ref_before/after, mean_tar_before/after, wm_mask;
     preservation table: site, subject, fa_corr = Pearson correlation of the
     subject's FA maps before/after in its brain mask).
     """
     import pandas as pd
+    check_choice("wm_mask", wm_mask, tuple(EVAL_MASKS))
 
     def summ(items, wms=None):
         out = []
@@ -2345,7 +2419,8 @@ def evaluate_harmonization(reference: Sequence, target_before: Sequence,
                      "d_before": before["cohen_d"], "p_before": before["p"],
                      "d_after": after["cohen_d"], "p_after": after["p"],
                      "mean_ref_before": before["mean_ref"], "mean_tar_before": before["mean_tar"],
-                     "mean_ref_after": after["mean_ref"], "mean_tar_after": after["mean_tar"]})
+                     "mean_ref_after": after["mean_ref"], "mean_tar_after": after["mean_tar"],
+                     "wm_mask": wm_mask})
     pres = []
     for site, bef, aft in (("target", tar_b, tar_a),) + (
             (("reference", ref_b, ref_a),) if reference_after is not None else ()):

@@ -7,8 +7,11 @@ every subject to the final template as its own node (cached per subject,
 parallel under the workers), warps each subject's RISH to the template as its
 own node, then one node sums them per site into the scale maps and stores the
 artefact, and the evaluation (site effect before/after on the fitting cohort)
-harmonises each target subject as its own node. The per-subject apply step
-(``dmriflow run --harmonization``, ``dmriflow harmonize apply``) is the registered step
+summarises each subject as its own node (a target subject harmonised too) in
+white matter defined once in template space from the reference site
+(``EVAL_MASKS``), brought to the subject through its registration. The
+per-subject apply step (``dmriflow run --harmonization``, ``dmriflow
+harmonize apply``) is the registered step
 :mod:`dmriflow.interfaces.steps.harmonize`.
 """
 
@@ -22,15 +25,18 @@ from pydra.compose import python, workflow
 from dmriflow.interfaces import io
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import read_gradients
-from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, RISH_CONTRAST_ORDERS,
+from dmriflow.interfaces.harmonize import (DEFAULT_REGISTRATION_CONTRAST, EVAL_MASK_REFERENCE,
+                                           RISH_CONTRAST_ORDERS,
                                            TEMPLATE_ITERATIONS, HarmonizationArtefact,
                                            HarmonizationError, SavedTransform,
                                            SubjectFeatures, SubjectSummary, SubjectTerms,
                                            Transform, apply_harmonization, artefact_fingerprint,
                                            check_site_sizes, dti_tensor, evaluate_harmonization,
                                            fit_from_terms, read_checked_image, register_fa,
-                                           registration_image, subject_features, subject_terms,
-                                           summarise_subject, template_mean, with_values)
+                                           registration_image, rish_maps, subject_features,
+                                           subject_terms, subject_wm_mask, summarise_subject,
+                                           summary_values, template_mean, template_wm_mask,
+                                           warped_fa, with_values)
 from dmriflow.interfaces.io import file_sha256
 from dmriflow.interfaces.sh import max_order_for
 from dmriflow.pipelines.progress import PROGRESS
@@ -67,20 +73,23 @@ def _read(record: dict, path: str, what: str, dtype=np.float32) -> tuple[np.ndar
 def harmonization_features_step(subject: str, record: dict, shells: list, lmax: int,
                                 pipeline_version: str = "") -> dict:
     """FA and per-shell RISH maps of one subject, as files, for the fit; and
-    its summary for the evaluation before harmonization (:func:`_summary_record`),
-    from the same tensor fit and, when the fit uses every shell, the same
-    RISH maps."""
+    the maps its evaluation before harmonization averages once its white
+    matter is known (:func:`evaluation_summary_step`): MD and the RISH of
+    every shell, from the same tensor fit and, when the fit uses every shell,
+    the same RISH files."""
     data = load_series(record)
     hashes = {k: v["sha256"] for k, v in record["inputs"].items()}
     tensor = dti_tensor(data)
     f = subject_features(data, subject, lmax, shells=shells, fa=tensor.fa, sha256=hashes)
+    files = feature_files(f)
     every_shell = [float(b) for b in f.rish] == [float(b) for b in data.gtab.shells]
-    summary = _summary_record(
-        lambda: summarise_subject(data, lmax, subject=subject, tensor=tensor,
-                                  rish=f.rish if every_shell else None),
-        lambda s: {"wm_mask": _save(s.wm_mask.astype(np.uint8), f.affine, "wm_mask.nii.gz")})
+    rish = files["rish"] if every_shell else {
+        f"{b:g}": _save(r.astype(np.float32, copy=False), f.affine, f"summary_rish_b{b:g}.nii.gz")
+        for b, r in rish_maps(data, lmax).items()}
+    summary = _hashed({"md": _save(tensor.md.astype(np.float32, copy=False), f.affine,
+                                   "md.nii.gz"), "rish": rish})
     return {"subject": subject, "status": "ok", "sha256": hashes, "record": record,
-            **feature_files(f), "summary": summary}
+            **files, "summary": summary}
 
 
 def feature_files(f: SubjectFeatures) -> dict:
@@ -92,19 +101,6 @@ def feature_files(f: SubjectFeatures) -> dict:
                     "rish": {f"{b:g}": _save(r.astype(np.float32, copy=False), f.affine,
                                              f"rish_b{b:g}.nii.gz")
                              for b, r in f.rish.items()}})
-
-
-def _summary_record(summarise, save) -> dict:
-    """The evaluation's record of one subject: ``{"values": rows, **save(summary)}``
-    (``save`` writes the maps the evaluation needs as files) of
-    ``summarise()``, a :class:`SubjectSummary`; ``{"error": reason}`` when it
-    cannot be summarised (an empty white-matter mask): the subject is then
-    left out of the evaluation only, not the fit."""
-    try:
-        s = summarise()
-    except HarmonizationError as exc:
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    return {"values": s.values_record(), **_hashed(save(s))}
 
 
 HarmonizationFeatures = python.define(harmonization_features_step,
@@ -237,7 +233,12 @@ def fit_subject_step(entry: dict, sites: dict, reference_site: str, target_site:
         return out
     Path(STEP_MARKER).write_text(FIT_SUBJECT_STEP)
     transform = _transforms(registered)[entry["subject"]]()
-    terms = subject_terms(_loader(entry)(), transform, shells, lmax, site)
+    f = _loader(entry)()
+    terms = subject_terms(f, transform, shells, lmax, site)
+    if site == reference_site:      # its share of the evaluation's white matter
+        return {**out, "terms": terms.save(Path.cwd()), **_hashed(
+            {"fa_template": _save(warped_fa(f, transform), transform.template_affine,
+                                  "fa_template.nii.gz")})}
     return {**out, "terms": terms.save(Path.cwd())}
 
 
@@ -253,7 +254,7 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
     """Fit the artefact on the subjects whose features succeeded: their
     :func:`fit_subject_step` terms summed per site in the serial fit's order
     (:func:`fit_from_terms`), the scale maps, and the artefact written and
-    verified once (evaluated by :func:`harmonised_summary_step` and
+    verified once (evaluated by :func:`evaluation_summary_step` and
     :func:`evaluate_fit_step`)."""
     Path(STEP_MARKER).write_text("harmonize-fit")
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
@@ -274,111 +275,143 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
                               smoothing_fwhm_mm=smoothing_fwhm_mm,
                               registration_contrast=contrast)
     folder = artefact.save(Path.cwd() / "artefact")
+    by_subject = {t["subject"]: t for t in terms}
+    wm = template_wm_mask([lambda t=by_subject[f["subject"]]: _read(
+        t, t["fa_template"], f"{t['subject']} FA on the template")[0] for f in ref],
+        artefact.template_mask)
     return {"artefact": str(folder.resolve()), "content_id": artefact.content_id,
             "fingerprint": artefact_fingerprint(folder),
-            "n_reference": len(ref), "n_target": len(tar), "excluded": excluded}
+            "n_reference": len(ref), "n_target": len(tar), "excluded": excluded,
+            **_hashed({"evaluation_wm": _save(wm.astype(np.uint8), artefact.template_affine,
+                                              "evaluation_wm.nii.gz")})}
 
 
 FitHarmonization = python.define(fit_harmonization_step,
                                  outputs=["result"], name="FitHarmonization")
 
 
-def harmonised_summary_step(entry: dict, fit: dict, sites: dict, target_site: str, lmax: int,
-                            registered: list[dict], pipeline_version: str = "") -> dict:
-    """The evaluation after harmonization of one target subject (one node per
-    subject): its series harmonised with the fitted artefact through the
-    transform its registration node computed for the fit (no second
-    registration), summarised in its pre-harmonization white matter.
+def evaluation_summary_step(entry: dict, fit: dict, sites: dict, reference_site: str,
+                            target_site: str, lmax: int, registered: list[dict],
+                            pipeline_version: str = "") -> dict:
+    """The evaluation of one subject of either site (one node per subject): its
+    white matter, the fit's template-space one from the reference site
+    (:func:`~dmriflow.interfaces.harmonize.template_wm_mask`) brought to its
+    grid through the transform its registration node computed for the fit
+    (:func:`~dmriflow.interfaces.harmonize.subject_wm_mask`), the means of
+    its features' maps there (before), and for a target subject its series
+    harmonised with the fitted artefact through the same transform (no
+    second registration) and summarised in the same white matter (after).
 
-    Other subjects, and target subjects without a summary before, pass with
-    no summary; a subject that fails is left out of the evaluation only.
+    Other subjects and failed ones pass with no summary; a subject that fails
+    is left out of the evaluation only.
     """
-    summary = entry.get("summary") or {}
-    if (entry.get("status") != "ok" or sites.get(entry["subject"]) != target_site
-            or "values" not in summary):
+    site = sites.get(entry["subject"])
+    if entry.get("status") != "ok" or site not in (reference_site, target_site):
         return {"subject": entry["subject"], "status": "ok", "summary": None}
     own = _transforms(registered).get(entry["subject"])
-    return _harmonised_summary(subject=entry["subject"], entry=entry, artefact=fit["artefact"],
-                               fingerprint=fit["fingerprint"],
-                               transform=None if own is None else own(), lmax=lmax)
+    return _evaluation_summary(subject=entry["subject"], entry=entry, fit=fit,
+                               transform=None if own is None else own(), lmax=lmax,
+                               harmonise=site == target_site)
 
 
 @guarded("harmonize-evaluate")
-def _harmonised_summary(subject: str, entry: dict, artefact: str, fingerprint: str, transform,
-                        lmax: int) -> dict:
-    """One target subject harmonised and summarised; the artefact read as the
-    fit wrote it (``fingerprint``: its JSON's sha256, so every file is checked
-    against the hashes the fit listed and the content id is the fit's)."""
-    dwi = load_series(entry["record"])
-    art = HarmonizationArtefact.load(artefact, fingerprint=fingerprint)
-    dwi = with_values(dwi, apply_harmonization(dwi, None, art, subject=subject,
-                                               transform=transform, inplace=True)[0])
-    wm = _read(entry["summary"], entry["summary"]["wm_mask"], f"{subject} white-matter mask",
-               np.uint8)[0] > 0
-    summary = _summary_record(
-        lambda: summarise_subject(dwi, lmax, subject=subject, wm_mask=wm),
-        lambda s: {"fa": _save(s.fa.astype(np.float32, copy=False), dwi.affine,
-                               "fa_harmonised.nii.gz")})
-    return {"subject": subject, "status": "ok", "summary": summary}
+def _evaluation_summary(subject: str, entry: dict, fit: dict, transform, lmax: int,
+                        harmonise: bool) -> dict:
+    """One subject summarised in the reference-defined white matter (every
+    file checked, :func:`_read`), harmonised first when ``harmonise``; the
+    artefact read as the fit wrote it (its fingerprint: its JSON's sha256, so
+    every file is checked against the hashes the fit listed and the content
+    id is the fit's). An empty white matter is recorded as the subject's
+    error (left out of the evaluation only)."""
+    if transform is None:
+        raise HarmonizationError(f"{subject}: no registration to the template to bring the "
+                                 f"evaluation's white matter to")
+    tpl_wm = _read(fit, fit["evaluation_wm"], "evaluation white matter (template)",
+                   np.uint8)[0] > 0
+    mask, affine = _read(entry, entry["mask"], f"{subject} mask", np.uint8)
+    wm = subject_wm_mask(tpl_wm, transform, mask > 0)
+    maps = entry["summary"]
+    fa = _read(entry, entry["fa"], f"{subject} FA")[0]
+    try:
+        before = summary_values(
+            fa, _read(maps, maps["md"], f"{subject} MD")[0],
+            {float(b): _read(maps, p, f"{subject} RISH b={b}")[0]
+             for b, p in maps["rish"].items()}, wm, lmax, subject=subject)
+    except HarmonizationError as exc:
+        return {"subject": subject, "status": "ok",
+                "summary": {"error": f"{type(exc).__name__}: {exc}"}}
+    files = {"wm_mask": _save(wm.astype(np.uint8), affine, "wm_mask.nii.gz")}
+    summary = {"before": SubjectSummary.record_of(before), "after": None}
+    if harmonise:
+        dwi = load_series(entry["record"])
+        art = HarmonizationArtefact.load(fit["artefact"], fingerprint=fit["fingerprint"])
+        dwi = with_values(dwi, apply_harmonization(dwi, None, art, subject=subject,
+                                                   transform=transform, inplace=True)[0])
+        s = summarise_subject(dwi, lmax, subject=subject, wm_mask=wm)
+        summary["after"] = s.values_record()
+        files["fa"] = _save(s.fa.astype(np.float32, copy=False), dwi.affine,
+                            "fa_harmonised.nii.gz")
+    return {"subject": subject, "status": "ok", "summary": {**summary, **_hashed(files)}}
 
 
-HarmonisedSummary = python.define(harmonised_summary_step, outputs=["summary"],
-                                  name="HarmonisedSummary")
+EvaluationSummary = python.define(evaluation_summary_step, outputs=["summary"],
+                                  name="EvaluationSummary")
 
 
-def _subject_summary(entry: dict, summary: dict, fa_record: dict) -> SubjectSummary:
-    """A :class:`SubjectSummary` from a features record, the summary record
-    holding its values, and the record listing the FA to use (the features'
-    before harmonization, the harmonised summary's after); every file checked
-    (:func:`_read`)."""
+def _subject_summaries(entry: dict, summary: dict) -> list[SubjectSummary]:
+    """A subject's :class:`SubjectSummary` before (and, for a target subject,
+    after) from its features record and its evaluation summary; every file
+    checked (:func:`_read`)."""
     name = entry["subject"]
-    return SubjectSummary(
-        name, _read(fa_record, fa_record["fa"], f"{name} FA")[0],
-        _read(entry, entry["mask"], f"{name} mask", np.uint8)[0] > 0,
-        _read(entry["summary"], entry["summary"]["wm_mask"], f"{name} white-matter mask",
-              np.uint8)[0] > 0,
-        SubjectSummary.values_from_record(summary["values"]))
+    mask = _read(entry, entry["mask"], f"{name} mask", np.uint8)[0] > 0
+    wm = _read(summary, summary["wm_mask"], f"{name} white-matter mask", np.uint8)[0] > 0
+    out = [SubjectSummary(name, _read(entry, entry["fa"], f"{name} FA")[0], mask, wm,
+                          SubjectSummary.values_from_record(summary["before"]))]
+    if summary.get("after") is not None:
+        out.append(SubjectSummary(name, _read(summary, summary["fa"], f"{name} FA")[0], mask,
+                                  wm, SubjectSummary.values_from_record(summary["after"])))
+    return out
 
 
 def evaluate_fit_step(fit: dict, features: list[dict], summaries: list[dict], sites: dict,
                       reference_site: str, target_site: str, lmax: int,
                       pipeline_version: str = "") -> dict:
     """Site effect before/after and anatomy preservation on the fitting cohort
-    (:func:`evaluate_harmonization` of the per-subject summaries): the two
-    TSVs, added to the fit's result with the subjects left out of them."""
+    (:func:`evaluate_harmonization` of the per-subject summaries, every
+    subject in the reference-defined white matter: ``wm_mask`` column
+    "reference-template"): the two TSVs, added to the fit's result with the
+    subjects left out of them."""
     Path(STEP_MARKER).write_text("harmonize-evaluate")
-    after = {s["subject"]: s for s in summaries}
+    evaluated = {s["subject"]: s for s in summaries}
     not_evaluated = []
 
-    def evaluated(entry: dict, when: dict) -> bool:
-        error = (when.get("error") if when.get("status") == "failed"
-                 else (when.get("summary") or {}).get("error"))
-        if error:
-            not_evaluated.append({"subject": entry["subject"], "error": error})
-        return not error
-
-    def summaries_of(entry: dict, when: list[dict]) -> list[SubjectSummary] | None:
+    def summaries_of(entry: dict) -> list[SubjectSummary] | None:
         """The subject's summaries (before, and after for a target subject), or
-        None - it is left out, named - when a record has an error or a file
+        None - it is left out, named - when its evaluation failed or a file
         it lists fails its check."""
-        if not all(evaluated(entry, w) for w in when):
+        node = evaluated.get(entry["subject"]) or {}
+        summary = node.get("summary") or {}
+        error = node.get("error") if node.get("status") == "failed" else summary.get("error")
+        if error or "before" not in summary:
+            not_evaluated.append({"subject": entry["subject"],
+                                  "error": error or "no evaluation summary"})
             return None
         try:
-            return [_subject_summary(entry, w["summary"], w if w is entry else w["summary"])
-                    for w in when]
+            return _subject_summaries(entry, summary)
         except InputError as exc:
             not_evaluated.append({"subject": entry["subject"],
                                   "error": f"{type(exc).__name__}: {exc}"})
             return None
 
     ref = [s[0] for f in _site(features, sites, reference_site)
-           if (s := summaries_of(f, [f])) is not None]
+           if (s := summaries_of(f)) is not None]
     tar = [s for f in _site(features, sites, target_site)
-           if (s := summaries_of(f, [f, after[f["subject"]]])) is not None]
+           if (s := summaries_of(f)) is not None]
     if not_evaluated:
         Path(FAILED_MARKER).write_text("harmonize-evaluate")
     site_table, preservation = evaluate_harmonization(ref, [s[0] for s in tar],
-                                                      [s[1] for s in tar], lmax)
+                                                      [s[1] for s in tar], lmax,
+                                                      wm_mask=EVAL_MASK_REFERENCE)
     site_tsv = Path.cwd() / "harmonization_site_effect.tsv"
     pres_tsv = Path.cwd() / "harmonization_preservation.tsv"
     io.write_text(site_table.to_csv(sep="\t", index=False, na_rep="n/a"), site_tsv)
@@ -447,10 +480,10 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                                         terms=terms.terms,
                                         smoothing_fwhm_mm=smoothing_fwhm_mm, contrast=contrast,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
-    after = workflow.add(HarmonisedSummary(fit=fit.result, target_site=target_site, lmax=lmax,
-                                           registered=reg.registered, **common)
+    after = workflow.add(EvaluationSummary(fit=fit.result, lmax=lmax, registered=reg.registered,
+                                           **sides, **common)
                          .split("entry", entry=feats.features).combine("entry"),
-                         name="harmonised_summary")
+                         name="evaluation_summary")
     evaluation = workflow.add(EvaluateFit(fit=fit.result, features=feats.features,
                                           summaries=after.summary, sites=sites,
                                           reference_site=reference_site, target_site=target_site,

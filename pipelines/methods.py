@@ -100,6 +100,22 @@ REFERENCES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _fit_evaluation_note() -> str:
+    """How ``harmonize fit`` evaluates its cohort (its site-effect table's
+    ``wm_mask`` column names the same definition)."""
+    from dmriflow.interfaces.harmonize import EVAL_MASK_REFERENCE, EVAL_MASKS
+    return (f"The site effect before and after harmonization (Cohen's d and Welch's t of "
+            f"the subjects' white-matter means of FA, MD and RISH per shell and order, "
+            f"target - reference) was evaluated on the fitting cohort in "
+            f"{EVAL_MASKS[EVAL_MASK_REFERENCE]} (`wm_mask` = {EVAL_MASK_REFERENCE}); each "
+            f"target subject was harmonised through its own registration from the fit.")
+
+
+#: A step's methods paragraph beyond its summary line, where its module's
+#: docstring cannot say it (a callable: its text).
+STEP_NOTES = {"harmonization_fit": _fit_evaluation_note}
+
+
 def step_summaries() -> dict[str, str]:
     """``{step name: the first line of its module's docstring}``, without the
     ``Name:`` lead, for every registered step and cohort step."""
@@ -230,6 +246,8 @@ def methods_text(config, output_dir, n_subjects: int, masks_given: int = 0,
             step = registry[name]
             lines.append(f"### {step.task} (`{name}`)")
             lines += ["", summaries.get(name) or name, ""]
+            if name in STEP_NOTES:
+                lines += [STEP_NOTES[name](), ""]
             for flag, help_text, shown, changed in option_rows(options, output_dir):
                 mark = " **(set for this run)**" if changed else ""
                 lines.append(f"- `{flag}` = {shown}{mark}: {help_text}")

@@ -208,17 +208,20 @@ def test_the_fit_node_refuses_a_changed_transform_field(tmp_path):
 
 
 def _evaluate(tmp_path: Path, entries, reg, fit, sites, name="eval") -> dict:
-    after = [_in(tmp_path / f"{name}-after" / e["subject"], P.harmonised_summary_step, entry=e,
-                 fit=fit, sites=sites, target_site="siteB", lmax=LMAX, registered=reg)
+    after = [_in(tmp_path / f"{name}-after" / e["subject"], P.evaluation_summary_step, entry=e,
+                 fit=fit, sites=sites, reference_site="siteA", target_site="siteB", lmax=LMAX,
+                 registered=reg)
              for e in entries]
     return _in(tmp_path / name, P.evaluate_fit_step, fit=fit, features=entries, summaries=after,
                sites=sites, reference_site="siteA", target_site="siteB", lmax=LMAX)
 
 
 def _serial_tables(entries, tpl, reg, sites, shells) -> tuple[str, str]:
-    """The evaluation as the fit node computed it before the per-subject nodes:
-    every series read again, summarised before, harmonised through the fit's
-    own transform and summarised in the same white matter, one by one."""
+    """The evaluation computed serially with the library: every series read
+    again, summarised before and (target) harmonised through the fit's own
+    transform, all in the reference-defined white matter
+    (:func:`H.template_wm_mask` of the reference subjects' warped FA, brought
+    to each subject by :func:`H.subject_wm_mask`), one by one."""
     ref = [e for e in entries if sites[e["subject"]] == "siteA"]
     tar = [e for e in entries if sites[e["subject"]] == "siteB"]
     info = {"source": "reference-site mean", "iterations": H.TEMPLATE_ITERATIONS,
@@ -228,17 +231,24 @@ def _serial_tables(entries, tpl, reg, sites, shells) -> tuple[str, str]:
                               registration="affine", template=P._template(tpl),
                               template_info=info, registered=P._transforms(reg))
     transforms = P._transforms(reg)
-    ref_s = [H.summarise_subject(load_series(e["record"]), LMAX, subject=e["subject"])
-             for e in ref]
+    tpl_wm = H.template_wm_mask([H.warped_fa(P._loader(e)(), transforms[e["subject"]]())
+                                 for e in ref], art.template_mask)
+
+    def wm(e, dwi):
+        return H.subject_wm_mask(tpl_wm, transforms[e["subject"]](), dwi.mask)
+
+    ref_s = [H.summarise_subject(dwi, LMAX, subject=e["subject"], wm_mask=wm(e, dwi))
+             for e in ref for dwi in [load_series(e["record"])]]
     before, after = [], []
     for e in tar:
         dwi = load_series(e["record"])
-        before.append(H.summarise_subject(dwi, LMAX, subject=e["subject"]))
+        before.append(H.summarise_subject(dwi, LMAX, subject=e["subject"], wm_mask=wm(e, dwi)))
         dwi.data, _ = H.apply_harmonization(dwi, None, art, subject=e["subject"],
                                             transform=transforms[e["subject"]](), inplace=True)
         after.append(H.summarise_subject(dwi, LMAX, subject=e["subject"],
                                          wm_mask=before[-1].wm_mask))
-    site, pres = H.evaluate_harmonization(ref_s, before, after, LMAX)
+    site, pres = H.evaluate_harmonization(ref_s, before, after, LMAX,
+                                          wm_mask=H.EVAL_MASK_REFERENCE)
     return tuple(t.to_csv(sep="\t", index=False, na_rep="n/a") for t in (site, pres))
 
 
@@ -271,6 +281,7 @@ def test_evaluation_nodes_give_the_serial_tables(eval_cohort, tmp_path, shells):
     assert result["not_evaluated"] == [] and result["content_id"] == fit["content_id"]
     table = pd.read_csv(result["site_effect"], sep="\t")
     assert set(table["shell"].dropna()) == set(EVAL_SHELLS)     # every shell, not the fit's
+    assert (table["wm_mask"] == H.EVAL_MASK_REFERENCE).all()
     rish = table[table["metric"] == "rish_l2"]
     assert (rish["d_after"].abs() < rish["d_before"].abs()).all()   # the site effect shrinks
     assert json.loads(json.dumps(entries[0]["summary"])) == entries[0]["summary"]
@@ -336,12 +347,13 @@ def test_evaluation_leaves_out_a_subject_whose_file_changed(eval_cohort, tmp_pat
     evaluated; nibabel read the changed file silently before."""
     _, records, sites = eval_cohort
     entries, _, reg, fit = _nodes(tmp_path, list(EVAL_SHELLS), records, sites)
-    after = [_in(tmp_path / "after" / e["subject"], P.harmonised_summary_step, entry=e,
-                 fit=fit, sites=sites, target_site="siteB", lmax=LMAX, registered=reg)
+    after = [_in(tmp_path / "after" / e["subject"], P.evaluation_summary_step, entry=e,
+                 fit=fit, sites=sites, reference_site="siteA", target_site="siteB", lmax=LMAX,
+                 registered=reg)
              for e in entries]
     site = "siteA" if which == "fa_reference" else "siteB"
     k = next(i for i, e in enumerate(entries) if sites[e["subject"]] == site)
-    path = {"wm_mask": entries[k]["summary"]["wm_mask"], "fa_reference": entries[k]["fa"],
+    path = {"wm_mask": after[k]["summary"]["wm_mask"], "fa_reference": entries[k]["fa"],
             "fa_harmonised": (after[k]["summary"] or {}).get("fa")}[which]
     _change_one_voxel(path)
     result = _in(tmp_path / "eval", P.evaluate_fit_step, fit=fit, features=entries,
@@ -400,7 +412,6 @@ def test_fit_from_mask_rows_equals_fit_from_the_grid(eval_cohort, tmp_path):
         runs[rows_only] = {
             "content_id": fit["content_id"],
             "maps": {k: v for k, v in _arrays(root).items() if not k.startswith("validate")},
-            "values": [e["summary"]["values"] for e in entries],
             "tables": [Path(result[k]).read_text() for k in ("site_effect", "preservation")]}
     grid, rows = runs[False], runs[True]
     assert any(k.startswith("eval-after") for k in grid["maps"])   # summaries after were run
@@ -408,7 +419,6 @@ def test_fit_from_mask_rows_equals_fit_from_the_grid(eval_cohort, tmp_path):
     assert grid["maps"].keys() == rows["maps"].keys()
     for key in grid["maps"]:
         assert grid["maps"][key] == rows["maps"][key], key
-    assert grid["values"] == rows["values"]
     assert grid["tables"] == rows["tables"]
 
 
@@ -439,7 +449,7 @@ def _tamper_relisted(folder: Path) -> None:
 
 @pytest.mark.parametrize("tamper", [_tamper_voxel, _tamper_cut, _tamper_relisted],
                          ids=["voxel", "cut", "relisted"])
-def test_harmonised_summary_refuses_a_changed_artefact(eval_cohort, tmp_path, tamper):
+def test_evaluation_summary_refuses_a_changed_artefact(eval_cohort, tmp_path, tamper):
     """The summary nodes read the artefact with the fingerprint the fit handed
     on (its JSON's sha256) instead of recomputing the content id: a changed,
     cut or consistently re-listed scale map still fails the subject, and the
@@ -449,12 +459,13 @@ def test_harmonised_summary_refuses_a_changed_artefact(eval_cohort, tmp_path, ta
     assert H.HarmonizationArtefact.load(fit["artefact"], fingerprint=fit["fingerprint"]
                                         ).content_id == fit["content_id"]
     target = next(e for e in entries if sites[e["subject"]] == "siteB")
-    kw = dict(entry=target, sites=sites, target_site="siteB", lmax=LMAX, registered=reg)
-    ok = _in(tmp_path / "after-ok", P.harmonised_summary_step, fit=fit, **kw)
-    assert ok["status"] == "ok" and "values" in ok["summary"], ok.get("traceback")
+    kw = dict(entry=target, sites=sites, reference_site="siteA", target_site="siteB", lmax=LMAX,
+              registered=reg)
+    ok = _in(tmp_path / "after-ok", P.evaluation_summary_step, fit=fit, **kw)
+    assert ok["status"] == "ok" and ok["summary"]["after"], ok.get("traceback")
     changed = tmp_path / "changed"
     shutil.copytree(fit["artefact"], changed)
     tamper(changed)
-    bad = _in(tmp_path / "after-bad", P.harmonised_summary_step,
+    bad = _in(tmp_path / "after-bad", P.evaluation_summary_step,
               fit={**fit, "artefact": str(changed)}, **kw)
     assert bad["status"] == "failed" and "sha256 mismatch" in bad["error"]

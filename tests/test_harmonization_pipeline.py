@@ -55,6 +55,7 @@ def test_fit_writes_artefact_and_removes_the_site_effect(fitted):
     assert len(art.subjects) == 2 * N_PER_SITE
     effect = pd.read_csv(fitted / "dmriflow" / "group" / "harmonization_site_effect.tsv",
                          sep="\t")
+    assert (effect["wm_mask"] == "reference-template").all()     # the reference's WM for all
     rish = effect[effect["metric"].isin(["rish_l0", "rish_l2", "rish_l4"])]
     assert len(rish) == 3
     assert (rish["p_before"] < 0.01).all()          # the simulated site effect is detected
@@ -215,6 +216,8 @@ def test_fit_writes_its_methods_text(fitted):
     assert "- `--harmonization-lmax` = 6 **(set for this run)**" in text
     assert "- `--registration` = affine **(set for this run)**" in text
     assert RISH_MULTISITE in text and SYN not in text      # affine: no SyN reference
+    from dmriflow.interfaces.harmonize import EVAL_MASK_REFERENCE, EVAL_MASKS
+    assert EVAL_MASKS[EVAL_MASK_REFERENCE] in text       # how the evaluation's WM was defined
     assert "FitHarmonization (<code>harmonization_fit</code>)" in \
         (fitted / "dmriflow" / "report.html").read_text()
 

@@ -363,7 +363,7 @@ def group_rows(scans: Sequence[Scan], before: Sequence[dict], after: Sequence[di
 def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, seed: int = 0,
              sites: Sequence[Site] = (SITE_A, SITE_B), in_sample: bool = True,
              anatomy: str = "geometric", shape: Sequence[int] = STUDY_SHAPE,
-             **fit_options) -> dict:
+             fit_cohort: bool = False, **fit_options) -> dict:
     """Fit a harmonization on a ``design`` ("unpaired" or "paired") cohort of
     ``n_fit`` persons per site and evaluate it on ``n_held_out`` other
     persons scanned at both sites (reference scan = the truth of each person's
@@ -376,8 +376,10 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
     (held-out target scans, before/after), the timings (s per subject), the
     artefact, and ``site_with(artefact)``: the held-out site table with another
     artefact applied instead (e.g. a deliberately wrong one, so a test can
-    show that its checks would catch it). ``fit_options`` go to
-    :func:`harmonize.fit_harmonization`.
+    show that its checks would catch it). ``fit_cohort``: also ``fit_cohort``,
+    the evaluation ``dmriflow harmonize fit`` reports on the fit cohort, per
+    white-matter definition (:func:`fit_cohort_evaluation`). ``fit_options``
+    go to :func:`harmonize.fit_harmonization`.
     """
     import time
     from .. import harmonize as H
@@ -411,4 +413,62 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
             "group_reference": group_rows(test[ref_site], m_ref, m_ref),
             "fa_corr": [{"subject": sc.label, "before": b["fa_corr"], "after": a["fa_corr"]}
                         for sc, b, a in zip(test[tar_site], m_bef, m_aft)],
-            "fit_s_per_subject": t_fit, "apply_s_per_subject": t_apply, "artefact": art}
+            "fit_s_per_subject": t_fit, "apply_s_per_subject": t_apply, "artefact": art,
+            "fit_cohort": fit_cohort_evaluation(fit, feats, art) if fit_cohort else {}}
+
+
+#: The white matter of the truth's label: the same anatomy at both sites,
+#: known only in simulation (the yardstick of the evaluation's own masks).
+TRUTH_WM_MASK = "truth-label"
+
+
+def fit_cohort_evaluation(study: Mapping[str, Sequence[Scan]], feats: Mapping[str, Sequence],
+                          artefact, lmax: int = STUDY_LMAX, noise_free: bool = False) -> dict:
+    """The evaluation ``dmriflow harmonize fit`` reports - the site effect
+    before/after on the fitting cohort ``study`` ({site: scans}, ``feats``
+    its features in the same order), each target scan harmonised through its
+    own transform from the fit - with each white-matter definition:
+    ``{name: site table}`` for the engine's (``harmonize.EVAL_MASKS``:
+    reference-defined in template space, and each scan's own FA) and
+    ``TRUTH_WM_MASK``. The reference-defined masks are built with the same
+    functions the engine calls (:func:`harmonize.template_wm_mask`,
+    :func:`harmonize.subject_wm_mask`). ``noise_free``: summarise (and
+    harmonise) every scan's noise-free signal in the masks its noisy scan
+    gave - with no site scaling the site effect is then the masks' alone."""
+    from .. import harmonize as H
+    ref_site, tar_site = artefact.reference_site, artefact.target_site
+
+    def transform(site, sc):
+        return artefact.transforms[(site, sc.label)]
+
+    tpl_wm = H.template_wm_mask([H.warped_fa(f, transform(ref_site, sc)) for sc, f in
+                                 zip(study[ref_site], feats[ref_site])], artefact.template_mask)
+
+    def masks(site, sc, f) -> dict:
+        """The scan's white matter by each definition (``f``: its features)."""
+        return {H.EVAL_MASK_REFERENCE: H.subject_wm_mask(tpl_wm, transform(site, sc), f.mask),
+                H.EVAL_MASK_OWN: f.mask & (f.fa >= H.WM_FA_THRESHOLD),
+                TRUTH_WM_MASK: sc.subject.truth["label"] == phantom.LABELS["wm"]}
+
+    def summaries(sc, wms: dict, data=None) -> dict:
+        """The scan (or ``data`` on its grid, harmonised) summarised in each mask."""
+        dwi = as_dwi(sc, sc.subject.noise_free if noise_free and data is None else data)
+        tensor, rish = H.dti_tensor(dwi), H.rish_maps(dwi, lmax)
+        return {name: H.summarise_subject(dwi, lmax, subject=sc.label, tensor=tensor,
+                                          rish=rish, wm_mask=wm) for name, wm in wms.items()}
+
+    ref = [summaries(sc, masks(ref_site, sc, f))
+           for sc, f in zip(study[ref_site], feats[ref_site])]
+    tar_masks = [masks(tar_site, sc, f) for sc, f in zip(study[tar_site], feats[tar_site])]
+    before = [summaries(sc, m) for sc, m in zip(study[tar_site], tar_masks)]
+    after = [summaries(sc, m, H.apply_harmonization(as_dwi(sc, sc.subject.noise_free if
+                                                           noise_free else None), None, artefact,
+                                                    subject=sc.label,
+                                                    transform=transform(tar_site, sc))[0])
+             for sc, m in zip(study[tar_site], tar_masks)]
+    out = {}
+    for name in tar_masks[0]:
+        table, _ = H.evaluate_harmonization([s[name] for s in ref], [s[name] for s in before],
+                                            [s[name] for s in after], lmax)
+        out[name] = table.assign(wm_mask=name)
+    return out
