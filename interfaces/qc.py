@@ -145,6 +145,60 @@ def _robust_z(x: np.ndarray) -> np.ndarray:
     return np.where(mad > 0, z, 0.0), med
 
 
+#: Mask rows per block of the one-pass volume statistics (:func:`_slice_sums`):
+#: a float64 block of this many rows x 288 volumes is 9 MB.
+QC_BLOCK_ROWS = 4096
+
+
+def _mask_row_chunks(data: np.ndarray, mask: np.ndarray, rows_index=None):
+    """Blocks (rows, N) of the mask voxels' values, in the order of
+    :func:`_mask_values` (C order for the grid, row order for mask rows)."""
+    if rows_index is not None:
+        for start in range(0, data.shape[0], QC_BLOCK_ROWS):
+            yield data[start:start + QC_BLOCK_ROWS]
+        return
+    for x in range(mask.shape[0]):          # C order: the first axis outermost
+        if mask[x].any():
+            yield np.asarray(data[x])[mask[x]]
+
+
+def _slice_sums(chunks, slice_of: np.ndarray, n_slices: int, n_vol: int):
+    """``(sums (N, n_slices) float64, nonzero (N,) bool)`` in ONE pass over the
+    mask rows: each volume's per-slice sums and whether it has any nonzero value.
+
+    The sums are bit-identical to ``np.bincount(slice_of, weights=column.astype(
+    float64))`` per volume (the earlier one-column-at-a-time pass, 288 passes on
+    an HCP series): every slice's sum is accumulated row by row in the rows'
+    order, ``((0 + x1) + x2) + ...``, as bincount does. Within a block the rows
+    are stably grouped by slice and each group added onto its slice's running
+    sum by a reduction along axis 0 of a C-ordered block, which numpy performs
+    row after row (its pairwise summation is only used along the contiguous axis).
+    """
+    acc = np.zeros((n_slices, n_vol), dtype=np.float64)
+    nonzero = np.zeros(n_vol, dtype=bool)
+    buf = np.empty((QC_BLOCK_ROWS + 1, n_vol), dtype=np.float64)
+    start = 0
+    for rows in chunks:
+        n = rows.shape[0]
+        if buf.shape[0] < n + 1:
+            buf = np.empty((n + 1, n_vol), dtype=np.float64)
+        nonzero |= np.any(rows, axis=0)
+        where = slice_of[start:start + n]
+        start += n
+        order = None if np.all(where[1:] >= where[:-1]) else np.argsort(where, kind="stable")
+        if order is not None:
+            rows, where = np.asarray(rows)[order], where[order]
+        bounds = np.flatnonzero(where[1:] != where[:-1]) + 1
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, n]):
+            s = where[a]
+            buf[0] = acc[s]
+            buf[1:b - a + 1] = rows[a:b]
+            np.add.reduce(buf[:b - a + 1], axis=0, out=acc[s])
+    if start != slice_of.size:
+        raise RuntimeError(f"QC read {start} mask voxels, expected {slice_of.size}")
+    return np.ascontiguousarray(acc.T), nonzero
+
+
 def volume_outliers(data: np.ndarray, mask: np.ndarray, gtab: GradientTable,
                     slice_axis: int = 2, rows_index=None) -> dict[int, str]:
     """``{volume: reason}`` of all-zero, dropout and intensity-outlier volumes,
@@ -155,19 +209,20 @@ def volume_outliers(data: np.ndarray, mask: np.ndarray, gtab: GradientTable,
     """
     n_vol = len(gtab)
     out: dict[int, str] = {}
-    values, index = _mask_values(data, mask, rows_index)
+    index = np.flatnonzero(mask.ravel()) if rows_index is None else np.asarray(rows_index)
     n_slices = mask.shape[slice_axis]
     slice_of = np.unravel_index(index, mask.shape)[slice_axis]
     slice_n = np.bincount(slice_of, minlength=n_slices)
     judged = np.flatnonzero(slice_n >= MIN_SLICE_VOXELS)
     means = np.zeros((n_vol, n_slices), dtype=np.float64)
     vol_mean = np.zeros(n_vol, dtype=np.float64)
+    slice_sums, nonzero = _slice_sums(_mask_row_chunks(data, mask, rows_index), slice_of,
+                                      n_slices, n_vol)
     for k in range(n_vol):
-        vol = values(k)
-        if not np.any(vol):
+        if not nonzero[k]:
             out[k] = "all zero"
             continue
-        sums = np.bincount(slice_of, weights=vol.astype(np.float64), minlength=n_slices)
+        sums = slice_sums[k]
         means[k] = sums / np.maximum(slice_n, 1)
         vol_mean[k] = sums.sum() / max(index.size, 1)
     for shell in np.unique(gtab.shell_of):
