@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dmriflow.interfaces import io, orientation, qc, stepfiles
+from dmriflow.interfaces import dti, io, orientation, qc, stepfiles
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import B0_THRESHOLD, GradientTable
 from dmriflow.interfaces.sim.phantom import hcp_scheme, simulate_subject
@@ -102,6 +102,36 @@ def test_candidates_are_the_24_distinct_axis_transforms():
     adc = np.einsum("ni,ij,nj->n", g, d, g)
     gm = orientation.apply_to_bvecs(g, orientation.candidate_by_label("permute zxy flip y"))
     np.testing.assert_allclose(np.einsum("ni,ij,nj->n", gm, m @ d @ m.T, gm), adc, rtol=1e-12)
+
+
+def test_candidates_are_tracked_on_their_whole_transformed_field_bit_for_bit(phantoms):
+    """The check transforms V1 only where a streamline reads it; each candidate's
+    mean length equals tracking on the whole field M V1 (in the index frame),
+    exactly, on a phantom with a non-symmetric transform injected, for both
+    handednesses of the affine."""
+    flipped = with_bvecs(phantoms[1], "permute zxy flip y")
+    gtab = flipped.gtab
+    fit = dti.fit_dwi(flipped, volumes=np.arange(len(gtab))[gtab.select_shells(
+        dti.dti_shells(gtab))], fit_method="OLS")
+    v1, fa = fit.v1.astype(np.float32), fit.fa
+    mask = flipped.mask & np.all(np.isfinite(v1), axis=-1)
+    seeds = orientation._seeds(fa, mask, 3)
+    for affine in (flipped.affine, np.diag([-1.0, 1, 1, 1]) @ flipped.affine):
+        res = orientation.check_orientation(v1, fa, flipped.mask, affine, flipped.zooms, 3)
+        ref = {}
+        for cand in orientation.candidates():
+            field = np.einsum("ij,...j->...i", cand.matrix.astype(np.float32), v1)
+            if np.linalg.det(affine[:3, :3]) > 0:      # FSL image frame -> voxel axes
+                field[..., 0] = -field[..., 0]
+            ref[cand.label] = float(orientation.track_lengths(field, fa, mask, seeds,
+                                                              flipped.zooms).mean())
+        assert res.lengths == ref
+        assert max(ref, key=ref.get) == res.best
+    assert res.best != undoing("permute zxy flip y")   # the mirrored frame moved the winner
+    res = orientation.check_dwi(flipped, rng_seed=3)
+    assert res == orientation.check_orientation(v1, fa, flipped.mask, flipped.affine,
+                                                flipped.zooms, 3)
+    assert res.best == undoing("permute zxy flip y") and res.fixable
 
 
 def test_phantom_flips_and_permutations_are_found_and_clean_subjects_pass(phantoms):
