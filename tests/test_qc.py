@@ -257,12 +257,12 @@ def test_one_pass_slice_sums_are_bit_identical_to_per_volume_sums(shape, n_vol):
     order_matters = 0
     for axis in (0, 1, 2):
         for index, values, chunks in (
-                (c_idx, grid[mask], qc._mask_row_chunks(grid, mask)),
-                (f_idx, rows, qc._mask_row_chunks(rows, mask, f_idx))):
+                (c_idx, grid[mask], qc._mask_row_chunks(grid, mask, None, axis)),
+                (f_idx, rows, qc._mask_row_chunks(rows, mask, f_idx, axis))):
             slice_of = np.unravel_index(index, shape)[axis]
             ref = _bincount_sums(values, slice_of, shape[axis])
-            sums, nonzero = qc._slice_sums(chunks, slice_of, shape[axis], n_vol)
-            assert np.array_equal(sums, ref) and nonzero.all()
+            sums, nonzero, n_rows = qc._slice_sums(chunks, shape[axis], n_vol)
+            assert np.array_equal(sums, ref) and nonzero.all() and n_rows == index.size
             # the same sums in another order (reversed rows) do differ in the last
             # bits on these data, so equality above tests the order
             order_matters += int((_bincount_sums(values[::-1], slice_of[::-1], shape[axis])
