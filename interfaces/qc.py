@@ -145,6 +145,70 @@ def _robust_z(x: np.ndarray) -> np.ndarray:
     return np.where(mad > 0, z, 0.0), med
 
 
+#: Mask rows per block of the one-pass volume statistics (:func:`_slice_sums`):
+#: a float64 block of this many rows x 288 volumes is 9 MB.
+QC_BLOCK_ROWS = 4096
+
+
+def _mask_row_chunks(data: np.ndarray, mask: np.ndarray, rows_index=None,
+                     slice_axis: int = 2):
+    """Blocks ``(rows (n, N), slice of each row)`` of the mask voxels' values.
+
+    Each slice's rows come in the order of :func:`_mask_values` (C order for
+    the grid, row order for mask rows), which fixes the order of its sums. The
+    grid is read one slice plane at a time: within a plane C order is the
+    plane's own, and a plane of an F-ordered image is one block per volume
+    (gathering whole-grid C order from it was slower than the per-volume pass).
+    """
+    if rows_index is not None:
+        slice_of = np.unravel_index(np.asarray(rows_index), mask.shape)[slice_axis]
+        for start in range(0, data.shape[0], QC_BLOCK_ROWS):
+            yield data[start:start + QC_BLOCK_ROWS], slice_of[start:start + QC_BLOCK_ROWS]
+        return
+    for p in range(mask.shape[slice_axis]):
+        at = [slice(None)] * 3
+        at[slice_axis] = p
+        in_plane = mask[tuple(at)]
+        if in_plane.any():
+            rows = np.asarray(data[tuple(at)])[in_plane]
+            yield rows, np.full(rows.shape[0], p)
+
+
+def _slice_sums(chunks, n_slices: int, n_vol: int):
+    """``(sums (N, n_slices) float64, nonzero (N,) bool, rows read)`` in ONE pass
+    over the mask rows (``chunks``: :func:`_mask_row_chunks`): each volume's
+    per-slice sums and whether it has any nonzero value.
+
+    The sums are bit-identical to ``np.bincount(slice_of, weights=column.astype(
+    float64))`` per volume (the earlier one-column-at-a-time pass, 288 passes on
+    an HCP series): every slice's sum is accumulated row by row in the rows'
+    order, ``((0 + x1) + x2) + ...``, as bincount does. Within a block the rows
+    are stably grouped by slice and each group added onto its slice's running
+    sum by a reduction along axis 0 of a C-ordered block, which numpy performs
+    row after row (its pairwise summation is only used along the contiguous axis).
+    """
+    acc = np.zeros((n_slices, n_vol), dtype=np.float64)
+    nonzero = np.zeros(n_vol, dtype=bool)
+    buf = np.empty((QC_BLOCK_ROWS + 1, n_vol), dtype=np.float64)
+    n_rows = 0
+    for rows, where in chunks:
+        n = rows.shape[0]
+        n_rows += n
+        if buf.shape[0] < n + 1:
+            buf = np.empty((n + 1, n_vol), dtype=np.float64)
+        nonzero |= np.any(rows, axis=0)
+        if not np.all(where[1:] >= where[:-1]):
+            order = np.argsort(where, kind="stable")
+            rows, where = np.asarray(rows)[order], where[order]
+        bounds = np.flatnonzero(where[1:] != where[:-1]) + 1
+        for a, b in zip(np.r_[0, bounds], np.r_[bounds, n]):
+            s = where[a]
+            buf[0] = acc[s]
+            buf[1:b - a + 1] = rows[a:b]
+            np.add.reduce(buf[:b - a + 1], axis=0, out=acc[s])
+    return np.ascontiguousarray(acc.T), nonzero, n_rows
+
+
 def volume_outliers(data: np.ndarray, mask: np.ndarray, gtab: GradientTable,
                     slice_axis: int = 2, rows_index=None) -> dict[int, str]:
     """``{volume: reason}`` of all-zero, dropout and intensity-outlier volumes,
@@ -155,19 +219,22 @@ def volume_outliers(data: np.ndarray, mask: np.ndarray, gtab: GradientTable,
     """
     n_vol = len(gtab)
     out: dict[int, str] = {}
-    values, index = _mask_values(data, mask, rows_index)
+    index = np.flatnonzero(mask.ravel()) if rows_index is None else np.asarray(rows_index)
     n_slices = mask.shape[slice_axis]
     slice_of = np.unravel_index(index, mask.shape)[slice_axis]
     slice_n = np.bincount(slice_of, minlength=n_slices)
     judged = np.flatnonzero(slice_n >= MIN_SLICE_VOXELS)
     means = np.zeros((n_vol, n_slices), dtype=np.float64)
     vol_mean = np.zeros(n_vol, dtype=np.float64)
+    slice_sums, nonzero, n_rows = _slice_sums(
+        _mask_row_chunks(data, mask, rows_index, slice_axis), n_slices, n_vol)
+    if n_rows != index.size:
+        raise RuntimeError(f"QC read {n_rows} mask voxels, expected {index.size}")
     for k in range(n_vol):
-        vol = values(k)
-        if not np.any(vol):
+        if not nonzero[k]:
             out[k] = "all zero"
             continue
-        sums = np.bincount(slice_of, weights=vol.astype(np.float64), minlength=n_slices)
+        sums = slice_sums[k]
         means[k] = sums / np.maximum(slice_n, 1)
         vol_mean[k] = sums.sum() / max(index.size, 1)
     for shell in np.unique(gtab.shell_of):

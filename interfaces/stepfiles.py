@@ -73,10 +73,18 @@ def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None) -> dict:
         idx = np.intersect1d(idx, volumes)
     if idx.size < MIN_B0_FOR_NOISE or not mask.any():
         return {"noise_sigma": float("nan"), "b0_snr": float("nan"), "n_b0_pairs": 0}
-    diffs = np.concatenate([data[..., b][mask] - data[..., a][mask]
-                            for a, b in zip(idx[:-1], idx[1:])])
-    sigma = MAD_TO_SD * float(np.median(np.abs(diffs - np.median(diffs)))) / float(np.sqrt(2.0))
-    mean_b0 = float(io.mean_b0_map(data, gtab, idx)[mask].mean())
+    # each b0's mask voxels gathered once; the medians do not depend on the
+    # order of the differences, and the mean b0 is io.mean_b0_map's (float64,
+    # volume order) on the mask voxels only: the same values as on the grid
+    b0 = [data[..., k][mask] for k in idx]
+    diffs = np.concatenate([b - a for a, b in zip(b0[:-1], b0[1:])])
+    centre = np.median(diffs, overwrite_input=True)      # diffs is ours: partition in place
+    dev = np.abs(diffs - centre, out=diffs)
+    sigma = MAD_TO_SD * float(np.median(dev, overwrite_input=True)) / float(np.sqrt(2.0))
+    acc = np.zeros(b0[0].shape, dtype=np.float64)
+    for values in b0:
+        acc += values
+    mean_b0 = float((acc / idx.size).astype(np.float32).mean())
     return {"noise_sigma": sigma, "b0_snr": mean_b0 / sigma if sigma > 0 else float("inf"),
             "n_b0_pairs": int(idx.size - 1)}
 
