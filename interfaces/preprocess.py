@@ -176,7 +176,8 @@ def _torch_threads(n_threads: int | None):
 def mppca(data: np.ndarray, mask: np.ndarray | None = None,
           patch_radius: int | tuple | None = DEFAULT_PATCH_RADIUS,
           return_sigma: bool = True, stride: int = 1, estimator: str = DEFAULT_ESTIMATOR,
-          outside: str = "zero", n_threads: int | None = None, device=None):
+          outside: str = "zero", n_threads: int | None = None, device=None,
+          on_split=None):
     """Marchenko-Pastur PCA denoising (Veraart et al. 2016) over local patches.
 
     Every patch of (2r+1)^3 voxels is a matrix (n voxels x N volumes),
@@ -223,6 +224,11 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     (last-bit differences between runs); ``n_threads`` sets torch's threads
     when the device is the CPU. ``None`` (default): the LAPACK path.
 
+    ``on_split``: called with each batch's kept-component counts (int64
+    numpy array, one per patch), batch after batch in the patches' order
+    (``_patch_starts``) whatever the thread schedule; for comparing runs
+    (:func:`mppca_compare_paths`).
+
     Returns the denoised series (float32, clipped at 0, ``outside`` the mask
     zero or the input) and, with ``return_sigma``, the noise standard
     deviation map (float32, 0 outside the mask).
@@ -261,7 +267,8 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
 
     if device is not None:
         with _torch_threads(n_threads) as torch:
-            _mppca_device(data, starts, size, estimator, flush, torch.device(device), torch)
+            _mppca_device(data, starts, size, estimator, flush, torch.device(device), torch,
+                          on_split)
         return (out, sigma) if return_sigma else out
 
     r = min(N, n)
@@ -285,15 +292,18 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
                 idx = _patch_index(torch.from_numpy(s), offs, Y, zs, z_lo)
                 # rows of N contiguous floats: a fast gather
                 patches = voxels.index_select(0, idx).view(-1, n, N)
-                est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
-                return (idx, *_weighted(est, var, theta, n, N))
+                splits = [] if on_split is not None else None
+                est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch, splits)
+                return (idx, *_weighted(est, var, theta, n, N)), splits
 
             def add(res, targets=targets):
                 # in the batches' order (map_chunks' reduce): the float sums of
                 # overlapping patches, and so the denoised series, are the same
                 # bytes on every run whatever the thread schedule (Gibbs
                 # removal's shift choice can amplify a last-bit difference)
-                _accumulate(targets, *res)
+                _accumulate(targets, *res[0])
+                for keep in res[1] or ():
+                    on_split(keep)
 
             map_chunks(work, [starts[b:min(j, b + batch)] for b in range(i, j, batch)],
                        n_workers, single_blas=True, reduce=add)
@@ -376,7 +386,8 @@ def _accumulate(targets, idx, est, th, thv) -> None:
     targets[2].index_add_(0, idx, thv)
 
 
-def _mppca_device(data, starts, size, estimator: str, flush, device, torch) -> None:
+def _mppca_device(data, starts, size, estimator: str, flush, device, torch,
+                  on_split=None) -> None:
     """:func:`mppca`'s passes with torch on ``device``: each z-slab of ``data``
     is copied there, its patches are gathered, denoised by
     :func:`_denoise_batch_torch` and scatter-added into the slab's
@@ -398,7 +409,11 @@ def _mppca_device(data, starts, size, estimator: str, flush, device, torch) -> N
         for b in range(0, j - i, batch):
             idx = _patch_index(corners[b:b + batch], offs, Y, zs, z_lo)
             patches = voxels.index_select(0, idx).view(-1, n, N)
-            est, var, theta = _denoise_batch_torch(patches, n, N, estimator, eigh_dtype, torch)
+            splits = [] if on_split is not None else None
+            est, var, theta = _denoise_batch_torch(patches, n, N, estimator, eigh_dtype, torch,
+                                                   splits)
+            for keep in splits or ():
+                on_split(keep)
             _accumulate(targets, idx, *_weighted(est, var, theta, n, N))
         del voxels
     if accs is not None:
@@ -414,19 +429,19 @@ def _gram(A, n: int, N: int):
 
 
 def _reconstruct(A, mean, Vk, theta, n: int, N: int):
-    """theta * (A projected on the columns of Vk (B, r, k), plus the mean)."""
+    """theta * (A projected on the columns of Vk (B, r, k), plus the mean), as
+    one product-and-add: theta is folded into the k x r factor and the mean
+    (1 x N per patch), so the (n, N) result is written once, not three times."""
+    t = theta[:, None, None]
     if N <= n:
-        est = (A @ Vk) @ Vk.transpose(1, 2)
-    else:
-        est = Vk @ (Vk.transpose(1, 2) @ A)
-    est += mean
-    est *= theta[:, None, None]
-    return est
+        return (mean * t).baddbmm(A @ Vk, Vk.transpose(1, 2) * t)
+    return (mean * t).baddbmm(Vk * t, Vk.transpose(1, 2) @ A)
 
 
-def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
+def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch, splits=None):
     """One batch of patches (B, n, N) -> theta-weighted reconstructions,
-    noise variances and weights theta = 1 / (1 + kept components)."""
+    noise variances and weights theta = 1 / (1 + kept components); the kept
+    counts are appended to ``splits`` (a list) when one is given."""
     mean = patches.mean(dim=1, keepdim=True)
     A = patches.sub_(mean)                            # the gathered copy is ours
     q = max(N, n)
@@ -440,6 +455,8 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     Cn = C.numpy()
     d, e, tau, Ln = _lapack_tridiagonal(Cn)
     var, keep = _classify(torch.from_numpy(Ln) / q, n, N, estimator)
+    if splits is not None:
+        splits.append(keep.numpy().copy())
     kmax = int(keep.max()) if keep.numel() else 0
     theta = 1.0 / (1.0 + keep.float())
     if kmax == 0:
@@ -451,7 +468,8 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     return _reconstruct(A, mean, Vk, theta, n, N), var, theta
 
 
-def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, torch):
+def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, torch,
+                         splits=None):
     """:func:`_denoise_batch` with one batched ``torch.linalg.eigh`` (in
     ``eigh_dtype``) on the patches' device instead of per-patch LAPACK."""
     mean = patches.mean(dim=1, keepdim=True)
@@ -459,6 +477,8 @@ def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, to
     q = max(N, n)
     L, V = torch.linalg.eigh(_gram(A, n, N).to(eigh_dtype))      # ascending
     var, keep = _classify(L / q, n, N, estimator)
+    if splits is not None:
+        splits.append(keep.cpu().numpy())
     kmax = int(keep.max()) if keep.numel() else 0
     theta = 1.0 / (1.0 + keep.float())
     if kmax == 0:
@@ -477,28 +497,13 @@ _TOLERANCE_BATCH = 256
 
 def mppca_compare_paths(data, mask, device, **kwargs):
     """Both paths of :func:`mppca` on the same input, each patch's MP split
-    recorded: (ref, sigma_ref) of the LAPACK path, (den, sigma) of the
-    ``device`` path, and per patch (in ``_patch_starts`` order) whether both
-    kept the same number of components, for :func:`mppca_device_tolerance`.
-    The LAPACK path runs on one thread (its batches then come in order); the
-    module's ``_classify`` is swapped for a recording one meanwhile (not for
-    use beside other MP-PCA runs in the same process)."""
-    global _classify
-    real, keeps = _classify, []
-
-    def recording(L, n, N, estimator):
-        var, keep = real(L, n, N, estimator)
-        keeps[-1].append(keep.cpu().numpy())
-        return var, keep
-
-    _classify = recording
-    try:
-        keeps.append([])
-        ref, sigma_ref = mppca(data, mask, n_threads=1, **kwargs)
-        keeps.append([])
-        den, sigma = mppca(data, mask, device=device, **kwargs)
-    finally:
-        _classify = real
+    recorded (its ``on_split`` hook): (ref, sigma_ref) of the LAPACK path,
+    (den, sigma) of the ``device`` path, and per patch (in ``_patch_starts``
+    order) whether both kept the same number of components, for
+    :func:`mppca_device_tolerance`."""
+    keeps = ([], [])
+    ref, sigma_ref = mppca(data, mask, n_threads=1, on_split=keeps[0].append, **kwargs)
+    den, sigma = mppca(data, mask, device=device, on_split=keeps[1].append, **kwargs)
     k_ref, k_dev = (np.concatenate(k) if k else np.zeros(0, np.int64) for k in keeps)
     return ref, sigma_ref, den, sigma, k_ref == k_dev
 
