@@ -204,7 +204,9 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     process may use), each running single-threaded torch: OpenMP teams
     spin-wait badly on a shared, busy machine. Results are scatter-added into
     a rolling z-slab accumulator, so memory is the input, the output and
-    ~2 x ``SLAB_BYTES``.
+    ~2 x ``SLAB_BYTES``. The slab is copied in, and finished planes written
+    out, plane by plane by the same workers (in tiles across a layout change:
+    a Fortran-ordered NIfTI series), not by one thread while the others wait.
     ``stride`` > 1 places patch centres on a lattice of that step (capped at
     r + 1 per axis so every voxel stays covered): stride 2 is ~8x fewer
     eigen-decompositions, each voxel still averaged over >= 8 patches.
