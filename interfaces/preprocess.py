@@ -176,7 +176,8 @@ def _torch_threads(n_threads: int | None):
 def mppca(data: np.ndarray, mask: np.ndarray | None = None,
           patch_radius: int | tuple | None = DEFAULT_PATCH_RADIUS,
           return_sigma: bool = True, stride: int = 1, estimator: str = DEFAULT_ESTIMATOR,
-          outside: str = "zero", n_threads: int | None = None, device=None):
+          outside: str = "zero", n_threads: int | None = None, device=None,
+          on_split=None):
     """Marchenko-Pastur PCA denoising (Veraart et al. 2016) over local patches.
 
     Every patch of (2r+1)^3 voxels is a matrix (n voxels x N volumes),
@@ -203,7 +204,9 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     process may use), each running single-threaded torch: OpenMP teams
     spin-wait badly on a shared, busy machine. Results are scatter-added into
     a rolling z-slab accumulator, so memory is the input, the output and
-    ~2 x ``SLAB_BYTES``.
+    ~2 x ``SLAB_BYTES``. The slab is copied in, and finished planes written
+    out, plane by plane by the same workers (in tiles across a layout change:
+    a Fortran-ordered NIfTI series), not by one thread while the others wait.
     ``stride`` > 1 places patch centres on a lattice of that step (capped at
     r + 1 per axis so every voxel stays covered): stride 2 is ~8x fewer
     eigen-decompositions, each voxel still averaged over >= 8 patches.
@@ -222,6 +225,11 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     any subject. On CUDA the scatter-add's float sums are in no fixed order
     (last-bit differences between runs); ``n_threads`` sets torch's threads
     when the device is the CPU. ``None`` (default): the LAPACK path.
+
+    ``on_split``: called with each batch's kept-component counts (int64
+    numpy array, one per patch), batch after batch in the patches' order
+    (``_patch_starts``) whatever the thread schedule; for comparing runs
+    (:func:`mppca_compare_paths`).
 
     Returns the denoised series (float32, clipped at 0, ``outside`` the mask
     zero or the input) and, with ``return_sigma``, the noise standard
@@ -254,19 +262,20 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     if outside == "keep":
         np.copyto(out, data, casting="same_kind")
     sigma = np.zeros((X, Y, Z), dtype=np.float32) if return_sigma else None
+    n_workers = max(1, int(n_threads or available_threads()))
 
     def flush(parts, z0):
-        _flush(*(p.cpu() for p in parts), z0, out, sigma, data, mask, outside)
+        _flush(*(p.cpu() for p in parts), z0, out, sigma, data, mask, outside, n_workers)
 
     if device is not None:
         with _torch_threads(n_threads) as torch:
-            _mppca_device(data, starts, size, estimator, flush, torch.device(device), torch)
+            _mppca_device(data, starts, size, estimator, flush, torch.device(device), torch,
+                          on_split)
         return (out, sigma) if return_sigma else out
 
     r = min(N, n)
     batch = max(1, BATCH_BYTES // (n * N * 4))
     zs_max = max(int(size[2]) + 1, SLAB_BYTES // max(1, X * Y * N * 4))
-    n_workers = max(1, int(n_threads or available_threads()))
     for name, nargs in _LAPACK_ROUTINES:      # before the workers pin their BLAS threads
         _lapack(name, nargs)
     with _torch_threads(1) as torch:     # one thread per worker: no OpenMP barriers
@@ -274,7 +283,8 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
         for i, j, z_lo, z_hi in _slabs(starts, int(size[2]), zs_max):
             zs = z_hi - z_lo
             # input slab, C-ordered with volumes last (contiguous per voxel)
-            slab = np.ascontiguousarray(data[:, :, z_lo:z_hi, :], dtype=np.float32)
+            slab = np.empty((X, Y, zs, N), dtype=np.float32)
+            _copy_planes(slab, data[:, :, z_lo:z_hi], n_workers)
             accs, acc_lo = _roll(accs, acc_lo, z_lo, (X, Y, zs, N), flush, torch, None)
             offs = _patch_offsets(size, Y, zs, torch, None)
             voxels = torch.from_numpy(slab).view(-1, N)
@@ -284,15 +294,18 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
                 idx = _patch_index(torch.from_numpy(s), offs, Y, zs, z_lo)
                 # rows of N contiguous floats: a fast gather
                 patches = voxels.index_select(0, idx).view(-1, n, N)
-                est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch)
-                return (idx, *_weighted(est, var, theta, n, N))
+                splits = [] if on_split is not None else None
+                est, var, theta = _denoise_batch(patches, n, N, r, estimator, torch, splits)
+                return (idx, *_weighted(est, var, theta, n, N)), splits
 
             def add(res, targets=targets):
                 # in the batches' order (map_chunks' reduce): the float sums of
                 # overlapping patches, and so the denoised series, are the same
                 # bytes on every run whatever the thread schedule (Gibbs
                 # removal's shift choice can amplify a last-bit difference)
-                _accumulate(targets, *res)
+                _accumulate(targets, *res[0])
+                for keep in res[1] or ():
+                    on_split(keep)
 
             map_chunks(work, [starts[b:min(j, b + batch)] for b in range(i, j, batch)],
                        n_workers, single_blas=True, reduce=add)
@@ -309,9 +322,13 @@ def _patch_starts(mask: np.ndarray, pr: np.ndarray, size: np.ndarray, stride: in
     step = np.minimum(max(1, int(stride)), pr + 1)
     centres = _lattice_centres(mask, step)
     starts = np.clip(centres - pr, 0, np.asarray(mask.shape) - size)
-    starts = np.unique(starts, axis=0)
-    order = np.argsort(starts[:, 2], kind="stable")
-    return np.ascontiguousarray(starts[order], dtype=np.int64)
+    # one int64 key per corner, ordered (z, x, y): the unique corners come out
+    # sorted as the passes need them (a row-wise unique was ~10x slower)
+    X, Y, Z = mask.shape
+    key = np.unique((starts[:, 2] * X + starts[:, 0]) * Y + starts[:, 1])
+    zx, y = np.divmod(key, Y)
+    z, x = np.divmod(zx, X)
+    return np.ascontiguousarray(np.stack([x, y, z], axis=1), dtype=np.int64)
 
 
 def _slabs(starts: np.ndarray, size_z: int, zs_max: int):
@@ -371,7 +388,8 @@ def _accumulate(targets, idx, est, th, thv) -> None:
     targets[2].index_add_(0, idx, thv)
 
 
-def _mppca_device(data, starts, size, estimator: str, flush, device, torch) -> None:
+def _mppca_device(data, starts, size, estimator: str, flush, device, torch,
+                  on_split=None) -> None:
     """:func:`mppca`'s passes with torch on ``device``: each z-slab of ``data``
     is copied there, its patches are gathered, denoised by
     :func:`_denoise_batch_torch` and scatter-added into the slab's
@@ -393,7 +411,11 @@ def _mppca_device(data, starts, size, estimator: str, flush, device, torch) -> N
         for b in range(0, j - i, batch):
             idx = _patch_index(corners[b:b + batch], offs, Y, zs, z_lo)
             patches = voxels.index_select(0, idx).view(-1, n, N)
-            est, var, theta = _denoise_batch_torch(patches, n, N, estimator, eigh_dtype, torch)
+            splits = [] if on_split is not None else None
+            est, var, theta = _denoise_batch_torch(patches, n, N, estimator, eigh_dtype, torch,
+                                                   splits)
+            for keep in splits or ():
+                on_split(keep)
             _accumulate(targets, idx, *_weighted(est, var, theta, n, N))
         del voxels
     if accs is not None:
@@ -409,19 +431,19 @@ def _gram(A, n: int, N: int):
 
 
 def _reconstruct(A, mean, Vk, theta, n: int, N: int):
-    """theta * (A projected on the columns of Vk (B, r, k), plus the mean)."""
+    """theta * (A projected on the columns of Vk (B, r, k), plus the mean), as
+    one product-and-add: theta is folded into the k x r factor and the mean
+    (1 x N per patch), so the (n, N) result is written once, not three times."""
+    t = theta[:, None, None]
     if N <= n:
-        est = (A @ Vk) @ Vk.transpose(1, 2)
-    else:
-        est = Vk @ (Vk.transpose(1, 2) @ A)
-    est += mean
-    est *= theta[:, None, None]
-    return est
+        return (mean * t).baddbmm(A @ Vk, Vk.transpose(1, 2) * t)
+    return (mean * t).baddbmm(Vk * t, Vk.transpose(1, 2) @ A)
 
 
-def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
+def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch, splits=None):
     """One batch of patches (B, n, N) -> theta-weighted reconstructions,
-    noise variances and weights theta = 1 / (1 + kept components)."""
+    noise variances and weights theta = 1 / (1 + kept components); the kept
+    counts are appended to ``splits`` (a list) when one is given."""
     mean = patches.mean(dim=1, keepdim=True)
     A = patches.sub_(mean)                            # the gathered copy is ours
     q = max(N, n)
@@ -435,6 +457,8 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     Cn = C.numpy()
     d, e, tau, Ln = _lapack_tridiagonal(Cn)
     var, keep = _classify(torch.from_numpy(Ln) / q, n, N, estimator)
+    if splits is not None:
+        splits.append(keep.numpy().copy())
     kmax = int(keep.max()) if keep.numel() else 0
     theta = 1.0 / (1.0 + keep.float())
     if kmax == 0:
@@ -446,7 +470,8 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch):
     return _reconstruct(A, mean, Vk, theta, n, N), var, theta
 
 
-def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, torch):
+def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, torch,
+                         splits=None):
     """:func:`_denoise_batch` with one batched ``torch.linalg.eigh`` (in
     ``eigh_dtype``) on the patches' device instead of per-patch LAPACK."""
     mean = patches.mean(dim=1, keepdim=True)
@@ -454,6 +479,8 @@ def _denoise_batch_torch(patches, n: int, N: int, estimator: str, eigh_dtype, to
     q = max(N, n)
     L, V = torch.linalg.eigh(_gram(A, n, N).to(eigh_dtype))      # ascending
     var, keep = _classify(L / q, n, N, estimator)
+    if splits is not None:
+        splits.append(keep.cpu().numpy())
     kmax = int(keep.max()) if keep.numel() else 0
     theta = 1.0 / (1.0 + keep.float())
     if kmax == 0:
@@ -472,28 +499,13 @@ _TOLERANCE_BATCH = 256
 
 def mppca_compare_paths(data, mask, device, **kwargs):
     """Both paths of :func:`mppca` on the same input, each patch's MP split
-    recorded: (ref, sigma_ref) of the LAPACK path, (den, sigma) of the
-    ``device`` path, and per patch (in ``_patch_starts`` order) whether both
-    kept the same number of components, for :func:`mppca_device_tolerance`.
-    The LAPACK path runs on one thread (its batches then come in order); the
-    module's ``_classify`` is swapped for a recording one meanwhile (not for
-    use beside other MP-PCA runs in the same process)."""
-    global _classify
-    real, keeps = _classify, []
-
-    def recording(L, n, N, estimator):
-        var, keep = real(L, n, N, estimator)
-        keeps[-1].append(keep.cpu().numpy())
-        return var, keep
-
-    _classify = recording
-    try:
-        keeps.append([])
-        ref, sigma_ref = mppca(data, mask, n_threads=1, **kwargs)
-        keeps.append([])
-        den, sigma = mppca(data, mask, device=device, **kwargs)
-    finally:
-        _classify = real
+    recorded (its ``on_split`` hook): (ref, sigma_ref) of the LAPACK path,
+    (den, sigma) of the ``device`` path, and per patch (in ``_patch_starts``
+    order) whether both kept the same number of components, for
+    :func:`mppca_device_tolerance`."""
+    keeps = ([], [])
+    ref, sigma_ref = mppca(data, mask, n_threads=1, on_split=keeps[0].append, **kwargs)
+    den, sigma = mppca(data, mask, device=device, on_split=keeps[1].append, **kwargs)
     k_ref, k_dev = (np.concatenate(k) if k else np.zeros(0, np.int64) for k in keeps)
     return ref, sigma_ref, den, sigma, k_ref == k_dev
 
@@ -696,29 +708,63 @@ def _lapack_top_vectors(C, d, e, tau, L, keep, kmax: int) -> np.ndarray:
     return Z
 
 
-def _flush(acc, wsum, vsum, z0: int, out, sigma, data, mask, outside: str) -> None:
-    """Write finished planes [z0, z0 + nz) of the accumulators into ``out``."""
+def _flush(acc, wsum, vsum, z0: int, out, sigma, data, mask, outside: str,
+           n_threads: int = 1) -> None:
+    """Write finished planes [z0, z0 + nz) of the accumulators into ``out``,
+    one plane per chunk on ``n_threads`` workers (each value is computed alone:
+    the bytes do not depend on the split)."""
     nz = acc.shape[2]
     if nz == 0:
         return
     import torch
-    w = wsum.clamp_min(1e-30)
-    den = (acc / w[..., None].float()).clamp_min_(0.0).numpy()
-    m = mask[:, :, z0:z0 + nz]
-    covered = (wsum > 0).numpy()
-    if outside == "zero":
-        den[~m] = 0.0
-    else:
-        den[~m] = data[:, :, z0:z0 + nz][~m]
-    # a mask voxel no patch reached (cannot happen with the lattice rule) keeps its input
-    lost = m & ~covered
-    if lost.any():
-        den[lost] = data[:, :, z0:z0 + nz][lost]
-    out[:, :, z0:z0 + nz] = den
-    if sigma is not None:
-        s = torch.sqrt(vsum / w).float().numpy()
-        s[~m] = 0.0
-        sigma[:, :, z0:z0 + nz] = s
+
+    def plane(k):
+        z = z0 + k
+        wk = wsum[:, :, k]
+        w = wk.clamp_min(1e-30)
+        den = (acc[:, :, k] / w[..., None].float()).clamp_min_(0.0).numpy()
+        m = mask[:, :, z]
+        if outside == "zero":
+            den[~m] = 0.0
+        else:
+            den[~m] = data[:, :, z][~m]
+        # a mask voxel no patch reached (cannot happen with the lattice rule) keeps its input
+        lost = m & ~(wk > 0).numpy()
+        if lost.any():
+            den[lost] = data[:, :, z][lost]
+        _copy_tiled(out[:, :, z], den)
+        if sigma is not None:
+            s = torch.sqrt(vsum[:, :, k] / w).float().numpy()
+            s[~m] = 0.0
+            sigma[:, :, z] = s
+
+    map_chunks(plane, range(nz), n_threads, single_blas=True)
+
+
+#: Edge of the tiles in which a 3D block is copied between memory layouts
+#: (C-ordered slab from a Fortran-ordered NIfTI series, and back): numpy's
+#: whole-array copy strides badly through one of the two (0.65 s for the
+#: bench's 0.2 GB series in, 0.73 s out; in tiles of 8 along the
+#: destination's fastest axis 0.18 s and 0.13 s).
+COPY_TILE = 8
+
+
+def _copy_tiled(dst: np.ndarray, src) -> None:
+    """``dst[...] = src`` (same shape, casting as assignment does), in tiles of
+    ``COPY_TILE`` along ``dst``'s fastest axis where ``src``'s differs."""
+    fast = int(np.argmin([abs(st) if n > 1 else np.inf for st, n in zip(dst.strides, dst.shape)]))
+    sfast = int(np.argmin([abs(st) if n > 1 else np.inf for st, n in zip(src.strides, src.shape)]))
+    step = dst.shape[fast] if fast == sfast else COPY_TILE
+    for b in range(0, dst.shape[fast], step):
+        sl = (slice(None),) * fast + (slice(b, b + step),)
+        dst[sl] = src[sl]
+
+
+def _copy_planes(dst: np.ndarray, src, n_threads: int) -> None:
+    """``dst[:, :, k] = src[:, :, k]`` for every plane k of (X, Y, nz, ...)
+    arrays, one plane per chunk on ``n_threads`` workers."""
+    map_chunks(lambda k: _copy_tiled(dst[:, :, k], src[:, :, k]), range(dst.shape[2]),
+               n_threads, single_blas=False)
 
 
 # ----------------------------------------------------------------------------

@@ -237,6 +237,35 @@ def test_mppca_device_path_stays_on_the_device(phantom, monkeypatch):
     assert pp.mppca(data, m, stride=2, return_sigma=False, device="cpu").shape == data.shape
 
 
+def test_mppca_on_split_reports_every_patch_in_order(monkeypatch):
+    """``on_split`` sees each patch's kept-component count once, in
+    ``_patch_starts`` order, whatever the threads and batches: a rank-3
+    signal (3 random maps of SD 50 x 3 orthonormal volume profiles: signal
+    eigenvalues ~27 x 2500 against an MP edge of ~27 x 3.5 for noise SD 1)
+    fills x < 4 and pure noise x >= 5, so every patch inside the first part
+    keeps its 3 signal components (and at most one noise component more: the
+    MP split's own error; measured 3 or 4) and every patch inside the second
+    keeps at most 1 (pure noise keeps 0 in most patches, see the test below).
+    Reporting the counts in the workers' finishing order, or one batch twice,
+    fails this."""
+    rng = np.random.default_rng(3)
+    shape, N = (10, 8, 7), 20
+    maps = rng.normal(0, 50, shape + (3,))
+    maps[5:] = 0
+    profiles = np.linalg.qr(rng.normal(size=(N, 3)))[0].T
+    data = (1000 + maps @ profiles + rng.normal(0, 1, shape + (N,))).astype(np.float32)
+    mask = np.ones(shape, bool)
+    starts = pp._patch_starts(mask, np.ones(3, int), np.full(3, 3), 1)
+    signal, noise = starts[:, 0] + 2 < 4, starts[:, 0] >= 5
+    monkeypatch.setattr(pp, "BATCH_BYTES", 7 * 27 * N * 4)          # 7 patches a batch
+    for n_threads in (1, 2):
+        seen = []
+        pp.mppca(data, mask, patch_radius=1, n_threads=n_threads, on_split=seen.append)
+        keep = np.concatenate(seen)
+        assert keep.shape == (len(starts),)
+        assert np.all((keep[signal] >= 3) & (keep[signal] <= 4)) and np.all(keep[noise] <= 1)
+
+
 def test_mppca_device_path_pure_noise(monkeypatch):
     """Pure Gaussian noise on a constant: patches keep no component (the
     device path's mean-only branch, one patch per batch), within the derived
