@@ -2298,6 +2298,13 @@ def warped_fa(f: SubjectFeatures, t: Transform) -> np.ndarray:
     return t.to_template(masked_fa(f))
 
 
+def own_wm_mask(fa: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A subject's own white matter (the ``own-fa`` evaluation mask): FA >=
+    ``WM_FA_THRESHOLD`` within its brain mask. Moves with the site's noise
+    and voxel size; :func:`template_wm_mask` is the engine's definition."""
+    return np.asarray(mask, dtype=bool) & (np.asarray(fa) >= WM_FA_THRESHOLD)
+
+
 def template_wm_mask(reference_fa: Sequence, template_mask: np.ndarray) -> np.ndarray:
     """The evaluation's white matter in template space, defined once from the
     reference site: the mean of the reference subjects' FA on the template
@@ -2356,9 +2363,7 @@ def summarise_subject(dwi: DWI, lmax: int, *, subject: str = "",
     """
     tf = dti_tensor(dwi) if tensor is None else tensor
     fa, md = tf.fa, tf.md
-    if wm_mask is None:
-        wm_mask = dwi.mask & (fa >= WM_FA_THRESHOLD)
-    wm_mask = np.asarray(wm_mask, dtype=bool)
+    wm_mask = own_wm_mask(fa, dwi.mask) if wm_mask is None else np.asarray(wm_mask, dtype=bool)
     values = summary_values(fa, md, rish_maps(dwi, lmax) if rish is None else rish, wm_mask,
                             lmax, orders=orders, subject=subject)
     return SubjectSummary(subject, fa, dwi.mask.copy(), wm_mask, values)

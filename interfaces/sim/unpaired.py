@@ -447,7 +447,7 @@ def fit_cohort_evaluation(study: Mapping[str, Sequence[Scan]], feats: Mapping[st
     def masks(site, sc, f) -> dict:
         """The scan's white matter by each definition (``f``: its features)."""
         return {H.EVAL_MASK_REFERENCE: H.subject_wm_mask(tpl_wm, transform(site, sc), f.mask),
-                H.EVAL_MASK_OWN: f.mask & (f.fa >= H.WM_FA_THRESHOLD),
+                H.EVAL_MASK_OWN: H.own_wm_mask(f.fa, f.mask),
                 TRUTH_WM_MASK: sc.subject.truth["label"] == phantom.LABELS["wm"]}
 
     def summaries(sc, wms: dict, data=None) -> dict:
