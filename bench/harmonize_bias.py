@@ -120,8 +120,9 @@ def main() -> None:
     ap.add_argument("--reference-snr", type=float, default=U.SITE_A.snr)
     ap.add_argument("--template-eval", action="store_true",
                     help="also evaluate in template space: every held-out scan's maps warped "
-                         "to the template, means over the template's white matter (template "
-                         "FA >= WM_FA_THRESHOLD in the template mask), the same at both sites")
+                         "to the template, means over the engine's template white matter "
+                         "(harmonize.template_wm_mask: the fit's reference subjects' mean FA "
+                         ">= WM_FA_THRESHOLD in the template mask), the same at both sites")
     ap.add_argument("--share-transforms", action="store_true",
                     help="equal grids only: a person's site-B scans use the transform of their "
                          "site-A scan (paired fit and held-out), so registration cannot differ "
@@ -246,7 +247,11 @@ def main() -> None:
                           f"noise-free signal] " + before_after(U.site_rows(s_ref, s_bef, s_aft)),
                           flush=True)
                 if opts.template_eval:
-                    wm = H.template_wm_mask([tpl], art.template_mask)
+                    # the engine's definition: the fit's reference subjects' FA
+                    # through their registrations (not the template image, which
+                    # is not FA for the RISH contrasts)
+                    wm = H.template_wm_mask([H.warped_fa(f, reg[f.subject])
+                                             for f in feats[(d, ref)]], art.template_mask)
                     t_ref = [template_measures(sc, None, t, wm) for sc, t in zip(test[ref], held_ref)]
                     t_bef = [template_measures(sc, None, t, wm) for sc, t in zip(test[tar], held)]
                     t_aft = [template_measures(sc, a, t, wm)
