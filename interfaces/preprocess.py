@@ -197,12 +197,15 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     How it is fast: patches are gathered in batches (rows of N contiguous
     floats) from a C-ordered z-slab copy, the Gram matrix is built on the
     smaller side (N x N or n x n; same nonzero eigenvalues), each is reduced
-    to tridiagonal form once (float32 LAPACK ``ssytrd``), all its eigenvalues
-    come from tridiagonal QR (``ssterf``, the accurate eigenvalues-only
-    solver) and only the kept components' eigenvectors are computed
-    (``sstein`` + ``sormtr``), and the reconstruction uses only those. Batches go to ``n_threads`` workers (default: the cores this
-    process may use), each running single-threaded torch: OpenMP teams
-    spin-wait badly on a shared, busy machine. Results are scatter-added into
+    to tridiagonal form once (float32 LAPACK ``ssytrd``, panels of
+    ``SYTRD_BLOCK``), all its eigenvalues come from tridiagonal QR
+    (``ssterf``, the accurate eigenvalues-only solver: bisection for only
+    the few the MP criterion reads was slower, ``bench/denoise_eigs.py``)
+    and only the kept components' eigenvectors are computed (``sstein`` +
+    ``sormtr``), and the reconstruction uses only those. Batches go to
+    ``n_threads`` workers (default: the cores this process may use), each
+    running single-threaded torch: OpenMP teams spin-wait badly on a shared,
+    busy machine. Results are scatter-added into
     a rolling z-slab accumulator, so memory is the input, the output and
     ~2 x ``SLAB_BYTES``. The slab is copied in, and finished planes written
     out, plane by plane by the same workers (in tiles across a layout change:
@@ -631,6 +634,16 @@ def _lapack(name: str, nargs: int):
 
 _CHARS = {c: np.frombuffer(c.encode(), dtype=np.uint8).copy() for c in "LN"}
 
+#: ``ssytrd``'s block size (it takes lwork / r; LAPACK's ilaenv asks for 32,
+#: with the last 32 columns unblocked either way). On the 96 x 96 Grams of
+#: ``bench/denoise.py`` one patch took 146 us with 8 vs 161 us with 32, 150 at
+#: 12, 146 at 4-6, 155 at 2, 190 unblocked (OpenBLAS 0.3.31, one thread); a
+#: one-worker run of that bench used ~3.5 % less CPU, with two workers on the
+#: 2-core test machine the difference was within the run-to-run spread. Other
+#: blockings round differently: eigenvalues move within the reduction's own
+#: float32 error (~10 eps |C| here; 10 of 147063 bench patches split differently).
+SYTRD_BLOCK = 8
+
 
 def _lapack_tridiagonal(C: np.ndarray):
     """Per symmetric matrix of ``C`` (B, r, r) float32, C-ordered: ``ssytrd``
@@ -644,7 +657,7 @@ def _lapack_tridiagonal(C: np.ndarray):
     d = np.empty((B, r), np.float32)
     e = np.zeros((B, r), np.float32)
     tau = np.zeros((B, r), np.float32)
-    lwork = 64 * r
+    lwork = SYTRD_BLOCK * r
     work = np.empty(lwork, np.float32)
     ints = np.array([r, r, lwork], np.int32)             # n, lda, lwork
     info = np.zeros((2, B), np.int32)                    # per patch: ssytrd, ssterf

@@ -293,6 +293,59 @@ def test_mppca_device_path_pure_noise(monkeypatch):
     assert abs(np.median(s) / sigma - 1) < SIGMA_MEDIAN_TOL
 
 
+@pytest.mark.parametrize("block", [1, 2, 8, 32])
+def test_lapack_tridiagonal_eigenvalues_within_float32_bound(monkeypatch, block):
+    """``_lapack_tridiagonal``'s eigenvalues of a known spectrum (3 signal
+    eigenvalues 1e4 above a noise bulk, as the bench's Grams) lie within the
+    backward-error bound gamma_r |C| of the exact ones, whatever ``ssytrd``'s
+    panel size (1: unblocked; ``SYTRD_BLOCK`` is 8). Measured <= 0.034 of
+    it; a shift of every eigenvalue by the bound fails. Panels change the
+    rounding (so the parameter is in effect: hard-coding the old lwork
+    fails), not more."""
+    rng = np.random.default_rng(5)
+    r, B = 96, 6
+    u = float(np.finfo(np.float32).eps) / 2
+    lam = np.sort(np.concatenate([rng.uniform(0.5, 2.0, (B, r - 3)),
+                                  rng.uniform(5e3, 2e4, (B, 3))], axis=1), axis=1)
+    Q = np.linalg.qr(rng.normal(size=(B, r, r)))[0]
+    C = ((Q * lam[:, None, :]) @ Q.transpose(0, 2, 1)).astype(np.float32)
+    exact = np.linalg.eigvalsh(C.astype(np.float64))        # of the float32 input
+    delta = r * u / (1 - r * u) * np.abs(exact).max(axis=1, keepdims=True)
+    monkeypatch.setattr(pp, "SYTRD_BLOCK", block)
+    L = pp._lapack_tridiagonal(C.copy())[3]
+    assert np.all(np.abs(L - exact) <= delta)
+    monkeypatch.setattr(pp, "SYTRD_BLOCK", 1 if block > 1 else 8)
+    assert not np.array_equal(pp._lapack_tridiagonal(C.copy())[3], L)
+
+
+def test_mppca_split_differs_from_float64_only_where_ambiguous(phantom):
+    """Each patch's MP split (the LAPACK path, ``SYTRD_BLOCK`` panels) is the
+    one float64 eigenvalues give, except where a criterion lies within the
+    float32 eigenvalue bound of its threshold (``mppca_device_tolerance``):
+    no patch flips where the bound says it cannot (measured: none flips, of
+    938). Shifting every eigenvalue in ``_lapack_tridiagonal`` by 20 or 5 x
+    that bound fails the first check (76, 12 unexpected flips); by 2 or 1 x
+    (inside the bound) the second (3.7 %, 2.3 % of the patches flip)."""
+    import torch
+    m = phantom["mask"][:, :, 6:22]
+    data = np.ascontiguousarray(phantom["noisy"][:, :, 6:22])
+    N, pr = data.shape[3], np.full(3, 2)
+    size, n = 2 * pr + 1, 125
+    seen = []
+    ref, sref = pp.mppca(data, m, stride=2, on_split=seen.append)
+    keep = np.concatenate(seen)
+    starts = pp._patch_starts(m, pr, size, 2)
+    P = np.stack([data[x:x + 5, y:y + 5, z:z + 5].reshape(n, N) for x, y, z in starts])
+    A = P.astype(np.float64) - P.mean(axis=1, keepdims=True)
+    L64 = np.linalg.eigvalsh(A.transpose(0, 2, 1) @ A) / max(N, n)
+    keep64 = pp._classify(torch.from_numpy(L64), n, N, "exp2")[1].numpy()
+    same = keep == keep64
+    _, _, _, unexpected = pp.mppca_device_tolerance(data, m, ref, sref, stride=2,
+                                                   same_split=same)
+    assert unexpected == 0
+    assert same.mean() > 0.99                                # measured 1.0 (938 patches)
+
+
 def test_preprocess_is_deterministic_across_threads_and_runs(phantom, monkeypatch):
     """Same input, same bytes: the overlapping patches' sums are added in one
     order whatever the thread schedule. Before, two runs differed in the last
