@@ -285,3 +285,23 @@ def test_one_thread_runs_in_the_calling_thread():
                              lambda i: names.append(threading.current_thread().name),
                              depth=2, n_threads=1)
     assert names == [threading.current_thread().name] * 3
+
+
+@pytest.mark.parametrize("omp, cores, threaded", [("1", 2, False), ("2", 2, True),
+                                                  ("", 1, False), ("", 2, True)])
+def test_thread_flag_is_respected(subject, tmp_path, monkeypatch, omp, cores, threaded):
+    """--omp-nthreads 1 (OMP_NUM_THREADS=1) or one core: the inflate runs in the
+    calling thread; two allowed: in a second one."""
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    names = []
+    real_inflate = codec.inflate
+
+    def recorded(*args, **kwargs):
+        names.append(threading.current_thread().name)
+        return real_inflate(*args, **kwargs)
+
+    monkeypatch.setattr(codec, "inflate", recorded)
+    io.load_dwi_rows(subject["dwi"], subject["bval"], subject["bvec"], subject["mask"],
+                     tmp_path)
+    assert names == ["dmriflow-produce" if threaded else threading.current_thread().name]
