@@ -402,10 +402,11 @@ class RowsRead:
 
 
 #: Decoded volumes waiting between the thread that inflates a DWI and the one
-#: checking and storing them (:func:`load_dwi_rows`). Two absorb the jitter of
-#: either side (a b0 volume's extra copy and sum, a block of compressed bytes
-#: holding more than one volume) at the cost of one volume buffer each
-#: (14.6 MB on an HCP grid); the read holds ``VOLUME_QUEUE_DEPTH + 2`` at most.
+#: checking and storing them (:func:`load_dwi_rows`). Two let either side run
+#: ahead by a volume (a b0 volume's extra copy and sum on one side, one read
+#: block inflating into two volumes on the other) without stalling the other;
+#: each costs one volume buffer (14.6 MB on an HCP grid), and the read holds
+#: ``VOLUME_QUEUE_DEPTH + 2`` buffers at most, so memory stays bounded.
 VOLUME_QUEUE_DEPTH = 2
 
 
@@ -509,9 +510,10 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
                 parallel.produce_consume(inflate, on_volume, VOLUME_QUEUE_DEPTH, threads)
             except codec.CorruptGzipError as exc:
                 raise InputError(dwi_path, f"DWI is not a valid gzip file: {exc}") from None
-            if found["volumes"] < shape[3]:
+            n_read = found["volumes"]
+            if n_read < shape[3]:
                 raise InputError(dwi_path, f"cannot read DWI data, the file is truncated or "
-                                           f"corrupt (the data end in volume {found['volumes']} of "
+                                           f"corrupt (the data end in volume {n_read} of "
                                            f"{shape[3]})")
 
     path = atomic_write(Path(out_dir) / ROWS_NAME, write_rows)
