@@ -9,7 +9,9 @@
   a worker (BLAS threads inside several workers fight);
 * :func:`map_chunks` - the one chunked parallel map (collecting the results,
   or reducing them in order): every loop that spreads
-  chunks of voxels (or volumes, or slabs) over worker threads runs through it.
+  chunks of voxels (or volumes, or slabs) over worker threads runs through it;
+* :func:`produce_consume` - a producer in a second thread handing items to
+  the calling thread in order (a decoder beside the work on what it decodes).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import queue
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -309,3 +312,64 @@ def map_chunks(work: Callable, chunks: Iterable, n_threads: int | None = None,
     if reduce is not None:
         return None
     return [results[k] for k in range(len(results))]
+
+
+class _Stopped(Exception):
+    """Raised by ``emit`` in the producing thread once the consumer has stopped."""
+
+
+def produce_consume(produce: Callable, consume: Callable, depth: int,
+                    n_threads: int | None = None) -> None:
+    """``produce(consume)``, with ``produce`` in a second thread: what it
+    emits reaches ``consume`` here, in order, while it goes on producing.
+
+    Errors come out as in the serial call: an error in ``produce`` is raised
+    here once every item emitted before it has been consumed (an error of
+    ``consume`` among those wins); an error in ``consume`` stops ``produce``
+    at its next emit (``emit`` raises inside it) and is raised once the
+    producing thread has ended. ``emit`` blocks while ``depth`` items wait, so
+    when it returns every item emitted ``depth + 1`` or more before has been
+    consumed: a producer cycling through ``depth + 2`` buffers never
+    overwrites one in use. ``n_threads`` (default :func:`available_threads`)
+    below 2: the serial call, in this thread.
+    """
+    n = available_threads() if n_threads is None else int(n_threads)
+    if n < 2:
+        produce(consume)
+        return
+    waiting: queue.Queue = queue.Queue(max(1, int(depth)))
+    stop = threading.Event()
+
+    def emit(item) -> None:
+        if stop.is_set():
+            raise _Stopped
+        waiting.put((True, item))
+
+    def run() -> None:
+        try:
+            produce(emit)
+        except _Stopped:
+            return
+        except BaseException as exc:    # handed over in order, raised by the consumer
+            waiting.put((False, exc))
+            return
+        waiting.put((False, None))
+
+    producer = threading.Thread(target=run, name="dmriflow-produce", daemon=True)
+    producer.start()
+    try:
+        while True:
+            more, item = waiting.get()
+            if not more:
+                if item is not None:
+                    raise item
+                return
+            consume(item)
+    finally:
+        stop.set()
+        while producer.is_alive():      # unblock its put until it sees the stop
+            try:
+                waiting.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        producer.join()
