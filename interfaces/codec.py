@@ -17,7 +17,6 @@ zlib when it is not installed, with identical results and checks.
 from __future__ import annotations
 
 import hashlib
-import os
 import zlib
 from dataclasses import dataclass
 
