@@ -63,8 +63,11 @@ import numpy as np, nibabel as nib
 tool, cfg, src, mask_path, out = sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:6]
 if tool.startswith("ours"):            # imports (torch ~1 s) before the clock
     import torch
+    from dmriflow.interfaces.parallel import available_threads
     from dmriflow.interfaces.preprocess import degibbs, mppca
+    workers = available_threads()     # what mppca/degibbs use by default
 else:
+    workers = None
     from dipy.denoise.gibbs import gibbs_removal
     from dipy.denoise.localpca import mppca
 data = np.asarray(nib.load(src).get_fdata(dtype=np.float32))
@@ -83,7 +86,7 @@ seconds, cpu = time.perf_counter() - t, time.process_time() - c
 np.save(out + "_den.npy", np.asarray(den, dtype=np.float32))
 if sigma is not None:
     np.save(out + "_sigma.npy", np.asarray(sigma, dtype=np.float32))
-print(json.dumps({"seconds": seconds, "cpu": cpu}))
+print(json.dumps({"seconds": seconds, "cpu": cpu, "workers": workers}))
 """
 
 
@@ -145,7 +148,7 @@ def main(argv=None) -> int:
     py = sys.executable
     one_blas = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
                 "MKL_NUM_THREADS": "1"}
-    rows, res = {}, {}
+    rows, res, workers = {}, {}, {}
     try:
         src = os.path.join(tmp, "dwi.nii")
         msk = os.path.join(tmp, "mask.nii")
@@ -161,6 +164,7 @@ def main(argv=None) -> int:
                                             env)
             got = json.loads(stdout.strip().splitlines()[-1])
             rows[name] = (got["seconds"], wall, peak, got["cpu"])
+            workers[name] = got["workers"]
             secs = got["seconds"]
             den = np.load(out + "_den.npy")
             sig = np.load(out + "_sigma.npy") if os.path.exists(out + "_sigma.npy") else None
@@ -246,6 +250,9 @@ def main(argv=None) -> int:
         print(f"{name:36s} {secs:9.2f} {wall:9.2f} {cpu:7.1f} {peak:8.2f} {q:10.3f} {s:10.3f}  "
               f"{notes.get(name, '')}")
     print("(RMSE ratio: RMSE vs the noise-free block / RMSE of the noisy block, in the mask)")
+    ours_workers = workers.get(ours1, workers.get(ours2))
+    print(f"dmriflow workers: {ours_workers} (OMP_NUM_THREADS / CPU affinity; MRtrix3 gets "
+          f"-nthreads 2{'' if ours_workers == 2 else ': NOT like for like'})")
 
     ref_g = g_rows["dipy gibbs_removal (1 BLAS thread)"][3]
     gm = np.broadcast_to(m[..., None], ref_g.shape)
@@ -287,7 +294,7 @@ def main(argv=None) -> int:
           f"denoise_cpu_ratio_vs_mrtrix={cpu(mr_name) / cpu(ours1):.2f} "
           f"denoise_speedup_vs_dipy_stride2={t(dipy_name) / t(ours2):.2f} "
           f"denoise_speedup_vs_mrtrix_stride2={t(mr_name) / t(ours2):.2f} "
-          f"ours_s={t(ours1):.2f} ours_stride2_s={t(ours2):.2f} ours_veraart_s={t(ver):.2f} "
+          f"ours_workers={ours_workers} ours_s={t(ours1):.2f} ours_stride2_s={t(ours2):.2f} ours_veraart_s={t(ver):.2f} "
           f"dipy_s={t(dipy_name):.2f} mrtrix_s={t(mr_name):.2f} "
           f"ours_peak_gb={pk(ours1):.2f} ours_stride2_peak_gb={pk(ours2):.2f} "
           f"dipy_peak_gb={pk(dipy_name):.2f} mrtrix_peak_gb={pk(mr_name):.2f} "
