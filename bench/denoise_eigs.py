@@ -74,7 +74,7 @@ def partial_keep(W, k, L0, trace, n: int, N: int):
     above = np.zeros(B)
     for j in range(int(k.max())):
         c = m - 1 - j
-        Lc = W[np.arange(B), np.minimum(r - 1 - j, r - 1)]
+        Lc = W[:, r - 1 - j]
         var = (trace - above) / (c + 1)
         gam = (c + 1) / (q - (m - c - 1))
         noise = (j < k) & (keep < 0) & (4 * np.sqrt(gam) * var - (Lc - L0) >= 0)
