@@ -13,10 +13,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from blake3 import blake3
 from pydra.utils.hash import hash_function
 
 from dmriflow.pipelines import file_hashes
 from dmriflow.pipelines.steps import Subject
+
+
+#: BLAKE3's official test vectors (test_vectors/test_vectors.json of the BLAKE3
+#: repository): the derive_key mode's context, and the first 16 bytes of its
+#: output for inputs of 0 and 1025 bytes (a byte pattern 0, 1, ..., 250, 0, 1, ...).
+VECTOR_CONTEXT = "BLAKE3 2019-12-27 16:29:52 test vectors context"
+VECTOR_DERIVE_KEY = {0: "2cc39783c223154fea8dfb7c1b1660f2",
+                     1025: "effaa245f065fbf82ac186839a249707"}
+
+
+def _vector_input(n: int) -> bytes:
+    return bytes(i % 251 for i in range(n))
 
 
 def _subject(folder: Path) -> Subject:
@@ -175,3 +188,69 @@ def test_a_rerun_prunes_the_changed_inputs_entry_and_a_cached_rerun_still_hits(t
                         lambda p: pytest.fail(f"{p} was read again on a cached rerun"))
     third, nodes_cached = run()
     assert third == second and nodes_cached == nodes_after_change
+
+
+@pytest.mark.parametrize("size", sorted(VECTOR_DERIVE_KEY))
+def test_the_digest_is_blake3_key_derivation_of_the_files_bytes(tmp_path, monkeypatch, size):
+    """With the official vectors' context the digest is the official derive_key
+    output (cut to DIGEST_SIZE); with dmriflow's context it is the blake3
+    package's one-shot derive_key digest of the same bytes, and differs from a
+    plain BLAKE3 hash of them."""
+    path = tmp_path / "f"
+    data = _vector_input(size)
+    path.write_bytes(data)
+    ours = file_hashes.content_digest(path)
+    assert ours == blake3(data, derive_key_context=file_hashes.CONTEXT).digest(16)
+    assert len(ours) == file_hashes.DIGEST_SIZE and ours != blake3(data).digest(16)
+    monkeypatch.setattr(file_hashes, "CONTEXT", VECTOR_CONTEXT)
+    assert file_hashes.content_digest(path).hex() == VECTOR_DERIVE_KEY[size]
+
+
+def test_a_large_file_is_hashed_over_the_threads_the_process_may_use(tmp_path, monkeypatch):
+    """A file from THREADED_MIN on (lowered here) is hashed by as many threads as
+    available_threads gives (OMP_NUM_THREADS caps it), a smaller one by one; the
+    digest is the one-thread digest either way."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    data = np.random.default_rng(0).bytes(3 << 20)
+    small.write_bytes(data[:1000])
+    large.write_bytes(data)
+    monkeypatch.setattr(file_hashes, "THREADED_MIN", 1 << 20)
+    asked = []
+
+    def recording(*args, max_threads, **kwargs):
+        asked.append(max_threads)
+        return blake3(*args, max_threads=max_threads, **kwargs)
+    monkeypatch.setattr(file_hashes, "blake3", recording)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    for path in (large, small):
+        assert file_hashes.content_digest(path) == blake3(
+            path.read_bytes(), derive_key_context=file_hashes.CONTEXT).digest(16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    file_hashes.content_digest(large)
+    assert asked == [3, 1, 1]
+
+
+def test_an_earlier_versions_blake2b_entry_is_never_read_and_prune_removes_it(tmp_path,
+                                                                            hashes):
+    """An entry of dmriflow's blake2b digests, under the very name and layout the
+    earlier version gave the same file state, is not returned as the digest:
+    the file is hashed anew; prune removes it (dmriflow's own name pattern) and
+    leaves a file that only shares its prefix."""
+    from hashlib import blake2b
+    path = tmp_path / "f"
+    path.write_bytes(b"content")
+    key = file_hashes.state_key(path)
+    name = blake2b(key, digest_size=20).hexdigest()
+    hashes.mkdir()
+    old_digest = blake2b(b"content", digest_size=16, person=b"dmriflow-file").digest()
+    old = hashes / (file_hashes.OLD_ENTRY_PREFIX + name)
+    old.write_bytes(old_digest + key)
+    users = hashes / (file_hashes.OLD_ENTRY_PREFIX + "notes.txt")
+    users.write_bytes(b"not an entry")
+    digest = file_hashes.file_digest(path)
+    assert digest == file_hashes.content_digest(path) != old_digest
+    assert (hashes / (file_hashes.ENTRY_PREFIX + name)).read_bytes() == digest + key
+    assert file_hashes.prune(hashes) == 1
+    assert not old.exists() and users.exists()
+    assert file_hashes.file_digest(path) == digest
