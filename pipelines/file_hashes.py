@@ -48,7 +48,9 @@ DIGEST_SIZE = 16
 #: use gives the same digest of the same bytes.
 CONTEXT = "dmriflow 2026-12-06 input file content digest v1"
 #: Files from this size on are hashed by several threads (BLAKE3 splits a file
-#: into 1 KiB chunks hashed independently); below it one thread is as fast.
+#: into 1 KiB chunks hashed independently); below it one thread is as fast
+#: (2 cores, best of 30: 4 MiB 0.61 ms on one thread, 0.66 ms on two; 16 MiB
+#: 2.36 ms, 1.40 ms; the 1.64 GB HCP file 0.36 s, 0.30 s, the same CPU time).
 THREADED_MIN = 1 << 24
 #: Bytes of an entry read at most: the digest and a state key (a path of up to
 #: Linux's PATH_MAX and four numbers); a longer one is cut, so never a hit.
