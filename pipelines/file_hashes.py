@@ -18,7 +18,8 @@ state would otherwise be kept for ever.
 
 The digest is BLAKE3 in its key-derivation mode (``derive_key_context``, the
 BLAKE3 specification's way to separate one application's hashes from every
-other use): 1.64 GB hash in 0.33 s on one core against blake2b's 2.1 s.
+other use): the 1.64 GB HCP series hashes in 0.33-0.51 s on one core against
+blake2b's 2.1 s.
 Entries of the earlier blake2b digests (:data:`OLD_ENTRY_PREFIX`) are never
 read as BLAKE3 ones (another name prefix) and are removed by :func:`prune`.
 """
@@ -85,7 +86,13 @@ def _read(entry) -> bytes | None:
 
 def content_digest(path: Path) -> bytes:
     """BLAKE3 digest (key-derivation mode, :data:`CONTEXT`) of a file's bytes,
-    its first DIGEST_SIZE bytes; a large file over the threads this process may use."""
+    its first DIGEST_SIZE bytes; a large file over the threads this process may use.
+
+    The file is memory-mapped (files under 16 KiB are read): 0.38-0.41 s for the
+    1.64 GB HCP series against 0.53-0.60 s through 4 MiB reads. A file
+    truncated by another process while it is mapped ends this process with
+    SIGBUS (a file changed in place gives a digest stored under neither state,
+    see :func:`file_digest`)."""
     threads = available_threads() if os.stat(path).st_size >= THREADED_MIN else 1
     h = blake3(derive_key_context=CONTEXT, max_threads=threads)
     h.update_mmap(path)
