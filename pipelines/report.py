@@ -206,7 +206,7 @@ def file_data_uri(path: Path) -> str:
 def _load_map(path: Path) -> nib.Nifti1Image:
     """A map as a NIfTI image in memory; a ``.nii.gz`` is inflated by
     :func:`codec.inflate` (ISA-L where installed, every gzip trailer checked):
-    nibabel's reader inflates through Python's gzip, about 2x the time."""
+    nibabel's reader inflates through Python's gzip (HCP map: 62 ms instead of 37)."""
     if not codec.is_gzip(path):
         return nib.load(path)
     raw = bytearray()
@@ -231,7 +231,7 @@ def _centre(fa: np.ndarray) -> tuple[int, int, int]:
 
     The mean voxel index per axis, from the counts of the region's voxels per
     index along that axis (exact integer sums, so the same float as the mean of
-    ``np.argwhere``, without listing the voxels: 30x faster at HCP size)."""
+    ``np.argwhere``, without listing the voxels: 7 ms instead of 35 at HCP size)."""
     inside = fa > 0
     n = int(np.count_nonzero(inside))
     if n == 0:
