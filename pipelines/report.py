@@ -210,7 +210,10 @@ def _load_map(path: Path) -> nib.Nifti1Image:
     if not codec.is_gzip(path):
         return nib.load(path)
     raw = bytearray()
-    codec.inflate(path, raw.extend)
+    try:
+        codec.inflate(path, raw.extend)
+    except codec.CorruptGzipError as exc:       # say which map (the run logs it)
+        raise codec.CorruptGzipError(f"{Path(path).name}: {exc}") from None
     return nib.Nifti1Image.from_bytes(raw)
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dmriflow.interfaces import codec
 from dmriflow.interfaces.sim.phantom import SiteEffect, hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
 from dmriflow.pipelines.report import (REPORT_FILE, _axial, _canonical, _centre, _coronal,
@@ -299,6 +300,18 @@ def test_maps_read_as_nibabel_reads_them(tmp_path, name):
         got, perm = _canonical(path)
         assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
         assert perm.tolist() == [0, 2, 1]
+
+
+def test_a_map_with_a_wrong_gzip_checksum_is_named(tmp_path):
+    """A flipped bit in a map's gzip CRC (nibabel stops once it has the voxels and
+    never checks it) stops the read with the map's name, not a picture of damaged data."""
+    path = tmp_path / "sub-1_model-tensor_param-fa_dwimap.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((3, 4, 5), np.float32), np.eye(4)), path)
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 1                                     # the trailer's CRC32
+    path.write_bytes(raw)
+    with pytest.raises(codec.CorruptGzipError, match=f"^{path.name}: .*checksum"):
+        _canonical(path)
 
 
 def test_harmonization_fit_report(tmp_path):
