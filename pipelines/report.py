@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from dmriflow.interfaces import __version__, io
+from dmriflow.interfaces import __version__, codec, io, parallel
 from dmriflow.interfaces.bids_names import parse_name, shell_of
 from dmriflow.interfaces.harmonize import ARTEFACT_JSON
 from dmriflow.interfaces.steps import rish
@@ -203,33 +203,57 @@ def file_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
+def _load_map(path: Path) -> nib.Nifti1Image:
+    """A map as a NIfTI image in memory; a ``.nii.gz`` is inflated by
+    :func:`codec.inflate` (ISA-L where installed, every gzip trailer checked):
+    nibabel's reader inflates through Python's gzip (HCP map: 62 ms instead of 37)."""
+    if not codec.is_gzip(path):
+        return nib.load(path)
+    raw = bytearray()
+    try:
+        codec.inflate(path, raw.extend)
+    except codec.CorruptGzipError as exc:       # say which map (the run logs it)
+        raise codec.CorruptGzipError(f"{Path(path).name}: {exc}") from None
+    return nib.Nifti1Image.from_bytes(raw)
+
+
 def _canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A map reoriented to RAS voxel axes, and the axis permutation applied.
 
     ``perm[i]`` is the RAS axis that the file's voxel axis ``i`` became, so
     vector components can follow (signs do not matter for |V1|).
     """
-    img = nib.load(path)
+    img = _load_map(path)
     ornt = nib.orientations.io_orientation(img.affine)
     data = np.asarray(nib.as_closest_canonical(img).dataobj, dtype=np.float32)
     return data, ornt[:, 0].astype(int)
 
 
 def _centre(fa: np.ndarray) -> tuple[int, int, int]:
-    """Voxel through which the mid-slices are cut: the centre of the FA > 0 region."""
-    idx = np.argwhere(fa > 0)
-    if idx.size == 0:
+    """Voxel through which the mid-slices are cut: the centre of the FA > 0 region.
+
+    The mean voxel index per axis, from the counts of the region's voxels per
+    index along that axis (exact integer sums, so the same float as the mean of
+    ``np.argwhere``, without listing the voxels: 7 ms instead of 35 at HCP size)."""
+    inside = fa > 0
+    n = int(np.count_nonzero(inside))
+    if n == 0:
         return tuple(s // 2 for s in fa.shape[:3])
-    return tuple(int(round(v)) for v in idx.mean(axis=0))
+    centre = []
+    for axis in range(3):
+        counts = inside.sum(axis=tuple(a for a in range(inside.ndim) if a != axis))
+        centre.append(int(round(int(counts @ np.arange(counts.size)) / n)))
+    return tuple(centre)
 
 
 def colour_fa(fa: np.ndarray, v1: np.ndarray, perm: np.ndarray) -> np.ndarray:
-    """RGB = |V1| x FA (red: left-right, green: anterior-posterior, blue: inferior-superior).
+    """RGB = |V1| x FA (red: left-right, green: anterior-posterior, blue: inferior-superior),
+    of a volume or of a slice (``fa``'s shape, vectors along ``v1``'s last axis).
 
     ``v1`` components are along the file's voxel axes; ``perm`` maps them to
     the RAS axes of the reoriented volume.
     """
-    rgb = np.empty(v1.shape[:3] + (3,), dtype=np.float32)
+    rgb = np.empty(v1.shape[:-1] + (3,), dtype=np.float32)
     for i, axis in enumerate(perm):
         rgb[..., axis] = np.abs(v1[..., i])
     rgb *= np.clip(np.nan_to_num(fa), 0, 1)[..., None]
@@ -276,11 +300,18 @@ def subject_panels(maps: SubjectMaps) -> list[tuple[str, str]]:
     cx, cy, cz = _centre(fa)
     panels = [("FA axial", slice_png(_axial(fa, cz)))]
     if maps.v1 is not None:
-        v1, perm = _canonical(maps.v1)
-        rgb = colour_fa(fa, v1, perm)
-        panels += [("colour FA axial", slice_png(_axial(rgb, cz), None)),
-                   ("colour FA coronal", slice_png(_coronal(rgb, cy), None))]
+        v1, perm = _canonical(maps.v1)     # colour only the two slices drawn
+        panels += [("colour FA axial",
+                    slice_png(colour_fa(_axial(fa, cz), _axial(v1, cz), perm), None)),
+                   ("colour FA coronal",
+                    slice_png(colour_fa(_coronal(fa, cy), _coronal(v1, cy), perm), None))]
     return panels
+
+
+def _rish_slice(path: Path) -> np.ndarray:
+    """The axial mid-slice of a RISH map (a copy: the volume is not kept)."""
+    vol, _ = _canonical(path)
+    return _axial(vol, _centre(vol)[2]).copy()
 
 
 def rish_panels(shell: float, subjects: list[SubjectMaps]) -> tuple[list[int], list]:
@@ -288,12 +319,11 @@ def rish_panels(shell: float, subjects: list[SubjectMaps]) -> tuple[list[int], l
     shell's RISH maps (one colour scale per order, shared by the subjects)."""
     rows = [m for m in subjects if any(b == shell for b, _ in m.rish)][:MAX_RISH_SUBJECTS]
     orders = sorted({o for m in rows for b, o in m.rish if b == shell})
-    slices = {}
-    for m in rows:
-        for o in orders:
-            if (shell, o) in m.rish:
-                vol, _ = _canonical(m.rish[(shell, o)])
-                slices[(m.subject, o)] = _axial(vol, _centre(vol)[2])
+    drawn = [(m.subject, o, m.rish[(shell, o)]) for m in rows for o in orders
+             if (shell, o) in m.rish]
+    slices = dict(zip([(subj, o) for subj, o, _ in drawn],
+                      parallel.map_chunks(_rish_slice, [p for _, _, p in drawn],
+                                          single_blas=False)))
     vmax = {o: max([float(np.percentile(s[s > 0], DISPLAY_PERCENTILE))
                     for (_, oo), s in slices.items() if oo == o and (s > 0).any()] or [1.0])
             for o in orders}
@@ -504,9 +534,11 @@ def qc_section(table: pd.DataFrame, previous: dict | None = None) -> str:
 def maps_section(maps: dict[str, SubjectMaps], order: list[str]) -> str:
     drawn = [maps[s] for s in order if s in maps and maps[s].fa is not None]
     figs = []
-    for m in drawn[:MAX_SUBJECT_PANELS]:
+    shown = drawn[:MAX_SUBJECT_PANELS]
+    # subjects read and drawn on worker threads (inflating, numpy and PNG release the GIL)
+    for m, panels in zip(shown, parallel.map_chunks(subject_panels, shown, single_blas=False)):
         imgs = "".join(f'<img src="{uri}" alt="{_e(label)} of {_e(m.subject)}" '
-                       f'title="{_e(label)}">' for label, uri in subject_panels(m))
+                       f'title="{_e(label)}">' for label, uri in panels)
         figs.append(f"<figure>{imgs}<figcaption>{_e(m.subject)}</figcaption></figure>")
     if not figs:
         return ""

@@ -22,9 +22,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from dmriflow.interfaces import codec
 from dmriflow.interfaces.sim.phantom import SiteEffect, hcp_scheme, write_cohort
 from dmriflow.pipelines import cli
-from dmriflow.pipelines.report import REPORT_FILE, _canonical, colour_fa, qc_flags, qc_section
+from dmriflow.pipelines.report import (REPORT_FILE, _axial, _canonical, _centre, _coronal,
+                                       colour_fa, qc_flags, qc_section)
 
 SHAPE = (18, 22, 16)
 N_SUBJECTS = 3
@@ -248,6 +250,68 @@ def test_colour_fa_follows_the_anatomical_axes(tmp_path):
     np.testing.assert_allclose(rgb[:, :, 0], np.broadcast_to([0, 0, 0.8], (5, 6, 3)))
     np.testing.assert_allclose(rgb[:, :, 1], np.broadcast_to([0.8, 0, 0], (5, 6, 3)))
     np.testing.assert_allclose(rgb[:, :, 3], np.broadcast_to([0, 0.8, 0], (5, 6, 3)))
+
+
+def test_centre_is_the_mean_voxel_of_the_region():
+    """The cut voxel: the rounded mean index of the FA > 0 voxels (NaN and 0 outside),
+    as ``np.argwhere`` lists them; a half rounds to even."""
+    fa = np.zeros((7, 9, 5), np.float32)
+    fa[2:5, 1:8, 3] = 0.5                            # box: centre (3, 4, 3)
+    assert _centre(fa) == (3, 4, 3)
+    fa[:] = np.nan
+    fa[0:2, 4, 1:5] = 0.2                            # means 0.5, 4, 2.5 -> 0, 4, 2
+    assert _centre(fa) == (0, 4, 2)
+    assert _centre(np.zeros((6, 4, 3))) == (3, 2, 1)
+    rng = np.random.default_rng(3)
+    for shape in ((11, 13, 7), (1, 5, 9), (20, 3, 16)):
+        vol = np.where(rng.random(shape) < 0.3, rng.random(shape), -rng.random(shape))
+        listed = np.argwhere(vol > 0).mean(axis=0)
+        assert _centre(vol) == tuple(int(round(v)) for v in listed)
+
+
+def test_colour_fa_of_a_slice_is_the_slice_of_the_volume():
+    """The report colours only the slices it draws: the same numbers, to the bit,
+    as the slices of the coloured volume (NaN, FA above 1, any permutation)."""
+    rng = np.random.default_rng(4)
+    fa = rng.uniform(-0.2, 1.3, (6, 7, 5)).astype(np.float32)
+    fa[1, 2, 3] = np.nan
+    v1 = rng.normal(size=(6, 7, 5, 3)).astype(np.float32)
+    v1[4, 4, 4, 1] = np.nan
+    perm = np.array([2, 0, 1])
+    volume = colour_fa(fa, v1, perm)
+    for cut, k in ((_axial, 3), (_coronal, 2), (_axial, 0)):
+        sliced = colour_fa(cut(fa, k), cut(v1, k), perm)
+        assert sliced.shape == cut(volume, k).shape
+        assert sliced.tobytes() == cut(volume, k).tobytes()
+
+
+@pytest.mark.parametrize("name", ["map.nii.gz", "map.nii"])
+def test_maps_read_as_nibabel_reads_them(tmp_path, name):
+    """A map read by the report (a .nii.gz inflated by the codec) is nibabel's array
+    reoriented to RAS, to the bit; a scaled file keeps its scaling."""
+    affine = np.array([[-2.0, 0, 0, 9], [0, 0, 2.0, -3], [0, 2.5, 0, 1], [0, 0, 0, 1]])
+    data = np.random.default_rng(5).normal(size=(5, 6, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / name)
+    scaled = nib.Nifti1Image(np.arange(120, dtype=np.int16).reshape(5, 6, 4), affine)
+    scaled.header.set_slope_inter(0.5, 2.0)
+    nib.save(scaled, tmp_path / ("s" + name))
+    for path in (tmp_path / name, tmp_path / ("s" + name)):
+        want = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj, dtype=np.float32)
+        got, perm = _canonical(path)
+        assert got.dtype == np.float32 and got.tobytes() == want.tobytes()
+        assert perm.tolist() == [0, 2, 1]
+
+
+def test_a_map_with_a_wrong_gzip_checksum_is_named(tmp_path):
+    """A flipped bit in a map's gzip CRC (nibabel stops once it has the voxels and
+    never checks it) stops the read with the map's name, not a picture of damaged data."""
+    path = tmp_path / "sub-1_model-tensor_param-fa_dwimap.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((3, 4, 5), np.float32), np.eye(4)), path)
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 1                                     # the trailer's CRC32
+    path.write_bytes(raw)
+    with pytest.raises(codec.CorruptGzipError, match=f"^{path.name}: .*checksum"):
+        _canonical(path)
 
 
 def test_harmonization_fit_report(tmp_path):
