@@ -138,11 +138,30 @@ def test_write_raising_stops_the_read_and_closes_the_file(tmp_path, name, error)
         if len(calls) == 2:
             raise error("enough")
 
-    with pytest.raises(error, match="enough"):
+    with pytest.raises(error, match="enough") as info:   # its traceback keeps inflate's frame
         codec.inflate(src, write, name, block=65536)
-    assert calls == [65536, 65536]
+    assert calls == [65536, 65536] and info.value.__traceback__ is not None
     open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
     assert str(src.resolve()) not in open_files
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_disk_error_is_not_called_corrupt_data(tmp_path, monkeypatch, name):
+    """An OSError of the disk passes through as it is (gzip.BadGzipFile, what
+    the readers raise on a bad header or trailer, is an OSError too)."""
+    src = tmp_path / "x.gz"
+    src.write_bytes(gzip.compress(np.random.default_rng(2).bytes(3_000_000), 1))
+    real = codec._HashingReader.readinto
+
+    def failing(self, b):
+        if self.n:
+            raise OSError(5, "Input/output error")
+        return real(self, b)
+
+    monkeypatch.setattr(codec._HashingReader, "readinto", failing)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        codec.inflate(src, lambda b: None, name, read_block=65536)
+    assert type(info.value) is OSError
 
 
 def damaged(damage: str) -> bytes:
