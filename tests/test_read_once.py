@@ -120,6 +120,28 @@ def test_isal_is_the_default_codec():
     assert codec.DEFAULT_CODEC == "isal"   # the lock installs it; zlib is the fallback
 
 
+def test_without_isal_zlib_reads_and_writes(tmp_path):
+    """Where isal is not installed (imports blocked in a fresh interpreter) the
+    codec is zlib: the same bytes and sha256, and the gzip writer works."""
+    import subprocess
+    import sys
+    payload = np.random.default_rng(4).integers(0, 30, 600_000, dtype=np.uint8).tobytes()
+    src = tmp_path / "x.gz"
+    src.write_bytes(gzip.compress(payload[:200_000]) + gzip.compress(payload[200_000:]))
+    script = ("import sys; sys.modules['isal'] = None\n"
+              "from dmriflow.interfaces import codec\n"
+              "got = codec.decompress_and_hash(sys.argv[1], sys.argv[2])\n"
+              "with codec.gzip_writer(sys.argv[3]) as fh:\n"
+              "    fh.write(open(sys.argv[2], 'rb').read())\n"
+              "print(sorted(codec.CODECS), got.codec, got.sha256, got.raw_bytes)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "x"),
+                          str(tmp_path / "y.gz")], capture_output=True, text=True, check=True)
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert out.stdout.split() == ["['zlib']", "zlib", sha, str(len(payload))]
+    assert (tmp_path / "x").read_bytes() == payload
+    assert gzip.decompress((tmp_path / "y.gz").read_bytes()) == payload
+
+
 class Stop(Exception):
     pass
 
