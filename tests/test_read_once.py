@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import zlib
 from pathlib import Path
 
@@ -75,19 +76,43 @@ def test_decompress_and_hash_matches_gzip_and_sha256(tmp_path, name):
     got = codec.decompress_and_hash(src, dst, name, block=65536)
     assert dst.read_bytes() == payload
     assert got.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
-    assert (got.members, got.raw_bytes, got.compressed_bytes) == (2, len(payload),
-                                                                  src.stat().st_size)
+    assert (got.raw_bytes, got.compressed_bytes) == (len(payload), src.stat().st_size)
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("members", [1, 5])
+def test_inflate_gives_gzips_bytes_from_one_reused_block(tmp_path, name, members):
+    """The bytes of gzip.decompress, in order, each ``write`` handed a view of
+    the same buffer (no new bytes per piece) holding at most ``block`` bytes;
+    a block size that divides neither the members nor the file."""
+    rng = np.random.default_rng(members)
+    payload = rng.integers(0, 40, 2_500_000, dtype=np.uint8).tobytes()
+    cuts = np.linspace(0, len(payload), members + 1).astype(int)
+    src = tmp_path / "x.gz"
+    src.write_bytes(b"".join(gzip.compress(payload[a:b], 6) for a, b in zip(cuts[:-1], cuts[1:])))
+    assert gzip.decompress(src.read_bytes()) == payload
+    block, pieces, owners = 100_003, [], []
+
+    def write(view):
+        owners.append(view.obj)          # kept alive: a fresh buffer each time has a new id
+        assert len(view) <= block
+        pieces.append(bytes(view))
+
+    got = codec.inflate(src, write, name, block=block)
+    assert b"".join(pieces) == payload and got.raw_bytes == len(payload)
+    assert len({id(o) for o in owners}) == 1 and len(owners[0]) == block
+    assert len(pieces) >= len(payload) // block
 
 
 @pytest.mark.parametrize("name", CODECS)
 def test_highly_compressible_stream_in_bounded_pieces(tmp_path, name):
     """Zeros inflate ~1000-fold: the output comes in pieces of at most OUT_BLOCK
     and nothing is lost at the end of the file."""
-    payload = bytes(3 * codec.OUT_BLOCK + 12345)
+    payload = bytes(40 * codec.OUT_BLOCK + 12345)
     src = tmp_path / "zeros.gz"
     src.write_bytes(gzip.compress(payload, 9))
     sizes = []
-    got = codec.inflate(src, lambda b: sizes.append(len(b)), name, block=1 << 20)
+    got = codec.inflate(src, lambda b: sizes.append(len(b)), name)
     assert sum(sizes) == got.raw_bytes == len(payload) and max(sizes) <= codec.OUT_BLOCK
 
 
@@ -95,9 +120,74 @@ def test_isal_is_the_default_codec():
     assert codec.DEFAULT_CODEC == "isal"   # the lock installs it; zlib is the fallback
 
 
+def test_without_isal_zlib_reads_and_writes(tmp_path):
+    """Where isal is not installed (imports blocked in a fresh interpreter) the
+    codec is zlib: the same bytes and sha256, and the gzip writer works."""
+    import subprocess
+    import sys
+    payload = np.random.default_rng(4).integers(0, 30, 600_000, dtype=np.uint8).tobytes()
+    src = tmp_path / "x.gz"
+    src.write_bytes(gzip.compress(payload[:200_000]) + gzip.compress(payload[200_000:]))
+    script = ("import sys; sys.modules['isal'] = None\n"
+              "from dmriflow.interfaces import codec\n"
+              "got = codec.decompress_and_hash(sys.argv[1], sys.argv[2])\n"
+              "with codec.gzip_writer(sys.argv[3]) as fh:\n"
+              "    fh.write(open(sys.argv[2], 'rb').read())\n"
+              "print(sorted(codec.CODECS), got.codec, got.sha256, got.raw_bytes)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "x"),
+                          str(tmp_path / "y.gz")], capture_output=True, text=True, check=True)
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert out.stdout.split() == ["['zlib']", "zlib", sha, str(len(payload))]
+    assert (tmp_path / "x").read_bytes() == payload
+    assert gzip.decompress((tmp_path / "y.gz").read_bytes()) == payload
+
+
+class Stop(Exception):
+    pass
+
+
 @pytest.mark.parametrize("name", CODECS)
-@pytest.mark.parametrize("damage", ["crc", "length", "data", "truncated", "garbage"])
-def test_corrupt_streams_are_refused(tmp_path, name, damage):
+@pytest.mark.parametrize("error", [Stop, EOFError])
+def test_write_raising_stops_the_read_and_closes_the_file(tmp_path, name, error):
+    """``write`` raising stops the read at once: its own exception (an
+    EOFError too, not taken for a truncated stream), the input closed."""
+    src = tmp_path / "x.gz"
+    src.write_bytes(gzip.compress(np.random.default_rng(1).bytes(3_000_000), 1))
+    calls = []
+
+    def write(view):
+        calls.append(len(view))
+        if len(calls) == 2:
+            raise error("enough")
+
+    with pytest.raises(error, match="enough") as info:   # its traceback keeps inflate's frame
+        codec.inflate(src, write, name, block=65536)
+    assert calls == [65536, 65536] and info.value.__traceback__ is not None
+    open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+    assert str(src.resolve()) not in open_files
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_disk_error_is_not_called_corrupt_data(tmp_path, monkeypatch, name):
+    """An OSError of the disk passes through as it is (gzip.BadGzipFile, what
+    the readers raise on a bad header or trailer, is an OSError too)."""
+    src = tmp_path / "x.gz"
+    src.write_bytes(gzip.compress(np.random.default_rng(2).bytes(3_000_000), 1))
+    real = codec._HashingReader.readinto
+
+    def failing(self, b):
+        if self.n:
+            raise OSError(5, "Input/output error")
+        return real(self, b)
+
+    monkeypatch.setattr(codec._HashingReader, "readinto", failing)
+    with pytest.raises(OSError, match="Input/output error") as info:
+        codec.inflate(src, lambda b: None, name, read_block=65536)
+    assert type(info.value) is OSError
+
+
+def damaged(damage: str) -> bytes:
+    """A gzip file of 1 MB (stored blocks) damaged as named."""
     payload = bytes(range(256)) * 4000
     comp = bytearray(gzip.compress(payload, compresslevel=0))
     if damage == "crc":
@@ -106,17 +196,57 @@ def test_corrupt_streams_are_refused(tmp_path, name, damage):
         comp[-2] ^= 0x01
     elif damage == "data":
         comp[5000] ^= 0x04          # a stored block's payload byte: only the CRC tells
+    elif damage == "deflate":       # a compressed member whose Huffman table is broken
+        comp = bytearray(gzip.compress(payload, 6))
+        comp[40] ^= 0xFF
     elif damage == "truncated":
         comp = comp[:-20]
-    else:
+    elif damage == "trailer_cut":
+        comp = comp[:-3]
+    elif damage == "header_cut":
+        comp = comp[:5]
+    elif damage == "garbage":
         comp += b"junk after the member"
+    elif damage == "padding_then_garbage":
+        comp += b"\0" * 5 + b"junk after the padding"
+    elif damage == "stray_bytes":   # fewer than a gzip header's 10 bytes
+        comp += b"\0" * 5 + b"junk"
+    elif damage == "second_member_cut":
+        comp += gzip.compress(payload, 6)[:-100]
+    elif damage == "not_gzip":
+        comp = bytearray(b"plain text, no gzip header at all")
+    elif damage == "zeros":
+        comp = bytearray(1000)
+    elif damage == "empty":
+        comp = bytearray()
+    return bytes(comp)
+
+
+#: damage -> the words of the refusal
+DAMAGE_WORDS = {"crc": "CRC32/length check failed", "data": "CRC32/length check failed",
+                "length": "CRC32/length check failed", "deflate": "corrupt deflate data",
+                "truncated": "the gzip stream is truncated",
+                "trailer_cut": "the gzip stream is truncated",
+                "header_cut": "the gzip stream is truncated",
+                "second_member_cut": "the gzip stream is truncated",
+                "garbage": "corrupt deflate data", "padding_then_garbage": "corrupt deflate data",
+                "not_gzip": "corrupt deflate data", "zeros": "corrupt deflate data",
+                "empty": "the file is empty",
+                # ISA-L's reader wants a whole header (10 bytes) before it checks
+                # the magic: a short tail reads as a member cut short
+                "stray_bytes": {"isal": "the gzip stream is truncated",
+                                "zlib": "corrupt deflate data"}}
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("damage", sorted(DAMAGE_WORDS))
+def test_corrupt_streams_are_refused(tmp_path, name, damage):
     src = tmp_path / "bad.gz"
-    src.write_bytes(bytes(comp))
+    src.write_bytes(damaged(damage))
     with pytest.raises(codec.CorruptGzipError) as info:
         codec.decompress_and_hash(src, tmp_path / "out", name)
-    words = {"crc": "check failed", "data": "check failed", "length": "check failed",
-             "truncated": "truncated", "garbage": "corrupt deflate data"}
-    assert words[damage] in str(info.value)
+    words = DAMAGE_WORDS[damage]
+    assert (words if isinstance(words, str) else words[name]) in str(info.value)
 
 
 # ----------------------------------------------------------------------------

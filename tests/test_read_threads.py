@@ -21,8 +21,10 @@ from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.sim.phantom import hcp_scheme, write_cohort
 
 SHAPE = (14, 16, 10)
-#: Compressed bytes per read in the fault tests: smaller than one stored volume
-#: (8960 bytes), so every volume is handed on before the next read starts.
+#: Inflated bytes per hand-over and compressed bytes per read in the fault
+#: tests (``codec.inflate``'s block and read_block): smaller than one stored
+#: volume (8960 bytes), so every volume before a fault is handed on before
+#: the reader reaches it (ISA-L's reader inflates ahead within a read).
 SMALL_BLOCK = 4096
 #: Volume with a NaN in the fault tests, and the voxel.
 NAN_VOLUME, NAN_AT = 7, (3, 4, 5)
@@ -78,7 +80,7 @@ def stored_gzip(header: bytes, vols: list[bytes]) -> tuple[bytearray, list[int]]
 
 
 def read_rows(files, dwi, out_dir, threads, monkeypatch, block=None):
-    """load_dwi_rows with ``threads`` threads (and reads of ``block`` bytes):
+    """load_dwi_rows with ``threads`` threads (and ``block`` bytes per hand-over):
     (what came out, or the InputError's text)."""
     monkeypatch.setattr(parallel, "available_threads", lambda: threads)
     if threads > 1:     # a slow consumer: the inflate runs ahead, to the next fault
@@ -86,7 +88,8 @@ def read_rows(files, dwi, out_dir, threads, monkeypatch, block=None):
         monkeypatch.setattr(io, "_check_finite_volume",
                             lambda *a: (time.sleep(CONSUMER_DELAY_S), check(*a)))
     if block is not None:
-        monkeypatch.setattr(codec, "inflate", functools.partial(codec.inflate, block=block))
+        monkeypatch.setattr(codec, "inflate", functools.partial(codec.inflate, block=block,
+                                                               read_block=block))
     try:
         data, read = io.load_dwi_rows(dwi, files["bval"], files["bvec"], files["mask"], out_dir)
     except InputError as exc:
@@ -154,7 +157,7 @@ FAULTS = {
     "nan_in_last_volume": (N_VOLUMES - 1, ("none",), "nan"),
 }
 WORDS = {"nan": "NaN/Inf voxel(s) in volume {k}, first at (3, 4, 5)",
-         "corrupt": "DWI is not a valid gzip file: corrupt deflate data in gzip member 1",
+         "corrupt": "DWI is not a valid gzip file: corrupt deflate data (",
          "truncated": "DWI is not a valid gzip file: the gzip stream is truncated"}
 
 
@@ -192,7 +195,7 @@ def test_nan_stops_the_inflate_and_closes_the_file(subject, tmp_path, monkeypatc
 
     def counted(src, write, *args, **kwargs):
         return real_inflate(src, lambda b: (written.append(len(b)), write(b)), *args,
-                            block=SMALL_BLOCK, **kwargs)
+                            block=SMALL_BLOCK, read_block=SMALL_BLOCK, **kwargs)
 
     monkeypatch.setattr(codec, "inflate", counted)
     monkeypatch.setattr(parallel, "available_threads", lambda: 2)
