@@ -393,17 +393,15 @@ def rows_readable(img: nib.Nifti1Image) -> bool:
 
 @dataclass
 class RowsRead:
-    """What :func:`load_dwi_rows` read besides the series: for the census and QC."""
+    """What :func:`load_dwi_rows` found besides the series: the input's hash and codec."""
 
     sha256: str              # of the input file as given
     codec: str
-    b0: np.ndarray           # (X, Y, Z, n_b0) float32: the b0 volumes, for the noise QC
-    b0_gtab: GradientTable
 
 
 #: Decoded volumes waiting between the thread that inflates a DWI and the one
 #: checking and storing them (:func:`load_dwi_rows`). Two let either side run
-#: ahead by a volume (a b0 volume's extra copy and sum on one side, one read
+#: ahead by a volume (a slow write on one side, one read
 #: block inflating into two volumes on the other) without stalling the other;
 #: each costs one volume buffer (14.6 MB on an HCP grid), and the read holds
 #: ``VOLUME_QUEUE_DEPTH + 2`` buffers at most, so memory stays bounded.
@@ -473,11 +471,6 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
     b0_idx = np.flatnonzero(gtab.b0s_mask)
     if b0_idx.size == 0:
         raise ValueError("no b0 volume in the gradient table")
-    b0_slot = {int(k): j for j, k in enumerate(b0_idx)}
-    b0 = np.empty(shape[:3] + (b0_idx.size,), np.float32, order="F")
-    # as mean_b0_map: float64, volume order; F order like the volumes (a C-order
-    # sum with F-order volumes was ~40 ms a b0 volume on an HCP grid, ~20 ms so)
-    acc = np.zeros(shape[:3], dtype=np.float64, order="F")
     found = {}
 
     def write_rows(tmp) -> None:
@@ -496,9 +489,6 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
                 _check_finite_volume(vol, k, dwi_path, "DWI")
                 np.take(vol.reshape(-1, order="F"), idx, out=column)
                 fh.write(column.data)
-                if k in b0_slot:
-                    b0[..., b0_slot[k]] = vol
-                    np.add(acc, vol, out=acc)
 
             def inflate(emit) -> None:
                 stream = _VolumeStream(img.dataobj.offset, shape, emit, stored,
@@ -517,16 +507,21 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
                                            f"{shape[3]})")
 
     path = atomic_write(Path(out_dir) / ROWS_NAME, write_rows)
-    mean_b0 = (acc / b0_idx.size).astype(np.float32)
-    if not np.any(mean_b0[mask] > 0):
+    rows = np.load(path, mmap_mode="r")
+    # as mean_b0_map on the mask voxels: float64 sums in volume order, then float32;
+    # each b0's mask values are one contiguous column of the rows just written
+    acc = np.zeros(idx.size, dtype=np.float64)
+    for k in b0_idx:
+        acc += rows[:, k]
+    if not np.any((acc / b0_idx.size).astype(np.float32) > 0):
         path.unlink()
         raise InputError(dwi_path, f"b0 volumes (b <= {B0_THRESHOLD:g}) are zero everywhere "
                                    f"in the mask")
     paths = {"dwi": dwi_path, "bval": os.fspath(bval_path), "bvec": os.fspath(bvec_path),
              "mask": os.fspath(mask_path)}
     dwi = DWI(data=None, gtab=gtab, mask=mask, affine=img.affine.copy(),
-              header=img.header.copy(), paths=paths, rows=np.load(path, mmap_mode="r"))
-    return dwi, RowsRead(found["decoded"].sha256, codec_name, b0, gtab.select(b0_idx))
+              header=img.header.copy(), paths=paths, rows=rows)
+    return dwi, RowsRead(found["decoded"].sha256, codec_name)
 
 
 def open_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, rows_path) -> DWI:

@@ -57,7 +57,7 @@ FIXED_BVEC = "dwi_gradfix.bvec"
 # ----------------------------------------------------------------------------
 # Numerics: a b0 noise / SNR estimate
 # ----------------------------------------------------------------------------
-def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None) -> dict:
+def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None, rows_index=None) -> dict:
     """Noise sigma and b0 SNR of a series, from differences of its b0 volumes.
 
     ``noise_sigma`` = 1.4826 * MAD(b0[k+1] - b0[k]) / sqrt(2), pooled over
@@ -67,6 +67,9 @@ def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None) -> dict:
     mask / ``noise_sigma``. Motion between b0s, or preprocessing that
     correlates them, biases sigma up (SNR down). Both are NaN with fewer than
     two b0 volumes. ``volumes``: use only these (the kept ones; no copy).
+    ``data`` is the 4D grid, or with ``rows_index`` a series held as mask rows
+    (the C-order voxel of each row, as :func:`qc.volume_outliers` takes): its
+    b0 columns are put in the grid's voxel order, so both give the same bits.
     """
     idx = np.flatnonzero(gtab.b0s_mask)
     if volumes is not None:
@@ -76,7 +79,11 @@ def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None) -> dict:
     # each b0's mask voxels gathered once; the medians do not depend on the
     # order of the differences, and the mean b0 is io.mean_b0_map's (float64,
     # volume order) on the mask voxels only: the same values as on the grid
-    b0 = [data[..., k][mask] for k in idx]
+    if rows_index is None:
+        b0 = [data[..., k][mask] for k in idx]
+    else:
+        c_order = np.argsort(rows_index)
+        b0 = [np.asarray(data[:, k])[c_order] for k in idx]
     diffs = np.concatenate([b - a for a, b in zip(b0[:-1], b0[1:])])
     centre = np.median(diffs, overwrite_input=True)      # diffs is ours: partition in place
     dev = np.abs(diffs - centre, out=diffs)
@@ -179,11 +186,10 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
             codec.is_gzip(os.fspath(dwi)):
         data, read = io.load_dwi_rows(dwi, bval, bvec, mask, out_dir)
         copy, sha, codec_name = str(Path(out_dir, io.ROWS_NAME).resolve()), read.sha256, read.codec
-        b0_idx = np.flatnonzero(data.gtab.b0s_mask)   # read.b0 holds these volumes only
 
         def noise(kept):
-            return b0_noise(read.b0, read.b0_gtab, data.mask,
-                            np.flatnonzero(np.isin(b0_idx, kept)))
+            return b0_noise(data.rows, data.gtab, data.mask, kept,
+                            rows_index=data.masked_index())
         series_extra = {"rows": copy}
     else:
         decoded = io.decode_dwi(dwi, out_dir)
