@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dmriflow.interfaces import dti, io, orientation, qc, stepfiles
+from dmriflow.interfaces import dti, io, orientation, parallel, qc, stepfiles
 from dmriflow.interfaces.errors import InputError
 from dmriflow.interfaces.gradients import B0_THRESHOLD, GradientTable
 from dmriflow.interfaces.sim.phantom import hcp_scheme, simulate_subject
@@ -268,6 +268,30 @@ def test_one_pass_slice_sums_are_bit_identical_to_per_volume_sums(shape, n_vol):
             order_matters += int((_bincount_sums(values[::-1], slice_of[::-1], shape[axis])
                                   != ref).sum())
     assert order_matters > 0
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_slice_sums_by_parts_on_threads_are_the_one_pass_bits(monkeypatch, threads):
+    """Validate's mask rows (Fortran order, slices along the last axis) cut at
+    slice boundaries into one part per thread give the one-pass sums bit for
+    bit, on order-sensitive data (cut inside a slice, they would not)."""
+    rng = np.random.default_rng(11)
+    shape, n_vol = (40, 50, 23), 12
+    mask = rng.random(shape) < 0.7
+    grid = (rng.lognormal(0.0, 3.0, shape + (n_vol,))
+            * rng.choice([-1.0, 1.0], shape + (n_vol,))).astype(np.float32)
+    f_idx = np.ravel_multi_index(np.nonzero(mask.transpose(2, 1, 0))[::-1], shape)
+    rows = np.asfortranarray(grid.reshape(-1, n_vol)[f_idx])
+    monkeypatch.setattr(qc, "QC_BLOCK_ROWS", 1000)     # several blocks per part
+    one = qc._slice_sums(qc._mask_row_chunks(rows, mask, f_idx, 2), shape[2], n_vol)
+    parts = []
+    one_pass = qc._slice_sums
+    monkeypatch.setattr(qc, "_slice_sums", lambda *a: parts.append(1) or one_pass(*a))
+    monkeypatch.setattr(parallel, "available_threads", lambda: threads)
+    sums, nonzero, n_rows = qc._slice_sums_by_parts(rows, mask, f_idx, 2, n_vol)
+    assert len(parts) == threads
+    assert np.array_equal(sums, one[0]) and np.array_equal(nonzero, one[1])
+    assert n_rows == one[2] == f_idx.size
 
 
 def test_outliers_on_mask_rows_equal_the_grid_and_the_injected_faults(phantoms):
