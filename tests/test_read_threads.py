@@ -243,39 +243,24 @@ def test_producer_error_waits_for_the_items_before_it():
     assert seen == list(range(10)) and producer_threads() == []
 
 
-def test_consumer_error_stops_the_producer():
-    emitted = []
-
-    def produce(emit):
-        for i in range(1000):
-            emitted.append(i)
-            emit(i)
-
-    def consume(i):
-        if i == 3:
-            raise Boom("consumer")
-
-    with pytest.raises(Boom, match="consumer"):
-        parallel.produce_consume(produce, consume, depth=2, n_threads=2)
-    assert len(emitted) <= 3 + 2 + 2 and producer_threads() == []
-
-
 @pytest.mark.timeout(60)
-def test_nested_calls_stop_on_the_outer_consumers_error():
-    """A producer that is itself a produce_consume (codec.inflate's hash beside
-    the inflate, inside Validate's read): the outer consumer's error stops the
-    innermost producer (its ``emit`` of the outer queue raises) and is raised,
-    every thread ended."""
+@pytest.mark.parametrize("nested", [False, True])
+def test_consumer_error_stops_the_producer(nested):
+    """The consumer's error stops the producer within a queue's depth and is
+    raised, every thread ended. ``nested``: the producer is itself a
+    produce_consume (codec.inflate's hash beside the inflate, inside
+    Validate's read) whose own producer emits to the outer queue: the outer
+    ``emit`` raising inside it stops both calls."""
     emitted, hashed = [], []
 
-    def inner_produce(emit, outer_emit):
+    def produce(emit, inner_emit=lambda i: None):
         for i in range(1000):
-            emit(i)
+            inner_emit(i)
             emitted.append(i)
-            outer_emit(i)
+            emit(i)
 
-    def outer_produce(outer_emit):
-        parallel.produce_consume(lambda emit: inner_produce(emit, outer_emit), hashed.append,
+    def nested_produce(emit):
+        parallel.produce_consume(lambda inner_emit: produce(emit, inner_emit), hashed.append,
                                  depth=2, n_threads=2, name=codec.INFLATE_THREAD)
 
     def consume(i):
@@ -283,7 +268,8 @@ def test_nested_calls_stop_on_the_outer_consumers_error():
             raise Boom("consumer")
 
     with pytest.raises(Boom, match="consumer"):
-        parallel.produce_consume(outer_produce, consume, depth=2, n_threads=2)
+        parallel.produce_consume(nested_produce if nested else produce, consume, depth=2,
+                                 n_threads=2)
     assert len(emitted) <= 3 + 2 + 2 and producer_threads() == []
 
 
