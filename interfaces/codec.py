@@ -24,6 +24,8 @@ import io
 import zlib
 from dataclasses import dataclass
 
+from . import parallel
+
 try:  # ISA-L bindings: a C gzip reader, about 2.3x faster to inflate than zlib
     from isal import igzip as _igzip
     from isal import isal_zlib as _isal_zlib
@@ -40,6 +42,11 @@ READ_BLOCK = 1 << 20
 #: 256 KiB, 6.6-6.7 s for 64 KiB-1 MiB, 6.8-6.9 s for 4 MiB; the former
 #: 16 MiB pieces, fresh bytes each, cost 9.5 s (realloc, 1.2 M page faults).
 OUT_BLOCK = 256 << 10
+#: Compressed blocks (copies of up to READ_BLOCK bytes) waiting between the
+#: thread that inflates and the one that hashes them (``inflate(n_threads=2)``).
+HASH_QUEUE_DEPTH = 4
+#: Name of the thread that inflates beside the hash (``inflate(n_threads=2)``).
+INFLATE_THREAD = "dmriflow-inflate"
 #: Magic bytes of a gzip member.
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -128,10 +135,13 @@ def decompress_and_hash(src, dst, codec: str = DEFAULT_CODEC, block: int = OUT_B
 class _HashingReader(io.RawIOBase):
     """A binary file read through ``readinto``, every byte read counted and
     added to a sha256 on the way (the codec's reader reads the file through
-    it: one pass gives the inflated bytes and the file's hash)."""
+    it: one pass gives the inflated bytes and the file's hash). ``take``: what
+    gets each block read (a memoryview valid during the call); default: the
+    sha256's update."""
 
     def __init__(self, fh):
         self.fh, self.sha, self.n = fh, hashlib.sha256(), 0
+        self.take = self.sha.update
 
     def readable(self) -> bool:
         return True
@@ -139,13 +149,13 @@ class _HashingReader(io.RawIOBase):
     def readinto(self, b) -> int:
         n = self.fh.readinto(b)
         if n:
-            self.sha.update(memoryview(b)[:n])
+            self.take(memoryview(b)[:n])
             self.n += n
         return n
 
 
 def inflate(src, write, codec: str = DEFAULT_CODEC, block: int = OUT_BLOCK,
-            read_block: int = READ_BLOCK) -> Decoded:
+            read_block: int = READ_BLOCK, n_threads: int = 1) -> Decoded:
     """Inflate gzip file ``src`` (every member, as ``gzip -dc``) through the
     codec's gzip reader, checking every member's CRC32 and length, and hash
     ``src``'s bytes (sha256) in the same read (of ``read_block`` bytes at a
@@ -161,23 +171,38 @@ def inflate(src, write, codec: str = DEFAULT_CODEC, block: int = OUT_BLOCK,
     ``block``, and with ISA-L some tens of KiB when ``block`` is small (48 KiB
     measured with 4 KiB blocks and 1 MiB reads; 7 KiB with 4 KiB reads).
     ``write`` may raise to stop early (the file is closed).
+
+    ``n_threads`` 2 or more: the inflate (and ``write``) runs in a second
+    thread (:data:`INFLATE_THREAD`) and the calling thread hashes copies of
+    the compressed blocks as they are read, in file order, at most
+    :data:`HASH_QUEUE_DEPTH` waiting (:func:`parallel.produce_consume`: the
+    same hash, bytes and errors; the thread ended on every error). Below 2:
+    all in the calling thread, no copy.
     """
-    buf = memoryview(bytearray(block))
     n_out = 0
     with open(src, "rb", buffering=0) as fh:
         raw = _HashingReader(fh)
-        reader = CODECS[codec](raw, read_block)
-        while True:
-            try:
-                n = reader.readinto(buf)
-            except _READER_ERRORS as exc:
-                raise CorruptGzipError(f"{_describe(exc)} (after {n_out} inflated bytes, "
-                                       f"read up to compressed byte {raw.n}; "
-                                       f"{codec}: {exc})") from None
-            if not n:
-                break
-            write(buf[:n])
-            n_out += n
+
+        def produce(emit) -> None:
+            nonlocal n_out
+            # emit: the sha256's update when serial, else the hand-over to it
+            raw.take = emit if n_threads < 2 else (lambda view: emit(bytes(view)))
+            buf = memoryview(bytearray(block))
+            reader = CODECS[codec](raw, read_block)
+            while True:
+                try:
+                    n = reader.readinto(buf)
+                except _READER_ERRORS as exc:
+                    raise CorruptGzipError(f"{_describe(exc)} (after {n_out} inflated bytes, "
+                                           f"read up to compressed byte {raw.n}; "
+                                           f"{codec}: {exc})") from None
+                if not n:
+                    break
+                write(buf[:n])
+                n_out += n
+
+        parallel.produce_consume(produce, raw.sha.update, HASH_QUEUE_DEPTH, n_threads,
+                                 name=INFLATE_THREAD)
     if raw.n == 0:
         raise CorruptGzipError("the file is empty")
     return Decoded(sha256=raw.sha.hexdigest(), compressed_bytes=raw.n, raw_bytes=n_out,

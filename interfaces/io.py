@@ -493,7 +493,8 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
             def inflate(emit) -> None:
                 stream = _VolumeStream(img.dataobj.offset, shape, emit, stored,
                                        buffers=1 if threads < 2 else VOLUME_QUEUE_DEPTH + 2)
-                found["decoded"] = codec.inflate(dwi_path, stream.write, codec_name)
+                found["decoded"] = codec.inflate(dwi_path, stream.write, codec_name,
+                                                 n_threads=threads)
                 found["volumes"] = stream.k
 
             try:    # inflate in a second thread, the volumes checked and stored here

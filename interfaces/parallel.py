@@ -319,7 +319,7 @@ class _Stopped(Exception):
 
 
 def produce_consume(produce: Callable, consume: Callable, depth: int,
-                    n_threads: int | None = None) -> None:
+                    n_threads: int | None = None, name: str = "dmriflow-produce") -> None:
     """``produce(consume)``, with ``produce`` in a second thread: what it
     emits reaches ``consume`` here, in order, while it goes on producing.
 
@@ -331,7 +331,9 @@ def produce_consume(produce: Callable, consume: Callable, depth: int,
     when it returns every item emitted ``depth + 1`` or more before has been
     consumed: a producer cycling through ``depth + 2`` buffers never
     overwrites one in use. ``n_threads`` (default :func:`available_threads`)
-    below 2: the serial call, in this thread.
+    below 2: the serial call, in this thread. ``name``: the producing thread's.
+    Calls nest: a producer may itself call this (its ``emit`` stopping raises
+    through the inner call to the outer producer).
     """
     n = available_threads() if n_threads is None else int(n_threads)
     if n < 2:
@@ -348,14 +350,16 @@ def produce_consume(produce: Callable, consume: Callable, depth: int,
     def run() -> None:
         try:
             produce(emit)
-        except _Stopped:
+        except _Stopped as exc:
+            if not stop.is_set():       # an outer call's stop (nested): pass it on
+                waiting.put((False, exc))
             return
         except BaseException as exc:    # handed over in order, raised by the consumer
             waiting.put((False, exc))
             return
         waiting.put((False, None))
 
-    producer = threading.Thread(target=run, name="dmriflow-produce", daemon=True)
+    producer = threading.Thread(target=run, name=name, daemon=True)
     producer.start()
     try:
         while True:

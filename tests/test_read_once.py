@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import json
 import os
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -146,11 +148,23 @@ class Stop(Exception):
     pass
 
 
+def inflate_threads() -> list:
+    """The threads of :func:`codec.inflate`'s two-thread read still running."""
+    return [t for t in threading.enumerate() if t.name == codec.INFLATE_THREAD]
+
+
+#: ``inflate``'s n_threads in the tests: all in the calling thread, and the
+#: hash beside the inflate.
+HASH_THREADS = (1, 2)
+
+
+@pytest.mark.parametrize("threads", HASH_THREADS)
 @pytest.mark.parametrize("name", CODECS)
 @pytest.mark.parametrize("error", [Stop, EOFError])
-def test_write_raising_stops_the_read_and_closes_the_file(tmp_path, name, error):
+def test_write_raising_stops_the_read_and_closes_the_file(tmp_path, name, error, threads):
     """``write`` raising stops the read at once: its own exception (an
-    EOFError too, not taken for a truncated stream), the input closed."""
+    EOFError too, not taken for a truncated stream), the input closed, no
+    thread left."""
     src = tmp_path / "x.gz"
     src.write_bytes(gzip.compress(np.random.default_rng(1).bytes(3_000_000), 1))
     calls = []
@@ -161,16 +175,19 @@ def test_write_raising_stops_the_read_and_closes_the_file(tmp_path, name, error)
             raise error("enough")
 
     with pytest.raises(error, match="enough") as info:   # its traceback keeps inflate's frame
-        codec.inflate(src, write, name, block=65536)
+        codec.inflate(src, write, name, block=65536, n_threads=threads)
     assert calls == [65536, 65536] and info.value.__traceback__ is not None
+    assert not inflate_threads()
     open_files = {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
     assert str(src.resolve()) not in open_files
 
 
+@pytest.mark.parametrize("threads", HASH_THREADS)
 @pytest.mark.parametrize("name", CODECS)
-def test_disk_error_is_not_called_corrupt_data(tmp_path, monkeypatch, name):
+def test_disk_error_is_not_called_corrupt_data(tmp_path, monkeypatch, name, threads):
     """An OSError of the disk passes through as it is (gzip.BadGzipFile, what
-    the readers raise on a bad header or trailer, is an OSError too)."""
+    the readers raise on a bad header or trailer, is an OSError too); no
+    thread left."""
     src = tmp_path / "x.gz"
     src.write_bytes(gzip.compress(np.random.default_rng(2).bytes(3_000_000), 1))
     real = codec._HashingReader.readinto
@@ -182,8 +199,9 @@ def test_disk_error_is_not_called_corrupt_data(tmp_path, monkeypatch, name):
 
     monkeypatch.setattr(codec._HashingReader, "readinto", failing)
     with pytest.raises(OSError, match="Input/output error") as info:
-        codec.inflate(src, lambda b: None, name, read_block=65536)
+        codec.inflate(src, lambda b: None, name, read_block=65536, n_threads=threads)
     assert type(info.value) is OSError
+    assert not inflate_threads()
 
 
 def damaged(damage: str) -> bytes:
@@ -247,6 +265,75 @@ def test_corrupt_streams_are_refused(tmp_path, name, damage):
         codec.decompress_and_hash(src, tmp_path / "out", name)
     words = DAMAGE_WORDS[damage]
     assert (words if isinstance(words, str) else words[name]) in str(info.value)
+
+
+class SlowSha256:
+    """A sha256 that takes its time over each block (so that the blocks wait
+    in the queue while the reader reuses its buffer)."""
+
+    delay_s = 0.002
+
+    def __init__(self, real=hashlib.sha256):
+        self.sha = real()
+
+    def update(self, data) -> None:
+        time.sleep(self.delay_s)
+        self.sha.update(data)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("members", [1, 4])
+def test_hash_beside_the_inflate_gives_the_same_hash_and_bytes(tmp_path, monkeypatch, name,
+                                                                members):
+    """n_threads=2: the sha256 of the file's bytes and gzip's bytes, as with
+    one thread; ``write`` runs in the inflating thread, which ends with the
+    call. With one thread none is started. A slow hash keeps blocks waiting in
+    the queue while the reader reads on (small reads: many blocks)."""
+    rng = np.random.default_rng(10 + members)
+    payload = rng.integers(0, 40, 1_500_000, dtype=np.uint8).tobytes()
+    cuts = np.linspace(0, len(payload), members + 1).astype(int)
+    src = tmp_path / "x.gz"
+    src.write_bytes(b"".join(gzip.compress(payload[a:b], 6) for a, b in zip(cuts[:-1], cuts[1:])))
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    monkeypatch.setattr(hashlib, "sha256", SlowSha256)
+    got = {}
+    for threads in HASH_THREADS:
+        pieces, names, running = [], set(), set()
+
+        def write(view):
+            pieces.append(bytes(view))
+            names.add(threading.current_thread().name)
+            running.add(len(inflate_threads()))
+
+        decoded = codec.inflate(src, write, name, block=65536, read_block=16384,
+                                n_threads=threads)
+        assert b"".join(pieces) == payload and decoded.sha256 == sha
+        got[threads] = (decoded, names, running)
+        assert not inflate_threads()
+    assert got[1][0] == got[2][0]
+    assert got[1][1:] == ({threading.current_thread().name}, {0})
+    assert got[2][1:] == ({codec.INFLATE_THREAD}, {1})
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("damage", sorted(DAMAGE_WORDS))
+def test_hash_beside_the_inflate_refuses_the_same_damage(tmp_path, name, damage):
+    """n_threads=2 refuses every damage with the one-thread read's words (the
+    whole message: where the fault was found too), no thread left."""
+    src = tmp_path / "bad.gz"
+    src.write_bytes(damaged(damage))
+    found = []
+    for threads in HASH_THREADS:
+        with pytest.raises(codec.CorruptGzipError) as info:
+            codec.inflate(src, lambda b: None, name, read_block=4096, n_threads=threads)
+        found.append(str(info.value))
+        assert not inflate_threads()
+    words = DAMAGE_WORDS[damage]
+    assert (words if isinstance(words, str) else words[name]) in found[1]
+    assert found[0] == found[1]
 
 
 # ----------------------------------------------------------------------------

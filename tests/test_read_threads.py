@@ -101,7 +101,8 @@ def read_rows(files, dwi, out_dir, threads, monkeypatch, block=None):
 
 
 def producer_threads() -> list:
-    return [t for t in threading.enumerate() if t.name == "dmriflow-produce"]
+    return [t for t in threading.enumerate()
+            if t.name in ("dmriflow-produce", codec.INFLATE_THREAD)]
 
 
 # ----------------------------------------------------------------------------
@@ -242,20 +243,33 @@ def test_producer_error_waits_for_the_items_before_it():
     assert seen == list(range(10)) and producer_threads() == []
 
 
-def test_consumer_error_stops_the_producer():
-    emitted = []
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("nested", [False, True])
+def test_consumer_error_stops_the_producer(nested):
+    """The consumer's error stops the producer within a queue's depth and is
+    raised, every thread ended. ``nested``: the producer is itself a
+    produce_consume (codec.inflate's hash beside the inflate, inside
+    Validate's read) whose own producer emits to the outer queue: the outer
+    ``emit`` raising inside it stops both calls."""
+    emitted, hashed = [], []
 
-    def produce(emit):
+    def produce(emit, inner_emit=lambda i: None):
         for i in range(1000):
+            inner_emit(i)
             emitted.append(i)
             emit(i)
+
+    def nested_produce(emit):
+        parallel.produce_consume(lambda inner_emit: produce(emit, inner_emit), hashed.append,
+                                 depth=2, n_threads=2, name=codec.INFLATE_THREAD)
 
     def consume(i):
         if i == 3:
             raise Boom("consumer")
 
     with pytest.raises(Boom, match="consumer"):
-        parallel.produce_consume(produce, consume, depth=2, n_threads=2)
+        parallel.produce_consume(nested_produce if nested else produce, consume, depth=2,
+                                 n_threads=2)
     assert len(emitted) <= 3 + 2 + 2 and producer_threads() == []
 
 
@@ -293,17 +307,22 @@ def test_one_thread_runs_in_the_calling_thread():
                                                   ("", 1, False), ("", 2, True)])
 def test_thread_flag_is_respected(subject, tmp_path, monkeypatch, omp, cores, threaded):
     """--omp-nthreads 1 (OMP_NUM_THREADS=1) or one core: the inflate runs in the
-    calling thread; two allowed: in a second one."""
+    calling thread, and so does its sha256 (no thread started); two allowed:
+    the inflate in a second one, the bytes inflated in a third while the
+    second hashes them."""
     monkeypatch.setenv("OMP_NUM_THREADS", omp)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    names = []
+    names, writers = [], set()
     real_inflate = codec.inflate
 
-    def recorded(*args, **kwargs):
+    def recorded(src, write, *args, **kwargs):
         names.append(threading.current_thread().name)
-        return real_inflate(*args, **kwargs)
+        return real_inflate(src, lambda b: (writers.add(threading.current_thread().name),
+                                            write(b)), *args, **kwargs)
 
     monkeypatch.setattr(codec, "inflate", recorded)
     io.load_dwi_rows(subject["dwi"], subject["bval"], subject["bvec"], subject["mask"],
                      tmp_path)
-    assert names == ["dmriflow-produce" if threaded else threading.current_thread().name]
+    here = threading.current_thread().name
+    assert names == ["dmriflow-produce" if threaded else here]
+    assert writers == {codec.INFLATE_THREAD if threaded else here}
