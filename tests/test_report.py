@@ -310,7 +310,7 @@ def test_a_map_with_a_wrong_gzip_checksum_is_named(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[-8] ^= 1                                     # the trailer's CRC32
     path.write_bytes(raw)
-    with pytest.raises(codec.CorruptGzipError, match=f"^{path.name}: .*checksum"):
+    with pytest.raises(codec.CorruptGzipError, match=f"^{path.name}: CRC32/length check failed"):
         _canonical(path)
 
 
