@@ -162,9 +162,8 @@ def _mask_row_chunks(data: np.ndarray, mask: np.ndarray, rows_index=None,
     (gathering whole-grid C order from it was slower than the per-volume pass).
     """
     if rows_index is not None:
-        slice_of = np.unravel_index(np.asarray(rows_index), mask.shape)[slice_axis]
-        for start in range(0, data.shape[0], QC_BLOCK_ROWS):
-            yield data[start:start + QC_BLOCK_ROWS], slice_of[start:start + QC_BLOCK_ROWS]
+        yield from _row_blocks(data, np.unravel_index(np.asarray(rows_index),
+                                                      mask.shape)[slice_axis])
         return
     for p in range(mask.shape[slice_axis]):
         at = [slice(None)] * 3
@@ -173,6 +172,15 @@ def _mask_row_chunks(data: np.ndarray, mask: np.ndarray, rows_index=None,
         if in_plane.any():
             rows = np.asarray(data[tuple(at)])[in_plane]
             yield rows, np.full(rows.shape[0], p)
+
+
+def _row_blocks(rows: np.ndarray, slice_of: np.ndarray, lo: int = 0, hi: int | None = None):
+    """Blocks ``(rows, slice of each row)`` of at most QC_BLOCK_ROWS mask rows,
+    from row ``lo`` to ``hi`` (default: all), in row order."""
+    hi = rows.shape[0] if hi is None else hi
+    for a in range(lo, hi, QC_BLOCK_ROWS):
+        b = min(a + QC_BLOCK_ROWS, hi)
+        yield rows[a:b], slice_of[a:b]
 
 
 def _slice_sums(chunks, n_slices: int, n_vol: int):
@@ -211,29 +219,26 @@ def _slice_sums(chunks, n_slices: int, n_vol: int):
 
 
 def _slice_sums_by_parts(data: np.ndarray, mask: np.ndarray, rows_index, slice_axis: int,
-                         n_vol: int):
+                         slice_of: np.ndarray, n_vol: int):
     """:func:`_slice_sums` on the worker threads, where each slice's mask rows
     are contiguous (a series held as Fortran-order mask rows and the last axis
     as slice axis: Validate's series and the default): the rows are cut at slice
     boundaries into one part per thread, so each slice is still summed whole, in
     row order, by one thread, and the parts' sums add exact zeros elsewhere -
-    the same bits. Elsewhere one pass in this thread."""
+    the same bits. Elsewhere one pass in this thread. ``slice_of``: the slice
+    of each mask voxel, in the order of :func:`_mask_values`."""
     n_slices = mask.shape[slice_axis]
+    if rows_index is None:
+        return _slice_sums(_mask_row_chunks(data, mask, None, slice_axis), n_slices, n_vol)
     threads = parallel.available_threads()
-    slice_of = None if rows_index is None else \
-        np.unravel_index(np.asarray(rows_index), mask.shape)[slice_axis]
-    if threads < 2 or slice_of is None or not np.all(slice_of[1:] >= slice_of[:-1]):
-        return _slice_sums(_mask_row_chunks(data, mask, rows_index, slice_axis), n_slices,
-                           n_vol)
+    if threads < 2 or not np.all(slice_of[1:] >= slice_of[:-1]):
+        return _slice_sums(_row_blocks(data, slice_of), n_slices, n_vol)
     n = slice_of.size
     cuts = np.unique(np.r_[0, np.searchsorted(slice_of, slice_of[n * np.arange(1, threads)
                                                                 // threads]), n])
 
     def part(bounds):
-        lo, hi = bounds
-        chunks = ((data[a:min(a + QC_BLOCK_ROWS, hi)], slice_of[a:min(a + QC_BLOCK_ROWS, hi)])
-                  for a in range(lo, hi, QC_BLOCK_ROWS))
-        return _slice_sums(chunks, n_slices, n_vol)
+        return _slice_sums(_row_blocks(data, slice_of, *bounds), n_slices, n_vol)
 
     parts = parallel.map_chunks(part, list(zip(cuts[:-1], cuts[1:])), threads)
     return (sum(p[0] for p in parts), np.logical_or.reduce([p[1] for p in parts]),
@@ -258,7 +263,7 @@ def volume_outliers(data: np.ndarray, mask: np.ndarray, gtab: GradientTable,
     means = np.zeros((n_vol, n_slices), dtype=np.float64)
     vol_mean = np.zeros(n_vol, dtype=np.float64)
     slice_sums, nonzero, n_rows = _slice_sums_by_parts(data, mask, rows_index, slice_axis,
-                                                       n_vol)
+                                                       slice_of, n_vol)
     if n_rows != index.size:
         raise RuntimeError(f"QC read {n_rows} mask voxels, expected {index.size}")
     for k in range(n_vol):

@@ -288,7 +288,8 @@ def test_slice_sums_by_parts_on_threads_are_the_one_pass_bits(monkeypatch, threa
     one_pass = qc._slice_sums
     monkeypatch.setattr(qc, "_slice_sums", lambda *a: parts.append(1) or one_pass(*a))
     monkeypatch.setattr(parallel, "available_threads", lambda: threads)
-    sums, nonzero, n_rows = qc._slice_sums_by_parts(rows, mask, f_idx, 2, n_vol)
+    slice_of = np.unravel_index(f_idx, shape)[2]
+    sums, nonzero, n_rows = qc._slice_sums_by_parts(rows, mask, f_idx, 2, slice_of, n_vol)
     assert len(parts) == threads
     assert np.array_equal(sums, one[0]) and np.array_equal(nonzero, one[1])
     assert n_rows == one[2] == f_idx.size

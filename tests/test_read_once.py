@@ -81,6 +81,12 @@ def test_decompress_and_hash_matches_gzip_and_sha256(tmp_path, name):
     assert (got.raw_bytes, got.compressed_bytes) == (len(payload), src.stat().st_size)
 
 
+def gzip_members(payload: bytes, members: int) -> bytes:
+    """``payload`` as ``members`` concatenated gzip members (level 6), as ``cat a.gz b.gz``."""
+    cuts = np.linspace(0, len(payload), members + 1).astype(int)
+    return b"".join(gzip.compress(payload[a:b], 6) for a, b in zip(cuts[:-1], cuts[1:]))
+
+
 @pytest.mark.parametrize("name", CODECS)
 @pytest.mark.parametrize("members", [1, 5])
 def test_inflate_gives_gzips_bytes_from_one_reused_block(tmp_path, name, members):
@@ -89,9 +95,8 @@ def test_inflate_gives_gzips_bytes_from_one_reused_block(tmp_path, name, members
     a block size that divides neither the members nor the file."""
     rng = np.random.default_rng(members)
     payload = rng.integers(0, 40, 2_500_000, dtype=np.uint8).tobytes()
-    cuts = np.linspace(0, len(payload), members + 1).astype(int)
     src = tmp_path / "x.gz"
-    src.write_bytes(b"".join(gzip.compress(payload[a:b], 6) for a, b in zip(cuts[:-1], cuts[1:])))
+    src.write_bytes(gzip_members(payload, members))
     assert gzip.decompress(src.read_bytes()) == payload
     block, pieces, owners = 100_003, [], []
 
@@ -256,6 +261,12 @@ DAMAGE_WORDS = {"crc": "CRC32/length check failed", "data": "CRC32/length check 
                                 "zlib": "corrupt deflate data"}}
 
 
+def damage_words(damage: str, codec_name: str) -> str:
+    """The words with which ``codec_name`` refuses ``damage``."""
+    words = DAMAGE_WORDS[damage]
+    return words if isinstance(words, str) else words[codec_name]
+
+
 @pytest.mark.parametrize("name", CODECS)
 @pytest.mark.parametrize("damage", sorted(DAMAGE_WORDS))
 def test_corrupt_streams_are_refused(tmp_path, name, damage):
@@ -263,8 +274,7 @@ def test_corrupt_streams_are_refused(tmp_path, name, damage):
     src.write_bytes(damaged(damage))
     with pytest.raises(codec.CorruptGzipError) as info:
         codec.decompress_and_hash(src, tmp_path / "out", name)
-    words = DAMAGE_WORDS[damage]
-    assert (words if isinstance(words, str) else words[name]) in str(info.value)
+    assert damage_words(damage, name) in str(info.value)
 
 
 class SlowSha256:
@@ -294,9 +304,8 @@ def test_hash_beside_the_inflate_gives_the_same_hash_and_bytes(tmp_path, monkeyp
     the queue while the reader reads on (small reads: many blocks)."""
     rng = np.random.default_rng(10 + members)
     payload = rng.integers(0, 40, 1_500_000, dtype=np.uint8).tobytes()
-    cuts = np.linspace(0, len(payload), members + 1).astype(int)
     src = tmp_path / "x.gz"
-    src.write_bytes(b"".join(gzip.compress(payload[a:b], 6) for a, b in zip(cuts[:-1], cuts[1:])))
+    src.write_bytes(gzip_members(payload, members))
     sha = hashlib.sha256(src.read_bytes()).hexdigest()
     monkeypatch.setattr(hashlib, "sha256", SlowSha256)
     got = {}
@@ -331,8 +340,7 @@ def test_hash_beside_the_inflate_refuses_the_same_damage(tmp_path, name, damage)
             codec.inflate(src, lambda b: None, name, read_block=4096, n_threads=threads)
         found.append(str(info.value))
         assert not inflate_threads()
-    words = DAMAGE_WORDS[damage]
-    assert (words if isinstance(words, str) else words[name]) in found[1]
+    assert damage_words(damage, name) in found[1]
     assert found[0] == found[1]
 
 
