@@ -1222,7 +1222,7 @@ def test_checked_nifti_read_holds_one_copy_of_the_map(tmp_path):
 
     from dmriflow.interfaces import codec
     from dmriflow.interfaces.io import file_sha256, save_nifti
-    shape = (128, 128, 64, 16)                     # 64 MiB of float32, 4x OUT_BLOCK
+    shape = (128, 128, 64, 16)                     # 64 MiB of float32, many OUT_BLOCKs
     data = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None, None],
                            shape) + np.arange(shape[3], dtype=np.float32)
     path = save_nifti(data, np.eye(4), tmp_path / "map.nii.gz")
