@@ -85,3 +85,42 @@ def test_names_compare_as_pep503():
     assert env.read_pins("Typing_Extensions==4.1 \\\n    --hash=sha256:00\n") == {
         "typing-extensions": "4.1"}
     assert env.canonical("ruamel.yaml") == env.canonical("Ruamel_Yaml") == "ruamel-yaml"
+
+
+def _canary(tmp_path: Path, budget: int, python: str) -> tuple[int, str, float]:
+    """Runs .ci/canary with `make check-latest` on a stand-in interpreter and a
+    throwaway venv folder in tmp_path (the repo's build/latest is left alone)."""
+    import os
+    import subprocess
+    import time
+    log = tmp_path / "canary.log"
+    environ = dict(os.environ, PYTHON=python, LATEST=str(tmp_path / "latest"))
+    start = time.monotonic()
+    done = subprocess.run([str(REPO / ".ci" / "canary"), str(budget), str(log)], env=environ,
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout, time.monotonic() - start
+
+
+def test_canary_cut_short_by_its_budget_reports_and_passes(tmp_path):
+    """A canary that outlives CI's budget is stopped, says so and leaves the verdict
+    to the locked suite (a slow CI machine once failed a passing submission here)."""
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nsleep 60\n")
+    slow.chmod(0o755)
+    code, out, seconds = _canary(tmp_path, 2, str(slow))
+    assert code == 0, out
+    assert "CUT SHORT by the 2 s budget" in out
+    assert "ci: check-latest tests: none finished" in out
+    assert seconds < 30                       # the sleeping child was stopped with make
+
+
+def test_canary_failure_is_reported_not_fatal(tmp_path):
+    code, out, _ = _canary(tmp_path, 60, "false")
+    assert code == 0, out
+    assert re.search(r"check-latest FAILED \(exit [1-9]\d*\)", out), out
+
+
+def test_canary_without_time_left_is_not_run(tmp_path):
+    code, out, seconds = _canary(tmp_path, -5, "false")
+    assert code == 0 and "not run: no time left" in out
+    assert not (tmp_path / "latest").exists()
