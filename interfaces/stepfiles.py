@@ -313,9 +313,11 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
     if exclude:
         provenance.append({"step": "volume_exclusion", "volumes": exclude,
                            "reasons": {str(k): outliers[k] for k in exclude}})
-    orient, side = parallel.beside(
-        lambda: check_dwi(data, rng_seed=subject_seed(subject), volumes=kept),
-        (lambda: beside(kept)) if beside is not None else (lambda: None))
+    def orientation():
+        return check_dwi(data, rng_seed=subject_seed(subject), volumes=kept)
+
+    orient, side = (orientation(), None) if beside is None else \
+        parallel.beside(orientation, lambda: beside(kept))
     if orient.flag:
         flags.append(orient.flag)
     bvec = ""
