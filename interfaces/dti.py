@@ -642,9 +642,11 @@ class TensorModel:
                 torch.set_num_threads(prev)
 
     def _fit_chunks(self, chunks, cidx: np.ndarray, grid: tuple, mask,
-                    check_first=None) -> "TensorFit":
+                    check_first=None, prepare=None) -> "TensorFit":
         """Fit an iterator of row chunks whose voxels are ``cidx`` (C-order flat
-        indices into ``grid``, in the same order); write maps on the grid."""
+        indices into ``grid``, in the same order); write maps on the grid.
+        ``prepare``: applied to each chunk in the worker that fits it (a copy
+        into the kernel's C-ordered rows, made in parallel)."""
         evals = np.zeros(grid + (3,), np.float32)
         evecs = np.zeros(grid + (3, 3), np.float32)
         s0 = np.zeros(grid, np.float32)
@@ -657,6 +659,8 @@ class TensorModel:
 
         def fit_chunk(item):
             start, rows = item
+            if prepare is not None:
+                rows = prepare(rows)
             with np.errstate(all="ignore"):
                 if start == 0 and check_first is not None:
                     check_first(rows)
@@ -855,6 +859,12 @@ def fit_dwi(dwi, volumes=None, **model_kw) -> TensorFit:
         # np.take, not chunk[:, volumes]: that is not C-contiguous, and the
         # kernel's elementwise log on it was 20x slower (HCP subject, OLS: 9.7
         # s against 0.5 s; the same bits)
+        if dwi.data is None:
+            # mask rows: the chunk's kept columns gathered straight from the
+            # (Fortran-order) rows, in the worker (see _rows_views)
+            return model._fit_chunks(_rows_views(dwi.rows, model.chunk_size),
+                                     dwi.masked_index(), tuple(dwi.mask.shape), dwi.mask,
+                                     prepare=lambda rows: np.take(rows, volumes, axis=1))
         rows = (np.take(chunk, volumes, axis=1) for chunk in dwi.masked(model.chunk_size))
         return model._fit_chunks(rows, dwi.masked_index(), tuple(dwi.mask.shape), dwi.mask)
     model = TensorModel(dwi.gtab, **model_kw)
@@ -866,5 +876,17 @@ def fit_dwi(dwi, volumes=None, **model_kw) -> TensorFit:
         if cidx.size and not np.array_equal(rows[0], dwi.voxel(cidx[0])):
             raise RuntimeError("DWI.masked() returned voxels in an unexpected order")
 
+    if dwi.data is None:
+        return model._fit_chunks(_rows_views(dwi.rows, model.chunk_size), cidx, grid, dwi.mask,
+                                 check_first=check_first, prepare=np.ascontiguousarray)
     return model._fit_chunks(dwi.masked(model.chunk_size), cidx, grid, dwi.mask,
                              check_first=check_first)
+
+
+def _rows_views(rows: np.ndarray, chunk: int):
+    """Consecutive chunks of a series held as mask rows, as views (no copy):
+    :meth:`io.DWI.masked` copies each chunk into C order while the workers
+    wait for it (the chunks are drawn one at a time); here the worker that
+    fits a chunk makes its C-ordered copy (``prepare`` of
+    :meth:`TensorModel._fit_chunks`): the same values in the same layout."""
+    return (rows[i:i + chunk] for i in range(0, rows.shape[0], chunk))

@@ -11,7 +11,8 @@
   or reducing them in order): every loop that spreads
   chunks of voxels (or volumes, or slabs) over worker threads runs through it;
 * :func:`produce_consume` - a producer in a second thread handing items to
-  the calling thread in order (a decoder beside the work on what it decodes).
+  the calling thread in order (a decoder beside the work on what it decodes);
+* :func:`beside` - two independent calls at once, one in a second thread.
 """
 
 from __future__ import annotations
@@ -377,3 +378,33 @@ def produce_consume(produce: Callable, consume: Callable, depth: int,
             except queue.Empty:
                 pass
         producer.join()
+
+
+def beside(main: Callable, side: Callable, n_threads: int | None = None) -> tuple:
+    """``(main(), side())``, ``side`` running in a second thread while ``main``
+    runs in this one: independent parts of one step share the cores
+    (Validate's orientation check, Python-bound tracking for the most part,
+    beside its b0 noise medians). Errors as in the serial call: ``main``'s is
+    raised (once ``side`` has ended), else ``side``'s. ``n_threads`` (default
+    :func:`available_threads`) below 2: ``main()`` then ``side()`` here."""
+    n = available_threads() if n_threads is None else int(n_threads)
+    if n < 2:
+        first = main()
+        return first, side()
+    got: dict = {}
+
+    def run() -> None:
+        try:
+            got["value"] = side()
+        except BaseException as exc:
+            got["error"] = exc
+
+    thread = threading.Thread(target=run, name="dmriflow-beside", daemon=True)
+    thread.start()
+    try:
+        first = main()
+    finally:
+        thread.join()
+    if "error" in got:
+        raise got["error"]
+    return first, got["value"]

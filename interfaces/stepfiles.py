@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import codec, io, qc
+from . import codec, io, parallel, qc
 from . import image_gradient as ig
 from .dti import DEFAULT_WLS_ITERATIONS, DTI_MAX_BVAL, dti_shells, fit_dwi
 from .gradients import read_bvecs
@@ -68,30 +68,38 @@ def b0_noise(data: np.ndarray, gtab, mask: np.ndarray, volumes=None, rows_index=
     correlates them, biases sigma up (SNR down). Both are NaN with fewer than
     two b0 volumes. ``volumes``: use only these (the kept ones; no copy).
     ``data`` is the 4D grid, or with ``rows_index`` a series held as mask rows
-    (the C-order voxel of each row, as :func:`qc.volume_outliers` takes): its
-    b0 columns are put in the grid's voxel order, so both give the same bits.
+    (the C-order voxel of each row, as :func:`qc.volume_outliers` takes): both
+    give the same bits.
     """
     idx = np.flatnonzero(gtab.b0s_mask)
     if volumes is not None:
         idx = np.intersect1d(idx, volumes)
     if idx.size < MIN_B0_FOR_NOISE or not mask.any():
         return {"noise_sigma": float("nan"), "b0_snr": float("nan"), "n_b0_pairs": 0}
-    # each b0's mask voxels gathered once; the medians do not depend on the
-    # order of the differences, and the mean b0 is io.mean_b0_map's (float64,
-    # volume order) on the mask voxels only: the same values as on the grid
+    # each b0's mask voxels read once (a series held as mask rows: its b0
+    # columns, no copy); the medians do not depend on the order of the
+    # differences, so they are taken in row order into one buffer, in place;
+    # the mean b0 is io.mean_b0_map's (float64, volume order) on the mask
+    # voxels, its float32 values put in the grid's voxel order only for the
+    # final mean (whose pairwise sum depends on the order): the same bits as on the grid
     if rows_index is None:
         b0 = [data[..., k][mask] for k in idx]
     else:
-        c_order = np.argsort(rows_index)
-        b0 = [np.asarray(data[:, k])[c_order] for k in idx]
-    diffs = np.concatenate([b - a for a, b in zip(b0[:-1], b0[1:])])
+        b0 = [np.asarray(data[:, k]) for k in idx]
+    n = b0[0].size
+    diffs = np.empty((idx.size - 1) * n, dtype=b0[0].dtype)
+    for j, (a, b) in enumerate(zip(b0[:-1], b0[1:])):
+        np.subtract(b, a, out=diffs[j * n:(j + 1) * n])
     centre = np.median(diffs, overwrite_input=True)      # diffs is ours: partition in place
-    dev = np.abs(diffs - centre, out=diffs)
+    dev = np.abs(np.subtract(diffs, centre, out=diffs), out=diffs)
     sigma = MAD_TO_SD * float(np.median(dev, overwrite_input=True)) / float(np.sqrt(2.0))
-    acc = np.zeros(b0[0].shape, dtype=np.float64)
+    acc = np.zeros(n, dtype=np.float64)
     for values in b0:
         acc += values
-    mean_b0 = float((acc / idx.size).astype(np.float32).mean())
+    mean_map = (acc / idx.size).astype(np.float32)
+    if rows_index is not None:
+        mean_map = mean_map[np.argsort(rows_index)]
+    mean_b0 = float(mean_map.mean())
     return {"noise_sigma": sigma, "b0_snr": mean_b0 / sigma if sigma > 0 else float("inf"),
             "n_b0_pairs": int(idx.size - 1)}
 
@@ -218,15 +226,17 @@ def validate_subject(subject: str, dwi, bval, bvec, mask=None, sidecar=None,
     n_vox = int(data.mask.sum())
     series = {"dwi": os.fspath(dwi), "bval": os.fspath(bval), "bvec": os.fspath(bvec),
               "mask": mask_path, **series_extra}
-    try:
-        checks = input_qc(data, subject, out_dir, exclude_outliers, fix_gradients)
+    try:   # the b0 noise and mask figures in a second thread beside the orientation check
+        checks = input_qc(data, subject, out_dir, exclude_outliers, fix_gradients,
+                          beside=lambda kept: (noise(kept),
+                                               mask_figures(data.mask, data.zooms)))
     except Exception:
         if copy:   # a refused input leaves no copy behind
             Path(copy).unlink(missing_ok=True)
         raise
-    mask_row, mask_flags = mask_figures(data.mask, data.zooms)
+    b0_figures, (mask_row, mask_flags) = checks["beside"]
     qc = {"mask_volume_ml": n_vox * float(np.prod(data.zooms)) / 1000.0, **mask_row,
-          **noise(checks["kept"]), **checks["row"]}
+          **b0_figures, **checks["row"]}
     flags = checks["flags"] + mask_flags + _snr_flags(qc)
     if checks["exclude"]:
         series["exclude"] = checks["exclude"]
@@ -266,12 +276,14 @@ def processing_chain(record: dict) -> list[dict]:
 
 
 def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
-             fix_gradients: bool = False) -> dict:
+             fix_gradients: bool = False, beside=None) -> dict:
     """Degenerate acquisitions (InputError), outlier volumes and gradient orientation.
 
     Returns ``kept`` (volume indices the fits use), ``exclude``, ``bvec`` (a
     fixed b-vector file, or ""), ``row`` (table fields), ``flags``,
     ``details`` (for the sidecars) and ``provenance`` (steps applied).
+    ``beside``: ``beside(kept)`` runs in a second thread while the orientation
+    check runs (:func:`parallel.beside`); its result under ``"beside"``.
     """
     bvec_path = data.paths["bvec"]
     try:
@@ -301,7 +313,11 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
     if exclude:
         provenance.append({"step": "volume_exclusion", "volumes": exclude,
                            "reasons": {str(k): outliers[k] for k in exclude}})
-    orient = check_dwi(data, rng_seed=subject_seed(subject), volumes=kept)
+    def orientation():
+        return check_dwi(data, rng_seed=subject_seed(subject), volumes=kept)
+
+    orient, side = (orientation(), None) if beside is None else \
+        parallel.beside(orientation, lambda: beside(kept))
     if orient.flag:
         flags.append(orient.flag)
     bvec = ""
@@ -320,7 +336,7 @@ def input_qc(data: io.DWI, subject: str, out_dir, exclude_outliers: bool = True,
                "outliers_excluded": bool(exclude_outliers), "qc_policy": qc.qc_policy(),
                "gradient_check": orient.as_record()}
     return {"kept": kept, "exclude": [int(k) for k in exclude], "bvec": bvec, "row": row,
-            "flags": flags, "details": details, "provenance": provenance}
+            "flags": flags, "details": details, "provenance": provenance, "beside": side}
 
 
 def _qc_voxels(data: io.DWI) -> dict:

@@ -112,6 +112,26 @@ def test_masked_rows_equal_fancy_indexing(order):
         assert np.shares_memory(io._flat_view(data)[0], data)
 
 
+def test_masked_index_computed_once_per_mask_and_data():
+    """The index is kept (Validate asks for it from its QC, fit and noise) and
+    read-only, and computed anew when the mask or the data object is replaced
+    (a new mask, a series with other volumes or layout)."""
+    rng = np.random.default_rng(4)
+    data = np.asfortranarray(rng.random((6, 5, 4, 3)).astype(np.float32))
+    mask = rng.random(data.shape[:3]) > 0.5
+    dwi = _dwi(data, mask)
+    first = dwi.masked_index()
+    assert dwi.masked_index() is first and not first.flags.writeable
+    dwi.mask = ~mask                            # F-ordered data: rows in F order
+    in_f_order = np.flatnonzero((~mask).ravel(order="F"))
+    assert_array_equal(dwi.masked_index(), np.ravel_multi_index(
+        np.unravel_index(in_f_order, mask.shape, order="F"), mask.shape))
+    assert_array_equal(dwi.masked(), data.reshape(-1, 3, order="F")[in_f_order])
+    dwi.data = np.ascontiguousarray(data)       # C order: rows in C order now
+    assert_array_equal(dwi.masked_index(), np.flatnonzero((~mask).ravel()))
+    assert_array_equal(dwi.masked(), data[~mask])
+
+
 def test_masked_real_data(mdt_dwi):
     """NIfTI data are F-ordered: rows come in storage order, named by masked_index."""
     data, idx = mdt_dwi.data, mdt_dwi.masked_index()

@@ -52,6 +52,60 @@ def test_one_thread_runs_in_the_caller():
     assert available_threads() >= 1
 
 
+def test_beside_runs_both_at_once_and_returns_both():
+    """side runs in a second thread while main runs here: main waits for a
+    signal only side gives (a serial call would time out)."""
+    started = threading.Event()
+    caller = threading.get_ident()
+
+    def main():
+        assert started.wait(timeout=10), "side did not run beside main"
+        return "main", threading.get_ident()
+
+    def side():
+        started.set()
+        return "side", threading.get_ident()
+
+    (m, m_thread), (s, s_thread) = parallel.beside(main, side, n_threads=2)
+    assert (m, s) == ("main", "side") and m_thread == caller != s_thread
+
+
+def test_beside_raises_mains_error_first_and_after_side_ended():
+    side_done = []
+
+    def slow_side(error=None):
+        time.sleep(0.2)
+        side_done.append(True)
+        if error:
+            raise error
+        return 1
+
+    def failing_main():
+        raise ValueError("main")
+
+    with pytest.raises(ValueError, match="main"):
+        parallel.beside(failing_main, lambda: slow_side(KeyError("side")), n_threads=2)
+    assert side_done == [True]               # joined before the error came out
+    with pytest.raises(KeyError, match="side"):
+        parallel.beside(lambda: 0, lambda: slow_side(KeyError("side")), n_threads=2)
+
+
+def test_beside_with_one_thread_is_the_serial_call():
+    order, caller = [], threading.get_ident()
+
+    def part(name):
+        order.append((name, threading.get_ident()))
+        return name
+
+    assert parallel.beside(lambda: part("main"), lambda: part("side"), n_threads=1) == \
+        ("main", "side")
+    assert order == [("main", caller), ("side", caller)]
+    with pytest.raises(ValueError):     # serial: main's error, side never runs
+        parallel.beside(lambda: (_ for _ in ()).throw(ValueError("m")),
+                        lambda: part("never"), n_threads=1)
+    assert ("never", caller) not in order
+
+
 # ---------------------------------------------------------------------------
 # reduce: results handed over in order, memory bounded
 # ---------------------------------------------------------------------------
