@@ -44,9 +44,15 @@ REGISTRATIONS = ("syn", "affine", "identity")
 #: many pipelines register dMRI through) over its median in the mask. The
 #: simulated site effect scales the b0-normalised signal only, so it leaves
 #: this image unchanged; a real site's TE/TR change its tissue contrast
-#: (measured with a TE difference, docs/harmonization-studies.md, "A b0
-#: registration contrast"). Library only: the engine's features nodes do
-#: not save the mean b0.
+#: (site B at TE 60 against 89.5 ms: grey/white 1.51 -> 1.34). Measured
+#: (bench/harmonize_bias.py, FA beside it): it registers far worse on the
+#: phantoms (brain seed 0: known-warp gap A-B 0.50 -> 2.03 mm, spread of the
+#: reference persons 0.41 -> 1.36 mm; white matter has one T2/PD, so no
+#: structure inside it: CV 0.16 against FA's 0.32) and leaves a larger,
+#: significant residual (largest |d| 0.76 / 0.76 -> 1.46 / 1.66 brain seed 0,
+#: 0.41 / 0.29 -> 1.49 / 1.58 geometric; 3.58 / 3.69 with the TE
+#: difference): rejected, kept so the study reproduces. Library only: the
+#: engine's features nodes do not save the mean b0.
 #: Not kept: ``sqrt(RISH_l2 / RISH_l0)`` (FA-like): its low-signal voxels
 #: reach 10-14 x its median, and SyN on it did not reproduce (a 0.1 %
 #: intensity jitter moved the transform 0.07 mm, an exact site scaling 0.23
