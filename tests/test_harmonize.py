@@ -1101,6 +1101,20 @@ def contrast_artefact():
     return art, tar
 
 
+def _check_apply_registers_through(back, subject, contrast: str) -> None:
+    """Apply to ``subject`` (scan, features), registering it itself, equals
+    apply through the subject's affine registration in ``contrast`` and
+    differs from apply through its FA (what ignoring the contrast would do)."""
+    s, f = subject
+    out = H.apply_harmonization(as_dwi(s.dwi, s), None, back)[0]
+
+    def through(img):
+        t = H.register_fa(img, s.affine, back.template_fa, back.template_affine, "affine")
+        return H.apply_harmonization(as_dwi(s.dwi, s), None, back, transform=t)[0]
+    np.testing.assert_array_equal(out, through(H.registration_image(f, contrast, back.shells)))
+    assert not np.array_equal(out, through(H.masked_fa(f)))
+
+
 def test_artefact_records_the_contrast_and_apply_registers_through_it(contrast_artefact,
                                                                       tmp_path):
     """The contrast is written, read back, and used by apply for a subject it
@@ -1115,15 +1129,8 @@ def test_artefact_records_the_contrast_and_apply_registers_through_it(contrast_a
     assert meta["format_version"] == H.ARTEFACT_FORMAT_VERSION
     back = H.HarmonizationArtefact.load(folder)
     assert back.registration_contrast == "rish-l2" and back.content_id == art.content_id
-    s, f = tar[0]
-    out, info = H.apply_harmonization(as_dwi(s.dwi, s), None, back)
-
-    def through(img):
-        t = H.register_fa(img, s.affine, back.template_fa, back.template_affine, "affine")
-        return H.apply_harmonization(as_dwi(s.dwi, s), None, back, transform=t)[0]
-    np.testing.assert_array_equal(out, through(H.registration_image(f, "rish-l2",
-                                                                    back.shells)))
-    assert not np.array_equal(out, through(H.masked_fa(f)))
+    _check_apply_registers_through(back, tar[0], "rish-l2")
+    s = tar[0][0]
     with pytest.raises(H.HarmonizationError, match="re-register through the harmonised FA"):
         H.apply_harmonization(as_dwi(s.dwi, s), None, back, refit_rounds=1)
 
@@ -1192,14 +1199,7 @@ def test_b0_artefact_template_and_apply_go_through_the_mean_b0(b0_artefact, tmp_
     assert H._read_json(folder / H.ARTEFACT_JSON, "artefact")["registration_contrast"] == "b0"
     back = H.HarmonizationArtefact.load(folder)
     assert back.registration_contrast == "b0" and back.content_id == art.content_id
-    s, f = tar[0]
-    out, _ = H.apply_harmonization(as_dwi(s.dwi, s), None, back)
-
-    def through(img):
-        t = H.register_fa(img, s.affine, back.template_fa, back.template_affine, "affine")
-        return H.apply_harmonization(as_dwi(s.dwi, s), None, back, transform=t)[0]
-    np.testing.assert_array_equal(out, through(H.registration_image(f, "b0")))
-    assert not np.array_equal(out, through(H.masked_fa(f)))
+    _check_apply_registers_through(back, tar[0], "b0")
 
 
 def test_artefact_without_contrast_reads_as_fa(contrast_artefact, tmp_path):
