@@ -35,6 +35,7 @@ from dataclasses import replace
 import numpy as np
 
 from dmriflow.interfaces import harmonize as H
+from dmriflow.interfaces.sim import phantom
 from dmriflow.interfaces.sim import unpaired as U
 
 
@@ -118,6 +119,10 @@ def main() -> None:
     ap.add_argument("--target-snr", type=float, default=U.SITE_B.snr)
     ap.add_argument("--lmax", type=int, default=U.STUDY_LMAX, help="harmonization lmax")
     ap.add_argument("--reference-snr", type=float, default=U.SITE_A.snr)
+    ap.add_argument("--reference-te", type=float, default=U.SITE_A.te_ms,
+                    help="site A's echo time (ms; default the phantom's)")
+    ap.add_argument("--target-te", type=float, default=U.SITE_B.te_ms,
+                    help="site B's echo time (ms; default the phantom's)")
     ap.add_argument("--template-eval", action="store_true",
                     help="also evaluate in template space: every held-out scan's maps warped "
                          "to the template, means over the engine's template white matter "
@@ -145,15 +150,17 @@ def main() -> None:
                          "'nearest' only)")
     opts = ap.parse_args()
     t0 = time.perf_counter()
-    sites = (replace(U.SITE_A, snr=opts.reference_snr), replace(U.SITE_B, voxel_mm=opts.target_voxel,
-                                           snr=opts.target_snr))
+    sites = (replace(U.SITE_A, snr=opts.reference_snr, te_ms=opts.reference_te),
+             replace(U.SITE_B, voxel_mm=opts.target_voxel, snr=opts.target_snr,
+                     te_ms=opts.target_te))
     ref, tar = sites[0].name, sites[1].name
     kw = {"anatomy": opts.anatomy, "shape": tuple(opts.shape)}
     cohorts = {"unpaired": U.unpaired_study(opts.n_fit, opts.seed, sites, **kw)}
     cohorts["paired"] = {ref: cohorts["unpaired"][ref],
                          tar: [U.scan(sc.person, sites[1], **kw) for sc in cohorts["unpaired"][ref]]}
     test = U.held_out(opts.n_held_out, opts.seed, sites, **kw)
-    feats = {(d, s): U.features(c[s], opts.lmax, noise_floor=1 in opts.noise_floor)
+    b0 = H.B0_CONTRAST in opts.contrasts
+    feats = {(d, s): U.features(c[s], opts.lmax, noise_floor=1 in opts.noise_floor, b0=b0)
              for d, c in cohorts.items() for s in (ref, tar)}
     m_ref = [U.measures(sc, lmax=opts.lmax) for sc in test[ref]]
     m_bef = [U.measures(sc, lmax=opts.lmax) for sc in test[tar]]
@@ -183,14 +190,14 @@ def main() -> None:
                 for sc, f in zip(c[s], feats[(d, s)]):
                     if f.subject not in reg:
                         reg[f.subject] = register(f, factors=g, sc=sc)
-        held_feats = U.features(test[tar])
+        held_feats = U.features(test[tar], b0=b0)
         # held-out target transforms per design (one set unless they depend on its factors)
         held_d = {d: [register(f, factors=factors[d], sc=sc)
                       for sc, f in zip(test[tar], held_feats)]
                   for d in (cohorts if site_scaled else ["unpaired"])}
         held_d.setdefault("paired", held_d["unpaired"])
         held_ref = ([register(f)
-                     for f in U.features(test[ref])]
+                     for f in U.features(test[ref], b0=b0)]
                     if opts.template_eval or opts.share_transforms or opts.anatomy == "brain"
                     else [])
         if opts.share_transforms:
@@ -202,6 +209,7 @@ def main() -> None:
         print(f"setup {time.perf_counter() - t0:.0f} s, load1 {load1()}; seed {opts.seed}, "
               f"anatomy {opts.anatomy}, grid {opts.shape}, site A SNR {opts.reference_snr:g}, "
               f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
+              f"{'' if opts.reference_te is None and opts.target_te is None else ', TE A %s / B %s ms' % (opts.reference_te or phantom.HCP_TE_MS, opts.target_te or phantom.HCP_TE_MS)}"
               f"{', shared transforms' if opts.share_transforms else ''}; registration contrast "
               f"{contrast}", flush=True)
         if opts.anatomy == "brain":

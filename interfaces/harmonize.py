@@ -44,8 +44,8 @@ import numpy as np
 from . import codec, sh
 from .dti import DTI_MAX_BVAL, dti_shells
 from .errors import InputError, check_choice
-from .harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, LIBRARY_ONLY_CONTRASTS,
-                                REGISTRATION_CONTRASTS, REGISTRATIONS)
+from .harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, REGISTRATION_CONTRASTS,
+                                REGISTRATIONS)
 from .gradients import SHELL_GAP, GradientTable, match_shell
 from .io import (DWI, atomic_write, copy_file, file_sha256, pipeline_version, save_nifti,
                  storage_rows, write_json)
@@ -105,6 +105,9 @@ RISH_CONTRAST_ORDERS = {"rish-l2": (2,), "rish-l0": (0,), "rish-l0l2": (0, 2)}
 #: after the global site scaling (:func:`site_scaling_factors`,
 #: :func:`site_scaled_fa`); its reference subjects and template use FA.
 SITE_SCALED_CONTRAST = "fa-sitescaled"
+#: The contrast of the mean b0 image (:func:`mean_b0`), which features hold
+#: only when asked (``subject_features(..., b0=True)``).
+B0_CONTRAST = "b0"
 #: The contrast of artefacts written before the contrast was recorded.
 LEGACY_REGISTRATION_CONTRAST = "fa"
 #: Affine stages (dipy ``AffineRegistration``): iterations per pyramid level
@@ -678,6 +681,9 @@ class SubjectFeatures:
     #: None: not estimated, e.g. fewer than ``NOISE_MIN_B0`` b0 volumes).
     noise_var: np.ndarray | None = None
     noise_gain: dict | None = None
+    #: The mean of the b0 volumes (X, Y, Z) float32, 0 outside the mask
+    #: (:func:`mean_b0`; None: not computed), for ``B0_CONTRAST``.
+    b0: np.ndarray | None = None
 
     def content_hash(self):
         """The given ``sha256``, else sha256 over the arrays (FA, mask, affine, RISH)."""
@@ -691,6 +697,9 @@ class SubjectFeatures:
             h.update(np.ascontiguousarray(self.rish[b], dtype=np.float32).tobytes())
         if self.noise_var is not None:
             h.update(np.ascontiguousarray(self.noise_var, dtype=np.float32).tobytes())
+        if self.b0 is not None:
+            h.update(b"b0")
+            h.update(np.ascontiguousarray(self.b0, dtype=np.float32).tobytes())
         return h.hexdigest()
 
 
@@ -820,9 +829,24 @@ def debiased_rish(rish: np.ndarray, noise: np.ndarray,
     return np.maximum(r - noise, np.float32(min_fraction) * r)
 
 
+def mean_b0(dwi: DWI) -> np.ndarray:
+    """The mean of ``dwi``'s b0 volumes per mask voxel (X, Y, Z) float32, 0
+    elsewhere: the T2-weighted image ``B0_CONTRAST`` registers through (the
+    RISH maps' normalisation, :func:`rish_maps`)."""
+    b0 = np.flatnonzero(dwi.gtab.b0s_mask)
+    if b0.size == 0:
+        raise HarmonizationError(f"{dwi.paths.get('dwi', 'DWI')}: no b0 volume")
+    out = np.zeros(int(np.prod(dwi.mask.shape)), dtype=np.float32)
+    where_all, pos = dwi.masked_index(), 0
+    for rows in dwi.masked(sh.chunk_voxels(len(dwi.gtab), None)):
+        out[where_all[pos:pos + rows.shape[0]]] = rows[:, b0].mean(axis=1, dtype=np.float64)
+        pos += rows.shape[0]
+    return out.reshape(dwi.mask.shape)
+
+
 def subject_features(dwi: DWI, subject: str, lmax: int, *, shells: Sequence[float] | None = None,
                      fa: np.ndarray | None = None, sha256=None,
-                     noise_floor: bool = False) -> SubjectFeatures:
+                     noise_floor: bool = False, b0: bool = False) -> SubjectFeatures:
     """FA (DTI on b <= DTI_MAX_BVAL unless given) and per-shell RISH of one DWI.
 
     ``sha256`` defaults to the hashes of the DWI's files when it was loaded
@@ -831,6 +855,7 @@ def subject_features(dwi: DWI, subject: str, lmax: int, *, shells: Sequence[floa
     ``noise_floor``: also estimate the RISH noise floor (``noise_var``,
     ``noise_gain``; one more pass over the b0 volumes) for
     ``fit_harmonization(noise_floor=True)``; needs ``NOISE_MIN_B0`` b0s.
+    ``b0``: also the mean b0 image (:func:`mean_b0`), for ``B0_CONTRAST``.
     """
     names = _select_shells(dwi, shells) if shells else None
     if fa is None:
@@ -840,11 +865,12 @@ def subject_features(dwi: DWI, subject: str, lmax: int, *, shells: Sequence[floa
     if noise_floor:
         noise_var = relative_noise_variance(dwi)[0]
         noise_gain = rish_noise_gain(dwi.gtab, lmax, list(rish))
+    mean = mean_b0(dwi) if b0 else None
     if sha256 is None and dwi.paths:
         sha256 = {k: file_sha256(p) for k, p in sorted(dwi.paths.items())
                   if p and os.path.isfile(p)} or None
     return SubjectFeatures(subject, np.asarray(fa, dtype=np.float32), dwi.affine, dwi.mask,
-                           rish, sha256, noise_var, noise_gain)
+                           rish, sha256, noise_var, noise_gain, mean)
 
 
 def _select_shells(dwi: DWI, shells: Sequence[float]) -> list[float]:
@@ -958,10 +984,17 @@ def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_
     template; a target subject registers through :func:`site_scaled_fa` of
     its DWI instead, which features do not hold (:func:`fit_harmonization`
     and :func:`apply_harmonization` do that).
+    ``B0_CONTRAST``: the mean b0 (``f.b0``) over its median in the mask, so a
+    site's global intensity (receive gain) cancels as for the RISH images.
     """
     mask = np.asarray(f.mask, dtype=bool)
     if check_registration_contrast(contrast) in ("fa", SITE_SCALED_CONTRAST):
         return masked_fa(f)
+    if contrast == B0_CONTRAST:
+        if f.b0 is None:
+            raise HarmonizationError(f"subject {f.subject!r}: contrast {B0_CONTRAST!r} needs the "
+                                     f"mean b0 image (subject_features(..., b0=True))")
+        return _unit_median(np.asarray(f.b0, dtype=np.float32), mask)
     by_b = {float(b): v for b, v in f.rish.items()}
     want = min(float(b) for b in (shells or by_b))
     key = match_shell(want, by_b)
@@ -1904,7 +1937,7 @@ def fit_from_terms(reference: Sequence[Callable[[], SubjectTerms]],
     if scale_estimator in _NATIVE_ESTIMATORS:
         raise ValueError(f"scale_estimator {scale_estimator!r} forms its terms on each "
                          f"subject's grid: use fit_harmonization")
-    if registration_contrast in LIBRARY_ONLY_CONTRASTS:
+    if registration_contrast == SITE_SCALED_CONTRAST:
         raise ValueError(f"registration_contrast {registration_contrast!r} registers the "
                          f"target subjects through their site-scaled DWI, which terms do not "
                          f"hold: use fit_harmonization")
@@ -2195,8 +2228,10 @@ def dwi_registration_image(dwi: DWI, artefact: HarmonizationArtefact,
     the unscaled data, is not used)."""
     source = dwi.paths.get("dwi", subject) if dwi.paths else subject
     grid = dwi.mask.shape
-    rish = {}
-    if artefact.registration_contrast == SITE_SCALED_CONTRAST:
+    rish, b0 = {}, None
+    if artefact.registration_contrast == B0_CONTRAST:
+        b0 = mean_b0(dwi)
+    elif artefact.registration_contrast == SITE_SCALED_CONTRAST:
         fa = site_scaled_fa(dwi, artefact.site_factors, artefact.lmax, source=source)
     elif artefact.registration_contrast == "fa":
         fa = np.asarray(dti_fa(dwi) if fa is None else fa, dtype=np.float32)
@@ -2206,7 +2241,7 @@ def dwi_registration_image(dwi: DWI, artefact: HarmonizationArtefact,
         lowest = min(artefact.shells)
         shell = match_artefact_shells(dwi.gtab, artefact, source)[lowest]
         rish = {lowest: rish_maps(dwi, artefact.lmax, [shell])[shell]}
-    f = SubjectFeatures(subject, fa, dwi.affine, dwi.mask, rish)
+    f = SubjectFeatures(subject, fa, dwi.affine, dwi.mask, rish, b0=b0)
     return registration_image(f, artefact.registration_contrast, artefact.shells)
 
 

@@ -40,15 +40,34 @@ REGISTRATIONS = ("syn", "affine", "identity")
 #: shared transforms); but less group effect than FA in every brain cell
 #: (up to -0.043) and geometric seed 0 worse (0.26 -> 0.37 paired), so an
 #: option, not the default.
+#: "b0": the mean of the subject's b0 volumes (T2-weighted, the contrast
+#: many pipelines register dMRI through) over its median in the mask. The
+#: simulated site effect scales the b0-normalised signal only, so it leaves
+#: this image unchanged; a real site's TE/TR change its tissue contrast
+#: (site B at TE 60 against 89.5 ms: grey/white 1.51 -> 1.34). Measured
+#: (bench/harmonize_bias.py, FA beside it): it registers far worse on the
+#: phantoms (brain seed 0: known-warp gap A-B 0.50 -> 2.03 mm, spread of the
+#: reference persons 0.41 -> 1.36 mm; white matter has one T2/PD, so no
+#: structure inside it: CV 0.16 against FA's 0.32) and leaves a larger,
+#: significant residual (largest |d| 0.76 / 0.76 -> 1.46 / 1.66 brain seed 0,
+#: 0.41 / 0.29 -> 1.49 / 1.58 geometric; 3.58 / 3.69 with the TE
+#: difference): rejected, kept so the study reproduces. Library only: the
+#: engine's features nodes do not save the mean b0.
 #: Not kept: ``sqrt(RISH_l2 / RISH_l0)`` (FA-like): its low-signal voxels
 #: reach 10-14 x its median, and SyN on it did not reproduce (a 0.1 %
 #: intensity jitter moved the transform 0.07 mm, an exact site scaling 0.23
 #: mm; docs/harmonization.md).
-REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0", "rish-l0l2", "fa-sitescaled")
-#: Contrasts the engine (``dmriflow harmonize fit``) does not run: its
-#: per-subject registration nodes see features, not the DWI a site-scaled FA
-#: is fitted from.
-LIBRARY_ONLY_CONTRASTS = ("fa-sitescaled",)
+REGISTRATION_CONTRASTS = ("fa", "rish-l2", "rish-l0", "rish-l0l2", "fa-sitescaled", "b0")
+#: Contrasts the engine (``dmriflow harmonize fit``) does not run, and why:
+#: its per-subject registration nodes see the features nodes' files (FA,
+#: mask, RISH), not the DWI a site-scaled FA is fitted from nor a mean b0.
+LIBRARY_ONLY_CONTRASTS = {
+    "fa-sitescaled": "the target subjects' DWI must reach their registration (a site-scaled "
+                     "FA), which the per-subject nodes do not have; fit it with the library "
+                     "(fit_harmonization with site_scaled_fa)",
+    "b0": "the features nodes do not save the mean b0; fit it with the library "
+          "(subject_features(..., b0=True), fit_harmonization)",
+}
 #: The contrasts ``dmriflow harmonize fit`` offers.
 ENGINE_REGISTRATION_CONTRASTS = tuple(c for c in REGISTRATION_CONTRASTS
                                       if c not in LIBRARY_ONLY_CONTRASTS)

@@ -260,18 +260,19 @@ def test_the_command_refuses_an_unknown_contrast():
         harmonization_fit.Options(reference="a", target="b", registration_contrast="t1")
 
 
-def test_the_command_refuses_the_library_only_contrast(capsys):
+@pytest.mark.parametrize("contrast, why", [("fa-sitescaled", "site-scaled FA"),
+                                           ("b0", "mean b0")])
+def test_the_command_refuses_the_library_only_contrast(capsys, contrast, why):
     """``fa-sitescaled`` registers target subjects through their site-scaled
-    DWI, which the engine's per-subject nodes do not have: the step refuses
-    it by name (not as an unknown value), and the command line does not offer it."""
+    DWI, ``b0`` through the mean b0, neither of which the engine's
+    per-subject nodes have: the step refuses each by name, saying why (not as
+    an unknown value), and the command line does not offer it."""
     from dmriflow.interfaces.steps import harmonization_fit
-    with pytest.raises(ValueError, match="not run by the engine"):
-        harmonization_fit.Options(reference="a", target="b",
-                                  registration_contrast="fa-sitescaled")
+    with pytest.raises(ValueError, match=f"not run by the engine.*{why}"):
+        harmonization_fit.Options(reference="a", target="b", registration_contrast=contrast)
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["harmonize", "fit", "in", "out", "--reference", "a",
-                                       "--target", "b", "--registration-contrast",
-                                       "fa-sitescaled"])
+                                       "--target", "b", "--registration-contrast", contrast])
     assert "invalid choice" in capsys.readouterr().err
 
 

@@ -1101,6 +1101,20 @@ def contrast_artefact():
     return art, tar
 
 
+def _check_apply_registers_through(back, subject, contrast: str) -> None:
+    """Apply to ``subject`` (scan, features), registering it itself, equals
+    apply through the subject's affine registration in ``contrast`` and
+    differs from apply through its FA (what ignoring the contrast would do)."""
+    s, f = subject
+    out = H.apply_harmonization(as_dwi(s.dwi, s), None, back)[0]
+
+    def through(img):
+        t = H.register_fa(img, s.affine, back.template_fa, back.template_affine, "affine")
+        return H.apply_harmonization(as_dwi(s.dwi, s), None, back, transform=t)[0]
+    np.testing.assert_array_equal(out, through(H.registration_image(f, contrast, back.shells)))
+    assert not np.array_equal(out, through(H.masked_fa(f)))
+
+
 def test_artefact_records_the_contrast_and_apply_registers_through_it(contrast_artefact,
                                                                       tmp_path):
     """The contrast is written, read back, and used by apply for a subject it
@@ -1115,17 +1129,77 @@ def test_artefact_records_the_contrast_and_apply_registers_through_it(contrast_a
     assert meta["format_version"] == H.ARTEFACT_FORMAT_VERSION
     back = H.HarmonizationArtefact.load(folder)
     assert back.registration_contrast == "rish-l2" and back.content_id == art.content_id
-    s, f = tar[0]
-    out, info = H.apply_harmonization(as_dwi(s.dwi, s), None, back)
-
-    def through(img):
-        t = H.register_fa(img, s.affine, back.template_fa, back.template_affine, "affine")
-        return H.apply_harmonization(as_dwi(s.dwi, s), None, back, transform=t)[0]
-    np.testing.assert_array_equal(out, through(H.registration_image(f, "rish-l2",
-                                                                    back.shells)))
-    assert not np.array_equal(out, through(H.masked_fa(f)))
+    _check_apply_registers_through(back, tar[0], "rish-l2")
+    s = tar[0][0]
     with pytest.raises(H.HarmonizationError, match="re-register through the harmonised FA"):
         H.apply_harmonization(as_dwi(s.dwi, s), None, back, refit_rounds=1)
+
+
+def _noise_free_b0(seed, site=None, shells=(BVAL,)):
+    """:func:`_noise_free` with the mean b0 image in the features."""
+    s = phantom.simulate_subject(CONTRAST_SHAPE, seed=seed, snr=None, scheme=scheme(shells),
+                                 site=site or phantom.SiteEffect(name="siteA"))
+    return s, H.subject_features(as_dwi(s.dwi, s), f"s{seed}{s.site}", LMAX, b0=True)
+
+
+def test_b0_contrast_is_the_mean_b0_which_a_per_order_site_scaling_leaves_unchanged():
+    """``b0``: the mean of the b0 volumes over its median in the mask. On a
+    noise-free phantom it is the truth ``s0`` (over its median; the b0s are
+    stored at b=5, so CSF is up to 1.5 % lower); the site's per-order SH
+    scaling of the b0-normalised signal leaves it bit-identical (so its
+    registration too), where it changes FA. Apply recomputes it from the DWI
+    as the features do, for data held as 4D arrays and as mask rows."""
+    s, f = _noise_free_b0(31)
+    sb, fb = _noise_free_b0(31, phantom.SiteEffect(name="siteB", rish_scale=SCALE))
+    img = H.registration_image(f, "b0")
+    m = s.mask
+    s0 = np.where(m, s.truth["s0"], 0)
+    truth = s0 / np.median(s0[m])
+    assert np.all(img[~m] == 0)
+    np.testing.assert_allclose(img[m], truth[m], rtol=0.02)
+    assert np.median(img[m]) == pytest.approx(1.0)
+    b0 = s.gtab.b0s_mask
+    np.testing.assert_allclose(f.b0[m], s.dwi[m][:, b0].mean(axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(H.registration_image(fb, "b0"), img)
+    assert np.abs(H.masked_fa(fb) - H.masked_fa(f))[m].max() > 0.02
+    rows = as_dwi(s.dwi, s)
+    rows = dataclasses.replace(rows, rows=rows.masked(), data=None)
+    np.testing.assert_array_equal(H.mean_b0(rows), f.b0)
+    with pytest.raises(H.HarmonizationError, match="needs the mean b0"):
+        H.registration_image(dataclasses.replace(f, b0=None), "b0")
+
+
+@pytest.fixture(scope="module")
+def b0_artefact():
+    """An affine fit through ``b0`` on noise-free phantoms (3 + 3; the target
+    site's SH scaled per order)."""
+    site = phantom.SiteEffect(name="siteB", rish_scale=SCALE)
+    ref = [_noise_free_b0(k) for k in (41, 42, 43)]
+    tar = [_noise_free_b0(k, site) for k in (44, 45, 46)]
+    art = H.fit_harmonization([f for _, f in ref], [f for _, f in tar], [BVAL], LMAX,
+                              registration="affine", template_iterations=1,
+                              registration_contrast="b0")
+    return art, ref, tar
+
+
+def test_b0_artefact_template_and_apply_go_through_the_mean_b0(b0_artefact, tmp_path):
+    """The template is the reference subjects' mean b0 image (one round: the
+    first reference subject's, the others registered to it and averaged,
+    as for every contrast); the artefact records ``b0``, and apply, which
+    registers a subject itself from its DWI, equals apply through that
+    subject's mean-b0 registration, not through its FA."""
+    art, ref, tar = b0_artefact
+    first = H.registration_image(ref[0][1], "b0")
+    expect = H.template_mean([f for _, f in ref], first.shape,
+                             lambda f, img: H.register_fa(img, f.affine, first, ref[0][0].affine,
+                                                          "affine"),
+                             first_round=True, image=lambda f: H.registration_image(f, "b0"))
+    np.testing.assert_array_equal(art.template_fa, expect)
+    folder = art.save(tmp_path / "harm")
+    assert H._read_json(folder / H.ARTEFACT_JSON, "artefact")["registration_contrast"] == "b0"
+    back = H.HarmonizationArtefact.load(folder)
+    assert back.registration_contrast == "b0" and back.content_id == art.content_id
+    _check_apply_registers_through(back, tar[0], "b0")
 
 
 def test_artefact_without_contrast_reads_as_fa(contrast_artefact, tmp_path):

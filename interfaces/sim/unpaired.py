@@ -82,13 +82,18 @@ HELD_OUT_OFFSET = 5000
 
 @dataclass(frozen=True)
 class Site:
-    """A scanner: voxel size (mm), SNR (mean white-matter b0 / sigma) and the
-    SH scaling ``{shell: {order: scale}}`` of its signal (None = none)."""
+    """A scanner: voxel size (mm), SNR (mean white-matter b0 / sigma), the
+    SH scaling ``{shell: {order: scale}}`` of its signal (None = none) and
+    its echo time ``te_ms`` (None: the phantom's default, ``phantom.HCP_TE_MS``):
+    TE changes the b0 contrast (``s0 = pd exp(-TE / t2)`` per tissue) and,
+    through the tissues' weights in partial-volume voxels, the b0-normalised
+    signal too."""
 
     name: str
     voxel_mm: float = STUDY_VOXEL_MM
     snr: float = 30.0
     rish_scale: Mapping | None = None
+    te_ms: float | None = None
 
 
 #: The default pair: reference site A; target site B at coarser voxels, lower
@@ -194,7 +199,7 @@ def scan(person: Person, site: Site, *, shape: Sequence[int] = STUDY_SHAPE,
     phantom's brain (:mod:`.brain`), whose own per-person non-linear warp is
     exact (the template sampled through it), so no resampling warp follows."""
     gtab = study_scheme() if scheme is None else scheme
-    grid_site = phantom.SiteEffect(name=site.name, voxel_size=site.voxel_mm)
+    grid_site = phantom.SiteEffect(name=site.name, voxel_size=site.voxel_mm, te=site.te_ms)
     s = phantom.simulate_subject(shape, seed=person.seed, snr=None, scheme=gtab,
                                  voxel_size=voxel_mm, site=grid_site, anatomy=anatomy)
     grid = s.dwi.shape[:3]
@@ -236,7 +241,8 @@ def scan(person: Person, site: Site, *, shape: Sequence[int] = STUDY_SHAPE,
     subject = replace(s, dwi=noisy.astype(np.float32), mask=mask, truth=truth, snr=site.snr,
                       sigma=sigma, site=site.name, noise_free=clean)
     params = {"group": person.group, "seed": person.seed, "site": site.name,
-              "voxel_mm": site.voxel_mm, "snr": site.snr, "anatomy": anatomy,
+              "voxel_mm": site.voxel_mm, "snr": site.snr, "te_ms": site.te_ms,
+              "anatomy": anatomy,
               "rish_scale": None if not site.rish_scale else
               {f"{float(b):g}": dict(v) for b, v in site.rish_scale.items()}}
     return Scan(subject, person, site.name, params)
@@ -307,11 +313,12 @@ def measures(sc: Scan, data: np.ndarray | None = None, lmax: int = STUDY_LMAX) -
     return out
 
 
-def features(scans: Sequence[Scan], lmax: int = STUDY_LMAX, noise_floor: bool = False) -> list:
+def features(scans: Sequence[Scan], lmax: int = STUDY_LMAX, noise_floor: bool = False,
+             b0: bool = False) -> list:
     """The harmonization fit's inputs (FA + RISH; with ``noise_floor`` the
-    RISH noise estimate too) of the scans."""
+    RISH noise estimate too, with ``b0`` the mean b0 image) of the scans."""
     from .. import harmonize as H
-    return [H.subject_features(as_dwi(sc), sc.label, lmax, noise_floor=noise_floor)
+    return [H.subject_features(as_dwi(sc), sc.label, lmax, noise_floor=noise_floor, b0=b0)
             for sc in scans]
 
 
@@ -389,7 +396,8 @@ def validate(design: str = "unpaired", n_fit: int = 12, n_held_out: int = 12, se
     fit = make(n_fit, seed, sites, **scan_kw)
     test = held_out(n_held_out, seed, sites, **scan_kw)
     t0 = time.perf_counter()
-    feats = {name: features(scans) for name, scans in fit.items()}
+    b0 = fit_options.get("registration_contrast") == H.B0_CONTRAST
+    feats = {name: features(scans, b0=b0) for name, scans in fit.items()}
     art = H.fit_harmonization(feats[ref_site], feats[tar_site], list(STUDY_SHELLS), STUDY_LMAX,
                               reference_site=ref_site, target_site=tar_site, **fit_options)
     t_fit = (time.perf_counter() - t0) / (2 * n_fit)

@@ -42,10 +42,8 @@ class Options:
         check_choice("registration", self.registration, REGISTRATIONS)
         if self.registration_contrast in LIBRARY_ONLY_CONTRASTS:
             raise ValueError(f"registration_contrast {self.registration_contrast!r} is not run "
-                             f"by the engine: the target subjects' DWI must reach their "
-                             f"registration (a site-scaled FA), which the per-subject nodes "
-                             f"do not have; fit it with the library (fit_harmonization with "
-                             f"site_scaled_fa)")
+                             f"by the engine: "
+                             f"{LIBRARY_ONLY_CONTRASTS[self.registration_contrast]}")
         check_choice("registration_contrast", self.registration_contrast,
                      ENGINE_REGISTRATION_CONTRASTS)
         if self.smoothing_fwhm < 0:
