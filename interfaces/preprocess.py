@@ -1086,6 +1086,7 @@ def _kellner_lines(x, n_points: int, torch, n_threads: int = 1):
     k_of = torch.arange(3 * half + 1)
     k_of = torch.where(k_of > half, 3 * half - k_of, k_of)          # code -> offset k
     u_of = k_of.float() / K                                         # code -> offset u
+    start_of = k_of * T + P + 2                                     # code -> y_u(0) in a row
     lpos = torch.arange(N)
     out = torch.empty_like(x)
     rows = max(1, KELLNER_CHUNK_BYTES // (4 * K * T))
@@ -1116,12 +1117,11 @@ def _kellner_lines(x, n_points: int, torch, n_threads: int = 1):
                              torch.minimum(right[:, half:, :N].amin(dim=1),
                                            left[:, half:, :N].amin(dim=1)))
         c = best.bitwise_and_((1 << _CODE_BITS) - 1).long()
-        u = u_of[c]
         flat = y.view(n, K * T)
-        at = k_of[c] * T + (lpos + P + 2)
+        at = start_of.take(c).add_(lpos)                         # y_u(t), u the best's
         y1 = flat.gather(1, at)
-        y0 = flat.gather(1, at - 1)
-        out[r0:r0 + n] = torch.lerp(y1, y0, u)
+        y0 = flat.gather(1, at.sub_(1))
+        torch.lerp(y1, y0, u_of.take(c), out=out[r0:r0 + n])
 
     map_chunks(chunk, range(0, L, rows), n_threads)
     return out
