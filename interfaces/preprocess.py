@@ -840,9 +840,9 @@ def degibbs(data: np.ndarray, slice_axis: int = 2, n_points: int = GIBBS_TV_POIN
     rounding either may win, as between dipy's own float32 and float64
     runs. ``num_processes`` threads (default: the cores this process may
     use) each run single-threaded torch. 3D or 4D input, float32
-    output into ``out`` (may be ``data`` itself); one volume is in flight
-    (~32 bytes per voxel). NaN/Inf input is an error (an FFT would spread it
-    over the slice).
+    output into ``out`` (may be ``data`` itself); one volume per thread is in
+    flight (~32 bytes per voxel each). NaN/Inf input is an error (an FFT
+    would spread it over the slice).
     """
     data = np.asarray(data)
     if data.ndim not in (3, 4):
