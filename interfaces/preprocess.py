@@ -9,9 +9,11 @@ float64 copy of a 4D series: a full HCP subject (145x174x145x288) is 4.2 GB.
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import lru_cache
 
 import numpy as np
 
@@ -838,9 +840,9 @@ def degibbs(data: np.ndarray, slice_axis: int = 2, n_points: int = GIBBS_TV_POIN
     rounding either may win, as between dipy's own float32 and float64
     runs. ``num_processes`` threads (default: the cores this process may
     use) each run single-threaded torch. 3D or 4D input, float32
-    output into ``out`` (may be ``data`` itself); one volume is in flight
-    (~32 bytes per voxel). NaN/Inf input is an error (an FFT would spread it
-    over the slice).
+    output into ``out`` (may be ``data`` itself); one volume per thread is in
+    flight (~32 bytes per voxel each). NaN/Inf input is an error (an FFT
+    would spread it over the slice).
     """
     data = np.asarray(data)
     if data.ndim not in (3, 4):
@@ -857,26 +859,35 @@ def degibbs(data: np.ndarray, slice_axis: int = 2, n_points: int = GIBBS_TV_POIN
     vols = data[..., None] if data.ndim == 3 else data
     dst = out[..., None] if data.ndim == 3 else out
     workers = max(1, int(num_processes or available_threads()))
-    # single-threaded torch on ``workers`` threads: OpenMP teams spin-wait
+
+    def one_volume(k, threads):
+        vol = np.ascontiguousarray(np.moveaxis(vols[..., k], slice_axis, 0),
+                                   dtype=np.float32)             # (slices, A, B)
+        if not np.isfinite(vol).all():
+            raise ValueError(f"degibbs input holds NaN/Inf values (volume {k})")
+        if engine == "dipy":
+            from dipy.denoise.gibbs import gibbs_removal
+            res = np.moveaxis(gibbs_removal(np.moveaxis(vol, 0, 2).copy(), slice_axis=2,
+                                            n_points=n_points, inplace=True,
+                                            num_processes=1), 2, 0)
+        elif engine == "kellner":
+            res = _kellner_slices(torch.from_numpy(vol), n_points, torch, threads).numpy()
+        else:
+            res = _unring_slices(torch.from_numpy(vol), n_points, torch, threads).numpy()
+        dst[..., k] = np.moveaxis(res, 0, slice_axis)
+
+    # Single-threaded torch on ``workers`` threads: OpenMP teams spin-wait
     # badly on a shared, busy machine (2 torch threads: 7x slower here).
-    # Volume by volume, so that each one's FFT batches (and rounding) do not
-    # depend on the other volumes.
+    # Whole volumes, one per worker, while there are enough to go round (no
+    # waiting for each other within a volume); the remaining few one after
+    # another, each spread over the workers. A volume's result does not
+    # depend on which way it runs.
+    n_vol = vols.shape[3]
+    whole = n_vol - n_vol % workers
     with _torch_threads(1) as torch:
-        for k in range(vols.shape[3]):
-            vol = np.ascontiguousarray(np.moveaxis(vols[..., k], slice_axis, 0),
-                                       dtype=np.float32)         # (slices, A, B)
-            if not np.isfinite(vol).all():
-                raise ValueError(f"degibbs input holds NaN/Inf values (volume {k})")
-            if engine == "dipy":
-                from dipy.denoise.gibbs import gibbs_removal
-                res = np.moveaxis(gibbs_removal(np.moveaxis(vol, 0, 2).copy(), slice_axis=2,
-                                                n_points=n_points, inplace=True,
-                                                num_processes=1), 2, 0)
-            elif engine == "kellner":
-                res = _kellner_slices(torch.from_numpy(vol), n_points, torch, workers).numpy()
-            else:
-                res = _unring_slices(torch.from_numpy(vol), n_points, torch, workers).numpy()
-            dst[..., k] = np.moveaxis(res, 0, slice_axis)
+        map_chunks(lambda k: one_volume(k, 1), range(whole), workers)
+        for k in range(whole, n_vol):
+            one_volume(k, workers)
     return out
 
 
@@ -1025,8 +1036,9 @@ _CODE_BITS = 6
 KELLNER_CHUNK_BYTES = 1 << 20
 
 
+@lru_cache(maxsize=4)     # a series' two in-plane sizes: built once (11 ms each), not per pass
 def _kellner_matrix(N: int, n_points: int, torch):
-    """(N, 2 nsh * (N + 2 n_points + 3)) float32: x @ M gives the line x
+    """(N, 2 nsh * (N + 2 n_points + 3)) float32, read-only: x @ M gives the line x
     resampled at offsets u = k / (2 nsh), k = 0..2 nsh - 1 (u = 0 is x itself),
     at positions -(n_points + 2)..N + n_points, i.e. the trigonometric
     interpolant (Nyquist bin dropped, as the original) at t + u, circular.
@@ -1074,32 +1086,42 @@ def _kellner_lines(x, n_points: int, torch, n_threads: int = 1):
     k_of = torch.arange(3 * half + 1)
     k_of = torch.where(k_of > half, 3 * half - k_of, k_of)          # code -> offset k
     u_of = k_of.float() / K                                         # code -> offset u
+    start_of = k_of * T + P + 2                                     # code -> y_u(0) in a row
     lpos = torch.arange(N)
     out = torch.empty_like(x)
     rows = max(1, KELLNER_CHUNK_BYTES // (4 * K * T))
+    local = threading.local()        # each thread's buffers, reused by its chunks
 
     def chunk(r0):
         xc = x[r0:r0 + rows]
         n = xc.shape[0]
-        y = (xc @ M).view(n, K, T)                               # y[.., P+2+t] = y_u(t)
-        a = torch.sub(y[..., 1:], y[..., :-1]).abs_()            # |y(t+1) - y(t)|
-        w = a[..., :T - P]                                       # P-difference sums
+        if not hasattr(local, "y"):  # fresh tensors per step: the sub alone took 1.3x
+            local.y, local.a = x.new_empty(rows, K * T), x.new_empty(rows, K, T - 1)
+            local.w = x.new_empty(rows, K, T - P)
+        y = torch.matmul(xc, M, out=local.y[:n]).view(n, K, T)  # y[.., P+2+t] = y_u(t)
+        a = torch.sub(y[..., 1:], y[..., :-1], out=local.a[:n]).abs_()  # |y(t+1) - y(t)|
+        w = local.w[:n]                                          # P-difference sums
         if P > 1:
-            w = w + a[..., 1:T - P + 1]
+            torch.add(a[..., :T - P], a[..., 1:T - P + 1], out=w)
+        else:
+            w.copy_(a[..., :T - P])
         for j in range(2, P):
             w += a[..., j:T - P + j]
         wi = w.view(torch.int32)
         wi.bitwise_and_(keep).bitwise_or_(code)
-        # tv[q]: min(right, left) for the shift at position q - 1, centre excluded
-        tv = torch.minimum(wi[..., P + 2:P + 3 + N], wi[..., :N + 1])
-        best = torch.minimum(tv[:, :half + 1, 1:].amin(dim=1), tv[:, half:, :N].amin(dim=1))
+        # the variation at position q - 1 for the shift at q: min(right, left)
+        # (centre excluded), minimised over the shifts of each side of the voxel
+        right, left = wi[..., P + 2:P + 3 + N], wi[..., :N + 1]
+        best = torch.minimum(torch.minimum(right[:, :half + 1, 1:].amin(dim=1),
+                                           left[:, :half + 1, 1:].amin(dim=1)),
+                             torch.minimum(right[:, half:, :N].amin(dim=1),
+                                           left[:, half:, :N].amin(dim=1)))
         c = best.bitwise_and_((1 << _CODE_BITS) - 1).long()
-        u = u_of[c]
         flat = y.view(n, K * T)
-        at = k_of[c] * T + (lpos + P + 2)
+        at = start_of.take(c).add_(lpos)                         # y_u(t), u the best's
         y1 = flat.gather(1, at)
-        y0 = flat.gather(1, at - 1)
-        out[r0:r0 + n] = torch.lerp(y1, y0, u)
+        y0 = flat.gather(1, at.sub_(1))
+        torch.lerp(y1, y0, u_of.take(c), out=out[r0:r0 + n])
 
     map_chunks(chunk, range(0, L, rows), n_threads)
     return out

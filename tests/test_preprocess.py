@@ -537,19 +537,45 @@ def _kellner_reference_line(x, nsh=20, n_points=3):
     return out
 
 
-@pytest.mark.parametrize("n,n_points", [(16, 3), (15, 3), (12, 2)])
-def test_degibbs_kellner_lines_equal_the_method_written_out(n, n_points):
+@pytest.mark.parametrize("n,n_points,rows", [(16, 3, 6), (15, 3, 6), (12, 2, 6), (16, 3, 4)])
+def test_degibbs_kellner_lines_equal_the_method_written_out(n, n_points, rows, monkeypatch):
     """The batched 1D step (one matrix product for 40 offsets, codes packed
     into the variations) equals the per-voxel loop to float32 rounding:
     measured 2.4e-6 and 3.0e-6 on values ~10 (1e-6 is float32's resolution
-    there; a tie within 2^-17 could pick another shift, none here)."""
+    there; a tie within 2^-17 could pick another shift, none here). The 6
+    lines go in one batch, or (``rows`` 4) in a full one and a short one
+    (its part of the reused batch buffers)."""
     import torch
+    monkeypatch.setattr(pp, "KELLNER_CHUNK_BYTES", _kellner_batch_bytes(n, n_points, rows))
     rng = np.random.default_rng(n)
     x = rng.normal(10, 3, (6, n)).astype(np.float32)
     with pp._torch_threads(1):
         ours = pp._kellner_lines(torch.from_numpy(x), n_points, torch).numpy()
     ref = np.stack([_kellner_reference_line(r.astype(np.float64), n_points=n_points) for r in x])
     assert np.abs(ours - ref).max() < 2e-5 * np.abs(ref).max()
+
+
+def _kellner_batch_bytes(n: int, n_points: int, rows: int) -> int:
+    """``KELLNER_CHUNK_BYTES`` that makes batches of ``rows`` lines of length n."""
+    return 4 * 2 * pp.KELLNER_SHIFTS * (n + 2 * n_points + 3) * rows
+
+
+@pytest.mark.parametrize("workers", [2, 3, 7])
+def test_degibbs_volumes_spread_over_workers(workers, monkeypatch):
+    """Each volume of a 4D series comes out byte-identical to the volume
+    alone on one thread, whether it ran whole on one worker (the first
+    5 - 5 % workers volumes) or spread over the workers (the rest; all of
+    them with 7 workers), here in batches of 7 lines, so that the workers
+    share each pass of a volume (40 x 5 lines of 40: 29 batches, the last
+    short) and each uses its own reused buffers."""
+    monkeypatch.setattr(pp, "KELLNER_CHUNK_BYTES", _kellner_batch_bytes(40, pp.GIBBS_TV_POINTS, 7))
+    ring, _ = _ringing_object(n=40)
+    rng = np.random.default_rng(5)
+    vols = np.stack([np.stack([np.roll(ring, 3 * v + z, axis=v % 2) for z in range(5)], axis=2)
+                     for v in range(5)], axis=3)
+    vols = (vols + rng.normal(0, 0.05, vols.shape)).astype(np.float32)
+    alone = np.stack([pp.degibbs(vols[..., v], num_processes=1) for v in range(5)], axis=3)
+    assert np.array_equal(pp.degibbs(vols, num_processes=workers), alone)
 
 
 def test_degibbs_kellner_threads_and_axes():
