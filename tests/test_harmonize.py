@@ -1032,10 +1032,11 @@ CONTRAST_SHAPE = (16, 18, 14)
 CONTRAST_JITTER = 1e-3
 
 
-def _noise_free(seed, site=None, shells=(BVAL,)):
+def _noise_free(seed, site=None, shells=(BVAL,), b0=False):
+    """A noise-free phantom scan and its features (``b0``: with the mean b0 image)."""
     s = phantom.simulate_subject(CONTRAST_SHAPE, seed=seed, snr=None, scheme=scheme(shells),
                                  site=site or phantom.SiteEffect(name="siteA"))
-    return s, H.subject_features(as_dwi(s.dwi, s), f"s{seed}{s.site}", LMAX)
+    return s, H.subject_features(as_dwi(s.dwi, s), f"s{seed}{s.site}", LMAX, b0=b0)
 
 
 def _mapped_points(t: H.Transform, s) -> np.ndarray:
@@ -1135,13 +1136,6 @@ def test_artefact_records_the_contrast_and_apply_registers_through_it(contrast_a
         H.apply_harmonization(as_dwi(s.dwi, s), None, back, refit_rounds=1)
 
 
-def _noise_free_b0(seed, site=None, shells=(BVAL,)):
-    """:func:`_noise_free` with the mean b0 image in the features."""
-    s = phantom.simulate_subject(CONTRAST_SHAPE, seed=seed, snr=None, scheme=scheme(shells),
-                                 site=site or phantom.SiteEffect(name="siteA"))
-    return s, H.subject_features(as_dwi(s.dwi, s), f"s{seed}{s.site}", LMAX, b0=True)
-
-
 def test_b0_contrast_is_the_mean_b0_which_a_per_order_site_scaling_leaves_unchanged():
     """``b0``: the mean of the b0 volumes over its median in the mask. On a
     noise-free phantom it is the truth ``s0`` (over its median; the b0s are
@@ -1149,8 +1143,8 @@ def test_b0_contrast_is_the_mean_b0_which_a_per_order_site_scaling_leaves_unchan
     scaling of the b0-normalised signal leaves it bit-identical (so its
     registration too), where it changes FA. Apply recomputes it from the DWI
     as the features do, for data held as 4D arrays and as mask rows."""
-    s, f = _noise_free_b0(31)
-    sb, fb = _noise_free_b0(31, phantom.SiteEffect(name="siteB", rish_scale=SCALE))
+    s, f = _noise_free(31, b0=True)
+    sb, fb = _noise_free(31, phantom.SiteEffect(name="siteB", rish_scale=SCALE), b0=True)
     img = H.registration_image(f, "b0")
     m = s.mask
     s0 = np.where(m, s.truth["s0"], 0)
@@ -1174,8 +1168,8 @@ def b0_artefact():
     """An affine fit through ``b0`` on noise-free phantoms (3 + 3; the target
     site's SH scaled per order)."""
     site = phantom.SiteEffect(name="siteB", rish_scale=SCALE)
-    ref = [_noise_free_b0(k) for k in (41, 42, 43)]
-    tar = [_noise_free_b0(k, site) for k in (44, 45, 46)]
+    ref = [_noise_free(k, b0=True) for k in (41, 42, 43)]
+    tar = [_noise_free(k, site, b0=True) for k in (44, 45, 46)]
     art = H.fit_harmonization([f for _, f in ref], [f for _, f in tar], [BVAL], LMAX,
                               registration="affine", template_iterations=1,
                               registration_contrast="b0")
