@@ -9,6 +9,8 @@ hash folder (written whole, then renamed; read without a lock).
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +231,39 @@ def test_a_large_file_is_hashed_over_the_threads_the_process_may_use(tmp_path, m
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     file_hashes.content_digest(large)
     assert asked == [3, 1, 1]
+
+
+def test_a_large_files_blocks_are_read_ahead_and_hashed_in_order_unchanged(tmp_path,
+                                                                          monkeypatch):
+    """A large file is read in a second thread while this one hashes (a slow
+    hash here, so the reader runs as far ahead as it may): the digest is still
+    the one-shot digest of the bytes, so no block is overwritten before it is
+    hashed, and the blocks are hashed in file order; the reading thread is gone."""
+    path = tmp_path / "large"
+    data = np.random.default_rng(1).bytes((3 << 20) + 12345)
+    path.write_bytes(data)
+    monkeypatch.setattr(file_hashes, "THREADED_MIN", 1 << 20)
+    monkeypatch.setattr(file_hashes, "CHUNK", 1 << 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    readers = []
+
+    class SlowHash:
+        def __init__(self, *args, **kwargs):
+            self.real = blake3(*args, **kwargs)
+
+        def update(self, block):
+            readers.extend(t.name for t in threading.enumerate()
+                           if t.name == "dmriflow-digest-read")
+            time.sleep(0.002)
+            self.real.update(bytes(block))
+
+        def digest(self, n):
+            return self.real.digest(n)
+    monkeypatch.setattr(file_hashes, "blake3", SlowHash)
+    assert file_hashes.content_digest(path) == blake3(
+        data, derive_key_context=file_hashes.CONTEXT).digest(file_hashes.DIGEST_SIZE)
+    assert readers and not any(t.name == "dmriflow-digest-read" for t in threading.enumerate())
 
 
 def test_an_earlier_versions_blake2b_entry_is_never_read_and_prune_removes_it(tmp_path,
