@@ -152,3 +152,34 @@ def test_tissue_pooling_refuses_what_it_cannot_do():
         _fit(tissue_pool_fwhm_mm=FWHM_MM, scale_estimator="native-log")
     with pytest.raises(ValueError, match="FA template"):
         _fit(tissue_pool_fwhm_mm=FWHM_MM, registration_contrast="rish-l0")
+
+
+def test_a_uniform_site_scale_is_recovered_exactly_in_partial_volume():
+    """Paired subjects (each target = its reference over lambda_l^2, one
+    lambda_l everywhere) on a template whose FA ramps from grey to white
+    matter across the grid and with a CSF slab: every voxel's pooled map is
+    lambda_l to float32 precision, partial-volume voxels included (each
+    class's pooled ratio is lambda_l^2 and the class weights sum to 1).
+    Checked to fail when the class ratios are summed unweighted (x2 .. x3 on
+    the ramp)."""
+    lam = np.array([1.10, 1.25, 0.90])
+    fa = np.broadcast_to(np.linspace(0.1, 0.6, GRID[0], dtype=np.float32)[:, None, None],
+                         GRID).copy()
+    aff = np.diag([VOXEL_MM] * 3 + [1.0])
+    adc = np.full(GRID, 0.8e-3)
+    adc[:, :3] = np.linspace(1.2e-3, 3.0e-3, 3)[None, :, None]     # into CSF
+    base = np.stack([4 * np.pi * np.exp(-2 * BVAL * adc), 0.3 * fa, 0.05 * fa], axis=-1)
+    rng = np.random.default_rng(5)
+    ref, tar = [], []
+    for i in range(4):
+        r = (base * np.exp(rng.normal(0, ANATOMY_SD, base.shape))).astype(np.float32)
+        ref.append(H.SubjectFeatures(f"r{i}", fa, aff, np.ones(GRID, bool), {BVAL: r}))
+        tar.append(H.SubjectFeatures(f"t{i}", fa, aff, np.ones(GRID, bool),
+                                     {BVAL: (r / lam ** 2).astype(np.float32)}))
+    w = H.tissue_weights(fa, np.mean([f.rish[BVAL][..., 0] for f in ref], axis=0), BVAL,
+                         np.ones(GRID, bool))
+    assert ((w > 0.05) & (w < 0.95)).any(axis=-1).mean() > 0.3    # much partial volume
+    art = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration="identity",
+                              template=(fa, aff), tau=0.0, tissue_pool_fwhm_mm=FWHM_MM)
+    np.testing.assert_allclose(art.scale_maps[BVAL], np.broadcast_to(lam, GRID + (3,)),
+                               rtol=1e-5)
