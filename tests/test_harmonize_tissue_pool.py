@@ -80,19 +80,17 @@ def _tolerance() -> float:
     return 4 * 0.5 * cv * np.sqrt(2 / N_PER_SITE / n_eff)
 
 
-@pytest.mark.parametrize("fa_step", [0.0, 0.1])
-def test_tissue_pooling_recovers_each_tissues_ratio_at_the_edge(fa_step):
+def test_tissue_pooling_recovers_each_tissues_ratio_at_the_edge():
     """At the voxels on both sides of the edge the pooled map is each
     tissue's own lambda_l within 4 standard errors of the sampling noise
     (bound from the weights: ~1 %); the per-voxel ratio there is off by the
     subjects' anatomy (~10 %), a Gaussian-smoothed map (same FWHM) by the
     other tissue's ratio (~10-20 %). Checked to fail when the tissues are
     mixed (one class for all), without the weights in the pooled means, and
-    with the class ratios summed unweighted. ``fa_step`` 0.1: the tissues
-    are FA bins 0.6 and 0.1, the same result."""
+    with the class ratios summed unweighted."""
     tol = _tolerance()
     assert 0.003 < tol < 0.02
-    pooled = _fit(tissue_pool_fwhm_mm=FWHM_MM, tissue_pool_fa_step=fa_step).scale_maps[BVAL]
+    pooled = _fit(tissue_pool_fwhm_mm=FWHM_MM).scale_maps[BVAL]
     plain = _fit().scale_maps[BVAL]
     smoothed = _fit(smoothing_fwhm_mm=FWHM_MM).scale_maps[BVAL]
     inner = (slice(2, -2), slice(2, -2))          # away from the grid's other faces
@@ -122,11 +120,6 @@ def test_tissue_weights_are_soft_classes_that_sum_to_one():
                                    [0, 0, 1]], atol=1e-5)
     mask[0] = False
     assert (H.tissue_weights(fa, l0, BVAL, mask)[0] == 0).all()
-    # FA bins at 0.25: 0, 0.25, 0.5, 0.75, 1, then CSF; FA 0.3 is 0.8 / 0.2 of bins 0.25 / 0.5
-    wb = H.tissue_weights(fa, l0, BVAL, np.ones(fa.shape, bool), fa_step=0.25)[:, 0, 0]
-    np.testing.assert_allclose(wb, [[0, 0, 0.6, 0.4, 0, 0], [0, 0.8, 0.2, 0, 0, 0],
-                                    [0.6, 0.4, 0, 0, 0, 0], [0.3, 0.2, 0, 0, 0, 0.5],
-                                    [0, 0, 0, 0, 0, 1]], atol=1e-5)
 
 
 def test_default_artefact_is_unchanged_by_the_option(tmp_path):
@@ -161,15 +154,14 @@ def test_tissue_pooling_refuses_what_it_cannot_do():
         _fit(tissue_pool_fwhm_mm=FWHM_MM, registration_contrast="rish-l0")
 
 
-@pytest.mark.parametrize("fa_step", [0.0, 0.1])
-def test_a_uniform_site_scale_is_recovered_exactly_in_partial_volume(fa_step):
+def test_a_uniform_site_scale_is_recovered_exactly_in_partial_volume():
     """Paired subjects (each target = its reference over lambda_l^2, one
     lambda_l everywhere) on a template whose FA ramps from grey to white
     matter across the grid and with a CSF slab: every voxel's pooled map is
     lambda_l to float32 precision, partial-volume voxels included (each
     class's pooled ratio is lambda_l^2 and the class weights sum to 1).
     Checked to fail when the class ratios are summed unweighted (x2 .. x3 on
-    the ramp). The same with FA bins (``fa_step``)."""
+    the ramp)."""
     lam = np.array([1.10, 1.25, 0.90])
     fa = np.broadcast_to(np.linspace(0.1, 0.6, GRID[0], dtype=np.float32)[:, None, None],
                          GRID).copy()
@@ -185,44 +177,9 @@ def test_a_uniform_site_scale_is_recovered_exactly_in_partial_volume(fa_step):
         tar.append(H.SubjectFeatures(f"t{i}", fa, aff, np.ones(GRID, bool),
                                      {BVAL: (r / lam ** 2).astype(np.float32)}))
     w = H.tissue_weights(fa, np.mean([f.rish[BVAL][..., 0] for f in ref], axis=0), BVAL,
-                         np.ones(GRID, bool), fa_step)
+                         np.ones(GRID, bool))
     assert ((w > 0.05) & (w < 0.95)).any(axis=-1).mean() > 0.3    # much partial volume
     art = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration="identity",
-                              template=(fa, aff), tau=0.0, tissue_pool_fwhm_mm=FWHM_MM,
-                              tissue_pool_fa_step=fa_step)
+                              template=(fa, aff), tau=0.0, tissue_pool_fwhm_mm=FWHM_MM)
     np.testing.assert_allclose(art.scale_maps[BVAL], np.broadcast_to(lam, GRID + (3,)),
                                rtol=1e-5)
-
-
-def test_fa_bins_keep_an_edge_zones_own_ratio():
-    """Three zones along x: white matter (FA 0.6), an edge zone (FA 0.35, its
-    own ratio, as partial volume with another voxel size gives), grey matter
-    (FA 0.1); paired noise-free subjects. With FA bins (0.1: the zone is half
-    bin 0.3, half bin 0.4, which no other zone touches) the zone's lambda_l is
-    its own to 1e-5; the three tissue classes pool it with the interiors
-    (off by > 5 %)."""
-    lam = {"wm": np.array([1.10, 1.25, 0.90]), "edge": np.array([1.20, 1.40, 1.00]),
-           "gm": np.array([0.90, 0.80, 1.20])}
-    zone = np.array(["wm"] * 10 + ["edge"] * 4 + ["gm"] * 10)
-    fa = np.broadcast_to(np.select([zone == "wm", zone == "edge"], [0.6, 0.35], 0.1)
-                         .astype(np.float32)[:, None, None], GRID).copy()
-    aff = np.diag([VOXEL_MM] * 3 + [1.0])
-    lam_x = np.stack([lam[z] for z in zone])[:, None, None, :]
-    base = np.broadcast_to(np.where((zone == "gm")[:, None, None, None], R_REF["gm"],
-                                    R_REF["wm"]), GRID + (3,))
-    rng = np.random.default_rng(7)
-    ref, tar = [], []
-    for i in range(3):
-        r = (base * np.exp(rng.normal(0, ANATOMY_SD, base.shape))).astype(np.float32)
-        ref.append(H.SubjectFeatures(f"r{i}", fa, aff, np.ones(GRID, bool), {BVAL: r}))
-        tar.append(H.SubjectFeatures(f"t{i}", fa, aff, np.ones(GRID, bool),
-                                     {BVAL: (r / lam_x ** 2).astype(np.float32)}))
-
-    def fit(step):
-        return H.fit_harmonization(ref, tar, [BVAL], LMAX, registration="identity",
-                                   template=(fa, aff), tau=0.0, tissue_pool_fwhm_mm=FWHM_MM,
-                                   tissue_pool_fa_step=step).scale_maps[BVAL]
-    edge = zone == "edge"
-    np.testing.assert_allclose(fit(0.1)[edge], np.broadcast_to(lam["edge"], (4,) + GRID[1:] + (3,)),
-                               rtol=1e-5)
-    assert np.abs(fit(0.0)[edge] / lam["edge"] - 1).max() > 0.05
