@@ -18,7 +18,7 @@ accuracy rows are per design.
 
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
 [--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
-[--noise-floor 0 1] [--tissue-pool-fwhm 0 6 10] [--tissue-pool-fa-step 0 0.1]
+[--noise-floor 0 1] [--tissue-pool-fwhm 0 6 10]
 [--target-voxel 2.5 --target-snr 30 ...]``
 (brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
 --shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
@@ -152,10 +152,6 @@ def main() -> None:
                     default=[H.DEFAULT_TISSUE_POOL_FWHM_MM],
                     help="FWHM (mm) of the tissue-guided pooling of the site means to compare "
                          "(fit_harmonization(tissue_pool_fwhm_mm=...); 0 = off)")
-    ap.add_argument("--tissue-pool-fa-step", type=float, nargs="+",
-                    default=[H.DEFAULT_TISSUE_POOL_FA_STEP],
-                    help="template-FA bin spacing of the tissue-guided pooling to compare "
-                         "(fit_harmonization(tissue_pool_fa_step=...); 0 = white/grey/CSF)")
     opts = ap.parse_args()
     t0 = time.perf_counter()
     sites = (replace(U.SITE_A, snr=opts.reference_snr, te_ms=opts.reference_te),
@@ -233,10 +229,10 @@ def main() -> None:
         # the harmonised FA of each fit target scan, for the refit rounds
         hfa = {f.subject: (lambda art, t, sc=sc: H.harmonised_fa(U.as_dwi(sc), art, t))
                for d, c in cohorts.items() for sc, f in zip(c[tar], feats[(d, tar)])}
-        for variant, rounds, floor, pool, step in [
-                (v, r, n, w, st) for v in opts.variants for r in opts.refit_rounds
-                for n in opts.noise_floor for w in opts.tissue_pool_fwhm
-                for st in (opts.tissue_pool_fa_step if w else [0.0])]:
+        for variant, rounds, floor, pool in [(v, r, n, w) for v in opts.variants
+                                             for r in opts.refit_rounds
+                                             for n in opts.noise_floor
+                                             for w in opts.tissue_pool_fwhm]:
             t1 = time.perf_counter()
             res, fit_s = {}, {}
             for d in cohorts:
@@ -247,7 +243,7 @@ def main() -> None:
                     template_info=tpl_info, registered={k: (lambda t=t: t) for k, t in reg.items()},
                     scale_estimator=variant, refit_rounds=rounds, harmonised_fa=hfa,
                     registration_contrast=contrast, noise_floor=bool(floor),
-                    tissue_pool_fwhm_mm=pool, tissue_pool_fa_step=step)
+                    tissue_pool_fwhm_mm=pool)
                 fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
                 held = held_d[d]
                 if site_scaled and not all(np.array_equal(art.site_factors[b], factors[d][b])
@@ -286,8 +282,7 @@ def main() -> None:
                     f"p {res[d][0][i]['p_after']:.2g})" for d in res))
             print(f"== {variant}, refit rounds {rounds}, contrast {contrast}"
                   f"{', noise floor removed' if floor else ''}"
-                  f"{', tissue-pooled site means FWHM %g mm' % pool if pool else ''}"
-                  f"{', FA bins %g' % step if step else ''} "
+                  f"{', tissue-pooled site means FWHM %g mm' % pool if pool else ''} "
                   f"({time.perf_counter() - t1:.0f} s, "
                   f"load1 {load1()})")
             print("  " + "\n  ".join(cells))

@@ -89,12 +89,6 @@ TISSUE_POOL_FA_RAMP = (0.2, 0.4)
 #: l0 at the lowest shell): 0 below the first value (tissue, <= ~1e-3), 1
 #: above the second (free water, ~3e-3).
 TISSUE_POOL_MD_RAMP = (1.5e-3, 2.5e-3)
-#: ``tissue_pool_fa_step`` of :func:`fit_harmonization`: 0 (default) pools
-#: within the three tissue classes above; > 0 replaces the white/grey split
-#: by hat-function bins of the template FA at this spacing (a bilateral grid:
-#: each voxel pools with voxels of similar FA nearby, so partial-volume edge
-#: voxels pool with other edge voxels, not with the tissue's interior).
-DEFAULT_TISSUE_POOL_FA_STEP = 0.0
 #: The registration contrasts whose template image is an FA map (the
 #: tissue weights need it).
 FA_TEMPLATE_CONTRASTS = ("fa", "fa-sitescaled")
@@ -1140,12 +1134,9 @@ def _ramp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 def tissue_weights(template_fa: np.ndarray, e_ref_l0: np.ndarray, b: float,
-                   mask: np.ndarray, fa_step: float = DEFAULT_TISSUE_POOL_FA_STEP
-                   ) -> np.ndarray:
+                   mask: np.ndarray) -> np.ndarray:
     """Soft tissue classes (X, Y, Z, 3): white matter, grey matter, CSF,
-    summing to 1 in ``mask`` (0 outside); with ``fa_step`` > 0, (X, Y, Z,
-    n + 1): the non-CSF share split into hat-function bins of the template FA
-    centred at 0, ``fa_step``, ... (``DEFAULT_TISSUE_POOL_FA_STEP``), then CSF.
+    summing to 1 in ``mask`` (0 outside).
 
     White matter from the template FA (``TISSUE_POOL_FA_RAMP``); of the rest,
     CSF from the apparent diffusivity of the reference site's mean RISH l0 at
@@ -1156,13 +1147,6 @@ def tissue_weights(template_fa: np.ndarray, e_ref_l0: np.ndarray, b: float,
     mean_signal = np.sqrt(np.maximum(e_ref_l0, 0) / (4 * np.pi))
     with np.errstate(divide="ignore"):
         adc = np.where(mean_signal > 0, -np.log(np.maximum(mean_signal, 1e-12)) / b, np.inf)
-    if fa_step > 0:
-        fa = np.clip(template_fa, 0, 1)
-        csf = _ramp(np.minimum(adc, 1.0), *TISSUE_POOL_MD_RAMP)
-        centres = np.arange(0, 1 + fa_step, fa_step)
-        bins = [(1 - csf) * np.clip(1 - np.abs(fa - c) / fa_step, 0, 1) for c in centres]
-        w = np.stack(bins + [csf], axis=-1)
-        return np.where(mask[..., None], w, 0).astype(np.float32)
     wm = _ramp(template_fa, *TISSUE_POOL_FA_RAMP)
     csf = (1 - wm) * _ramp(np.minimum(adc, 1.0), *TISSUE_POOL_MD_RAMP)
     w = np.stack([wm, 1 - wm - csf, csf], axis=-1)
@@ -1678,8 +1662,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                       registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST,
                       noise_floor: bool = False,
                       site_scaled_fa: Mapping[str, Callable] | None = None,
-                      tissue_pool_fwhm_mm: float = DEFAULT_TISSUE_POOL_FWHM_MM,
-                      tissue_pool_fa_step: float = DEFAULT_TISSUE_POOL_FA_STEP
+                      tissue_pool_fwhm_mm: float = DEFAULT_TISSUE_POOL_FWHM_MM
                       ) -> HarmonizationArtefact:
     """Fit scale maps that map the target site's RISH onto the reference's.
 
@@ -1720,9 +1703,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
     classes of the template (:func:`tissue_weights`,
     :func:`tissue_pooled_ratio`) with a Gaussian of this FWHM before the
     ratio; needs an FA template and the "ratio" or "nearest" estimator;
-    recorded in the artefact's parameters when on. ``tissue_pool_fa_step``:
-    > 0 pools within bins of the template FA instead of white/grey matter
-    (:func:`tissue_weights`).
+    recorded in the artefact's parameters when on.
 
     Memory: one subject at a time plus float32 sums on the template grid.
     """
@@ -1737,13 +1718,12 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                            template_info=template_info, registered=registered,
                            site_mean=site_mean, scale_estimator=scale_estimator,
                            registration_contrast=registration_contrast,
-                           noise_floor=noise_floor, tissue_pool_fwhm_mm=tissue_pool_fwhm_mm,
-                           tissue_pool_fa_step=tissue_pool_fa_step))
+                           noise_floor=noise_floor, tissue_pool_fwhm_mm=tissue_pool_fwhm_mm))
     lmax = sh.check_lmax(lmax)
     check_choice("registration", registration, REGISTRATIONS)
     shells = _check_fit_options(shells, reference_site, target_site, site_mean,
                                 scale_estimator, noise_floor, tissue_pool_fwhm_mm,
-                                registration_contrast, tissue_pool_fa_step)
+                                registration_contrast)
     check_site_sizes({reference_site: len(reference), target_site: len(target)}, min_subjects)
     opts = dict(registration_options or {})
     image = _contrast_of(registration_contrast, shells)
@@ -1799,14 +1779,13 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
         site_mean=site_mean, scale_estimator=scale_estimator, noise_floor=noise_floor,
         min_subjects=min_subjects, registration_options=opts, transforms=transforms,
         registration_contrast=registration_contrast, site_factors=factors,
-        tissue_pool_fwhm_mm=tissue_pool_fwhm_mm, tissue_pool_fa_step=tissue_pool_fa_step)
+        tissue_pool_fwhm_mm=tissue_pool_fwhm_mm)
 
 
 def _check_fit_options(shells, reference_site: str, target_site: str, site_mean: str,
                        scale_estimator: str, noise_floor: bool,
                        tissue_pool_fwhm_mm: float = DEFAULT_TISSUE_POOL_FWHM_MM,
-                       registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST,
-                       tissue_pool_fa_step: float = DEFAULT_TISSUE_POOL_FA_STEP
+                       registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST
                        ) -> list[float]:
     """The fit's option checks (shared by :func:`fit_harmonization` and
     :func:`fit_from_terms`); returns the shells as floats."""
@@ -1827,8 +1806,6 @@ def _check_fit_options(shells, reference_site: str, target_site: str, site_mean:
                          "site_mean 'mean' and scale_estimator 'ratio' or 'nearest'")
     if not tissue_pool_fwhm_mm >= 0:
         raise ValueError(f"tissue_pool_fwhm_mm must be >= 0, got {tissue_pool_fwhm_mm}")
-    if not 0 <= tissue_pool_fa_step <= 1:
-        raise ValueError(f"tissue_pool_fa_step must be in [0, 1], got {tissue_pool_fa_step}")
     if tissue_pool_fwhm_mm > 0 and scale_estimator in _NATIVE_ESTIMATORS:
         raise ValueError("tissue_pool_fwhm_mm pools the site means: it needs scale_estimator "
                          "'ratio' or 'nearest'")
@@ -1995,8 +1972,7 @@ def _artefact_from_sums(sums: _SiteSums, native: dict, tpl_fa, tpl_affine, tpl_i
                         noise_floor: bool, min_subjects: int, registration_options: dict,
                         transforms: dict, registration_contrast: str,
                         site_factors: dict | None = None,
-                        tissue_pool_fwhm_mm: float = DEFAULT_TISSUE_POOL_FWHM_MM,
-                        tissue_pool_fa_step: float = DEFAULT_TISSUE_POOL_FA_STEP
+                        tissue_pool_fwhm_mm: float = DEFAULT_TISSUE_POOL_FWHM_MM
                         ) -> HarmonizationArtefact:
     """The scale maps and the artefact from the completed site sums."""
     reference_site, target_site = sums.sites
@@ -2012,7 +1988,7 @@ def _artefact_from_sums(sums: _SiteSums, native: dict, tpl_fa, tpl_affine, tpl_i
         b_low = min(shells)
         weights = tissue_weights(tpl_fa, _site_mean(sums.sums[reference_site][b_low][..., :1],
                                                     sums.counts[reference_site])[..., 0],
-                                 b_low, tpl_mask, tissue_pool_fa_step)
+                                 b_low, tpl_mask)
     for b in shells:
         means = [sums.site_mean(site, b, site_mean) for site in (reference_site, target_site)]
         tau_b = tau
@@ -2041,8 +2017,6 @@ def _artefact_from_sums(sums: _SiteSums, native: dict, tpl_fa, tpl_affine, tpl_i
               "stats": stats, "template_mask_voxels": int(tpl_mask.sum())}
     if tissue_pool_fwhm_mm > 0:     # recorded only when on: default artefacts are unchanged
         params["tissue_pool_fwhm_mm"] = float(tissue_pool_fwhm_mm)
-        if tissue_pool_fa_step > 0:
-            params["tissue_pool_fa_step"] = float(tissue_pool_fa_step)
     return HarmonizationArtefact(
         template_fa=tpl_fa, template_affine=tpl_affine, template_mask=tpl_mask,
         scale_maps=maps, shells=shells, lmax=lmax, tau=float(tau), tau_values=taus,
@@ -2065,8 +2039,7 @@ def fit_from_terms(reference: Sequence[Callable[[], SubjectTerms]],
                    registration_options: dict | None = None, site_mean: str = "mean",
                    scale_estimator: str = "ratio", noise_floor: bool = False,
                    registration_contrast: str = DEFAULT_REGISTRATION_CONTRAST,
-                   tissue_pool_fwhm_mm: float = DEFAULT_TISSUE_POOL_FWHM_MM,
-                   tissue_pool_fa_step: float = DEFAULT_TISSUE_POOL_FA_STEP
+                   tissue_pool_fwhm_mm: float = DEFAULT_TISSUE_POOL_FWHM_MM
                    ) -> HarmonizationArtefact:
     """:func:`fit_harmonization` given each subject's :class:`SubjectTerms`
     (callables returning them, one loaded at a time) through transforms to
@@ -2079,7 +2052,7 @@ def fit_from_terms(reference: Sequence[Callable[[], SubjectTerms]],
     check_choice("registration", registration, REGISTRATIONS)
     shells = _check_fit_options(shells, reference_site, target_site, site_mean,
                                 scale_estimator, noise_floor, tissue_pool_fwhm_mm,
-                                registration_contrast, tissue_pool_fa_step)
+                                registration_contrast)
     if scale_estimator in _NATIVE_ESTIMATORS:
         raise ValueError(f"scale_estimator {scale_estimator!r} forms its terms on each "
                          f"subject's grid: use fit_harmonization")
@@ -2106,7 +2079,7 @@ def fit_from_terms(reference: Sequence[Callable[[], SubjectTerms]],
         site_mean=site_mean, scale_estimator=scale_estimator, noise_floor=noise_floor,
         min_subjects=min_subjects, registration_options=dict(registration_options or {}),
         transforms=kept, registration_contrast=registration_contrast,
-        tissue_pool_fwhm_mm=tissue_pool_fwhm_mm, tissue_pool_fa_step=tissue_pool_fa_step)
+        tissue_pool_fwhm_mm=tissue_pool_fwhm_mm)
 
 
 def _refit(reference, target, shells, lmax, rounds: int, harmonised_fa, kw: dict
