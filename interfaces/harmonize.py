@@ -81,8 +81,9 @@ MASK_COVERAGE = 0.5
 #: tissues across their edges (a plain Gaussian does: MD d -1.99 at 10 mm).
 #: Off by default: it lowers the brain study's residual (10 mm: largest |d|
 #: 0.76 -> 0.57) but raises the geometric phantom's (0.41 -> 1.05, RISH l0
-#: and MD), whose thin white matter is mostly edge, where the per-voxel
-#: ratio also corrects the target's coarser partial volume
+#: and MD; significant overcorrection), whose thin white matter is mostly
+#: edge, where the per-voxel ratio carries edge-specific corrections that
+#: pooling averages away (with site B at 2.5 mm too: 0.32 -> 0.72)
 #: (docs/harmonization-studies.md, seventeenth session).
 DEFAULT_TISSUE_POOL_FWHM_MM = 0.0
 #: Soft white-matter weight from the template FA: 0 below the first value,
