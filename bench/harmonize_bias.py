@@ -18,7 +18,7 @@ accuracy rows are per design.
 
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
 [--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
-[--noise-floor 0 1] [--tissue-pool-fwhm 0 6 10]
+[--noise-floor 0 1] [--tissue-pool-fwhm 0 5 10 20]
 [--target-voxel 2.5 --target-snr 30 ...]``
 (brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
 --shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
@@ -232,7 +232,9 @@ def main() -> None:
         for variant, rounds, floor, pool in [(v, r, n, w) for v in opts.variants
                                              for r in opts.refit_rounds
                                              for n in opts.noise_floor
-                                             for w in opts.tissue_pool_fwhm]:
+                                             for w in opts.tissue_pool_fwhm
+                                             # pooling needs the 'ratio' or 'nearest' estimator
+                                             if not (w and v in ("matched", "native-log"))]:
             t1 = time.perf_counter()
             res, fit_s = {}, {}
             for d in cohorts:
