@@ -18,7 +18,7 @@ accuracy rows are per design.
 
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
 [--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
-[--noise-floor 0 1]
+[--noise-floor 0 1] [--tissue-pool-fwhm 0 5 10 20]
 [--target-voxel 2.5 --target-snr 30 ...]``
 (brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
 --shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
@@ -148,6 +148,10 @@ def main() -> None:
                     help="fit without (0) / with (1) the RISH noise floor removed from the "
                          "site means (fit_harmonization(noise_floor=...); 'ratio' and "
                          "'nearest' only)")
+    ap.add_argument("--tissue-pool-fwhm", type=float, nargs="+",
+                    default=[H.DEFAULT_TISSUE_POOL_FWHM_MM],
+                    help="FWHM (mm) of the tissue-guided pooling of the site means to compare "
+                         "(fit_harmonization(tissue_pool_fwhm_mm=...); 0 = off)")
     opts = ap.parse_args()
     t0 = time.perf_counter()
     sites = (replace(U.SITE_A, snr=opts.reference_snr, te_ms=opts.reference_te),
@@ -225,8 +229,12 @@ def main() -> None:
         # the harmonised FA of each fit target scan, for the refit rounds
         hfa = {f.subject: (lambda art, t, sc=sc: H.harmonised_fa(U.as_dwi(sc), art, t))
                for d, c in cohorts.items() for sc, f in zip(c[tar], feats[(d, tar)])}
-        for variant, rounds, floor in [(v, r, n) for v in opts.variants
-                                       for r in opts.refit_rounds for n in opts.noise_floor]:
+        for variant, rounds, floor, pool in [(v, r, n, w) for v in opts.variants
+                                             for r in opts.refit_rounds
+                                             for n in opts.noise_floor
+                                             for w in opts.tissue_pool_fwhm
+                                             # pooling needs the 'ratio' or 'nearest' estimator
+                                             if not (w and v in ("matched", "native-log"))]:
             t1 = time.perf_counter()
             res, fit_s = {}, {}
             for d in cohorts:
@@ -236,7 +244,8 @@ def main() -> None:
                     reference_site=ref, target_site=tar, template=(tpl, tpl_aff),
                     template_info=tpl_info, registered={k: (lambda t=t: t) for k, t in reg.items()},
                     scale_estimator=variant, refit_rounds=rounds, harmonised_fa=hfa,
-                    registration_contrast=contrast, noise_floor=bool(floor))
+                    registration_contrast=contrast, noise_floor=bool(floor),
+                    tissue_pool_fwhm_mm=pool)
                 fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
                 held = held_d[d]
                 if site_scaled and not all(np.array_equal(art.site_factors[b], factors[d][b])
@@ -274,7 +283,8 @@ def main() -> None:
                     f"{res[d][0][i]['d_after']:.2f} ({100 * res[d][0][i]['rel_after']:+.1f} %, "
                     f"p {res[d][0][i]['p_after']:.2g})" for d in res))
             print(f"== {variant}, refit rounds {rounds}, contrast {contrast}"
-                  f"{', noise floor removed' if floor else ''} "
+                  f"{', noise floor removed' if floor else ''}"
+                  f"{', tissue-pooled site means FWHM %g mm' % pool if pool else ''} "
                   f"({time.perf_counter() - t1:.0f} s, "
                   f"load1 {load1()})")
             print("  " + "\n  ".join(cells))
