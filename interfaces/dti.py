@@ -691,7 +691,7 @@ def _eigen_floor(ln_s0, largest_eval, eig_resolution: float, b_max: float):
     return eig_resolution * (np.abs(ln_s0) + b_max * largest_eval)
 
 
-def _store(params: np.ndarray, where: np.ndarray, out, eig_resolution: float,
+def _store(params: np.ndarray, where: slice, out, eig_resolution: float,
            b_max: float) -> None:
     """Eigen-decompose one chunk's parameters (7, n) into its rows ``where`` of
     ``out`` (evals, evecs, s0, failed).

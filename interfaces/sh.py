@@ -509,7 +509,7 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
     vshape = tuple(dwi.mask.shape)
     n_vox = int(np.prod(vshape))
     order = "C" if coefficients else dwi.voxel_order
-    c_idx = dwi.masked_index(order)  # the voxel of each row dwi.masked() yields
+    voxels = dwi.masked_index(order)  # the voxel of each row dwi.masked() yields
 
     def grid(n: int) -> tuple[np.ndarray, np.ndarray]:
         """A zero (X, Y, Z, n) map in ``order`` and its (voxels, n) view."""
@@ -522,7 +522,7 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
     start = 0
     for rows in dwi.masked_views(chunk_voxels(len(gtab), chunk_size)):
         out = project(rows)
-        where = c_idx[start:start + rows.shape[0]]
+        where = voxels[start:start + rows.shape[0]]
         start += rows.shape[0]
         if normalise:
             out, s0_rows = _normalise_coeffs(out, int(edges[-1]))
@@ -532,10 +532,10 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
             if coefficients:
                 coeffs[b][1][where] = c
             rishes[b][1][where] = _rish_rows(c, starts[b])
-    if start != c_idx.size:  # dwi.masked and this function must see the same voxels
-        raise RuntimeError(f"dwi.masked yielded {start} voxels, the mask has {c_idx.size}")
+    if start != voxels.size:  # dwi.masked and this function must see the same voxels
+        raise RuntimeError(f"dwi.masked yielded {start} voxels, the mask has {voxels.size}")
     fitted = np.zeros(n_vox, dtype=bool)
-    fitted[c_idx] = True
+    fitted[voxels] = True
     if normalise:
         fitted &= s0 > 0
         s0 = s0.reshape(vshape, order=order)
