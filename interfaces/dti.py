@@ -598,9 +598,7 @@ class TensorModel:
             coords = np.unravel_index(idx, grid)
             chunks = (data[tuple(c[i:i + chunk] for c in coords)]
                       for i in range(0, idx.size, chunk))
-        cidx = idx if order == "C" else np.ravel_multi_index(
-            np.unravel_index(idx, grid, order="F"), grid)
-        return self._fit_chunks(chunks, cidx, grid, mask)
+        return self._fit_chunks(chunks, idx, grid, mask, order=order)
 
     def fit_params(self, rows) -> np.ndarray:
         """Raw parameters (7, n) of the rows (n, N): [Dxx Dyy Dzz Dxy Dxz Dyz] in
@@ -641,20 +639,19 @@ class TensorModel:
                 import torch  # torch takes seconds to import: only the torch backend needs it
                 torch.set_num_threads(prev)
 
-    def _fit_chunks(self, chunks, cidx: np.ndarray, grid: tuple, mask,
-                    check_first=None, prepare=None) -> "TensorFit":
-        """Fit an iterator of row chunks whose voxels are ``cidx`` (C-order flat
-        indices into ``grid``, in the same order); write maps on the grid.
+    def _fit_chunks(self, chunks, index: np.ndarray, grid: tuple, mask,
+                    check_first=None, prepare=None, order: str = "C") -> "TensorFit":
+        """Fit an iterator of row chunks whose voxels are ``index`` (flat indices
+        into ``grid`` in ``order``, in the same order). The results stay rows
+        (one per fitted voxel) until a map is asked for (:class:`TensorFit`).
         ``prepare``: applied to each chunk in the worker that fits it (a copy
         into the kernel's C-ordered rows, made in parallel)."""
-        evals = np.zeros(grid + (3,), np.float32)
-        evecs = np.zeros(grid + (3, 3), np.float32)
-        s0 = np.zeros(grid, np.float32)
-        failed = np.zeros(grid, bool)
-        out = (evals.reshape(-1, 3), evecs.reshape(-1, 3, 3), s0.reshape(-1), failed.reshape(-1))
+        n_rows = index.size
+        out = (np.empty((n_rows, 3), np.float32), np.empty((n_rows, 3, 3), np.float32),
+               np.empty(n_rows, np.float32), np.empty(n_rows, bool))
         ops, kernel = self._ops, self._kernel
         n_workers = self.n_threads if ops.name == "numpy" else 1
-        n_workers = min(n_workers, max(1, -(-cidx.size // self.chunk_size)))
+        n_workers = min(n_workers, max(1, -(-n_rows // self.chunk_size)))
         local = threading.local()          # each worker's kernel buffers
 
         def fit_chunk(item):
@@ -669,15 +666,15 @@ class TensorModel:
                     local.buf, local.cap = kernel.buffers(n), n
                 src = ops.asarray(rows) if ops.name == "torch" else rows
                 params = ops.to_numpy(kernel.fit(src, local.buf, self.fit_method, self.n_iter))
-                _store(params, cidx[start:start + n], out, self._eig_resolution, self._b_max)
+                _store(params, slice(start, start + n), out, self._eig_resolution, self._b_max)
             return n
 
         with self._threads_context():
             fitted = sum(map_chunks(fit_chunk, _numbered(chunks), n_workers,
                                     single_blas=ops.name == "numpy"))
-        if fitted != cidx.size:
-            raise RuntimeError(f"fitted {fitted} voxels, expected {cidx.size}")
-        return TensorFit(evals, evecs, s0, failed, mask=mask)
+        if fitted != n_rows:
+            raise RuntimeError(f"fitted {fitted} voxels, expected {n_rows}")
+        return TensorFit.from_rows(*out, index=index, grid=grid, order=order, mask=mask)
 
 
 def _numbered(chunks):
@@ -694,9 +691,10 @@ def _eigen_floor(ln_s0, largest_eval, eig_resolution: float, b_max: float):
     return eig_resolution * (np.abs(ln_s0) + b_max * largest_eval)
 
 
-def _store(params: np.ndarray, where: np.ndarray, out, eig_resolution: float,
+def _store(params: np.ndarray, where: slice, out, eig_resolution: float,
            b_max: float) -> None:
-    """Eigen-decompose one chunk's parameters (7, n) and write the maps.
+    """Eigen-decompose one chunk's parameters (7, n) into its rows ``where`` of
+    ``out`` (evals, evecs, s0, failed).
 
     A voxel fails when anything is non-finite or its smallest eigenvalue is
     not above the fit's float32 resolution (see PD_ROUNDING_BOUNDS).
@@ -758,11 +756,27 @@ def radial_diffusivity(evals) -> np.ndarray:
 
 
 def _evals_measure(measure, doc: str) -> cached_property:
-    """A map of :class:`TensorFit` computed on first access: ``measure(evals)``."""
+    """A map of :class:`TensorFit` computed on first access: ``measure(evals)``,
+    on the fitted rows only when the fit holds rows (then placed on the grid)."""
     def compute(self) -> np.ndarray:
+        if self._rows is not None:
+            return self._on_grid(measure(self._rows[0]))
         return measure(self.evals)
     compute.__doc__ = doc
     return cached_property(compute)
+
+
+def _rows_on_grid(name: str, doc: str) -> cached_property:
+    """A parameter of a :class:`TensorFit` held as rows, placed on the grid on
+    first access (:meth:`TensorFit._on_grid`)."""
+    def compute(self) -> np.ndarray:
+        return self._on_grid(self._rows[_ROW_FIELDS.index(name)])
+    compute.__doc__ = doc
+    return cached_property(compute)
+
+
+#: The per-voxel results of :meth:`TensorModel._fit_chunks`, in this order.
+_ROW_FIELDS = ("evals", "evecs", "s0", "failed")
 
 
 class TensorFit:
@@ -772,7 +786,15 @@ class TensorFit:
     eigenvectors as columns (dipy's convention), ``s0`` (...). ``failed``
     marks voxels whose fit was non-finite or not positive definite; their
     parameters, and so all their maps, are 0, as are voxels outside the mask.
+
+    A fit made by :class:`TensorModel` holds its results as rows of the
+    fitted voxels (:meth:`from_rows`): each map is computed on those rows and
+    placed on the grid once, when first asked for (an HCP mask is 28 % of its
+    grid, and the 3x3 eigenvectors are 9 values a voxel that the exported
+    maps never need on the grid).
     """
+
+    _rows = None
 
     def __init__(self, evals, evecs, s0, failed, mask=None):
         self.evals = evals
@@ -780,10 +802,37 @@ class TensorFit:
         self.s0 = s0
         self.failed = failed
         self.mask = mask
+        self._grid = tuple(np.shape(evals)[:-1])
+
+    @classmethod
+    def from_rows(cls, evals, evecs, s0, failed, index, grid: tuple, order: str = "C",
+                  mask=None) -> "TensorFit":
+        """A fit held as rows (n, ...) of the voxels ``index`` (flat indices into
+        ``grid`` in ``order``). Maps come back in that memory order (values
+        are the same either way): F for the F-ordered rows of NIfTI data, so
+        each row lands next to the previous one and the map is written to a
+        NIfTI file without a transposition."""
+        fit = cls.__new__(cls)
+        fit._rows = (evals, evecs, s0, failed)
+        fit._index, fit._grid, fit._order = index, tuple(grid), order
+        fit.mask = mask
+        return fit
+
+    def _on_grid(self, rows: np.ndarray) -> np.ndarray:
+        """Values of the fitted rows (n, ...) on the grid (zeros elsewhere)."""
+        tail = rows.shape[1:]
+        out = np.zeros(self._grid + tail, rows.dtype, order=self._order)
+        out.reshape((-1,) + tail, order=self._order)[self._index] = rows
+        return out
+
+    evals = _rows_on_grid("evals", "Eigenvalues (..., 3), descending (mm^2/s).")
+    evecs = _rows_on_grid("evecs", "Eigenvectors (..., 3, 3) as columns.")
+    s0 = _rows_on_grid("s0", "Fitted S0 (...), the data's units.")
+    failed = _rows_on_grid("failed", "Voxels whose fit failed (...), bool.")
 
     @property
     def shape(self) -> tuple:
-        return self.evals.shape[:-1]
+        return self._grid
 
     @property
     def n_failed(self) -> int:
@@ -799,6 +848,8 @@ class TensorFit:
     @cached_property
     def v1(self) -> np.ndarray:
         """Principal eigenvector (..., 3), b-vector (FSL image) frame; sign arbitrary."""
+        if self._rows is not None:
+            return self._on_grid(np.ascontiguousarray(self._rows[1][:, :, 0]))
         return np.ascontiguousarray(self.evecs[..., :, 0])
 
     @cached_property
@@ -848,45 +899,44 @@ def dti_shells(gtab, max_bval: float = DTI_MAX_BVAL) -> list[float]:
 def fit_dwi(dwi, volumes=None, **model_kw) -> TensorFit:
     """Fit the tensor to a validated :class:`~dmriflow.interfaces.io.DWI` in its mask.
 
-    Rows come from ``dwi.masked(chunk)`` (no copy of the 4D array); the maps
-    come back on the full 3D grid, float32, zeros outside the mask.
-    ``volumes``: fit only these volumes, picked chunk by chunk (a subset
-    without copying the 4D array, unlike ``dwi.select_volumes``).
+    Rows come from ``dwi.masked_views(chunk)`` (no copy of the 4D array or of
+    the mask rows); the maps come back on the full 3D grid, float32, zeros
+    outside the mask, in the memory order of the rows (F for NIfTI data and
+    mask rows). ``volumes``: fit only these volumes, picked chunk by chunk (a
+    subset without copying the series, unlike ``dwi.select_volumes``).
     """
+    grid = tuple(dwi.mask.shape)
+    order = dwi.voxel_order
+    index = dwi.masked_index(order)     # the voxel of each row DWI.masked yields
     if volumes is not None:
         volumes = np.asarray(volumes)
+        if np.array_equal(volumes, np.arange(len(dwi.gtab))):
+            volumes = None
+    if volumes is not None:
         model = TensorModel(dwi.gtab.select(volumes), **model_kw)
+        if dwi.data is None:
+            # mask rows: the chunk's kept columns gathered straight from the
+            # F-ordered rows into C order, in the worker that fits them. Not
+            # np.take: it copies the whole chunk to C order first (HCP subject,
+            # 108 of 288 volumes: 0.8 s against 0.26 s; the same values)
+            return model._fit_chunks(dwi.masked_views(model.chunk_size), index, grid, dwi.mask,
+                                     prepare=lambda rows: np.ascontiguousarray(rows[:, volumes]),
+                                     order=order)
         # np.take, not chunk[:, volumes]: that is not C-contiguous, and the
         # kernel's elementwise log on it was 20x slower (HCP subject, OLS: 9.7
         # s against 0.5 s; the same bits)
-        if dwi.data is None:
-            # mask rows: the chunk's kept columns gathered straight from the
-            # (Fortran-order) rows, in the worker (see _rows_views)
-            return model._fit_chunks(_rows_views(dwi.rows, model.chunk_size),
-                                     dwi.masked_index(), tuple(dwi.mask.shape), dwi.mask,
-                                     prepare=lambda rows: np.take(rows, volumes, axis=1))
         rows = (np.take(chunk, volumes, axis=1) for chunk in dwi.masked(model.chunk_size))
-        return model._fit_chunks(rows, dwi.masked_index(), tuple(dwi.mask.shape), dwi.mask)
+        return model._fit_chunks(rows, index, grid, dwi.mask, order=order)
     model = TensorModel(dwi.gtab, **model_kw)
-    grid = tuple(dwi.mask.shape)
-    cidx = dwi.masked_index()  # the voxel of each row DWI.masked yields
 
     def check_first(rows):
         # guard the ordering contract above (io.DWI.masked) at the cost of one voxel
-        if cidx.size and not np.array_equal(rows[0], dwi.voxel(cidx[0])):
+        if index.size and not np.array_equal(rows[0], dwi.voxel(int(np.ravel_multi_index(
+                np.unravel_index(index[0], grid, order=order), grid)))):
             raise RuntimeError("DWI.masked() returned voxels in an unexpected order")
 
-    if dwi.data is None:
-        return model._fit_chunks(_rows_views(dwi.rows, model.chunk_size), cidx, grid, dwi.mask,
-                                 check_first=check_first, prepare=np.ascontiguousarray)
-    return model._fit_chunks(dwi.masked(model.chunk_size), cidx, grid, dwi.mask,
-                             check_first=check_first)
-
-
-def _rows_views(rows: np.ndarray, chunk: int):
-    """Consecutive chunks of a series held as mask rows, as views (no copy):
-    :meth:`io.DWI.masked` copies each chunk into C order while the workers
-    wait for it (the chunks are drawn one at a time); here the worker that
-    fits a chunk makes its C-ordered copy (``prepare`` of
-    :meth:`TensorModel._fit_chunks`): the same values in the same layout."""
-    return (rows[i:i + chunk] for i in range(0, rows.shape[0], chunk))
+    # mask rows: views, each copied into the kernel's C order by the worker
+    # that fits it (io.DWI.masked would copy them while the workers wait)
+    prepare = np.ascontiguousarray if dwi.data is None else None
+    return model._fit_chunks(dwi.masked_views(model.chunk_size), index, grid, dwi.mask,
+                             check_first=check_first, prepare=prepare, order=order)

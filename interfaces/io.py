@@ -182,25 +182,37 @@ class DWI:
         row = np.searchsorted(mask_rows_index(self.mask), pos)
         return np.asarray(self.rows[row], np.float32)
 
-    def masked_index(self) -> np.ndarray:
-        """C-order flat voxel indices of the rows :meth:`masked` yields, in order.
+    @property
+    def voxel_order(self) -> str:
+        """'F' or 'C': the voxel order of the rows :meth:`masked` yields (that of
+        the data's storage; F for mask rows)."""
+        return "F" if self.data is None else _flat_view(self.data)[1]
 
-        Results go back with ``out.reshape(-1, ...)[dwi.masked_index()] = rows``.
-        Computed once per mask and data object (read-only; Validate's QC, its
-        tensor fit and the b0 noise all ask for it: 0.1 s each on an HCP subject).
+    def masked_index(self, order: str = "C") -> np.ndarray:
+        """Flat voxel indices (C order, or ``order="F"``) of the rows :meth:`masked`
+        yields, in order.
+
+        Results go back with ``out.reshape(-1, ...)[dwi.masked_index()] = rows``
+        (C), or into an F-ordered ``out`` through ``out.reshape(-1, ..., order="F")``
+        with ``masked_index("F")``: for rows in F voxel order (mask rows, NIfTI
+        data) those indices ascend, so the writes are sequential, and no C
+        index is computed. Computed once per mask and data object (read-only;
+        Validate's QC, its tensor fit and the b0 noise all ask for the C one:
+        0.1 s each on an HCP subject).
         """
-        cached = self.__dict__.get("_masked_index")
+        if order not in ("C", "F"):
+            raise ValueError(f"order must be 'C' or 'F', not {order!r}")
+        key = f"_masked_index_{order}"
+        cached = self.__dict__.get(key)
         if cached is not None and cached[0] is self.mask and cached[1] is self.data:
             return cached[2]
-        order = "F" if self.data is None else _flat_view(self.data)[1]
-        if order == "C":
-            index = np.flatnonzero(self.mask.ravel())
-        else:
-            f_idx = mask_rows_index(self.mask)
-            index = np.ravel_multi_index(np.unravel_index(f_idx, self.mask.shape, order="F"),
-                                         self.mask.shape)
+        stored = self.voxel_order
+        index = np.flatnonzero(self.mask.ravel(order=stored))   # storage order
+        if stored != order:
+            index = np.ravel_multi_index(np.unravel_index(index, self.mask.shape, order=stored),
+                                         self.mask.shape, order=order)
         index.setflags(write=False)
-        self.__dict__["_masked_index"] = (self.mask, self.data, index)
+        self.__dict__[key] = (self.mask, self.data, index)
         return index
 
     def masked(self, chunk: int | None = None):
@@ -222,6 +234,16 @@ class DWI:
         if chunk is None:
             return flat[idx]
         return (flat[idx[i:i + chunk]] for i in range(0, idx.size, chunk))
+
+    def masked_views(self, chunk: int):
+        """The chunks of :meth:`masked`, but those of a series held as mask rows
+        are views of the rows (F-ordered, no copy): for work that gives the same
+        bits on either layout (a matrix product, whose BLAS packs either layout
+        into the same panels; a gather of columns), or copies the rows itself
+        in the worker that uses them."""
+        if self.data is not None:
+            return self.masked(chunk)
+        return (self.rows[i:i + chunk] for i in range(0, self.rows.shape[0], chunk))
 
 
 def mask_rows_index(mask: np.ndarray) -> np.ndarray:

@@ -475,14 +475,19 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
     (an int for all shells, a ``{shell: lmax}`` dict, or None for
     :func:`max_order_for` each shell's direction count).
 
-    The mask voxels are read in chunks through ``dwi.masked(chunk)`` (chunk:
-    ``chunk_size`` voxels, default CHUNK_BYTES of rows) and
-    all shells (and the mean b0) come out of ONE float32 matrix product per
-    chunk, scattered into full-grid float32 maps: per shell ``coeffs``
-    (X, Y, Z, n_coef) and RISH (X, Y, Z, lmax/2 + 1); the mean b0 map is
-    shared by all shells as ``fit.s0``. ``coefficients=False`` keeps only the
-    RISH maps (``fit.coeffs`` None): the full-grid coefficient arrays are 2 GB
-    for an HCP subject, and filling them was half of the RISH step's time.
+    The mask voxels are read in chunks through ``dwi.masked_views(chunk)``
+    (chunk: ``chunk_size`` voxels, default CHUNK_BYTES of rows; views of a
+    series held as mask rows, whose F layout the matrix product reads as it
+    is, with the same bits) and all shells (and the mean b0) come out of ONE
+    float32 matrix product per chunk, scattered into full-grid float32 maps:
+    per shell ``coeffs`` (X, Y, Z, n_coef) and RISH (X, Y, Z, lmax/2 + 1); the
+    mean b0 map is shared by all shells as ``fit.s0``. ``coefficients=False``
+    keeps only the RISH maps (``fit.coeffs`` None): the full-grid coefficient
+    arrays are 2 GB for an HCP subject, and filling them was half of the RISH
+    step's time. Those maps are then in the voxel order of the rows (F for
+    NIfTI data and mask rows, the same values): each chunk lands in
+    consecutive memory and each order's map is written to a file without a
+    transposition. With coefficients every map is C-ordered.
     """
     gtab = dwi.gtab
     shells = gtab.shells
@@ -501,17 +506,23 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
     edges = np.cumsum([0] + [m.n_coef for m in models.values()])
     starts = {b: order_starts(m.lmax) for b, m in models.items()}
 
-    vshape = dwi.mask.shape
+    vshape = tuple(dwi.mask.shape)
     n_vox = int(np.prod(vshape))
-    c_idx = dwi.masked_index()  # the voxel of each row dwi.masked() yields
-    coeffs = {b: np.zeros((n_vox, m.n_coef), dtype=np.float32) if coefficients else None
-              for b, m in models.items()}
-    rishes = {b: np.zeros((n_vox, s.size), dtype=np.float32) for b, s in starts.items()}
+    order = "C" if coefficients else dwi.voxel_order
+    voxels = dwi.masked_index(order)  # the voxel of each row dwi.masked() yields
+
+    def grid(n: int) -> tuple[np.ndarray, np.ndarray]:
+        """A zero (X, Y, Z, n) map in ``order`` and its (voxels, n) view."""
+        full = np.zeros(vshape + (n,), dtype=np.float32, order=order)
+        return full, full.reshape(-1, n, order=order)
+
+    coeffs = {b: grid(m.n_coef) if coefficients else None for b, m in models.items()}
+    rishes = {b: grid(s.size) for b, s in starts.items()}
     s0 = np.zeros(n_vox, dtype=np.float32) if normalise else None
     start = 0
-    for rows in dwi.masked(chunk_voxels(len(gtab), chunk_size)):
+    for rows in dwi.masked_views(chunk_voxels(len(gtab), chunk_size)):
         out = project(rows)
-        where = c_idx[start:start + rows.shape[0]]
+        where = voxels[start:start + rows.shape[0]]
         start += rows.shape[0]
         if normalise:
             out, s0_rows = _normalise_coeffs(out, int(edges[-1]))
@@ -519,16 +530,15 @@ def fit_shells(dwi: DWI, lmax: int | dict | None = None, normalise: bool = True,
         for j, b in enumerate(models):
             c = out[:, edges[j]:edges[j + 1]]
             if coefficients:
-                coeffs[b][where] = c
-            rishes[b][where] = _rish_rows(c, starts[b])
-    if start != c_idx.size:  # dwi.masked and this function must see the same voxels
-        raise RuntimeError(f"dwi.masked yielded {start} voxels, the mask has {c_idx.size}")
+                coeffs[b][1][where] = c
+            rishes[b][1][where] = _rish_rows(c, starts[b])
+    if start != voxels.size:  # dwi.masked and this function must see the same voxels
+        raise RuntimeError(f"dwi.masked yielded {start} voxels, the mask has {voxels.size}")
     fitted = np.zeros(n_vox, dtype=bool)
-    fitted[c_idx] = True
+    fitted[voxels] = True
     if normalise:
         fitted &= s0 > 0
-        s0 = s0.reshape(vshape)
-    fitted = fitted.reshape(vshape)
-    return {b: SHFit(m, None if coeffs[b] is None else coeffs[b].reshape(vshape + (-1,)),
-                     fitted, s0, rishes[b].reshape(vshape + (-1,)))
+        s0 = s0.reshape(vshape, order=order)
+    fitted = fitted.reshape(vshape, order=order)
+    return {b: SHFit(m, None if coeffs[b] is None else coeffs[b][0], fitted, s0, rishes[b][0])
             for b, m in models.items()}

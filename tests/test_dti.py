@@ -18,8 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dmriflow.interfaces import dti
-from dmriflow.interfaces.gradients import GradientTable, fsl_to_world
+from dmriflow.interfaces import dti, io
+from dmriflow.interfaces.gradients import GradientTable, fsl_to_world, spiral_directions
 from dmriflow.interfaces.io import load_dwi
 
 S0 = 1000.0
@@ -383,6 +383,101 @@ def test_fit_dwi_on_a_memory_mapped_nifti(tmp_path, gtab, noisy):
     bad = Reordered(**{f: getattr(dwi, f) for f in dwi.__dataclass_fields__})
     with pytest.raises(RuntimeError, match="unexpected order"):
         dti.fit_dwi(bad)
+
+
+def _two_shell_series(rng, shape=(9, 8, 7)):
+    """A noisy b0 + b=1000 + b=3000 series (shells interleaved, so the tensor's
+    volumes are scattered among the others) whose S0 spans 1..1e4 and whose
+    tensors are random: float32 rounding differs between sums of the same
+    values in another order. Some mask voxels are 0 (failed fits)."""
+    dirs = np.r_[[[0, 0, 0]] * 6, np.repeat(spiral_directions(30), 2, axis=0)]
+    bvals = np.r_[np.zeros(6), np.tile([1000.0, 3000.0], 30)]
+    gtab = GradientTable(bvals, dirs)
+    n = int(np.prod(shape))
+    ev = rng.uniform(0.2e-3, 2e-3, size=(n, 3))
+    D = np.stack([rotation(rng) @ np.diag(e) @ rotation(rng).T for e in ev])
+    D = 0.5 * (D + D.transpose(0, 2, 1))
+    s0 = 10 ** rng.uniform(0, 4, size=n)
+    data = rician(signal(gtab, D, s0), s0[:, None] / 20, rng).astype(np.float32)
+    data = np.asfortranarray(data.reshape(shape + (len(dirs),)))
+    mask = rng.random(shape) > 0.3
+    data[mask & (rng.random(shape) > 0.95)] = 0
+    return gtab, data, mask
+
+
+def _as_rows(gtab, data, mask) -> io.DWI:
+    """The series held as Validate stores it: mask rows in F voxel order, F layout."""
+    rows = data.reshape(-1, data.shape[-1], order="F")[np.flatnonzero(mask.ravel(order="F"))]
+    return io.DWI(None, gtab, mask, np.eye(4), nib.Nifti1Header(), {},
+                  rows=np.asfortranarray(rows))
+
+
+def _bits(a) -> bytes:
+    return np.ascontiguousarray(a).tobytes()
+
+
+FIT_ARRAYS = ("fa", "md", "ad", "rd", "v1", "s0", "evals", "evecs", "failed")
+
+
+def test_lazily_selected_volumes_fit_the_same_bits_as_a_copy():
+    """The tensor of some volumes of mask rows, gathered chunk by chunk in the
+    workers, equals bit for bit the tensor of a copy of those volumes (the
+    former path of the pipeline's tensor step), on data where the order of
+    the volumes changes the rounding; so does a grid-held series' fit."""
+    gtab, data, mask = _two_shell_series(np.random.default_rng(11))
+    rows = _as_rows(gtab, data, mask)
+    keep = gtab.select_shells(dti.dti_shells(gtab))
+    assert 0 < keep.size < len(gtab) and np.any(np.diff(keep) > 1)
+    kw = dict(n_iter=3, chunk_size=64, n_threads=2)
+    copied = dti.fit_dwi(rows.select_volumes(keep), **kw)
+    lazy = dti.fit_dwi(rows, volumes=keep, **kw)
+    grid = dti.fit_dwi(io.DWI(data, gtab, mask, np.eye(4), nib.Nifti1Header(), {}),
+                       volumes=keep, **kw)
+    assert 0 < copied.failed[mask].sum() < mask.sum()
+    for name in FIT_ARRAYS:
+        ref = getattr(copied, name)
+        for fit in (lazy, grid):
+            got = getattr(fit, name)
+            assert got.shape == ref.shape and got.dtype == ref.dtype, name
+            assert _bits(got) == _bits(ref), name
+    # the data see a change of order: the same volumes, another order, other bits
+    perm = keep[::-1]
+    other = dti.fit_dwi(rows.select_volumes(perm), **kw)
+    assert _bits(other.evals) != _bits(copied.evals)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_maps_on_the_fitted_rows_equal_maps_on_the_grid(order):
+    """A fit held as rows gives every map of a fit held on the grid, bit for
+    bit (zeros outside the fitted voxels and in failed ones), in the rows'
+    memory order."""
+    rng = np.random.default_rng(5)
+    grid = (6, 7, 5)
+    n_vox = int(np.prod(grid))
+    index = np.sort(rng.choice(n_vox, size=120, replace=False))
+    # random descending eigenvalues (ties included), orthonormal eigenvectors
+    evals = -np.sort(-rng.uniform(0, 3e-3, size=(index.size, 3)).astype(np.float32), axis=1)
+    evals[::7, 1] = evals[::7, 0]
+    evecs = np.stack([rotation(rng) for _ in index]).astype(np.float32)
+    s0 = rng.uniform(1, 1e4, size=index.size).astype(np.float32)
+    failed = rng.random(index.size) > 0.9
+    evals[failed], evecs[failed], s0[failed] = 0, 0, 0
+
+    def on_grid(rows):
+        out = np.zeros(grid + rows.shape[1:], rows.dtype, order=order)
+        out.reshape((-1,) + rows.shape[1:], order=order)[index] = rows
+        return out
+
+    mask = on_grid(np.ones(index.size, bool))
+    whole = dti.TensorFit(on_grid(evals), on_grid(evecs), on_grid(s0), on_grid(failed), mask)
+    rows = dti.TensorFit.from_rows(evals, evecs, s0, failed, index, grid, order, mask)
+    for name in FIT_ARRAYS:
+        ref, got = getattr(whole, name), getattr(rows, name)
+        assert got.shape == ref.shape and got.dtype == ref.dtype, name
+        assert _bits(got) == _bits(ref), name
+        assert got.flags[f"{order}_CONTIGUOUS"], name
+    assert rows.shape == grid and rows.n_failed == failed.sum()
+    assert np.all(rows.fa[~mask] == 0) and np.all(rows.fa[mask & ~rows.failed] > 0)
 
 
 def test_bad_arguments(gtab):

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -110,6 +111,31 @@ def test_masked_rows_equal_fancy_indexing(order):
     assert_array_equal(out[~mask], 0)
     if order != "strided":  # contiguous data are read through a view, not a copy
         assert np.shares_memory(io._flat_view(data)[0], data)
+
+
+@pytest.mark.parametrize("held", ["C", "F", "rows"])
+def test_f_order_index_and_views_of_mask_rows(held):
+    """``masked_index("F")`` places each row of ``masked()`` in an F-ordered map
+    (ascending where the rows are in F voxel order), and ``masked_views``
+    yields the rows of ``masked`` (views of mask rows, not copies)."""
+    rng = np.random.default_rng(6)
+    data = np.array(rng.random((6, 5, 4, 3)).astype(np.float32), order="F" if held != "C" else "C")
+    mask = rng.random(data.shape[:3]) > 0.5
+    dwi = _dwi(data, mask)
+    if held == "rows":
+        dwi = replace(dwi, data=None, rows=np.asfortranarray(dwi.masked()))
+    assert dwi.voxel_order == ("C" if held == "C" else "F")
+    f_idx = dwi.masked_index("F")
+    out = np.zeros(data.shape, np.float32, order="F")
+    out.reshape(-1, data.shape[-1], order="F")[f_idx] = dwi.masked()
+    assert_array_equal(out[mask], data[mask])
+    assert_array_equal(out[~mask], 0)
+    assert np.all(np.diff(f_idx) > 0) == (held != "C")
+    views = list(dwi.masked_views(4))
+    assert_array_equal(np.concatenate(views), dwi.masked())
+    assert all(np.shares_memory(v, dwi.rows) for v in views) == (held == "rows")
+    with pytest.raises(ValueError, match="order"):
+        dwi.masked_index("K")
 
 
 def test_masked_index_computed_once_per_mask_and_data():

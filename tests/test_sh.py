@@ -353,6 +353,41 @@ def test_fit_shells_memory_order_and_guard():
         sh.SHModel(gtab)
 
 
+def test_rish_of_mask_rows_equals_rish_of_copied_rows():
+    """RISH (and the mean b0 and fitted mask) of a series held as mask rows,
+    projected straight from F-ordered views of the rows, equal bit for bit
+    those of the same series read from an F-ordered grid (whose chunks are
+    copied into C order first: the former path), with noise so that float32
+    rounding depends on the sum order; the RISH-only maps come back F-ordered
+    (one contiguous volume per order, as a NIfTI file stores it), the
+    coefficients C-ordered as before."""
+    grid_dwi = _synthetic_dwi("F")
+    rng = np.random.default_rng(8)
+    grid_dwi.data *= rng.uniform(0.9, 1.1, size=grid_dwi.data.shape).astype(np.float32)
+    mask = grid_dwi.mask
+    rows = grid_dwi.data.reshape(-1, len(grid_dwi.gtab), order="F")[
+        np.flatnonzero(mask.ravel(order="F"))]
+    rows_dwi = DWI(None, grid_dwi.gtab, mask, np.eye(4), nib.Nifti1Header(), {},
+                   rows=np.asfortranarray(rows))
+    for coefficients in (False, True):
+        old = sh.fit_shells(grid_dwi, chunk_size=17, coefficients=coefficients)
+        new = sh.fit_shells(rows_dwi, chunk_size=17, coefficients=coefficients)
+        for b in old:
+            for name in ("rish", "s0", "mask") + (("coeffs",) if coefficients else ()):
+                ref, got = (getattr(f, name) for f in (old[b], new[b]))
+                ref, got = (a() if callable(a) else a for a in (ref, got))
+                assert got.shape == ref.shape and got.dtype == ref.dtype, name
+                assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(ref).tobytes()
+            rish = new[b].rish()
+            assert rish.flags.f_contiguous != coefficients
+            assert np.all(rish[~new[b].mask] == 0) and np.all(rish[new[b].mask][:, 0] > 0)
+    # the data see the sum order: the same products summed in another order differ
+    w = sh.SHModel(grid_dwi.gtab, shell=1000.0).projection().astype(np.float32)
+    perm = rng.permutation(w.shape[0])
+    assert (np.ascontiguousarray(rows) @ w).tobytes() != \
+        (np.ascontiguousarray(rows[:, perm]) @ w[perm]).tobytes()
+
+
 # ----------------------------------------------------------------------------
 # MRtrix3 on real data
 # ----------------------------------------------------------------------------
