@@ -155,7 +155,7 @@ class _HashingReader(io.RawIOBase):
 
 
 def inflate(src, write, codec: str = DEFAULT_CODEC, block: int = OUT_BLOCK,
-            read_block: int = READ_BLOCK, n_threads: int = 1) -> Decoded:
+            read_block: int = READ_BLOCK, n_threads: int = 1, into=None) -> Decoded:
     """Inflate gzip file ``src`` (every member, as ``gzip -dc``) through the
     codec's gzip reader, checking every member's CRC32 and length, and hash
     ``src``'s bytes (sha256) in the same read (of ``read_block`` bytes at a
@@ -172,6 +172,12 @@ def inflate(src, write, codec: str = DEFAULT_CODEC, block: int = OUT_BLOCK,
     measured with 4 KiB blocks and 1 MiB reads; 7 KiB with 4 KiB reads).
     ``write`` may raise to stop early (the file is closed).
 
+    ``into``: a callable giving the writable memoryview (never empty) that the
+    next bytes are inflated straight into, at most ``block`` of it; ``write``
+    then gets the filled part of that very view, so a caller cutting the
+    stream into its own buffers copies nothing (an HCP series: 0.5 s less for
+    the inflating thread, the copy of 4.2 GB out of the reused buffer).
+
     ``n_threads`` 2 or more: the inflate (and ``write``) runs in a second
     thread (:data:`INFLATE_THREAD`) and the calling thread hashes copies of
     the compressed blocks as they are read, in file order, at most
@@ -187,9 +193,13 @@ def inflate(src, write, codec: str = DEFAULT_CODEC, block: int = OUT_BLOCK,
             nonlocal n_out
             # emit: the sha256's update when serial, else the hand-over to it
             raw.take = emit if n_threads < 2 else (lambda view: emit(bytes(view)))
-            buf = memoryview(bytearray(block))
+            buf = memoryview(bytearray(block)) if into is None else None
             reader = CODECS[codec](raw, read_block)
             while True:
+                if into is not None:
+                    buf = into()[:block]
+                    if not len(buf):
+                        raise ValueError("inflate: into() gave an empty buffer")
                 try:
                     n = reader.readinto(buf)
                 except _READER_ERRORS as exc:

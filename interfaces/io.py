@@ -444,27 +444,41 @@ class _VolumeStream:
     stored type ``dtype``) and hands each to ``emit((k, vol))``, cycling
     through ``buffers`` volume buffers (1: one reused buffer; more when the
     volumes are used in another thread, see :func:`parallel.produce_consume`);
-    bytes after the last volume are ignored, as nibabel does."""
+    bytes after the last volume are ignored, as nibabel does.
 
-    def __init__(self, offset: int, shape, emit, dtype=np.float32, buffers: int = 1):
+    Used as :func:`codec.inflate`'s ``into`` and ``write``: the stream is
+    inflated straight into the current volume's buffer (:meth:`destination`),
+    the header and the bytes after the last volume into a scratch block, and
+    :meth:`write` only counts what was filled."""
+
+    def __init__(self, offset: int, shape, emit, dtype=np.float32, buffers: int = 1,
+                 scratch: int = codec.OUT_BLOCK):
         self.skip, self.n, self.k, self.fill = int(offset), int(shape[3]), 0, 0
         self.raws = [np.empty(tuple(shape[:3]), np.dtype(dtype), order="F")
                      for _ in range(buffers)]
         self.bufs = [memoryview(r.reshape(-1, order="F").view(np.uint8)) for r in self.raws]
+        self.scratch = memoryview(bytearray(scratch))
         self.emit = emit
 
-    def write(self, data) -> None:
-        mv = memoryview(data)
+    def destination(self) -> memoryview:
+        """Where the next inflated bytes go (never empty): the rest of the
+        header, the unfilled part of the current volume, or scratch."""
         if self.skip:
-            n = min(self.skip, len(mv))
-            mv, self.skip = mv[n:], self.skip - n
-        while len(mv) and self.k < self.n:
+            return self.scratch[:min(self.skip, len(self.scratch))]
+        if self.k >= self.n:
+            return self.scratch
+        return self.bufs[self.k % len(self.raws)][self.fill:]
+
+    def write(self, data) -> None:
+        """``len(data)`` bytes were inflated into :meth:`destination`: count
+        them, and emit the volume they complete."""
+        n = len(data)
+        if self.skip:
+            self.skip -= n
+        elif self.k < self.n:
             slot = self.k % len(self.raws)
-            buf = self.bufs[slot]
-            take = min(len(mv), len(buf) - self.fill)
-            buf[self.fill:self.fill + take] = mv[:take]
-            self.fill, mv = self.fill + take, mv[take:]
-            if self.fill == len(buf):
+            self.fill += n
+            if self.fill == len(self.bufs[slot]):
                 self.emit((self.k, self.raws[slot]))
                 self.k, self.fill = self.k + 1, 0
 
@@ -525,7 +539,7 @@ def load_dwi_rows(dwi_path, bval_path, bvec_path, mask_path, out_dir,
                 stream = _VolumeStream(img.dataobj.offset, shape, emit, stored,
                                        buffers=1 if threads < 2 else VOLUME_QUEUE_DEPTH + 2)
                 found["decoded"] = codec.inflate(dwi_path, stream.write, codec_name,
-                                                 n_threads=threads)
+                                                 n_threads=threads, into=stream.destination)
                 found["volumes"] = stream.k
 
             try:    # inflate in a second thread, the volumes checked and stored here

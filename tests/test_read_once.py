@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import threading
@@ -109,6 +110,37 @@ def test_inflate_gives_gzips_bytes_from_one_reused_block(tmp_path, name, members
     assert b"".join(pieces) == payload and got.raw_bytes == len(payload)
     assert len({id(o) for o in owners}) == 1 and len(owners[0]) == block
     assert len(pieces) >= len(payload) // block
+
+
+@pytest.mark.parametrize("name", CODECS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inflate_into_the_callers_buffers(tmp_path, name, threads):
+    """With ``into`` the bytes are inflated straight into the buffers it gives,
+    of any size (here 1 byte to 3 blocks, cycling), at most ``block`` at a
+    time: each ``write`` gets the filled start of the very view ``into`` gave
+    (same memory, no copy), and the pieces are gzip's bytes; an empty buffer
+    is refused."""
+    payload = np.random.default_rng(4).integers(0, 40, 1_500_000, dtype=np.uint8).tobytes()
+    src = tmp_path / "x.gz"
+    src.write_bytes(gzip_members(payload, 3))
+    block, sizes = 65_536, itertools.cycle([1, 7, 4096, 100_003, 3 * 65_536])
+    given, pieces = [], []
+
+    def into():
+        given.append(np.zeros(next(sizes), np.uint8))
+        return memoryview(given[-1])
+
+    def write(view):
+        dest = given[-1]
+        assert len(view) <= min(block, dest.size)
+        assert np.shares_memory(np.frombuffer(view, np.uint8), dest)
+        assert np.frombuffer(view, np.uint8).ctypes.data == dest.ctypes.data
+        pieces.append(bytes(view))
+
+    got = codec.inflate(src, write, name, block=block, n_threads=threads, into=into)
+    assert b"".join(pieces) == payload and got.raw_bytes == len(payload)
+    with pytest.raises(ValueError, match="empty buffer"):
+        codec.inflate(src, write, name, n_threads=threads, into=lambda: memoryview(b"")[:0])
 
 
 @pytest.mark.parametrize("name", CODECS)
