@@ -738,7 +738,7 @@ def dti_tensor(dwi: DWI, max_bval: float = DTI_MAX_BVAL):
     float32, 0 outside the mask) to the b0s and shells up to ``max_bval``."""
     from . import dti
     shells = dti_shells(dwi.gtab, max_bval)
-    return dti.fit_dwi(dwi.select_volumes(dwi.gtab.select_shells(shells)))
+    return dti.fit_dwi(dwi, volumes=dwi.gtab.select_shells(shells))   # no copy of the series
 
 
 def dti_fa(dwi: DWI, max_bval: float = DTI_MAX_BVAL) -> np.ndarray:

@@ -1299,7 +1299,7 @@ def wm_mask_from_fa(dwi, threshold: float = WM_FA_THRESHOLD) -> np.ndarray:
     fitted to the b0s and the shells up to ``WM_FA_MAX_BVAL``, or the lowest)."""
     from .dti import fit_dwi
     low = [b for b in dwi.gtab.shells if b <= WM_FA_MAX_BVAL] or dwi.gtab.shells[:1]
-    fit = fit_dwi(dwi.select_volumes(dwi.gtab.select_shells(low)))
+    fit = fit_dwi(dwi, volumes=dwi.gtab.select_shells(low))   # no copy of the series
     return dwi.mask & (np.nan_to_num(fit.fa) > threshold)
 
 
