@@ -95,9 +95,6 @@ TISSUE_POOL_FA_RAMP = (0.2, 0.4)
 #: l0 at the lowest shell): 0 below the first value (tissue, <= ~1e-3), 1
 #: above the second (free water, ~3e-3).
 TISSUE_POOL_MD_RAMP = (1.5e-3, 2.5e-3)
-#: The registration contrasts whose template image is an FA map (the
-#: tissue weights need it).
-FA_TEMPLATE_CONTRASTS = ("fa", "fa-sitescaled")
 #: Template = mean of the reference site's FA after this many rounds of
 #: registration: round 1 registers everyone to the first reference subject,
 #: round 2 (one rebuild) to the round-1 mean, which removes most of the first
@@ -130,6 +127,9 @@ RISH_CONTRAST_ORDERS = {"rish-l2": (2,), "rish-l0": (0,), "rish-l0l2": (0, 2)}
 #: after the global site scaling (:func:`site_scaling_factors`,
 #: :func:`site_scaled_fa`); its reference subjects and template use FA.
 SITE_SCALED_CONTRAST = "fa-sitescaled"
+#: The registration contrasts whose image is the masked FA, so their template
+#: is an FA map (:func:`registration_image`; the tissue weights need it).
+FA_TEMPLATE_CONTRASTS = ("fa", SITE_SCALED_CONTRAST)
 #: The contrast of the mean b0 image (:func:`mean_b0`), which features hold
 #: only when asked (``subject_features(..., b0=True)``).
 B0_CONTRAST = "b0"
@@ -1013,7 +1013,7 @@ def registration_image(f: SubjectFeatures, contrast: str = DEFAULT_REGISTRATION_
     site's global intensity (receive gain) cancels as for the RISH images.
     """
     mask = np.asarray(f.mask, dtype=bool)
-    if check_registration_contrast(contrast) in ("fa", SITE_SCALED_CONTRAST):
+    if check_registration_contrast(contrast) in FA_TEMPLATE_CONTRASTS:
         return masked_fa(f)
     if contrast == B0_CONTRAST:
         if f.b0 is None:
