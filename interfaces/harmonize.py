@@ -1188,11 +1188,10 @@ def tissue_pooled_ratio(e_ref: np.ndarray, e_tar: np.ndarray, weights: np.ndarra
             num_r = ndimage.gaussian_filter(wc * np.maximum(e_ref[..., k], 0), sigma)
             num_t = ndimage.gaussian_filter(wc * np.maximum(e_tar[..., k], 0), sigma)
             ok = (wc > 0) & (den > 0)
-            ratio = np.zeros(mask.shape, dtype=np.float64)
-            # r_k = (G*(w E_ref) / G*w) / (G*(w E_tar) / G*w + tau)
+            # r_k = (G*(w E_ref) / G*w) / (G*(w E_tar) / G*w + tau), on the voxels ok only
             d = num_t[ok].astype(np.float64) + tau_k * den[ok]
-            ratio[ok] = np.divide(num_r[ok], d, out=np.full(d.shape, np.inf), where=d > 0)
-            acc[ok] += wc[ok] * ratio[ok]
+            acc[ok] += wc[ok] * np.divide(num_r[ok], d, out=np.full(d.shape, np.inf),
+                                          where=d > 0)
         out[..., k] = np.where(mask, acc, 0)
     return out, np.array(taus)
 
