@@ -233,8 +233,8 @@ def main() -> None:
                                              for r in opts.refit_rounds
                                              for n in opts.noise_floor
                                              for w in opts.tissue_pool_fwhm
-                                             # pooling needs the 'ratio' or 'nearest' estimator
-                                             if not (w and v in ("matched", "native-log"))]:
+                                             # pooling refuses the per-subject estimators
+                                             if not (w and v in H.NATIVE_ESTIMATORS)]:
             t1 = time.perf_counter()
             res, fit_s = {}, {}
             for d in cohorts:

@@ -1549,7 +1549,7 @@ def _nifti_array(raw: bytearray, path: Path, what: str,
 # Fit
 # ----------------------------------------------------------------------------
 #: Estimators that form a term on each target subject's own grid.
-_NATIVE_ESTIMATORS = ("matched", "native-log")
+NATIVE_ESTIMATORS = ("matched", "native-log")
 #: Template voxels covered by less than this much warped mask have no site mean.
 _MIN_COVER = 1e-3
 #: Rounds of re-registering the target subjects through their harmonised FA
@@ -1568,7 +1568,7 @@ def _site_mean(total: np.ndarray, cover: np.ndarray) -> np.ndarray:
 
 def _native_term(t: Transform, mask: np.ndarray, rish: np.ndarray, e_ref: np.ndarray,
                  estimator: str) -> np.ndarray:
-    """One target subject's term of a :data:`_NATIVE_ESTIMATORS` estimate,
+    """One target subject's term of a :data:`NATIVE_ESTIMATORS` estimate,
     (X, Y, Z, orders) on the template grid, summed over subjects and divided
     by the target's mask cover like the site means.
 
@@ -1751,7 +1751,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                      noise_floor=noise_floor, median=site_mean == "median")
     transforms = {}
     native = ({b: np.zeros(tpl_fa.shape + (lmax // 2 + 1,), dtype=np.float32) for b in shells}
-              if scale_estimator in _NATIVE_ESTIMATORS else {})
+              if scale_estimator in NATIVE_ESTIMATORS else {})
     e_ref = None                 # "matched"/"native-log": the reference mean, once complete
     for s_idx, (site, items) in enumerate(((reference_site, reference), (target_site, target))):
         for i, item in enumerate(items):
@@ -1768,7 +1768,7 @@ def fit_harmonization(reference: Sequence[SubjectInput], target: Sequence[Subjec
                 t = register_fa(img, f.affine, tpl_fa, tpl_affine, registration, **opts)
             interp = "nearest" if s_idx == 1 and scale_estimator == "nearest" else "linear"
             sums.add(site, _warped_terms(f, t, rish, noise, lmax, interpolation=interp))
-            if s_idx == 1 and scale_estimator in _NATIVE_ESTIMATORS:
+            if s_idx == 1 and scale_estimator in NATIVE_ESTIMATORS:
                 if e_ref is None:            # the reference site came first: its mean is complete
                     e_ref = {b: _site_mean(sums.sums[reference_site][b],
                                            sums.counts[reference_site]) for b in shells}
@@ -1804,14 +1804,14 @@ def _check_fit_options(shells, reference_site: str, target_site: str, site_mean:
     if scale_estimator not in SCALE_ESTIMATORS:
         raise ValueError(f"unknown scale_estimator {scale_estimator!r} "
                          f"({', '.join(SCALE_ESTIMATORS)})")
-    if scale_estimator in _NATIVE_ESTIMATORS and site_mean != "mean":
+    if scale_estimator in NATIVE_ESTIMATORS and site_mean != "mean":
         raise ValueError(f"scale_estimator {scale_estimator!r} needs site_mean 'mean'")
-    if noise_floor and (scale_estimator in _NATIVE_ESTIMATORS or site_mean != "mean"):
+    if noise_floor and (scale_estimator in NATIVE_ESTIMATORS or site_mean != "mean"):
         raise ValueError("noise_floor removes the noise share from the site means: it needs "
                          "site_mean 'mean' and scale_estimator 'ratio' or 'nearest'")
     if not tissue_pool_fwhm_mm >= 0:
         raise ValueError(f"tissue_pool_fwhm_mm must be >= 0, got {tissue_pool_fwhm_mm}")
-    if tissue_pool_fwhm_mm > 0 and scale_estimator in _NATIVE_ESTIMATORS:
+    if tissue_pool_fwhm_mm > 0 and scale_estimator in NATIVE_ESTIMATORS:
         raise ValueError("tissue_pool_fwhm_mm pools the site means: it needs scale_estimator "
                          "'ratio' or 'nearest'")
     if tissue_pool_fwhm_mm > 0 and registration_contrast not in FA_TEMPLATE_CONTRASTS:
@@ -2058,7 +2058,7 @@ def fit_from_terms(reference: Sequence[Callable[[], SubjectTerms]],
     shells = _check_fit_options(shells, reference_site, target_site, site_mean,
                                 scale_estimator, noise_floor, tissue_pool_fwhm_mm,
                                 registration_contrast)
-    if scale_estimator in _NATIVE_ESTIMATORS:
+    if scale_estimator in NATIVE_ESTIMATORS:
         raise ValueError(f"scale_estimator {scale_estimator!r} forms its terms on each "
                          f"subject's grid: use fit_harmonization")
     if registration_contrast == SITE_SCALED_CONTRAST:
