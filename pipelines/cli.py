@@ -33,6 +33,7 @@ done, 2 some failed or missing, 1 no run found in OUTPUT.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -604,6 +605,9 @@ def bids_app_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``dmriflow`` command; ``argv=None``: the process's own command line,
+    and the process ends after this returns (see :func:`before_exit`)."""
+    whole_process = argv is None
     argv = bids_app_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     args.argv = argv
@@ -614,6 +618,19 @@ def main(argv: list[str] | None = None) -> int:
         # final flush does not raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_CLOSED_PIPE
+    finally:
+        if whole_process:
+            before_exit()
+
+
+def before_exit() -> None:
+    """Spare the interpreter's shutdown its garbage collections over every object
+    of the imported libraries (numpy, pandas, scipy, Pydra, nibabel: 0.3-0.4 s
+    of every command on 2 cores) by freezing them, when the process is about to
+    end. Only the cyclic collector skips frozen objects: files are closed, atexit
+    handlers run and stdout and stderr are flushed as before; what a reference
+    cycle holds is left to the operating system, as the process ends."""
+    gc.freeze()
 
 
 def _dispatch(args) -> int:

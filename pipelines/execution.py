@@ -20,7 +20,9 @@ import secrets
 import shutil
 import stat
 import sys
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from io import StringIO
@@ -699,6 +701,54 @@ def submitter(config: RunConfig, root: Path, gpu: bool = False):
     return Submitter(worker=worker, cache_root=root, **kwargs)
 
 
+#: Threads of :func:`prepare_beside` still importing: a fork waits for them.
+_PREPARING: list[threading.Thread] = []
+
+
+def _join_preparing() -> None:
+    while _PREPARING:
+        _PREPARING.pop().join()
+
+
+# a process forked while another thread imports inherits that import's module
+# locks held for ever; no fork is expected while one runs, but one would wait
+os.register_at_fork(before=_join_preparing)
+
+
+def prepare_beside(sub, work) -> bool:
+    """Run ``work`` (imports for what follows the engine: the report's) in a
+    thread of this process while the engine's worker processes compute, on
+    time a core would spend idle (e.g. beside a one-threaded Validate).
+
+    Only with the cf worker (``sub``'s process pool): its processes are forked
+    first (a no-op job), so none inherits the thread's import locks (and
+    :func:`_join_preparing` holds back any later fork). Other workers run nodes
+    in this process (debug) or elsewhere (SLURM): there ``work`` is left to its
+    caller. Returns whether it was started; :func:`prepared` waits for it."""
+    pool = getattr(sub.worker, "pool", None)
+    if not isinstance(pool, ProcessPoolExecutor):
+        return False
+    try:
+        pool.submit(os.getpid).result()     # every worker process forked now
+    except Exception:  # noqa: BLE001 - a broken pool: the engine reports it, nothing runs beside
+        return False
+
+    def run():
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - the caller imports again and says why
+            _debug(f"preparing beside the engine failed: {type(exc).__name__}: {exc}")
+    thread = threading.Thread(target=run, name="dmriflow-prepare", daemon=True)
+    _PREPARING.append(thread)
+    thread.start()
+    return True
+
+
+def prepared() -> None:
+    """Wait for the work of :func:`prepare_beside` (e.g. before the report)."""
+    _join_preparing()
+
+
 def _log(config: RunConfig, msg: str) -> None:
     """A run message: to stderr unless quiet, always to the run's log file."""
     log_line(msg, to_stderr=not config.quiet)
@@ -766,7 +816,9 @@ def preflight(subjects: list[SubjectInputs], output_dir, version: str):
 
 
 def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, version: str,
-            cohort_steps: bool = True):
+            cohort_steps: bool = True, beside=None):
+    """Run the cohort workflow; ``beside``: work for this process while the
+    engine computes (:func:`prepare_beside`)."""
     units = [Subject.of(s) for s in subjects]
     products = None
     if config.inference:
@@ -782,6 +834,8 @@ def _submit(subjects, prefailed, output_dir, config: RunConfig, root: Path, vers
                           pipeline_version=version,
                           harmonization=str(config.harmonization or ""))
     with submitter(config, root) as sub:
+        if beside is not None:
+            prepare_beside(sub, beside)
         return sub(task, raise_errors=False)
 
 
@@ -906,8 +960,10 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
                           len(planned_steps(config)), len(prefailed)) \
             if bar_wanted(config.quiet) and os.environ.get(LOG_ENV) else nullcontext()
         with bar:
+            # the report's imports beside the engine, when this job writes the report
             res = _submit(runnable, prefailed, output_dir, config, root, version,
-                          cohort_steps=whole)
+                          cohort_steps=whole,
+                          beside=_prepare_report if whole or config.rerun_failed else None)
         if res.errored or res.outputs is None:
             engine_errors = errors_of(res, root)
             rows = collect_status(output_dir, selected)
@@ -958,8 +1014,14 @@ def _run_units(subjects, selected, output_dir: Path, config: RunConfig, root: Pa
     return result
 
 
+def _prepare_report() -> None:
+    from dmriflow.pipelines.report import prepare  # lazy: keeps `dmriflow --help` fast
+    prepare()
+
+
 def _write_report(output_dir: Path, config: RunConfig) -> Path | None:
     """The cohort HTML report; a report problem is logged, never fails the run."""
+    prepared()
     from dmriflow.pipelines.report import write_report  # lazy: keeps `dmriflow --help` fast
     try:
         return write_report(output_dir)

@@ -190,6 +190,16 @@ def _plt():
     return plt
 
 
+def prepare() -> None:
+    """Import what drawing the figures needs (matplotlib with its Agg backend,
+    pyplot, PIL's image plugins): 0.3-0.4 s that :func:`build_report` would
+    otherwise spend first. A run calls this in a thread of its own process while
+    its engine works (:func:`dmriflow.pipelines.execution.prepare_beside`)."""
+    _plt()
+    from PIL import Image
+    Image.preinit()
+
+
 def png_data_uri(fig) -> str:
     """A matplotlib figure as a ``data:image/png;base64`` URI (the figure is closed)."""
     plt = _plt()

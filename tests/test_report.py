@@ -11,6 +11,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from html.parser import HTMLParser
@@ -170,6 +171,22 @@ def test_report_command_rewrites_the_page(run):
     assert cli.main(["report", str(tmp / "out")]) == cli.EXIT_OK
     assert Page(report.read_text()).tables["qc"] == before
     assert cli.main(["report", str(tmp / "nowhere")]) == cli.EXIT_INPUT
+
+
+def test_prepare_imports_what_drawing_the_report_needs(run):
+    """A run imports the report's libraries beside its engine (report.prepare):
+    building the page after it imports no matplotlib or PIL module of its own."""
+    tmp = run[0]
+    script = ("import sys\n"
+              "from dmriflow.pipelines import report\n"
+              "report.prepare()\n"
+              "before = set(sys.modules)\n"
+              f"report.build_report({str(tmp / 'out')!r})\n"
+              "print(sorted(m for m in set(sys.modules) - before\n"
+              "             if m.split('.')[0] in ('matplotlib', 'PIL')))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_image_gradient_and_model_sections(run, tmp_path):
