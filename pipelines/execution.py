@@ -720,27 +720,33 @@ def prepare_beside(sub, work) -> bool:
     thread of this process while the engine's worker processes compute, on
     time a core would spend idle (e.g. beside a one-threaded Validate).
 
-    Only with the cf worker (``sub``'s process pool): its processes are forked
-    first (a no-op job), so none inherits the thread's import locks (and
-    :func:`_join_preparing` holds back any later fork). Other workers run nodes
-    in this process (debug) or elsewhere (SLURM): there ``work`` is left to its
-    caller. Returns whether it was started; :func:`prepared` waits for it."""
+    Only with the cf worker (``sub``'s process pool), and only once the pool
+    was handed its first job: by then every worker process is forked (none
+    inherits the thread's import locks; :func:`_join_preparing` holds back any
+    later fork) and the job was pickled without the thread taking turns at the
+    interpreter lock (started with the engine, it delayed the first node by
+    0.6-1 s on 2 loaded cores). Other workers run nodes in this process
+    (debug) or elsewhere (SLURM): there ``work`` is left to its caller.
+    Returns whether it will run; :func:`prepared` waits for it."""
     pool = getattr(sub.worker, "pool", None)
     if not isinstance(pool, ProcessPoolExecutor):
         return False
-    try:
-        pool.submit(os.getpid).result()     # every worker process forked now
-    except Exception:  # noqa: BLE001 - a broken pool: the engine reports it, nothing runs beside
-        return False
+    submit = pool.submit
 
     def run():
         try:
             work()
         except Exception as exc:  # noqa: BLE001 - the caller imports again and says why
             _debug(f"preparing beside the engine failed: {type(exc).__name__}: {exc}")
-    thread = threading.Thread(target=run, name="dmriflow-prepare", daemon=True)
-    _PREPARING.append(thread)
-    thread.start()
+
+    def first_submit(*args, **kwargs):
+        del pool.submit                   # later jobs: the pool's own method
+        future = submit(*args, **kwargs)  # forks every worker process (fork start method)
+        thread = threading.Thread(target=run, name="dmriflow-prepare", daemon=True)
+        _PREPARING.append(thread)
+        thread.start()
+        return future
+    pool.submit = first_submit
     return True
 
 

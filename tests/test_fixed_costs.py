@@ -37,25 +37,29 @@ def test_the_command_freezes_the_collector_before_the_process_ends(tmp_path):
 
 
 def test_work_beside_the_engine_starts_after_its_processes_are_forked(tmp_path):
-    """The work runs in another thread while the caller goes on, and only once
-    every process of the cf pool exists (none may inherit its import locks);
-    :func:`execution.prepared` waits for it."""
-    release, seen = threading.Event(), {}
+    """The work starts once the pool was handed its first job (every process of
+    the cf pool exists then: none may inherit its import locks), in another
+    thread while the caller goes on; :func:`execution.prepared` waits for it."""
+    release, started, seen = threading.Event(), threading.Event(), {}
     with Submitter(worker="cf", n_procs=2, cache_root=tmp_path) as sub:
         pool = sub.worker.pool
 
         def work():
             seen["thread"] = threading.current_thread()
             seen["processes"] = len(pool._processes)
+            started.set()
             seen["released"] = release.wait(WAIT_S)
 
         assert execution.prepare_beside(sub, work)
-        assert "released" not in seen          # the caller went on while it runs
+        assert not started.wait(0.5) and pool._processes == {}    # no job yet: nothing
+        assert pool.submit(sum, [1, 2]).result() == 3             # the first job
+        assert started.wait(WAIT_S) and "released" not in seen    # the caller went on
         release.set()
         execution.prepared()
         assert seen["released"] and seen["thread"] is not threading.current_thread()
         assert seen["processes"] == 2
-        assert pool.submit(sum, [1, 2]).result() == 3      # the pool still works
+        assert pool.submit(sum, [3, 4]).result() == 7              # later jobs as before
+        assert "submit" not in vars(pool)
 
 
 def test_no_work_beside_a_worker_that_runs_nodes_in_this_process(tmp_path):
