@@ -149,9 +149,9 @@ AFFINE_FACTORS = (4, 2, 1)
 #: (deterministic) sampling of this many points. Measured on HCP-size FA
 #: (3.66 M voxels, proportion 0.2): the affine stage takes 42 s instead of
 #: 147 s and lands within 0.25 mm of the dense result. 300 000 (proportion
-#: 0.08; s18-b): the affine stage's CPU 4.0 s instead of 6.5 s (with the
-#: finest level skipped, no translation stage), and the SyN that follows lands
-#: on the same map (brain phantom truth error 0.420 mm against 0.419, HCP size).
+#: 0.08, s18-b): on an HCP-size brain phantom pair (finest level skipped,
+#: rigid -> affine) the affine CPU fell from 6.5 to 4.0 s and the SyN that
+#: follows landed on the same map (truth error 0.420 mm against 0.419).
 MI_BINS = 32
 MI_SAMPLES = 300_000
 #: SyN iterations per level (coarse -> fine) and the cross-correlation
@@ -203,8 +203,14 @@ GRID_SYN_LEVEL_ITERS = (10, 10, 10)
 #: fixed-point iteration stops when the mean inversion residual is below
 #: ``SYN_INV_TOL`` (dipy's default 1e-3) or after ``SYN_INV_ITER`` steps. Each
 #: call starts from the previous inverse and converges in a few steps: 20 and
-#: 5 steps gave identical results. A tolerance of 1e-2 (s18-b, HCP-size brain
-#: phantoms) left the truth error equal or lower and saved ~2 s of ~9 s.
+#: 5 steps gave identical results, so the tolerance decides. 1e-2 (s18-b):
+#: the inversions' CPU 9.1 -> 7.0 s on an HCP-size brain phantom pair, truth
+#: error 0.398 -> 0.318 mm (3e-3: 0.365). With the skipped affine level and
+#: ``MI_SAMPLES`` (bench/harmonize_register_speed.py, 3 HCP-size pairs):
+#: truth error 0.398 / 0.419 / 0.356 -> 0.323 / 0.393 / 0.380 mm (today's own
+#: jitter: 0.397 / 0.421 / 0.400), warped FA moved 0.05-0.11 of today's
+#: residual (jitter 0.45-0.57). 2.5 mm study grids feel only this tolerance
+#: (no skipped level there; MI dense below ``MI_SAMPLES`` voxels).
 SYN_INV_ITER = 20
 SYN_INV_TOL = 1e-2
 #: Shells of an artefact and a subject match when their nominal b-values are
