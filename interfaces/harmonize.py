@@ -148,9 +148,12 @@ AFFINE_FACTORS = (4, 2, 1)
 #: grids up to this size are used densely, larger ones through dipy's regular
 #: (deterministic) sampling of this many points. Measured on HCP-size FA
 #: (3.66 M voxels, proportion 0.2): the affine stage takes 42 s instead of
-#: 147 s and lands within 0.25 mm of the dense result.
+#: 147 s and lands within 0.25 mm of the dense result. 300 000 (proportion
+#: 0.08, s18-b): on an HCP-size brain phantom pair (finest level skipped,
+#: rigid -> affine) the affine CPU fell from 6.5 to 4.0 s and the SyN that
+#: follows landed on the same map (truth error 0.420 mm against 0.419).
 MI_BINS = 32
-MI_SAMPLES = 750_000
+MI_SAMPLES = 300_000
 #: SyN iterations per level (coarse -> fine) and the cross-correlation
 #: metric's window radius and smoothing of its gradient. Levels whose grid is
 #: smaller than the CC window are dropped (small phantoms).
@@ -195,6 +198,21 @@ REGISTRATION_GRID_MM = 0.0
 #: unless given: its finest level (the coarse grid itself) gets 10, not 5 as
 #: on a full grid; 5 left pair 2's truth error at 0.46 mm instead of 0.43.
 GRID_SYN_LEVEL_ITERS = (10, 10, 10)
+#: SyN's displacement-field inversion (dipy ``inv_iter``, ``inv_tol``; four
+#: inversions per iteration, ~25 % of a registration's CPU at HCP size): the
+#: fixed-point iteration stops when the mean inversion residual is below
+#: ``SYN_INV_TOL`` (dipy's default 1e-3) or after ``SYN_INV_ITER`` steps. Each
+#: call starts from the previous inverse and converges in a few steps: 20 and
+#: 5 steps gave identical results, so the tolerance decides. 1e-2 (s18-b):
+#: the inversions' CPU 9.1 -> 7.0 s on an HCP-size brain phantom pair, truth
+#: error 0.398 -> 0.318 mm (3e-3: 0.365). With the skipped affine level and
+#: ``MI_SAMPLES`` (bench/harmonize_register_speed.py, 3 HCP-size pairs):
+#: truth error 0.398 / 0.419 / 0.356 -> 0.323 / 0.393 / 0.380 mm (today's own
+#: jitter: 0.397 / 0.421 / 0.400), warped FA moved 0.05-0.11 of today's
+#: residual (jitter 0.45-0.57). 2.5 mm study grids feel only this tolerance
+#: (no skipped level there; MI dense below ``MI_SAMPLES`` voxels).
+SYN_INV_ITER = 20
+SYN_INV_TOL = 1e-2
 #: Shells of an artefact and a subject match when their nominal b-values are
 #: closer than the gradient module's shell gap.
 SHELL_TOLERANCE = SHELL_GAP
@@ -603,7 +621,46 @@ def registration_record(static_affine, options: dict | None = None) -> dict:
     return {**registration_levels(grid_affine, opts.get("affine_level_iters"), syn_level_iters),
             "cc_radius": int(opts.get("cc_radius") or cc_radius_for(grid_affine)),
             "grid_factor": factor, "grid_voxel_mm": [round(float(z), 6) for z in zooms],
-            "mi_bins": MI_BINS, "mi_samples": MI_SAMPLES}
+            "mi_bins": MI_BINS, "mi_samples": MI_SAMPLES,
+            "affine_zero_levels": "skipped",
+            "syn_inv_iter": SYN_INV_ITER, "syn_inv_tol": SYN_INV_TOL}
+
+
+def _mi_metric(level_iters: Sequence[int], sampling: float | None):
+    """dipy's mutual-information metric (``MI_BINS``, ``sampling``) for an
+    ``AffineRegistration`` with ``level_iters`` (coarse -> fine) that skips the
+    levels with 0 iterations.
+
+    dipy runs L-BFGS-B with ``maxfun=0`` on such a level, which still makes
+    one iteration (3-4 metric evaluations) and moves the transform: on an HCP
+    grid's finest level, 0.73 M sampled points per evaluation, 11 evaluations
+    over the three stages, ~20 % of the affine stage's CPU, and a 0.4 mm
+    translation change in the translation stage (bench/harmonize_register_speed.py).
+    Here the metric does no work on such a level and reports a flat minimum
+    (distance 0, gradient 0), so the optimizer stops at its start (identity
+    parameters) and the transform of the level above is kept, as
+    ``AFFINE_HALF_LEVEL_MAX_MM`` means. dipy sets the metric up once per level,
+    coarse to fine, in every ``optimize`` call: the set-up count gives the level."""
+    from dipy.align.imaffine import MutualInformationMetric
+
+    iters = [int(i) for i in level_iters]
+
+    class LevelSkippingMI(MutualInformationMetric):
+        setups = 0
+        skipping = False
+
+        def setup(self, transform, static, moving, **kwargs):
+            self.skipping = iters[self.setups % len(iters)] == 0
+            self.setups += 1
+            if not self.skipping:
+                super().setup(transform, static, moving, **kwargs)
+
+        def distance_and_gradient(self, params):
+            if self.skipping:
+                return 0.0, np.zeros_like(params)
+            return super().distance_and_gradient(params)
+
+    return LevelSkippingMI(nbins=MI_BINS, sampling_proportion=sampling)
 
 
 def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, static_affine,
@@ -642,8 +699,7 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
                              syn_level_iters=grid_syn_iters, cc_radius=cc_radius,
                              cc_sigma_diff=cc_sigma_diff, grid_mm=0.0)
         return coarse.on_grids(static.shape, static_affine, moving.shape, moving_affine)
-    from dipy.align.imaffine import (AffineRegistration, MutualInformationMetric,
-                                     transform_centers_of_mass)
+    from dipy.align.imaffine import AffineRegistration, transform_centers_of_mass
     from dipy.align.transforms import (AffineTransform3D, RigidTransform3D,
                                        TranslationTransform3D)
     levels = registration_levels(static_affine, affine_level_iters, syn_level_iters)
@@ -651,8 +707,7 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     prealign = transform_centers_of_mass(static, static_affine, moving, moving_affine).affine
     n = len(affine_level_iters)
     sampling = MI_SAMPLES / static.size if static.size > MI_SAMPLES else None
-    reg = AffineRegistration(metric=MutualInformationMetric(nbins=MI_BINS,
-                                                            sampling_proportion=sampling),
+    reg = AffineRegistration(metric=_mi_metric(affine_level_iters, sampling),
                              level_iters=list(affine_level_iters),
                              sigmas=list(AFFINE_SIGMAS[-n:]), factors=list(AFFINE_FACTORS[-n:]),
                              verbosity=0)
@@ -669,7 +724,8 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     iters = _syn_levels(static.shape, syn_level_iters, radius)
     radius = min(radius, max(1, (min(static.shape) // 2 ** (len(iters) - 1) - 1) // 2))
     sdr = SymmetricDiffeomorphicRegistration(CCMetric(3, sigma_diff=cc_sigma_diff, radius=radius),
-                                             level_iters=iters)
+                                             level_iters=iters, inv_iter=SYN_INV_ITER,
+                                             inv_tol=SYN_INV_TOL)
     logger = logging.getLogger("dipy")
     level = logger.level
     logger.setLevel(logging.WARNING)      # dipy logs every pyramid level at INFO
