@@ -238,6 +238,17 @@ ARTEFACT_JSON = "artefact.json"
 SIDECAR_KEY = "RISHHarmonizationApplied"
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+#: Resolution-matched registration (``register_fa(..., match_resolution=rule)``,
+#: off by default): a subject whose voxels are coarser than the template's is
+#: registered to the template blurred to its resolution, so both sides of the
+#: metrics see the same partial volume. The blur is a Gaussian on the template
+#: grid whose covariance is the difference of the two voxels' point-spread
+#: covariances, ``k^2 (M_m M_m^T - M_s M_s^T)`` in world mm (``M``: an
+#: affine's voxel edge vectors; per template axis, negative parts clipped to 0),
+#: ``k`` per rule: "box" 1/sqrt(12), the SD of a voxel-wide box (the phantoms'
+#: partial-volume model, ``sim.brain.anatomy``); "fwhm" ``FWHM_TO_SIGMA``, a
+#: Gaussian of FWHM sqrt(v_m^2 - v_s^2). docs/harmonization-studies.md has the rows.
+RESOLUTION_MATCH_RULES = {"box": 1.0 / math.sqrt(12.0), "fwhm": FWHM_TO_SIGMA}
 
 
 class HarmonizationError(ValueError):
@@ -603,14 +614,46 @@ def registration_record(static_affine, options: dict | None = None) -> dict:
     return {**registration_levels(grid_affine, opts.get("affine_level_iters"), syn_level_iters),
             "cc_radius": int(opts.get("cc_radius") or cc_radius_for(grid_affine)),
             "grid_factor": factor, "grid_voxel_mm": [round(float(z), 6) for z in zooms],
-            "mi_bins": MI_BINS, "mi_samples": MI_SAMPLES}
+            "mi_bins": MI_BINS, "mi_samples": MI_SAMPLES,
+            # recorded only when on: default artefacts are unchanged
+            **({"match_resolution": opts["match_resolution"]}
+               if opts.get("match_resolution") else {})}
+
+
+def resolution_match_sigma(moving_affine, static_affine, rule: str = "box") -> np.ndarray:
+    """Per static-grid axis, the Gaussian SD (static voxels, >= 0) that blurs
+    an image on ``static_affine``'s grid to the resolution of
+    ``moving_affine``'s voxels (``RESOLUTION_MATCH_RULES``): 0 on axes where
+    the moving voxels are not coarser."""
+    check_choice("match_resolution", rule, tuple(RESOLUTION_MATCH_RULES))
+    k = RESOLUTION_MATCH_RULES[rule]
+    m = _as_affine(moving_affine)[:3, :3]
+    s = _as_affine(static_affine)[:3, :3]
+    s_inv = np.linalg.inv(s)
+    cov = k * k * (s_inv @ (m @ m.T - s @ s.T) @ s_inv.T)
+    return np.sqrt(np.maximum(np.diag(cov), 0.0))
+
+
+def resolution_matched(static: np.ndarray, static_affine, moving_affine,
+                       rule: str | None) -> np.ndarray:
+    """``static`` blurred to ``moving_affine``'s resolution
+    (:func:`resolution_match_sigma`), float32; itself where ``rule`` is None
+    or the moving voxels are not coarser."""
+    static = np.asarray(static, dtype=np.float32)
+    if rule is None:
+        return static
+    sigma = resolution_match_sigma(moving_affine, static_affine, rule)
+    if not np.any(sigma > 0):
+        return static
+    from scipy import ndimage
+    return ndimage.gaussian_filter(static, sigma, mode="nearest").astype(np.float32)
 
 
 def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, static_affine,
                 kind: str = "syn", *, affine_level_iters: Sequence[int] | None = None,
                 syn_level_iters: Sequence[int] | None = None,
                 cc_radius: int | None = None, cc_sigma_diff: float = CC_SIGMA_DIFF,
-                grid_mm: float | None = None) -> Transform:
+                grid_mm: float | None = None, match_resolution: str | None = None) -> Transform:
     """Register a subject FA map (moving) to the template FA (static).
 
     ``kind="syn"``: centre of mass -> translation -> rigid -> affine (mutual
@@ -622,7 +665,10 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     template's voxel size). ``grid_mm`` (default ``REGISTRATION_GRID_MM``):
     register on coarser grids (:func:`registration_grid_factor`,
     :func:`block_mean`; levels and CC window by the coarse template grid);
-    the transform returned maps the full grids.
+    the transform returned maps the full grids. ``match_resolution`` (a rule
+    of ``RESOLUTION_MATCH_RULES``; None, the default: off): both stages see
+    the static image blurred to the moving image's voxels where those are
+    coarser (:func:`resolution_matched`, on the registration grid).
     """
     check_choice("registration", kind, REGISTRATIONS)
     moving_affine, static_affine = _as_affine(moving_affine), _as_affine(static_affine)
@@ -640,8 +686,10 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
                              *block_mean(static, static_affine, factors[1]), kind,
                              affine_level_iters=affine_level_iters,
                              syn_level_iters=grid_syn_iters, cc_radius=cc_radius,
-                             cc_sigma_diff=cc_sigma_diff, grid_mm=0.0)
+                             cc_sigma_diff=cc_sigma_diff, grid_mm=0.0,
+                             match_resolution=match_resolution)
         return coarse.on_grids(static.shape, static_affine, moving.shape, moving_affine)
+    static = resolution_matched(static, static_affine, moving_affine, match_resolution)
     from dipy.align.imaffine import (AffineRegistration, MutualInformationMetric,
                                      transform_centers_of_mass)
     from dipy.align.transforms import (AffineTransform3D, RigidTransform3D,
