@@ -247,8 +247,14 @@ FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: affine's voxel edge vectors; per template axis, negative parts clipped to 0),
 #: ``k`` per rule: "box" 1/sqrt(12), the SD of a voxel-wide box (the phantoms'
 #: partial-volume model, ``sim.brain.anatomy``); "fwhm" ``FWHM_TO_SIGMA``, a
-#: Gaussian of FWHM sqrt(v_m^2 - v_s^2). docs/harmonization-studies.md has the rows.
-RESOLUTION_MATCH_RULES = {"box": 1.0 / math.sqrt(12.0), "fwhm": FWHM_TO_SIGMA}
+#: Gaussian of FWHM sqrt(v_m^2 - v_s^2); "box-linear" 1/2: the box's variance
+#: v^2/12 plus trilinear resampling's mean variance v^2/6 (weights 1 - t, t at
+#: offsets -t v, (1 - t) v add t (1 - t) v^2, 1/6 v^2 on average over t), which
+#: the moving image undergoes into the template grid at its voxel size and the
+#: reference scans did into the template at theirs.
+#: docs/harmonization-studies.md has the rows.
+RESOLUTION_MATCH_RULES = {"box": 1.0 / math.sqrt(12.0), "fwhm": FWHM_TO_SIGMA,
+                          "box-linear": 0.5}
 
 
 class HarmonizationError(ValueError):
