@@ -640,11 +640,24 @@ def resolution_match_sigma(moving_affine, static_affine, rule: str = "box") -> n
     return np.sqrt(np.maximum(np.diag(cov), 0.0))
 
 
+def discrete_gaussian_kernel(sigma: float) -> np.ndarray:
+    """The discrete analogue of a Gaussian of SD ``sigma`` (voxels):
+    ``exp(-t) I_n(t)`` with ``t = sigma^2`` (Lindeberg), whose variance is
+    exactly ``t`` also below a voxel, where a sampled Gaussian loses almost
+    all of it (SD 0.19 voxels: 1e-6 instead of 0.037), float64, sums to 1,
+    odd length (radius ``ceil(4 sigma) + 1``)."""
+    from scipy.special import ive
+    radius = int(math.ceil(4.0 * sigma)) + 1
+    k = ive(np.abs(np.arange(-radius, radius + 1)), sigma * sigma)
+    return k / k.sum()
+
+
 def resolution_matched(static: np.ndarray, static_affine, moving_affine,
                        rule: str | None) -> np.ndarray:
     """``static`` blurred to ``moving_affine``'s resolution
-    (:func:`resolution_match_sigma`), float32; itself where ``rule`` is None
-    or the moving voxels are not coarser."""
+    (:func:`resolution_match_sigma`, a :func:`discrete_gaussian_kernel` per
+    axis, edges replicated), float32; itself where ``rule`` is None or the
+    moving voxels are not coarser."""
     static = np.asarray(static, dtype=np.float32)
     if rule is None:
         return static
@@ -652,7 +665,12 @@ def resolution_matched(static: np.ndarray, static_affine, moving_affine,
     if not np.any(sigma > 0):
         return static
     from scipy import ndimage
-    return ndimage.gaussian_filter(static, sigma, mode="nearest").astype(np.float32)
+    out = static.astype(np.float64)
+    for axis, sd in enumerate(sigma):
+        if sd > 0:
+            out = ndimage.correlate1d(out, discrete_gaussian_kernel(float(sd)), axis=axis,
+                                      mode="nearest")
+    return out.astype(np.float32)
 
 
 def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, static_affine,
