@@ -153,12 +153,18 @@ def main() -> None:
                     help="FWHM (mm) of the tissue-guided pooling of the site means to compare "
                          "(fit_harmonization(tissue_pool_fwhm_mm=...); 0 = off)")
     ap.add_argument("--match-resolution", nargs="+", default=["off"],
-                    choices=("off",) + tuple(H.RESOLUTION_MATCH_RULES),
+                    type=lambda v: float(v) if v[:1].isdigit() else v,
                     help="resolution-matched registration rules to compare (register_fa("
                          "match_resolution=...): a subject with coarser voxels than the "
                          "template registered to the template blurred to its resolution; only "
-                         "the registrations of such subjects are redone)")
+                         "the registrations of such subjects are redone): off, "
+                         f"{', '.join(H.RESOLUTION_MATCH_RULES)} or a number, the rule's "
+                         "factor k itself (a diagnostic)")
     opts = ap.parse_args()
+    rules = [None if r == "off" else r for r in opts.match_resolution]
+    for r in rules:
+        if r is not None:
+            H.resolution_match_sigma(np.eye(4), np.eye(4), r)    # refuses an unknown rule
     t0 = time.perf_counter()
     sites = (replace(U.SITE_A, snr=opts.reference_snr, te_ms=opts.reference_te),
              replace(U.SITE_B, voxel_mm=opts.target_voxel, snr=opts.target_snr,
@@ -180,7 +186,6 @@ def main() -> None:
     shells = list(U.STUDY_SHELLS)
     ref_cache = {}
     print(f"data {time.perf_counter() - t0:.0f} s, load1 {load1()}", flush=True)
-    rules = [None if r == "off" else r for r in opts.match_resolution]
     held_feats = U.features(test[tar], b0=b0)
     held_ref_feats = U.features(test[ref], b0=b0)
     ref_affine = feats[("unpaired", ref)][0].affine    # the template's grid
@@ -241,7 +246,7 @@ def main() -> None:
               f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
               f"{'' if opts.reference_te is None and opts.target_te is None else ', TE A %s / B %s ms' % (opts.reference_te or phantom.HCP_TE_MS, opts.target_te or phantom.HCP_TE_MS)}"
               f"{', shared transforms' if opts.share_transforms else ''}; registration contrast "
-              f"{contrast}{', resolution-matched (%s)' % rule if rule else ''}", flush=True)
+              f"{contrast}{', resolution-matched (%s)' % (rule,) if rule else ''}", flush=True)
         if opts.anatomy == "brain":
             for d in (cohorts if site_scaled else ["unpaired"]):
                 print(f"  registration vs the known warps{f' ({d} factors)' if site_scaled else ''}"
@@ -309,7 +314,7 @@ def main() -> None:
                     f"{res[d][0][i]['d_after']:.2f} ({100 * res[d][0][i]['rel_after']:+.1f} %, "
                     f"p {res[d][0][i]['p_after']:.2g})" for d in res))
             print(f"== {variant}, refit rounds {rounds}, contrast {contrast}"
-                  f"{', resolution-matched (%s)' % rule if rule else ''}"
+                  f"{', resolution-matched (%s)' % (rule,) if rule else ''}"
                   f"{', noise floor removed' if floor else ''}"
                   f"{', tissue-pooled site means FWHM %g mm' % pool if pool else ''} "
                   f"({time.perf_counter() - t1:.0f} s, "

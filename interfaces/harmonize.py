@@ -626,13 +626,18 @@ def registration_record(static_affine, options: dict | None = None) -> dict:
                if opts.get("match_resolution") else {})}
 
 
-def resolution_match_sigma(moving_affine, static_affine, rule: str = "box") -> np.ndarray:
+def resolution_match_sigma(moving_affine, static_affine, rule: str | float = "box"
+                           ) -> np.ndarray:
     """Per static-grid axis, the Gaussian SD (static voxels, >= 0) that blurs
     an image on ``static_affine``'s grid to the resolution of
-    ``moving_affine``'s voxels (``RESOLUTION_MATCH_RULES``): 0 on axes where
-    the moving voxels are not coarser."""
-    check_choice("match_resolution", rule, tuple(RESOLUTION_MATCH_RULES))
-    k = RESOLUTION_MATCH_RULES[rule]
+    ``moving_affine``'s voxels (``RESOLUTION_MATCH_RULES``; a positive number
+    is the factor ``k`` itself, for studies): 0 on axes where the moving
+    voxels are not coarser."""
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool) and rule > 0:
+        k = float(rule)
+    else:
+        check_choice("match_resolution", rule, tuple(RESOLUTION_MATCH_RULES))
+        k = RESOLUTION_MATCH_RULES[rule]
     m = _as_affine(moving_affine)[:3, :3]
     s = _as_affine(static_affine)[:3, :3]
     s_inv = np.linalg.inv(s)
@@ -653,7 +658,7 @@ def discrete_gaussian_kernel(sigma: float) -> np.ndarray:
 
 
 def resolution_matched(static: np.ndarray, static_affine, moving_affine,
-                       rule: str | None) -> np.ndarray:
+                       rule: str | float | None) -> np.ndarray:
     """``static`` blurred to ``moving_affine``'s resolution
     (:func:`resolution_match_sigma`, a :func:`discrete_gaussian_kernel` per
     axis, edges replicated), float32; itself where ``rule`` is None or the
@@ -677,7 +682,8 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
                 kind: str = "syn", *, affine_level_iters: Sequence[int] | None = None,
                 syn_level_iters: Sequence[int] | None = None,
                 cc_radius: int | None = None, cc_sigma_diff: float = CC_SIGMA_DIFF,
-                grid_mm: float | None = None, match_resolution: str | None = None) -> Transform:
+                grid_mm: float | None = None,
+                match_resolution: str | float | None = None) -> Transform:
     """Register a subject FA map (moving) to the template FA (static).
 
     ``kind="syn"``: centre of mass -> translation -> rigid -> affine (mutual
@@ -1276,10 +1282,11 @@ def _shell_key(b: float) -> str:
 
 
 def _content_id(template_affine, template_shape, shells, lmax, maps: dict,
-                site_factors: dict | None = None) -> str:
+                site_factors: dict | None = None,
+                match_resolution: str | float | None = None) -> str:
     """sha256 of the scale maps and the grid/shell/order layout they live on
-    (and of the global site factors, when the contrast has them: apply
-    registers through them)."""
+    (and of the global site factors, when the contrast has them, and the
+    resolution-matching rule, when on: apply registers through them)."""
     h = hashlib.sha256()
     head = {"format": ARTEFACT_FORMAT, "version": CONTENT_ID_LAYOUT,
             "shells": [_shell_key(b) for b in shells], "lmax": int(lmax),
@@ -1287,6 +1294,8 @@ def _content_id(template_affine, template_shape, shells, lmax, maps: dict,
             "affine": np.round(np.asarray(template_affine, np.float64), 6).tolist()}
     if site_factors:
         head["site_factors"] = _factors_record(site_factors)
+    if match_resolution:
+        head["match_resolution"] = match_resolution
     h.update(json.dumps(head, sort_keys=True).encode())
     for b in shells:
         m = np.ascontiguousarray(maps[b], dtype=np.float32)
@@ -1384,7 +1393,14 @@ class HarmonizationArtefact:
 
     def compute_content_id(self) -> str:
         return _content_id(self.template_affine, self.template_fa.shape, self.shells,
-                           self.lmax, self.scale_maps, self.site_factors)
+                           self.lmax, self.scale_maps, self.site_factors,
+                           self.match_resolution)
+
+    @property
+    def match_resolution(self) -> str | float | None:
+        """The fit's resolution-matching rule (``register_fa(match_resolution=)``,
+        its registration options as recorded), None when off."""
+        return (self.parameters.get("registration_options") or {}).get("match_resolution")
 
     def scale_map(self, shell: float, order: int) -> np.ndarray:
         """lambda_l of one shell and order (3D view)."""
@@ -2289,8 +2305,12 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     ``refit_rounds`` (None: the artefact's): re-register the subject through
     its FA harmonised with the current transform this many times before the
     data are scaled, as the fit did for its target subjects.
+    ``registration_options`` (:func:`register_fa`'s keywords): its
+    ``match_resolution`` defaults to the artefact's, as the fit registered.
     """
     cid = artefact.content_id
+    registration_options = {"match_resolution": artefact.match_resolution,
+                            **dict(registration_options or {})}
     if refit_rounds is None:
         refit_rounds = int(artefact.parameters.get("refit_rounds", DEFAULT_REFIT_ROUNDS))
     history = [str(x) for x in applied]
