@@ -4,6 +4,7 @@ template blurred to its resolution (``RESOLUTION_MATCH_RULES``)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -62,3 +63,70 @@ def test_blurred_template_has_the_coarse_voxels_variance():
     var = [float(np.sum(out.sum(axis=tuple(j for j in range(3) if j != k)) * x ** 2))
            / float(out.sum()) for k in range(3)]
     np.testing.assert_allclose(np.array(var) + 2.5 ** 2 / 12, 3.0 ** 2 / 12, rtol=0.02)
+
+
+#: A small fit: reference persons at 2.5 mm, target persons at 3 mm (noise-free,
+#: the target's SH scaled per order), registered with the "box-linear" rule.
+SHAPE = (16, 18, 14)
+SEEDS = (31, 32, 33)
+LMAX = 4
+BVAL = 1000.0
+RULE = "box-linear"
+
+
+@pytest.fixture(scope="module")
+def matched_fit():
+    from dmriflow.interfaces.sim import phantom
+    gtab = phantom.hcp_scheme(n_b0=4, shells=(BVAL,), n_dirs=30)
+    ref = [phantom.simulate_subject(SHAPE, seed=k, snr=None, scheme=gtab, voxel_size=2.5,
+                                    site=phantom.SiteEffect(name="siteA")) for k in SEEDS]
+    tar = [phantom.simulate_subject(SHAPE, seed=k + 10, snr=None, scheme=gtab, voxel_size=2.5,
+                                    site=phantom.SiteEffect(name="siteB", voxel_size=3.0,
+                                                            rish_scale={0: 0.9, 2: 1.25,
+                                                                        4: 0.8}))
+           for k in SEEDS]
+
+    def dwi(s):
+        import nibabel as nib
+        from dmriflow.interfaces.io import DWI
+        return DWI(np.asfortranarray(s.dwi, dtype=np.float32), s.gtab, s.mask, s.affine,
+                   nib.Nifti1Header(), {})
+    fr = [H.subject_features(dwi(s), f"ref{i}", LMAX) for i, s in enumerate(ref)]
+    ft = [H.subject_features(dwi(s), f"tar{i}", LMAX) for i, s in enumerate(tar)]
+    art = H.fit_harmonization(fr, ft, [BVAL], LMAX, reference_site="siteA",
+                              target_site="siteB",
+                              registration_options={"match_resolution": RULE})
+    return art, [dwi(s) for s in tar], ft
+
+
+def test_apply_registers_with_the_artefacts_rule(matched_fit, tmp_path):
+    """The fit records the rule; apply, registering a target scan itself,
+    uses it (the same result as with the fit's transform of that scan, not
+    as registered without it), a saved artefact keeps it and its content
+    id, and the rule edited in ``artefact.json`` no longer matches the
+    content id: refused. The template is the reference's (2.5 mm): the
+    target scans' transforms differ from unmatched ones."""
+    from dmriflow.interfaces.errors import InputError
+    art, dwis, ft = matched_fit
+    assert art.match_resolution == RULE
+    assert art.parameters["registration_options"]["match_resolution"] == RULE
+    fit_t = art.transforms[("siteB", ft[0].subject)]
+    plain = H.register_fa(H.masked_fa(ft[0]), ft[0].affine, art.template_fa,
+                          art.template_affine)
+    assert not np.array_equal(plain.forward, fit_t.forward)
+    out, _ = H.apply_harmonization(dwis[0], None, art)
+    np.testing.assert_array_equal(out, H.apply_harmonization(dwis[0], None, art,
+                                                             transform=fit_t)[0])
+    off, _ = H.apply_harmonization(dwis[0], None, art,
+                                   registration_options={"match_resolution": None})
+    np.testing.assert_array_equal(off, H.apply_harmonization(dwis[0], None, art,
+                                                             transform=plain)[0])
+    assert not np.array_equal(out, off)
+    folder = art.save(tmp_path / "harm")
+    back = H.HarmonizationArtefact.load(folder)
+    assert back.match_resolution == RULE and back.content_id == art.content_id
+    meta = json.loads((folder / H.ARTEFACT_JSON).read_text())
+    meta["parameters"]["registration_options"]["match_resolution"] = "box"
+    (folder / H.ARTEFACT_JSON).write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="content id"):
+        H.HarmonizationArtefact.load(folder)
