@@ -108,6 +108,17 @@ def registration_truth(test, ref, tar, held_ref, held, tpl, shape) -> str:
             f"{spread(a):.3f} / B {spread(b):.3f} mm ({int(inside.sum())} voxels)")
 
 
+def blurred(img, affine, sd_mm: float) -> np.ndarray:
+    """``img`` blurred by an isotropic Gaussian of SD ``sd_mm`` (the discrete
+    kernel of ``harmonize.resolution_matched``), float32: ``--blur-all-sd``."""
+    from scipy import ndimage
+    out = np.asarray(img, dtype=np.float64)
+    for axis, z in enumerate(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))):
+        out = ndimage.correlate1d(out, H.discrete_gaussian_kernel(sd_mm / float(z)),
+                                  axis=axis, mode="nearest")
+    return out.astype(np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-fit", type=int, default=12)
@@ -160,6 +171,11 @@ def main() -> None:
                          "the registrations of such subjects are redone): off, "
                          f"{', '.join(H.RESOLUTION_MATCH_RULES)} or a number, the rule's "
                          "factor k itself (a diagnostic)")
+    ap.add_argument("--blur-all-sd", type=float, default=0.0,
+                    help="control (mm, 0 = off): every scan, reference and target, fit and "
+                         "held-out, registered to the template blurred by an isotropic "
+                         "Gaussian of this SD (discrete kernel), the template itself unchanged; "
+                         "0.829 = box-linear's blur for 3 mm on 2.5 mm, on every scan")
     opts = ap.parse_args()
     rules = [None if r == "off" else r for r in opts.match_resolution]
     for r in rules:
@@ -204,7 +220,7 @@ def main() -> None:
             """``factors``: a target scan ``sc`` through its site-scaled FA."""
             img = (H.registration_image(f, contrast, shells) if factors is None else
                    H.masked_fa(f, H.site_scaled_fa(U.as_dwi(sc), factors, opts.lmax)))
-            return H.register_fa(img, f.affine, tpl, tpl_aff, match_resolution=rule)
+            return H.register_fa(img, f.affine, tpl_static, tpl_aff, match_resolution=rule)
         # the template and the reference scans' registrations: redone for a rule
         # only where a reference scan is coarser than the template
         ref_key = (contrast, rule if coarser(feats[("unpaired", ref)] + held_ref_feats, rule)
@@ -213,6 +229,7 @@ def main() -> None:
             tpl, tpl_aff, tpl_info = H.build_template(
                 feats[("unpaired", ref)], contrast=contrast, shells=shells,
                 registration_options=ropts if ref_key[1] else {})
+            tpl_static = tpl if not opts.blur_all_sd else blurred(tpl, tpl_aff, opts.blur_all_sd)
             ref_reg = {}
             for f in (f for d in cohorts for f in feats[(d, ref)]):
                 if f.subject not in ref_reg:
@@ -222,6 +239,7 @@ def main() -> None:
                         else [])
             ref_cache[ref_key] = (tpl, tpl_aff, tpl_info, ref_reg, held_ref)
         tpl, tpl_aff, tpl_info, ref_reg, held_ref = ref_cache[ref_key]
+        tpl_static = tpl if not opts.blur_all_sd else blurred(tpl, tpl_aff, opts.blur_all_sd)
         # the global site factors of each design's fit cohort (fa-sitescaled only)
         factors = {d: H.site_scaling_factors(feats[(d, ref)], feats[(d, tar)], shells, opts.lmax)
                    for d in cohorts} if site_scaled else {d: None for d in cohorts}
@@ -246,7 +264,9 @@ def main() -> None:
               f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
               f"{'' if opts.reference_te is None and opts.target_te is None else ', TE A %s / B %s ms' % (opts.reference_te or phantom.HCP_TE_MS, opts.target_te or phantom.HCP_TE_MS)}"
               f"{', shared transforms' if opts.share_transforms else ''}; registration contrast "
-              f"{contrast}{', resolution-matched (%s)' % (rule,) if rule else ''}", flush=True)
+              f"{contrast}{', resolution-matched (%s)' % (rule,) if rule else ''}"
+              f"{', every scan to the template blurred SD %g mm' % opts.blur_all_sd if opts.blur_all_sd else ''}",
+              flush=True)
         if opts.anatomy == "brain":
             for d in (cohorts if site_scaled else ["unpaired"]):
                 print(f"  registration vs the known warps{f' ({d} factors)' if site_scaled else ''}"
@@ -315,6 +335,7 @@ def main() -> None:
                     f"p {res[d][0][i]['p_after']:.2g})" for d in res))
             print(f"== {variant}, refit rounds {rounds}, contrast {contrast}"
                   f"{', resolution-matched (%s)' % (rule,) if rule else ''}"
+                  f"{', all blurred SD %g mm' % opts.blur_all_sd if opts.blur_all_sd else ''}"
                   f"{', noise floor removed' if floor else ''}"
                   f"{', tissue-pooled site means FWHM %g mm' % pool if pool else ''} "
                   f"({time.perf_counter() - t1:.0f} s, "
