@@ -16,9 +16,16 @@ registers each design's target scans (fit and held-out) through their FA
 after that design's global site factors, so its held-out transforms and
 accuracy rows are per design.
 
+``--match-resolution`` repeats the coarser (target) scans' registrations per
+rule of ``harmonize.RESOLUTION_MATCH_RULES`` (the template blurred to their
+voxels; the template and the reference registrations are shared);
+``--blur-all-sd`` is its control: every scan registered to the template
+blurred by one isotropic Gaussian.
+
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
 [--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
 [--noise-floor 0 1] [--tissue-pool-fwhm 0 5 10 20]
+[--match-resolution off box box-linear fwhm K] [--blur-all-sd MM]
 [--target-voxel 2.5 --target-snr 30 ...]``
 (brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
 --shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
