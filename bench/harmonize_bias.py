@@ -16,9 +16,16 @@ registers each design's target scans (fit and held-out) through their FA
 after that design's global site factors, so its held-out transforms and
 accuracy rows are per design.
 
+``--match-resolution`` repeats the coarser (target) scans' registrations per
+rule of ``harmonize.RESOLUTION_MATCH_RULES`` (the template blurred to their
+voxels; the template and the reference registrations are shared);
+``--blur-all-sd`` is its control: every scan registered to the template
+blurred by one isotropic Gaussian.
+
 Run: ``.venv/bin/python bench/harmonize_bias.py [--seed N] [--template-eval]
 [--variants ratio matched ...] [--refit-rounds 0 1] [--contrasts fa rish-l2 rish-l0]
 [--noise-floor 0 1] [--tissue-pool-fwhm 0 5 10 20]
+[--match-resolution off box box-linear fwhm K] [--blur-all-sd MM]
 [--target-voxel 2.5 --target-snr 30 ...]``
 (brain anatomy on the 28 x 34 x 26 grid by default; ``--anatomy geometric
 --shape 24 28 22`` for the geometric study). docs/harmonization.md, "The
@@ -108,6 +115,17 @@ def registration_truth(test, ref, tar, held_ref, held, tpl, shape) -> str:
             f"{spread(a):.3f} / B {spread(b):.3f} mm ({int(inside.sum())} voxels)")
 
 
+def blurred(img, affine, sd_mm: float) -> np.ndarray:
+    """``img`` blurred by an isotropic Gaussian of SD ``sd_mm`` (the discrete
+    kernel of ``harmonize.resolution_matched``), float32: ``--blur-all-sd``."""
+    from scipy import ndimage
+    out = np.asarray(img, dtype=np.float64)
+    for axis, z in enumerate(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))):
+        out = ndimage.correlate1d(out, H.discrete_gaussian_kernel(sd_mm / float(z)),
+                                  axis=axis, mode="nearest")
+    return out.astype(np.float32)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-fit", type=int, default=12)
@@ -152,7 +170,24 @@ def main() -> None:
                     default=[H.DEFAULT_TISSUE_POOL_FWHM_MM],
                     help="FWHM (mm) of the tissue-guided pooling of the site means to compare "
                          "(fit_harmonization(tissue_pool_fwhm_mm=...); 0 = off)")
+    ap.add_argument("--match-resolution", nargs="+", default=["off"],
+                    type=lambda v: float(v) if v[:1].isdigit() else v,
+                    help="resolution-matched registration rules to compare (register_fa("
+                         "match_resolution=...): a subject with coarser voxels than the "
+                         "template registered to the template blurred to its resolution; only "
+                         "the registrations of such subjects are redone): off, "
+                         f"{', '.join(H.RESOLUTION_MATCH_RULES)} or a number, the rule's "
+                         "factor k itself (a diagnostic)")
+    ap.add_argument("--blur-all-sd", type=float, default=0.0,
+                    help="control (mm, 0 = off): every scan, reference and target, fit and "
+                         "held-out, registered to the template blurred by an isotropic "
+                         "Gaussian of this SD (discrete kernel), the template itself unchanged; "
+                         "0.829 = box-linear's blur for 3 mm on 2.5 mm, on every scan")
     opts = ap.parse_args()
+    rules = [None if r == "off" else r for r in opts.match_resolution]
+    for r in rules:
+        if r is not None:
+            H.resolution_match_sigma(np.eye(4), np.eye(4), r)    # refuses an unknown rule
     t0 = time.perf_counter()
     sites = (replace(U.SITE_A, snr=opts.reference_snr, te_ms=opts.reference_te),
              replace(U.SITE_B, voxel_mm=opts.target_voxel, snr=opts.target_snr,
@@ -172,38 +207,59 @@ def main() -> None:
         s_ref = [U.measures(sc, sc.subject.noise_free, opts.lmax) for sc in test[ref]]
         s_bef = [U.measures(sc, sc.subject.noise_free, opts.lmax) for sc in test[tar]]
     shells = list(U.STUDY_SHELLS)
+    ref_cache = {}
     print(f"data {time.perf_counter() - t0:.0f} s, load1 {load1()}", flush=True)
-    for contrast in opts.contrasts:
+    held_feats = U.features(test[tar], b0=b0)
+    held_ref_feats = U.features(test[ref], b0=b0)
+    ref_affine = feats[("unpaired", ref)][0].affine    # the template's grid
+
+    def coarser(items, rule) -> bool:
+        """Any of ``items`` registered to a blurred template under ``rule``."""
+        return rule is not None and any(
+            np.any(H.resolution_match_sigma(f.affine, ref_affine, rule) > 0) for f in items)
+    for contrast, rule in [(c, r) for c in opts.contrasts for r in rules]:
         t0 = time.perf_counter()
 
         site_scaled = contrast == H.SITE_SCALED_CONTRAST
+        ropts = {"match_resolution": rule} if rule else {}
 
-        def register(f, contrast=contrast, factors=None, sc=None):
+        def register(f, contrast=contrast, factors=None, sc=None, rule=rule):
             """``factors``: a target scan ``sc`` through its site-scaled FA."""
             img = (H.registration_image(f, contrast, shells) if factors is None else
                    H.masked_fa(f, H.site_scaled_fa(U.as_dwi(sc), factors, opts.lmax)))
-            return H.register_fa(img, f.affine, tpl, tpl_aff)
-        tpl, tpl_aff, tpl_info = H.build_template(feats[("unpaired", ref)], contrast=contrast,
-                                                  shells=shells)
+            return H.register_fa(img, f.affine, tpl_static, tpl_aff, match_resolution=rule)
+        # the template and the reference scans' registrations: redone for a rule
+        # only where a reference scan is coarser than the template
+        ref_key = (contrast, rule if coarser(feats[("unpaired", ref)] + held_ref_feats, rule)
+                   else None)
+        if ref_key not in ref_cache:
+            tpl, tpl_aff, tpl_info = H.build_template(
+                feats[("unpaired", ref)], contrast=contrast, shells=shells,
+                registration_options=ropts if ref_key[1] else {})
+            tpl_static = tpl if not opts.blur_all_sd else blurred(tpl, tpl_aff, opts.blur_all_sd)
+            ref_reg = {}
+            for f in (f for d in cohorts for f in feats[(d, ref)]):
+                if f.subject not in ref_reg:
+                    ref_reg[f.subject] = register(f)
+            held_ref = ([register(f) for f in held_ref_feats]
+                        if opts.template_eval or opts.share_transforms or opts.anatomy == "brain"
+                        else [])
+            ref_cache[ref_key] = (tpl, tpl_aff, tpl_info, ref_reg, held_ref)
+        tpl, tpl_aff, tpl_info, ref_reg, held_ref = ref_cache[ref_key]
+        tpl_static = tpl if not opts.blur_all_sd else blurred(tpl, tpl_aff, opts.blur_all_sd)
         # the global site factors of each design's fit cohort (fa-sitescaled only)
         factors = {d: H.site_scaling_factors(feats[(d, ref)], feats[(d, tar)], shells, opts.lmax)
                    for d in cohorts} if site_scaled else {d: None for d in cohorts}
-        reg = {}
+        reg = dict(ref_reg)
         for d, c in cohorts.items():
-            for s, g in ((ref, None), (tar, factors[d])):
-                for sc, f in zip(c[s], feats[(d, s)]):
-                    if f.subject not in reg:
-                        reg[f.subject] = register(f, factors=g, sc=sc)
-        held_feats = U.features(test[tar], b0=b0)
+            for sc, f in zip(c[tar], feats[(d, tar)]):
+                if f.subject not in reg:
+                    reg[f.subject] = register(f, factors=factors[d], sc=sc)
         # held-out target transforms per design (one set unless they depend on its factors)
         held_d = {d: [register(f, factors=factors[d], sc=sc)
                       for sc, f in zip(test[tar], held_feats)]
                   for d in (cohorts if site_scaled else ["unpaired"])}
         held_d.setdefault("paired", held_d["unpaired"])
-        held_ref = ([register(f)
-                     for f in U.features(test[ref], b0=b0)]
-                    if opts.template_eval or opts.share_transforms or opts.anatomy == "brain"
-                    else [])
         if opts.share_transforms:
             if opts.target_voxel != sites[0].voxel_mm:
                 raise SystemExit("--share-transforms needs --target-voxel equal to site A's")
@@ -215,7 +271,9 @@ def main() -> None:
               f"site B {opts.target_voxel:g} mm SNR {opts.target_snr:g}"
               f"{'' if opts.reference_te is None and opts.target_te is None else ', TE A %s / B %s ms' % (opts.reference_te or phantom.HCP_TE_MS, opts.target_te or phantom.HCP_TE_MS)}"
               f"{', shared transforms' if opts.share_transforms else ''}; registration contrast "
-              f"{contrast}", flush=True)
+              f"{contrast}{', resolution-matched (%s)' % (rule,) if rule else ''}"
+              f"{', every scan to the template blurred SD %g mm' % opts.blur_all_sd if opts.blur_all_sd else ''}",
+              flush=True)
         if opts.anatomy == "brain":
             for d in (cohorts if site_scaled else ["unpaired"]):
                 print(f"  registration vs the known warps{f' ({d} factors)' if site_scaled else ''}"
@@ -245,7 +303,7 @@ def main() -> None:
                     template_info=tpl_info, registered={k: (lambda t=t: t) for k, t in reg.items()},
                     scale_estimator=variant, refit_rounds=rounds, harmonised_fa=hfa,
                     registration_contrast=contrast, noise_floor=bool(floor),
-                    tissue_pool_fwhm_mm=pool)
+                    tissue_pool_fwhm_mm=pool, registration_options=ropts)
                 fit_s[d] = (time.perf_counter() - t2) / (2 * opts.n_fit)
                 held = held_d[d]
                 if site_scaled and not all(np.array_equal(art.site_factors[b], factors[d][b])
@@ -283,6 +341,8 @@ def main() -> None:
                     f"{res[d][0][i]['d_after']:.2f} ({100 * res[d][0][i]['rel_after']:+.1f} %, "
                     f"p {res[d][0][i]['p_after']:.2g})" for d in res))
             print(f"== {variant}, refit rounds {rounds}, contrast {contrast}"
+                  f"{', resolution-matched (%s)' % (rule,) if rule else ''}"
+                  f"{', all blurred SD %g mm' % opts.blur_all_sd if opts.blur_all_sd else ''}"
                   f"{', noise floor removed' if floor else ''}"
                   f"{', tissue-pooled site means FWHM %g mm' % pool if pool else ''} "
                   f"({time.perf_counter() - t1:.0f} s, "

@@ -256,6 +256,23 @@ ARTEFACT_JSON = "artefact.json"
 SIDECAR_KEY = "RISHHarmonizationApplied"
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+#: Resolution-matched registration (``register_fa(..., match_resolution=rule)``,
+#: off by default): a subject whose voxels are coarser than the template's is
+#: registered to the template blurred to its resolution, so both sides of the
+#: metrics see the same partial volume. The blur is a Gaussian on the template
+#: grid whose covariance is the difference of the two voxels' point-spread
+#: covariances, ``k^2 (M_m M_m^T - M_s M_s^T)`` in world mm (``M``: an
+#: affine's voxel edge vectors; per template axis, negative parts clipped to 0),
+#: ``k`` per rule: "box" 1/sqrt(12), the SD of a voxel-wide box (the phantoms'
+#: partial-volume model, ``sim.brain.anatomy``); "fwhm" ``FWHM_TO_SIGMA``, a
+#: Gaussian of FWHM sqrt(v_m^2 - v_s^2); "box-linear" 1/2: the box's variance
+#: v^2/12 plus trilinear resampling's mean variance v^2/6 (weights 1 - t, t at
+#: offsets -t v, (1 - t) v add t (1 - t) v^2, 1/6 v^2 on average over t), which
+#: the moving image undergoes into the template grid at its voxel size and the
+#: reference scans did into the template at theirs.
+#: docs/harmonization-studies.md has the rows.
+RESOLUTION_MATCH_RULES = {"box": 1.0 / math.sqrt(12.0), "fwhm": FWHM_TO_SIGMA,
+                          "box-linear": 0.5}
 
 
 class HarmonizationError(ValueError):
@@ -623,7 +640,10 @@ def registration_record(static_affine, options: dict | None = None) -> dict:
             "grid_factor": factor, "grid_voxel_mm": [round(float(z), 6) for z in zooms],
             "mi_bins": MI_BINS, "mi_samples": MI_SAMPLES,
             "affine_zero_levels": "skipped",
-            "syn_inv_iter": SYN_INV_ITER, "syn_inv_tol": SYN_INV_TOL}
+            "syn_inv_iter": SYN_INV_ITER, "syn_inv_tol": SYN_INV_TOL,
+            # recorded only when on: default artefacts are unchanged
+            **({"match_resolution": opts["match_resolution"]}
+               if opts.get("match_resolution") else {})}
 
 
 def _mi_metric(level_iters: Sequence[int], sampling: float | None):
@@ -663,11 +683,64 @@ def _mi_metric(level_iters: Sequence[int], sampling: float | None):
     return LevelSkippingMI(nbins=MI_BINS, sampling_proportion=sampling)
 
 
+def resolution_match_sigma(moving_affine, static_affine, rule: str | float = "box"
+                           ) -> np.ndarray:
+    """Per static-grid axis, the Gaussian SD (static voxels, >= 0) that blurs
+    an image on ``static_affine``'s grid to the resolution of
+    ``moving_affine``'s voxels (``RESOLUTION_MATCH_RULES``; a positive number
+    is the factor ``k`` itself, for studies): 0 on axes where the moving
+    voxels are not coarser."""
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool) and rule > 0:
+        k = float(rule)
+    else:
+        check_choice("match_resolution", rule, tuple(RESOLUTION_MATCH_RULES))
+        k = RESOLUTION_MATCH_RULES[rule]
+    m = _as_affine(moving_affine)[:3, :3]
+    s = _as_affine(static_affine)[:3, :3]
+    s_inv = np.linalg.inv(s)
+    cov = k * k * (s_inv @ (m @ m.T - s @ s.T) @ s_inv.T)
+    return np.sqrt(np.maximum(np.diag(cov), 0.0))
+
+
+def discrete_gaussian_kernel(sigma: float) -> np.ndarray:
+    """The discrete analogue of a Gaussian of SD ``sigma`` (voxels):
+    ``exp(-t) I_n(t)`` with ``t = sigma^2`` (Lindeberg), whose variance is
+    exactly ``t`` also below a voxel, where a sampled Gaussian loses almost
+    all of it (SD 0.19 voxels: 1e-6 instead of 0.037), float64, sums to 1,
+    odd length (radius ``ceil(4 sigma) + 1``)."""
+    from scipy.special import ive
+    radius = int(math.ceil(4.0 * sigma)) + 1
+    k = ive(np.abs(np.arange(-radius, radius + 1)), sigma * sigma)
+    return k / k.sum()
+
+
+def resolution_matched(static: np.ndarray, static_affine, moving_affine,
+                       rule: str | float | None) -> np.ndarray:
+    """``static`` blurred to ``moving_affine``'s resolution
+    (:func:`resolution_match_sigma`, a :func:`discrete_gaussian_kernel` per
+    axis, edges replicated), float32; itself where ``rule`` is None or the
+    moving voxels are not coarser."""
+    static = np.asarray(static, dtype=np.float32)
+    if rule is None:
+        return static
+    sigma = resolution_match_sigma(moving_affine, static_affine, rule)
+    if not np.any(sigma > 0):
+        return static
+    from scipy import ndimage
+    out = static.astype(np.float64)
+    for axis, sd in enumerate(sigma):
+        if sd > 0:
+            out = ndimage.correlate1d(out, discrete_gaussian_kernel(float(sd)), axis=axis,
+                                      mode="nearest")
+    return out.astype(np.float32)
+
+
 def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, static_affine,
                 kind: str = "syn", *, affine_level_iters: Sequence[int] | None = None,
                 syn_level_iters: Sequence[int] | None = None,
                 cc_radius: int | None = None, cc_sigma_diff: float = CC_SIGMA_DIFF,
-                grid_mm: float | None = None) -> Transform:
+                grid_mm: float | None = None,
+                match_resolution: str | float | None = None) -> Transform:
     """Register a subject FA map (moving) to the template FA (static).
 
     ``kind="syn"``: centre of mass -> translation -> rigid -> affine (mutual
@@ -679,7 +752,10 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     template's voxel size). ``grid_mm`` (default ``REGISTRATION_GRID_MM``):
     register on coarser grids (:func:`registration_grid_factor`,
     :func:`block_mean`; levels and CC window by the coarse template grid);
-    the transform returned maps the full grids.
+    the transform returned maps the full grids. ``match_resolution`` (a rule
+    of ``RESOLUTION_MATCH_RULES``; None, the default: off): both stages see
+    the static image blurred to the moving image's voxels where those are
+    coarser (:func:`resolution_matched`, on the registration grid).
     """
     check_choice("registration", kind, REGISTRATIONS)
     moving_affine, static_affine = _as_affine(moving_affine), _as_affine(static_affine)
@@ -697,8 +773,10 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
                              *block_mean(static, static_affine, factors[1]), kind,
                              affine_level_iters=affine_level_iters,
                              syn_level_iters=grid_syn_iters, cc_radius=cc_radius,
-                             cc_sigma_diff=cc_sigma_diff, grid_mm=0.0)
+                             cc_sigma_diff=cc_sigma_diff, grid_mm=0.0,
+                             match_resolution=match_resolution)
         return coarse.on_grids(static.shape, static_affine, moving.shape, moving_affine)
+    static = resolution_matched(static, static_affine, moving_affine, match_resolution)
     from dipy.align.imaffine import AffineRegistration, transform_centers_of_mass
     from dipy.align.transforms import (AffineTransform3D, RigidTransform3D,
                                        TranslationTransform3D)
@@ -1260,10 +1338,11 @@ def _shell_key(b: float) -> str:
 
 
 def _content_id(template_affine, template_shape, shells, lmax, maps: dict,
-                site_factors: dict | None = None) -> str:
+                site_factors: dict | None = None,
+                match_resolution: str | float | None = None) -> str:
     """sha256 of the scale maps and the grid/shell/order layout they live on
-    (and of the global site factors, when the contrast has them: apply
-    registers through them)."""
+    (and of the global site factors, when the contrast has them, and the
+    resolution-matching rule, when on: apply registers through them)."""
     h = hashlib.sha256()
     head = {"format": ARTEFACT_FORMAT, "version": CONTENT_ID_LAYOUT,
             "shells": [_shell_key(b) for b in shells], "lmax": int(lmax),
@@ -1271,6 +1350,8 @@ def _content_id(template_affine, template_shape, shells, lmax, maps: dict,
             "affine": np.round(np.asarray(template_affine, np.float64), 6).tolist()}
     if site_factors:
         head["site_factors"] = _factors_record(site_factors)
+    if match_resolution:
+        head["match_resolution"] = match_resolution
     h.update(json.dumps(head, sort_keys=True).encode())
     for b in shells:
         m = np.ascontiguousarray(maps[b], dtype=np.float32)
@@ -1368,7 +1449,14 @@ class HarmonizationArtefact:
 
     def compute_content_id(self) -> str:
         return _content_id(self.template_affine, self.template_fa.shape, self.shells,
-                           self.lmax, self.scale_maps, self.site_factors)
+                           self.lmax, self.scale_maps, self.site_factors,
+                           self.match_resolution)
+
+    @property
+    def match_resolution(self) -> str | float | None:
+        """The fit's resolution-matching rule (``register_fa(match_resolution=)``,
+        its registration options as recorded), None when off."""
+        return (self.parameters.get("registration_options") or {}).get("match_resolution")
 
     def scale_map(self, shell: float, order: int) -> np.ndarray:
         """lambda_l of one shell and order (3D view)."""
@@ -2273,8 +2361,12 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     ``refit_rounds`` (None: the artefact's): re-register the subject through
     its FA harmonised with the current transform this many times before the
     data are scaled, as the fit did for its target subjects.
+    ``registration_options`` (:func:`register_fa`'s keywords): its
+    ``match_resolution`` defaults to the artefact's, as the fit registered.
     """
     cid = artefact.content_id
+    registration_options = {"match_resolution": artefact.match_resolution,
+                            **dict(registration_options or {})}
     if refit_rounds is None:
         refit_rounds = int(artefact.parameters.get("refit_rounds", DEFAULT_REFIT_ROUNDS))
     history = [str(x) for x in applied]
