@@ -24,9 +24,13 @@ import numpy as np
 
 F32, F64 = np.float32, np.float64
 
-#: Fewest images warped in one pass; fewer go through dipy one by one (the
-#: positions cost about as much as dipy warping one image).
-MIN_IMAGES = 2
+#: Fewest images warped in one pass; fewer go through dipy one by one. The
+#: positions cost about what dipy takes for 1-3 images (HCP grid, a smooth
+#: synthetic SyN map, CPU s, 1 / 2 / 3 images: to the whole template grid
+#: dipy 0.95 / 0.75 / 1.12, one pass 1.23 / 1.35 / 1.41; at a subject's mask
+#: voxels dipy 0.36 / 0.74 / 1.11, one pass 0.48 / 0.67 / 0.90; a loaded
+#: machine). The harmonization warps 16 at a time.
+MIN_IMAGES = 4
 #: Output voxels handled per block (their temporaries stay in cache).
 BLOCK_VOXELS = 32768
 #: Source voxels per block of the transposing copy into one row per voxel.
