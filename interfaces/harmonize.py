@@ -2346,9 +2346,10 @@ def scale_sh(dwi: DWI, lam_rows: Mapping[float, np.ndarray], lmax: int,
     ``pairs``: {factor shell: the DWI's shell}. See
     :func:`apply_harmonization` for ``keep_residual``/``inplace``.
     """
-    if dwi.data is None:       # mask rows only: harmonised into a copy (a read-only map)
-        out = np.array(dwi.rows, dtype=np.float32, order="F")
-        flat, rows_idx = out, np.arange(out.shape[0])
+    if dwi.data is None:       # mask rows only: harmonised into a new array, chunk by
+        # chunk from the (read-only, mapped) rows: no whole copy first
+        out = np.empty(dwi.rows.shape, dtype=np.float32, order="F")
+        flat, rows_idx = dwi.rows, None
     else:
         out = dwi.data if inplace else dwi.data.copy(order="K")
         flat, rows_idx, _ = storage_rows(out, dwi.mask)
@@ -2367,9 +2368,14 @@ def scale_sh(dwi: DWI, lam_rows: Mapping[float, np.ndarray], lmax: int,
         ops.append((b, idx, pinv.T.astype(np.float32), basis.T.astype(np.float32), per_coeff))
     chunk = sh.chunk_voxels(out.shape[-1], chunk_size)
     n_clipped = n_values = 0
-    for i in range(0, rows_idx.size, chunk):
-        where = rows_idx[i:i + chunk]
-        rows = flat[where]
+    n_rows = flat.shape[0] if rows_idx is None else rows_idx.size
+    for i in range(0, n_rows, chunk):
+        if rows_idx is None:
+            where = slice(i, i + chunk)
+            rows = np.array(flat[where], dtype=np.float32, order="C")
+        else:
+            where = rows_idx[i:i + chunk]
+            rows = flat[where]
         s0 = rows[:, b0].mean(axis=1)
         ok = s0 > 0
         for b, idx, pinv_t, basis_t, per_coeff in ops:
@@ -2386,7 +2392,7 @@ def scale_sh(dwi: DWI, lam_rows: Mapping[float, np.ndarray], lmax: int,
             new[neg] = 0
             new[~ok] = sig[~ok]
             rows[:, idx] = new
-        flat[where] = rows
+        (out if rows_idx is None else flat)[where] = rows
     return out, n_clipped, n_values
 
 

@@ -235,4 +235,7 @@ def test_fit_and_apply_equal_the_image_by_image_warps(syn_cohort, monkeypatch, n
         for b in part:
             assert _same_bits(part[b], old[b]) and part[b].flags.c_contiguous
     assert _same_bits(grid, old_grid) and _same_bits(from_rows, old_rows)
+    # the mask rows harmonised chunk by chunk from the rows: the grid's voxels
+    on_grid = DWI(grid, dwis[subject].gtab, dwis[subject].mask, dwis[subject].affine, None, {})
+    assert _same_bits(from_rows, on_grid.masked())
     assert not np.array_equal(grid, dwis[subject].data)      # harmonised: it changed
