@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import codec, sh
+from . import codec, resample, sh
 from .dti import DTI_MAX_BVAL, dti_shells
 from .errors import InputError, check_choice
 from .harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, REGISTRATION_CONTRASTS,
@@ -424,6 +424,45 @@ class Transform:
         """A template-grid 3D image resampled on the subject grid (float32);
         samples outside the template's field of view are 0."""
         return self._resample(image, interpolation, to_subject=True)
+
+    def to_template_many(self, images: Sequence[np.ndarray],
+                         interpolation: str = "linear") -> np.ndarray:
+        """Subject-grid 3D images on the template grid, (X, Y, Z, n) float32:
+        the bits of :meth:`to_template` of each, for SyN in one pass
+        (:func:`~dmriflow.interfaces.resample.warp_many`)."""
+        out = self._resample_many(images, interpolation, to_subject=False, at=None)
+        return out.reshape(tuple(self.template_shape) + (len(images),))
+
+    def to_subject_many(self, images: Sequence[np.ndarray], at: np.ndarray | None = None,
+                        interpolation: str = "linear") -> np.ndarray:
+        """Template-grid 3D images on the subject grid, (X, Y, Z, n) float32, or
+        at its voxels ``at`` only (C-order flat indices; (len(at), n)): the
+        bits of :meth:`to_subject` of each, for SyN in one pass."""
+        out = self._resample_many(images, interpolation, to_subject=True, at=at)
+        return out if at is not None else \
+            out.reshape(tuple(self.subject_shape) + (len(images),))
+
+    def _resample_many(self, images, interpolation: str, to_subject: bool, at) -> np.ndarray:
+        """(voxels of the destination or ``at``, n) float32 of :meth:`_resample`
+        of each image; SyN with linear interpolation through
+        :func:`~dmriflow.interfaces.resample.warp_many` (the positions once,
+        dipy's bits), anything else image by image."""
+        images = [np.asarray(im) for im in images]
+        src = self.template_shape if to_subject else self.subject_shape
+        for im in images:
+            if im.shape != src:
+                raise ValueError(f"image shape {im.shape} != "
+                                 f"{'template' if to_subject else 'subject'} grid {src}")
+        if self.kind != "syn" or interpolation != "linear" or \
+                len(images) < resample.MIN_IMAGES:
+            cols = [self._resample(im, interpolation, to_subject).reshape(-1) for im in images]
+            return np.stack([c if at is None else c[at] for c in cols], axis=1)
+        (src_affine, dst_shape, dst_affine) = (
+            (self.template_affine, self.subject_shape, self.subject_affine) if to_subject
+            else (self.subject_affine, self.template_shape, self.template_affine))
+        params = resample.warp_parameters(self._map(), not to_subject,
+                                          np.linalg.inv(src_affine), dst_shape, dst_affine)
+        return resample.warp_many(images, params, at)
 
     def _resample(self, image: np.ndarray, interpolation: str, to_subject: bool) -> np.ndarray:
         """One direction of the transform: the map's inverse towards the subject."""
@@ -2042,17 +2081,21 @@ def _warped_terms(f: SubjectFeatures, t: Transform, rish: dict, noise: dict, lma
     no noise floor), computed once by the caller."""
     mask = np.asarray(f.mask, dtype=bool)
     n_orders = lmax // 2 + 1
-
-    def warp(maps):
-        # RISH is 0 outside the subject mask: sum/count is the mask-normalised
-        # interpolation of the site mean.
-        return np.stack([t.to_template(np.where(mask, maps[..., k], 0), interpolation)
-                         for k in range(n_orders)], axis=-1)
-
-    cover = np.clip(t.to_template(mask.astype(np.float32), interpolation), 0, 1)
+    # RISH is 0 outside the subject mask: sum/count is the mask-normalised
+    # interpolation of the site mean. All maps in one pass through t (the
+    # bits of warping each alone: Transform.to_template_many).
+    maps = [(key, float(b), m) for key, part in (("warped", rish), ("noise", noise))
+            for b, m in part.items()]
+    warped = t.to_template_many([mask.astype(np.float32)] + [
+        np.where(mask, m[..., k], 0) for _, _, m in maps for k in range(n_orders)],
+        interpolation)
+    out = {"warped": {}, "noise": {}}
+    for j, (key, b, _) in enumerate(maps):
+        out[key][b] = np.ascontiguousarray(warped[..., 1 + j * n_orders:1 + (j + 1) * n_orders])
+    cover = np.clip(warped[..., 0], 0, 1)
+    del warped
     return SubjectTerms(
-        cover=cover, warped={float(b): warp(r) for b, r in rish.items()},
-        noise={float(b): warp(w) for b, w in noise.items()},
+        cover=cover, warped=out["warped"], noise=out["noise"],
         record={"subject": f.subject, "sha256": f.content_hash(), "grid": list(mask.shape),
                 "affine": np.asarray(f.affine).tolist(), "prealign": t.prealign.tolist(),
                 "registration": t.kind})
@@ -2313,19 +2356,25 @@ def match_artefact_shells(gtab: GradientTable, artefact: HarmonizationArtefact,
     return pairs
 
 
-def warp_scale_maps(artefact: HarmonizationArtefact, transform: Transform) -> dict:
+def warp_scale_maps(artefact: HarmonizationArtefact, transform: Transform,
+                    at: np.ndarray | None = None) -> dict:
     """The artefact's scale maps on a subject's grid: {shell: (X, Y, Z, n_orders)}
-    float32 (linear interpolation; 1 outside the template's field of view)."""
-    out = {}
+    float32 (linear interpolation; 1 outside the template's field of view);
+    ``at``: at those subject voxels only (C-order flat indices): {shell:
+    (len(at), n_orders)}, the same values (every shell and order warped in
+    one pass: :meth:`Transform.to_subject_many`)."""
+    # warp (lambda - 1): outside the template's field of view that is 0,
+    # i.e. lambda = 1 (no change) rather than 0.
+    n = {b: artefact.scale_maps[b].shape[3] for b in artefact.shells}
+    warped = transform.to_subject_many(
+        [artefact.scale_maps[b][..., k] - np.float32(1.0) for b in artefact.shells
+         for k in range(n[b])], at)
+    out, j = {}, 0
     for b in artefact.shells:
-        maps = artefact.scale_maps[b]
-        vol = np.empty(transform.subject_shape + (maps.shape[3],), dtype=np.float32)
-        for k in range(maps.shape[3]):
-            # warp (lambda - 1): outside the template's field of view that is 0,
-            # i.e. lambda = 1 (no change) rather than 0.
-            vol[..., k] = transform.to_subject(maps[..., k] - np.float32(1.0))
+        vol = np.ascontiguousarray(warped[..., j:j + n[b]])
         vol += np.float32(1.0)
         out[b] = vol
+        j += n[b]
     return out
 
 
@@ -2409,9 +2458,7 @@ def apply_harmonization(dwi: DWI, fa: np.ndarray | None, artefact: Harmonization
     n_orders = artefact.lmax // 2 + 1
     # scale maps at the mask voxels (storage order): (n_vox, n_orders) per shell
     lam_rows, lam_median = {}, {}
-    for b, vol in warp_scale_maps(artefact, transform).items():
-        lr = np.stack([vol[..., k].reshape(-1)[voxels] for k in range(n_orders)], axis=1)
-        del vol
+    for b, lr in warp_scale_maps(artefact, transform, at=voxels).items():
         lam_rows[b] = lr
         lam_median[_shell_key(b)] = {f"l{2 * k}": float(np.median(lr[:, k])) if lr.size else None
                                      for k in range(n_orders)}
@@ -2447,9 +2494,10 @@ def scale_sh(dwi: DWI, lam_rows: Mapping[float, np.ndarray], lmax: int,
     ``pairs``: {factor shell: the DWI's shell}. See
     :func:`apply_harmonization` for ``keep_residual``/``inplace``.
     """
-    if dwi.data is None:       # mask rows only: harmonised into a copy (a read-only map)
-        out = np.array(dwi.rows, dtype=np.float32, order="F")
-        flat, rows_idx = out, np.arange(out.shape[0])
+    if dwi.data is None:       # mask rows only: harmonised into a new array, chunk by
+        # chunk from the (read-only, mapped) rows: no whole copy first
+        out = np.empty(dwi.rows.shape, dtype=np.float32, order="F")
+        flat, rows_idx = dwi.rows, None
     else:
         out = dwi.data if inplace else dwi.data.copy(order="K")
         flat, rows_idx, _ = storage_rows(out, dwi.mask)
@@ -2468,9 +2516,14 @@ def scale_sh(dwi: DWI, lam_rows: Mapping[float, np.ndarray], lmax: int,
         ops.append((b, idx, pinv.T.astype(np.float32), basis.T.astype(np.float32), per_coeff))
     chunk = sh.chunk_voxels(out.shape[-1], chunk_size)
     n_clipped = n_values = 0
-    for i in range(0, rows_idx.size, chunk):
-        where = rows_idx[i:i + chunk]
-        rows = flat[where]
+    n_rows = flat.shape[0] if rows_idx is None else rows_idx.size
+    for i in range(0, n_rows, chunk):
+        if rows_idx is None:
+            where = slice(i, i + chunk)
+            rows = np.array(flat[where], dtype=np.float32, order="C")
+        else:
+            where = rows_idx[i:i + chunk]
+            rows = flat[where]
         s0 = rows[:, b0].mean(axis=1)
         ok = s0 > 0
         for b, idx, pinv_t, basis_t, per_coeff in ops:
@@ -2487,7 +2540,7 @@ def scale_sh(dwi: DWI, lam_rows: Mapping[float, np.ndarray], lmax: int,
             new[neg] = 0
             new[~ok] = sig[~ok]
             rows[:, idx] = new
-        flat[where] = rows
+        (out if rows_idx is None else flat)[where] = rows
     return out, n_clipped, n_values
 
 
