@@ -118,12 +118,8 @@ def registration_truth(test, ref, tar, held_ref, held, tpl, shape) -> str:
 def blurred(img, affine, sd_mm: float) -> np.ndarray:
     """``img`` blurred by an isotropic Gaussian of SD ``sd_mm`` (the discrete
     kernel of ``harmonize.resolution_matched``), float32: ``--blur-all-sd``."""
-    from scipy import ndimage
-    out = np.asarray(img, dtype=np.float64)
-    for axis, z in enumerate(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))):
-        out = ndimage.correlate1d(out, H.discrete_gaussian_kernel(sd_mm / float(z)),
-                                  axis=axis, mode="nearest")
-    return out.astype(np.float32)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    return H.discrete_gaussian_blur(img, [sd_mm / float(z) for z in zooms])
 
 
 def main() -> None:

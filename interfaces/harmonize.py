@@ -765,8 +765,15 @@ def resolution_matched(static: np.ndarray, static_affine, moving_affine,
     sigma = resolution_match_sigma(moving_affine, static_affine, rule)
     if not np.any(sigma > 0):
         return static
+    return discrete_gaussian_blur(static, sigma)
+
+
+def discrete_gaussian_blur(image: np.ndarray, sigma) -> np.ndarray:
+    """``image`` (3D) blurred by a :func:`discrete_gaussian_kernel` of SD
+    ``sigma[axis]`` voxels along each axis where it is > 0 (separable, in
+    float64, edges replicated), float32."""
     from scipy import ndimage
-    out = static.astype(np.float64)
+    out = np.asarray(image, dtype=np.float64)
     for axis, sd in enumerate(sigma):
         if sd > 0:
             out = ndimage.correlate1d(out, discrete_gaussian_kernel(float(sd)), axis=axis,
