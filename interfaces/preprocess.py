@@ -157,11 +157,15 @@ def _mp_criteria(Ld, n: int, N: int, estimator: str):
     Lt = Ld[:, r - m:]
     c = torch.arange(m, dtype=torch.float64, device=Ld.device)
     var_c = torch.cumsum(Lt, dim=1) / (c + 1)
-    if estimator == "veraart":
-        gam = (c + 1) / q
-    else:                                   # Cordero-Grande: q minus signal comps
-        gam = (c + 1) / (q - (m - c - 1))
+    gam = _mp_gamma(c, m, q, estimator != "veraart")
     return c, gam, var_c, 4.0 * torch.sqrt(gam) * var_c - (Lt - Lt[:, :1])
+
+
+def _mp_gamma(c, m: int, q: int, exp2: bool):
+    """gamma_c of the MP criterion for candidate c (a number or a tensor):
+    (c+1)/q (Exp1, "veraart") or (c+1)/(q - signal components) (Exp2,
+    Cordero-Grande). Also compiled into :mod:`.mppca_split`."""
+    return (c + 1) / (q - (m - c - 1)) if exp2 else (c + 1) / q
 
 
 @contextmanager
@@ -200,9 +204,10 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     floats) from a C-ordered z-slab copy, the Gram matrix is built on the
     smaller side (N x N or n x n; same nonzero eigenvalues), each is reduced
     to tridiagonal form once (float32 LAPACK ``ssytrd``, panels of
-    ``SYTRD_BLOCK``), all its eigenvalues come from tridiagonal QR
-    (``ssterf``, the accurate eigenvalues-only solver: bisection for only
-    the few the MP criterion reads was slower, ``bench/denoise_eigs.py``)
+    ``SYTRD_BLOCK``), the noise split comes from only the eigenvalues the
+    MP criterion reads (the top keep + 1 and the smallest, by bisection
+    compiled across patches, :mod:`.mppca_split`; ``ssterf``'s all
+    eigenvalues where the crossing lies deeper than its scan),
     and only the kept components' eigenvectors are computed (``sstein`` +
     ``sormtr``), and the reconstruction uses only those. Batches go to
     ``n_threads`` workers (default: the cores this process may use), each
@@ -283,6 +288,8 @@ def mppca(data: np.ndarray, mask: np.ndarray | None = None,
     zs_max = max(int(size[2]) + 1, SLAB_BYTES // max(1, X * Y * N * 4))
     for name, nargs in _LAPACK_ROUTINES:      # before the workers pin their BLAS threads
         _lapack(name, nargs)
+    from .mppca_split import compile_split
+    compile_split()                           # once, before the worker threads
     with _torch_threads(1) as torch:     # one thread per worker: no OpenMP barriers
         accs, acc_lo = None, 0
         for i, j, z_lo, z_hi in _slabs(starts, int(size[2]), zs_max):
@@ -453,15 +460,15 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch, split
     A = patches.sub_(mean)                            # the gathered copy is ours
     q = max(N, n)
     C = _gram(A, n, N)
-    # float32 LAPACK, per patch: Householder tridiagonalisation, all
-    # eigenvalues by tridiagonal QR (the accurate eigenvalues-only solver) for
-    # the noise classification, then only the kept eigenvectors (inverse
-    # iteration on the tridiagonal, back-transformed): about half the work of
-    # a full eigen-decomposition, whose float32 small eigenvalues were less
+    # float32 LAPACK, per patch: Householder tridiagonalisation; the noise
+    # split from only the eigenvalues it reads (compiled bisection across
+    # patches, :mod:`.mppca_split`), then only the kept eigenvectors (inverse
+    # iteration on the tridiagonal, back-transformed): a fraction of the work
+    # of a full eigen-decomposition, whose float32 small eigenvalues were less
     # accurate, too.
     Cn = C.numpy()
-    d, e, tau, Ln = _lapack_tridiagonal(Cn)
-    var, keep = _classify(torch.from_numpy(Ln) / q, n, N, estimator)
+    d, e, tau = _lapack_sytrd(Cn)
+    Ln, var, keep = _split(d, e, n, N, estimator, torch)
     if splits is not None:
         splits.append(keep.numpy().copy())
     kmax = int(keep.max()) if keep.numel() else 0
@@ -647,25 +654,67 @@ _CHARS = {c: np.frombuffer(c.encode(), dtype=np.uint8).copy() for c in "LN"}
 SYTRD_BLOCK = 8
 
 
+def _split(d, e, n: int, N: int, estimator: str, torch):
+    """Each patch's eigenvalues ``L`` (B, r; at least its kept ones, in the
+    last columns), noise variance and kept count from its tridiagonal: by
+    :func:`.mppca_split.mp_split`, and where that leaves a patch undecided
+    (its crossing below the top ``SCAN_MAX``) all its eigenvalues by
+    ``ssterf`` and :func:`_classify`."""
+    from .mppca_split import mp_split
+    L, var, keep = mp_split(d, e, n, N, estimator)
+    rest = np.flatnonzero(keep < 0)
+    if rest.size:
+        L[rest] = _lapack_sterf(d[rest], e[rest])
+        v, k = _classify(torch.from_numpy(L[rest]) / max(N, n), n, N, estimator)
+        var[rest], keep[rest] = v.numpy(), k.numpy()
+    return L, torch.from_numpy(var), torch.from_numpy(keep)
+
+
 def _lapack_tridiagonal(C: np.ndarray):
+    """Per symmetric matrix of ``C`` (B, r, r) float32, C-ordered:
+    :func:`_lapack_sytrd` then all eigenvalues (``ssterf``). Returns d, e, tau
+    and the eigenvalues (B, r), ascending."""
+    d, e, tau = _lapack_sytrd(C)
+    return d, e, tau, _lapack_sterf(d, e)
+
+
+def _lapack_sterf(d: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """All eigenvalues (B, r), ascending, of each tridiagonal (d, e) by
+    tridiagonal QR (``ssterf``, float32)."""
+    B, r = d.shape
+    sterf = _lapack("ssterf", 4)
+    L = np.array(d, np.float32, order="C")
+    ee = np.array(e, np.float32, order="C")
+    ia = np.array([r], np.int32).ctypes.data
+    info = np.zeros(B, np.int32)
+    s1 = r * 4
+    for la, ea, fa in zip(range(L.ctypes.data, L.ctypes.data + B * s1, s1),
+                          range(ee.ctypes.data, ee.ctypes.data + B * s1, s1),
+                          range(info.ctypes.data, info.ctypes.data + 4 * B, 4)):
+        sterf(ia, la, ea, fa)
+    if info.any():
+        raise np.linalg.LinAlgError(f"LAPACK ssterf failed (info {info[info != 0][0]})")
+    return L
+
+
+def _lapack_sytrd(C: np.ndarray):
     """Per symmetric matrix of ``C`` (B, r, r) float32, C-ordered: ``ssytrd``
-    (lower, in Fortran order; overwrites C with the reflectors) then
-    ``ssterf``. Returns d, e (B, r) (the tridiagonal), tau (B, r) and the
-    eigenvalues (B, r), ascending."""
+    (lower, in Fortran order; overwrites C with the reflectors). Returns d, e
+    (B, r) (the tridiagonal) and tau (B, r)."""
     B, r, _ = C.shape
     if not (C.flags.c_contiguous and C.dtype == np.float32):
         raise ValueError("C must be C-contiguous float32")
-    sytrd, sterf = _lapack("ssytrd", 10), _lapack("ssterf", 4)
+    sytrd = _lapack("ssytrd", 10)
     d = np.empty((B, r), np.float32)
     e = np.zeros((B, r), np.float32)
     tau = np.zeros((B, r), np.float32)
     lwork = SYTRD_BLOCK * r
     work = np.empty(lwork, np.float32)
     ints = np.array([r, r, lwork], np.int32)             # n, lda, lwork
-    info = np.zeros((2, B), np.int32)                    # per patch: ssytrd, ssterf
+    info = np.zeros(B, np.int32)
     ia, lo, wa = ints.ctypes.data, _CHARS["L"].ctypes.data, work.ctypes.data
     s2, s1 = r * r * 4, r * 4
-    # the per-patch loops do nothing but the calls (a Python statement costs
+    # the per-patch loop does nothing but the calls (a Python statement costs
     # ~1 % of a call here); info codes are checked once afterwards
     for ca, da, ea, ta, fa in zip(range(C.ctypes.data, C.ctypes.data + B * s2, s2),
                                   range(d.ctypes.data, d.ctypes.data + B * s1, s1),
@@ -673,15 +722,9 @@ def _lapack_tridiagonal(C: np.ndarray):
                                   range(tau.ctypes.data, tau.ctypes.data + B * s1, s1),
                                   range(info.ctypes.data, info.ctypes.data + 4 * B, 4)):
         sytrd(lo, ia, ca, ia + 4, da, ea, ta, wa, ia + 8, fa)
-    L = d.copy()
-    ee = e.copy()
-    for la, ea, fa in zip(range(L.ctypes.data, L.ctypes.data + B * s1, s1),
-                          range(ee.ctypes.data, ee.ctypes.data + B * s1, s1),
-                          range(info.ctypes.data + 4 * B, info.ctypes.data + 8 * B, 4)):
-        sterf(ia, la, ea, fa)
     if info.any():
-        raise np.linalg.LinAlgError(f"LAPACK ssytrd/ssterf failed (info {info[info != 0][0]})")
-    return d, e, tau, L
+        raise np.linalg.LinAlgError(f"LAPACK ssytrd failed (info {info[info != 0][0]})")
+    return d, e, tau
 
 
 def _lapack_top_vectors(C, d, e, tau, L, keep, kmax: int) -> np.ndarray:

@@ -1,0 +1,188 @@
+"""MP-PCA's noise split from only the eigenvalues it reads, compiled (numba).
+
+The Marchenko-Pastur criterion of :func:`dmriflow.interfaces.preprocess._classify`
+scans c from the top down and needs, per patch, its largest keep + 1
+eigenvalues, L_0 (the smallest usable one) and the trace. Here they come
+from bisection with Sturm counts on each patch's tridiagonal form (LAPACK
+``ssytrd``'s d, e), ``SPLIT_LANES`` patches at a time so that every step of a
+count is one vector operation across patches: the division chain of a single
+count cannot be vectorised, across patches it can. Against all eigenvalues by
+tridiagonal QR (``ssterf``), which one patch at a time cannot speed up, this
+is ~3x less time on the 96 x 96 Grams of ``bench/denoise.py`` (typically 2-6
+eigenvalues a patch instead of 96).
+
+Counts run in float64 on the float32 tridiagonal, so the eigenvalues are the
+float32 tridiagonal's to ``BISECT_STEPS``' resolution (below eps32 |T|), and
+their error against the Gram's is the reduction's own (gamma_r |C|). A patch
+whose crossing is not among its top ``SCAN_MAX`` eigenvalues, or whose values
+are not finite, is returned as undecided (keep -1) for the full solver.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .preprocess import _mp_gamma, _mp_edge
+
+#: Patches per compiled pass: the counts' vector width. LLVM vectorises the
+#: per-patch loops at 32 and more (at 8-16 it kept them scalar here); 64 was
+#: faster than 32 on the 96 x 96 Grams, and its working set (r x 64 float64
+#: twice, ~100 KB at r = 96) stays in L2.
+SPLIT_LANES = 64
+#: Halvings per eigenvalue: the start interval (Gershgorin, <= 2 |T| wide plus
+#: margins) shrinks to <= 2.1 |T| / 2^27 ~ 0.13 eps32 |T| at its midpoint,
+#: below the float32 tridiagonal's own rounding.
+BISECT_STEPS = 26
+#: Top eigenvalues scanned before a patch is handed to the full solver.
+#: ``bench/denoise.py``'s patches keep 0-8 components (4000 sampled).
+SCAN_MAX = 16
+
+_gamma = njit(inline="always")(_mp_gamma)
+
+
+@njit(nogil=True, inline="always")
+def _bisect(D, E2, lo, hi, pivmin, idx, a, b, x, qv, cnt):
+    """Per lane: eigenvalue number ``idx`` (0 = smallest) of the tridiagonal
+    (D, E2 = e^2), by ``BISECT_STEPS`` halvings of [lo, hi]; into a, b."""
+    r, L = D.shape
+    for l in range(L):
+        a[l] = lo[l]
+        b[l] = hi[l]
+    for _ in range(BISECT_STEPS):
+        for l in range(L):
+            x[l] = 0.5 * (a[l] + b[l])
+            q = D[0, l] - x[l]
+            if abs(q) < pivmin[l]:
+                q = -pivmin[l]
+            qv[l] = q
+            cnt[l] = 1 if q < 0.0 else 0
+        for k in range(1, r):
+            for l in range(L):
+                q = D[k, l] - x[l] - E2[k - 1, l] / qv[l]
+                if abs(q) < pivmin[l]:
+                    q = -pivmin[l]
+                qv[l] = q
+                cnt[l] += 1 if q < 0.0 else 0
+        for l in range(L):
+            if cnt[l] > idx:
+                b[l] = x[l]
+            else:
+                a[l] = x[l]
+
+
+@njit(nogil=True)
+def _count_below(D, E2, x, pivmin, l):
+    """Number of eigenvalues of lane ``l``'s tridiagonal below ``x``."""
+    r = D.shape[0]
+    q = D[0, l] - x
+    if abs(q) < pivmin:
+        q = -pivmin
+    c = 1 if q < 0.0 else 0
+    for k in range(1, r):
+        q = D[k, l] - x - E2[k - 1, l] / q
+        if abs(q) < pivmin:
+            q = -pivmin
+        c += 1 if q < 0.0 else 0
+    return c
+
+
+@njit(nogil=True)
+def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
+    """Fill ``top`` (B, SCAN_MAX: eigenvalues, largest first), ``var_out`` and
+    ``keep_out`` (-1: undecided) for each tridiagonal (d, e) (B, r) float32."""
+    B, r = d.shape
+    q = max(N, n)
+    m = min(r, n - 1)                     # demeaning removes one dimension
+    L = SPLIT_LANES
+    eps = np.float64(np.finfo(np.float32).eps)
+    tiny = np.finfo(np.float64).tiny
+    D = np.empty((r, L))
+    E2 = np.empty((r, L))
+    lo, hi, pivmin = np.empty(L), np.empty(L), np.empty(L)
+    a, b, x, qv = np.empty(L), np.empty(L), np.empty(L), np.empty(L)
+    cnt = np.empty(L, np.int64)
+    trace, above, L0 = np.empty(L), np.empty(L), np.empty(L)
+    done = np.empty(L, np.bool_)
+    for b0 in range(0, B, L):
+        nl = min(L, B - b0)
+        for l in range(L):
+            p = b0 + l if l < nl else b0          # padding lanes repeat a patch
+            lo[l], hi[l], trace[l], above[l] = np.inf, -np.inf, 0.0, 0.0
+            emax = 1.0
+            for k in range(r):
+                dk = np.float64(d[p, k])
+                ek = np.float64(e[p, k]) if k < r - 1 else 0.0
+                D[k, l] = dk
+                E2[k, l] = ek * ek
+                emax = max(emax, ek * ek)
+                off = abs(ek) + (abs(np.float64(e[p, k - 1])) if k > 0 else 0.0)
+                lo[l] = min(lo[l], dk - off)
+                hi[l] = max(hi[l], dk + off)
+                trace[l] += dk
+            tol = eps * max(abs(lo[l]), abs(hi[l]))
+            lo[l] -= 2.0 * tol
+            hi[l] += 2.0 * tol
+            pivmin[l] = tiny * emax
+            done[l] = l >= nl or not (math.isfinite(lo[l]) and math.isfinite(hi[l]))
+            if l < nl:
+                keep_out[b0 + l] = -1
+        # the eigenvalues below the usable ones leave the trace; then L_0
+        for idx in range(r - m + 1):
+            _bisect(D, E2, lo, hi, pivmin, idx, a, b, x, qv, cnt)
+            for l in range(L):
+                ev = 0.5 * (a[l] + b[l])
+                if idx < r - m:
+                    trace[l] -= ev
+                else:
+                    L0[l] = ev
+        for s in range(min(SCAN_MAX, m)):
+            c = m - 1 - s                     # the c + 1 smallest usable are noise?
+            _bisect(D, E2, lo, hi, pivmin, r - 1 - s, a, b, x, qv, cnt)
+            gam = _gamma(c, m, q, exp2)
+            alldone = True
+            for l in range(L):
+                ev = 0.5 * (a[l] + b[l])
+                if l < nl:
+                    top[b0 + l, s] = ev
+                if not done[l]:
+                    var = (trace[l] - above[l]) / (c + 1) / q
+                    if 4.0 * math.sqrt(gam) * var - (ev - L0[l]) / q >= 0.0:
+                        done[l] = True
+                        keep = s
+                        if not exp2:          # all eigenvalues above the MP edge
+                            keep = r - _count_below(D, E2, edge * var * q, pivmin[l], l)
+                        if keep <= s + 1:     # else its vectors' values are unknown
+                            keep_out[b0 + l] = keep
+                            var_out[b0 + l] = var
+                above[l] += ev
+                alldone = alldone and done[l]
+            if alldone:
+                break
+
+
+def mp_split(d: np.ndarray, e: np.ndarray, n: int, N: int, estimator: str):
+    """The MP split of each patch from its tridiagonal (d, e) (B, r) float32.
+
+    Returns L (B, r) float32 with the top eigenvalues found in its last columns
+    (ascending, as ``ssterf`` gives them; zeros before), var (B,) float32 and
+    keep (B,) int64, -1 where the split needs the full spectrum."""
+    B, r = d.shape
+    top = np.zeros((B, SCAN_MAX))
+    var = np.zeros(B)
+    keep = np.full(B, -1, np.int64)
+    exp2 = estimator != "veraart"
+    _scan(np.ascontiguousarray(d), np.ascontiguousarray(e), int(n), int(N), exp2,
+          _mp_edge(n, N), top, var, keep)
+    k = min(SCAN_MAX, r)
+    L = np.zeros((B, r), np.float32)
+    L[:, r - k:] = top[:, k - 1::-1]
+    return L, var.astype(np.float32), keep
+
+
+def compile_split() -> None:
+    """Compile the kernels (once per process) before worker threads call them."""
+    d = np.ones((1, 3), np.float32)
+    mp_split(d, d, 4, 3, "exp2")

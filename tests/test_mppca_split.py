@@ -1,0 +1,100 @@
+"""MP-PCA's split from bisection of only the eigenvalues it reads
+(interfaces/mppca_split.py) against the full spectrum."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import eigvalsh_tridiagonal
+
+from dmriflow.interfaces import mppca_split as ms
+from dmriflow.interfaces import preprocess as pp
+
+U32 = float(np.finfo(np.float32).eps)
+#: Bisection's resolution (mppca_split.BISECT_STEPS): <= 0.13 eps32 |T| at the
+#: midpoint; 0.25 leaves room for the float64 Sturm counts' rounding.
+BISECT_RESOLUTION = 0.25
+
+
+def _tridiagonals(n_signal, r=96, seed=0):
+    """Gram-like float32 matrices (a noise bulk 0.5-2 and ``n_signal[b]``
+    eigenvalues 1e3-2e4 above it), reduced by LAPACK ``ssytrd`` as mppca
+    does: d, e (B, r)."""
+    rng = np.random.default_rng(seed)
+    B = len(n_signal)
+    lam = rng.uniform(0.5, 2.0, (B, r))
+    for b, k in enumerate(n_signal):
+        lam[b, :k] = rng.uniform(1e3, 2e4, k)
+    Q = np.linalg.qr(rng.normal(size=(B, r, r)))[0]
+    C = np.ascontiguousarray(((Q * lam[:, None, :]) @ Q.transpose(0, 2, 1)).astype(np.float32))
+    d, e, _ = pp._lapack_sytrd(C)
+    return d, e
+
+
+def _exact(d, e):
+    """float64 eigenvalues (ascending) of each float32 tridiagonal."""
+    r = d.shape[1]
+    return np.stack([eigvalsh_tridiagonal(d[b].astype(np.float64), e[b, :r - 1].astype(np.float64))
+                     for b in range(d.shape[0])])
+
+
+@pytest.mark.parametrize("estimator", ["exp2", "veraart"])
+@pytest.mark.parametrize("n,N", [(125, 96), (27, 30)])
+def test_split_equals_the_full_spectrum_split(estimator, n, N):
+    """Keep counts equal, and noise variances agree to bisection's resolution,
+    with the criterion on all float64 eigenvalues of the same tridiagonals,
+    for 0-10 signal components, a group of patches that is not a multiple of
+    the lanes (70), and more volumes than patch voxels (27 voxels, 30
+    volumes: the smallest eigenvalue is not usable). Measured: var within
+    3.7e-5 relative (0.074 of the tolerance). Fails on var / c instead of
+    / (c + 1), and on L_0 taken from eigenvalue 0 where it is not usable."""
+    r = min(n, N)
+    d, e = _tridiagonals(np.arange(70) % 11, r=r, seed=1)
+    L, var, keep = ms.mp_split(d, e, n, N, estimator)
+    exact = _exact(d, e)
+    v64, k64 = pp._classify(torch.from_numpy(exact / max(N, n)), n, N, estimator)
+    assert np.array_equal(keep, k64.numpy())
+    tnorm = np.abs(exact).max(axis=1)
+    # the scan's variance: the trace less at most SCAN_MAX + 1 bisected values,
+    # over c + 1 >= m - SCAN_MAX noise eigenvalues, then rounded to float32
+    m, q = min(r, n - 1), max(N, n)
+    tol = ((ms.SCAN_MAX + 1) * BISECT_RESOLUTION * U32 * tnorm / ((m - ms.SCAN_MAX) * q)
+           + U32 * v64.numpy())
+    assert np.all(np.abs(var - v64.numpy()) <= tol)
+    for b in range(len(keep)):                      # the kept ones, for sstein
+        k = keep[b]
+        got = L[b, r - k:].astype(np.float64)
+        assert np.all(np.abs(got - exact[b, r - k:]) <= BISECT_RESOLUTION * U32 * tnorm[b]
+                      + U32 * np.abs(exact[b, r - k:]))
+
+
+def test_deep_crossings_and_non_finite_patches_go_to_the_full_solver():
+    """A patch keeping more components than the scan reads (``SCAN_MAX``) or
+    with a non-finite tridiagonal is undecided (-1); ``_split`` then gives
+    exactly the full solver's split and eigenvalues for it (``ssterf`` +
+    ``_classify``)."""
+    counts = np.array([ms.SCAN_MAX + 3, 2, ms.SCAN_MAX, 0])
+    d, e = _tridiagonals(counts, seed=2)
+    d[3, 5] = np.nan
+    n, N = 125, 96
+    keep = ms.mp_split(d, e, n, N, "exp2")[2]
+    assert keep.tolist() == [-1, 2, -1, -1]
+    d[3, 5] = 1.0                                   # finite again: scanned
+    L, var, keep = pp._split(d, e, n, N, "exp2", torch)
+    full = pp._lapack_sterf(d, e)
+    v_full, k_full = pp._classify(torch.from_numpy(full) / max(N, n), n, N, "exp2")
+    assert keep.tolist() == [ms.SCAN_MAX + 3, 2, ms.SCAN_MAX, 0] == k_full.tolist()
+    for b in (0, 2):                                # the full solver's own rows
+        assert np.array_equal(L[b], full[b]) and var[b] == v_full[b]
+
+
+def test_bisection_resolution_is_what_its_steps_give():
+    """The top eigenvalue of each tridiagonal lies within BISECT_RESOLUTION
+    eps32 |T| of the float64 one; with 6 fewer halvings (a wrong step
+    count) it would be 64x coarser, beyond it (measured here: <= 0.082)."""
+    d, e = _tridiagonals(np.full(40, 3), seed=3)
+    top = np.zeros((40, ms.SCAN_MAX))
+    ms._scan(d, e, 125, 96, True, 0.0, top, np.zeros(40), np.zeros(40, np.int64))
+    exact = _exact(d, e)
+    err = np.abs(top[:, :4] - exact[:, :-5:-1]) / np.abs(exact).max(axis=1, keepdims=True) / U32
+    assert err.max() <= BISECT_RESOLUTION
+    assert 2.1 / 2 ** (ms.BISECT_STEPS + 1) <= BISECT_RESOLUTION * U32
