@@ -458,7 +458,6 @@ def _denoise_batch(patches, n: int, N: int, r: int, estimator: str, torch, split
     counts are appended to ``splits`` (a list) when one is given."""
     mean = patches.mean(dim=1, keepdim=True)
     A = patches.sub_(mean)                            # the gathered copy is ours
-    q = max(N, n)
     C = _gram(A, n, N)
     # float32 LAPACK, per patch: Householder tridiagonalisation; the noise
     # split from only the eigenvalues it reads (compiled bisection across
