@@ -49,9 +49,12 @@ COPY setup.cfg pyproject.toml README.md requirements.lock /tmp/dmriflow/
 COPY interfaces /tmp/dmriflow/interfaces
 COPY pipelines /tmp/dmriflow/pipelines
 COPY models /tmp/dmriflow/models
-# no build isolation: setuptools comes from the lock, nothing else is downloaded
+# no build isolation: setuptools comes from the lock, nothing else is downloaded;
+# MP-PCA's numba kernels compiled into the package (on another CPU model numba
+# compiles them again at first use, into XDG_CACHE_HOME)
 RUN pip install --no-deps --no-build-isolation /tmp/dmriflow && pip check \
-    && rm -rf /tmp/dmriflow
+    && rm -rf /tmp/dmriflow \
+    && python3 -c "from dmriflow.interfaces.mppca_split import compile_split; compile_split()"
 USER dmriflow
 WORKDIR /home/dmriflow
 ENTRYPOINT ["dmriflow"]
