@@ -381,3 +381,19 @@ def test_fit_offers_only_the_options_it_goes_through(tmp_path, capsys):
     apply = cli.build_parser().parse_args(["harmonize", "apply", "art", "in", "out",
                                            "--fit-method", "OLS", "--lmax", "4"])
     assert (apply.fit_method, apply.lmax) == ("OLS", 4)
+
+
+def test_the_command_offers_every_resolution_rule(capsys):
+    """``--match-resolution`` offers "off" (the default) and every rule the
+    library has, and refuses another value by the option's name."""
+    from dmriflow.interfaces import harmonize
+    from dmriflow.interfaces.harmonize_choices import ENGINE_RESOLUTION_MATCH
+    from dmriflow.interfaces.steps import harmonization_fit
+    assert ENGINE_RESOLUTION_MATCH == ("off", *harmonize.RESOLUTION_MATCH_RULES)
+    assert harmonization_fit.Options(reference="a", target="b").match_resolution == "off"
+    with pytest.raises(ValueError, match="match_resolution"):
+        harmonization_fit.Options(reference="a", target="b", match_resolution="gauss")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["harmonize", "fit", "in", "out", "--reference", "a",
+                                       "--target", "b", "--match-resolution", "gauss"])
+    assert "invalid choice" in capsys.readouterr().err
