@@ -271,8 +271,10 @@ FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 #: the moving image undergoes into the template grid at its voxel size and the
 #: reference scans did into the template at theirs.
 #: docs/harmonization-studies.md has the rows.
-RESOLUTION_MATCH_RULES = {"box": 1.0 / math.sqrt(12.0), "fwhm": FWHM_TO_SIGMA,
-                          "box-linear": 0.5}
+#: The rules' names are ``harmonize_choices.RESOLUTION_MATCH_RULE_NAMES`` (the
+#: command line's choices), in this order.
+RESOLUTION_MATCH_RULES = {"box": 1.0 / math.sqrt(12.0), "box-linear": 0.5,
+                          "fwhm": FWHM_TO_SIGMA}
 
 
 class HarmonizationError(ValueError):

@@ -72,3 +72,19 @@ LIBRARY_ONLY_CONTRASTS = {
 ENGINE_REGISTRATION_CONTRASTS = tuple(c for c in REGISTRATION_CONTRASTS
                                       if c not in LIBRARY_ONLY_CONTRASTS)
 DEFAULT_REGISTRATION_CONTRAST = "fa"
+#: Resolution-matched registration: the rules of the template's blur for a
+#: subject whose voxels are coarser than the template's (their factors are
+#: ``harmonize.RESOLUTION_MATCH_RULES``; docs/harmonization-studies.md has
+#: the rows). ``dmriflow harmonize fit --match-resolution`` offers them and
+#: ``RESOLUTION_MATCH_OFF``, its default: every subject registered to the
+#: template as it is. The rule is recorded in the artefact, and apply
+#: registers with it.
+RESOLUTION_MATCH_RULE_NAMES = ("box", "box-linear", "fwhm")
+RESOLUTION_MATCH_OFF = "off"
+ENGINE_RESOLUTION_MATCH = (RESOLUTION_MATCH_OFF, *RESOLUTION_MATCH_RULE_NAMES)
+
+
+def resolution_match_rule(choice: str) -> str | None:
+    """The ``match_resolution`` of :func:`harmonize.register_fa` for an
+    engine choice: None for ``RESOLUTION_MATCH_OFF``, else the rule."""
+    return None if choice == RESOLUTION_MATCH_OFF else choice

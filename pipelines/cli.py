@@ -469,7 +469,8 @@ def cmd_harmonize(args) -> int:
                                        lmax=fit.harmonization_lmax,
                                        registration=fit.registration,
                                        smoothing_fwhm_mm=fit.smoothing_fwhm,
-                                       contrast=fit.registration_contrast)
+                                       contrast=fit.registration_contrast,
+                                       match_resolution=fit.match_resolution)
     except RuntimeError as exc:   # the fit node failed: its error text, no traceback
         print(f"dmriflow: error: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -36,6 +36,7 @@ from dmriflow.interfaces.bids_names import parse_entities
 from dmriflow.interfaces.environment import environment
 from dmriflow.interfaces.errors import InputError, check_choice
 from dmriflow.interfaces.harmonize import MIN_SUBJECTS_PER_SITE, SubjectTerms
+from dmriflow.interfaces.harmonize_choices import RESOLUTION_MATCH_OFF, resolution_match_rule
 from dmriflow.interfaces.steps import (COHORT_REGISTRY, REGISTRY, default_options,
                                        option_owner)
 from dmriflow.interfaces.steps.base import field_default, option
@@ -1198,7 +1199,8 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
                        sites: dict[str, str], reference_site: str, target_site: str,
                        shells: list[float] | None = None, lmax: int | None = None,
                        registration: str = "syn", smoothing_fwhm_mm: float = 0.0,
-                       contrast: str = "fa") -> dict:
+                       contrast: str = "fa", match_resolution: str = RESOLUTION_MATCH_OFF
+                       ) -> dict:
 
     output_dir = Path(output_dir).resolve()
     chosen = [s for s in subjects if sites.get(s.key) in (reference_site, target_site)]
@@ -1216,14 +1218,16 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
     clean_cache(root)
     _log(config, f"harmonization fit: {reference_site} (reference) vs {target_site} (target), "
                  f"shells {shells}, lmax {lmax}, registration {registration} "
-                 f"through {contrast}")
+                 f"through {contrast}"
+                 + (f", template blurred to coarser subjects' voxels ({match_resolution})"
+                    if resolution_match_rule(match_resolution) else ""))
     # the methods text states the fit as run: the shells and order it resolved
     fit_config = copy.copy(config)
     fit_config.cohort = {**config.cohort, "harmonization_fit": replace(
         config.cohort["harmonization_fit"], reference=reference_site, target=target_site,
         shells=[float(b) for b in shells], harmonization_lmax=int(lmax),
         registration=registration, smoothing_fwhm=smoothing_fwhm_mm,
-        registration_contrast=contrast)}
+        registration_contrast=contrast, match_resolution=match_resolution)}
     write_methods(fit_config, output_dir / "dmriflow" / LOG_DIR, output_dir, len(chosen),
                   sum(bool(getattr(s, "mask", None)) for s in chosen), command=FIT_COMMAND)
     options = {**config.options_record(), "harmonize": {}}   # features of the acquired series
@@ -1232,7 +1236,7 @@ def _harmonization_fit(subjects: list[SubjectInputs], output_dir, config: RunCon
         sites={s.key: sites[s.key] for s in runnable},
         reference_site=reference_site, target_site=target_site, shells=list(shells),
         lmax=lmax, registration=registration, smoothing_fwhm_mm=smoothing_fwhm_mm,
-        contrast=contrast,
+        contrast=contrast, match_resolution=resolution_match_rule(match_resolution),
         pipeline_version=version)
     with submitter(config, root) as sub:
         res = sub(task, raise_errors=False)

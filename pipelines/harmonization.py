@@ -175,9 +175,12 @@ TemplateStart = python.define(template_start_step, outputs=["template"], name="T
 def register_subject_step(entry: dict, template: dict, sites: dict, register_sites: list,
                           registration: str = "syn", shells: list | None = None,
                           contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                          match_resolution: str | None = None,
                           pipeline_version: str = "") -> dict:
     """Register one subject's registration image (``contrast`` of ``shells``)
-    to the template (one node per subject).
+    to the template (one node per subject); ``match_resolution``: the rule
+    of :func:`register_fa` (None: off), an input, so part of the node's
+    cache key.
 
     Subjects outside ``register_sites``, failed ones and, in the first
     template round, the first reference subject (the template itself) pass
@@ -191,7 +194,7 @@ def register_subject_step(entry: dict, template: dict, sites: dict, register_sit
     tpl_fa, tpl_affine = _template(template)
     prefix = Path.cwd() / "transform"
     register_fa(registration_image(f, contrast, shells), f.affine, tpl_fa, tpl_affine,
-                registration).save(prefix)
+                registration, match_resolution=match_resolution).save(prefix)
     return {**out, "transform": str(prefix.resolve())}
 
 
@@ -250,12 +253,15 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
                            terms: list[dict], registration: str = "syn",
                            smoothing_fwhm_mm: float = 0.0,
                            contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                           match_resolution: str | None = None,
                            pipeline_version: str = "") -> dict:
     """Fit the artefact on the subjects whose features succeeded: their
     :func:`fit_subject_step` terms summed per site in the serial fit's order
     (:func:`fit_from_terms`), the scale maps, and the artefact written and
     verified once (evaluated by :func:`evaluation_summary_step` and
-    :func:`evaluate_fit_step`)."""
+    :func:`evaluate_fit_step`). ``match_resolution``: the registration
+    nodes' rule, recorded in the artefact (``registration_options``) so
+    apply registers with it."""
     Path(STEP_MARKER).write_text("harmonize-fit")
     excluded = [{"subject": f["subject"], "error": f.get("error", "")}
                 for f in features if f.get("status") != "ok"]
@@ -273,7 +279,8 @@ def fit_harmonization_step(features: list[dict], sites: dict, reference_site: st
                               reference_site=reference_site,
                               target_site=target_site, registration=registration,
                               smoothing_fwhm_mm=smoothing_fwhm_mm,
-                              registration_contrast=contrast)
+                              registration_contrast=contrast,
+                              registration_options={"match_resolution": match_resolution})
     folder = artefact.save(Path.cwd() / "artefact")
     by_subject = {t["subject"]: t for t in terms}
     wm = template_wm_mask([lambda t=by_subject[f["subject"]]: _read(
@@ -447,6 +454,7 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                                lmax: int = DEFAULT_HARMONIZATION_LMAX, registration: str = "syn",
                                smoothing_fwhm_mm: float = 0.0,
                                contrast: str = DEFAULT_REGISTRATION_CONTRAST,
+                               match_resolution: str | None = None,
                                pipeline_version: str = "") -> dict:
     per = FeaturesWorkflow(options=options, shells=shells, lmax=lmax,
                            pipeline_version=pipeline_version)
@@ -454,12 +462,13 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                          name="features")
     common = dict(sites=sites, pipeline_version=pipeline_version)
     image = dict(shells=shells, contrast=contrast)       # what is registered
+    how = dict(registration=registration, match_resolution=match_resolution)
     tpl = workflow.add(TemplateStart(features=feats.features, reference_site=reference_site,
                                      target_site=target_site, **image, **common),
                        name="template_0")
     for r in range(1, TEMPLATE_ITERATIONS + 1):
         reg = workflow.add(RegisterSubject(template=tpl.template, register_sites=[reference_site],
-                                           registration=registration, **image, **common)
+                                           **how, **image, **common)
                            .split("entry", entry=feats.features).combine("entry"),
                            name=f"register_template_{r}")
         tpl = workflow.add(TemplateMean(features=feats.features, reference_site=reference_site,
@@ -467,7 +476,7 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                                         **image, **common), name=f"template_{r}")
     reg = workflow.add(RegisterSubject(template=tpl.template,
                                        register_sites=[reference_site, target_site],
-                                       registration=registration, **image, **common)
+                                       **how, **image, **common)
                        .split("entry", entry=feats.features).combine("entry"), name="register")
     sides = dict(reference_site=reference_site, target_site=target_site)
     terms = workflow.add(FitSubject(registered=reg.registered, shells=shells, lmax=lmax,
@@ -479,6 +488,7 @@ def harmonization_fit_workflow(subjects: list[Subject], options: dict, sites: di
                                         template=tpl.template, registered=reg.registered,
                                         terms=terms.terms,
                                         smoothing_fwhm_mm=smoothing_fwhm_mm, contrast=contrast,
+                                        match_resolution=match_resolution,
                                         pipeline_version=pipeline_version), hooks=PROGRESS)
     after = workflow.add(EvaluationSummary(fit=fit.result, lmax=lmax, registered=reg.registered,
                                            **sides, **common)

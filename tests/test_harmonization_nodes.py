@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -74,18 +75,8 @@ def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration, cont
         f = _features(20 + k % N_PER_SITE, site)
         sites[f.subject] = site.name
         entries.append(_entry(f, tmp_path / "features" / f.subject))
-    common = dict(sites=sites, shells=[BVAL], contrast=contrast)
-    tpl = _in(tmp_path / "t0", P.template_start_step, features=entries, reference_site="siteA",
-              target_site="siteB", **common)
-    for r in range(1, H.TEMPLATE_ITERATIONS + 1):
-        reg = [_in(tmp_path / f"r{r}" / e["subject"], P.register_subject_step, entry=e,
-                   template=tpl, register_sites=["siteA"], registration=registration, **common)
-               for e in entries]
-        tpl = _in(tmp_path / f"t{r}", P.template_mean_step, features=entries,
-                  reference_site="siteA", template=tpl, registered=reg, **common)
-    reg = [_in(tmp_path / "reg" / e["subject"], P.register_subject_step, entry=e, template=tpl,
-               register_sites=["siteA", "siteB"], registration=registration, **common)
-           for e in entries]
+    tpl, reg = _register_nodes(tmp_path, entries, sites, registration, shells=[BVAL],
+                               contrast=contrast)
     ref = [P._loader(e) for e in entries if sites[e["subject"]] == "siteA"]
     tar = [P._loader(e) for e in entries if sites[e["subject"]] == "siteB"]
     info = {"source": "reference-site mean", "iterations": H.TEMPLATE_ITERATIONS,
@@ -114,6 +105,68 @@ def test_per_subject_nodes_give_the_serial_artefact(tmp_path, registration, cont
     assert engine.transforms.keys() == serial.transforms.keys()
 
 
+def _register_nodes(tmp_path: Path, entries, sites, registration, match_resolution=None,
+                    **image) -> tuple[dict, list]:
+    """The template rounds and the final registrations as the engine's nodes
+    (``image``: ``shells``, ``contrast`` of the registration image)."""
+    common = dict(sites=sites, **image)
+    tpl = _in(tmp_path / "t0", P.template_start_step, features=entries, reference_site="siteA",
+              target_site="siteB", **common)
+    how = dict(registration=registration, match_resolution=match_resolution, **common)
+    for r in range(1, H.TEMPLATE_ITERATIONS + 1):
+        reg = [_in(tmp_path / f"r{r}" / e["subject"], P.register_subject_step, entry=e,
+                   template=tpl, register_sites=["siteA"], **how) for e in entries]
+        tpl = _in(tmp_path / f"t{r}", P.template_mean_step, features=entries,
+                  reference_site="siteA", template=tpl, registered=reg, **common)
+    reg = [_in(tmp_path / "reg" / e["subject"], P.register_subject_step, entry=e, template=tpl,
+               register_sites=["siteA", "siteB"], **how) for e in entries]
+    return tpl, reg
+
+
+#: Resolution-matched registration through the nodes: the target site at 3 mm,
+#: and one reference subject too (so the template rounds blur for it), against
+#: the template's 2.5 mm (the first reference subject's grid).
+COARSE_MM = 3.0
+RULE = "box-linear"
+
+
+def test_nodes_register_with_the_resolution_rule_as_the_serial_fit(tmp_path):
+    """``match_resolution`` reaches every registration node (template rounds
+    and final) and the fit node: with subjects coarser than the template, the
+    nodes' artefact is the serial fit's with the same rule
+    (``registration_options``) bit for bit and records the rule (which apply
+    follows); a target subject's transform is not the one registering
+    without the rule gives. (Off: the nodes' artefact is the serial fit's
+    without options, test_per_subject_nodes_give_the_serial_artefact.)"""
+    sites, entries = {}, []
+    coarse = dict(voxel_size=COARSE_MM)
+    for k, site in enumerate([phantom.SiteEffect(name="siteA")] * (N_PER_SITE - 1)
+                             + [phantom.SiteEffect(name="siteA", **coarse)]
+                             + [replace(TARGET, **coarse)] * N_PER_SITE):
+        f = _features(20 + k % N_PER_SITE, site)
+        sites[f.subject] = site.name
+        entries.append(_entry(f, tmp_path / "features" / f.subject))
+    tpl, reg = _register_nodes(tmp_path, entries, sites, "affine", match_resolution=RULE,
+                               shells=[BVAL])
+    fit = _in(tmp_path / "fit", P.fit_harmonization_step, features=entries, shells=[BVAL],
+              lmax=LMAX, template=tpl, registered=reg, terms=_terms(tmp_path, entries, reg, sites),
+              registration="affine", sites=sites, match_resolution=RULE,
+              reference_site="siteA", target_site="siteB")
+    ref = [P._loader(e) for e in entries if sites[e["subject"]] == "siteA"]
+    tar = [P._loader(e) for e in entries if sites[e["subject"]] == "siteB"]
+    serial = H.fit_harmonization(ref, tar, [BVAL], LMAX, registration="affine",
+                                 reference_site="siteA", target_site="siteB",
+                                 registration_options={"match_resolution": RULE})
+    nodes = H.HarmonizationArtefact.load(fit["artefact"], transforms=True)
+    assert nodes.content_id == serial.content_id and nodes.parameters == serial.parameters
+    assert _digests(Path(fit["artefact"])) == _digests(serial.save(tmp_path / "serial"))
+    assert nodes.match_resolution == RULE
+    f = tar[0]()
+    plain = H.register_fa(H.masked_fa(f), f.affine, P._template(tpl)[0], nodes.template_affine,
+                          "affine")
+    assert not np.allclose(plain.prealign, nodes.transforms[("siteB", f.subject)].prealign)
+
+
 def _subjects(folder: Path) -> list:
     """The subject list an artefact folder records."""
     return json.loads((folder / H.ARTEFACT_JSON).read_text())["subjects"]
@@ -140,20 +193,16 @@ def _nodes(tmp_path: Path, shells: list, records: dict, sites: dict) -> tuple:
     """Features, template rounds, registrations and the fit as the engine's nodes."""
     entries = [_in(tmp_path / "features" / s, P.harmonization_features_step, subject=s,
                    record=r, shells=shells, lmax=LMAX) for s, r in records.items()]
-    common = dict(sites=sites)
-    tpl = _in(tmp_path / "t0", P.template_start_step, features=entries, reference_site="siteA",
-              target_site="siteB", **common)
-    for r in range(1, H.TEMPLATE_ITERATIONS + 1):
-        reg = [_in(tmp_path / f"r{r}" / e["subject"], P.register_subject_step, entry=e,
-                   template=tpl, register_sites=["siteA"], registration="affine", **common)
-               for e in entries]
-        tpl = _in(tmp_path / f"t{r}", P.template_mean_step, features=entries,
-                  reference_site="siteA", template=tpl, registered=reg, **common)
-    reg = [_in(tmp_path / "reg" / e["subject"], P.register_subject_step, entry=e, template=tpl,
-               register_sites=["siteA", "siteB"], registration="affine", **common)
-           for e in entries]
+    tpl, reg = _register_nodes(tmp_path, entries, sites, "affine")
     fit = _fit_nodes(tmp_path, entries, tpl, reg, shells, "affine", sites=sites)
     return entries, tpl, reg, fit
+
+
+def _terms(tmp_path: Path, entries, reg, sites, shells=(BVAL,)) -> list[dict]:
+    """One FitSubject node per subject, as the engine runs them."""
+    return [_in(tmp_path / "fit-subject" / e["subject"], P.fit_subject_step, entry=e,
+                shells=list(shells), lmax=LMAX, registered=reg, sites=sites,
+                reference_site="siteA", target_site="siteB") for e in entries]
 
 
 def _fit_nodes(tmp_path: Path, entries, tpl, reg, shells, registration, sites,
@@ -163,9 +212,7 @@ def _fit_nodes(tmp_path: Path, entries, tpl, reg, shells, registration, sites,
     FitHarmonization (``fit_without_transforms``: with Transform.load and
     Transform.save failing while it runs)."""
     sides = dict(reference_site="siteA", target_site="siteB")
-    terms = [_in(tmp_path / "fit-subject" / e["subject"], P.fit_subject_step, entry=e,
-                 shells=shells, lmax=LMAX, registered=reg, sites=sites, **sides)
-             for e in entries]
+    terms = _terms(tmp_path, entries, reg, sites, shells)
     with pytest.MonkeyPatch.context() as mp:
         if fit_without_transforms:
             def refuse(*args, **kwargs):

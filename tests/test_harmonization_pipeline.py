@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -16,6 +17,12 @@ SHAPE = (20, 24, 18)
 #: Target site: per-order RISH scaling of the b=1000 signal, lower SNR.
 TARGET = SiteEffect(name="siteB", rish_scale={0: 0.85, 2: 1.3, 4: 0.75}, snr=20.0)
 N_PER_SITE = 4
+#: A target site scanned at 3 mm, coarser than the reference's voxels (the
+#: phantom's 2.5 mm, the template's): ``--match-resolution`` blurs the
+#: template for its subjects.
+COARSE_TARGET = SiteEffect(name="siteB", rish_scale={0: 0.85, 2: 1.3, 4: 0.75}, snr=20.0,
+                           voxel_size=3.0)
+RULE = "box-linear"
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +258,85 @@ def test_fit_evaluates_through_the_registrations_it_fitted_with(two_sites, tmp_p
     assert HarmonizationArtefact.load(folder).registration_contrast == "rish-l0"
 
 
+def test_fit_records_the_resolution_rule_and_apply_registers_with_it(tmp_path, monkeypatch):
+    """``harmonize fit --match-resolution box-linear`` hands the rule to every
+    registration node (template rounds and final) and records it in the
+    artefact and the methods text; ``harmonize apply`` of a target subject
+    registers it with the artefact's rule: the fit's own transform of it,
+    which registering without the rule does not give. The rule is part of
+    the registration nodes' cache keys: a fit with it off, in the same
+    cache, registers every subject again (as without the rule), and its
+    artefact records no rule."""
+    from dmriflow.interfaces import harmonize
+    from dmriflow.pipelines import harmonization as P
+    root, n = tmp_path / "bids", 3
+    scheme = hcp_scheme(n_b0=4, shells=(1000,), n_dirs=30, seed=2)
+    write_cohort(root, n, layout="bids", shape=SHAPE, seed=10, scheme=scheme,
+                 subject_prefix="a")
+    write_cohort(root, n, layout="bids", shape=SHAPE, seed=20, scheme=scheme,
+                 subject_prefix="b", site=COARSE_TARGET)
+    table = root / "sites.tsv"
+    table.write_text("participant_id\tsite\n" + "".join(
+        f"sub-{p}0{k}\tsite{p.upper()}\n" for p in "ab" for k in range(1, n + 1)))
+
+    def spy(real, calls):
+        def call(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls.append((kwargs.get("match_resolution"), out, args, kwargs))
+            return out
+        return call
+
+    # the debug worker runs the nodes in-process; the nodes call the library
+    # through their own import, apply_harmonization through the module global
+    fitted = []
+    monkeypatch.setattr(P, "register_fa", spy(P.register_fa, fitted))
+    out = tmp_path / "out"
+    code = cli.main(["harmonize", "fit", str(root), str(out), "--reference", "siteA",
+                     "--target", "siteB", "--site-column", "site", "--site-table", str(table),
+                     "--registration", "affine", "--match-resolution", RULE, "--worker",
+                     "debug", "--quiet", "--cache-dir", str(tmp_path / "cache")])
+    assert code == cli.EXIT_OK
+    # the template rounds (the first: the other reference subjects), then all of them
+    rounds = (n - 1) + (harmonize.TEMPLATE_ITERATIONS - 1) * n
+    assert [call[0] for call in fitted] == [RULE] * (rounds + 2 * n)
+    folder, = (out / "dmriflow" / "harmonization").iterdir()
+    art = HarmonizationArtefact.load(folder, transforms=True)
+    assert art.match_resolution == RULE
+    from dmriflow.pipelines.methods import METHODS_FILES
+    text = (out / "dmriflow" / "logs" / METHODS_FILES["harmonize fit"]).read_text()
+    assert f"- `--match-resolution` = {RULE} **(set for this run)**" in text
+    applied = []
+    monkeypatch.setattr(harmonize, "register_fa", spy(harmonize.register_fa, applied))
+    code = cli.main(["harmonize", "apply", str(folder), str(root), str(tmp_path / "applied"),
+                     "--participant-label", "b01", "--worker", "debug", "--quiet",
+                     "--cache-dir", str(tmp_path / "cache-apply")])
+    assert code == cli.EXIT_OK
+    rule, transform, args, kwargs = applied[-1]   # the outermost (it recurses on coarse grids)
+    assert rule == RULE
+    fit_transform = art.transforms[("siteB", "sub-b01")]
+    np.testing.assert_array_equal(transform.prealign, fit_transform.prealign)
+    # without the rule, on the template as the registration nodes hold it (C order:
+    # dipy's sums follow the memory order, and the loaded artefact's is Fortran)
+    moving, moving_affine, template, *rest = args
+    plain = harmonize.register_fa(moving, moving_affine, np.ascontiguousarray(template), *rest,
+                                  **{**kwargs, "match_resolution": None})
+    assert not np.allclose(plain.prealign, fit_transform.prealign)
+    # the rule is in the nodes' cache keys: off, in the same cache, registers anew
+    off = tmp_path / "off"
+    fitted.clear()
+    code = cli.main(["harmonize", "fit", str(root), str(off), "--reference", "siteA",
+                     "--target", "siteB", "--site-column", "site", "--site-table", str(table),
+                     "--registration", "affine", "--worker", "debug", "--quiet",
+                     "--cache-dir", str(tmp_path / "cache")])
+    assert code == cli.EXIT_OK
+    assert [call[0] for call in fitted] == [None] * (rounds + 2 * n)
+    folder, = (off / "dmriflow" / "harmonization").iterdir()
+    art = HarmonizationArtefact.load(folder, transforms=True)
+    assert art.match_resolution is None and "match_resolution" not in \
+        art.parameters["registration_options"]
+    np.testing.assert_array_equal(art.transforms[("siteB", "sub-b01")].prealign, plain.prealign)
+
+
 def test_the_command_refuses_an_unknown_contrast():
     """The step's option (declared once, in interfaces/harmonize_choices.py,
     for the library and the command line) refuses a contrast the library
@@ -295,3 +381,19 @@ def test_fit_offers_only_the_options_it_goes_through(tmp_path, capsys):
     apply = cli.build_parser().parse_args(["harmonize", "apply", "art", "in", "out",
                                            "--fit-method", "OLS", "--lmax", "4"])
     assert (apply.fit_method, apply.lmax) == ("OLS", 4)
+
+
+def test_the_command_offers_every_resolution_rule(capsys):
+    """``--match-resolution`` offers "off" (the default) and every rule the
+    library has, and refuses another value by the option's name."""
+    from dmriflow.interfaces import harmonize
+    from dmriflow.interfaces.harmonize_choices import ENGINE_RESOLUTION_MATCH
+    from dmriflow.interfaces.steps import harmonization_fit
+    assert ENGINE_RESOLUTION_MATCH == ("off", *harmonize.RESOLUTION_MATCH_RULES)
+    assert harmonization_fit.Options(reference="a", target="b").match_resolution == "off"
+    with pytest.raises(ValueError, match="match_resolution"):
+        harmonization_fit.Options(reference="a", target="b", match_resolution="gauss")
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["harmonize", "fit", "in", "out", "--reference", "a",
+                                       "--target", "b", "--match-resolution", "gauss"])
+    assert "invalid choice" in capsys.readouterr().err

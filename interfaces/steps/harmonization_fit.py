@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from ..errors import check_choice
 from ..harmonize_choices import (DEFAULT_REGISTRATION_CONTRAST, ENGINE_REGISTRATION_CONTRASTS,
-                                 LIBRARY_ONLY_CONTRASTS, REGISTRATIONS)
+                                 ENGINE_RESOLUTION_MATCH, LIBRARY_ONLY_CONTRASTS,
+                                 REGISTRATIONS, RESOLUTION_MATCH_OFF)
 from .base import CohortStep, option, register
 
 #: The command that runs the fit (and shows its options).
@@ -37,6 +38,11 @@ class Options:
         DEFAULT_REGISTRATION_CONTRAST, "image each subject is registered through: FA, or "
         "sqrt(RISH l2) / sqrt(RISH l0) of the lowest shell or their mean (rish-l0l2), which a "
         "per-order site scaling only rescales", choices=ENGINE_REGISTRATION_CONTRASTS)
+    match_resolution: str = option(
+        RESOLUTION_MATCH_OFF, "register a subject whose voxels are coarser than the "
+        "template's to the template blurred to its resolution, by this rule of the blur's "
+        "width (off: the template as it is); recorded in the artefact, which apply follows",
+        choices=ENGINE_RESOLUTION_MATCH)
 
     def __post_init__(self):
         check_choice("registration", self.registration, REGISTRATIONS)
@@ -46,6 +52,7 @@ class Options:
                              f"{LIBRARY_ONLY_CONTRASTS[self.registration_contrast]}")
         check_choice("registration_contrast", self.registration_contrast,
                      ENGINE_REGISTRATION_CONTRASTS)
+        check_choice("match_resolution", self.match_resolution, ENGINE_RESOLUTION_MATCH)
         if self.smoothing_fwhm < 0:
             raise ValueError("smoothing_fwhm must be >= 0")
 
