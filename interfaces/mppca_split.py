@@ -8,12 +8,16 @@ from bisection with Sturm counts on each patch's tridiagonal form (LAPACK
 count is one vector operation across patches: the division chain of a single
 count cannot be vectorised, across patches it can. Against all eigenvalues by
 tridiagonal QR (``ssterf``), which one patch at a time cannot speed up, this
-is ~3x less time on the 96 x 96 Grams of ``bench/denoise.py`` (typically 2-6
-eigenvalues a patch instead of 96).
+is ~2x less time on the 96 x 96 Grams of ``bench/denoise.py`` (44 against 93
+us a patch, one thread: typically 3-6 eigenvalues a patch instead of 96).
 
-Counts run in float64 on the float32 tridiagonal, so the eigenvalues are the
-float32 tridiagonal's to ``BISECT_STEPS``' resolution (below eps32 |T|), and
-their error against the Gram's is the reduction's own (gamma_r |C|). A patch
+Counts run in float64 on the float32 tridiagonal, each eigenvalue to
+``BISECT_REL`` of itself (a quarter of float32's unit roundoff): the split
+reads small eigenvalues (L_0 and those at the crossing, ~|T| / 27000 in the
+median bench patch), which tridiagonal QR gets to nearly their own float32
+precision; an absolute resolution of eps32 |T| was not enough and flipped
+27 of 147063 bench patches away from the float32 tridiagonal's exact split.
+Their error against the Gram's is the reduction's own (gamma_r |C|). A patch
 whose crossing is not among its top ``SCAN_MAX`` eigenvalues, or whose values
 are not finite, is returned as undecided (keep -1) for the full solver.
 
@@ -36,10 +40,15 @@ from .preprocess import _mp_gamma, _mp_edge
 #: faster than 32 on the 96 x 96 Grams, and its working set (r x 64 float64
 #: twice, ~100 KB at r = 96) stays in L2.
 SPLIT_LANES = 64
-#: Halvings per eigenvalue: the start interval (Gershgorin, <= 2 |T| wide plus
-#: margins) shrinks to <= 2.1 |T| / 2^27 ~ 0.13 eps32 |T| at its midpoint,
-#: below the float32 tridiagonal's own rounding.
-BISECT_STEPS = 26
+#: Each eigenvalue is bisected until its interval is within this fraction of
+#: its magnitude (for all the pass's patches): a quarter of float32's unit
+#: roundoff, so it is as exact as the float32 value ``ssterf`` would return.
+BISECT_REL = float(np.finfo(np.float32).eps) / 4
+#: ... or below this many float64 units of |T| (the float64 Sturm count's own
+#: resolution; an eigenvalue at 0).
+BISECT_FLOOR_ULPS = 4
+#: A cap that is never reached: 2.1 |T| halved 64 times is below the floor.
+BISECT_MAX_STEPS = 64
 #: Top eigenvalues scanned before a patch is handed to the full solver.
 #: ``bench/denoise.py``'s patches keep 0-8 components (4000 sampled).
 SCAN_MAX = 16
@@ -48,14 +57,15 @@ _gamma = njit(inline="always")(_mp_gamma)
 
 
 @njit(nogil=True, cache=True)
-def _bisect(D, E2, lo, hi, pivmin, idx, a, b, x, qv, cnt):
+def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt):
     """Per lane: eigenvalue number ``idx`` (0 = smallest) of the tridiagonal
-    (D, E2 = e^2), by ``BISECT_STEPS`` halvings of [lo, hi]; into a, b."""
+    (D, E2 = e^2), by halving [lo, hi] until every lane's interval is within
+    ``BISECT_REL`` of the eigenvalue or below its ``floor``; into a, b."""
     r, L = D.shape
     for l in range(L):
         a[l] = lo[l]
         b[l] = hi[l]
-    for _ in range(BISECT_STEPS):
+    for _ in range(BISECT_MAX_STEPS):
         for l in range(L):
             x[l] = 0.5 * (a[l] + b[l])
             q = D[0, l] - x[l]
@@ -70,11 +80,16 @@ def _bisect(D, E2, lo, hi, pivmin, idx, a, b, x, qv, cnt):
                     q = -pivmin[l]
                 qv[l] = q
                 cnt[l] += 1 if q < 0.0 else 0
+        wide = 0
         for l in range(L):
             if cnt[l] > idx:
                 b[l] = x[l]
             else:
                 a[l] = x[l]
+            if b[l] - a[l] > BISECT_REL * max(abs(a[l]), abs(b[l])) + floor[l]:
+                wide += 1
+        if wide == 0:
+            break
 
 
 @njit(nogil=True, cache=True)
@@ -102,10 +117,11 @@ def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
     m = min(r, n - 1)                     # demeaning removes one dimension
     L = SPLIT_LANES
     eps = np.float64(np.finfo(np.float32).eps)
+    eps64 = np.finfo(np.float64).eps
     tiny = np.finfo(np.float64).tiny
     D = np.empty((r, L))
     E2 = np.empty((r, L))
-    lo, hi, pivmin = np.empty(L), np.empty(L), np.empty(L)
+    lo, hi, pivmin, floor = np.empty(L), np.empty(L), np.empty(L), np.empty(L)
     a, b, x, qv = np.empty(L), np.empty(L), np.empty(L), np.empty(L)
     cnt = np.empty(L, np.int64)
     trace, above, L0 = np.empty(L), np.empty(L), np.empty(L)
@@ -126,7 +142,9 @@ def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
                 lo[l] = min(lo[l], dk - off)
                 hi[l] = max(hi[l], dk + off)
                 trace[l] += dk
-            tol = eps * max(abs(lo[l]), abs(hi[l]))
+            tnorm = max(abs(lo[l]), abs(hi[l]))
+            floor[l] = BISECT_FLOOR_ULPS * eps64 * tnorm
+            tol = eps * tnorm                 # Gershgorin's bounds, widened
             lo[l] -= 2.0 * tol
             hi[l] += 2.0 * tol
             pivmin[l] = tiny * emax
@@ -135,7 +153,7 @@ def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
                 keep_out[b0 + l] = -1
         # the eigenvalues below the usable ones leave the trace; then L_0
         for idx in range(r - m + 1):
-            _bisect(D, E2, lo, hi, pivmin, idx, a, b, x, qv, cnt)
+            _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt)
             for l in range(L):
                 ev = 0.5 * (a[l] + b[l])
                 if idx < r - m:
@@ -144,7 +162,7 @@ def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
                     L0[l] = ev
         for s in range(min(SCAN_MAX, m)):
             c = m - 1 - s                     # the c + 1 smallest usable are noise?
-            _bisect(D, E2, lo, hi, pivmin, r - 1 - s, a, b, x, qv, cnt)
+            _bisect(D, E2, lo, hi, floor, pivmin, r - 1 - s, a, b, x, qv, cnt)
             gam = _gamma(c, m, q, exp2)
             alldone = True
             for l in range(L):
