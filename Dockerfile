@@ -49,12 +49,11 @@ COPY setup.cfg pyproject.toml README.md requirements.lock /tmp/dmriflow/
 COPY interfaces /tmp/dmriflow/interfaces
 COPY pipelines /tmp/dmriflow/pipelines
 COPY models /tmp/dmriflow/models
-# no build isolation: setuptools comes from the lock, nothing else is downloaded;
-# MP-PCA's numba kernels compiled into the package (on another CPU model numba
-# compiles them again at first use, into XDG_CACHE_HOME)
+# no build isolation: setuptools comes from the lock, nothing else is downloaded
+# (MP-PCA's numba kernels compile at first use into XDG_CACHE_HOME: the package
+# folder is not the runtime user's to write)
 RUN pip install --no-deps --no-build-isolation /tmp/dmriflow && pip check \
-    && rm -rf /tmp/dmriflow \
-    && python3 -c "from dmriflow.interfaces.mppca_split import compile_split; compile_split()"
+    && rm -rf /tmp/dmriflow
 USER dmriflow
 WORKDIR /home/dmriflow
 ENTRYPOINT ["dmriflow"]

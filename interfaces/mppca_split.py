@@ -23,7 +23,9 @@ are not finite, is returned as undecided (keep -1) for the full solver.
 
 Compiling takes 1.5-3 s; the machine code is cached beside this module
 (``__pycache__``, as Python's bytecode: files only this package's own kernels
-write, made by ``make env`` and the container build) and loads in ~0.2 s.
+write; ``make env`` makes them) and loads in ~0.2 s. Where the package folder
+is not writable (the container's user) numba caches in the user's cache
+folder (``XDG_CACHE_HOME``) at first use.
 """
 
 from __future__ import annotations
@@ -56,7 +58,18 @@ SCAN_MAX = 16
 _gamma = njit(inline="always")(_mp_gamma)
 
 
-@njit(nogil=True, cache=True)
+def _kernel(fn):
+    """``fn`` compiled without the GIL, its machine code cached where numba
+    can write (beside this module, else the user's cache folder); where
+    neither is writable (a read-only install, no writable home) compiled
+    anew in each process instead of failing."""
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    except RuntimeError:                  # numba: "no locator available"
+        return njit(nogil=True)(fn)
+
+
+@_kernel
 def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt):
     """Per lane: eigenvalue number ``idx`` (0 = smallest) of the tridiagonal
     (D, E2 = e^2), by halving [lo, hi] until every lane's interval is within
@@ -92,7 +105,7 @@ def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt):
             break
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def _count_below(D, E2, x, pivmin, l):
     """Number of eigenvalues of lane ``l``'s tridiagonal below ``x``."""
     r = D.shape[0]
@@ -108,7 +121,7 @@ def _count_below(D, E2, x, pivmin, l):
     return c
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
     """Fill ``top`` (B, SCAN_MAX: eigenvalues, largest first), ``var_out`` and
     ``keep_out`` (-1: undecided) for each tridiagonal (d, e) (B, r) float32."""

@@ -1,6 +1,8 @@
 """MP-PCA's split from bisection of only the eigenvalues it reads
 (interfaces/mppca_split.py) against the full spectrum."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +109,22 @@ def test_bisection_resolution_is_relative():
     want = exact[:, :-5:-1]
     tnorm = np.abs(exact).max(axis=1, keepdims=True)
     assert np.all(np.abs(top[:, :4] - want) <= REL / 2 * np.abs(want) + _floor(tnorm))
+
+
+def test_kernels_compile_where_numba_cannot_cache():
+    """Where numba finds nowhere to write its cache (a read-only install and
+    no writable home; forced here with numba's own locator setting) the
+    kernels compile in the process instead of failing the import, and give
+    the same split."""
+    import subprocess
+    import sys
+    code = ("import numpy as np; from dmriflow.interfaces import mppca_split as ms; "
+            "assert type(ms._scan._cache).__name__ == 'NullCache'; "
+            "d = np.array([[3, 2, 1, 1]], np.float32); e = np.array([[1, 0.1, 0.1, 0]], np.float32); "
+            "print(ms.mp_split(d, e, 5, 4, 'exp2')[2].tolist())")
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "numba.core.caching._IPythonCacheLocator"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    d = np.array([[3, 2, 1, 1]], np.float32)
+    e = np.array([[1, 0.1, 0.1, 0]], np.float32)
+    assert out.strip() == str(ms.mp_split(d, e, 5, 4, "exp2")[2].tolist())
