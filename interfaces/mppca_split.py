@@ -8,8 +8,8 @@ from bisection with Sturm counts on each patch's tridiagonal form (LAPACK
 count is one vector operation across patches: the division chain of a single
 count cannot be vectorised, across patches it can. Against all eigenvalues by
 tridiagonal QR (``ssterf``), which one patch at a time cannot speed up, this
-is ~2x less time on the 96 x 96 Grams of ``bench/denoise.py`` (44 against 93
-us a patch, one thread: typically 3-6 eigenvalues a patch instead of 96).
+is ~3x less time on the 96 x 96 Grams of ``bench/denoise.py`` (31-34 against
+93 us a patch, one thread: typically 3-6 eigenvalues a patch instead of 96).
 
 Counts run in float64 on the float32 tridiagonal, each eigenvalue to
 ``BISECT_REL`` of itself (a quarter of float32's unit roundoff): the split
@@ -37,11 +37,12 @@ from numba import njit
 
 from .preprocess import _mp_gamma, _mp_edge
 
-#: Patches per compiled pass: the counts' vector width. LLVM vectorises the
-#: per-patch loops at 32 and more (at 8-16 it kept them scalar here); 64 was
-#: faster than 32 on the 96 x 96 Grams, and its working set (r x 64 float64
-#: twice, ~100 KB at r = 96) stays in L2.
-SPLIT_LANES = 64
+#: Patches per compiled pass: the counts' vector width. A pass runs until its
+#: slowest patch has its crossing and every interval is narrow, so fewer lanes
+#: waste less; too few leave the vector units idle. On 4000 Grams of
+#: ``bench/denoise.py`` (one thread, us a patch): 4 lanes 45.4, 8 31.1, 12
+#: 31.7, 16 30.8-32.4, 32 38.0-40.7, 64 42.2-42.3, 128 44.7.
+SPLIT_LANES = 16
 #: Each eigenvalue is bisected until its interval is within this fraction of
 #: its magnitude (for all the pass's patches): a quarter of float32's unit
 #: roundoff, so it is as exact as the float32 value ``ssterf`` would return.
@@ -70,15 +71,22 @@ def _kernel(fn):
 
 
 @_kernel
-def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt):
+def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt, wide):
     """Per lane: eigenvalue number ``idx`` (0 = smallest) of the tridiagonal
-    (D, E2 = e^2), by halving [lo, hi] until every lane's interval is within
-    ``BISECT_REL`` of the eigenvalue or below its ``floor``; into a, b."""
+    (D, E2 = e^2), by halving [lo, hi] until its interval is within
+    ``BISECT_REL`` of the eigenvalue or below its ``floor``; into a, b. A
+    lane stops halving when it is narrow, whatever the others in the pass:
+    a patch's result does not depend on which patches share its pass."""
     r, L = D.shape
+    n_wide = 0
     for l in range(L):
         a[l] = lo[l]
         b[l] = hi[l]
+        wide[l] = b[l] - a[l] > BISECT_REL * max(abs(a[l]), abs(b[l])) + floor[l]
+        n_wide += wide[l]
     for _ in range(BISECT_MAX_STEPS):
+        if n_wide == 0:
+            break
         for l in range(L):
             x[l] = 0.5 * (a[l] + b[l])
             q = D[0, l] - x[l]
@@ -93,16 +101,15 @@ def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt):
                     q = -pivmin[l]
                 qv[l] = q
                 cnt[l] += 1 if q < 0.0 else 0
-        wide = 0
+        n_wide = 0
         for l in range(L):
-            if cnt[l] > idx:
-                b[l] = x[l]
-            else:
-                a[l] = x[l]
-            if b[l] - a[l] > BISECT_REL * max(abs(a[l]), abs(b[l])) + floor[l]:
-                wide += 1
-        if wide == 0:
-            break
+            if wide[l]:
+                if cnt[l] > idx:
+                    b[l] = x[l]
+                else:
+                    a[l] = x[l]
+                wide[l] = b[l] - a[l] > BISECT_REL * max(abs(a[l]), abs(b[l])) + floor[l]
+                n_wide += wide[l]
 
 
 @_kernel
@@ -138,7 +145,7 @@ def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
     a, b, x, qv = np.empty(L), np.empty(L), np.empty(L), np.empty(L)
     cnt = np.empty(L, np.int64)
     trace, above, L0 = np.empty(L), np.empty(L), np.empty(L)
-    done = np.empty(L, np.bool_)
+    done, wide = np.empty(L, np.bool_), np.empty(L, np.bool_)
     for b0 in range(0, B, L):
         nl = min(L, B - b0)
         for l in range(L):
@@ -166,7 +173,7 @@ def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
                 keep_out[b0 + l] = -1
         # the eigenvalues below the usable ones leave the trace; then L_0
         for idx in range(r - m + 1):
-            _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt)
+            _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt, wide)
             for l in range(L):
                 ev = 0.5 * (a[l] + b[l])
                 if idx < r - m:
@@ -175,14 +182,13 @@ def _scan(d, e, n, N, exp2, edge, top, var_out, keep_out):
                     L0[l] = ev
         for s in range(min(SCAN_MAX, m)):
             c = m - 1 - s                     # the c + 1 smallest usable are noise?
-            _bisect(D, E2, lo, hi, floor, pivmin, r - 1 - s, a, b, x, qv, cnt)
+            _bisect(D, E2, lo, hi, floor, pivmin, r - 1 - s, a, b, x, qv, cnt, wide)
             gam = _gamma(c, m, q, exp2)
             alldone = True
             for l in range(L):
                 ev = 0.5 * (a[l] + b[l])
-                if l < nl:
+                if not done[l]:               # (a patch's own values only)
                     top[b0 + l, s] = ev
-                if not done[l]:
                     var = (trace[l] - above[l]) / (c + 1) / q
                     if 4.0 * math.sqrt(gam) * var - (ev - L0[l]) / q >= 0.0:
                         done[l] = True

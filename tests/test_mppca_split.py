@@ -128,3 +128,17 @@ def test_kernels_compile_where_numba_cannot_cache():
     d = np.array([[3, 2, 1, 1]], np.float32)
     e = np.array([[1, 0.1, 0.1, 0]], np.float32)
     assert out.strip() == str(ms.mp_split(d, e, 5, 4, "exp2")[2].tolist())
+
+
+def test_a_patch_splits_alike_alone_and_in_a_pass():
+    """Each patch's eigenvalues, variance and keep count are the same bytes
+    whether it is bisected alone or in a pass with other patches (each lane
+    stops halving when it is narrow), so mppca's output does not depend on
+    how patches fall into passes or batches. Fails when a pass halves every
+    lane until the slowest is narrow (the first version)."""
+    d, e = _tridiagonals(np.arange(40) % 9, seed=4)
+    together = ms.mp_split(d, e, 125, 96, "exp2")
+    for b in range(len(d)):
+        alone = ms.mp_split(d[b:b + 1], e[b:b + 1], 125, 96, "exp2")
+        for x, y in zip(together, alone):
+            assert np.array_equal(x[b:b + 1], y)
