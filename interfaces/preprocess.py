@@ -684,7 +684,8 @@ def _lapack_sterf(d: np.ndarray, e: np.ndarray) -> np.ndarray:
     sterf = _lapack("ssterf", 4)
     L = np.array(d, np.float32, order="C")
     ee = np.array(e, np.float32, order="C")
-    ia = np.array([r], np.int32).ctypes.data
+    size = np.array([r], np.int32)                       # kept alive: passed by address
+    ia = size.ctypes.data
     info = np.zeros(B, np.int32)
     s1 = r * 4
     for la, ea, fa in zip(range(L.ctypes.data, L.ctypes.data + B * s1, s1),
