@@ -804,16 +804,11 @@ def register_fa(moving_fa: np.ndarray, moving_affine, static_fa: np.ndarray, sta
     of ``RESOLUTION_MATCH_RULES``; None, the default: off): both stages see
     the static image blurred to the moving image's voxels where those are
     coarser (:func:`resolution_matched`, on the registration grid).
-
-    Both images are taken in C order: dipy's sums follow the arrays' memory
-    order (a Fortran-ordered template, as an artefact loads it, moved a test
-    registration's affine by ~0.03), so apply registers a fit subject exactly
-    as the fit's nodes did.
     """
     check_choice("registration", kind, REGISTRATIONS)
     moving_affine, static_affine = _as_affine(moving_affine), _as_affine(static_affine)
-    moving = np.ascontiguousarray(moving_fa, dtype=np.float32)
-    static = np.ascontiguousarray(static_fa, dtype=np.float32)
+    moving = np.asarray(moving_fa, dtype=np.float32)
+    static = np.asarray(static_fa, dtype=np.float32)
     if moving.ndim != 3 or static.ndim != 3:
         raise ValueError(f"FA maps must be 3D, got {moving.shape} and {static.shape}")
     if kind == "identity":

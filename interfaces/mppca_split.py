@@ -35,7 +35,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .preprocess import _mp_gamma, _mp_edge
+from .mp_law import mp_edge, mp_gamma
 
 #: Patches per compiled pass: the counts' vector width. A pass runs until its
 #: slowest patch has its crossing and every interval is narrow, so fewer lanes
@@ -56,7 +56,7 @@ BISECT_MAX_STEPS = 64
 #: ``bench/denoise.py``'s patches keep 0-8 components (4000 sampled).
 SCAN_MAX = 16
 
-_gamma = njit(inline="always")(_mp_gamma)
+_gamma = njit(inline="always")(mp_gamma)
 
 
 def _kernel(fn):
@@ -216,7 +216,7 @@ def mp_split(d: np.ndarray, e: np.ndarray, n: int, N: int, estimator: str):
     keep = np.full(B, -1, np.int64)
     exp2 = estimator != "veraart"
     _scan(np.ascontiguousarray(d), np.ascontiguousarray(e), int(n), int(N), exp2,
-          _mp_edge(n, N), top, var, keep)
+          mp_edge(n, N), top, var, keep)
     k = min(SCAN_MAX, r)
     L = np.zeros((B, r), np.float32)
     L[:, r - k:] = top[:, k - 1::-1]

@@ -18,6 +18,7 @@ from functools import lru_cache
 import numpy as np
 
 from .io import mean_b0_map
+from .mp_law import mp_edge, mp_gamma
 from .parallel import available_threads, map_chunks
 
 #: median_otsu settings on the mean b0: median filter radius and passes.
@@ -133,17 +134,10 @@ def _classify(L, n: int, N: int, estimator: str):
     var = var_c.gather(1, cstar[:, None])[:, 0]
     if estimator == "veraart":
         # dipy: keep eigenvalues above the Marchenko-Pastur upper edge
-        keep = (Ld >= (_mp_edge(n, N) * var)[:, None]).sum(dim=1)
+        keep = (Ld >= (mp_edge(n, N) * var)[:, None]).sum(dim=1)
     else:                                   # MRtrix3: drop the classified noise
         keep = m - (cstar + 1)
     return var.float(), keep
-
-
-def _mp_edge(n: int, N: int) -> float:
-    """(1 + sqrt(min(N, n) / q))^2: the MP distribution's upper edge over the
-    noise variance; eigenvalues / q above it times the variance are signal
-    ("veraart", as dipy)."""
-    return (1.0 + math.sqrt(min(N, n) / max(N, n))) ** 2
 
 
 def _mp_criteria(Ld, n: int, N: int, estimator: str):
@@ -157,15 +151,8 @@ def _mp_criteria(Ld, n: int, N: int, estimator: str):
     Lt = Ld[:, r - m:]
     c = torch.arange(m, dtype=torch.float64, device=Ld.device)
     var_c = torch.cumsum(Lt, dim=1) / (c + 1)
-    gam = _mp_gamma(c, m, q, estimator != "veraart")
+    gam = mp_gamma(c, m, q, estimator != "veraart")
     return c, gam, var_c, 4.0 * torch.sqrt(gam) * var_c - (Lt - Lt[:, :1])
-
-
-def _mp_gamma(c, m: int, q: int, exp2: bool):
-    """gamma_c of the MP criterion for candidate c (a number or a tensor):
-    (c+1)/q (Exp1, "veraart") or (c+1)/(q - signal components) (Exp2,
-    Cordero-Grande). Also compiled into :mod:`.mppca_split`."""
-    return (c + 1) / (q - (m - c - 1)) if exp2 else (c + 1) / q
 
 
 @contextmanager
@@ -576,7 +563,7 @@ def mppca_device_tolerance(data, mask, ref, sigma_ref, patch_radius=DEFAULT_PATC
                                                               estimator))
         a = (np.abs(margin) <= (4 * np.sqrt(gam) + 2) * dl[:, None]).any(axis=1)
         if estimator == "veraart":
-            t = _mp_edge(n, N)
+            t = mp_edge(n, N)
             a |= (np.abs(L / q - t * var[:, None]) <= (1 + t) * dl[:, None]).any(axis=1)
         rows = np.arange(len(L))
         # no kept component: nothing to rotate (the row is the mean)
