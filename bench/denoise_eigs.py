@@ -15,7 +15,7 @@ same ``ssytrd`` reduction:
 * ``sstebz`` oracle: exactly each patch's top keep+1 plus L_0 (keep from the
   ``ssterf`` split): a lower bound for any top-k retry scheme, one patch at a time;
 * the compiled split ``mppca_split.mp_split`` (what mppca runs): the same
-  bisection, with Sturm counts vectorised across 64 patches (numba), its split
+  bisection, with Sturm counts vectorised across ``SPLIT_LANES`` patches (numba), its split
   compared with ``ssterf``'s;
 
 each with two absolute tolerances: eps |T| (float32 precision of the largest
