@@ -70,6 +70,18 @@ def _kernel(fn):
         return njit(nogil=True)(fn)
 
 
+@njit(inline="always")
+def _pivot(q, pivmin):
+    """A Sturm count's pivot, kept away from zero (LAPACK's pivmin rule)."""
+    return -pivmin if abs(q) < pivmin else q
+
+
+@njit(inline="always")
+def _wide(a, b, floor):
+    """Is [a, b] wider than ``BISECT_REL`` of its ends, plus ``floor``?"""
+    return b - a > BISECT_REL * max(abs(a), abs(b)) + floor
+
+
 @_kernel
 def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt, wide):
     """Per lane: eigenvalue number ``idx`` (0 = smallest) of the tridiagonal
@@ -82,23 +94,19 @@ def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt, wide):
     for l in range(L):
         a[l] = lo[l]
         b[l] = hi[l]
-        wide[l] = b[l] - a[l] > BISECT_REL * max(abs(a[l]), abs(b[l])) + floor[l]
+        wide[l] = _wide(a[l], b[l], floor[l])
         n_wide += wide[l]
     for _ in range(BISECT_MAX_STEPS):
         if n_wide == 0:
             break
         for l in range(L):
             x[l] = 0.5 * (a[l] + b[l])
-            q = D[0, l] - x[l]
-            if abs(q) < pivmin[l]:
-                q = -pivmin[l]
+            q = _pivot(D[0, l] - x[l], pivmin[l])
             qv[l] = q
             cnt[l] = 1 if q < 0.0 else 0
         for k in range(1, r):
             for l in range(L):
-                q = D[k, l] - x[l] - E2[k - 1, l] / qv[l]
-                if abs(q) < pivmin[l]:
-                    q = -pivmin[l]
+                q = _pivot(D[k, l] - x[l] - E2[k - 1, l] / qv[l], pivmin[l])
                 qv[l] = q
                 cnt[l] += 1 if q < 0.0 else 0
         n_wide = 0
@@ -108,7 +116,7 @@ def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt, wide):
                     b[l] = x[l]
                 else:
                     a[l] = x[l]
-                wide[l] = b[l] - a[l] > BISECT_REL * max(abs(a[l]), abs(b[l])) + floor[l]
+                wide[l] = _wide(a[l], b[l], floor[l])
                 n_wide += wide[l]
 
 
@@ -116,14 +124,10 @@ def _bisect(D, E2, lo, hi, floor, pivmin, idx, a, b, x, qv, cnt, wide):
 def _count_below(D, E2, x, pivmin, l):
     """Number of eigenvalues of lane ``l``'s tridiagonal below ``x``."""
     r = D.shape[0]
-    q = D[0, l] - x
-    if abs(q) < pivmin:
-        q = -pivmin
+    q = _pivot(D[0, l] - x, pivmin)
     c = 1 if q < 0.0 else 0
     for k in range(1, r):
-        q = D[k, l] - x - E2[k - 1, l] / q
-        if abs(q) < pivmin:
-            q = -pivmin
+        q = _pivot(D[k, l] - x - E2[k - 1, l] / q, pivmin)
         c += 1 if q < 0.0 else 0
     return c
 
@@ -213,7 +217,7 @@ def mp_split(d: np.ndarray, e: np.ndarray, n: int, N: int, estimator: str):
     B, r = d.shape
     top = np.zeros((B, SCAN_MAX))
     var = np.zeros(B)
-    keep = np.full(B, -1, np.int64)
+    keep = np.empty(B, np.int64)                 # _scan sets every entry
     exp2 = estimator != "veraart"
     _scan(np.ascontiguousarray(d), np.ascontiguousarray(e), int(n), int(N), exp2,
           mp_edge(n, N), top, var, keep)
